@@ -1,0 +1,104 @@
+"""`tailorkv serve | generate | calibrate`. User errors print one line to stderr and exit with code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import TailorKVError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--model-path", dest="model", default=None,
+                   help="HF directory, .gguf file or dummy:<name>; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--kv-policy", default="full", help="full | tailor | kivi | offload | streaming | quest")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--tailor-preset", default=None, help="tailor: longbench | ruler")
+    p.add_argument("--max-running-requests", type=int, default=None)
+    p.add_argument("--max-queued-requests", type=int, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier KV budget")
+    p.add_argument("--host-kv-gib", type=float, default=None, help="host-tier (pinned) KV budget")
+    p.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_gib", type=float, default=None, metavar="GIB")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    keys = ("max_running_requests", "max_queued_requests", "chunked_prefill_size", "kv_cache_gib", "host_kv_gib",
+            "gpu_memory_limit_gib", "tailor_preset")
+    kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return dict(model=args.model, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype, **kw)
+
+
+def cmd_generate(args) -> None:
+    from .engine.engine import Engine
+    from .engine.sampling import SamplingParams
+    from .errors import InvalidRequestError
+
+    # check the request before spending seconds on loading the model
+    SamplingParams.from_any({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature})
+    if not args.prompt:
+        raise InvalidRequestError("the prompt is empty")
+    with Engine(**engine_kwargs(args)) as engine:
+        prompt = args.prompt
+        if args.chat:
+            prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        out = engine.generate(prompt, sampling_params={"max_new_tokens": args.max_new_tokens,
+                                                       "temperature": args.temperature})
+        print(out["text"])
+
+
+def cmd_serve(args) -> None:
+    from .api.server import serve
+
+    serve(args)
+
+
+def cmd_calibrate(args) -> None:
+    from .kvcache.calibrate import run_calibration
+
+    run_calibration(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailorkv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion offline")
+    add_engine_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="run the HTTP server (SGLang /generate + OpenAI /v1)")
+    add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=30000)
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--served-model-name", default=None)
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("calibrate", help="compute the TailorKV layer plan of a model")
+    add_engine_args(c)
+    c.add_argument("--text", default=None, help="calibration text file (default: Paul Graham essays)")
+    c.add_argument("--tau", type=float, default=0.2)
+    c.add_argument("--tokens", type=int, default=4096, help="calibration prompt length")
+    c.set_defaults(func=cmd_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TailorKVError as e:
+        print(f"tailorkv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

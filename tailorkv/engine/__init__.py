@@ -1,0 +1,1 @@
+"""Engine: the offline API, the model runner, requests, sampling and the tokenizer."""

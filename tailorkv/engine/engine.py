@@ -1,0 +1,202 @@
+"""Engine: the offline, SGLang-style API. `Engine(...).generate(prompt | input_ids, sampling_params)`."""
+from __future__ import annotations
+
+import itertools
+import threading
+
+import torch
+
+from ..errors import ConfigError, InvalidRequestError
+from ..kvcache.pages import MemoryManager
+from ..kvcache.registry import policy_class
+from ..models.loader import load_model
+from ..scheduler.scheduler import Scheduler, Seq
+from .options import EngineOptions
+from .request import Request
+from .runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .tokenizer import Tokenizer
+
+GIB = 1 << 30
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _pick_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"invalid device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' asked for but no CUDA GPU is available")
+    return dev
+
+
+def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"invalid dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class Engine:
+    def __init__(self, model: str | None = None, kv_policy: str = "full", device=None, dtype=None, **options):
+        self.options, policy_options = EngineOptions.from_kwargs(options)
+        cls = policy_class(kv_policy)  # fail on a bad policy name before loading anything
+        self.device = _pick_device(device)
+        self.dtype = _pick_dtype(dtype, self.device)
+        self.model, tok_src = load_model(model, self.device, self.dtype, progress=self.options.progress)
+        self.config = self.model.config
+        self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
+        self.policy = cls(self.config, self.device, self.dtype, **policy_options)
+        self.policy.bind_model(self.model)
+        specs = self.policy.pool_specs(self._gpu_kv_budget(), int(self.options.host_kv_gib * GIB))
+        self.policy.allocate_storage(specs)
+        self.memory = MemoryManager(specs)
+        self.scheduler = Scheduler(self.memory, self.policy.pages_needed,
+                                   max_running=self.options.max_running_requests,
+                                   max_queued=self.options.max_queued_requests,
+                                   chunk_tokens=self.options.chunked_prefill_size,
+                                   whole_prompt_prefill=self.policy.whole_prompt_prefill)
+        self.runner = ModelRunner(self.model, self.policy, self.device)
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # add/abort may come from another thread than the one running step()
+        self.kv_policy = kv_policy
+
+    def _gpu_kv_budget(self) -> int:
+        o = self.options
+        if o.kv_cache_gib is not None:
+            return int(o.kv_cache_gib * GIB)
+        if self.device.type != "cuda":
+            return 2 * GIB
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        cap = o.gpu_memory_limit_gib * GIB if o.gpu_memory_limit_gib else total
+        activations = GIB + o.chunked_prefill_size * self.config.intermediate_size * 16
+        return max(int(min(cap - used, free) * 0.9) - activations, 0)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
+        if input_ids is not None:
+            if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in input_ids):
+                raise InvalidRequestError("input_ids must be a list of integers")
+            bad = [t for t in input_ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+            ids = input_ids
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            raise InvalidRequestError("give a prompt string or input_ids")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        return ids
+
+    def add_request(self, input_ids: list[int], params: SamplingParams) -> Request:
+        """Validate and queue a request; raises InvalidRequestError / CapacityError without side effects."""
+        total = len(input_ids) + params.max_new_tokens
+        if total > self.config.max_position:
+            raise InvalidRequestError(
+                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
+                f"the model's context of {self.config.max_position} tokens")
+        with self._lock:
+            rid = next(self._ids)
+            gen = None
+            if not params.greedy:
+                seed = params.seed if params.seed is not None else self.options.seed * 1_000_003 + rid
+                gen = torch.Generator(device=self.device).manual_seed(seed)
+            req = Request(rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen)
+            self.scheduler.add(req.seq)
+            self.requests[rid] = req
+        return req
+
+    def abort(self, rid: int, message: str = "aborted") -> None:
+        with self._lock:
+            req = self.requests.pop(rid, None)
+            if req is not None and not req.finished:
+                req.abort(message)
+            self.scheduler.finish(rid)
+            self.policy.release(rid)
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one scheduled batch; returns the requests that received a token (finished ones are retired)."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return []
+            for seq, pages in plan.admitted:
+                self.policy.add_request(seq.rid, pages, seq.prompt_len)
+            reqs = [self.requests[s.rid] for s in plan.seqs]
+        tokens, want = [], []
+        for i, (req, n) in enumerate(zip(reqs, plan.new)):
+            s = req.seq
+            known = req.input_ids + req.output_ids
+            tokens.extend(known[s.num_computed:s.num_computed + n])
+            if s.num_computed + n >= s.prompt_len:
+                want.append(i)
+        logits = self.runner.forward([s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new,
+                                     tokens, want)
+        for s, n in zip(plan.seqs, plan.new):
+            s.num_computed += n
+        chosen = sample(logits, [reqs[i].params for i in want], [reqs[i].generator for i in want])
+        with self._lock:
+            out = []
+            for i, tok in zip(want, chosen):
+                req = reqs[i]
+                if req.finished:  # aborted while the step ran
+                    continue
+                req.append(tok, self.tokenizer)
+                out.append(req)
+                if req.finished:
+                    self._retire(req)
+        return out
+
+    def _retire(self, req: Request) -> None:
+        self.scheduler.finish(req.rid)
+        self.policy.release(req.rid)
+        self.requests.pop(req.rid, None)
+
+    # ---- offline API ----------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str] | None = None, input_ids=None, sampling_params=None):
+        """Generate for one prompt (returns a dict) or a list (returns a list); all are decoded as one batch."""
+        batched = isinstance(prompt, list) or (isinstance(input_ids, list) and input_ids
+                                                and isinstance(input_ids[0], list))
+        if batched:
+            items = [(p, None) for p in prompt] if prompt is not None else [(None, ids) for ids in input_ids]
+        else:
+            items = [(prompt, input_ids)]
+        if not items:
+            raise InvalidRequestError("the prompt list is empty")
+        plist = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
+        if len(plist) != len(items):
+            raise InvalidRequestError("sampling_params list must match the number of prompts")
+        prepared = [(self.tokenize(p, ids), SamplingParams.from_any(sp)) for (p, ids), sp in zip(items, plist)]
+        reqs = []
+        try:
+            for ids, sp in prepared:
+                reqs.append(self.add_request(ids, sp))
+            while not all(r.finished for r in reqs):
+                self.step()
+        except BaseException:
+            for r in reqs:
+                self.abort(r.rid)
+            raise
+        results = [r.result() for r in reqs]
+        return results if batched else results[0]
+
+    def shutdown(self) -> None:
+        for rid in list(self.requests):
+            self.abort(rid, "engine shut down")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

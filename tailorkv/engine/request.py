@@ -1,0 +1,94 @@
+"""A generation request: prompt ids, sampling params, produced tokens, stop detection and incremental text."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..scheduler.scheduler import Seq
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Request:
+    rid: int
+    input_ids: list[int]
+    params: SamplingParams
+    seq: Seq
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: dict | None = None
+    created: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    _sent: int = 0  # characters of `text` already handed out by `new_text`
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, tok: Tokenizer) -> None:
+        """Record a sampled token; sets `finish_reason` on EOS / stop id / stop string / length."""
+        now = time.perf_counter()
+        self.first_token_time = self.first_token_time or now
+        p = self.params
+        self.output_ids.append(token)
+        self.seq.num_generated += 1
+        if token in p.stop_token_ids or (not p.ignore_eos and token in tok.eos_token_ids):
+            self.output_ids.pop()  # the stop token is not part of the completion
+            self._finish({"type": "stop", "matched": token}, tok, now)
+            return
+        text = tok.decode(self.output_ids)
+        for s in p.stop:
+            at = text.find(s, max(0, len(self.text) - len(s)))
+            if at >= 0:
+                self.text = text[:at]
+                self._finish({"type": "stop", "matched": s}, tok, now, decode=False)
+                return
+        self.text = text
+        if len(self.output_ids) >= p.max_new_tokens:
+            self._finish({"type": "length", "matched": None}, tok, now)
+
+    def _finish(self, reason: dict, tok: Tokenizer, now: float, decode: bool = True) -> None:
+        if decode:
+            self.text = tok.decode(self.output_ids)
+        self.finish_reason = reason
+        self.finished_time = now
+
+    def abort(self, message: str = "aborted") -> None:
+        self.finish_reason = {"type": "abort", "matched": None, "message": message}
+        self.finished_time = time.perf_counter()
+
+    def new_text(self) -> str:
+        """Text produced since the last call; holds back a trailing partial UTF-8 sequence and any tail that
+        could still become a stop string, until the request finishes."""
+        end = len(self.text)
+        if not self.finished:
+            while end > self._sent and self.text[end - 1] == "\ufffd":
+                end -= 1
+            for s in self.params.stop:
+                for k in range(min(len(s) - 1, end - self._sent), 0, -1):
+                    if self.text[end - k:end] == s[:k]:
+                        end -= k
+                        break
+        out = self.text[self._sent:end]
+        self._sent = max(self._sent, end)
+        return out
+
+    def result(self) -> dict:
+        end = self.finished_time or time.perf_counter()
+        return {
+            "text": self.text,
+            "output_ids": list(self.output_ids),
+            "meta_info": {
+                "id": str(self.rid),
+                "prompt_tokens": len(self.input_ids),
+                "completion_tokens": len(self.output_ids),
+                "cached_tokens": 0,
+                "finish_reason": self.finish_reason,
+                "e2e_latency": end - self.created,
+            },
+        }

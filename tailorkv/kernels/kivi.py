@@ -1,0 +1,173 @@
+"""KIVI-style asymmetric min/max KV quantization (TailorKV §2): the plain-torch reference.
+
+Per group: zero z = min, scale s = (max - min) / (2^b - 1), code q = clamp(round((x - z) / s), 0, 2^b - 1),
+dequantized x' = q * s + z, with b in {1, 2, 4}. Scale and zero are stored as float16 and the codes are taken
+against those stored values, so |x - x'| <= s/2 up to fp16 rounding of s and z. A constant group (s == 0) gets
+code 0 and dequantizes to z. round() is round-half-up (floor(y + 0.5)), identical in the Triton kernels.
+Inputs must lie within the float16 range.
+
+Layouts (N is any flattened leading dims: heads, or pages * heads); codes are packed 32/b per int32, LSB first:
+- keys k [N, T, D], grouped per channel over `group` consecutive tokens, packed along tokens:
+  packed [N, ceil(T / (32/b)), D] (word w of channel c holds tokens w*32/b ...), scale/zero [N, ceil(T/group), D].
+  T need not divide anything: the last group is partial and padded codes are zero.
+- values v [N, T, D], grouped per token over min(group, D) consecutive channels, packed along channels:
+  packed [N, T, D*b/32], scale/zero [N, T, D / min(group, D)]; D must be a multiple of 32.
+
+kivi_triton.py implements the same functions with the same signatures; `ops(device)` picks one.
+"""
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+BITS = (1, 2, 4)
+
+
+class QuantizedKeys(NamedTuple):
+    packed: torch.Tensor  # [N, ceil(T / (32/b)), D] int32
+    scale: torch.Tensor  # [N, ceil(T / group), D] float16
+    zero: torch.Tensor  # [N, ceil(T / group), D] float16
+
+
+class QuantizedValues(NamedTuple):
+    packed: torch.Tensor  # [N, T, D * b / 32] int32
+    scale: torch.Tensor  # [N, T, D / group] float16
+    zero: torch.Tensor  # [N, T, D / group] float16
+
+
+def codes_per_word(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}, got {bits}")
+    return 32 // bits
+
+
+def check_group(bits: int, group: int) -> None:
+    """Raise unless `group` is a power of two holding whole int32 words (the Triton kernels tile by word)."""
+    per = codes_per_word(bits)
+    if group < per or group & (group - 1):
+        raise ValueError(f"group must be a power of two >= {per} for {bits}-bit codes, got {group}")
+
+
+def value_group(group: int, head_dim: int, bits: int) -> int:
+    """The channel group actually used for values: min(group, head_dim), validated."""
+    group = min(group, head_dim)
+    check_group(bits, group)
+    if head_dim % 32 or head_dim % group:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 32 and of the value group {group}")
+    return group
+
+
+def ops(device: torch.device | str) -> ModuleType:
+    """The kernel module for `device`: kivi_triton on CUDA when triton imports, else this torch reference.
+    Both expose quantize_keys, dequantize_keys, quantize_values, dequantize_values and
+    quantized_decode_attention with identical signatures and results."""
+    if torch.device(device).type == "cuda":
+        try:
+            from tailorkv.kernels import kivi_triton
+            return kivi_triton
+        except ImportError:
+            pass
+    return sys.modules[__name__]
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return ((hi - lo) / (2**bits - 1)).half(), lo.half()
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    s, z = scale.float(), zero.float()
+    y = torch.where(s > 0, (x - z) / torch.where(s > 0, s, 1.0), 0.0)
+    return torch.floor(y + 0.5).clamp(0, 2**bits - 1).to(torch.int32)
+
+
+def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack int32 codes along `dim` (length a multiple of 32/b) into int32 words, LSB first."""
+    per = 32 // bits
+    c = codes.movedim(dim, -1)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per).long()
+    words = (c << (bits * torch.arange(per, device=c.device))).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # the top code lands in the int32 sign bit
+    return words.to(torch.int32).movedim(-1, dim)
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    per = 32 // bits
+    w = packed.movedim(dim, -1).unsqueeze(-1)
+    codes = (w >> (bits * torch.arange(per, device=w.device, dtype=torch.int32))) & (2**bits - 1)
+    return codes.flatten(-2).movedim(-1, dim)
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int = 64) -> QuantizedKeys:
+    """k [N, T, D] (any float dtype) -> per-channel codes over token groups, in the key layout above."""
+    check_group(bits, group)
+    n, t, d = k.shape
+    words, g = -(-t // (32 // bits)), -(-t // group)
+    x = F.pad(k.float(), (0, 0, 0, g * group - t)).view(n, g, group, d)
+    valid = (torch.arange(g * group, device=k.device) < t).view(1, g, group, 1)
+    scale, zero = _scale_zero(torch.where(valid, x, torch.inf).amin(2), torch.where(valid, x, -torch.inf).amax(2),
+                              bits)
+    codes = torch.where(valid, _codes(x, scale[:, :, None], zero[:, :, None], bits), 0)
+    codes = codes.view(n, g * group, d)[:, :words * (32 // bits)]
+    return QuantizedKeys(_pack(codes, bits, 1), scale, zero)
+
+
+def dequantize_keys(qk: QuantizedKeys, bits: int, group: int, num_tokens: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The first `num_tokens` keys of `qk` as [N, num_tokens, D] in `dtype` (extra stored tokens are ignored)."""
+    check_group(bits, group)
+    codes = _unpack(qk.packed, bits, 1)[:, :num_tokens]
+    scale = qk.scale.float().repeat_interleave(group, 1)[:, :num_tokens]
+    zero = qk.zero.float().repeat_interleave(group, 1)[:, :num_tokens]
+    return (codes * scale + zero).to(dtype)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int = 64) -> QuantizedValues:
+    """v [N, T, D] (any float dtype) -> per-token codes over channel groups, in the value layout above."""
+    n, t, d = v.shape
+    group = value_group(group, d, bits)
+    x = v.float().reshape(n, t, d // group, group)
+    scale, zero = _scale_zero(x.amin(-1), x.amax(-1), bits)
+    codes = _codes(x, scale[..., None], zero[..., None], bits).view(n, t, d)
+    return QuantizedValues(_pack(codes, bits, -1), scale, zero)
+
+
+def dequantize_values(qv: QuantizedValues, bits: int, group: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """All stored values of `qv` as [N, T, D] in `dtype`."""
+    codes = _unpack(qv.packed, bits, -1)
+    group = value_group(group, codes.shape[-1], bits)
+    scale = qv.scale.float().repeat_interleave(group, -1)
+    zero = qv.zero.float().repeat_interleave(group, -1)
+    return (codes * scale + zero).to(dtype)
+
+
+def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: QuantizedValues, num_tokens: int, bits: int,
+                               group: int, k_res: torch.Tensor, v_res: torch.Tensor,
+                               sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode query q [Hq, D] over the first `num_tokens` quantized tokens followed by the full-precision
+    residual k_res, v_res [Hkv, R, D]; query head h reads KV head h // (Hq // Hkv). Returns (out [Hq, D] float32,
+    lse [Hq] float32), lse = log sum exp(sm_scale * q.k); with no tokens at all, out = 0 and lse = -inf."""
+    k = torch.cat([dequantize_keys(qk, bits, group, num_tokens), k_res.float()], 1)
+    v = torch.cat([dequantize_values(qv, bits, group)[:, :num_tokens], v_res.float()], 1)
+    kv_head = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // k.shape[0])
+    scores = torch.einsum("hd,hld->hl", q.float(), k[kv_head]) * sm_scale
+    lse = torch.logsumexp(scores, -1)
+    return torch.einsum("hl,hld->hd", torch.exp(scores - lse[:, None]), v[kv_head]), lse
+
+
+def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge S partial attention results over disjoint token sets: out [..., S, D] (finite), lse [..., S] ->
+    (out [..., D], lse [...]). Empty parts (lse = -inf) weigh nothing; all empty gives out 0, lse -inf."""
+    total = torch.logsumexp(lse, -1)
+    weight = torch.exp(lse - torch.where(total.isfinite(), total, 0.0)[..., None])
+    return (weight[..., None] * out).sum(-2), total
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint token sets from the attention over each: out [..., D], lse [...]."""
+    return merge_partial_states(torch.stack([out_a, out_b], -2), torch.stack([lse_a, lse_b], -1))

@@ -1,0 +1,280 @@
+"""Triton KIVI kernels: same functions, signatures, layouts and results as kivi.py (the torch reference).
+
+Quantization divides with IEEE rounding (div_rn) so the codes match the reference bit for bit. Decode attention
+dequantizes K/V tiles in registers and splits the context across programs; the partial results are merged by
+log-sum-exp. Importing this module requires triton (kivi.ops() falls back to the reference when it is missing).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tailorkv.kernels.kivi import (QuantizedKeys, QuantizedValues, check_group, codes_per_word,
+                                   merge_partial_states, value_group)
+
+_BLOCK_D = 64  # channels per quantize/dequantize program
+_BLOCK_T = 64  # tokens (rows) per dequantize program
+_BLOCK_ROWS = 16  # value rows per quantize program
+_BLOCK_N = 64  # tokens per attention tile
+_TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _unpacked(qx: QuantizedKeys | QuantizedValues) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, scale, zero) ready for a kernel, which takes one set of strides for both scale and zero."""
+    packed, scale, zero = (_last_dim_contiguous(x) for x in qx)
+    if scale.stride() != zero.stride() and scale.numel():
+        scale, zero = scale.contiguous(), zero.contiguous()
+    return packed, scale, zero
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _quantize(x, valid, lo, hi, BITS: tl.constexpr):
+    """(codes int32 shaped like x, scale fp16, zero fp16) for x whose group min/max are lo/hi (broadcastable)."""
+    scale = tl.math.div_rn(hi - lo, (2**BITS - 1) * 1.0).to(tl.float16)
+    zero = lo.to(tl.float16)
+    s = scale.to(tl.float32)
+    y = tl.where(s > 0, tl.math.div_rn(x - zero.to(tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    q = tl.minimum(tl.maximum(tl.floor(y + 0.5), 0.0), 2**BITS - 1).to(tl.int32)
+    return tl.where(valid, q, 0), scale, zero
+
+
+@triton.jit
+def _key_tile(packed_ptr, scale_ptr, zero_ptr, sp_t, ss_t, t, d, mask, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Dequantized keys [len(t), len(d)] float32 of one head (pointers already at that head)."""
+    PER: tl.constexpr = 32 // BITS
+    word = tl.load(packed_ptr + (t // PER)[:, None] * sp_t + d[None, :], mask=mask, other=0)
+    code = (word >> ((t % PER) * BITS)[:, None]) & (2**BITS - 1)
+    off = (t // GROUP)[:, None] * ss_t + d[None, :]
+    scale = tl.load(scale_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + zero
+
+
+@triton.jit
+def _value_tile(packed_ptr, scale_ptr, zero_ptr, p_row, s_row, d, mask, BITS: tl.constexpr, GROUP: tl.constexpr):
+    """Dequantized values [len(rows), len(d)] float32; p_row / s_row are each row's offset into packed / scale."""
+    PER: tl.constexpr = 32 // BITS
+    word = tl.load(packed_ptr + p_row[:, None] + (d // PER)[None, :], mask=mask, other=0)
+    code = (word >> ((d % PER) * BITS)[None, :]) & (2**BITS - 1)
+    off = s_row[:, None] + (d // GROUP)[None, :]
+    scale = tl.load(scale_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + zero
+
+
+@triton.jit
+def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, T, D, W, G, sx_n, sx_t,
+                          BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program per (head, token group, channel block); the group's tokens are viewed as [words, codes/word]
+    n, g, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    PER: tl.constexpr = 32 // BITS
+    w = g * (GROUP // PER) + tl.arange(0, GROUP // PER)
+    j = tl.arange(0, PER)
+    t = (w[:, None] * PER + j[None, :])[:, :, None]
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    tok = t < T
+    x = tl.load(x_ptr + n * sx_n + t * sx_t + d[None, None, :], mask=tok & (d < D)[None, None, :],
+                other=0.0).to(tl.float32)
+    lo = tl.min(tl.min(tl.where(tok, x, float("inf")), axis=1), axis=0)
+    hi = tl.max(tl.max(tl.where(tok, x, float("-inf")), axis=1), axis=0)
+    code, scale, zero = _quantize(x, tok, lo[None, None, :], hi[None, None, :], BITS)
+    words = tl.reduce(code << (j * BITS)[None, :, None], 1, _bit_or)
+    tl.store(packed_ptr + (n * W + w[:, None]) * D + d[None, :], words, mask=(w < W)[:, None] & (d < D)[None, :])
+    s_off = (n * G + g) * D + d
+    tl.store(scale_ptr + s_off, tl.reshape(scale, [BLOCK_D]), mask=d < D)
+    tl.store(zero_ptr + s_off, tl.reshape(zero, [BLOCK_D]), mask=d < D)
+
+
+@triton.jit
+def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, rows, T, D, sx_n, sx_t,
+                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    # one program per (block of token rows, channel group); the group's channels are viewed as [words, codes/word]
+    pid_r, g = tl.program_id(0), tl.program_id(1)
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = GROUP // PER
+    r = pid_r * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    w = tl.arange(0, WORDS)
+    j = tl.arange(0, PER)
+    c = g * GROUP + w[:, None] * PER + j[None, :]
+    row_ok = (r < rows)[:, None, None]
+    x = tl.load(x_ptr + ((r // T) * sx_n + (r % T) * sx_t)[:, None, None] + c[None, :, :], mask=row_ok,
+                other=0.0).to(tl.float32)
+    lo = tl.min(tl.min(x, axis=2), axis=1)
+    hi = tl.max(tl.max(x, axis=2), axis=1)
+    code, scale, zero = _quantize(x, row_ok, lo[:, None, None], hi[:, None, None], BITS)
+    words = tl.reduce(code << j[None, None, :] * BITS, 2, _bit_or)
+    tl.store(packed_ptr + r[:, None] * (D // PER) + g * WORDS + w[None, :], words, mask=(r < rows)[:, None])
+    tl.store(scale_ptr + r * (D // GROUP) + g, tl.reshape(scale, [BLOCK_ROWS]), mask=r < rows)
+    tl.store(zero_ptr + r * (D // GROUP) + g, tl.reshape(zero, [BLOCK_ROWS]), mask=r < rows)
+
+
+@triton.jit
+def _dequantize_keys_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, T, D, sp_n, sp_t, ss_n, ss_t,
+                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    n, pid_t, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (t < T)[:, None] & (d < D)[None, :]
+    x = _key_tile(packed_ptr + n * sp_n, scale_ptr + n * ss_n, zero_ptr + n * ss_n, sp_t, ss_t, t, d, mask,
+                  BITS, GROUP)
+    tl.store(out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=mask)
+
+
+@triton.jit
+def _dequantize_values_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, rows, T, D, sp_n, sp_t, ss_n, ss_t,
+                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    pid_r, pid_d = tl.program_id(0), tl.program_id(1)
+    r = pid_r * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (r < rows)[:, None] & (d < D)[None, :]
+    n, t = r // T, r % T
+    x = _value_tile(packed_ptr, scale_ptr, zero_ptr, n * sp_n + t * sp_t, n * ss_n + t * ss_t, d, mask, BITS, GROUP)
+    tl.store(out_ptr + r[:, None] * D + d[None, :], x, mask=mask)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kr_ptr, vr_ptr, out_ptr, lse_ptr,
+                             T, R, D, chunk, num_splits, qk_scale,
+                             sq_h, skp_h, skp_t, sks_h, sks_t, svp_h, svp_t, svs_h, svs_t, skr_h, skr_t, svr_h, svr_t,
+                             GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, KGROUP: tl.constexpr,
+                             VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program per (KV head, context split): its GQA query heads share each dequantized tile.
+    # Scores are kept in base 2 (qk_scale includes log2 e) for exp2.
+    kvh, split = tl.program_id(0), tl.program_id(1)
+    i = tl.arange(0, GQA_PAD)
+    h = kvh * GQA + i
+    d = tl.arange(0, BLOCK_D)
+    head_ok = (i < GQA)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + h[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0).to(tl.float32) * qk_scale
+    m = tl.full([GQA_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GQA_PAD], tl.float32)
+    acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, T + R)
+    for n0 in range(start, end, BLOCK_N):
+        t = n0 + tl.arange(0, BLOCK_N)
+        in_q = t < T
+        in_r = (t >= T) & (t < end)
+        mq = in_q[:, None] & (d < D)[None, :]
+        mr = in_r[:, None] & (d < D)[None, :]
+        k = _key_tile(kp_ptr + kvh * skp_h, ks_ptr + kvh * sks_h, kz_ptr + kvh * sks_h, skp_t, sks_t, t, d, mq,
+                      BITS, KGROUP)
+        k += tl.load(kr_ptr + kvh * skr_h + (t - T)[:, None] * skr_t + d[None, :], mask=mr, other=0.0).to(tl.float32)
+        v = _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, t * svp_t, t * svs_t, d, mq,
+                        BITS, VGROUP)
+        v += tl.load(vr_ptr + kvh * svr_h + (t - T)[:, None] * svr_t + d[None, :], mask=mr, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = tl.where((in_q | in_r)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds at least one token
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        m = m_new
+    row = h * num_splits + split
+    tl.store(out_ptr + row[:, None] * D + d[None, :], acc / l[:, None], mask=head_ok)
+    tl.store(lse_ptr + row, (m + tl.log2(l)) * 0.6931471805599453, mask=i < GQA)
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int = 64) -> QuantizedKeys:
+    """Same contract as kivi.quantize_keys."""
+    check_group(bits, group)
+    k = _last_dim_contiguous(k)
+    n, t, d = k.shape
+    words, groups = triton.cdiv(t, codes_per_word(bits)), triton.cdiv(t, group)
+    packed = torch.empty(n, words, d, dtype=torch.int32, device=k.device)
+    scale = torch.empty(n, groups, d, dtype=torch.float16, device=k.device)
+    zero = torch.empty_like(scale)
+    if packed.numel():
+        _quantize_keys_kernel[(n, groups, triton.cdiv(d, _BLOCK_D))](
+            k, packed, scale, zero, t, d, words, groups, k.stride(0), k.stride(1),
+            BITS=bits, GROUP=group, BLOCK_D=_BLOCK_D)
+    return QuantizedKeys(packed, scale, zero)
+
+
+def dequantize_keys(qk: QuantizedKeys, bits: int, group: int, num_tokens: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Same contract as kivi.dequantize_keys."""
+    check_group(bits, group)
+    packed, scale, zero = _unpacked(qk)
+    n, _, d = packed.shape
+    out = torch.empty(n, num_tokens, d, dtype=dtype, device=packed.device)
+    if out.numel():
+        _dequantize_keys_kernel[(n, triton.cdiv(num_tokens, _BLOCK_T), triton.cdiv(d, _BLOCK_D))](
+            packed, scale, zero, out, num_tokens, d, packed.stride(0), packed.stride(1), scale.stride(0),
+            scale.stride(1), BITS=bits, GROUP=group, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D)
+    return out
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int = 64) -> QuantizedValues:
+    """Same contract as kivi.quantize_values."""
+    v = _last_dim_contiguous(v)
+    n, t, d = v.shape
+    group = value_group(group, d, bits)
+    packed = torch.empty(n, t, d // codes_per_word(bits), dtype=torch.int32, device=v.device)
+    scale = torch.empty(n, t, d // group, dtype=torch.float16, device=v.device)
+    zero = torch.empty_like(scale)
+    if packed.numel():
+        _quantize_values_kernel[(triton.cdiv(n * t, _BLOCK_ROWS), d // group)](
+            v, packed, scale, zero, n * t, t, d, v.stride(0), v.stride(1),
+            BITS=bits, GROUP=group, BLOCK_ROWS=_BLOCK_ROWS)
+    return QuantizedValues(packed, scale, zero)
+
+
+def dequantize_values(qv: QuantizedValues, bits: int, group: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Same contract as kivi.dequantize_values."""
+    packed, scale, zero = _unpacked(qv)
+    n, t, words = packed.shape
+    d = words * codes_per_word(bits)
+    group = value_group(group, d, bits)
+    out = torch.empty(n, t, d, dtype=dtype, device=packed.device)
+    if out.numel():
+        _dequantize_values_kernel[(triton.cdiv(n * t, _BLOCK_T), triton.cdiv(d, _BLOCK_D))](
+            packed, scale, zero, out, n * t, t, d, packed.stride(0), packed.stride(1), scale.stride(0),
+            scale.stride(1), BITS=bits, GROUP=group, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D)
+    return out
+
+
+def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: QuantizedValues, num_tokens: int, bits: int,
+                               group: int, k_res: torch.Tensor, v_res: torch.Tensor,
+                               sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as kivi.quantized_decode_attention. The number of context splits depends on the length,
+    so this launch is not CUDA-graph capturable across lengths."""
+    hq, d = q.shape
+    hkv, r = k_res.shape[0], k_res.shape[1]
+    check_group(bits, group)
+    vgroup = value_group(group, d, bits)
+    length = num_tokens + r
+    if length == 0:
+        return (torch.zeros(hq, d, dtype=torch.float32, device=q.device),
+                torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device))
+    q, k_res, v_res = (_last_dim_contiguous(x) for x in (q, k_res, v_res))
+    (kp, ks, kz), (vp, vs, vz) = _unpacked(qk), _unpacked(qv)
+    blocks = triton.cdiv(length, _BLOCK_N)
+    chunk = triton.cdiv(blocks, min(blocks, max(1, _TARGET_PROGRAMS // hkv))) * _BLOCK_N
+    splits = triton.cdiv(length, chunk)
+    out = torch.empty(hq, splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(hq, splits, dtype=torch.float32, device=q.device)
+    gqa = hq // hkv
+    _decode_attention_kernel[(hkv, splits)](
+        q, kp, ks, kz, vp, vs, vz, k_res, v_res, out, lse,
+        num_tokens, r, d, chunk, splits, sm_scale * math.log2(math.e),
+        q.stride(0), kp.stride(0), kp.stride(1), ks.stride(0), ks.stride(1), vp.stride(0), vp.stride(1),
+        vs.stride(0), vs.stride(1), k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1),
+        GQA=gqa, GQA_PAD=max(16, triton.next_power_of_2(gqa)), BITS=bits, KGROUP=group, VGROUP=vgroup,
+        BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    return merge_partial_states(out, lse)

@@ -1,0 +1,1 @@
+"""The two-tier KV memory (page accounting and storage) and the KV policies."""

@@ -1,0 +1,39 @@
+"""ForwardBatch: the per-step context every KV policy reads (which sequences, where their new tokens sit)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    """A flat batch: sequence i contributes tokens [cu[i], cu[i+1]) at positions start[i] .. start[i]+new[i]-1."""
+
+    rids: list[int]
+    start: list[int]  # tokens already in the cache before this step
+    new: list[int]  # tokens computed in this step (1 for a decode)
+    positions: torch.Tensor  # [T] long
+    cu: list[int]  # prefix sums of `new`, len B+1
+
+    @classmethod
+    def build(cls, rids: list[int], start: list[int], new: list[int], device) -> "ForwardBatch":
+        cu = [0]
+        for n in new:
+            cu.append(cu[-1] + n)
+        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(start, new)]).to(device)
+        return cls(rids, start, new, pos, cu)
+
+    @property
+    def size(self) -> int:
+        return len(self.rids)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.new)
+
+    def seq(self, i: int) -> slice:
+        return slice(self.cu[i], self.cu[i + 1])
+
+    def total_len(self, i: int) -> int:
+        return self.start[i] + self.new[i]

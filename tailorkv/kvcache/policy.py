@@ -1,0 +1,62 @@
+"""The KV-policy interface: this engine's "attention backend". Every policy (full, tailor, kivi, offload,
+streaming, quest) implements it; the model calls `layer_input` and `attend` once per layer per step."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..errors import ConfigError
+from ..models.config import ModelConfig
+from .batch import ForwardBatch
+from .pages import PoolSpec
+
+
+class KVPolicy(ABC):
+    name: str = ""
+
+    # Some policies need the whole prompt in one prefill step (e.g. tailor: offload and max|K| over all of it).
+    whole_prompt_prefill: bool = False
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, **options):
+        if options:
+            raise ConfigError(f"kv_policy {self.name!r} takes no option(s): {', '.join(sorted(options))}")
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+
+    def bind_model(self, model) -> None:
+        """Called once with the loaded model (TailorKV's stage 1 uses the next layer's W_q and RoPE)."""
+
+    @abstractmethod
+    def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
+        """The pools this policy needs, sized to the given byte budgets of each tier."""
+
+    @abstractmethod
+    def pages_needed(self, num_tokens: int) -> dict[str, int]:
+        """Pages of each pool a request of `num_tokens` (prompt + max_new_tokens) holds for its whole life."""
+
+    @abstractmethod
+    def allocate_storage(self, specs: list[PoolSpec]) -> None:
+        """Create the preallocated tensors behind the pools (called once at engine start)."""
+
+    @abstractmethod
+    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
+        """Bind a newly admitted request to its pages."""
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Per-step metadata shared by all layers (slot indices, page tables), computed once before the forward."""
+
+    def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
+        """The normalised input of `layer` (TailorKV's stage 1 predicts the next layer's query from it)."""
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """Append the batch's new k/v [T, Hkv, D] to the cache, return attention output [T, Hq, D] (causal)."""
+
+    @abstractmethod
+    def release(self, rid: int) -> None:
+        """Forget the request (its pages are returned by the MemoryManager)."""
+
+    def kv_bytes(self) -> dict[str, int]:
+        """Bytes of KV storage per tier ("gpu", "host") that this policy allocated."""
+        return {}

@@ -1,0 +1,102 @@
+"""GGUF files (llama architecture) through the `gguf` package: config, dequantized weights, tokenizer vocabulary.
+
+GGUF stores W_q and W_k rows permuted for the interleaved-pair RoPE; we un-permute them to the HF rotate-half layout
+that `rope.Rotary` implements.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..errors import ModelLoadError
+from .config import ModelConfig
+from .weights import LoadedWeights, TokenizerSource
+
+_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+_SUB = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _field(reader, name, default=None):
+    import gguf
+
+    f = reader.fields.get(name)
+    if f is None:
+        return default
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        if f.types[-1] == gguf.GGUFValueType.STRING:
+            return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
+        return [f.parts[i].tolist()[0] for i in f.data]
+    v = f.parts[f.data[0]]
+    return bytes(v).decode("utf-8") if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
+
+
+def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """GGUF (interleaved pairs) -> HF rotate-half row order for a q/k projection weight or bias."""
+    d = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str) -> LoadedWeights:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/struct errors on non-GGUF files
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHS)}")
+    a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    tokens = _field(reader, "tokenizer.ggml.tokens", [])
+    heads = a("attention.head_count")
+    names = {t.name for t in reader.tensors}
+    scaling = None
+    if a("rope.scaling.type") not in (None, "none"):
+        raise ModelLoadError(f"unsupported GGUF rope scaling {a('rope.scaling.type')!r}")
+    cfg = ModelConfig(
+        name=_field(reader, "general.name") or os.path.basename(path),
+        vocab_size=a("vocab_size") or len(tokens),
+        hidden_size=a("embedding_length"),
+        intermediate_size=a("feed_forward_length"),
+        num_layers=a("block_count"),
+        num_heads=heads,
+        num_kv_heads=a("attention.head_count_kv", heads),
+        head_dim=a("attention.key_length") or a("embedding_length") // heads,
+        max_position=a("context_length"),
+        rope_theta=float(a("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[_field(reader, "tokenizer.ggml.eos_token_id")],
+        architecture=_ARCHS[arch],
+    )
+    tok = TokenizerSource(
+        kind="gguf", path=path, model=_field(reader, "tokenizer.ggml.model"), tokens=tokens,
+        merges=_field(reader, "tokenizer.ggml.merges", []), scores=_field(reader, "tokenizer.ggml.scores", []),
+        token_types=_field(reader, "tokenizer.ggml.token_type", []),
+        chat_template=_field(reader, "tokenizer.chat_template"), bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_ids[0], add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    )
+
+    def tensors():
+        for t in reader.tensors:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            if t.name in _TOP:
+                yield _TOP[t.name], torch.from_numpy(w)
+                continue
+            _, i, kind, suffix = t.name.split(".")
+            if kind == "attn_q":
+                w = unpermute_rows(w, cfg.num_heads)
+            elif kind == "attn_k":
+                w = unpermute_rows(w, cfg.num_kv_heads)
+            yield f"model.layers.{i}.{_SUB[kind]}.{suffix}", torch.from_numpy(np.ascontiguousarray(w))
+
+    return LoadedWeights(cfg, tensors(), len(reader.tensors), tok)

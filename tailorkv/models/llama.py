@@ -1,0 +1,104 @@
+"""The Llama family in plain torch: RMSNorm, RoPE, GQA attention, SwiGLU; tied embeddings and QKV bias optional.
+
+The forward pass runs on a flat batch of tokens from many sequences ([T, hidden]); attention is delegated to the
+engine's KV policy (`kv.attend`), which owns the cache and knows where each sequence's tokens live.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .rope import Rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def project_q(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+        """RoPE(W_q x) as [T, heads, head_dim]; TailorKV's stage 1 also calls it to predict the next layer's query."""
+        return rotary.apply(self.q_proj(x).view(-1, self.num_heads, self.head_dim), positions)
+
+    def forward(self, x, positions, rotary: Rotary, layer: int, kv, batch) -> torch.Tensor:
+        q = self.project_q(x, positions, rotary)
+        k = rotary.apply(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim), positions)
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        out = kv.attend(layer, q, k, v, batch)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class LlamaModel(nn.Module):
+    """Parameter names follow HF (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary: Rotary | None = None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def setup_rotary(self, device, dtype) -> None:
+        cfg = self.config
+        self.rotary = Rotary(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, device, dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, batch) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm, for the flat batch of tokens `input_ids` [T]."""
+        h = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.input_layernorm(h)
+            kv.layer_input(i, x, positions, batch)
+            h = h + layer.self_attn(x, positions, self.rotary, i, kv, batch)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

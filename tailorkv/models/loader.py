@@ -1,0 +1,54 @@
+"""Resolve a `--model` argument (None, `dummy:<name>`, an HF directory or a .gguf file) into a ready LlamaModel."""
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ModelLoadError
+from .dummy import load_dummy
+from .embedded import embedded_model_path
+from .gguf_loader import load_gguf
+from .hf_loader import load_hf_dir
+from .llama import LlamaModel
+from .weights import LoadedWeights
+
+
+def resolve(model: str | None, device: torch.device) -> LoadedWeights:
+    if model is None or model in ("default", "embedded"):
+        return load_gguf(embedded_model_path())
+    if model.startswith("dummy:"):
+        return load_dummy(model.split(":", 1)[1], device)
+    if not os.path.exists(model):
+        raise ModelLoadError(f"model path {model!r} does not exist")
+    if os.path.isdir(model):
+        return load_hf_dir(model)
+    if model.endswith(".gguf"):
+        return load_gguf(model)
+    raise ModelLoadError(f"{model!r} is neither an HF model directory nor a .gguf file")
+
+
+def load_model(model: str | None, device: torch.device, dtype: torch.dtype, progress: bool = True):
+    """Build the model on `device` in `dtype`; returns (LlamaModel, TokenizerSource)."""
+    loaded = resolve(model, device)
+    with torch.device("meta"):
+        net = LlamaModel(loaded.config)
+    expected = set(net.state_dict().keys())
+    state = {}
+    bar = tqdm(loaded.tensors, total=loaded.num_tensors, desc=f"loading {loaded.config.name}", unit="tensor",
+               disable=not progress, leave=False)
+    for name, t in bar:
+        if name not in expected:
+            if "rotary_emb" in name:
+                continue
+            raise ModelLoadError(f"unexpected weight {name!r} in {loaded.config.name}")
+        state[name] = t.to(device=device, dtype=dtype)
+    if loaded.config.tie_word_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = expected - state.keys()
+    if missing:
+        raise ModelLoadError(f"{loaded.config.name} lacks weights: {', '.join(sorted(missing)[:4])} ...")
+    net.load_state_dict(state, assign=True, strict=True)
+    net.setup_rotary(device, dtype)
+    return net.eval(), loaded.tokenizer

@@ -1,0 +1,1 @@
+"""Continuous batching: waiting/running queues, admission against every memory pool, chunked prefill."""

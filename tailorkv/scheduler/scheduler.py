@@ -1,0 +1,109 @@
+"""The continuous-batching scheduler. It sees sequences as token counts and pages, never tensors.
+
+Each step runs every decoding sequence (one token each) plus prefill work under a token budget: the unfinished
+prompt chunks of admitted sequences first, then newly admitted ones. Admission reserves, in every pool of both
+tiers, the pages for prompt + max_new_tokens, so a running sequence never runs out of memory and nothing is
+half-admitted; a sequence that does not fit waits.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import CapacityError
+from ..kvcache.pages import MemoryManager
+
+
+@dataclass
+class Seq:
+    rid: int
+    prompt_len: int
+    max_new_tokens: int
+    num_computed: int = 0  # tokens whose K/V is in the cache
+    num_generated: int = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+
+@dataclass
+class Step:
+    """What to compute now: seqs[i] computes `new[i]` tokens starting at its `num_computed`."""
+
+    seqs: list[Seq]
+    new: list[int]
+    admitted: list[tuple[Seq, dict[str, list[int]]]]  # sequences admitted in this step, with their pages
+
+
+class Scheduler:
+    def __init__(self, memory: MemoryManager, pages_needed: Callable[[int], dict[str, int]], *,
+                 max_running: int = 64, max_queued: int = 1024, chunk_tokens: int = 2048,
+                 whole_prompt_prefill: bool = False):
+        self.memory, self.pages_needed = memory, pages_needed
+        self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
+        # Some policies (tailor's S layers) need the whole prompt at once: offload + max|K| over all of it.
+        self.whole_prompt_prefill = whole_prompt_prefill
+        self.waiting: deque[Seq] = deque()
+        self.running: dict[int, Seq] = {}
+
+    def add(self, seq: Seq) -> None:
+        if not self.memory.fits_ever(self.pages_needed(seq.reserved_tokens)):
+            raise CapacityError(f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
+                                "does not fit in this engine's KV memory")
+        if len(self.waiting) >= self.max_queued:
+            raise CapacityError(f"the queue is full ({self.max_queued} waiting requests)")
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Step | None:
+        seqs, new = [], []
+        for s in self.running.values():
+            if not s.prefilling:
+                seqs.append(s)
+                new.append(1)
+        budget = self.chunk_tokens - len(seqs)
+        for s in self.running.values():
+            if s.prefilling and budget > 0:
+                n = self._chunk(s, budget, first=not any(x.prefilling for x in seqs))
+                if n:
+                    seqs.append(s)
+                    new.append(n)
+                    budget -= n
+        admitted = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            s = self.waiting[0]
+            n = self._chunk(s, budget, first=not any(x.prefilling for x in seqs))
+            if not n:
+                break
+            pages = self.memory.reserve(s.rid, self.pages_needed(s.reserved_tokens))
+            if pages is None:
+                break
+            self.waiting.popleft()
+            self.running[s.rid] = s
+            admitted.append((s, pages))
+            seqs.append(s)
+            new.append(n)
+            budget -= n
+        return Step(seqs, new, admitted) if seqs else None
+
+    def _chunk(self, s: Seq, budget: int, first: bool) -> int:
+        remaining = s.prompt_len - s.num_computed
+        if not self.whole_prompt_prefill:
+            return min(remaining, budget)
+        # the whole prompt at once; one over-budget prompt may run alone rather than never
+        return remaining if remaining <= budget or first else 0
+
+    def finish(self, rid: int) -> None:
+        """Drop a finished, aborted or failed sequence, waiting or running, and return all its pages."""
+        self.running.pop(rid, None)
+        self.waiting = deque(s for s in self.waiting if s.rid != rid)
+        self.memory.release(rid)
