@@ -191,6 +191,20 @@ class Engine:
         results = [r.result() for r in reqs]
         return results if batched else results[0]
 
+    def next_token_logits(self, input_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [vocab] after the prompt, computed through the normal paged path (admit, prefill,
+        release); only for an idle engine (tests, calibration)."""
+        req = self.add_request(self.tokenize(None, input_ids), SamplingParams(max_new_tokens=1))
+        try:
+            with self._lock:
+                plan = self.scheduler.schedule()
+                for seq, pages in plan.admitted:
+                    self.policy.add_request(seq.rid, pages, seq.prompt_len)
+            assert plan.seqs == [req.seq] and plan.new == [len(input_ids)], "engine must be idle"
+            return self.runner.forward([req.rid], [0], plan.new, req.input_ids, [0])[0]
+        finally:
+            self.abort(req.rid)
+
     def shutdown(self) -> None:
         for rid in list(self.requests):
             self.abort(rid, "engine shut down")

@@ -46,7 +46,8 @@ class Tokenizer:
         elif os.path.isfile(os.path.join(src.path, "tokenizer.model")):
             import sentencepiece
 
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(src.path, "tokenizer.model"))
+            self._sp_path = os.path.join(src.path, "tokenizer.model")
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self._sp_path)
         else:
             raise ModelLoadError(f"{src.path} has neither tokenizer.json nor tokenizer.model")
         self.bos_token_id = src.bos_token_id
@@ -57,7 +58,8 @@ class Tokenizer:
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
         env.globals["raise_exception"] = self._raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self._template = env.from_string(src.chat_template or CHATML)
+        self._template_source = src.chat_template or CHATML
+        self._template = env.from_string(self._template_source)
 
     @staticmethod
     def _raise(message: str):
@@ -79,6 +81,18 @@ class Tokenizer:
         if self._sp:
             return self._sp.decode(ids)
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write tokenizer.json (or tokenizer.model) and tokenizer_config.json, as an HF directory holds them."""
+        import json
+        import shutil
+
+        if self._sp:
+            shutil.copy(self._sp_path, os.path.join(directory, "tokenizer.model"))
+        else:
+            self._tk.save(os.path.join(directory, "tokenizer.json"))
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump({"chat_template": self._template_source, "add_bos_token": self.add_bos}, f)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{role, content}]) with the model's own Jinja template (ChatML if it has none)."""

@@ -46,10 +46,11 @@ def codes_per_word(bits: int) -> int:
 
 
 def check_group(bits: int, group: int) -> None:
-    """Raise unless `group` is a power of two holding whole int32 words (the Triton kernels tile by word)."""
-    per = codes_per_word(bits)
-    if group < per or group & (group - 1):
-        raise ValueError(f"group must be a power of two >= {per} for {bits}-bit codes, got {group}")
+    """Raise unless `group` is a power of two >= 32, so a group holds whole int32 words of codes at any width
+    (the Triton kernels tile by word and by group)."""
+    codes_per_word(bits)
+    if group < 32 or group & (group - 1):
+        raise ValueError(f"group must be a power of two >= 32, got {group}")
 
 
 def value_group(group: int, head_dim: int, bits: int) -> int:

@@ -15,10 +15,9 @@ import triton.language as tl
 from tailorkv.kernels.kivi import (QuantizedKeys, QuantizedValues, check_group, codes_per_word,
                                    merge_partial_states, value_group)
 
-_BLOCK_D = 64  # channels per quantize/dequantize program
-_BLOCK_T = 64  # tokens (rows) per dequantize program
-_BLOCK_ROWS = 16  # value rows per quantize program
-_BLOCK_N = 64  # tokens per attention tile
+_BLOCK_D = 64  # channels per quantize-keys program
+_BLOCK_ROWS = 16  # token rows per quantize-values program
+_BLOCK_T = 64  # tokens per dequantize / attention tile (capped at one key group)
 _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
 
 
@@ -35,11 +34,6 @@ def _unpacked(qx: QuantizedKeys | QuantizedValues) -> tuple[torch.Tensor, torch.
 
 
 @triton.jit
-def _bit_or(a, b):
-    return a | b
-
-
-@triton.jit
 def _quantize(x, valid, lo, hi, BITS: tl.constexpr):
     """(codes int32 shaped like x, scale fp16, zero fp16) for x whose group min/max are lo/hi (broadcastable)."""
     scale = tl.math.div_rn(hi - lo, (2**BITS - 1) * 1.0).to(tl.float16)
@@ -51,27 +45,43 @@ def _quantize(x, valid, lo, hi, BITS: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(packed_ptr, scale_ptr, zero_ptr, sp_t, ss_t, t, d, mask, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """Dequantized keys [len(t), len(d)] float32 of one head (pointers already at that head)."""
+def _key_tile(packed_ptr, scale_ptr, zero_ptr, sp_t, ss_t, t0, T, D,
+              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Dequantized keys [BLOCK_T, BLOCK_D] float32 of tokens t0 ... of one head (pointers at the head). t0 is a
+    multiple of BLOCK_T, which divides GROUP: one scale/zero row. Entries past T or D are meaningless."""
     PER: tl.constexpr = 32 // BITS
-    word = tl.load(packed_ptr + (t // PER)[:, None] * sp_t + d[None, :], mask=mask, other=0)
-    code = (word >> ((t % PER) * BITS)[:, None]) & (2**BITS - 1)
-    off = (t // GROUP)[:, None] * ss_t + d[None, :]
-    scale = tl.load(scale_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    return code.to(tl.float32) * scale + zero
+    w = t0 // PER + tl.arange(0, BLOCK_T // PER)
+    d = tl.arange(0, BLOCK_D)
+    words = tl.load(packed_ptr + w[:, None] * sp_t + d[None, :], mask=(w * PER < T)[:, None] & (d < D)[None, :],
+                    other=0)
+    codes = tl.reshape((words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & (2**BITS - 1),
+                       [BLOCK_T, BLOCK_D])
+    row = (t0 // GROUP) * ss_t + d
+    ok = d < tl.where(t0 < T, D, 0)  # a tile past the quantized tokens has no scale row to read
+    scale = tl.load(scale_ptr + row, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + row, mask=ok, other=0.0).to(tl.float32)
+    return codes.to(tl.float32) * scale[None, :] + zero[None, :]
 
 
 @triton.jit
-def _value_tile(packed_ptr, scale_ptr, zero_ptr, p_row, s_row, d, mask, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """Dequantized values [len(rows), len(d)] float32; p_row / s_row are each row's offset into packed / scale."""
+def _value_tile(packed_ptr, scale_ptr, zero_ptr, p_row, s_row, rows_ok, D,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Dequantized values [BLOCK_R, BLOCK_D] float32; p_row / s_row are each row's offset into packed / scale.
+    Entries of rows not `rows_ok` or past D are meaningless."""
     PER: tl.constexpr = 32 // BITS
-    word = tl.load(packed_ptr + p_row[:, None] + (d // PER)[None, :], mask=mask, other=0)
-    code = (word >> ((d % PER) * BITS)[None, :]) & (2**BITS - 1)
-    off = s_row[:, None] + (d // GROUP)[None, :]
-    scale = tl.load(scale_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    return code.to(tl.float32) * scale + zero
+    w = tl.arange(0, BLOCK_D // PER)
+    words = tl.load(packed_ptr + p_row[:, None] + w[None, :], mask=rows_ok[:, None] & (w * PER < D)[None, :],
+                    other=0)
+    codes = tl.reshape((words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & (2**BITS - 1),
+                       [BLOCK_R, BLOCK_D])
+    g = tl.arange(0, BLOCK_D // GROUP)
+    off = s_row[:, None] + g[None, :]
+    ok = rows_ok[:, None] & (g * GROUP < D)[None, :]
+    scale = tl.load(scale_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D])
+    zero = tl.reshape(tl.broadcast_to(zero[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D])
+    return codes.to(tl.float32) * scale + zero
 
 
 @triton.jit
@@ -90,7 +100,7 @@ def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, T, D, W, G, sx
     lo = tl.min(tl.min(tl.where(tok, x, float("inf")), axis=1), axis=0)
     hi = tl.max(tl.max(tl.where(tok, x, float("-inf")), axis=1), axis=0)
     code, scale, zero = _quantize(x, tok, lo[None, None, :], hi[None, None, :], BITS)
-    words = tl.reduce(code << (j * BITS)[None, :, None], 1, _bit_or)
+    words = tl.sum(code << (j * BITS)[None, :, None], axis=1)  # disjoint bits: the int32 sum is the OR, exactly
     tl.store(packed_ptr + (n * W + w[:, None]) * D + d[None, :], words, mask=(w < W)[:, None] & (d < D)[None, :])
     s_off = (n * G + g) * D + d
     tl.store(scale_ptr + s_off, tl.reshape(scale, [BLOCK_D]), mask=d < D)
@@ -114,7 +124,7 @@ def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, rows, T, D, 
     lo = tl.min(tl.min(x, axis=2), axis=1)
     hi = tl.max(tl.max(x, axis=2), axis=1)
     code, scale, zero = _quantize(x, row_ok, lo[:, None, None], hi[:, None, None], BITS)
-    words = tl.reduce(code << j[None, None, :] * BITS, 2, _bit_or)
+    words = tl.sum(code << j[None, None, :] * BITS, axis=2)  # disjoint bits: the int32 sum is the OR
     tl.store(packed_ptr + r[:, None] * (D // PER) + g * WORDS + w[None, :], words, mask=(r < rows)[:, None])
     tl.store(scale_ptr + r * (D // GROUP) + g, tl.reshape(scale, [BLOCK_ROWS]), mask=r < rows)
     tl.store(zero_ptr + r * (D // GROUP) + g, tl.reshape(zero, [BLOCK_ROWS]), mask=r < rows)
@@ -123,26 +133,24 @@ def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, rows, T, D, 
 @triton.jit
 def _dequantize_keys_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, T, D, sp_n, sp_t, ss_n, ss_t,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    n, pid_t, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, pid_t = tl.program_id(0), tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (t < T)[:, None] & (d < D)[None, :]
-    x = _key_tile(packed_ptr + n * sp_n, scale_ptr + n * ss_n, zero_ptr + n * ss_n, sp_t, ss_t, t, d, mask,
-                  BITS, GROUP)
-    tl.store(out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=mask)
+    d = tl.arange(0, BLOCK_D)
+    x = _key_tile(packed_ptr + n * sp_n, scale_ptr + n * ss_n, zero_ptr + n * ss_n, sp_t, ss_t, pid_t * BLOCK_T, T, D,
+                  BITS, GROUP, BLOCK_T, BLOCK_D)
+    tl.store(out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=(t < T)[:, None] & (d < D)[None, :])
 
 
 @triton.jit
 def _dequantize_values_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, rows, T, D, sp_n, sp_t, ss_n, ss_t,
-                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
                               BLOCK_D: tl.constexpr):
-    pid_r, pid_d = tl.program_id(0), tl.program_id(1)
-    r = pid_r * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (r < rows)[:, None] & (d < D)[None, :]
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
     n, t = r // T, r % T
-    x = _value_tile(packed_ptr, scale_ptr, zero_ptr, n * sp_n + t * sp_t, n * ss_n + t * ss_t, d, mask, BITS, GROUP)
-    tl.store(out_ptr + r[:, None] * D + d[None, :], x, mask=mask)
+    x = _value_tile(packed_ptr, scale_ptr, zero_ptr, n * sp_n + t * sp_t, n * ss_n + t * ss_t, r < rows, D,
+                    BITS, GROUP, BLOCK_R, BLOCK_D)
+    tl.store(out_ptr + r[:, None] * D + d[None, :], x, mask=(r < rows)[:, None] & (d < D)[None, :])
 
 
 @triton.jit
@@ -150,7 +158,7 @@ def _decode_attention_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_p
                              T, R, D, chunk, num_splits, qk_scale,
                              sq_h, skp_h, skp_t, sks_h, sks_t, svp_h, svp_t, svs_h, svs_t, skr_h, skr_t, svr_h, svr_t,
                              GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, KGROUP: tl.constexpr,
-                             VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             VGROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     # one program per (KV head, context split): its GQA query heads share each dequantized tile.
     # Scores are kept in base 2 (qk_scale includes log2 e) for exp2.
     kvh, split = tl.program_id(0), tl.program_id(1)
@@ -164,18 +172,21 @@ def _decode_attention_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_p
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, T + R)
-    for n0 in range(start, end, BLOCK_N):
-        t = n0 + tl.arange(0, BLOCK_N)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
         in_q = t < T
         in_r = (t >= T) & (t < end)
-        mq = in_q[:, None] & (d < D)[None, :]
-        mr = in_r[:, None] & (d < D)[None, :]
-        k = _key_tile(kp_ptr + kvh * skp_h, ks_ptr + kvh * sks_h, kz_ptr + kvh * sks_h, skp_t, sks_t, t, d, mq,
-                      BITS, KGROUP)
-        k += tl.load(kr_ptr + kvh * skr_h + (t - T)[:, None] * skr_t + d[None, :], mask=mr, other=0.0).to(tl.float32)
-        v = _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, t * svp_t, t * svs_t, d, mq,
-                        BITS, VGROUP)
-        v += tl.load(vr_ptr + kvh * svr_h + (t - T)[:, None] * svr_t + d[None, :], mask=mr, other=0.0).to(tl.float32)
+        res = in_r[:, None] & (d < D)[None, :]
+        k = tl.where(in_q[:, None],
+                     _key_tile(kp_ptr + kvh * skp_h, ks_ptr + kvh * sks_h, kz_ptr + kvh * sks_h, skp_t, sks_t, t0, T,
+                               D, BITS, KGROUP, BLOCK_T, BLOCK_D),
+                     tl.load(kr_ptr + kvh * skr_h + (t - T)[:, None] * skr_t + d[None, :], mask=res,
+                             other=0.0).to(tl.float32))
+        v = tl.where(in_q[:, None],
+                     _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, t * svp_t,
+                                 t * svs_t, in_q, D, BITS, VGROUP, BLOCK_T, BLOCK_D),
+                     tl.load(vr_ptr + kvh * svr_h + (t - T)[:, None] * svr_t + d[None, :], mask=res,
+                             other=0.0).to(tl.float32))
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         s = tl.where((in_q | in_r)[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds at least one token
@@ -212,10 +223,11 @@ def dequantize_keys(qk: QuantizedKeys, bits: int, group: int, num_tokens: int,
     packed, scale, zero = _unpacked(qk)
     n, _, d = packed.shape
     out = torch.empty(n, num_tokens, d, dtype=dtype, device=packed.device)
+    block_t = min(_BLOCK_T, group)
     if out.numel():
-        _dequantize_keys_kernel[(n, triton.cdiv(num_tokens, _BLOCK_T), triton.cdiv(d, _BLOCK_D))](
+        _dequantize_keys_kernel[(n, triton.cdiv(num_tokens, block_t))](
             packed, scale, zero, out, num_tokens, d, packed.stride(0), packed.stride(1), scale.stride(0),
-            scale.stride(1), BITS=bits, GROUP=group, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D)
+            scale.stride(1), BITS=bits, GROUP=group, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
     return out
 
 
@@ -243,9 +255,9 @@ def dequantize_values(qv: QuantizedValues, bits: int, group: int,
     group = value_group(group, d, bits)
     out = torch.empty(n, t, d, dtype=dtype, device=packed.device)
     if out.numel():
-        _dequantize_values_kernel[(triton.cdiv(n * t, _BLOCK_T), triton.cdiv(d, _BLOCK_D))](
+        _dequantize_values_kernel[(triton.cdiv(n * t, _BLOCK_T),)](
             packed, scale, zero, out, n * t, t, d, packed.stride(0), packed.stride(1), scale.stride(0),
-            scale.stride(1), BITS=bits, GROUP=group, BLOCK_T=_BLOCK_T, BLOCK_D=_BLOCK_D)
+            scale.stride(1), BITS=bits, GROUP=group, BLOCK_R=_BLOCK_T, BLOCK_D=triton.next_power_of_2(d))
     return out
 
 
@@ -264,8 +276,9 @@ def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: Quantized
                 torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device))
     q, k_res, v_res = (_last_dim_contiguous(x) for x in (q, k_res, v_res))
     (kp, ks, kz), (vp, vs, vz) = _unpacked(qk), _unpacked(qv)
-    blocks = triton.cdiv(length, _BLOCK_N)
-    chunk = triton.cdiv(blocks, min(blocks, max(1, _TARGET_PROGRAMS // hkv))) * _BLOCK_N
+    block_t = min(_BLOCK_T, group)
+    blocks = triton.cdiv(length, block_t)
+    chunk = triton.cdiv(blocks, min(blocks, max(1, _TARGET_PROGRAMS // hkv))) * block_t
     splits = triton.cdiv(length, chunk)
     out = torch.empty(hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(hq, splits, dtype=torch.float32, device=q.device)
@@ -276,5 +289,5 @@ def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: Quantized
         q.stride(0), kp.stride(0), kp.stride(1), ks.stride(0), ks.stride(1), vp.stride(0), vp.stride(1),
         vs.stride(0), vs.stride(1), k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1),
         GQA=gqa, GQA_PAD=max(16, triton.next_power_of_2(gqa)), BITS=bits, KGROUP=group, VGROUP=vgroup,
-        BLOCK_N=_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)))
+        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
     return merge_partial_states(out, lse)

@@ -39,6 +39,11 @@ class ModelConfig:
             raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
+        # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        if (rope.get("rope_type") or rope.get("type")) in (None, "default"):
+            rope = None
         return cls(
             name=name,
             vocab_size=cfg["vocab_size"],
@@ -49,8 +54,8 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads", heads),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             max_position=cfg.get("max_position_embeddings", 4096),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=float(theta),
+            rope_scaling=rope,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),

@@ -1,0 +1,178 @@
+"""AsyncEngine: runs `Engine.step()` on a background thread and streams each request's tokens to asyncio.
+
+The asyncio side submits requests and awaits `Output`s; the engine thread hands them over with
+`loop.call_soon_threadsafe`, so neither side blocks the other. The thread sleeps on an Event while there is no
+work. A step that raises fails the requests that were running (each gets an `Output` with `error`) and the
+engine keeps serving; requests still waiting are untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import CapacityError
+from .engine import Engine
+from .request import Request
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Output:
+    """What one request produced in one step, or how it ended."""
+
+    index: int  # position of the request in the batch it was submitted with
+    request: Request  # read-only for the consumer: rid, input_ids, created, finish_reason once finished
+    text: str  # text since the previous Output (partial UTF-8 and possible stop-string prefixes held back)
+    token_ids: list[int]  # tokens since the previous Output
+    time: float  # time.perf_counter() when the step produced it
+    finished: bool = False
+    error: str | None = None  # set when the engine failed the request
+
+
+@dataclass
+class EngineStats:
+    """Totals since start; written under the AsyncEngine's lock, read from any thread."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    failed_steps: int = 0
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    index: int
+    sent: int = 0  # output tokens already handed out
+
+    def put(self, out: Output) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            pass
+
+
+class AsyncEngine:
+    """Owns an Engine and its step loop; `generate` is the one way in for the API."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.stats = EngineStats()
+        self._streams: dict[int, _Stream] = {}
+        # Guards _streams and makes "add to the engine + register the stream" atomic w.r.t. dispatching outputs.
+        # Lock order: self._mu, then the engine's own lock.
+        self._mu = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tailorkv-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def load(self) -> dict:
+        """Queue and memory state for /get_server_info and /metrics."""
+        s = self.engine.scheduler
+        return {"num_running_reqs": len(s.running), "num_queued_reqs": len(s.waiting),
+                "memory": self.engine.memory.usage()}
+
+    # ---- the asyncio side -----------------------------------------------------------------------------------
+    async def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[Output]:
+        """Queue every (input_ids, params) of `batch` (all or none: raises InvalidRequestError / CapacityError
+        and queues nothing), then yield their Outputs as steps produce them, until each has finished.
+        Requests still unfinished when the consumer stops iterating (disconnect, cancel) are aborted."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Output] = asyncio.Queue()
+        unfinished = {r.rid for r in self._submit(batch, loop, queue)}
+        try:
+            while unfinished:
+                out = await queue.get()
+                if out.finished:
+                    unfinished.discard(out.request.rid)
+                yield out
+        finally:
+            for rid in unfinished:
+                self.abort(rid)
+
+    def _submit(self, batch, loop, queue) -> list[Request]:
+        reqs: list[Request] = []
+        with self._mu:
+            if self._stopping:
+                raise CapacityError("the server is shutting down")
+            try:
+                for index, (input_ids, params) in enumerate(batch):
+                    reqs.append(self.engine.add_request(input_ids, params))
+                    self._streams[reqs[-1].rid] = _Stream(loop, queue, index)
+            except BaseException:
+                for r in reqs:
+                    self._streams.pop(r.rid, None)
+                    self.engine.abort(r.rid, "another request of its batch was refused")
+                raise
+            self.stats.prompt_tokens += sum(len(r.input_ids) for r in reqs)
+        self._wake.set()
+        return reqs
+
+    def abort(self, rid: int, message: str = "client disconnected") -> None:
+        """Stop a request and free its pages; it produces no further Output."""
+        with self._mu:
+            if self._streams.pop(rid, None) is not None:
+                self.stats.aborted_requests += 1
+            self.engine.abort(rid, message)
+
+    def shutdown(self) -> None:
+        """Stop the loop thread; requests still in flight end with an error Output."""
+        with self._mu:
+            self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self._fail(list(self.engine.requests), "the server is shutting down")
+
+    # ---- the engine thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()  # cleared before looking for work, so a request added meanwhile wakes us
+            if not self.engine.scheduler.has_work:
+                self._wake.wait()
+                continue
+            try:
+                done = self.engine.step()
+            except Exception as e:  # a bad step must not take the server down
+                log.exception("engine step failed; aborting the running requests")
+                self.stats.failed_steps += 1
+                self._fail(list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}")
+                continue
+            self._dispatch(done)
+
+    def _dispatch(self, done: list[Request]) -> None:
+        now = time.perf_counter()
+        with self._mu:
+            self.stats.generation_tokens += len(done)
+            for req in done:
+                stream = self._streams.get(req.rid)
+                if stream is None:  # aborted since the step began
+                    continue
+                ids = req.output_ids[stream.sent:]
+                stream.sent = len(req.output_ids)
+                if req.finished:
+                    del self._streams[req.rid]
+                    self.stats.finished_requests += 1
+                stream.put(Output(stream.index, req, req.new_text(), ids, now, req.finished))
+
+    def _fail(self, rids: list[int], message: str) -> None:
+        now = time.perf_counter()
+        with self._mu:
+            for rid in rids:
+                req = self.engine.requests.get(rid)
+                self.engine.abort(rid, message)
+                stream = self._streams.pop(rid, None)
+                if stream is not None and req is not None:
+                    stream.put(Output(stream.index, req, "", [], now, finished=True, error=message))

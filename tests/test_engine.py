@@ -1,0 +1,93 @@
+"""The offline Engine on the embedded model: batching, chunked prefill, sampling params, page accounting."""
+import pytest
+
+from tailorkv import Engine, SamplingParams
+from tailorkv.errors import InvalidRequestError
+
+PROMPTS = ["Once upon a time, there was a little girl named Lily. She",
+           "The theory of relativity",
+           "Here is a short list of three fruits that are red:",
+           "In 1969, Neil Armstrong became the first person to walk on the moon. Since then, space exploration has"]
+GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine(progress=False) as e:
+        yield e
+
+
+def test_chat_answers_paris(engine):
+    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = engine.generate(prompt, sampling_params={"max_new_tokens": 16, "temperature": 0})
+    assert "Paris" in out["text"]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": 2}
+
+
+def test_batch_equals_each_prompt_alone(engine):
+    alone = [engine.generate(p, sampling_params=GREEDY)["output_ids"] for p in PROMPTS]
+    together = engine.generate(PROMPTS, sampling_params=GREEDY)
+    assert [r["output_ids"] for r in together] == alone
+    assert len({len(engine.tokenize(p, None)) for p in PROMPTS}) == len(PROMPTS)  # really different lengths
+
+
+def test_chunked_prefill_equals_whole_prefill(engine):
+    whole = engine.generate(PROMPTS[3], sampling_params=GREEDY)["output_ids"]
+    with Engine(progress=False, chunked_prefill_size=5) as small:
+        assert small.generate(PROMPTS[3], sampling_params=GREEDY)["output_ids"] == whole
+
+
+def test_pages_return_to_the_pool(engine):
+    before = engine.memory.usage()
+    engine.generate(PROMPTS, sampling_params={"max_new_tokens": 4, "temperature": 0})
+    assert engine.memory.usage() == before
+    assert not engine.memory.held and not engine.scheduler.running
+
+
+def test_meta_info(engine):
+    out = engine.generate(input_ids=[504, 3575, 282], sampling_params={"max_new_tokens": 3, "temperature": 0,
+                                                                       "ignore_eos": True})
+    m = out["meta_info"]
+    assert (m["prompt_tokens"], m["completion_tokens"]) == (3, 3)
+    assert m["finish_reason"] == {"type": "length", "matched": None}
+    assert m["e2e_latency"] > 0
+
+
+def test_seed_reproduces_and_top_k_1_is_greedy(engine):
+    sp = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95, "seed": 7, "ignore_eos": True}
+    a = engine.generate(PROMPTS[1], sampling_params=sp)["output_ids"]
+    assert engine.generate(PROMPTS[1], sampling_params=sp)["output_ids"] == a
+    assert engine.generate(PROMPTS[1], sampling_params={**sp, "seed": 8})["output_ids"] != a
+    greedy = engine.generate(PROMPTS[1], sampling_params={**GREEDY, "max_new_tokens": 12})["output_ids"]
+    assert engine.generate(PROMPTS[1], sampling_params={**sp, "top_k": 1})["output_ids"] == greedy
+
+
+def test_stop_string_and_stop_token(engine):
+    full = engine.generate(PROMPTS[0], sampling_params=GREEDY)
+    word = full["text"].split()[3]
+    out = engine.generate(PROMPTS[0], sampling_params={**GREEDY, "stop": word})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": word}
+    assert word not in out["text"] and full["text"].startswith(out["text"])
+    tok = full["output_ids"][5]
+    out = engine.generate(PROMPTS[0], sampling_params={**GREEDY, "stop_token_ids": [tok]})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tok}
+    assert out["output_ids"] == full["output_ids"][:full["output_ids"].index(tok)]
+
+
+@pytest.mark.parametrize("params", [
+    {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"temperature": -1}, {"top_p": 1.5}, {"top_p": 0},
+    {"top_k": 0}, {"min_p": 2}, {"stop": 5}, {"stop": [""]}, {"stop_token_ids": ["a"]}, {"bogus": 1},
+    {"max_new_tokens": "8"}])
+def test_bad_sampling_params(params):
+    with pytest.raises(InvalidRequestError):
+        SamplingParams.from_any(params)
+
+
+def test_bad_requests(engine):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.generate("", sampling_params={"max_new_tokens": 4})
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.generate("hello", sampling_params={"max_new_tokens": engine.config.max_position})
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        engine.generate(input_ids=[1, engine.config.vocab_size], sampling_params={"max_new_tokens": 2})
+    assert not engine.memory.held  # nothing half-admitted
