@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from .essays import essay_words, split_sentences
+from tailorkv.essays import essay_words, split_sentences
 
 TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt",
          "niah_essay")

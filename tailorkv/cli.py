@@ -54,7 +54,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .kvcache.calibrate import run_calibration
+    from .engine.calibration import run_calibration
 
     run_calibration(args)
 

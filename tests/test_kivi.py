@@ -194,11 +194,17 @@ def test_triton_decode_attention_matches_reference(kt, bits, t, stored, r, dtype
 
 
 def test_triton_decode_attention_one_split_many_tiles(kt, monkeypatch):
-    # one program per KV head walks every tile, straddling the quantized/residual boundary
+    # one program per KV head walks every quantized tile, carrying the online softmax across them
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 1)
     case = _decode_case(197, 197, 37, 2)
     torch.testing.assert_close(kt.quantized_decode_attention(*case), K.quantized_decode_attention(*case),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_ops_dispatch():
+    assert K.ops("cpu") is K
+    if CUDA:
+        assert K.ops("cuda").__name__ == "tailorkv.kernels.kivi_triton"
 
 
 def test_merge_attention_states():

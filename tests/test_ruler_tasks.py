@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from benchmarks import essays
+from tailorkv import essays
 from benchmarks.ruler_tasks import NOISE, TASKS, Sample, generate, score
 
 

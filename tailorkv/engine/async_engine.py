@@ -11,7 +11,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..errors import CapacityError
@@ -60,6 +59,30 @@ class _Stream:
             pass
 
 
+class OutputStream:
+    """The Outputs of one submitted batch, in the order steps produce them, until each request has finished.
+    `aclose` aborts the requests that have not (a client that went away)."""
+
+    def __init__(self, engine: AsyncEngine, queue: asyncio.Queue, rids: set[int]):
+        self._engine, self._queue, self._unfinished = engine, queue, rids
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> Output:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finished:
+            self._unfinished.discard(out.request.rid)
+        return out
+
+    async def aclose(self) -> None:
+        for rid in self._unfinished:
+            self._engine.abort(rid)
+        self._unfinished.clear()
+
+
 class AsyncEngine:
     """Owns an Engine and its step loop; `generate` is the one way in for the API."""
 
@@ -67,6 +90,7 @@ class AsyncEngine:
         self.engine = engine
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
+        self._aborts: list[tuple[int, str]] = []  # applied by the engine thread between steps
         # Guards _streams and makes "add to the engine + register the stream" atomic w.r.t. dispatching outputs.
         # Lock order: self._mu, then the engine's own lock.
         self._mu = threading.Lock()
@@ -86,22 +110,12 @@ class AsyncEngine:
                 "memory": self.engine.memory.usage()}
 
     # ---- the asyncio side -----------------------------------------------------------------------------------
-    async def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[Output]:
-        """Queue every (input_ids, params) of `batch` (all or none: raises InvalidRequestError / CapacityError
-        and queues nothing), then yield their Outputs as steps produce them, until each has finished.
-        Requests still unfinished when the consumer stops iterating (disconnect, cancel) are aborted."""
+    def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> OutputStream:
+        """Queue every (input_ids, params) of `batch` now, all or none (raises InvalidRequestError or
+        CapacityError and queues nothing); iterate the returned stream for their Outputs."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        unfinished = {r.rid for r in self._submit(batch, loop, queue)}
-        try:
-            while unfinished:
-                out = await queue.get()
-                if out.finished:
-                    unfinished.discard(out.request.rid)
-                yield out
-        finally:
-            for rid in unfinished:
-                self.abort(rid)
+        return OutputStream(self, queue, {r.rid for r in self._submit(batch, loop, queue)})
 
     def _submit(self, batch, loop, queue) -> list[Request]:
         reqs: list[Request] = []
@@ -115,18 +129,19 @@ class AsyncEngine:
             except BaseException:
                 for r in reqs:
                     self._streams.pop(r.rid, None)
-                    self.engine.abort(r.rid, "another request of its batch was refused")
+                    self._aborts.append((r.rid, "another request of its batch was refused"))
                 raise
             self.stats.prompt_tokens += sum(len(r.input_ids) for r in reqs)
         self._wake.set()
         return reqs
 
     def abort(self, rid: int, message: str = "client disconnected") -> None:
-        """Stop a request and free its pages; it produces no further Output."""
+        """Stop a request: it produces no further Output, and its pages are freed before the next step."""
         with self._mu:
             if self._streams.pop(rid, None) is not None:
                 self.stats.aborted_requests += 1
-            self.engine.abort(rid, message)
+            self._aborts.append((rid, message))
+        self._wake.set()
 
     def shutdown(self) -> None:
         """Stop the loop thread; requests still in flight end with an error Output."""
@@ -140,6 +155,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()  # cleared before looking for work, so a request added meanwhile wakes us
+            self._apply_aborts()
             if not self.engine.scheduler.has_work:
                 self._wake.wait()
                 continue
@@ -151,6 +167,14 @@ class AsyncEngine:
                 self._fail(list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}")
                 continue
             self._dispatch(done)
+
+    def _apply_aborts(self) -> None:
+        # Only this thread aborts in the engine: Engine.abort frees a request's KV pages at once, which must not
+        # happen while a step's forward pass reads them.
+        with self._mu:
+            aborts, self._aborts = self._aborts, []
+        for rid, message in aborts:
+            self.engine.abort(rid, message)
 
     def _dispatch(self, done: list[Request]) -> None:
         now = time.perf_counter()

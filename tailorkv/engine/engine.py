@@ -53,6 +53,10 @@ class Engine:
         self.config = self.model.config
         self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
         self.policy = cls(self.config, self.device, self.dtype, **policy_options)
+        if getattr(self.policy, "plan_missing", False):  # a model without a shipped plan: calibrate once, cache
+            from .calibration import calibrate
+
+            self.policy.set_quant_layers(calibrate(self.model, self.tokenizer, self.device, self.dtype)[1])
         self.policy.bind_model(self.model)
         specs = self.policy.pool_specs(self._gpu_kv_budget(), int(self.options.host_kv_gib * GIB))
         self.policy.allocate_storage(specs)

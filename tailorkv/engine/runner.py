@@ -21,5 +21,6 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self.policy.prepare(batch)
         hidden = self.model(ids, batch.positions, self.policy, batch)
+        self.policy.finish(batch)
         last = torch.tensor([batch.cu[i + 1] - 1 for i in want_logits], dtype=torch.long, device=self.device)
         return self.model.logits(hidden[last])

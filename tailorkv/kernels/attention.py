@@ -15,3 +15,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                          scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(0, 1)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """One query token, each KV head with its own key set: q [Hq, D], k, v [Hkv, L, D] -> [Hq, D] (float32 math).
+    Query head h reads KV head h // (Hq // Hkv)."""
+    hkv, _, d = k.shape
+    qg = q.float().view(hkv, -1, d)
+    scores = torch.einsum("hgd,hld->hgl", qg, k.float()) * (sm_scale or d ** -0.5)
+    out = torch.einsum("hgl,hld->hgd", scores.softmax(-1), v.float())
+    return out.reshape(q.shape).to(q.dtype)

@@ -1,9 +1,9 @@
 """KIVI-style asymmetric min/max KV quantization (TailorKV §2): the plain-torch reference.
 
 Per group: zero z = min, scale s = (max - min) / (2^b - 1), code q = clamp(round((x - z) / s), 0, 2^b - 1),
-dequantized x' = q * s + z, with b in {1, 2, 4}. Scale and zero are stored as float16 and the codes are taken
-against those stored values, so |x - x'| <= s/2 up to fp16 rounding of s and z. A constant group (s == 0) gets
-code 0 and dequantizes to z. round() is round-half-up (floor(y + 0.5)), identical in the Triton kernels.
+dequantized x' = q * s + z, with b in {1, 2, 4} and `group` a power of two >= 32. Scale and zero are stored as
+float16 and the codes are taken against those stored values, so |x - x'| <= s/2 up to fp16 rounding of s and z.
+A constant group (s == 0) gets code 0 and dequantizes to z. round() is round-half-up (floor(y + 0.5)).
 Inputs must lie within the float16 range.
 
 Layouts (N is any flattened leading dims: heads, or pages * heads); codes are packed 32/b per int32, LSB first:
@@ -13,7 +13,8 @@ Layouts (N is any flattened leading dims: heads, or pages * heads); codes are pa
 - values v [N, T, D], grouped per token over min(group, D) consecutive channels, packed along channels:
   packed [N, T, D*b/32], scale/zero [N, T, D / min(group, D)]; D must be a multiple of 32.
 
-kivi_triton.py implements the same functions with the same signatures; `ops(device)` picks one.
+kivi_triton.py implements the same functions with the same signatures and bit-identical quantization;
+`ops(device)` picks one.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def value_group(group: int, head_dim: int, bits: int) -> int:
 def ops(device: torch.device | str) -> ModuleType:
     """The kernel module for `device`: kivi_triton on CUDA when triton imports, else this torch reference.
     Both expose quantize_keys, dequantize_keys, quantize_values, dequantize_values and
-    quantized_decode_attention with identical signatures and results."""
+    quantized_decode_attention with identical signatures and layouts."""
     if torch.device(device).type == "cuda":
         try:
             from tailorkv.kernels import kivi_triton
@@ -76,7 +77,8 @@ def ops(device: torch.device | str) -> ModuleType:
 
 
 def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return ((hi - lo) / (2**bits - 1)).half(), lo.half()
+    # times the fp32 reciprocal, not divided: torch on CUDA divides by a scalar that way, so all paths agree
+    return ((hi - lo) * (1.0 / (2**bits - 1))).half(), lo.half()
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -150,8 +152,9 @@ def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: Quantized
                                group: int, k_res: torch.Tensor, v_res: torch.Tensor,
                                sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode query q [Hq, D] over the first `num_tokens` quantized tokens followed by the full-precision
-    residual k_res, v_res [Hkv, R, D]; query head h reads KV head h // (Hq // Hkv). Returns (out [Hq, D] float32,
-    lse [Hq] float32), lse = log sum exp(sm_scale * q.k); with no tokens at all, out = 0 and lse = -inf."""
+    residual k_res, v_res [Hkv, R, D]; Hq is a multiple of Hkv and query head h reads KV head h // (Hq // Hkv).
+    Returns (out [Hq, D] float32, lse [Hq] float32), lse = log sum exp(sm_scale * q.k) over those tokens; with no
+    tokens at all, out = 0 and lse = -inf."""
     k = torch.cat([dequantize_keys(qk, bits, group, num_tokens), k_res.float()], 1)
     v = torch.cat([dequantize_values(qv, bits, group)[:, :num_tokens], v_res.float()], 1)
     kv_head = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // k.shape[0])

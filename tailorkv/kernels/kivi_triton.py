@@ -1,8 +1,9 @@
 """Triton KIVI kernels: same functions, signatures, layouts and results as kivi.py (the torch reference).
 
-Quantization divides with IEEE rounding (div_rn) so the codes match the reference bit for bit. Decode attention
-dequantizes K/V tiles in registers and splits the context across programs; the partial results are merged by
-log-sum-exp. Importing this module requires triton (kivi.ops() falls back to the reference when it is missing).
+Quantization uses the reference's exact arithmetic (IEEE division via div_rn), so codes, scales and zeros match it
+bit for bit. Decode attention dequantizes K/V tiles in registers, splits the context across programs and merges
+the partial results by log-sum-exp in a second kernel. Importing this module requires triton; kivi.ops() falls back
+to the reference when it is missing.
 """
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tailorkv.kernels.kivi import (QuantizedKeys, QuantizedValues, check_group, codes_per_word,
-                                   merge_partial_states, value_group)
+from tailorkv.kernels.kivi import QuantizedKeys, QuantizedValues, check_group, codes_per_word, value_group
 
 _BLOCK_D = 64  # channels per quantize-keys program
 _BLOCK_ROWS = 16  # token rows per quantize-values program
 _BLOCK_T = 64  # tokens per dequantize / attention tile (capped at one key group)
 _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
+_ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,7 @@ def _unpacked(qx: QuantizedKeys | QuantizedValues) -> tuple[torch.Tensor, torch.
 @triton.jit
 def _quantize(x, valid, lo, hi, BITS: tl.constexpr):
     """(codes int32 shaped like x, scale fp16, zero fp16) for x whose group min/max are lo/hi (broadcastable)."""
-    scale = tl.math.div_rn(hi - lo, (2**BITS - 1) * 1.0).to(tl.float16)
+    scale = ((hi - lo) * (1.0 / (2**BITS - 1))).to(tl.float16)
     zero = lo.to(tl.float16)
     s = scale.to(tl.float32)
     y = tl.where(s > 0, tl.math.div_rn(x - zero.to(tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
@@ -154,50 +155,70 @@ def _dequantize_values_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, rows, T,
 
 
 @triton.jit
+def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
+    """Online-softmax update of (running max m, sum l, output acc) with one tile; scores in base 2."""
+    # products in q's dtype: tensor cores for 16-bit queries, exact fp32 FMAs for fp32 ones
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds at least one token
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+    return m_new, l * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kr_ptr, vr_ptr, out_ptr, lse_ptr,
-                             T, R, D, chunk, num_splits, qk_scale,
+                             T, R, D, chunk, q_splits, num_splits, qk_scale,
                              sq_h, skp_h, skp_t, sks_h, sks_t, svp_h, svp_t, svs_h, svs_t, skr_h, skr_t, svr_h, svr_t,
                              GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, KGROUP: tl.constexpr,
                              VGROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one program per (KV head, context split): its GQA query heads share each dequantized tile.
-    # Scores are kept in base 2 (qk_scale includes log2 e) for exp2.
+    # one program per (KV head, split), its GQA query heads sharing each dequantized tile. Splits below q_splits
+    # take `chunk` quantized tokens each; the one after them takes the whole residual, so no tile mixes the two.
     kvh, split = tl.program_id(0), tl.program_id(1)
     i = tl.arange(0, GQA_PAD)
     h = kvh * GQA + i
     d = tl.arange(0, BLOCK_D)
     head_ok = (i < GQA)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + h[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0).to(tl.float32) * qk_scale
+    q = tl.load(q_ptr + h[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0)
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
-    start = split * chunk
-    end = tl.minimum(start + chunk, T + R)
-    for t0 in range(start, end, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        in_q = t < T
-        in_r = (t >= T) & (t < end)
-        res = in_r[:, None] & (d < D)[None, :]
-        k = tl.where(in_q[:, None],
-                     _key_tile(kp_ptr + kvh * skp_h, ks_ptr + kvh * sks_h, kz_ptr + kvh * sks_h, skp_t, sks_t, t0, T,
-                               D, BITS, KGROUP, BLOCK_T, BLOCK_D),
-                     tl.load(kr_ptr + kvh * skr_h + (t - T)[:, None] * skr_t + d[None, :], mask=res,
-                             other=0.0).to(tl.float32))
-        v = tl.where(in_q[:, None],
-                     _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, t * svp_t,
-                                 t * svs_t, in_q, D, BITS, VGROUP, BLOCK_T, BLOCK_D),
-                     tl.load(vr_ptr + kvh * svr_h + (t - T)[:, None] * svr_t + d[None, :], mask=res,
-                             other=0.0).to(tl.float32))
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        s = tl.where((in_q | in_r)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds at least one token
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m = m_new
+    if split < q_splits:
+        for t0 in range(split * chunk, tl.minimum(split * chunk + chunk, T), BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            k = _key_tile(kp_ptr + kvh * skp_h, ks_ptr + kvh * sks_h, kz_ptr + kvh * sks_h, skp_t, sks_t, t0, T, D,
+                          BITS, KGROUP, BLOCK_T, BLOCK_D)
+            v = _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, t * svp_t, t * svs_t,
+                            t < T, D, BITS, VGROUP, BLOCK_T, BLOCK_D)
+            m, l, acc = _attend_tile(q, k, v, t < T, m, l, acc, qk_scale)
+    else:
+        for t0 in range(0, R, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = (t < R)[:, None] & (d < D)[None, :]
+            k = tl.load(kr_ptr + kvh * skr_h + t[:, None] * skr_t + d[None, :], mask=ok, other=0.0)
+            v = tl.load(vr_ptr + kvh * svr_h + t[:, None] * svr_t + d[None, :], mask=ok, other=0.0)
+            m, l, acc = _attend_tile(q, k, v, t < R, m, l, acc, qk_scale)
     row = h * num_splits + split
     tl.store(out_ptr + row[:, None] * D + d[None, :], acc / l[:, None], mask=head_ok)
-    tl.store(lse_ptr + row, (m + tl.log2(l)) * 0.6931471805599453, mask=i < GQA)
+    tl.store(lse_ptr + row, m + tl.log2(l), mask=i < GQA)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    # one program per query head; every split holds tokens, so each base-2 lse is finite
+    h = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse = tl.load(part_lse_ptr + h * S + s, mask=s < S, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - m)
+    part = tl.load(part_ptr + (h * S + s[:, None]) * D + d[None, :], mask=(s < S)[:, None] & (d < D)[None, :],
+                   other=0.0)
+    total = tl.sum(w, axis=0)
+    tl.store(out_ptr + h * D + d, tl.sum(w[:, None] * part, axis=0) / total, mask=d < D)
+    tl.store(lse_ptr + h, (m + tl.log2(total)) * 0.6931471805599453)  # back to natural log
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int = 64) -> QuantizedKeys:
@@ -270,24 +291,29 @@ def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: Quantized
     hkv, r = k_res.shape[0], k_res.shape[1]
     check_group(bits, group)
     vgroup = value_group(group, d, bits)
-    length = num_tokens + r
-    if length == 0:
+    if num_tokens + r == 0:
         return (torch.zeros(hq, d, dtype=torch.float32, device=q.device),
                 torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device))
     q, k_res, v_res = (_last_dim_contiguous(x) for x in (q, k_res, v_res))
     (kp, ks, kz), (vp, vs, vz) = _unpacked(qk), _unpacked(qv)
     block_t = min(_BLOCK_T, group)
-    blocks = triton.cdiv(length, block_t)
-    chunk = triton.cdiv(blocks, min(blocks, max(1, _TARGET_PROGRAMS // hkv))) * block_t
-    splits = triton.cdiv(length, chunk)
-    out = torch.empty(hq, splits, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(hq, splits, dtype=torch.float32, device=q.device)
+    # split the quantized tokens into whole tiles, enough splits for about _TARGET_PROGRAMS programs
+    tiles = triton.cdiv(num_tokens, block_t)
+    chunk = max(1, triton.cdiv(tiles, max(1, _TARGET_PROGRAMS // hkv))) * block_t
+    q_splits = triton.cdiv(num_tokens, chunk)
+    splits = q_splits + (r > 0)
+    part = torch.empty(hq, splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(hq, splits, dtype=torch.float32, device=q.device)
     gqa = hq // hkv
     _decode_attention_kernel[(hkv, splits)](
-        q, kp, ks, kz, vp, vs, vz, k_res, v_res, out, lse,
-        num_tokens, r, d, chunk, splits, sm_scale * math.log2(math.e),
+        q, kp, ks, kz, vp, vs, vz, k_res, v_res, part, part_lse,
+        num_tokens, r, d, chunk, q_splits, splits, sm_scale * math.log2(math.e),
         q.stride(0), kp.stride(0), kp.stride(1), ks.stride(0), ks.stride(1), vp.stride(0), vp.stride(1),
         vs.stride(0), vs.stride(1), k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1),
         GQA=gqa, GQA_PAD=max(16, triton.next_power_of_2(gqa)), BITS=bits, KGROUP=group, VGROUP=vgroup,
-        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
-    return merge_partial_states(out, lse)
+        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES)
+    out = torch.empty(hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(hq, dtype=torch.float32, device=q.device)
+    _merge_splits_kernel[(hq,)](part, part_lse, out, lse, splits, d, BLOCK_S=triton.next_power_of_2(splits),
+                                BLOCK_D=triton.next_power_of_2(d))
+    return out, lse

@@ -22,8 +22,8 @@ class FullPolicy(KVPolicy):
         bpp = self._bytes_per_page()
         return [PoolSpec("kv", "gpu", max(gpu_bytes // bpp, 1), PAGE_SIZE, bpp)]
 
-    def pages_needed(self, num_tokens: int) -> dict[str, int]:
-        return {"kv": -(-num_tokens // PAGE_SIZE)}
+    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
+        return {"kv": -(-(prompt_len + max_new_tokens) // PAGE_SIZE)}
 
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         c, n = self.cfg, specs[0].num_pages

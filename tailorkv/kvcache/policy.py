@@ -31,8 +31,8 @@ class KVPolicy(ABC):
         """The pools this policy needs, sized to the given byte budgets of each tier."""
 
     @abstractmethod
-    def pages_needed(self, num_tokens: int) -> dict[str, int]:
-        """Pages of each pool a request of `num_tokens` (prompt + max_new_tokens) holds for its whole life."""
+    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
+        """Pages of each pool a request holds for its whole life (reserved at admission)."""
 
     @abstractmethod
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
@@ -52,6 +52,9 @@ class KVPolicy(ABC):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                batch: ForwardBatch) -> torch.Tensor:
         """Append the batch's new k/v [T, Hkv, D] to the cache, return attention output [T, Hq, D] (causal)."""
+
+    def finish(self, batch: ForwardBatch) -> None:
+        """After the forward of `batch`: every layer has stored the step's tokens."""
 
     @abstractmethod
     def release(self, rid: int) -> None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .full import FullPolicy
+from .tailor import KiviPolicy, TailorPolicy
 
-POLICIES = {p.name: p for p in (FullPolicy,)}
+POLICIES = {p.name: p for p in (FullPolicy, TailorPolicy, KiviPolicy)}
 
 
 def policy_class(name: str):

@@ -42,7 +42,7 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, memory: MemoryManager, pages_needed: Callable[[int], dict[str, int]], *,
+    def __init__(self, memory: MemoryManager, pages_needed: Callable[[int, int], dict[str, int]], *,
                  max_running: int = 64, max_queued: int = 1024, chunk_tokens: int = 2048,
                  whole_prompt_prefill: bool = False):
         self.memory, self.pages_needed = memory, pages_needed
@@ -53,7 +53,7 @@ class Scheduler:
         self.running: dict[int, Seq] = {}
 
     def add(self, seq: Seq) -> None:
-        if not self.memory.fits_ever(self.pages_needed(seq.reserved_tokens)):
+        if not self.memory.fits_ever(self.pages_needed(seq.prompt_len, seq.max_new_tokens)):
             raise CapacityError(f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
                                 "does not fit in this engine's KV memory")
         if len(self.waiting) >= self.max_queued:
@@ -84,7 +84,7 @@ class Scheduler:
             n = self._chunk(s, budget, first=not any(x.prefilling for x in seqs))
             if not n:
                 break
-            pages = self.memory.reserve(s.rid, self.pages_needed(s.reserved_tokens))
+            pages = self.memory.reserve(s.rid, self.pages_needed(s.prompt_len, s.max_new_tokens))
             if pages is None:
                 break
             self.waiting.popleft()

@@ -1,0 +1,90 @@
+"""BatchRun: the requests of one HTTP call on the AsyncEngine, and what each has produced so far."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from ..engine.async_engine import Output
+from ..engine.request import Request as EngineRequest
+from ..engine.sampling import SamplingParams
+from .protocol import APIError
+from .state import AppState
+
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class Completion:
+    """One request's output so far, rebuilt from its Outputs."""
+
+    prompt_tokens: int
+    request: EngineRequest | None = None  # known from its first Output on
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+    last_time: float | None = None
+
+    def add(self, out: Output) -> None:
+        self.request = out.request
+        self.text += out.text
+        self.output_ids += out.token_ids
+        self.finished, self.error, self.last_time = out.finished, out.error, out.time
+
+    @property
+    def finish_reason(self) -> dict | None:
+        return self.request.finish_reason if self.finished else None
+
+    def sglang(self) -> dict:
+        """The SGLang /generate body: cumulative text and ids, meta_info."""
+        req = self.request
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": {
+            "id": str(req.rid), "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
+            "cached_tokens": 0, "finish_reason": self.finish_reason, "e2e_latency": self.last_time - req.created}}
+
+
+class BatchRun:
+    """Submitting happens in the constructor, so a refused request (InvalidRequestError, CapacityError) raises
+    before any response starts. Iterate for Outputs as they come (then `aclose`), or `wait` for the end."""
+
+    def __init__(self, state: AppState, batch: list[tuple[list[int], SamplingParams]]):
+        self.completions = [Completion(len(ids)) for ids, _ in batch]
+        self._metrics = state.metrics
+        self._outputs = state.engine.generate(batch)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Output:
+        out = await self._outputs.__anext__()
+        c = self.completions[out.index]
+        if out.error is None:
+            self._metrics.observe(out, c.last_time)
+        c.add(out)
+        return out
+
+    async def aclose(self) -> None:
+        """Abort the requests that have not finished."""
+        await self._outputs.aclose()
+
+    async def wait(self, request: Request) -> list[Completion]:
+        """Run to the end; aborts everything if the client disconnects; a failed request raises a 500."""
+        task = asyncio.ensure_future(self._drain())
+        try:
+            while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
+        finally:
+            task.cancel()
+            await self.aclose()  # no-op when all finished
+        task.result()
+        for c in self.completions:
+            if c.error:
+                raise APIError(500, c.error, type="server_error", code="engine_error")
+        return self.completions
+
+    async def _drain(self) -> None:
+        async for _ in self:
+            pass

@@ -1,0 +1,112 @@
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions (n=1)."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Request
+
+from ..engine.sampling import SamplingParams
+from .batch import BatchRun, Completion
+from .protocol import ChatCompletionRequest, CompletionRequest, _OpenAIRequest, error_body
+from .sse import DONE, EventStream, sse
+from .state import AppState, get_state
+
+router = APIRouter(prefix="/v1")
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+@router.get("/models")
+async def models(request: Request):
+    state = get_state(request)
+    return {"object": "list", "data": [{"id": state.served_model_name, "object": "model", "created": state.created,
+                                        "owned_by": "tailorkv",
+                                        "max_model_len": state.engine.engine.config.max_position}]}
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = get_state(request)
+    model = state.check_model(body.model)
+    engine = state.engine.engine
+    p = body.prompt
+    prompts = [p] if isinstance(p, str) or not p or isinstance(p[0], int) else p  # one prompt or a batch
+    ids = [engine.tokenize(p, None) if isinstance(p, str) else engine.tokenize(None, p) for p in prompts]
+    return await _respond(state, request, body, ids, body.max_tokens, _Reply(False, model))
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    model = state.check_model(body.model)
+    engine = state.engine.engine
+    prompt = engine.tokenizer.apply_chat_template([m.as_dict() for m in body.messages])
+    return await _respond(state, request, body, [engine.tokenize(prompt, None)], body.max_new_tokens,
+                          _Reply(True, model))
+
+
+async def _respond(state: AppState, request: Request, body: _OpenAIRequest, prompts: list[list[int]],
+                   max_tokens: int | None, reply: "_Reply"):
+    context = state.engine.engine.config.max_position
+    batch = [(ids, SamplingParams.from_any(body.sampling_params(
+        max_tokens if max_tokens is not None else max(context - len(ids), 1)))) for ids in prompts]
+    run = BatchRun(state, batch)
+    if body.stream:
+        return EventStream(_chunks(reply, run, body.include_usage), run)
+    done = await run.wait(request)
+    return reply.body([reply.choice(i, c.text, _finish(c), chunk=False) for i, c in enumerate(done)], _usage(done))
+
+
+async def _chunks(reply: "_Reply", run: BatchRun, include_usage: bool):
+    if reply.chat:  # OpenAI opens a chat stream with the role
+        yield sse(reply.body([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}], chunk=True))
+    async for out in run:
+        if out.error:
+            yield sse(error_body(out.error, "server_error", "engine_error"))
+        elif out.text or out.finished:
+            finish = _finish(run.completions[out.index]) if out.finished else None
+            yield sse(reply.body([reply.choice(out.index, out.text, finish, chunk=True)], chunk=True))
+    if include_usage:
+        yield sse(reply.body([], _usage(run.completions), chunk=True))
+    yield DONE
+
+
+@dataclass
+class _Reply:
+    """The envelope of one response: ids, object names and choice shapes of completions vs chat."""
+
+    chat: bool
+    model: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, choices: list[dict], usage: dict | None = None, chunk: bool = False) -> dict:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        out = {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.id, "object": obj, "created": self.created,
+               "model": self.model, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    def choice(self, index: int, text: str, finish: str | None, chunk: bool) -> dict:
+        c: dict = {"index": index}
+        if not self.chat:
+            c["text"] = text
+        elif chunk:
+            c["delta"] = {"content": text} if text else {}
+        else:
+            c["message"] = {"role": "assistant", "content": text}
+        c.update(logprobs=None, finish_reason=finish)
+        return c
+
+
+def _finish(c: Completion) -> str:
+    kind = c.finish_reason["type"]
+    return _FINISH.get(kind, kind)
+
+
+def _usage(done: list[Completion]) -> dict:
+    prompt, completion = sum(c.prompt_tokens for c in done), sum(len(c.output_ids) for c in done)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

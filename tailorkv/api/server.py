@@ -1,0 +1,170 @@
+"""The FastAPI app (`create_app`) and `tailorkv serve` (`serve`).
+
+Errors of every route share one body, {"error": {"message", "type", "code"}}: 400 for a bad request, 401 for a
+missing or wrong API key, 404 for an unknown model or route, 413 for a body over the limit, 503 when the
+queue is full, 500 when the engine failed a request.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import __version__
+from ..engine.async_engine import AsyncEngine
+from ..errors import CapacityError, TailorKVError
+from . import openai_api, sglang_api
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import APIError, error_body
+from .state import AppState, get_state
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+log = logging.getLogger(__name__)
+
+
+def create_app(async_engine: AsyncEngine, api_key: str | None = None, served_model_name: str | None = None,
+               model_path: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """An app serving `async_engine`; several apps may share one AsyncEngine (each has its own metrics)."""
+    name = async_engine.engine.config.name
+    app = FastAPI(title="tailorkv", version=__version__, strict_content_type=False)
+    app.state.tailorkv = AppState(async_engine, Metrics(async_engine), served_model_name or name, model_path or name)
+    app.include_router(sglang_api.router)
+    app.include_router(openai_api.router)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/get_model_info", model_info, methods=["GET"])
+    app.add_api_route("/get_server_info", server_info, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key:  # added last: the outermost layer, so nothing is read for a request without the key
+        app.add_middleware(BearerAuth, api_key=api_key)
+    return app
+
+
+async def health(request: Request):
+    if not get_state(request).engine.alive:
+        raise APIError(503, "the engine loop is not running", type="server_error", code="engine_down")
+    return {"status": "ok"}
+
+
+async def model_info(request: Request):
+    state = get_state(request)
+    config = state.engine.engine.config
+    return {"model_path": state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
+            "max_context_length": config.max_position, "vocab_size": config.vocab_size}
+
+
+async def server_info(request: Request):
+    engine = get_state(request).engine
+    o = engine.engine.options
+    return {"version": __version__, "kv_policy": engine.engine.kv_policy,
+            "max_running_requests": o.max_running_requests, "max_queued_requests": o.max_queued_requests,
+            **engine.load()}
+
+
+async def metrics(request: Request):
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+class BearerAuth:
+    """401 unless `Authorization: Bearer <api_key>`; /health and /metrics stay open (probes, Prometheus)."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes`, refused from its Content-Length before any of it is read, or (chunked)
+    as soon as what arrived goes over: the body is never held beyond the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(413, self._message(), code="request_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, self._message())  # FastAPI lets it through; rendered by our handler
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than {self.max_bytes} bytes"
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", code: str | int | None = None):
+    return JSONResponse(error_body(message, type, code), status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(_, e: APIError):
+        return _error(e.status, e.message, e.type, e.code)
+
+    async def capacity(_, e: CapacityError):
+        return _error(503, str(e), "service_unavailable", "server_busy")
+
+    async def invalid(_, e: TailorKVError):
+        return _error(400, str(e))
+
+    async def validation(_, e: RequestValidationError):
+        def describe(err: dict) -> str:
+            if err["type"] == "json_invalid":
+                return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
+            return f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
+
+        return _error(400, "; ".join(describe(err) for err in e.errors()) or "invalid request")
+
+    async def http(_, e: HTTPException):
+        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+
+    async def crash(_, e: Exception):
+        log.exception("unhandled error")
+        return _error(500, f"internal error: {type(e).__name__}", "server_error")
+
+    for exc, handler in ((APIError, api_error), (CapacityError, capacity), (TailorKVError, invalid),
+                         (RequestValidationError, validation), (HTTPException, http), (Exception, crash)):
+        app.add_exception_handler(exc, handler)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """`tailorkv serve`: load the engine, then serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    from ..cli import engine_kwargs
+    from ..engine.engine import Engine
+
+    engine = Engine(**engine_kwargs(args))
+    async_engine = AsyncEngine(engine)
+    try:
+        app = create_app(async_engine, api_key=args.api_key, served_model_name=args.served_model_name or args.model,
+                         model_path=args.model)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        async_engine.shutdown()

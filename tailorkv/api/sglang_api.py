@@ -1,0 +1,38 @@
+"""POST /generate, SGLang's native API: text or input_ids (one or a batch), sampling_params, stream."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..engine.sampling import SamplingParams
+from .batch import BatchRun
+from .protocol import GenerateRequest, error_body
+from .sse import DONE, EventStream, sse
+from .state import get_state
+
+router = APIRouter()
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request):
+    state = get_state(request)
+    engine = state.engine.engine
+    batch = [(engine.tokenize(text, ids), SamplingParams.from_any(body.params(i)))
+             for i, (text, ids) in enumerate(body.prompts())]
+    run = BatchRun(state, batch)
+    if body.stream:
+        return EventStream(_chunks(run, body.batched), run)
+    results = [c.sglang() for c in await run.wait(request)]
+    return results if body.batched else results[0]
+
+
+async def _chunks(run: BatchRun, batched: bool):
+    """One event per step of each request, with its cumulative text (as SGLang streams), then [DONE]."""
+    async for out in run:
+        if out.error:
+            yield sse(error_body(out.error, "server_error", "engine_error"))
+            continue
+        chunk = run.completions[out.index].sglang()
+        if batched:
+            chunk["index"] = out.index
+        yield sse(chunk)
+    yield DONE

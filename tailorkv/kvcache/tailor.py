@@ -1,0 +1,183 @@
+"""`tailor`: the TailorKV hybrid cache. Q layers keep a 1/2-bit KIVI cache on the GPU; S layers keep the prompt
+in the host tier and, each decode step, attend exactly over sink + recent + the top-k dominant prompt tokens
+(two-stage retrieval, selection.py) + every generated token. Prefill is exact full attention over the prompt."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..kernels import kivi
+from ..kernels.attention import causal_attention, grouped_attention
+from .batch import ForwardBatch
+from .offload_store import OffloadState, OffloadStore
+from .pages import PoolSpec
+from .plans import layer_plan
+from .policy import KVPolicy
+from .quant_store import QuantState, QuantStore
+from .selection import score_tokens, select_channels, select_tokens
+from .tailor_config import TailorConfig
+
+PAGE = 64
+MAX_SLOTS = 256  # per-request window slots: an upper bound on running requests
+
+
+def _pages(tokens: int) -> int:
+    return -(-tokens // PAGE)
+
+
+class TailorPolicy(KVPolicy):
+    name = "tailor"
+    whole_prompt_prefill = True
+
+    def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, **options):
+        super().__init__(cfg, device, dtype)
+        self.tc = TailorConfig.from_options(tailor_preset, **options)
+        self.plan_missing = False
+        if self.tc.quant_layers is None:
+            plan = layer_plan(cfg.name)
+            self.plan_missing = plan is None
+            self.tc.quant_layers = plan or []
+        self.tc.validate(cfg.num_layers, cfg.head_dim)
+        kivi.value_group(self.tc.group_size, cfg.head_dim, self.tc.quant_bits)
+        self.set_quant_layers(self.tc.quant_layers)
+
+    def set_quant_layers(self, layers: list[int]) -> None:
+        self.tc.quant_layers = sorted(set(layers))
+        self.q_index = {layer: i for i, layer in enumerate(self.tc.quant_layers)}
+        s_layers = [i for i in range(self.cfg.num_layers) if i not in self.q_index]
+        self.s_index = {layer: i for i, layer in enumerate(s_layers)}
+
+    def bind_model(self, model) -> None:
+        self.model = model
+
+    # ---- memory ------------------------------------------------------------------------------------------------
+    def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
+        c, t, item = self.cfg, self.tc, self.dtype.itemsize
+        nq, ns, h, d = len(self.q_index), len(self.s_index), c.num_kv_heads, c.head_dim
+        vgroup = kivi.value_group(t.group_size, d, t.quant_bits)
+        slot = (QuantStore.bytes_per_slot(nq, h, d, t.residual, item)
+                + OffloadStore.bytes_per_slot(ns, h, d, t.sink + t.recent, item))
+        qpage = QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup)
+        gpage = OffloadStore.bytes_per_gen_page(ns, h, d, item)
+        slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
+        rest = max(gpu_bytes - slots * slot, 0)
+        # split the rest between quantized pages and generated-token pages for prompts ~16x the output
+        q_share = qpage * 17 / (qpage * 17 + gpage) if nq else 0.0
+        specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
+        if nq:
+            specs.append(PoolSpec("qkv", "gpu", max(int(rest * q_share) // qpage, 1), PAGE, qpage))
+        if ns:
+            hpage = OffloadStore.bytes_per_host_page(ns, h, d, item)
+            specs.append(PoolSpec("gen", "gpu", max(int(rest * (1 - q_share)) // gpage, 1), PAGE, gpage))
+            specs.append(PoolSpec("host", "host", max(host_bytes // hpage, 1), PAGE, hpage))
+        return specs
+
+    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
+        need = {"slots": 1}
+        if self.q_index:
+            need["qkv"] = _pages(prompt_len + max_new_tokens)
+        if self.s_index:
+            need["gen"] = _pages(max_new_tokens)
+            need["host"] = _pages(prompt_len)
+        return need
+
+    def allocate_storage(self, specs: list[PoolSpec]) -> None:
+        c, t, n = self.cfg, self.tc, {s.name: s.num_pages for s in specs}
+        h, d = c.num_kv_heads, c.head_dim
+        self.quant = QuantStore(len(self.q_index), n.get("qkv", 0), n["slots"], h, d, t, self.device, self.dtype) \
+            if self.q_index else None
+        self.offload = OffloadStore(len(self.s_index), n.get("host", 0), n.get("gen", 0), n["slots"], h, d,
+                                    t.sink, t.recent, self.device, self.dtype) if self.s_index else None
+        self.q_state: dict[int, QuantState] = {}
+        self.s_state: dict[int, OffloadState] = {}
+        self.critical: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
+        as_tensor = lambda name: torch.tensor(pages.get(name, []), dtype=torch.long, device=self.device)  # noqa
+        slot = pages["slots"][0]
+        if self.q_index:
+            self.q_state[rid] = QuantState(as_tensor("qkv"), slot)
+        if self.s_index:
+            self.s_state[rid] = OffloadState(as_tensor("host"), as_tensor("gen"), slot, prompt_len,
+                                             self.tc.sink, self.tc.recent)
+
+    def release(self, rid: int) -> None:
+        self.q_state.pop(rid, None)
+        self.s_state.pop(rid, None)
+        for key in [k for k in self.critical if k[1] == rid]:
+            del self.critical[key]
+
+    def kv_bytes(self) -> dict[str, int]:
+        return {"gpu": (self.quant.nbytes() if self.quant else 0) + (self.offload.device_bytes() if self.offload else 0),
+                "host": self.offload.host_bytes() if self.offload else 0}
+
+    # ---- the step ------------------------------------------------------------------------------------------------
+    def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
+        """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
+        this layer's normalised input, pick d_s channels per KV head, read them for all prompt tokens."""
+        targets = [t for t in ((0, layer + 1) if layer == 0 else (layer + 1,)) if t in self.s_index]
+        decode = [i for i in range(batch.size) if batch.start[i] > 0]
+        if not targets or not decode:
+            return
+        rows = torch.tensor([batch.cu[i] for i in decode], device=x.device)
+        for t in targets:
+            attn = self.model.layers[t].self_attn
+            q_hat = attn.project_q(x[rows], positions[rows], self.model.rotary)
+            si = self.s_index[t]
+            for j, i in enumerate(decode):
+                st = self.s_state[batch.rids[i]]
+                channels = select_channels(q_hat[j], self.offload.max_abs[si, st.slot], self.tc.d_s)
+                self.critical[(t & 1, batch.rids[i])] = (channels, self.offload.critical_keys(si, st, channels))
+
+    def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for i, rid in enumerate(batch.rids):
+            sl = batch.seq(i)
+            if batch.start[i] == 0:
+                out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
+                self._store_prompt(layer, rid, k[sl], v[sl])
+            elif layer in self.q_index:
+                st = self.q_state[rid]
+                self.quant.append(self.q_index[layer], st, k[sl], v[sl])
+                out[sl] = self.quant.decode_attention(self.q_index[layer], st, q[sl])
+            else:
+                out[sl] = self._sparse_decode(layer, rid, q[sl], k[sl], v[sl])
+        return out
+
+    def _store_prompt(self, layer: int, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if layer in self.q_index:
+            self.quant.prefill(self.q_index[layer], self.q_state[rid], k, v)
+        else:
+            self.offload.prefill(self.s_index[layer], self.s_state[rid], k, v)
+
+    def _sparse_decode(self, layer: int, rid: int, q, k, v) -> torch.Tensor:
+        si, st = self.s_index[layer], self.s_state[rid]
+        self.offload.append(si, st, k, v)
+        channels, k_channels = self.critical.pop((layer & 1, rid))
+        scores = score_tokens(q[0], k_channels, channels)
+        idx = select_tokens(scores, st.n_sink, st.recent_begin, self.tc.top_k)
+        k_top, v_top = self.offload.fetch_rows(si, st, idx)
+        k_res, v_res = self.offload.resident(si, st, st.n + 1)
+        keys = torch.cat([k_res, k_top.to(k_res.dtype)], dim=1)
+        values = torch.cat([v_res, v_top.to(v_res.dtype)], dim=1)
+        return grouped_attention(q[0], keys, values).unsqueeze(0)
+
+    def finish(self, batch: ForwardBatch) -> None:
+        for i, rid in enumerate(batch.rids):
+            n = batch.total_len(i)
+            if rid in self.q_state:
+                self.q_state[rid].advance(n, self.tc.residual)
+            if rid in self.s_state:
+                self.s_state[rid].n = n
+
+
+class KiviPolicy(TailorPolicy):
+    """`kivi`: the KIVI baseline: every layer quantized (2 bits by default), 128-token full-precision residual."""
+
+    name = "kivi"
+
+    def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, **options):
+        if "quant_layers" in options:
+            raise ConfigError("kivi quantizes every layer; quant_layers is not an option of it")
+        options.setdefault("quant_bits", 2)
+        super().__init__(cfg, device, dtype, tailor_preset, quant_layers=list(range(cfg.num_layers)), **options)

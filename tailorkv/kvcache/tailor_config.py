@@ -1,0 +1,68 @@
+"""TailorConfig: every TailorKV number in one place, with the paper's names and presets (research notes §6).
+
+- quant_layers: the quantization-friendly ("Q") layers; None = the model's shipped or calibrated plan.
+- quant_bits, group_size, residual: KIVI settings of the Q layers (1/2/4 bits, groups of 64, 128 fp tokens).
+- sink, recent, top_k: the sparsity-friendly ("S") layers attend to sink + recent prompt tokens kept on the
+  GPU, the top_k dominant prompt tokens fetched from the host tier each step, and every generated token.
+- d_s: key channels per KV head that stage 1 selects and stage 2 scores tokens on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import ConfigError
+
+PRESETS = {
+    "longbench": dict(sink=8, recent=56, top_k=128, d_s=8, quant_bits=1),
+    "ruler": dict(sink=64, recent=64, top_k=896, d_s=12, quant_bits=2),
+}
+DEFAULT_PRESET = "longbench"
+
+
+@dataclass
+class TailorConfig:
+    preset: str = DEFAULT_PRESET
+    quant_layers: list[int] | None = None
+    quant_bits: int = 1
+    group_size: int = 64
+    residual: int = 128
+    sink: int = 8
+    recent: int = 56
+    top_k: int = 128
+    d_s: int = 8
+
+    @property
+    def budget(self) -> int:
+        """Prompt tokens an S layer attends to per step (the baselines get the same budget)."""
+        return self.sink + self.recent + self.top_k
+
+    @classmethod
+    def from_options(cls, preset: str | None = None, **overrides) -> "TailorConfig":
+        """The preset's values (default: longbench), then any field overridden by name."""
+        preset = preset or DEFAULT_PRESET
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown tailor_preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        names = {f.name for f in fields(cls)} - {"preset"}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ConfigError(f"unknown tailor option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+        values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(preset=preset, **values)
+
+    def validate(self, num_layers: int, head_dim: int) -> None:
+        if self.quant_bits not in (1, 2, 4):
+            raise ConfigError(f"quant_bits must be 1, 2 or 4, got {self.quant_bits}")
+        for name in ("sink", "recent", "top_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.d_s, int) or not 1 <= self.d_s <= head_dim:
+            raise ConfigError(f"d_s must be in [1, head_dim={head_dim}], got {self.d_s!r}")
+        if self.group_size != 64 or self.residual % self.group_size:
+            raise ConfigError("group_size must be 64 and residual a multiple of it")
+        bad = [i for i in self.quant_layers or [] if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"quant_layers {bad} out of range for a model of {num_layers} layers")
+
+    def as_dict(self) -> dict:
+        return asdict(self)

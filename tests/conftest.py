@@ -1,0 +1,89 @@
+"""Shared fixtures: a real uvicorn server on loopback, serving the embedded default model from a thread.
+
+The fixture engine first answers a fixed set of prompts offline (greedy), before its step loop starts; the
+load tests hold the server's streamed outputs equal to those.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+GREEDY_TOKENS = 16
+GENERATE_PROMPTS = [f"Fact {i}: the number {7 * i + 3} is" for i in range(16)]
+CHAT_MESSAGES = [[{"role": "user", "content": f"Name a colour and the number {i}."}] for i in range(16)]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    engine: object  # tailorkv Engine (its step loop runs in async_engine's thread)
+    async_engine: object
+    app: object
+    expected: dict[str, str]  # prompt text (chat: templated) -> greedy completion of GREEDY_TOKENS tokens
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.engine.tokenizer.apply_chat_template(messages)
+
+    def wait_idle(self, timeout: float = 60) -> dict:
+        """/get_server_info once nothing runs or waits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = httpx.get(f"{self.url}/get_server_info", timeout=10).json()
+            if info["num_running_reqs"] == 0 and info["num_queued_reqs"] == 0 or time.monotonic() > deadline:
+                return info
+            time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_uvicorn(app):
+    """Serve `app` on a free loopback port from a daemon thread; returns (base url, a function that stops it)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+    return url, stop
+
+
+@pytest.fixture(scope="session")
+def live_server():
+    from tailorkv.api.server import create_app
+    from tailorkv.engine.async_engine import AsyncEngine
+    from tailorkv.engine.engine import Engine
+
+    engine = Engine(progress=False, kv_cache_gib=0.25)
+    prompts = GENERATE_PROMPTS + [engine.tokenizer.apply_chat_template(m) for m in CHAT_MESSAGES]
+    outs = engine.generate(prompts, sampling_params={"max_new_tokens": GREEDY_TOKENS, "temperature": 0})
+    expected = {p: o["text"] for p, o in zip(prompts, outs)}
+    async_engine = AsyncEngine(engine)
+    app = create_app(async_engine, served_model_name="smollm2")
+    url, stop = start_uvicorn(app)
+    yield LiveServer(url, engine, async_engine, app, expected)
+    stop()
+    async_engine.shutdown()
