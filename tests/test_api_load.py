@@ -80,3 +80,20 @@ def test_200_requests_50_cancelled_return_every_page(live_server):
     assert end["num_running_reqs"] == 0 and end["num_queued_reqs"] == 0
     assert end["memory"] == start["memory"]  # both tiers: every page back
     assert live_server.async_engine.stats.aborted_requests == aborted + 50
+
+
+def test_bench_serving(live_server, tmp_path, capsys):
+    from benchmarks.bench_serving import main
+
+    out = tmp_path / "rows.jsonl"
+    common = ["--base-url", live_server.url, "--output-file", str(out), "--random-output-len", "4"]
+    row = main(common + ["--backend", "generate", "--dataset", "random", "--num-prompts", "6",
+                         "--random-input-len", "16", "--max-concurrency", "4"])
+    assert row["completed"] == 6 and row["policy"] == "full" and row["context"] == 16
+    assert row["output_tok_per_s"] > 0 and row["ttft_s_median"] > 0 and row["itl_s_median"] > 0
+    chat = main(common + ["--backend", "completions", "--dataset", "doc-chat", "--doc-tokens", "64", "--users", "2",
+                          "--turns", "2", "--request-rate", "20", "--seed", "1"])
+    assert chat["completed"] == 4 and len(chat["turn_ttft_s_median"]) == 2 and chat["context"] > 64
+    assert "Serving Benchmark Result" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["dataset"] for r in rows] == ["random", "doc-chat"]

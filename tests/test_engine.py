@@ -91,3 +91,14 @@ def test_bad_requests(engine):
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         engine.generate(input_ids=[1, engine.config.vocab_size], sampling_params={"max_new_tokens": 2})
     assert not engine.memory.held  # nothing half-admitted
+
+
+def test_score_matches_generation_logits(engine):
+    """Teacher forcing the greedy continuation gives the log-probs of those tokens, each the row's maximum."""
+    ids = engine.tokenize(PROMPTS[0], None)
+    cont = engine.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 6})["output_ids"]
+    (lp,) = engine.score([ids], [cont])
+    assert len(lp) == 6 and all(x <= 0 for x in lp)
+    import torch
+    first = torch.log_softmax(engine.next_token_logits(ids), -1)
+    assert abs(lp[0] - float(first.max())) < 1e-4 and int(first.argmax()) == cont[0]

@@ -101,3 +101,21 @@ def test_presets_and_overrides():
 
 def test_kivi_value_group_is_head_dim_when_smaller():
     assert kivi.value_group(64, 32, 2) == 32
+
+
+@pytest.mark.parametrize("policy", ["offload", "streaming", "quest", "kivi"])
+def test_baselines_with_covering_budget_equal_full(policy, prompt, full_tokens):
+    """offload is exact by construction; streaming and quest whose budget covers the context are exact too;
+    kivi with 4 bits follows full on the first tokens."""
+    options = {"kivi": {"quant_bits": 4}, "offload": {}}.get(policy, {"budget": 4096})
+    with Engine(kv_policy=policy, progress=False, **options) as e:
+        out = e.generate(prompt, sampling_params={**GREEDY, "max_new_tokens": 16})["output_ids"]
+    n = 8 if policy == "kivi" else 16
+    assert out[:n] == full_tokens[:n]
+
+
+def test_streaming_and_quest_read_within_budget(prompt):
+    for policy in ("streaming", "quest"):
+        with Engine(kv_policy=policy, budget=64, sink=4, progress=False) as e:
+            out = e.generate(prompt, sampling_params={**GREEDY, "max_new_tokens": 4})
+            assert out["meta_info"]["completion_tokens"] == 4

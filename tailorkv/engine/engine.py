@@ -150,6 +150,11 @@ class Engine:
         for s, n in zip(plan.seqs, plan.new):
             s.num_computed += n
         chosen = sample(logits, [reqs[i].params for i in want], [reqs[i].generator for i in want])
+        for row, i in enumerate(want):
+            forced = reqs[i].forced_ids
+            if forced is not None:
+                chosen[row] = forced[len(reqs[i].output_ids)]
+                reqs[i].logprobs.append(float(torch.log_softmax(logits[row], -1)[chosen[row]]))
         with self._lock:
             out = []
             for i, tok in zip(want, chosen):
@@ -194,6 +199,23 @@ class Engine:
             raise
         results = [r.result() for r in reqs]
         return results if batched else results[0]
+
+    def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Log-probabilities of each continuation token given the prompt and the previous continuation tokens,
+        decoded step by step through the KV policy (so decode-time compression is what is measured)."""
+        reqs = []
+        try:
+            for ids, cont in zip(prompts, continuations):
+                sp = SamplingParams(max_new_tokens=len(cont), temperature=0, ignore_eos=True)
+                req = self.add_request(self.tokenize(None, ids), sp)
+                req.forced_ids = list(cont)
+                reqs.append(req)
+            while not all(r.finished for r in reqs):
+                self.step()
+        finally:
+            for r in reqs:
+                self.abort(r.rid)
+        return [r.logprobs for r in reqs]
 
     def next_token_logits(self, input_ids: list[int]) -> torch.Tensor:
         """Float32 logits [vocab] after the prompt, computed through the normal paged path (admit, prefill,

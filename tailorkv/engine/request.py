@@ -18,6 +18,8 @@ class Request:
     params: SamplingParams
     seq: Seq
     generator: torch.Generator | None = None
+    forced_ids: list[int] | None = None  # teacher forcing: these tokens are appended instead of samples
+    logprobs: list[float] = field(default_factory=list)  # of the forced tokens
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: dict | None = None

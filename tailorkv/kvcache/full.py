@@ -1,4 +1,6 @@
-"""`full`: every layer's K/V in full precision in paged GPU memory — the SGLang/vLLM baseline."""
+"""`full`: every layer's K/V in full precision in paged GPU memory — the SGLang/vLLM baseline. The decode-time
+baselines (offload, streaming, quest) reuse its paged storage and change where it lives or what a decode
+step reads."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +15,7 @@ PAGE_SIZE = 16
 
 class FullPolicy(KVPolicy):
     name = "full"
+    tier = "gpu"  # where the pages live
 
     def _bytes_per_page(self) -> int:
         c = self.cfg
@@ -20,7 +23,8 @@ class FullPolicy(KVPolicy):
 
     def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
         bpp = self._bytes_per_page()
-        return [PoolSpec("kv", "gpu", max(gpu_bytes // bpp, 1), PAGE_SIZE, bpp)]
+        budget = gpu_bytes if self.tier == "gpu" else host_bytes
+        return [PoolSpec("kv", self.tier, max(budget // bpp, 1), PAGE_SIZE, bpp)]
 
     def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
         return {"kv": -(-(prompt_len + max_new_tokens) // PAGE_SIZE)}
@@ -28,34 +32,51 @@ class FullPolicy(KVPolicy):
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         c, n = self.cfg, specs[0].num_pages
         shape = (c.num_layers, n * PAGE_SIZE, c.num_kv_heads, c.head_dim)
-        self.k_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.empty(shape, device=self.device, dtype=self.dtype)
+        on_host = self.tier == "host"
+        where = dict(device="cpu", pin_memory=self.device.type == "cuda") if on_host else dict(device=self.device)
+        self.k_cache = torch.empty(shape, dtype=self.dtype, **where)
+        self.v_cache = torch.empty(shape, dtype=self.dtype, **where)
         self.page_tables: dict[int, torch.Tensor] = {}
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
-        self.page_tables[rid] = torch.tensor(pages["kv"], dtype=torch.long, device=self.device)
+        self.page_tables[rid] = torch.tensor(pages["kv"], dtype=torch.long, device=self.k_cache.device)
 
     def release(self, rid: int) -> None:
         self.page_tables.pop(rid, None)
 
-    def slots(self, rid: int, begin: int, end: int) -> torch.Tensor:
-        """Flat token slots of positions [begin, end) of request `rid`."""
-        pos = torch.arange(begin, end, device=self.device)
-        return self.page_tables[rid][pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
+    def slots(self, rid: int, positions: torch.Tensor) -> torch.Tensor:
+        """Flat token slots of `positions` of request `rid`."""
+        return self.page_tables[rid][positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
+
+    def read_positions(self, i: int, batch: ForwardBatch) -> torch.Tensor:
+        """Cached positions sequence i attends to in this step (all of them; baselines narrow decode steps)."""
+        return torch.arange(batch.total_len(i))
 
     def prepare(self, batch: ForwardBatch) -> None:
-        self._write = torch.cat([self.slots(r, s, s + n) for r, s, n in zip(batch.rids, batch.start, batch.new)])
-        self._read = [self.slots(r, 0, s + n) for r, s, n in zip(batch.rids, batch.start, batch.new)]
+        dev = self.k_cache.device
+        self._write = torch.cat([self.slots(r, torch.arange(s, s + n, device=dev))
+                                 for r, s, n in zip(batch.rids, batch.start, batch.new)])
+        self._read = [self.slots(r, self.read_positions(i, batch).to(dev)) for i, r in enumerate(batch.rids)]
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        kc[self._write] = k
-        vc[self._write] = v
+        kc[self._write] = k.to(kc.device)
+        vc[self._write] = v.to(vc.device)
         out = torch.empty_like(q)
         for i in range(batch.size):
             sl, slots = batch.seq(i), self._read[i]
-            out[sl] = causal_attention(q[sl], kc[slots], vc[slots], batch.start[i])
+            keys, values = kc[slots].to(q.device), vc[slots].to(q.device)  # the offload baseline's fetch
+            if batch.start[i] > 0 and batch.new[i] == 1:
+                out[sl] = self.decode(layer, i, q[sl], keys, values, batch)
+            else:
+                out[sl] = causal_attention(q[sl], keys, values, batch.start[i])
         return out
 
+    def decode(self, layer: int, i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               batch: ForwardBatch) -> torch.Tensor:
+        """One decode token q [1, Hq, D] over the keys read for it (every read key is visible)."""
+        return causal_attention(q, keys, values, keys.shape[0] - 1)
+
     def kv_bytes(self) -> dict[str, int]:
-        return {"gpu": 2 * self.k_cache.numel() * self.k_cache.element_size(), "host": 0}
+        n = 2 * self.k_cache.numel() * self.k_cache.element_size()
+        return {"gpu": n, "host": 0} if self.tier == "gpu" else {"gpu": 0, "host": n}

@@ -35,11 +35,11 @@ class OffloadStore:
         self.rows = torch.empty(L, host_pages, H, PAGE, 2 * D, **host)
         self.k_t = torch.empty(L, host_pages, H, D, PAGE, **host)
         dev = dict(device=device, dtype=dtype)
-        self.win_k = torch.zeros(L, num_slots, sink + recent, H, D, **dev)
-        self.win_v = torch.zeros(L, num_slots, sink + recent, H, D, **dev)
+        self.win_k = torch.empty(L, num_slots, sink + recent, H, D, **dev)
+        self.win_v = torch.empty(L, num_slots, sink + recent, H, D, **dev)
         self.max_abs = torch.zeros(L, num_slots, H, D, device=device, dtype=torch.float32)
-        self.gen_k = torch.zeros(L, gen_pages * PAGE, H, D, **dev)
-        self.gen_v = torch.zeros(L, gen_pages * PAGE, H, D, **dev)
+        self.gen_k = torch.empty(L, gen_pages * PAGE, H, D, **dev)
+        self.gen_v = torch.empty(L, gen_pages * PAGE, H, D, **dev)
 
     @staticmethod
     def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int) -> int:
@@ -79,9 +79,9 @@ class OffloadStore:
 
     def critical_keys(self, layer: int, st: OffloadState, channels: torch.Tensor) -> torch.Tensor:
         """Stage-1 read: channels [H, d_s] of K for every prompt token -> [H, d_s, prompt_len] on the device."""
-        hp = st.host_pages.cpu()
-        heads = torch.arange(self.h).unsqueeze(1)
-        kc = self.k_t[layer][hp][:, heads, channels.cpu()]  # [pages, H, d_s, 64]
+        hp = st.host_pages.cpu()[:, None, None]
+        heads = torch.arange(self.h)[None, :, None]
+        kc = self.k_t[layer, hp, heads, channels.cpu()[None]]  # [pages, H, d_s, 64]: only the chosen channels
         kc = kc.permute(1, 2, 0, 3).reshape(self.h, channels.shape[1], -1)[:, :, : st.prompt_len]
         return kc.to(self.device, non_blocking=True)
 

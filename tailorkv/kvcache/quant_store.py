@@ -48,15 +48,15 @@ class QuantStore:
         self.ops = kivi.ops(device)
         L, P, H, D, b = num_layers, num_pages, num_kv_heads, head_dim, self.bits
         i32, f16 = dict(device=device, dtype=torch.int32), dict(device=device, dtype=torch.float16)
-        self.k_packed = torch.zeros(L, P, H, PAGE * b // 32, D, **i32)
-        self.k_scale = torch.zeros(L, P, H, D, **f16)
-        self.k_zero = torch.zeros(L, P, H, D, **f16)
-        self.v_packed = torch.zeros(L, P * PAGE, H, D * b // 32, **i32)
-        self.v_scale = torch.zeros(L, P * PAGE, H, D // self.vgroup, **f16)
-        self.v_zero = torch.zeros(L, P * PAGE, H, D // self.vgroup, **f16)
+        self.k_packed = torch.empty(L, P, H, PAGE * b // 32, D, **i32)
+        self.k_scale = torch.empty(L, P, H, D, **f16)
+        self.k_zero = torch.empty(L, P, H, D, **f16)
+        self.v_packed = torch.empty(L, P * PAGE, H, D * b // 32, **i32)
+        self.v_scale = torch.empty(L, P * PAGE, H, D // self.vgroup, **f16)
+        self.v_zero = torch.empty(L, P * PAGE, H, D // self.vgroup, **f16)
         r = cfg.residual
-        self.k_tail = torch.zeros(L, num_slots, r, H, D, device=device, dtype=dtype)
-        self.v_win = torch.zeros(L, num_slots, r + 1, H, D, device=device, dtype=dtype)
+        self.k_tail = torch.empty(L, num_slots, r, H, D, device=device, dtype=dtype)
+        self.v_win = torch.empty(L, num_slots, r + 1, H, D, device=device, dtype=dtype)
 
     @staticmethod
     def bytes_per_page(num_layers: int, h: int, d: int, bits: int, vgroup: int) -> int:

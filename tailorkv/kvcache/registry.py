@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .baselines import OffloadPolicy, QuestPolicy, StreamingPolicy
 from .full import FullPolicy
 from .tailor import KiviPolicy, TailorPolicy
 
-POLICIES = {p.name: p for p in (FullPolicy, TailorPolicy, KiviPolicy)}
+POLICIES = {p.name: p for p in (FullPolicy, TailorPolicy, KiviPolicy, OffloadPolicy, StreamingPolicy, QuestPolicy)}
 
 
 def policy_class(name: str):

@@ -1,0 +1,123 @@
+"""Accuracy of every KV policy on the same offline RULER-style samples, plus decode-time perplexity.
+
+    python -m benchmarks.bench_accuracy --policies full,tailor:longbench,tailor:ruler,kivi,streaming:ruler,quest:ruler \
+        --lengths 4096,8192 --samples 20 --device cuda
+
+A policy is `name` or `name:preset`; streaming and quest take the budget of that tailor preset (equal budget).
+Scores are RULER's string_match_all (fraction of references found), averaged per task, in percent. Perplexity:
+windows of `--ppl-window` essay tokens; the first part is the prompt, the last `--ppl-tokens` tokens are
+teacher-forced one decode step at a time through the policy (so decode-time compression is what is measured).
+Writes a list of rows {policy, preset, task, length, samples, score} to --output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+from tqdm import tqdm
+
+from benchmarks.ruler_tasks import TASKS, generate, score
+from tailorkv import Engine
+from tailorkv.essays import load_essays
+
+
+def parse_policy(spec: str) -> tuple[str, str | None]:
+    name, _, preset = spec.partition(":")
+    return name, preset or None
+
+
+def engine_for(spec: str, args) -> Engine:
+    name, preset = parse_policy(spec)
+    opts = {"tailor_preset": preset} if preset else {}
+    return Engine(model=args.model, kv_policy=name, device=args.device, dtype=args.dtype, progress=False,
+                  max_running_requests=args.batch, host_kv_gib=args.host_kv_gib,
+                  chunked_prefill_size=args.chunk, **opts)
+
+
+def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
+    rows = []
+    count = lambda text: len(engine.tokenizer.encode(text))  # noqa: E731
+    for length in args.lengths:
+        for task in args.tasks:
+            # room for the answer: the prompt is sized so prompt + answer fits in `length`
+            samples = generate(task, length - 128, args.samples, args.seed, count)
+            outs = engine.generate([s.prompt for s in samples],
+                                   sampling_params=[{"max_new_tokens": s.max_new_tokens, "temperature": 0}
+                                                    for s in samples])
+            value = sum(score(s, o["text"]) for s, o in zip(samples, outs)) / len(samples)
+            name, preset = parse_policy(spec)
+            rows.append({"policy": name, "preset": preset, "task": task, "length": length,
+                         "samples": len(samples), "score": round(100 * value, 2)})
+            bar.update(1)
+            bar.set_postfix_str(f"{spec} {task}@{length}: {100 * value:.1f}")
+    return rows
+
+
+def run_perplexity(engine: Engine, spec: str, args) -> dict:
+    ids = engine.tokenizer.encode(load_essays()[: args.ppl_window * 6 * args.ppl_windows])
+    w, t = args.ppl_window, args.ppl_tokens
+    windows = [ids[i * w:(i + 1) * w] for i in range(args.ppl_windows) if len(ids) >= (i + 1) * w]
+    logprobs = engine.score([x[: w - t] for x in windows], [x[w - t:] for x in windows])
+    nll = -sum(sum(lp) for lp in logprobs) / sum(len(lp) for lp in logprobs)
+    name, preset = parse_policy(spec)
+    return {"policy": name, "preset": preset, "task": "ppl", "length": w, "samples": len(windows),
+            "score": round(math.exp(nll), 3)}
+
+
+def print_table(rows: list[dict]) -> None:
+    specs = list(dict.fromkeys(f"{r['policy']}{':' + r['preset'] if r['preset'] else ''}" for r in rows))
+    cols = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
+    at = {(f"{r['policy']}{':' + r['preset'] if r['preset'] else ''}", r["task"], r["length"]): r["score"] for r in rows}
+    head = ["policy"] + [f"{t}@{n // 1024}k" if n >= 1024 else f"{t}@{n}" for t, n in cols] + ["avg (tasks)"]
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    for s in specs:
+        vals = [at.get((s, t, n)) for t, n in cols]
+        task_vals = [v for (t, _), v in zip(cols, vals) if t != "ppl" and v is not None]
+        avg = f"{sum(task_vals) / len(task_vals):.1f}" if task_vals else "-"
+        print(" | ".join([s] + ["-" if v is None else f"{v:g}" for v in vals] + [avg]))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", default="full,tailor:longbench,tailor:ruler,kivi,streaming:ruler,quest:ruler")
+    p.add_argument("--lengths", default="4096,8192")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--batch", type=int, default=64, help="max running requests")
+    p.add_argument("--host-kv-gib", type=float, default=8.0)
+    p.add_argument("--chunk", type=int, default=8192, help="chunked prefill size (tokens per step)")
+    p.add_argument("--ppl-windows", type=int, default=0, help="essay windows for perplexity (0 = skip)")
+    p.add_argument("--ppl-window", type=int, default=8192)
+    p.add_argument("--ppl-tokens", type=int, default=4096, help="scored tokens at the end of each window")
+    p.add_argument("--output", default="benchmarks/results/accuracy.json")
+    args = p.parse_args(argv)
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.tasks = args.tasks.split(",")
+    specs = args.policies.split(",")
+    rows = []
+    bar = tqdm(total=len(specs) * len(args.lengths) * len(args.tasks), desc="accuracy", unit="cell")
+    for spec in specs:
+        t0 = time.time()
+        with engine_for(spec, args) as engine:
+            rows += run_tasks(engine, spec, args, bar)
+            if args.ppl_windows:
+                rows.append(run_perplexity(engine, spec, args))
+        tqdm.write(f"{spec}: {time.time() - t0:.0f} s")
+        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(rows, f, indent=1)
+    bar.close()
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
