@@ -32,6 +32,8 @@ def parse_policy(spec: str) -> tuple[str, str | None]:
 def engine_for(spec: str, args) -> Engine:
     name, preset = parse_policy(spec)
     opts = {"tailor_preset": preset} if preset else {}
+    if name == "tailor" and args.host_on_device:
+        opts["host_on_device"] = True
     return Engine(model=args.model, kv_policy=name, device=args.device, dtype=args.dtype, progress=False,
                   max_running_requests=args.batch, host_kv_gib=args.host_kv_gib,
                   chunked_prefill_size=args.chunk, **opts)
@@ -93,6 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default=None)
     p.add_argument("--batch", type=int, default=64, help="max running requests")
     p.add_argument("--host-kv-gib", type=float, default=8.0)
+    p.add_argument("--host-on-device", action="store_true",
+                   help="tailor: keep the host tier in GPU memory (same math, no PCIe; for accuracy runs)")
     p.add_argument("--chunk", type=int, default=8192, help="chunked prefill size (tokens per step)")
     p.add_argument("--ppl-windows", type=int, default=0, help="essay windows for perplexity (0 = skip)")
     p.add_argument("--ppl-window", type=int, default=8192)

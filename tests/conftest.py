@@ -23,7 +23,6 @@ class LiveServer:
     url: str
     engine: object  # tailorkv Engine (its step loop runs in async_engine's thread)
     async_engine: object
-    app: object
     expected: dict[str, str]  # prompt text (chat: templated) -> greedy completion of GREEDY_TOKENS tokens
 
     def chat_prompt(self, messages: list[dict]) -> str:
@@ -84,6 +83,6 @@ def live_server():
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, served_model_name="smollm2")
     url, stop = start_uvicorn(app)
-    yield LiveServer(url, engine, async_engine, app, expected)
+    yield LiveServer(url, engine, async_engine, expected)
     stop()
     async_engine.shutdown()

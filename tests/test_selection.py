@@ -28,7 +28,8 @@ def test_stage2_selection_brute_force_and_exclusions(seed):
     channels = torch.stack([torch.randperm(d)[:ds] for _ in range(hkv)])
     k_channels = torch.stack([keys[:, h, channels[h]].T for h in range(hkv)])  # [Hkv, d_s, L]
     scores = score_tokens(q, k_channels, channels)
-    idx = select_tokens(scores, sink, L - recent, k)
+    idx, valid = select_tokens(scores, sink, L - recent, k)
+    assert valid.all()
     qm = group_mean(q, hkv)
     for h in range(hkv):
         brute = {t: sum(qm[h, c].item() * keys[t, h, c].item() for c in channels[h].tolist())
@@ -38,8 +39,19 @@ def test_stage2_selection_brute_force_and_exclusions(seed):
         assert all(sink <= t < L - recent for t in idx[h].tolist())  # never sink, recent or generated
 
 
-def test_select_tokens_small_middle():
+def test_select_tokens_small_middle_marks_the_rest_invalid():
     scores = torch.randn(2, 20)
-    assert select_tokens(scores, 8, 12, 100).shape == (2, 4)
-    assert select_tokens(scores, 8, 8, 100).shape == (2, 0)
-    assert set(itertools.chain(*select_tokens(scores, 8, 12, 100).tolist())) == {8, 9, 10, 11}
+    idx, valid = select_tokens(scores, 8, 12, 100)
+    assert idx.shape == (2, 20) and valid.sum(-1).tolist() == [4, 4]
+    assert set(itertools.chain(*idx[valid].view(2, 4).tolist())) == {8, 9, 10, 11}
+    assert not select_tokens(scores, 8, 8, 5)[1].any()
+
+
+def test_batched_selection_equals_per_sequence():
+    torch.manual_seed(1)
+    scores = torch.randn(3, 2, 50)
+    begin, end = torch.tensor([4, 8, 0]), torch.tensor([40, 20, 50])
+    idx, valid = select_tokens(scores, begin, end, 10)
+    for b in range(3):
+        one, ok = select_tokens(scores[b], int(begin[b]), int(end[b]), 10)
+        assert torch.equal(idx[b][valid[b]], one[ok]) and ok.all()

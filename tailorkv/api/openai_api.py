@@ -6,10 +6,11 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from ..engine.sampling import SamplingParams
 from .batch import BatchRun, Completion
-from .protocol import ChatCompletionRequest, CompletionRequest, _OpenAIRequest, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, error_body
 from .sse import DONE, EventStream, sse
 from .state import AppState, get_state
 
@@ -29,10 +30,11 @@ async def models(request: Request):
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
     model = state.check_model(body.model)
-    engine = state.engine.engine
-    p = body.prompt
-    prompts = [p] if isinstance(p, str) or not p or isinstance(p[0], int) else p  # one prompt or a batch
-    ids = [engine.tokenize(p, None) if isinstance(p, str) else engine.tokenize(None, p) for p in prompts]
+    tokenize = state.engine.engine.tokenize
+    given = body.prompt
+    prompts = [given] if isinstance(given, str) or not given or isinstance(given[0], int) else given  # 1 or a batch
+    ids = await run_in_threadpool(lambda: [tokenize(p, None) if isinstance(p, str) else tokenize(None, p)
+                                           for p in prompts])
     return await _respond(state, request, body, ids, body.max_tokens, _Reply(False, model))
 
 
@@ -41,13 +43,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
     model = state.check_model(body.model)
     engine = state.engine.engine
-    prompt = engine.tokenizer.apply_chat_template([m.as_dict() for m in body.messages])
-    return await _respond(state, request, body, [engine.tokenize(prompt, None)], body.max_new_tokens,
-                          _Reply(True, model))
+    messages = [m.as_dict() for m in body.messages]
+    ids = await run_in_threadpool(lambda: engine.tokenize(engine.tokenizer.apply_chat_template(messages), None))
+    return await _respond(state, request, body, [ids], body.max_new_tokens, _Reply(True, model))
 
 
-async def _respond(state: AppState, request: Request, body: _OpenAIRequest, prompts: list[list[int]],
-                   max_tokens: int | None, reply: "_Reply"):
+async def _respond(state: AppState, request: Request, body: OpenAIRequest, prompts: list[list[int]],
+                   max_tokens: int | None, reply: _Reply):
     context = state.engine.engine.config.max_position
     batch = [(ids, SamplingParams.from_any(body.sampling_params(
         max_tokens if max_tokens is not None else max(context - len(ids), 1)))) for ids in prompts]
@@ -58,7 +60,7 @@ async def _respond(state: AppState, request: Request, body: _OpenAIRequest, prom
     return reply.body([reply.choice(i, c.text, _finish(c), chunk=False) for i, c in enumerate(done)], _usage(done))
 
 
-async def _chunks(reply: "_Reply", run: BatchRun, include_usage: bool):
+async def _chunks(reply: _Reply, run: BatchRun, include_usage: bool):
     if reply.chat:  # OpenAI opens a chat stream with the role
         yield sse(reply.body([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                "finish_reason": None}], chunk=True))

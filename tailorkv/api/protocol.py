@@ -40,7 +40,7 @@ class GenerateRequest(_Body):
 
     @property
     def batched(self) -> bool:
-        return isinstance(self.text, list) or bool(self.input_ids) and isinstance(self.input_ids[0], list)
+        return isinstance(self.text, list) or (bool(self.input_ids) and isinstance(self.input_ids[0], list))
 
     def prompts(self) -> list[tuple[str | None, list[int] | None]]:
         """(text, input_ids) per request; raises APIError when the batch and its sampling_params disagree."""
@@ -64,7 +64,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _OpenAIRequest(_Body):
+class OpenAIRequest(_Body):
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -91,7 +91,7 @@ class _OpenAIRequest(_Body):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_OpenAIRequest):
+class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
 
@@ -110,7 +110,7 @@ class ChatMessage(_Body):
         return {"role": self.role, "content": content}
 
 
-class ChatCompletionRequest(_OpenAIRequest):
+class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # None: up to the end of the context
     max_completion_tokens: int | None = None

@@ -165,6 +165,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         app = create_app(async_engine, api_key=args.api_key, served_model_name=args.served_model_name or args.model,
                          model_path=args.model)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        # on Ctrl-C, streams still open get 5 s to end before their requests are aborted
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         async_engine.shutdown()

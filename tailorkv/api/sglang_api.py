@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from ..engine.sampling import SamplingParams
 from .batch import BatchRun
@@ -15,9 +16,10 @@ router = APIRouter()
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
     state = get_state(request)
-    engine = state.engine.engine
-    batch = [(engine.tokenize(text, ids), SamplingParams.from_any(body.params(i)))
-             for i, (text, ids) in enumerate(body.prompts())]
+    tokenize = state.engine.engine.tokenize
+    # tokenizing a long prompt takes a while: off the event loop, which is streaming other requests' tokens
+    batch = await run_in_threadpool(lambda: [(tokenize(text, ids), SamplingParams.from_any(body.params(i)))
+                                             for i, (text, ids) in enumerate(body.prompts())])
     run = BatchRun(state, batch)
     if body.stream:
         return EventStream(_chunks(run, body.batched), run)

@@ -163,7 +163,8 @@ class AsyncEngine:
                 done = self.engine.step()
             except Exception as e:  # a bad step must not take the server down
                 log.exception("engine step failed; aborting the running requests")
-                self.stats.failed_steps += 1
+                with self._mu:
+                    self.stats.failed_steps += 1
                 self._fail(list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}")
                 continue
             self._dispatch(done)

@@ -19,12 +19,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token, each KV head with its own key set: q [Hq, D], k, v [Hkv, L, D] -> [Hq, D] (float32 math).
-    Query head h reads KV head h // (Hq // Hkv); keys where `mask` [Hkv, L] is False are ignored."""
-    hkv, _, d = k.shape
-    qg = q.float().view(hkv, -1, d)
-    scores = torch.einsum("hgd,hld->hgl", qg, k.float()) * (sm_scale or d ** -0.5)
+    """One query token per sequence, each KV head with its own key set: q [..., Hq, D], k, v [..., Hkv, L, D]
+    -> [..., Hq, D] (float32 math; leading dims are sequences). Query head h reads KV head h // (Hq // Hkv);
+    keys where `mask` [..., Hkv, L] is False are ignored."""
+    hkv, d = k.shape[-3], k.shape[-1]
+    qg = q.float().reshape(*q.shape[:-2], hkv, -1, d)
+    scores = torch.einsum("...hgd,...hld->...hgl", qg, k.float()) * (sm_scale or d ** -0.5)
     if mask is not None:
-        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    out = torch.einsum("hgl,hld->hgd", scores.softmax(-1), v.float())
+        scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+    out = torch.einsum("...hgl,...hld->...hgd", scores.softmax(-1), v.float())
     return out.reshape(q.shape).to(q.dtype)

@@ -49,20 +49,25 @@ class StreamingPolicy(_BudgetPolicy):
 class QuestPolicy(_BudgetPolicy):
     name = "quest"
 
-    def decode(self, layer, i, q, keys, values, batch: ForwardBatch) -> torch.Tensor:
-        n, h, d = keys.shape
+    def decode(self, q, keys, values, mask) -> torch.Tensor:
+        b, h, n, d = keys.shape
         pages = -(-n // PAGE_SIZE)
         keep = min(pages, max(1, self.budget // PAGE_SIZE))
-        kp = torch.nn.functional.pad(keys.float(), (0, 0, 0, 0, 0, pages * PAGE_SIZE - n), value=float("nan"))
-        kp = kp.view(pages, PAGE_SIZE, h, d)
-        kmin, kmax = kp.nan_to_num(float("inf")).amin(1), kp.nan_to_num(float("-inf")).amax(1)  # [P, H, D]
-        qg = q[0].float().view(h, -1, d)  # [H, g, D]
-        bound = torch.maximum(qg.unsqueeze(0) * kmin.unsqueeze(2), qg.unsqueeze(0) * kmax.unsqueeze(2)).sum(-1)
-        bound = bound.amax(-1)  # [P, H]: the group's best upper bound
-        bound[-1] = float("inf")  # the current page is always read
-        top = bound.topk(keep, dim=0).indices.T  # [H, keep]
-        tok = (top.unsqueeze(-1) * PAGE_SIZE + torch.arange(PAGE_SIZE, device=top.device)).reshape(h, -1)
-        valid = tok < n  # the last page is partial
+        pad = pages * PAGE_SIZE - n
+        kp = torch.nn.functional.pad(keys.float(), (0, 0, 0, pad)).view(b, h, pages, PAGE_SIZE, d)
+        valid = torch.nn.functional.pad(mask, (0, pad)).view(b, 1, pages, PAGE_SIZE, 1)
+        kmin = kp.masked_fill(~valid, float("inf")).amin(3)  # [B, H, P, D]
+        kmax = kp.masked_fill(~valid, float("-inf")).amax(3)
+        qg = q.float().view(b, h, 1, -1, d)  # [B, H, 1, g, D]
+        bound = torch.maximum(qg * kmin.unsqueeze(3), qg * kmax.unsqueeze(3)).sum(-1).amax(-1)  # [B, H, P]
+        used = valid.view(b, pages, PAGE_SIZE).any(-1)  # [B, P]
+        last = used.sum(-1) - 1  # each row's current page is always read
+        bound = bound.masked_fill(~used[:, None], float("-inf"))
+        bound.scatter_(2, last.view(b, 1, 1).expand(b, h, 1), float("inf"))
+        top = bound.topk(keep, dim=-1)  # [B, H, keep]
+        tok = (top.indices.unsqueeze(-1) * PAGE_SIZE + torch.arange(PAGE_SIZE, device=q.device)).view(b, h, -1)
+        ok = (top.values > float("-inf")).repeat_interleave(PAGE_SIZE, -1) & (tok < n)
         tok = tok.clamp(max=n - 1)
-        heads = torch.arange(h, device=tok.device).unsqueeze(1)
-        return grouped_attention(q[0], keys[tok, heads], values[tok, heads], mask=valid).unsqueeze(0)
+        ok &= mask.gather(1, tok.view(b, -1)).view(b, h, -1)
+        pick = lambda x: x.gather(2, tok.unsqueeze(-1).expand(-1, -1, -1, d))  # noqa: E731
+        return grouped_attention(q, pick(keys), pick(values), mask=ok)

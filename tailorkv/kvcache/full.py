@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.attention import causal_attention
+from ..kernels.attention import causal_attention, grouped_attention
 from .batch import ForwardBatch
 from .pages import PoolSpec
 from .policy import KVPolicy
@@ -57,6 +57,14 @@ class FullPolicy(KVPolicy):
         self._write = torch.cat([self.slots(r, torch.arange(s, s + n, device=dev))
                                  for r, s, n in zip(batch.rids, batch.start, batch.new)])
         self._read = [self.slots(r, self.read_positions(i, batch).to(dev)) for i, r in enumerate(batch.rids)]
+        self._decode = [i for i in range(batch.size) if batch.start[i] > 0 and batch.new[i] == 1]
+        if self._decode:  # all decode rows read at once: slots padded to the longest, with a mask
+            reads = [self._read[i] for i in self._decode]
+            n = max(r.numel() for r in reads)
+            self._decode_slots = torch.stack([torch.nn.functional.pad(r, (0, n - r.numel())) for r in reads])
+            self._decode_mask = (torch.arange(n, device=dev) < torch.tensor([r.numel() for r in reads],
+                                                                           device=dev)[:, None]).to(self.device)
+            self._decode_rows = torch.tensor([batch.cu[i] for i in self._decode], device=self.device)
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
@@ -64,18 +72,19 @@ class FullPolicy(KVPolicy):
         vc[self._write] = v.to(vc.device)
         out = torch.empty_like(q)
         for i in range(batch.size):
-            sl, slots = batch.seq(i), self._read[i]
-            keys, values = kc[slots].to(q.device), vc[slots].to(q.device)  # the offload baseline's fetch
-            if batch.start[i] > 0 and batch.new[i] == 1:
-                out[sl] = self.decode(layer, i, q[sl], keys, values, batch)
-            else:
-                out[sl] = causal_attention(q[sl], keys, values, batch.start[i])
+            if i not in self._decode:
+                sl, slots = batch.seq(i), self._read[i]
+                out[sl] = causal_attention(q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i])
+        if self._decode:
+            # the offload baseline's fetch is this .to(device): every cached token crosses PCIe each step
+            keys = kc[self._decode_slots].to(q.device).transpose(1, 2)  # [B, H, R, D]
+            values = vc[self._decode_slots].to(q.device).transpose(1, 2)
+            out[self._decode_rows] = self.decode(q[self._decode_rows], keys, values, self._decode_mask)
         return out
 
-    def decode(self, layer: int, i: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               batch: ForwardBatch) -> torch.Tensor:
-        """One decode token q [1, Hq, D] over the keys read for it (every read key is visible)."""
-        return causal_attention(q, keys, values, keys.shape[0] - 1)
+    def decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Decode rows q [B, Hq, D] over the keys read for them, [B, H, R, D] with mask [B, R]."""
+        return grouped_attention(q, keys, values, mask=mask[:, None].expand(-1, keys.shape[1], -1))
 
     def kv_bytes(self) -> dict[str, int]:
         n = 2 * self.k_cache.numel() * self.k_cache.element_size()

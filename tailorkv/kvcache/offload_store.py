@@ -24,14 +24,47 @@ class OffloadState:
     def window_len(self) -> int:
         return self.n_sink + self.prompt_len - self.recent_begin
 
+    def gen_slots(self, begin: int, end: int) -> torch.Tensor:
+        """GPU-tier slots of generated positions [begin, end) (positions count from the prompt's start)."""
+        pos = torch.arange(begin - self.prompt_len, end - self.prompt_len, device=self.gen_pages.device)
+        return self.gen_pages[pos // PAGE] * PAGE + pos % PAGE
+
+
+def _pad(rows: list[torch.Tensor], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors of different lengths: (padded [B, max], valid mask [B, max])."""
+    n = max(1, max(r.numel() for r in rows))
+    out = torch.full((len(rows), n), value, dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, : r.numel()] = r
+        mask[i, : r.numel()] = True
+    return out, mask
+
+
+class DecodeView:
+    """The decode rows of one step, padded into batch tensors (built once per step, read by every S layer)."""
+
+    def __init__(self, states: list[OffloadState], window: int, storage_device):
+        dev = states[0].host_pages.device
+        self.slots = torch.tensor([st.slot for st in states], device=dev)
+        self.host_pages, _ = _pad([st.host_pages for st in states])
+        self.host_pages_storage = self.host_pages.to(storage_device)
+        self.mid_begin = torch.tensor([st.n_sink for st in states], device=dev)
+        self.mid_end = torch.tensor([st.recent_begin for st in states], device=dev)
+        self.win_mask = torch.arange(window, device=dev) < torch.tensor([st.window_len for st in states], device=dev)[:, None]
+        self.gen_write = torch.cat([st.gen_slots(st.n, st.n + 1) for st in states])
+        self.gen_read, self.gen_mask = _pad([st.gen_slots(st.prompt_len, st.n + 1) for st in states])
+
 
 class OffloadStore:
     def __init__(self, num_layers: int, host_pages: int, gen_pages: int, num_slots: int, num_kv_heads: int,
-                 head_dim: int, sink: int, recent: int, device, dtype):
+                 head_dim: int, sink: int, recent: int, device, dtype, host_on_device: bool = False):
         L, H, D = num_layers, num_kv_heads, head_dim
-        self.h, self.d, self.device = H, D, device
-        pin = torch.device(device).type == "cuda"
-        host = dict(dtype=dtype, device="cpu", pin_memory=pin)
+        self.h, self.d, self.device, self.window = H, D, device, sink + recent
+        # host_on_device: the "host" tier in device memory — the same math without PCIe (accuracy runs)
+        self.storage = torch.device(device) if host_on_device else torch.device("cpu")
+        pin = torch.device(device).type == "cuda" and not host_on_device
+        host = dict(dtype=dtype, device=self.storage, pin_memory=pin)
         self.rows = torch.empty(L, host_pages, H, PAGE, 2 * D, **host)
         self.k_t = torch.empty(L, host_pages, H, D, PAGE, **host)
         dev = dict(device=device, dtype=dtype)
@@ -59,47 +92,44 @@ class OffloadStore:
         pad = np_ * PAGE - n
         kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(np_, PAGE, self.h, self.d).transpose(1, 2)
         vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(np_, PAGE, self.h, self.d).transpose(1, 2)
-        hp = st.host_pages.cpu()
-        self.rows[layer, hp] = torch.cat([kp, vp], dim=-1).to("cpu")
-        self.k_t[layer, hp] = kp.transpose(2, 3).to("cpu")
+        hp = st.host_pages.to(self.storage)
+        self.rows[layer, hp] = torch.cat([kp, vp], dim=-1).to(self.storage)
+        self.k_t[layer, hp] = kp.transpose(2, 3).to(self.storage)
         keep = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, n)]).to(k.device)
         self.win_k[layer, st.slot, : keep.numel()] = k[keep]
         self.win_v[layer, st.slot, : keep.numel()] = v[keep]
         self.max_abs[layer, st.slot] = k.float().abs().amax(0)
 
-    def _gen_slots(self, st: OffloadState, begin: int, end: int) -> torch.Tensor:
-        pos = torch.arange(begin - st.prompt_len, end - st.prompt_len, device=st.gen_pages.device)
-        return st.gen_pages[pos // PAGE] * PAGE + pos % PAGE
+    def append(self, layer: int, view: DecodeView, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store each decode row's new k, v [B, H, D] among its generated tokens."""
+        self.gen_k[layer, view.gen_write] = k
+        self.gen_v[layer, view.gen_write] = v
 
-    def append(self, layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one generated token's k, v [1, H, D] at position st.n (>= prompt_len)."""
-        slot = self._gen_slots(st, st.n, st.n + 1)
-        self.gen_k[layer, slot] = k
-        self.gen_v[layer, slot] = v
+    def critical_keys(self, layer: int, view: DecodeView, channels: torch.Tensor) -> torch.Tensor:
+        """Stage-1 read: channels [B, H, d_s] of K for every prompt token -> [B, H, d_s, pages*64] on the device
+        (positions past a row's prompt are padding; stage 2 never selects them)."""
+        pt = view.host_pages_storage[:, :, None, None]
+        heads = torch.arange(self.h, device=self.storage)[None, None, :, None]
+        kc = self.k_t[layer, pt, heads, channels.to(self.storage)[:, None]]  # [B, pages, H, d_s, 64]
+        b, p, h, c, _ = kc.shape
+        return kc.permute(0, 2, 3, 1, 4).reshape(b, h, c, p * PAGE).to(self.device, non_blocking=True)
 
-    def critical_keys(self, layer: int, st: OffloadState, channels: torch.Tensor) -> torch.Tensor:
-        """Stage-1 read: channels [H, d_s] of K for every prompt token -> [H, d_s, prompt_len] on the device."""
-        hp = st.host_pages.cpu()[:, None, None]
-        heads = torch.arange(self.h)[None, :, None]
-        kc = self.k_t[layer, hp, heads, channels.cpu()[None]]  # [pages, H, d_s, 64]: only the chosen channels
-        kc = kc.permute(1, 2, 0, 3).reshape(self.h, channels.shape[1], -1)[:, :, : st.prompt_len]
-        return kc.to(self.device, non_blocking=True)
-
-    def fetch_rows(self, layer: int, st: OffloadState, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k fetch: K, V [H, k, D] of prompt positions idx [H, k] (per KV head) from the host tier."""
-        idx = idx.cpu()
-        pages = st.host_pages.cpu()[idx // PAGE]  # [H, k]
-        heads = torch.arange(self.h).unsqueeze(1)
-        rows = self.rows[layer][pages, heads, idx % PAGE].to(self.device, non_blocking=True)  # [H, k, 2D]
+    def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k fetch: K, V [B, H, k, D] of prompt positions idx [B, H, k] from the host tier."""
+        idx = idx.to(self.storage)
+        b, h, k = idx.shape
+        pages = view.host_pages_storage.gather(1, (idx // PAGE).view(b, -1)).view(b, h, k)
+        heads = torch.arange(self.h, device=self.storage)[None, :, None]
+        rows = self.rows[layer, pages, heads, idx % PAGE].to(self.device, non_blocking=True)  # [B, H, k, 2D]
         return rows[..., : self.d], rows[..., self.d:]
 
-    def resident(self, layer: int, st: OffloadState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [H, w + g, D]: the sink + recent window, then the generated tokens [prompt_len, n)."""
-        w = st.window_len
-        gen = self._gen_slots(st, st.prompt_len, n)
-        k = torch.cat([self.win_k[layer, st.slot, :w], self.gen_k[layer, gen]]).transpose(0, 1)
-        v = torch.cat([self.win_v[layer, st.slot, :w], self.gen_v[layer, gen]]).transpose(0, 1)
-        return k, v
+    def resident(self, layer: int, view: DecodeView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """K, V [B, H, W + G, D] and mask [B, H, W + G]: the sink + recent window, then the generated tokens
+        (this step's included)."""
+        k = torch.cat([self.win_k[layer, view.slots], self.gen_k[layer, view.gen_read]], dim=1).transpose(1, 2)
+        v = torch.cat([self.win_v[layer, view.slots], self.gen_v[layer, view.gen_read]], dim=1).transpose(1, 2)
+        mask = torch.cat([view.win_mask, view.gen_mask], dim=1)[:, None].expand(-1, self.h, -1)
+        return k, v, mask
 
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.k_t))

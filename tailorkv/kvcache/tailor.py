@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..kernels import kivi
 from ..kernels.attention import causal_attention, grouped_attention
 from .batch import ForwardBatch
-from .offload_store import OffloadState, OffloadStore
+from .offload_store import DecodeView, OffloadState, OffloadStore
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
@@ -29,9 +29,11 @@ class TailorPolicy(KVPolicy):
     name = "tailor"
     whole_prompt_prefill = True
 
-    def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, **options):
+    def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, host_on_device: bool = False,
+                 **options):
         super().__init__(cfg, device, dtype)
         self.tc = TailorConfig.from_options(tailor_preset, **options)
+        self.host_on_device = bool(host_on_device)  # the host tier in device memory: accuracy runs on a big GPU
         self.plan_missing = False
         if self.tc.quant_layers is None:
             plan = layer_plan(cfg.name)
@@ -87,10 +89,11 @@ class TailorPolicy(KVPolicy):
         self.quant = QuantStore(len(self.q_index), n.get("qkv", 0), n["slots"], h, d, t, self.device, self.dtype) \
             if self.q_index else None
         self.offload = OffloadStore(len(self.s_index), n.get("host", 0), n.get("gen", 0), n["slots"], h, d,
-                                    t.sink, t.recent, self.device, self.dtype) if self.s_index else None
+                                    t.sink, t.recent, self.device, self.dtype, self.host_on_device) \
+            if self.s_index else None
         self.q_state: dict[int, QuantState] = {}
         self.s_state: dict[int, OffloadState] = {}
-        self.critical: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.critical: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # stage-1 results, double-buffered
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         as_tensor = lambda name: torch.tensor(pages.get(name, []), dtype=torch.long, device=self.device)  # noqa
@@ -104,30 +107,33 @@ class TailorPolicy(KVPolicy):
     def release(self, rid: int) -> None:
         self.q_state.pop(rid, None)
         self.s_state.pop(rid, None)
-        for key in [k for k in self.critical if k[1] == rid]:
-            del self.critical[key]
 
     def kv_bytes(self) -> dict[str, int]:
         return {"gpu": (self.quant.nbytes() if self.quant else 0) + (self.offload.device_bytes() if self.offload else 0),
                 "host": self.offload.host_bytes() if self.offload else 0}
 
     # ---- the step ------------------------------------------------------------------------------------------------
+    def prepare(self, batch: ForwardBatch) -> None:
+        self.decode_rows = [i for i in range(batch.size) if batch.start[i] > 0]
+        self.view = None
+        if self.decode_rows and self.s_index:
+            states = [self.s_state[batch.rids[i]] for i in self.decode_rows]
+            self.view = DecodeView(states, self.tc.sink + self.tc.recent, self.offload.storage)
+            self.row_index = torch.tensor([batch.cu[i] for i in self.decode_rows], device=self.device)
+
     def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
         """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
         this layer's normalised input, pick d_s channels per KV head, read them for all prompt tokens."""
-        targets = [t for t in ((0, layer + 1) if layer == 0 else (layer + 1,)) if t in self.s_index]
-        decode = [i for i in range(batch.size) if batch.start[i] > 0]
-        if not targets or not decode:
+        if self.view is None:
             return
-        rows = torch.tensor([batch.cu[i] for i in decode], device=x.device)
-        for t in targets:
-            attn = self.model.layers[t].self_attn
-            q_hat = attn.project_q(x[rows], positions[rows], self.model.rotary)
+        rows = self.row_index
+        for t in (0, layer + 1) if layer == 0 else (layer + 1,):
+            if t not in self.s_index:
+                continue
+            q_hat = self.model.layers[t].self_attn.project_q(x[rows], positions[rows], self.model.rotary)
             si = self.s_index[t]
-            for j, i in enumerate(decode):
-                st = self.s_state[batch.rids[i]]
-                channels = select_channels(q_hat[j], self.offload.max_abs[si, st.slot], self.tc.d_s)
-                self.critical[(t & 1, batch.rids[i])] = (channels, self.offload.critical_keys(si, st, channels))
+            channels = select_channels(q_hat, self.offload.max_abs[si, self.view.slots], self.tc.d_s)
+            self.critical[t & 1] = (channels, self.offload.critical_keys(si, self.view, channels))
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -140,8 +146,9 @@ class TailorPolicy(KVPolicy):
                 st = self.q_state[rid]
                 self.quant.append(self.q_index[layer], st, k[sl], v[sl])
                 out[sl] = self.quant.decode_attention(self.q_index[layer], st, q[sl])
-            else:
-                out[sl] = self._sparse_decode(layer, rid, q[sl], k[sl], v[sl])
+        if self.view is not None and layer in self.s_index:
+            rows = self.row_index
+            out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
         return out
 
     def _store_prompt(self, layer: int, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -150,17 +157,18 @@ class TailorPolicy(KVPolicy):
         else:
             self.offload.prefill(self.s_index[layer], self.s_state[rid], k, v)
 
-    def _sparse_decode(self, layer: int, rid: int, q, k, v) -> torch.Tensor:
-        si, st = self.s_index[layer], self.s_state[rid]
-        self.offload.append(si, st, k, v)
-        channels, k_channels = self.critical.pop((layer & 1, rid))
-        scores = score_tokens(q[0], k_channels, channels)
-        idx = select_tokens(scores, st.n_sink, st.recent_begin, self.tc.top_k)
-        k_top, v_top = self.offload.fetch_rows(si, st, idx)
-        k_res, v_res = self.offload.resident(si, st, st.n + 1)
-        keys = torch.cat([k_res, k_top.to(k_res.dtype)], dim=1)
-        values = torch.cat([v_res, v_top.to(v_res.dtype)], dim=1)
-        return grouped_attention(q[0], keys, values).unsqueeze(0)
+    def _sparse_decode(self, layer: int, q, k, v) -> torch.Tensor:
+        """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""
+        si, view = self.s_index[layer], self.view
+        self.offload.append(si, view, k, v)
+        channels, k_channels = self.critical.pop(layer & 1)
+        scores = score_tokens(q, k_channels, channels)
+        idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, self.tc.top_k)
+        k_top, v_top = self.offload.fetch_rows(si, view, idx)
+        k_res, v_res, mask = self.offload.resident(si, view)
+        keys = torch.cat([k_res, k_top.to(k_res.dtype)], dim=2)
+        values = torch.cat([v_res, v_top.to(v_res.dtype)], dim=2)
+        return grouped_attention(q, keys, values, mask=torch.cat([mask, valid], dim=2))
 
     def finish(self, batch: ForwardBatch) -> None:
         for i, rid in enumerate(batch.rids):
