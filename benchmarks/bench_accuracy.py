@@ -36,7 +36,7 @@ def engine_for(spec: str, args) -> Engine:
         opts["host_on_device"] = True
     return Engine(model=args.model, kv_policy=name, device=args.device, dtype=args.dtype, progress=False,
                   max_running_requests=args.batch, host_kv_gib=args.host_kv_gib,
-                  chunked_prefill_size=args.chunk, **opts)
+                  chunked_prefill_size=args.chunk, kv_cache_gib=args.kv_cache_gib, **opts)
 
 
 def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default=None)
     p.add_argument("--batch", type=int, default=64, help="max running requests")
     p.add_argument("--host-kv-gib", type=float, default=8.0)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier budget (default: most of the GPU)")
     p.add_argument("--host-on-device", action="store_true",
                    help="tailor: keep the host tier in GPU memory (same math, no PCIe; for accuracy runs)")
     p.add_argument("--chunk", type=int, default=8192, help="chunked prefill size (tokens per step)")
