@@ -12,11 +12,13 @@ Writes a list of rows {policy, preset, task, length, samples, score} to --output
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
 import time
 
+import torch
 from tqdm import tqdm
 
 from benchmarks.ruler_tasks import TASKS, generate, score
@@ -115,6 +117,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += run_tasks(engine, spec, args, bar)
             if args.ppl_windows:
                 rows.append(run_perplexity(engine, spec, args))
+        del engine  # free this policy's KV pools before the next engine allocates its own
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         tqdm.write(f"{spec}: {time.time() - t0:.0f} s")
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         with open(args.output, "w") as f:
