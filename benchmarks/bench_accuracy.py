@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default="full,tailor:longbench,tailor:ruler,kivi,streaming:ruler,quest:ruler")
     p.add_argument("--lengths", default="4096,8192")
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma list, or 'none' (perplexity only)")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None)
@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
-    args.tasks = args.tasks.split(",")
+    args.tasks = [t for t in args.tasks.split(",") if t and t != "none"]
     specs = args.policies.split(",")
     rows = []
-    bar = tqdm(total=len(specs) * len(args.lengths) * len(args.tasks), desc="accuracy", unit="cell")
+    bar = tqdm(total=len(specs) * len(args.lengths) * len(args.tasks) or None, desc="accuracy", unit="cell")
     for spec in specs:
         t0 = time.time()
         with engine_for(spec, args) as engine:

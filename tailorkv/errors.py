@@ -18,4 +18,8 @@ class InvalidRequestError(TailorKVError):
 
 
 class CapacityError(TailorKVError):
-    """The request can never fit in the KV memory of this engine, or the queue is full."""
+    """The request can never fit in the KV memory of this engine (a client error: HTTP 400)."""
+
+
+class QueueFullError(CapacityError):
+    """The waiting queue is full; the same request may succeed later (HTTP 503)."""

@@ -210,14 +210,14 @@ def test_malformed_requests_do_not_disturb_running_ones(client, live_server):
     assert ok.status_code == 200 and ok.json()["text"] == live_server.expected[GENERATE_PROMPTS[7]]
 
 
-def test_full_queue_and_too_big_answer_503(client, live_server, monkeypatch):
+def test_full_queue_answers_503_and_too_big_400(client, live_server, monkeypatch):
     monkeypatch.setattr(live_server.engine.scheduler, "max_queued", 0)
     assert_error(client.post("/generate", json={"text": "a", "sampling_params": GREEDY}), 503)
     with client.stream("POST", "/generate", json={"text": "a", "stream": True}) as r:
         assert r.status_code == 503
     monkeypatch.undo()
-    # fits the 8k context but not this engine's 0.25 GiB of KV pages: can never be served
-    assert_error(client.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 8000}}), 503)
+    # fits the 8k context but not this engine's 0.25 GiB of KV pages: can never be served, a client error
+    assert_error(client.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 8000}}), 400)
     assert client.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
 
 

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine
-from ..errors import CapacityError, TailorKVError
+from ..errors import QueueFullError, TailorKVError
 from . import openai_api, sglang_api
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, error_body
@@ -127,7 +127,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def api_error(_, e: APIError):
         return _error(e.status, e.message, e.type, e.code)
 
-    async def capacity(_, e: CapacityError):
+    async def capacity(_, e: QueueFullError):
         return _error(503, str(e), "service_unavailable", "server_busy")
 
     async def invalid(_, e: TailorKVError):
@@ -148,7 +148,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error")
         return _error(500, f"internal error: {type(e).__name__}", "server_error")
 
-    for exc, handler in ((APIError, api_error), (CapacityError, capacity), (TailorKVError, invalid),
+    for exc, handler in ((APIError, api_error), (QueueFullError, capacity), (TailorKVError, invalid),
                          (RequestValidationError, validation), (HTTPException, http), (Exception, crash)):
         app.add_exception_handler(exc, handler)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..errors import CapacityError
+from ..errors import QueueFullError
 from .engine import Engine
 from .request import Request
 from .sampling import SamplingParams
@@ -121,7 +121,7 @@ class AsyncEngine:
         reqs: list[Request] = []
         with self._mu:
             if self._stopping:
-                raise CapacityError("the server is shutting down")
+                raise QueueFullError("the server is shutting down")
             try:
                 for index, (input_ids, params) in enumerate(batch):
                     reqs.append(self.engine.add_request(input_ids, params))

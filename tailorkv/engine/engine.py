@@ -121,6 +121,8 @@ class Engine:
         return req
 
     def abort(self, rid: int, message: str = "aborted") -> None:
+        """Finish the request and free its pages at once: call it from the thread that runs step(), between
+        steps (AsyncEngine queues aborts from other threads for that reason)."""
         with self._lock:
             req = self.requests.pop(rid, None)
             if req is not None and not req.finished:

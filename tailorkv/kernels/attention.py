@@ -10,10 +10,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     """q [n, Hq, D] at positions q_start..q_start+n-1 over k, v [L, Hkv, D] at positions 0..L-1 (GQA by head
     groups); query i sees keys 0..q_start+i. Returns [n, Hq, D] in q's dtype."""
     n, L = q.shape[0], k.shape[0]
-    qi = torch.arange(q_start, q_start + n, device=q.device).unsqueeze(1)
-    mask = torch.arange(L, device=q.device).unsqueeze(0) <= qi
+    mask = None
+    if q_start != 0 or n != L:  # a whole prompt takes the is_causal path: no [n, L] mask in memory
+        qi = torch.arange(q_start, q_start + n, device=q.device).unsqueeze(1)
+        mask = torch.arange(L, device=q.device).unsqueeze(0) <= qi
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
-                                         scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
+                                         is_causal=mask is None, scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(0, 1)
 
 

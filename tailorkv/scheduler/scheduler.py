@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import CapacityError
+from ..errors import CapacityError, QueueFullError
 from ..kvcache.pages import MemoryManager
 
 
@@ -57,7 +57,7 @@ class Scheduler:
             raise CapacityError(f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
                                 "does not fit in this engine's KV memory")
         if len(self.waiting) >= self.max_queued:
-            raise CapacityError(f"the queue is full ({self.max_queued} waiting requests)")
+            raise QueueFullError(f"the queue is full ({self.max_queued} waiting requests)")
         self.waiting.append(seq)
 
     @property

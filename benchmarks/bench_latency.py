@@ -1,0 +1,145 @@
+"""Decode latency per KV policy at long contexts: ms/token, prefill time, memory, and the physical floor.
+
+    python -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768,131072 \
+        --policies full,tailor:longbench,kivi,offload --steps 32 --device cuda
+
+For each policy (one engine, reused across contexts) and context: a random prompt of that many tokens, one
+prefill, `--warmup` decode steps, then `--steps` timed decode steps (median). GPU/host KV bytes are what the
+request holds in each tier. The floor is the time to move the bytes a step must move, at the H100 host's
+measured bandwidths (../shared/gpu/FACTS.md): weights and GPU-resident KV at 3.0 TB/s, PCIe reads at 48 GB/s
+(stage 1 channel runs, the offload baseline's whole KV) and 35 GB/s (top-k row gathers).
+Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
+gpu_kv_bytes, host_kv_bytes, floor_ms} to --output.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from tailorkv import Engine
+
+HBM, PCIE_RUNS, PCIE_ROWS = 3.0e12, 48e9, 35e9
+
+
+def sync(engine: Engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def held_bytes(engine: Engine, rid: int) -> dict[str, int]:
+    out = {"gpu": 0, "host": 0}
+    for pool, pages in engine.memory.held.get(rid, {}).items():
+        spec = engine.memory.specs[pool]
+        out[spec.tier] += len(pages) * spec.bytes_per_page
+    return out
+
+
+def floor_ms(engine: Engine, context: int, batch: int, gpu_kv: int) -> float:
+    """Milliseconds to move what one decode step must move: the weights once, then per policy the KV it reads."""
+    c, item = engine.config, engine.dtype.itemsize
+    seconds = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / HBM
+    kv_token = 2 * c.num_kv_heads * c.head_dim * item  # one layer, one token, K and V
+    if engine.kv_policy == "offload":
+        seconds += batch * context * c.num_layers * kv_token / PCIE_RUNS
+    elif engine.kv_policy == "tailor":
+        t, ns = engine.policy.tc, len(engine.policy.s_index)
+        stage1 = ns * c.num_kv_heads * t.d_s * context * item  # d_s channels of K for every prompt token
+        seconds += gpu_kv / HBM + batch * (stage1 / PCIE_RUNS + ns * t.top_k * kv_token / PCIE_ROWS)
+    else:  # full, kivi: everything the request holds on the GPU is read
+        seconds += gpu_kv / HBM
+    return 1e3 * seconds
+
+
+def measure(engine: Engine, context: int, args) -> dict:
+    gen = torch.Generator().manual_seed(context)
+    reqs = []
+    for _ in range(args.batch):
+        ids = torch.randint(100, 40000, (context,), generator=gen).tolist()
+        sp = {"max_new_tokens": args.warmup + args.steps + 2, "temperature": 0, "ignore_eos": True}
+        reqs.append(engine.add_request(ids, engine_params(sp)))
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(engine)
+    t0 = time.perf_counter()
+    while any(r.seq.prefilling for r in reqs):
+        engine.step()
+    sync(engine)
+    prefill = time.perf_counter() - t0
+    held = [held_bytes(engine, r.rid) for r in reqs]
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        engine.step()
+        sync(engine)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    for r in reqs:
+        engine.abort(r.rid)
+    gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
+    floor = floor_ms(engine, context, args.batch, gpu_kv)
+    name, _, preset = args.current.partition(":")
+    return {"policy": name, "preset": preset or None, "context": context, "batch": args.batch,
+            "gpu_memory_limit_gib": args.gpu_memory_limit, "ms_per_token": round(1e3 * statistics.median(times), 2),
+            "prefill_s": round(prefill, 3),
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
+            "gpu_kv_bytes": gpu_kv, "host_kv_bytes": host_kv, "floor_ms": round(floor, 2)}
+
+
+def engine_params(sp: dict):
+    from tailorkv.engine.sampling import SamplingParams
+
+    return SamplingParams.from_any(sp)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dummy:llama-3.1-8b")
+    p.add_argument("--policies", default="full,tailor:longbench,tailor:ruler,offload,kivi")
+    p.add_argument("--contexts", default="16384,32768,65536,131072")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--device", default=None)
+    p.add_argument("--gpu-memory-limit", type=float, default=None, metavar="GIB")
+    p.add_argument("--kv-cache-gib", type=float, default=None)
+    p.add_argument("--host-kv-gib", type=float, default=32.0)
+    p.add_argument("--output", default="benchmarks/results/latency.json")
+    args = p.parse_args(argv)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    rows = []
+    print(f"{'policy':<18} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'prefill s':>9} "
+          f"{'peak GPU GiB':>12} {'GPU KV MiB':>10} {'host KV MiB':>11}", flush=True)
+    for spec in args.policies.split(","):
+        args.current = spec
+        name, _, preset = spec.partition(":")
+        opts = {"tailor_preset": preset} if preset else {}
+        engine = Engine(model=args.model, kv_policy=name, device=args.device, progress=False,
+                        max_running_requests=max(args.batch, 1), chunked_prefill_size=max(contexts) * args.batch,
+                        kv_cache_gib=args.kv_cache_gib, host_kv_gib=args.host_kv_gib,
+                        gpu_memory_limit_gib=args.gpu_memory_limit, **opts)
+        for context in contexts:
+            row = measure(engine, context, args)
+            rows.append(row)
+            peak = (row["peak_gpu_bytes"] or 0) / 2**30
+            print(f"{spec:<18} {context:>8} {row['ms_per_token']:>9.2f} {row['floor_ms']:>9.2f} "
+                  f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
+                  f"{row['host_kv_bytes'] / 2**20:>11.0f}", flush=True)
+            os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump(rows, f, indent=1)
+        engine.shutdown()
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
