@@ -14,6 +14,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     if q_start != 0 or n != L:  # a whole prompt takes the is_causal path: no [n, L] mask in memory
         qi = torch.arange(q_start, q_start + n, device=q.device).unsqueeze(1)
         mask = torch.arange(L, device=q.device).unsqueeze(0) <= qi
+    if q.is_cuda and q.shape[1] != k.shape[1]:
+        # SDPA's fused CUDA kernels refuse enable_gqa; expanded heads keep it off the O(n^2)-memory math path
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                          is_causal=mask is None, scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(0, 1)
