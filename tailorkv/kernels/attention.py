@@ -17,9 +17,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     if q.is_cuda and q.shape[1] != k.shape[1]:
         # SDPA's fused CUDA kernels refuse enable_gqa; expanded heads keep it off the O(n^2)-memory math path
         k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+    # 4-D [1, heads, tokens, D]: the fused (flash / memory-efficient) kernels take no 3-D input
+    out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), attn_mask=mask,
                                          is_causal=mask is None, scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
