@@ -59,9 +59,10 @@ def floor_ms(engine: Engine, context: int, batch: int, gpu_kv: int) -> float:
 def measure(engine: Engine, context: int, args) -> dict:
     gen = torch.Generator().manual_seed(context)
     reqs = []
-    for _ in range(args.batch):
-        ids = torch.randint(100, 40000, (context,), generator=gen).tolist()
-        sp = {"max_new_tokens": args.warmup + args.steps + 2, "temperature": 0, "ignore_eos": True}
+    new = args.warmup + args.steps + 2
+    for _ in range(args.batch):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
+        ids = torch.randint(100, 40000, (context - new,), generator=gen).tolist()
+        sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
         reqs.append(engine.add_request(ids, engine_params(sp)))
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
