@@ -20,12 +20,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier KV budget")
     p.add_argument("--host-kv-gib", type=float, default=None, help="host-tier (pinned) KV budget")
     p.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_gib", type=float, default=None, metavar="GIB")
+    p.add_argument("--disable-prefix-caching", action="store_true",
+                   help="do not share the KV pages of common prompt prefixes between requests")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("max_running_requests", "max_queued_requests", "chunked_prefill_size", "kv_cache_gib", "host_kv_gib",
             "gpu_memory_limit_gib", "tailor_preset")
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "disable_prefix_caching", False):
+        kw["enable_prefix_caching"] = False
     return dict(model=args.model, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype, **kw)
 
 

@@ -60,7 +60,9 @@ class Engine:
         self.policy.bind_model(self.model)
         specs = self.policy.pool_specs(self._gpu_kv_budget(), int(self.options.host_kv_gib * GIB))
         self.policy.allocate_storage(specs)
-        self.memory = MemoryManager(specs)
+        # a policy that shares prefixes keeps plain token pages in its one pool
+        sharing = self.policy.prefix_sharing and self.options.enable_prefix_caching
+        self.memory = MemoryManager(specs, prefix_pool=specs[0].name if sharing else None)
         self.scheduler = Scheduler(self.memory, self.policy.pages_needed,
                                    max_running=self.options.max_running_requests,
                                    max_queued=self.options.max_queued_requests,
@@ -116,7 +118,7 @@ class Engine:
                 seed = params.seed if params.seed is not None else self.options.seed * 1_000_003 + rid
                 gen = torch.Generator(device=self.device).manual_seed(seed)
             req = Request(rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen)
-            self.scheduler.add(req.seq)
+            self.scheduler.add(req.seq, req.input_ids)
             self.requests[rid] = req
         return req
 
@@ -149,8 +151,7 @@ class Engine:
                 want.append(i)
         logits = self.runner.forward([s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new,
                                      tokens, want)
-        for s, n in zip(plan.seqs, plan.new):
-            s.num_computed += n
+        self.scheduler.advance(plan)
         chosen = sample(logits, [reqs[i].params for i in want], [reqs[i].generator for i in want])
         for row, i in enumerate(want):
             forced = reqs[i].forced_ids
@@ -170,7 +171,7 @@ class Engine:
         return out
 
     def _retire(self, req: Request) -> None:
-        self.scheduler.finish(req.rid)
+        self.scheduler.finish(req.rid, req.input_ids + req.output_ids)
         self.policy.release(req.rid)
         self.requests.pop(req.rid, None)
 
@@ -228,8 +229,9 @@ class Engine:
                 plan = self.scheduler.schedule()
                 for seq, pages in plan.admitted:
                     self.policy.add_request(seq.rid, pages, seq.prompt_len)
-            assert plan.seqs == [req.seq] and plan.new == [len(input_ids)], "engine must be idle"
-            return self.runner.forward([req.rid], [0], plan.new, req.input_ids, [0])[0]
+            start = req.seq.num_computed  # a cached prefix is not computed again
+            assert plan.seqs == [req.seq] and plan.new == [len(input_ids) - start], "engine must be idle"
+            return self.runner.forward([req.rid], [start], plan.new, req.input_ids[start:], [0])[0]
         finally:
             self.abort(req.rid)
 

@@ -15,6 +15,7 @@ class EngineOptions:
     host_kv_gib: float = 4.0  # host-tier (pinned on CUDA) budget
     gpu_memory_limit_gib: float | None = None
     seed: int = 0
+    enable_prefix_caching: bool = True  # share the K/V pages of common prompt prefixes (policies that allow it)
     progress: bool = True
 
     @classmethod
@@ -25,6 +26,8 @@ class EngineOptions:
         for name in ("max_running_requests", "max_queued_requests", "chunked_prefill_size"):
             if not isinstance(getattr(opts, name), int) or getattr(opts, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(opts, name)!r}")
+        if not isinstance(opts.enable_prefix_caching, bool):
+            raise ConfigError(f"enable_prefix_caching must be true or false, got {opts.enable_prefix_caching!r}")
         for name in ("kv_cache_gib", "host_kv_gib", "gpu_memory_limit_gib"):
             v = getattr(opts, name)
             if v is not None and not v >= 0:

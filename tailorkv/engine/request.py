@@ -89,7 +89,7 @@ class Request:
                 "id": str(self.rid),
                 "prompt_tokens": len(self.input_ids),
                 "completion_tokens": len(self.output_ids),
-                "cached_tokens": 0,
+                "cached_tokens": self.seq.cached_tokens,
                 "finish_reason": self.finish_reason,
                 "e2e_latency": end - self.created,
             },

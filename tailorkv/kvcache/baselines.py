@@ -41,7 +41,7 @@ class StreamingPolicy(_BudgetPolicy):
 
     def read_positions(self, i: int, batch: ForwardBatch) -> torch.Tensor:
         n = batch.total_len(i)
-        if batch.start[i] == 0 or n <= self.budget:
+        if not self.is_decode(i, batch) or n <= self.budget:
             return torch.arange(n)
         return torch.cat([torch.arange(self.sink), torch.arange(n - (self.budget - self.sink), n)])
 

@@ -16,6 +16,7 @@ PAGE_SIZE = 16
 class FullPolicy(KVPolicy):
     name = "full"
     tier = "gpu"  # where the pages live
+    prefix_sharing = True
 
     def _bytes_per_page(self) -> int:
         c = self.cfg
@@ -37,19 +38,27 @@ class FullPolicy(KVPolicy):
         self.k_cache = torch.empty(shape, dtype=self.dtype, **where)
         self.v_cache = torch.empty(shape, dtype=self.dtype, **where)
         self.page_tables: dict[int, torch.Tensor] = {}
+        self.prompt_lens: dict[int, int] = {}
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         self.page_tables[rid] = torch.tensor(pages["kv"], dtype=torch.long, device=self.k_cache.device)
+        self.prompt_lens[rid] = prompt_len
 
     def release(self, rid: int) -> None:
         self.page_tables.pop(rid, None)
+        self.prompt_lens.pop(rid, None)
+
+    def is_decode(self, i: int, batch: ForwardBatch) -> bool:
+        """Row i computes a generated token. Only those rows are narrowed by the baselines: a prompt token gets
+        exact causal attention even when it is computed alone after a cached prefix or an earlier chunk."""
+        return batch.start[i] >= self.prompt_lens[batch.rids[i]]
 
     def slots(self, rid: int, positions: torch.Tensor) -> torch.Tensor:
         """Flat token slots of `positions` of request `rid`."""
         return self.page_tables[rid][positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
 
     def read_positions(self, i: int, batch: ForwardBatch) -> torch.Tensor:
-        """Cached positions sequence i attends to in this step (all of them; baselines narrow decode steps)."""
+        """Cached positions sequence i attends to in this step (all of them; baselines narrow decode rows)."""
         return torch.arange(batch.total_len(i))
 
     def prepare(self, batch: ForwardBatch) -> None:
@@ -57,7 +66,7 @@ class FullPolicy(KVPolicy):
         self._write = torch.cat([self.slots(r, torch.arange(s, s + n, device=dev))
                                  for r, s, n in zip(batch.rids, batch.start, batch.new)])
         self._read = [self.slots(r, self.read_positions(i, batch).to(dev)) for i, r in enumerate(batch.rids)]
-        self._decode = [i for i in range(batch.size) if batch.start[i] > 0 and batch.new[i] == 1]
+        self._decode = [i for i in range(batch.size) if self.is_decode(i, batch)]
         if self._decode:  # all decode rows read at once: slots padded to the longest, with a mask
             reads = [self._read[i] for i in self._decode]
             n = max(r.numel() for r in reads)

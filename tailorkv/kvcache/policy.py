@@ -18,6 +18,10 @@ class KVPolicy(ABC):
     # Some policies need the whole prompt in one prefill step (e.g. tailor: offload and max|K| over all of it).
     whole_prompt_prefill: bool = False
 
+    # Prefix caching: the policy keeps plain full-precision token pages in its one pool (page i holds tokens
+    # i*page_size ..), so requests with a common prompt prefix may share those pages (see prefix_cache.py).
+    prefix_sharing: bool = False
+
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, **options):
         if options:
             raise ConfigError(f"kv_policy {self.name!r} takes no option(s): {', '.join(sorted(options))}")

@@ -28,6 +28,7 @@ def _pages(tokens: int) -> int:
 class TailorPolicy(KVPolicy):
     name = "tailor"
     whole_prompt_prefill = True
+    prefix_sharing = False  # quantized and offloaded KV, per request: nothing to share by page
 
     def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, host_on_device: bool = False,
                  **options):

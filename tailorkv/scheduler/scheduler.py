@@ -3,16 +3,19 @@
 Each step runs every decoding sequence (one token each) plus prefill work under a token budget: the unfinished
 prompt chunks of admitted sequences first, then newly admitted ones. Admission reserves, in every pool of both
 tiers, the pages for prompt + max_new_tokens, so a running sequence never runs out of memory and nothing is
-half-admitted; a sequence that does not fit waits.
+half-admitted; a sequence that does not fit waits. With prefix caching, admission first takes the longest cached
+run of the prompt's full pages (never the whole prompt: its last token must be computed to give logits), reserves
+only the rest and starts computing after it; computed full pages are offered to the cache as they fill up.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import CapacityError, QueueFullError
 from ..kvcache.pages import MemoryManager
+from ..kvcache.prefix_cache import ROOT, page_hashes
 
 
 @dataclass
@@ -22,6 +25,8 @@ class Seq:
     max_new_tokens: int
     num_computed: int = 0  # tokens whose K/V is in the cache
     num_generated: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    page_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full pages
 
     @property
     def prefilling(self) -> bool:
@@ -45,19 +50,21 @@ class Scheduler:
     def __init__(self, memory: MemoryManager, pages_needed: Callable[[int, int], dict[str, int]], *,
                  max_running: int = 64, max_queued: int = 1024, chunk_tokens: int = 2048,
                  whole_prompt_prefill: bool = False):
-        self.memory, self.pages_needed = memory, pages_needed
+        self.memory, self.pages_needed, self.prefix = memory, pages_needed, memory.prefix
         self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
         # Some policies (tailor's S layers) need the whole prompt at once: offload + max|K| over all of it.
         self.whole_prompt_prefill = whole_prompt_prefill
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
 
-    def add(self, seq: Seq) -> None:
+    def add(self, seq: Seq, prompt_ids: list[int] | None = None) -> None:
         if not self.memory.fits_ever(self.pages_needed(seq.prompt_len, seq.max_new_tokens)):
             raise CapacityError(f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
                                 "does not fit in this engine's KV memory")
         if len(self.waiting) >= self.max_queued:
             raise QueueFullError(f"the queue is full ({self.max_queued} waiting requests)")
+        if self.prefix and prompt_ids is not None:
+            seq.page_keys = page_hashes(prompt_ids, self.prefix.page_size)
         self.waiting.append(seq)
 
     @property
@@ -73,7 +80,7 @@ class Scheduler:
         budget = self.chunk_tokens - len(seqs)
         for s in self.running.values():
             if s.prefilling and budget > 0:
-                n = self._chunk(s, budget, first=not any(x.prefilling for x in seqs))
+                n = self._chunk(s.prompt_len - s.num_computed, budget, first=not any(x.prefilling for x in seqs))
                 if n:
                     seqs.append(s)
                     new.append(n)
@@ -81,12 +88,15 @@ class Scheduler:
         admitted = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             s = self.waiting[0]
-            n = self._chunk(s, budget, first=not any(x.prefilling for x in seqs))
+            shared = self._cached_prefix(s)
+            cached = len(shared) * self.prefix.page_size if shared else 0
+            n = self._chunk(s.prompt_len - cached, budget, first=not any(x.prefilling for x in seqs))
             if not n:
                 break
-            pages = self.memory.reserve(s.rid, self.pages_needed(s.prompt_len, s.max_new_tokens))
+            pages = self.memory.reserve(s.rid, self.pages_needed(s.prompt_len, s.max_new_tokens), shared)
             if pages is None:
                 break
+            s.num_computed = s.cached_tokens = cached
             self.waiting.popleft()
             self.running[s.rid] = s
             admitted.append((s, pages))
@@ -95,15 +105,33 @@ class Scheduler:
             budget -= n
         return Step(seqs, new, admitted) if seqs else None
 
-    def _chunk(self, s: Seq, budget: int, first: bool) -> int:
-        remaining = s.prompt_len - s.num_computed
+    def _cached_prefix(self, s: Seq) -> list[int]:
+        """Cached pages of the prompt's longest cached run of full pages, leaving its last token to compute."""
+        if not self.prefix:
+            return []
+        return self.prefix.match(s.page_keys[:(s.prompt_len - 1) // self.prefix.page_size])
+
+    def _chunk(self, remaining: int, budget: int, first: bool) -> int:
         if not self.whole_prompt_prefill:
             return min(remaining, budget)
         # the whole prompt at once; one over-budget prompt may run alone rather than never
         return remaining if remaining <= budget or first else 0
 
-    def finish(self, rid: int) -> None:
-        """Drop a finished, aborted or failed sequence, waiting or running, and return all its pages."""
-        self.running.pop(rid, None)
+    def advance(self, step: Step) -> None:
+        """The step has run: count its tokens as computed; the prompt pages it filled join the prefix cache."""
+        for s, n in zip(step.seqs, step.new):
+            done, s.num_computed = s.num_computed, s.num_computed + n
+            if self.prefix and done < s.prompt_len:
+                self.memory.cache(s.rid, s.page_keys[:s.num_computed // self.prefix.page_size],
+                                  start=done // self.prefix.page_size)
+
+    def finish(self, rid: int, token_ids: list[int] | None = None) -> None:
+        """Drop a finished, aborted or failed sequence, waiting or running, and return all its pages. `token_ids`
+        (prompt + output) also caches the full pages of its generated tokens, for the next turn of a chat."""
+        seq = self.running.pop(rid, None)
+        if self.prefix and seq is not None and token_ids is not None:
+            keys, size = seq.page_keys, self.prefix.page_size
+            more = page_hashes(token_ids[len(keys) * size:seq.num_computed], size, keys[-1] if keys else ROOT)
+            self.memory.cache(rid, keys + more, start=len(keys))
         self.waiting = deque(s for s in self.waiting if s.rid != rid)
         self.memory.release(rid)

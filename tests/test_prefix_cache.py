@@ -1,0 +1,185 @@
+"""Prefix caching: the page cache's bookkeeping (refcounts, LRU eviction, hash chain), and on the embedded model,
+greedy outputs with shared prefix pages equal to those computed from scratch, for every policy that shares."""
+import pytest
+
+import tailorkv.engine.engine as engine_module
+from tailorkv import Engine
+from tailorkv.essays import load_essays
+from tailorkv.kvcache.pages import MemoryManager, PoolSpec
+from tailorkv.kvcache.prefix_cache import page_hashes
+
+GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+PAGE = 16
+
+
+# ---- the cache itself --------------------------------------------------------------------------------------------
+def manager(pages: int = 8) -> MemoryManager:
+    return MemoryManager([PoolSpec("kv", "gpu", pages, PAGE, 1)], prefix_pool="kv")
+
+
+def test_keys_chain_over_full_pages():
+    a = page_hashes(list(range(40)), PAGE)
+    assert len(a) == 2  # the partial third page has no key
+    assert page_hashes(list(range(32)) + [7] * 8, PAGE) == a
+    b = page_hashes([99] + list(range(1, 40)), PAGE)
+    assert b[0] != a[0] and b[1] != a[1]  # a change in page 0 changes every later key
+    assert page_hashes(list(range(16, 32)), PAGE) != a[1:]  # same tokens, other prefix: another key
+
+
+def test_match_stops_at_first_miss():
+    mm = manager()
+    keys = page_hashes(list(range(48)), PAGE)
+    pages = mm.reserve(0, {"kv": 3})["kv"]
+    mm.prefix.register([pages[0], pages[2]], [keys[0], keys[2]])
+    assert mm.prefix.match(keys) == [pages[0]]
+    mm.cache(0, keys)  # page 1 too; an already registered page keeps its key
+    assert mm.prefix.match(keys) == pages
+
+
+def test_refcounts_and_lru_eviction():
+    mm = manager(8)
+    keys = page_hashes(list(range(64)), PAGE)
+    first = mm.reserve(0, {"kv": 4})["kv"]
+    mm.cache(0, keys)
+    shared = mm.prefix.match(keys[:3])
+    assert mm.reserve(1, {"kv": 5}, shared)["kv"][:3] == first[:3]  # 3 shared + 2 new pages
+    assert mm.prefix.num_free == 8 - 6
+    mm.release(0)  # pages 0-2 still held by request 1; page 3 is cached, unreferenced: evictable
+    assert mm.prefix.refs == {p: 1 for p in mm.held[1]["kv"]} and list(mm.prefix.evictable) == first[3:]
+    assert mm.prefix.num_free == 8 - 5
+    mm.release(1)  # the tail is released first, so the head of the prefix is the last to go
+    assert list(mm.prefix.evictable) == first[3:] + first[2::-1]
+    assert mm.prefix.num_free == 8 and mm.usage()["gpu"]["free_pages"] == 8
+    assert mm.reserve(2, {"kv": 5})["kv"][4:] == first[3:]  # 4 never-used pages, then the oldest cached one
+    assert mm.prefix.match(keys) == first[:3]  # page 3 was evicted: its key is gone
+    mm.release(2)
+    assert mm.reserve(3, {"kv": 8}) is not None and mm.prefix.match(keys) == []  # evicting all of them
+
+
+def test_reserve_counts_evictable_shared_pages():
+    mm = manager(4)
+    keys = page_hashes(list(range(32)), PAGE)
+    mm.reserve(0, {"kv": 2})
+    mm.cache(0, keys)
+    mm.release(0)
+    mm.reserve(1, {"kv": 2})  # 2 free pages left, both evictable cached ones
+    shared = mm.prefix.match(keys)
+    assert mm.reserve(2, {"kv": 3}, shared) is None  # 2 shared + 1 new page would need 3 pages of room
+    assert mm.prefix.match(keys) == shared and 2 not in mm.held  # nothing taken
+    assert mm.reserve(2, {"kv": 2}, shared)["kv"] == shared
+
+
+# ---- engines on the embedded model ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def load_model_once():
+    """Every engine of this module serves the same weights: load them once."""
+    loaded = {}
+    load = engine_module.load_model
+
+    def cached(model, device, dtype, progress=True):
+        if model not in loaded:
+            loaded[model] = load(model, device, dtype, progress)
+        return loaded[model]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_module, "load_model", cached)
+        yield
+
+
+def questions(doc: str) -> list[str]:
+    return [doc + q for q in ("\n\nQuestion: what is this text about?\nAnswer:", "\n\nQuestion: who wrote it?\nAnswer:",
+                              "\n\nSummarize it in one sentence:", "\n\nList three key words:")]
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """Prompts of ~310 tokens sharing a ~300-token document."""
+    return questions(load_essays()[:1300])
+
+
+@pytest.fixture(scope="module")
+def cold():
+    with Engine(progress=False, kv_cache_gib=0.05, enable_prefix_caching=False) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def warm():
+    with Engine(progress=False, kv_cache_gib=0.05) as e:
+        yield e
+
+
+def expected_hit(first: list[int], second: list[int]) -> int:
+    """Tokens the second prompt takes from the cache after the first ran: common full pages, never all of it."""
+    common = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    return min(common, len(second) - 1) // PAGE * PAGE
+
+
+def all_free(e: Engine) -> bool:
+    return not e.memory.held and all(t["free_pages"] == t["total_pages"] for t in e.memory.usage().values())
+
+
+def test_same_prompt_twice(cold, warm, texts):
+    prompt = texts[0]
+    want = cold.generate(prompt, sampling_params=GREEDY)["output_ids"]
+    a, b = (warm.generate(prompt, sampling_params=GREEDY) for _ in range(2))
+    assert a["output_ids"] == b["output_ids"] == want
+    n = len(warm.tokenize(prompt, None))
+    assert a["meta_info"]["cached_tokens"] == 0 and b["meta_info"]["cached_tokens"] == (n - 1) // PAGE * PAGE > 250
+    assert all_free(warm)
+
+
+def test_shared_document_then_other_questions(cold, warm, texts):
+    first, second = (warm.tokenize(p, None) for p in texts[1:3])
+    want = [cold.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"] for ids in (first, second)]
+    got = [warm.generate(input_ids=ids, sampling_params=GREEDY) for ids in (first, second)]
+    assert [g["output_ids"] for g in got] == want
+    assert got[1]["meta_info"]["cached_tokens"] == expected_hit(first, second) >= 256
+    assert all_free(warm)
+
+
+def test_batch_sharing_a_prefix(cold, warm):
+    prompts = questions(load_essays()[2000:3300])  # submitted together, before any of them computed the prefix
+    want = [r["output_ids"] for r in cold.generate(prompts, sampling_params=GREEDY)]
+    assert [r["output_ids"] for r in warm.generate(prompts, sampling_params=GREEDY)] == want
+    assert all_free(warm)
+
+
+def test_next_turn_of_a_chat_hits_the_previous_answer(cold, warm, texts):
+    turn1 = warm.tokenize(texts[3], None)
+    answer = warm.generate(input_ids=turn1, sampling_params={**GREEDY, "max_new_tokens": 17})["output_ids"]
+    turn2 = turn1 + answer + warm.tokenize(" Now three more:", None)
+    out = warm.generate(input_ids=turn2, sampling_params=GREEDY)
+    assert out["output_ids"] == cold.generate(input_ids=turn2, sampling_params=GREEDY)["output_ids"]
+    computed = len(turn1) + len(answer) - 1  # the last answer token was never fed back
+    assert out["meta_info"]["cached_tokens"] == computed // PAGE * PAGE > len(turn1) // PAGE * PAGE
+
+
+@pytest.mark.parametrize("policy", ["streaming", "quest", "offload"])
+def test_baselines_share_prefixes_exactly(policy, texts):
+    first, second = texts[:2]  # prompts longer than the baselines' budget of 192 tokens
+    options = dict(kv_policy=policy, progress=False, kv_cache_gib=0.05, host_kv_gib=0.05)
+    with Engine(**options, enable_prefix_caching=False) as e:
+        want = [r["output_ids"] for r in (e.generate(p, sampling_params=GREEDY) for p in (first, second))]
+    with Engine(**options) as e:
+        got = [e.generate(p, sampling_params=GREEDY) for p in (first, second)]
+        assert [g["output_ids"] for g in got] == want
+        assert got[1]["meta_info"]["cached_tokens"] > 256 and all_free(e)
+
+
+def test_lru_eviction_under_a_small_budget(cold):
+    docs = [load_essays()[i * 1300:(i + 1) * 1300] + "\n\nThe main idea:" for i in range(6)]
+    sp = {**GREEDY, "max_new_tokens": 4}
+    want = [r["output_ids"] for r in cold.generate(docs, sampling_params=sp)]
+    with Engine(progress=False, kv_cache_gib=0.032) as e:  # 46 pages of 16 tokens: room for two requests
+        pages = [-(-(len(e.tokenize(d, None)) + 4) // PAGE) for d in docs]
+        assert 2 * max(pages) <= e.memory.prefix.num_pages < 3 * min(pages)
+        run = [(i, e.generate(docs[i], sampling_params=sp)) for i in (0, 1, 2, 0, 3, 4, 5, 1)]
+        assert [out["output_ids"] for _, out in run] == [want[i] for i, _ in run]
+        hits = [out["meta_info"]["cached_tokens"] for _, out in run]
+        full = (len(e.tokenize(docs[0], None)) - 1) // PAGE * PAGE
+        # doc 0 again after two others: the tail of its pages was evicted first, its head is still there;
+        # doc 1 again after four others: all of it was evicted
+        assert hits[:3] == [0, 0, 0] and 0 < hits[3] < full and hits[-1] == 0
+        assert [r["output_ids"] for r in e.generate(docs[:4], sampling_params=sp)] == want[:4]
+        assert all_free(e)
