@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from tailorkv import Engine
+from tailorkv import Engine, SamplingParams
 
 HBM, PCIE_RUNS, PCIE_ROWS = 3.0e12, 48e9, 35e9
 
@@ -63,7 +63,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     for _ in range(args.batch):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
         ids = torch.randint(100, 40000, (context - new,), generator=gen).tolist()
         sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
-        reqs.append(engine.add_request(ids, engine_params(sp)))
+        reqs.append(engine.add_request(ids, SamplingParams.from_any(sp)))
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(engine)
@@ -90,12 +90,6 @@ def measure(engine: Engine, context: int, args) -> dict:
             "prefill_s": round(prefill, 3),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
             "gpu_kv_bytes": gpu_kv, "host_kv_bytes": host_kv, "floor_ms": round(floor, 2)}
-
-
-def engine_params(sp: dict):
-    from tailorkv.engine.sampling import SamplingParams
-
-    return SamplingParams.from_any(sp)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

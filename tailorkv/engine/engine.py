@@ -136,17 +136,17 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one scheduled batch; returns the requests that received a token (finished ones are retired)."""
         with self._lock:
-            plan = self.scheduler.schedule()
+            plan = self._schedule()
             if plan is None:
                 return []
-            for seq, pages in plan.admitted:
-                self.policy.add_request(seq.rid, pages, seq.prompt_len)
             reqs = [self.requests[s.rid] for s in plan.seqs]
         tokens, want = [], []
         for i, (req, n) in enumerate(zip(reqs, plan.new)):
             s = req.seq
-            known = req.input_ids + req.output_ids
-            tokens.extend(known[s.num_computed:s.num_computed + n])
+            if s.prefilling:
+                tokens.extend(req.input_ids[s.num_computed:s.num_computed + n])
+            else:  # a decode step computes the newest sampled token; no copy of the whole history
+                tokens.append(req.output_ids[-1])
             if s.num_computed + n >= s.prompt_len:
                 want.append(i)
         logits = self.runner.forward([s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new,
@@ -169,6 +169,13 @@ class Engine:
                 if req.finished:
                     self._retire(req)
         return out
+
+    def _schedule(self):
+        """The next step's plan, with newly admitted requests bound to their pages (call under the lock)."""
+        plan = self.scheduler.schedule()
+        for seq, pages in plan.admitted if plan else ():
+            self.policy.add_request(seq.rid, pages, seq.prompt_len)
+        return plan
 
     def _retire(self, req: Request) -> None:
         self.scheduler.finish(req.rid, req.input_ids + req.output_ids)
@@ -226,9 +233,7 @@ class Engine:
         req = self.add_request(self.tokenize(None, input_ids), SamplingParams(max_new_tokens=1))
         try:
             with self._lock:
-                plan = self.scheduler.schedule()
-                for seq, pages in plan.admitted:
-                    self.policy.add_request(seq.rid, pages, seq.prompt_len)
+                plan = self._schedule()
             start = req.seq.num_computed  # a cached prefix is not computed again
             assert plan.seqs == [req.seq] and plan.new == [len(input_ids) - start], "engine must be idle"
             return self.runner.forward([req.rid], [start], plan.new, req.input_ids[start:], [0])[0]

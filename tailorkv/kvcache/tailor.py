@@ -115,12 +115,12 @@ class TailorPolicy(KVPolicy):
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def prepare(self, batch: ForwardBatch) -> None:
-        self.decode_rows = [i for i in range(batch.size) if batch.start[i] > 0]
+        decode_rows = [i for i in range(batch.size) if batch.start[i] > 0]
         self.view = None
-        if self.decode_rows and self.s_index:
-            states = [self.s_state[batch.rids[i]] for i in self.decode_rows]
+        if decode_rows and self.s_index:
+            states = [self.s_state[batch.rids[i]] for i in decode_rows]
             self.view = DecodeView(states, self.tc.sink + self.tc.recent, self.offload.storage)
-            self.row_index = torch.tensor([batch.cu[i] for i in self.decode_rows], device=self.device)
+            self.row_index = torch.tensor([batch.cu[i] for i in decode_rows], device=self.device)
 
     def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
         """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
