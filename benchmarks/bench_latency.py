@@ -59,7 +59,7 @@ def floor_ms(engine: Engine, context: int, batch: int, gpu_kv: int) -> float:
 def measure(engine: Engine, context: int, args) -> dict:
     gen = torch.Generator().manual_seed(context)
     reqs = []
-    new = args.warmup + args.steps + 2
+    new = args.warmup + args.steps + args.profile_steps + 2
     for _ in range(args.batch):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
         ids = torch.randint(100, 40000, (context - new,), generator=gen).tolist()
         sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
@@ -80,6 +80,8 @@ def measure(engine: Engine, context: int, args) -> dict:
         sync(engine)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+    if args.profile_steps:
+        profile(engine, context, args)
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
@@ -90,6 +92,20 @@ def measure(engine: Engine, context: int, args) -> dict:
             "prefill_s": round(prefill, 3),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
             "gpu_kv_bytes": gpu_kv, "host_kv_bytes": host_kv, "floor_ms": round(floor, 2)}
+
+
+def profile(engine: Engine, context: int, args) -> None:
+    """The per-kernel time breakdown of a few decode steps (torch.profiler), written beside the JSON rows."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                    if engine.device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(args.profile_steps):
+            engine.step()
+        sync(engine)
+    key = "cuda_time_total" if engine.device.type == "cuda" else "cpu_time_total"
+    path = f"{os.path.splitext(args.output)[0]}_{args.current.replace(':', '-')}_{context}.prof.txt"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -105,7 +121,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--host-kv-gib", type=float, default=32.0)
     p.add_argument("--output", default="benchmarks/results/latency.json")
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps per row")
     args = p.parse_args(argv)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     contexts = [int(x) for x in args.contexts.split(",")]
     rows = []
     print(f"{'policy':<18} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'prefill s':>9} "
@@ -125,7 +143,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{spec:<18} {context:>8} {row['ms_per_token']:>9.2f} {row['floor_ms']:>9.2f} "
                   f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
                   f"{row['host_kv_bytes'] / 2**20:>11.0f}", flush=True)
-            os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump(rows, f, indent=1)
         engine.shutdown()

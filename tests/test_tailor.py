@@ -6,6 +6,7 @@ import torch
 from tailorkv import Engine
 from tailorkv.errors import ConfigError
 from tailorkv.kernels import kivi
+from tailorkv.kernels.attention import causal_attention
 from tailorkv.kvcache.quant_store import QuantState, QuantStore
 from tailorkv.kvcache.tailor_config import TailorConfig
 from tailorkv.essays import load_essays
@@ -50,19 +51,22 @@ def test_small_budget_changes_little_on_a_short_answer(prompt, full_tokens):
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
     """Prefill 200 tokens, then decode 190 one at a time: what attention sees stays within half a quantization
-    step of the true K/V, the last `residual` V tokens and the K tail are exact, and K is quantized in blocks."""
+    step of the true K/V, the last `residual` V tokens and the K tail are exact, K is quantized in blocks, and the
+    fused decode attention (packed pages + residual) equals exact attention over what `dequantized` shows."""
     torch.manual_seed(0)
     h, d, r = 3, 64, 128
     cfg = TailorConfig.from_options("ruler", quant_bits=bits)
     store = QuantStore(1, 8, 1, h, d, cfg, "cpu", torch.float32)
     st = QuantState(torch.tensor([5, 2, 7, 0, 1, 3, 4, 6]), 0)
-    k, v = torch.randn(390, h, d), torch.randn(390, h, d)
+    k, v, q = torch.randn(390, h, d), torch.randn(390, h, d), torch.randn(390, 3 * h, d)
     store.prefill(0, st, k[:200], v[:200])
     st.advance(200, r)
     assert st.kq == 128
     for n in range(200, 390):
         store.append(0, st, k[n:n + 1], v[n:n + 1])
         kd, vd = store.dequantized(0, st, torch.float32)  # what attention reads after the append
+        torch.testing.assert_close(store.decode_attention(0, st, q[n:n + 1]), causal_attention(q[n:n + 1], kd, vd, n),
+                                   rtol=1e-4, atol=1e-5)
         st.advance(n + 1, r)
         assert kd.shape[0] == n + 1
         assert st.kq == (n + 1) // r * r  # K is quantized in whole blocks of `residual` tokens

@@ -9,6 +9,7 @@ import torch
 from ..errors import ConfigError, InvalidRequestError
 from ..kvcache.pages import MemoryManager
 from ..kvcache.registry import policy_class
+from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..scheduler.scheduler import Scheduler, Seq
 from .options import EngineOptions
@@ -83,7 +84,12 @@ class Engine:
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         cap = o.gpu_memory_limit_gib * GIB if o.gpu_memory_limit_gib else total
-        activations = GIB + o.chunked_prefill_size * self.config.intermediate_size * 16
+        if o.gpu_memory_limit_gib:  # a hard cap on this process's allocations, like a smaller card
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
+        c, item = self.config, self.dtype.itemsize
+        # prefill activations: ~8 hidden-sized tensors per token, the MLP's 4 intermediate ones per chunk of it
+        activations = GIB + o.chunked_prefill_size * c.hidden_size * item * 8 \
+            + min(o.chunked_prefill_size, MLP_CHUNK) * c.intermediate_size * item * 4
         return max(int(min(cap - used, free) * 0.9) - activations, 0)
 
     # ---- requests -------------------------------------------------------------------------------------------

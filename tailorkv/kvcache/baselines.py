@@ -26,6 +26,7 @@ class OffloadPolicy(FullPolicy):
 
 
 class _BudgetPolicy(FullPolicy):
+    reads_everything = False
     def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, budget: int | None = None,
                  sink: int | None = None):
         super().__init__(cfg, device, dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import flashinfer_decode, host_copy
 from ..kernels.attention import causal_attention, grouped_attention
 from .batch import ForwardBatch
 from .pages import PoolSpec
@@ -17,6 +18,7 @@ class FullPolicy(KVPolicy):
     name = "full"
     tier = "gpu"  # where the pages live
     prefix_sharing = True
+    reads_everything = True  # decode rows attend to every cached token (FlashInfer's paged decode on CUDA)
 
     def _bytes_per_page(self) -> int:
         c = self.cfg
@@ -39,6 +41,11 @@ class FullPolicy(KVPolicy):
         self.v_cache = torch.empty(shape, dtype=self.dtype, **where)
         self.page_tables: dict[int, torch.Tensor] = {}
         self.prompt_lens: dict[int, int] = {}
+        c = self.cfg
+        self.flash = flashinfer_decode.PagedDecode(self.device, c.num_heads, c.num_kv_heads, c.head_dim, PAGE_SIZE,
+                                                   self.dtype) \
+            if self.reads_everything and flashinfer_decode.available(self.device, self.dtype) else None
+        self.copy = host_copy.ops(self.device)
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         self.page_tables[rid] = torch.tensor(pages["kv"], dtype=torch.long, device=self.k_cache.device)
@@ -65,31 +72,55 @@ class FullPolicy(KVPolicy):
         dev = self.k_cache.device
         self._write = torch.cat([self.slots(r, torch.arange(s, s + n, device=dev))
                                  for r, s, n in zip(batch.rids, batch.start, batch.new)])
-        self._read = [self.slots(r, self.read_positions(i, batch).to(dev)) for i, r in enumerate(batch.rids)]
         self._decode = [i for i in range(batch.size) if self.is_decode(i, batch)]
-        if self._decode:  # all decode rows read at once: slots padded to the longest, with a mask
+        self._read = {i: self.slots(batch.rids[i], self.read_positions(i, batch).to(dev))
+                      for i in range(batch.size) if self.flash is None or i not in self._decode}
+        if not self._decode:
+            return
+        self._decode_rows = torch.tensor([batch.cu[i] for i in self._decode], device=self.device)
+        if self.flash is not None:
+            lengths = [batch.total_len(i) for i in self._decode]
+            pages = [self.page_tables[batch.rids[i]][: -(-n // PAGE_SIZE)] for i, n in zip(self._decode, lengths)]
+            if self.tier == "host":  # the offload baseline brings every page of the decode rows over PCIe each layer
+                self._staged = torch.cat(pages).to(self.device)
+                pages = list(torch.arange(self._staged.numel(), device=self.device).split([p.numel() for p in pages]))
+            self.flash.plan(pages, lengths)
+        else:  # all decode rows read at once: slots padded to the longest, with a mask
             reads = [self._read[i] for i in self._decode]
             n = max(r.numel() for r in reads)
             self._decode_slots = torch.stack([torch.nn.functional.pad(r, (0, n - r.numel())) for r in reads])
             self._decode_mask = (torch.arange(n, device=dev) < torch.tensor([r.numel() for r in reads],
                                                                            device=dev)[:, None]).to(self.device)
-            self._decode_rows = torch.tensor([batch.cu[i] for i in self._decode], device=self.device)
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc[self._write] = k.to(kc.device)
         vc[self._write] = v.to(vc.device)
         out = torch.empty_like(q)
-        for i in range(batch.size):
+        for i, slots in self._read.items():
             if i not in self._decode:
-                sl, slots = batch.seq(i), self._read[i]
+                sl = batch.seq(i)
                 out[sl] = causal_attention(q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i])
-        if self._decode:
-            # the offload baseline's fetch is this .to(device): every cached token crosses PCIe each step
+        if not self._decode:
+            return out
+        rows = self._decode_rows
+        if self.flash is not None:
+            kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
+            if self.tier == "host":
+                kp, vp = self._stage(kp), self._stage(vp)
+            out[rows] = self.flash.run(q[rows], kp, vp)
+        else:
+            # on CPU the offload baseline's fetch is this .to(device): every cached token crosses PCIe each step
             keys = kc[self._decode_slots].to(q.device).transpose(1, 2)  # [B, H, R, D]
             values = vc[self._decode_slots].to(q.device).transpose(1, 2)
-            out[self._decode_rows] = self.decode(q[self._decode_rows], keys, values, self._decode_mask)
+            out[rows] = self.decode(q[rows], keys, values, self._decode_mask)
         return out
+
+    def _stage(self, host_pages: torch.Tensor) -> torch.Tensor:
+        """The decode rows' pages of one layer, read from pinned host memory by a UVA kernel into GPU memory."""
+        staged = torch.empty(self._staged.numel(), *host_pages.shape[1:], dtype=host_pages.dtype, device=self.device)
+        self.copy.copy_pages(host_pages, self._staged, staged, torch.arange(staged.shape[0], device=self.device))
+        return staged
 
     def decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Decode rows q [B, Hq, D] over the keys read for them, [B, H, R, D] with mask [B, R]."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kivi
-from ..kernels.attention import causal_attention
 from .tailor_config import TailorConfig
 
 PAGE = 64  # tokens per quantized page = one K quantization group
@@ -145,6 +144,26 @@ class QuantStore:
         return torch.cat(ks), torch.cat(vs)
 
     def decode_attention(self, layer: int, st: QuantState, q: torch.Tensor) -> torch.Tensor:
-        """q [1, Hq, D] of the newest token (already appended) over all n cached tokens."""
-        k, v = self.dequantized(layer, st, q.dtype)
-        return causal_attention(q, k, v, st.n)
+        """q [1, Hq, D] of the newest token (already appended) over all n cached tokens, by the fused kernel:
+        tokens [0, vq) where both K and V are quantized are read packed; the rest is its full-precision residual
+        (K's last quantized block past vq, fewer than `residual` tokens, dequantized, then the K tail; the V
+        window)."""
+        r = self.cfg.residual
+        n, kq = st.after(st.n + 1, r)
+        vq = max(n - r, 0)
+        m = -(-vq // PAGE)
+        pages = st.pages[:m]
+        qk = kivi.QuantizedKeys(self.k_packed[layer, pages].transpose(0, 1).reshape(self.h, -1, self.d),
+                                self.k_scale[layer, pages].transpose(0, 1), self.k_zero[layer, pages].transpose(0, 1))
+        slots = self._token_slots(st, 0, vq)
+        qv = kivi.QuantizedValues(*(x[layer, slots].transpose(0, 1) for x in (self.v_packed, self.v_scale, self.v_zero)))
+        first = vq // PAGE  # the quantized K pages holding [vq, kq)
+        k_mid = self.ops.dequantize_keys(
+            kivi.QuantizedKeys(*(x[layer, st.pages[first:kq // PAGE]].transpose(0, 1).reshape(self.h, -1, self.d)
+                                 for x in (self.k_packed, self.k_scale, self.k_zero))),
+            self.bits, PAGE, kq - first * PAGE, q.dtype)[:, vq - first * PAGE:]
+        k_res = torch.cat([k_mid, self.k_tail[layer, st.slot, : n - kq].transpose(0, 1).to(q.dtype)], 1)
+        v_res = self.v_win[layer, st.slot, : n - vq].transpose(0, 1)
+        out, _ = self.ops.quantized_decode_attention(q[0], qk, qv, vq, self.bits, PAGE, k_res, v_res,
+                                                     self.d ** -0.5)
+        return out.to(q.dtype)[None]

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..kernels import kivi
 from ..kernels.attention import causal_attention, grouped_attention
 from .batch import ForwardBatch
-from .offload_store import DecodeView, OffloadState, OffloadStore
+from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
@@ -21,8 +21,8 @@ PAGE = 64
 MAX_SLOTS = 256  # per-request window slots: an upper bound on running requests
 
 
-def _pages(tokens: int) -> int:
-    return -(-tokens // PAGE)
+def _pages(tokens: int, page: int = PAGE) -> int:
+    return -(-tokens // page)
 
 
 class TailorPolicy(KVPolicy):
@@ -72,7 +72,7 @@ class TailorPolicy(KVPolicy):
         if ns:
             hpage = OffloadStore.bytes_per_host_page(ns, h, d, item)
             specs.append(PoolSpec("gen", "gpu", max(int(rest * (1 - q_share)) // gpage, 1), PAGE, gpage))
-            specs.append(PoolSpec("host", "host", max(host_bytes // hpage, 1), PAGE, hpage))
+            specs.append(PoolSpec("host", "host", max(host_bytes // hpage, 1), HOST_PAGE, hpage))
         return specs
 
     def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
@@ -81,7 +81,7 @@ class TailorPolicy(KVPolicy):
             need["qkv"] = _pages(prompt_len + max_new_tokens)
         if self.s_index:
             need["gen"] = _pages(max_new_tokens)
-            need["host"] = _pages(prompt_len)
+            need["host"] = _pages(prompt_len, HOST_PAGE)
         return need
 
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
@@ -94,7 +94,9 @@ class TailorPolicy(KVPolicy):
             if self.s_index else None
         self.q_state: dict[int, QuantState] = {}
         self.s_state: dict[int, OffloadState] = {}
-        self.critical: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # stage-1 results, double-buffered
+        self.critical: dict[int, tuple] = {}  # stage-1 results (channels, keys, ready event), double-buffered
+        # stage 1 of layer l+1 crosses PCIe on a side stream while layer l computes
+        self.prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         as_tensor = lambda name: torch.tensor(pages.get(name, []), dtype=torch.long, device=self.device)  # noqa
@@ -119,7 +121,7 @@ class TailorPolicy(KVPolicy):
         self.view = None
         if decode_rows and self.s_index:
             states = [self.s_state[batch.rids[i]] for i in decode_rows]
-            self.view = DecodeView(states, self.tc.sink + self.tc.recent, self.offload.storage)
+            self.view = DecodeView(states, self.tc.sink + self.tc.recent)
             self.row_index = torch.tensor([batch.cu[i] for i in decode_rows], device=self.device)
 
     def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
@@ -134,7 +136,20 @@ class TailorPolicy(KVPolicy):
             q_hat = self.model.layers[t].self_attn.project_q(x[rows], positions[rows], self.model.rotary)
             si = self.s_index[t]
             channels = select_channels(q_hat, self.offload.max_abs[si, self.view.slots], self.tc.d_s)
-            self.critical[t & 1] = (channels, self.offload.critical_keys(si, self.view, channels))
+            self.critical[t & 1] = self._prefetch(si, channels)
+
+    def _prefetch(self, si: int, channels: torch.Tensor) -> tuple:
+        side = self.prefetch_stream
+        if side is None:
+            return channels, self.offload.critical_keys(si, self.view, channels), None
+        main = torch.cuda.current_stream(self.device)
+        side.wait_stream(main)  # channels and the page table are ready
+        with torch.cuda.stream(side):
+            keys = self.offload.critical_keys(si, self.view, channels)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        keys.record_stream(main)  # read (and freed) on the main stream
+        return channels, keys, ready
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -162,7 +177,9 @@ class TailorPolicy(KVPolicy):
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""
         si, view = self.s_index[layer], self.view
         self.offload.append(si, view, k, v)
-        channels, k_channels = self.critical.pop(layer & 1)
+        channels, k_channels, ready = self.critical.pop(layer & 1)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
         scores = score_tokens(q, k_channels, channels)
         idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, self.tc.top_k)
         k_top, v_top = self.offload.fetch_rows(si, view, idx)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .rope import Rotary
 
+MLP_CHUNK = 8192  # tokens per MLP call in a long prefill
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -55,7 +57,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if x.shape[0] <= MLP_CHUNK:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # a long prefill in chunks: the intermediate activations of all tokens at once would not fit a small GPU
+        return torch.cat([self(part) for part in x.split(MLP_CHUNK)])
 
 
 class DecoderLayer(nn.Module):

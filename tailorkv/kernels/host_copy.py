@@ -1,0 +1,53 @@
+"""Moves between the GPU tier and the (pinned) host tier, driven by indices that live on the compute device: the
+plain-torch reference. host_copy_triton.py has the same functions and signatures; on CUDA its kernels read and
+write pinned host memory directly (UVA zero-copy), so the indices never leave the GPU and no host sync happens.
+
+Every tensor indexed by `pages` has pages as its leading dim. Results land on the device of the index tensors.
+- copy_pages: dst[dst_pages] = src[src_pages] (offload a prompt's pages, or bring a request's pages back).
+- gather_channels: TailorKV stage 1, chosen channels of channel-major K [P, H, D, T] for every token of a row's
+  pages -> [B, H, C, NP * T].
+- gather_rows: the top-k fetch, token rows [P, H, T, W] (a token's K and V of one head side by side) at
+  positions idx [B, H, K] -> [B, H, K, W].
+Page tables [B, NP] are padded with any valid page id past a row's pages; what is read there is never used.
+"""
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+
+import torch
+
+
+def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+    """dst[dst_pages] = src[src_pages]; src and dst have the same page shape and dtype, either on either tier."""
+    dst[dst_pages.to(dst.device)] = src[src_pages.to(src.device)].to(dst.device)
+
+
+def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """k_t [P, H, D, T], pages [B, NP], channels [B, H, C] -> [B, H, C, NP * T] on pages' device."""
+    p = pages.to(k_t.device)[:, :, None, None]
+    heads = torch.arange(k_t.shape[1], device=k_t.device)[None, None, :, None]
+    kc = k_t[p, heads, channels.to(k_t.device)[:, None]]  # [B, NP, H, C, T]
+    b, np_, h, c, t = kc.shape
+    return kc.permute(0, 2, 3, 1, 4).reshape(b, h, c, np_ * t).to(pages.device)
+
+
+def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """rows [P, H, T, W], pages [B, NP], positions idx [B, H, K] -> [B, H, K, W] on pages' device."""
+    t = rows.shape[2]
+    idx = idx.to(rows.device)
+    b, h, k = idx.shape
+    page = pages.to(rows.device).gather(1, (idx // t).view(b, -1)).view(b, h, k)
+    heads = torch.arange(h, device=rows.device)[None, :, None]
+    return rows[page, heads, idx % t].to(pages.device)
+
+
+def ops(device: torch.device | str) -> ModuleType:
+    """host_copy_triton on CUDA when triton imports, else this reference (same functions, same signatures)."""
+    if torch.device(device).type == "cuda":
+        try:
+            from tailorkv.kernels import host_copy_triton
+            return host_copy_triton
+        except ImportError:
+            pass
+    return sys.modules[__name__]

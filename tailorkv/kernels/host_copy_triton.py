@@ -1,0 +1,119 @@
+"""Triton versions of host_copy.py (same functions, signatures and results). On CUDA a pinned host tensor is handed
+to the kernel as a bare pointer: pinned memory is device-addressable under UVA, so the kernels read (or write) the
+host tier straight over PCIe while their indices stay on the GPU. Without CUDA they run in the Triton interpreter
+on CPU tensors (the tests do that).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_COPY_BLOCK = 4096  # elements per copy_pages program
+_PAGES_PER_PROGRAM = 8  # gather_channels: pages (runs of T tokens) per program
+_ROWS_PER_PROGRAM = 32  # gather_rows: token rows per program
+
+
+class _HostPointer:
+    """A pinned host tensor as a Triton pointer argument: Triton resolves data_ptr() to its UVA device address."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t, self.dtype = t, t.dtype
+
+    def data_ptr(self) -> int:
+        return self.t.data_ptr()
+
+
+def _arg(t: torch.Tensor, device: torch.device):
+    if device.type == "cuda" and t.device.type == "cpu":
+        if not t.is_pinned():
+            raise ValueError("a host-tier tensor read or written from the GPU must be in pinned memory")
+        return _HostPointer(t)
+    return t
+
+
+def _page_stride(x: torch.Tensor) -> int:
+    """The stride between pages of x [P, ...]; each page must be one contiguous block."""
+    if x.shape[0] and not x[0].is_contiguous():
+        raise ValueError("each page must be contiguous")
+    return x.stride(0)
+
+
+@triton.jit
+def _copy_pages_kernel(src_ptr, src_pages_ptr, dst_ptr, dst_pages_ptr, E, s_src, s_dst, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    off = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = off < E
+    sp = tl.load(src_pages_ptr + i).to(tl.int64)
+    dp = tl.load(dst_pages_ptr + i).to(tl.int64)
+    tl.store(dst_ptr + dp * s_dst + off, tl.load(src_ptr + sp * s_src + off, mask=ok), mask=ok)
+
+
+@triton.jit
+def _gather_channels_kernel(k_ptr, pages_ptr, ch_ptr, out_ptr, NP, H, C, D, sk_p, sp_b,
+                            T: tl.constexpr, BLOCK_P: tl.constexpr):
+    # one program per (row, head, chosen channel) and block of pages: BLOCK_P runs of T contiguous tokens
+    bhc = tl.program_id(0)
+    b, h = bhc // (H * C), (bhc // C) % H
+    c = tl.load(ch_ptr + bhc).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ok = (p < NP)[:, None]
+    page = tl.load(pages_ptr + b * sp_b + p, mask=p < NP, other=0).to(tl.int64)
+    t = tl.arange(0, T)
+    x = tl.load(k_ptr + page[:, None] * sk_p + (h * D + c) * T + t[None, :], mask=ok)
+    tl.store(out_ptr + (bhc.to(tl.int64) * NP + p[:, None]) * T + t[None, :], x, mask=ok)
+
+
+@triton.jit
+def _gather_rows_kernel(rows_ptr, pages_ptr, idx_ptr, out_ptr, H, K, W, sr_p, sp_b,
+                        T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+    # one program per (row, head) and block of BLOCK_K selected positions
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pos = tl.load(idx_ptr + bh * K + k, mask=k < K, other=0).to(tl.int64)
+    page = tl.load(pages_ptr + b * sp_b + pos // T, mask=k < K, other=0).to(tl.int64)
+    w = tl.arange(0, BLOCK_W)
+    ok = (k < K)[:, None] & (w < W)[None, :]
+    x = tl.load(rows_ptr + page[:, None] * sr_p + (h * T + pos % T)[:, None] * W + w[None, :], mask=ok)
+    tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * W + w[None, :], x, mask=ok)
+
+
+def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+    """Same contract as host_copy.copy_pages."""
+    n, e = src_pages.numel(), src[0].numel() if src.shape[0] else 0
+    if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:] or dst_pages.numel() != n:
+        raise ValueError("copy_pages: src and dst pages differ in shape or dtype, or the page lists in length")
+    if n == 0 or e == 0:
+        return
+    dev = src_pages.device
+    _copy_pages_kernel[(n, triton.cdiv(e, _COPY_BLOCK))](
+        _arg(src, dev), src_pages.contiguous(), _arg(dst, dev), dst_pages.to(dev).contiguous(), e,
+        _page_stride(src), _page_stride(dst), BLOCK=_COPY_BLOCK)
+
+
+def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """Same contract as host_copy.gather_channels (T must be a power of two)."""
+    _, h, d, t = k_t.shape
+    pages = pages.contiguous()
+    b, np_ = pages.shape
+    c = channels.shape[-1]
+    out = torch.empty(b, h, c, np_ * t, dtype=k_t.dtype, device=pages.device)
+    if out.numel():
+        _gather_channels_kernel[(b * h * c, triton.cdiv(np_, _PAGES_PER_PROGRAM))](
+            _arg(k_t, pages.device), pages, channels.contiguous(), out, np_, h, c, d, _page_stride(k_t),
+            pages.stride(0), T=t, BLOCK_P=_PAGES_PER_PROGRAM)
+    return out
+
+
+def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Same contract as host_copy.gather_rows (T must be a power of two)."""
+    _, h, t, w = rows.shape
+    pages = pages.contiguous()
+    b, _, k = idx.shape
+    out = torch.empty(b, h, k, w, dtype=rows.dtype, device=pages.device)
+    if out.numel():
+        _gather_rows_kernel[(b * h, triton.cdiv(k, _ROWS_PER_PROGRAM))](
+            _arg(rows, pages.device), pages, idx.contiguous(), out, h, k, w, _page_stride(rows), pages.stride(0),
+            T=t, BLOCK_K=_ROWS_PER_PROGRAM, BLOCK_W=triton.next_power_of_2(w))
+    return out

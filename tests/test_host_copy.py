@@ -1,0 +1,96 @@
+"""Host-tier moves (copy_pages, stage-1 gather_channels, top-k gather_rows): the Triton kernels held equal to the
+torch reference, which is itself checked against plain indexing. Shapes are awkward on purpose: 3 KV heads,
+head_dim 64, page counts and top-k sizes that fill no block. Without CUDA the kernels run in the Triton interpreter
+on CPU; with CUDA the source lives in pinned host memory and the kernels read it through UVA.
+"""
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from tailorkv.kernels import host_copy as ref  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module")
+def kt():
+    mod = pytest.importorskip("tailorkv.kernels.host_copy_triton")
+    return mod if CUDA else importlib.reload(mod)
+
+
+def _host(*shape, dtype, seed=0):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return x.pin_memory() if CUDA else x
+
+
+def _pages(b, np_, total, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(total, generator=g)[:np_] for _ in range(b)]).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 64, 128), (3, 16, 64), (1, 5000)])
+def test_copy_pages_both_ways(kt, dtype, shape):
+    host = _host(11, *shape, dtype=dtype)
+    src_pages = torch.tensor([7, 2, 9, 0, 5], device=DEVICE)
+    dev = torch.zeros(6, *shape, dtype=dtype, device=DEVICE)
+    kt.copy_pages(host, src_pages, dev, torch.tensor([4, 0, 1, 5, 2], device=DEVICE))  # host -> GPU
+    torch.testing.assert_close(dev[[4, 0, 1, 5, 2]].cpu(), host[[7, 2, 9, 0, 5]], rtol=0, atol=0)
+    assert (dev[3] == 0).all()
+    back = _host(11, *shape, dtype=dtype, seed=3)
+    expect = back.clone()
+    kt.copy_pages(dev, torch.tensor([0, 1], device=DEVICE), back, torch.tensor([10, 3], device=DEVICE))  # GPU -> host
+    expect[[10, 3]] = dev[[0, 1]].cpu()
+    torch.testing.assert_close(back, expect, rtol=0, atol=0)
+    ref_dst = torch.zeros_like(dev)
+    ref.copy_pages(host, src_pages, ref_dst, torch.tensor([4, 0, 1, 5, 2], device=DEVICE))
+    torch.testing.assert_close(ref_dst[[4, 0, 1, 5, 2]], dev[[4, 0, 1, 5, 2]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,np_,h,d,t,c", [(1, 1, 1, 64, 64, 1), (2, 9, 3, 64, 64, 5), (3, 13, 3, 128, 256, 12)])
+def test_gather_channels_matches_reference(kt, dtype, b, np_, h, d, t, c):
+    k_t = _host(17, h, d, t, dtype=dtype)
+    pages = _pages(b, np_, 17)
+    channels = torch.stack([torch.randperm(d, generator=torch.Generator().manual_seed(i))[:c]
+                            for i in range(b * h)]).view(b, h, c).to(DEVICE)
+    got = kt.gather_channels(k_t, pages, channels)
+    expect = ref.gather_channels(k_t, pages, channels)
+    assert got.shape == expect.shape == (b, h, c, np_ * t) and got.device.type == DEVICE
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    # the reference against plain indexing: row 0, head h-1, channel slot c-1, token 5 of page slot np_-1
+    p, ch = pages[0, -1].item(), channels[0, h - 1, c - 1].item()
+    assert expect[0, h - 1, c - 1, (np_ - 1) * t + 5] == k_t[p, h - 1, ch, 5].to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,np_,h,t,w,k", [(1, 1, 1, 64, 128, 1), (2, 7, 3, 64, 128, 45), (3, 5, 3, 256, 256, 130)])
+def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
+    rows = _host(12, h, t, w, dtype=dtype)
+    pages = _pages(b, np_, 12)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.stack([torch.randperm(np_ * t, generator=g)[:k] for _ in range(b * h)]).view(b, h, k).to(DEVICE)
+    got = kt.gather_rows(rows, pages, idx)
+    expect = ref.gather_rows(rows, pages, idx)
+    assert got.shape == expect.shape == (b, h, k, w)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    pos = idx[b - 1, h - 1, k - 1].item()
+    torch.testing.assert_close(expect[b - 1, h - 1, k - 1], rows[pages[b - 1, pos // t].item(), h - 1, pos % t].to(DEVICE))
+
+
+def test_ops_dispatch():
+    assert ref.ops("cpu") is ref
+
+
+@pytest.mark.skipif(not CUDA, reason="pageable host memory is only refused on CUDA")
+def test_pageable_host_memory_is_refused(kt):
+    with pytest.raises(ValueError, match="pinned"):
+        kt.gather_rows(torch.zeros(2, 1, 64, 128), torch.zeros(1, 1, dtype=torch.long, device="cuda"),
+                       torch.zeros(1, 1, 1, dtype=torch.long, device="cuda"))
