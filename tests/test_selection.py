@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 
+from tailorkv.kernels.attention import grouped_attention
 from tailorkv.kvcache.selection import group_mean, score_tokens, select_channels, select_tokens
 
 
@@ -55,3 +56,16 @@ def test_batched_selection_equals_per_sequence():
     for b in range(3):
         one, ok = select_tokens(scores[b], int(begin[b]), int(end[b]), 10)
         assert torch.equal(idx[b][valid[b]], one[ok]) and ok.all()
+
+
+def test_grouped_attention_ignores_garbage_in_masked_slots():
+    """Masked key/value slots (unused window or padding) may hold stale memory, NaN and inf included."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 64), torch.randn(2, 3, 10, 64), torch.randn(2, 3, 10, 64)
+    mask = torch.arange(10) < torch.tensor([6, 10])[:, None, None].expand(2, 3, 1)
+    clean = grouped_attention(q, k, v, mask=mask)
+    k[0, :, 6:], v[0, :, 6:] = float("nan"), float("inf")
+    out = grouped_attention(q, k, v, mask=mask)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, clean)
+    torch.testing.assert_close(out[0], grouped_attention(q[0], k[0, :, :6], v[0, :, :6]))

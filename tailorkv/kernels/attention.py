@@ -31,7 +31,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scal
     hkv, d = k.shape[-3], k.shape[-1]
     qg = q.float().reshape(*q.shape[:-2], hkv, -1, d)
     scores = torch.einsum("...hgd,...hld->...hgl", qg, k.float()) * (sm_scale or d ** -0.5)
-    if mask is not None:
+    v = v.float()
+    if mask is not None:  # masked slots may hold stale memory, NaN included: 0 * NaN would leak into the output
         scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
-    out = torch.einsum("...hgl,...hld->...hgd", scores.softmax(-1), v.float())
+        v = v.masked_fill(~mask.unsqueeze(-1), 0.0)
+    out = torch.einsum("...hgl,...hld->...hgd", scores.softmax(-1), v)
     return out.reshape(q.shape).to(q.dtype)
