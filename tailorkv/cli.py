@@ -22,6 +22,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_gib", type=float, default=None, metavar="GIB")
     p.add_argument("--disable-prefix-caching", action="store_true",
                    help="do not share the KV pages of common prompt prefixes between requests")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -30,6 +31,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "disable_prefix_caching", False):
         kw["enable_prefix_caching"] = False
+    if getattr(args, "disable_cuda_graph", False):
+        kw["cuda_graph"] = False
     return dict(model=args.model, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype, **kw)
 
 

@@ -31,8 +31,12 @@ def _host(*shape, dtype, seed=0):
 
 
 def _pages(b, np_, total, seed=1):
+    """Page tables [b, np_]; row i > 0 has its last i entries padded with -1 (no page)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(total, generator=g)[:np_] for _ in range(b)]).to(DEVICE)
+    pages = torch.stack([torch.randperm(total, generator=g)[:np_] for _ in range(b)])
+    for i in range(1, b):
+        pages[i, max(1, np_ - i):] = -1
+    return pages.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -65,6 +69,11 @@ def test_gather_channels_matches_reference(kt, dtype, b, np_, h, d, t, c):
     expect = ref.gather_channels(k_t, pages, channels)
     assert got.shape == expect.shape == (b, h, c, np_ * t) and got.device.type == DEVICE
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    out = torch.full_like(got, 7.0)
+    assert kt.gather_channels(k_t, pages, channels, out=out) is out
+    torch.testing.assert_close(out, expect, rtol=0, atol=0)
+    padded = (pages < 0).repeat_interleave(t, 1)[:, None, None].expand_as(expect)
+    assert (expect[padded] == 0).all()  # no page: zeros
     # the reference against plain indexing: row 0, head h-1, channel slot c-1, token 5 of page slot np_-1
     p, ch = pages[0, -1].item(), channels[0, h - 1, c - 1].item()
     assert expect[0, h - 1, c - 1, (np_ - 1) * t + 5] == k_t[p, h - 1, ch, 5].to(DEVICE)
@@ -81,8 +90,10 @@ def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
     expect = ref.gather_rows(rows, pages, idx)
     assert got.shape == expect.shape == (b, h, k, w)
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
-    pos = idx[b - 1, h - 1, k - 1].item()
-    torch.testing.assert_close(expect[b - 1, h - 1, k - 1], rows[pages[b - 1, pos // t].item(), h - 1, pos % t].to(DEVICE))
+    no_page = pages.gather(1, (idx // t).view(b, -1)).view(b, h, k) < 0
+    assert (expect[no_page] == 0).all()
+    pos = idx[0, h - 1, k - 1].item()
+    torch.testing.assert_close(expect[0, h - 1, k - 1], rows[pages[0, pos // t].item(), h - 1, pos % t].to(DEVICE))
 
 
 def test_ops_dispatch():

@@ -69,7 +69,8 @@ class Engine:
                                    max_queued=self.options.max_queued_requests,
                                    chunk_tokens=self.options.chunked_prefill_size,
                                    whole_prompt_prefill=self.policy.whole_prompt_prefill)
-        self.runner = ModelRunner(self.model, self.policy, self.device)
+        self.runner = ModelRunner(self.model, self.policy, self.device, self.options.cuda_graph,
+                                  self.options.max_running_requests)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add/abort may come from another thread than the one running step()

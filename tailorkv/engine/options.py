@@ -16,6 +16,7 @@ class EngineOptions:
     gpu_memory_limit_gib: float | None = None
     seed: int = 0
     enable_prefix_caching: bool = True  # share the K/V pages of common prompt prefixes (policies that allow it)
+    cuda_graph: bool = True  # replay decode steps from captured CUDA graphs (on CUDA)
     progress: bool = True
 
     @classmethod
@@ -26,8 +27,9 @@ class EngineOptions:
         for name in ("max_running_requests", "max_queued_requests", "chunked_prefill_size"):
             if not isinstance(getattr(opts, name), int) or getattr(opts, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(opts, name)!r}")
-        if not isinstance(opts.enable_prefix_caching, bool):
-            raise ConfigError(f"enable_prefix_caching must be true or false, got {opts.enable_prefix_caching!r}")
+        for name in ("enable_prefix_caching", "cuda_graph"):
+            if not isinstance(getattr(opts, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(opts, name)!r}")
         for name in ("kv_cache_gib", "host_kv_gib", "gpu_memory_limit_gib"):
             v = getattr(opts, name)
             if v is not None and not v >= 0:

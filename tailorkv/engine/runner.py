@@ -6,11 +6,14 @@ import torch
 from ..kvcache.batch import ForwardBatch
 from ..kvcache.policy import KVPolicy
 from ..models.llama import LlamaModel
+from .cuda_graph import DecodeGraphs
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, policy: KVPolicy, device: torch.device):
+    def __init__(self, model: LlamaModel, policy: KVPolicy, device: torch.device, cuda_graph: bool = False,
+                 max_rows: int = 1):
         self.model, self.policy, self.device = model, policy, device
+        self.graphs = DecodeGraphs(model, policy, device, max_rows) if cuda_graph and device.type == "cuda" else None
 
     @torch.inference_mode()
     def forward(self, rids: list[int], start: list[int], new: list[int], tokens: list[int],
@@ -19,8 +22,10 @@ class ModelRunner:
         of the last token of each sequence index in `want_logits`."""
         batch = ForwardBatch.build(rids, start, new, self.device)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        self.policy.prepare(batch)
-        hidden = self.model(ids, batch.positions, self.policy, batch)
+        hidden = self.graphs.run(ids, batch) if self.graphs is not None and batch.is_decode else None
+        if hidden is None:
+            self.policy.prepare(batch)
+            hidden = self.model(ids, batch.positions, self.policy, batch)
         self.policy.finish(batch)
         last = torch.tensor([batch.cu[i + 1] - 1 for i in want_logits], dtype=torch.long, device=self.device)
         return self.model.logits(hidden[last])

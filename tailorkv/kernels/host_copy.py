@@ -8,7 +8,7 @@ Every tensor indexed by `pages` has pages as its leading dim. Results land on th
   pages -> [B, H, C, NP * T].
 - gather_rows: the top-k fetch, token rows [P, H, T, W] (a token's K and V of one head side by side) at
   positions idx [B, H, K] -> [B, H, K, W].
-Page tables [B, NP] are padded with any valid page id past a row's pages; what is read there is never used.
+Page tables [B, NP] are padded with -1 past a row's pages: nothing is read there and zeros are returned.
 """
 from __future__ import annotations
 
@@ -23,13 +23,18 @@ def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, ds
     dst[dst_pages.to(dst.device)] = src[src_pages.to(src.device)].to(dst.device)
 
 
-def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """k_t [P, H, D, T], pages [B, NP], channels [B, H, C] -> [B, H, C, NP * T] on pages' device."""
-    p = pages.to(k_t.device)[:, :, None, None]
+def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """k_t [P, H, D, T], pages [B, NP], channels [B, H, C] -> [B, H, C, NP * T] on pages' device (written into
+    `out` when given)."""
+    pages = pages.to(k_t.device)
+    p = pages.clamp(min=0)[:, :, None, None]
     heads = torch.arange(k_t.shape[1], device=k_t.device)[None, None, :, None]
     kc = k_t[p, heads, channels.to(k_t.device)[:, None]]  # [B, NP, H, C, T]
+    kc = kc.masked_fill((pages < 0)[:, :, None, None, None], 0)
     b, np_, h, c, t = kc.shape
-    return kc.permute(0, 2, 3, 1, 4).reshape(b, h, c, np_ * t).to(pages.device)
+    res = kc.permute(0, 2, 3, 1, 4).reshape(b, h, c, np_ * t)
+    return res.to(pages.device) if out is None else out.copy_(res)
 
 
 def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -39,7 +44,7 @@ def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> t
     b, h, k = idx.shape
     page = pages.to(rows.device).gather(1, (idx // t).view(b, -1)).view(b, h, k)
     heads = torch.arange(h, device=rows.device)[None, :, None]
-    return rows[page, heads, idx % t].to(pages.device)
+    return rows[page.clamp(min=0), heads, idx % t].masked_fill((page < 0)[..., None], 0).to(pages.device)
 
 
 def ops(device: torch.device | str) -> ModuleType:

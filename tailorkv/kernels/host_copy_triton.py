@@ -10,7 +10,8 @@ import triton
 import triton.language as tl
 
 _COPY_BLOCK = 4096  # elements per copy_pages program
-_PAGES_PER_PROGRAM = 8  # gather_channels: pages (runs of T tokens) per program
+_PAGES_PER_PROGRAM = 8  # gather_channels: pages (runs of T tokens) per load
+_GATHER_PROGRAMS = 128  # gather_channels: programs to aim for (about one per SM)
 _ROWS_PER_PROGRAM = 32  # gather_rows: token rows per program
 
 
@@ -50,18 +51,23 @@ def _copy_pages_kernel(src_ptr, src_pages_ptr, dst_ptr, dst_pages_ptr, E, s_src,
 
 
 @triton.jit
-def _gather_channels_kernel(k_ptr, pages_ptr, ch_ptr, out_ptr, NP, H, C, D, sk_p, sp_b,
+def _gather_channels_kernel(k_ptr, pages_ptr, ch_ptr, out_ptr, NP, H, C, D, sk_p, sp_b, pages_per_split,
                             T: tl.constexpr, BLOCK_P: tl.constexpr):
-    # one program per (row, head, chosen channel) and block of pages: BLOCK_P runs of T contiguous tokens
+    # one program per (row, head, chosen channel) and split of the page list, walking BLOCK_P runs of T contiguous
+    # tokens at a time: few programs, each with many bytes in flight, so the PCIe-bound read leaves most SMs to
+    # the compute it overlaps with
     bhc = tl.program_id(0)
     b, h = bhc // (H * C), (bhc // C) % H
     c = tl.load(ch_ptr + bhc).to(tl.int64)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    ok = (p < NP)[:, None]
-    page = tl.load(pages_ptr + b * sp_b + p, mask=p < NP, other=0).to(tl.int64)
     t = tl.arange(0, T)
-    x = tl.load(k_ptr + page[:, None] * sk_p + (h * D + c) * T + t[None, :], mask=ok)
-    tl.store(out_ptr + (bhc.to(tl.int64) * NP + p[:, None]) * T + t[None, :], x, mask=ok)
+    first = tl.program_id(1) * pages_per_split
+    for p0 in range(first, tl.minimum(first + pages_per_split, NP), BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = (p < NP) & (p < first + pages_per_split)
+        page = tl.load(pages_ptr + b * sp_b + p, mask=ok, other=-1).to(tl.int64)
+        x = tl.load(k_ptr + page[:, None] * sk_p + (h * D + c) * T + t[None, :], mask=(page >= 0)[:, None],
+                    other=0.0)
+        tl.store(out_ptr + (bhc.to(tl.int64) * NP + p[:, None]) * T + t[None, :], x, mask=ok[:, None])
 
 
 @triton.jit
@@ -72,10 +78,11 @@ def _gather_rows_kernel(rows_ptr, pages_ptr, idx_ptr, out_ptr, H, K, W, sr_p, sp
     b, h = bh // H, bh % H
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     pos = tl.load(idx_ptr + bh * K + k, mask=k < K, other=0).to(tl.int64)
-    page = tl.load(pages_ptr + b * sp_b + pos // T, mask=k < K, other=0).to(tl.int64)
+    page = tl.load(pages_ptr + b * sp_b + pos // T, mask=k < K, other=-1).to(tl.int64)
     w = tl.arange(0, BLOCK_W)
     ok = (k < K)[:, None] & (w < W)[None, :]
-    x = tl.load(rows_ptr + page[:, None] * sr_p + (h * T + pos % T)[:, None] * W + w[None, :], mask=ok)
+    x = tl.load(rows_ptr + page[:, None] * sr_p + (h * T + pos % T)[:, None] * W + w[None, :],
+                mask=ok & (page >= 0)[:, None], other=0.0)
     tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * W + w[None, :], x, mask=ok)
 
 
@@ -92,17 +99,21 @@ def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, ds
         _page_stride(src), _page_stride(dst), BLOCK=_COPY_BLOCK)
 
 
-def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """Same contract as host_copy.gather_channels (T must be a power of two)."""
+def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as host_copy.gather_channels (T must be a power of two; `out` contiguous)."""
     _, h, d, t = k_t.shape
     pages = pages.contiguous()
     b, np_ = pages.shape
     c = channels.shape[-1]
-    out = torch.empty(b, h, c, np_ * t, dtype=k_t.dtype, device=pages.device)
+    if out is None:
+        out = torch.empty(b, h, c, np_ * t, dtype=k_t.dtype, device=pages.device)
     if out.numel():
-        _gather_channels_kernel[(b * h * c, triton.cdiv(np_, _PAGES_PER_PROGRAM))](
+        splits = min(triton.cdiv(np_, _PAGES_PER_PROGRAM), max(1, _GATHER_PROGRAMS // (b * h * c)))
+        per_split = triton.cdiv(np_, splits)
+        _gather_channels_kernel[(b * h * c, splits)](
             _arg(k_t, pages.device), pages, channels.contiguous(), out, np_, h, c, d, _page_stride(k_t),
-            pages.stride(0), T=t, BLOCK_P=_PAGES_PER_PROGRAM)
+            pages.stride(0), per_split, T=t, BLOCK_P=_PAGES_PER_PROGRAM)
     return out
 
 

@@ -18,9 +18,12 @@ PAGE = 64  # tokens per generated-token page
 
 
 class OffloadState:
-    def __init__(self, host_pages: torch.Tensor, gen_pages: torch.Tensor, slot: int, prompt_len: int,
-                 sink: int, recent: int):
-        self.host_pages, self.gen_pages, self.slot, self.prompt_len = host_pages, gen_pages, slot, prompt_len
+    def __init__(self, host_pages: list[int], gen_pages: list[int], slot: int, prompt_len: int, sink: int,
+                 recent: int, device):
+        self.host_pages = torch.tensor(host_pages, dtype=torch.long, device=device)
+        self.host_pages_cpu = torch.tensor(host_pages, dtype=torch.long)
+        self.gen_pages_cpu = torch.tensor(gen_pages, dtype=torch.long)
+        self.slot, self.prompt_len = slot, prompt_len
         self.n_sink = min(sink, prompt_len)
         self.recent_begin = max(self.n_sink, prompt_len - recent)  # recent window: [recent_begin, prompt_len)
         self.n = 0
@@ -29,35 +32,47 @@ class OffloadState:
     def window_len(self) -> int:
         return self.n_sink + self.prompt_len - self.recent_begin
 
-    def gen_slots(self, begin: int, end: int) -> torch.Tensor:
-        """GPU-tier slots of generated positions [begin, end) (positions count from the prompt's start)."""
-        pos = torch.arange(begin - self.prompt_len, end - self.prompt_len, device=self.gen_pages.device)
-        return self.gen_pages[pos // PAGE] * PAGE + pos % PAGE
-
-
-def _pad(rows: list[torch.Tensor], value: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D tensors of different lengths: (padded [B, max], valid mask [B, max])."""
-    n = max(1, max(r.numel() for r in rows))
-    out = torch.full((len(rows), n), value, dtype=rows[0].dtype, device=rows[0].device)
-    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-        mask[i, : r.numel()] = True
-    return out, mask
+    def gen_slots(self) -> torch.Tensor:
+        """GPU-tier slots (CPU tensor) of every generated position up to this step's token, which is the last."""
+        pos = torch.arange(0, self.n + 1 - self.prompt_len)
+        return self.gen_pages_cpu[pos // PAGE] * PAGE + pos % PAGE
 
 
 class DecodeView:
-    """The decode rows of one step, padded into batch tensors (built once per step, read by every S layer)."""
+    """The decode rows of one step in batch tensors, read by every S layer: built once per step, or kept as the
+    static inputs of a captured CUDA graph and refilled each step. Padding (rows past the step's requests, page-table
+    entries past a row's pages, generated slots past a row's tokens) points at nothing: page -1, the scratch window
+    slot and generated-token slot, masks False."""
 
-    def __init__(self, states: list[OffloadState], window: int):
-        dev = states[0].host_pages.device
-        self.slots = torch.tensor([st.slot for st in states], device=dev)
-        self.host_pages, _ = _pad([st.host_pages for st in states])
-        self.mid_begin = torch.tensor([st.n_sink for st in states], device=dev)
-        self.mid_end = torch.tensor([st.recent_begin for st in states], device=dev)
-        self.win_mask = torch.arange(window, device=dev) < torch.tensor([st.window_len for st in states], device=dev)[:, None]
-        self.gen_write = torch.cat([st.gen_slots(st.n, st.n + 1) for st in states])
-        self.gen_read, self.gen_mask = _pad([st.gen_slots(st.prompt_len, st.n + 1) for st in states])
+    def __init__(self, rows: int, pages: int, gen: int, window: int, device):
+        z = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.slots, self.host_pages, self.mid_begin, self.mid_end = z(rows), z(rows, pages), z(rows), z(rows)
+        self.win_mask, self.gen_write = z(rows, window, dtype=torch.bool), z(rows)
+        self.gen_read, self.gen_mask = z(rows, gen), z(rows, gen, dtype=torch.bool)
+
+    @staticmethod
+    def sizes(states: list[OffloadState]) -> tuple[int, int]:
+        """(host pages, generated tokens) of the longest rows, this step's token included."""
+        return max(st.host_pages_cpu.numel() for st in states), max(st.n + 1 - st.prompt_len for st in states)
+
+    def fill(self, states: list[OffloadState], scratch_slot: int, scratch_gen: int) -> None:
+        rows, np_ = self.host_pages.shape
+        slots, pages = torch.full((rows,), scratch_slot), torch.full((rows, np_), -1)
+        gen_read = torch.full(self.gen_read.shape, scratch_gen)
+        mid, lens = torch.zeros(2, rows, dtype=torch.long), torch.ones(2, rows, dtype=torch.long)  # window, gen
+        for i, st in enumerate(states):
+            g = st.gen_slots()
+            slots[i], mid[0, i], mid[1, i], lens[0, i], lens[1, i] = st.slot, st.n_sink, st.recent_begin, st.window_len, g.numel()
+            pages[i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
+            gen_read[i, : g.numel()] = g
+        self.slots.copy_(slots)
+        self.host_pages.copy_(pages)
+        self.mid_begin.copy_(mid[0])
+        self.mid_end.copy_(mid[1])
+        self.win_mask.copy_(torch.arange(self.win_mask.shape[1]) < lens[0, :, None])
+        self.gen_read.copy_(gen_read)
+        self.gen_write.copy_(gen_read.gather(1, (lens[1] - 1)[:, None])[:, 0])
+        self.gen_mask.copy_(torch.arange(gen_read.shape[1]) < lens[1, :, None])
 
 
 class OffloadStore:
@@ -73,11 +88,14 @@ class OffloadStore:
         self.k_t = torch.empty(L, host_pages, H, D, HOST_PAGE, **host)
         self.ops = host_copy.ops(device)
         dev = dict(device=device, dtype=dtype)
-        self.win_k = torch.empty(L, num_slots, sink + recent, H, D, **dev)
-        self.win_v = torch.empty(L, num_slots, sink + recent, H, D, **dev)
-        self.max_abs = torch.zeros(L, num_slots, H, D, device=device, dtype=torch.float32)
-        self.gen_k = torch.empty(L, gen_pages * PAGE, H, D, **dev)
-        self.gen_v = torch.empty(L, gen_pages * PAGE, H, D, **dev)
+        # one more window slot and generated-token page than the pools hand out: the scratch that padding rows of
+        # a captured decode step point at (zeros, so their attention stays finite)
+        self.scratch_slot, self.scratch_gen = num_slots, gen_pages * PAGE
+        self.win_k = torch.zeros(L, num_slots + 1, sink + recent, H, D, **dev)
+        self.win_v = torch.zeros(L, num_slots + 1, sink + recent, H, D, **dev)
+        self.max_abs = torch.zeros(L, num_slots + 1, H, D, device=device, dtype=torch.float32)
+        self.gen_k = torch.zeros(L, (gen_pages + 1) * PAGE, H, D, **dev)
+        self.gen_v = torch.zeros(L, (gen_pages + 1) * PAGE, H, D, **dev)
 
     @staticmethod
     def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int) -> int:
@@ -110,10 +128,11 @@ class OffloadStore:
         self.gen_k[layer, view.gen_write] = k
         self.gen_v[layer, view.gen_write] = v
 
-    def critical_keys(self, layer: int, view: DecodeView, channels: torch.Tensor) -> torch.Tensor:
-        """Stage-1 read: channels [B, H, d_s] of K for every prompt token -> [B, H, d_s, pages*64] on the device
+    def critical_keys(self, layer: int, view: DecodeView, channels: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage-1 read: channels [B, H, d_s] of K for every prompt token -> [B, H, d_s, pages*256] on the device
         (positions past a row's prompt are padding; stage 2 never selects them)."""
-        return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels)
+        return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels, out)
 
     def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k fetch: K, V [B, H, k, D] of prompt positions idx [B, H, k] from the host tier."""

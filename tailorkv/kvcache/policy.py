@@ -57,6 +57,21 @@ class KVPolicy(ABC):
                batch: ForwardBatch) -> torch.Tensor:
         """Append the batch's new k/v [T, Hkv, D] to the cache, return attention output [T, Hq, D] (causal)."""
 
+    # ---- CUDA-graph decode (engine/cuda_graph.py): a decode step is captured once per shape and replayed ------------
+    def graph_attention_layers(self) -> set[int]:
+        """Layers whose decode `attend` may be captured in a CUDA graph; the others run eagerly between captured
+        segments, on the real rows only."""
+        return set()
+
+    def graph_key(self, batch: ForwardBatch, rows: int) -> tuple | None:
+        """Prepare a decode batch padded to `rows` rows for a captured step (instead of `prepare`) and return the
+        static shapes the captured layers depend on, or None when this step must run eagerly."""
+        self.prepare(batch)
+        return ()
+
+    def join_streams(self) -> None:
+        """Make the current stream wait for any side-stream work the policy started (end of a captured segment)."""
+
     def finish(self, batch: ForwardBatch) -> None:
         """After the forward of `batch`: every layer has stored the step's tokens."""
 

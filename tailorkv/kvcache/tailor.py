@@ -97,6 +97,8 @@ class TailorPolicy(KVPolicy):
         self.critical: dict[int, tuple] = {}  # stage-1 results (channels, keys, ready event), double-buffered
         # stage 1 of layer l+1 crosses PCIe on a side stream while layer l computes
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
+        self.graph_views: dict[tuple, DecodeView] = {}
+        self.graph_rows: dict[int, torch.Tensor] = {}
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         as_tensor = lambda name: torch.tensor(pages.get(name, []), dtype=torch.long, device=self.device)  # noqa
@@ -104,8 +106,8 @@ class TailorPolicy(KVPolicy):
         if self.q_index:
             self.q_state[rid] = QuantState(as_tensor("qkv"), slot)
         if self.s_index:
-            self.s_state[rid] = OffloadState(as_tensor("host"), as_tensor("gen"), slot, prompt_len,
-                                             self.tc.sink, self.tc.recent)
+            self.s_state[rid] = OffloadState(pages["host"], pages["gen"], slot, prompt_len, self.tc.sink,
+                                             self.tc.recent, self.device)
 
     def release(self, rid: int) -> None:
         self.q_state.pop(rid, None)
@@ -121,8 +123,40 @@ class TailorPolicy(KVPolicy):
         self.view = None
         if decode_rows and self.s_index:
             states = [self.s_state[batch.rids[i]] for i in decode_rows]
-            self.view = DecodeView(states, self.tc.sink + self.tc.recent)
+            self.view = self._filled(DecodeView(len(states), *DecodeView.sizes(states), self.tc.sink + self.tc.recent,
+                                                self.device), states)
             self.row_index = torch.tensor([batch.cu[i] for i in decode_rows], device=self.device)
+
+    def _filled(self, view: DecodeView, states: list[OffloadState]) -> DecodeView:
+        view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
+        return view
+
+    # ---- CUDA-graph decode: S layers inside the graph (static DecodeView per shape), Q layers eager ----------------
+    def graph_attention_layers(self) -> set[int]:
+        return set(self.s_index)
+
+    def graph_key(self, batch: ForwardBatch, rows: int):
+        if any(s == 0 for s in batch.start):  # a prompt: prefill runs eagerly
+            return None
+        self.view = None
+        if not self.s_index:  # kivi: every layer's attention is eager
+            return ()
+        states = [self.s_state[rid] for rid in batch.rids]
+        pages, gen = DecodeView.sizes(states)
+        key = (1 << (pages - 1).bit_length(), max(64, 1 << (gen - 1).bit_length()))  # powers of two
+        if (rows, key) not in self.graph_views:
+            self.graph_views[(rows, key)] = DecodeView(rows, *key, self.tc.sink + self.tc.recent, self.device)
+            self.graph_rows.setdefault(rows, torch.arange(rows, device=self.device))
+        self.view = self._filled(self.graph_views[(rows, key)], states)
+        self.row_index = self.graph_rows[rows]
+        return key
+
+    def join_streams(self) -> None:
+        """Make the main stream wait for every stage-1 read still in flight (a captured segment must end joined)."""
+        for key, (channels, keys, ready) in list(self.critical.items()):
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
+                self.critical[key] = (channels, keys, None)
 
     def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
         """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
@@ -142,13 +176,14 @@ class TailorPolicy(KVPolicy):
         side = self.prefetch_stream
         if side is None:
             return channels, self.offload.critical_keys(si, self.view, channels), None
-        main = torch.cuda.current_stream(self.device)
-        side.wait_stream(main)  # channels and the page table are ready
+        b, h, c = channels.shape
+        # allocated on the main stream, which reads and frees it after waiting for the side stream's write
+        keys = torch.empty(b, h, c, self.view.host_pages.shape[1] * HOST_PAGE, dtype=self.dtype, device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))  # channels and the page table are ready
         with torch.cuda.stream(side):
-            keys = self.offload.critical_keys(si, self.view, channels)
+            self.offload.critical_keys(si, self.view, channels, out=keys)
             ready = torch.cuda.Event()
             ready.record(side)
-        keys.record_stream(main)  # read (and freed) on the main stream
         return channels, keys, ready
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:

@@ -41,12 +41,11 @@ class Attention(nn.Module):
         """RoPE(W_q x) as [T, heads, head_dim]; TailorKV's stage 1 also calls it to predict the next layer's query."""
         return rotary.apply(self.q_proj(x).view(-1, self.num_heads, self.head_dim), positions)
 
-    def forward(self, x, positions, rotary: Rotary, layer: int, kv, batch) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary):
+        """q [T, heads, D], k, v [T, kv_heads, D] (RoPE applied to q and k): the inputs of the KV policy's attend."""
         q = self.project_q(x, positions, rotary)
         k = rotary.apply(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim), positions)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        out = kv.attend(layer, q, k, v, batch)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return q, k, self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -97,12 +96,23 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, batch) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for the flat batch of tokens `input_ids` [T]."""
         h = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            x = layer.input_layernorm(h)
-            kv.layer_input(i, x, positions, batch)
-            h = h + layer.self_attn(x, positions, self.rotary, i, kv, batch)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        for i in range(len(self.model.layers)):
+            h = self.layer_output(i, h, kv.attend(i, *self.attention_inputs(i, h, positions, kv, batch), batch))
         return self.model.norm(h)
+
+    def attention_inputs(self, i: int, h: torch.Tensor, positions: torch.Tensor, kv, batch):
+        """Layer i up to its attention: q, k, v of the residual stream h [T, hidden]."""
+        layer = self.model.layers[i]
+        x = layer.input_layernorm(h)
+        kv.layer_input(i, x, positions, batch)
+        return layer.self_attn.qkv(x, positions, self.rotary)
+
+    def layer_output(self, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Layer i after its attention: the residual stream once attention output attn [T, heads, D] and the MLP
+        are added."""
+        layer = self.model.layers[i]
+        h = h + layer.self_attn.o_proj(attn.reshape(h.shape[0], -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""CUDA-graph decode: a decode step replayed from graphs captured once per (padded batch size, policy shape key).
+
+The step is cut into segments at the layers whose attention the policy runs eagerly (every layer for `full`, whose
+FlashInfer decode is planned per step; only the quantized layers for `tailor`, whose offloaded layers run inside
+the graph with their side-stream prefetch). A segment runs from the previous eager attention's output through the
+MLPs, norms, projections and graph-safe attentions up to the next eager layer's q, k, v. All segments of a shape
+share one memory pool, so what one segment leaves for the next stays put between replays. A batch is padded to
+the next bucket of rows; padding rows compute garbage that nobody reads.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kvcache.batch import ForwardBatch
+from ..kvcache.policy import KVPolicy
+from ..models.llama import LlamaModel
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class _Step:
+    """The static tensors and graphs of one captured shape."""
+
+    def __init__(self, rows: int, device):
+        self.ids = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.qkv: list[tuple] = []  # per eager layer: the q, k, v its segment produced
+        self.h: list[torch.Tensor] = []  # per eager layer: the residual stream at it
+        self.attn: list[torch.Tensor] = []  # per eager layer: where its attention output is put for the next segment
+        self.hidden: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, policy: KVPolicy, device: torch.device, max_rows: int):
+        self.model, self.policy, self.device = model, policy, device
+        in_graph = policy.graph_attention_layers()
+        self.eager = [i for i in range(len(model.layers)) if i not in in_graph]
+        self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
+        self.steps: dict[tuple, _Step] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def run(self, ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor | None:
+        """Hidden states [B, hidden] of a decode batch, or None when this step must run eagerly."""
+        rows = next((b for b in self.buckets if b >= batch.size), None)
+        key = None if rows is None else self.policy.graph_key(batch, rows)
+        if key is None:
+            return None
+        step = self.steps.get((rows, key))
+        n = batch.size
+        if step is None:
+            step = self.steps[(rows, key)] = self._capture(rows, ids, batch)
+        step.ids[:n].copy_(ids)
+        step.ids[n:].zero_()
+        step.positions[:n].copy_(batch.positions)
+        step.positions[n:].zero_()
+        step.graphs[0].replay()
+        for j, layer in enumerate(self.eager):
+            q, k, v = step.qkv[j]
+            step.attn[j][:n].copy_(self.policy.attend(layer, q[:n], k[:n], v[:n], batch))
+            step.graphs[j + 1].replay()
+        return step.hidden[:n]
+
+    def _segment(self, step: _Step, j: int, batch: ForwardBatch) -> None:
+        m, kv, e = self.model, self.policy, self.eager
+        if j == 0:
+            h, first = m.model.embed_tokens(step.ids), 0
+        else:
+            h, first = m.layer_output(e[j - 1], step.h[j - 1], step.attn[j - 1]), e[j - 1] + 1
+        last = e[j] if j < len(e) else len(m.layers)
+        for i in range(first, last):
+            h = m.layer_output(i, h, kv.attend(i, *m.attention_inputs(i, h, step.positions, kv, batch), batch))
+        if j < len(e):
+            qkv = m.attention_inputs(last, h, step.positions, kv, batch)
+            if len(step.qkv) == j:
+                step.qkv.append(qkv)
+                step.h.append(h)
+            else:
+                step.qkv[j], step.h[j] = qkv, h
+        else:
+            step.hidden = m.model.norm(h)
+        kv.join_streams()
+
+    def _capture(self, rows: int, ids: torch.Tensor, batch: ForwardBatch) -> _Step:
+        step = _Step(rows, self.device)
+        step.ids[: batch.size].copy_(ids)
+        step.positions[: batch.size].copy_(batch.positions)
+        main = torch.cuda.current_stream(self.device)
+        # one eager pass over all segments first (kernels compile, cuBLAS picks plans), then one captured pass: a
+        # segment may hand state to the next (tailor's stage-1 prefetch), so each pass runs them in order
+        warm = torch.cuda.Stream(self.device)
+        warm.wait_stream(main)
+        with torch.cuda.stream(warm):
+            for j in range(len(self.eager) + 1):
+                self._segment(step, j, batch)
+                if j < len(self.eager):
+                    step.attn.append(torch.zeros_like(step.qkv[j][0]))
+        main.wait_stream(warm)
+        for j in range(len(self.eager) + 1):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._segment(step, j, batch)
+            step.graphs.append(graph)
+        return step
