@@ -54,14 +54,16 @@ def test_real_model_answers_on_gpu(policy):
 
 @pytest.mark.parametrize("policy,opts,dtype", [
     ("tailor", dict(quant_layers=[0], top_k=64), "float32"),  # Q layer 0 eager between graphs, S layers captured
-    ("tailor", dict(quant_layers=[0, 5]), "bfloat16"),
+    ("tailor", dict(quant_layers=[0, 5]), "float32"),  # two eager layers, one of them mid-model
     ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments
     ("kivi", dict(quant_bits=4), "float32"),
 ])
 def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
     """Graph replay computes what eager decode computes. In float32 the 4 rows finish at different steps, so the
     padded bucket and the generated-token shape change under it; in bfloat16 they finish together, since a GEMM over
-    a padded bucket may round differently from one over the real rows."""
+    a padded bucket may round differently from one over the real rows (tailor is float32 only: its captured shapes
+    pad pages and generated tokens, which changes the summation order, and bf16 rounding can flip near-ties of the
+    random weights)."""
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1000, 517, 64, 300)]
     lengths = (70, 24, 33, 8) if dtype == "float32" else (70,) * 4

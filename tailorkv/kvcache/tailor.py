@@ -64,8 +64,8 @@ class TailorPolicy(KVPolicy):
         gpage = OffloadStore.bytes_per_gen_page(ns, h, d, item)
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
-        # split the rest between quantized pages and generated-token pages for prompts ~16x the output
-        q_share = qpage * 17 / (qpage * 17 + gpage) if nq else 0.0
+        # split the rest between quantized pages and generated-token pages for prompts ~64x the output (long contexts)
+        q_share = qpage * 64 / (qpage * 64 + gpage) if nq else 0.0
         specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
         if nq:
             specs.append(PoolSpec("qkv", "gpu", max(int(rest * q_share) // qpage, 1), PAGE, qpage))
