@@ -27,11 +27,10 @@ def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tens
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """k_t [P, H, D, T], pages [B, NP], channels [B, H, C] -> [B, H, C, NP * T] on pages' device (written into
     `out` when given)."""
-    pages = pages.to(k_t.device)
-    p = pages.clamp(min=0)[:, :, None, None]
+    src = pages.to(k_t.device)
     heads = torch.arange(k_t.shape[1], device=k_t.device)[None, None, :, None]
-    kc = k_t[p, heads, channels.to(k_t.device)[:, None]]  # [B, NP, H, C, T]
-    kc = kc.masked_fill((pages < 0)[:, :, None, None, None], 0)
+    kc = k_t[src.clamp(min=0)[:, :, None, None], heads, channels.to(k_t.device)[:, None]]  # [B, NP, H, C, T]
+    kc = kc.masked_fill((src < 0)[:, :, None, None, None], 0)
     b, np_, h, c, t = kc.shape
     res = kc.permute(0, 2, 3, 1, 4).reshape(b, h, c, np_ * t)
     return res.to(pages.device) if out is None else out.copy_(res)

@@ -177,8 +177,9 @@ class TailorPolicy(KVPolicy):
         if side is None:
             return channels, self.offload.critical_keys(si, self.view, channels), None
         b, h, c = channels.shape
-        # allocated on the main stream, which reads and frees it after waiting for the side stream's write
-        keys = torch.empty(b, h, c, self.view.host_pages.shape[1] * HOST_PAGE, dtype=self.dtype, device=self.device)
+        # float32 (what stage 2 scores in), allocated on the main stream, which reads and frees it after waiting for
+        # the side stream's write
+        keys = torch.empty(b, h, c, self.view.host_pages.shape[1] * HOST_PAGE, dtype=torch.float32, device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))  # channels and the page table are ready
         with torch.cuda.stream(side):
             self.offload.critical_keys(si, self.view, channels, out=keys)
