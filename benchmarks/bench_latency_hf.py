@@ -25,11 +25,14 @@ def hf_model(name: str):
 
     ours, _ = load_model(name, torch.device("cuda"), torch.bfloat16, progress=False)
     cfg = transformers.LlamaConfig(**{k: v for k, v in ours.config.to_hf().items() if k != "architectures"})
-    with torch.device("meta"):
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(cfg)
-    model.load_state_dict(ours.state_dict(), assign=True, strict=False)
-    model.tie_weights()
-    return model.to(torch.bfloat16).eval(), ours.config
+    torch.set_default_dtype(torch.float32)
+    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
+        raise RuntimeError(f"weights do not map onto transformers' Llama: {missing} {unexpected}")
+    return model.eval(), ours.config
 
 
 def make_cache(kind: str):
