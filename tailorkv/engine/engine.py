@@ -50,6 +50,11 @@ class Engine:
         cls = policy_class(kv_policy)  # fail on a bad policy name before loading anything
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(dtype, self.device)
+        if self.device.type == "cuda" and self.options.gpu_memory_limit_gib:
+            # a hard cap on everything this process allocates (weights included), like a smaller card
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.options.gpu_memory_limit_gib * GIB / total),
+                                                       self.device)
         self.model, tok_src = load_model(model, self.device, self.dtype, progress=self.options.progress)
         self.config = self.model.config
         self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
@@ -85,8 +90,6 @@ class Engine:
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         cap = o.gpu_memory_limit_gib * GIB if o.gpu_memory_limit_gib else total
-        if o.gpu_memory_limit_gib:  # a hard cap on this process's allocations, like a smaller card
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), self.device)
         c, item = self.config, self.dtype.itemsize
         # prefill activations: ~8 hidden-sized tensors per token, the MLP's 4 intermediate ones per chunk of it
         activations = GIB + o.chunked_prefill_size * c.hidden_size * item * 8 \
