@@ -52,9 +52,9 @@ class Engine:
         self.dtype = _pick_dtype(dtype, self.device)
         if self.device.type == "cuda" and self.options.gpu_memory_limit_gib:
             # a hard cap on everything this process allocates (weights included), like a smaller card
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.options.gpu_memory_limit_gib * GIB / total),
-                                                       self.device)
+            index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.options.gpu_memory_limit_gib * GIB / total), index)
         self.model, tok_src = load_model(model, self.device, self.dtype, progress=self.options.progress)
         self.config = self.model.config
         self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)

@@ -28,6 +28,9 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
     return torch.where(is_mid, mid, scaled).float()
 
 
+CHUNK = 8192  # tokens rotated per call in a long prefill
+
+
 class Rotary:
     """Precomputed cos/sin tables; `apply` rotates q or k of shape [T, heads, head_dim] at `positions` [T]."""
 
@@ -39,6 +42,8 @@ class Rotary:
         self.sin = emb.sin().to(device=device, dtype=dtype)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > CHUNK:  # a long prefill in chunks: the temporaries of all tokens at once would not fit
+            return torch.cat([self.apply(a, p) for a, p in zip(x.split(CHUNK), positions.split(CHUNK))])
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2
