@@ -17,6 +17,8 @@ from types import ModuleType
 
 import torch
 
+from .dispatch import pick
+
 
 def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
     """dst[dst_pages] = src[src_pages]; src and dst have the same page shape and dtype, either on either tier."""
@@ -48,10 +50,4 @@ def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> t
 
 def ops(device: torch.device | str) -> ModuleType:
     """host_copy_triton on CUDA when triton imports, else this reference (same functions, same signatures)."""
-    if torch.device(device).type == "cuda":
-        try:
-            from tailorkv.kernels import host_copy_triton
-            return host_copy_triton
-        except ImportError:
-            pass
-    return sys.modules[__name__]
+    return pick(device, "host_copy_triton", sys.modules[__name__])

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .dispatch import pick
+
 BITS = (1, 2, 4)
 
 
@@ -67,13 +69,7 @@ def ops(device: torch.device | str) -> ModuleType:
     """The kernel module for `device`: kivi_triton on CUDA when triton imports, else this torch reference.
     Both expose quantize_keys, dequantize_keys, quantize_values, dequantize_values and
     quantized_decode_attention with identical signatures and layouts."""
-    if torch.device(device).type == "cuda":
-        try:
-            from tailorkv.kernels import kivi_triton
-            return kivi_triton
-        except ImportError:
-            pass
-    return sys.modules[__name__]
+    return pick(device, "kivi_triton", sys.modules[__name__])
 
 
 def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

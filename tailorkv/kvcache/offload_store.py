@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import host_copy
+from ..kernels import host_copy, sparse_attention
 
 HOST_PAGE = 256  # tokens per host-tier page
 PAGE = 64  # tokens per generated-token page
@@ -86,7 +86,7 @@ class OffloadStore:
         host = dict(dtype=dtype, device=self.storage, pin_memory=pin)
         self.rows = torch.empty(L, host_pages, H, HOST_PAGE, 2 * D, **host)
         self.k_t = torch.empty(L, host_pages, H, D, HOST_PAGE, **host)
-        self.ops = host_copy.ops(device)
+        self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
         dev = dict(device=device, dtype=dtype)
         # one more window slot and generated-token page than the pools hand out: the scratch that padding rows of
         # a captured decode step point at (zeros, so their attention stays finite)
@@ -134,18 +134,17 @@ class OffloadStore:
         (positions past a row's prompt are padding; stage 2 never selects them)."""
         return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels, out)
 
-    def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k fetch: K, V [B, H, k, D] of prompt positions idx [B, H, k] from the host tier."""
-        rows = self.ops.gather_rows(self.rows[layer], view.host_pages, idx)  # [B, H, k, 2D]
-        return rows[..., : self.d], rows[..., self.d:]
+    def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> torch.Tensor:
+        """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier."""
+        return self.ops.gather_rows(self.rows[layer], view.host_pages, idx)
 
-    def resident(self, layer: int, view: DecodeView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """K, V [B, H, W + G, D] and mask [B, H, W + G]: the sink + recent window, then the generated tokens
-        (this step's included)."""
-        k = torch.cat([self.win_k[layer, view.slots], self.gen_k[layer, view.gen_read]], dim=1).transpose(1, 2)
-        v = torch.cat([self.win_v[layer, view.slots], self.gen_v[layer, view.gen_read]], dim=1).transpose(1, 2)
-        mask = torch.cat([view.win_mask, view.gen_mask], dim=1)[:, None].expand(-1, self.h, -1)
-        return k, v, mask
+    def attend(self, layer: int, view: DecodeView, q: torch.Tensor, fetched: torch.Tensor,
+               valid: torch.Tensor) -> torch.Tensor:
+        """Exact attention of q [B, Hq, D] over the sink + recent window, the generated tokens (this step's
+        included) and the fetched rows [B, H, k, 2D] where `valid`."""
+        return self.attn_ops.sparse_decode_attention(
+            q, self.win_k[layer], self.win_v[layer], view.slots, view.win_mask, self.gen_k[layer], self.gen_v[layer],
+            view.gen_read, view.gen_mask, fetched, valid, self.d ** -0.5)
 
     def host_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rows, self.k_t))

@@ -7,7 +7,7 @@ import torch
 
 from ..errors import ConfigError
 from ..kernels import kivi
-from ..kernels.attention import causal_attention, grouped_attention
+from ..kernels.attention import causal_attention
 from .batch import ForwardBatch
 from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore
 from .pages import PoolSpec
@@ -218,11 +218,7 @@ class TailorPolicy(KVPolicy):
             torch.cuda.current_stream(self.device).wait_event(ready)
         scores = score_tokens(q, k_channels, channels)
         idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, self.tc.top_k)
-        k_top, v_top = self.offload.fetch_rows(si, view, idx)
-        k_res, v_res, mask = self.offload.resident(si, view)
-        keys = torch.cat([k_res, k_top.to(k_res.dtype)], dim=2)
-        values = torch.cat([v_res, v_top.to(v_res.dtype)], dim=2)
-        return grouped_attention(q, keys, values, mask=torch.cat([mask, valid], dim=2))
+        return self.offload.attend(si, view, q, self.offload.fetch_rows(si, view, idx), valid)
 
     def finish(self, batch: ForwardBatch) -> None:
         for i, rid in enumerate(batch.rids):
