@@ -21,12 +21,12 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 class _Step:
     """The static tensors and graphs of one captured shape."""
 
-    def __init__(self, rows: int, device):
+    def __init__(self, rows: int, eager: int, device):
         self.ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.qkv: list[tuple] = []  # per eager layer: the q, k, v its segment produced
-        self.h: list[torch.Tensor] = []  # per eager layer: the residual stream at it
+        self.qkv: list[tuple | None] = [None] * eager  # per eager layer: the q, k, v its segment produced
+        self.h: list[torch.Tensor | None] = [None] * eager  # per eager layer: the residual stream at it
         self.attn: list[torch.Tensor] = []  # per eager layer: where its attention output is put for the next segment
         self.hidden: torch.Tensor | None = None
 
@@ -50,10 +50,8 @@ class DecodeGraphs:
         n = batch.size
         if step is None:
             step = self.steps[(rows, key)] = self._capture(rows, ids, batch)
-        step.ids[:n].copy_(ids)
-        step.ids[n:].zero_()
+        step.ids[:n].copy_(ids)  # padding rows keep earlier ids and positions: valid, and nobody reads their output
         step.positions[:n].copy_(batch.positions)
-        step.positions[n:].zero_()
         step.graphs[0].replay()
         for j, layer in enumerate(self.eager):
             q, k, v = step.qkv[j]
@@ -71,18 +69,13 @@ class DecodeGraphs:
         for i in range(first, last):
             h = m.layer_output(i, h, kv.attend(i, *m.attention_inputs(i, h, step.positions, kv, batch), batch))
         if j < len(e):
-            qkv = m.attention_inputs(last, h, step.positions, kv, batch)
-            if len(step.qkv) == j:
-                step.qkv.append(qkv)
-                step.h.append(h)
-            else:
-                step.qkv[j], step.h[j] = qkv, h
+            step.qkv[j], step.h[j] = m.attention_inputs(last, h, step.positions, kv, batch), h
         else:
             step.hidden = m.model.norm(h)
         kv.join_streams()
 
     def _capture(self, rows: int, ids: torch.Tensor, batch: ForwardBatch) -> _Step:
-        step = _Step(rows, self.device)
+        step = _Step(rows, len(self.eager), self.device)
         step.ids[: batch.size].copy_(ids)
         step.positions[: batch.size].copy_(batch.positions)
         main = torch.cuda.current_stream(self.device)

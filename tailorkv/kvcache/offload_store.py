@@ -62,7 +62,8 @@ class DecodeView:
         mid, lens = torch.zeros(2, rows, dtype=torch.long), torch.ones(2, rows, dtype=torch.long)  # window, gen
         for i, st in enumerate(states):
             g = st.gen_slots()
-            slots[i], mid[0, i], mid[1, i], lens[0, i], lens[1, i] = st.slot, st.n_sink, st.recent_begin, st.window_len, g.numel()
+            slots[i], mid[0, i], mid[1, i] = st.slot, st.n_sink, st.recent_begin
+            lens[0, i], lens[1, i] = st.window_len, g.numel()
             pages[i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
             gen_read[i, : g.numel()] = g
         self.slots.copy_(slots)
