@@ -3,7 +3,8 @@
     python -m benchmarks.bench_accuracy --policies full,tailor:longbench,tailor:ruler,kivi,streaming:ruler,quest:ruler \
         --lengths 4096,8192 --samples 20 --device cuda
 
-A policy is `name` or `name:preset`; streaming and quest take the budget of that tailor preset (equal budget).
+A policy is `name`, `name:preset` or `name:preset:option=value[:option=value]` (e.g. `tailor:longbench:key_sketch=1`);
+streaming and quest take the budget of that tailor preset (equal budget).
 Scores are RULER's string_match_all (fraction of references found), averaged per task, in percent. Perplexity:
 windows of `--ppl-window` essay tokens; the first part is the prompt, the last `--ppl-tokens` tokens are
 teacher-forced one decode step at a time through the policy (so decode-time compression is what is measured).
@@ -21,19 +22,14 @@ import time
 import torch
 from tqdm import tqdm
 
+from benchmarks.policy_spec import engine_options, identity, label
 from benchmarks.ruler_tasks import TASKS, generate, score
 from tailorkv import Engine
 from tailorkv.essays import load_essays
 
 
-def parse_policy(spec: str) -> tuple[str, str | None]:
-    name, _, preset = spec.partition(":")
-    return name, preset or None
-
-
 def engine_for(spec: str, args) -> Engine:
-    name, preset = parse_policy(spec)
-    opts = {"tailor_preset": preset} if preset else {}
+    name, opts = engine_options(spec)
     if name == "tailor" and args.host_on_device:
         opts["host_on_device"] = True
     return Engine(model=args.model, kv_policy=name, device=args.device, dtype=args.dtype, progress=False,
@@ -52,9 +48,8 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
                                    sampling_params=[{"max_new_tokens": s.max_new_tokens, "temperature": 0}
                                                     for s in samples])
             value = sum(score(s, o["text"]) for s, o in zip(samples, outs)) / len(samples)
-            name, preset = parse_policy(spec)
-            rows.append({"policy": name, "preset": preset, "task": task, "length": length,
-                         "samples": len(samples), "score": round(100 * value, 2)})
+            rows.append({**identity(spec), "task": task, "length": length, "samples": len(samples),
+                         "score": round(100 * value, 2)})
             bar.update(1)
             bar.set_postfix_str(f"{spec} {task}@{length}: {100 * value:.1f}")
     return rows
@@ -66,15 +61,13 @@ def run_perplexity(engine: Engine, spec: str, args) -> dict:
     windows = [ids[i * w:(i + 1) * w] for i in range(args.ppl_windows) if len(ids) >= (i + 1) * w]
     logprobs = engine.score([x[: w - t] for x in windows], [x[w - t:] for x in windows])
     nll = -sum(sum(lp) for lp in logprobs) / sum(len(lp) for lp in logprobs)
-    name, preset = parse_policy(spec)
-    return {"policy": name, "preset": preset, "task": "ppl", "length": w, "samples": len(windows),
-            "score": round(math.exp(nll), 3)}
+    return {**identity(spec), "task": "ppl", "length": w, "samples": len(windows), "score": round(math.exp(nll), 3)}
 
 
 def print_table(rows: list[dict]) -> None:
-    specs = list(dict.fromkeys(f"{r['policy']}{':' + r['preset'] if r['preset'] else ''}" for r in rows))
+    specs = list(dict.fromkeys(label(r) for r in rows))
     cols = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
-    at = {(f"{r['policy']}{':' + r['preset'] if r['preset'] else ''}", r["task"], r["length"]): r["score"] for r in rows}
+    at = {(label(r), r["task"], r["length"]): r["score"] for r in rows}
     head = ["policy"] + [f"{t}@{n // 1024}k" if n >= 1024 else f"{t}@{n}" for t, n in cols] + ["avg (tasks)"]
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))

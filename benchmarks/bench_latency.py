@@ -1,7 +1,7 @@
 """Decode latency per KV policy at long contexts: ms/token, prefill time, memory, and the physical floor.
 
     python -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768,131072 \
-        --policies full,tailor:longbench,kivi,offload --steps 32 --device cuda
+        --policies full,tailor:longbench,tailor:longbench:key_sketch=1,kivi,offload --steps 32 --device cuda
 
 For each policy (one engine, reused across contexts) and context: a random prompt of that many tokens, one
 prefill, `--warmup` decode steps, then `--steps` timed decode steps (median). GPU/host KV bytes are what the
@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from benchmarks.policy_spec import engine_options, identity
 from tailorkv import Engine, SamplingParams
 
 HBM, PCIE_RUNS, PCIE_ROWS = 3.0e12, 48e9, 35e9
@@ -49,7 +50,8 @@ def floor_ms(engine: Engine, context: int, batch: int, gpu_kv: int) -> float:
         seconds += batch * context * c.num_layers * kv_token / PCIE_RUNS
     elif engine.kv_policy == "tailor":
         t, ns = engine.policy.tc, len(engine.policy.s_index)
-        stage1 = ns * c.num_kv_heads * t.d_s * context * item  # d_s channels of K for every prompt token
+        # d_s channels of K for every prompt token, unless the key sketch (in gpu_kv) replaces them
+        stage1 = 0 if t.key_sketch else ns * c.num_kv_heads * t.d_s * context * item
         seconds += gpu_kv / HBM + batch * (stage1 / PCIE_RUNS + ns * t.top_k * kv_token / PCIE_ROWS)
     else:  # full, kivi: everything the request holds on the GPU is read
         seconds += gpu_kv / HBM
@@ -86,8 +88,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         engine.abort(r.rid)
     gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
     floor = floor_ms(engine, context, args.batch, gpu_kv)
-    name, _, preset = args.current.partition(":")
-    return {"policy": name, "preset": preset or None, "context": context, "batch": args.batch,
+    return {**identity(args.current), "context": context, "batch": args.batch,
             "gpu_memory_limit_gib": args.gpu_memory_limit, "ms_per_token": round(1e3 * statistics.median(times), 2),
             "prefill_s": round(prefill, 3),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
@@ -126,12 +127,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     contexts = [int(x) for x in args.contexts.split(",")]
     rows = []
-    print(f"{'policy':<18} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'prefill s':>9} "
+    print(f"{'policy':<30} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'prefill s':>9} "
           f"{'peak GPU GiB':>12} {'GPU KV MiB':>10} {'host KV MiB':>11}", flush=True)
     for spec in args.policies.split(","):
         args.current = spec
-        name, _, preset = spec.partition(":")
-        opts = {"tailor_preset": preset} if preset else {}
+        name, opts = engine_options(spec)
         engine = Engine(model=args.model, kv_policy=name, device=args.device, progress=False,
                         max_running_requests=max(args.batch, 1), chunked_prefill_size=max(contexts) * args.batch,
                         kv_cache_gib=args.kv_cache_gib, host_kv_gib=args.host_kv_gib,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = measure(engine, context, args)
             rows.append(row)
             peak = (row["peak_gpu_bytes"] or 0) / 2**30
-            print(f"{spec:<18} {context:>8} {row['ms_per_token']:>9.2f} {row['floor_ms']:>9.2f} "
+            print(f"{spec:<30} {context:>8} {row['ms_per_token']:>9.2f} {row['floor_ms']:>9.2f} "
                   f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
                   f"{row['host_kv_bytes'] / 2**20:>11.0f}", flush=True)
             with open(args.output, "w") as f:

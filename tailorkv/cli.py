@@ -14,6 +14,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--tailor-preset", default=None, help="tailor: longbench | ruler")
+    p.add_argument("--key-sketch", type=int, default=None, metavar="BITS",
+                   help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)")
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--max-queued-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
@@ -27,7 +29,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("max_running_requests", "max_queued_requests", "chunked_prefill_size", "kv_cache_gib", "host_kv_gib",
-            "gpu_memory_limit_gib", "tailor_preset")
+            "gpu_memory_limit_gib", "tailor_preset", "key_sketch")
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "disable_prefix_caching", False):
         kw["enable_prefix_caching"] = False

@@ -38,11 +38,13 @@ def test_tailor_with_covering_budget_equals_full_on_gpu():
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1000, 517, 64)]
     sp = {**GREEDY, "max_new_tokens": 32}
     outs = {}
-    for policy, opts in [("full", {}), ("tailor", dict(quant_layers=[], top_k=2048)), ("offload", {})]:
+    for name, policy, opts in [("full", "full", {}), ("tailor", "tailor", dict(quant_layers=[], top_k=2048)),
+                               ("sketch", "tailor", dict(quant_layers=[], top_k=2048, key_sketch=1)),
+                               ("offload", "offload", {})]:
         with Engine("dummy:smollm2-135m", kv_policy=policy, device="cuda", dtype="float32", progress=False,
                     **opts) as e:
-            outs[policy] = [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sp)]
-    assert outs["tailor"] == outs["full"] == outs["offload"]
+            outs[name] = [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sp)]
+    assert outs["tailor"] == outs["full"] == outs["offload"] == outs["sketch"]
 
 
 @pytest.mark.parametrize("policy", ["full", "tailor", "offload"])
@@ -55,6 +57,7 @@ def test_real_model_answers_on_gpu(policy):
 @pytest.mark.parametrize("policy,opts,dtype", [
     ("tailor", dict(quant_layers=[0], top_k=64), "float32"),  # Q layer 0 eager between graphs, S layers captured
     ("tailor", dict(quant_layers=[0, 5]), "float32"),  # two eager layers, one of them mid-model
+    ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=2), "float32"),  # stage 2 from the GPU-tier sketch
     ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments
     ("kivi", dict(quant_bits=4), "float32"),
 ])

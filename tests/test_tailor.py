@@ -25,10 +25,27 @@ def full_tokens(prompt):
         return e.generate(prompt, sampling_params=GREEDY)["output_ids"]
 
 
-def test_tailor_with_covering_budget_equals_full(prompt, full_tokens):
-    with Engine(kv_policy="tailor", quant_layers=[], sink=8, recent=56, top_k=4096, progress=False) as e:
+@pytest.mark.parametrize("key_sketch", [0, 1])
+def test_tailor_with_covering_budget_equals_full(prompt, full_tokens, key_sketch):
+    with Engine(kv_policy="tailor", quant_layers=[], sink=8, recent=56, top_k=4096, key_sketch=key_sketch,
+                progress=False) as e:
         assert len(e.policy.s_index) == e.config.num_layers
         assert e.generate(prompt, sampling_params=GREEDY)["output_ids"] == full_tokens
+
+
+def test_key_sketch_replaces_the_channel_copy(prompt):
+    """With the sketch the host tier keeps token rows only (2/3 of the bytes per page), the GPU tier the sketch
+    pages; a batch decodes as each prompt alone and every page comes back."""
+    prompts, sp = [prompt, prompt[:700]], {**GREEDY, "max_new_tokens": 12}
+    with Engine(kv_policy="tailor", key_sketch=2, progress=False) as e, \
+            Engine(kv_policy="tailor", progress=False) as faithful:
+        assert e.policy.offload.k_t is None
+        assert 3 * e.memory.specs["host"].bytes_per_page == 2 * faithful.memory.specs["host"].bytes_per_page
+        assert "sketch" in e.memory.specs and "sketch" not in faithful.memory.specs
+        alone = [e.generate(p, sampling_params=sp)["output_ids"] for p in prompts]
+        assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == alone
+        usage = e.memory.usage()
+        assert all(t["free_pages"] == t["total_pages"] for t in usage.values())
 
 
 def test_tailor_batch_equals_alone(prompt):
@@ -83,6 +100,7 @@ def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
 @pytest.mark.parametrize("options,needle", [
     ({"quant_bits": 3}, "quant_bits"),
     ({"d_s": 65}, "d_s"),
+    ({"key_sketch": 3}, "key_sketch"),
     ({"d_s": 0}, "d_s"),
     ({"top_k": -1}, "top_k"),
     ({"sink": -8}, "sink"),

@@ -6,12 +6,15 @@ side (what the top-k fetch reads: one 512-B row at D=128), and a channel-major c
 stage 1 reads: 512-B runs at bf16, which cross PCIe at ~49 GB/s where 128-B runs reach 15). On CUDA the host
 tensors are pinned and the moves (host_copy) are GPU kernels reading and writing them through UVA; generated
 tokens sit in the GPU tier in 64-token pages.
+
+With a key sketch (TailorConfig.key_sketch) the channel-major copy is not kept: a KIVI 1/2-bit copy of K per
+256-token page in the GPU tier (its own pool, "sketch" pages) is what stage 2 scores from.
 """
 from __future__ import annotations
 
 import torch
 
-from ..kernels import host_copy, sparse_attention
+from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
 
 HOST_PAGE = 256  # tokens per host-tier page
 PAGE = 64  # tokens per generated-token page
@@ -19,9 +22,11 @@ PAGE = 64  # tokens per generated-token page
 
 class OffloadState:
     def __init__(self, host_pages: list[int], gen_pages: list[int], slot: int, prompt_len: int, sink: int,
-                 recent: int, device):
+                 recent: int, device, sketch_pages: list[int] = ()):
         self.host_pages = torch.tensor(host_pages, dtype=torch.long, device=device)
         self.host_pages_cpu = torch.tensor(host_pages, dtype=torch.long)
+        self.sketch_pages = torch.tensor(sketch_pages, dtype=torch.long, device=device)
+        self.sketch_pages_cpu = torch.tensor(sketch_pages, dtype=torch.long)
         self.gen_pages_cpu = torch.tensor(gen_pages, dtype=torch.long)
         self.slot, self.prompt_len = slot, prompt_len
         self.n_sink = min(sink, prompt_len)
@@ -47,6 +52,7 @@ class DecodeView:
     def __init__(self, rows: int, pages: int, gen: int, window: int, device):
         z = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         self.slots, self.host_pages, self.mid_begin, self.mid_end = z(rows), z(rows, pages), z(rows), z(rows)
+        self.sketch_pages = z(rows, pages)
         self.win_mask, self.gen_write = z(rows, window, dtype=torch.bool), z(rows)
         self.gen_read, self.gen_mask = z(rows, gen), z(rows, gen, dtype=torch.bool)
 
@@ -57,7 +63,7 @@ class DecodeView:
 
     def fill(self, states: list[OffloadState], scratch_slot: int, scratch_gen: int) -> None:
         rows, np_ = self.host_pages.shape
-        slots, pages = torch.full((rows,), scratch_slot), torch.full((rows, np_), -1)
+        slots, pages, sketch = torch.full((rows,), scratch_slot), *torch.full((2, rows, np_), -1)
         gen_read = torch.full(self.gen_read.shape, scratch_gen)
         mid, lens = torch.zeros(2, rows, dtype=torch.long), torch.ones(2, rows, dtype=torch.long)  # window, gen
         for i, st in enumerate(states):
@@ -65,9 +71,11 @@ class DecodeView:
             slots[i], mid[0, i], mid[1, i] = st.slot, st.n_sink, st.recent_begin
             lens[0, i], lens[1, i] = st.window_len, g.numel()
             pages[i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
+            sketch[i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
             gen_read[i, : g.numel()] = g
         self.slots.copy_(slots)
         self.host_pages.copy_(pages)
+        self.sketch_pages.copy_(sketch)
         self.mid_begin.copy_(mid[0])
         self.mid_end.copy_(mid[1])
         self.win_mask.copy_(torch.arange(self.win_mask.shape[1]) < lens[0, :, None])
@@ -78,16 +86,25 @@ class DecodeView:
 
 class OffloadStore:
     def __init__(self, num_layers: int, host_pages: int, gen_pages: int, num_slots: int, num_kv_heads: int,
-                 head_dim: int, sink: int, recent: int, device, dtype, host_on_device: bool = False):
+                 head_dim: int, sink: int, recent: int, device, dtype, host_on_device: bool = False,
+                 sketch_bits: int = 0, sketch_pages: int = 0):
         L, H, D = num_layers, num_kv_heads, head_dim
+        self.sketch_bits = sketch_bits
         self.h, self.d, self.device, self.window = H, D, device, sink + recent
         # host_on_device: the "host" tier in device memory — the same math without PCIe (accuracy runs)
         self.storage = torch.device(device) if host_on_device else torch.device("cpu")
         pin = torch.device(device).type == "cuda" and not host_on_device
         host = dict(dtype=dtype, device=self.storage, pin_memory=pin)
         self.rows = torch.empty(L, host_pages, H, HOST_PAGE, 2 * D, **host)
-        self.k_t = torch.empty(L, host_pages, H, D, HOST_PAGE, **host)
+        # the channel-major copy of K that stage 1 reads, unless the sketch replaces it
+        self.k_t = None if sketch_bits else torch.empty(L, host_pages, H, D, HOST_PAGE, **host)
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
+        if sketch_bits:
+            self.kivi_ops, self.sketch_ops = kivi.ops(device), sketch_scores.ops(device)
+            words, groups = HOST_PAGE * sketch_bits // 32, HOST_PAGE // sketch_scores.GROUP
+            self.sk_packed = torch.zeros(L, sketch_pages, H, words, D, device=device, dtype=torch.int32)
+            self.sk_scale = torch.zeros(L, sketch_pages, H, groups, D, device=device, dtype=torch.float16)
+            self.sk_zero = torch.zeros(L, sketch_pages, H, groups, D, device=device, dtype=torch.float16)
         dev = dict(device=device, dtype=dtype)
         # one more window slot and generated-token page than the pools hand out: the scratch that padding rows of
         # a captured decode step point at (zeros, so their attention stays finite)
@@ -99,8 +116,12 @@ class OffloadStore:
         self.gen_v = torch.zeros(L, (gen_pages + 1) * PAGE, H, D, **dev)
 
     @staticmethod
-    def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int) -> int:
-        return num_layers * h * HOST_PAGE * 3 * d * itemsize
+    def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int, channel_copy: bool = True) -> int:
+        return num_layers * h * HOST_PAGE * (3 if channel_copy else 2) * d * itemsize
+
+    @staticmethod
+    def bytes_per_sketch_page(num_layers: int, h: int, d: int, bits: int) -> int:
+        return num_layers * h * d * (HOST_PAGE * bits // 8 + 2 * 2 * HOST_PAGE // sketch_scores.GROUP)
 
     @staticmethod
     def bytes_per_gen_page(num_layers: int, h: int, d: int, itemsize: int) -> int:
@@ -118,11 +139,23 @@ class OffloadStore:
         vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2)
         src = torch.arange(np_, device=k.device)
         self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[layer], st.host_pages)
-        self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], st.host_pages)
+        if self.sketch_bits:
+            self._sketch(layer, st, k)
+        else:
+            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], st.host_pages)
         keep = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, n)]).to(k.device)
         self.win_k[layer, st.slot, : keep.numel()] = k[keep]
         self.win_v[layer, st.slot, : keep.numel()] = v[keep]
         self.max_abs[layer, st.slot] = k.float().abs().amax(0)
+
+    def _sketch(self, layer: int, st: OffloadState, k: torch.Tensor) -> None:
+        """Quantize the prompt's K [n, H, D] per channel (groups of 64 tokens) into the request's sketch pages."""
+        np_, per = st.sketch_pages.numel(), 32 // self.sketch_bits
+        q = self.kivi_ops.quantize_keys(k.transpose(0, 1), self.sketch_bits, sketch_scores.GROUP)
+        for src, dst in zip(q, (self.sk_packed, self.sk_scale, self.sk_zero)):
+            rows = np_ * HOST_PAGE // (per if dst is self.sk_packed else sketch_scores.GROUP)
+            x = torch.nn.functional.pad(src, (0, 0, 0, rows - src.shape[1]))  # pages past the prompt: zeros
+            dst[layer, st.sketch_pages] = x.view(self.h, np_, -1, self.d).transpose(0, 1)
 
     def append(self, layer: int, view: DecodeView, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store each decode row's new k, v [B, H, D] among its generated tokens."""
@@ -134,6 +167,12 @@ class OffloadStore:
         """Stage-1 read: channels [B, H, d_s] of K for every prompt token -> [B, H, d_s, pages*256] on the device
         (positions past a row's prompt are padding; stage 2 never selects them)."""
         return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels, out)
+
+    def sketch_token_scores(self, layer: int, view: DecodeView, qc: torch.Tensor) -> torch.Tensor:
+        """Stage 2 from the sketch: qc [B, H, D] (zero off the chosen channels) against every prompt key's sketch
+        -> scores [B, H, pages*256] (positions past a row's prompt are padding; never selected)."""
+        return self.sketch_ops.sketch_scores(qc, self.sk_packed[layer], self.sk_scale[layer], self.sk_zero[layer],
+                                             view.sketch_pages, self.sketch_bits)
 
     def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> torch.Tensor:
         """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier."""
@@ -148,7 +187,12 @@ class OffloadStore:
             view.gen_read, view.gen_mask, fetched, valid, self.d ** -0.5)
 
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rows, self.k_t))
+        return _nbytes(self.rows, self.k_t)
 
     def device_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.win_k, self.win_v, self.max_abs, self.gen_k, self.gen_v))
+        sketch = (self.sk_packed, self.sk_scale, self.sk_zero) if self.sketch_bits else ()
+        return _nbytes(self.win_k, self.win_v, self.max_abs, self.gen_k, self.gen_v, *sketch)
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

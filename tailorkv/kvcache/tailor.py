@@ -14,7 +14,7 @@ from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
 from .quant_store import QuantState, QuantStore
-from .selection import score_tokens, select_channels, select_tokens
+from .selection import group_mean, score_tokens, select_channels, select_tokens
 from .tailor_config import TailorConfig
 
 PAGE = 64
@@ -60,18 +60,21 @@ class TailorPolicy(KVPolicy):
         vgroup = kivi.value_group(t.group_size, d, t.quant_bits)
         slot = (QuantStore.bytes_per_slot(nq, h, d, t.residual, item)
                 + OffloadStore.bytes_per_slot(ns, h, d, t.sink + t.recent, item))
-        qpage = QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup)
-        gpage = OffloadStore.bytes_per_gen_page(ns, h, d, item)
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
-        # split the rest between quantized pages and generated-token pages for prompts ~64x the output (long contexts)
-        q_share = qpage * 64 / (qpage * 64 + gpage) if nq else 0.0
-        specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
+        # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~64x longer: long contexts)
+        gpu = {}
         if nq:
-            specs.append(PoolSpec("qkv", "gpu", max(int(rest * q_share) // qpage, 1), PAGE, qpage))
+            gpu["qkv"] = (PAGE, QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup), 65)
         if ns:
-            hpage = OffloadStore.bytes_per_host_page(ns, h, d, item)
-            specs.append(PoolSpec("gen", "gpu", max(int(rest * (1 - q_share)) // gpage, 1), PAGE, gpage))
+            gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 1)
+            if t.key_sketch:
+                gpu["sketch"] = (HOST_PAGE, OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch), 16)
+        unit = sum(b * n for _, b, n in gpu.values())
+        specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
+        specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b) for name, (size, b, n) in gpu.items()]
+        if ns:
+            hpage = OffloadStore.bytes_per_host_page(ns, h, d, item, channel_copy=not t.key_sketch)
             specs.append(PoolSpec("host", "host", max(host_bytes // hpage, 1), HOST_PAGE, hpage))
         return specs
 
@@ -82,6 +85,8 @@ class TailorPolicy(KVPolicy):
         if self.s_index:
             need["gen"] = _pages(max_new_tokens)
             need["host"] = _pages(prompt_len, HOST_PAGE)
+            if self.tc.key_sketch:
+                need["sketch"] = need["host"]
         return need
 
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
@@ -90,7 +95,8 @@ class TailorPolicy(KVPolicy):
         self.quant = QuantStore(len(self.q_index), n.get("qkv", 0), n["slots"], h, d, t, self.device, self.dtype) \
             if self.q_index else None
         self.offload = OffloadStore(len(self.s_index), n.get("host", 0), n.get("gen", 0), n["slots"], h, d,
-                                    t.sink, t.recent, self.device, self.dtype, self.host_on_device) \
+                                    t.sink, t.recent, self.device, self.dtype, self.host_on_device, t.key_sketch,
+                                    n.get("sketch", 0)) \
             if self.s_index else None
         self.q_state: dict[int, QuantState] = {}
         self.s_state: dict[int, OffloadState] = {}
@@ -107,7 +113,7 @@ class TailorPolicy(KVPolicy):
             self.q_state[rid] = QuantState(as_tensor("qkv"), slot)
         if self.s_index:
             self.s_state[rid] = OffloadState(pages["host"], pages["gen"], slot, prompt_len, self.tc.sink,
-                                             self.tc.recent, self.device)
+                                             self.tc.recent, self.device, pages.get("sketch", ()))
 
     def release(self, rid: int) -> None:
         self.q_state.pop(rid, None)
@@ -160,8 +166,9 @@ class TailorPolicy(KVPolicy):
 
     def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
         """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
-        this layer's normalised input, pick d_s channels per KV head, read them for all prompt tokens."""
-        if self.view is None:
+        this layer's normalised input, pick d_s channels per KV head, read them for all prompt tokens. With a key
+        sketch nothing is read ahead: stage 1 runs in `attend` with the real query."""
+        if self.view is None or self.tc.key_sketch:
             return
         rows = self.row_index
         for t in (0, layer + 1) if layer == 0 else (layer + 1,):
@@ -213,12 +220,23 @@ class TailorPolicy(KVPolicy):
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""
         si, view = self.s_index[layer], self.view
         self.offload.append(si, view, k, v)
-        channels, k_channels, ready = self.critical.pop(layer & 1)
-        if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)
-        scores = score_tokens(q, k_channels, channels)
+        if self.tc.key_sketch:
+            scores = self._sketch_scores(si, q)
+        else:
+            channels, k_channels, ready = self.critical.pop(layer & 1)
+            if ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            scores = score_tokens(q, k_channels, channels)
         idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, self.tc.top_k)
         return self.offload.attend(si, view, q, self.offload.fetch_rows(si, view, idx), valid)
+
+    def _sketch_scores(self, si: int, q: torch.Tensor) -> torch.Tensor:
+        """Both stages from the GPU tier: d_s channels picked with the real query (Eq. 10), tokens scored on them
+        from the key sketch."""
+        channels = select_channels(q, self.offload.max_abs[si, self.view.slots], self.tc.d_s)
+        qm = group_mean(q, channels.shape[-2])
+        qc = torch.zeros_like(qm).scatter_(-1, channels, qm.gather(-1, channels))
+        return self.offload.sketch_token_scores(si, self.view, qc)
 
     def finish(self, batch: ForwardBatch) -> None:
         for i, rid in enumerate(batch.rids):

@@ -5,6 +5,9 @@
 - sink, recent, top_k: the sparsity-friendly ("S") layers attend to sink + recent prompt tokens kept on the
   GPU, the top_k dominant prompt tokens fetched from the host tier each step, and every generated token.
 - d_s: key channels per KV head that stage 1 selects and stage 2 scores tokens on.
+- key_sketch (beyond the paper): 0 = the paper's retrieval (stage 1 reads d_s channels of every prompt key over
+  PCIe); 1 or 2 = S layers also keep a KIVI copy of the prompt's K at that many bits in the GPU tier, stage 1 picks
+  the channels with the real query and stage 2 scores tokens from the sketch, so only the top-k rows cross PCIe.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class TailorConfig:
     recent: int = 56
     top_k: int = 128
     d_s: int = 8
+    key_sketch: int = 0
 
     @property
     def budget(self) -> int:
@@ -56,6 +60,8 @@ class TailorConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        if self.key_sketch not in (0, 1, 2):
+            raise ConfigError(f"key_sketch must be 0 (off), 1 or 2 bits, got {self.key_sketch!r}")
         if not isinstance(self.d_s, int) or not 1 <= self.d_s <= head_dim:
             raise ConfigError(f"d_s must be in [1, head_dim={head_dim}], got {self.d_s!r}")
         if self.group_size != 64 or self.residual % self.group_size:

@@ -1,0 +1,28 @@
+"""A benchmark's policy spec: `name`, `name:preset` or `name:preset:option=value[:option=value]`
+(e.g. `tailor:longbench:key_sketch=1`); the preset is a tailor preset (streaming and quest take its budget)."""
+from __future__ import annotations
+
+
+def parse_policy(spec: str) -> tuple[str, str | None, dict]:
+    """(policy name, preset or None, integer options)."""
+    name, *rest = spec.split(":")
+    options = dict(o.partition("=")[::2] for o in rest[1:])
+    return name, (rest[0] if rest else None) or None, {k: int(v) for k, v in options.items()}
+
+
+def engine_options(spec: str) -> tuple[str, dict]:
+    """(kv_policy, Engine keyword options) of a spec."""
+    name, preset, options = parse_policy(spec)
+    return name, {**options, **({"tailor_preset": preset} if preset else {})}
+
+
+def identity(spec: str) -> dict:
+    """The policy fields of a result row (options only when the spec has some)."""
+    name, preset, options = parse_policy(spec)
+    return {"policy": name, "preset": preset, **({"options": options} if options else {})}
+
+
+def label(row: dict) -> str:
+    """The spec back from a result row."""
+    options = "".join(f":{k}={v}" for k, v in row.get("options", {}).items())
+    return f"{row['policy']}{':' + row['preset'] if row['preset'] else ''}{options}"

@@ -1,0 +1,39 @@
+"""Token scores from a key sketch: a KIVI per-channel 1/2-bit copy of K kept in the GPU tier (`key_sketch`), so
+TailorKV's stage 2 ranks prompt tokens without reading K over PCIe. The plain-torch reference;
+sketch_scores_triton.py computes the same without materialising the dequantized keys.
+
+Shapes (B rows, H KV heads, head_dim D, T tokens per sketch page, b bits):
+- qc [B, H, D] float32: each row's query per KV head, zero on the channels that are not scored;
+- packed [P, H, T*b/32, D] int32, scale and zero [P, H, T/64, D] float16: page p holds one KIVI key block
+  (kivi.py's key layout, groups of 64 tokens) per head;
+- pages [B, NP] int64: each row's sketch pages in token order, -1 past its last page.
+Returns scores [B, H, NP*T] float32: qc . dequantized key of each token (0 on missing pages).
+"""
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+
+import torch
+
+from .dispatch import pick
+from .kivi import QuantizedKeys, codes_per_word, dequantize_keys
+
+GROUP = 64  # tokens per scale/zero row
+
+
+def sketch_scores(qc: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  pages: torch.Tensor, bits: int) -> torch.Tensor:
+    b, n = pages.shape
+    _, h, w, d = packed.shape
+    t = w * codes_per_word(bits)
+    pg = pages.clamp(min=0)
+    qk = QuantizedKeys(packed[pg].reshape(-1, w, d), scale[pg].reshape(-1, t // GROUP, d),
+                       zero[pg].reshape(-1, t // GROUP, d))
+    keys = dequantize_keys(qk, bits, GROUP, t).view(b, n, h, t, d)
+    scores = torch.einsum("bhd,bnhtd->bhnt", qc.float(), keys) * (pages >= 0)[:, None, :, None]
+    return scores.reshape(b, h, n * t)
+
+
+def ops(device: torch.device | str) -> ModuleType:
+    return pick(device, "sketch_scores_triton", sys.modules[__name__])

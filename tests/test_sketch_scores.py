@@ -1,0 +1,68 @@
+"""Token scores from the GPU-resident key sketch: the Triton kernel held to the torch reference, the reference held
+to the dot product with exactly dequantized keys and to the true keys within the quantization error. Awkward
+shapes: head_dim 64, 3 KV heads, rows of different page counts, -1 page-table padding."""
+import importlib
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from tailorkv.kernels import kivi  # noqa: E402
+from tailorkv.kernels import sketch_scores as ref  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def kt():
+    mod = pytest.importorskip("tailorkv.kernels.sketch_scores_triton")
+    return mod if CUDA else importlib.reload(mod)
+
+
+def _case(b, h, d, t, num_pages, bits, seed=0):
+    """Random keys per page quantized into a sketch; rows own random pages (the last rows fewer: padding -1)."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(num_pages, h, t, d, generator=gen) * torch.rand(1, 1, 1, d, generator=gen) * 3
+    q = kivi.quantize_keys(keys.reshape(-1, t, d), bits, ref.GROUP)
+    packed, scale, zero = (x.view(num_pages, h, -1, d).to(DEVICE) for x in q)
+    n = num_pages // b
+    pages = torch.randperm(num_pages, generator=gen)[: b * n].view(b, n)
+    for i in range(1, b):
+        pages[i, n - i:] = -1
+    qc = torch.randn(b, h, d, generator=gen) * (torch.rand(b, h, d, generator=gen) < 0.2)
+    return keys, qc.to(DEVICE), packed, scale, zero, pages.to(DEVICE)
+
+
+CASES = [(1, 1, 64, 256, 3, 1), (3, 3, 64, 256, 9, 2), (2, 8, 128, 256, 6, 1), (4, 2, 64, 64, 13, 2)]
+
+
+@pytest.mark.parametrize("b,h,d,t,num_pages,bits", CASES)
+def test_reference_scores_dequantized_keys(b, h, d, t, num_pages, bits):
+    keys, qc, packed, scale, zero, pages = (x.cpu() for x in _case(b, h, d, t, num_pages, bits))
+    scores = ref.sketch_scores(qc, packed, scale, zero, pages, bits).view(b, h, -1, t)
+    deq = kivi.dequantize_keys(kivi.QuantizedKeys(packed.flatten(0, 1), scale.flatten(0, 1), zero.flatten(0, 1)),
+                               bits, ref.GROUP, t).view(num_pages, h, t, d)
+    for i in range(b):
+        for j, p in enumerate(pages[i].tolist()):
+            if p < 0:
+                assert (scores[i, :, j] == 0).all()
+                continue
+            torch.testing.assert_close(scores[i, :, j], torch.einsum("hd,htd->ht", qc[i], deq[p]))
+            # within half a quantization step per channel of the scores of the true keys
+            step = (keys[p].unflatten(1, (-1, ref.GROUP)).amax(2) - keys[p].unflatten(1, (-1, ref.GROUP)).amin(2))
+            bound = (qc[i].abs()[:, None] * step / (2 ** bits - 1) / 2).sum(-1) + 1e-2  # [h, groups]
+            err = (scores[i, :, j] - torch.einsum("hd,htd->ht", qc[i], keys[p])).abs().unflatten(1, (-1, ref.GROUP))
+            assert (err <= bound[..., None]).all()
+
+
+@pytest.mark.parametrize("b,h,d,t,num_pages,bits", CASES)
+def test_triton_matches_reference(kt, b, h, d, t, num_pages, bits):
+    _, qc, packed, scale, zero, pages = _case(b, h, d, t, num_pages, bits)
+    got = kt.sketch_scores(qc, packed, scale, zero, pages, bits)
+    expect = ref.sketch_scores(qc, packed, scale, zero, pages, bits)
+    assert got.shape == expect.shape
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4)
