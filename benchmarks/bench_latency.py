@@ -104,7 +104,7 @@ def profile(engine: Engine, context: int, args) -> None:
             engine.step()
         sync(engine)
     key = "cuda_time_total" if engine.device.type == "cuda" else "cpu_time_total"
-    path = f"{os.path.splitext(args.output)[0]}_{args.current.replace(':', '-')}_{context}.prof.txt"
+    path = f"{os.path.splitext(args.output)[0]}_{args.current.replace(':', '-').replace('=', '')}_{context}.prof.txt"
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
 
