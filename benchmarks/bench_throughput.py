@@ -54,7 +54,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 def sweep(args, spec: str) -> list[dict]:
     url = f"http://127.0.0.1:{args.port}"
-    log = open(os.path.splitext(args.output)[0] + f"_{spec.replace(':', '-')}.server.log", "w")
+    log = open(os.path.splitext(args.output)[0] + f"_{spec.replace(':', '-').replace('=', '')}.server.log", "w")
     proc = subprocess.Popen(server_command(args, spec), stdout=log, stderr=subprocess.STDOUT)
     rows = []
     try:
