@@ -2,12 +2,13 @@
 TailorKV's stage 2 ranks prompt tokens without reading K over PCIe. The plain-torch reference;
 sketch_scores_triton.py computes the same without materialising the dequantized keys.
 
-Shapes (B rows, H KV heads, head_dim D, T tokens per sketch page, b bits):
-- qc [B, H, D] float32: each row's query per KV head, zero on the channels that are not scored;
+Shapes (B rows, H KV heads, head_dim D, C scored channels, T tokens per sketch page, b bits):
+- qc [B, H, C] float32: each row's query per KV head on the channels it scores, channels [B, H, C] int64;
 - packed [P, H, T*b/32, D] int32, scale and zero [P, H, T/64, D] float16: page p holds one KIVI key block
   (kivi.py's key layout, groups of 64 tokens) per head;
 - pages [B, NP] int64: each row's sketch pages in token order, -1 past its last page.
-Returns scores [B, H, NP*T] float32: qc . dequantized key of each token (0 on missing pages).
+Returns scores [B, H, NP*T] float32: qc . the chosen channels of each token's dequantized key (0 on missing
+pages). Scoring C << D channels (TailorKV's d_s) is what keeps this cheap: unpacking costs per token and channel.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from .kivi import QuantizedKeys, codes_per_word, dequantize_keys
 GROUP = 64  # tokens per scale/zero row
 
 
-def sketch_scores(qc: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  pages: torch.Tensor, bits: int) -> torch.Tensor:
+def sketch_scores(qc: torch.Tensor, channels: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                  zero: torch.Tensor, pages: torch.Tensor, bits: int) -> torch.Tensor:
     b, n = pages.shape
     _, h, w, d = packed.shape
     t = w * codes_per_word(bits)
@@ -31,7 +32,8 @@ def sketch_scores(qc: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     qk = QuantizedKeys(packed[pg].reshape(-1, w, d), scale[pg].reshape(-1, t // GROUP, d),
                        zero[pg].reshape(-1, t // GROUP, d))
     keys = dequantize_keys(qk, bits, GROUP, t).view(b, n, h, t, d)
-    scores = torch.einsum("bhd,bnhtd->bhnt", qc.float(), keys) * (pages >= 0)[:, None, :, None]
+    keys = keys.gather(-1, channels[:, None, :, None, :].expand(b, n, h, t, channels.shape[-1]))
+    scores = torch.einsum("bhc,bnhtc->bhnt", qc.float(), keys) * (pages >= 0)[:, None, :, None]
     return scores.reshape(b, h, n * t)
 
 

@@ -95,9 +95,10 @@ class OffloadStore:
         self.storage = torch.device(device) if host_on_device else torch.device("cpu")
         pin = torch.device(device).type == "cuda" and not host_on_device
         host = dict(dtype=dtype, device=self.storage, pin_memory=pin)
-        self.rows = torch.empty(L, host_pages, H, HOST_PAGE, 2 * D, **host)
+        # one pinned tensor per layer: a single pinned allocation of the whole tier (tens of GiB) can fail
+        self.rows = [torch.empty(host_pages, H, HOST_PAGE, 2 * D, **host) for _ in range(L)]
         # the channel-major copy of K that stage 1 reads, unless the sketch replaces it
-        self.k_t = None if sketch_bits else torch.empty(L, host_pages, H, D, HOST_PAGE, **host)
+        self.k_t = None if sketch_bits else [torch.empty(host_pages, H, D, HOST_PAGE, **host) for _ in range(L)]
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
         if sketch_bits:
             self.kivi_ops, self.sketch_ops = kivi.ops(device), sketch_scores.ops(device)
@@ -168,11 +169,12 @@ class OffloadStore:
         (positions past a row's prompt are padding; stage 2 never selects them)."""
         return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels, out)
 
-    def sketch_token_scores(self, layer: int, view: DecodeView, qc: torch.Tensor) -> torch.Tensor:
-        """Stage 2 from the sketch: qc [B, H, D] (zero off the chosen channels) against every prompt key's sketch
+    def sketch_token_scores(self, layer: int, view: DecodeView, qc: torch.Tensor,
+                            channels: torch.Tensor) -> torch.Tensor:
+        """Stage 2 from the sketch: qc [B, H, d_s] on channels [B, H, d_s] against every prompt key's sketch
         -> scores [B, H, pages*256] (positions past a row's prompt are padding; never selected)."""
-        return self.sketch_ops.sketch_scores(qc, self.sk_packed[layer], self.sk_scale[layer], self.sk_zero[layer],
-                                             view.sketch_pages, self.sketch_bits)
+        return self.sketch_ops.sketch_scores(qc, channels, self.sk_packed[layer], self.sk_scale[layer],
+                                             self.sk_zero[layer], view.sketch_pages, self.sketch_bits)
 
     def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> torch.Tensor:
         """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier."""
@@ -187,7 +189,7 @@ class OffloadStore:
             view.gen_read, view.gen_mask, fetched, valid, self.d ** -0.5)
 
     def host_bytes(self) -> int:
-        return _nbytes(self.rows, self.k_t)
+        return _nbytes(*self.rows, *(self.k_t or ()))
 
     def device_bytes(self) -> int:
         sketch = (self.sk_packed, self.sk_scale, self.sk_zero) if self.sketch_bits else ()

@@ -234,9 +234,8 @@ class TailorPolicy(KVPolicy):
         """Both stages from the GPU tier: d_s channels picked with the real query (Eq. 10), tokens scored on them
         from the key sketch."""
         channels = select_channels(q, self.offload.max_abs[si, self.view.slots], self.tc.d_s)
-        qm = group_mean(q, channels.shape[-2])
-        qc = torch.zeros_like(qm).scatter_(-1, channels, qm.gather(-1, channels))
-        return self.offload.sketch_token_scores(si, self.view, qc)
+        qc = group_mean(q, channels.shape[-2]).gather(-1, channels)
+        return self.offload.sketch_token_scores(si, self.view, qc, channels)
 
     def finish(self, batch: ForwardBatch) -> None:
         for i, rid in enumerate(batch.rids):
