@@ -78,3 +78,17 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
             outs.append([r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sps)])
             assert bool(e.runner.graphs and e.runner.graphs.steps) == graph
     assert outs[1] == outs[0]
+
+
+def test_host_tier_is_registered_exactly():
+    """The host tier is page-locked by cudaHostRegister (exact bytes, not rounded up to a power of two) and GPU
+    kernels read it through UVA."""
+    from tailorkv.kernels import host_copy
+    from tailorkv.kvcache.host_memory import host_tensor
+
+    t = host_tensor((5, 3, 7), torch.float32, pinned=True)
+    assert t.is_pinned()
+    t.copy_(torch.arange(105, dtype=torch.float32).view(5, 3, 7))
+    out = torch.empty(2, 3, 7, device="cuda")
+    host_copy.ops("cuda").copy_pages(t, torch.tensor([4, 1], device="cuda"), out, torch.arange(2, device="cuda"))
+    assert torch.equal(out.cpu(), t[[4, 1]])

@@ -8,6 +8,7 @@ import torch
 from ..kernels import flashinfer_decode, host_copy
 from ..kernels.attention import causal_attention, grouped_attention
 from .batch import ForwardBatch
+from .host_memory import host_tensor
 from .pages import PoolSpec
 from .policy import KVPolicy
 
@@ -35,10 +36,10 @@ class FullPolicy(KVPolicy):
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         c, n = self.cfg, specs[0].num_pages
         shape = (c.num_layers, n * PAGE_SIZE, c.num_kv_heads, c.head_dim)
-        on_host = self.tier == "host"
-        where = dict(device="cpu", pin_memory=self.device.type == "cuda") if on_host else dict(device=self.device)
-        self.k_cache = torch.empty(shape, dtype=self.dtype, **where)
-        self.v_cache = torch.empty(shape, dtype=self.dtype, **where)
+        if self.tier == "host":
+            self.k_cache, self.v_cache = (host_tensor(shape, self.dtype, self.device.type == "cuda") for _ in "kv")
+        else:
+            self.k_cache, self.v_cache = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in "kv")
         self.page_tables: dict[int, torch.Tensor] = {}
         self.prompt_lens: dict[int, int] = {}
         c = self.cfg

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
+from .host_memory import host_tensor
 
 HOST_PAGE = 256  # tokens per host-tier page
 PAGE = 64  # tokens per generated-token page
@@ -92,13 +93,13 @@ class OffloadStore:
         self.sketch_bits = sketch_bits
         self.h, self.d, self.device, self.window = H, D, device, sink + recent
         # host_on_device: the "host" tier in device memory — the same math without PCIe (accuracy runs)
-        self.storage = torch.device(device) if host_on_device else torch.device("cpu")
         pin = torch.device(device).type == "cuda" and not host_on_device
-        host = dict(dtype=dtype, device=self.storage, pin_memory=pin)
-        # one pinned tensor per layer: a single pinned allocation of the whole tier (tens of GiB) can fail
-        self.rows = [torch.empty(host_pages, H, HOST_PAGE, 2 * D, **host) for _ in range(L)]
+
+        def host(*shape):
+            return torch.empty(shape, dtype=dtype, device=device) if host_on_device else host_tensor(shape, dtype, pin)
+        self.rows = [host(host_pages, H, HOST_PAGE, 2 * D) for _ in range(L)]  # per layer: no one huge block
         # the channel-major copy of K that stage 1 reads, unless the sketch replaces it
-        self.k_t = None if sketch_bits else [torch.empty(host_pages, H, D, HOST_PAGE, **host) for _ in range(L)]
+        self.k_t = None if sketch_bits else [host(host_pages, H, D, HOST_PAGE) for _ in range(L)]
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
         if sketch_bits:
             self.kivi_ops, self.sketch_ops = kivi.ops(device), sketch_scores.ops(device)
