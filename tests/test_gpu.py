@@ -39,12 +39,12 @@ def test_tailor_with_covering_budget_equals_full_on_gpu():
     sp = {**GREEDY, "max_new_tokens": 32}
     outs = {}
     for name, policy, opts in [("full", "full", {}), ("tailor", "tailor", dict(quant_layers=[], top_k=2048)),
-                               ("sketch", "tailor", dict(quant_layers=[], top_k=2048, key_sketch=1)),
+                               ("faithful", "tailor", dict(quant_layers=[], top_k=2048, key_sketch=0)),
                                ("offload", "offload", {})]:
         with Engine("dummy:smollm2-135m", kv_policy=policy, device="cuda", dtype="float32", progress=False,
                     **opts) as e:
             outs[name] = [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sp)]
-    assert outs["tailor"] == outs["full"] == outs["offload"] == outs["sketch"]
+    assert outs["tailor"] == outs["full"] == outs["offload"] == outs["faithful"]
 
 
 @pytest.mark.parametrize("policy", ["full", "tailor", "offload"])
@@ -55,7 +55,7 @@ def test_real_model_answers_on_gpu(policy):
 
 
 @pytest.mark.parametrize("policy,opts,dtype", [
-    ("tailor", dict(quant_layers=[0], top_k=64), "float32"),  # Q layer 0 eager between graphs, S layers captured
+    ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=0), "float32"),  # Q layer 0 eager, S layers captured
     ("tailor", dict(quant_layers=[0, 5]), "float32"),  # two eager layers, one of them mid-model
     ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=2), "float32"),  # stage 2 from the GPU-tier sketch
     ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments

@@ -38,7 +38,7 @@ def test_key_sketch_replaces_the_channel_copy(prompt):
     pages; a batch decodes as each prompt alone and every page comes back."""
     prompts, sp = [prompt, prompt[:700]], {**GREEDY, "max_new_tokens": 12}
     with Engine(kv_policy="tailor", key_sketch=2, progress=False) as e, \
-            Engine(kv_policy="tailor", progress=False) as faithful:
+            Engine(kv_policy="tailor", key_sketch=0, progress=False) as faithful:
         assert e.policy.offload.k_t is None
         assert 3 * e.memory.specs["host"].bytes_per_page == 2 * faithful.memory.specs["host"].bytes_per_page
         assert "sketch" in e.memory.specs and "sketch" not in faithful.memory.specs
@@ -117,7 +117,7 @@ def test_presets_and_overrides():
     t = TailorConfig.from_options("ruler", top_k=100)
     assert (t.sink, t.recent, t.top_k, t.d_s, t.quant_bits) == (64, 64, 100, 12, 2)
     t = TailorConfig.from_options(None)
-    assert (t.sink, t.recent, t.top_k, t.d_s, t.quant_bits, t.budget) == (8, 56, 128, 8, 1, 192)
+    assert (t.sink, t.recent, t.top_k, t.d_s, t.quant_bits, t.budget, t.key_sketch) == (8, 56, 128, 8, 1, 192, 2)
 
 
 def test_kivi_value_group_is_head_dim_when_smaller():

@@ -8,6 +8,8 @@
 - key_sketch (beyond the paper): 0 = the paper's retrieval (stage 1 reads d_s channels of every prompt key over
   PCIe); 1 or 2 = S layers also keep a KIVI copy of the prompt's K at that many bits in the GPU tier, stage 1 picks
   the channels with the real query and stage 2 scores tokens from the sketch, so only the top-k rows cross PCIe.
+  Default 2: within 1 point of the paper's path on the accuracy benchmark, 1.4x faster at 128k
+  (benchmarks/RESULTS.md, "Key sketch").
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class TailorConfig:
     recent: int = 56
     top_k: int = 128
     d_s: int = 8
-    key_sketch: int = 0
+    key_sketch: int = 2
 
     @property
     def budget(self) -> int:
