@@ -14,15 +14,15 @@ PAGE = 16
 
 # ---- the cache itself --------------------------------------------------------------------------------------------
 def manager(pages: int = 8) -> MemoryManager:
-    return MemoryManager([PoolSpec("kv", "gpu", pages, PAGE, 1)], prefix_pool="kv")
+    return MemoryManager([PoolSpec("kv", "gpu", pages, PAGE, 1)], prefix=(PAGE, {"kv": 1}))
 
 
-def test_keys_chain_over_full_pages():
+def test_keys_chain_over_full_blocks():
     a = page_hashes(list(range(40)), PAGE)
-    assert len(a) == 2  # the partial third page has no key
+    assert len(a) == 2  # the partial third block has no key
     assert page_hashes(list(range(32)) + [7] * 8, PAGE) == a
     b = page_hashes([99] + list(range(1, 40)), PAGE)
-    assert b[0] != a[0] and b[1] != a[1]  # a change in page 0 changes every later key
+    assert b[0] != a[0] and b[1] != a[1]  # a change in block 0 changes every later key
     assert page_hashes(list(range(16, 32)), PAGE) != a[1:]  # same tokens, other prefix: another key
 
 
@@ -30,10 +30,10 @@ def test_match_stops_at_first_miss():
     mm = manager()
     keys = page_hashes(list(range(48)), PAGE)
     pages = mm.reserve(0, {"kv": 3})["kv"]
-    mm.prefix.register([pages[0], pages[2]], [keys[0], keys[2]])
-    assert mm.prefix.match(keys) == [pages[0]]
-    mm.cache(0, keys)  # page 1 too; an already registered page keeps its key
-    assert mm.prefix.match(keys) == pages
+    mm.prefix.register([keys[0], keys[2]], {"kv": [pages[0], pages[2]]})
+    assert mm.prefix.match(keys) == [keys[0]]
+    mm.cache(0, keys, start=1)  # block 1 too; an already registered block keeps its pages
+    assert mm.prefix.match(keys) == keys and mm.prefix.share(keys)["kv"] == pages
 
 
 def test_refcounts_and_lru_eviction():
@@ -43,30 +43,49 @@ def test_refcounts_and_lru_eviction():
     mm.cache(0, keys)
     shared = mm.prefix.match(keys[:3])
     assert mm.reserve(1, {"kv": 5}, shared)["kv"][:3] == first[:3]  # 3 shared + 2 new pages
-    assert mm.prefix.num_free == 8 - 6
-    mm.release(0)  # pages 0-2 still held by request 1; page 3 is cached, unreferenced: evictable
-    assert mm.prefix.refs == {p: 1 for p in mm.held[1]["kv"]} and list(mm.prefix.evictable) == first[3:]
-    assert mm.prefix.num_free == 8 - 5
+    assert mm.num_free("kv") == 8 - 6
+    mm.release(0)  # blocks 0-2 still referenced by request 1; block 3 is cached, unreferenced: evictable
+    assert mm.prefix.refs == {k: 1 for k in keys[:3]} and list(mm.prefix.evictable) == keys[3:]
+    assert mm.num_free("kv") == 8 - 5
     mm.release(1)  # the tail is released first, so the head of the prefix is the last to go
-    assert list(mm.prefix.evictable) == first[3:] + first[2::-1]
-    assert mm.prefix.num_free == 8 and mm.usage()["gpu"]["free_pages"] == 8
-    assert mm.reserve(2, {"kv": 5})["kv"][4:] == first[3:]  # 4 never-used pages, then the oldest cached one
-    assert mm.prefix.match(keys) == first[:3]  # page 3 was evicted: its key is gone
+    assert list(mm.prefix.evictable) == keys[3:] + keys[2::-1]
+    assert mm.num_free("kv") == 8 and mm.usage()["gpu"]["free_pages"] == 8
+    assert mm.reserve(2, {"kv": 5})["kv"][4:] == first[3:]  # 4 never-used pages, then the oldest cached block's
+    assert mm.prefix.match(keys) == keys[:3]  # block 3 was evicted: its key is gone
     mm.release(2)
     assert mm.reserve(3, {"kv": 8}) is not None and mm.prefix.match(keys) == []  # evicting all of them
 
 
-def test_reserve_counts_evictable_shared_pages():
+def test_reserve_counts_evictable_shared_blocks():
     mm = manager(4)
     keys = page_hashes(list(range(32)), PAGE)
     mm.reserve(0, {"kv": 2})
     mm.cache(0, keys)
     mm.release(0)
-    mm.reserve(1, {"kv": 2})  # 2 free pages left, both evictable cached ones
+    mm.reserve(1, {"kv": 2})  # 2 free pages left, both those of evictable cached blocks
     shared = mm.prefix.match(keys)
     assert mm.reserve(2, {"kv": 3}, shared) is None  # 2 shared + 1 new page would need 3 pages of room
     assert mm.prefix.match(keys) == shared and 2 not in mm.held  # nothing taken
-    assert mm.reserve(2, {"kv": 2}, shared)["kv"] == shared
+    assert mm.reserve(2, {"kv": 2}, shared)["kv"] == [p for k in shared for p in mm.prefix.pages[k]["kv"]]
+
+
+def test_blocks_span_several_pools():
+    """A block owns pages in every shared pool (tailor: 1 host page + 4 quantized pages); evicting it for room in
+    one pool returns its pages in all of them; unshared pools are never touched by the cache."""
+    specs = [PoolSpec("host", "host", 3, 256, 1), PoolSpec("qkv", "gpu", 12, 64, 1), PoolSpec("gen", "gpu", 4, 64, 1)]
+    mm = MemoryManager(specs, prefix=(256, {"host": 1, "qkv": 4}))
+    keys = page_hashes(list(range(512)), 256)
+    held = mm.reserve(0, {"host": 2, "qkv": 9, "gen": 1})
+    mm.cache(0, keys[:1])  # block 0 only: host page 0, qkv pages 0-3
+    mm.release(0)
+    assert mm.num_free("host") == 3 and mm.num_free("qkv") == 12 and mm.pools["qkv"].num_free == 8
+    got = mm.reserve(1, {"host": 2, "qkv": 9, "gen": 1}, mm.prefix.match(keys))
+    assert got["host"][0] == held["host"][0] and got["qkv"][:4] == held["qkv"][:4]
+    mm.release(1)
+    mm.reserve(2, {"host": 3, "qkv": 1})  # the host pool needs the cached block's page: the whole block goes
+    assert mm.prefix.match(keys) == [] and mm.pools["qkv"].num_free == 11
+    mm.release(2)
+    assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
 
 
 # ---- engines on the embedded model ---------------------------------------------------------------------------------
@@ -173,7 +192,7 @@ def test_lru_eviction_under_a_small_budget(cold):
     want = [r["output_ids"] for r in cold.generate(docs, sampling_params=sp)]
     with Engine(progress=False, kv_cache_gib=0.032) as e:  # 46 pages of 16 tokens: room for two requests
         pages = [-(-(len(e.tokenize(d, None)) + 4) // PAGE) for d in docs]
-        assert 2 * max(pages) <= e.memory.prefix.num_pages < 3 * min(pages)
+        assert 2 * max(pages) <= e.memory.pools["kv"].num_pages < 3 * min(pages)
         run = [(i, e.generate(docs[i], sampling_params=sp)) for i in (0, 1, 2, 0, 3, 4, 5, 1)]
         assert [out["output_ids"] for _, out in run] == [want[i] for i, _ in run]
         hits = [out["meta_info"]["cached_tokens"] for _, out in run]

@@ -66,14 +66,14 @@ class Engine:
         self.policy.bind_model(self.model)
         specs = self.policy.pool_specs(self._gpu_kv_budget(), int(self.options.host_kv_gib * GIB))
         self.policy.allocate_storage(specs)
-        # a policy that shares prefixes keeps plain token pages in its one pool
-        sharing = self.policy.prefix_sharing and self.options.enable_prefix_caching
-        self.memory = MemoryManager(specs, prefix_pool=specs[0].name if sharing else None)
+        prefix = self.policy.prefix_blocks() if self.options.enable_prefix_caching else None
+        self.memory = MemoryManager(specs, prefix=prefix)
         self.scheduler = Scheduler(self.memory, self.policy.pages_needed,
                                    max_running=self.options.max_running_requests,
                                    max_queued=self.options.max_queued_requests,
                                    chunk_tokens=self.options.chunked_prefill_size,
-                                   whole_prompt_prefill=self.policy.whole_prompt_prefill)
+                                   whole_prompt_prefill=self.policy.whole_prompt_prefill,
+                                   shareable=self.policy.shareable_tokens, cache_output=self.policy.caches_output)
         self.runner = ModelRunner(self.model, self.policy, self.device, self.options.cuda_graph,
                                   self.options.max_running_requests)
         self.requests: dict[int, Request] = {}

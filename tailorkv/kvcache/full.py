@@ -18,8 +18,10 @@ PAGE_SIZE = 16
 class FullPolicy(KVPolicy):
     name = "full"
     tier = "gpu"  # where the pages live
-    prefix_sharing = True
     reads_everything = True  # decode rows attend to every cached token (FlashInfer's paged decode on CUDA)
+
+    def prefix_blocks(self) -> tuple[int, dict[str, int]]:
+        return PAGE_SIZE, {"kv": 1}
 
     def _bytes_per_page(self) -> int:
         c = self.cfg

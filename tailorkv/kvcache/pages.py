@@ -1,8 +1,8 @@
 """Page accounting for the KV memory tiers: no tensors here, only which page ids belong to which request.
 
 A policy declares named pools (each in a tier: "gpu" or "host") and how many pages of each a request needs;
-`MemoryManager.reserve` takes all of them or none, so a request is never half-admitted. With prefix caching one
-pool is a PrefixCache: a request may start with pages shared from an earlier one (see prefix_cache.py).
+`MemoryManager.reserve` takes all of them or none, so a request is never half-admitted. With prefix caching some
+pools are shared through a PrefixCache: a request may start with pages of an earlier one (see prefix_cache.py).
 """
 from __future__ import annotations
 
@@ -44,57 +44,72 @@ class PoolSpec:
 class MemoryManager:
     """All pools of one engine and the pages each live request holds."""
 
-    def __init__(self, specs: list[PoolSpec], prefix_pool: str | None = None):
-        """`prefix_pool`: the pool whose full pages are shared between requests with a common prefix (or None)."""
+    def __init__(self, specs: list[PoolSpec], prefix: tuple[int, dict[str, int]] | None = None):
+        """`prefix`: (tokens per block, pages per block of each shared pool) when requests with a common prompt
+        prefix share its pages (KVPolicy.prefix_blocks), else None."""
         self.specs = {s.name: s for s in specs}
         self.pools = {s.name: PagePool(s.name, s.tier, s.num_pages, s.page_size) for s in specs}
         self.prefix: PrefixCache | None = None
-        if prefix_pool:
-            self.prefix = self.pools[prefix_pool] = PrefixCache(self.pools[prefix_pool])
+        if prefix:
+            tokens, per_block = prefix
+            self.prefix = PrefixCache({p: self.pools[p] for p in per_block}, per_block, tokens)
         self.held: dict[int, dict[str, list[int]]] = {}
+        self.blocks: dict[int, list[bytes]] = {}  # cached blocks each request references (shared or registered)
+
+    def num_free(self, pool: str) -> int:
+        """Pages of `pool` that can be allocated (free, or held only by an evictable cached block)."""
+        if self.prefix and pool in self.prefix.per_block:
+            return self.prefix.num_free(pool)
+        return self.pools[pool].num_free
 
     def fits_ever(self, need: dict[str, int]) -> bool:
         return all(n <= self.pools[p].num_pages for p, n in need.items())
 
     def can_reserve(self, need: dict[str, int]) -> bool:
-        return all(n <= self.pools[p].num_free for p, n in need.items())
+        return all(n <= self.num_free(p) for p, n in need.items())
 
-    def reserve(self, rid: int, need: dict[str, int], shared: list[int] = ()) -> dict[str, list[int]] | None:
-        """The pages for `rid`, or None (and nothing taken) when some pool lacks room. `shared`: cached pages
-        (PrefixCache.match) that start the prefix pool's list; they count towards `need`."""
+    def reserve(self, rid: int, need: dict[str, int], shared: list[bytes] = ()) -> dict[str, list[int]] | None:
+        """The pages for `rid`, or None (and nothing taken) when some pool lacks room. `shared`: cached blocks
+        (PrefixCache.match) whose pages start the shared pools' lists; they count towards `need`."""
         fresh, room = dict(need), dict(need)  # pages to allocate; room (free or evictable pages) taken
-        if shared:
-            name = self.prefix.name
-            fresh[name] -= len(shared)
-            room[name] = fresh[name] + self.prefix.num_evictable(shared)  # an evictable page counts as free
+        for p, m in (self.prefix.per_block.items() if shared else ()):
+            fresh[p] -= len(shared) * m
+            room[p] = fresh[p] + self.prefix.evictable_pages(shared, p)  # an evictable block counts as free
         if not self.can_reserve(room):
             return None
         held: dict[str, list[int]] = {p: [] for p in fresh}
         if shared:
-            held[name] = self.prefix.share(shared)  # before alloc, which could otherwise evict them
+            held.update(self.prefix.share(shared))  # before alloc, which could otherwise evict them
         for p, n in fresh.items():
-            held[p] += self.pools[p].alloc(n)
-        self.held[rid] = held
-        return self.held[rid]
+            held[p] += self.prefix.alloc(p, n) if self.prefix and p in self.prefix.per_block else \
+                self.pools[p].alloc(n)
+        self.held[rid], self.blocks[rid] = held, list(shared)
+        return held
 
     def cache(self, rid: int, keys: list[bytes], start: int = 0) -> None:
-        """Register pages start .. len(keys)-1 of `rid` in the prefix pool (their K/V is computed) under `keys`."""
-        if self.prefix and rid in self.held:
-            self.prefix.register(self.held[rid][self.prefix.name][start:len(keys)], keys[start:])
+        """Register blocks start .. len(keys)-1 of `rid` (their K/V is computed and final) under `keys`."""
+        if self.prefix and rid in self.held and len(keys) > start:
+            pages = {p: self.held[rid][p][start * m:len(keys) * m] for p, m in self.prefix.per_block.items()}
+            self.blocks[rid] += self.prefix.register(keys[start:], pages)
 
     def release(self, rid: int) -> None:
+        keys = self.blocks.pop(rid, [])
+        owned = self.prefix.owned(keys) if keys else {}
+        if keys:
+            self.prefix.release(keys)
         for p, pages in self.held.pop(rid, {}).items():
-            self.pools[p].free(pages)
+            mine = owned.get(p)
+            self.pools[p].free([x for x in pages if x not in mine] if mine else pages)
 
     def usage(self) -> dict[str, dict]:
         """Per tier: free and total pages and bytes (what /get_server_info and /metrics report); cached pages that
         no request holds count as free."""
         out: dict[str, dict] = {}
         for name, pool in self.pools.items():
-            spec = self.specs[name]
+            spec, free = self.specs[name], self.num_free(name)
             t = out.setdefault(spec.tier, {"free_pages": 0, "total_pages": 0, "free_bytes": 0, "total_bytes": 0})
-            t["free_pages"] += pool.num_free
+            t["free_pages"] += free
             t["total_pages"] += pool.num_pages
-            t["free_bytes"] += pool.num_free * spec.bytes_per_page
+            t["free_bytes"] += free * spec.bytes_per_page
             t["total_bytes"] += pool.num_pages * spec.bytes_per_page
         return out

@@ -18,14 +18,23 @@ class KVPolicy(ABC):
     # Some policies need the whole prompt in one prefill step (e.g. tailor: offload and max|K| over all of it).
     whole_prompt_prefill: bool = False
 
-    # Prefix caching: the policy keeps plain full-precision token pages in its one pool (page i holds tokens
-    # i*page_size ..), so requests with a common prompt prefix may share those pages (see prefix_cache.py).
-    prefix_sharing: bool = False
+    # Prefix caching: generated tokens' K/V sits in the same pages as the prompt's, so a finished request's output
+    # may be cached for the next turn of a chat.
+    caches_output: bool = True
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, **options):
         if options:
             raise ConfigError(f"kv_policy {self.name!r} takes no option(s): {', '.join(sorted(options))}")
         self.cfg, self.device, self.dtype = cfg, device, dtype
+
+    def prefix_blocks(self) -> tuple[int, dict[str, int]] | None:
+        """(tokens per block, pages per block in each shared pool) when requests with a common prompt prefix may
+        share its K/V pages (prefix_cache.py), block i holding tokens i*tokens ..; None when they may not."""
+        return None
+
+    def shareable_tokens(self, prompt_len: int) -> int:
+        """Prompt tokens whose stored K/V is final once the prompt is computed (only those blocks are shared)."""
+        return prompt_len
 
     def bind_model(self, model) -> None:
         """Called once with the loaded model (TailorKV's stage 1 uses the next layer's W_q and RoPE)."""

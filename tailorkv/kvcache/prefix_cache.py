@@ -1,10 +1,12 @@
 """Prefix caching: requests whose prompts start alike share the K/V pages of that prefix, by reference count.
 
-Only full pages are shared, each keyed by a hash chain over the token ids (a page's key covers its own tokens and,
-through its parent's key, every token before it, so equal keys mean equal K/V at equal positions). A request's
-partially filled last page is always its own and shared pages are never written again (the next token goes to a
-later, private page), so no copy-on-write is needed. A page nobody references stays cached, evictable in LRU
-order; allocation takes never-used or freed pages first, then evicts. Accounting only: no tensors here.
+A policy shares prompts in blocks of `block_tokens` tokens; a block owns a fixed number of pages in each shared
+pool (`full`: one 16-token page; `tailor`: one 256-token host-tier page, one key-sketch page and four 64-token
+quantized pages). Each block is keyed by a hash chain over the token ids (a block's key covers its own tokens
+and, through its parent's key, every token before it, so equal keys mean equal K/V at equal positions). Only
+blocks the policy never writes again are registered (a request's partial last block, and tailor's last residual
+tokens, stay private), so no copy-on-write is needed. A block nobody references stays cached, evictable in LRU
+order; allocation takes free pages first, then evicts whole blocks. Accounting only: no tensors here.
 """
 from __future__ import annotations
 
@@ -12,83 +14,85 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
-ROOT = b""  # the parent key of a prompt's first page
+ROOT = b""  # the parent key of a prompt's first block
 
 
-def page_hashes(token_ids: list[int], page_size: int, parent: bytes = ROOT) -> list[bytes]:
-    """Keys of the full pages of `token_ids` (a trailing partial page gets none), chained from `parent`.
+def page_hashes(token_ids: list[int], block_tokens: int, parent: bytes = ROOT) -> list[bytes]:
+    """Keys of the full blocks of `token_ids` (a trailing partial block gets none), chained from `parent`.
     SHA-256, so a collision (another user's prefix served as yours) is out of reach, unlike Python's hash()."""
     keys = []
-    for i in range(0, len(token_ids) - page_size + 1, page_size):
-        parent = hashlib.sha256(parent + array("q", token_ids[i:i + page_size]).tobytes()).digest()
+    for i in range(0, len(token_ids) - block_tokens + 1, block_tokens):
+        parent = hashlib.sha256(parent + array("q", token_ids[i:i + block_tokens]).tobytes()).digest()
         keys.append(parent)
     return keys
 
 
 class PrefixCache:
-    """A PagePool (same interface: alloc, free, num_free, num_pages) whose pages carry reference counts and may
-    be registered under a prefix key. `num_free` counts free and evictable pages: both can be allocated."""
+    """Cached blocks over the shared pools (PagePools: alloc, free, num_free): their pages, reference counts and
+    LRU order. `num_free(pool)` counts free pages and those of evictable blocks: both can be allocated."""
 
-    def __init__(self, pool):
-        self.pool = pool
-        self.name, self.tier, self.num_pages, self.page_size = pool.name, pool.tier, pool.num_pages, pool.page_size
-        self.refs: dict[int, int] = {}  # page -> live requests holding it
-        self.key_of: dict[int, bytes] = {}  # cached page -> its key
-        self.page_of: dict[bytes, int] = {}  # key -> cached page
-        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached pages with no reference, oldest first
+    def __init__(self, pools: dict, per_block: dict[str, int], block_tokens: int):
+        self.pools, self.per_block, self.block_tokens = pools, per_block, block_tokens
+        self.pages: dict[bytes, dict[str, list[int]]] = {}  # key -> the block's pages in each shared pool
+        self.refs: dict[bytes, int] = {}  # key -> live requests referencing the block
+        self.evictable: OrderedDict[bytes, None] = OrderedDict()  # cached blocks with no reference, oldest first
 
-    @property
-    def num_free(self) -> int:
-        return self.pool.num_free + len(self.evictable)
+    def num_free(self, pool: str) -> int:
+        return self.pools[pool].num_free + len(self.evictable) * self.per_block[pool]
 
-    def match(self, keys: list[bytes]) -> list[int]:
-        """Cached pages of the longest prefix of `keys`: the chain stops at the first key not cached."""
-        pages = []
+    def match(self, keys: list[bytes]) -> list[bytes]:
+        """The longest cached prefix of `keys`: the chain stops at the first key not cached."""
+        hit = []
         for key in keys:
-            if key not in self.page_of:
+            if key not in self.pages:
                 break
-            pages.append(self.page_of[key])
-        return pages
+            hit.append(key)
+        return hit
 
-    def num_evictable(self, pages: list[int]) -> int:
-        return sum(p in self.evictable for p in pages)
+    def evictable_pages(self, keys: list[bytes], pool: str) -> int:
+        return sum(k in self.evictable for k in keys) * self.per_block[pool]
 
-    def share(self, pages: list[int]) -> list[int]:
-        """Take a reference on cached pages (from `match`); they stop being evictable."""
-        for p in pages:
-            self.refs[p] = self.refs.get(p, 0) + 1
-            self.evictable.pop(p, None)
-        return list(pages)
+    def share(self, keys: list[bytes]) -> dict[str, list[int]]:
+        """Take a reference on cached blocks (from `match`), which stop being evictable; their pages per pool."""
+        for k in keys:
+            self.refs[k] = self.refs.get(k, 0) + 1
+            self.evictable.pop(k, None)
+        return {p: [x for k in keys for x in self.pages[k][p]] for p in self.per_block}
 
-    def alloc(self, n: int) -> list[int]:
-        """`n` private pages, each with one reference: free ones first, then the least recently used cached ones."""
-        assert n <= self.num_free, f"pool {self.name}: {n} pages asked, {self.num_free} free or evictable"
-        pages = self.pool.alloc(min(n, self.pool.num_free))
-        while len(pages) < n:
-            p, _ = self.evictable.popitem(last=False)
-            del self.page_of[self.key_of.pop(p)]
-            pages.append(p)
-        for p in pages:
-            self.refs[p] = 1
-        return pages
+    def alloc(self, pool: str, n: int) -> list[int]:
+        """`n` pages of `pool`: free ones first, then those of the least recently used evictable blocks (an evicted
+        block returns its pages in every pool)."""
+        free = self.pools[pool]
+        got = free.alloc(min(n, free.num_free))
+        while len(got) < n:
+            assert self.evictable, f"pool {pool}: {n} pages asked, {len(got)} free or evictable"
+            key, _ = self.evictable.popitem(last=False)
+            for p, pages in self.pages.pop(key).items():
+                self.pools[p].free(pages)
+            got += free.alloc(min(n - len(got), free.num_free))
+        return got
 
-    def free(self, pages: list[int]) -> None:
-        """Drop one reference from each page; an unreferenced cached page becomes evictable, others go free.
-        The tail of a prefix is released first, so it is evicted before the head that leads to it."""
-        unused = []
-        for p in reversed(pages):
-            self.refs[p] -= 1
-            if self.refs[p] == 0:
-                del self.refs[p]
-                if p in self.key_of:
-                    self.evictable[p] = None
-                else:
-                    unused.append(p)
-        self.pool.free(unused)
+    def register(self, keys: list[bytes], pages: dict[str, list[int]]) -> list[bytes]:
+        """Make computed blocks findable under their keys; `pages` holds their pages per pool, block after block.
+        Returns the keys registered, each now referenced once by the caller. A key already cached keeps its block
+        (the caller's copy stays private and goes free when its request ends)."""
+        added = []
+        for i, key in enumerate(keys):
+            if key not in self.pages:
+                self.pages[key] = {p: pages[p][i * m:(i + 1) * m] for p, m in self.per_block.items()}
+                self.refs[key] = 1
+                added.append(key)
+        return added
 
-    def register(self, pages: list[int], keys: list[bytes]) -> None:
-        """Make computed full pages findable under their keys; a key already cached keeps its page (the other
-        copy stays private and goes free when its request ends)."""
-        for p, key in zip(pages, keys):
-            if key not in self.page_of and p not in self.key_of:
-                self.page_of[key], self.key_of[p] = p, key
+    def release(self, keys: list[bytes]) -> None:
+        """Drop one reference from each block; an unreferenced block becomes evictable. The tail of a prefix is
+        released first, so it is evicted before the head that leads to it."""
+        for k in reversed(keys):
+            self.refs[k] -= 1
+            if self.refs[k] == 0:
+                del self.refs[k]
+                self.evictable[k] = None
+
+    def owned(self, keys: list[bytes]) -> dict[str, set[int]]:
+        """The pages of these cached blocks, per pool."""
+        return {p: {x for k in keys for x in self.pages[k][p]} for p in self.per_block}

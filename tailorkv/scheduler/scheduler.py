@@ -4,8 +4,9 @@ Each step runs every decoding sequence (one token each) plus prefill work under 
 prompt chunks of admitted sequences first, then newly admitted ones. Admission reserves, in every pool of both
 tiers, the pages for prompt + max_new_tokens, so a running sequence never runs out of memory and nothing is
 half-admitted; a sequence that does not fit waits. With prefix caching, admission first takes the longest cached
-run of the prompt's full pages (never the whole prompt: its last token must be computed to give logits), reserves
-only the rest and starts computing after it; computed full pages are offered to the cache as they fill up.
+run of the prompt's full blocks (never the whole prompt: its last token must be computed to give logits; never
+past what the policy may share), reserves only the rest and starts computing after it; computed blocks are
+offered to the cache as they fill up.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Seq:
     num_computed: int = 0  # tokens whose K/V is in the cache
     num_generated: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
-    page_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full pages
+    page_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
 
     @property
     def prefilling(self) -> bool:
@@ -49,8 +50,13 @@ class Step:
 class Scheduler:
     def __init__(self, memory: MemoryManager, pages_needed: Callable[[int, int], dict[str, int]], *,
                  max_running: int = 64, max_queued: int = 1024, chunk_tokens: int = 2048,
-                 whole_prompt_prefill: bool = False):
+                 whole_prompt_prefill: bool = False, shareable: Callable[[int], int] = lambda n: n,
+                 cache_output: bool = True):
+        """`shareable(prompt_len)`: prompt tokens whose K/V the policy never rewrites once computed (only their
+        blocks are cached or shared); `cache_output`: generated tokens' blocks are cached too (the next chat
+        turn)."""
         self.memory, self.pages_needed, self.prefix = memory, pages_needed, memory.prefix
+        self.shareable, self.cache_output = shareable, cache_output
         self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
         # Some policies (tailor's S layers) need the whole prompt at once: offload + max|K| over all of it.
         self.whole_prompt_prefill = whole_prompt_prefill
@@ -64,7 +70,7 @@ class Scheduler:
         if len(self.waiting) >= self.max_queued:
             raise QueueFullError(f"the queue is full ({self.max_queued} waiting requests)")
         if self.prefix and prompt_ids is not None:
-            seq.page_keys = page_hashes(prompt_ids, self.prefix.page_size)
+            seq.page_keys = page_hashes(prompt_ids, self.prefix.block_tokens)
         self.waiting.append(seq)
 
     @property
@@ -89,7 +95,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             s = self.waiting[0]
             shared = self._cached_prefix(s)
-            cached = len(shared) * self.prefix.page_size if shared else 0
+            cached = len(shared) * self.prefix.block_tokens if shared else 0
             n = self._chunk(s.prompt_len - cached, budget, first=not any(x.prefilling for x in seqs))
             if not n:
                 break
@@ -105,11 +111,14 @@ class Scheduler:
             budget -= n
         return Step(seqs, new, admitted) if seqs else None
 
-    def _cached_prefix(self, s: Seq) -> list[int]:
-        """Cached pages of the prompt's longest cached run of full pages, leaving its last token to compute."""
+    def _cached_prefix(self, s: Seq) -> list[bytes]:
+        """Keys of the prompt's longest cached run of full blocks, leaving its last token to compute."""
         if not self.prefix:
             return []
-        return self.prefix.match(s.page_keys[:(s.prompt_len - 1) // self.prefix.page_size])
+        return self.prefix.match(s.page_keys[:self._blocks(min(s.prompt_len - 1, self.shareable(s.prompt_len)))])
+
+    def _blocks(self, tokens: int) -> int:
+        return max(tokens, 0) // self.prefix.block_tokens
 
     def _chunk(self, remaining: int, budget: int, first: bool) -> int:
         if not self.whole_prompt_prefill:
@@ -122,15 +131,15 @@ class Scheduler:
         for s, n in zip(step.seqs, step.new):
             done, s.num_computed = s.num_computed, s.num_computed + n
             if self.prefix and done < s.prompt_len:
-                self.memory.cache(s.rid, s.page_keys[:s.num_computed // self.prefix.page_size],
-                                  start=done // self.prefix.page_size)
+                final = min(s.num_computed, self.shareable(s.prompt_len))
+                self.memory.cache(s.rid, s.page_keys[:self._blocks(final)], start=self._blocks(done))
 
     def finish(self, rid: int, token_ids: list[int] | None = None) -> None:
         """Drop a finished, aborted or failed sequence, waiting or running, and return all its pages. `token_ids`
         (prompt + output) also caches the full pages of its generated tokens, for the next turn of a chat."""
         seq = self.running.pop(rid, None)
-        if self.prefix and seq is not None and token_ids is not None:
-            keys, size = seq.page_keys, self.prefix.page_size
+        if self.prefix and self.cache_output and seq is not None and token_ids is not None:
+            keys, size = seq.page_keys, self.prefix.block_tokens
             more = page_hashes(token_ids[len(keys) * size:seq.num_computed], size, keys[-1] if keys else ROOT)
             self.memory.cache(rid, keys + more, start=len(keys))
         self.waiting = deque(s for s in self.waiting if s.rid != rid)
