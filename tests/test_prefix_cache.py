@@ -202,3 +202,95 @@ def test_lru_eviction_under_a_small_budget(cold):
         assert hits[:3] == [0, 0, 0] and 0 < hits[3] < full and hits[-1] == 0
         assert [r["output_ids"] for r in e.generate(docs[:4], sampling_params=sp)] == want[:4]
         assert all_free(e)
+
+
+# ---- tailor: blocks of one host page (rows + sketch + quantized pages), exact prefill after a shared prefix -------
+TAILOR_BLOCK = 256
+
+
+@pytest.fixture(scope="module")
+def chat():
+    """A ~1350-token document and two questions about it."""
+    doc = load_essays()[:6000]
+    return [doc + "\n\nQuestion: what is this text about?\nAnswer:",
+            doc + "\n\nQuestion: who wrote it? Explain in detail, with the evidence from the text.\nAnswer:"]
+
+
+@pytest.mark.parametrize("key_sketch", [2, 0])
+def test_tailor_shares_a_document_exactly(chat, key_sketch):
+    """The second question reuses the document's host pages, sketch pages and quantized pages: its prefill attends
+    to the shared prefix read back from the host tier, and the tokens equal those of an engine without caching."""
+    sp = {**GREEDY, "max_new_tokens": 16}
+    options = dict(kv_policy="tailor", key_sketch=key_sketch, progress=False)
+    with Engine(**options, enable_prefix_caching=False) as e:
+        want = [e.generate(p, sampling_params=sp)["output_ids"] for p in chat]
+    with Engine(**options) as e:
+        got = [e.generate(p, sampling_params=sp) for p in chat]
+        assert [g["output_ids"] for g in got] == want
+        first, second = (e.tokenize(p, None) for p in chat)
+        common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+        # blocks of the first prompt that are final (the Q layer's last 128 tokens are not) and common to both
+        hit = min(common, len(first) - e.policy.tc.residual) // TAILOR_BLOCK * TAILOR_BLOCK
+        assert got[0]["meta_info"]["cached_tokens"] == 0 and got[1]["meta_info"]["cached_tokens"] == hit >= 1024
+        assert all_free(e)
+
+
+def test_tailor_chat_turns_leave_nothing_behind(chat):
+    """A second turn (document + first answer + new question) hits the document's blocks; then 40 requests sharing
+    a prefix in four variants with a host tier too small to cache them all: afterwards every page of both tiers is
+    free (cached blocks count as free) and no request state is left."""
+    sp = {**GREEDY, "max_new_tokens": 4}
+    with Engine(kv_policy="tailor", progress=False, host_kv_gib=0.1) as e:
+        turn1 = e.generate(chat[0], sampling_params=sp)
+        turn2 = e.generate(input_ids=e.tokenize(chat[0], None) + turn1["output_ids"] + e.tokenize(" Why?", None),
+                           sampling_params=sp)
+        assert turn2["meta_info"]["cached_tokens"] >= 1024
+        docs = [load_essays()[i * 2200:i * 2200 + 2200] for i in range(4)]  # ~500 tokens: one final block each
+        outs = e.generate([docs[i % 4] + f" Note {i}." for i in range(40)], sampling_params={**GREEDY, "max_new_tokens": 2})
+        assert sum(o["meta_info"]["cached_tokens"] == TAILOR_BLOCK for o in outs) >= 20
+        assert all_free(e) and not e.policy.prompt_len and not e.policy.s_state and not e.policy.q_state
+
+
+def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
+    """1,000 requests with tailor's pools and blocks (random shared prefixes, random lengths, some aborted while
+    waiting or running): when idle every pool reports all pages free and the cache holds at most what fits."""
+    import random
+
+    from tailorkv.scheduler.scheduler import Scheduler, Seq
+
+    rng = random.Random(0)
+    specs = [PoolSpec("slots", "gpu", 16, 1, 1), PoolSpec("qkv", "gpu", 400, 64, 1), PoolSpec("gen", "gpu", 40, 64, 1),
+             PoolSpec("sketch", "gpu", 60, 256, 1), PoolSpec("host", "host", 60, 256, 1)]
+    mm = MemoryManager(specs, prefix=(256, {"host": 1, "sketch": 1, "qkv": 4}))
+
+    def need(prompt, new):
+        return {"slots": 1, "qkv": -(-(prompt + new) // 64), "gen": -(-new // 64), "sketch": -(-prompt // 256),
+                "host": -(-prompt // 256)}
+
+    sched = Scheduler(mm, need, max_running=12, chunk_tokens=4096, whole_prompt_prefill=True,
+                      shareable=lambda n: max(n - 128, 0), cache_output=False)
+    docs = [[rng.randrange(1000) for _ in range(1500)] for _ in range(8)]
+    live, hits = {}, 0
+    for rid in range(1000):
+        ids = docs[rng.randrange(8)][: rng.randrange(200, 1500)] + [rng.randrange(1000) for _ in range(rng.randrange(1, 300))]
+        seq = Seq(rid, len(ids), rng.randrange(1, 100))
+        sched.add(seq, ids)
+        live[rid] = seq
+        while len(sched.waiting) + len(sched.running) > 20 or (rid == 999 and sched.has_work):
+            step = sched.schedule()
+            if step is None:
+                break
+            hits += sum(s.cached_tokens > 0 for s, _ in step.admitted)
+            sched.advance(step)
+            for s in step.seqs:
+                if not s.prefilling:
+                    s.num_generated += 1
+                    if s.num_generated >= s.max_new_tokens or rng.random() < 0.01:  # done, or aborted
+                        sched.finish(s.rid, None)
+            if rng.random() < 0.02 and sched.waiting:  # abort one still waiting
+                sched.finish(sched.waiting[-1].rid)
+    assert not sched.has_work and not mm.held and not mm.blocks and hits > 300
+    assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
+    assert len(mm.prefix.pages) <= 60 and not mm.prefix.refs
+    assert all(mm.pools[p].num_free + len(mm.prefix.evictable) * m == mm.pools[p].num_pages
+               for p, m in mm.prefix.per_block.items())

@@ -34,13 +34,16 @@ def test_tailor_with_covering_budget_equals_full(prompt, full_tokens, key_sketch
 
 
 def test_key_sketch_replaces_the_channel_copy(prompt):
-    """With the sketch the host tier keeps token rows only (2/3 of the bytes per page), the GPU tier the sketch
-    pages; a batch decodes as each prompt alone and every page comes back."""
+    """With the sketch the host tier keeps token rows only (K and V of every layer: 2 rows, where the faithful path
+    adds a channel-major K of each S layer), the GPU tier the sketch pages; a batch decodes as each prompt alone
+    and every page comes back."""
     prompts, sp = [prompt, prompt[:700]], {**GREEDY, "max_new_tokens": 12}
     with Engine(kv_policy="tailor", key_sketch=2, progress=False) as e, \
             Engine(kv_policy="tailor", key_sketch=0, progress=False) as faithful:
         assert e.policy.offload.k_t is None
-        assert 3 * e.memory.specs["host"].bytes_per_page == 2 * faithful.memory.specs["host"].bytes_per_page
+        ns, nq = len(e.policy.s_index), len(e.policy.q_index)
+        sketch_page, faithful_page = (x.memory.specs["host"].bytes_per_page for x in (e, faithful))
+        assert sketch_page * (2 * (ns + nq) + ns) == faithful_page * 2 * (ns + nq)
         assert "sketch" in e.memory.specs and "sketch" not in faithful.memory.specs
         alone = [e.generate(p, sampling_params=sp)["output_ids"] for p in prompts]
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == alone

@@ -88,7 +88,9 @@ class DecodeView:
 class OffloadStore:
     def __init__(self, num_layers: int, host_pages: int, gen_pages: int, num_slots: int, num_kv_heads: int,
                  head_dim: int, sink: int, recent: int, device, dtype, host_on_device: bool = False,
-                 sketch_bits: int = 0, sketch_pages: int = 0):
+                 sketch_bits: int = 0, sketch_pages: int = 0, extra_row_layers: int = 0):
+        """`extra_row_layers`: more layers whose prompt rows only are kept (tailor's Q layers, for a later request
+        that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ..."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.sketch_bits = sketch_bits
         self.h, self.d, self.device, self.window = H, D, device, sink + recent
@@ -97,7 +99,7 @@ class OffloadStore:
 
         def host(*shape):
             return torch.empty(shape, dtype=dtype, device=device) if host_on_device else host_tensor(shape, dtype, pin)
-        self.rows = [host(host_pages, H, HOST_PAGE, 2 * D) for _ in range(L)]  # per layer: no one huge block
+        self.rows = [host(host_pages, H, HOST_PAGE, 2 * D) for _ in range(L + extra_row_layers)]  # no huge block
         # the channel-major copy of K that stage 1 reads, unless the sketch replaces it
         self.k_t = None if sketch_bits else [host(host_pages, H, D, HOST_PAGE) for _ in range(L)]
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
@@ -118,8 +120,9 @@ class OffloadStore:
         self.gen_v = torch.zeros(L, (gen_pages + 1) * PAGE, H, D, **dev)
 
     @staticmethod
-    def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int, channel_copy: bool = True) -> int:
-        return num_layers * h * HOST_PAGE * (3 if channel_copy else 2) * d * itemsize
+    def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int, channel_copy: bool = True,
+                            extra_row_layers: int = 0) -> int:
+        return ((num_layers + extra_row_layers) * 2 + (num_layers if channel_copy else 0)) * h * HOST_PAGE * d * itemsize
 
     @staticmethod
     def bytes_per_sketch_page(num_layers: int, h: int, d: int, bits: int) -> int:
@@ -133,31 +136,50 @@ class OffloadStore:
     def bytes_per_slot(num_layers: int, h: int, d: int, window: int, itemsize: int) -> int:
         return num_layers * (2 * window * h * d * itemsize + h * d * 4)
 
-    def prefill(self, layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Offload a whole prompt's k, v [L, H, D]; keep sink + recent and max|K| per channel on the GPU."""
-        n, np_ = k.shape[0], st.host_pages.numel()
-        pad = np_ * HOST_PAGE - n
-        kp = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad)).view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2)
-        vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2)
-        src = torch.arange(np_, device=k.device)
-        self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[layer], st.host_pages)
+    def prefill(self, layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Store a whole prompt's k, v [n, H, D] of an S layer: tokens from `start` (a multiple of 256; the pages
+        before it are shared, already stored) to the host tier and the sketch; sink + recent and max|K| per
+        channel over all of it on the GPU."""
+        kp = self.store_rows(layer, st, k, v, start)
         if self.sketch_bits:
-            self._sketch(layer, st, k)
+            self._sketch(layer, st, k[start:], start // HOST_PAGE)
         else:
-            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], st.host_pages)
+            src = torch.arange(kp.shape[0], device=k.device)
+            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], st.host_pages[start // HOST_PAGE:])
+        n = k.shape[0]
         keep = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, n)]).to(k.device)
         self.win_k[layer, st.slot, : keep.numel()] = k[keep]
         self.win_v[layer, st.slot, : keep.numel()] = v[keep]
         self.max_abs[layer, st.slot] = k.float().abs().amax(0)
 
-    def _sketch(self, layer: int, st: OffloadState, k: torch.Tensor) -> None:
-        """Quantize the prompt's K [n, H, D] per channel (groups of 64 tokens) into the request's sketch pages."""
-        np_, per = st.sketch_pages.numel(), 32 // self.sketch_bits
+    def store_rows(self, row_layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor,
+                   start: int = 0) -> torch.Tensor:
+        """Token rows of k, v [n, H, D] from `start` (a multiple of 256) into the request's host pages; returns
+        the keys stored, as pages [pages, H, 256, D]."""
+        p0, np_ = start // HOST_PAGE, st.host_pages.numel() - start // HOST_PAGE
+        pad = np_ * HOST_PAGE - (k.shape[0] - start)
+        kp, vp = (torch.nn.functional.pad(x[start:], (0, 0, 0, 0, 0, pad)).view(np_, HOST_PAGE, self.h, self.d)
+                  .transpose(1, 2) for x in (k, v))
+        src = torch.arange(np_, device=k.device)
+        self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[row_layer], st.host_pages[p0:])
+        return kp
+
+    def read_rows(self, row_layer: int, st: OffloadState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V [n, H, D] of the first n prompt tokens (n a multiple of 256) back from the host tier."""
+        np_ = n // HOST_PAGE
+        rows = torch.empty(np_, self.h, HOST_PAGE, 2 * self.d, dtype=self.win_k.dtype, device=self.device)
+        self.ops.copy_pages(self.rows[row_layer], st.host_pages[:np_], rows, torch.arange(np_, device=self.device))
+        kv = rows.transpose(1, 2).reshape(n, self.h, 2 * self.d)
+        return kv[..., : self.d], kv[..., self.d:]
+
+    def _sketch(self, layer: int, st: OffloadState, k: torch.Tensor, p0: int) -> None:
+        """Quantize K [n, H, D] per channel (groups of 64 tokens) into the request's sketch pages from p0 on."""
+        np_, per = st.sketch_pages.numel() - p0, 32 // self.sketch_bits
         q = self.kivi_ops.quantize_keys(k.transpose(0, 1), self.sketch_bits, sketch_scores.GROUP)
         for src, dst in zip(q, (self.sk_packed, self.sk_scale, self.sk_zero)):
             rows = np_ * HOST_PAGE // (per if dst is self.sk_packed else sketch_scores.GROUP)
             x = torch.nn.functional.pad(src, (0, 0, 0, rows - src.shape[1]))  # pages past the prompt: zeros
-            dst[layer, st.sketch_pages] = x.view(self.h, np_, -1, self.d).transpose(0, 1)
+            dst[layer, st.sketch_pages[p0:]] = x.view(self.h, np_, -1, self.d).transpose(0, 1)
 
     def append(self, layer: int, view: DecodeView, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store each decode row's new k, v [B, H, D] among its generated tokens."""

@@ -71,12 +71,12 @@ class QuantStore:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
 
     # ---- writing ----------------------------------------------------------------------------------------------
-    def _quantize_k(self, layer: int, st: QuantState, k: torch.Tensor) -> None:
-        """k [m*64, H, D] at positions [st.kq, st.kq + m*64) -> packed pages."""
+    def _quantize_k(self, layer: int, st: QuantState, k: torch.Tensor, begin: int) -> None:
+        """k [m*64, H, D] at positions [begin, begin + m*64) -> packed pages."""
         m = k.shape[0] // PAGE
         x = k.view(m, PAGE, self.h, self.d).transpose(1, 2).reshape(m * self.h, PAGE, self.d)
         q = self.ops.quantize_keys(x, self.bits, PAGE)
-        pages = st.pages[st.kq // PAGE: st.kq // PAGE + m]
+        pages = st.pages[begin // PAGE: begin // PAGE + m]
         self.k_packed[layer, pages] = q.packed.view(m, self.h, -1, self.d)
         self.k_scale[layer, pages] = q.scale.view(m, self.h, self.d)
         self.k_zero[layer, pages] = q.zero.view(m, self.h, self.d)
@@ -94,14 +94,15 @@ class QuantStore:
         pos = torch.arange(begin, end, device=st.pages.device)
         return st.pages[pos // PAGE] * PAGE + pos % PAGE
 
-    def prefill(self, layer: int, st: QuantState, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a whole prompt's k, v [n, H, D] of one layer."""
+    def prefill(self, layer: int, st: QuantState, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Store a whole prompt's k, v [n, H, D] of one layer; the pages of tokens before `start` (a multiple of
+        64, at most n - residual) are shared with an earlier request and already hold them."""
         n, r = k.shape[0], self.cfg.residual
         kq, vq = n - n % r, max(n - r, 0)
-        if kq:
-            self._quantize_k(layer, st, k[:kq])
-        if vq:
-            self._quantize_v(layer, st, v[:vq], 0)
+        if kq > start:
+            self._quantize_k(layer, st, k[start:kq], start)
+        if vq > start:
+            self._quantize_v(layer, st, v[start:vq], start)
         self.k_tail[layer, st.slot, : n - kq] = k[kq:]
         self.v_win[layer, st.slot, : n - vq] = v[vq:]
 
@@ -110,7 +111,7 @@ class QuantStore:
         r, tail = self.cfg.residual, st.n - st.kq
         self.k_tail[layer, st.slot, tail] = k[0]
         if tail + 1 == r:
-            self._quantize_k(layer, st, self.k_tail[layer, st.slot, :r])
+            self._quantize_k(layer, st, self.k_tail[layer, st.slot, :r], st.kq)
         w = st.n - max(st.n - r, 0)  # tokens in the V window before this one
         self.v_win[layer, st.slot, w] = v[0]
         if w + 1 > r:

@@ -28,7 +28,7 @@ def _pages(tokens: int, page: int = PAGE) -> int:
 class TailorPolicy(KVPolicy):
     name = "tailor"
     whole_prompt_prefill = True
-    prefix_sharing = False  # quantized and offloaded KV, per request: nothing to share by page
+    caches_output = False  # generated tokens live in GPU-tier pages of their own, not in the shared blocks
 
     def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, host_on_device: bool = False,
                  **options):
@@ -53,6 +53,18 @@ class TailorPolicy(KVPolicy):
     def bind_model(self, model) -> None:
         self.model = model
 
+    def prefix_blocks(self) -> tuple[int, dict[str, int]] | None:
+        """Blocks of one host-tier page: its token rows (and the Q layers' rows), its key-sketch page and the four
+        quantized pages of the same tokens. kivi (no host tier) does not share."""
+        if not self.s_index:
+            return None
+        return HOST_PAGE, {"host": 1, **({"sketch": 1} if self.tc.key_sketch else {}),
+                           **({"qkv": HOST_PAGE // PAGE} if self.q_index else {})}
+
+    def shareable_tokens(self, prompt_len: int) -> int:
+        """The Q layers' last `residual` prompt tokens are quantized during decode, into their pages: not final."""
+        return max(prompt_len - self.tc.residual, 0) if self.q_index else prompt_len
+
     # ---- memory ------------------------------------------------------------------------------------------------
     def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
@@ -63,7 +75,7 @@ class TailorPolicy(KVPolicy):
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
         # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~64x longer: long contexts)
-        gpu = {}
+        gpu: dict[str, tuple[int, int, int]] = {}
         if nq:
             gpu["qkv"] = (PAGE, QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup), 65)
         if ns:
@@ -74,7 +86,7 @@ class TailorPolicy(KVPolicy):
         specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
         specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b) for name, (size, b, n) in gpu.items()]
         if ns:
-            hpage = OffloadStore.bytes_per_host_page(ns, h, d, item, channel_copy=not t.key_sketch)
+            hpage = OffloadStore.bytes_per_host_page(ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq)
             specs.append(PoolSpec("host", "host", max(host_bytes // hpage, 1), HOST_PAGE, hpage))
         return specs
 
@@ -96,8 +108,9 @@ class TailorPolicy(KVPolicy):
             if self.q_index else None
         self.offload = OffloadStore(len(self.s_index), n.get("host", 0), n.get("gen", 0), n["slots"], h, d,
                                     t.sink, t.recent, self.device, self.dtype, self.host_on_device, t.key_sketch,
-                                    n.get("sketch", 0)) \
+                                    n.get("sketch", 0), extra_row_layers=len(self.q_index)) \
             if self.s_index else None
+        self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
         self.s_state: dict[int, OffloadState] = {}
         self.critical: dict[int, tuple] = {}  # stage-1 results (channels, keys, ready event), double-buffered
@@ -109,6 +122,7 @@ class TailorPolicy(KVPolicy):
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         as_tensor = lambda name: torch.tensor(pages.get(name, []), dtype=torch.long, device=self.device)  # noqa
         slot = pages["slots"][0]
+        self.prompt_len[rid] = prompt_len
         if self.q_index:
             self.q_state[rid] = QuantState(as_tensor("qkv"), slot)
         if self.s_index:
@@ -116,6 +130,7 @@ class TailorPolicy(KVPolicy):
                                              self.tc.recent, self.device, pages.get("sketch", ()))
 
     def release(self, rid: int) -> None:
+        self.prompt_len.pop(rid, None)
         self.q_state.pop(rid, None)
         self.s_state.pop(rid, None)
 
@@ -124,8 +139,12 @@ class TailorPolicy(KVPolicy):
                 "host": self.offload.host_bytes() if self.offload else 0}
 
     # ---- the step ------------------------------------------------------------------------------------------------
+    def is_prefill(self, i: int, batch: ForwardBatch) -> bool:
+        """Row i computes (the rest of) its prompt: all of it, or what follows a shared prefix."""
+        return batch.start[i] < self.prompt_len[batch.rids[i]]
+
     def prepare(self, batch: ForwardBatch) -> None:
-        decode_rows = [i for i in range(batch.size) if batch.start[i] > 0]
+        decode_rows = [i for i in range(batch.size) if not self.is_prefill(i, batch)]
         self.view = None
         if decode_rows and self.s_index:
             states = [self.s_state[batch.rids[i]] for i in decode_rows]
@@ -142,7 +161,7 @@ class TailorPolicy(KVPolicy):
         return set(self.s_index)
 
     def graph_key(self, batch: ForwardBatch, rows: int):
-        if any(s == 0 for s in batch.start):  # a prompt: prefill runs eagerly
+        if any(self.is_prefill(i, batch) for i in range(batch.size)):  # a prompt: prefill runs eagerly
             return None
         self.view = None
         if not self.s_index:  # kivi: every layer's attention is eager
@@ -197,10 +216,14 @@ class TailorPolicy(KVPolicy):
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
         for i, rid in enumerate(batch.rids):
-            sl = batch.seq(i)
-            if batch.start[i] == 0:
-                out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
-                self._store_prompt(layer, rid, k[sl], v[sl])
+            sl, start = batch.seq(i), batch.start[i]
+            if self.is_prefill(i, batch):
+                keys, values = k[sl], v[sl]
+                if start:  # after a shared prefix: attend to it exactly, from its rows in the host tier
+                    pk, pv = self.offload.read_rows(self._row_layer(layer), self.s_state[rid], start)
+                    keys, values = torch.cat([pk, keys]), torch.cat([pv, values])
+                out[sl] = causal_attention(q[sl], keys, values, start)
+                self._store_prompt(layer, rid, keys, values, start)
             elif layer in self.q_index:
                 st = self.q_state[rid]
                 self.quant.append(self.q_index[layer], st, k[sl], v[sl])
@@ -210,11 +233,18 @@ class TailorPolicy(KVPolicy):
             out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
         return out
 
-    def _store_prompt(self, layer: int, rid: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _row_layer(self, layer: int) -> int:
+        """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
+        return self.s_index[layer] if layer in self.s_index else len(self.s_index) + self.q_index[layer]
+
+    def _store_prompt(self, layer: int, rid: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """The whole prompt's k, v [n, H, D]; tokens before `start` are in shared blocks, already stored."""
         if layer in self.q_index:
-            self.quant.prefill(self.q_index[layer], self.q_state[rid], k, v)
+            self.quant.prefill(self.q_index[layer], self.q_state[rid], k, v, start)
+            if self.s_index:  # the exact rows too, for a later request that shares this prefix
+                self.offload.store_rows(self._row_layer(layer), self.s_state[rid], k, v, start)
         else:
-            self.offload.prefill(self.s_index[layer], self.s_state[rid], k, v)
+            self.offload.prefill(self.s_index[layer], self.s_state[rid], k, v, start)
 
     def _sparse_decode(self, layer: int, q, k, v) -> torch.Tensor:
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""
