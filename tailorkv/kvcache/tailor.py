@@ -74,14 +74,14 @@ class TailorPolicy(KVPolicy):
                 + OffloadStore.bytes_per_slot(ns, h, d, t.sink + t.recent, item))
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
-        # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~64x longer: long contexts)
+        # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~256x longer: long contexts)
         gpu: dict[str, tuple[int, int, int]] = {}
         if nq:
-            gpu["qkv"] = (PAGE, QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup), 65)
+            gpu["qkv"] = (PAGE, QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup), 257)
         if ns:
             gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 1)
             if t.key_sketch:
-                gpu["sketch"] = (HOST_PAGE, OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch), 16)
+                gpu["sketch"] = (HOST_PAGE, OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch), 64)
         unit = sum(b * n for _, b, n in gpu.values())
         specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
         specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b) for name, (size, b, n) in gpu.items()]
