@@ -3,26 +3,19 @@ torch reference, which is itself checked against plain indexing. Shapes are awkw
 head_dim 64, page counts and top-k sizes that fill no block. Without CUDA the kernels run in the Triton interpreter
 on CPU; with CUDA the source lives in pinned host memory and the kernels read it through UVA.
 """
-import importlib
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
 
 from tailorkv.kernels import host_copy as ref  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.bfloat16, torch.float32]
 
 
 @pytest.fixture(scope="module")
 def kt():
-    mod = pytest.importorskip("tailorkv.kernels.host_copy_triton")
-    return mod if CUDA else importlib.reload(mod)
+    return triton_module("host_copy_triton")
 
 
 def _host(*shape, dtype, seed=0):

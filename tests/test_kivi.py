@@ -3,19 +3,13 @@
 Without CUDA the Triton kernels run in the interpreter on CPU; with CUDA they are compiled and fed half-precision
 inputs, compared against the float32 reference at relative error 1e-2.
 """
-import importlib
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when kernels are decorated, so before the kernel module loads
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
 
 from tailorkv.kernels import kivi as K  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
 INPUT_DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
 BITS = [1, 2, 4]
 SHAPES = [(1, 1, 64), (4, 63, 128), (2, 65, 64), (3, 130, 128), (8, 197, 64)]  # (N, T, D)
@@ -23,9 +17,7 @@ SHAPES = [(1, 1, 64), (4, 63, 128), (2, 65, 64), (3, 130, 128), (8, 197, 64)]  #
 
 @pytest.fixture(scope="module")
 def kt():
-    mod = pytest.importorskip("tailorkv.kernels.kivi_triton")
-    # another test module may have loaded the kernels before TRITON_INTERPRET was set: decorate them again
-    return mod if CUDA else importlib.reload(mod)
+    return triton_module("kivi_triton")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -2,26 +2,18 @@
 to the dot product with exactly dequantized keys and to the true keys within the quantization error. Awkward
 shapes: head_dim 64, 3 KV heads, 12 channels (not a power of two), rows of different page counts, -1 page-table
 padding."""
-import importlib
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
 
 from tailorkv.kernels import kivi  # noqa: E402
 from tailorkv.kernels import sketch_scores as ref  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
-
 
 @pytest.fixture(scope="module")
 def kt():
-    mod = pytest.importorskip("tailorkv.kernels.sketch_scores_triton")
-    return mod if CUDA else importlib.reload(mod)
+    return triton_module("sketch_scores_triton")
 
 
 def _case(b, h, d, t, num_pages, bits, c, seed=0):

@@ -1,26 +1,18 @@
 """The offloaded layers' decode attention over [window | generated | fetched top-k]: the Triton kernel held to the
 torch reference, which is held to plain attention over the valid tokens. Awkward shapes: GQA group 3, head_dim 64,
 token counts that fill no tile; masked slots hold NaN."""
-import importlib
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
 
 from tailorkv.kernels import sparse_attention as ref  # noqa: E402
 from tailorkv.kernels.attention import grouped_attention  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
-
 
 @pytest.fixture(scope="module")
 def kt():
-    mod = pytest.importorskip("tailorkv.kernels.sparse_attention_triton")
-    return mod if CUDA else importlib.reload(mod)
+    return triton_module("sparse_attention_triton")
 
 
 def _case(b, hq, h, d, w, g, k, dtype, seed=0):
