@@ -294,3 +294,21 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
     assert len(mm.prefix.pages) <= 60 and not mm.prefix.refs
     assert all(mm.pools[p].num_free + len(mm.prefix.evictable) * m == mm.pools[p].num_pages
                for p, m in mm.prefix.per_block.items())
+
+
+def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
+    """Once the document is cached, several questions about it prefill in one step and read the shared prefix
+    once for all of them; each equals its answer without caching."""
+    sp = {**GREEDY, "max_new_tokens": 6}
+    questions = [chat[0], chat[1], chat[1] + " Be brief.", chat[0] + " In one word."]
+    with Engine(kv_policy="tailor", progress=False, enable_prefix_caching=False) as e:
+        want = [r["output_ids"] for r in e.generate(questions[1:], sampling_params=sp)]
+    with Engine(kv_policy="tailor", progress=False) as e:
+        e.generate(questions[0], sampling_params=sp)
+        reads = []
+        read_rows = e.policy.offload.read_rows
+        e.policy.offload.read_rows = lambda *a: reads.append(a[0]) or read_rows(*a)
+        got = e.generate(questions[1:], sampling_params=sp)
+        assert [r["output_ids"] for r in got] == want and all(r["meta_info"]["cached_tokens"] >= 1024 for r in got)
+        assert len(reads) == e.config.num_layers  # one read per layer for the three rows
+        assert all_free(e)

@@ -215,12 +215,13 @@ class TailorPolicy(KVPolicy):
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
+        prefixes: dict[tuple, tuple] = {}  # shared prefixes read this step: once for all the rows that share one
         for i, rid in enumerate(batch.rids):
             sl, start = batch.seq(i), batch.start[i]
             if self.is_prefill(i, batch):
                 keys, values = k[sl], v[sl]
                 if start:  # after a shared prefix: attend to it exactly, from its rows in the host tier
-                    pk, pv = self.offload.read_rows(self._row_layer(layer), self.s_state[rid], start)
+                    pk, pv = self._shared_prefix(layer, self.s_state[rid], start, prefixes)
                     keys, values = torch.cat([pk, keys]), torch.cat([pv, values])
                 out[sl] = causal_attention(q[sl], keys, values, start)
                 self._store_prompt(layer, rid, keys, values, start)
@@ -232,6 +233,14 @@ class TailorPolicy(KVPolicy):
             rows = self.row_index
             out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
         return out
+
+    def _shared_prefix(self, layer: int, st: OffloadState, start: int, prefixes: dict) -> tuple:
+        """K, V [start, H, D] of the request's first `start` prompt tokens (shared blocks) from the host tier; a
+        prefix already read in this step (the same pages: one document, many users) is not read again."""
+        key = tuple(st.host_pages_cpu[: start // HOST_PAGE].tolist())
+        if key not in prefixes:
+            prefixes[key] = self.offload.read_rows(self._row_layer(layer), st, start)
+        return prefixes[key]
 
     def _row_layer(self, layer: int) -> int:
         """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
