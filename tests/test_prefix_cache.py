@@ -246,7 +246,8 @@ def test_tailor_chat_turns_leave_nothing_behind(chat):
                            sampling_params=sp)
         assert turn2["meta_info"]["cached_tokens"] >= 1024
         docs = [load_essays()[i * 2200:i * 2200 + 2200] for i in range(4)]  # ~500 tokens: one final block each
-        outs = e.generate([docs[i % 4] + f" Note {i}." for i in range(40)], sampling_params={**GREEDY, "max_new_tokens": 2})
+        prompts = [docs[i % 4] + f" Note {i}." for i in range(40)]
+        outs = e.generate(prompts, sampling_params={**GREEDY, "max_new_tokens": 2})
         assert sum(o["meta_info"]["cached_tokens"] == TAILOR_BLOCK for o in outs) >= 20
         assert all_free(e) and not e.policy.prompt_len and not e.policy.s_state and not e.policy.q_state
 
@@ -272,7 +273,8 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
     docs = [[rng.randrange(1000) for _ in range(1500)] for _ in range(8)]
     live, hits = {}, 0
     for rid in range(1000):
-        ids = docs[rng.randrange(8)][: rng.randrange(200, 1500)] + [rng.randrange(1000) for _ in range(rng.randrange(1, 300))]
+        ids = docs[rng.randrange(8)][: rng.randrange(200, 1500)]
+        ids += [rng.randrange(1000) for _ in range(rng.randrange(1, 300))]
         seq = Seq(rid, len(ids), rng.randrange(1, 100))
         sched.add(seq, ids)
         live[rid] = seq

@@ -122,7 +122,8 @@ class OffloadStore:
     @staticmethod
     def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int, channel_copy: bool = True,
                             extra_row_layers: int = 0) -> int:
-        return ((num_layers + extra_row_layers) * 2 + (num_layers if channel_copy else 0)) * h * HOST_PAGE * d * itemsize
+        rows = (num_layers + extra_row_layers) * 2 + (num_layers if channel_copy else 0)  # K+V rows, channel-major K
+        return rows * h * HOST_PAGE * d * itemsize
 
     @staticmethod
     def bytes_per_sketch_page(num_layers: int, h: int, d: int, bits: int) -> int:
@@ -144,8 +145,8 @@ class OffloadStore:
         if self.sketch_bits:
             self._sketch(layer, st, k[start:], start // HOST_PAGE)
         else:
-            src = torch.arange(kp.shape[0], device=k.device)
-            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], st.host_pages[start // HOST_PAGE:])
+            src, dst = torch.arange(kp.shape[0], device=k.device), st.host_pages[start // HOST_PAGE:]
+            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], dst)
         n = k.shape[0]
         keep = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, n)]).to(k.device)
         self.win_k[layer, st.slot, : keep.numel()] = k[keep]

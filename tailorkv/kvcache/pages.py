@@ -56,11 +56,12 @@ class MemoryManager:
         self.held: dict[int, dict[str, list[int]]] = {}
         self.blocks: dict[int, list[bytes]] = {}  # cached blocks each request references (shared or registered)
 
+    def _shared(self, pool: str) -> bool:
+        return self.prefix is not None and pool in self.prefix.per_block
+
     def num_free(self, pool: str) -> int:
         """Pages of `pool` that can be allocated (free, or held only by an evictable cached block)."""
-        if self.prefix and pool in self.prefix.per_block:
-            return self.prefix.num_free(pool)
-        return self.pools[pool].num_free
+        return self.prefix.num_free(pool) if self._shared(pool) else self.pools[pool].num_free
 
     def fits_ever(self, need: dict[str, int]) -> bool:
         return all(n <= self.pools[p].num_pages for p, n in need.items())
@@ -81,8 +82,7 @@ class MemoryManager:
         if shared:
             held.update(self.prefix.share(shared))  # before alloc, which could otherwise evict them
         for p, n in fresh.items():
-            held[p] += self.prefix.alloc(p, n) if self.prefix and p in self.prefix.per_block else \
-                self.pools[p].alloc(n)
+            held[p] += self.prefix.alloc(p, n) if self._shared(p) else self.pools[p].alloc(n)
         self.held[rid], self.blocks[rid] = held, list(shared)
         return held
 

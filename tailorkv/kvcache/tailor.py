@@ -84,7 +84,8 @@ class TailorPolicy(KVPolicy):
                 gpu["sketch"] = (HOST_PAGE, OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch), 64)
         unit = sum(b * n for _, b, n in gpu.values())
         specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
-        specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b) for name, (size, b, n) in gpu.items()]
+        specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b)
+                  for name, (size, b, n) in gpu.items()]
         if ns:
             hpage = OffloadStore.bytes_per_host_page(ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq)
             specs.append(PoolSpec("host", "host", max(host_bytes // hpage, 1), HOST_PAGE, hpage))
