@@ -1,6 +1,7 @@
 """Throughput sweep: for each KV policy, start a server on the model, run bench_serving's random dataset at each
 maximum concurrency, stop the server. Every row is bench_serving's (output_tok_per_s, ttft_s_median, ...) plus
-`decode_tok_per_s` = concurrency / median ITL: the steady decode rate of a full batch, prefill left out.
+`decode_tok_per_s` = concurrency / median ITL: the steady decode rate of a full batch, prefill left out. Each
+point draws its own random prompts (seed = concurrency), so none hits the prefix cache of the points before it.
 
     python -m benchmarks.bench_throughput --model dummy:llama-3.1-8b --context 32768 --output-len 256 \\
         --policies full,tailor:longbench,tailor:longbench:key_sketch=1 --concurrency 4,8,16,32 \\
@@ -63,7 +64,8 @@ def sweep(args, spec: str) -> list[dict]:
             with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as tmp:
                 bench_serving.main(["--base-url", url, "--num-prompts", str(c * args.waves), "--random-input-len",
                                     str(args.context - args.output_len), "--random-output-len", str(args.output_len),
-                                    "--max-concurrency", str(c), "--output-file", tmp.name])
+                                    "--max-concurrency", str(c), "--output-file", tmp.name,
+                                    "--seed", str(c)])  # other prompts than the points before: no prefix-cache hits
                 row = json.loads(tmp.read().splitlines()[-1])
             row.update(identity(spec), concurrency=c, context=args.context,
                        decode_tok_per_s=c / row["itl_s_median"] if row["itl_s_median"] > 0 else None)
