@@ -105,8 +105,9 @@ def profile(engine: Engine, context: int, args) -> None:
         sync(engine)
     key = "cuda_time_total" if engine.device.type == "cuda" else "cpu_time_total"
     path = f"{os.path.splitext(args.output)[0]}_{args.current.replace(':', '-').replace('=', '')}_{context}.prof.txt"
-    with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    with open(path, "w") as f:  # the device's time per kernel, then the host's per op (launches, Python work)
+        for by in dict.fromkeys((key, "cpu_time_total")):
+            f.write(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60) + "\n")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

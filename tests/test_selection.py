@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tailorkv.kernels.attention import grouped_attention
-from tailorkv.kvcache.selection import group_mean, prune_chunk, score_tokens, select_channels, select_tokens
+from tailorkv.kvcache.selection import group_mean, score_tokens, select_channels, select_tokens
 
 
 @pytest.mark.parametrize("hq,hkv,d,ds", [(9, 3, 64, 8), (32, 8, 128, 12), (4, 4, 64, 1)])
@@ -56,31 +56,6 @@ def test_batched_selection_equals_per_sequence():
     for b in range(3):
         one, ok = select_tokens(scores[b], int(begin[b]), int(end[b]), 10)
         assert torch.equal(idx[b][valid[b]], one[ok]) and ok.all()
-
-
-@pytest.mark.parametrize("length,k", [(1000, 10), (1001, 7), (4099, 37), (131072 // 16, 128)])
-def test_pruned_top_k_equals_one_plain_top_k(length, k):
-    """Rows of one batch with ranges of every kind: wide, short of k tokens, empty; lengths off the chunk size."""
-    assert prune_chunk(length, k) > 1  # the two-round path is the one under test
-    torch.manual_seed(length)
-    scores = torch.randn(4, 3, length)
-    begin, end = torch.tensor([0, 8, 500, 9]), torch.tensor([length, length - 56, 500 + k // 2, 9])
-    idx, valid = select_tokens(scores, begin, end, k)
-    pos = torch.arange(length)
-    for b in range(4):
-        inside = (pos >= begin[b]) & (pos < end[b])
-        plain = scores[b].masked_fill(~inside, float("-inf")).topk(k, dim=-1)
-        assert valid[b].sum(-1).tolist() == [min(k, int(inside.sum()))] * 3
-        for h in range(3):
-            assert set(idx[b, h][valid[b, h]].tolist()) == set(plain.indices[h][plain.values[h] > float("-inf")].tolist())
-
-
-def test_pruned_top_k_with_ties_keeps_the_top_values():
-    scores = torch.randint(0, 5, (2, 3, 2048)).float()
-    idx, valid = select_tokens(scores, 0, 2048, 64)
-    assert valid.all() and (idx.sort(-1).values.diff(dim=-1) > 0).all()  # distinct positions
-    want = scores.topk(64, dim=-1).values
-    torch.testing.assert_close(scores.gather(-1, idx).sort(-1, descending=True).values, want)
 
 
 def test_grouped_attention_ignores_garbage_in_masked_slots():

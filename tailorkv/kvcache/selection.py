@@ -7,9 +7,8 @@ Every function takes optional leading batch dims (one per sequence).
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
 
 
 def group_mean(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -32,31 +31,10 @@ def score_tokens(q: torch.Tensor, k_channels: torch.Tensor, channels: torch.Tens
 
 def select_tokens(scores: torch.Tensor, begin, end, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per sequence):
-    (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer than k'.
-
-    Exact, in two rounds over short rows: the k chunks of `prune_chunk` tokens with the largest maxima hold the
-    k largest scores (a token outside them would be beaten by the k chunk maxima, k distinct tokens), so the
-    top k of those chunks' tokens is the answer (up to the order of ties)."""
+    (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer than k'."""
     pos = torch.arange(scores.shape[-1], device=scores.device)
     begin, end = torch.as_tensor(begin, device=scores.device), torch.as_tensor(end, device=scores.device)
     inside = (pos >= begin[..., None, None]) & (pos < end[..., None, None]) if begin.dim() else \
         (pos >= begin) & (pos < end)
-    masked, k = scores.masked_fill(~inside, float("-inf")), min(k, scores.shape[-1])
-    chunk = prune_chunk(scores.shape[-1], k)
-    if chunk == 1:
-        top = masked.topk(k, dim=-1)
-        return top.indices, top.values > float("-inf")
-    n = -(-masked.shape[-1] // chunk)
-    if n * chunk != masked.shape[-1]:
-        masked = torch.nn.functional.pad(masked, (0, n * chunk - masked.shape[-1]), value=float("-inf"))
-    chunks = masked.unflatten(-1, (n, chunk)).amax(-1).topk(k, dim=-1).indices
-    candidates = (chunks[..., None] * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
-    top = masked.gather(-1, candidates).topk(k, dim=-1)
-    return candidates.gather(-1, top.indices), top.values > float("-inf")
-
-
-def prune_chunk(length: int, k: int) -> int:
-    """Tokens per chunk of select_tokens' first round: the power of two near sqrt(length / k) (both rounds then
-    rank about sqrt(length * k) entries), or 1 (one plain top-k) where that saves little."""
-    chunk = 1 << max(int(math.log2(max(length / k, 1)) / 2), 0)
-    return chunk if chunk >= 4 else 1
+    top = scores.masked_fill(~inside, float("-inf")).topk(min(k, scores.shape[-1]), dim=-1)
+    return top.indices, top.values > float("-inf")
