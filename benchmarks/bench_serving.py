@@ -48,6 +48,7 @@ class Result:
     output_tokens: int = 0
     text: str = ""
     ttft: float = 0.0
+    queue: float | None = None  # the server's meta_info queue_time: arrival to admission (generate backend)
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
 
@@ -131,6 +132,7 @@ class Client:
             meta = chunk["meta_info"]
             res.text, res.prompt_tokens, res.output_tokens = chunk["text"], meta["prompt_tokens"], \
                 meta["completion_tokens"]
+            res.queue = meta.get("queue_time")
             return True
         if chunk.get("usage"):
             res.prompt_tokens, res.output_tokens = chunk["usage"]["prompt_tokens"], \
@@ -212,8 +214,11 @@ def summarize(args: argparse.Namespace, policy: str, results: list[Result], dura
            **stats("itl_s", [x for r in ok for x in r.itl]),
            **stats("e2e_s", [r.latency for r in ok])}
     if args.dataset == "doc-chat":
-        row["turn_ttft_s_median"] = [statistics.median([r.ttft for r in ok if r.job.turn == t] or [float("nan")])
-                                     for t in range(args.turns)]
+        def per_turn(of):
+            return [statistics.median([x for r in ok if r.job.turn == t and (x := of(r)) is not None] or [float("nan")])
+                    for t in range(args.turns)]
+        row["turn_ttft_s_median"] = per_turn(lambda r: r.ttft)
+        row["turn_queue_s_median"] = per_turn(lambda r: r.queue)  # of that TTFT, the wait for admission
     if args.request_rate == float("inf"):
         row["request_rate"] = "inf"  # JSON has no infinity
     return row
@@ -230,8 +235,9 @@ def print_table(row: dict, results: list[Result]) -> None:
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency")):
         for stat in ("mean", "median", "p99"):
             lines.append((f"{stat.capitalize()} {label} (ms)", f"{1000 * row[f'{name}_s_{stat}']:.2f}"))
-    for t, v in enumerate(row.get("turn_ttft_s_median", [])):
+    for t, (v, w) in enumerate(zip(row.get("turn_ttft_s_median", []), row.get("turn_queue_s_median", []))):
         lines.append((f"Median TTFT of turn {t + 1} (ms)", f"{1000 * v:.2f}"))
+        lines.append((f"  of it queued (median, ms)", f"{1000 * w:.2f}"))
     width = max(len(k) for k, _ in lines) + 2
     print("=" * (width + 14) + "\n" + " Serving Benchmark Result ".center(width + 14, "=") + "\n" + "=" * (width + 14))
     for k, v in lines:

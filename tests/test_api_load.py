@@ -87,13 +87,14 @@ def test_bench_serving(live_server, tmp_path, capsys):
 
     out = tmp_path / "rows.jsonl"
     common = ["--base-url", live_server.url, "--output-file", str(out), "--random-output-len", "4"]
-    row = main(common + ["--backend", "generate", "--dataset", "random", "--num-prompts", "6",
+    row = main(common + ["--backend", "completions", "--dataset", "random", "--num-prompts", "6",
                          "--random-input-len", "16", "--max-concurrency", "4"])
     assert row["completed"] == 6 and row["policy"] == "full" and row["context"] == 16
     assert row["output_tok_per_s"] > 0 and row["ttft_s_median"] > 0 and row["itl_s_median"] > 0
-    chat = main(common + ["--backend", "completions", "--dataset", "doc-chat", "--doc-tokens", "64", "--users", "2",
+    chat = main(common + ["--backend", "generate", "--dataset", "doc-chat", "--doc-tokens", "64", "--users", "2",
                           "--turns", "2", "--request-rate", "20", "--seed", "1"])
     assert chat["completed"] == 4 and len(chat["turn_ttft_s_median"]) == 2 and chat["context"] > 64
+    assert all(0 <= q <= t for q, t in zip(chat["turn_queue_s_median"], chat["turn_ttft_s_median"]))
     assert "Serving Benchmark Result" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["dataset"] for r in rows] == ["random", "doc-chat"]

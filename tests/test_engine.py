@@ -50,7 +50,15 @@ def test_meta_info(engine):
     m = out["meta_info"]
     assert (m["prompt_tokens"], m["completion_tokens"]) == (3, 3)
     assert m["finish_reason"] == {"type": "length", "matched": None}
-    assert m["e2e_latency"] > 0
+    assert 0 <= m["queue_time"] < m["e2e_latency"]
+
+
+def test_queue_time_counts_the_wait_for_a_running_slot():
+    """One running slot: the second prompt waits in the queue until the first finishes."""
+    with Engine(progress=False, max_running_requests=1) as one:
+        first, second = one.generate(PROMPTS[:2], sampling_params=GREEDY)
+    assert first["meta_info"]["queue_time"] < 0.1 * first["meta_info"]["e2e_latency"]
+    assert second["meta_info"]["queue_time"] >= 0.9 * first["meta_info"]["e2e_latency"]
 
 
 def test_seed_reproduces_and_top_k_1_is_greedy(engine):

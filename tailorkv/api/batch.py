@@ -42,7 +42,8 @@ class Completion:
         req = self.request
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": {
             "id": str(req.rid), "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
-            "cached_tokens": req.seq.cached_tokens, "finish_reason": self.finish_reason, "e2e_latency": self.last_time - req.created}}
+            "cached_tokens": req.seq.cached_tokens, "finish_reason": self.finish_reason,
+            "e2e_latency": self.last_time - req.created, "queue_time": req.queue_time}}
 
 
 class BatchRun:

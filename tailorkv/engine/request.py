@@ -80,6 +80,11 @@ class Request:
         self._sent = max(self._sent, end)
         return out
 
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival to admission into the running batch; None while it waits."""
+        return None if self.seq.admitted_at is None else self.seq.admitted_at - self.created
+
     def result(self) -> dict:
         end = self.finished_time or time.perf_counter()
         return {
@@ -92,5 +97,6 @@ class Request:
                 "cached_tokens": self.seq.cached_tokens,
                 "finish_reason": self.finish_reason,
                 "e2e_latency": end - self.created,
+                "queue_time": self.queue_time,
             },
         }

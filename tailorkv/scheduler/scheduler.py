@@ -10,6 +10,7 @@ offered to the cache as they fill up.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,6 +29,7 @@ class Seq:
     num_generated: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     page_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
+    admitted_at: float | None = None  # time.perf_counter() when it left the queue for the running batch
 
     @property
     def prefilling(self) -> bool:
@@ -103,6 +105,7 @@ class Scheduler:
             if pages is None:
                 break
             s.num_computed = s.cached_tokens = cached
+            s.admitted_at = time.perf_counter()
             self.waiting.popleft()
             self.running[s.rid] = s
             admitted.append((s, pages))
