@@ -49,6 +49,7 @@ class Result:
     text: str = ""
     ttft: float = 0.0
     queue: float | None = None  # the server's meta_info queue_time: arrival to admission (generate backend)
+    cached: int | None = None  # meta_info cached_tokens: prompt tokens taken from the prefix cache
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
 
@@ -132,7 +133,7 @@ class Client:
             meta = chunk["meta_info"]
             res.text, res.prompt_tokens, res.output_tokens = chunk["text"], meta["prompt_tokens"], \
                 meta["completion_tokens"]
-            res.queue = meta.get("queue_time")
+            res.queue, res.cached = meta.get("queue_time"), meta.get("cached_tokens")
             return True
         if chunk.get("usage"):
             res.prompt_tokens, res.output_tokens = chunk["usage"]["prompt_tokens"], \
@@ -219,6 +220,7 @@ def summarize(args: argparse.Namespace, policy: str, results: list[Result], dura
                     for t in range(args.turns)]
         row["turn_ttft_s_median"] = per_turn(lambda r: r.ttft)
         row["turn_queue_s_median"] = per_turn(lambda r: r.queue)  # of that TTFT, the wait for admission
+        row["turn_cached_tokens_median"] = per_turn(lambda r: r.cached)
     if args.request_rate == float("inf"):
         row["request_rate"] = "inf"  # JSON has no infinity
     return row
@@ -237,7 +239,8 @@ def print_table(row: dict, results: list[Result]) -> None:
             lines.append((f"{stat.capitalize()} {label} (ms)", f"{1000 * row[f'{name}_s_{stat}']:.2f}"))
     for t, (v, w) in enumerate(zip(row.get("turn_ttft_s_median", []), row.get("turn_queue_s_median", []))):
         lines.append((f"Median TTFT of turn {t + 1} (ms)", f"{1000 * v:.2f}"))
-        lines.append((f"  of it queued (median, ms)", f"{1000 * w:.2f}"))
+        lines.append(("  of it queued (median, ms)", f"{1000 * w:.2f}"))
+        lines.append(("  prompt tokens from the cache (median)", f"{row['turn_cached_tokens_median'][t]:.0f}"))
     width = max(len(k) for k, _ in lines) + 2
     print("=" * (width + 14) + "\n" + " Serving Benchmark Result ".center(width + 14, "=") + "\n" + "=" * (width + 14))
     for k, v in lines:
