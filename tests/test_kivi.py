@@ -143,53 +143,76 @@ def _attention(q, k, v, sm_scale):
     return torch.stack(outs).float(), torch.stack(lses).float()
 
 
-def _decode_case(t, stored, r, bits, dtype=torch.float32, hq=9, hkv=3, d=64):
-    """q, quantized K/V holding `stored` >= t tokens, and a residual sliced out of a 128-token buffer."""
-    q = _randn(hq, d, seed=1, dtype=dtype)
-    qk = K.quantize_keys(_randn(hkv, stored, d, seed=2), bits)
-    qv = K.quantize_values(_randn(hkv, stored, d, seed=3), bits)
-    k_res = _randn(hkv, 128, d, seed=4, dtype=dtype)[:, :r]
-    v_res = _randn(hkv, 128, d, seed=5, dtype=dtype)[:, :r]
-    return q, qk, qv, t, bits, 64, k_res, v_res, d**-0.5
+PAGED_ROWS = [(1, 0, 0), (197, 128, 69), (300, 256, 172), (64, 64, 0), (130, 128, 2)]  # (n, kq, vq) per sequence
 
 
-DECODE_CASES = [(197, 197, 37), (0, 0, 5), (130, 130, 0), (0, 0, 0), (128, 192, 100), (300, 300, 3)]
+def _paged_case(bits, rows=PAGED_ROWS, dtype=torch.float32, hq=9, hkv=3, d=64, r=128):
+    """A page pool of random K/V quantized per page, a page table of distinct pages per sequence, tails in shuffled
+    window slots; the arguments of paged_decode_attention."""
+    num_pages, num_slots = 24, 7
+    keys = _randn(num_pages * hkv, 64, d, seed=2)
+    qk = K.quantize_keys(keys, bits)
+    qv = K.quantize_values(_randn(1, num_pages * 64 * hkv, d, seed=3), bits)
+    k_packed = qk.packed.view(num_pages, hkv, -1, d)
+    k_scale, k_zero = (x.view(num_pages, hkv, d) for x in (qk.scale, qk.zero))
+    v_packed, v_scale, v_zero = (x.view(num_pages * 64, hkv, -1) for x in qv)
+    k_tail = _randn(num_slots, r, hkv, d, seed=4, dtype=dtype)
+    v_win = _randn(num_slots, r + 1, hkv, d, seed=5, dtype=dtype)
+    width = max(-(-n // 64) for n, _, _ in rows)
+    gen = torch.Generator().manual_seed(bits)
+    pages = torch.stack([torch.randperm(num_pages, generator=gen)[:width] for _ in rows]).to(DEVICE)
+    slots = torch.randperm(num_slots, generator=gen)[: len(rows)].to(DEVICE)
+    q = _randn(len(rows), hq, d, seed=1, dtype=dtype)
+    return (q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, k_tail, v_win, pages, slots,
+            torch.tensor(rows, device=DEVICE), bits, d ** -0.5)
 
 
 @pytest.mark.parametrize("bits", [1, 2])
-@pytest.mark.parametrize("t,stored,r", DECODE_CASES)
-def test_reference_decode_attention_is_exact(bits, t, stored, r):
-    q, qk, qv, t, bits, group, k_res, v_res, sm_scale = case = _decode_case(t, stored, r, bits)
-    k = torch.cat([K.dequantize_keys(qk, bits, group, t), k_res], 1)
-    v = torch.cat([K.dequantize_values(qv, bits, group)[:, :t], v_res], 1)
-    out, lse = K.quantized_decode_attention(*case)
-    want_out, want_lse = _attention(q, k, v, sm_scale)
-    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+def test_reference_paged_decode_attention_is_exact(bits):
+    """Each sequence against brute force over its tokens gathered by hand: K from its pages below kq, then the K
+    tail; V from its token slots below vq, then the V window (a ring)."""
+    case = _paged_case(bits)
+    q, kp, ks, kz, vp, vs, vz, k_tail, v_win, pages, slots, lengths, _, sm_scale = case
+    out = K.paged_decode_attention(*case)
+    for b, (n, kq, vq) in enumerate(lengths.tolist()):
+        keys, values = [], []
+        for t in range(n):
+            page, off = int(pages[b, t // 64]), t % 64
+            if t < kq:
+                qk = K.QuantizedKeys(kp[page], ks[page][:, None], kz[page][:, None])
+                keys.append(K.dequantize_keys(qk, bits, 64, 64)[:, off])
+            else:
+                keys.append(k_tail[slots[b], t - kq].float())
+            if t < vq:
+                slot = page * 64 + off
+                values.append(K.dequantize_values(K.QuantizedValues(vp[slot][None], vs[slot][None], vz[slot][None]),
+                                                  bits, 64)[0])
+            else:
+                values.append(v_win[slots[b], t % v_win.shape[1]].float())
+        want, _ = _attention(q[b], torch.stack(keys, 1), torch.stack(values, 1), sm_scale)
+        torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 @pytest.mark.parametrize("bits", [1, 2, 4])
-@pytest.mark.parametrize("t,stored,r", DECODE_CASES)
-def test_triton_decode_attention_matches_reference(kt, bits, t, stored, r, dtype):
-    case = _decode_case(t, stored, r, bits, dtype)
-    out, lse = kt.quantized_decode_attention(*case)
-    want_out, want_lse = K.quantized_decode_attention(*(x.float() if torch.is_tensor(x) else x for x in case))
-    assert out.dtype == lse.dtype == torch.float32 and out.shape == want_out.shape and lse.shape == want_lse.shape
-    if t + r == 0:
-        assert (out == 0).all() and (lse == float("-inf")).all()
-    elif CUDA:
-        assert _rel_err(out, want_out) <= 1e-2 and _rel_err(lse, want_lse) <= 1e-2
+def test_triton_paged_decode_attention_matches_reference(kt, bits, dtype):
+    case = _paged_case(bits, dtype=dtype)
+    got = kt.paged_decode_attention(*case)
+    want = K.paged_decode_attention(*(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case))
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    if CUDA:
+        assert _rel_err(got, want) <= 1e-2
     else:
-        torch.testing.assert_close(out, want_out, atol=1e-4, rtol=0)
-        torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_triton_decode_attention_one_split_many_tiles(kt, monkeypatch):
-    # one program per KV head walks every quantized tile, carrying the online softmax across them
-    monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 1)
-    case = _decode_case(197, 197, 37, 2)
-    torch.testing.assert_close(kt.quantized_decode_attention(*case), K.quantized_decode_attention(*case),
+@pytest.mark.parametrize("programs", [1, 4096])
+def test_triton_paged_decode_attention_one_split_or_many(kt, monkeypatch, programs):
+    """One split walks every page of a sequence, carrying the online softmax; many splits leave most of a short
+    sequence's splits empty, which the merge must weigh as nothing."""
+    monkeypatch.setattr(kt, "_TARGET_PROGRAMS", programs)
+    case = _paged_case(2)
+    torch.testing.assert_close(kt.paged_decode_attention(*case), K.paged_decode_attention(*case),
                                atol=1e-4, rtol=1e-4)
 
 

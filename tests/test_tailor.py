@@ -7,7 +7,7 @@ from tailorkv import Engine
 from tailorkv.errors import ConfigError
 from tailorkv.kernels import kivi
 from tailorkv.kernels.attention import causal_attention
-from tailorkv.kvcache.quant_store import QuantState, QuantStore
+from tailorkv.kvcache.quant_store import QuantState, QuantStore, QuantView
 from tailorkv.kvcache.tailor_config import TailorConfig
 from tailorkv.essays import load_essays
 
@@ -70,34 +70,67 @@ def test_small_budget_changes_little_on_a_short_answer(prompt, full_tokens):
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
-    """Prefill 200 tokens, then decode 190 one at a time: what attention sees stays within half a quantization
-    step of the true K/V, the last `residual` V tokens and the K tail are exact, K is quantized in blocks, and the
-    fused decode attention (packed pages + residual) equals exact attention over what `dequantized` shows."""
+    """Two requests (prompts of 200 and 75 tokens) and a padding row decode 190 tokens together: what attention sees
+    stays within half a quantization step of the true K/V, the last `residual` V tokens and the K tail are exact, K
+    is quantized in blocks, and the batched paged decode attention equals exact attention over what `dequantized`
+    shows, row by row; the padding row (scratch page and slot) disturbs nobody."""
     torch.manual_seed(0)
     h, d, r = 3, 64, 128
     cfg = TailorConfig.from_options("ruler", quant_bits=bits)
-    store = QuantStore(1, 8, 1, h, d, cfg, "cpu", torch.float32)
-    st = QuantState(torch.tensor([5, 2, 7, 0, 1, 3, 4, 6]), 0)
-    k, v, q = torch.randn(390, h, d), torch.randn(390, h, d), torch.randn(390, 3 * h, d)
-    store.prefill(0, st, k[:200], v[:200])
-    st.advance(200, r)
-    assert st.kq == 128
-    for n in range(200, 390):
-        store.append(0, st, k[n:n + 1], v[n:n + 1])
-        kd, vd = store.dequantized(0, st, torch.float32)  # what attention reads after the append
-        torch.testing.assert_close(store.decode_attention(0, st, q[n:n + 1]), causal_attention(q[n:n + 1], kd, vd, n),
-                                   rtol=1e-4, atol=1e-5)
-        st.advance(n + 1, r)
-        assert kd.shape[0] == n + 1
-        assert st.kq == (n + 1) // r * r  # K is quantized in whole blocks of `residual` tokens
-        torch.testing.assert_close(vd[-r:], v[n + 1 - r:n + 1])
-        torch.testing.assert_close(kd[st.kq:], k[st.kq:n + 1])
-    k_step = (k[:st.kq].view(-1, 64, h, d).amax(1) - k[:st.kq].view(-1, 64, h, d).amin(1)) / (2 ** bits - 1)
-    k_err = (kd[:st.kq] - k[:st.kq]).abs().view(-1, 64, h, d).amax(1)
-    assert (k_err <= k_step / 2 + 2e-3).all()
-    vq = n + 1 - r
-    v_step = (v[:vq].amax(-1) - v[:vq].amin(-1)) / (2 ** bits - 1)
-    assert ((vd[:vq] - v[:vq]).abs().amax(-1) <= v_step / 2 + 2e-3).all()
+    store = QuantStore(1, 16, 2, h, d, cfg, "cpu", torch.float32)
+    states = [QuantState([5, 2, 7, 0, 1, 3, 4, 6], 1, "cpu"), QuantState([9, 12, 8, 15, 10], 0, "cpu")]
+    starts = [200, 75]
+    k, v, q = torch.randn(3, 390, h, d), torch.randn(3, 390, h, d), torch.randn(3, 390, 3 * h, d)
+    for b, (st, n) in enumerate(zip(states, starts)):
+        store.prefill(0, st, k[b, :n], v[b, :n])
+        st.advance(n, r)
+    assert [st.kq for st in states] == [128, 0]
+    view = QuantView(3, 8, r, "cpu")
+    for step in range(190):
+        pos = [n + step for n in starts] + [step]  # the padding row's tokens are garbage nobody reads
+        view.fill(states, r, store.scratch_page, store.scratch_slot)
+        store.append(0, view, k[range(3), pos], v[range(3), pos])
+        out = store.decode_attention(0, view, q[range(3), pos])
+        for b, (st, n) in enumerate(zip(states, pos)):
+            kd, vd = store.dequantized(0, st, torch.float32)  # what attention reads after the append
+            torch.testing.assert_close(out[b:b + 1], causal_attention(q[b, n:n + 1], kd, vd, n), rtol=1e-4,
+                                       atol=1e-5)
+            st.advance(n + 1, r)
+            assert kd.shape[0] == n + 1
+            assert st.kq == (n + 1) // r * r  # K is quantized in whole blocks of `residual` tokens
+            torch.testing.assert_close(vd[-r:], v[b, max(n + 1 - r, 0):n + 1])
+            torch.testing.assert_close(kd[st.kq:], k[b, st.kq:n + 1])
+    for b, st in enumerate(states):
+        kd, vd = store.dequantized(0, st, torch.float32)
+        kb, vb, kq, vq = k[b], v[b], st.kq, max(st.n - r, 0)
+        k_step = (kb[:kq].view(-1, 64, h, d).amax(1) - kb[:kq].view(-1, 64, h, d).amin(1)) / (2 ** bits - 1)
+        assert ((kd[:kq] - kb[:kq]).abs().view(-1, 64, h, d).amax(1) <= k_step / 2 + 2e-3).all()
+        v_step = (vb[:vq].amax(-1) - vb[:vq].amin(-1)) / (2 ** bits - 1)
+        assert ((vd[:vq] - vb[:vq]).abs().amax(-1) <= v_step / 2 + 2e-3).all()
+
+
+def test_quant_store_append_twice_is_append_once():
+    """A captured CUDA graph runs its first step twice (warm-up, then replay): appending a step's tokens twice must
+    leave the store as appending them once, across K-tail quantizations and the V ring's turns."""
+    torch.manual_seed(1)
+    h, d, r = 2, 64, 128
+    cfg = TailorConfig.from_options("ruler", quant_bits=2)
+    stores = [QuantStore(1, 8, 1, h, d, cfg, "cpu", torch.float32) for _ in range(2)]
+    states = [QuantState(list(range(8)), 0, "cpu") for _ in range(2)]
+    k, v = torch.randn(400, h, d), torch.randn(400, h, d)
+    views = [QuantView(1, 8, r, "cpu") for _ in range(2)]
+    for store, st in zip(stores, states):
+        store.prefill(0, st, k[:100], v[:100])
+        st.advance(100, r)
+    for n in range(100, 400):
+        for times, (store, st, view) in enumerate(zip(stores, states, views), start=1):
+            view.fill([st], r, store.scratch_page, store.scratch_slot)
+            for _ in range(times):
+                store.append(0, view, k[n:n + 1], v[n:n + 1])
+        once, twice = (store.dequantized(0, st, torch.float32) for store, st in zip(stores, states))
+        assert all(torch.equal(a, b) for a, b in zip(once, twice)), n
+        for st in states:
+            st.advance(n + 1, r)
 
 
 @pytest.mark.parametrize("options,needle", [

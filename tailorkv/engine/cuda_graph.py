@@ -1,8 +1,8 @@
 """CUDA-graph decode: a decode step replayed from graphs captured once per (padded batch size, policy shape key).
 
 The step is cut into segments at the layers whose attention the policy runs eagerly (every layer for `full`, whose
-FlashInfer decode is planned per step; only the quantized layers for `tailor`, whose offloaded layers run inside
-the graph with their side-stream prefetch). A segment runs from the previous eager attention's output through the
+FlashInfer decode is planned per step; none for `tailor` and `kivi`, whose offloaded layers (with their side-stream
+prefetch) and quantized layers (one paged kernel for all rows) run inside the graph). A segment runs from the previous eager attention's output through the
 MLPs, norms, projections and graph-safe attentions up to the next eager layer's q, k, v. All segments of a shape
 share one memory pool, so what one segment leaves for the next stays put between replays. A batch is padded to
 the next bucket of rows; padding rows compute garbage that nobody reads.

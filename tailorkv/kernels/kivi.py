@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .attention import grouped_attention
 from .dispatch import pick
 
 BITS = (1, 2, 4)
@@ -68,7 +69,7 @@ def value_group(group: int, head_dim: int, bits: int) -> int:
 def ops(device: torch.device | str) -> ModuleType:
     """The kernel module for `device`: kivi_triton on CUDA when triton imports, else this torch reference.
     Both expose quantize_keys, dequantize_keys, quantize_values, dequantize_values and
-    quantized_decode_attention with identical signatures and layouts."""
+    paged_decode_attention with identical signatures and layouts."""
     return pick(device, "kivi_triton", sys.modules[__name__])
 
 
@@ -144,19 +145,39 @@ def dequantize_values(qv: QuantizedValues, bits: int, group: int,
     return (codes * scale + zero).to(dtype)
 
 
-def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: QuantizedValues, num_tokens: int, bits: int,
-                               group: int, k_res: torch.Tensor, v_res: torch.Tensor,
-                               sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode query q [Hq, D] over the first `num_tokens` quantized tokens followed by the full-precision
-    residual k_res, v_res [Hkv, R, D]; Hq is a multiple of Hkv and query head h reads KV head h // (Hq // Hkv).
-    Returns (out [Hq, D] float32, lse [Hq] float32), lse = log sum exp(sm_scale * q.k) over those tokens; with no
-    tokens at all, out = 0 and lse = -inf."""
-    k = torch.cat([dequantize_keys(qk, bits, group, num_tokens), k_res.float()], 1)
-    v = torch.cat([dequantize_values(qv, bits, group)[:, :num_tokens], v_res.float()], 1)
-    kv_head = torch.arange(q.shape[0], device=q.device) // (q.shape[0] // k.shape[0])
-    scores = torch.einsum("hd,hld->hl", q.float(), k[kv_head]) * sm_scale
-    lse = torch.logsumexp(scores, -1)
-    return torch.einsum("hl,hld->hd", torch.exp(scores - lse[:, None]), v[kv_head]), lse
+def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                           v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, k_tail: torch.Tensor,
+                           v_win: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                           bits: int, sm_scale: float) -> torch.Tensor:
+    """One decode query per sequence over its paged KIVI cache: q [B, Hq, D] -> out [B, Hq, D] float32.
+
+    Pages hold `page` = 32/b * W tokens (one K group). K: k_packed [P, H, W, D] (packed along tokens, per channel),
+    k_scale/k_zero [P, H, D]; V per token slot (page * `page` + offset): v_packed [P * page, H, D*b/32],
+    v_scale/v_zero [P * page, H, D / vgroup]. Full-precision tails per window slot: k_tail [S, R, H, D],
+    v_win [S, R', H, D] (a ring: token t at t % R'). Row b has pages[b] (page table), slots[b] and lengths[b] =
+    (n, kq, vq): n >= 1 tokens; token t takes K from its page if t < kq (a multiple of `page`), else
+    k_tail[slot, t - kq]; V from its page if t < vq, else v_win[slot, t % R']. Query head h reads KV head
+    h // (Hq // H)."""
+    page = k_packed.shape[2] * codes_per_word(bits)
+    h, d = k_packed.shape[1], k_packed.shape[3]
+    vgroup = d // v_scale.shape[-1]
+    out = []
+    for b, (n, kq, vq) in enumerate(lengths.tolist()):
+        slot, used = int(slots[b]), pages[b, : -(-max(kq, vq) // page)]
+        m = used.numel()
+        keys = dequantize_keys(QuantizedKeys(k_packed[used].reshape(m * h, k_packed.shape[2], d),
+                                             k_scale[used].reshape(m * h, 1, d), k_zero[used].reshape(m * h, 1, d)),
+                               bits, page, page)
+        keys = keys.view(m, h, page, d).transpose(1, 2).reshape(m * page, h, d)[:kq]
+        t = torch.arange(vq, device=q.device)
+        vslots = used[t // page] * page + t % page
+        values = dequantize_values(QuantizedValues(*(x[vslots].reshape(1, vq * h, x.shape[-1])
+                                                     for x in (v_packed, v_scale, v_zero))), bits, vgroup)
+        k = torch.cat([keys, k_tail[slot, : n - kq].float()])
+        ring = torch.arange(vq, n, device=q.device) % v_win.shape[1]
+        v = torch.cat([values.view(vq, h, d), v_win[slot, ring].float()])
+        out.append(grouped_attention(q[b].float(), k.transpose(0, 1), v.transpose(0, 1), sm_scale))
+    return torch.stack(out) if out else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
 
 def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -168,46 +168,57 @@ def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kr_ptr, vr_ptr, out_ptr, lse_ptr,
-                             T, R, D, chunk, q_splits, num_splits, qk_scale,
-                             sq_h, skp_h, skp_t, sks_h, sks_t, svp_h, svp_t, svs_h, svs_t, skr_h, skr_t, svr_h, svr_t,
-                             GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, KGROUP: tl.constexpr,
-                             VGROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # one program per (KV head, split), its GQA query heads sharing each dequantized tile. Splits below q_splits
-    # take `chunk` quantized tokens each; the one after them takes the whole residual, so no tile mixes the two.
-    kvh, split = tl.program_id(0), tl.program_id(1)
+def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, slots_ptr,
+                         len_ptr, out_ptr, lse_ptr, H, D, RW, chunk, num_splits, qk_scale,
+                         sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t, svs_h,
+                         skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b,
+                         GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
+                         VGROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+    # one program per (sequence, KV head, split of `chunk` tokens), its GQA query heads sharing each dequantized
+    # tile of one page; a split past the sequence's length writes an empty part (lse -inf)
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, kvh = bh // H, bh % H
+    n, kq, vq = tl.load(len_ptr + b * 3), tl.load(len_ptr + b * 3 + 1), tl.load(len_ptr + b * 3 + 2)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
     i = tl.arange(0, GQA_PAD)
-    h = kvh * GQA + i
     d = tl.arange(0, BLOCK_D)
     head_ok = (i < GQA)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + h[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0)
+    q = tl.load(q_ptr + b * sq_b + (kvh * GQA + i)[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0)
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
-    if split < q_splits:
-        for t0 in range(split * chunk, tl.minimum(split * chunk + chunk, T), BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            k = _key_tile(kp_ptr + kvh * skp_h, ks_ptr + kvh * sks_h, kz_ptr + kvh * sks_h, skp_t, sks_t, t0, T, D,
-                          BITS, KGROUP, BLOCK_T, BLOCK_D)
-            v = _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, t * svp_t, t * svs_t,
-                            t < T, D, BITS, VGROUP, BLOCK_T, BLOCK_D)
-            m, l, acc = _attend_tile(q, k, v, t < T, m, l, acc, qk_scale)
-    else:
-        for t0 in range(0, R, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            ok = (t < R)[:, None] & (d < D)[None, :]
-            k = tl.load(kr_ptr + kvh * skr_h + t[:, None] * skr_t + d[None, :], mask=ok, other=0.0)
-            v = tl.load(vr_ptr + kvh * svr_h + t[:, None] * svr_t + d[None, :], mask=ok, other=0.0)
-            m, l, acc = _attend_tile(q, k, v, t < R, m, l, acc, qk_scale)
-    row = h * num_splits + split
-    tl.store(out_ptr + row[:, None] * D + d[None, :], acc / l[:, None], mask=head_ok)
-    tl.store(lse_ptr + row, m + tl.log2(l), mask=i < GQA)
+    end = tl.minimum(split * chunk + chunk, n)
+    for t0 in range(split * chunk, end, PAGE):
+        t = t0 + tl.arange(0, PAGE)
+        valid = t < end
+        page = tl.load(pages_ptr + b * sp_b + t0 // PAGE).to(tl.int64)
+        if t0 < kq:  # kq is a multiple of PAGE: the whole tile's keys are packed
+            k = _key_tile(kp_ptr + page * skp_p + kvh * skp_h, ks_ptr + page * sks_p + kvh * sks_h,
+                          kz_ptr + page * sks_p + kvh * sks_h, skp_w, 0, 0, PAGE, D, BITS, PAGE, PAGE, BLOCK_D)
+        else:
+            tail = (t - kq).to(tl.int64)
+            k = tl.load(kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
+                        mask=valid[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        vslot = page * PAGE + (t % PAGE)
+        packed = valid & (t < vq)
+        v = _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, vslot * svp_t,
+                        vslot * svs_t, packed, D, BITS, VGROUP, PAGE, BLOCK_D)
+        win = (t % RW).to(tl.int64)  # the V window is a ring
+        v_win = tl.load(vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
+                        mask=(valid & (t >= vq))[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        v = tl.where(packed[:, None], v, v_win)
+        m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
+    row = (b * H * GQA + kvh * GQA + i) * num_splits + split
+    nonempty = l > 0
+    tl.store(out_ptr + row[:, None] * D + d[None, :], acc / tl.where(nonempty, l, 1.0)[:, None], mask=head_ok)
+    tl.store(lse_ptr + row, tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf")),
+             mask=i < GQA)
 
 
 @triton.jit
 def _merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S: tl.constexpr,
                          BLOCK_D: tl.constexpr):
-    # one program per query head; every split holds tokens, so each base-2 lse is finite
+    # one program per query head; an empty split (lse -inf, part 0) weighs nothing, and split 0 holds tokens
     h = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -282,38 +293,38 @@ def dequantize_values(qv: QuantizedValues, bits: int, group: int,
     return out
 
 
-def quantized_decode_attention(q: torch.Tensor, qk: QuantizedKeys, qv: QuantizedValues, num_tokens: int, bits: int,
-                               group: int, k_res: torch.Tensor, v_res: torch.Tensor,
-                               sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as kivi.quantized_decode_attention. The number of context splits depends on the length,
-    so this launch is not CUDA-graph capturable across lengths."""
-    hq, d = q.shape
-    hkv, r = k_res.shape[0], k_res.shape[1]
-    check_group(bits, group)
-    vgroup = value_group(group, d, bits)
-    if num_tokens + r == 0:
-        return (torch.zeros(hq, d, dtype=torch.float32, device=q.device),
-                torch.full((hq,), float("-inf"), dtype=torch.float32, device=q.device))
-    q, k_res, v_res = (_last_dim_contiguous(x) for x in (q, k_res, v_res))
-    (kp, ks, kz), (vp, vs, vz) = _unpacked(qk), _unpacked(qv)
-    block_t = min(_BLOCK_T, group)
-    # split the quantized tokens into whole tiles, enough splits for about _TARGET_PROGRAMS programs
-    tiles = triton.cdiv(num_tokens, block_t)
-    chunk = max(1, triton.cdiv(tiles, max(1, _TARGET_PROGRAMS // hkv))) * block_t
-    q_splits = triton.cdiv(num_tokens, chunk)
-    splits = q_splits + (r > 0)
-    part = torch.empty(hq, splits, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(hq, splits, dtype=torch.float32, device=q.device)
-    gqa = hq // hkv
-    _decode_attention_kernel[(hkv, splits)](
-        q, kp, ks, kz, vp, vs, vz, k_res, v_res, part, part_lse,
-        num_tokens, r, d, chunk, q_splits, splits, sm_scale * math.log2(math.e),
-        q.stride(0), kp.stride(0), kp.stride(1), ks.stride(0), ks.stride(1), vp.stride(0), vp.stride(1),
-        vs.stride(0), vs.stride(1), k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1),
-        GQA=gqa, GQA_PAD=max(16, triton.next_power_of_2(gqa)), BITS=bits, KGROUP=group, VGROUP=vgroup,
-        BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d), num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES)
-    out = torch.empty(hq, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(hq, dtype=torch.float32, device=q.device)
-    _merge_splits_kernel[(hq,)](part, part_lse, out, lse, splits, d, BLOCK_S=triton.next_power_of_2(splits),
-                                BLOCK_D=triton.next_power_of_2(d))
-    return out, lse
+def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                           v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, k_tail: torch.Tensor,
+                           v_win: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                           bits: int, sm_scale: float) -> torch.Tensor:
+    """Same contract as kivi.paged_decode_attention. The grid depends on the shapes only (pages' width sets the
+    splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table."""
+    bsz, hq, d = q.shape
+    p, h, w, _ = k_packed.shape
+    page = w * codes_per_word(bits)
+    check_group(bits, page)
+    vgroup = d // v_scale.shape[-1]
+    q, k_packed, k_tail, v_win = (_last_dim_contiguous(x) for x in (q, k_packed, k_tail, v_win))
+    (v_packed, v_scale, v_zero), (_, k_scale, k_zero) = _unpacked((v_packed, v_scale, v_zero)), \
+        _unpacked((k_packed, k_scale, k_zero))
+    # whole pages per split, enough splits for about _TARGET_PROGRAMS programs
+    tiles = pages.shape[1]
+    chunk = max(1, triton.cdiv(tiles, max(1, _TARGET_PROGRAMS // max(1, bsz * h)))) * page
+    splits = triton.cdiv(tiles * page, chunk)
+    part = torch.empty(bsz * hq, splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(bsz * hq, splits, dtype=torch.float32, device=q.device)
+    pages, slots, lengths = pages.contiguous(), slots.contiguous(), lengths.contiguous()
+    _paged_decode_kernel[(bsz * h, splits)](
+        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, k_tail, v_win, pages, slots, lengths, part, part_lse,
+        h, d, v_win.shape[1], chunk, splits, sm_scale * math.log2(math.e),
+        q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2), k_scale.stride(0),
+        k_scale.stride(1),
+        v_packed.stride(0), v_packed.stride(1), v_scale.stride(0), v_scale.stride(1),
+        k_tail.stride(0), k_tail.stride(1), k_tail.stride(2), v_win.stride(0), v_win.stride(1), v_win.stride(2),
+        pages.stride(0), GQA=hq // h, GQA_PAD=max(16, triton.next_power_of_2(hq // h)), BITS=bits, PAGE=page,
+        VGROUP=vgroup, BLOCK_D=triton.next_power_of_2(d), num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES)
+    out = torch.empty(bsz * hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(bsz * hq, dtype=torch.float32, device=q.device)
+    _merge_splits_kernel[(bsz * hq,)](part, part_lse, out, lse, splits, d, BLOCK_S=triton.next_power_of_2(splits),
+                                      BLOCK_D=triton.next_power_of_2(d))
+    return out.view(bsz, hq, d)

@@ -5,6 +5,8 @@ Per layer and request: K quantized per channel in 64-token pages for positions [
 `residual` tokens in a full-precision window. Prefill quantizes K in multiples of `residual` and all V but the
 last `residual` tokens; each decode step appends to the K tail (quantized as one block when it reaches
 `residual`) and slides the V window (the oldest token beyond it is quantized). Paper §2, KIVI's rules.
+The V window is a ring of residual + 1 slots (token t at t % (residual + 1)), so that a decode step's writes do
+not depend on what an earlier run of the same step wrote: a captured CUDA graph's warm-up run, then its replay.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ PAGE = 64  # tokens per quantized page = one K quantization group
 class QuantState:
     """Per request: its quantized pages, its window slot, and how many tokens are quantized / cached."""
 
-    def __init__(self, pages: torch.Tensor, slot: int):
-        self.pages, self.slot = pages, slot
+    def __init__(self, pages: list[int], slot: int, device):
+        self.pages = torch.tensor(pages, dtype=torch.long, device=device)
+        self.pages_cpu = torch.tensor(pages, dtype=torch.long)
+        self.slot = slot
         self.n = 0  # tokens cached
         self.kq = 0  # K tokens quantized (a multiple of residual)
 
@@ -37,6 +41,48 @@ class QuantState:
         self.n, self.kq = self.after(n, residual)
 
 
+class QuantView:
+    """The decode rows of one step in batch tensors, read by every Q layer: built once per step, or kept as the
+    static inputs of a captured CUDA graph and refilled each step. Each row appends one token: its key at
+    `k_write` in the K tail, its value at `v_write` in the V ring; a K tail that fills up is quantized into the
+    pages `k_dest`, and the value leaving a full V window (ring slot `v_old`) into token slot `v_dest` (rows with
+    nothing to quantize,
+    and padding rows, point at the scratch page and slot, so every row runs the same ops). Attention then reads
+    `lengths` = (n, kq, vq) per row (paged_decode_attention)."""
+
+    def __init__(self, rows: int, pages: int, residual: int, device):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)  # noqa: E731
+        self.pages, self.slots, self.lengths = z(rows, pages), z(rows), z(rows, 3)
+        self.k_write, self.v_write, self.v_old, self.v_dest = z(rows), z(rows), z(rows), z(rows)
+        self.k_dest = z(rows, residual // PAGE)
+
+    @staticmethod
+    def pages_of(states: list[QuantState]) -> int:
+        return max(st.pages_cpu.numel() for st in states)
+
+    def fill(self, states: list[QuantState], residual: int, scratch_page: int, scratch_slot: int) -> None:
+        rows, width = self.pages.shape
+        r, m = residual, residual // PAGE
+        pages = torch.full((rows, width), scratch_page)
+        slots = torch.full((rows,), scratch_slot)
+        lengths = torch.tensor([[1, 0, 0]] * rows)  # padding rows: one token, the scratch slot's first
+        k_write, v_write, v_old = (torch.zeros(rows, dtype=torch.long) for _ in range(3))
+        k_dest, v_dest = torch.full((rows, m), scratch_page), torch.full((rows,), scratch_page * PAGE)
+        for i, st in enumerate(states):
+            n, kq = st.after(st.n + 1, r)
+            pages[i, : st.pages_cpu.numel()] = st.pages_cpu
+            slots[i], lengths[i] = st.slot, torch.tensor([n, kq, max(n - r, 0)])
+            k_write[i], v_write[i] = st.n - st.kq, st.n % (r + 1)
+            if kq > st.kq:  # this token fills the K tail
+                k_dest[i] = st.pages_cpu[st.kq // PAGE: st.kq // PAGE + m]
+            if st.n >= r:  # the V window is full: its oldest token (position st.n - r) is quantized
+                old = st.n - r
+                v_old[i], v_dest[i] = old % (r + 1), st.pages_cpu[old // PAGE] * PAGE + old % PAGE
+        for name, value in (("pages", pages), ("slots", slots), ("lengths", lengths), ("k_write", k_write),
+                            ("v_write", v_write), ("v_old", v_old), ("k_dest", k_dest), ("v_dest", v_dest)):
+            getattr(self, name).copy_(value)
+
+
 class QuantStore:
     """Packed K/V pages for `num_layers` Q layers plus full-precision tails in per-request window slots."""
 
@@ -45,7 +91,9 @@ class QuantStore:
         self.cfg, self.h, self.d, self.bits = cfg, num_kv_heads, head_dim, cfg.quant_bits
         self.vgroup = kivi.value_group(cfg.group_size, head_dim, self.bits)
         self.ops = kivi.ops(device)
-        L, P, H, D, b = num_layers, num_pages, num_kv_heads, head_dim, self.bits
+        # one page and one window slot more than the pools hand out: the scratch of QuantView's idle rows
+        self.scratch_page, self.scratch_slot = num_pages, num_slots
+        L, P, H, D, b = num_layers, num_pages + 1, num_kv_heads, head_dim, self.bits
         i32, f16 = dict(device=device, dtype=torch.int32), dict(device=device, dtype=torch.float16)
         self.k_packed = torch.empty(L, P, H, PAGE * b // 32, D, **i32)
         self.k_scale = torch.empty(L, P, H, D, **f16)
@@ -54,8 +102,8 @@ class QuantStore:
         self.v_scale = torch.empty(L, P * PAGE, H, D // self.vgroup, **f16)
         self.v_zero = torch.empty(L, P * PAGE, H, D // self.vgroup, **f16)
         r = cfg.residual
-        self.k_tail = torch.empty(L, num_slots, r, H, D, device=device, dtype=dtype)
-        self.v_win = torch.empty(L, num_slots, r + 1, H, D, device=device, dtype=dtype)
+        self.k_tail = torch.zeros(L, num_slots + 1, r, H, D, device=device, dtype=dtype)
+        self.v_win = torch.zeros(L, num_slots + 1, r + 1, H, D, device=device, dtype=dtype)
 
     @staticmethod
     def bytes_per_page(num_layers: int, h: int, d: int, bits: int, vgroup: int) -> int:
@@ -104,19 +152,31 @@ class QuantStore:
         if vq > start:
             self._quantize_v(layer, st, v[start:vq], start)
         self.k_tail[layer, st.slot, : n - kq] = k[kq:]
-        self.v_win[layer, st.slot, : n - vq] = v[vq:]
+        self.v_win[layer, st.slot, self._ring(vq, n)] = v[vq:]
 
-    def append(self, layer: int, st: QuantState, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store one decode token's k, v [1, H, D] at position st.n (the request's counts move in `advance`)."""
-        r, tail = self.cfg.residual, st.n - st.kq
-        self.k_tail[layer, st.slot, tail] = k[0]
-        if tail + 1 == r:
-            self._quantize_k(layer, st, self.k_tail[layer, st.slot, :r], st.kq)
-        w = st.n - max(st.n - r, 0)  # tokens in the V window before this one
-        self.v_win[layer, st.slot, w] = v[0]
-        if w + 1 > r:
-            self._quantize_v(layer, st, self.v_win[layer, st.slot, :1], st.n - r)
-            self.v_win[layer, st.slot, :r] = self.v_win[layer, st.slot, 1:r + 1].clone()
+    def _ring(self, begin: int, end: int) -> torch.Tensor:
+        """V-window slots of positions [begin, end)."""
+        return torch.arange(begin, end, device=self.v_win.device) % self.v_win.shape[2]
+
+    def append(self, layer: int, view: QuantView, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store each decode row's new k, v [B, H, D] (the requests' counts move in `advance`). Every row runs the
+        same ops, whatever its state (CUDA-graph safe): its K tail is quantized and written to k_dest (scratch
+        unless the tail just filled), its V window's oldest token to v_dest (scratch unless the window is full).
+        Running a step's append twice leaves what running it once does."""
+        r, m, (rows, h, d) = self.cfg.residual, self.cfg.residual // PAGE, k.shape
+        self.k_tail[layer, view.slots, view.k_write] = k.to(self.k_tail.dtype)
+        tail = self.k_tail[layer, view.slots].view(rows, m, PAGE, h, d).permute(0, 1, 3, 2, 4)
+        q = self.ops.quantize_keys(tail.reshape(rows * m * h, PAGE, d), self.bits, PAGE)
+        dest = view.k_dest.flatten()
+        self.k_packed[layer, dest] = q.packed.view(rows * m, h, -1, d)
+        self.k_scale[layer, dest] = q.scale.view(rows * m, h, d)
+        self.k_zero[layer, dest] = q.zero.view(rows * m, h, d)
+        self.v_win[layer, view.slots, view.v_write] = v.to(self.v_win.dtype)
+        leaving = self.v_win[layer, view.slots, view.v_old]
+        qv = self.ops.quantize_values(leaving.reshape(1, rows * h, d), self.bits, self.vgroup)
+        self.v_packed[layer, view.v_dest] = qv.packed.view(rows, h, -1)
+        self.v_scale[layer, view.v_dest] = qv.scale.view(rows, h, -1)
+        self.v_zero[layer, view.v_dest] = qv.zero.view(rows, h, -1)
 
     # ---- reading ----------------------------------------------------------------------------------------------
     def dequantized(self, layer: int, st: QuantState, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,30 +201,14 @@ class QuantStore:
                                       self.v_scale[layer, slots].view(1, vq * self.h, -1),
                                       self.v_zero[layer, slots].view(1, vq * self.h, -1))
             vs.append(self.ops.dequantize_values(qv, self.bits, self.vgroup, dtype).view(vq, self.h, self.d))
-        vs.append(self.v_win[layer, st.slot, : n - vq].to(dtype))
+        vs.append(self.v_win[layer, st.slot, self._ring(vq, n)].to(dtype))
         return torch.cat(ks), torch.cat(vs)
 
-    def decode_attention(self, layer: int, st: QuantState, q: torch.Tensor) -> torch.Tensor:
-        """q [1, Hq, D] of the newest token (already appended) over all n cached tokens, by the fused kernel:
-        tokens [0, vq) where both K and V are quantized are read packed; the rest is its full-precision residual
-        (K's last quantized block past vq, fewer than `residual` tokens, dequantized, then the K tail; the V
-        window)."""
-        r = self.cfg.residual
-        n, kq = st.after(st.n + 1, r)
-        vq = max(n - r, 0)
-        m = -(-vq // PAGE)
-        pages = st.pages[:m]
-        qk = kivi.QuantizedKeys(self.k_packed[layer, pages].transpose(0, 1).reshape(self.h, -1, self.d),
-                                self.k_scale[layer, pages].transpose(0, 1), self.k_zero[layer, pages].transpose(0, 1))
-        slots = self._token_slots(st, 0, vq)
-        qv = kivi.QuantizedValues(*(x[layer, slots].transpose(0, 1) for x in (self.v_packed, self.v_scale, self.v_zero)))
-        first = vq // PAGE  # the quantized K pages holding [vq, kq)
-        k_mid = self.ops.dequantize_keys(
-            kivi.QuantizedKeys(*(x[layer, st.pages[first:kq // PAGE]].transpose(0, 1).reshape(self.h, -1, self.d)
-                                 for x in (self.k_packed, self.k_scale, self.k_zero))),
-            self.bits, PAGE, kq - first * PAGE, q.dtype)[:, vq - first * PAGE:]
-        k_res = torch.cat([k_mid, self.k_tail[layer, st.slot, : n - kq].transpose(0, 1).to(q.dtype)], 1)
-        v_res = self.v_win[layer, st.slot, : n - vq].transpose(0, 1)
-        out, _ = self.ops.quantized_decode_attention(q[0], qk, qv, vq, self.bits, PAGE, k_res, v_res,
-                                                     self.d ** -0.5)
-        return out.to(q.dtype)[None]
+    def decode_attention(self, layer: int, view: QuantView, q: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, D] of each row's newest token (already appended) over all its cached tokens, by the paged
+        kernel: packed pages where quantized, the full-precision K tail and V window for the rest."""
+        out = self.ops.paged_decode_attention(
+            q, self.k_packed[layer], self.k_scale[layer], self.k_zero[layer], self.v_packed[layer],
+            self.v_scale[layer], self.v_zero[layer], self.k_tail[layer], self.v_win[layer], view.pages, view.slots,
+            view.lengths, self.bits, self.d ** -0.5)
+        return out.to(q.dtype)

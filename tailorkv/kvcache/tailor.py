@@ -13,7 +13,7 @@ from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
-from .quant_store import QuantState, QuantStore
+from .quant_store import QuantState, QuantStore, QuantView
 from .selection import group_mean, score_tokens, select_channels, select_tokens
 from .tailor_config import TailorConfig
 
@@ -117,15 +117,14 @@ class TailorPolicy(KVPolicy):
         self.critical: dict[int, tuple] = {}  # stage-1 results (channels, keys, ready event), double-buffered
         # stage 1 of layer l+1 crosses PCIe on a side stream while layer l computes
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
-        self.graph_views: dict[tuple, DecodeView] = {}
+        self.graph_views: dict[tuple, DecodeView | QuantView] = {}
         self.graph_rows: dict[int, torch.Tensor] = {}
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
-        as_tensor = lambda name: torch.tensor(pages.get(name, []), dtype=torch.long, device=self.device)  # noqa
         slot = pages["slots"][0]
         self.prompt_len[rid] = prompt_len
         if self.q_index:
-            self.q_state[rid] = QuantState(as_tensor("qkv"), slot)
+            self.q_state[rid] = QuantState(pages.get("qkv", []), slot, self.device)
         if self.s_index:
             self.s_state[rid] = OffloadState(pages["host"], pages["gen"], slot, prompt_len, self.tc.sink,
                                              self.tc.recent, self.device, pages.get("sketch", ()))
@@ -146,34 +145,53 @@ class TailorPolicy(KVPolicy):
 
     def prepare(self, batch: ForwardBatch) -> None:
         decode_rows = [i for i in range(batch.size) if not self.is_prefill(i, batch)]
-        self.view = None
-        if decode_rows and self.s_index:
-            states = [self.s_state[batch.rids[i]] for i in decode_rows]
-            self.view = self._filled(DecodeView(len(states), *DecodeView.sizes(states), self.tc.sink + self.tc.recent,
-                                                self.device), states)
+        self.view = self.qview = None
+        if decode_rows:
+            self._fill_views([batch.rids[i] for i in decode_rows], len(decode_rows), static=False)
             self.row_index = torch.tensor([batch.cu[i] for i in decode_rows], device=self.device)
 
-    def _filled(self, view: DecodeView, states: list[OffloadState]) -> DecodeView:
-        view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
-        return view
+    def _fill_views(self, rids: list[int], rows: int, static: bool) -> tuple:
+        """This step's DecodeView (S layers) and QuantView (Q layers) for the decode requests `rids` in `rows` rows:
+        fresh ones, or (static) the ones kept per shape as a captured graph's inputs, their sizes rounded up to
+        powers of two; returns the shape key."""
+        def size(n: int, least: int = 1) -> int:
+            return max(least, 1 << (n - 1).bit_length()) if static else n
 
-    # ---- CUDA-graph decode: S layers inside the graph (static DecodeView per shape), Q layers eager ----------------
+        key: tuple = ()
+        if self.s_index:
+            states = [self.s_state[rid] for rid in rids]
+            pages, gen = DecodeView.sizes(states)
+            shape = (size(pages), size(gen, 64))
+            self.view = self._view(("s", rows, *shape), static, lambda: DecodeView(
+                rows, *shape, self.tc.sink + self.tc.recent, self.device))
+            self.view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
+            key += shape
+        if self.q_index:
+            states = [self.q_state[rid] for rid in rids]
+            width = size(QuantView.pages_of(states))
+            self.qview = self._view(("q", rows, width), static, lambda: QuantView(rows, width, self.tc.residual,
+                                                                                  self.device))
+            self.qview.fill(states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot)
+            key += (width,)
+        return key
+
+    def _view(self, key: tuple, static: bool, make):
+        if not static:
+            return make()
+        if key not in self.graph_views:
+            self.graph_views[key] = make()
+        return self.graph_views[key]
+
+    # ---- CUDA-graph decode: every layer inside the graph (static views per shape) --------------------------------
     def graph_attention_layers(self) -> set[int]:
-        return set(self.s_index)
+        return set(range(self.cfg.num_layers))
 
     def graph_key(self, batch: ForwardBatch, rows: int):
         if any(self.is_prefill(i, batch) for i in range(batch.size)):  # a prompt: prefill runs eagerly
             return None
-        self.view = None
-        if not self.s_index:  # kivi: every layer's attention is eager
-            return ()
-        states = [self.s_state[rid] for rid in batch.rids]
-        pages, gen = DecodeView.sizes(states)
-        key = (1 << (pages - 1).bit_length(), max(64, 1 << (gen - 1).bit_length()))  # powers of two
-        if (rows, key) not in self.graph_views:
-            self.graph_views[(rows, key)] = DecodeView(rows, *key, self.tc.sink + self.tc.recent, self.device)
-            self.graph_rows.setdefault(rows, torch.arange(rows, device=self.device))
-        self.view = self._filled(self.graph_views[(rows, key)], states)
+        key = self._fill_views(batch.rids, rows, static=True)
+        if rows not in self.graph_rows:
+            self.graph_rows[rows] = torch.arange(rows, device=self.device)
         self.row_index = self.graph_rows[rows]
         return key
 
@@ -226,10 +244,10 @@ class TailorPolicy(KVPolicy):
                     keys, values = torch.cat([pk, keys]), torch.cat([pv, values])
                 out[sl] = causal_attention(q[sl], keys, values, start)
                 self._store_prompt(layer, rid, keys, values, start)
-            elif layer in self.q_index:
-                st = self.q_state[rid]
-                self.quant.append(self.q_index[layer], st, k[sl], v[sl])
-                out[sl] = self.quant.decode_attention(self.q_index[layer], st, q[sl])
+        if self.qview is not None and layer in self.q_index:
+            rows, qi = self.row_index, self.q_index[layer]
+            self.quant.append(qi, self.qview, k[rows], v[rows])
+            out[rows] = self.quant.decode_attention(qi, self.qview, q[rows])
         if self.view is not None and layer in self.s_index:
             rows = self.row_index
             out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
