@@ -194,9 +194,11 @@ def test_reference_paged_decode_attention_is_exact(bits):
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
-@pytest.mark.parametrize("bits", [1, 2, 4])
-def test_triton_paged_decode_attention_matches_reference(kt, bits, dtype):
-    case = _paged_case(bits, dtype=dtype)
+@pytest.mark.parametrize("bits,heads", [(1, (9, 3, 64)), (2, (9, 3, 64)), (4, (9, 3, 64)), (2, (8, 2, 128))])
+def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype):
+    """GQA 3 at head_dim 64, and Llama-3.1-8B's GQA 4 at head_dim 128."""
+    hq, hkv, d = heads
+    case = _paged_case(bits, dtype=dtype, hq=hq, hkv=hkv, d=d)
     got = kt.paged_decode_attention(*case)
     want = K.paged_decode_attention(*(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case))
     assert got.dtype == torch.float32 and got.shape == want.shape

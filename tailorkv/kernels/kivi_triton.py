@@ -178,7 +178,10 @@ def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, 
     # tile of one page; a split past the sequence's length writes an empty part (lse -inf)
     bh, split = tl.program_id(0), tl.program_id(1)
     b, kvh = bh // H, bh % H
-    n, kq, vq = tl.load(len_ptr + b * 3), tl.load(len_ptr + b * 3 + 1), tl.load(len_ptr + b * 3 + 2)
+    # int32 like the split bounds: a loop's bounds share one type
+    n = tl.load(len_ptr + b * 3).to(tl.int32)
+    kq = tl.load(len_ptr + b * 3 + 1).to(tl.int32)
+    vq = tl.load(len_ptr + b * 3 + 2).to(tl.int32)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     i = tl.arange(0, GQA_PAD)
     d = tl.arange(0, BLOCK_D)
