@@ -55,8 +55,8 @@ def test_real_model_answers_on_gpu(policy):
 
 
 @pytest.mark.parametrize("policy,opts,dtype", [
-    ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=0), "float32"),  # Q layer 0 eager, S layers captured
-    ("tailor", dict(quant_layers=[0, 5]), "float32"),  # two eager layers, one of them mid-model
+    ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=0), "float32"),  # stage-1 prefetch on the side stream
+    ("tailor", dict(quant_layers=[0, 5]), "float32"),  # two Q layers, one mid-model: K tails fill in the graph
     ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=2), "float32"),  # stage 2 from the GPU-tier sketch
     ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments
     ("kivi", dict(quant_bits=4), "float32"),
