@@ -46,9 +46,8 @@ class QuantView:
     static inputs of a captured CUDA graph and refilled each step. Each row appends one token: its key at
     `k_write` in the K tail, its value at `v_write` in the V ring; a K tail that fills up is quantized into the
     pages `k_dest`, and the value leaving a full V window (ring slot `v_old`) into token slot `v_dest` (rows with
-    nothing to quantize,
-    and padding rows, point at the scratch page and slot, so every row runs the same ops). Attention then reads
-    `lengths` = (n, kq, vq) per row (paged_decode_attention)."""
+    nothing to quantize, and padding rows, point at the scratch page and slot, so every row runs the same ops).
+    Attention then reads `lengths` = (n, kq, vq) per row (paged_decode_attention)."""
 
     def __init__(self, rows: int, pages: int, residual: int, device):
         z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)  # noqa: E731
