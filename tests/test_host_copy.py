@@ -6,7 +6,7 @@ on CPU; with CUDA the source lives in pinned host memory and the kernels read it
 import pytest
 import torch
 
-from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import host_copy as ref  # noqa: E402
 

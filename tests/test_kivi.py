@@ -6,7 +6,7 @@ inputs, compared against the float32 reference at relative error 1e-2.
 import pytest
 import torch
 
-from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import kivi as K  # noqa: E402
 

@@ -5,7 +5,7 @@ padding."""
 import pytest
 import torch
 
-from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import kivi  # noqa: E402
 from tailorkv.kernels import sketch_scores as ref  # noqa: E402

@@ -4,7 +4,7 @@ token counts that fill no tile; masked slots hold NaN."""
 import pytest
 import torch
 
-from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401  (first: sets the interpreter flag)
+from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import sparse_attention as ref  # noqa: E402
 from tailorkv.kernels.attention import grouped_attention  # noqa: E402

@@ -2,10 +2,11 @@
 
 The step is cut into segments at the layers whose attention the policy runs eagerly (every layer for `full`, whose
 FlashInfer decode is planned per step; none for `tailor` and `kivi`, whose offloaded layers (with their side-stream
-prefetch) and quantized layers (one paged kernel for all rows) run inside the graph). A segment runs from the previous eager attention's output through the
-MLPs, norms, projections and graph-safe attentions up to the next eager layer's q, k, v. All segments of a shape
-share one memory pool, so what one segment leaves for the next stays put between replays. A batch is padded to
-the next bucket of rows; padding rows compute garbage that nobody reads.
+prefetch) and quantized layers (one paged kernel for all rows) run inside the graph). A segment runs from the
+previous eager attention's output through the MLPs, norms, projections and graph-safe attentions up to the next
+eager layer's q, k, v. All segments of a shape share one memory pool, so what one segment leaves for the next
+stays put between replays. A batch is padded to the next bucket of rows; padding rows compute garbage that nobody
+reads.
 """
 from __future__ import annotations
 

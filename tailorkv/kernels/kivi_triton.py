@@ -303,13 +303,13 @@ def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: tor
     """Same contract as kivi.paged_decode_attention. The grid depends on the shapes only (pages' width sets the
     splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table."""
     bsz, hq, d = q.shape
-    p, h, w, _ = k_packed.shape
+    _, h, w, _ = k_packed.shape
     page = w * codes_per_word(bits)
     check_group(bits, page)
     vgroup = d // v_scale.shape[-1]
-    q, k_packed, k_tail, v_win = (_last_dim_contiguous(x) for x in (q, k_packed, k_tail, v_win))
-    (v_packed, v_scale, v_zero), (_, k_scale, k_zero) = _unpacked((v_packed, v_scale, v_zero)), \
-        _unpacked((k_packed, k_scale, k_zero))
+    q, k_tail, v_win = (_last_dim_contiguous(x) for x in (q, k_tail, v_win))
+    k_packed, k_scale, k_zero = _unpacked((k_packed, k_scale, k_zero))  # scale and zero share strides in the kernel
+    v_packed, v_scale, v_zero = _unpacked((v_packed, v_scale, v_zero))
     # whole pages per split, enough splits for about _TARGET_PROGRAMS programs
     tiles = pages.shape[1]
     chunk = max(1, triton.cdiv(tiles, max(1, _TARGET_PROGRAMS // max(1, bsz * h)))) * page
