@@ -148,6 +148,16 @@ def test_same_prompt_twice(cold, warm, texts):
     assert all_free(warm)
 
 
+def test_step_log_reports_new_and_cached_prompt_tokens(warm, texts, caplog):
+    ids = warm.tokenize(texts[0], None)
+    warm.generate(input_ids=ids, sampling_params=GREEDY)  # cached now, if an earlier test has not already
+    with caplog.at_level("INFO", logger="tailorkv.engine"):
+        warm.generate(input_ids=ids, sampling_params=GREEDY)
+    hit = (len(ids) - 1) // PAGE * PAGE
+    assert [r.getMessage().split(", 0 decoding")[0] for r in caplog.records if "prefill" in r.getMessage()] == \
+        [f"prefill: 1 seqs, {len(ids) - hit} new tokens, {hit} cached tokens"]
+
+
 def test_shared_document_then_other_questions(cold, warm, texts):
     first, second = (warm.tokenize(p, None) for p in texts[1:3])
     want = [cold.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"] for ids in (first, second)]

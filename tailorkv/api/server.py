@@ -160,6 +160,7 @@ def serve(args: argparse.Namespace) -> None:
     from ..cli import engine_kwargs
     from ..engine.engine import Engine
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = Engine(**engine_kwargs(args))
     async_engine = AsyncEngine(engine)
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 
 import torch
 
@@ -16,6 +17,7 @@ from .options import EngineOptions
 from .request import Request
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
+from .step_log import StepLog
 from .tokenizer import Tokenizer
 
 GIB = 1 << 30
@@ -79,6 +81,7 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add/abort may come from another thread than the one running step()
+        self.step_log = StepLog()
         self.kv_policy = kv_policy
 
     def _gpu_kv_budget(self) -> int:
@@ -145,11 +148,15 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one scheduled batch; returns the requests that received a token (finished ones are retired)."""
+        began = time.perf_counter()
         with self._lock:
             plan = self._schedule()
             if plan is None:
                 return []
             reqs = [self.requests[s.rid] for s in plan.seqs]
+        # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
+        prefill = [(n, s.cached_tokens if s.num_computed == s.cached_tokens else 0)
+                   for s, n in zip(plan.seqs, plan.new) if s.prefilling]
         tokens, want = [], []
         for i, (req, n) in enumerate(zip(reqs, plan.new)):
             s = req.seq
@@ -178,6 +185,7 @@ class Engine:
                 out.append(req)
                 if req.finished:
                     self._retire(req)
+        self.step_log.record(prefill, len(plan.seqs) - len(prefill), time.perf_counter() - began)
         return out
 
     def _schedule(self):

@@ -1,0 +1,29 @@
+"""SGLang-style progress lines: one for each step that prefills (new and cached prompt tokens, its time), one every
+`interval` decode-only steps (running requests, generation throughput). Logged at INFO on `tailorkv.engine`."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("tailorkv.engine")
+
+
+class StepLog:
+    def __init__(self, interval: int = 40):
+        self.interval = interval
+        self.decode_steps = self.decode_tokens = 0
+        self.decode_seconds = 0.0
+
+    def record(self, prefill: list[tuple[int, int]], decoding: int, seconds: float) -> None:
+        """`prefill`: (new tokens, cached tokens) of each row computing its prompt; `decoding`: rows decoding."""
+        if prefill:
+            log.info("prefill: %d seqs, %d new tokens, %d cached tokens, %d decoding, %.1f ms", len(prefill),
+                     sum(n for n, _ in prefill), sum(c for _, c in prefill), decoding, seconds * 1e3)
+            return
+        self.decode_steps += 1
+        self.decode_tokens += decoding
+        self.decode_seconds += seconds
+        if self.decode_steps == self.interval:
+            log.info("decode: %d running, %.1f ms/step, %.1f tok/s", decoding,
+                     self.decode_seconds / self.decode_steps * 1e3, self.decode_tokens / self.decode_seconds)
+            self.decode_steps = self.decode_tokens = 0
+            self.decode_seconds = 0.0
