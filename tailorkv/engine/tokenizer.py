@@ -69,7 +69,9 @@ class Tokenizer:
         return self._sp.id_to_piece(token_id) if self._sp else (self._tk.id_to_token(token_id) or "")
 
     def encode(self, text: str) -> list[int]:
-        ids = self._sp.encode(text) if self._sp else self._tk.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL (encode holds it): a long prompt tokenized on a server thread would stall
+        # the engine thread's steps for everyone else
+        ids = self._sp.encode(text) if self._sp else self._tk.encode_batch([text], add_special_tokens=False)[0].ids
         if self.add_bos and self.bos_token_id is not None and not self._template_adds_bos(text):
             ids = [self.bos_token_id] + ids
         return ids
