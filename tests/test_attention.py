@@ -1,35 +1,89 @@
-"""causal_attention (every prefill's attention) against a brute-force softmax over an explicit causal mask."""
+"""The prefill attentions (causal_attention, attention_lse, shared_prefix_attention: FlashInfer on CUDA, torch on
+CPU) against a brute-force softmax over an explicit causal mask, and the merge of partial results."""
 import pytest
 import torch
 
-from tailorkv.kernels.attention import causal_attention
+from tailorkv.kernels.attention import (attention_lse, causal_attention, merge_attention_states,
+                                        shared_prefix_attention)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def brute_force(q, k, v, q_start):
+def brute_force(q, k, v, q_start, lse=False):
+    """Float64; q_start None: every query sees every key."""
     g = q.shape[1] // k.shape[1]
-    k, v = (x.float().repeat_interleave(g, dim=1) for x in (k, v))
-    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * q.shape[-1] ** -0.5
-    seen = torch.arange(k.shape[0]) <= torch.arange(q_start, q_start + q.shape[0])[:, None]
-    return torch.einsum("hnl,lhd->nhd", scores.masked_fill(~seen.to(q.device), float("-inf")).softmax(-1), v)
+    k, v = (x.double().repeat_interleave(g, dim=1) for x in (k, v))
+    scores = torch.einsum("nhd,lhd->hnl", q.double(), k) * q.shape[-1] ** -0.5
+    if q_start is not None:
+        seen = torch.arange(k.shape[0]) <= torch.arange(q_start, q_start + q.shape[0])[:, None]
+        scores = scores.masked_fill(~seen.to(q.device), float("-inf"))
+    out = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v).float()
+    return (out, scores.logsumexp(-1).T.float()) if lse else out
+
+
+def rand(*shape, device, seed):
+    torch.manual_seed(seed)
+    return torch.randn(*shape, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+
+
+def tolerance(x):
+    return dict(rtol=1e-2, atol=1e-2) if x.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,q_start", [(37, 0), (37, 100), (1, 130), (64, 1)])
 def test_causal_attention_from_any_position(device, n, q_start):
     """GQA group 3, head_dim 64; a chunk after q_start earlier tokens sees them all and its own past only."""
-    torch.manual_seed(n + q_start)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = torch.randn(n, 6, 64, device=device, dtype=dtype)
-    k, v = (torch.randn(q_start + n, 2, 64, device=device, dtype=dtype) for _ in range(2))
+    q = rand(n, 6, 64, device=device, seed=n + q_start)
+    k, v = rand(q_start + n, 2, 64, device=device, seed=1), rand(q_start + n, 2, 64, device=device, seed=2)
     got = causal_attention(q, k, v, q_start)
-    assert got.shape == q.shape and got.dtype == dtype
-    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.float(), brute_force(q, k, v, q_start), **tol)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    torch.testing.assert_close(got.float(), brute_force(q, k, v, q_start), **tolerance(q))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,length", [(37, 300), (5, 5), (130, 1000)])
+def test_attention_lse(device, causal, n, length, monkeypatch):
+    """Output and natural log-sum-exp; the reference in several query chunks gives the same."""
+    q, k, v = rand(n, 6, 64, device=device, seed=n), rand(length, 2, 64, device=device, seed=1), \
+        rand(length, 2, 64, device=device, seed=2)
+    want, want_lse = brute_force(q, k, v, length - n if causal else None, lse=True)
+    monkeypatch.setattr("tailorkv.kernels.attention.SCORE_CHUNK", 6 * length * 16)  # 16 queries a chunk
+    out, lse = attention_lse(q, k, v, causal=causal)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == (n, 6)
+    torch.testing.assert_close(out.float(), want, **tolerance(q))
+    torch.testing.assert_close(lse, want_lse, **tolerance(q))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shared_prefix_attention_equals_each_row_over_the_whole_prompt(device):
+    """Three rows of 1, 70 and 9 new tokens after one 300-token prefix; GQA group 3, head_dim 64."""
+    prefix, cu = 300, [0, 1, 71, 80]
+    q = rand(80, 6, 64, device=device, seed=3)
+    k, v = rand(80, 2, 64, device=device, seed=4), rand(80, 2, 64, device=device, seed=5)
+    pk, pv = rand(prefix, 2, 64, device=device, seed=6), rand(prefix, 2, 64, device=device, seed=7)
+    got = shared_prefix_attention(q, k, v, cu, pk, pv)
+    assert got.dtype == q.dtype
+    for a, b in zip(cu[:-1], cu[1:]):
+        want = brute_force(q[a:b], torch.cat([pk, k[a:b]]), torch.cat([pv, v[a:b]]), prefix)
+        torch.testing.assert_close(got[a:b].float(), want, **tolerance(q))
 
 
 def test_causal_attention_rejects_keys_that_do_not_end_at_the_chunk():
     q, k = torch.randn(4, 2, 64), torch.randn(9, 2, 64)
     with pytest.raises(ValueError, match="need 8 keys, got 9"):
         causal_attention(q, k, k, 4)
+
+
+def test_merge_attention_states():
+    q, k, v = rand(4, 9, 64, device="cpu", seed=1), rand(150, 3, 64, device="cpu", seed=2), \
+        rand(150, 3, 64, device="cpu", seed=3)
+    whole = brute_force(q, k, v, None, lse=True)
+    a, b = brute_force(q, k[:40], v[:40], None, lse=True), brute_force(q, k[40:], v[40:], None, lse=True)
+    for got in (merge_attention_states(*a, *b), merge_attention_states(*b, *a)):
+        torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+    empty = (torch.zeros_like(a[0]), torch.full_like(a[1], float("-inf")))
+    torch.testing.assert_close(merge_attention_states(*a, *empty), a, atol=1e-6, rtol=1e-6)
+    out, lse = merge_attention_states(*empty, *empty)
+    assert (out == 0).all() and (lse == float("-inf")).all()

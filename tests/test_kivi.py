@@ -223,14 +223,3 @@ def test_ops_dispatch():
     if CUDA:
         assert K.ops("cuda").__name__ == "tailorkv.kernels.kivi_triton"
 
-
-def test_merge_attention_states():
-    q, k, v = _randn(9, 64, seed=1), _randn(3, 150, 64, seed=2), _randn(3, 150, 64, seed=3)
-    whole = _attention(q, k, v, 0.125)
-    a, b = _attention(q, k[:, :40], v[:, :40], 0.125), _attention(q, k[:, 40:], v[:, 40:], 0.125)
-    for got in (K.merge_attention_states(*a, *b), K.merge_attention_states(*b, *a)):
-        torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
-    empty = (torch.zeros_like(a[0]), torch.full_like(a[1], float("-inf")))
-    torch.testing.assert_close(K.merge_attention_states(*a, *empty), a, atol=1e-6, rtol=1e-6)
-    out, lse = K.merge_attention_states(*empty, *empty)
-    assert (out == 0).all() and (lse == float("-inf")).all()

@@ -318,8 +318,8 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
     with Engine(kv_policy="tailor", progress=False) as e:
         e.generate(questions[0], sampling_params=sp)
         reads = []
-        read_rows = e.policy.offload.read_rows
-        e.policy.offload.read_rows = lambda *a: reads.append(a[0]) or read_rows(*a)
+        read_prefix = e.policy.offload.read_prefix
+        e.policy.offload.read_prefix = lambda *a, **kw: reads.append(a[0]) or read_prefix(*a, **kw)
         got = e.generate(questions[1:], sampling_params=sp)
         assert [r["output_ids"] for r in got] == want and all(r["meta_info"]["cached_tokens"] >= 1024 for r in got)
         assert len(reads) == e.config.num_layers  # one read per layer for the three rows

@@ -1,9 +1,23 @@
-"""Exact attention references used on CPU (and as the oracle for GPU kernels)."""
+"""Exact attention: causal prefill (SDPA), attention with its log-sum-exp (FlashInfer on CUDA when it imports,
+flashinfer_prefill.py, else the torch reference here, same signature), the merge of partial results, prefill after a
+shared prefix built from them, and the decode reference `grouped_attention`."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from . import flashinfer_decode
+
+SCORE_CHUNK = 1 << 27  # attention_lse's reference: float32 scores held at once (512 MiB)
+
+
+def _flashinfer(x: torch.Tensor):
+    if not flashinfer_decode.available(x.device, x.dtype):
+        return None
+    from . import flashinfer_prefill
+
+    return flashinfer_prefill
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
@@ -23,6 +37,59 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
     out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), attn_mask=mask,
                                          is_causal=mask is None, scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                  sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, Hq, D] over k, v [L, Hkv, D] (GQA by head groups; causal: the queries are the last n positions, query i
+    sees keys 0..L-n+i) -> (out [n, Hq, D] in q's dtype, lse [n, Hq] float32: the natural log-sum-exp of the
+    scaled scores, -inf over no keys). The reference computes in float32, a chunk of queries at a time."""
+    fast = _flashinfer(q)
+    if fast is not None and k.shape[0]:
+        return fast.attention_lse(q, k, v, causal, sm_scale)
+    (n, hq, d), (L, hkv) = q.shape, k.shape[:2]
+    kf, vf = k.float(), v.float()
+    out = torch.zeros(n, hkv, hq // hkv, d, device=q.device)
+    lse = torch.full((n, hkv, hq // hkv), float("-inf"), device=q.device)
+    step = max(1, SCORE_CHUNK // max(hq * L, 1))
+    for a in range(0, n if L else 0, step):
+        qc = q[a:a + step].float().reshape(-1, hkv, hq // hkv, d)
+        scores = torch.einsum("nhgd,lhd->nhgl", qc, kf) * (sm_scale or d ** -0.5)
+        if causal:
+            seen = torch.arange(L, device=q.device) <= torch.arange(a, a + len(qc), device=q.device)[:, None] + L - n
+            scores = scores.masked_fill(~seen[:, None, None], float("-inf"))
+        lse[a:a + step] = scores.logsumexp(-1)
+        out[a:a + step] = torch.einsum("nhgl,lhd->nhgd", scores.softmax(-1), vf)
+    return out.view(n, hq, d).to(q.dtype), lse.view(n, hq)
+
+
+def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
+                            prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                            sm_scale: float | None = None) -> torch.Tensor:
+    """Prefill rows that follow one shared prefix of P tokens (prefix_k, prefix_v [P, Hkv, D]): row i's queries
+    q[cu[i]:cu[i+1]] [.., Hq, D] at positions P.. see the whole prefix and, causally, the row's own keys
+    k, v[cu[i]:cu[i+1]]. Per row, causal_attention(q_i, [prefix | k_i], [prefix | v_i], P); but every row's
+    queries attend to the prefix in one call, and no row copies it."""
+    pre, pre_lse = attention_lse(q, prefix_k, prefix_v, sm_scale=sm_scale)
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1], cu[1:]):
+        own, own_lse = attention_lse(q[a:b], k[a:b], v[a:b], causal=True, sm_scale=sm_scale)
+        out[a:b] = merge_attention_states(pre[a:b].float(), pre_lse[a:b], own.float(), own_lse)[0].to(q.dtype)
+    return out
+
+
+def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge S partial attention results over disjoint token sets: out [..., S, D] (finite), lse [..., S] ->
+    (out [..., D], lse [...]). Empty parts (lse = -inf) weigh nothing; all empty gives out 0, lse -inf."""
+    total = torch.logsumexp(lse, -1)
+    weight = torch.exp(lse - torch.where(total.isfinite(), total, 0.0)[..., None])
+    return (weight[..., None] * out).sum(-2), total
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint token sets from the attention over each: out [..., D], lse [...]."""
+    return merge_partial_states(torch.stack([out_a, out_b], -2), torch.stack([lse_a, lse_b], -1))
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,

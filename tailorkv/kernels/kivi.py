@@ -179,16 +179,3 @@ def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: tor
         out.append(grouped_attention(q[b].float(), k.transpose(0, 1), v.transpose(0, 1), sm_scale))
     return torch.stack(out) if out else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
-
-def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge S partial attention results over disjoint token sets: out [..., S, D] (finite), lse [..., S] ->
-    (out [..., D], lse [...]). Empty parts (lse = -inf) weigh nothing; all empty gives out 0, lse -inf."""
-    total = torch.logsumexp(lse, -1)
-    weight = torch.exp(lse - torch.where(total.isfinite(), total, 0.0)[..., None])
-    return (weight[..., None] * out).sum(-2), total
-
-
-def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the union of two disjoint token sets from the attention over each: out [..., D], lse [...]."""
-    return merge_partial_states(torch.stack([out_a, out_b], -2), torch.stack([lse_a, lse_b], -1))

@@ -12,6 +12,8 @@ With a key sketch (TailorConfig.key_sketch) the channel-major copy is not kept: 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
@@ -19,6 +21,22 @@ from .host_memory import host_tensor
 
 HOST_PAGE = 256  # tokens per host-tier page
 PAGE = 64  # tokens per generated-token page
+
+
+class SharedPrefix(NamedTuple):
+    """A cached prompt prefix of one layer read back to the GPU for the rows that prefill after it: k, v [P, H, D]
+    and (S layers) max|K| per channel [H, D], float32."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    max_abs: torch.Tensor | None
+
+
+def _span(begin: int, end: int, start: int, before: torch.Tensor | None, after: torch.Tensor) -> list[torch.Tensor]:
+    """Rows of prompt positions [begin, end): those under `start` from `before` (the shared prefix), the rest from
+    `after` (the tokens from start on)."""
+    parts = [before[begin:min(end, start)]] if begin < min(end, start) else []
+    return parts + ([after[max(begin, start) - start:end - start]] if end > max(begin, start) else [])
 
 
 class OffloadState:
@@ -137,44 +155,47 @@ class OffloadStore:
     def bytes_per_slot(num_layers: int, h: int, d: int, window: int, itemsize: int) -> int:
         return num_layers * (2 * window * h * d * itemsize + h * d * 4)
 
-    def prefill(self, layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
-        """Store a whole prompt's k, v [n, H, D] of an S layer: tokens from `start` (a multiple of 256; the pages
-        before it are shared, already stored) to the host tier and the sketch; sink + recent and max|K| per
-        channel over all of it on the GPU."""
+    def prefill(self, layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor, start: int = 0,
+                prefix: SharedPrefix | None = None) -> None:
+        """Store a prompt's k, v [n - start, H, D] of an S layer, its tokens from `start` (a multiple of 256; the
+        `prefix` before it is shared, already stored) to the host tier and the sketch; sink + recent and max|K| per
+        channel over all n tokens on the GPU."""
         kp = self.store_rows(layer, st, k, v, start)
         if self.sketch_bits:
-            self._sketch(layer, st, k[start:], start // HOST_PAGE)
+            self._sketch(layer, st, k, start // HOST_PAGE)
         else:
             src, dst = torch.arange(kp.shape[0], device=k.device), st.host_pages[start // HOST_PAGE:]
             self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], dst)
-        n = k.shape[0]
-        keep = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, n)]).to(k.device)
-        self.win_k[layer, st.slot, : keep.numel()] = k[keep]
-        self.win_v[layer, st.slot, : keep.numel()] = v[keep]
-        self.max_abs[layer, st.slot] = k.float().abs().amax(0)
+        n, window = start + k.shape[0], st.window_len
+        for dst, before, after in ((self.win_k, prefix and prefix.k, k), (self.win_v, prefix and prefix.v, v)):
+            rows = _span(0, st.n_sink, start, before, after) + _span(st.recent_begin, n, start, before, after)
+            dst[layer, st.slot, :window] = torch.cat(rows)
+        max_abs = k.float().abs().amax(0)
+        self.max_abs[layer, st.slot] = max_abs if prefix is None else torch.maximum(max_abs, prefix.max_abs)
 
     def store_rows(self, row_layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor,
                    start: int = 0) -> torch.Tensor:
-        """Token rows of k, v [n, H, D] from `start` (a multiple of 256) into the request's host pages; returns
-        the keys stored, as pages [pages, H, 256, D]."""
+        """A prompt's token rows k, v [n - start, H, D] from `start` (a multiple of 256) into the request's host
+        pages; returns the keys stored, as pages [pages, H, 256, D]."""
         p0, np_ = start // HOST_PAGE, st.host_pages.numel() - start // HOST_PAGE
-        pad = np_ * HOST_PAGE - (k.shape[0] - start)
-        kp, vp = (torch.nn.functional.pad(x[start:], (0, 0, 0, 0, 0, pad)).view(np_, HOST_PAGE, self.h, self.d)
+        pad = np_ * HOST_PAGE - k.shape[0]
+        kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(np_, HOST_PAGE, self.h, self.d)
                   .transpose(1, 2) for x in (k, v))
         src = torch.arange(np_, device=k.device)
         self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[row_layer], st.host_pages[p0:])
         return kp
 
-    def read_rows(self, row_layer: int, st: OffloadState, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V [n, H, D] of the first n prompt tokens (n a multiple of 256) back from the host tier."""
+    def read_prefix(self, row_layer: int, st: OffloadState, n: int, max_abs: bool) -> SharedPrefix:
+        """The first n prompt tokens (n a multiple of 256) back from the host tier, with max|K| when asked."""
         np_ = n // HOST_PAGE
         rows = torch.empty(np_, self.h, HOST_PAGE, 2 * self.d, dtype=self.win_k.dtype, device=self.device)
         self.ops.copy_pages(self.rows[row_layer], st.host_pages[:np_], rows, torch.arange(np_, device=self.device))
         kv = rows.transpose(1, 2).reshape(n, self.h, 2 * self.d)
-        return kv[..., : self.d], kv[..., self.d:]
+        k, v = kv[..., : self.d], kv[..., self.d:]
+        return SharedPrefix(k, v, k.float().abs().amax(0) if max_abs else None)
 
     def _sketch(self, layer: int, st: OffloadState, k: torch.Tensor, p0: int) -> None:
-        """Quantize K [n, H, D] per channel (groups of 64 tokens) into the request's sketch pages from p0 on."""
+        """Quantize K [n - p0 * 256, H, D] per channel (groups of 64 tokens) into the request's sketch pages from p0 on."""
         np_, per = st.sketch_pages.numel() - p0, 32 // self.sketch_bits
         q = self.kivi_ops.quantize_keys(k.transpose(0, 1), self.sketch_bits, sketch_scores.GROUP)
         for src, dst in zip(q, (self.sk_packed, self.sk_scale, self.sk_zero)):

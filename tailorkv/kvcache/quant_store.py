@@ -142,16 +142,18 @@ class QuantStore:
         return st.pages[pos // PAGE] * PAGE + pos % PAGE
 
     def prefill(self, layer: int, st: QuantState, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
-        """Store a whole prompt's k, v [n, H, D] of one layer; the pages of tokens before `start` (a multiple of
-        64, at most n - residual) are shared with an earlier request and already hold them."""
-        n, r = k.shape[0], self.cfg.residual
+        """Store a prompt's k, v [n - start, H, D] of one layer, its tokens from `start`: the pages of the tokens
+        before it (a multiple of 64, at most n - residual) are shared with an earlier request and hold them."""
+        n, r = start + k.shape[0], self.cfg.residual
         kq, vq = n - n % r, max(n - r, 0)
+        if start > vq:
+            raise ValueError(f"a shared prefix of {start} tokens reaches into the last {r} of a {n}-token prompt")
         if kq > start:
-            self._quantize_k(layer, st, k[start:kq], start)
+            self._quantize_k(layer, st, k[: kq - start], start)
         if vq > start:
-            self._quantize_v(layer, st, v[start:vq], start)
-        self.k_tail[layer, st.slot, : n - kq] = k[kq:]
-        self.v_win[layer, st.slot, self._ring(vq, n)] = v[vq:]
+            self._quantize_v(layer, st, v[: vq - start], start)
+        self.k_tail[layer, st.slot, : n - kq] = k[kq - start:]
+        self.v_win[layer, st.slot, self._ring(vq, n)] = v[vq - start:]
 
     def _ring(self, begin: int, end: int) -> torch.Tensor:
         """V-window slots of positions [begin, end)."""

@@ -7,9 +7,9 @@ import torch
 
 from ..errors import ConfigError
 from ..kernels import kivi
-from ..kernels.attention import causal_attention
+from ..kernels.attention import causal_attention, shared_prefix_attention
 from .batch import ForwardBatch
-from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore
+from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, SharedPrefix
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
@@ -234,16 +234,19 @@ class TailorPolicy(KVPolicy):
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
-        prefixes: dict[tuple, tuple] = {}  # shared prefixes read this step: once for all the rows that share one
+        after_prefix: dict[tuple, list[int]] = {}  # rows that prefill after a shared prefix, by the prefix's pages
         for i, rid in enumerate(batch.rids):
+            if not self.is_prefill(i, batch):
+                continue
             sl, start = batch.seq(i), batch.start[i]
-            if self.is_prefill(i, batch):
-                keys, values = k[sl], v[sl]
-                if start:  # after a shared prefix: attend to it exactly, from its rows in the host tier
-                    pk, pv = self._shared_prefix(layer, self.s_state[rid], start, prefixes)
-                    keys, values = torch.cat([pk, keys]), torch.cat([pv, values])
-                out[sl] = causal_attention(q[sl], keys, values, start)
-                self._store_prompt(layer, rid, keys, values, start)
+            if start:
+                st = self.s_state[rid]
+                after_prefix.setdefault(tuple(st.host_pages_cpu[: start // HOST_PAGE].tolist()), []).append(i)
+            else:
+                out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
+                self._store_prompt(layer, rid, k[sl], v[sl], 0)
+        for rows in after_prefix.values():
+            self._prefill_after_prefix(layer, q, k, v, out, batch, rows)
         if self.qview is not None and layer in self.q_index:
             rows, qi = self.row_index, self.q_index[layer]
             self.quant.append(qi, self.qview, k[rows], v[rows])
@@ -253,26 +256,35 @@ class TailorPolicy(KVPolicy):
             out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
         return out
 
-    def _shared_prefix(self, layer: int, st: OffloadState, start: int, prefixes: dict) -> tuple:
-        """K, V [start, H, D] of the request's first `start` prompt tokens (shared blocks) from the host tier; a
-        prefix already read in this step (the same pages: one document, many users) is not read again."""
-        key = tuple(st.host_pages_cpu[: start // HOST_PAGE].tolist())
-        if key not in prefixes:
-            prefixes[key] = self.offload.read_rows(self._row_layer(layer), st, start)
-        return prefixes[key]
+    def _prefill_after_prefix(self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int]) -> None:
+        """Rows whose prompts continue one shared prefix (one document, many users): the prefix is read back from
+        the host tier once, and every row's new tokens attend to it exactly, in one call for all of them."""
+        first = batch.rids[rows[0]]
+        prefix = self.offload.read_prefix(self._row_layer(layer), self.s_state[first], batch.start[rows[0]],
+                                          max_abs=layer in self.s_index)
+        sel = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1], device=q.device) for i in rows])
+        cu = [0]
+        for i in rows:
+            cu.append(cu[-1] + batch.cu[i + 1] - batch.cu[i])
+        out[sel] = shared_prefix_attention(q[sel], k[sel], v[sel], cu, prefix.k, prefix.v)
+        for i in rows:
+            sl = batch.seq(i)
+            self._store_prompt(layer, batch.rids[i], k[sl], v[sl], batch.start[i], prefix)
 
     def _row_layer(self, layer: int) -> int:
         """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
         return self.s_index[layer] if layer in self.s_index else len(self.s_index) + self.q_index[layer]
 
-    def _store_prompt(self, layer: int, rid: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """The whole prompt's k, v [n, H, D]; tokens before `start` are in shared blocks, already stored."""
+    def _store_prompt(self, layer: int, rid: int, k: torch.Tensor, v: torch.Tensor, start: int,
+                      prefix: SharedPrefix | None = None) -> None:
+        """A prompt's k, v [n - start, H, D] from `start`; the tokens before it (`prefix`) are in shared blocks,
+        already stored."""
         if layer in self.q_index:
             self.quant.prefill(self.q_index[layer], self.q_state[rid], k, v, start)
             if self.s_index:  # the exact rows too, for a later request that shares this prefix
                 self.offload.store_rows(self._row_layer(layer), self.s_state[rid], k, v, start)
         else:
-            self.offload.prefill(self.s_index[layer], self.s_state[rid], k, v, start)
+            self.offload.prefill(self.s_index[layer], self.s_state[rid], k, v, start, prefix)
 
     def _sparse_decode(self, layer: int, q, k, v) -> torch.Tensor:
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""
