@@ -196,7 +196,6 @@ class TailorPolicy(KVPolicy):
     def graph_key(self, batch: ForwardBatch, rows: int):
         if any(self.is_prefill(i, batch) for i in range(batch.size)):  # a prompt: prefill runs eagerly
             return None
-        self.after_prefix, self.read_ahead = {}, {}  # what prepare() sets for an eager step: no prompt rows here
         key = self._fill_views(batch.rids, rows, static=True)
         if rows not in self.graph_rows:
             self.graph_rows[rows] = torch.arange(rows, device=self.device)
