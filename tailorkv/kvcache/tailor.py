@@ -144,13 +144,6 @@ class TailorPolicy(KVPolicy):
         return batch.start[i] < self.prompt_len[batch.rids[i]]
 
     def prepare(self, batch: ForwardBatch) -> None:
-        # rows that prefill after a shared prefix, grouped by the prefix's pages; its rows read back per layer
-        self.after_prefix: dict[tuple, list[int]] = {}
-        self.read_ahead: dict[tuple, tuple] = {}  # (layer, prefix) -> (SharedPrefix, ready event) in flight
-        for i, rid in enumerate(batch.rids):
-            if self.is_prefill(i, batch) and batch.start[i]:
-                pages = self.s_state[rid].host_pages_cpu[: batch.start[i] // HOST_PAGE]
-                self.after_prefix.setdefault(tuple(pages.tolist()), []).append(i)
         decode_rows = [i for i in range(batch.size) if not self.is_prefill(i, batch)]
         self.view = self.qview = None
         if decode_rows:
@@ -241,13 +234,19 @@ class TailorPolicy(KVPolicy):
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
+        after_prefix: dict[tuple, list[int]] = {}  # rows that prefill after a shared prefix, by the prefix's pages
         for i, rid in enumerate(batch.rids):
-            if self.is_prefill(i, batch) and not batch.start[i]:
-                sl = batch.seq(i)
+            if not self.is_prefill(i, batch):
+                continue
+            sl, start = batch.seq(i), batch.start[i]
+            if start:
+                st = self.s_state[rid]
+                after_prefix.setdefault(tuple(st.host_pages_cpu[: start // HOST_PAGE].tolist()), []).append(i)
+            else:
                 out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
                 self._store_prompt(layer, rid, k[sl], v[sl], 0)
-        for key, rows in self.after_prefix.items():
-            self._prefill_after_prefix(layer, key, q, k, v, out, batch, rows)
+        for rows in after_prefix.values():
+            self._prefill_after_prefix(layer, q, k, v, out, batch, rows)
         if self.qview is not None and layer in self.q_index:
             rows, qi = self.row_index, self.q_index[layer]
             self.quant.append(qi, self.qview, k[rows], v[rows])
@@ -257,20 +256,12 @@ class TailorPolicy(KVPolicy):
             out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
         return out
 
-    def _prefill_after_prefix(self, layer: int, key: tuple, q, k, v, out, batch: ForwardBatch,
-                              rows: list[int]) -> None:
+    def _prefill_after_prefix(self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int]) -> None:
         """Rows whose prompts continue one shared prefix (one document, many users): the prefix is read back from
-        the host tier once (on CUDA, the next layer's read crosses PCIe on the side stream while this layer
-        computes), and every row's new tokens attend to it exactly, in one call for all of them."""
-        prefix = self._prefix(layer, key, batch, rows[0])
-        if self.prefetch_stream is not None and layer + 1 < self.cfg.num_layers:
-            side = self.prefetch_stream
-            side.wait_stream(torch.cuda.current_stream(self.device))  # the pages it overwrites are no longer read
-            with torch.cuda.stream(side):
-                ahead = self._read_prefix(layer + 1, batch, rows[0])
-                ready = torch.cuda.Event()
-                ready.record(side)
-            self.read_ahead[(layer + 1, key)] = (ahead, ready)
+        the host tier once, and every row's new tokens attend to it exactly, in one call for all of them."""
+        first = batch.rids[rows[0]]
+        prefix = self.offload.read_prefix(self._row_layer(layer), self.s_state[first], batch.start[rows[0]],
+                                          max_abs=layer in self.s_index)
         sel = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1], device=q.device) for i in rows])
         cu = [0]
         for i in rows:
@@ -279,18 +270,6 @@ class TailorPolicy(KVPolicy):
         for i in rows:
             sl = batch.seq(i)
             self._store_prompt(layer, batch.rids[i], k[sl], v[sl], batch.start[i], prefix)
-
-    def _prefix(self, layer: int, key: tuple, batch: ForwardBatch, i: int) -> SharedPrefix:
-        """This layer's rows of the shared prefix that row i follows: read ahead during the previous layer, or now."""
-        if (layer, key) not in self.read_ahead:
-            return self._read_prefix(layer, batch, i)
-        prefix, ready = self.read_ahead.pop((layer, key))
-        torch.cuda.current_stream(self.device).wait_event(ready)
-        return prefix
-
-    def _read_prefix(self, layer: int, batch: ForwardBatch, i: int) -> SharedPrefix:
-        return self.offload.read_prefix(self._row_layer(layer), self.s_state[batch.rids[i]], batch.start[i],
-                                        max_abs=layer in self.s_index)
 
     def _row_layer(self, layer: int) -> int:
         """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
