@@ -178,4 +178,3 @@ def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: tor
         v = torch.cat([values.view(vq, h, d), v_win[slot, ring].float()])
         out.append(grouped_attention(q[b].float(), k.transpose(0, 1), v.transpose(0, 1), sm_scale))
     return torch.stack(out) if out else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-

@@ -3,6 +3,8 @@ in the host tier and, each decode step, attend exactly over sink + recent + the 
 (two-stage retrieval, selection.py) + every generated token. Prefill is exact full attention over the prompt."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..errors import ConfigError
@@ -263,9 +265,7 @@ class TailorPolicy(KVPolicy):
         prefix = self.offload.read_prefix(self._row_layer(layer), self.s_state[first], batch.start[rows[0]],
                                           max_abs=layer in self.s_index)
         sel = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1], device=q.device) for i in rows])
-        cu = [0]
-        for i in rows:
-            cu.append(cu[-1] + batch.cu[i + 1] - batch.cu[i])
+        cu = list(itertools.accumulate((batch.new[i] for i in rows), initial=0))
         out[sel] = shared_prefix_attention(q[sel], k[sel], v[sel], cu, prefix.k, prefix.v)
         for i in rows:
             sl = batch.seq(i)
