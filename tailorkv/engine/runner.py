@@ -5,6 +5,7 @@ import torch
 
 from ..kvcache.batch import ForwardBatch
 from ..kvcache.policy import KVPolicy
+from ..kvcache.staging import to_device
 from ..models.llama import LlamaModel
 from .cuda_graph import DecodeGraphs
 
@@ -21,11 +22,11 @@ class ModelRunner:
         """Compute the step; `tokens` is the flat list of new token ids. Returns float32 logits [len(want), V]
         of the last token of each sequence index in `want_logits`."""
         batch = ForwardBatch.build(rids, start, new, self.device)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        ids = to_device(torch.tensor(tokens, dtype=torch.long), self.device)
         hidden = self.graphs.run(ids, batch) if self.graphs is not None and batch.is_decode else None
         if hidden is None:
             self.policy.prepare(batch)
             hidden = self.model(ids, batch.positions, self.policy, batch)
         self.policy.finish(batch)
-        last = torch.tensor([batch.cu[i + 1] - 1 for i in want_logits], dtype=torch.long, device=self.device)
+        last = to_device(torch.tensor([batch.cu[i + 1] - 1 for i in want_logits], dtype=torch.long), self.device)
         return self.model.logits(hidden[last])

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .staging import to_device
+
 
 @dataclass
 class ForwardBatch:
@@ -21,7 +23,7 @@ class ForwardBatch:
         cu = [0]
         for n in new:
             cu.append(cu[-1] + n)
-        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(start, new)]).to(device)
+        pos = to_device(torch.cat([torch.arange(s, s + n) for s, n in zip(start, new)]), device)
         return cls(rids, start, new, pos, cu)
 
     @property

@@ -18,6 +18,7 @@ import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
 from .host_memory import host_tensor
+from .staging import StagedInputs
 
 HOST_PAGE = 256  # tokens per host-tier page
 PAGE = 64  # tokens per generated-token page
@@ -69,11 +70,12 @@ class DecodeView:
     slot and generated-token slot, masks False."""
 
     def __init__(self, rows: int, pages: int, gen: int, window: int, device):
-        z = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.slots, self.host_pages, self.mid_begin, self.mid_end = z(rows), z(rows, pages), z(rows), z(rows)
-        self.sketch_pages = z(rows, pages)
-        self.win_mask, self.gen_write = z(rows, window, dtype=torch.bool), z(rows)
-        self.gen_read, self.gen_mask = z(rows, gen), z(rows, gen, dtype=torch.bool)
+        i64, b = torch.long, torch.bool
+        self.staged = StagedInputs({
+            "slots": ((rows,), i64), "host_pages": ((rows, pages), i64), "sketch_pages": ((rows, pages), i64),
+            "mid_begin": ((rows,), i64), "mid_end": ((rows,), i64), "win_mask": ((rows, window), b),
+            "gen_write": ((rows,), i64), "gen_read": ((rows, gen), i64), "gen_mask": ((rows, gen), b)}, device)
+        self.__dict__.update(self.staged.device)
 
     @staticmethod
     def sizes(states: list[OffloadState]) -> tuple[int, int]:
@@ -81,26 +83,29 @@ class DecodeView:
         return max(st.host_pages_cpu.numel() for st in states), max(st.n + 1 - st.prompt_len for st in states)
 
     def fill(self, states: list[OffloadState], scratch_slot: int, scratch_gen: int) -> None:
-        rows, np_ = self.host_pages.shape
-        slots, pages, sketch = torch.full((rows,), scratch_slot), *torch.full((2, rows, np_), -1)
-        gen_read = torch.full(self.gen_read.shape, scratch_gen)
-        mid, lens = torch.zeros(2, rows, dtype=torch.long), torch.ones(2, rows, dtype=torch.long)  # window, gen
+        h = self.staged.host()
+        rows, n = h["slots"].shape[0], len(states)
+        h["slots"].fill_(scratch_slot)
+        h["host_pages"].fill_(-1)
+        h["sketch_pages"].fill_(-1)
+        h["gen_read"].fill_(scratch_gen)
+        lens = torch.ones(2, rows, dtype=torch.long)  # window, generated
+        mid = torch.zeros(2, rows, dtype=torch.long)
+        if n:
+            h["slots"][:n] = torch.tensor([st.slot for st in states])
+            mid[:, :n] = torch.tensor([[st.n_sink for st in states], [st.recent_begin for st in states]])
+            lens[:, :n] = torch.tensor([[st.window_len for st in states], [st.n + 1 - st.prompt_len for st in states]])
         for i, st in enumerate(states):
+            h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
+            h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
             g = st.gen_slots()
-            slots[i], mid[0, i], mid[1, i] = st.slot, st.n_sink, st.recent_begin
-            lens[0, i], lens[1, i] = st.window_len, g.numel()
-            pages[i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
-            sketch[i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
-            gen_read[i, : g.numel()] = g
-        self.slots.copy_(slots)
-        self.host_pages.copy_(pages)
-        self.sketch_pages.copy_(sketch)
-        self.mid_begin.copy_(mid[0])
-        self.mid_end.copy_(mid[1])
-        self.win_mask.copy_(torch.arange(self.win_mask.shape[1]) < lens[0, :, None])
-        self.gen_read.copy_(gen_read)
-        self.gen_write.copy_(gen_read.gather(1, (lens[1] - 1)[:, None])[:, 0])
-        self.gen_mask.copy_(torch.arange(gen_read.shape[1]) < lens[1, :, None])
+            h["gen_read"][i, : g.numel()] = g
+        h["mid_begin"].copy_(mid[0])
+        h["mid_end"].copy_(mid[1])
+        h["win_mask"].copy_(torch.arange(h["win_mask"].shape[1]) < lens[0, :, None])
+        h["gen_write"].copy_(h["gen_read"].gather(1, (lens[1] - 1)[:, None])[:, 0])
+        h["gen_mask"].copy_(torch.arange(h["gen_read"].shape[1]) < lens[1, :, None])
+        self.staged.send()
 
 
 class OffloadStore:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kivi
+from .staging import StagedInputs
 from .tailor_config import TailorConfig
 
 PAGE = 64  # tokens per quantized page = one K quantization group
@@ -50,36 +51,42 @@ class QuantView:
     Attention then reads `lengths` = (n, kq, vq) per row (paged_decode_attention)."""
 
     def __init__(self, rows: int, pages: int, residual: int, device):
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)  # noqa: E731
-        self.pages, self.slots, self.lengths = z(rows, pages), z(rows), z(rows, 3)
-        self.k_write, self.v_write, self.v_old, self.v_dest = z(rows), z(rows), z(rows), z(rows)
-        self.k_dest = z(rows, residual // PAGE)
+        i64 = torch.long
+        self.staged = StagedInputs({
+            "pages": ((rows, pages), i64), "slots": ((rows,), i64), "lengths": ((rows, 3), i64),
+            "k_write": ((rows,), i64), "v_write": ((rows,), i64), "v_old": ((rows,), i64), "v_dest": ((rows,), i64),
+            "k_dest": ((rows, residual // PAGE), i64)}, device)
+        self.__dict__.update(self.staged.device)
 
     @staticmethod
     def pages_of(states: list[QuantState]) -> int:
         return max(st.pages_cpu.numel() for st in states)
 
     def fill(self, states: list[QuantState], residual: int, scratch_page: int, scratch_slot: int) -> None:
-        rows, width = self.pages.shape
+        h = self.staged.host()
         r, m = residual, residual // PAGE
-        pages = torch.full((rows, width), scratch_page)
-        slots = torch.full((rows,), scratch_slot)
-        lengths = torch.tensor([[1, 0, 0]] * rows)  # padding rows: one token, the scratch slot's first
-        k_write, v_write, v_old = (torch.zeros(rows, dtype=torch.long) for _ in range(3))
-        k_dest, v_dest = torch.full((rows, m), scratch_page), torch.full((rows,), scratch_page * PAGE)
+        h["pages"].fill_(scratch_page)
+        h["slots"].fill_(scratch_slot)
+        h["lengths"].copy_(torch.tensor([1, 0, 0]))  # padding rows: one token, the scratch slot's first
+        for name in ("k_write", "v_write", "v_old"):
+            h[name].zero_()
+        h["k_dest"].fill_(scratch_page)
+        h["v_dest"].fill_(scratch_page * PAGE)
+        rows = []  # per state: slot, n, kq, vq, k_write, v_write
         for i, st in enumerate(states):
             n, kq = st.after(st.n + 1, r)
-            pages[i, : st.pages_cpu.numel()] = st.pages_cpu
-            slots[i], lengths[i] = st.slot, torch.tensor([n, kq, max(n - r, 0)])
-            k_write[i], v_write[i] = st.n - st.kq, st.n % (r + 1)
+            rows.append((st.slot, n, kq, max(n - r, 0), st.n - st.kq, st.n % (r + 1)))
+            h["pages"][i, : st.pages_cpu.numel()] = st.pages_cpu
             if kq > st.kq:  # this token fills the K tail
-                k_dest[i] = st.pages_cpu[st.kq // PAGE: st.kq // PAGE + m]
+                h["k_dest"][i] = st.pages_cpu[st.kq // PAGE: st.kq // PAGE + m]
             if st.n >= r:  # the V window is full: its oldest token (position st.n - r) is quantized
                 old = st.n - r
-                v_old[i], v_dest[i] = old % (r + 1), st.pages_cpu[old // PAGE] * PAGE + old % PAGE
-        for name, value in (("pages", pages), ("slots", slots), ("lengths", lengths), ("k_write", k_write),
-                            ("v_write", v_write), ("v_old", v_old), ("k_dest", k_dest), ("v_dest", v_dest)):
-            getattr(self, name).copy_(value)
+                h["v_old"][i], h["v_dest"][i] = old % (r + 1), int(st.pages_cpu[old // PAGE]) * PAGE + old % PAGE
+        if rows:
+            cols = torch.tensor(rows).T
+            n = len(rows)
+            h["slots"][:n], h["lengths"][:n], h["k_write"][:n], h["v_write"][:n] = cols[0], cols[1:4].T, cols[4], cols[5]
+        self.staged.send()
 
 
 class QuantStore:

@@ -17,6 +17,7 @@ from .plans import layer_plan
 from .policy import KVPolicy
 from .quant_store import QuantState, QuantStore, QuantView
 from .selection import group_mean, score_tokens, select_channels, select_tokens
+from .staging import to_device
 from .tailor_config import TailorConfig
 
 PAGE = 64
@@ -150,7 +151,7 @@ class TailorPolicy(KVPolicy):
         self.view = self.qview = None
         if decode_rows:
             self._fill_views([batch.rids[i] for i in decode_rows], len(decode_rows), static=False)
-            self.row_index = torch.tensor([batch.cu[i] for i in decode_rows], device=self.device)
+            self.row_index = to_device(torch.tensor([batch.cu[i] for i in decode_rows]), self.device)
 
     def _fill_views(self, rids: list[int], rows: int, static: bool) -> tuple:
         """This step's DecodeView (S layers) and QuantView (Q layers) for the decode requests `rids` in `rows` rows:
