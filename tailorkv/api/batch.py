@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from ..engine.async_engine import Output
 from ..engine.request import Request as EngineRequest
@@ -44,6 +46,16 @@ class Completion:
             "id": str(req.rid), "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
             "cached_tokens": req.seq.cached_tokens, "finish_reason": self.finish_reason,
             "e2e_latency": self.last_time - req.created, "queue_time": req.queue_time}}
+
+
+async def submit(state: AppState, tokenize: Callable[[], list[list[int]]],
+                 params: Callable[[int, list[int]], SamplingParams]) -> BatchRun:
+    """Tokenize one call's prompts off the event loop (a long prompt takes a while, and the loop streams other
+    requests' tokens meanwhile), then submit them with params(index, ids); arriving for the engine throughout, so
+    that calls reaching the server together are prefilled together."""
+    with state.engine.arriving():
+        prompts = await run_in_threadpool(tokenize)
+        return BatchRun(state, [(ids, params(i, ids)) for i, ids in enumerate(prompts)])
 
 
 class BatchRun:

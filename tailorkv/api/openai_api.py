@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from ..engine.sampling import SamplingParams
-from .batch import BatchRun, Completion
+from .batch import BatchRun, Completion, submit
 from .protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest, error_body
 from .sse import DONE, EventStream, sse
 from .state import AppState, get_state
@@ -33,9 +33,9 @@ async def completions(body: CompletionRequest, request: Request):
     tokenize = state.engine.engine.tokenize
     given = body.prompt
     prompts = [given] if isinstance(given, str) or not given or isinstance(given[0], int) else given  # 1 or a batch
-    ids = await run_in_threadpool(lambda: [tokenize(p, None) if isinstance(p, str) else tokenize(None, p)
-                                           for p in prompts])
-    return await _respond(state, request, body, ids, body.max_tokens, _Reply(False, model))
+    return await _respond(state, request, body, lambda: [tokenize(p, None) if isinstance(p, str)
+                                                         else tokenize(None, p) for p in prompts],
+                          body.max_tokens, _Reply(False, model))
 
 
 @router.post("/chat/completions")
@@ -44,16 +44,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     model = state.check_model(body.model)
     engine = state.engine.engine
     messages = [m.as_dict() for m in body.messages]
-    ids = await run_in_threadpool(lambda: engine.tokenize(engine.tokenizer.apply_chat_template(messages), None))
-    return await _respond(state, request, body, [ids], body.max_new_tokens, _Reply(True, model))
+    return await _respond(state, request, body,
+                          lambda: [engine.tokenize(engine.tokenizer.apply_chat_template(messages), None)],
+                          body.max_new_tokens, _Reply(True, model))
 
 
-async def _respond(state: AppState, request: Request, body: OpenAIRequest, prompts: list[list[int]],
+async def _respond(state: AppState, request: Request, body: OpenAIRequest, tokenize: Callable[[], list[list[int]]],
                    max_tokens: int | None, reply: _Reply):
     context = state.engine.engine.config.max_position
-    batch = [(ids, SamplingParams.from_any(body.sampling_params(
-        max_tokens if max_tokens is not None else max(context - len(ids), 1)))) for ids in prompts]
-    run = BatchRun(state, batch)
+    run = await submit(state, tokenize, lambda _, ids: SamplingParams.from_any(body.sampling_params(
+        max_tokens if max_tokens is not None else max(context - len(ids), 1))))
     if body.stream:
         return EventStream(_chunks(reply, run, body.include_usage), run)
     done = await run.wait(request)

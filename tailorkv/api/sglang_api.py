@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from ..engine.sampling import SamplingParams
-from .batch import BatchRun
+from .batch import BatchRun, submit
 from .protocol import GenerateRequest, error_body
 from .sse import DONE, EventStream, sse
 from .state import get_state
@@ -17,10 +16,8 @@ router = APIRouter()
 async def generate(body: GenerateRequest, request: Request):
     state = get_state(request)
     tokenize = state.engine.engine.tokenize
-    # tokenizing a long prompt takes a while: off the event loop, which is streaming other requests' tokens
-    batch = await run_in_threadpool(lambda: [(tokenize(text, ids), SamplingParams.from_any(body.params(i)))
-                                             for i, (text, ids) in enumerate(body.prompts())])
-    run = BatchRun(state, batch)
+    run = await submit(state, lambda: [tokenize(text, ids) for text, ids in body.prompts()],
+                       lambda i, _: SamplingParams.from_any(body.params(i)))
     if body.stream:
         return EventStream(_chunks(run, body.batched), run)
     results = [c.sglang() for c in await run.wait(request)]

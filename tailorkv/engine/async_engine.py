@@ -4,10 +4,16 @@ The asyncio side submits requests and awaits `Output`s; the engine thread hands 
 `loop.call_soon_threadsafe`, so neither side blocks the other. The thread sleeps on an Event while there is no
 work. A step that raises fails the requests that were running (each gets an `Output` with `error`) and the
 engine keeps serving; requests still waiting are untouched.
+
+Requests that reach the server together (a document chat's users starting their next turn) are tokenized on
+worker threads and would otherwise land one by one: the first would be prefilled alone while the others wait a
+whole step for it. So while any request is `arriving` (tokenized, not yet submitted) and nothing decodes, a step
+that would only prefill is held back for them, `gather_s` at most.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -86,8 +92,10 @@ class OutputStream:
 class AsyncEngine:
     """Owns an Engine and its step loop; `generate` is the one way in for the API."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, gather_s: float = 0.5):
+        self.engine, self.gather_s = engine, gather_s
+        self._arriving = 0  # requests being tokenized for submission (under _mu)
+        self._held_since: float | None = None  # when the engine thread began holding a step for them
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
         self._aborts: list[tuple[int, str]] = []  # applied by the engine thread between steps
@@ -135,6 +143,18 @@ class AsyncEngine:
         self._wake.set()
         return reqs
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around tokenizing and submitting a request that reached the server (see the module's docstring)."""
+        with self._mu:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._mu:
+                self._arriving -= 1
+            self._wake.set()
+
     def abort(self, rid: int, message: str = "client disconnected") -> None:
         """Stop a request: it produces no further Output, and its pages are freed before the next step."""
         with self._mu:
@@ -159,6 +179,11 @@ class AsyncEngine:
             if not self.engine.scheduler.has_work:
                 self._wake.wait()
                 continue
+            hold = self._hold()
+            if hold > 0:
+                self._wake.wait(hold)
+                continue
+            self._held_since = None
             try:
                 done = self.engine.step()
             except Exception as e:  # a bad step must not take the server down
@@ -168,6 +193,17 @@ class AsyncEngine:
                 self._fail(list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}")
                 continue
             self._dispatch(done)
+
+    def _hold(self) -> float:
+        """Seconds to hold back the next step for requests still arriving: none while any request runs."""
+        with self._mu:
+            arriving = self._arriving
+        if not arriving or self.engine.scheduler.running:
+            return 0.0
+        now = time.perf_counter()
+        if self._held_since is None:
+            self._held_since = now
+        return self._held_since + self.gather_s - now
 
     def _apply_aborts(self) -> None:
         # Only this thread aborts in the engine: Engine.abort frees a request's KV pages at once, which must not
