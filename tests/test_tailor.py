@@ -109,6 +109,44 @@ def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
         assert ((vd[:vq] - vb[:vq]).abs().amax(-1) <= v_step / 2 + 2e-3).all()
 
 
+@pytest.mark.parametrize("start", [0, 256, 384])
+def test_a_quantized_prompt_is_final_for_a_later_request(start):
+    """A 460-token prompt's pages hold its tails quantized too, as decode will write them: its decode rewrites
+    the same values there (K tail [384, 512) quantized at token 512, V leaving the window), and a second prompt
+    that shares the first `start` tokens' pages (and, where its full-precision tails reach back before `start`,
+    their exact rows) stores exactly what it stores alone."""
+    torch.manual_seed(2)
+    h, d, r = 2, 64, 128
+    cfg = TailorConfig.from_options("ruler", quant_bits=2)
+    store = QuantStore(1, 32, 3, h, d, cfg, "cpu", torch.float32)
+    k, v = torch.randn(2, 530, h, d)
+    first = QuantState(list(range(9)), 0, "cpu")
+    store.prefill(0, first, k[:460], v[:460])
+    first.advance(460, r)
+    final = 7 * 64  # the prompt's whole K groups; its V tokens are all final
+    pages = [store.k_packed[:, :7].clone(), store.k_scale[:, :7].clone(), store.v_packed[:, :460].clone()]
+    view = QuantView(1, 9, r, "cpu")
+    for n in range(460, 530):
+        view.fill([first], r, store.scratch_page, store.scratch_slot)
+        store.append(0, view, k[n:n + 1], v[n:n + 1])
+        first.advance(n + 1, r)
+    assert first.kq == 512 and final == 448
+    assert all(torch.equal(a, b) for a, b in zip(pages, (store.k_packed[:, :7], store.k_scale[:, :7],
+                                                         store.v_packed[:, :460])))
+    n = 400  # the second prompt: the first 400 tokens again
+    alone = QuantState(list(range(9, 16)), 1, "cpu")
+    later = QuantState(list(range(start // 64)) + list(range(16, 23)), 2, "cpu")
+    store.prefill(0, alone, k[:n], v[:n])
+    store.prefill(0, later, k[start:n], v[start:n], start, (k[:start], v[:start]) if start else None)
+    for st in (alone, later):
+        st.advance(n, r)
+    for a, b in zip(store.dequantized(0, alone, torch.float32), store.dequantized(0, later, torch.float32)):
+        assert torch.equal(a, b)
+    if start > n - r:
+        with pytest.raises(ValueError, match="exact rows"):
+            store.prefill(0, QuantState(list(range(23, 30)), 2, "cpu"), k[start:n], v[start:n], start)
+
+
 def test_quant_store_append_twice_is_append_once():
     """A captured CUDA graph runs its first step twice (warm-up, then replay): appending a step's tokens twice must
     leave the store as appending them once, across K-tail quantizations and the V ring's turns."""

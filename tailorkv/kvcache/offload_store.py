@@ -18,6 +18,7 @@ import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
 from .host_memory import host_tensor
+from .prompt_span import prompt_span
 from .staging import StagedInputs
 
 HOST_PAGE = 256  # tokens per host-tier page
@@ -31,13 +32,6 @@ class SharedPrefix(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     max_abs: torch.Tensor | None
-
-
-def _span(begin: int, end: int, start: int, before: torch.Tensor | None, after: torch.Tensor) -> list[torch.Tensor]:
-    """Rows of prompt positions [begin, end): those under `start` from `before` (the shared prefix), the rest from
-    `after` (the tokens from start on)."""
-    parts = [before[begin:min(end, start)]] if begin < min(end, start) else []
-    return parts + ([after[max(begin, start) - start:end - start]] if end > max(begin, start) else [])
 
 
 class OffloadState:
@@ -173,7 +167,7 @@ class OffloadStore:
             self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], dst)
         n, window = start + k.shape[0], st.window_len
         for dst, before, after in ((self.win_k, prefix and prefix.k, k), (self.win_v, prefix and prefix.v, v)):
-            rows = _span(0, st.n_sink, start, before, after) + _span(st.recent_begin, n, start, before, after)
+            rows = prompt_span(0, st.n_sink, start, before, after) + prompt_span(st.recent_begin, n, start, before, after)
             dst[layer, st.slot, :window] = torch.cat(rows)
         max_abs = k.float().abs().amax(0)
         self.max_abs[layer, st.slot] = max_abs if prefix is None else torch.maximum(max_abs, prefix.max_abs)

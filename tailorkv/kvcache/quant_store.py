@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kivi
+from .prompt_span import prompt_span
 from .staging import StagedInputs
 from .tailor_config import TailorConfig
 
@@ -148,19 +149,25 @@ class QuantStore:
         pos = torch.arange(begin, end, device=st.pages.device)
         return st.pages[pos // PAGE] * PAGE + pos % PAGE
 
-    def prefill(self, layer: int, st: QuantState, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
-        """Store a prompt's k, v [n - start, H, D] of one layer, its tokens from `start`: the pages of the tokens
-        before it (a multiple of 64, at most n - residual) are shared with an earlier request and hold them."""
+    def prefill(self, layer: int, st: QuantState, k: torch.Tensor, v: torch.Tensor, start: int = 0,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Store a prompt's k, v [n - start, H, D] of one layer, its tokens from `start` (a multiple of 64). The
+        pages of the tokens before it are shared with an earlier request and hold them; where the full-precision
+        tails reach back before `start`, `prefix` (the exact k, v [start, H, D] of those tokens, from the host
+        tier) fills them. Beyond KIVI's rules the pages also get the tails' tokens quantized (K in whole groups of
+        64, all of V): the values decode writes there as they leave the tails, so every page of the prompt is
+        final at once, and a later request that shares it needs none of it recomputed."""
         n, r = start + k.shape[0], self.cfg.residual
         kq, vq = n - n % r, max(n - r, 0)
-        if start > vq:
-            raise ValueError(f"a shared prefix of {start} tokens reaches into the last {r} of a {n}-token prompt")
-        if kq > start:
-            self._quantize_k(layer, st, k[: kq - start], start)
-        if vq > start:
-            self._quantize_v(layer, st, v[: vq - start], start)
-        self.k_tail[layer, st.slot, : n - kq] = k[kq - start:]
-        self.v_win[layer, st.slot, self._ring(vq, n)] = v[vq - start:]
+        if prefix is None and start > vq:
+            raise ValueError(f"a shared prefix of {start} tokens reaches into the last {r} of a {n}-token prompt; "
+                             "its exact rows are needed")
+        if n - n % PAGE > start:
+            self._quantize_k(layer, st, k[: n - n % PAGE - start], start)
+        self._quantize_v(layer, st, v, start)
+        pk, pv = prefix if prefix is not None else (None, None)
+        self.k_tail[layer, st.slot, : n - kq] = torch.cat(prompt_span(kq, n, start, pk, k))
+        self.v_win[layer, st.slot, self._ring(vq, n)] = torch.cat(prompt_span(vq, n, start, pv, v))
 
     def _ring(self, begin: int, end: int) -> torch.Tensor:
         """V-window slots of positions [begin, end)."""

@@ -64,10 +64,6 @@ class TailorPolicy(KVPolicy):
         return HOST_PAGE, {"host": 1, **({"sketch": 1} if self.tc.key_sketch else {}),
                            **({"qkv": HOST_PAGE // PAGE} if self.q_index else {})}
 
-    def shareable_tokens(self, prompt_len: int) -> int:
-        """The Q layers' last `residual` prompt tokens are quantized during decode, into their pages: not final."""
-        return max(prompt_len - self.tc.residual, 0) if self.q_index else prompt_len
-
     # ---- memory ------------------------------------------------------------------------------------------------
     def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
@@ -281,7 +277,7 @@ class TailorPolicy(KVPolicy):
         """A prompt's k, v [n - start, H, D] from `start`; the tokens before it (`prefix`) are in shared blocks,
         already stored."""
         if layer in self.q_index:
-            self.quant.prefill(self.q_index[layer], self.q_state[rid], k, v, start)
+            self.quant.prefill(self.q_index[layer], self.q_state[rid], k, v, start, prefix and prefix[:2])
             if self.s_index:  # the exact rows too, for a later request that shares this prefix
                 self.offload.store_rows(self._row_layer(layer), self.s_state[rid], k, v, start)
         else:
