@@ -71,11 +71,10 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     k, v[cu[i]:cu[i+1]]. Per row, causal_attention(q_i, [prefix | k_i], [prefix | v_i], P); but every row's
     queries attend to the prefix in one call, and no row copies it."""
     pre, pre_lse = attention_lse(q, prefix_k, prefix_v, sm_scale=sm_scale)
-    out = torch.empty_like(q)
+    own, own_lse = torch.empty_like(q), torch.empty_like(pre_lse)
     for a, b in zip(cu[:-1], cu[1:]):
-        own, own_lse = attention_lse(q[a:b], k[a:b], v[a:b], causal=True, sm_scale=sm_scale)
-        out[a:b] = merge_attention_states(pre[a:b].float(), pre_lse[a:b], own.float(), own_lse)[0].to(q.dtype)
-    return out
+        own[a:b], own_lse[a:b] = attention_lse(q[a:b], k[a:b], v[a:b], causal=True, sm_scale=sm_scale)
+    return merge_attention_states(pre.float(), pre_lse, own.float(), own_lse)[0].to(q.dtype)
 
 
 def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,10 +18,9 @@ import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
 from .host_memory import host_tensor
-from .prompt_span import prompt_span
+from .prompt_rows import HOST_PAGE, PromptRows
 from .staging import StagedInputs
 
-HOST_PAGE = 256  # tokens per host-tier page
 PAGE = 64  # tokens per generated-token page
 
 
@@ -154,34 +153,34 @@ class OffloadStore:
     def bytes_per_slot(num_layers: int, h: int, d: int, window: int, itemsize: int) -> int:
         return num_layers * (2 * window * h * d * itemsize + h * d * 4)
 
-    def prefill(self, layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor, start: int = 0,
+    def prefill(self, layer: int, rows: PromptRows, k: torch.Tensor, v: torch.Tensor,
                 prefix: SharedPrefix | None = None) -> None:
-        """Store a prompt's k, v [n - start, H, D] of an S layer, its tokens from `start` (a multiple of 256; the
-        `prefix` before it is shared, already stored) to the host tier and the sketch; sink + recent and max|K| per
-        channel over all n tokens on the GPU."""
-        kp = self.store_rows(layer, st, k, v, start)
+        """Store the prompts of prefill rows from their common start (a multiple of 256; the `prefix` before it is
+        shared, already stored): their new k, v [T, H, D] of an S layer to the host tier and the sketch, each
+        row's sink + recent window and max|K| per channel over its whole prompt on the GPU."""
+        kp = self.store_rows(layer, rows, k, v)
         if self.sketch_bits:
-            self._sketch(layer, st, k, start // HOST_PAGE)
+            self._sketch(layer, rows, kp)
         else:
-            src, dst = torch.arange(kp.shape[0], device=k.device), st.host_pages[start // HOST_PAGE:]
-            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], dst)
-        n, window = start + k.shape[0], st.window_len
+            src = torch.arange(kp.shape[0], device=k.device)
+            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], rows.host_pages)
+        n_rows, window = rows.slots.numel(), self.win_k.shape[2]
         for dst, before, after in ((self.win_k, prefix and prefix.k, k), (self.win_v, prefix and prefix.v, v)):
-            rows = prompt_span(0, st.n_sink, start, before, after) + prompt_span(st.recent_begin, n, start, before, after)
-            dst[layer, st.slot, :window] = torch.cat(rows)
-        max_abs = k.float().abs().amax(0)
-        self.max_abs[layer, st.slot] = max_abs if prefix is None else torch.maximum(max_abs, prefix.max_abs)
+            win = after[rows.win_new]
+            if before is not None:
+                win = torch.where(rows.win_from_pre[..., None, None], before[rows.win_pre], win)
+            dst[layer, rows.slots] = win.view(n_rows, window, self.h, self.d)
+        row_of = rows.row_of[:, None, None].expand(k.shape)
+        max_abs = torch.zeros(n_rows, self.h, self.d, device=k.device).scatter_reduce_(0, row_of, k.float().abs(), "amax")
+        self.max_abs[layer, rows.slots] = max_abs if prefix is None else torch.maximum(max_abs, prefix.max_abs)
 
-    def store_rows(self, row_layer: int, st: OffloadState, k: torch.Tensor, v: torch.Tensor,
-                   start: int = 0) -> torch.Tensor:
-        """A prompt's token rows k, v [n - start, H, D] from `start` (a multiple of 256) into the request's host
-        pages; returns the keys stored, as pages [pages, H, 256, D]."""
-        p0, np_ = start // HOST_PAGE, st.host_pages.numel() - start // HOST_PAGE
-        pad = np_ * HOST_PAGE - k.shape[0]
-        kp, vp = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(np_, HOST_PAGE, self.h, self.d)
-                  .transpose(1, 2) for x in (k, v))
+    def store_rows(self, row_layer: int, rows: PromptRows, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Prefill rows' token rows k, v [T, H, D] into their host pages from their start (a multiple of 256);
+        returns the keys stored, as pages [P, H, 256, D]."""
+        np_ = rows.host_pages.numel()
+        kp, vp = (x[rows.page_src].view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2) for x in (k, v))
         src = torch.arange(np_, device=k.device)
-        self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[row_layer], st.host_pages[p0:])
+        self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[row_layer], rows.host_pages)
         return kp
 
     def read_prefix(self, row_layer: int, st: OffloadState, n: int, max_abs: bool) -> SharedPrefix:
@@ -193,14 +192,14 @@ class OffloadStore:
         k, v = kv[..., : self.d], kv[..., self.d:]
         return SharedPrefix(k, v, k.float().abs().amax(0) if max_abs else None)
 
-    def _sketch(self, layer: int, st: OffloadState, k: torch.Tensor, p0: int) -> None:
-        """Quantize K [n - p0 * 256, H, D] per channel (groups of 64 tokens) into the request's sketch pages from p0 on."""
-        np_, per = st.sketch_pages.numel() - p0, 32 // self.sketch_bits
-        q = self.kivi_ops.quantize_keys(k.transpose(0, 1), self.sketch_bits, sketch_scores.GROUP)
+    def _sketch(self, layer: int, rows: PromptRows, kp: torch.Tensor) -> None:
+        """Quantize the keys of host pages kp [P, H, 256, D] per channel (groups of 64 tokens) into their sketch
+        pages."""
+        np_ = kp.shape[0]
+        q = self.kivi_ops.quantize_keys(kp.reshape(np_ * self.h, HOST_PAGE, self.d), self.sketch_bits,
+                                        sketch_scores.GROUP)
         for src, dst in zip(q, (self.sk_packed, self.sk_scale, self.sk_zero)):
-            rows = np_ * HOST_PAGE // (per if dst is self.sk_packed else sketch_scores.GROUP)
-            x = torch.nn.functional.pad(src, (0, 0, 0, rows - src.shape[1]))  # pages past the prompt: zeros
-            dst[layer, st.sketch_pages[p0:]] = x.view(self.h, np_, -1, self.d).transpose(0, 1)
+            dst[layer, rows.sketch_pages] = src.view(np_, self.h, -1, self.d)
 
     def append(self, layer: int, view: DecodeView, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store each decode row's new k, v [B, H, D] among its generated tokens."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import kivi
-from .prompt_span import prompt_span
+from .prompt_rows import prompt_span
 from .staging import StagedInputs
 from .tailor_config import TailorConfig
 

@@ -12,6 +12,7 @@ from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
 from .batch import ForwardBatch
 from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, SharedPrefix
+from .prompt_rows import PromptRows
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
@@ -118,6 +119,7 @@ class TailorPolicy(KVPolicy):
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
         self.graph_views: dict[tuple, DecodeView | QuantView] = {}
         self.graph_rows: dict[int, torch.Tensor] = {}
+        self.step_rows: tuple = (None, {})  # (the batch, its prefill rows' _prompt_rows)
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         slot = pages["slots"][0]
@@ -233,19 +235,20 @@ class TailorPolicy(KVPolicy):
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
-        after_prefix: dict[tuple, list[int]] = {}  # rows that prefill after a shared prefix, by the prefix's pages
+        groups: dict[tuple, list[int]] = {}  # prefill rows by the pages of the shared prefix they continue (or ())
         for i, rid in enumerate(batch.rids):
-            if not self.is_prefill(i, batch):
+            if self.is_prefill(i, batch):
+                start = batch.start[i]
+                groups.setdefault(tuple(self.s_state[rid].host_pages_cpu[: start // HOST_PAGE].tolist()) if start
+                                  else (), []).append(i)
+        for prefix_pages, rows in groups.items():
+            if prefix_pages:
+                self._prefill_after_prefix(layer, q, k, v, out, batch, rows)
                 continue
-            sl, start = batch.seq(i), batch.start[i]
-            if start:
-                st = self.s_state[rid]
-                after_prefix.setdefault(tuple(st.host_pages_cpu[: start // HOST_PAGE].tolist()), []).append(i)
-            else:
+            for i in rows:
+                sl = batch.seq(i)
                 out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
-                self._store_prompt(layer, rid, k[sl], v[sl], 0)
-        for rows in after_prefix.values():
-            self._prefill_after_prefix(layer, q, k, v, out, batch, rows)
+            self._store_prompt(layer, rows, k, v, batch)
         if self.qview is not None and layer in self.q_index:
             rows, qi = self.row_index, self.q_index[layer]
             self.quant.append(qi, self.qview, k[rows], v[rows])
@@ -261,27 +264,49 @@ class TailorPolicy(KVPolicy):
         first = batch.rids[rows[0]]
         prefix = self.offload.read_prefix(self._row_layer(layer), self.s_state[first], batch.start[rows[0]],
                                           max_abs=layer in self.s_index)
-        sel = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1], device=q.device) for i in rows])
+        sel = self._prompt_rows(rows, batch)[0]
         cu = list(itertools.accumulate((batch.new[i] for i in rows), initial=0))
         out[sel] = shared_prefix_attention(q[sel], k[sel], v[sel], cu, prefix.k, prefix.v)
-        for i in rows:
-            sl = batch.seq(i)
-            self._store_prompt(layer, batch.rids[i], k[sl], v[sl], batch.start[i], prefix)
+        self._store_prompt(layer, rows, k, v, batch, prefix)
+
+    def _prompt_rows(self, rows: list[int], batch: ForwardBatch) -> tuple:
+        """(where prefill rows' new tokens sit in the batch: a slice when contiguous, else an index; their
+        PromptRows for the S layers' stores), built once per step for all layers."""
+        if self.step_rows[0] is not batch:
+            self.step_rows = (batch, {})
+        built = self.step_rows[1]
+        if tuple(rows) not in built:
+            cu = batch.cu
+            if all(cu[a + 1] == cu[b] for a, b in zip(rows, rows[1:])):
+                sel = slice(cu[rows[0]], cu[rows[-1] + 1])
+            else:
+                sel = to_device(torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rows]), self.device)
+            prompt = PromptRows.build([self.s_state[batch.rids[i]] for i in rows], [batch.new[i] for i in rows],
+                                      batch.start[rows[0]], self.offload.window, self.device) if self.s_index else None
+            built[tuple(rows)] = (sel, prompt)
+        return built[tuple(rows)]
 
     def _row_layer(self, layer: int) -> int:
         """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
         return self.s_index[layer] if layer in self.s_index else len(self.s_index) + self.q_index[layer]
 
-    def _store_prompt(self, layer: int, rid: int, k: torch.Tensor, v: torch.Tensor, start: int,
+    def _store_prompt(self, layer: int, rows: list[int], k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                       prefix: SharedPrefix | None = None) -> None:
-        """A prompt's k, v [n - start, H, D] from `start`; the tokens before it (`prefix`) are in shared blocks,
-        already stored."""
+        """The prompts of prefill rows `rows` from their common start (their k, v are the batch's): the tokens
+        before it (`prefix`) are in shared blocks, already stored."""
+        start = batch.start[rows[0]]
         if layer in self.q_index:
-            self.quant.prefill(self.q_index[layer], self.q_state[rid], k, v, start, prefix and prefix[:2])
-            if self.s_index:  # the exact rows too, for a later request that shares this prefix
-                self.offload.store_rows(self._row_layer(layer), self.s_state[rid], k, v, start)
+            for i in rows:
+                sl = batch.seq(i)
+                self.quant.prefill(self.q_index[layer], self.q_state[batch.rids[i]], k[sl], v[sl], start,
+                                   prefix and prefix[:2])
+        if not self.s_index:
+            return
+        sel, prompt = self._prompt_rows(rows, batch)
+        if layer in self.q_index:  # the exact rows too, for a later request that shares this prefix
+            self.offload.store_rows(self._row_layer(layer), prompt, k[sel], v[sel])
         else:
-            self.offload.prefill(self.s_index[layer], self.s_state[rid], k, v, start, prefix)
+            self.offload.prefill(self.s_index[layer], prompt, k[sel], v[sel], prefix)
 
     def _sparse_decode(self, layer: int, q, k, v) -> torch.Tensor:
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""

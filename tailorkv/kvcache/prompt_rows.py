@@ -1,0 +1,63 @@
+"""Where the rows of prompts being prefilled come from and go: their tokens before `start` sit in a shared prefix
+(read back from the host tier), the rest in this step's new tokens; prefill rows with a common `start` are stored
+together, through index tensors built once per step and used by every layer."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .staging import to_device
+
+HOST_PAGE = 256  # tokens per host-tier page
+
+
+def prompt_span(begin: int, end: int, start: int, before: torch.Tensor | None,
+                after: torch.Tensor) -> list[torch.Tensor]:
+    """Rows of prompt positions [begin, end): those under `start` from `before` (the shared prefix, positions from
+    0), the rest from `after` (the tokens from `start` on); torch.cat them."""
+    parts = [before[begin:min(end, start)]] if begin < min(end, start) else []
+    return parts + ([after[max(begin, start) - start:end - start]] if end > max(begin, start) else [])
+
+
+class PromptRows(NamedTuple):
+    """Prefill rows whose prompts are computed from a common `start` (0, or a shared prefix's length), their new
+    tokens concatenated (T of them), stored by one set of ops per layer:
+    - page_src [P * 256]: for each slot of their host pages from `start` on, the new token it holds; a slot past a
+      row's prompt repeats the row's last token (a page's min/max per channel, which the key sketch quantizes
+      with, stays that of its real tokens; nothing reads those slots);
+    - host_pages, sketch_pages [P]: those pages (no sketch pages without a key sketch);
+    - slots [R]: the rows' window slots; win_new, win_pre [R, W] and win_from_pre: each row's sink + recent window
+      (W slots, past its length repeating slot 0) as indices into the new tokens or the prefix;
+    - row_of [T]: each new token's row."""
+
+    start: int
+    page_src: torch.Tensor
+    host_pages: torch.Tensor
+    sketch_pages: torch.Tensor
+    slots: torch.Tensor
+    win_new: torch.Tensor
+    win_pre: torch.Tensor
+    win_from_pre: torch.Tensor
+    row_of: torch.Tensor
+
+    @classmethod
+    def build(cls, states: list, new: list[int], start: int, window: int, device) -> PromptRows:
+        """`states`: the rows' OffloadStates (host and sketch pages, window bounds), each prompt of start + new."""
+        p0, t = start // HOST_PAGE, 0
+        page_src, win, row_of = [], [], []
+        for i, (st, n) in enumerate(zip(states, new)):
+            page_src.append(torch.arange(t, t + (st.host_pages_cpu.numel() - p0) * HOST_PAGE).clamp_(max=t + n - 1))
+            pos = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, start + n)])
+            win.append(torch.nn.functional.pad(pos, (0, window - pos.numel())))
+            row_of.append(torch.full((n,), i))
+            t += n
+        pos = torch.stack(win)
+        from_pre = pos < start
+        pages = [torch.cat([st.host_pages_cpu[p0:] for st in states]),
+                 torch.cat([st.sketch_pages_cpu[p0:] for st in states])]
+        offsets = torch.tensor([0] + new[:-1]).cumsum(0)[:, None]
+        tensors = (torch.cat(page_src), *pages, torch.tensor([st.slot for st in states]),
+                   torch.where(from_pre, 0, pos - start + offsets), torch.where(from_pre, pos, 0), from_pre,
+                   torch.cat(row_of))
+        return cls(start, *(to_device(x, device) for x in tensors))
