@@ -70,6 +70,7 @@ class Engine:
         self.policy.allocate_storage(specs)
         prefix = self.policy.prefix_blocks() if self.options.enable_prefix_caching else None
         self.memory = MemoryManager(specs, prefix=prefix)
+        self.policy.warm_up(prefix_sharing=prefix is not None)
         self.scheduler = Scheduler(self.memory, self.policy.pages_needed,
                                    max_running=self.options.max_running_requests,
                                    max_queued=self.options.max_queued_requests,

@@ -39,6 +39,9 @@ class KVPolicy(ABC):
     def bind_model(self, model) -> None:
         """Called once with the loaded model (TailorKV's stage 1 uses the next layer's W_q and RoPE)."""
 
+    def warm_up(self, prefix_sharing: bool) -> None:
+        """Called once at start: run what compiles on first use, so that no request waits for it."""
+
     @abstractmethod
     def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
         """The pools this policy needs, sized to the given byte budgets of each tier."""

@@ -57,6 +57,15 @@ class TailorPolicy(KVPolicy):
     def bind_model(self, model) -> None:
         self.model = model
 
+    def warm_up(self, prefix_sharing: bool) -> None:
+        """The first prefill after a shared prefix would JIT-compile FlashInfer's prefill kernel (a minute on a fresh
+        host, in the middle of serving): compile it now."""
+        if prefix_sharing and self.device.type == "cuda" and self.s_index:
+            c = self.cfg
+            q = torch.zeros(2, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
+            kv = torch.zeros(2, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype)
+            shared_prefix_attention(q, kv, kv, [0, 2], kv, kv)
+
     def prefix_blocks(self) -> tuple[int, dict[str, int]] | None:
         """Blocks of one host-tier page: its token rows (and the Q layers' rows), its key-sketch page and the four
         quantized pages of the same tokens. kivi (no host tier) does not share."""
