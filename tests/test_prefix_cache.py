@@ -325,3 +325,11 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
         assert [r["output_ids"] for r in got] == want and all(r["meta_info"]["cached_tokens"] >= 1024 for r in got)
         assert len(reads) == e.config.num_layers  # one read per layer for the three rows
         assert all_free(e)
+
+
+def test_page_runs_cover_the_pages_in_order():
+    """A shared prefix is read back one copy per run of consecutive host pages."""
+    from tailorkv.kvcache.offload_store import page_runs
+
+    assert page_runs([4, 5, 6, 9, 10, 2]) == [(4, 0, 3), (9, 3, 2), (2, 5, 1)]
+    assert page_runs([7]) == [(7, 0, 1)] and page_runs([]) == []

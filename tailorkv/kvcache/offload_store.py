@@ -33,6 +33,17 @@ class SharedPrefix(NamedTuple):
     max_abs: torch.Tensor | None
 
 
+def page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive page numbers: (first page, its index in `pages`, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, p in enumerate(pages):
+        if runs and runs[-1][0] + runs[-1][2] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((p, i, 1))
+    return runs
+
+
 class OffloadState:
     def __init__(self, host_pages: list[int], gen_pages: list[int], slot: int, prompt_len: int, sink: int,
                  recent: int, device, sketch_pages: list[int] = ()):
@@ -183,12 +194,18 @@ class OffloadStore:
         self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[row_layer], rows.host_pages)
         return kp
 
-    def read_prefix(self, row_layer: int, st: OffloadState, n: int, max_abs: bool) -> SharedPrefix:
-        """The first n prompt tokens (n a multiple of 256) back from the host tier, with max|K| when asked."""
-        np_ = n // HOST_PAGE
-        rows = torch.empty(np_, self.h, HOST_PAGE, 2 * self.d, dtype=self.win_k.dtype, device=self.device)
-        self.ops.copy_pages(self.rows[row_layer], st.host_pages[:np_], rows, torch.arange(np_, device=self.device))
-        kv = rows.transpose(1, 2).reshape(n, self.h, 2 * self.d)
+    def read_prefix(self, row_layer: int, runs: list[tuple[int, int, int]], out: torch.Tensor) -> torch.Tensor:
+        """The host rows of a shared prefix into `out` [pages, H, 256, 2D] on the device, one copy per run of
+        consecutive host pages (page_runs); on CUDA these are DMA copies by the copy engines, which leave the SMs to
+        the compute they overlap."""
+        src = self.rows[row_layer]
+        for page, at, count in runs:
+            out[at:at + count].copy_(src[page:page + count], non_blocking=True)
+        return out
+
+    def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
+        """The k, v of prefix rows read back by read_prefix, with max|K| when asked."""
+        kv = rows.transpose(1, 2).reshape(rows.shape[0] * HOST_PAGE, self.h, 2 * self.d)
         k, v = kv[..., : self.d], kv[..., self.d:]
         return SharedPrefix(k, v, k.float().abs().amax(0) if max_abs else None)
 

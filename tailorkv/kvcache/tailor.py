@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
 from .batch import ForwardBatch
-from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, SharedPrefix
+from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, SharedPrefix, page_runs
 from .prompt_rows import PromptRows
 from .pages import PoolSpec
 from .plans import layer_plan
@@ -128,7 +128,7 @@ class TailorPolicy(KVPolicy):
         self.prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
         self.graph_views: dict[tuple, DecodeView | QuantView] = {}
         self.graph_rows: dict[int, torch.Tensor] = {}
-        self.step_rows: tuple = (None, {})  # (the batch, its prefill rows' _prompt_rows)
+        self.step_state: tuple = (None, {})  # (the batch, _this_step's dict)
 
     def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
         slot = pages["slots"][0]
@@ -270,20 +270,50 @@ class TailorPolicy(KVPolicy):
     def _prefill_after_prefix(self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int]) -> None:
         """Rows whose prompts continue one shared prefix (one document, many users): the prefix is read back from
         the host tier once, and every row's new tokens attend to it exactly, in one call for all of them."""
-        first = batch.rids[rows[0]]
-        prefix = self.offload.read_prefix(self._row_layer(layer), self.s_state[first], batch.start[rows[0]],
-                                          max_abs=layer in self.s_index)
+        prefix = self._shared_prefix(layer, rows, batch)
         sel = self._prompt_rows(rows, batch)[0]
         cu = list(itertools.accumulate((batch.new[i] for i in rows), initial=0))
         out[sel] = shared_prefix_attention(q[sel], k[sel], v[sel], cu, prefix.k, prefix.v)
         self._store_prompt(layer, rows, k, v, batch, prefix)
 
+    def _shared_prefix(self, layer: int, rows: list[int], batch: ForwardBatch) -> SharedPrefix:
+        """A layer's shared prefix for the prefill rows `rows` that continue it, read back from the host tier during
+        the layer before (on CUDA by the side stream: DMA copies that overlap that layer's compute); the next
+        layer's read begins now."""
+        reads = self._this_step(batch)["reads"]
+        rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(layer, rows, batch)
+        if layer + 1 < self.cfg.num_layers:
+            reads[(layer + 1, tuple(rows))] = self._read_prefix(layer + 1, rows, batch)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        return self.offload.shared_prefix(rows_read, max_abs=layer in self.s_index)
+
+    def _read_prefix(self, layer: int, rows: list[int], batch: ForwardBatch) -> tuple:
+        """Start reading a layer's shared prefix: (its rows on the device, the event of their arrival or None)."""
+        pages = self.s_state[batch.rids[rows[0]]].host_pages_cpu[: batch.start[rows[0]] // HOST_PAGE].tolist()
+        # allocated on the main stream, which uses and frees it only after waiting for the side stream's copy
+        out = torch.empty(len(pages), self.offload.h, HOST_PAGE, 2 * self.offload.d, dtype=self.dtype,
+                          device=self.device)
+        side, runs = self.prefetch_stream, page_runs(pages)
+        if side is None:
+            return self.offload.read_prefix(self._row_layer(layer), runs, out), None
+        side.wait_stream(torch.cuda.current_stream(self.device))  # `out`'s memory is free of earlier kernels
+        with torch.cuda.stream(side):
+            self.offload.read_prefix(self._row_layer(layer), runs, out)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return out, ready
+
+    def _this_step(self, batch: ForwardBatch) -> dict:
+        """What the layers of this step's prefill rows share: their _prompt_rows, the shared-prefix reads ahead."""
+        if self.step_state[0] is not batch:
+            self.step_state = (batch, {"rows": {}, "reads": {}})
+        return self.step_state[1]
+
     def _prompt_rows(self, rows: list[int], batch: ForwardBatch) -> tuple:
         """(where prefill rows' new tokens sit in the batch: a slice when contiguous, else an index; their
         PromptRows for the S layers' stores), built once per step for all layers."""
-        if self.step_rows[0] is not batch:
-            self.step_rows = (batch, {})
-        built = self.step_rows[1]
+        built = self._this_step(batch)["rows"]
         if tuple(rows) not in built:
             cu = batch.cu
             if all(cu[a + 1] == cu[b] for a, b in zip(rows, rows[1:])):
