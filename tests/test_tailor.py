@@ -109,8 +109,8 @@ def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
         assert ((vd[:vq] - vb[:vq]).abs().amax(-1) <= v_step / 2 + 2e-3).all()
 
 
-@pytest.mark.parametrize("start", [0, 256, 384])
-def test_a_quantized_prompt_is_final_for_a_later_request(start):
+@pytest.mark.parametrize("start, n", [(0, 400), (256, 400), (384, 400), (256, 384)])
+def test_a_quantized_prompt_is_final_for_a_later_request(start, n):
     """A 460-token prompt's pages hold its tails quantized too, as decode will write them: its decode rewrites
     the same values there (K tail [384, 512) quantized at token 512, V leaving the window), and a second prompt
     that shares the first `start` tokens' pages (and, where its full-precision tails reach back before `start`,
@@ -123,17 +123,17 @@ def test_a_quantized_prompt_is_final_for_a_later_request(start):
     first = QuantState(list(range(9)), 0, "cpu")
     store.prefill(0, first, k[:460], v[:460])
     first.advance(460, r)
-    final = 7 * 64  # the prompt's whole K groups; its V tokens are all final
+    # the prompt's 7 whole K groups and all its V tokens are final
     pages = [store.k_packed[:, :7].clone(), store.k_scale[:, :7].clone(), store.v_packed[:, :460].clone()]
     view = QuantView(1, 9, r, "cpu")
-    for n in range(460, 530):
+    for t in range(460, 530):
         view.fill([first], r, store.scratch_page, store.scratch_slot)
-        store.append(0, view, k[n:n + 1], v[n:n + 1])
-        first.advance(n + 1, r)
-    assert first.kq == 512 and final == 448
+        store.append(0, view, k[t:t + 1], v[t:t + 1])
+        first.advance(t + 1, r)
+    assert first.kq == 512
     assert all(torch.equal(a, b) for a, b in zip(pages, (store.k_packed[:, :7], store.k_scale[:, :7],
                                                          store.v_packed[:, :460])))
-    n = 400  # the second prompt: the first 400 tokens again
+    # the second prompt: the first n tokens again (384: a multiple of `residual`, no K tail)
     alone = QuantState(list(range(9, 16)), 1, "cpu")
     later = QuantState(list(range(start // 64)) + list(range(16, 23)), 2, "cpu")
     store.prefill(0, alone, k[:n], v[:n])

@@ -166,7 +166,8 @@ class QuantStore:
             self._quantize_k(layer, st, k[: n - n % PAGE - start], start)
         self._quantize_v(layer, st, v, start)
         pk, pv = prefix if prefix is not None else (None, None)
-        self.k_tail[layer, st.slot, : n - kq] = torch.cat(prompt_span(kq, n, start, pk, k))
+        if n > kq:  # a prompt of a multiple of `residual` tokens leaves the K tail empty
+            self.k_tail[layer, st.slot, : n - kq] = torch.cat(prompt_span(kq, n, start, pk, k))
         self.v_win[layer, st.slot, self._ring(vq, n)] = torch.cat(prompt_span(vq, n, start, pv, v))
 
     def _ring(self, begin: int, end: int) -> torch.Tensor:
