@@ -7,6 +7,8 @@ from tailorkv import Engine
 from tailorkv.errors import ConfigError
 from tailorkv.kernels import kivi
 from tailorkv.kernels.attention import causal_attention
+from tailorkv.kvcache.offload_store import OffloadState, OffloadStore, SharedPrefix
+from tailorkv.kvcache.prompt_rows import PromptRows
 from tailorkv.kvcache.quant_store import QuantState, QuantStore, QuantView
 from tailorkv.kvcache.tailor_config import TailorConfig
 from tailorkv.essays import load_essays
@@ -145,6 +147,35 @@ def test_a_quantized_prompt_is_final_for_a_later_request(start, n):
     if start > n - r:
         with pytest.raises(ValueError, match="exact rows"):
             store.prefill(0, QuantState(list(range(23, 30)), 2, "cpu"), k[start:n], v[start:n], start)
+
+
+@pytest.mark.parametrize("start", [0, 256])
+def test_prefill_rows_stored_together_equal_each_alone(start):
+    """Two prompts stored in one set of ops (PromptRows) leave the S layer's host rows, sketch, windows and max|K|
+    as storing each alone does, also after a shared prefix (its rows from `prefix`, its pages not written)."""
+    torch.manual_seed(3)
+    h, d, new = 2, 64, [300, 90]
+    k, v = torch.randn(2, sum(new), h, d)
+    pre = SharedPrefix(*torch.randn(2, start, h, d), torch.rand(h, d) * 5) if start else None
+    stores = [OffloadStore(1, 8, 2, 4, h, d, 8, 56, "cpu", torch.float32, sketch_bits=2, sketch_pages=8)
+              for _ in range(2)]
+    for store in stores:
+        for t in store.rows:
+            t.zero_()
+    pages = [[0, 1, 2], [0, 3]] if start else [[0, 1], [2]]
+
+    def states():
+        return [OffloadState(p, [i], i, start + n, 8, 56, "cpu", p) for i, (p, n) in enumerate(zip(pages, new))]
+
+    together, alone = stores
+    together.prefill(0, PromptRows.build(states(), new, start, together.window, "cpu"), k, v, pre)
+    for i, st in enumerate(states()):
+        sl = slice(sum(new[:i]), sum(new[:i + 1]))
+        alone.prefill(0, PromptRows.build([st], [new[i]], start, alone.window, "cpu"), k[sl], v[sl], pre)
+    for name in ("win_k", "win_v", "max_abs", "sk_packed", "sk_scale", "sk_zero"):
+        assert torch.equal(getattr(together, name), getattr(alone, name)), name
+    assert torch.equal(together.rows[0], alone.rows[0]) and together.rows[0][4:].abs().sum() == 0
+    assert (together.rows[0][0].abs().sum() == 0) == bool(start)  # the shared page is not written again
 
 
 def test_quant_store_append_twice_is_append_once():

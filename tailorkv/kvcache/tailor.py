@@ -12,10 +12,10 @@ from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
 from .batch import ForwardBatch
 from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, SharedPrefix, page_runs
-from .prompt_rows import PromptRows
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
+from .prompt_rows import PromptRows
 from .quant_store import QuantState, QuantStore, QuantView
 from .selection import group_mean, score_tokens, select_channels, select_tokens
 from .staging import to_device
