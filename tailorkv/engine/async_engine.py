@@ -7,8 +7,9 @@ engine keeps serving; requests still waiting are untouched.
 
 Requests that reach the server together (a document chat's users starting their next turn) are tokenized on
 worker threads and would otherwise land one by one: the first would be prefilled alone while the others wait a
-whole step for it. So while any request is `arriving` (tokenized, not yet submitted) and nothing decodes, a step
-that would only prefill is held back for them, `gather_s` at most.
+whole step for it. So while nothing decodes, a step that would only prefill is held back for the requests that
+were already `arriving` (being tokenized, not yet submitted) when the engine found it could step, `gather_s` at
+most; requests that arrive later do not prolong it, so a steady stream of them never holds a step for long.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine, gather_s: float = 0.5):
         self.engine, self.gather_s = engine, gather_s
-        self._arriving = 0  # requests being tokenized for submission (under _mu)
+        self._arriving: dict[object, float] = {}  # requests being tokenized for submission: when each began (_mu)
         self._held_since: float | None = None  # when the engine thread began holding a step for them
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
@@ -146,13 +147,14 @@ class AsyncEngine:
     @contextlib.contextmanager
     def arriving(self):
         """Around tokenizing and submitting a request that reached the server (see the module's docstring)."""
+        key = object()
         with self._mu:
-            self._arriving += 1
+            self._arriving[key] = time.perf_counter()
         try:
             yield
         finally:
             with self._mu:
-                self._arriving -= 1
+                del self._arriving[key]
             self._wake.set()
 
     def abort(self, rid: int, message: str = "client disconnected") -> None:
@@ -195,15 +197,16 @@ class AsyncEngine:
             self._dispatch(done)
 
     def _hold(self) -> float:
-        """Seconds to hold back the next step for requests still arriving: none while any request runs."""
-        with self._mu:
-            arriving = self._arriving
-        if not arriving or self.engine.scheduler.running:
+        """Seconds to hold back the next step for requests that were arriving when it could first run: none while
+        any request runs."""
+        if self.engine.scheduler.running:
             return 0.0
         now = time.perf_counter()
         if self._held_since is None:
             self._held_since = now
-        return self._held_since + self.gather_s - now
+        with self._mu:
+            burst = any(began <= self._held_since for began in self._arriving.values())
+        return self._held_since + self.gather_s - now if burst else 0.0
 
     def _apply_aborts(self) -> None:
         # Only this thread aborts in the engine: Engine.abort frees a request's KV pages at once, which must not
