@@ -4,8 +4,9 @@ sink + recent prompt tokens, max|K| and every generated token in the GPU tier.
 Host layout per layer and 256-token page: token rows [H, 256, 2D] with a token's K and V of one KV head side by
 side (what the top-k fetch reads: one 512-B row at D=128), and a channel-major copy of K [H, D, 256] (what
 stage 1 reads: 512-B runs at bf16, which cross PCIe at ~49 GB/s where 128-B runs reach 15). On CUDA the host
-tensors are pinned and the moves (host_copy) are GPU kernels reading and writing them through UVA; generated
-tokens sit in the GPU tier in 64-token pages.
+tensors are pinned and the moves (host_copy) are GPU kernels reading and writing them through UVA, except the
+bulk read of a shared prefix, which is DMA copies that overlap compute; generated tokens sit in the GPU tier in
+64-token pages.
 
 With a key sketch (TailorConfig.key_sketch) the channel-major copy is not kept: a KIVI 1/2-bit copy of K per
 256-token page in the GPU tier (its own pool, "sketch" pages) is what stage 2 scores from.
