@@ -165,7 +165,7 @@ def test_prefill_rows_stored_together_equal_each_alone(start):
     pages = [[0, 1, 2], [0, 3]] if start else [[0, 1], [2]]
 
     def states():
-        return [OffloadState(p, [i], i, start + n, 8, 56, "cpu", p) for i, (p, n) in enumerate(zip(pages, new))]
+        return [OffloadState(p, [i], i, start + n, 8, 56, p) for i, (p, n) in enumerate(zip(pages, new))]
 
     together, alone = stores
     together.prefill(0, PromptRows.build(states(), new, start, together.window, "cpu"), k, v, pre)

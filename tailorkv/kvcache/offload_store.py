@@ -47,10 +47,8 @@ def page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
 
 class OffloadState:
     def __init__(self, host_pages: list[int], gen_pages: list[int], slot: int, prompt_len: int, sink: int,
-                 recent: int, device, sketch_pages: list[int] = ()):
-        self.host_pages = torch.tensor(host_pages, dtype=torch.long, device=device)
+                 recent: int, sketch_pages: list[int] = ()):
         self.host_pages_cpu = torch.tensor(host_pages, dtype=torch.long)
-        self.sketch_pages = torch.tensor(sketch_pages, dtype=torch.long, device=device)
         self.sketch_pages_cpu = torch.tensor(sketch_pages, dtype=torch.long)
         self.gen_pages_cpu = torch.tensor(gen_pages, dtype=torch.long)
         self.slot, self.prompt_len = slot, prompt_len

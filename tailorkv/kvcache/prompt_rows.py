@@ -31,7 +31,6 @@ class PromptRows(NamedTuple):
       (W slots, past its length repeating slot 0) as indices into the new tokens or the prefix;
     - row_of [T]: each new token's row."""
 
-    start: int
     page_src: torch.Tensor
     host_pages: torch.Tensor
     sketch_pages: torch.Tensor
@@ -60,4 +59,4 @@ class PromptRows(NamedTuple):
         tensors = (torch.cat(page_src), *pages, torch.tensor([st.slot for st in states]),
                    torch.where(from_pre, 0, pos - start + offsets), torch.where(from_pre, pos, 0), from_pre,
                    torch.cat(row_of))
-        return cls(start, *(to_device(x, device) for x in tensors))
+        return cls(*(to_device(x, device) for x in tensors))

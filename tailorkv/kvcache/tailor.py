@@ -137,7 +137,7 @@ class TailorPolicy(KVPolicy):
             self.q_state[rid] = QuantState(pages.get("qkv", []), slot, self.device)
         if self.s_index:
             self.s_state[rid] = OffloadState(pages["host"], pages["gen"], slot, prompt_len, self.tc.sink,
-                                             self.tc.recent, self.device, pages.get("sketch", ()))
+                                             self.tc.recent, pages.get("sketch", ()))
 
     def release(self, rid: int) -> None:
         self.prompt_len.pop(rid, None)
