@@ -127,7 +127,8 @@ def test_tokenizing_a_long_prompt_lets_other_threads_run(engine):
         return n
 
     alone = spin(0.5)
-    worker = threading.Thread(target=lambda: [engine.tokenizer.encode(text) for _ in range(8)])
+    # texts that do not extend one another, so that none is tokenized from an earlier one's ids
+    worker = threading.Thread(target=lambda: [engine.tokenizer.encode(f"{i} {text}") for i in range(8)])
     worker.start()
     during = spin(0.5)
     worker.join()

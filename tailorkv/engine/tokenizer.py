@@ -8,6 +8,7 @@ import jinja2
 
 from ..errors import ModelLoadError, InvalidRequestError
 from ..models.weights import TokenizerSource
+from .prefix_tokens import PrefixTokenCache, word_gaps_split
 
 # Used when a model ships no template of its own.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -50,6 +51,9 @@ class Tokenizer:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=self._sp_path)
         else:
             raise ModelLoadError(f"{src.path} has neither tokenizer.json nor tokenizer.model")
+        # a chat's next turn repeats the document and the turns before: their ids are reused where that is exact
+        self._prefix = PrefixTokenCache(self._encode_with_ends) if self._tk and word_gaps_split(
+            self._tk.to_str()) else None
         self.bos_token_id = src.bos_token_id
         self.add_bos = src.add_bos
         eos = [src.eos_token_id] if src.eos_token_id is not None else []
@@ -68,10 +72,17 @@ class Tokenizer:
     def token_str(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id) if self._sp else (self._tk.id_to_token(token_id) or "")
 
-    def encode(self, text: str) -> list[int]:
+    def _encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
         # encode_batch releases the GIL (encode holds it): a long prompt tokenized on a server thread would stall
         # the engine thread's steps for everyone else
-        ids = self._sp.encode(text) if self._sp else self._tk.encode_batch([text], add_special_tokens=False)[0].ids
+        enc = self._tk.encode_batch([text], add_special_tokens=False)[0]
+        return enc.ids, [end for _, end in enc.offsets]
+
+    def encode(self, text: str) -> list[int]:
+        if self._sp:
+            ids = self._sp.encode(text)
+        else:
+            ids = self._prefix.encode(text) if self._prefix else self._encode_with_ends(text)[0]
         if self.add_bos and self.bos_token_id is not None and not self._template_adds_bos(text):
             ids = [self.bos_token_id] + ids
         return ids
