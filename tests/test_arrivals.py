@@ -63,3 +63,49 @@ def test_requests_arriving_after_the_hold_began_do_not_prolong_it(live_server):
     finally:
         engine.gather_s = gather_s
     assert a == b and a - submitted < 10
+
+
+def test_a_request_whose_body_is_still_coming_is_waited_for(live_server):
+    """Over HTTP: B's headers are in but its body comes 0.2 s later, after A was submitted; A is held for B (it
+    was arriving since its headers), and both get their first token from one step."""
+    import json
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    import httpx
+
+    engine = live_server.engine
+    live_server.wait_idle()
+    firsts: list[list[int]] = []  # per step, the requests that got their first token in it
+    step = engine.step
+
+    def recording_step():
+        done = step()
+        firsts.append([r.rid for r in done if len(r.output_ids) == 1])
+        return done
+
+    body = json.dumps({"text": "The request whose body is late", "sampling_params": {"max_new_tokens": 2}}).encode()
+    url = urlparse(live_server.url)
+    engine.step = recording_step
+    try:
+        with socket.create_connection((url.hostname, url.port)) as late:
+            late.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+            time.sleep(0.05)  # the server has B's headers
+            first = {}
+            a = threading.Thread(target=lambda: first.update(httpx.post(
+                f"{live_server.url}/generate", json={"text": "The first request",
+                                                     "sampling_params": {"max_new_tokens": 2}}, timeout=60).json()))
+            a.start()
+            time.sleep(0.2)
+            late.sendall(body)
+            reply = b""
+            while chunk := late.recv(65536):
+                reply += chunk
+            a.join()
+    finally:
+        del engine.step
+    b = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    rid_a, rid_b = int(first["meta_info"]["id"]), int(b["meta_info"]["id"])
+    assert sorted([rid_a, rid_b]) in [sorted(f) for f in firsts]

@@ -48,14 +48,17 @@ class Completion:
             "e2e_latency": self.last_time - req.created, "queue_time": req.queue_time}}
 
 
-async def submit(state: AppState, tokenize: Callable[[], list[list[int]]],
+async def submit(state: AppState, request: Request, tokenize: Callable[[], list[list[int]]],
                  params: Callable[[int, list[int]], SamplingParams]) -> BatchRun:
     """Tokenize one call's prompts off the event loop (a long prompt takes a while, and the loop streams other
-    requests' tokens meanwhile), then submit them with params(index, ids); arriving for the engine throughout, so
-    that calls reaching the server together are prefilled together."""
-    with state.engine.arriving():
+    requests' tokens meanwhile), then submit them with params(index, ids). The call was arriving for the engine
+    since its headers came (server.Arrivals), so that calls reaching the server together prefill together; its
+    arrival ends here."""
+    try:
         prompts = await run_in_threadpool(tokenize)
         return BatchRun(state, [(ids, params(i, ids)) for i, ids in enumerate(prompts)])
+    finally:
+        request.state.arrived()
 
 
 class BatchRun:

@@ -52,7 +52,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def _respond(state: AppState, request: Request, body: OpenAIRequest, tokenize: Callable[[], list[list[int]]],
                    max_tokens: int | None, reply: _Reply):
     context = state.engine.engine.config.max_position
-    run = await submit(state, tokenize, lambda _, ids: SamplingParams.from_any(body.sampling_params(
+    run = await submit(state, request, tokenize, lambda _, ids: SamplingParams.from_any(body.sampling_params(
         max_tokens if max_tokens is not None else max(context - len(ids), 1))))
     if body.stream:
         return EventStream(_chunks(reply, run, body.include_usage), run)

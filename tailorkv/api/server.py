@@ -42,6 +42,7 @@ def create_app(async_engine: AsyncEngine, api_key: str | None = None, served_mod
     app.add_api_route("/metrics", metrics, methods=["GET"])
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(Arrivals, engine=async_engine)
     if api_key:  # added last: the outermost layer, so nothing is read for a request without the key
         app.add_middleware(BearerAuth, api_key=api_key)
     return app
@@ -88,6 +89,23 @@ class BearerAuth:
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class Arrivals:
+    """A generation request is arriving for the engine from its headers on (a long prompt's body takes a while to
+    come and to parse) until `batch.submit` ends it: requests that reach the server together prefill together
+    (AsyncEngine.arriving). Its `done` is the request's `state.arrived`."""
+
+    ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app: ASGIApp, engine: AsyncEngine):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
+            return await self.app(scope, receive, send)
+        with self.engine.arriving() as done:
+            await self.app({**scope, "state": {**scope.get("state", {}), "arrived": done}}, receive, send)
 
 
 class BodyLimit:

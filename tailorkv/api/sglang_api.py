@@ -16,7 +16,7 @@ router = APIRouter()
 async def generate(body: GenerateRequest, request: Request):
     state = get_state(request)
     tokenize = state.engine.engine.tokenize
-    run = await submit(state, lambda: [tokenize(text, ids) for text, ids in body.prompts()],
+    run = await submit(state, request, lambda: [tokenize(text, ids) for text, ids in body.prompts()],
                        lambda i, _: SamplingParams.from_any(body.params(i)))
     if body.stream:
         return EventStream(_chunks(run, body.batched), run)

@@ -8,8 +8,8 @@ engine keeps serving; requests still waiting are untouched.
 Requests that reach the server together (a document chat's users starting their next turn) are tokenized on
 worker threads and would otherwise land one by one: the first would be prefilled alone while the others wait a
 whole step for it. So while nothing decodes, a step that would only prefill is held back for the requests that
-were already `arriving` (being tokenized, not yet submitted) when the engine found it could step, `gather_s` at
-most; requests that arrive later do not prolong it, so a steady stream of them never holds a step for long.
+were already `arriving` (their bodies being received or tokenized, not yet submitted) when the engine found it
+could step, `gather_s` at most; requests that arrive later do not prolong it, so a steady stream of them never holds a step for long.
 """
 from __future__ import annotations
 
@@ -146,16 +146,22 @@ class AsyncEngine:
 
     @contextlib.contextmanager
     def arriving(self):
-        """Around tokenizing and submitting a request that reached the server (see the module's docstring)."""
+        """Around a request's arrival at the server, up to its submission (see the module's docstring); yields
+        `done`, which ends the arrival before the context does (once the request is submitted)."""
         key = object()
         with self._mu:
             self._arriving[key] = time.perf_counter()
-        try:
-            yield
-        finally:
+
+        def done() -> None:
             with self._mu:
-                del self._arriving[key]
-            self._wake.set()
+                ended = self._arriving.pop(key, None) is not None
+            if ended:
+                self._wake.set()
+
+        try:
+            yield done
+        finally:
+            done()
 
     def abort(self, rid: int, message: str = "client disconnected") -> None:
         """Stop a request: it produces no further Output, and its pages are freed before the next step."""
