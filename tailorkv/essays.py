@@ -48,7 +48,10 @@ def essay_files() -> list[Path]:
     override = os.environ.get("TAILORKV_ESSAYS")
     if override:
         path = Path(override)
-        return [path] if path.is_file() else sorted(path.glob("*.txt"))
+        files = [path] if path.is_file() else sorted(path.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"TAILORKV_ESSAYS={override} is neither a JSON file nor a folder of .txt essays")
+        return files
     for module, dist, rel in _SOURCES:
         root = _package_dir(module, dist)
         if root is None:

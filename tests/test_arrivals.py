@@ -27,6 +27,33 @@ def test_requests_arriving_together_prefill_in_one_step(live_server):
     assert a == b > submitted  # one step produced both first tokens, after B was submitted
 
 
+def test_requests_submitted_a_little_apart_prefill_in_one_step(live_server):
+    """No request is arriving when A is submitted, B is submitted 50 ms later: within delay_factor x the last
+    prefill's time of the latest submission, the step is held for more."""
+    engine = live_server.async_engine
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    ids = engine.engine.tokenize
+
+    async def scenario():
+        async for _ in engine.generate([(ids("A prompt first, to time a prefill step", None), params)]):
+            pass
+        a = engine.generate([(ids("The first request", None), params)])
+        await asyncio.sleep(0.05)
+        b = engine.generate([(ids("The second request, a little later", None), params)])
+        first = [await anext(a), await anext(b)]
+        for stream in (a, b):
+            async for _ in stream:
+                pass
+        return first[0].time, first[1].time
+
+    factor, engine.delay_factor = engine.delay_factor, 100.0  # held up to gather_s after the latest submission
+    try:
+        a, b = asyncio.run(scenario())
+    finally:
+        engine.delay_factor = factor
+    assert a == b
+
+
 def test_the_wait_for_arrivals_is_bounded(live_server):
     engine = live_server.async_engine
     a, b, submitted = asyncio.run(_first_output_times(engine, engine.gather_s + 1.0))

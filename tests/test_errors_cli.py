@@ -67,3 +67,8 @@ def test_cli_generate_paris():
     r = run_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "16")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_cli_serve_refuses_a_negative_delay_factor():
+    r = run_cli("serve", "--scheduler-delay-factor", "-1")
+    assert r.returncode == 2 and r.stderr.strip() == "tailorkv: error: --scheduler-delay-factor must be >= 0, got -1.0"

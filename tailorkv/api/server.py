@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine.async_engine import AsyncEngine
-from ..errors import QueueFullError, TailorKVError
+from ..errors import ConfigError, QueueFullError, TailorKVError
 from . import openai_api, sglang_api
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, error_body
@@ -179,8 +179,11 @@ def serve(args: argparse.Namespace) -> None:
     from ..engine.engine import Engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    delay = args.scheduler_delay_factor
+    if delay is not None and not delay >= 0:  # before seconds of loading the model
+        raise ConfigError(f"--scheduler-delay-factor must be >= 0, got {delay}")
     engine = Engine(**engine_kwargs(args))
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, **({} if delay is None else {"delay_factor": delay}))
     try:
         app = create_app(async_engine, api_key=args.api_key, served_model_name=args.served_model_name or args.model,
                          model_path=args.model)

@@ -5,11 +5,14 @@ The asyncio side submits requests and awaits `Output`s; the engine thread hands 
 work. A step that raises fails the requests that were running (each gets an `Output` with `error`) and the
 engine keeps serving; requests still waiting are untouched.
 
-Requests that reach the server together (a document chat's users starting their next turn) are tokenized on
-worker threads and would otherwise land one by one: the first would be prefilled alone while the others wait a
-whole step for it. So while nothing decodes, a step that would only prefill is held back for the requests that
-were already `arriving` (their bodies being received or tokenized, not yet submitted) when the engine found it
-could step, `gather_s` at most; requests that arrive later do not prolong it, so a steady stream of them never holds a step for long.
+Requests that reach the server together (a document chat's users starting their next turn) land one by one: the
+first would be prefilled alone while the others wait a whole step for it. So while nothing runs, a step that would
+only prefill is held back, `gather_s` at most:
+- for the requests that were already `arriving` (their bodies being received or tokenized, not yet submitted) when
+  the engine found it could step; requests that begin arriving later do not prolong this, so a steady stream of
+  them never holds a step for long;
+- and, as vLLM's `--scheduler-delay-factor` does, until `delay_factor` x the last prefill step's time has passed
+  since the latest request began arriving or was submitted: the requests of one burst arrive a few ms apart.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from .request import Request
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+DELAY_FACTOR = 0.2  # a burst's requests arrive within a fifth of a prefill step of each other
 
 
 @dataclass
@@ -93,9 +97,11 @@ class OutputStream:
 class AsyncEngine:
     """Owns an Engine and its step loop; `generate` is the one way in for the API."""
 
-    def __init__(self, engine: Engine, gather_s: float = 0.5):
-        self.engine, self.gather_s = engine, gather_s
-        self._arriving: dict[object, float] = {}  # requests being tokenized for submission: when each began (_mu)
+    def __init__(self, engine: Engine, gather_s: float = 0.5, delay_factor: float = DELAY_FACTOR):
+        self.engine, self.gather_s, self.delay_factor = engine, gather_s, delay_factor
+        self._arriving: dict[object, float] = {}  # requests being received or tokenized: when each began (_mu)
+        self._last_arrival = 0.0  # when the latest request began arriving or was submitted (_mu)
+        self._prefill_s = 0.0  # how long the last step that prefilled a prompt took
         self._held_since: float | None = None  # when the engine thread began holding a step for them
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
@@ -129,6 +135,7 @@ class AsyncEngine:
     def _submit(self, batch, loop, queue) -> list[Request]:
         reqs: list[Request] = []
         with self._mu:
+            self._last_arrival = time.perf_counter()
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
             try:
@@ -150,7 +157,7 @@ class AsyncEngine:
         `done`, which ends the arrival before the context does (once the request is submitted)."""
         key = object()
         with self._mu:
-            self._arriving[key] = time.perf_counter()
+            self._arriving[key] = self._last_arrival = time.perf_counter()
 
         def done() -> None:
             with self._mu:
@@ -192,6 +199,7 @@ class AsyncEngine:
                 self._wake.wait(hold)
                 continue
             self._held_since = None
+            began = time.perf_counter()
             try:
                 done = self.engine.step()
             except Exception as e:  # a bad step must not take the server down
@@ -200,6 +208,8 @@ class AsyncEngine:
                     self.stats.failed_steps += 1
                 self._fail(list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}")
                 continue
+            if any(len(r.output_ids) == 1 for r in done):  # a prompt was prefilled
+                self._prefill_s = time.perf_counter() - began
             self._dispatch(done)
 
     def _hold(self) -> float:
@@ -212,7 +222,9 @@ class AsyncEngine:
             self._held_since = now
         with self._mu:
             burst = any(began <= self._held_since for began in self._arriving.values())
-        return self._held_since + self.gather_s - now if burst else 0.0
+            lull = self._last_arrival + self.delay_factor * self._prefill_s - now
+        left = self._held_since + self.gather_s - now
+        return min(left, max(lull, left if burst else 0.0))
 
     def _apply_aborts(self) -> None:
         # Only this thread aborts in the engine: Engine.abort frees a request's KV pages at once, which must not
