@@ -50,7 +50,7 @@ def _copy_pages_kernel(src_ptr, src_pages_ptr, dst_ptr, dst_pages_ptr, E, s_src,
     tl.store(dst_ptr + dp * s_dst + off, tl.load(src_ptr + sp * s_src + off, mask=ok), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NP", "sp_b", "pages_per_split"])
 def _gather_channels_kernel(k_ptr, pages_ptr, ch_ptr, out_ptr, NP, H, C, D, sk_p, sp_b, pages_per_split,
                             T: tl.constexpr, BLOCK_P: tl.constexpr):
     # one program per (row, head, chosen channel) and split of the page list, walking BLOCK_P runs of T contiguous
@@ -70,7 +70,7 @@ def _gather_channels_kernel(k_ptr, pages_ptr, ch_ptr, out_ptr, NP, H, C, D, sk_p
         tl.store(out_ptr + (bhc.to(tl.int64) * NP + p[:, None]) * T + t[None, :], x, mask=ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "sp_b"])
 def _gather_rows_kernel(rows_ptr, pages_ptr, idx_ptr, out_ptr, H, K, W, sr_p, sp_b,
                         T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
     # one program per (row, head) and block of BLOCK_K selected positions

@@ -85,7 +85,7 @@ def _value_tile(packed_ptr, scale_ptr, zero_ptr, p_row, s_row, rows_ok, D,
     return codes.to(tl.float32) * scale + zero
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "W", "G"])
 def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, T, D, W, G, sx_n, sx_t,
                           BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
     # one program per (head, token group, channel block); the group's tokens are viewed as [words, codes/word]
@@ -108,7 +108,7 @@ def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, T, D, W, G, sx
     tl.store(zero_ptr + s_off, tl.reshape(zero, [BLOCK_D]), mask=d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "T"])
 def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, rows, T, D, sx_n, sx_t,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     # one program per (block of token rows, channel group); the group's channels are viewed as [words, codes/word]
@@ -131,7 +131,7 @@ def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, rows, T, D, 
     tl.store(zero_ptr + r * (D // GROUP) + g, tl.reshape(zero, [BLOCK_ROWS]), mask=r < rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _dequantize_keys_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, T, D, sp_n, sp_t, ss_n, ss_t,
                             BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     n, pid_t = tl.program_id(0), tl.program_id(1)
@@ -142,7 +142,7 @@ def _dequantize_keys_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, T, D, sp_n
     tl.store(out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=(t < T)[:, None] & (d < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows", "T"])
 def _dequantize_values_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, rows, T, D, sp_n, sp_t, ss_n, ss_t,
                               BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
                               BLOCK_D: tl.constexpr):
@@ -167,7 +167,7 @@ def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
     return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk", "num_splits", "sp_b"])
 def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, slots_ptr,
                          len_ptr, out_ptr, lse_ptr, H, D, RW, chunk, num_splits, qk_scale,
                          sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t, svs_h,
@@ -218,7 +218,7 @@ def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, 
              mask=i < GQA)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     # one program per query head; an empty split (lse -inf, part 0) weighs nothing, and split 0 holds tokens

@@ -12,7 +12,7 @@ from tailorkv.kernels.kivi_triton import _unpacked
 from tailorkv.kernels.sketch_scores import GROUP
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NP"])
 def _sketch_scores_kernel(q_ptr, ch_ptr, packed_ptr, scale_ptr, zero_ptr, pages_ptr, out_ptr, H, C, NP,
                           sp_p, sp_h, sp_t, ss_p, ss_h, ss_t,
                           T: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):

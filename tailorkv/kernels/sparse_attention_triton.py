@@ -25,7 +25,7 @@ def _tile(q, k, v, ok, m, l, acc, qk_scale):
     return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "K", "swm_b", "sgr_b", "sgm_b"])
 def _sparse_decode_kernel(q_ptr, wk_ptr, wv_ptr, slots_ptr, wmask_ptr, gk_ptr, gv_ptr, gread_ptr, gmask_ptr, f_ptr,
                           valid_ptr, out_ptr, W, G, K, H, D, qk_scale, sq_b, sq_h, sw_s, sw_t, sg_t, swm_b, sgr_b,
                           sgm_b, so_b, so_h, GQA: tl.constexpr, GQA_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
