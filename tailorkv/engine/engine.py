@@ -83,6 +83,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add/abort may come from another thread than the one running step()
         self.step_log = StepLog()
+        self.step_log.alloc_retries = self._allocator_retries()  # those while loading are no step's
         self.kv_policy = kv_policy
 
     def _gpu_kv_budget(self) -> int:
@@ -187,7 +188,11 @@ class Engine:
                 if req.finished:
                     self._retire(req)
         self.step_log.record(prefill, len(plan.seqs) - len(prefill), time.perf_counter() - began)
+        self.step_log.allocator(self._allocator_retries())
         return out
+
+    def _allocator_retries(self) -> int:
+        return torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) if self.device.type == "cuda" else 0
 
     def _schedule(self):
         """The next step's plan, with newly admitted requests bound to their pages (call under the lock)."""

@@ -1,5 +1,7 @@
 """SGLang-style progress lines: one for each step that prefills (new and cached prompt tokens, its time), one every
-`interval` decode-only steps (running requests, generation throughput). Logged at INFO on `tailorkv.engine`."""
+`interval` decode-only steps (running requests, generation throughput). Logged at INFO on `tailorkv.engine`; a
+warning when the CUDA caching allocator had to free its cache and retry during a step (seconds lost near the card's
+memory limit)."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +14,15 @@ class StepLog:
         self.interval = interval
         self.decode_steps = self.decode_tokens = 0
         self.decode_seconds = 0.0
+        self.alloc_retries = 0
+
+    def allocator(self, retries: int) -> None:
+        """`retries`: the allocator's num_alloc_retries so far (torch.cuda.memory_stats)."""
+        if retries > self.alloc_retries:
+            log.warning("the CUDA allocator ran out of memory and retried %d times in this step (it frees its cache "
+                        "and syncs: seconds); a --gpu-memory-limit a few GiB lower avoids it",
+                        retries - self.alloc_retries)
+        self.alloc_retries = retries
 
     def record(self, prefill: list[tuple[int, int]], decoding: int, seconds: float) -> None:
         """`prefill`: (new tokens, cached tokens) of each row computing its prompt; `decoding`: rows decoding."""
