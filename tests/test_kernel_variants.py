@@ -1,9 +1,10 @@
 """On CUDA, each kernel is compiled once for every length: Triton would otherwise compile another variant when a
-length first is 1 or a multiple of 16 (its integer specialization), in the middle of serving (a 1-2 s step, seen
-as a later turn's time to first token in the document chat). The lengths that vary between steps are not
-specialized."""
+length first is 1 or a multiple of 16 (its integer specialization), or a constexpr block follows a length, in the middle of serving (a 1.5-1.9 s step, seen as a
+later turn's time to first token in the document chat). The lengths that vary between steps are not specialized,
+and the merge of splits walks them in blocks of a fixed size."""
 import pytest
 import torch
+from test_kivi import PAGED_ROWS, _paged_case
 from test_sketch_scores import _case as sketch_case
 from test_sparse_attention import _case as sparse_case
 from triton_kernels import CUDA, triton_module
@@ -28,6 +29,8 @@ def test_one_variant_for_every_length():
         sketch.sketch_scores(qc, channels, packed, scale, zero, pages, 2)
     for g in (5, 16, 1, 33):  # generated tokens per row
         sparse.sparse_decode_attention(*sparse_case(3, 9, 3, 64, 37, g, 45, torch.bfloat16))
+    for rows in (PAGED_ROWS, [(2500, 2432, 2372), (70, 64, 6)], [(64, 64, 0)]):  # 5, 40 and 1 splits
+        kivi.paged_decode_attention(*_paged_case(2, rows, dtype=torch.bfloat16))
     for kernel in (kivi._quantize_keys_kernel, kivi._quantize_values_kernel, sketch._sketch_scores_kernel,
-                   sparse._sparse_decode_kernel):
+                   sparse._sparse_decode_kernel, kivi._paged_decode_kernel, kivi._merge_splits_kernel):
         assert variants(kernel) == 1, kernel.fn.__name__

@@ -149,7 +149,8 @@ PAGED_ROWS = [(1, 0, 0), (197, 128, 69), (300, 256, 172), (64, 64, 0), (130, 128
 def _paged_case(bits, rows=PAGED_ROWS, dtype=torch.float32, hq=9, hkv=3, d=64, r=128):
     """A page pool of random K/V quantized per page, a page table of distinct pages per sequence, tails in shuffled
     window slots; the arguments of paged_decode_attention."""
-    num_pages, num_slots = 24, 7
+    width = max(-(-n // 64) for n, _, _ in rows)
+    num_pages, num_slots = max(24, width), 7
     keys = _randn(num_pages * hkv, 64, d, seed=2)
     qk = K.quantize_keys(keys, bits)
     qv = K.quantize_values(_randn(1, num_pages * 64 * hkv, d, seed=3), bits)
@@ -158,7 +159,6 @@ def _paged_case(bits, rows=PAGED_ROWS, dtype=torch.float32, hq=9, hkv=3, d=64, r
     v_packed, v_scale, v_zero = (x.view(num_pages * 64, hkv, -1) for x in qv)
     k_tail = _randn(num_slots, r, hkv, d, seed=4, dtype=dtype)
     v_win = _randn(num_slots, r + 1, hkv, d, seed=5, dtype=dtype)
-    width = max(-(-n // 64) for n, _, _ in rows)
     gen = torch.Generator().manual_seed(bits)
     pages = torch.stack([torch.randperm(num_pages, generator=gen)[:width] for _ in rows]).to(DEVICE)
     slots = torch.randperm(num_slots, generator=gen)[: len(rows)].to(DEVICE)
@@ -209,11 +209,13 @@ def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype)
 
 
 @pytest.mark.parametrize("programs", [1, 4096])
-def test_triton_paged_decode_attention_one_split_or_many(kt, monkeypatch, programs):
+@pytest.mark.parametrize("rows", [PAGED_ROWS, [(2500, 2432, 2372), (70, 64, 6)]])
+def test_triton_paged_decode_attention_one_split_or_many(kt, monkeypatch, programs, rows):
     """One split walks every page of a sequence, carrying the online softmax; many splits leave most of a short
-    sequence's splits empty, which the merge must weigh as nothing."""
+    sequence's splits empty, which the merge must weigh as nothing (40 splits: the merge's blocks of 16, the
+    short row's last two blocks empty)."""
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", programs)
-    case = _paged_case(2)
+    case = _paged_case(2, rows)
     torch.testing.assert_close(kt.paged_decode_attention(*case), K.paged_decode_attention(*case),
                                atol=1e-4, rtol=1e-4)
 

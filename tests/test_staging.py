@@ -20,3 +20,12 @@ def test_fields_reach_the_device_only_when_sent():
     assert torch.equal(dev["pages"], pages) and torch.equal(dev["mask"], mask) and torch.equal(dev["len"], length)
     host["pages"].fill_(7)  # the next step's values leave what was sent alone until sent
     assert torch.equal(dev["pages"], pages)
+
+
+def test_every_field_is_16_byte_aligned():
+    """Triton compiles a variant of a kernel for pointers that are not 16-byte aligned: fields of odd sizes must
+    not shift the ones after them off that alignment (on the GPU a new variant is a second-long step)."""
+    staged = StagedInputs({"a": ((3,), torch.bool), "b": ((5,), torch.int32), "c": ((2, 3), torch.long),
+                           "d": ((7,), torch.bool), "e": ((1,), torch.int32)}, "cpu")
+    base = staged._device_buf.data_ptr()
+    assert all((t.data_ptr() - base) % 16 == 0 for t in staged.device.values())

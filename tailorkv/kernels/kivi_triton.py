@@ -19,6 +19,7 @@ _BLOCK_D = 64  # channels per quantize-keys program
 _BLOCK_ROWS = 16  # token rows per quantize-values program
 _BLOCK_T = 64  # tokens per dequantize / attention tile (capped at one key group)
 _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
+_MERGE_BLOCK = 16  # splits merged at a time
 _ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
 
 
@@ -221,17 +222,26 @@ def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, 
 @triton.jit(do_not_specialize=["S"])
 def _merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S: tl.constexpr,
                          BLOCK_D: tl.constexpr):
-    # one program per query head; an empty split (lse -inf, part 0) weighs nothing, and split 0 holds tokens
+    # one program per query head, BLOCK_S splits at a time (online softmax over the splits: one compiled variant
+    # for any number of them); an empty split (lse -inf, part 0) weighs nothing, and split 0 holds tokens, so the
+    # running max is finite from the first block on
     h = tl.program_id(0)
-    s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    lse = tl.load(part_lse_ptr + h * S + s, mask=s < S, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - m)
-    part = tl.load(part_ptr + (h * S + s[:, None]) * D + d[None, :], mask=(s < S)[:, None] & (d < D)[None, :],
-                   other=0.0)
-    total = tl.sum(w, axis=0)
-    tl.store(out_ptr + h * D + d, tl.sum(w[:, None] * part, axis=0) / total, mask=d < D)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(part_lse_ptr + h * S + s, mask=s < S, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        part = tl.load(part_ptr + (h * S + s[:, None]) * D + d[None, :], mask=(s < S)[:, None] & (d < D)[None, :],
+                       other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
+        total = total * alpha + tl.sum(w, axis=0)
+        m = m_new
+    tl.store(out_ptr + h * D + d, acc / total, mask=d < D)
     tl.store(lse_ptr + h, (m + tl.log2(total)) * 0.6931471805599453)  # back to natural log
 
 
@@ -328,6 +338,6 @@ def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: tor
         VGROUP=vgroup, BLOCK_D=triton.next_power_of_2(d), num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES)
     out = torch.empty(bsz * hq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz * hq, dtype=torch.float32, device=q.device)
-    _merge_splits_kernel[(bsz * hq,)](part, part_lse, out, lse, splits, d, BLOCK_S=triton.next_power_of_2(splits),
+    _merge_splits_kernel[(bsz * hq,)](part, part_lse, out, lse, splits, d, BLOCK_S=_MERGE_BLOCK,
                                       BLOCK_D=triton.next_power_of_2(d))
     return out.view(bsz, hq, d)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-ALIGN = 8  # bytes: every field starts where an int64 may
+ALIGN = 16  # bytes: every field starts where Triton assumes a tensor does (it compiles a variant for others)
 
 
 class StagedInputs:
