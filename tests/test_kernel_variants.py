@@ -1,7 +1,7 @@
-"""On CUDA, each kernel is compiled once for every length: Triton would otherwise compile another variant when a
-length first is 1 or a multiple of 16 (its integer specialization), or a constexpr block follows a length, in the middle of serving (a 1.5-1.9 s step, seen as a
-later turn's time to first token in the document chat). The lengths that vary between steps are not specialized,
-and the merge of splits walks them in blocks of a fixed size."""
+"""On CUDA, each kernel is compiled once for every length. Triton would otherwise compile another variant when a
+length first is 1 or a multiple of 16 (its integer specialization), or when a constexpr block follows a length:
+in the middle of serving, a 1.5-1.9 s step (seen as a later turn's time to first token in the document chat).
+The lengths that vary between steps are not specialized, and the merge of splits walks them in fixed blocks."""
 import pytest
 import torch
 from test_kivi import PAGED_ROWS, _paged_case
