@@ -177,12 +177,15 @@ def serve(args: argparse.Namespace) -> None:
 
     from ..cli import engine_kwargs
     from ..engine.engine import Engine
+    from ..engine.warm_up import warm_up
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     delay = args.scheduler_delay_factor
     if delay is not None and not delay >= 0:  # before seconds of loading the model
         raise ConfigError(f"--scheduler-delay-factor must be >= 0, got {delay}")
     engine = Engine(**engine_kwargs(args))
+    if engine.device.type == "cuda":  # kernels compile now, not in the first requests' steps
+        warm_up(engine)
     async_engine = AsyncEngine(engine, **({} if delay is None else {"delay_factor": delay}))
     try:
         app = create_app(async_engine, api_key=args.api_key, served_model_name=args.served_model_name or args.model,
