@@ -101,7 +101,6 @@ class AsyncEngine:
         self.engine, self.gather_s, self.delay_factor = engine, gather_s, delay_factor
         self._arriving: dict[object, float] = {}  # requests being received or tokenized: when each began (_mu)
         self._last_arrival = 0.0  # when the latest request began arriving or was submitted (_mu)
-        self._prefill_s = 0.0  # how long the last step that prefilled a prompt took
         self._held_since: float | None = None  # when the engine thread began holding a step for them
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
@@ -199,7 +198,6 @@ class AsyncEngine:
                 self._wake.wait(hold)
                 continue
             self._held_since = None
-            began = time.perf_counter()
             try:
                 done = self.engine.step()
             except Exception as e:  # a bad step must not take the server down
@@ -208,8 +206,6 @@ class AsyncEngine:
                     self.stats.failed_steps += 1
                 self._fail(list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}")
                 continue
-            if any(len(r.output_ids) == 1 for r in done):  # a prompt was prefilled
-                self._prefill_s = time.perf_counter() - began
             self._dispatch(done)
 
     def _hold(self) -> float:
@@ -222,7 +218,7 @@ class AsyncEngine:
             self._held_since = now
         with self._mu:
             burst = any(began <= self._held_since for began in self._arriving.values())
-            lull = self._last_arrival + self.delay_factor * self._prefill_s - now
+            lull = self._last_arrival + self.delay_factor * self.engine.step_log.prefill_seconds - now
         left = self._held_since + self.gather_s - now
         return min(left, max(lull, left if burst else 0.0))
 

@@ -192,7 +192,9 @@ class Engine:
         return out
 
     def _allocator_retries(self) -> int:
-        return torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) if self.device.type == "cuda" else 0
+        # the nested dict, not memory_stats(): that flattens ~100 counters in Python, every step
+        return torch.cuda.memory_stats_as_nested_dict(self.device).get("num_alloc_retries", 0) \
+            if self.device.type == "cuda" else 0
 
     def _schedule(self):
         """The next step's plan, with newly admitted requests bound to their pages (call under the lock)."""

@@ -14,19 +14,20 @@ class StepLog:
         self.interval = interval
         self.decode_steps = self.decode_tokens = 0
         self.decode_seconds = 0.0
+        self.prefill_seconds = 0.0  # the last step that prefilled
         self.alloc_retries = 0
 
     def allocator(self, retries: int) -> None:
-        """`retries`: the allocator's num_alloc_retries so far (torch.cuda.memory_stats)."""
+        """`retries`: the allocator's num_alloc_retries so far (torch.cuda memory stats)."""
         if retries > self.alloc_retries:
-            log.warning("the CUDA allocator ran out of memory and retried %d times in this step (it frees its cache "
-                        "and syncs: seconds); a --gpu-memory-limit a few GiB lower avoids it",
-                        retries - self.alloc_retries)
+            log.warning("the CUDA allocator ran out of memory and retried %d times in this step (each retry frees "
+                        "its cache and syncs the device)", retries - self.alloc_retries)
         self.alloc_retries = retries
 
     def record(self, prefill: list[tuple[int, int]], decoding: int, seconds: float) -> None:
         """`prefill`: (new tokens, cached tokens) of each row computing its prompt; `decoding`: rows decoding."""
         if prefill:
+            self.prefill_seconds = seconds
             log.info("prefill: %d seqs, %d new tokens, %d cached tokens, %d decoding, %.1f ms", len(prefill),
                      sum(n for n, _ in prefill), sum(c for _, c in prefill), decoding, seconds * 1e3)
             return

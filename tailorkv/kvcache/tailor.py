@@ -244,15 +244,9 @@ class TailorPolicy(KVPolicy):
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
-        groups: dict[tuple, list[int]] = {}  # prefill rows by the pages of the shared prefix they continue (or ())
-        for i, rid in enumerate(batch.rids):
-            if self.is_prefill(i, batch):
-                start = batch.start[i]
-                groups.setdefault(tuple(self.s_state[rid].host_pages_cpu[: start // HOST_PAGE].tolist()) if start
-                                  else (), []).append(i)
-        for prefix_pages, rows in groups.items():
-            if prefix_pages:
-                self._prefill_after_prefix(layer, q, k, v, out, batch, rows)
+        for runs, rows in self._prefill_groups(batch).items():
+            if runs:
+                self._prefill_after_prefix(layer, q, k, v, out, batch, rows, runs)
                 continue
             for i in rows:
                 sl = batch.seq(i)
@@ -267,34 +261,50 @@ class TailorPolicy(KVPolicy):
             out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
         return out
 
-    def _prefill_after_prefix(self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int]) -> None:
-        """Rows whose prompts continue one shared prefix (one document, many users): the prefix is read back from
-        the host tier once, and every row's new tokens attend to it exactly, in one call for all of them."""
-        prefix = self._shared_prefix(layer, rows, batch)
+    def _prefill_groups(self, batch: ForwardBatch) -> dict[tuple, list[int]]:
+        """This step's prefill rows by the shared prefix they continue, as the page_runs of its host pages (() for
+        none); built once per step for all layers."""
+        step = self._this_step(batch)
+        if "groups" not in step:
+            groups: dict[tuple, list[int]] = {}
+            for i, rid in enumerate(batch.rids):
+                if self.is_prefill(i, batch):
+                    pages = self.s_state[rid].host_pages_cpu[: batch.start[i] // HOST_PAGE].tolist() \
+                        if batch.start[i] else []
+                    groups.setdefault(tuple(page_runs(pages)), []).append(i)
+            step["groups"] = groups
+        return step["groups"]
+
+    def _prefill_after_prefix(self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int],
+                              runs: tuple) -> None:
+        """Rows whose prompts continue one shared prefix (one document, many users), whose host pages are `runs`:
+        the prefix is read back from the host tier once, and every row's new tokens attend to it exactly, in one
+        call for all of them."""
+        prefix = self._shared_prefix(layer, rows, runs, batch)
         sel = self._prompt_rows(rows, batch)[0]
         cu = list(itertools.accumulate((batch.new[i] for i in rows), initial=0))
         out[sel] = shared_prefix_attention(q[sel], k[sel], v[sel], cu, prefix.k, prefix.v)
         self._store_prompt(layer, rows, k, v, batch, prefix)
 
-    def _shared_prefix(self, layer: int, rows: list[int], batch: ForwardBatch) -> SharedPrefix:
+    def _shared_prefix(self, layer: int, rows: list[int], runs: tuple, batch: ForwardBatch) -> SharedPrefix:
         """A layer's shared prefix for the prefill rows `rows` that continue it, read back from the host tier during
         the layer before (on CUDA by the side stream: DMA copies that overlap that layer's compute); the next
         layer's read begins now."""
         reads = self._this_step(batch)["reads"]
-        rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(layer, rows, batch)
+        rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(layer, runs)
         if layer + 1 < self.cfg.num_layers:
-            reads[(layer + 1, tuple(rows))] = self._read_prefix(layer + 1, rows, batch)
+            reads[(layer + 1, tuple(rows))] = self._read_prefix(layer + 1, runs)
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
         return self.offload.shared_prefix(rows_read, max_abs=layer in self.s_index)
 
-    def _read_prefix(self, layer: int, rows: list[int], batch: ForwardBatch) -> tuple:
-        """Start reading a layer's shared prefix: (its rows on the device, the event of their arrival or None)."""
-        pages = self.s_state[batch.rids[rows[0]]].host_pages_cpu[: batch.start[rows[0]] // HOST_PAGE].tolist()
+    def _read_prefix(self, layer: int, runs: tuple) -> tuple:
+        """Start reading a layer's shared prefix, the host pages `runs`: (its rows on the device, the event of their
+        arrival or None)."""
         # allocated on the main stream, which uses and frees it only after waiting for the side stream's copy
-        out = torch.empty(len(pages), self.offload.h, HOST_PAGE, 2 * self.offload.d, dtype=self.dtype,
-                          device=self.device)
-        side, runs = self.prefetch_stream, page_runs(pages)
+        out = torch.empty(sum(count for _, _, count in runs), self.offload.h, HOST_PAGE, 2 * self.offload.d,
+                          dtype=self.dtype, device=self.device)
+        side = self.prefetch_stream
         if side is None:
             return self.offload.read_prefix(self._row_layer(layer), runs, out), None
         side.wait_stream(torch.cuda.current_stream(self.device))  # `out`'s memory is free of earlier kernels
@@ -305,7 +315,8 @@ class TailorPolicy(KVPolicy):
         return out, ready
 
     def _this_step(self, batch: ForwardBatch) -> dict:
-        """What the layers of this step's prefill rows share: their _prompt_rows, the shared-prefix reads ahead."""
+        """What the layers of this step's prefill rows share: their groups, their _prompt_rows, the shared-prefix
+        reads ahead."""
         if self.step_state[0] is not batch:
             self.step_state = (batch, {"rows": {}, "reads": {}})
         return self.step_state[1]
