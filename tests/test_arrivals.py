@@ -107,8 +107,8 @@ def test_a_request_whose_body_is_still_coming_is_waited_for(live_server):
     firsts: list[list[int]] = []  # per step, the requests that got their first token in it
     step = engine.step
 
-    def recording_step():
-        done = step()
+    def recording_step(admit=True):
+        done = step(admit)
         firsts.append([r.rid for r in done if len(r.output_ids) == 1])
         return done
 
@@ -136,3 +136,39 @@ def test_a_request_whose_body_is_still_coming_is_waited_for(live_server):
     b = json.loads(reply.split(b"\r\n\r\n", 1)[1])
     rid_a, rid_b = int(first["meta_info"]["id"]), int(b["meta_info"]["id"])
     assert sorted([rid_a, rid_b]) in [sorted(f) for f in firsts]
+
+
+def _decode_then_join(engine, delay_factor: float) -> tuple[list[float], float, float]:
+    """A decodes; B is submitted while it does. Returns (the times of A's outputs, B's submission, B's first
+    output)."""
+    params = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
+    ids = engine.engine.tokenize
+
+    async def scenario():
+        a = engine.generate([(ids("A request that decodes for a while", None), long)])
+        a_times = [(await anext(a)).time for _ in range(3)]
+        submitted = time.perf_counter()
+        b = engine.generate([(ids("A request that comes while it decodes", None), params)])
+        b_first = (await anext(b)).time
+        a_times += [out.time async for out in a]
+        async for _ in b:
+            pass
+        return a_times, submitted, b_first
+
+    factor, engine.delay_factor = engine.delay_factor, delay_factor
+    try:
+        return asyncio.run(scenario())
+    finally:
+        engine.delay_factor = factor
+
+
+def test_a_request_coming_while_others_decode_waits_the_delay(live_server):
+    """vLLM's rule: B joins A's steps once it has waited delay_factor x the last prefill step's time; A decodes
+    meanwhile. With factor 0 B joins at once; with a factor whose delay outlasts A, once A has finished."""
+    engine = live_server.async_engine
+    live_server.wait_idle()
+    a_times, submitted, b_first = _decode_then_join(engine, 0.0)
+    assert sum(submitted < t < b_first for t in a_times) <= 1 and a_times[-1] > b_first
+    a_times, submitted, b_first = _decode_then_join(engine, 1e6)
+    assert sum(submitted < t < b_first for t in a_times) > 40 and a_times[-1] < b_first

@@ -70,6 +70,21 @@ def test_shared_prefix_attention_equals_each_row_over_the_whole_prompt(device):
         torch.testing.assert_close(got[a:b].float(), want, **tolerance(q))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prefix", [300, 0])
+def test_shared_prefix_attention_with_own_keys_before_the_queries(device, prefix):
+    """Rows whose own keys begin before their queries (a cached partial block: 0, 200 and 37 such keys before 1, 70
+    and 9 queries), after a shared prefix or none."""
+    cu, cu_k = [0, 1, 71, 80], [0, 1, 271, 317]
+    q = rand(80, 6, 64, device=device, seed=3)
+    k, v = rand(317, 2, 64, device=device, seed=4), rand(317, 2, 64, device=device, seed=5)
+    pk, pv = rand(prefix, 2, 64, device=device, seed=6), rand(prefix, 2, 64, device=device, seed=7)
+    got = shared_prefix_attention(q, k, v, cu, pk, pv, cu_k=cu_k)
+    for a, b, c, d in zip(cu[:-1], cu[1:], cu_k[:-1], cu_k[1:]):
+        want = brute_force(q[a:b], torch.cat([pk, k[c:d]]), torch.cat([pv, v[c:d]]), prefix + d - c - (b - a))
+        torch.testing.assert_close(got[a:b].float(), want, **tolerance(q))
+
+
 def test_causal_attention_rejects_keys_that_do_not_end_at_the_chunk():
     q, k = torch.randn(4, 2, 64), torch.randn(9, 2, 64)
     with pytest.raises(ValueError, match="need 8 keys, got 9"):

@@ -88,6 +88,35 @@ def test_blocks_span_several_pools():
     assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
 
 
+def test_partial_blocks_are_matched_by_their_tokens_and_copied_on_write():
+    """A prompt's partly filled last block is cached by its page in one pool; a request continuing (part of) its
+    tokens references it while it runs but holds a page of its own for that block; unreferenced it is evictable,
+    before its parent, and its page counts as free."""
+    specs = [PoolSpec("host", "host", 4, 256, 1), PoolSpec("qkv", "gpu", 16, 64, 1)]
+    mm = MemoryManager(specs, prefix=(256, {"host": 1, "qkv": 4}))
+    ids = list(range(300))
+    keys = page_hashes(ids, 256)
+    first = mm.reserve(0, {"host": 2, "qkv": 5})
+    mm.cache(0, keys)
+    mm.cache_partial(0, keys[0], ids[256:300], 1, "host")
+    assert mm.prefix.match_partial(keys[0], ids[256:290]) is not None
+    key, n = mm.prefix.match_partial(keys[0], ids[256:290] + [7, 7])
+    assert n == 34 and mm.prefix.pages[key] == {"host": [first["host"][1]]}
+    assert mm.prefix.match_partial(keys[0], [5] + ids[257:290]) is None  # no first token in common
+    assert mm.prefix.match_partial(page_hashes([1] * 256, 256)[0], ids[256:290]) is None  # another parent
+    mm.release(0)
+    assert mm.num_free("host") == 4 and mm.num_free("qkv") == 16
+    got = mm.reserve(1, {"host": 2, "qkv": 5}, mm.prefix.match(keys), key)
+    assert got["host"][0] == first["host"][0] and got["host"][1] != first["host"][1]  # its own page for block 1
+    assert mm.num_free("host") == 4 - 3 and key not in mm.prefix.evictable
+    mm.release(1)
+    assert list(mm.prefix.evictable) == [key, keys[0]]  # the partial block goes first
+    mm.reserve(2, {"host": 4})  # evicts both
+    assert not mm.prefix.pages and not mm.prefix.partials and mm.num_free("host") == 0
+    mm.release(2)
+    assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
+
+
 # ---- engines on the embedded model ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def load_model_once():
@@ -244,9 +273,10 @@ def test_tailor_shares_a_document_exactly(chat, key_sketch):
         first, second = (e.tokenize(p, None) for p in chat)
         common = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
         # every full block of the first prompt is final (the Q layer's tails are quantized into it already), and
-        # all those common to both are shared, however close to the end of the second prompt
-        hit = common // TAILOR_BLOCK * TAILOR_BLOCK
-        assert got[0]["meta_info"]["cached_tokens"] == 0 and got[1]["meta_info"]["cached_tokens"] == hit >= 1024
+        # all those common to both are shared, however close to the end of the second prompt; the first prompt's
+        # partly filled last block too, up to where the prompts part
+        assert common % TAILOR_BLOCK  # the prompts part inside a block
+        assert got[0]["meta_info"]["cached_tokens"] == 0 and got[1]["meta_info"]["cached_tokens"] == common
         assert all_free(e)
 
 
@@ -263,7 +293,9 @@ def test_tailor_chat_turns_leave_nothing_behind(chat):
         docs = [load_essays()[i * 2200:i * 2200 + 2200] for i in range(4)]  # ~500 tokens: one final block each
         prompts = [docs[i % 4] + f" Note {i}." for i in range(40)]
         outs = e.generate(prompts, sampling_params={**GREEDY, "max_new_tokens": 2})
-        assert sum(o["meta_info"]["cached_tokens"] == TAILOR_BLOCK for o in outs) >= 20
+        # the document's block, and (when not evicted) of its partial last block what the prompts have in common
+        cached = [o["meta_info"]["cached_tokens"] for o in outs]
+        assert sum(c >= TAILOR_BLOCK for c in cached) >= 20 and any(c % TAILOR_BLOCK for c in cached)
         assert all_free(e) and not e.policy.prompt_len and not e.policy.s_state and not e.policy.q_state
 
 
@@ -337,3 +369,34 @@ def test_page_runs_cover_the_pages_in_order():
 
     assert page_runs([4, 5, 6, 9, 10, 2]) == [(4, 0, 3), (9, 3, 2), (2, 5, 1)]
     assert page_runs([7]) == [(7, 0, 1)] and page_runs([]) == []
+
+
+@pytest.mark.parametrize("key_sketch", [2, 0])
+def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketch):
+    """Two users ask about one document; their next turns (their question, its answer and a new question) come in
+    one step. Each continues its own first prompt's partly filled last block: its tokens are not computed again
+    (cached_tokens: the whole first turn), they are read from that block's host page with the document, and the
+    answers equal those of an engine without caching."""
+    sp = {**GREEDY, "max_new_tokens": 12}
+    options = dict(kv_policy="tailor", key_sketch=key_sketch, progress=False)
+
+    def turns(e):
+        first = e.generate(chat, sampling_params=sp)
+        nxt = [e.tokenize(p, None) + o["output_ids"] + e.tokenize(" Why?", None) for p, o in zip(chat, first)]
+        return first, nxt, e.generate(input_ids=nxt, sampling_params=sp)
+
+    with Engine(**options, enable_prefix_caching=False) as e:
+        want = [o["output_ids"] for o in turns(e)[2]]
+    with Engine(**options) as e:
+        reads = []
+        read_prefix = e.policy.offload.read_prefix
+        e.policy.offload.read_prefix = lambda *a, **kw: reads.append(a[1]) or read_prefix(*a, **kw)
+        first, nxt, got = turns(e)
+        agree = None if e.device.type == "cpu" else 8
+        assert [g["output_ids"][:agree] for g in got] == [w[:agree] for w in want]
+        for p, o in zip(chat, got):
+            n = len(e.tokenize(p, None))
+            assert n % TAILOR_BLOCK and o["meta_info"]["cached_tokens"] == n
+        last = reads[-1]  # the second turns: the document's pages, then one page per user's partial block
+        assert len(reads) == 2 * e.config.num_layers and [r[2] for r in last[-2:]] == [1, 1]
+        assert all_free(e)

@@ -11,8 +11,12 @@ only prefill is held back, `gather_s` at most:
 - for the requests that were already `arriving` (their bodies being received or tokenized, not yet submitted) when
   the engine found it could step; requests that begin arriving later do not prolong this, so a steady stream of
   them never holds a step for long;
-- and, as vLLM's `--scheduler-delay-factor` does, until `delay_factor` x the last prefill step's time has passed
-  since the latest request began arriving or was submitted: the requests of one burst arrive a few ms apart.
+- and until `delay_factor` x the last prefill step's time has passed since the latest request began arriving or
+  was submitted: the requests of one burst arrive a few ms apart.
+While requests decode, a waiting request joins their steps only once it has waited `delay_factor` x the last
+prefill step's time, as vLLM's `--scheduler-delay-factor` does: the first of a burst that comes as the running
+requests finish (a chat's user one token ahead of the others) then waits for the rest instead of being prefilled
+alone while they decode their last tokens.
 """
 from __future__ import annotations
 
@@ -199,7 +203,7 @@ class AsyncEngine:
                 continue
             self._held_since = None
             try:
-                done = self.engine.step()
+                done = self.engine.step(admit=self._admit())
             except Exception as e:  # a bad step must not take the server down
                 log.exception("engine step failed; aborting the running requests")
                 with self._mu:
@@ -221,6 +225,15 @@ class AsyncEngine:
             lull = self._last_arrival + self.delay_factor * self.engine.step_log.prefill_seconds - now
         left = self._held_since + self.gather_s - now
         return min(left, max(lull, left if burst else 0.0))
+
+    def _admit(self) -> bool:
+        """Whether waiting requests may join the running ones' next step: once the oldest has waited delay_factor x
+        the last prefill step's time."""
+        s = self.engine.scheduler
+        if not s.running or not s.waiting:
+            return True
+        waited = time.perf_counter() - s.waiting[0].queued_at
+        return waited >= self.delay_factor * self.engine.step_log.prefill_seconds
 
     def _apply_aborts(self) -> None:
         # Only this thread aborts in the engine: Engine.abort frees a request's KV pages at once, which must not

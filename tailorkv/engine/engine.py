@@ -76,7 +76,8 @@ class Engine:
                                    max_queued=self.options.max_queued_requests,
                                    chunk_tokens=self.options.chunked_prefill_size,
                                    whole_prompt_prefill=self.policy.whole_prompt_prefill,
-                                   shareable=self.policy.shareable_tokens, cache_output=self.policy.caches_output)
+                                   shareable=self.policy.shareable_tokens, cache_output=self.policy.caches_output,
+                                   partial_pool=self.policy.partial_block_pool)
         self.runner = ModelRunner(self.model, self.policy, self.device, self.options.cuda_graph,
                                   self.options.max_running_requests)
         self.requests: dict[int, Request] = {}
@@ -148,11 +149,12 @@ class Engine:
             self.policy.release(rid)
 
     # ---- the loop -------------------------------------------------------------------------------------------
-    def step(self) -> list[Request]:
-        """Run one scheduled batch; returns the requests that received a token (finished ones are retired)."""
+    def step(self, admit: bool = True) -> list[Request]:
+        """Run one scheduled batch; returns the requests that received a token (finished ones are retired).
+        `admit=False`: no waiting request joins in this step."""
         began = time.perf_counter()
         with self._lock:
-            plan = self._schedule()
+            plan = self._schedule(admit)
             if plan is None:
                 return []
             reqs = [self.requests[s.rid] for s in plan.seqs]
@@ -196,11 +198,11 @@ class Engine:
         return torch.cuda.memory_stats_as_nested_dict(self.device).get("num_alloc_retries", 0) \
             if self.device.type == "cuda" else 0
 
-    def _schedule(self):
+    def _schedule(self, admit: bool = True):
         """The next step's plan, with newly admitted requests bound to their pages (call under the lock)."""
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(admit)
         for seq, pages in plan.admitted if plan else ():
-            self.policy.add_request(seq.rid, pages, seq.prompt_len)
+            self.policy.add_request(seq.rid, pages, seq.prompt_len, seq.partial_page)
         return plan
 
     def _retire(self, req: Request) -> None:

@@ -65,15 +65,16 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
                             prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                            sm_scale: float | None = None) -> torch.Tensor:
-    """Prefill rows that follow one shared prefix of P tokens (prefix_k, prefix_v [P, Hkv, D]): row i's queries
-    q[cu[i]:cu[i+1]] [.., Hq, D] at positions P.. see the whole prefix and, causally, the row's own keys
-    k, v[cu[i]:cu[i+1]]. Per row, causal_attention(q_i, [prefix | k_i], [prefix | v_i], P); but every row's
-    queries attend to the prefix in one call, and no row copies it."""
+                            sm_scale: float | None = None, cu_k: list[int] | None = None) -> torch.Tensor:
+    """Prefill rows that follow one shared prefix of P tokens (prefix_k, prefix_v [P, Hkv, D], P may be 0): row i's
+    queries q[cu[i]:cu[i+1]] [.., Hq, D] see the whole prefix and, causally, the row's own keys
+    k, v[cu_k[i]:cu_k[i+1]] (cu_k: cu by default), of which the queries are the last. Per row,
+    causal_attention(q_i, [prefix | k_i], [prefix | v_i], P + len(k_i) - len(q_i)); but every row's queries attend
+    to the prefix in one call, and no row copies it."""
     pre, pre_lse = attention_lse(q, prefix_k, prefix_v, sm_scale=sm_scale)
     own, own_lse = torch.empty_like(q), torch.empty_like(pre_lse)
-    for a, b in zip(cu[:-1], cu[1:]):
-        own[a:b], own_lse[a:b] = attention_lse(q[a:b], k[a:b], v[a:b], causal=True, sm_scale=sm_scale)
+    for a, b, c, d in zip(cu[:-1], cu[1:], (cu_k or cu)[:-1], (cu_k or cu)[1:]):
+        own[a:b], own_lse[a:b] = attention_lse(q[a:b], k[c:d], v[c:d], causal=True, sm_scale=sm_scale)
     return merge_attention_states(pre.float(), pre_lse, own.float(), own_lse)[0].to(q.dtype)
 
 

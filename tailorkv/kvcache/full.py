@@ -50,7 +50,8 @@ class FullPolicy(KVPolicy):
             if self.reads_everything and flashinfer_decode.available(self.device, self.dtype) else None
         self.copy = host_copy.ops(self.device)
 
-    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
+    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int,
+                    partial_page: int | None = None) -> None:
         self.page_tables[rid] = torch.tensor(pages["kv"], dtype=torch.long, device=self.k_cache.device)
         self.prompt_lens[rid] = prompt_len
 

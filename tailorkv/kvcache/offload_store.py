@@ -47,11 +47,12 @@ def page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
 
 class OffloadState:
     def __init__(self, host_pages: list[int], gen_pages: list[int], slot: int, prompt_len: int, sink: int,
-                 recent: int, sketch_pages: list[int] = ()):
+                 recent: int, sketch_pages: list[int] = (), partial_page: int | None = None):
         self.host_pages_cpu = torch.tensor(host_pages, dtype=torch.long)
         self.sketch_pages_cpu = torch.tensor(sketch_pages, dtype=torch.long)
         self.gen_pages_cpu = torch.tensor(gen_pages, dtype=torch.long)
         self.slot, self.prompt_len = slot, prompt_len
+        self.partial_page = partial_page  # the host page of the cached partial block its prompt continues
         self.n_sink = min(sink, prompt_len)
         self.recent_begin = max(self.n_sink, prompt_len - recent)  # recent window: [recent_begin, prompt_len)
         self.n = 0

@@ -69,21 +69,27 @@ class MemoryManager:
     def can_reserve(self, need: dict[str, int]) -> bool:
         return all(n <= self.num_free(p) for p, n in need.items())
 
-    def reserve(self, rid: int, need: dict[str, int], shared: list[bytes] = ()) -> dict[str, list[int]] | None:
+    def reserve(self, rid: int, need: dict[str, int], shared: list[bytes] = (),
+                partial: bytes | None = None) -> dict[str, list[int]] | None:
         """The pages for `rid`, or None (and nothing taken) when some pool lacks room. `shared`: cached blocks
-        (PrefixCache.match) whose pages start the shared pools' lists; they count towards `need`."""
-        fresh, room = dict(need), dict(need)  # pages to allocate; room (free or evictable pages) taken
+        (PrefixCache.match) whose pages start the shared pools' lists; they count towards `need`. `partial`: a
+        cached partial block the request reads from (PrefixCache.match_partial), referenced until it ends; its pages
+        are not the request's (it writes that block into pages of its own, counted in `need`)."""
+        fresh = dict(need)  # pages to allocate
         for p, m in (self.prefix.per_block.items() if shared else ()):
             fresh[p] -= len(shared) * m
-            room[p] = fresh[p] + self.prefix.evictable_pages(shared, p)  # an evictable block counts as free
+        referenced = [*shared, *([partial] if partial else [])]
+        room = {p: n + (self.prefix.evictable_pages(referenced, p) if self._shared(p) else 0)
+                for p, n in fresh.items()}  # an evictable block it references is taken from the free pages
         if not self.can_reserve(room):
             return None
         held: dict[str, list[int]] = {p: [] for p in fresh}
-        if shared:
+        if referenced:
             held.update(self.prefix.share(shared))  # before alloc, which could otherwise evict them
+            self.prefix.share(referenced[len(shared):])
         for p, n in fresh.items():
             held[p] += self.prefix.alloc(p, n) if self._shared(p) else self.pools[p].alloc(n)
-        self.held[rid], self.blocks[rid] = held, list(shared)
+        self.held[rid], self.blocks[rid] = held, referenced
         return held
 
     def cache(self, rid: int, keys: list[bytes], start: int = 0) -> None:
@@ -91,6 +97,14 @@ class MemoryManager:
         if self.prefix and rid in self.held and len(keys) > start:
             pages = {p: self.held[rid][p][start * m:len(keys) * m] for p, m in self.prefix.per_block.items()}
             self.blocks[rid] += self.prefix.register(keys[start:], pages)
+
+    def cache_partial(self, rid: int, parent: bytes, tokens: list[int], block: int, pool: str) -> None:
+        """Register the partly filled block `block` of `rid` (its first `tokens` are computed and final), its page
+        in `pool` only, under `parent` (the key of the block before it)."""
+        if self.prefix and rid in self.held:
+            key = self.prefix.register_partial(parent, tokens, {pool: self.held[rid][pool][block:block + 1]})
+            if key is not None:
+                self.blocks[rid].append(key)
 
     def release(self, rid: int) -> None:
         keys = self.blocks.pop(rid, [])

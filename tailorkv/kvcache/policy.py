@@ -22,6 +22,10 @@ class KVPolicy(ABC):
     # may be cached for the next turn of a chat.
     caches_output: bool = True
 
+    # Prefix caching of a prompt's partly filled last block (prefix_cache.py): the pool of the block's page that
+    # holds its tokens' exact K/V, which a request continuing them reads; None: only full blocks are cached.
+    partial_block_pool: str | None = None
+
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, **options):
         if options:
             raise ConfigError(f"kv_policy {self.name!r} takes no option(s): {', '.join(sorted(options))}")
@@ -55,8 +59,10 @@ class KVPolicy(ABC):
         """Create the preallocated tensors behind the pools (called once at engine start)."""
 
     @abstractmethod
-    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
-        """Bind a newly admitted request to its pages."""
+    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int,
+                    partial_page: int | None = None) -> None:
+        """Bind a newly admitted request to its pages; `partial_page`: the page (partial_block_pool) of the cached
+        partial block whose tokens its prompt continues, read at its prefill."""
 
     def prepare(self, batch: ForwardBatch) -> None:
         """Per-step metadata shared by all layers (slot indices, page tables), computed once before the forward."""

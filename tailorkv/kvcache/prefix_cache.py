@@ -4,9 +4,14 @@ A policy shares prompts in blocks of `block_tokens` tokens; a block owns a fixed
 pool (`full`: one 16-token page; `tailor`: one 256-token host-tier page, one key-sketch page and four 64-token
 quantized pages). Each block is keyed by a hash chain over the token ids (a block's key covers its own tokens
 and, through its parent's key, every token before it, so equal keys mean equal K/V at equal positions). Only
-blocks the policy never writes again are registered (a request's partial last block, and tailor's last residual
-tokens, stay private), so no copy-on-write is needed. A block nobody references stays cached, evictable in LRU
-order; allocation takes free pages first, then evicts whole blocks. Accounting only: no tensors here.
+blocks the policy never writes again are registered.
+
+A policy may also cache a prompt's partly filled last block (KVPolicy.partial_block_pool; tailor): only its page
+in that pool, which holds the exact K/V of its tokens, under its parent's key and its tokens. A request whose prompt
+continues those tokens (a chat's next turn) shares the full blocks before it, reads the partial block's tokens from
+that page and computes from after them, writing the block into pages of its own: copy-on-write, so a partial block
+never changes once cached. A block nobody references stays cached, evictable in LRU order; allocation takes free
+pages first, then evicts whole blocks. Accounting only: no tensors here.
 """
 from __future__ import annotations
 
@@ -36,9 +41,22 @@ class PrefixCache:
         self.pages: dict[bytes, dict[str, list[int]]] = {}  # key -> the block's pages in each shared pool
         self.refs: dict[bytes, int] = {}  # key -> live requests referencing the block
         self.evictable: OrderedDict[bytes, None] = OrderedDict()  # cached blocks with no reference, oldest first
+        self._evictable_pages = dict.fromkeys(per_block, 0)  # pages of the evictable blocks, per pool
+        self.partials: dict[bytes, dict[bytes, tuple[int, ...]]] = {}  # parent key -> partial blocks: key -> tokens
+        self._parent: dict[bytes, bytes] = {}  # a partial block's key -> its parent key
 
     def num_free(self, pool: str) -> int:
-        return self.pools[pool].num_free + len(self.evictable) * self.per_block[pool]
+        return self.pools[pool].num_free + self._evictable_pages[pool]
+
+    def _set_evictable(self, key: bytes, evictable: bool) -> None:
+        if evictable == (key in self.evictable):
+            return
+        if evictable:
+            self.evictable[key] = None
+        else:
+            del self.evictable[key]
+        for p, pages in self.pages[key].items():
+            self._evictable_pages[p] += len(pages) if evictable else -len(pages)
 
     def match(self, keys: list[bytes]) -> list[bytes]:
         """The longest cached prefix of `keys`: the chain stops at the first key not cached."""
@@ -49,15 +67,25 @@ class PrefixCache:
             hit.append(key)
         return hit
 
+    def match_partial(self, parent: bytes, tokens: list[int]) -> tuple[bytes, int] | None:
+        """The partial block under `parent` whose tokens begin `tokens` longest: (its key, the tokens in common, at
+        most len(tokens)), or None when none shares a first token."""
+        best = None
+        for key, cached in self.partials.get(parent, {}).items():
+            n = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
+            if n and (best is None or n > best[1]):
+                best = (key, n)
+        return best
+
     def evictable_pages(self, keys: list[bytes], pool: str) -> int:
-        return sum(k in self.evictable for k in keys) * self.per_block[pool]
+        return sum(len(self.pages[k].get(pool, ())) for k in keys if k in self.evictable)
 
     def share(self, keys: list[bytes]) -> dict[str, list[int]]:
         """Take a reference on cached blocks (from `match`), which stop being evictable; their pages per pool."""
         for k in keys:
             self.refs[k] = self.refs.get(k, 0) + 1
-            self.evictable.pop(k, None)
-        return {p: [x for k in keys for x in self.pages[k][p]] for p in self.per_block}
+            self._set_evictable(k, False)
+        return {p: [x for k in keys for x in self.pages[k].get(p, ())] for p in self.per_block}
 
     def alloc(self, pool: str, n: int) -> list[int]:
         """`n` pages of `pool`: free ones first, then those of the least recently used evictable blocks (an evicted
@@ -66,9 +94,15 @@ class PrefixCache:
         got = free.alloc(min(n, free.num_free))
         while len(got) < n:
             assert self.evictable, f"pool {pool}: {n} pages asked, {len(got)} free or evictable"
-            key, _ = self.evictable.popitem(last=False)
+            key = next(iter(self.evictable))
+            self._set_evictable(key, False)
             for p, pages in self.pages.pop(key).items():
                 self.pools[p].free(pages)
+            parent = self._parent.pop(key, None)
+            if parent is not None:
+                del self.partials[parent][key]
+                if not self.partials[parent]:
+                    del self.partials[parent]
             got += free.alloc(min(n - len(got), free.num_free))
         return got
 
@@ -84,6 +118,16 @@ class PrefixCache:
                 added.append(key)
         return added
 
+    def register_partial(self, parent: bytes, tokens: list[int], pages: dict[str, list[int]]) -> bytes | None:
+        """Make a computed partial block findable under its parent's key and its tokens (`pages`: its page in the
+        partial pool); returns its key, now referenced once by the caller, or None when it is cached already."""
+        key = hashlib.sha256(b"partial" + parent + array("q", tokens).tobytes()).digest()
+        if key in self.pages:
+            return None
+        self.pages[key], self.refs[key], self._parent[key] = pages, 1, parent
+        self.partials.setdefault(parent, {})[key] = tuple(tokens)
+        return key
+
     def release(self, keys: list[bytes]) -> None:
         """Drop one reference from each block; an unreferenced block becomes evictable. The tail of a prefix is
         released first, so it is evicted before the head that leads to it."""
@@ -91,8 +135,8 @@ class PrefixCache:
             self.refs[k] -= 1
             if self.refs[k] == 0:
                 del self.refs[k]
-                self.evictable[k] = None
+                self._set_evictable(k, True)
 
     def owned(self, keys: list[bytes]) -> dict[str, set[int]]:
         """The pages of these cached blocks, per pool."""
-        return {p: {x for k in keys for x in self.pages[k][p]} for p in self.per_block}
+        return {p: {x for k in keys for x in self.pages[k].get(p, ())} for p in self.per_block}

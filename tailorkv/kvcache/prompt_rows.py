@@ -1,8 +1,10 @@
 """Where the rows of prompts being prefilled come from and go: their tokens before `start` sit in a shared prefix
-(read back from the host tier), the rest in this step's new tokens; prefill rows with a common `start` are stored
-together, through index tensors built once per step and used by every layer."""
+(read back from the host tier), the rest in this step's new tokens, after the tokens of a cached partial block
+where a row continues one (read back with the prefix); prefill rows with a common `start` are stored together,
+through index tensors built once per step and used by every layer."""
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -60,3 +62,46 @@ class PromptRows(NamedTuple):
                    torch.where(from_pre, 0, pos - start + offsets), torch.where(from_pre, pos, 0), from_pre,
                    torch.cat(row_of))
         return cls(*(to_device(x, device) for x in tensors))
+
+
+class PrefillGroup(NamedTuple):
+    """Prefill rows that continue one shared prefix of `start` tokens (a multiple of 256, 0 for none): their
+    prompts are stored from `start` on, each row's `lens` tokens being the tokens of a cached partial block it
+    continues (its "tail", read from that block's page) followed by its new tokens (the batch's, at `sel`).
+    - cu, cu_k: cumulative new tokens and stored tokens per row;
+    - ext [sum(lens)] or None (no tails): the stored tokens in order as indices into [new tokens | tail pages' rows];
+    - reads: the host pages to read (page_runs): the prefix's, then one per tail;
+    - prompt: their PromptRows (S layers)."""
+
+    sel: slice | torch.Tensor
+    start: int
+    lens: list[int]
+    cu: list[int]
+    cu_k: list[int]
+    ext: torch.Tensor | None
+    reads: tuple
+    prompt: PromptRows | None
+
+    @property
+    def prefix_pages(self) -> int:
+        return self.start // HOST_PAGE
+
+    @classmethod
+    def build(cls, sel, runs: tuple, starts: list[int], new: list[int], states: list | None, partial_pages: list,
+              window: int, device) -> PrefillGroup:
+        """`starts`, `new`: each row's first new position and count; `partial_pages`: each row's cached partial
+        block page (None without); `states`: their OffloadStates (None without S layers)."""
+        start = starts[0] // HOST_PAGE * HOST_PAGE
+        tails = [s - start for s in starts]
+        lens = [m + n for m, n in zip(tails, new)]
+        cu = list(itertools.accumulate(new, initial=0))
+        total, reads, ext, t = cu[-1], list(runs), [], 0
+        for i, (m, n) in enumerate(zip(tails, new)):
+            if m:
+                ext.append(torch.arange(total + t * HOST_PAGE, total + t * HOST_PAGE + m))
+                reads.append((partial_pages[i], start // HOST_PAGE + t, 1))
+                t += 1
+            ext.append(torch.arange(cu[i], cu[i] + n))
+        prompt = PromptRows.build(states, lens, start, window, device) if states else None
+        return cls(sel, start, lens, cu, list(itertools.accumulate(lens, initial=0)),
+                   to_device(torch.cat(ext), device) if t else None, tuple(reads), prompt)

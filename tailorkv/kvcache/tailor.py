@@ -3,7 +3,6 @@ in the host tier and, each decode step, attend exactly over sink + recent + the 
 (two-stage retrieval, selection.py) + every generated token. Prefill is exact full attention over the prompt."""
 from __future__ import annotations
 
-import itertools
 
 import torch
 
@@ -15,7 +14,7 @@ from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, Sh
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
-from .prompt_rows import PromptRows
+from .prompt_rows import PrefillGroup
 from .quant_store import QuantState, QuantStore, QuantView
 from .selection import group_mean, score_tokens, select_channels, select_tokens
 from .staging import to_device
@@ -33,6 +32,7 @@ class TailorPolicy(KVPolicy):
     name = "tailor"
     whole_prompt_prefill = True
     caches_output = False  # generated tokens live in GPU-tier pages of their own, not in the shared blocks
+    partial_block_pool = "host"  # a cached partial block: its host page, the exact rows of every layer
 
     def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, host_on_device: bool = False,
                  **options):
@@ -130,14 +130,15 @@ class TailorPolicy(KVPolicy):
         self.graph_rows: dict[int, torch.Tensor] = {}
         self.step_state: tuple = (None, {})  # (the batch, _this_step's dict)
 
-    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int) -> None:
+    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int,
+                    partial_page: int | None = None) -> None:
         slot = pages["slots"][0]
         self.prompt_len[rid] = prompt_len
         if self.q_index:
             self.q_state[rid] = QuantState(pages.get("qkv", []), slot, self.device)
         if self.s_index:
             self.s_state[rid] = OffloadState(pages["host"], pages["gen"], slot, prompt_len, self.tc.sink,
-                                             self.tc.recent, pages.get("sketch", ()))
+                                             self.tc.recent, pages.get("sketch", ()), partial_page)
 
     def release(self, rid: int) -> None:
         self.prompt_len.pop(rid, None)
@@ -245,13 +246,14 @@ class TailorPolicy(KVPolicy):
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
         for runs, rows in self._prefill_groups(batch).items():
-            if runs:
-                self._prefill_after_prefix(layer, q, k, v, out, batch, rows, runs)
+            group = self._group(rows, runs, batch)
+            if group.reads:
+                self._prefill_after_prefix(layer, q, k, v, out, batch, rows, group)
                 continue
             for i in rows:
                 sl = batch.seq(i)
                 out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
-            self._store_prompt(layer, rows, k, v, batch)
+            self._store_prompt(layer, rows, k[group.sel], v[group.sel], group, batch)
         if self.qview is not None and layer in self.q_index:
             rows, qi = self.row_index, self.q_index[layer]
             self.quant.append(qi, self.qview, k[rows], v[rows])
@@ -262,8 +264,8 @@ class TailorPolicy(KVPolicy):
         return out
 
     def _prefill_groups(self, batch: ForwardBatch) -> dict[tuple, list[int]]:
-        """This step's prefill rows by the shared prefix they continue, as the page_runs of its host pages (() for
-        none); built once per step for all layers."""
+        """This step's prefill rows by the shared prefix of full blocks they continue, as the page_runs of its host
+        pages (() for none); built once per step for all layers."""
         step = self._this_step(batch)
         if "groups" not in step:
             groups: dict[tuple, list[int]] = {}
@@ -276,31 +278,39 @@ class TailorPolicy(KVPolicy):
         return step["groups"]
 
     def _prefill_after_prefix(self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int],
-                              runs: tuple) -> None:
-        """Rows whose prompts continue one shared prefix (one document, many users), whose host pages are `runs`:
-        the prefix is read back from the host tier once, and every row's new tokens attend to it exactly, in one
-        call for all of them."""
-        prefix = self._shared_prefix(layer, rows, runs, batch)
-        sel = self._prompt_rows(rows, batch)[0]
-        cu = list(itertools.accumulate((batch.new[i] for i in rows), initial=0))
-        out[sel] = shared_prefix_attention(q[sel], k[sel], v[sel], cu, prefix.k, prefix.v)
-        self._store_prompt(layer, rows, k, v, batch, prefix)
+                              group: PrefillGroup) -> None:
+        """Rows whose prompts continue one shared prefix (one document, many users) and/or each a cached partial
+        block (its tail: a chat's earlier turns): the prefix is read back from the host tier once, each tail with
+        it, and every row's new tokens attend to the prefix exactly, in one call for all of them, and causally to
+        their tail and themselves. A row stores its tail again with its new tokens, into pages of its own."""
+        prefix, tails = self._shared_prefix(layer, rows, group, batch)
+        sel = group.sel
+        ks, vs = k[sel], v[sel]
+        if tails is not None:
+            ks, vs = (torch.cat([x, t]).index_select(0, group.ext) for x, t in zip((ks, vs), tails))
+        pk, pv = prefix[:2] if prefix else (ks[:0], vs[:0])
+        out[sel] = shared_prefix_attention(q[sel], ks, vs, group.cu, pk, pv, cu_k=group.cu_k)
+        self._store_prompt(layer, rows, ks, vs, group, batch, prefix)
 
-    def _shared_prefix(self, layer: int, rows: list[int], runs: tuple, batch: ForwardBatch) -> SharedPrefix:
-        """A layer's shared prefix for the prefill rows `rows` that continue it, read back from the host tier during
-        the layer before (on CUDA by the side stream: DMA copies that overlap that layer's compute); the next
-        layer's read begins now."""
+    def _shared_prefix(self, layer: int, rows: list[int], group: PrefillGroup,
+                       batch: ForwardBatch) -> tuple[SharedPrefix | None, tuple | None]:
+        """A layer's shared prefix (None for none) and the rows' tails (k, v of every tail page's 256 rows, or None)
+        for the prefill rows `rows`, read back from the host tier during the layer before (on CUDA by the side
+        stream: DMA copies that overlap that layer's compute); the next layer's read begins now."""
         reads = self._this_step(batch)["reads"]
-        rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(layer, runs)
+        rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(layer, group.reads)
         if layer + 1 < self.cfg.num_layers:
-            reads[(layer + 1, tuple(rows))] = self._read_prefix(layer + 1, runs)
+            reads[(layer + 1, tuple(rows))] = self._read_prefix(layer + 1, group.reads)
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
-        return self.offload.shared_prefix(rows_read, max_abs=layer in self.s_index)
+        n = group.prefix_pages
+        prefix = self.offload.shared_prefix(rows_read[:n], max_abs=layer in self.s_index) if n else None
+        tails = self.offload.shared_prefix(rows_read[n:], max_abs=False)[:2] if group.ext is not None else None
+        return prefix, tails
 
     def _read_prefix(self, layer: int, runs: tuple) -> tuple:
-        """Start reading a layer's shared prefix, the host pages `runs`: (its rows on the device, the event of their
-        arrival or None)."""
+        """Start reading host pages `runs` of a layer (a shared prefix, tails): (their rows on the device, the event
+        of their arrival or None)."""
         # allocated on the main stream, which uses and frees it only after waiting for the side stream's copy
         out = torch.empty(sum(count for _, _, count in runs), self.offload.h, HOST_PAGE, 2 * self.offload.d,
                           dtype=self.dtype, device=self.device)
@@ -315,15 +325,15 @@ class TailorPolicy(KVPolicy):
         return out, ready
 
     def _this_step(self, batch: ForwardBatch) -> dict:
-        """What the layers of this step's prefill rows share: their groups, their _prompt_rows, the shared-prefix
+        """What the layers of this step's prefill rows share: their groups, their PrefillGroups, the shared-prefix
         reads ahead."""
         if self.step_state[0] is not batch:
             self.step_state = (batch, {"rows": {}, "reads": {}})
         return self.step_state[1]
 
-    def _prompt_rows(self, rows: list[int], batch: ForwardBatch) -> tuple:
-        """(where prefill rows' new tokens sit in the batch: a slice when contiguous, else an index; their
-        PromptRows for the S layers' stores), built once per step for all layers."""
+    def _group(self, rows: list[int], runs: tuple, batch: ForwardBatch) -> PrefillGroup:
+        """The PrefillGroup of prefill rows `rows` that continue the prefix of host pages `runs` (where their new
+        tokens sit in the batch: a slice when contiguous, else an index), built once per step for all layers."""
         built = self._this_step(batch)["rows"]
         if tuple(rows) not in built:
             cu = batch.cu
@@ -331,32 +341,30 @@ class TailorPolicy(KVPolicy):
                 sel = slice(cu[rows[0]], cu[rows[-1] + 1])
             else:
                 sel = to_device(torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rows]), self.device)
-            prompt = PromptRows.build([self.s_state[batch.rids[i]] for i in rows], [batch.new[i] for i in rows],
-                                      batch.start[rows[0]], self.offload.window, self.device) if self.s_index else None
-            built[tuple(rows)] = (sel, prompt)
+            states = [self.s_state[batch.rids[i]] for i in rows] if self.s_index else None
+            built[tuple(rows)] = PrefillGroup.build(
+                sel, runs, [batch.start[i] for i in rows], [batch.new[i] for i in rows], states,
+                [st.partial_page for st in states or ()], self.offload.window if self.s_index else 0, self.device)
         return built[tuple(rows)]
 
     def _row_layer(self, layer: int) -> int:
         """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
         return self.s_index[layer] if layer in self.s_index else len(self.s_index) + self.q_index[layer]
 
-    def _store_prompt(self, layer: int, rows: list[int], k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                      prefix: SharedPrefix | None = None) -> None:
-        """The prompts of prefill rows `rows` from their common start (their k, v are the batch's): the tokens
-        before it (`prefix`) are in shared blocks, already stored."""
-        start = batch.start[rows[0]]
+    def _store_prompt(self, layer: int, rows: list[int], k: torch.Tensor, v: torch.Tensor, group: PrefillGroup,
+                      batch: ForwardBatch, prefix: SharedPrefix | None = None) -> None:
+        """The prompts of prefill rows `rows` from their common start, k, v [sum(group.lens), H, D] row after row:
+        the tokens before it (`prefix`) are in shared blocks, already stored."""
         if layer in self.q_index:
-            for i in rows:
-                sl = batch.seq(i)
-                self.quant.prefill(self.q_index[layer], self.q_state[batch.rids[i]], k[sl], v[sl], start,
+            for i, a, b in zip(rows, group.cu_k, group.cu_k[1:]):
+                self.quant.prefill(self.q_index[layer], self.q_state[batch.rids[i]], k[a:b], v[a:b], group.start,
                                    prefix and prefix[:2])
         if not self.s_index:
             return
-        sel, prompt = self._prompt_rows(rows, batch)
         if layer in self.q_index:  # the exact rows too, for a later request that shares this prefix
-            self.offload.store_rows(self._row_layer(layer), prompt, k[sel], v[sel])
+            self.offload.store_rows(self._row_layer(layer), group.prompt, k, v)
         else:
-            self.offload.prefill(self.s_index[layer], prompt, k[sel], v[sel], prefix)
+            self.offload.prefill(self.s_index[layer], group.prompt, k, v, prefix)
 
     def _sparse_decode(self, layer: int, q, k, v) -> torch.Tensor:
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""

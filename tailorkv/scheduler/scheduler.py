@@ -5,8 +5,9 @@ prompt chunks of admitted sequences first, then newly admitted ones. Admission r
 tiers, the pages for prompt + max_new_tokens, so a running sequence never runs out of memory and nothing is
 half-admitted; a sequence that does not fit waits. With prefix caching, admission first takes the longest cached
 run of the prompt's full blocks (never the whole prompt: its last token must be computed to give logits; never
-past what the policy may share), reserves only the rest and starts computing after it; computed blocks are
-offered to the cache as they fill up.
+past what the policy may share), then, where the policy caches partly filled blocks, the cached partial block after
+them that shares most of the prompt's next tokens; it reserves only the rest and starts computing after them.
+Computed blocks are offered to the cache as they fill up, and a prompt's partly filled last block once computed.
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class Seq:
     num_generated: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     page_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
+    prompt_ids: list[int] = field(default_factory=list)  # with partial blocks cached: their tokens come from here
+    partial_page: int | None = None  # the cached partial block's page (partial pool) its first tokens come from
+    queued_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None  # time.perf_counter() when it left the queue for the running batch
 
     @property
@@ -53,12 +57,14 @@ class Scheduler:
     def __init__(self, memory: MemoryManager, pages_needed: Callable[[int, int], dict[str, int]], *,
                  max_running: int = 64, max_queued: int = 1024, chunk_tokens: int = 2048,
                  whole_prompt_prefill: bool = False, shareable: Callable[[int], int] = lambda n: n,
-                 cache_output: bool = True):
+                 cache_output: bool = True, partial_pool: str | None = None):
         """`shareable(prompt_len)`: prompt tokens whose K/V the policy never rewrites once computed (only their
         blocks are cached or shared); `cache_output`: generated tokens' blocks are cached too (the next chat
-        turn)."""
+        turn); `partial_pool`: the pool of a partly filled block's page, when the policy caches those
+        (KVPolicy.partial_block_pool)."""
         self.memory, self.pages_needed, self.prefix = memory, pages_needed, memory.prefix
         self.shareable, self.cache_output = shareable, cache_output
+        self.partial_pool = partial_pool if memory.prefix else None
         self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
         # Some policies (tailor's S layers) need the whole prompt at once: offload + max|K| over all of it.
         self.whole_prompt_prefill = whole_prompt_prefill
@@ -73,13 +79,16 @@ class Scheduler:
             raise QueueFullError(f"the queue is full ({self.max_queued} waiting requests)")
         if self.prefix and prompt_ids is not None:
             seq.page_keys = page_hashes(prompt_ids, self.prefix.block_tokens)
+            if self.partial_pool:
+                seq.prompt_ids = prompt_ids
         self.waiting.append(seq)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> Step | None:
+    def schedule(self, admit: bool = True) -> Step | None:
+        """The next step; `admit=False` leaves the waiting sequences waiting (the running ones still step)."""
         seqs, new = [], []
         for s in self.running.values():
             if not s.prefilling:
@@ -94,16 +103,19 @@ class Scheduler:
                     new.append(n)
                     budget -= n
         admitted = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             s = self.waiting[0]
-            shared = self._cached_prefix(s)
-            cached = len(shared) * self.prefix.block_tokens if shared else 0
+            shared, partial = self._cached_prefix(s)
+            cached = len(shared) * self.prefix.block_tokens + (partial[1] if partial else 0) if self.prefix else 0
             n = self._chunk(s.prompt_len - cached, budget, first=not any(x.prefilling for x in seqs))
             if not n:
                 break
-            pages = self.memory.reserve(s.rid, self.pages_needed(s.prompt_len, s.max_new_tokens), shared)
+            pages = self.memory.reserve(s.rid, self.pages_needed(s.prompt_len, s.max_new_tokens), shared,
+                                        partial and partial[0])
             if pages is None:
                 break
+            if partial:
+                s.partial_page = self.prefix.pages[partial[0]][self.partial_pool][0]
             s.num_computed = s.cached_tokens = cached
             s.admitted_at = time.perf_counter()
             self.waiting.popleft()
@@ -114,11 +126,17 @@ class Scheduler:
             budget -= n
         return Step(seqs, new, admitted) if seqs else None
 
-    def _cached_prefix(self, s: Seq) -> list[bytes]:
-        """Keys of the prompt's longest cached run of full blocks, leaving its last token to compute."""
+    def _cached_prefix(self, s: Seq) -> tuple[list[bytes], tuple[bytes, int] | None]:
+        """Keys of the prompt's longest cached run of full blocks and the cached partial block after them (its key,
+        the tokens it gives) or None, leaving the prompt's last token to compute."""
         if not self.prefix:
-            return []
-        return self.prefix.match(s.page_keys[:self._blocks(min(s.prompt_len - 1, self.shareable(s.prompt_len)))])
+            return [], None
+        limit = min(s.prompt_len - 1, self.shareable(s.prompt_len))
+        shared = self.prefix.match(s.page_keys[:self._blocks(limit)])
+        if not self.partial_pool:
+            return shared, None
+        begin = len(shared) * self.prefix.block_tokens
+        return shared, self.prefix.match_partial(shared[-1] if shared else ROOT, s.prompt_ids[begin:limit])
 
     def _blocks(self, tokens: int) -> int:
         return max(tokens, 0) // self.prefix.block_tokens
@@ -136,6 +154,10 @@ class Scheduler:
             if self.prefix and done < s.prompt_len:
                 final = min(s.num_computed, self.shareable(s.prompt_len))
                 self.memory.cache(s.rid, s.page_keys[:self._blocks(final)], start=self._blocks(done))
+                if self.partial_pool and not s.prefilling and final % self.prefix.block_tokens:
+                    b = self._blocks(final)
+                    self.memory.cache_partial(s.rid, s.page_keys[b - 1] if b else ROOT,
+                                              s.prompt_ids[b * self.prefix.block_tokens:final], b, self.partial_pool)
 
     def finish(self, rid: int, token_ids: list[int] | None = None) -> None:
         """Drop a finished, aborted or failed sequence, waiting or running, and return all its pages. `token_ids`
