@@ -3,6 +3,7 @@ still being tokenized (AsyncEngine.arriving), at most gather_s."""
 import asyncio
 import time
 
+from tailorkv.engine.async_engine import DELAY_FACTOR
 from tailorkv.engine.sampling import SamplingParams
 
 
@@ -172,3 +173,42 @@ def test_a_request_coming_while_others_decode_waits_the_delay(live_server):
     assert sum(submitted < t < b_first for t in a_times) <= 1 and a_times[-1] > b_first
     a_times, submitted, b_first = _decode_then_join(engine, 1e6)
     assert sum(submitted < t < b_first for t in a_times) > 40 and a_times[-1] < b_first
+
+
+def test_a_prefill_is_held_after_requests_finish_for_their_next_turns(live_server):
+    """B comes while A decodes its last tokens and waits (the delay); A finishes; C (A's user's next turn) comes
+    after B's delay has run out but within the delay after A finished: B and C prefill in one step."""
+    engine = live_server.async_engine
+    live_server.wait_idle()
+    ids = engine.engine.tokenize
+    delay = 1.0
+    log = engine.engine.step_log
+    record = log.record
+
+    def fixed(*args):  # every prefill step counts as 1 s: the delay is delay_factor seconds
+        record(*args)
+        log.prefill_seconds = 1.0
+
+    async def scenario():
+        a = engine.generate([(ids("A request near its end", None),
+                              SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))])
+        await anext(a)
+        b_came = time.perf_counter()
+        b = engine.generate([(ids("The first next turn", None), SamplingParams(max_new_tokens=2, temperature=0))])
+        a_end = [out.time async for out in a][-1]
+        assert a_end < b_came + delay, "A ran past B's delay: B was admitted beside it"
+        await asyncio.sleep(max(b_came + delay + (a_end - b_came) / 2 - time.perf_counter(), 0))
+        c = engine.generate([(ids("The second next turn", None), SamplingParams(max_new_tokens=2, temperature=0))])
+        firsts = [(await anext(b)).time, (await anext(c)).time]
+        for stream in (b, c):
+            async for _ in stream:
+                pass
+        return firsts
+
+    engine.delay_factor, engine.gather_s, log.record = delay, 5.0, fixed
+    try:
+        b_first, c_first = asyncio.run(scenario())
+    finally:
+        engine.delay_factor, engine.gather_s = DELAY_FACTOR, 0.5
+        del log.record
+    assert b_first == c_first

@@ -20,6 +20,9 @@ def test_one_variant_for_every_length():
     kivi = triton_module("kivi_triton")
     sketch = triton_module("sketch_scores_triton")
     sparse = triton_module("sparse_attention_triton")
+    kernels = (kivi._quantize_keys_kernel, kivi._quantize_values_kernel, sketch._sketch_scores_kernel,
+               sparse._sparse_decode_kernel, kivi._paged_decode_kernel, kivi._merge_splits_kernel)
+    before = [variants(k) for k in kernels]  # the engine's group sizes and dtypes of earlier tests are others
     for t in (197, 64, 1, 130):  # tokens: neither, a multiple of 16, 1
         x = torch.randn(3, t, 64, device="cuda", dtype=torch.bfloat16)
         kivi.quantize_keys(x, 2)
@@ -31,6 +34,5 @@ def test_one_variant_for_every_length():
         sparse.sparse_decode_attention(*sparse_case(3, 9, 3, 64, 37, g, 45, torch.bfloat16))
     for rows in (PAGED_ROWS, [(2500, 2432, 2372), (70, 64, 6)], [(64, 64, 0)]):  # 5, 40 and 1 splits
         kivi.paged_decode_attention(*_paged_case(2, rows, dtype=torch.bfloat16))
-    for kernel in (kivi._quantize_keys_kernel, kivi._quantize_values_kernel, sketch._sketch_scores_kernel,
-                   sparse._sparse_decode_kernel, kivi._paged_decode_kernel, kivi._merge_splits_kernel):
-        assert variants(kernel) == 1, kernel.fn.__name__
+    for kernel, n in zip(kernels, before):
+        assert variants(kernel) - n <= 1, kernel.fn.__name__

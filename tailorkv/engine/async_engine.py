@@ -12,7 +12,8 @@ only prefill is held back, `gather_s` at most:
   the engine found it could step; requests that begin arriving later do not prolong this, so a steady stream of
   them never holds a step for long;
 - and until `delay_factor` x the last prefill step's time has passed since the latest request began arriving or
-  was submitted: the requests of one burst arrive a few ms apart.
+  was submitted, or finished: the requests of one burst arrive a few ms apart, and a chat's users send their next
+  turns as their answers end.
 While requests decode, a waiting request joins their steps only once it has waited `delay_factor` x the last
 prefill step's time, as vLLM's `--scheduler-delay-factor` does: the first of a burst that comes as the running
 requests finish (a chat's user one token ahead of the others) then waits for the rest instead of being prefilled
@@ -105,6 +106,7 @@ class AsyncEngine:
         self.engine, self.gather_s, self.delay_factor = engine, gather_s, delay_factor
         self._arriving: dict[object, float] = {}  # requests being received or tokenized: when each began (_mu)
         self._last_arrival = 0.0  # when the latest request began arriving or was submitted (_mu)
+        self._last_finish = 0.0  # when the engine thread last handed out a finished request
         self._held_since: float | None = None  # when the engine thread began holding a step for them
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
@@ -222,7 +224,8 @@ class AsyncEngine:
             self._held_since = now
         with self._mu:
             burst = any(began <= self._held_since for began in self._arriving.values())
-            lull = self._last_arrival + self.delay_factor * self.engine.step_log.prefill_seconds - now
+            latest = max(self._last_arrival, self._last_finish)
+            lull = latest + self.delay_factor * self.engine.step_log.prefill_seconds - now
         left = self._held_since + self.gather_s - now
         return min(left, max(lull, left if burst else 0.0))
 
@@ -256,6 +259,7 @@ class AsyncEngine:
                 if req.finished:
                     del self._streams[req.rid]
                     self.stats.finished_requests += 1
+                    self._last_finish = now
                 stream.put(Output(stream.index, req, req.new_text(), ids, now, req.finished))
 
     def _fail(self, rids: list[int], message: str) -> None:
