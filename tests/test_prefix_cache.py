@@ -300,8 +300,9 @@ def test_tailor_chat_turns_leave_nothing_behind(chat):
 
 
 def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
-    """1,000 requests with tailor's pools and blocks (random shared prefixes, random lengths, some aborted while
-    waiting or running): when idle every pool reports all pages free and the cache holds at most what fits."""
+    """1,000 requests with tailor's pools and blocks, partial ones too (random shared prefixes, random lengths, some
+    aborted while waiting or running): when idle every pool reports all pages free and the cache holds at most what
+    fits."""
     import random
 
     from tailorkv.scheduler.scheduler import Scheduler, Seq
@@ -316,9 +317,9 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
                 "host": -(-prompt // 256)}
 
     sched = Scheduler(mm, need, max_running=12, chunk_tokens=4096, whole_prompt_prefill=True,
-                      shareable=lambda n: max(n - 128, 0), cache_output=False)
+                      shareable=lambda n: max(n - 128, 0), cache_output=False, partial_pool="host")
     docs = [[rng.randrange(1000) for _ in range(1500)] for _ in range(8)]
-    live, hits = {}, 0
+    live, hits, partial_hits = {}, 0, 0
     for rid in range(1000):
         ids = docs[rng.randrange(8)][: rng.randrange(200, 1500)]
         ids += [rng.randrange(1000) for _ in range(rng.randrange(1, 300))]
@@ -330,6 +331,7 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
             if step is None:
                 break
             hits += sum(s.cached_tokens > 0 for s, _ in step.admitted)
+            partial_hits += sum(s.cached_tokens % 256 > 0 for s, _ in step.admitted)
             sched.advance(step)
             for s in step.seqs:
                 if not s.prefilling:
@@ -338,11 +340,12 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
                         sched.finish(s.rid, None)
             if rng.random() < 0.02 and sched.waiting:  # abort one still waiting
                 sched.finish(sched.waiting[-1].rid)
-    assert not sched.has_work and not mm.held and not mm.blocks and hits > 300
+    assert not sched.has_work and not mm.held and not mm.blocks and hits > 300 and partial_hits > 100
     assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
     assert len(mm.prefix.pages) <= 60 and not mm.prefix.refs
-    assert all(mm.pools[p].num_free + len(mm.prefix.evictable) * m == mm.pools[p].num_pages
-               for p, m in mm.prefix.per_block.items())
+    assert all(mm.pools[p].num_free + sum(len(mm.prefix.pages[k].get(p, ())) for k in mm.prefix.evictable)
+               == mm.pools[p].num_pages for p in mm.prefix.per_block)
+    assert sum(len(v) for v in mm.prefix.partials.values()) == sum(k in mm.prefix._parent for k in mm.prefix.pages)
 
 
 def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
