@@ -212,3 +212,40 @@ def test_a_prefill_is_held_after_requests_finish_for_their_next_turns(live_serve
         engine.delay_factor, engine.gather_s = DELAY_FACTOR, 0.5
         del log.record
     assert b_first == c_first
+
+
+def test_the_hold_ends_once_the_finished_requests_next_turns_are_in(live_server):
+    """A and B finish in one step; their next turns C and D come 50 ms apart: they prefill in one step at once,
+    not after the delay (1 s here) since D came."""
+    engine = live_server.async_engine
+    live_server.wait_idle()
+    ids = engine.engine.tokenize
+    log = engine.engine.step_log
+    record = log.record
+    turn = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+
+    def fixed(*args):  # every prefill step counts as 1 s: the delay is delay_factor seconds
+        record(*args)
+        log.prefill_seconds = 1.0
+
+    async def scenario():
+        ab = engine.generate([(ids("The first user's turn", None), turn), (ids("The second user's turn", None), turn)])
+        ends = [out.time async for out in ab if out.finished]
+        assert len(set(ends)) == 1
+        c = engine.generate([(ids("The first user's next turn", None), turn)])
+        await asyncio.sleep(0.05)
+        d_came = time.perf_counter()
+        d = engine.generate([(ids("The second user's next turn", None), turn)])
+        firsts = [(await anext(c)).time, (await anext(d)).time]
+        for stream in (c, d):
+            async for _ in stream:
+                pass
+        return firsts, d_came
+
+    engine.delay_factor, engine.gather_s, log.record = 1.0, 5.0, fixed
+    try:
+        (c_first, d_first), d_came = asyncio.run(scenario())
+    finally:
+        engine.delay_factor, engine.gather_s = DELAY_FACTOR, 0.5
+        del log.record
+    assert c_first == d_first and d_first - d_came < 0.7

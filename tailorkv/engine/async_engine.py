@@ -13,7 +13,8 @@ only prefill is held back, `gather_s` at most:
   them never holds a step for long;
 - and until `delay_factor` x the last prefill step's time has passed since the latest request began arriving or
   was submitted, or finished: the requests of one burst arrive a few ms apart, and a chat's users send their next
-  turns as their answers end.
+  turns as their answers end. Once as many requests have come since the latest finish as finished then, and none
+  is arriving, those next turns are all in: the hold ends.
 While requests decode, a waiting request joins their steps only once it has waited `delay_factor` x the last
 prefill step's time, as vLLM's `--scheduler-delay-factor` does: the first of a burst that comes as the running
 requests finish (a chat's user one token ahead of the others) then waits for the rest instead of being prefilled
@@ -107,6 +108,7 @@ class AsyncEngine:
         self._arriving: dict[object, float] = {}  # requests being received or tokenized: when each began (_mu)
         self._last_arrival = 0.0  # when the latest request began arriving or was submitted (_mu)
         self._last_finish = 0.0  # when the engine thread last handed out a finished request
+        self._finished = 0  # how many requests finished then
         self._held_since: float | None = None  # when the engine thread began holding a step for them
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
@@ -226,6 +228,9 @@ class AsyncEngine:
             burst = any(began <= self._held_since for began in self._arriving.values())
             latest = max(self._last_arrival, self._last_finish)
             lull = latest + self.delay_factor * self.engine.step_log.prefill_seconds - now
+            if self._finished and not self._arriving and sum(
+                    s.queued_at > self._last_finish for s in self.engine.scheduler.waiting) >= self._finished:
+                return 0.0  # the next turns of the requests that finished are in
         left = self._held_since + self.gather_s - now
         return min(left, max(lull, left if burst else 0.0))
 
@@ -248,7 +253,10 @@ class AsyncEngine:
 
     def _dispatch(self, done: list[Request]) -> None:
         now = time.perf_counter()
+        finished = sum(req.finished for req in done)
         with self._mu:
+            if finished:
+                self._last_finish, self._finished = now, finished
             self.stats.generation_tokens += len(done)
             for req in done:
                 stream = self._streams.get(req.rid)
@@ -259,7 +267,6 @@ class AsyncEngine:
                 if req.finished:
                     del self._streams[req.rid]
                     self.stats.finished_requests += 1
-                    self._last_finish = now
                 stream.put(Output(stream.index, req, req.new_text(), ids, now, req.finished))
 
     def _fail(self, rids: list[int], message: str) -> None:
