@@ -3,7 +3,6 @@ in the host tier and, each decode step, attend exactly over sink + recent + the 
 (two-stage retrieval, selection.py) + every generated token. Prefill is exact full attention over the prompt."""
 from __future__ import annotations
 
-
 import torch
 
 from ..errors import ConfigError
