@@ -30,13 +30,14 @@ def test_requests_arriving_together_prefill_in_one_step(live_server):
 
 def test_requests_submitted_a_little_apart_prefill_in_one_step(live_server):
     """No request is arriving when A is submitted, B is submitted 50 ms later: within delay_factor x the last
-    prefill's time of the latest submission, the step is held for more."""
+    prefill's time of the latest submission, the step is held for more. (Two prompts finished before them: one
+    would count A as its next turn, all in, and end the hold.)"""
     engine = live_server.async_engine
-    params = SamplingParams(max_new_tokens=2, temperature=0)
+    params = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
     ids = engine.engine.tokenize
 
     async def scenario():
-        async for _ in engine.generate([(ids("A prompt first, to time a prefill step", None), params)]):
+        async for _ in engine.generate([(ids("Prompts first, to time a prefill step", None), params)] * 2):
             pass
         a = engine.generate([(ids("The first request", None), params)])
         await asyncio.sleep(0.05)
