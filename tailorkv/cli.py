@@ -88,9 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None)
     s.add_argument("--scheduler-delay-factor", type=float, default=None, metavar="F",
                    help="a waiting request joins decoding ones once it has waited F x the last prefill step's time; "
-                        "while idle, a prefill is held until that long after the latest request came or finished (at most "
-                        "0.5 s), "
-                        "so that a burst prefills together (default 0.35; 0: off)")
+                        "while idle, a prefill is held until that long after the latest request came or finished "
+                        "(at most 0.5 s), so that a burst prefills together (default 0.35; 0: off)")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("calibrate", help="compute the TailorKV layer plan of a model")

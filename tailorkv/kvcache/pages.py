@@ -84,9 +84,9 @@ class MemoryManager:
         if not self.can_reserve(room):
             return None
         held: dict[str, list[int]] = {p: [] for p in fresh}
-        if referenced:
-            held.update(self.prefix.share(shared))  # before alloc, which could otherwise evict them
-            self.prefix.share(referenced[len(shared):])
+        if referenced:  # shared before alloc, which could otherwise evict them
+            held.update(self.prefix.share(shared))
+            self.prefix.share([partial] if partial else [])
         for p, n in fresh.items():
             held[p] += self.prefix.alloc(p, n) if self._shared(p) else self.pools[p].alloc(n)
         self.held[rid], self.blocks[rid] = held, referenced

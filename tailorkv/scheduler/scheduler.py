@@ -135,8 +135,9 @@ class Scheduler:
         shared = self.prefix.match(s.page_keys[:self._blocks(limit)])
         if not self.partial_pool:
             return shared, None
-        begin = len(shared) * self.prefix.block_tokens
-        return shared, self.prefix.match_partial(shared[-1] if shared else ROOT, s.prompt_ids[begin:limit])
+        begin = len(shared) * self.prefix.block_tokens  # a partial block holds less than one block's tokens
+        return shared, self.prefix.match_partial(shared[-1] if shared else ROOT,
+                                                 s.prompt_ids[begin:min(limit, begin + self.prefix.block_tokens)])
 
     def _blocks(self, tokens: int) -> int:
         return max(tokens, 0) // self.prefix.block_tokens
