@@ -24,12 +24,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_gib", type=float, default=None, metavar="GIB")
     p.add_argument("--disable-prefix-caching", action="store_true",
                    help="do not share the KV pages of common prompt prefixes between requests")
+    p.add_argument("--prefix-gpu-gib", type=float, default=None, metavar="GIB",
+                   help="tailor: GPU memory for copies of shared prefixes' host-tier pages, which later prompts "
+                        "then read without PCIe (0: none; default: what the other GPU pools leave, at most half)")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     keys = ("max_running_requests", "max_queued_requests", "chunked_prefill_size", "kv_cache_gib", "host_kv_gib",
-            "gpu_memory_limit_gib", "tailor_preset", "key_sketch")
+            "gpu_memory_limit_gib", "prefix_gpu_gib", "tailor_preset", "key_sketch")
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "disable_prefix_caching", False):
         kw["enable_prefix_caching"] = False

@@ -350,16 +350,18 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
 
 def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
     """Once the document is cached, several questions about it prefill in one step and read the shared prefix
-    once for all of them; each equals its answer without caching."""
+    once for all of them, its first pages from their GPU copies (room for some), the others from the host tier;
+    each equals its answer without caching."""
     sp = {**GREEDY, "max_new_tokens": 6}
     questions = [chat[0], chat[1], chat[1] + " Be brief.", chat[0] + " In one word."]
     with Engine(kv_policy="tailor", progress=False, enable_prefix_caching=False) as e:
         want = [r["output_ids"] for r in e.generate(questions[1:], sampling_params=sp)]
-    with Engine(kv_policy="tailor", progress=False) as e:
+    with Engine(kv_policy="tailor", progress=False, prefix_gpu_gib=0.025) as e:  # 2 copies in fp32, 4 in bf16
+        n = e.memory.specs["copies"].num_pages
         e.generate(questions[0], sampling_params=sp)
         reads = []
         read_prefix = e.policy.offload.read_prefix
-        e.policy.offload.read_prefix = lambda *a, **kw: reads.append(a[0]) or read_prefix(*a, **kw)
+        e.policy.offload.read_prefix = lambda *a, **kw: reads.append(a[1]) or read_prefix(*a, **kw)
         got = e.generate(questions[1:], sampling_params=sp)
         # bf16 on the H100: the third row (continuing the first prompt's partial block) parts at its third token;
         # its next-token logits are as far from the uncached ones (max 0.38-0.69) as with full blocks only shared
@@ -367,6 +369,7 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
         assert [r["output_ids"][:agree] for r in got] == [w[:agree] for w in want]
         assert all(r["meta_info"]["cached_tokens"] >= 1024 for r in got)
         assert len(reads) == e.config.num_layers  # one read per layer for the three rows
+        assert 0 < n < reads[0].pages and reads[0].at.tolist() == list(range(n)) and reads[0].host_runs[0][1] == n
         assert all_free(e)
 
 
@@ -378,14 +381,14 @@ def test_page_runs_cover_the_pages_in_order():
     assert page_runs([7]) == [(7, 0, 1)] and page_runs([]) == []
 
 
-@pytest.mark.parametrize("key_sketch", [2, 0])
-def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketch):
+@pytest.mark.parametrize("key_sketch, copies", [(2, None), (0, 0)])
+def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketch, copies):
     """Two users ask about one document; their next turns (their question, its answer and a new question) come in
     one step. Each continues its own first prompt's partly filled last block: its tokens are not computed again
-    (cached_tokens: the whole first turn), they are read from that block's host page with the document, and the
-    answers equal those of an engine without caching."""
+    (cached_tokens: the whole first turn), they are read from that block's host page with the document (from their
+    GPU copies by default, over PCIe without copies), and the answers equal those of an engine without caching."""
     sp = {**GREEDY, "max_new_tokens": 12}
-    options = dict(kv_policy="tailor", key_sketch=key_sketch, progress=False)
+    options = dict(kv_policy="tailor", key_sketch=key_sketch, progress=False, prefix_gpu_gib=copies)
 
     def turns(e):
         first = e.generate(chat, sampling_params=sp)
@@ -405,5 +408,9 @@ def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketc
             n = len(e.tokenize(p, None))
             assert n % TAILOR_BLOCK and o["meta_info"]["cached_tokens"] == n
         last = reads[-1]  # the second turns: the document's pages, then one page per user's partial block
-        assert len(reads) == 2 * e.config.num_layers and [r[2] for r in last[-2:]] == [1, 1]
+        assert len(reads) == 2 * e.config.num_layers
+        if copies is None:  # every page from its copy, the partial blocks' too, one gather
+            assert not last.host_runs and last.at.tolist() == list(range(last.pages)) and last.pages > 2
+        else:
+            assert last.at is None and [r[2] for r in last.host_runs[-2:]] == [1, 1]
         assert all_free(e)

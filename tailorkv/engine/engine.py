@@ -66,9 +66,11 @@ class Engine:
 
             self.policy.set_quant_layers(calibrate(self.model, self.tokenizer, self.device, self.dtype)[1])
         self.policy.bind_model(self.model)
-        specs = self.policy.pool_specs(self._gpu_kv_budget(), int(self.options.host_kv_gib * GIB))
-        self.policy.allocate_storage(specs)
         prefix = self.policy.prefix_blocks() if self.options.enable_prefix_caching else None
+        copies = self.options.prefix_gpu_gib
+        specs = self.policy.pool_specs(self._gpu_kv_budget(), int(self.options.host_kv_gib * GIB),
+                                       0 if prefix is None else None if copies is None else int(copies * GIB))
+        self.policy.allocate_storage(specs)
         self.memory = MemoryManager(specs, prefix=prefix)
         self.policy.warm_up(prefix_sharing=prefix is not None)
         self.scheduler = Scheduler(self.memory, self.policy.pages_needed,

@@ -16,6 +16,8 @@ class EngineOptions:
     gpu_memory_limit_gib: float | None = None
     seed: int = 0
     enable_prefix_caching: bool = True  # share the K/V pages of common prompt prefixes (policies that allow it)
+    # of the GPU-tier budget, GPU copies of cached host-tier pages (tailor); None = what the other pools leave
+    prefix_gpu_gib: float | None = None
     cuda_graph: bool = True  # replay decode steps from captured CUDA graphs (on CUDA)
     progress: bool = True
 
@@ -30,7 +32,7 @@ class EngineOptions:
         for name in ("enable_prefix_caching", "cuda_graph"):
             if not isinstance(getattr(opts, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(opts, name)!r}")
-        for name in ("kv_cache_gib", "host_kv_gib", "gpu_memory_limit_gib"):
+        for name in ("kv_cache_gib", "host_kv_gib", "gpu_memory_limit_gib", "prefix_gpu_gib"):
             v = getattr(opts, name)
             if v is not None and not v >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {v!r}")

@@ -27,7 +27,7 @@ class FullPolicy(KVPolicy):
         c = self.cfg
         return 2 * c.num_layers * PAGE_SIZE * c.num_kv_heads * c.head_dim * self.dtype.itemsize
 
-    def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
+    def pool_specs(self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0) -> list[PoolSpec]:
         bpp = self._bytes_per_page()
         budget = gpu_bytes if self.tier == "gpu" else host_bytes
         return [PoolSpec("kv", self.tier, max(budget // bpp, 1), PAGE_SIZE, bpp)]

@@ -5,8 +5,8 @@ Host layout per layer and 256-token page: token rows [H, 256, 2D] with a token's
 side (what the top-k fetch reads: one 512-B row at D=128), and a channel-major copy of K [H, D, 256] (what
 stage 1 reads: 512-B runs at bf16, which cross PCIe at ~49 GB/s where 128-B runs reach 15). On CUDA the host
 tensors are pinned and the moves (host_copy) are GPU kernels reading and writing them through UVA, except the
-bulk read of a shared prefix, which is DMA copies that overlap compute; generated tokens sit in the GPU tier in
-64-token pages.
+bulk read of a shared prefix, which is DMA copies that overlap compute (or, for pages with a copy in the GPU tier,
+DeviceCopies, a gather there); generated tokens sit in the GPU tier in 64-token pages.
 
 With a key sketch (TailorConfig.key_sketch) the channel-major copy is not kept: a KIVI 1/2-bit copy of K per
 256-token page in the GPU tier (its own pool, "sketch" pages) is what stage 2 scores from.
@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
+from .device_copies import DeviceCopies, PrefixReads
 from .host_memory import host_tensor
 from .prompt_rows import HOST_PAGE, PromptRows
 from .staging import StagedInputs
@@ -115,9 +116,10 @@ class DecodeView:
 class OffloadStore:
     def __init__(self, num_layers: int, host_pages: int, gen_pages: int, num_slots: int, num_kv_heads: int,
                  head_dim: int, sink: int, recent: int, device, dtype, host_on_device: bool = False,
-                 sketch_bits: int = 0, sketch_pages: int = 0, extra_row_layers: int = 0):
+                 sketch_bits: int = 0, sketch_pages: int = 0, extra_row_layers: int = 0, copy_slots: int = 0):
         """`extra_row_layers`: more layers whose prompt rows only are kept (tailor's Q layers, for a later request
-        that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ..."""
+        that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ...
+        `copy_slots`: host pages whose token rows (every row layer) also have a copy in the GPU tier (DeviceCopies)."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.sketch_bits = sketch_bits
         self.h, self.d, self.device, self.window = H, D, device, sink + recent
@@ -127,6 +129,9 @@ class OffloadStore:
         def host(*shape):
             return torch.empty(shape, dtype=dtype, device=device) if host_on_device else host_tensor(shape, dtype, pin)
         self.rows = [host(host_pages, H, HOST_PAGE, 2 * D) for _ in range(L + extra_row_layers)]  # no huge block
+        self.copies = DeviceCopies(copy_slots)
+        self.copy_rows = torch.empty(L + extra_row_layers, copy_slots + 1, H, HOST_PAGE, 2 * D, dtype=dtype,
+                                     device=device) if copy_slots else None
         # the channel-major copy of K that stage 1 reads, unless the sketch replaces it
         self.k_t = None if sketch_bits else [host(host_pages, H, D, HOST_PAGE) for _ in range(L)]
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
@@ -151,6 +156,11 @@ class OffloadStore:
                             extra_row_layers: int = 0) -> int:
         rows = (num_layers + extra_row_layers) * 2 + (num_layers if channel_copy else 0)  # K+V rows, channel-major K
         return rows * h * HOST_PAGE * d * itemsize
+
+    @staticmethod
+    def bytes_per_copy(row_layers: int, h: int, d: int, itemsize: int) -> int:
+        """GPU bytes of one host page's copy (DeviceCopies): its token rows of every row layer."""
+        return row_layers * 2 * h * HOST_PAGE * d * itemsize
 
     @staticmethod
     def bytes_per_sketch_page(num_layers: int, h: int, d: int, bits: int) -> int:
@@ -190,17 +200,24 @@ class OffloadStore:
         returns the keys stored, as pages [P, H, 256, D]."""
         np_ = rows.host_pages.numel()
         kp, vp = (x[rows.page_src].view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2) for x in (k, v))
-        src = torch.arange(np_, device=k.device)
-        self.ops.copy_pages(torch.cat([kp, vp], dim=-1), src, self.rows[row_layer], rows.host_pages)
+        src, kv = torch.arange(np_, device=k.device), torch.cat([kp, vp], dim=-1)
+        self.ops.copy_pages(kv, src, self.rows[row_layer], rows.host_pages)
+        if self.copy_rows is not None:
+            self.copy_rows[row_layer][rows.copy_slots] = kv
         return kp
 
-    def read_prefix(self, row_layer: int, runs: list[tuple[int, int, int]], out: torch.Tensor) -> torch.Tensor:
-        """The host rows of a shared prefix into `out` [pages, H, 256, 2D] on the device, one copy per run of
-        consecutive host pages (page_runs); on CUDA these are DMA copies by the copy engines, which leave the SMs to
-        the compute they overlap."""
+    def read_prefix(self, row_layer: int, reads: PrefixReads, out: torch.Tensor) -> torch.Tensor:
+        """The token rows of a shared prefix into `out` [pages, H, 256, 2D] on the device: the pages with a copy
+        from the GPU tier, the others one copy per run of consecutive host pages (on CUDA DMA copies by the copy
+        engines, which leave the SMs to the compute they overlap)."""
         src = self.rows[row_layer]
-        for page, at, count in runs:
+        for page, at, count in reads.host_runs:
             out[at:at + count].copy_(src[page:page + count], non_blocking=True)
+        if reads.at is None:
+            return out
+        if not reads.host_runs:  # all from copies, in order: one gather
+            return torch.index_select(self.copy_rows[row_layer], 0, reads.slots, out=out)
+        out[reads.at] = self.copy_rows[row_layer][reads.slots]
         return out
 
     def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
@@ -253,7 +270,7 @@ class OffloadStore:
 
     def device_bytes(self) -> int:
         sketch = (self.sk_packed, self.sk_scale, self.sk_zero) if self.sketch_bits else ()
-        return _nbytes(self.win_k, self.win_v, self.max_abs, self.gen_k, self.gen_v, *sketch)
+        return _nbytes(self.win_k, self.win_v, self.max_abs, self.gen_k, self.gen_v, self.copy_rows, *sketch)
 
 
 def _nbytes(*tensors) -> int:

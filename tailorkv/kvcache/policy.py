@@ -47,8 +47,10 @@ class KVPolicy(ABC):
         """Called once at start: run what compiles on first use, so that no request waits for it."""
 
     @abstractmethod
-    def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
-        """The pools this policy needs, sized to the given byte budgets of each tier."""
+    def pool_specs(self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0) -> list[PoolSpec]:
+        """The pools this policy needs, sized to the given byte budgets of each tier. `copy_bytes`: of the GPU
+        budget, how much may hold copies of host-tier pages that prefills read back (shared prefixes; None: what
+        the other GPU pools leave); a policy whose prefills read nothing back ignores it."""
 
     @abstractmethod
     def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:

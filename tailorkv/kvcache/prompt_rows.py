@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import torch
 
+from .device_copies import DeviceCopies, PrefixReads
 from .staging import to_device
 
 HOST_PAGE = 256  # tokens per host-tier page
@@ -28,7 +29,8 @@ class PromptRows(NamedTuple):
     - page_src [P * 256]: for each slot of their host pages from `start` on, the new token it holds; a slot past a
       row's prompt repeats the row's last token (a page's min/max per channel, which the key sketch quantizes
       with, stays that of its real tokens; nothing reads those slots);
-    - host_pages, sketch_pages [P]: those pages (no sketch pages without a key sketch);
+    - host_pages, sketch_pages [P]: those pages (no sketch pages without a key sketch); copy_slots [P]: their
+      copies' slots in the GPU tier (DeviceCopies; its scratch slot for a page without one);
     - slots [R]: the rows' window slots; win_new, win_pre [R, W] and win_from_pre: each row's sink + recent window
       (W slots, past its length repeating slot 0) as indices into the new tokens or the prefix;
     - row_of [T]: each new token's row."""
@@ -36,6 +38,7 @@ class PromptRows(NamedTuple):
     page_src: torch.Tensor
     host_pages: torch.Tensor
     sketch_pages: torch.Tensor
+    copy_slots: torch.Tensor
     slots: torch.Tensor
     win_new: torch.Tensor
     win_pre: torch.Tensor
@@ -43,8 +46,10 @@ class PromptRows(NamedTuple):
     row_of: torch.Tensor
 
     @classmethod
-    def build(cls, states: list, new: list[int], start: int, window: int, device) -> PromptRows:
-        """`states`: the rows' OffloadStates (host and sketch pages, window bounds), each prompt of start + new."""
+    def build(cls, states: list, new: list[int], start: int, window: int, device,
+              copies: DeviceCopies | None = None) -> PromptRows:
+        """`states`: the rows' OffloadStates (host and sketch pages, window bounds), each prompt of start + new;
+        `copies`: the GPU copies of host pages (None: none)."""
         p0, t = start // HOST_PAGE, 0
         page_src, win, row_of = [], [], []
         for i, (st, n) in enumerate(zip(states, new)):
@@ -58,7 +63,8 @@ class PromptRows(NamedTuple):
         pages = [torch.cat([st.host_pages_cpu[p0:] for st in states]),
                  torch.cat([st.sketch_pages_cpu[p0:] for st in states])]
         offsets = torch.tensor([0] + new[:-1]).cumsum(0)[:, None]
-        tensors = (torch.cat(page_src), *pages, torch.tensor([st.slot for st in states]),
+        copy_slots = copies.slots_of(pages[0]) if copies else torch.zeros(pages[0].shape, dtype=torch.long)
+        tensors = (torch.cat(page_src), *pages, copy_slots, torch.tensor([st.slot for st in states]),
                    torch.where(from_pre, 0, pos - start + offsets), torch.where(from_pre, pos, 0), from_pre,
                    torch.cat(row_of))
         return cls(*(to_device(x, device) for x in tensors))
@@ -70,7 +76,7 @@ class PrefillGroup(NamedTuple):
     continues (its "tail", read from that block's page) followed by its new tokens (the batch's, at `sel`).
     - cu, cu_k: cumulative new tokens and stored tokens per row;
     - ext [sum(lens)] or None (no tails): the stored tokens in order as indices into [new tokens | tail pages' rows];
-    - reads: the host pages to read (page_runs): the prefix's, then one per tail;
+    - reads: the host pages to read (the prefix's, then one per tail), from their GPU copies where they have one;
     - prompt: their PromptRows (S layers)."""
 
     sel: slice | torch.Tensor
@@ -79,7 +85,7 @@ class PrefillGroup(NamedTuple):
     cu: list[int]
     cu_k: list[int]
     ext: torch.Tensor | None
-    reads: tuple
+    reads: PrefixReads
     prompt: PromptRows | None
 
     @property
@@ -88,9 +94,10 @@ class PrefillGroup(NamedTuple):
 
     @classmethod
     def build(cls, sel, runs: tuple, starts: list[int], new: list[int], states: list | None, partial_pages: list,
-              window: int, device) -> PrefillGroup:
-        """`starts`, `new`: each row's first new position and count; `partial_pages`: each row's cached partial
-        block page (None without); `states`: their OffloadStates (None without S layers)."""
+              window: int, device, copies: DeviceCopies | None = None) -> PrefillGroup:
+        """`runs`: the shared prefix's host pages (page_runs); `starts`, `new`: each row's first new position and
+        count; `partial_pages`: each row's cached partial block page (None without); `states`: their OffloadStates
+        (None without S layers); `copies`: the GPU copies of host pages (None: none)."""
         start = starts[0] // HOST_PAGE * HOST_PAGE
         tails = [s - start for s in starts]
         lens = [m + n for m, n in zip(tails, new)]
@@ -102,6 +109,8 @@ class PrefillGroup(NamedTuple):
                 reads.append((partial_pages[i], start // HOST_PAGE + t, 1))
                 t += 1
             ext.append(torch.arange(cu[i], cu[i] + n))
-        prompt = PromptRows.build(states, lens, start, window, device) if states else None
+        prompt = PromptRows.build(states, lens, start, window, device, copies) if states else None
+        reads = copies.reads(reads, device) if copies else PrefixReads(sum(n for *_, n in reads), tuple(reads), None,
+                                                                       None)
         return cls(sel, start, lens, cu, list(itertools.accumulate(lens, initial=0)),
-                   to_device(torch.cat(ext), device) if t else None, tuple(reads), prompt)
+                   to_device(torch.cat(ext), device) if t else None, reads, prompt)

@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
 from .batch import ForwardBatch
+from .device_copies import PrefixReads
 from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, SharedPrefix, page_runs
 from .pages import PoolSpec
 from .plans import layer_plan
@@ -74,7 +75,10 @@ class TailorPolicy(KVPolicy):
                            **({"qkv": HOST_PAGE // PAGE} if self.q_index else {})}
 
     # ---- memory ------------------------------------------------------------------------------------------------
-    def pool_specs(self, gpu_bytes: int, host_bytes: int) -> list[PoolSpec]:
+    def pool_specs(self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0) -> list[PoolSpec]:
+        """Slots (each request's windows), the GPU pools in the proportions of long-context requests, the host
+        tier, and GPU copies of host pages (DeviceCopies): by default the GPU memory that pools for as many such
+        requests as the host tier holds leave, at most half of it."""
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
         nq, ns, h, d = len(self.q_index), len(self.s_index), c.num_kv_heads, c.head_dim
         vgroup = kivi.value_group(t.group_size, d, t.quant_bits)
@@ -90,13 +94,21 @@ class TailorPolicy(KVPolicy):
             gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 1)
             if t.key_sketch:
                 gpu["sketch"] = (HOST_PAGE, OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch), 64)
-        unit = sum(b * n for _, b, n in gpu.values())
+        unit = sum(b * n for _, b, n in gpu.values())  # per 64 host pages
         specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
-        specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b)
-                  for name, (size, b, n) in gpu.items()]
         if ns:
             hpage = OffloadStore.bytes_per_host_page(ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq)
-            specs.append(PoolSpec("host", "host", max(host_bytes // hpage, 1), HOST_PAGE, hpage))
+            host_pages = max(host_bytes // hpage, 1)
+            specs.append(PoolSpec("host", "host", host_pages, HOST_PAGE, hpage))
+            cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
+            if copy_bytes is None:
+                copy_bytes = 0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
+            copies = min(max(min(copy_bytes, rest), 0) // cpage, host_pages)
+            if copies:
+                specs.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
+                rest -= copies * cpage
+        specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b)
+                  for name, (size, b, n) in gpu.items()]
         return specs
 
     def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
@@ -117,8 +129,8 @@ class TailorPolicy(KVPolicy):
             if self.q_index else None
         self.offload = OffloadStore(len(self.s_index), n.get("host", 0), n.get("gen", 0), n["slots"], h, d,
                                     t.sink, t.recent, self.device, self.dtype, self.host_on_device, t.key_sketch,
-                                    n.get("sketch", 0), extra_row_layers=len(self.q_index)) \
-            if self.s_index else None
+                                    n.get("sketch", 0), extra_row_layers=len(self.q_index),
+                                    copy_slots=n.get("copies", 0)) if self.s_index else None
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
         self.s_state: dict[int, OffloadState] = {}
@@ -246,7 +258,7 @@ class TailorPolicy(KVPolicy):
         out = torch.empty_like(q)
         for runs, rows in self._prefill_groups(batch).items():
             group = self._group(rows, runs, batch)
-            if group.reads:
+            if group.reads.pages:
                 self._prefill_after_prefix(layer, q, k, v, out, batch, rows, group)
                 continue
             for i in rows:
@@ -268,11 +280,18 @@ class TailorPolicy(KVPolicy):
         step = self._this_step(batch)
         if "groups" not in step:
             groups: dict[tuple, list[int]] = {}
+            read, written = [], []
             for i, rid in enumerate(batch.rids):
-                if self.is_prefill(i, batch):
-                    pages = self.s_state[rid].host_pages_cpu[: batch.start[i] // HOST_PAGE].tolist() \
-                        if batch.start[i] else []
-                    groups.setdefault(tuple(page_runs(pages)), []).append(i)
+                if not self.is_prefill(i, batch):
+                    continue
+                st, p0 = self.s_state.get(rid), batch.start[i] // HOST_PAGE  # no state: kivi, which shares nothing
+                pages = st.host_pages_cpu[:p0].tolist() if st else []
+                groups.setdefault(tuple(page_runs(pages)), []).append(i)
+                if st:
+                    read += pages + ([st.partial_page] if batch.start[i] % HOST_PAGE else [])
+                    written += st.host_pages_cpu[p0:].tolist()
+            if self.s_index:
+                self.offload.copies.plan(read, written)  # before any group's reads and writes are laid out
             step["groups"] = groups
         return step["groups"]
 
@@ -307,18 +326,18 @@ class TailorPolicy(KVPolicy):
         tails = self.offload.shared_prefix(rows_read[n:], max_abs=False)[:2] if group.ext is not None else None
         return prefix, tails
 
-    def _read_prefix(self, layer: int, runs: tuple) -> tuple:
-        """Start reading host pages `runs` of a layer (a shared prefix, tails): (their rows on the device, the event
-        of their arrival or None)."""
+    def _read_prefix(self, layer: int, reads: PrefixReads) -> tuple:
+        """Start reading a layer's prefix pages (a shared prefix, tails): (their rows on the device, the event of
+        their arrival or None)."""
         # allocated on the main stream, which uses and frees it only after waiting for the side stream's copy
-        out = torch.empty(sum(count for _, _, count in runs), self.offload.h, HOST_PAGE, 2 * self.offload.d,
-                          dtype=self.dtype, device=self.device)
+        out = torch.empty(reads.pages, self.offload.h, HOST_PAGE, 2 * self.offload.d, dtype=self.dtype,
+                          device=self.device)
         side = self.prefetch_stream
         if side is None:
-            return self.offload.read_prefix(self._row_layer(layer), runs, out), None
+            return self.offload.read_prefix(self._row_layer(layer), reads, out), None
         side.wait_stream(torch.cuda.current_stream(self.device))  # `out`'s memory is free of earlier kernels
         with torch.cuda.stream(side):
-            self.offload.read_prefix(self._row_layer(layer), runs, out)
+            self.offload.read_prefix(self._row_layer(layer), reads, out)
             ready = torch.cuda.Event()
             ready.record(side)
         return out, ready
@@ -343,7 +362,8 @@ class TailorPolicy(KVPolicy):
             states = [self.s_state[batch.rids[i]] for i in rows] if self.s_index else None
             built[tuple(rows)] = PrefillGroup.build(
                 sel, runs, [batch.start[i] for i in rows], [batch.new[i] for i in rows], states,
-                [st.partial_page for st in states or ()], self.offload.window if self.s_index else 0, self.device)
+                [st.partial_page for st in states or ()], self.offload.window if self.s_index else 0, self.device,
+                self.offload.copies if self.s_index else None)
         return built[tuple(rows)]
 
     def _row_layer(self, layer: int) -> int:

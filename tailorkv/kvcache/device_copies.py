@@ -1,0 +1,92 @@
+"""GPU copies of host-tier pages (tailor): a prefill that continues a cached prefix (one document, many users; a
+chat's earlier turns) reads the prefix's token rows back from GPU memory where a page has a copy, not over PCIe.
+This is the GPU level of a two-level prefix cache (SGLang's HiCache keeps the same hierarchy).
+
+A fixed number of copy slots, kept by least recent use. A page gets a slot when it is written (the prefill that
+computes it writes the copy too, from the GPU) and keeps it while later prefills read it; when the slots run out, the
+least recently used page whose copy is not needed in the step loses its slot. Every write of a host page goes
+through its copy (or takes a slot anew), so a copy is never stale; a freed page's copy simply ages out.
+Bookkeeping only: OffloadStore holds the tensors, with one more slot, the scratch that pages without a copy write
+to."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+
+from .staging import to_device
+
+
+class PrefixReads(NamedTuple):
+    """How one step reads a layer's prefix pages (count of them, into rows [pages, ...] in order):
+    - host_runs: (first host page, its index in the rows, length) per run of pages without a copy, read over PCIe;
+    - at, slots: the indices in the rows of the pages with a copy, and their copies' slots (None for none)."""
+
+    pages: int
+    host_runs: tuple
+    at: torch.Tensor | None
+    slots: torch.Tensor | None
+
+
+class DeviceCopies:
+    def __init__(self, slots: int):
+        self.scratch = slots  # the slot of pages without a copy (written, never read)
+        self._slot: dict[int, int] = {}  # host page -> slot
+        self._page: OrderedDict[int, int] = OrderedDict()  # slot -> host page, least recently used first
+        self._free = list(range(slots - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def slot(self, page: int) -> int | None:
+        return self._slot.get(page)
+
+    def plan(self, read: list[int], written: list[int]) -> None:
+        """One step's use: the pages it reads (their copies are recently used and kept through the step) and the
+        pages it writes, which get a slot (their own, a free one, or the least recently used one neither read nor
+        written in the step); those for which none is left get none."""
+        for p in read:
+            if p in self._slot:
+                self._page.move_to_end(self._slot[p])
+        keep = set(read) | set(written)
+        for p in written:
+            if p in self._slot:
+                self._page.move_to_end(self._slot[p])
+                continue
+            s = self._take(keep)
+            if s is None:
+                return
+            self._slot[p], self._page[s] = s, p
+
+    def _take(self, keep: set[int]) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for s, p in self._page.items():
+            if p not in keep:
+                del self._page[s], self._slot[p]
+                return s
+        return None
+
+    def slots_of(self, pages: torch.Tensor) -> torch.Tensor:
+        """The slot of each written page (the scratch where it has none)."""
+        return torch.tensor([self._slot.get(p, self.scratch) for p in pages.tolist()], dtype=torch.long)
+
+    def reads(self, runs: tuple, device) -> PrefixReads:
+        """Split reads of host page runs (first page, index, length) into runs over PCIe and copies on the GPU."""
+        host, at, slots = [], [], []
+        for first, index, count in runs:
+            for j in range(count):
+                page, i = first + j, index + j
+                s = self._slot.get(page)
+                if s is not None:
+                    at.append(i)
+                    slots.append(s)
+                elif host and host[-1][0] + host[-1][2] == page and host[-1][1] + host[-1][2] == i:
+                    host[-1] = (host[-1][0], host[-1][1], host[-1][2] + 1)
+                else:
+                    host.append((page, i, 1))
+        pages = sum(count for _, _, count in runs)
+        if not at:
+            return PrefixReads(pages, tuple(host), None, None)
+        return PrefixReads(pages, tuple(host), *(to_device(torch.tensor(x), device) for x in (at, slots)))
