@@ -74,11 +74,11 @@ def test_shared_prefix_attention_equals_each_row_over_the_whole_prompt(device):
 @pytest.mark.parametrize("prefix", [300, 0])
 def test_shared_prefix_attention_with_own_keys_before_the_queries(device, prefix):
     """Rows whose own keys begin before their queries (a cached partial block: 0, 200 and 37 such keys before 1, 70
-    and 9 queries), after a shared prefix or none."""
+    and 9 queries), after a shared prefix or none; keys and values as tailor passes them, views of [K | V] rows."""
     cu, cu_k = [0, 1, 71, 80], [0, 1, 271, 317]
     q = rand(80, 6, 64, device=device, seed=3)
-    k, v = rand(317, 2, 64, device=device, seed=4), rand(317, 2, 64, device=device, seed=5)
-    pk, pv = rand(prefix, 2, 64, device=device, seed=6), rand(prefix, 2, 64, device=device, seed=7)
+    k, v = rand(317, 2, 128, device=device, seed=4).split(64, -1)
+    pk, pv = rand(prefix, 2, 128, device=device, seed=6).split(64, -1)
     got = shared_prefix_attention(q, k, v, cu, pk, pv, cu_k=cu_k)
     for a, b, c, d in zip(cu[:-1], cu[1:], cu_k[:-1], cu_k[1:]):
         want = brute_force(q[a:b], torch.cat([pk, k[c:d]]), torch.cat([pv, v[c:d]]), prefix + d - c - (b - a))

@@ -1,6 +1,6 @@
-"""Exact attention: causal prefill (SDPA), attention with its log-sum-exp (FlashInfer on CUDA when it imports,
-flashinfer_prefill.py, else the torch reference here, same signature), the merge of partial results, prefill after a
-shared prefix built from them, and the decode reference `grouped_attention`."""
+"""Exact attention: causal prefill (SDPA), attention with its log-sum-exp, the merge of partial results, prefill after
+a shared prefix built from them (these two FlashInfer on CUDA when it imports, flashinfer_prefill.py, else the torch
+references here, same signatures), and the decode reference `grouped_attention`."""
 from __future__ import annotations
 
 import torch
@@ -71,6 +71,9 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     k, v[cu_k[i]:cu_k[i+1]] (cu_k: cu by default), of which the queries are the last. Per row,
     causal_attention(q_i, [prefix | k_i], [prefix | v_i], P + len(k_i) - len(q_i)); but every row's queries attend
     to the prefix in one call, and no row copies it."""
+    fast = _flashinfer(q)
+    if fast is not None:
+        return fast.shared_prefix_attention(q, k, v, cu, prefix_k, prefix_v, sm_scale, cu_k)
     pre, pre_lse = attention_lse(q, prefix_k, prefix_v, sm_scale=sm_scale)
     own, own_lse = torch.empty_like(q), torch.empty_like(pre_lse)
     for a, b, c, d in zip(cu[:-1], cu[1:], (cu_k or cu)[:-1], (cu_k or cu)[1:]):

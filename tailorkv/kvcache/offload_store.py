@@ -224,7 +224,10 @@ class OffloadStore:
         """The k, v of prefix rows read back by read_prefix, with max|K| when asked."""
         kv = rows.transpose(1, 2).reshape(rows.shape[0] * HOST_PAGE, self.h, 2 * self.d)
         k, v = kv[..., : self.d], kv[..., self.d:]
-        return SharedPrefix(k, v, k.float().abs().amax(0) if max_abs else None)
+        if not max_abs:
+            return SharedPrefix(k, v, None)
+        low, high = torch.aminmax(k, dim=0)  # one pass; exact in any dtype
+        return SharedPrefix(k, v, torch.maximum(high, -low).float())
 
     def _sketch(self, layer: int, rows: PromptRows, kp: torch.Tensor) -> None:
         """Quantize the keys of host pages kp [P, H, 256, D] per channel (groups of 64 tokens) into their sketch
