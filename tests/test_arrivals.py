@@ -250,3 +250,53 @@ def test_the_hold_ends_once_the_finished_requests_next_turns_are_in(live_server)
         engine.delay_factor, engine.gather_s = DELAY_FACTOR, 0.5
         del log.record
     assert c_first == d_first and d_first - d_came < 0.7
+
+
+def test_the_hold_after_a_finish_waits_the_clients_turnaround(live_server):
+    """Two users' turns finish in one step and their next turns come 1 s later, twice (the engine learns that
+    turnaround, whatever it estimated before). Then A's user finishes a step before B's and sends its next turn at
+    once (the estimate halves); it waits while B decodes its last token and then, the engine idle, for B's next
+    turn, which comes 0.5 s after B finished: later than the delay (0.35 s) after B's finish, but within it after
+    the turnaround. They prefill in one step."""
+    engine = live_server.async_engine
+    live_server.wait_idle()
+    ids = engine.engine.tokenize
+    log = engine.engine.step_log
+    record = log.record
+
+    def fixed(*args):  # every prefill step counts as 1 s: the delay is delay_factor seconds
+        record(*args)
+        log.prefill_seconds = 1.0
+
+    def turn(text: str, tokens: int):
+        return engine.generate([(ids(text, None), SamplingParams(max_new_tokens=tokens, temperature=0,
+                                                                   ignore_eos=True))])
+
+    async def drain(stream):
+        return [out async for out in stream]
+
+    async def scenario():
+        for n in range(2):
+            both = engine.generate([(ids(f"User {u}'s turn {n}", None),
+                                     SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)) for u in "AB"])
+            await drain(both)
+            await asyncio.sleep(1.0)
+        a, b = turn("A's second turn", 3), turn("B's second turn", 4)  # A ends a step before B
+        await drain(a)
+        a3 = turn("A's third turn", 2)
+        b_end = (await drain(b))[-1].time
+        await asyncio.sleep(max(b_end + 0.5 - time.perf_counter(), 0))
+        b3_came = time.perf_counter()
+        b3 = turn("B's third turn", 2)
+        firsts = [(await anext(a3)).time, (await anext(b3)).time]
+        await drain(a3)
+        await drain(b3)
+        return firsts, b3_came
+
+    engine.delay_factor, engine.gather_s, log.record = DELAY_FACTOR, 5.0, fixed
+    try:
+        (a_first, b_first), b3_came = asyncio.run(scenario())
+    finally:
+        engine.gather_s = 0.5
+        del log.record
+    assert a_first == b_first > b3_came

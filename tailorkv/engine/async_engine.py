@@ -12,9 +12,10 @@ only prefill is held back, `gather_s` at most:
   the engine found it could step; requests that begin arriving later do not prolong this, so a steady stream of
   them never holds a step for long;
 - and until `delay_factor` x the last prefill step's time has passed since the latest request began arriving or
-  was submitted, or finished: the requests of one burst arrive a few ms apart, and a chat's users send their next
-  turns as their answers end. Once as many requests have come since the latest finish as finished then, and none
-  is arriving, those next turns are all in: the hold ends.
+  was submitted, or since the latest finish plus the clients' turnaround (how long the first request after a
+  finish took to come, averaged): the requests of one burst arrive a few ms apart, and a chat's users send their
+  next turns as their answers end, after their clients' turnaround. Once as many requests have come since the
+  latest finish as finished then, and none is arriving, those next turns are all in: the hold ends.
 While requests decode, a waiting request joins their steps only once it has waited `delay_factor` x the last
 prefill step's time, as vLLM's `--scheduler-delay-factor` does: the first of a burst that comes as the running
 requests finish (a chat's user one token ahead of the others) then waits for the rest instead of being prefilled
@@ -109,6 +110,7 @@ class AsyncEngine:
         self._last_arrival = 0.0  # when the latest request began arriving or was submitted (_mu)
         self._last_finish = 0.0  # when the engine thread last handed out a finished request
         self._finished = 0  # how many requests finished then
+        self._turnaround: float | None = None  # how long clients take to send a request after others finish (_mu)
         self._held_since: float | None = None  # when the engine thread began holding a step for them
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
@@ -142,7 +144,7 @@ class AsyncEngine:
     def _submit(self, batch, loop, queue) -> list[Request]:
         reqs: list[Request] = []
         with self._mu:
-            self._last_arrival = time.perf_counter()
+            self._arrived(time.perf_counter())
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
             try:
@@ -164,7 +166,7 @@ class AsyncEngine:
         `done`, which ends the arrival before the context does (once the request is submitted)."""
         key = object()
         with self._mu:
-            self._arriving[key] = self._last_arrival = time.perf_counter()
+            self._arriving[key] = self._arrived(time.perf_counter())
 
         def done() -> None:
             with self._mu:
@@ -176,6 +178,15 @@ class AsyncEngine:
             yield done
         finally:
             done()
+
+    def _arrived(self, now: float) -> float:
+        """A request begins arriving (or is submitted) at `now` (_mu held). The first since the latest finish times
+        the clients' turnaround: the mean of this time and the last estimate, at most gather_s."""
+        if self._finished and self._last_arrival < self._last_finish:
+            took = now - self._last_finish
+            self._turnaround = min(took if self._turnaround is None else (self._turnaround + took) / 2, self.gather_s)
+        self._last_arrival = now
+        return now
 
     def abort(self, rid: int, message: str = "client disconnected") -> None:
         """Stop a request: it produces no further Output, and its pages are freed before the next step."""
@@ -226,7 +237,7 @@ class AsyncEngine:
             self._held_since = now
         with self._mu:
             burst = any(began <= self._held_since for began in self._arriving.values())
-            latest = max(self._last_arrival, self._last_finish)
+            latest = max(self._last_arrival, self._last_finish + (self._turnaround or 0.0))
             lull = latest + self.delay_factor * self.engine.step_log.prefill_seconds - now
             if self._finished and not self._arriving and sum(
                     s.queued_at > self._last_finish for s in self.engine.scheduler.waiting) >= self._finished:
