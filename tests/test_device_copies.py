@@ -11,7 +11,7 @@ def test_written_pages_take_slots_and_the_least_recently_used_unneeded_copy_goes
     c = DeviceCopies(3)
     c.plan([], [10, 11])
     c.plan([10], [12, 13])  # 10 is read (kept and used most recently); 13 takes 11's slot
-    assert c.slot(11) is None and len(c) == 3 and len({c.slot(p) for p in (10, 12, 13)}) == 3
+    assert c.slot(11) is None and c.num_pages == 3 and len({c.slot(p) for p in (10, 12, 13)}) == 3
     s12 = c.slot(12)
     c.plan([10, 12, 13], [14, 12])  # every copy is needed in this step: 14 gets none, 12 (written again) keeps its
     assert c.slot(14) is None and c.slot(12) == s12

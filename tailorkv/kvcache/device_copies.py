@@ -36,7 +36,9 @@ class DeviceCopies:
         self._page: OrderedDict[int, int] = OrderedDict()  # slot -> host page, least recently used first
         self._free = list(range(slots - 1, -1, -1))
 
-    def __len__(self) -> int:
+    @property
+    def num_pages(self) -> int:
+        """Host pages with a copy."""
         return len(self._slot)
 
     def slot(self, page: int) -> int | None:

@@ -13,6 +13,7 @@ from .device_copies import DeviceCopies, PrefixReads
 from .staging import to_device
 
 HOST_PAGE = 256  # tokens per host-tier page
+NO_COPIES = DeviceCopies(0)  # no page has a GPU copy
 
 
 def prompt_span(begin: int, end: int, start: int, before: torch.Tensor | None,
@@ -63,8 +64,8 @@ class PromptRows(NamedTuple):
         pages = [torch.cat([st.host_pages_cpu[p0:] for st in states]),
                  torch.cat([st.sketch_pages_cpu[p0:] for st in states])]
         offsets = torch.tensor([0] + new[:-1]).cumsum(0)[:, None]
-        copy_slots = copies.slots_of(pages[0]) if copies else torch.zeros(pages[0].shape, dtype=torch.long)
-        tensors = (torch.cat(page_src), *pages, copy_slots, torch.tensor([st.slot for st in states]),
+        tensors = (torch.cat(page_src), *pages, (NO_COPIES if copies is None else copies).slots_of(pages[0]),
+                   torch.tensor([st.slot for st in states]),
                    torch.where(from_pre, 0, pos - start + offsets), torch.where(from_pre, pos, 0), from_pre,
                    torch.cat(row_of))
         return cls(*(to_device(x, device) for x in tensors))
@@ -110,7 +111,6 @@ class PrefillGroup(NamedTuple):
                 t += 1
             ext.append(torch.arange(cu[i], cu[i] + n))
         prompt = PromptRows.build(states, lens, start, window, device, copies) if states else None
-        reads = copies.reads(reads, device) if copies else PrefixReads(sum(n for *_, n in reads), tuple(reads), None,
-                                                                       None)
+        reads = (NO_COPIES if copies is None else copies).reads(reads, device)
         return cls(sel, start, lens, cu, list(itertools.accumulate(lens, initial=0)),
                    to_device(torch.cat(ext), device) if t else None, reads, prompt)
