@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 30000
 
-.PHONY: setup serve generate test bench-accuracy clean
+.PHONY: setup serve generate test lint bench-accuracy clean
 
 $(BIN)/tailorkv: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ generate: setup
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ windows of `--ppl-window` essay tokens; the first part is the prompt, the last `
 teacher-forced one decode step at a time through the policy (so decode-time compression is what is measured).
 Writes a list of rows {policy, preset, task, length, samples, score} to --output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,18 @@ def engine_for(spec: str, args) -> Engine:
     name, opts = engine_options(spec)
     if name == "tailor" and args.host_on_device:
         opts["host_on_device"] = True
-    return Engine(model=args.model, kv_policy=name, device=args.device, dtype=args.dtype, progress=False,
-                  max_running_requests=args.batch, host_kv_gib=args.host_kv_gib,
-                  chunked_prefill_size=args.chunk, kv_cache_gib=args.kv_cache_gib, **opts)
+    return Engine(
+        model=args.model,
+        kv_policy=name,
+        device=args.device,
+        dtype=args.dtype,
+        progress=False,
+        max_running_requests=args.batch,
+        host_kv_gib=args.host_kv_gib,
+        chunked_prefill_size=args.chunk,
+        kv_cache_gib=args.kv_cache_gib,
+        **opts,
+    )
 
 
 def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
@@ -44,12 +54,22 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
         for task in args.tasks:
             # room for the answer: the prompt is sized so prompt + answer fits in `length`
             samples = generate(task, length - 128, args.samples, args.seed, count)
-            outs = engine.generate([s.prompt for s in samples],
-                                   sampling_params=[{"max_new_tokens": s.max_new_tokens, "temperature": 0}
-                                                    for s in samples])
+            outs = engine.generate(
+                [s.prompt for s in samples],
+                sampling_params=[
+                    {"max_new_tokens": s.max_new_tokens, "temperature": 0} for s in samples
+                ],
+            )
             value = sum(score(s, o["text"]) for s, o in zip(samples, outs)) / len(samples)
-            rows.append({**identity(spec), "task": task, "length": length, "samples": len(samples),
-                         "score": round(100 * value, 2)})
+            rows.append(
+                {
+                    **identity(spec),
+                    "task": task,
+                    "length": length,
+                    "samples": len(samples),
+                    "score": round(100 * value, 2),
+                }
+            )
             bar.update(1)
             bar.set_postfix_str(f"{spec} {task}@{length}: {100 * value:.1f}")
     return rows
@@ -58,17 +78,27 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
 def run_perplexity(engine: Engine, spec: str, args) -> dict:
     ids = engine.tokenizer.encode(load_essays()[: args.ppl_window * 6 * args.ppl_windows])
     w, t = args.ppl_window, args.ppl_tokens
-    windows = [ids[i * w:(i + 1) * w] for i in range(args.ppl_windows) if len(ids) >= (i + 1) * w]
-    logprobs = engine.score([x[: w - t] for x in windows], [x[w - t:] for x in windows])
+    windows = [ids[i * w : (i + 1) * w] for i in range(args.ppl_windows) if len(ids) >= (i + 1) * w]
+    logprobs = engine.score([x[: w - t] for x in windows], [x[w - t :] for x in windows])
     nll = -sum(sum(lp) for lp in logprobs) / sum(len(lp) for lp in logprobs)
-    return {**identity(spec), "task": "ppl", "length": w, "samples": len(windows), "score": round(math.exp(nll), 3)}
+    return {
+        **identity(spec),
+        "task": "ppl",
+        "length": w,
+        "samples": len(windows),
+        "score": round(math.exp(nll), 3),
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     specs = list(dict.fromkeys(label(r) for r in rows))
     cols = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
     at = {(label(r), r["task"], r["length"]): r["score"] for r in rows}
-    head = ["policy"] + [f"{t}@{n // 1024}k" if n >= 1024 else f"{t}@{n}" for t, n in cols] + ["avg (tasks)"]
+    head = (
+        ["policy"]
+        + [f"{t}@{n // 1024}k" if n >= 1024 else f"{t}@{n}" for t, n in cols]
+        + ["avg (tasks)"]
+    )
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for s in specs:
@@ -79,10 +109,16 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", default="full,tailor:longbench,tailor:ruler,kivi,streaming:ruler,quest:ruler")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--policies", default="full,tailor:longbench,tailor:ruler,kivi,streaming:ruler,quest:ruler"
+    )
     p.add_argument("--lengths", default="4096,8192")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma list, or 'none' (perplexity only)")
+    p.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma list, or 'none' (perplexity only)"
+    )
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None)
@@ -90,20 +126,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--dtype", default=None)
     p.add_argument("--batch", type=int, default=64, help="max running requests")
     p.add_argument("--host-kv-gib", type=float, default=8.0)
-    p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier budget (default: most of the GPU)")
-    p.add_argument("--host-on-device", action="store_true",
-                   help="tailor: keep the host tier in GPU memory (same math, no PCIe; for accuracy runs)")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="GPU-tier budget (default: most of the GPU)",
+    )
+    p.add_argument(
+        "--host-on-device",
+        action="store_true",
+        help="tailor: keep the host tier in GPU memory (same math, no PCIe; for accuracy runs)",
+    )
     p.add_argument("--chunk", type=int, default=8192, help="chunked prefill size (tokens per step)")
-    p.add_argument("--ppl-windows", type=int, default=0, help="essay windows for perplexity (0 = skip)")
+    p.add_argument(
+        "--ppl-windows", type=int, default=0, help="essay windows for perplexity (0 = skip)"
+    )
     p.add_argument("--ppl-window", type=int, default=8192)
-    p.add_argument("--ppl-tokens", type=int, default=4096, help="scored tokens at the end of each window")
+    p.add_argument(
+        "--ppl-tokens", type=int, default=4096, help="scored tokens at the end of each window"
+    )
     p.add_argument("--output", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.tasks = [t for t in args.tasks.split(",") if t and t != "none"]
     specs = args.policies.split(",")
     rows = []
-    bar = tqdm(total=len(specs) * len(args.lengths) * len(args.tasks) or None, desc="accuracy", unit="cell")
+    bar = tqdm(
+        total=len(specs) * len(args.lengths) * len(args.tasks) or None, desc="accuracy", unit="cell"
+    )
     for spec in specs:
         t0 = time.time()
         with engine_for(spec, args) as engine:

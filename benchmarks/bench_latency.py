@@ -11,6 +11,7 @@ measured bandwidths (../shared/gpu/FACTS.md): weights and GPU-resident KV at 3.0
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
 gpu_kv_bytes, host_kv_bytes, floor_ms} to --output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,9 @@ def measure(engine: Engine, context: int, args) -> dict:
     gen = torch.Generator().manual_seed(context)
     reqs = []
     new = args.warmup + args.steps + args.profile_steps + 2
-    for _ in range(args.batch):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
+    for _ in range(
+        args.batch
+    ):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
         ids = torch.randint(100, 40000, (context - new,), generator=gen).tolist()
         sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
         reqs.append(engine.add_request(ids, SamplingParams.from_any(sp)))
@@ -88,30 +91,46 @@ def measure(engine: Engine, context: int, args) -> dict:
         engine.abort(r.rid)
     gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
     floor = floor_ms(engine, context, args.batch, gpu_kv)
-    return {**identity(args.current), "context": context, "batch": args.batch,
-            "gpu_memory_limit_gib": args.gpu_memory_limit, "ms_per_token": round(1e3 * statistics.median(times), 2),
-            "prefill_s": round(prefill, 3),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else None,
-            "gpu_kv_bytes": gpu_kv, "host_kv_bytes": host_kv, "floor_ms": round(floor, 2)}
+    return {
+        **identity(args.current),
+        "context": context,
+        "batch": args.batch,
+        "gpu_memory_limit_gib": args.gpu_memory_limit,
+        "ms_per_token": round(1e3 * statistics.median(times), 2),
+        "prefill_s": round(prefill, 3),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated()
+        if engine.device.type == "cuda"
+        else None,
+        "gpu_kv_bytes": gpu_kv,
+        "host_kv_bytes": host_kv,
+        "floor_ms": round(floor, 2),
+    }
 
 
 def profile(engine: Engine, context: int, args) -> None:
     """The per-kernel time breakdown of a few decode steps (torch.profiler), written beside the JSON rows."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                    if engine.device.type == "cuda" else [])
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if engine.device.type == "cuda" else []
+    )
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(args.profile_steps):
             engine.step()
         sync(engine)
     key = "cuda_time_total" if engine.device.type == "cuda" else "cpu_time_total"
     path = f"{os.path.splitext(args.output)[0]}_{args.current.replace(':', '-').replace('=', '')}_{context}.prof.txt"
-    with open(path, "w") as f:  # the device's time per kernel, then the host's per op (launches, Python work)
+    with open(
+        path, "w"
+    ) as f:  # the device's time per kernel, then the host's per op (launches, Python work)
         for by in dict.fromkeys((key, "cpu_time_total")):
-            f.write(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60) + "\n")
+            f.write(
+                prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60) + "\n"
+            )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="dummy:llama-3.1-8b")
     p.add_argument("--policies", default="full,tailor:longbench,tailor:ruler,offload,kivi")
     p.add_argument("--contexts", default="16384,32768,65536,131072")
@@ -123,27 +142,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--host-kv-gib", type=float, default=32.0)
     p.add_argument("--output", default="benchmarks/results/latency.json")
-    p.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps per row")
+    p.add_argument(
+        "--profile-steps", type=int, default=0, help="profile this many extra steps per row"
+    )
     args = p.parse_args(argv)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     contexts = [int(x) for x in args.contexts.split(",")]
     rows = []
-    print(f"{'policy':<30} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'prefill s':>9} "
-          f"{'peak GPU GiB':>12} {'GPU KV MiB':>10} {'host KV MiB':>11}", flush=True)
+    print(
+        f"{'policy':<30} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'prefill s':>9} "
+        f"{'peak GPU GiB':>12} {'GPU KV MiB':>10} {'host KV MiB':>11}",
+        flush=True,
+    )
     for spec in args.policies.split(","):
         args.current = spec
         name, opts = engine_options(spec)
-        engine = Engine(model=args.model, kv_policy=name, device=args.device, progress=False,
-                        max_running_requests=max(args.batch, 1), chunked_prefill_size=max(contexts) * args.batch,
-                        kv_cache_gib=args.kv_cache_gib, host_kv_gib=args.host_kv_gib,
-                        gpu_memory_limit_gib=args.gpu_memory_limit, **opts)
+        engine = Engine(
+            model=args.model,
+            kv_policy=name,
+            device=args.device,
+            progress=False,
+            max_running_requests=max(args.batch, 1),
+            chunked_prefill_size=max(contexts) * args.batch,
+            kv_cache_gib=args.kv_cache_gib,
+            host_kv_gib=args.host_kv_gib,
+            gpu_memory_limit_gib=args.gpu_memory_limit,
+            **opts,
+        )
         for context in contexts:
             row = measure(engine, context, args)
             rows.append(row)
             peak = (row["peak_gpu_bytes"] or 0) / 2**30
-            print(f"{spec:<30} {context:>8} {row['ms_per_token']:>9.2f} {row['floor_ms']:>9.2f} "
-                  f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
-                  f"{row['host_kv_bytes'] / 2**20:>11.0f}", flush=True)
+            print(
+                f"{spec:<30} {context:>8} {row['ms_per_token']:>9.2f} {row['floor_ms']:>9.2f} "
+                f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
+                f"{row['host_kv_bytes'] / 2**20:>11.0f}",
+                flush=True,
+            )
             with open(args.output, "w") as f:
                 json.dump(rows, f, indent=1)
         engine.shutdown()

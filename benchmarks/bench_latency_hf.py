@@ -7,6 +7,7 @@ The model is this engine's loader's (so `dummy:` weights are bit-identical to th
 transformers' LlamaForCausalLM. Rows use bench_latency's schema (policy `hf-dynamic` / `hf-offloaded`) and are
 appended to --output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ def hf_model(name: str):
     import transformers
 
     ours, _ = load_model(name, torch.device("cuda"), torch.bfloat16, progress=False)
-    cfg = transformers.LlamaConfig(**{k: v for k, v in ours.config.to_hf().items() if k != "architectures"})
+    cfg = transformers.LlamaConfig(
+        **{k: v for k, v in ours.config.to_hf().items() if k != "architectures"}
+    )
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(cfg)
@@ -50,8 +53,13 @@ def make_cache(kind: str):
 
 @torch.inference_mode()
 def measure(model, kind: str, context: int, args) -> dict:
-    ids = torch.randint(100, 40000, (1, context - args.steps - args.warmup), device="cuda",
-                        generator=torch.Generator(device="cuda").manual_seed(context))
+    ids = torch.randint(
+        100,
+        40000,
+        (1, context - args.steps - args.warmup),
+        device="cuda",
+        generator=torch.Generator(device="cuda").manual_seed(context),
+    )
     cache = make_cache(kind)
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
@@ -68,17 +76,35 @@ def measure(model, kind: str, context: int, args) -> dict:
         torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-    kv = sum(x.numel() * x.element_size() for layer in cache.layers for x in (layer.keys, layer.values)) \
-        if hasattr(cache, "layers") else None
+    kv = (
+        sum(
+            x.numel() * x.element_size()
+            for layer in cache.layers
+            for x in (layer.keys, layer.values)
+        )
+        if hasattr(cache, "layers")
+        else None
+    )
     on_gpu = kind == "hf-dynamic"
-    return {"policy": kind, "preset": None, "context": context, "batch": 1, "gpu_memory_limit_gib": None,
-            "ms_per_token": round(1e3 * statistics.median(times), 2), "prefill_s": round(prefill, 3),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated(), "gpu_kv_bytes": kv if on_gpu else None,
-            "host_kv_bytes": None if on_gpu else kv, "floor_ms": None}
+    return {
+        "policy": kind,
+        "preset": None,
+        "context": context,
+        "batch": 1,
+        "gpu_memory_limit_gib": None,
+        "ms_per_token": round(1e3 * statistics.median(times), 2),
+        "prefill_s": round(prefill, 3),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+        "gpu_kv_bytes": kv if on_gpu else None,
+        "host_kv_bytes": None if on_gpu else kv,
+        "floor_ms": None,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="dummy:llama-3.1-8b")
     p.add_argument("--caches", default="hf-dynamic,hf-offloaded")
     p.add_argument("--contexts", default="16384,32768,65536,131072")
@@ -88,17 +114,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     model, _ = hf_model(args.model)
     rows = json.load(open(args.output)) if os.path.exists(args.output) else []
-    print(f"{'cache':<14} {'context':>8} {'ms/token':>9} {'prefill s':>9} {'peak GPU GiB':>12}", flush=True)
+    print(
+        f"{'cache':<14} {'context':>8} {'ms/token':>9} {'prefill s':>9} {'peak GPU GiB':>12}",
+        flush=True,
+    )
     for kind in args.caches.split(","):
         for context in (int(x) for x in args.contexts.split(",")):
             try:
                 row = measure(model, kind, context, args)
             except torch.OutOfMemoryError:
-                row = {"policy": kind, "context": context, "batch": 1, "ms_per_token": None, "error": "OOM"}
+                row = {
+                    "policy": kind,
+                    "context": context,
+                    "batch": 1,
+                    "ms_per_token": None,
+                    "error": "OOM",
+                }
             torch.cuda.empty_cache()
             rows.append(row)
-            print(f"{kind:<14} {context:>8} {row['ms_per_token'] or 'OOM':>9} {row.get('prefill_s') or '-':>9} "
-                  f"{(row.get('peak_gpu_bytes') or 0) / 2**30:>12.1f}", flush=True)
+            print(
+                f"{kind:<14} {context:>8} {row['ms_per_token'] or 'OOM':>9} {row.get('prefill_s') or '-':>9} "
+                f"{(row.get('peak_gpu_bytes') or 0) / 2**30:>12.1f}",
+                flush=True,
+            )
             os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump(rows, f, indent=1)

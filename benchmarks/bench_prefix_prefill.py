@@ -10,6 +10,7 @@ document and `--new-tokens` new random tokens each, in one step (one output toke
 own for the step (StepLog.prefill_seconds: from the step's start to its tokens sampled). Prints a table, writes rows
 {copies, copy_pages, doc_tokens, rows, new_tokens, cached_tokens, step_ms, step_ms_all}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,22 +32,41 @@ def run(args, copies: float | None) -> list[dict]:
         return [rng.randrange(1000, 30000) for _ in range(n)]
 
     doc, out = tokens(args.doc_tokens), []
-    with Engine(model=args.model, kv_policy="tailor", device=args.device, gpu_memory_limit_gib=args.gpu_memory_limit,
-                host_kv_gib=args.host_kv_gib, chunked_prefill_size=args.doc_tokens + 1024, prefix_gpu_gib=copies,
-                progress=False) as e:
-        e.generate(input_ids=[doc + tokens(args.new_tokens)], sampling_params=GREEDY)  # the document, cached
+    with Engine(
+        model=args.model,
+        kv_policy="tailor",
+        device=args.device,
+        gpu_memory_limit_gib=args.gpu_memory_limit,
+        host_kv_gib=args.host_kv_gib,
+        chunked_prefill_size=args.doc_tokens + 1024,
+        prefix_gpu_gib=copies,
+        progress=False,
+    ) as e:
+        e.generate(
+            input_ids=[doc + tokens(args.new_tokens)], sampling_params=GREEDY
+        )  # the document, cached
         spec = e.memory.specs.get("copies")
         for rows in args.rows:
             times, cached = [], []
             for _ in range(args.repeats):
-                done = e.generate(input_ids=[doc + tokens(args.new_tokens) for _ in range(rows)],
-                                  sampling_params=GREEDY)
+                done = e.generate(
+                    input_ids=[doc + tokens(args.new_tokens) for _ in range(rows)],
+                    sampling_params=GREEDY,
+                )
                 times.append(e.step_log.prefill_seconds * 1e3)
                 cached += [r["meta_info"]["cached_tokens"] for r in done]
-            out.append({"copies": "auto" if copies is None else copies, "copy_pages": spec.num_pages if spec else 0,
-                        "doc_tokens": args.doc_tokens, "rows": rows, "new_tokens": args.new_tokens,
-                        "cached_tokens": min(cached), "step_ms": sorted(times)[len(times) // 2],
-                        "step_ms_all": [round(t, 1) for t in times]})
+            out.append(
+                {
+                    "copies": "auto" if copies is None else copies,
+                    "copy_pages": spec.num_pages if spec else 0,
+                    "doc_tokens": args.doc_tokens,
+                    "rows": rows,
+                    "new_tokens": args.new_tokens,
+                    "cached_tokens": min(cached),
+                    "step_ms": sorted(times)[len(times) // 2],
+                    "step_ms_all": [round(t, 1) for t in times],
+                }
+            )
     del e
     gc.collect()
     if torch.cuda.is_available():
@@ -55,14 +75,22 @@ def run(args, copies: float | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="default: the embedded model")
     p.add_argument("--device", default=None)
     p.add_argument("--doc-tokens", type=int, default=64000)
-    p.add_argument("--new-tokens", type=int, default=70, help="per row: a chat's last answer and new question")
+    p.add_argument(
+        "--new-tokens", type=int, default=70, help="per row: a chat's last answer and new question"
+    )
     p.add_argument("--rows", default="1,4,16")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--copies", default="auto,0", help="--prefix-gpu-gib settings: auto (the default) and/or GiB")
+    p.add_argument(
+        "--copies",
+        default="auto,0",
+        help="--prefix-gpu-gib settings: auto (the default) and/or GiB",
+    )
     p.add_argument("--gpu-memory-limit", type=float, default=80)
     p.add_argument("--host-kv-gib", type=float, default=80)
     p.add_argument("--output", default="benchmarks/results/prefix_prefill.json")
@@ -72,7 +100,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'copies':>6} {'pages':>6} {'rows':>5} {'cached':>7} {'step ms':>8}")
     for c in args.copies.split(","):
         for r in run(args, None if c == "auto" else float(c)):
-            print(f"{r['copies']:>6} {r['copy_pages']:>6} {r['rows']:>5} {r['cached_tokens']:>7} {r['step_ms']:>8.1f}")
+            print(
+                f"{r['copies']:>6} {r['copy_pages']:>6} {r['rows']:>5} {r['cached_tokens']:>7} {r['step_ms']:>8.1f}"
+            )
             rows.append(r)
     with open(args.output, "w") as f:
         json.dump(rows, f, indent=1)

@@ -11,6 +11,7 @@ Streams every request and measures TTFT, TPOT (per request: (latency - TTFT) / (
       --random-input-len 1024 --random-output-len 128 --max-concurrency 16
   python -m benchmarks.bench_serving --dataset doc-chat --doc-tokens 32000 --users 8 --turns 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 import httpx
 
 # Common English words, each about one token: filler text of a predictable length for any tokenizer.
-WORDS = ("the of and to in is was for on that with as by at from his her they this which have had not are but "
-         "were one all their there been has when who will more would time can said only new some could people "
-         "these two may first then do any like other than now its over such into most years after made world "
-         "state water house city river power music light story night field market early school family group "
-         "small large public found under where while since between against during without before through").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her they this which have had not are but "
+    "were one all their there been has when who will more would time can said only new some could people "
+    "these two may first then do any like other than now its over such into most years after made world "
+    "state water house city river power music light story night field market early school family group "
+    "small large public found under where while since between against during without before through"
+).split()
 
 
 @dataclass
@@ -48,32 +51,54 @@ class Result:
     output_tokens: int = 0
     text: str = ""
     ttft: float = 0.0
-    queue: float | None = None  # the server's meta_info queue_time: arrival to admission (generate backend)
+    queue: float | None = (
+        None  # the server's meta_info queue_time: arrival to admission (generate backend)
+    )
     cached: int | None = None  # meta_info cached_tokens: prompt tokens taken from the prefix cache
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
 
     @property
     def tpot(self) -> float | None:
-        return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+        return (
+            (self.latency - self.ttft) / (self.output_tokens - 1)
+            if self.output_tokens > 1
+            else None
+        )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
-    p.add_argument("--backend", choices=["generate", "completions"], default="generate",
-                   help="POST /generate (SGLang) or /v1/completions (OpenAI)")
+    p.add_argument(
+        "--backend",
+        choices=["generate", "completions"],
+        default="generate",
+        help="POST /generate (SGLang) or /v1/completions (OpenAI)",
+    )
     p.add_argument("--model", default="default", help="model name sent to /v1/completions")
     p.add_argument("--api-key", default=None)
     p.add_argument("--dataset", choices=["random", "doc-chat"], default="random")
     p.add_argument("--num-prompts", type=int, default=100, help="random: number of requests")
     p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=128, help="also the answer length of doc-chat")
-    p.add_argument("--doc-tokens", type=int, default=8000, help="doc-chat: length of the shared document")
+    p.add_argument(
+        "--random-output-len", type=int, default=128, help="also the answer length of doc-chat"
+    )
+    p.add_argument(
+        "--doc-tokens", type=int, default=8000, help="doc-chat: length of the shared document"
+    )
     p.add_argument("--users", type=int, default=4, help="doc-chat: concurrent users")
-    p.add_argument("--turns", type=int, default=3, help="doc-chat: questions per user, asked in sequence")
-    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests (doc-chat: users) per s")
-    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument(
+        "--turns", type=int, default=3, help="doc-chat: questions per user, asked in sequence"
+    )
+    p.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="requests (doc-chat: users) per s"
+    )
+    p.add_argument(
+        "--max-concurrency", type=int, default=None, help="at most this many requests in flight"
+    )
     p.add_argument("--disable-ignore-eos", action="store_true", help="let requests stop at EOS")
     p.add_argument("--warmup-requests", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -96,17 +121,38 @@ class Client:
         ignore_eos = not a.disable_ignore_eos
         if a.backend == "generate":
             key = "input_ids" if isinstance(job.prompt, list) else "text"
-            path, body = "/generate", {key: job.prompt, "stream": True, "sampling_params": {
-                "max_new_tokens": job.output_len, "temperature": 0, "ignore_eos": ignore_eos}}
+            path, body = (
+                "/generate",
+                {
+                    key: job.prompt,
+                    "stream": True,
+                    "sampling_params": {
+                        "max_new_tokens": job.output_len,
+                        "temperature": 0,
+                        "ignore_eos": ignore_eos,
+                    },
+                },
+            )
         else:
-            path, body = "/v1/completions", {"model": a.model, "prompt": job.prompt, "max_tokens": job.output_len,
-                                             "temperature": 0, "ignore_eos": ignore_eos, "stream": True,
-                                             "stream_options": {"include_usage": True}}
+            path, body = (
+                "/v1/completions",
+                {
+                    "model": a.model,
+                    "prompt": job.prompt,
+                    "max_tokens": job.output_len,
+                    "temperature": 0,
+                    "ignore_eos": ignore_eos,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            )
         start = last = time.perf_counter()
         try:
             async with self.http.stream("POST", path, json=body) as r:
                 if r.status_code != 200:
-                    res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                    res.error = (
+                        f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                    )
                     return res
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -131,13 +177,18 @@ class Client:
         """Take a stream chunk into `res`; True when it carried generated output (a timing point)."""
         if self.args.backend == "generate":
             meta = chunk["meta_info"]
-            res.text, res.prompt_tokens, res.output_tokens = chunk["text"], meta["prompt_tokens"], \
-                meta["completion_tokens"]
+            res.text, res.prompt_tokens, res.output_tokens = (
+                chunk["text"],
+                meta["prompt_tokens"],
+                meta["completion_tokens"],
+            )
             res.queue, res.cached = meta.get("queue_time"), meta.get("cached_tokens")
             return True
         if chunk.get("usage"):
-            res.prompt_tokens, res.output_tokens = chunk["usage"]["prompt_tokens"], \
-                chunk["usage"]["completion_tokens"]
+            res.prompt_tokens, res.output_tokens = (
+                chunk["usage"]["prompt_tokens"],
+                chunk["usage"]["completion_tokens"],
+            )
         if not chunk["choices"]:
             return False
         res.text += chunk["choices"][0]["text"]
@@ -152,7 +203,9 @@ async def arrivals(rate: float, rng: random.Random):
             await asyncio.sleep(rng.expovariate(rate))
 
 
-async def bench(args: argparse.Namespace, http: httpx.AsyncClient, vocab_size: int) -> tuple[list[Result], float]:
+async def bench(
+    args: argparse.Namespace, http: httpx.AsyncClient, vocab_size: int
+) -> tuple[list[Result], float]:
     rng = random.Random(args.seed)
     client = Client(args, http)
     limit = asyncio.Semaphore(args.max_concurrency or 1 << 30)
@@ -169,8 +222,11 @@ async def bench(args: argparse.Namespace, http: httpx.AsyncClient, vocab_size: i
         ticks = arrivals(args.request_rate, rng)
         for _ in range(args.num_prompts):
             await anext(ticks)
-            prompt = ([rng.randrange(100, vocab_size) for _ in range(args.random_input_len)]
-                      if args.backend == "generate" else words(rng, args.random_input_len))
+            prompt = (
+                [rng.randrange(100, vocab_size) for _ in range(args.random_input_len)]
+                if args.backend == "generate"
+                else words(rng, args.random_input_len)
+            )
             tasks.append(asyncio.create_task(limited(Job(prompt, args.random_output_len))))
         results = list(await asyncio.gather(*tasks))
     else:
@@ -180,7 +236,9 @@ async def bench(args: argparse.Namespace, http: httpx.AsyncClient, vocab_size: i
             history, out = "", []
             for t in range(args.turns):
                 question = f"\n\nQuestion {t + 1} of user {u}: what does the text say about {rng.choice(WORDS)}?\n"
-                res = await limited(Job(document + history + question + "Answer:", args.random_output_len, u, t))
+                res = await limited(
+                    Job(document + history + question + "Answer:", args.random_output_len, u, t)
+                )
                 out.append(res)
                 history += question + "Answer:" + res.text
             return out
@@ -193,33 +251,55 @@ async def bench(args: argparse.Namespace, http: httpx.AsyncClient, vocab_size: i
     return results, time.perf_counter() - start
 
 
-def summarize(args: argparse.Namespace, policy: str, results: list[Result], duration: float) -> dict:
+def summarize(
+    args: argparse.Namespace, policy: str, results: list[Result], duration: float
+) -> dict:
     ok = [r for r in results if r.ok]
 
     def stats(name: str, values: list[float]) -> dict:
         v = sorted(values) or [float("nan")]
-        return {f"{name}_mean": statistics.fmean(v), f"{name}_median": statistics.median(v),
-                f"{name}_p99": v[min(len(v) - 1, int(0.99 * len(v)))]}
+        return {
+            f"{name}_mean": statistics.fmean(v),
+            f"{name}_median": statistics.median(v),
+            f"{name}_p99": v[min(len(v) - 1, int(0.99 * len(v)))],
+        }
 
-    row = {"backend": args.backend, "dataset": args.dataset, "policy": policy,
-           "context": statistics.fmean([r.prompt_tokens for r in ok]) if ok else 0,
-           "concurrency": args.max_concurrency or (args.users if args.dataset == "doc-chat" else args.num_prompts),
-           "request_rate": args.request_rate, "requests": len(results), "completed": len(ok),
-           "failed": len(results) - len(ok), "duration_s": duration,
-           "request_per_s": len(ok) / duration,
-           "input_tok_per_s": sum(r.prompt_tokens for r in ok) / duration,
-           "output_tok_per_s": sum(r.output_tokens for r in ok) / duration,
-           "mean_concurrency": sum(r.latency for r in ok) / duration,
-           **stats("ttft_s", [r.ttft for r in ok]),
-           **stats("tpot_s", [r.tpot for r in ok if r.tpot is not None]),
-           **stats("itl_s", [x for r in ok for x in r.itl]),
-           **stats("e2e_s", [r.latency for r in ok])}
+    row = {
+        "backend": args.backend,
+        "dataset": args.dataset,
+        "policy": policy,
+        "context": statistics.fmean([r.prompt_tokens for r in ok]) if ok else 0,
+        "concurrency": args.max_concurrency
+        or (args.users if args.dataset == "doc-chat" else args.num_prompts),
+        "request_rate": args.request_rate,
+        "requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "request_per_s": len(ok) / duration,
+        "input_tok_per_s": sum(r.prompt_tokens for r in ok) / duration,
+        "output_tok_per_s": sum(r.output_tokens for r in ok) / duration,
+        "mean_concurrency": sum(r.latency for r in ok) / duration,
+        **stats("ttft_s", [r.ttft for r in ok]),
+        **stats("tpot_s", [r.tpot for r in ok if r.tpot is not None]),
+        **stats("itl_s", [x for r in ok for x in r.itl]),
+        **stats("e2e_s", [r.latency for r in ok]),
+    }
     if args.dataset == "doc-chat":
+
         def per_turn(of):
-            return [statistics.median([x for r in ok if r.job.turn == t and (x := of(r)) is not None] or [float("nan")])
-                    for t in range(args.turns)]
+            return [
+                statistics.median(
+                    [x for r in ok if r.job.turn == t and (x := of(r)) is not None]
+                    or [float("nan")]
+                )
+                for t in range(args.turns)
+            ]
+
         row["turn_ttft_s_median"] = per_turn(lambda r: r.ttft)
-        row["turn_queue_s_median"] = per_turn(lambda r: r.queue)  # of that TTFT, the wait for admission
+        row["turn_queue_s_median"] = per_turn(
+            lambda r: r.queue
+        )  # of that TTFT, the wait for admission
         row["turn_cached_tokens_median"] = per_turn(lambda r: r.cached)
     if args.request_rate == float("inf"):
         row["request_rate"] = "inf"  # JSON has no infinity
@@ -227,22 +307,41 @@ def summarize(args: argparse.Namespace, policy: str, results: list[Result], dura
 
 
 def print_table(row: dict, results: list[Result]) -> None:
-    lines = [("Backend / dataset", f"{row['backend']} / {row['dataset']}"), ("KV policy", row["policy"]),
-             ("Successful requests", f"{row['completed']} / {row['requests']}"),
-             ("Benchmark duration (s)", f"{row['duration_s']:.2f}"), ("Mean input tokens", f"{row['context']:.0f}"),
-             ("Request throughput (req/s)", f"{row['request_per_s']:.2f}"),
-             ("Input token throughput (tok/s)", f"{row['input_tok_per_s']:.2f}"),
-             ("Output token throughput (tok/s)", f"{row['output_tok_per_s']:.2f}"),
-             ("Mean concurrency", f"{row['mean_concurrency']:.2f}")]
+    lines = [
+        ("Backend / dataset", f"{row['backend']} / {row['dataset']}"),
+        ("KV policy", row["policy"]),
+        ("Successful requests", f"{row['completed']} / {row['requests']}"),
+        ("Benchmark duration (s)", f"{row['duration_s']:.2f}"),
+        ("Mean input tokens", f"{row['context']:.0f}"),
+        ("Request throughput (req/s)", f"{row['request_per_s']:.2f}"),
+        ("Input token throughput (tok/s)", f"{row['input_tok_per_s']:.2f}"),
+        ("Output token throughput (tok/s)", f"{row['output_tok_per_s']:.2f}"),
+        ("Mean concurrency", f"{row['mean_concurrency']:.2f}"),
+    ]
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency")):
         for stat in ("mean", "median", "p99"):
-            lines.append((f"{stat.capitalize()} {label} (ms)", f"{1000 * row[f'{name}_s_{stat}']:.2f}"))
-    for t, (v, w) in enumerate(zip(row.get("turn_ttft_s_median", []), row.get("turn_queue_s_median", []))):
+            lines.append(
+                (f"{stat.capitalize()} {label} (ms)", f"{1000 * row[f'{name}_s_{stat}']:.2f}")
+            )
+    for t, (v, w) in enumerate(
+        zip(row.get("turn_ttft_s_median", []), row.get("turn_queue_s_median", []))
+    ):
         lines.append((f"Median TTFT of turn {t + 1} (ms)", f"{1000 * v:.2f}"))
         lines.append(("  of it queued (median, ms)", f"{1000 * w:.2f}"))
-        lines.append(("  prompt tokens from the cache (median)", f"{row['turn_cached_tokens_median'][t]:.0f}"))
+        lines.append(
+            (
+                "  prompt tokens from the cache (median)",
+                f"{row['turn_cached_tokens_median'][t]:.0f}",
+            )
+        )
     width = max(len(k) for k, _ in lines) + 2
-    print("=" * (width + 14) + "\n" + " Serving Benchmark Result ".center(width + 14, "=") + "\n" + "=" * (width + 14))
+    print(
+        "=" * (width + 14)
+        + "\n"
+        + " Serving Benchmark Result ".center(width + 14, "=")
+        + "\n"
+        + "=" * (width + 14)
+    )
     for k, v in lines:
         print(f"{k:<{width}}{v:>14}")
     errors = [r.error for r in results if not r.ok]
@@ -256,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     async def run():
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as http:
+        async with httpx.AsyncClient(
+            base_url=args.base_url, headers=headers, timeout=None, limits=limits
+        ) as http:
             vocab = (await http.get("/get_model_info")).raise_for_status().json()["vocab_size"]
             policy = (await http.get("/get_server_info")).raise_for_status().json()["kv_policy"]
             results, duration = await bench(args, http, vocab)

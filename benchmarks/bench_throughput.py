@@ -10,6 +10,7 @@ point draws its own random prompts (seed = concurrency), so none hits the prefix
 `--waves` requests per concurrency slot (num_prompts = waves * concurrency). Server flags beyond the policy go in
 `--server-args` (e.g. "--gpu-memory-limit 80 --host-kv-gib 90").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,22 @@ from benchmarks.policy_spec import identity, label, parse_policy
 
 def server_command(args, spec: str) -> list[str]:
     name, preset, options = parse_policy(spec)
-    cmd = [sys.executable, "-m", "tailorkv", "serve", "--model", args.model, "--kv-policy", name, "--port",
-           str(args.port), "--max-running-requests", str(max(args.concurrency)),
-           "--chunked-prefill-size", str(args.context + 64)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tailorkv",
+        "serve",
+        "--model",
+        args.model,
+        "--kv-policy",
+        name,
+        "--port",
+        str(args.port),
+        "--max-running-requests",
+        str(max(args.concurrency)),
+        "--chunked-prefill-size",
+        str(args.context + 64),
+    ]
     if preset:
         cmd += ["--tailor-preset", preset]
     for k, v in options.items():
@@ -55,24 +69,48 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 def sweep(args, spec: str) -> list[dict]:
     url = f"http://127.0.0.1:{args.port}"
-    log = open(os.path.splitext(args.output)[0] + f"_{spec.replace(':', '-').replace('=', '')}.server.log", "w")
+    log = open(
+        os.path.splitext(args.output)[0] + f"_{spec.replace(':', '-').replace('=', '')}.server.log",
+        "w",
+    )
     proc = subprocess.Popen(server_command(args, spec), stdout=log, stderr=subprocess.STDOUT)
     rows = []
     try:
         wait_ready(url, proc, args.ready_timeout)
         for c in args.concurrency:
             with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as tmp:
-                bench_serving.main(["--base-url", url, "--num-prompts", str(c * args.waves), "--random-input-len",
-                                    str(args.context - args.output_len), "--random-output-len", str(args.output_len),
-                                    "--max-concurrency", str(c), "--output-file", tmp.name,
-                                    "--seed", str(c)])  # other prompts than the points before: no prefix-cache hits
+                bench_serving.main(
+                    [
+                        "--base-url",
+                        url,
+                        "--num-prompts",
+                        str(c * args.waves),
+                        "--random-input-len",
+                        str(args.context - args.output_len),
+                        "--random-output-len",
+                        str(args.output_len),
+                        "--max-concurrency",
+                        str(c),
+                        "--output-file",
+                        tmp.name,
+                        "--seed",
+                        str(c),
+                    ]
+                )  # other prompts than the points before: no prefix-cache hits
                 row = json.loads(tmp.read().splitlines()[-1])
-            row.update(identity(spec), concurrency=c, context=args.context,
-                       decode_tok_per_s=c / row["itl_s_median"] if row["itl_s_median"] > 0 else None)
+            row.update(
+                identity(spec),
+                concurrency=c,
+                context=args.context,
+                decode_tok_per_s=c / row["itl_s_median"] if row["itl_s_median"] > 0 else None,
+            )
             rows.append(row)
-            print(f"{spec} context {args.context} concurrency {c}: {row['output_tok_per_s']:.1f} output tok/s, "
-                  f"{row['decode_tok_per_s'] or 0:.1f} decode tok/s, TTFT median {row['ttft_s_median']:.2f} s, "
-                  f"{row['failed']} failed", flush=True)
+            print(
+                f"{spec} context {args.context} concurrency {c}: {row['output_tok_per_s']:.1f} output tok/s, "
+                f"{row['decode_tok_per_s'] or 0:.1f} decode tok/s, TTFT median {row['ttft_s_median']:.2f} s, "
+                f"{row['failed']} failed",
+                flush=True,
+            )
     finally:
         proc.terminate()
         try:
@@ -84,7 +122,9 @@ def sweep(args, spec: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="dummy:llama-3.1-8b")
     p.add_argument("--policies", default="full,tailor:longbench,tailor:longbench:key_sketch=1")
     p.add_argument("--context", type=int, default=32768, help="prompt + output tokens per request")
@@ -103,10 +143,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += sweep(args, spec)
         with open(args.output, "w") as f:
             json.dump(rows, f, indent=1)
-    print(f"{'policy':<32} {'context':>8} {'conc':>5} {'output tok/s':>12} {'decode tok/s':>12} {'TTFT med s':>10}")
+    print(
+        f"{'policy':<32} {'context':>8} {'conc':>5} {'output tok/s':>12} {'decode tok/s':>12} {'TTFT med s':>10}"
+    )
     for r in rows:
-        print(f"{label(r):<32} {r['context']:>8} {r['concurrency']:>5} {r['output_tok_per_s']:>12.1f} "
-              f"{r['decode_tok_per_s'] or 0:>12.1f} {r['ttft_s_median']:>10.2f}")
+        print(
+            f"{label(r):<32} {r['context']:>8} {r['concurrency']:>5} {r['output_tok_per_s']:>12.1f} "
+            f"{r['decode_tok_per_s'] or 0:>12.1f} {r['ttft_s_median']:>10.2f}"
+        )
     return rows
 
 

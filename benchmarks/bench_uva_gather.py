@@ -10,6 +10,7 @@ gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), wh
 through L2 do between two layers' fetches in a real step. Prints a table, writes rows
 {batch, context_pages, swept, us, gb_per_s}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,16 @@ from tailorkv.kvcache.host_memory import host_tensor
 H, T, D = 8, 256, 128
 
 
-def gather_us(rows: torch.Tensor, batch: int, context_pages: int, k: int, swept: bool, layers: int = 31) -> float:
+def gather_us(
+    rows: torch.Tensor, batch: int, context_pages: int, k: int, swept: bool, layers: int = 31
+) -> float:
     ops = host_copy.ops(torch.device("cuda"))
     first = torch.randperm(rows.shape[0] // context_pages)[:batch] * context_pages
     pages = (first[:, None] + torch.arange(context_pages)).cuda()
-    idx = [torch.rand(batch, H, context_pages * T, device="cuda").topk(k, -1).indices for _ in range(layers)]
+    idx = [
+        torch.rand(batch, H, context_pages * T, device="cuda").topk(k, -1).indices
+        for _ in range(layers)
+    ]
     sweep_src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     sweep_dst = torch.empty_like(sweep_src)
     times = []
@@ -36,7 +42,9 @@ def gather_us(rows: torch.Tensor, batch: int, context_pages: int, k: int, swept:
             if swept:
                 sweep_dst.copy_(sweep_src)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda._sleep(200_000)  # the GPU is busy while the gather is launched: the events time the kernel only
+            torch.cuda._sleep(
+                200_000
+            )  # the GPU is busy while the gather is launched: the events time the kernel only
             start.record()
             ops.gather_rows(rows, pages, i)
             end.record()
@@ -47,21 +55,34 @@ def gather_us(rows: torch.Tensor, batch: int, context_pages: int, k: int, swept:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host-gib", type=float, default=16)
     p.add_argument("--top-k", type=int, default=128)
     p.add_argument("--output", default="benchmarks/results/uva_gather.json")
     args = p.parse_args(argv)
-    rows = host_tensor((int(args.host_gib * 2**30) // (H * T * 2 * D * 2), H, T, 2 * D), torch.bfloat16, True)
+    rows = host_tensor(
+        (int(args.host_gib * 2**30) // (H * T * 2 * D * 2), H, T, 2 * D), torch.bfloat16, True
+    )
     out = []
     print(f"{'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
     for batch, context_pages in ((1, 512), (4, 512), (16, 128)):
         for swept in (False, True):
             us = gather_us(rows, batch, context_pages, args.top_k, swept)
             gbs = batch * H * args.top_k * 2 * D * 2 / us / 1e3
-            out.append({"batch": batch, "context_pages": context_pages, "swept": swept, "us": round(us, 1),
-                        "gb_per_s": round(gbs, 1)})
-            print(f"{batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} {gbs:>6.1f}", flush=True)
+            out.append(
+                {
+                    "batch": batch,
+                    "context_pages": context_pages,
+                    "swept": swept,
+                    "us": round(us, 1),
+                    "gb_per_s": round(gbs, 1),
+                }
+            )
+            print(
+                f"{batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} {gbs:>6.1f}", flush=True
+            )
     with open(args.output, "w") as f:
         json.dump(out, f, indent=1)
     return out

@@ -1,5 +1,6 @@
 """A benchmark's policy spec: `name`, `name:preset` or `name:preset:option=value[:option=value]`
 (e.g. `tailor:longbench:key_sketch=1`); the preset is a tailor preset (streaming and quest take its budget)."""
+
 from __future__ import annotations
 
 

@@ -13,6 +13,7 @@ Prompts follow the templates of RULER (``synthetic.yaml``, ``niah.py``, ``variab
 
 Prompts are plain text (no chat template) and end with the sample's ``answer_prefix``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,8 +26,15 @@ from typing import Callable
 
 from tailorkv.essays import essay_words, split_sentences
 
-TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt",
-         "niah_essay")
+TASKS = (
+    "niah_single_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "niah_essay",
+)
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _NEEDLE = "One of the special magic {kind} for {key} is: {value}."
@@ -45,25 +53,30 @@ _NIAH = {
 }
 
 # Word keys are "adjective-noun" pairs like RULER's (100 x 100 = 10,000 distinct keys).
-_ADJECTIVES = tuple("""
+_ADJECTIVES = tuple(
+    """
     able angry bad big bitter black blue bold brave bright broad brown busy calm cheap clean clear clever cold cool
     crazy cute dark deep dirty dry early easy empty fair fancy fast fat fine flat fresh full funny gentle giant glad
     gold good great green happy hard heavy high hot huge kind large late lazy light little long loud lucky mad
     modern narrow neat new nice noisy odd old orange pink plain polite poor proud purple quick quiet rapid rare red
     rich rough round sad safe sharp short shy silent silly simple slow small smart soft solid sour spicy strong sweet
-""".split())
-_NOUNS = tuple("""
+""".split()
+)
+_NOUNS = tuple(
+    """
     apple arm baby ball bank bed bell bird boat book bottle box bread bridge brother cake camera car cat chair
     cheese child city clock cloud coat coffee cow cup desk dog door dream egg engine eye farm field fish flag
     flower forest friend garden gate girl glass goat hat heart hill horse house island key king lake lamp leaf
     letter lion map market milk moon mountain mouse nose ocean orange paper park pen piano pig plane plate queen
     rabbit rain river road rock room rose school sheep ship shoe sister snake song star stone street sun table
-""".split())
+""".split()
+)
 
 
 @dataclass
 class Sample:
     """One prompt; the model continues after ``answer_prefix`` (the prompt's last text) for ``max_new_tokens``."""
+
     task: str
     length: int  # target token count; count_tokens(prompt) <= length
     prompt: str
@@ -75,7 +88,10 @@ class Sample:
 @dataclass
 class _Layout:
     """A sample before its haystack is sized: ``render(n)`` builds the prompt around the first n haystack units."""
-    units: Callable[[int], list[str]]  # first n haystack units (noise blocks, distractor needles or sentences)
+
+    units: Callable[
+        [int], list[str]
+    ]  # first n haystack units (noise blocks, distractor needles or sentences)
     max_units: int
     sep: str
     needles: list[tuple[float, str]]  # (depth in percent, text), sorted by depth
@@ -117,11 +133,17 @@ def _haystack(kind: str, rng: random.Random, key_kind: str, value_kind: str):
         return (lambda n: split_sentences(" ".join(words[:n]))), len(words), " "
     pool, pool_rng = [], random.Random(rng.getrandbits(64))
 
-    def distractors(n: int) -> list[str]:  # grows one shared list, so render(n) is the same for every call order
+    def distractors(
+        n: int,
+    ) -> list[str]:  # grows one shared list, so render(n) is the same for every call order
         while len(pool) < n:
-            key, value = _random_items(key_kind, pool_rng, 1)[0], _random_items(value_kind, pool_rng, 1)[0]
+            key, value = (
+                _random_items(key_kind, pool_rng, 1)[0],
+                _random_items(value_kind, pool_rng, 1)[0],
+            )
             pool.append(_NEEDLE.format(kind=value_kind, key=key, value=value))
         return pool[:n]
+
     return distractors, sys.maxsize, "\n"
 
 
@@ -130,25 +152,40 @@ def _niah(task: str, rng: random.Random, depth: float) -> _Layout:
     haystack, key_kind, value_kind, n_keys, n_values, n_queries = _NIAH[task]
     keys = _random_items(key_kind, rng, n_keys)
     values = [_random_items(value_kind, rng, n_values) for _ in keys]
-    needles = [_NEEDLE.format(kind=value_kind, key=k, value=v) for k, vs in zip(keys, values) for v in vs]
+    needles = [
+        _NEEDLE.format(kind=value_kind, key=k, value=v) for k, vs in zip(keys, values) for v in vs
+    ]
     depths = [depth] + [rng.uniform(5, 95) for _ in needles[1:]]
     references = [v for vs in values[:n_queries] for v in vs]
     queried = keys[:n_queries]
     query = queried[0] if n_queries == 1 else ", ".join(queried[:-1]) + ", and " + queried[-1]
     if len(references) == 1:
         one = value_kind[:-1]
-        header = (f"A special magic {one} is hidden within the following text. Make sure to memorize it. "
-                  f"I will quiz you about the {one} afterwards.")
+        header = (
+            f"A special magic {one} is hidden within the following text. Make sure to memorize it. "
+            f"I will quiz you about the {one} afterwards."
+        )
         question = f"What is the special magic {one} for {query} mentioned in the provided text?"
         prefix = f"The special magic {one} for {query} mentioned in the provided text is"
     else:
-        header = (f"Some special magic {value_kind} are hidden within the following text. Make sure to memorize it. "
-                  f"I will quiz you about the {value_kind} afterwards.")
+        header = (
+            f"Some special magic {value_kind} are hidden within the following text. Make sure to memorize it. "
+            f"I will quiz you about the {value_kind} afterwards."
+        )
         question = f"What are all the special magic {value_kind} for {query} mentioned in the provided text?"
         prefix = f"The special magic {value_kind} for {query} mentioned in the provided text are"
     units, max_units, sep = _haystack(haystack, rng, key_kind, value_kind)
-    return _Layout(units, max_units, sep, sorted(zip(depths, needles), key=lambda p: p[0]), header, question,
-                   prefix, references, _ANSWER_TOKENS[value_kind] * len(references))
+    return _Layout(
+        units,
+        max_units,
+        sep,
+        sorted(zip(depths, needles), key=lambda p: p[0]),
+        header,
+        question,
+        prefix,
+        references,
+        _ANSWER_TOKENS[value_kind] * len(references),
+    )
 
 
 def _vt(rng: random.Random, depth: float) -> _Layout:
@@ -162,15 +199,22 @@ def _vt(rng: random.Random, depth: float) -> _Layout:
     chain = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in zip(names, names[1:])]
     depths = sorted([depth] + [rng.uniform(5, 95) for _ in range(_VT_HOPS)])
     return _Layout(
-        lambda n: [NOISE] * n, sys.maxsize, "\n", list(zip(depths, chain)),
+        lambda n: [NOISE] * n,
+        sys.maxsize,
+        "\n",
+        list(zip(depths, chain)),
         "Memorize and track the chain(s) of variable assignment hidden in the following text.\n",
         f"Question: Find all variables that are assigned the value {value} in the text above.",
         f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables are "
         f"assigned the value {value}, they are:",
-        names, _VT_ANSWER_TOKENS)
+        names,
+        _VT_ANSWER_TOKENS,
+    )
 
 
-def _fit(layout: _Layout, length: int, count_tokens: Callable[[str], int], hint: int | None) -> tuple[int, str]:
+def _fit(
+    layout: _Layout, length: int, count_tokens: Callable[[str], int], hint: int | None
+) -> tuple[int, str]:
     """(n, prompt) with the largest haystack size n found such that ``count_tokens(prompt) <= length``.
 
     Secant steps on (n, tokens), then bisection; stops as soon as a fitting prompt is within ``_TOLERANCE`` below
@@ -182,8 +226,15 @@ def _fit(layout: _Layout, length: int, count_tokens: Callable[[str], int], hint:
     best = layout.render(0)
     t0 = count_tokens(best)
     if t0 > length:
-        raise ValueError(f"length {length} is too small: the prompt without haystack has {t0} tokens")
-    lo, t_lo, hi, t_hi = 0, t0, max_units + 1, None  # render(lo) fits; hi is the smallest size known not to
+        raise ValueError(
+            f"length {length} is too small: the prompt without haystack has {t0} tokens"
+        )
+    lo, t_lo, hi, t_hi = (
+        0,
+        t0,
+        max_units + 1,
+        None,
+    )  # render(lo) fits; hi is the smallest size known not to
     n = min(hint or 16, max_units)
     for step in itertools.count():
         if n <= lo:  # no haystack available at all
@@ -205,7 +256,9 @@ def _fit(layout: _Layout, length: int, count_tokens: Callable[[str], int], hint:
     return lo, best
 
 
-def generate(task: str, length: int, count: int, seed: int, count_tokens: Callable[[str], int]) -> list[Sample]:
+def generate(
+    task: str, length: int, count: int, seed: int, count_tokens: Callable[[str], int]
+) -> list[Sample]:
     """``count`` samples of ``task`` whose prompts have ``count_tokens(prompt) <= length``.
 
     Each prompt is normally within ~2-3% below ``length`` (less only if one haystack unit is larger than that, or the
@@ -221,7 +274,11 @@ def generate(task: str, length: int, count: int, seed: int, count_tokens: Callab
         depth = 50.0 if count == 1 else 5 + 90 * i / (count - 1)
         layout = _vt(rng, depth) if task == "vt" else _niah(task, rng, depth)
         hint, prompt = _fit(layout, length, count_tokens, hint)
-        samples.append(Sample(task, length, prompt, layout.references, layout.answer_prefix, layout.max_new_tokens))
+        samples.append(
+            Sample(
+                task, length, prompt, layout.references, layout.answer_prefix, layout.max_new_tokens
+            )
+        )
     return samples
 
 

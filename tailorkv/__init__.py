@@ -1,4 +1,5 @@
 """tailorkv: long-context LLM serving with the TailorKV hybrid KV cache."""
+
 from .engine.engine import Engine
 from .engine.sampling import SamplingParams
 

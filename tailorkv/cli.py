@@ -1,4 +1,5 @@
 """`tailorkv serve | generate | calibrate`. User errors print one line to stderr and exit with code 2."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,37 +9,74 @@ from .errors import TailorKVError
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--model-path", dest="model", default=None,
-                   help="HF directory, .gguf file or dummy:<name>; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--kv-policy", default="full", help="full | tailor | kivi | offload | streaming | quest")
+    p.add_argument(
+        "--model",
+        "--model-path",
+        dest="model",
+        default=None,
+        help="HF directory, .gguf file or dummy:<name>; default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--kv-policy", default="full", help="full | tailor | kivi | offload | streaming | quest"
+    )
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     p.add_argument("--tailor-preset", default=None, help="tailor: longbench | ruler")
-    p.add_argument("--key-sketch", type=int, default=None, metavar="BITS",
-                   help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)")
+    p.add_argument(
+        "--key-sketch",
+        type=int,
+        default=None,
+        metavar="BITS",
+        help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
+    )
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--max-queued-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier KV budget")
     p.add_argument("--host-kv-gib", type=float, default=None, help="host-tier (pinned) KV budget")
-    p.add_argument("--gpu-memory-limit", dest="gpu_memory_limit_gib", type=float, default=None, metavar="GIB")
-    p.add_argument("--disable-prefix-caching", action="store_true",
-                   help="do not share the KV pages of common prompt prefixes between requests")
-    p.add_argument("--prefix-gpu-gib", type=float, default=None, metavar="GIB",
-                   help="tailor: GPU memory for copies of shared prefixes' host-tier pages, which later prompts "
-                        "then read without PCIe (0: none; default: what the other GPU pools leave, at most half)")
-    p.add_argument("--disable-cuda-graph", action="store_true", help="run decode steps eagerly (no CUDA graphs)")
+    p.add_argument(
+        "--gpu-memory-limit", dest="gpu_memory_limit_gib", type=float, default=None, metavar="GIB"
+    )
+    p.add_argument(
+        "--disable-prefix-caching",
+        action="store_true",
+        help="do not share the KV pages of common prompt prefixes between requests",
+    )
+    p.add_argument(
+        "--prefix-gpu-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="tailor: GPU memory for copies of shared prefixes' host-tier pages, which later prompts "
+        "then read without PCIe (0: none; default: what the other GPU pools leave, at most half)",
+    )
+    p.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run decode steps eagerly (no CUDA graphs)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    keys = ("max_running_requests", "max_queued_requests", "chunked_prefill_size", "kv_cache_gib", "host_kv_gib",
-            "gpu_memory_limit_gib", "prefix_gpu_gib", "tailor_preset", "key_sketch")
+    keys = (
+        "max_running_requests",
+        "max_queued_requests",
+        "chunked_prefill_size",
+        "kv_cache_gib",
+        "host_kv_gib",
+        "gpu_memory_limit_gib",
+        "prefix_gpu_gib",
+        "tailor_preset",
+        "key_sketch",
+    )
     kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if getattr(args, "disable_prefix_caching", False):
         kw["enable_prefix_caching"] = False
     if getattr(args, "disable_cuda_graph", False):
         kw["cuda_graph"] = False
-    return dict(model=args.model, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype, **kw)
+    return dict(
+        model=args.model, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype, **kw
+    )
 
 
 def cmd_generate(args) -> None:
@@ -47,15 +85,22 @@ def cmd_generate(args) -> None:
     from .errors import InvalidRequestError
 
     # check the request before spending seconds on loading the model
-    SamplingParams.from_any({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature})
+    SamplingParams.from_any(
+        {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    )
     if not args.prompt:
         raise InvalidRequestError("the prompt is empty")
     with Engine(**engine_kwargs(args)) as engine:
         prompt = args.prompt
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        out = engine.generate(prompt, sampling_params={"max_new_tokens": args.max_new_tokens,
-                                                       "temperature": args.temperature})
+        out = engine.generate(
+            prompt,
+            sampling_params={
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature,
+            },
+        )
         print(out["text"])
 
 
@@ -78,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a completion offline")
     add_engine_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.set_defaults(func=cmd_generate)
@@ -89,15 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=30000)
     s.add_argument("--api-key", default=None)
     s.add_argument("--served-model-name", default=None)
-    s.add_argument("--scheduler-delay-factor", type=float, default=None, metavar="F",
-                   help="a waiting request joins decoding ones once it has waited F x the last prefill step's time; "
-                        "while idle, a prefill is held until that long after the latest request came or finished "
-                        "(at most 0.5 s), so that a burst prefills together (default 0.35; 0: off)")
+    s.add_argument(
+        "--scheduler-delay-factor",
+        type=float,
+        default=None,
+        metavar="F",
+        help="a waiting request joins decoding ones once it has waited F x the last prefill step's time; "
+        "while idle, a prefill is held until that long after the latest request came or finished "
+        "(at most 0.5 s), so that a burst prefills together (default 0.35; 0: off)",
+    )
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("calibrate", help="compute the TailorKV layer plan of a model")
     add_engine_args(c)
-    c.add_argument("--text", default=None, help="calibration text file (default: Paul Graham essays)")
+    c.add_argument(
+        "--text", default=None, help="calibration text file (default: Paul Graham essays)"
+    )
     c.add_argument("--tau", type=float, default=0.2)
     c.add_argument("--tokens", type=int, default=4096, help="calibration prompt length")
     c.set_defaults(func=cmd_calibrate)

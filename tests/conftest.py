@@ -3,6 +3,7 @@
 The fixture engine first answers a fixed set of prompts offline (greedy), before its step loop starts; the
 load tests hold the server's streamed outputs equal to those.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,9 @@ if not torch.cuda.is_available():
 
 GREEDY_TOKENS = 16
 GENERATE_PROMPTS = [f"Fact {i}: the number {7 * i + 3} is" for i in range(16)]
-CHAT_MESSAGES = [[{"role": "user", "content": f"Name a colour and the number {i}."}] for i in range(16)]
+CHAT_MESSAGES = [
+    [{"role": "user", "content": f"Name a colour and the number {i}."}] for i in range(16)
+]
 
 
 @dataclass
@@ -30,7 +33,9 @@ class LiveServer:
     url: str
     engine: object  # tailorkv Engine (its step loop runs in async_engine's thread)
     async_engine: object
-    expected: dict[str, str]  # prompt text (chat: templated) -> greedy completion of GREEDY_TOKENS tokens
+    expected: dict[
+        str, str
+    ]  # prompt text (chat: templated) -> greedy completion of GREEDY_TOKENS tokens
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.engine.tokenizer.apply_chat_template(messages)
@@ -40,7 +45,11 @@ class LiveServer:
         deadline = time.monotonic() + timeout
         while True:
             info = httpx.get(f"{self.url}/get_server_info", timeout=10).json()
-            if info["num_running_reqs"] == 0 and info["num_queued_reqs"] == 0 or time.monotonic() > deadline:
+            if (
+                info["num_running_reqs"] == 0
+                and info["num_queued_reqs"] == 0
+                or time.monotonic() > deadline
+            ):
                 return info
             time.sleep(0.1)
 
@@ -85,7 +94,9 @@ def live_server():
 
     engine = Engine(progress=False, kv_cache_gib=0.25)
     prompts = GENERATE_PROMPTS + [engine.tokenizer.apply_chat_template(m) for m in CHAT_MESSAGES]
-    outs = engine.generate(prompts, sampling_params={"max_new_tokens": GREEDY_TOKENS, "temperature": 0})
+    outs = engine.generate(
+        prompts, sampling_params={"max_new_tokens": GREEDY_TOKENS, "temperature": 0}
+    )
     expected = {p: o["text"] for p, o in zip(prompts, outs)}
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, served_model_name="smollm2")

@@ -1,4 +1,5 @@
 """The HTTP API against a real server: routes, SSE framing, errors (one JSON shape), auth, and recovery."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import threading
 
 import httpx
 import pytest
-
 from conftest import GENERATE_PROMPTS, GREEDY_TOKENS, start_uvicorn
 
 GREEDY = {"max_new_tokens": GREEDY_TOKENS, "temperature": 0}
@@ -28,7 +28,7 @@ def events(response: httpx.Response) -> list:
         if line == "data: [DONE]":
             done = True
         else:
-            out.append(json.loads(line[len("data: "):]))
+            out.append(json.loads(line[len("data: ") :]))
     assert done
     return out
 
@@ -44,7 +44,11 @@ def assert_error(r: httpx.Response, status: int) -> dict:
 def test_info_routes(client, live_server):
     assert client.get("/health").json() == {"status": "ok"}
     info = client.get("/get_model_info").json()
-    assert info["is_generation"] is True and info["max_context_length"] == 8192 and info["vocab_size"] == 49152
+    assert (
+        info["is_generation"] is True
+        and info["max_context_length"] == 8192
+        and info["vocab_size"] == 49152
+    )
     server = client.get("/get_server_info").json()
     assert server["kv_policy"] == "full" and server["max_running_requests"] == 32
     gpu = server["memory"]["gpu"]
@@ -59,13 +63,21 @@ def test_generate_matches_offline(client, live_server):
     assert out["text"] == live_server.expected[prompt]
     meta = out["meta_info"]
     assert meta["completion_tokens"] == len(out["output_ids"]) <= GREEDY_TOKENS
-    assert meta["prompt_tokens"] == len(live_server.engine.tokenizer.encode(prompt)) and meta["cached_tokens"] == 0
-    assert meta["finish_reason"]["type"] in ("stop", "length") and 0 <= meta["queue_time"] < meta["e2e_latency"]
+    assert (
+        meta["prompt_tokens"] == len(live_server.engine.tokenizer.encode(prompt))
+        and meta["cached_tokens"] == 0
+    )
+    assert (
+        meta["finish_reason"]["type"] in ("stop", "length")
+        and 0 <= meta["queue_time"] < meta["e2e_latency"]
+    )
 
 
 def test_generate_batch_and_input_ids(client, live_server):
     prompts = GENERATE_PROMPTS[1:3]
-    outs = client.post("/generate", json={"text": prompts, "sampling_params": [GREEDY, GREEDY]}).json()
+    outs = client.post(
+        "/generate", json={"text": prompts, "sampling_params": [GREEDY, GREEDY]}
+    ).json()
     assert [o["text"] for o in outs] == [live_server.expected[p] for p in prompts]
     ids = live_server.engine.tokenizer.encode(prompts[0])
     one = client.post("/generate", json={"input_ids": ids, "sampling_params": GREEDY}).json()
@@ -76,7 +88,9 @@ def test_generate_batch_and_input_ids(client, live_server):
 
 def test_generate_stream_is_cumulative(client, live_server):
     prompt = GENERATE_PROMPTS[3]
-    with client.stream("POST", "/generate", json={"text": prompt, "sampling_params": GREEDY, "stream": True}) as r:
+    with client.stream(
+        "POST", "/generate", json={"text": prompt, "sampling_params": GREEDY, "stream": True}
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         chunks = events(r)
     texts = [c["text"] for c in chunks]
@@ -87,39 +101,74 @@ def test_generate_stream_is_cumulative(client, live_server):
 
 
 def test_stop_string_and_seed(client):
-    out = client.post("/generate", json={"text": "Count: 1, 2, 3,", "sampling_params": {
-        "max_new_tokens": GREEDY_TOKENS, "temperature": 0, "stop": [","]}}).json()
+    out = client.post(
+        "/generate",
+        json={
+            "text": "Count: 1, 2, 3,",
+            "sampling_params": {"max_new_tokens": GREEDY_TOKENS, "temperature": 0, "stop": [","]},
+        },
+    ).json()
     assert "," not in out["text"] and out["meta_info"]["finish_reason"] in (
-        {"type": "stop", "matched": ","}, {"type": "length", "matched": None})
+        {"type": "stop", "matched": ","},
+        {"type": "length", "matched": None},
+    )
     sampled = {"max_new_tokens": 8, "temperature": 0.9, "seed": 1234}
-    a, b = (client.post("/generate", json={"text": "Once upon a time", "sampling_params": sampled}).json()
-            for _ in range(2))
+    a, b = (
+        client.post(
+            "/generate", json={"text": "Once upon a time", "sampling_params": sampled}
+        ).json()
+        for _ in range(2)
+    )
     assert a["output_ids"] == b["output_ids"]
 
 
 def test_openai_completions_and_chat(client, live_server):
     prompts = GENERATE_PROMPTS[4:6]
-    body = client.post("/v1/completions", json={"model": "smollm2", "prompt": prompts, "max_tokens": GREEDY_TOKENS,
-                                                "temperature": 0}).json()
+    body = client.post(
+        "/v1/completions",
+        json={"model": "smollm2", "prompt": prompts, "max_tokens": GREEDY_TOKENS, "temperature": 0},
+    ).json()
     assert body["object"] == "text_completion" and body["model"] == "smollm2"
     assert [c["text"] for c in body["choices"]] == [live_server.expected[p] for p in prompts]
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
     messages = [{"role": "user", "content": "Name a colour and the number 0."}]
     for model in ("default", live_server.engine.config.name):
-        chat = client.post("/v1/chat/completions", json={"model": model, "messages": messages,
-                                                         "max_tokens": GREEDY_TOKENS, "temperature": 0}).json()
+        chat = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": messages,
+                "max_tokens": GREEDY_TOKENS,
+                "temperature": 0,
+            },
+        ).json()
         assert chat["object"] == "chat.completion"
-        assert chat["choices"][0]["message"] == {"role": "assistant",
-                                                 "content": live_server.expected[live_server.chat_prompt(messages)]}
+        assert chat["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": live_server.expected[live_server.chat_prompt(messages)],
+        }
         assert chat["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_openai_chat_stream_with_usage(client, live_server):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text",
-                                                                                         "text": "Hello!"}]}]
-    with client.stream("POST", "/v1/chat/completions", json={
-            "messages": messages, "max_completion_tokens": 8, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}) as r:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hello!"}]},
+    ]
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "messages": messages,
+            "max_completion_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
         chunks = events(r)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -127,7 +176,9 @@ def test_openai_chat_stream_with_usage(client, live_server):
     assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and 0 < usage["completion_tokens"] <= 8
-    whole = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0})
+    whole = client.post(
+        "/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0}
+    )
     assert whole.json()["choices"][0]["message"]["content"] == text
 
 
@@ -146,7 +197,7 @@ MALFORMED = [
     ("/generate", {"input_ids": [True]}, 400),
     ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": -1}}, 400),
     ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 0}}, 400),
-    ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 10 ** 9}}, 400),
+    ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 10**9}}, 400),
     ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": "8"}}, 400),
     ("/generate", {"text": "a", "sampling_params": {"temperature": -0.5}}, 400),
     ("/generate", {"text": "a", "sampling_params": {"top_p": 1.5}}, 400),
@@ -176,9 +227,21 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, 400),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream_options": 1}, 400),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "model": "nope"},
+        404,
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
+        400,
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "stream_options": 1},
+        400,
+    ),
     ("/no/such/route", {}, 404),
 ]
 
@@ -188,8 +251,14 @@ def test_malformed_requests_do_not_disturb_running_ones(client, live_server):
     result = {}
 
     def long_stream():  # a request streaming while the bad ones arrive
-        with httpx.Client(base_url=live_server.url, timeout=120) as c, c.stream(
-                "POST", "/generate", json={"text": prompt, "sampling_params": GREEDY, "stream": True}) as r:
+        with (
+            httpx.Client(base_url=live_server.url, timeout=120) as c,
+            c.stream(
+                "POST",
+                "/generate",
+                json={"text": prompt, "sampling_params": GREEDY, "stream": True},
+            ) as r,
+        ):
             result["chunks"] = events(r)
 
     t = threading.Thread(target=long_stream)
@@ -202,6 +271,7 @@ def test_malformed_requests_do_not_disturb_running_ones(client, live_server):
     def chunked():
         for _ in range(10):
             yield b" " * (1 << 20)
+
     assert_error(client.post("/generate", content=chunked()), 413)
     assert_error(client.get("/generate"), 405)
     t.join(timeout=120)
@@ -217,8 +287,16 @@ def test_full_queue_answers_503_and_too_big_400(client, live_server, monkeypatch
         assert r.status_code == 503
     monkeypatch.undo()
     # fits the 8k context but not this engine's 0.25 GiB of KV pages: can never be served, a client error
-    assert_error(client.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 8000}}), 400)
-    assert client.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+    assert_error(
+        client.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 8000}}),
+        400,
+    )
+    assert (
+        client.post(
+            "/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 2}}
+        ).status_code
+        == 200
+    )
 
 
 def test_engine_failure_fails_running_requests_and_keeps_serving(client, live_server, monkeypatch):
@@ -236,7 +314,9 @@ def test_engine_failure_fails_running_requests_and_keeps_serving(client, live_se
     monkeypatch.setattr(runner, "forward", broken_once)
     err = assert_error(client.post("/generate", json={"text": "a", "sampling_params": GREEDY}), 500)
     assert "injected fault" in err["message"] and err["type"] == "server_error"
-    ok = client.post("/generate", json={"text": GENERATE_PROMPTS[8], "sampling_params": GREEDY}).json()
+    ok = client.post(
+        "/generate", json={"text": GENERATE_PROMPTS[8], "sampling_params": GREEDY}
+    ).json()
     assert ok["text"] == live_server.expected[GENERATE_PROMPTS[8]]
     assert live_server.wait_idle()["memory"] == start
 
@@ -245,8 +325,14 @@ def test_non_streaming_disconnect_aborts(client, live_server):
     start = live_server.wait_idle()["memory"]
     aborted = live_server.async_engine.stats.aborted_requests
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{live_server.url}/generate", json={"text": "Tell me a long story.", "sampling_params": {
-            "max_new_tokens": 2000, "ignore_eos": True}}, timeout=1.0)
+        httpx.post(
+            f"{live_server.url}/generate",
+            json={
+                "text": "Tell me a long story.",
+                "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True},
+            },
+            timeout=1.0,
+        )
     assert live_server.wait_idle(timeout=30)["memory"] == start
     assert live_server.async_engine.stats.aborted_requests == aborted + 1
 
@@ -254,11 +340,19 @@ def test_non_streaming_disconnect_aborts(client, live_server):
 def test_metrics(client):
     client.post("/generate", json={"text": "metrics", "sampling_params": {"max_new_tokens": 3}})
     text = client.get("/metrics").text
-    for name in ("tailorkv:prompt_tokens_total", "tailorkv:generation_tokens_total", "tailorkv:num_running_reqs",
-                 "tailorkv:num_queue_reqs", 'tailorkv:kv_usage{tier="gpu"}',
-                 "tailorkv:time_to_first_token_seconds_count", "tailorkv:inter_token_latency_seconds_count"):
+    for name in (
+        "tailorkv:prompt_tokens_total",
+        "tailorkv:generation_tokens_total",
+        "tailorkv:num_running_reqs",
+        "tailorkv:num_queue_reqs",
+        'tailorkv:kv_usage{tier="gpu"}',
+        "tailorkv:time_to_first_token_seconds_count",
+        "tailorkv:inter_token_latency_seconds_count",
+    ):
         assert name in text, name
-    generated = [line for line in text.splitlines() if line.startswith("tailorkv:generation_tokens_total")]
+    generated = [
+        line for line in text.splitlines() if line.startswith("tailorkv:generation_tokens_total")
+    ]
     assert float(generated[0].split()[-1]) >= 3
 
 
@@ -269,7 +363,9 @@ def test_api_key(live_server):
     try:
         body = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
         assert_error(httpx.post(f"{url}/generate", json=body), 401)
-        assert_error(httpx.post(f"{url}/generate", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(
+            httpx.post(f"{url}/generate", json=body, headers={"Authorization": "Bearer wrong"}), 401
+        )
         assert_error(httpx.get(f"{url}/v1/models", headers={"Authorization": "sekret"}), 401)
         assert httpx.get(f"{url}/health").status_code == 200
         good = {"Authorization": "Bearer sekret"}

@@ -1,29 +1,49 @@
 """The server under concurrent load: many streaming clients at once, and clients that leave mid-stream."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 
 import httpx
-
 from conftest import CHAT_MESSAGES, GENERATE_PROMPTS, GREEDY_TOKENS
 
 LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
 
 
-async def stream_generate(client: httpx.AsyncClient, text: str, max_new_tokens: int, leave_after: int | None = None):
+async def stream_generate(
+    client: httpx.AsyncClient, text: str, max_new_tokens: int, leave_after: int | None = None
+):
     """Stream /generate; returns the final text, or None after leaving once `leave_after` chunks arrived."""
-    body = {"text": text, "stream": True, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
-                                                              "ignore_eos": leave_after is not None}}
+    body = {
+        "text": text,
+        "stream": True,
+        "sampling_params": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": 0,
+            "ignore_eos": leave_after is not None,
+        },
+    }
     return await _stream(client, "/generate", body, leave_after, lambda chunk, acc: chunk["text"])
 
 
-async def stream_chat(client: httpx.AsyncClient, messages: list[dict], max_tokens: int,
-                      leave_after: int | None = None):
-    body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": leave_after is not None}
-    return await _stream(client, "/v1/chat/completions", body, leave_after,
-                         lambda chunk, acc: acc + chunk["choices"][0]["delta"].get("content", ""))
+async def stream_chat(
+    client: httpx.AsyncClient, messages: list[dict], max_tokens: int, leave_after: int | None = None
+):
+    body = {
+        "messages": messages,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": leave_after is not None,
+    }
+    return await _stream(
+        client,
+        "/v1/chat/completions",
+        body,
+        leave_after,
+        lambda chunk, acc: acc + chunk["choices"][0]["delta"].get("content", ""),
+    )
 
 
 async def _stream(client, path, body, leave_after, fold):
@@ -45,7 +65,9 @@ async def _stream(client, path, body, leave_after, fold):
 
 def test_32_concurrent_streams_match_offline(live_server):
     async def main():
-        async with httpx.AsyncClient(base_url=live_server.url, timeout=300, limits=LIMITS) as client:
+        async with httpx.AsyncClient(
+            base_url=live_server.url, timeout=300, limits=LIMITS
+        ) as client:
             jobs = [stream_generate(client, p, GREEDY_TOKENS) for p in GENERATE_PROMPTS]
             jobs += [stream_chat(client, m, GREEDY_TOKENS) for m in CHAT_MESSAGES]
             return await asyncio.gather(*jobs)
@@ -62,15 +84,25 @@ def test_200_requests_50_cancelled_return_every_page(live_server):
     aborted = live_server.async_engine.stats.aborted_requests
 
     async def main():
-        async with httpx.AsyncClient(base_url=live_server.url, timeout=300, limits=LIMITS) as client:
+        async with httpx.AsyncClient(
+            base_url=live_server.url, timeout=300, limits=LIMITS
+        ) as client:
             jobs = []
             for i in range(200):
                 leave = 1 if i % 4 == 0 else None  # every 4th client leaves after its first chunk
-                tokens = 512 if leave else 8  # those that leave would run long: the abort must free them
+                tokens = (
+                    512 if leave else 8
+                )  # those that leave would run long: the abort must free them
                 if (i // 4) % 2:
-                    jobs.append(stream_generate(client, f"Request {i}: once upon a time", tokens, leave))
+                    jobs.append(
+                        stream_generate(client, f"Request {i}: once upon a time", tokens, leave)
+                    )
                 else:
-                    jobs.append(stream_chat(client, [{"role": "user", "content": f"Say hi to {i}."}], tokens, leave))
+                    jobs.append(
+                        stream_chat(
+                            client, [{"role": "user", "content": f"Say hi to {i}."}], tokens, leave
+                        )
+                    )
             return await asyncio.gather(*jobs)
 
     results = asyncio.run(main())
@@ -87,12 +119,42 @@ def test_bench_serving(live_server, tmp_path, capsys):
 
     out = tmp_path / "rows.jsonl"
     common = ["--base-url", live_server.url, "--output-file", str(out), "--random-output-len", "4"]
-    row = main(common + ["--backend", "completions", "--dataset", "random", "--num-prompts", "6",
-                         "--random-input-len", "16", "--max-concurrency", "4"])
+    row = main(
+        common
+        + [
+            "--backend",
+            "completions",
+            "--dataset",
+            "random",
+            "--num-prompts",
+            "6",
+            "--random-input-len",
+            "16",
+            "--max-concurrency",
+            "4",
+        ]
+    )
     assert row["completed"] == 6 and row["policy"] == "full" and row["context"] == 16
     assert row["output_tok_per_s"] > 0 and row["ttft_s_median"] > 0 and row["itl_s_median"] > 0
-    chat = main(common + ["--backend", "generate", "--dataset", "doc-chat", "--doc-tokens", "64", "--users", "2",
-                          "--turns", "2", "--request-rate", "20", "--seed", "1"])
+    chat = main(
+        common
+        + [
+            "--backend",
+            "generate",
+            "--dataset",
+            "doc-chat",
+            "--doc-tokens",
+            "64",
+            "--users",
+            "2",
+            "--turns",
+            "2",
+            "--request-rate",
+            "20",
+            "--seed",
+            "1",
+        ]
+    )
     assert chat["completed"] == 4 and len(chat["turn_ttft_s_median"]) == 2 and chat["context"] > 64
     assert all(0 <= q <= t for q, t in zip(chat["turn_queue_s_median"], chat["turn_ttft_s_median"]))
     assert "Serving Benchmark Result" in capsys.readouterr().out

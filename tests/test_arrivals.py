@@ -1,5 +1,6 @@
 """Requests that reach the server together prefill together: a step that would only prefill waits for requests
 still being tokenized (AsyncEngine.arriving), at most gather_s."""
+
 import asyncio
 import time
 
@@ -37,7 +38,9 @@ def test_requests_submitted_a_little_apart_prefill_in_one_step(live_server):
     ids = engine.engine.tokenize
 
     async def scenario():
-        async for _ in engine.generate([(ids("Prompts first, to time a prefill step", None), params)] * 2):
+        async for _ in engine.generate(
+            [(ids("Prompts first, to time a prefill step", None), params)] * 2
+        ):
             pass
         a = engine.generate([(ids("The first request", None), params)])
         await asyncio.sleep(0.05)
@@ -48,7 +51,10 @@ def test_requests_submitted_a_little_apart_prefill_in_one_step(live_server):
                 pass
         return first[0].time, first[1].time
 
-    factor, engine.delay_factor = engine.delay_factor, 100.0  # held up to gather_s after the latest submission
+    factor, engine.delay_factor = (
+        engine.delay_factor,
+        100.0,
+    )  # held up to gather_s after the latest submission
     try:
         a, b = asyncio.run(scenario())
     finally:
@@ -114,18 +120,31 @@ def test_a_request_whose_body_is_still_coming_is_waited_for(live_server):
         firsts.append([r.rid for r in done if len(r.output_ids) == 1])
         return done
 
-    body = json.dumps({"text": "The request whose body is late", "sampling_params": {"max_new_tokens": 2}}).encode()
+    body = json.dumps(
+        {"text": "The request whose body is late", "sampling_params": {"max_new_tokens": 2}}
+    ).encode()
     url = urlparse(live_server.url)
     engine.step = recording_step
     try:
         with socket.create_connection((url.hostname, url.port)) as late:
-            late.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+            late.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+            )
             time.sleep(0.05)  # the server has B's headers
             first = {}
-            a = threading.Thread(target=lambda: first.update(httpx.post(
-                f"{live_server.url}/generate", json={"text": "The first request",
-                                                     "sampling_params": {"max_new_tokens": 2}}, timeout=60).json()))
+            a = threading.Thread(
+                target=lambda: first.update(
+                    httpx.post(
+                        f"{live_server.url}/generate",
+                        json={
+                            "text": "The first request",
+                            "sampling_params": {"max_new_tokens": 2},
+                        },
+                        timeout=60,
+                    ).json()
+                )
+            )
             a.start()
             time.sleep(0.2)
             late.sendall(body)
@@ -191,15 +210,25 @@ def test_a_prefill_is_held_after_requests_finish_for_their_next_turns(live_serve
         log.prefill_seconds = 1.0
 
     async def scenario():
-        a = engine.generate([(ids("A request near its end", None),
-                              SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))])
+        a = engine.generate(
+            [
+                (
+                    ids("A request near its end", None),
+                    SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
+                )
+            ]
+        )
         await anext(a)
         b_came = time.perf_counter()
-        b = engine.generate([(ids("The first next turn", None), SamplingParams(max_new_tokens=2, temperature=0))])
+        b = engine.generate(
+            [(ids("The first next turn", None), SamplingParams(max_new_tokens=2, temperature=0))]
+        )
         a_end = [out.time async for out in a][-1]
         assert a_end < b_came + delay, "A ran past B's delay: B was admitted beside it"
         await asyncio.sleep(max(b_came + delay + (a_end - b_came) / 2 - time.perf_counter(), 0))
-        c = engine.generate([(ids("The second next turn", None), SamplingParams(max_new_tokens=2, temperature=0))])
+        c = engine.generate(
+            [(ids("The second next turn", None), SamplingParams(max_new_tokens=2, temperature=0))]
+        )
         firsts = [(await anext(b)).time, (await anext(c)).time]
         for stream in (b, c):
             async for _ in stream:
@@ -230,7 +259,12 @@ def test_the_hold_ends_once_the_finished_requests_next_turns_are_in(live_server)
         log.prefill_seconds = 1.0
 
     async def scenario():
-        ab = engine.generate([(ids("The first user's turn", None), turn), (ids("The second user's turn", None), turn)])
+        ab = engine.generate(
+            [
+                (ids("The first user's turn", None), turn),
+                (ids("The second user's turn", None), turn),
+            ]
+        )
         ends = [out.time async for out in ab if out.finished]
         assert len(set(ends)) == 1
         c = engine.generate([(ids("The first user's next turn", None), turn)])
@@ -269,16 +303,29 @@ def test_the_hold_after_a_finish_waits_the_clients_turnaround(live_server):
         log.prefill_seconds = 1.0
 
     def turn(text: str, tokens: int):
-        return engine.generate([(ids(text, None), SamplingParams(max_new_tokens=tokens, temperature=0,
-                                                                   ignore_eos=True))])
+        return engine.generate(
+            [
+                (
+                    ids(text, None),
+                    SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True),
+                )
+            ]
+        )
 
     async def drain(stream):
         return [out async for out in stream]
 
     async def scenario():
         for n in range(2):
-            both = engine.generate([(ids(f"User {u}'s turn {n}", None),
-                                     SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)) for u in "AB"])
+            both = engine.generate(
+                [
+                    (
+                        ids(f"User {u}'s turn {n}", None),
+                        SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+                    )
+                    for u in "AB"
+                ]
+            )
             await drain(both)
             await asyncio.sleep(1.0)
         a, b = turn("A's second turn", 3), turn("B's second turn", 4)  # A ends a step before B

@@ -1,10 +1,15 @@
 """The prefill attentions (causal_attention, attention_lse, shared_prefix_attention: FlashInfer on CUDA, torch on
 CPU) against a brute-force softmax over an explicit causal mask, and the merge of partial results."""
+
 import pytest
 import torch
 
-from tailorkv.kernels.attention import (attention_lse, causal_attention, merge_attention_states,
-                                        shared_prefix_attention)
+from tailorkv.kernels.attention import (
+    attention_lse,
+    causal_attention,
+    merge_attention_states,
+    shared_prefix_attention,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,7 +28,9 @@ def brute_force(q, k, v, q_start, lse=False):
 
 def rand(*shape, device, seed):
     torch.manual_seed(seed)
-    return torch.randn(*shape, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    return torch.randn(
+        *shape, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+    )
 
 
 def tolerance(x):
@@ -35,7 +42,10 @@ def tolerance(x):
 def test_causal_attention_from_any_position(device, n, q_start):
     """GQA group 3, head_dim 64; a chunk after q_start earlier tokens sees them all and its own past only."""
     q = rand(n, 6, 64, device=device, seed=n + q_start)
-    k, v = rand(q_start + n, 2, 64, device=device, seed=1), rand(q_start + n, 2, 64, device=device, seed=2)
+    k, v = (
+        rand(q_start + n, 2, 64, device=device, seed=1),
+        rand(q_start + n, 2, 64, device=device, seed=2),
+    )
     got = causal_attention(q, k, v, q_start)
     assert got.shape == q.shape and got.dtype == q.dtype
     torch.testing.assert_close(got.float(), brute_force(q, k, v, q_start), **tolerance(q))
@@ -46,10 +56,15 @@ def test_causal_attention_from_any_position(device, n, q_start):
 @pytest.mark.parametrize("n,length", [(37, 300), (5, 5), (130, 1000)])
 def test_attention_lse(device, causal, n, length, monkeypatch):
     """Output and natural log-sum-exp; the reference in several query chunks gives the same."""
-    q, k, v = rand(n, 6, 64, device=device, seed=n), rand(length, 2, 64, device=device, seed=1), \
-        rand(length, 2, 64, device=device, seed=2)
+    q, k, v = (
+        rand(n, 6, 64, device=device, seed=n),
+        rand(length, 2, 64, device=device, seed=1),
+        rand(length, 2, 64, device=device, seed=2),
+    )
     want, want_lse = brute_force(q, k, v, length - n if causal else None, lse=True)
-    monkeypatch.setattr("tailorkv.kernels.attention.SCORE_CHUNK", 6 * length * 16)  # 16 queries a chunk
+    monkeypatch.setattr(
+        "tailorkv.kernels.attention.SCORE_CHUNK", 6 * length * 16
+    )  # 16 queries a chunk
     out, lse = attention_lse(q, k, v, causal=causal)
     assert out.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == (n, 6)
     torch.testing.assert_close(out.float(), want, **tolerance(q))
@@ -81,7 +96,9 @@ def test_shared_prefix_attention_with_own_keys_before_the_queries(device, prefix
     pk, pv = rand(prefix, 2, 128, device=device, seed=6).split(64, -1)
     got = shared_prefix_attention(q, k, v, cu, pk, pv, cu_k=cu_k)
     for a, b, c, d in zip(cu[:-1], cu[1:], cu_k[:-1], cu_k[1:]):
-        want = brute_force(q[a:b], torch.cat([pk, k[c:d]]), torch.cat([pv, v[c:d]]), prefix + d - c - (b - a))
+        want = brute_force(
+            q[a:b], torch.cat([pk, k[c:d]]), torch.cat([pv, v[c:d]]), prefix + d - c - (b - a)
+        )
         torch.testing.assert_close(got[a:b].float(), want, **tolerance(q))
 
 
@@ -92,10 +109,16 @@ def test_causal_attention_rejects_keys_that_do_not_end_at_the_chunk():
 
 
 def test_merge_attention_states():
-    q, k, v = rand(4, 9, 64, device="cpu", seed=1), rand(150, 3, 64, device="cpu", seed=2), \
-        rand(150, 3, 64, device="cpu", seed=3)
+    q, k, v = (
+        rand(4, 9, 64, device="cpu", seed=1),
+        rand(150, 3, 64, device="cpu", seed=2),
+        rand(150, 3, 64, device="cpu", seed=3),
+    )
     whole = brute_force(q, k, v, None, lse=True)
-    a, b = brute_force(q, k[:40], v[:40], None, lse=True), brute_force(q, k[40:], v[40:], None, lse=True)
+    a, b = (
+        brute_force(q, k[:40], v[:40], None, lse=True),
+        brute_force(q, k[40:], v[40:], None, lse=True),
+    )
     for got in (merge_attention_states(*a, *b), merge_attention_states(*b, *a)):
         torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
     empty = (torch.zeros_like(a[0]), torch.full_like(a[1], float("-inf")))

@@ -1,5 +1,6 @@
 """benchmarks.bench_prefix_prefill runs end to end on the embedded model: the later rows reuse the whole document,
 from GPU copies by default and from the host tier without."""
+
 import json
 
 from benchmarks import bench_prefix_prefill
@@ -7,10 +8,29 @@ from benchmarks import bench_prefix_prefill
 
 def test_bench_prefix_prefill_rows(tmp_path):
     out = tmp_path / "prefix_prefill.json"
-    rows = bench_prefix_prefill.main(["--doc-tokens", "600", "--new-tokens", "20", "--rows", "1,2", "--repeats", "1",
-                                      "--host-kv-gib", "1", "--output", str(out)])
+    rows = bench_prefix_prefill.main(
+        [
+            "--doc-tokens",
+            "600",
+            "--new-tokens",
+            "20",
+            "--rows",
+            "1,2",
+            "--repeats",
+            "1",
+            "--host-kv-gib",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == rows
-    assert [(r["copies"], r["rows"]) for r in rows] == [("auto", 1), ("auto", 2), (0.0, 1), (0.0, 2)]
+    assert [(r["copies"], r["rows"]) for r in rows] == [
+        ("auto", 1),
+        ("auto", 2),
+        (0.0, 1),
+        (0.0, 2),
+    ]
     # the whole document: two full 256-token blocks and 88 tokens of the first prompt's partial block
     assert all(r["cached_tokens"] == 600 and r["step_ms"] > 0 for r in rows)
     assert rows[0]["copy_pages"] > 0 and rows[2]["copy_pages"] == 0

@@ -1,4 +1,5 @@
 """docker-compose.yml, prometheus.yml and the Dockerfile describe a server that `tailorkv serve` would start."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,11 @@ def test_prometheus_scrapes_metrics(services):
     prom = services["prometheus"]
     source = next(s for s, t in map(mount, prom["volumes"]) if t.endswith("prometheus.yml"))
     config = yaml.safe_load((ROOT / source).read_text())
-    jobs = [j for j in config["scrape_configs"] if any(
-        "tailorkv:30000" in c["targets"] for c in j.get("static_configs", []))]
+    jobs = [
+        j
+        for j in config["scrape_configs"]
+        if any("tailorkv:30000" in c["targets"] for c in j.get("static_configs", []))
+    ]
     assert jobs and jobs[0].get("metrics_path", "/metrics") == "/metrics"
 
 

@@ -1,5 +1,6 @@
 """GPU copies of host-tier pages (DeviceCopies): which pages hold a slot, and that a prefix read from copies (all or
 some of its pages) equals the host tier's rows, also after a page is written again."""
+
 import torch
 
 from tailorkv.kvcache.device_copies import DeviceCopies
@@ -13,7 +14,9 @@ def test_written_pages_take_slots_and_the_least_recently_used_unneeded_copy_goes
     c.plan([10], [12, 13])  # 10 is read (kept and used most recently); 13 takes 11's slot
     assert c.slot(11) is None and c.num_pages == 3 and len({c.slot(p) for p in (10, 12, 13)}) == 3
     s12 = c.slot(12)
-    c.plan([10, 12, 13], [14, 12])  # every copy is needed in this step: 14 gets none, 12 (written again) keeps its
+    c.plan(
+        [10, 12, 13], [14, 12]
+    )  # every copy is needed in this step: 14 gets none, 12 (written again) keeps its
     assert c.slot(14) is None and c.slot(12) == s12
     assert c.slots_of(torch.tensor([14, 12])).tolist() == [c.scratch, s12]
     c.plan([], [15])  # 10 was used least recently
@@ -31,14 +34,18 @@ def test_reads_split_into_host_runs_and_copies():
 
 
 def _store(copy_slots: int) -> OffloadStore:
-    return OffloadStore(2, 8, 2, 4, 3, 64, 4, 4, "cpu", torch.float32, extra_row_layers=1, copy_slots=copy_slots)
+    return OffloadStore(
+        2, 8, 2, 4, 3, 64, 4, 4, "cpu", torch.float32, extra_row_layers=1, copy_slots=copy_slots
+    )
 
 
 def _write(store: OffloadStore, pages: list[int], n: int, seed: int) -> None:
     """A prompt of n tokens into host pages `pages`, every row layer (the prefill's writes)."""
     torch.manual_seed(seed)
     store.copies.plan([], pages)
-    rows = PromptRows.build([OffloadState(pages, [0], 0, n, 4, 4)], [n], 0, store.window, "cpu", store.copies)
+    rows = PromptRows.build(
+        [OffloadState(pages, [0], 0, n, 4, 4)], [n], 0, store.window, "cpu", store.copies
+    )
     for layer in range(3):
         k, v = torch.randn(2, n, 3, 64)
         store.store_rows(layer, rows, k, v)
@@ -49,9 +56,16 @@ def test_a_prefix_read_from_copies_equals_the_host_rows():
     _write(store, [5, 2, 7, 0], 1000, seed=0)  # four pages, three slots: page 0 gets no copy
     assert store.copies.slot(0) is None and all(store.copies.slot(p) is not None for p in (5, 2, 7))
     _write(store, [2], 200, seed=1)  # page 2 written again (a freed page reused), through its copy
-    for pages in ([5, 2, 7, 0], [5, 2, 7], [2, 0, 5], [0]):  # copies and host runs, copies only, host only
+    for pages in (
+        [5, 2, 7, 0],
+        [5, 2, 7],
+        [2, 0, 5],
+        [0],
+    ):  # copies and host runs, copies only, host only
         reads = store.copies.reads(tuple(page_runs(pages)), "cpu")
         for layer in range(3):
-            got = store.read_prefix(layer, reads, torch.full((len(pages), 3, 256, 128), float("nan")))
+            got = store.read_prefix(
+                layer, reads, torch.full((len(pages), 3, 256, 128), float("nan"))
+            )
             assert torch.equal(got, store.rows[layer][pages])
     assert store.copies.reads(tuple(page_runs([5, 2, 7])), "cpu").host_runs == ()

@@ -1,4 +1,5 @@
 """The offline Engine on the embedded model: batching, chunked prefill, sampling params, page accounting."""
+
 import threading
 import time
 
@@ -7,10 +8,12 @@ import pytest
 from tailorkv import Engine, SamplingParams
 from tailorkv.errors import InvalidRequestError
 
-PROMPTS = ["Once upon a time, there was a little girl named Lily. She",
-           "The theory of relativity",
-           "Here is a short list of three fruits that are red:",
-           "In 1969, Neil Armstrong became the first person to walk on the moon. Since then, space exploration has"]
+PROMPTS = [
+    "Once upon a time, there was a little girl named Lily. She",
+    "The theory of relativity",
+    "Here is a short list of three fruits that are red:",
+    "In 1969, Neil Armstrong became the first person to walk on the moon. Since then, space exploration has",
+]
 GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
 
 
@@ -21,7 +24,9 @@ def engine():
 
 
 def test_chat_answers_paris(engine):
-    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
     out = engine.generate(prompt, sampling_params={"max_new_tokens": 16, "temperature": 0})
     assert "Paris" in out["text"]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": 2}
@@ -31,7 +36,9 @@ def test_batch_equals_each_prompt_alone(engine):
     alone = [engine.generate(p, sampling_params=GREEDY)["output_ids"] for p in PROMPTS]
     together = engine.generate(PROMPTS, sampling_params=GREEDY)
     assert [r["output_ids"] for r in together] == alone
-    assert len({len(engine.tokenize(p, None)) for p in PROMPTS}) == len(PROMPTS)  # really different lengths
+    assert len({len(engine.tokenize(p, None)) for p in PROMPTS}) == len(
+        PROMPTS
+    )  # really different lengths
 
 
 def test_chunked_prefill_equals_whole_prefill(engine):
@@ -48,8 +55,10 @@ def test_pages_return_to_the_pool(engine):
 
 
 def test_meta_info(engine):
-    out = engine.generate(input_ids=[504, 3575, 282], sampling_params={"max_new_tokens": 3, "temperature": 0,
-                                                                       "ignore_eos": True})
+    out = engine.generate(
+        input_ids=[504, 3575, 282],
+        sampling_params={"max_new_tokens": 3, "temperature": 0, "ignore_eos": True},
+    )
     m = out["meta_info"]
     assert (m["prompt_tokens"], m["completion_tokens"]) == (3, 3)
     assert m["finish_reason"] == {"type": "length", "matched": None}
@@ -69,7 +78,9 @@ def test_seed_reproduces_and_top_k_1_is_greedy(engine):
     a = engine.generate(PROMPTS[1], sampling_params=sp)["output_ids"]
     assert engine.generate(PROMPTS[1], sampling_params=sp)["output_ids"] == a
     assert engine.generate(PROMPTS[1], sampling_params={**sp, "seed": 8})["output_ids"] != a
-    greedy = engine.generate(PROMPTS[1], sampling_params={**GREEDY, "max_new_tokens": 12})["output_ids"]
+    greedy = engine.generate(PROMPTS[1], sampling_params={**GREEDY, "max_new_tokens": 12})[
+        "output_ids"
+    ]
     assert engine.generate(PROMPTS[1], sampling_params={**sp, "top_k": 1})["output_ids"] == greedy
 
 
@@ -82,13 +93,26 @@ def test_stop_string_and_stop_token(engine):
     tok = full["output_ids"][5]
     out = engine.generate(PROMPTS[0], sampling_params={**GREEDY, "stop_token_ids": [tok]})
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tok}
-    assert out["output_ids"] == full["output_ids"][:full["output_ids"].index(tok)]
+    assert out["output_ids"] == full["output_ids"][: full["output_ids"].index(tok)]
 
 
-@pytest.mark.parametrize("params", [
-    {"max_new_tokens": 0}, {"max_new_tokens": -3}, {"temperature": -1}, {"top_p": 1.5}, {"top_p": 0},
-    {"top_k": 0}, {"min_p": 2}, {"stop": 5}, {"stop": [""]}, {"stop_token_ids": ["a"]}, {"bogus": 1},
-    {"max_new_tokens": "8"}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"max_new_tokens": 0},
+        {"max_new_tokens": -3},
+        {"temperature": -1},
+        {"top_p": 1.5},
+        {"top_p": 0},
+        {"top_k": 0},
+        {"min_p": 2},
+        {"stop": 5},
+        {"stop": [""]},
+        {"stop_token_ids": ["a"]},
+        {"bogus": 1},
+        {"max_new_tokens": "8"},
+    ],
+)
 def test_bad_sampling_params(params):
     with pytest.raises(InvalidRequestError):
         SamplingParams.from_any(params)
@@ -100,17 +124,22 @@ def test_bad_requests(engine):
     with pytest.raises(InvalidRequestError, match="context"):
         engine.generate("hello", sampling_params={"max_new_tokens": engine.config.max_position})
     with pytest.raises(InvalidRequestError, match="vocabulary"):
-        engine.generate(input_ids=[1, engine.config.vocab_size], sampling_params={"max_new_tokens": 2})
+        engine.generate(
+            input_ids=[1, engine.config.vocab_size], sampling_params={"max_new_tokens": 2}
+        )
     assert not engine.memory.held  # nothing half-admitted
 
 
 def test_score_matches_generation_logits(engine):
     """Teacher forcing the greedy continuation gives the log-probs of those tokens, each the row's maximum."""
     ids = engine.tokenize(PROMPTS[0], None)
-    cont = engine.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 6})["output_ids"]
+    cont = engine.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 6})[
+        "output_ids"
+    ]
     (lp,) = engine.score([ids], [cont])
     assert len(lp) == 6 and all(x <= 0 for x in lp)
     import torch
+
     first = torch.log_softmax(engine.next_token_logits(ids), -1)
     assert abs(lp[0] - float(first.max())) < 1e-4 and int(first.argmax()) == cont[0]
 
@@ -128,7 +157,9 @@ def test_tokenizing_a_long_prompt_lets_other_threads_run(engine):
 
     alone = spin(0.5)
     # texts that do not extend one another, so that none is tokenized from an earlier one's ids
-    worker = threading.Thread(target=lambda: [engine.tokenizer.encode(f"{i} {text}") for i in range(8)])
+    worker = threading.Thread(
+        target=lambda: [engine.tokenizer.encode(f"{i} {text}") for i in range(8)]
+    )
     worker.start()
     during = spin(0.5)
     worker.join()

@@ -1,4 +1,5 @@
 """Bad input gives one clear error: a typed exception in Python, one line and exit code 2 in the CLI."""
+
 import json
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from tailorkv.errors import ConfigError, ModelLoadError
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tailorkv", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "tailorkv", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.fixture
@@ -23,7 +26,9 @@ def no_config_dir(tmp_path_factory):
 @pytest.fixture
 def unsupported_arch_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("badarch")
-    (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10})
+    )
     return str(d)
 
 
@@ -42,15 +47,18 @@ def test_python_errors(no_config_dir, unsupported_arch_dir, tmp_path):
         Engine(max_running_requests=0)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--model", "/definitely/missing"], "does not exist"),
-    (["--model", "NOCONFIG"], "config.json"),
-    (["--model", "BADARCH"], "unsupported architecture"),
-    (["--prompt-override", ""], "prompt is empty"),
-    (["--max-new-tokens", "0"], "max_new_tokens"),
-    (["--max-new-tokens", "9000"], "exceeds the model's context"),
-    (["--kv-policy", "nope"], "kv_policy"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "/definitely/missing"], "does not exist"),
+        (["--model", "NOCONFIG"], "config.json"),
+        (["--model", "BADARCH"], "unsupported architecture"),
+        (["--prompt-override", ""], "prompt is empty"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-new-tokens", "9000"], "exceeds the model's context"),
+        (["--kv-policy", "nope"], "kv_policy"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(args, needle, no_config_dir, unsupported_arch_dir):
     args = [{"NOCONFIG": no_config_dir, "BADARCH": unsupported_arch_dir}.get(a, a) for a in args]
     prompt = "hello"
@@ -64,11 +72,16 @@ def test_cli_errors_are_one_line_exit_2(args, needle, no_config_dir, unsupported
 
 
 def test_cli_generate_paris():
-    r = run_cli("generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "16")
+    r = run_cli(
+        "generate", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "16"
+    )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
 
 
 def test_cli_serve_refuses_a_negative_delay_factor():
     r = run_cli("serve", "--scheduler-delay-factor", "-1")
-    assert r.returncode == 2 and r.stderr.strip() == "tailorkv: error: --scheduler-delay-factor must be >= 0, got -1.0"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == "tailorkv: error: --scheduler-delay-factor must be >= 0, got -1.0"
+    )

@@ -1,6 +1,7 @@
 """The GPU paths end to end (skipped without CUDA): FlashInfer's paged decode against the torch reference, tailor
 with a covering budget equal to full token for token through the UVA host-tier kernels, and the real model's
 answer on the GPU."""
+
 import pytest
 import torch
 
@@ -38,29 +39,62 @@ def test_tailor_with_covering_budget_equals_full_on_gpu():
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1000, 517, 64)]
     sp = {**GREEDY, "max_new_tokens": 32}
     outs = {}
-    for name, policy, opts in [("full", "full", {}), ("tailor", "tailor", dict(quant_layers=[], top_k=2048)),
-                               ("faithful", "tailor", dict(quant_layers=[], top_k=2048, key_sketch=0)),
-                               ("offload", "offload", {})]:
-        with Engine("dummy:smollm2-135m", kv_policy=policy, device="cuda", dtype="float32", progress=False,
-                    **opts) as e:
-            outs[name] = [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sp)]
+    for name, policy, opts in [
+        ("full", "full", {}),
+        ("tailor", "tailor", dict(quant_layers=[], top_k=2048)),
+        ("faithful", "tailor", dict(quant_layers=[], top_k=2048, key_sketch=0)),
+        ("offload", "offload", {}),
+    ]:
+        with Engine(
+            "dummy:smollm2-135m",
+            kv_policy=policy,
+            device="cuda",
+            dtype="float32",
+            progress=False,
+            **opts,
+        ) as e:
+            outs[name] = [
+                r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sp)
+            ]
     assert outs["tailor"] == outs["full"] == outs["offload"] == outs["faithful"]
 
 
 @pytest.mark.parametrize("policy", ["full", "tailor", "offload"])
 def test_real_model_answers_on_gpu(policy):
-    with Engine(kv_policy=policy, device="cuda", progress=False) as e:  # bf16: FlashInfer decode for full, offload
-        prompt = e.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-        assert "Paris" in e.generate(prompt, sampling_params={"max_new_tokens": 16, "temperature": 0})["text"]
+    with Engine(
+        kv_policy=policy, device="cuda", progress=False
+    ) as e:  # bf16: FlashInfer decode for full, offload
+        prompt = e.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}]
+        )
+        assert (
+            "Paris"
+            in e.generate(prompt, sampling_params={"max_new_tokens": 16, "temperature": 0})["text"]
+        )
 
 
-@pytest.mark.parametrize("policy,opts,dtype", [
-    ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=0), "float32"),  # stage-1 prefetch on the side stream
-    ("tailor", dict(quant_layers=[0, 5]), "float32"),  # two Q layers, one mid-model: K tails fill in the graph
-    ("tailor", dict(quant_layers=[0], top_k=64, key_sketch=2), "float32"),  # stage 2 from the GPU-tier sketch
-    ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments
-    ("kivi", dict(quant_bits=4), "float32"),
-])
+@pytest.mark.parametrize(
+    "policy,opts,dtype",
+    [
+        (
+            "tailor",
+            dict(quant_layers=[0], top_k=64, key_sketch=0),
+            "float32",
+        ),  # stage-1 prefetch on the side stream
+        (
+            "tailor",
+            dict(quant_layers=[0, 5]),
+            "float32",
+        ),  # two Q layers, one mid-model: K tails fill in the graph
+        (
+            "tailor",
+            dict(quant_layers=[0], top_k=64, key_sketch=2),
+            "float32",
+        ),  # stage 2 from the GPU-tier sketch
+        ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments
+        ("kivi", dict(quant_bits=4), "float32"),
+    ],
+)
 def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
     """Graph replay computes what eager decode computes. In float32 the 4 rows finish at different steps, so the
     padded bucket and the generated-token shape change under it; in bfloat16 they finish together, since a GEMM over
@@ -73,9 +107,18 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
     sps = [{**GREEDY, "max_new_tokens": n} for n in lengths]
     outs = []
     for graph in (False, True):
-        with Engine("dummy:smollm2-135m", kv_policy=policy, device="cuda", dtype=dtype, progress=False,
-                    cuda_graph=graph, **opts) as e:
-            outs.append([r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sps)])
+        with Engine(
+            "dummy:smollm2-135m",
+            kv_policy=policy,
+            device="cuda",
+            dtype=dtype,
+            progress=False,
+            cuda_graph=graph,
+            **opts,
+        ) as e:
+            outs.append(
+                [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sps)]
+            )
             assert bool(e.runner.graphs and e.runner.graphs.steps) == graph
     assert outs[1] == outs[0]
 
@@ -90,5 +133,7 @@ def test_host_tier_is_registered_exactly():
     assert t.is_pinned()
     t.copy_(torch.arange(105, dtype=torch.float32).view(5, 3, 7))
     out = torch.empty(2, 3, 7, device="cuda")
-    host_copy.ops("cuda").copy_pages(t, torch.tensor([4, 1], device="cuda"), out, torch.arange(2, device="cuda"))
+    host_copy.ops("cuda").copy_pages(
+        t, torch.tensor([4, 1], device="cuda"), out, torch.arange(2, device="cuda")
+    )
     assert torch.equal(out.cpu(), t[[4, 1]])

@@ -1,5 +1,6 @@
 """Against HF transformers on the same GGUF (float32): identical greedy tokens; and the same weights from GGUF
 and from a converted HF safetensors directory give identical logits."""
+
 import json
 import os
 
@@ -11,9 +12,11 @@ from tailorkv.models.embedded import embedded_model_path
 from tailorkv.models.loader import resolve
 
 transformers = pytest.importorskip("transformers")
-PROMPTS = ["Once upon a time, there was a little girl named Lily. She",
-           "The three primary colors are",
-           "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+PROMPTS = [
+    "Once upon a time, there was a little girl named Lily. She",
+    "The three primary colors are",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+]
 NEW = 64
 
 
@@ -28,22 +31,25 @@ def engine():
 def hf_model():
     os.environ["HF_HUB_OFFLINE"] = "1"
     path = embedded_model_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                             gguf_file=os.path.basename(path),
-                                                             dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
 
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=2)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def test_greedy_tokens_equal_transformers(engine, hf_model):
     for prompt in PROMPTS:
         ids = engine.tokenize(prompt, None)
-        ours = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": NEW, "temperature": 0,
-                                                               "ignore_eos": True})["output_ids"]
+        ours = engine.generate(
+            input_ids=ids,
+            sampling_params={"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True},
+        )["output_ids"]
         assert ours == hf_greedy(hf_model, ids, NEW), prompt
 
 
@@ -56,7 +62,10 @@ def write_hf_dir(engine: Engine, directory: str) -> None:
     names = sorted(tensors)
     half = len(names) // 2
     for i, part in enumerate((names[:half], names[half:])):
-        save_file({k: tensors[k].contiguous() for k in part}, os.path.join(directory, f"model-{i + 1:05d}-of-00002.safetensors"))
+        save_file(
+            {k: tensors[k].contiguous() for k in part},
+            os.path.join(directory, f"model-{i + 1:05d}-of-00002.safetensors"),
+        )
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(engine.config.to_hf(), f)
     engine.tokenizer.save_pretrained(directory)
@@ -64,11 +73,15 @@ def write_hf_dir(engine: Engine, directory: str) -> None:
 
 def test_gguf_and_safetensors_give_identical_logits(engine, tmp_path):
     write_hf_dir(engine, str(tmp_path))
-    with Engine(model=str(tmp_path), progress=False, dtype="float32", enable_prefix_caching=False) as from_dir:
+    with Engine(
+        model=str(tmp_path), progress=False, dtype="float32", enable_prefix_caching=False
+    ) as from_dir:
         assert from_dir.config.num_layers == 30 and from_dir.config.tie_word_embeddings
         for prompt in PROMPTS:
             ids = engine.tokenize(prompt, None)
             assert from_dir.tokenize(prompt, None) == ids
             assert torch.equal(engine.next_token_logits(ids), from_dir.next_token_logits(ids))
         chat = [{"role": "user", "content": "hi"}]
-        assert from_dir.tokenizer.apply_chat_template(chat) == engine.tokenizer.apply_chat_template(chat)
+        assert from_dir.tokenizer.apply_chat_template(chat) == engine.tokenizer.apply_chat_template(
+            chat
+        )

@@ -3,9 +3,9 @@ torch reference, which is itself checked against plain indexing. Shapes are awkw
 head_dim 64, page counts and top-k sizes that fill no block. Without CUDA the kernels run in the Triton interpreter
 on CPU; with CUDA the source lives in pinned host memory and the kernels read it through UVA.
 """
+
 import pytest
 import torch
-
 from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import host_copy as ref  # noqa: E402
@@ -28,7 +28,7 @@ def _pages(b, np_, total, seed=1):
     g = torch.Generator().manual_seed(seed)
     pages = torch.stack([torch.randperm(total, generator=g)[:np_] for _ in range(b)])
     for i in range(1, b):
-        pages[i, max(1, np_ - i):] = -1
+        pages[i, max(1, np_ - i) :] = -1
     return pages.to(DEVICE)
 
 
@@ -43,7 +43,9 @@ def test_copy_pages_both_ways(kt, dtype, shape):
     assert (dev[3] == 0).all()
     back = _host(11, *shape, dtype=dtype, seed=3)
     expect = back.clone()
-    kt.copy_pages(dev, torch.tensor([0, 1], device=DEVICE), back, torch.tensor([10, 3], device=DEVICE))  # GPU -> host
+    kt.copy_pages(
+        dev, torch.tensor([0, 1], device=DEVICE), back, torch.tensor([10, 3], device=DEVICE)
+    )  # GPU -> host
     expect[[10, 3]] = dev[[0, 1]].cpu()
     torch.testing.assert_close(back, expect, rtol=0, atol=0)
     ref_dst = torch.zeros_like(dev)
@@ -52,17 +54,29 @@ def test_copy_pages_both_ways(kt, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,np_,h,d,t,c", [(1, 1, 1, 64, 64, 1), (2, 9, 3, 64, 64, 5), (3, 13, 3, 128, 256, 12)])
+@pytest.mark.parametrize(
+    "b,np_,h,d,t,c", [(1, 1, 1, 64, 64, 1), (2, 9, 3, 64, 64, 5), (3, 13, 3, 128, 256, 12)]
+)
 def test_gather_channels_matches_reference(kt, dtype, b, np_, h, d, t, c):
     k_t = _host(17, h, d, t, dtype=dtype)
     pages = _pages(b, np_, 17)
-    channels = torch.stack([torch.randperm(d, generator=torch.Generator().manual_seed(i))[:c]
-                            for i in range(b * h)]).view(b, h, c).to(DEVICE)
+    channels = (
+        torch.stack(
+            [
+                torch.randperm(d, generator=torch.Generator().manual_seed(i))[:c]
+                for i in range(b * h)
+            ]
+        )
+        .view(b, h, c)
+        .to(DEVICE)
+    )
     got = kt.gather_channels(k_t, pages, channels)
     expect = ref.gather_channels(k_t, pages, channels)
     assert got.shape == expect.shape == (b, h, c, np_ * t) and got.device.type == DEVICE
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
-    out = torch.full(got.shape, 7.0, device=DEVICE)  # float32 whatever the source: what stage 2 scores in
+    out = torch.full(
+        got.shape, 7.0, device=DEVICE
+    )  # float32 whatever the source: what stage 2 scores in
     assert kt.gather_channels(k_t, pages, channels, out=out) is out
     torch.testing.assert_close(out, expect.float(), rtol=0, atol=0)
     padded = (pages < 0).repeat_interleave(t, 1)[:, None, None].expand_as(expect)
@@ -73,12 +87,18 @@ def test_gather_channels_matches_reference(kt, dtype, b, np_, h, d, t, c):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("b,np_,h,t,w,k", [(1, 1, 1, 64, 128, 1), (2, 7, 3, 64, 128, 45), (3, 5, 3, 256, 256, 130)])
+@pytest.mark.parametrize(
+    "b,np_,h,t,w,k", [(1, 1, 1, 64, 128, 1), (2, 7, 3, 64, 128, 45), (3, 5, 3, 256, 256, 130)]
+)
 def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
     rows = _host(12, h, t, w, dtype=dtype)
     pages = _pages(b, np_, 12)
     g = torch.Generator().manual_seed(5)
-    idx = torch.stack([torch.randperm(np_ * t, generator=g)[:k] for _ in range(b * h)]).view(b, h, k).to(DEVICE)
+    idx = (
+        torch.stack([torch.randperm(np_ * t, generator=g)[:k] for _ in range(b * h)])
+        .view(b, h, k)
+        .to(DEVICE)
+    )
     got = kt.gather_rows(rows, pages, idx)
     expect = ref.gather_rows(rows, pages, idx)
     assert got.shape == expect.shape == (b, h, k, w)
@@ -86,7 +106,9 @@ def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
     no_page = pages.gather(1, (idx // t).view(b, -1)).view(b, h, k) < 0
     assert (expect[no_page] == 0).all()
     pos = idx[0, h - 1, k - 1].item()
-    torch.testing.assert_close(expect[0, h - 1, k - 1], rows[pages[0, pos // t].item(), h - 1, pos % t].to(DEVICE))
+    torch.testing.assert_close(
+        expect[0, h - 1, k - 1], rows[pages[0, pos // t].item(), h - 1, pos % t].to(DEVICE)
+    )
 
 
 def test_ops_dispatch():
@@ -96,5 +118,8 @@ def test_ops_dispatch():
 @pytest.mark.skipif(not CUDA, reason="pageable host memory is only refused on CUDA")
 def test_pageable_host_memory_is_refused(kt):
     with pytest.raises(ValueError, match="pinned"):
-        kt.gather_rows(torch.zeros(2, 1, 64, 128), torch.zeros(1, 1, dtype=torch.long, device="cuda"),
-                       torch.zeros(1, 1, 1, dtype=torch.long, device="cuda"))
+        kt.gather_rows(
+            torch.zeros(2, 1, 64, 128),
+            torch.zeros(1, 1, dtype=torch.long, device="cuda"),
+            torch.zeros(1, 1, 1, dtype=torch.long, device="cuda"),
+        )

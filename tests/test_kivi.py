@@ -3,9 +3,9 @@
 Without CUDA the Triton kernels run in the interpreter on CPU; with CUDA they are compiled and fed half-precision
 inputs, compared against the float32 reference at relative error 1e-2.
 """
+
 import pytest
 import torch
-
 from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import kivi as K  # noqa: E402
@@ -27,7 +27,10 @@ def _gen(seed: int) -> torch.Generator:
 def _randn(*shape, seed=0, dtype=torch.float32) -> torch.Tensor:
     # a per-channel offset and spread, like real keys
     x = torch.randn(*shape, generator=_gen(seed), device=DEVICE)
-    return (x * (0.5 + torch.rand(shape[-1], generator=_gen(seed + 1), device=DEVICE)) + 2 * x[..., :1, :]).to(dtype)
+    return (
+        x * (0.5 + torch.rand(shape[-1], generator=_gen(seed + 1), device=DEVICE))
+        + 2 * x[..., :1, :]
+    ).to(dtype)
 
 
 def _bound(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -47,7 +50,9 @@ def test_key_round_trip_within_half_step(bits, shape):
     k = _randn(n, t, d)
     qk = K.quantize_keys(k, bits)
     assert qk.packed.shape == (n, -(-t // (32 // bits)), d) and qk.packed.dtype == torch.int32
-    assert qk.scale.shape == qk.zero.shape == (n, -(-t // 64), d) and qk.scale.dtype == torch.float16
+    assert (
+        qk.scale.shape == qk.zero.shape == (n, -(-t // 64), d) and qk.scale.dtype == torch.float16
+    )
     bound = _bound(qk.scale, qk.zero, bits).repeat_interleave(64, 1)[:, :t]
     assert ((K.dequantize_keys(qk, bits, 64, t) - k).abs() <= bound).all()
 
@@ -58,7 +63,11 @@ def test_value_round_trip_within_half_step(bits, shape):
     n, t, d = shape
     v = _randn(n, t, d)
     qv = K.quantize_values(v, bits)
-    assert qv.packed.shape == (n, t, d * bits // 32) and qv.scale.shape == qv.zero.shape == (n, t, d // 64)
+    assert qv.packed.shape == (n, t, d * bits // 32) and qv.scale.shape == qv.zero.shape == (
+        n,
+        t,
+        d // 64,
+    )
     bound = _bound(qv.scale, qv.zero, bits).repeat_interleave(64, -1)
     assert ((K.dequantize_values(qv, bits, 64) - v).abs() <= bound).all()
 
@@ -93,11 +102,19 @@ def test_packing_is_lsb_first():
     # keys, 2 bits: 16 tokens per word; one channel holds 0,1,2,3,0,1,2,3,... then 2, so min 0, max 3, code = value
     k = torch.tensor([t % 4 for t in range(16)] + [2], dtype=torch.float32).view(1, 17, 1)
     qk = K.quantize_keys(k, 2, group=32)
-    assert qk.packed.view(-1).tolist() == [0xE4E4E4E4 - 2**32, 0b10]  # 0b11_10_01_00: token 0 in bits 0-1
+    assert qk.packed.view(-1).tolist() == [
+        0xE4E4E4E4 - 2**32,
+        0b10,
+    ]  # 0b11_10_01_00: token 0 in bits 0-1
     # values, 4 bits: 8 channels per word; channel c holds c % 16 with min 0, max 15 -> code c % 16
     v = (torch.arange(32) % 16).float().view(1, 1, 32)
     qv = K.quantize_values(v, 4)
-    assert qv.packed.view(-1).tolist() == [0x76543210, 0xFEDCBA98 - 2**32, 0x76543210, 0xFEDCBA98 - 2**32]
+    assert qv.packed.view(-1).tolist() == [
+        0x76543210,
+        0xFEDCBA98 - 2**32,
+        0x76543210,
+        0xFEDCBA98 - 2**32,
+    ]
 
 
 TRITON_SHAPES = [(3, 197, 64), (4, 65, 128), (2, 1, 64), (3, 0, 64)]  # (N, T, D)
@@ -120,10 +137,16 @@ def test_triton_quantize_matches_reference(kt, bits, shape, dtype):
 def test_triton_dequantize_matches_reference(kt, bits, shape, dtype):
     x = _randn(*shape)
     t = shape[1]
-    pairs = [(K.dequantize_keys(K.quantize_keys(x, bits), bits, 64, t),
-              kt.dequantize_keys(K.quantize_keys(x, bits), bits, 64, t, dtype=dtype)),
-             (K.dequantize_values(K.quantize_values(x, bits), bits, 64),
-              kt.dequantize_values(K.quantize_values(x, bits), bits, 64, dtype=dtype))]
+    pairs = [
+        (
+            K.dequantize_keys(K.quantize_keys(x, bits), bits, 64, t),
+            kt.dequantize_keys(K.quantize_keys(x, bits), bits, 64, t, dtype=dtype),
+        ),
+        (
+            K.dequantize_values(K.quantize_values(x, bits), bits, 64),
+            kt.dequantize_values(K.quantize_values(x, bits), bits, 64, dtype=dtype),
+        ),
+    ]
     for want, got in pairs:
         assert got.shape == want.shape and got.dtype == dtype
         if CUDA and want.numel():
@@ -138,12 +161,22 @@ def _attention(q, k, v, sm_scale):
     outs, lses = [], []
     for h in range(q.shape[0]):
         scores = (k[h // group].double() @ q[h].double()) * sm_scale
-        outs.append(torch.softmax(scores, 0) @ v[h // group].double() if len(scores) else torch.zeros_like(q[h]))
+        outs.append(
+            torch.softmax(scores, 0) @ v[h // group].double()
+            if len(scores)
+            else torch.zeros_like(q[h])
+        )
         lses.append(torch.logsumexp(scores, 0))
     return torch.stack(outs).float(), torch.stack(lses).float()
 
 
-PAGED_ROWS = [(1, 0, 0), (197, 128, 69), (300, 256, 172), (64, 64, 0), (130, 128, 2)]  # (n, kq, vq) per sequence
+PAGED_ROWS = [
+    (1, 0, 0),
+    (197, 128, 69),
+    (300, 256, 172),
+    (64, 64, 0),
+    (130, 128, 2),
+]  # (n, kq, vq) per sequence
 
 
 def _paged_case(bits, rows=PAGED_ROWS, dtype=torch.float32, hq=9, hkv=3, d=64, r=128):
@@ -163,8 +196,22 @@ def _paged_case(bits, rows=PAGED_ROWS, dtype=torch.float32, hq=9, hkv=3, d=64, r
     pages = torch.stack([torch.randperm(num_pages, generator=gen)[:width] for _ in rows]).to(DEVICE)
     slots = torch.randperm(num_slots, generator=gen)[: len(rows)].to(DEVICE)
     q = _randn(len(rows), hq, d, seed=1, dtype=dtype)
-    return (q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, k_tail, v_win, pages, slots,
-            torch.tensor(rows, device=DEVICE), bits, d ** -0.5)
+    return (
+        q,
+        k_packed,
+        k_scale,
+        k_zero,
+        v_packed,
+        v_scale,
+        v_zero,
+        k_tail,
+        v_win,
+        pages,
+        slots,
+        torch.tensor(rows, device=DEVICE),
+        bits,
+        d**-0.5,
+    )
 
 
 @pytest.mark.parametrize("bits", [1, 2])
@@ -185,8 +232,11 @@ def test_reference_paged_decode_attention_is_exact(bits):
                 keys.append(k_tail[slots[b], t - kq].float())
             if t < vq:
                 slot = page * 64 + off
-                values.append(K.dequantize_values(K.QuantizedValues(vp[slot][None], vs[slot][None], vz[slot][None]),
-                                                  bits, 64)[0])
+                values.append(
+                    K.dequantize_values(
+                        K.QuantizedValues(vp[slot][None], vs[slot][None], vz[slot][None]), bits, 64
+                    )[0]
+                )
             else:
                 values.append(v_win[slots[b], t % v_win.shape[1]].float())
         want, _ = _attention(q[b], torch.stack(keys, 1), torch.stack(values, 1), sm_scale)
@@ -194,13 +244,17 @@ def test_reference_paged_decode_attention_is_exact(bits):
 
 
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
-@pytest.mark.parametrize("bits,heads", [(1, (9, 3, 64)), (2, (9, 3, 64)), (4, (9, 3, 64)), (2, (8, 2, 128))])
+@pytest.mark.parametrize(
+    "bits,heads", [(1, (9, 3, 64)), (2, (9, 3, 64)), (4, (9, 3, 64)), (2, (8, 2, 128))]
+)
 def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype):
     """GQA 3 at head_dim 64, and Llama-3.1-8B's GQA 4 at head_dim 128."""
     hq, hkv, d = heads
     case = _paged_case(bits, dtype=dtype, hq=hq, hkv=hkv, d=d)
     got = kt.paged_decode_attention(*case)
-    want = K.paged_decode_attention(*(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case))
+    want = K.paged_decode_attention(
+        *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
+    )
     assert got.dtype == torch.float32 and got.shape == want.shape
     if CUDA:
         assert _rel_err(got, want) <= 1e-2
@@ -216,12 +270,12 @@ def test_triton_paged_decode_attention_one_split_or_many(kt, monkeypatch, progra
     short row's last two blocks empty)."""
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", programs)
     case = _paged_case(2, rows)
-    torch.testing.assert_close(kt.paged_decode_attention(*case), K.paged_decode_attention(*case),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        kt.paged_decode_attention(*case), K.paged_decode_attention(*case), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_ops_dispatch():
     assert K.ops("cpu") is K
     if CUDA:
         assert K.ops("cuda").__name__ == "tailorkv.kernels.kivi_triton"
-

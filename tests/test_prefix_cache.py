@@ -1,5 +1,6 @@
 """Prefix caching: the page cache's bookkeeping (refcounts, LRU eviction, hash chain), and on the embedded model,
 greedy outputs with shared prefix pages equal to those computed from scratch, for every policy that shares."""
+
 import pytest
 
 import tailorkv.engine.engine as engine_module
@@ -44,16 +45,22 @@ def test_refcounts_and_lru_eviction():
     shared = mm.prefix.match(keys[:3])
     assert mm.reserve(1, {"kv": 5}, shared)["kv"][:3] == first[:3]  # 3 shared + 2 new pages
     assert mm.num_free("kv") == 8 - 6
-    mm.release(0)  # blocks 0-2 still referenced by request 1; block 3 is cached, unreferenced: evictable
+    mm.release(
+        0
+    )  # blocks 0-2 still referenced by request 1; block 3 is cached, unreferenced: evictable
     assert mm.prefix.refs == {k: 1 for k in keys[:3]} and list(mm.prefix.evictable) == keys[3:]
     assert mm.num_free("kv") == 8 - 5
     mm.release(1)  # the tail is released first, so the head of the prefix is the last to go
     assert list(mm.prefix.evictable) == keys[3:] + keys[2::-1]
     assert mm.num_free("kv") == 8 and mm.usage()["gpu"]["free_pages"] == 8
-    assert mm.reserve(2, {"kv": 5})["kv"][4:] == first[3:]  # 4 never-used pages, then the oldest cached block's
+    assert (
+        mm.reserve(2, {"kv": 5})["kv"][4:] == first[3:]
+    )  # 4 never-used pages, then the oldest cached block's
     assert mm.prefix.match(keys) == keys[:3]  # block 3 was evicted: its key is gone
     mm.release(2)
-    assert mm.reserve(3, {"kv": 8}) is not None and mm.prefix.match(keys) == []  # evicting all of them
+    assert (
+        mm.reserve(3, {"kv": 8}) is not None and mm.prefix.match(keys) == []
+    )  # evicting all of them
 
 
 def test_reserve_counts_evictable_shared_blocks():
@@ -64,15 +71,23 @@ def test_reserve_counts_evictable_shared_blocks():
     mm.release(0)
     mm.reserve(1, {"kv": 2})  # 2 free pages left, both those of evictable cached blocks
     shared = mm.prefix.match(keys)
-    assert mm.reserve(2, {"kv": 3}, shared) is None  # 2 shared + 1 new page would need 3 pages of room
+    assert (
+        mm.reserve(2, {"kv": 3}, shared) is None
+    )  # 2 shared + 1 new page would need 3 pages of room
     assert mm.prefix.match(keys) == shared and 2 not in mm.held  # nothing taken
-    assert mm.reserve(2, {"kv": 2}, shared)["kv"] == [p for k in shared for p in mm.prefix.pages[k]["kv"]]
+    assert mm.reserve(2, {"kv": 2}, shared)["kv"] == [
+        p for k in shared for p in mm.prefix.pages[k]["kv"]
+    ]
 
 
 def test_blocks_span_several_pools():
     """A block owns pages in every shared pool (tailor: 1 host page + 4 quantized pages); evicting it for room in
     one pool returns its pages in all of them; unshared pools are never touched by the cache."""
-    specs = [PoolSpec("host", "host", 3, 256, 1), PoolSpec("qkv", "gpu", 12, 64, 1), PoolSpec("gen", "gpu", 4, 64, 1)]
+    specs = [
+        PoolSpec("host", "host", 3, 256, 1),
+        PoolSpec("qkv", "gpu", 12, 64, 1),
+        PoolSpec("gen", "gpu", 4, 64, 1),
+    ]
     mm = MemoryManager(specs, prefix=(256, {"host": 1, "qkv": 4}))
     keys = page_hashes(list(range(512)), 256)
     held = mm.reserve(0, {"host": 2, "qkv": 9, "gen": 1})
@@ -82,7 +97,9 @@ def test_blocks_span_several_pools():
     got = mm.reserve(1, {"host": 2, "qkv": 9, "gen": 1}, mm.prefix.match(keys))
     assert got["host"][0] == held["host"][0] and got["qkv"][:4] == held["qkv"][:4]
     mm.release(1)
-    mm.reserve(2, {"host": 3, "qkv": 1})  # the host pool needs the cached block's page: the whole block goes
+    mm.reserve(
+        2, {"host": 3, "qkv": 1}
+    )  # the host pool needs the cached block's page: the whole block goes
     assert mm.prefix.match(keys) == [] and mm.pools["qkv"].num_free == 11
     mm.release(2)
     assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
@@ -103,11 +120,15 @@ def test_partial_blocks_are_matched_by_their_tokens_and_copied_on_write():
     key, n = mm.prefix.match_partial(keys[0], ids[256:290] + [7, 7])
     assert n == 34 and mm.prefix.pages[key] == {"host": [first["host"][1]]}
     assert mm.prefix.match_partial(keys[0], [5] + ids[257:290]) is None  # no first token in common
-    assert mm.prefix.match_partial(page_hashes([1] * 256, 256)[0], ids[256:290]) is None  # another parent
+    assert (
+        mm.prefix.match_partial(page_hashes([1] * 256, 256)[0], ids[256:290]) is None
+    )  # another parent
     mm.release(0)
     assert mm.num_free("host") == 4 and mm.num_free("qkv") == 16
     got = mm.reserve(1, {"host": 2, "qkv": 5}, mm.prefix.match(keys), key)
-    assert got["host"][0] == first["host"][0] and got["host"][1] != first["host"][1]  # its own page for block 1
+    assert (
+        got["host"][0] == first["host"][0] and got["host"][1] != first["host"][1]
+    )  # its own page for block 1
     assert mm.num_free("host") == 4 - 3 and key not in mm.prefix.evictable
     mm.release(1)
     assert list(mm.prefix.evictable) == [key, keys[0]]  # the partial block goes first
@@ -135,8 +156,15 @@ def load_model_once():
 
 
 def questions(doc: str) -> list[str]:
-    return [doc + q for q in ("\n\nQuestion: what is this text about?\nAnswer:", "\n\nQuestion: who wrote it?\nAnswer:",
-                              "\n\nSummarize it in one sentence:", "\n\nList three key words:")]
+    return [
+        doc + q
+        for q in (
+            "\n\nQuestion: what is this text about?\nAnswer:",
+            "\n\nQuestion: who wrote it?\nAnswer:",
+            "\n\nSummarize it in one sentence:",
+            "\n\nList three key words:",
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +187,16 @@ def warm():
 
 def expected_hit(first: list[int], second: list[int]) -> int:
     """Tokens the second prompt takes from the cache after the first ran: common full pages, never all of it."""
-    common = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+    common = next(
+        (i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second))
+    )
     return min(common, len(second) - 1) // PAGE * PAGE
 
 
 def all_free(e: Engine) -> bool:
-    return not e.memory.held and all(t["free_pages"] == t["total_pages"] for t in e.memory.usage().values())
+    return not e.memory.held and all(
+        t["free_pages"] == t["total_pages"] for t in e.memory.usage().values()
+    )
 
 
 def test_same_prompt_twice(cold, warm, texts):
@@ -173,23 +205,34 @@ def test_same_prompt_twice(cold, warm, texts):
     a, b = (warm.generate(prompt, sampling_params=GREEDY) for _ in range(2))
     assert a["output_ids"] == b["output_ids"] == want
     n = len(warm.tokenize(prompt, None))
-    assert a["meta_info"]["cached_tokens"] == 0 and b["meta_info"]["cached_tokens"] == (n - 1) // PAGE * PAGE > 250
+    assert (
+        a["meta_info"]["cached_tokens"] == 0
+        and b["meta_info"]["cached_tokens"] == (n - 1) // PAGE * PAGE > 250
+    )
     assert all_free(warm)
 
 
 def test_step_log_reports_new_and_cached_prompt_tokens(warm, texts, caplog):
     ids = warm.tokenize(texts[0], None)
-    warm.generate(input_ids=ids, sampling_params=GREEDY)  # cached now, if an earlier test has not already
+    warm.generate(
+        input_ids=ids, sampling_params=GREEDY
+    )  # cached now, if an earlier test has not already
     with caplog.at_level("INFO", logger="tailorkv.engine"):
         warm.generate(input_ids=ids, sampling_params=GREEDY)
     hit = (len(ids) - 1) // PAGE * PAGE
-    assert [r.getMessage().split(", 0 decoding")[0] for r in caplog.records if "prefill" in r.getMessage()] == \
-        [f"prefill: 1 seqs, {len(ids) - hit} new tokens, {hit} cached tokens"]
+    assert [
+        r.getMessage().split(", 0 decoding")[0]
+        for r in caplog.records
+        if "prefill" in r.getMessage()
+    ] == [f"prefill: 1 seqs, {len(ids) - hit} new tokens, {hit} cached tokens"]
 
 
 def test_shared_document_then_other_questions(cold, warm, texts):
     first, second = (warm.tokenize(p, None) for p in texts[1:3])
-    want = [cold.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"] for ids in (first, second)]
+    want = [
+        cold.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+        for ids in (first, second)
+    ]
     got = [warm.generate(input_ids=ids, sampling_params=GREEDY) for ids in (first, second)]
     assert [g["output_ids"] for g in got] == want
     assert got[1]["meta_info"]["cached_tokens"] == expected_hit(first, second) >= 256
@@ -197,7 +240,9 @@ def test_shared_document_then_other_questions(cold, warm, texts):
 
 
 def test_batch_sharing_a_prefix(cold, warm):
-    prompts = questions(load_essays()[2000:3300])  # submitted together, before any of them computed the prefix
+    prompts = questions(
+        load_essays()[2000:3300]
+    )  # submitted together, before any of them computed the prefix
     want = [r["output_ids"] for r in cold.generate(prompts, sampling_params=GREEDY)]
     assert [r["output_ids"] for r in warm.generate(prompts, sampling_params=GREEDY)] == want
     assert all_free(warm)
@@ -205,7 +250,9 @@ def test_batch_sharing_a_prefix(cold, warm):
 
 def test_next_turn_of_a_chat_hits_the_previous_answer(cold, warm, texts):
     turn1 = warm.tokenize(texts[3], None)
-    answer = warm.generate(input_ids=turn1, sampling_params={**GREEDY, "max_new_tokens": 17})["output_ids"]
+    answer = warm.generate(input_ids=turn1, sampling_params={**GREEDY, "max_new_tokens": 17})[
+        "output_ids"
+    ]
     turn2 = turn1 + answer + warm.tokenize(" Now three more:", None)
     out = warm.generate(input_ids=turn2, sampling_params=GREEDY)
     assert out["output_ids"] == cold.generate(input_ids=turn2, sampling_params=GREEDY)["output_ids"]
@@ -218,7 +265,10 @@ def test_baselines_share_prefixes_exactly(policy, texts):
     first, second = texts[:2]  # prompts longer than the baselines' budget of 192 tokens
     options = dict(kv_policy=policy, progress=False, kv_cache_gib=0.05, host_kv_gib=0.05)
     with Engine(**options, enable_prefix_caching=False) as e:
-        want = [r["output_ids"] for r in (e.generate(p, sampling_params=GREEDY) for p in (first, second))]
+        want = [
+            r["output_ids"]
+            for r in (e.generate(p, sampling_params=GREEDY) for p in (first, second))
+        ]
     with Engine(**options) as e:
         got = [e.generate(p, sampling_params=GREEDY) for p in (first, second)]
         assert [g["output_ids"] for g in got] == want
@@ -226,7 +276,7 @@ def test_baselines_share_prefixes_exactly(policy, texts):
 
 
 def test_lru_eviction_under_a_small_budget(cold):
-    docs = [load_essays()[i * 1300:(i + 1) * 1300] + "\n\nThe main idea:" for i in range(6)]
+    docs = [load_essays()[i * 1300 : (i + 1) * 1300] + "\n\nThe main idea:" for i in range(6)]
     sp = {**GREEDY, "max_new_tokens": 4}
     want = [r["output_ids"] for r in cold.generate(docs, sampling_params=sp)]
     # 46 pages of 16 tokens (fp32; bf16 on the GPU gets the same pages from half the bytes): room for two requests
@@ -252,8 +302,11 @@ TAILOR_BLOCK = 256
 def chat():
     """A ~1350-token document and two questions about it."""
     doc = load_essays()[:6000]
-    return [doc + "\n\nQuestion: what is this text about?\nAnswer:",
-            doc + "\n\nQuestion: who wrote it? Explain in detail, with the evidence from the text.\nAnswer:"]
+    return [
+        doc + "\n\nQuestion: what is this text about?\nAnswer:",
+        doc
+        + "\n\nQuestion: who wrote it? Explain in detail, with the evidence from the text.\nAnswer:",
+    ]
 
 
 @pytest.mark.parametrize("key_sketch", [2, 0])
@@ -276,7 +329,10 @@ def test_tailor_shares_a_document_exactly(chat, key_sketch):
         # all those common to both are shared, however close to the end of the second prompt; the first prompt's
         # partly filled last block too, up to where the prompts part
         assert common % TAILOR_BLOCK  # the prompts part inside a block
-        assert got[0]["meta_info"]["cached_tokens"] == 0 and got[1]["meta_info"]["cached_tokens"] == common
+        assert (
+            got[0]["meta_info"]["cached_tokens"] == 0
+            and got[1]["meta_info"]["cached_tokens"] == common
+        )
         assert all_free(e)
 
 
@@ -287,16 +343,27 @@ def test_tailor_chat_turns_leave_nothing_behind(chat):
     sp = {**GREEDY, "max_new_tokens": 4}
     with Engine(kv_policy="tailor", progress=False, host_kv_gib=0.1) as e:
         turn1 = e.generate(chat[0], sampling_params=sp)
-        turn2 = e.generate(input_ids=e.tokenize(chat[0], None) + turn1["output_ids"] + e.tokenize(" Why?", None),
-                           sampling_params=sp)
+        turn2 = e.generate(
+            input_ids=e.tokenize(chat[0], None) + turn1["output_ids"] + e.tokenize(" Why?", None),
+            sampling_params=sp,
+        )
         assert turn2["meta_info"]["cached_tokens"] >= 1024
-        docs = [load_essays()[i * 2200:i * 2200 + 2200] for i in range(4)]  # ~500 tokens: one final block each
+        docs = [
+            load_essays()[i * 2200 : i * 2200 + 2200] for i in range(4)
+        ]  # ~500 tokens: one final block each
         prompts = [docs[i % 4] + f" Note {i}." for i in range(40)]
         outs = e.generate(prompts, sampling_params={**GREEDY, "max_new_tokens": 2})
         # the document's block, and (when not evicted) of its partial last block what the prompts have in common
         cached = [o["meta_info"]["cached_tokens"] for o in outs]
-        assert sum(c >= TAILOR_BLOCK for c in cached) >= 20 and any(c % TAILOR_BLOCK for c in cached)
-        assert all_free(e) and not e.policy.prompt_len and not e.policy.s_state and not e.policy.q_state
+        assert sum(c >= TAILOR_BLOCK for c in cached) >= 20 and any(
+            c % TAILOR_BLOCK for c in cached
+        )
+        assert (
+            all_free(e)
+            and not e.policy.prompt_len
+            and not e.policy.s_state
+            and not e.policy.q_state
+        )
 
 
 def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
@@ -308,16 +375,34 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
     from tailorkv.scheduler.scheduler import Scheduler, Seq
 
     rng = random.Random(0)
-    specs = [PoolSpec("slots", "gpu", 16, 1, 1), PoolSpec("qkv", "gpu", 400, 64, 1), PoolSpec("gen", "gpu", 40, 64, 1),
-             PoolSpec("sketch", "gpu", 60, 256, 1), PoolSpec("host", "host", 60, 256, 1)]
+    specs = [
+        PoolSpec("slots", "gpu", 16, 1, 1),
+        PoolSpec("qkv", "gpu", 400, 64, 1),
+        PoolSpec("gen", "gpu", 40, 64, 1),
+        PoolSpec("sketch", "gpu", 60, 256, 1),
+        PoolSpec("host", "host", 60, 256, 1),
+    ]
     mm = MemoryManager(specs, prefix=(256, {"host": 1, "sketch": 1, "qkv": 4}))
 
     def need(prompt, new):
-        return {"slots": 1, "qkv": -(-(prompt + new) // 64), "gen": -(-new // 64), "sketch": -(-prompt // 256),
-                "host": -(-prompt // 256)}
+        return {
+            "slots": 1,
+            "qkv": -(-(prompt + new) // 64),
+            "gen": -(-new // 64),
+            "sketch": -(-prompt // 256),
+            "host": -(-prompt // 256),
+        }
 
-    sched = Scheduler(mm, need, max_running=12, chunk_tokens=4096, whole_prompt_prefill=True,
-                      shareable=lambda n: max(n - 128, 0), cache_output=False, partial_pool="host")
+    sched = Scheduler(
+        mm,
+        need,
+        max_running=12,
+        chunk_tokens=4096,
+        whole_prompt_prefill=True,
+        shareable=lambda n: max(n - 128, 0),
+        cache_output=False,
+        partial_pool="host",
+    )
     docs = [[rng.randrange(1000) for _ in range(1500)] for _ in range(8)]
     live, hits, partial_hits = {}, 0, 0
     for rid in range(1000):
@@ -336,16 +421,25 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
             for s in step.seqs:
                 if not s.prefilling:
                     s.num_generated += 1
-                    if s.num_generated >= s.max_new_tokens or rng.random() < 0.01:  # done, or aborted
+                    if (
+                        s.num_generated >= s.max_new_tokens or rng.random() < 0.01
+                    ):  # done, or aborted
                         sched.finish(s.rid, None)
             if rng.random() < 0.02 and sched.waiting:  # abort one still waiting
                 sched.finish(sched.waiting[-1].rid)
-    assert not sched.has_work and not mm.held and not mm.blocks and hits > 300 and partial_hits > 100
+    assert (
+        not sched.has_work and not mm.held and not mm.blocks and hits > 300 and partial_hits > 100
+    )
     assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
     assert len(mm.prefix.pages) <= 60 and not mm.prefix.refs
-    assert all(mm.pools[p].num_free + sum(len(mm.prefix.pages[k].get(p, ())) for k in mm.prefix.evictable)
-               == mm.pools[p].num_pages for p in mm.prefix.per_block)
-    assert sum(len(v) for v in mm.prefix.partials.values()) == sum(k in mm.prefix._parent for k in mm.prefix.pages)
+    assert all(
+        mm.pools[p].num_free + sum(len(mm.prefix.pages[k].get(p, ())) for k in mm.prefix.evictable)
+        == mm.pools[p].num_pages
+        for p in mm.prefix.per_block
+    )
+    assert sum(len(v) for v in mm.prefix.partials.values()) == sum(
+        k in mm.prefix._parent for k in mm.prefix.pages
+    )
 
 
 def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
@@ -356,7 +450,9 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
     questions = [chat[0], chat[1], chat[1] + " Be brief.", chat[0] + " In one word."]
     with Engine(kv_policy="tailor", progress=False, enable_prefix_caching=False) as e:
         want = [r["output_ids"] for r in e.generate(questions[1:], sampling_params=sp)]
-    with Engine(kv_policy="tailor", progress=False, prefix_gpu_gib=0.025) as e:  # 2 copies in fp32, 4 in bf16
+    with Engine(
+        kv_policy="tailor", progress=False, prefix_gpu_gib=0.025
+    ) as e:  # 2 copies in fp32, 4 in bf16
         n = e.memory.specs["copies"].num_pages
         e.generate(questions[0], sampling_params=sp)
         reads = []
@@ -369,7 +465,11 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
         assert [r["output_ids"][:agree] for r in got] == [w[:agree] for w in want]
         assert all(r["meta_info"]["cached_tokens"] >= 1024 for r in got)
         assert len(reads) == e.config.num_layers  # one read per layer for the three rows
-        assert 0 < n < reads[0].pages and reads[0].at.tolist() == list(range(n)) and reads[0].host_runs[0][1] == n
+        assert (
+            0 < n < reads[0].pages
+            and reads[0].at.tolist() == list(range(n))
+            and reads[0].host_runs[0][1] == n
+        )
         assert all_free(e)
 
 
@@ -392,7 +492,10 @@ def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketc
 
     def turns(e):
         first = e.generate(chat, sampling_params=sp)
-        nxt = [e.tokenize(p, None) + o["output_ids"] + e.tokenize(" Why?", None) for p, o in zip(chat, first)]
+        nxt = [
+            e.tokenize(p, None) + o["output_ids"] + e.tokenize(" Why?", None)
+            for p, o in zip(chat, first)
+        ]
         return first, nxt, e.generate(input_ids=nxt, sampling_params=sp)
 
     with Engine(**options, enable_prefix_caching=False) as e:
@@ -407,7 +510,9 @@ def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketc
         for p, o in zip(chat, got):
             n = len(e.tokenize(p, None))
             assert n % TAILOR_BLOCK and o["meta_info"]["cached_tokens"] == n
-        last = reads[-1]  # the second turns: the document's pages, then one page per user's partial block
+        last = reads[
+            -1
+        ]  # the second turns: the document's pages, then one page per user's partial block
         ids = [e.tokenize(p, None) for p in chat]
         common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
         assert len(reads) == 2 * e.config.num_layers and last.pages == common // TAILOR_BLOCK + 2

@@ -1,22 +1,52 @@
 """A prompt that extends an earlier one is tokenized from the earlier one's ids: exactly the ids of tokenizing it
 whole, for texts that end anywhere (mid-word, on spaces, digits, punctuation, other scripts, special tokens)."""
+
 from __future__ import annotations
 
 import json
 import random
 
 import pytest
-from tokenizers import Regex
+from tokenizers import Regex, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import normalizers, pre_tokenizers
 
 from tailorkv.engine.prefix_tokens import LLAMA3_SPLIT, MIN_CHARS, PrefixTokenCache, word_gaps_split
 from tailorkv.engine.tokenizer import Tokenizer
 from tailorkv.models.embedded import embedded_tokenizer_source
 
-PIECES = ["the", "river", "Straße", "café", "naïve", "日本語", "Москва", "it's", "we'll", "I'M", "2024", "3.14",
-          "x2", "42nd", ",", ".", "!?", "(a)", "--", "\n", "\n\n", "  ", "\t", "😀", "<|im_start|>", "<|im_end|>",
-          "user", "Answer:", "'s", " ", "e\u0301"]
+PIECES = [
+    "the",
+    "river",
+    "Straße",
+    "café",
+    "naïve",
+    "日本語",
+    "Москва",
+    "it's",
+    "we'll",
+    "I'M",
+    "2024",
+    "3.14",
+    "x2",
+    "42nd",
+    ",",
+    ".",
+    "!?",
+    "(a)",
+    "--",
+    "\n",
+    "\n\n",
+    "  ",
+    "\t",
+    "😀",
+    "<|im_start|>",
+    "<|im_end|>",
+    "user",
+    "Answer:",
+    "'s",
+    " ",
+    "e\u0301",
+]
 
 
 def text(rng: random.Random, n: int) -> str:
@@ -32,6 +62,7 @@ def whole(tk: HFTokenizer):
     def tokenize(t: str) -> tuple[list[int], list[int]]:
         enc = tk.encode_batch([t], add_special_tokens=False)[0]
         return enc.ids, [end for _, end in enc.offsets]
+
     return tokenize
 
 
@@ -41,7 +72,7 @@ def check_turns(encode, reference, seed: int, turns: int = 40) -> None:
     prompt = "Read this document.\n\n" + text(rng, MIN_CHARS // 3)
     for _ in range(turns):
         addition = text(rng, rng.randrange(1, 60))
-        prompt += addition[rng.randrange(len(addition)):]  # starts mid-piece
+        prompt += addition[rng.randrange(len(addition)) :]  # starts mid-piece
         assert encode(prompt) == reference(prompt)
 
 
@@ -49,18 +80,27 @@ def test_a_next_turn_is_tokenized_from_the_last(tokenizer: Tokenizer):
     assert tokenizer._prefix is not None
     reference = PrefixTokenCache(whole(tokenizer._tk), max_entries=0)
     for seed in range(6):
-        check_turns(tokenizer.encode, lambda t: ([tokenizer.bos_token_id] if tokenizer.add_bos else [])
-                    + reference.encode(t), seed)
+        check_turns(
+            tokenizer.encode,
+            lambda t: ([tokenizer.bos_token_id] if tokenizer.add_bos else []) + reference.encode(t),
+            seed,
+        )
     assert tokenizer._prefix.hits >= 200 and reference.hits == 0
 
 
 def test_llama3_split_is_tokenized_from_the_last(tokenizer: Tokenizer):
     spec = json.loads(tokenizer._tk.to_str())
     tk = HFTokenizer.from_str(tokenizer._tk.to_str())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    assert word_gaps_split(tk.to_str()) and spec["pre_tokenizer"] != json.loads(tk.to_str())["pre_tokenizer"]
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    assert (
+        word_gaps_split(tk.to_str())
+        and spec["pre_tokenizer"] != json.loads(tk.to_str())["pre_tokenizer"]
+    )
     cached, reference = PrefixTokenCache(whole(tk)), PrefixTokenCache(whole(tk), max_entries=0)
     check_turns(cached.encode, reference.encode, seed=7)
     assert cached.hits >= 30
@@ -75,12 +115,35 @@ def test_tokenizers_where_gaps_may_not_split(tokenizer: Tokenizer):
         edit(tk)
         return tk.to_str()
 
-    assert not word_gaps_split(changed(lambda tk: setattr(tk, "pre_tokenizer", pre_tokenizers.Metaspace())))
-    assert not word_gaps_split(changed(lambda tk: setattr(tk, "pre_tokenizer", pre_tokenizers.ByteLevel(
-        add_prefix_space=False, use_regex=False))))
-    assert not word_gaps_split(changed(lambda tk: setattr(tk, "pre_tokenizer", pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]))))
-    assert not word_gaps_split(changed(lambda tk: setattr(tk, "normalizer", normalizers.Lowercase())))
+    assert not word_gaps_split(
+        changed(lambda tk: setattr(tk, "pre_tokenizer", pre_tokenizers.Metaspace()))
+    )
+    assert not word_gaps_split(
+        changed(
+            lambda tk: setattr(
+                tk,
+                "pre_tokenizer",
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            )
+        )
+    )
+    assert not word_gaps_split(
+        changed(
+            lambda tk: setattr(
+                tk,
+                "pre_tokenizer",
+                pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"),
+                        pre_tokenizers.ByteLevel(use_regex=False),
+                    ]
+                ),
+            )
+        )
+    )
+    assert not word_gaps_split(
+        changed(lambda tk: setattr(tk, "normalizer", normalizers.Lowercase()))
+    )
     spec = json.loads(base)
     spec["added_tokens"][1]["lstrip"] = True
     assert not word_gaps_split(json.dumps(spec))

@@ -1,11 +1,12 @@
 """RULER-style synthetic tasks: sizing, determinism, formats, scoring and the essay data source."""
+
 import re
 import time
 
 import pytest
 
-from tailorkv import essays
 from benchmarks.ruler_tasks import NOISE, TASKS, Sample, generate, score
+from tailorkv import essays
 
 
 def count_chars(text: str) -> int:
@@ -42,7 +43,13 @@ def test_deterministic_by_seed(task):
 
 def test_count_tokens_called_logarithmically():
     calls = []
-    generate("niah_essay", 8192, count=20, seed=0, count_tokens=lambda t: calls.append(t) or count_chars(t))
+    generate(
+        "niah_essay",
+        8192,
+        count=20,
+        seed=0,
+        count_tokens=lambda t: calls.append(t) or count_chars(t),
+    )
     assert len(calls) <= 20 * 6
 
 
@@ -57,10 +64,16 @@ def test_niah_single_1_format():
     s = generate("niah_single_1", 2048, count=1, seed=0, count_tokens=count_chars)[0]
     (value,) = s.references
     assert re.fullmatch(r"\d{7}", value)
-    key = re.search(r"One of the special magic numbers for (\S+) is: " + value + r"\.", s.prompt).group(1)
+    key = re.search(
+        r"One of the special magic numbers for (\S+) is: " + value + r"\.", s.prompt
+    ).group(1)
     assert s.prompt.startswith("A special magic number is hidden within the following text.")
-    assert s.answer_prefix == f"The special magic number for {key} mentioned in the provided text is"
-    assert f"What is the special magic number for {key} mentioned in the provided text? " in s.prompt
+    assert (
+        s.answer_prefix == f"The special magic number for {key} mentioned in the provided text is"
+    )
+    assert (
+        f"What is the special magic number for {key} mentioned in the provided text? " in s.prompt
+    )
     assert s.prompt.count(NOISE) > 50
 
 
@@ -77,7 +90,10 @@ def test_multikey_3_haystack_is_uuid_needles():
     uuid = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
     context = s.prompt.split("\n")[1:-1]
     assert len(context) > 10
-    assert all(re.fullmatch(f"One of the special magic uuids for {uuid} is: {uuid}\\.", line) for line in context)
+    assert all(
+        re.fullmatch(f"One of the special magic uuids for {uuid} is: {uuid}\\.", line)
+        for line in context
+    )
     assert re.fullmatch(uuid, s.references[0])
 
 
@@ -99,7 +115,9 @@ def test_vt_chain():
     root = re.search(rf"VAR {names[0]} = (\d{{5}})\n", s.prompt).group(1)
     assert f"assigned the value {root} in the text above" in s.prompt
     positions = [s.prompt.index(f"VAR {b} = VAR {a}\n") for a, b in zip(names, names[1:])]
-    assert positions == sorted(positions) and positions[0] > s.prompt.index(f"VAR {names[0]} = {root}")
+    assert positions == sorted(positions) and positions[0] > s.prompt.index(
+        f"VAR {names[0]} = {root}"
+    )
     assert s.answer_prefix.endswith(f"5 variables are assigned the value {root}, they are:")
 
 
@@ -142,15 +160,23 @@ def test_essay_sources_fall_back_and_fail_clearly(monkeypatch):
 
 
 def test_split_sentences():
-    text = "One thing. Another one! Glued.Together (yes.) \"Quoted.\" Next? Yes."
+    text = 'One thing. Another one! Glued.Together (yes.) "Quoted." Next? Yes.'
     assert essays.split_sentences(text) == [
-        "One thing.", "Another one!", "Glued.", "Together (yes.)", "\"Quoted.\"", "Next?", "Yes."]
+        "One thing.",
+        "Another one!",
+        "Glued.",
+        "Together (yes.)",
+        '"Quoted."',
+        "Next?",
+        "Yes.",
+    ]
 
 
 def test_real_bpe_tokenizer_is_fast_and_within_tolerance():
     try:
         from tailorkv.engine.tokenizer import Tokenizer
         from tailorkv.models.embedded import embedded_tokenizer_source
+
         tokenizer = Tokenizer(embedded_tokenizer_source())
     except Exception as e:  # the embedded model package is optional here
         pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")

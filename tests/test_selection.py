@@ -1,4 +1,5 @@
 """Stage 1 and stage 2 of TailorKV's retrieval against brute-force references on random data."""
+
 import itertools
 
 import pytest
@@ -15,7 +16,10 @@ def test_select_channels_brute_force(hq, hkv, d, ds):
     got = select_channels(q_hat, max_abs, ds)
     g = hq // hkv
     for h in range(hkv):
-        score = [abs(sum(q_hat[h * g + j, c].item() for j in range(g)) / g) * max_abs[h, c].item() for c in range(d)]
+        score = [
+            abs(sum(q_hat[h * g + j, c].item() for j in range(g)) / g) * max_abs[h, c].item()
+            for c in range(d)
+        ]
         want = sorted(range(d), key=lambda c: -score[c])[:ds]
         assert set(got[h].tolist()) == set(want)
 
@@ -33,11 +37,15 @@ def test_stage2_selection_brute_force_and_exclusions(seed):
     assert valid.all()
     qm = group_mean(q, hkv)
     for h in range(hkv):
-        brute = {t: sum(qm[h, c].item() * keys[t, h, c].item() for c in channels[h].tolist())
-                 for t in range(sink, L - recent)}
+        brute = {
+            t: sum(qm[h, c].item() * keys[t, h, c].item() for c in channels[h].tolist())
+            for t in range(sink, L - recent)
+        }
         want = sorted(brute, key=lambda t: -brute[t])[:k]
         assert set(idx[h].tolist()) == set(want)
-        assert all(sink <= t < L - recent for t in idx[h].tolist())  # never sink, recent or generated
+        assert all(
+            sink <= t < L - recent for t in idx[h].tolist()
+        )  # never sink, recent or generated
 
 
 def test_select_tokens_small_middle_marks_the_rest_invalid():

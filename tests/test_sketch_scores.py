@@ -2,9 +2,9 @@
 to the dot product with exactly dequantized keys and to the true keys within the quantization error. Awkward
 shapes: head_dim 64, 3 KV heads, 12 channels (not a power of two), rows of different page counts, -1 page-table
 padding."""
+
 import pytest
 import torch
-
 from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import kivi  # noqa: E402
@@ -20,39 +20,60 @@ def _case(b, h, d, t, num_pages, bits, c, seed=0):
     """Random keys per page quantized into a sketch; rows own random pages (the last rows fewer: padding -1) and
     score c random channels per head."""
     gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(num_pages, h, t, d, generator=gen) * torch.rand(1, 1, 1, d, generator=gen) * 3
+    keys = (
+        torch.randn(num_pages, h, t, d, generator=gen) * torch.rand(1, 1, 1, d, generator=gen) * 3
+    )
     q = kivi.quantize_keys(keys.reshape(-1, t, d), bits, ref.GROUP)
     packed, scale, zero = (x.view(num_pages, h, -1, d).to(DEVICE) for x in q)
     n = num_pages // b
     pages = torch.randperm(num_pages, generator=gen)[: b * n].view(b, n)
     for i in range(1, b):
-        pages[i, n - i:] = -1
+        pages[i, n - i :] = -1
     channels = torch.rand(b, h, d, generator=gen).argsort(-1)[..., :c]
     qc = torch.randn(b, h, c, generator=gen)
     return keys, qc.to(DEVICE), channels.to(DEVICE), packed, scale, zero, pages.to(DEVICE)
 
 
-CASES = [(1, 1, 64, 256, 3, 1, 8), (3, 3, 64, 256, 9, 2, 12), (2, 8, 128, 256, 6, 1, 128), (4, 2, 64, 64, 13, 2, 1)]
+CASES = [
+    (1, 1, 64, 256, 3, 1, 8),
+    (3, 3, 64, 256, 9, 2, 12),
+    (2, 8, 128, 256, 6, 1, 128),
+    (4, 2, 64, 64, 13, 2, 1),
+]
 
 
 @pytest.mark.parametrize("b,h,d,t,num_pages,bits,c", CASES)
 def test_reference_scores_dequantized_keys(b, h, d, t, num_pages, bits, c):
-    keys, qc, channels, packed, scale, zero, pages = (x.cpu() for x in _case(b, h, d, t, num_pages, bits, c))
+    keys, qc, channels, packed, scale, zero, pages = (
+        x.cpu() for x in _case(b, h, d, t, num_pages, bits, c)
+    )
     scores = ref.sketch_scores(qc, channels, packed, scale, zero, pages, bits).view(b, h, -1, t)
     # the query spread over all channels, zero off the chosen ones
     qd = torch.zeros(b, h, d).scatter_(-1, channels, qc)
-    deq = kivi.dequantize_keys(kivi.QuantizedKeys(packed.flatten(0, 1), scale.flatten(0, 1), zero.flatten(0, 1)),
-                               bits, ref.GROUP, t).view(num_pages, h, t, d)
+    deq = kivi.dequantize_keys(
+        kivi.QuantizedKeys(packed.flatten(0, 1), scale.flatten(0, 1), zero.flatten(0, 1)),
+        bits,
+        ref.GROUP,
+        t,
+    ).view(num_pages, h, t, d)
     for i in range(b):
         for j, p in enumerate(pages[i].tolist()):
             if p < 0:
                 assert (scores[i, :, j] == 0).all()
                 continue
-            torch.testing.assert_close(scores[i, :, j], torch.einsum("hd,htd->ht", qd[i], deq[p]), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(
+                scores[i, :, j], torch.einsum("hd,htd->ht", qd[i], deq[p]), rtol=1e-5, atol=1e-4
+            )
             # within half a quantization step per channel of the scores of the true keys
-            step = (keys[p].unflatten(1, (-1, ref.GROUP)).amax(2) - keys[p].unflatten(1, (-1, ref.GROUP)).amin(2))
-            bound = (qd[i].abs()[:, None] * step / (2 ** bits - 1) / 2).sum(-1) + 1e-2  # [h, groups]
-            err = (scores[i, :, j] - torch.einsum("hd,htd->ht", qd[i], keys[p])).abs().unflatten(1, (-1, ref.GROUP))
+            step = keys[p].unflatten(1, (-1, ref.GROUP)).amax(2) - keys[p].unflatten(
+                1, (-1, ref.GROUP)
+            ).amin(2)
+            bound = (qd[i].abs()[:, None] * step / (2**bits - 1) / 2).sum(-1) + 1e-2  # [h, groups]
+            err = (
+                (scores[i, :, j] - torch.einsum("hd,htd->ht", qd[i], keys[p]))
+                .abs()
+                .unflatten(1, (-1, ref.GROUP))
+            )
             assert (err <= bound[..., None]).all()
 
 

@@ -1,9 +1,9 @@
 """The offloaded layers' decode attention over [window | generated | fetched top-k]: the Triton kernel held to the
 torch reference, which is held to plain attention over the valid tokens. Awkward shapes: GQA group 3, head_dim 64,
 token counts that fill no tile; masked slots hold NaN."""
+
 import pytest
 import torch
-
 from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
 from tailorkv.kernels import sparse_attention as ref  # noqa: E402
@@ -30,10 +30,28 @@ def _case(b, hq, h, d, w, g, k, dtype, seed=0):
     for i in range(b):
         win_k[slots[i], ~win_mask[i]] = float("nan")
     fetched[~valid] = float("nan")
-    return rnd(b, hq, d), win_k, win_v, slots, win_mask, gen_k, gen_v, gen_read, gen_mask, fetched, valid, d ** -0.5
+    return (
+        rnd(b, hq, d),
+        win_k,
+        win_v,
+        slots,
+        win_mask,
+        gen_k,
+        gen_v,
+        gen_read,
+        gen_mask,
+        fetched,
+        valid,
+        d**-0.5,
+    )
 
 
-CASES = [(1, 3, 1, 64, 1, 0, 0), (3, 9, 3, 64, 37, 5, 45), (2, 32, 8, 128, 64, 70, 128), (4, 12, 4, 64, 8, 33, 1)]
+CASES = [
+    (1, 3, 1, 64, 1, 0, 0),
+    (3, 9, 3, 64, 37, 5, 45),
+    (2, 32, 8, 128, 64, 70, 128),
+    (4, 12, 4, 64, 8, 33, 1),
+]
 
 
 @pytest.mark.parametrize("b,hq,h,d,w,g,k", CASES)
@@ -43,13 +61,23 @@ def test_reference_is_attention_over_the_valid_tokens(b, hq, h, d, w, g, k):
     out = ref.sparse_decode_attention(*case)
     assert out.isfinite().all()
     i, head = b - 1, h - 1
-    keys = torch.cat([win_k[slots[i], win_mask[i], head], gen_k[gen_read[i][gen_mask[i]], head],
-                      fetched[i, head, valid[i, head], :d]])
-    values = torch.cat([win_v[slots[i], win_mask[i], head], gen_v[gen_read[i][gen_mask[i]], head],
-                        fetched[i, head, valid[i, head], d:]])
+    keys = torch.cat(
+        [
+            win_k[slots[i], win_mask[i], head],
+            gen_k[gen_read[i][gen_mask[i]], head],
+            fetched[i, head, valid[i, head], :d],
+        ]
+    )
+    values = torch.cat(
+        [
+            win_v[slots[i], win_mask[i], head],
+            gen_v[gen_read[i][gen_mask[i]], head],
+            fetched[i, head, valid[i, head], d:],
+        ]
+    )
     g_ = hq // h
-    expect = grouped_attention(q[i, head * g_:(head + 1) * g_], keys[None], values[None], scale)
-    torch.testing.assert_close(out[i, head * g_:(head + 1) * g_], expect, rtol=1e-5, atol=1e-5)
+    expect = grouped_attention(q[i, head * g_ : (head + 1) * g_], keys[None], values[None], scale)
+    torch.testing.assert_close(out[i, head * g_ : (head + 1) * g_], expect, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32] if CUDA else [torch.float32])
@@ -57,8 +85,9 @@ def test_reference_is_attention_over_the_valid_tokens(b, hq, h, d, w, g, k):
 def test_triton_matches_reference(kt, dtype, b, hq, h, d, w, g, k):
     case = _case(b, hq, h, d, w, g, k, dtype)
     got = kt.sparse_decode_attention(*case)
-    expect = ref.sparse_decode_attention(*(x.float() if torch.is_tensor(x) and x.is_floating_point() else x
-                                           for x in case))
+    expect = ref.sparse_decode_attention(
+        *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
+    )
     assert got.dtype == dtype and got.shape == expect.shape
     err = ((got.float() - expect).abs().max() / expect.abs().max()).item()
     assert err <= (1e-2 if dtype == torch.bfloat16 else 1e-5)

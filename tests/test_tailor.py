@@ -1,17 +1,18 @@
 """The TailorKV policy and its baselines on the embedded model: exactness where the math is exact, bookkeeping of
 the quantized cache across the residual boundary, bad configuration."""
+
 import pytest
 import torch
 
 from tailorkv import Engine
 from tailorkv.errors import ConfigError
+from tailorkv.essays import load_essays
 from tailorkv.kernels import kivi
 from tailorkv.kernels.attention import causal_attention
 from tailorkv.kvcache.offload_store import OffloadState, OffloadStore, SharedPrefix
 from tailorkv.kvcache.prompt_rows import PromptRows
 from tailorkv.kvcache.quant_store import QuantState, QuantStore, QuantView
 from tailorkv.kvcache.tailor_config import TailorConfig
-from tailorkv.essays import load_essays
 
 GREEDY = {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True}
 
@@ -29,8 +30,15 @@ def full_tokens(prompt):
 
 @pytest.mark.parametrize("key_sketch", [0, 1])
 def test_tailor_with_covering_budget_equals_full(prompt, full_tokens, key_sketch):
-    with Engine(kv_policy="tailor", quant_layers=[], sink=8, recent=56, top_k=4096, key_sketch=key_sketch,
-                progress=False) as e:
+    with Engine(
+        kv_policy="tailor",
+        quant_layers=[],
+        sink=8,
+        recent=56,
+        top_k=4096,
+        key_sketch=key_sketch,
+        progress=False,
+    ) as e:
         assert len(e.policy.s_index) == e.config.num_layers
         assert e.generate(prompt, sampling_params=GREEDY)["output_ids"] == full_tokens
 
@@ -40,8 +48,10 @@ def test_key_sketch_replaces_the_channel_copy(prompt):
     adds a channel-major K of each S layer), the GPU tier the sketch pages; a batch decodes as each prompt alone
     and every page comes back."""
     prompts, sp = [prompt, prompt[:700]], {**GREEDY, "max_new_tokens": 12}
-    with Engine(kv_policy="tailor", key_sketch=2, progress=False) as e, \
-            Engine(kv_policy="tailor", key_sketch=0, progress=False) as faithful:
+    with (
+        Engine(kv_policy="tailor", key_sketch=2, progress=False) as e,
+        Engine(kv_policy="tailor", key_sketch=0, progress=False) as faithful,
+    ):
         assert e.policy.offload.k_t is None
         ns, nq = len(e.policy.s_index), len(e.policy.q_index)
         sketch_page, faithful_page = (x.memory.specs["host"].bytes_per_page for x in (e, faithful))
@@ -60,7 +70,10 @@ def test_tailor_batch_equals_alone(prompt):
         assert e.policy.tc.quant_layers == [0]  # the embedded model's shipped plan
         alone = [e.generate(p, sampling_params=sp)["output_ids"] for p in prompts]
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == alone
-        assert not e.memory.held and e.memory.usage()["host"]["free_pages"] == e.memory.usage()["host"]["total_pages"]
+        assert (
+            not e.memory.held
+            and e.memory.usage()["host"]["free_pages"] == e.memory.usage()["host"]["total_pages"]
+        )
 
 
 def test_small_budget_changes_little_on_a_short_answer(prompt, full_tokens):
@@ -80,7 +93,10 @@ def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
     h, d, r = 3, 64, 128
     cfg = TailorConfig.from_options("ruler", quant_bits=bits)
     store = QuantStore(1, 16, 2, h, d, cfg, "cpu", torch.float32)
-    states = [QuantState([5, 2, 7, 0, 1, 3, 4, 6], 1, "cpu"), QuantState([9, 12, 8, 15, 10], 0, "cpu")]
+    states = [
+        QuantState([5, 2, 7, 0, 1, 3, 4, 6], 1, "cpu"),
+        QuantState([9, 12, 8, 15, 10], 0, "cpu"),
+    ]
     starts = [200, 75]
     k, v, q = torch.randn(3, 390, h, d), torch.randn(3, 390, h, d), torch.randn(3, 390, 3 * h, d)
     for b, (st, n) in enumerate(zip(states, starts)):
@@ -89,25 +105,32 @@ def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
     assert [st.kq for st in states] == [128, 0]
     view = QuantView(3, 8, r, "cpu")
     for step in range(190):
-        pos = [n + step for n in starts] + [step]  # the padding row's tokens are garbage nobody reads
+        pos = [n + step for n in starts] + [
+            step
+        ]  # the padding row's tokens are garbage nobody reads
         view.fill(states, r, store.scratch_page, store.scratch_slot)
         store.append(0, view, k[range(3), pos], v[range(3), pos])
         out = store.decode_attention(0, view, q[range(3), pos])
         for b, (st, n) in enumerate(zip(states, pos)):
-            kd, vd = store.dequantized(0, st, torch.float32)  # what attention reads after the append
-            torch.testing.assert_close(out[b:b + 1], causal_attention(q[b, n:n + 1], kd, vd, n), rtol=1e-4,
-                                       atol=1e-5)
+            kd, vd = store.dequantized(
+                0, st, torch.float32
+            )  # what attention reads after the append
+            torch.testing.assert_close(
+                out[b : b + 1], causal_attention(q[b, n : n + 1], kd, vd, n), rtol=1e-4, atol=1e-5
+            )
             st.advance(n + 1, r)
             assert kd.shape[0] == n + 1
             assert st.kq == (n + 1) // r * r  # K is quantized in whole blocks of `residual` tokens
-            torch.testing.assert_close(vd[-r:], v[b, max(n + 1 - r, 0):n + 1])
-            torch.testing.assert_close(kd[st.kq:], k[b, st.kq:n + 1])
+            torch.testing.assert_close(vd[-r:], v[b, max(n + 1 - r, 0) : n + 1])
+            torch.testing.assert_close(kd[st.kq :], k[b, st.kq : n + 1])
     for b, st in enumerate(states):
         kd, vd = store.dequantized(0, st, torch.float32)
         kb, vb, kq, vq = k[b], v[b], st.kq, max(st.n - r, 0)
-        k_step = (kb[:kq].view(-1, 64, h, d).amax(1) - kb[:kq].view(-1, 64, h, d).amin(1)) / (2 ** bits - 1)
+        k_step = (kb[:kq].view(-1, 64, h, d).amax(1) - kb[:kq].view(-1, 64, h, d).amin(1)) / (
+            2**bits - 1
+        )
         assert ((kd[:kq] - kb[:kq]).abs().view(-1, 64, h, d).amax(1) <= k_step / 2 + 2e-3).all()
-        v_step = (vb[:vq].amax(-1) - vb[:vq].amin(-1)) / (2 ** bits - 1)
+        v_step = (vb[:vq].amax(-1) - vb[:vq].amin(-1)) / (2**bits - 1)
         assert ((vd[:vq] - vb[:vq]).abs().amax(-1) <= v_step / 2 + 2e-3).all()
 
 
@@ -126,27 +149,41 @@ def test_a_quantized_prompt_is_final_for_a_later_request(start, n):
     store.prefill(0, first, k[:460], v[:460])
     first.advance(460, r)
     # the prompt's 7 whole K groups and all its V tokens are final
-    pages = [store.k_packed[:, :7].clone(), store.k_scale[:, :7].clone(), store.v_packed[:, :460].clone()]
+    pages = [
+        store.k_packed[:, :7].clone(),
+        store.k_scale[:, :7].clone(),
+        store.v_packed[:, :460].clone(),
+    ]
     view = QuantView(1, 9, r, "cpu")
     for t in range(460, 530):
         view.fill([first], r, store.scratch_page, store.scratch_slot)
-        store.append(0, view, k[t:t + 1], v[t:t + 1])
+        store.append(0, view, k[t : t + 1], v[t : t + 1])
         first.advance(t + 1, r)
     assert first.kq == 512
-    assert all(torch.equal(a, b) for a, b in zip(pages, (store.k_packed[:, :7], store.k_scale[:, :7],
-                                                         store.v_packed[:, :460])))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            pages, (store.k_packed[:, :7], store.k_scale[:, :7], store.v_packed[:, :460])
+        )
+    )
     # the second prompt: the first n tokens again (384: a multiple of `residual`, no K tail)
     alone = QuantState(list(range(9, 16)), 1, "cpu")
     later = QuantState(list(range(start // 64)) + list(range(16, 23)), 2, "cpu")
     store.prefill(0, alone, k[:n], v[:n])
-    store.prefill(0, later, k[start:n], v[start:n], start, (k[:start], v[:start]) if start else None)
+    store.prefill(
+        0, later, k[start:n], v[start:n], start, (k[:start], v[:start]) if start else None
+    )
     for st in (alone, later):
         st.advance(n, r)
-    for a, b in zip(store.dequantized(0, alone, torch.float32), store.dequantized(0, later, torch.float32)):
+    for a, b in zip(
+        store.dequantized(0, alone, torch.float32), store.dequantized(0, later, torch.float32)
+    ):
         assert torch.equal(a, b)
     if start > n - r:
         with pytest.raises(ValueError, match="exact rows"):
-            store.prefill(0, QuantState(list(range(23, 30)), 2, "cpu"), k[start:n], v[start:n], start)
+            store.prefill(
+                0, QuantState(list(range(23, 30)), 2, "cpu"), k[start:n], v[start:n], start
+            )
 
 
 @pytest.mark.parametrize("start", [0, 256])
@@ -157,25 +194,33 @@ def test_prefill_rows_stored_together_equal_each_alone(start):
     h, d, new = 2, 64, [300, 90]
     k, v = torch.randn(2, sum(new), h, d)
     pre = SharedPrefix(*torch.randn(2, start, h, d), torch.rand(h, d) * 5) if start else None
-    stores = [OffloadStore(1, 8, 2, 4, h, d, 8, 56, "cpu", torch.float32, sketch_bits=2, sketch_pages=8)
-              for _ in range(2)]
+    stores = [
+        OffloadStore(1, 8, 2, 4, h, d, 8, 56, "cpu", torch.float32, sketch_bits=2, sketch_pages=8)
+        for _ in range(2)
+    ]
     for store in stores:
         for t in store.rows:
             t.zero_()
     pages = [[0, 1, 2], [0, 3]] if start else [[0, 1], [2]]
 
     def states():
-        return [OffloadState(p, [i], i, start + n, 8, 56, p) for i, (p, n) in enumerate(zip(pages, new))]
+        return [
+            OffloadState(p, [i], i, start + n, 8, 56, p) for i, (p, n) in enumerate(zip(pages, new))
+        ]
 
     together, alone = stores
     together.prefill(0, PromptRows.build(states(), new, start, together.window, "cpu"), k, v, pre)
     for i, st in enumerate(states()):
-        sl = slice(sum(new[:i]), sum(new[:i + 1]))
-        alone.prefill(0, PromptRows.build([st], [new[i]], start, alone.window, "cpu"), k[sl], v[sl], pre)
+        sl = slice(sum(new[:i]), sum(new[: i + 1]))
+        alone.prefill(
+            0, PromptRows.build([st], [new[i]], start, alone.window, "cpu"), k[sl], v[sl], pre
+        )
     for name in ("win_k", "win_v", "max_abs", "sk_packed", "sk_scale", "sk_zero"):
         assert torch.equal(getattr(together, name), getattr(alone, name)), name
     assert torch.equal(together.rows[0], alone.rows[0]) and together.rows[0][4:].abs().sum() == 0
-    assert (together.rows[0][0].abs().sum() == 0) == bool(start)  # the shared page is not written again
+    assert (together.rows[0][0].abs().sum() == 0) == bool(
+        start
+    )  # the shared page is not written again
 
 
 def test_quant_store_append_twice_is_append_once():
@@ -195,24 +240,27 @@ def test_quant_store_append_twice_is_append_once():
         for times, (store, st, view) in enumerate(zip(stores, states, views), start=1):
             view.fill([st], r, store.scratch_page, store.scratch_slot)
             for _ in range(times):
-                store.append(0, view, k[n:n + 1], v[n:n + 1])
+                store.append(0, view, k[n : n + 1], v[n : n + 1])
         once, twice = (store.dequantized(0, st, torch.float32) for store, st in zip(stores, states))
         assert all(torch.equal(a, b) for a, b in zip(once, twice)), n
         for st in states:
             st.advance(n + 1, r)
 
 
-@pytest.mark.parametrize("options,needle", [
-    ({"quant_bits": 3}, "quant_bits"),
-    ({"d_s": 65}, "d_s"),
-    ({"key_sketch": 3}, "key_sketch"),
-    ({"d_s": 0}, "d_s"),
-    ({"top_k": -1}, "top_k"),
-    ({"sink": -8}, "sink"),
-    ({"tailor_preset": "nope"}, "tailor_preset"),
-    ({"quant_layers": [99]}, "quant_layers"),
-    ({"bogus": 1}, "unknown tailor option"),
-])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"quant_bits": 3}, "quant_bits"),
+        ({"d_s": 65}, "d_s"),
+        ({"key_sketch": 3}, "key_sketch"),
+        ({"d_s": 0}, "d_s"),
+        ({"top_k": -1}, "top_k"),
+        ({"sink": -8}, "sink"),
+        ({"tailor_preset": "nope"}, "tailor_preset"),
+        ({"quant_layers": [99]}, "quant_layers"),
+        ({"bogus": 1}, "unknown tailor option"),
+    ],
+)
 def test_bad_tailor_config_fails_at_start(options, needle):
     with pytest.raises(ConfigError, match=needle):
         Engine(kv_policy="tailor", progress=False, **options)
@@ -222,7 +270,15 @@ def test_presets_and_overrides():
     t = TailorConfig.from_options("ruler", top_k=100)
     assert (t.sink, t.recent, t.top_k, t.d_s, t.quant_bits) == (64, 64, 100, 12, 2)
     t = TailorConfig.from_options(None)
-    assert (t.sink, t.recent, t.top_k, t.d_s, t.quant_bits, t.budget, t.key_sketch) == (8, 56, 128, 8, 1, 192, 2)
+    assert (t.sink, t.recent, t.top_k, t.d_s, t.quant_bits, t.budget, t.key_sketch) == (
+        8,
+        56,
+        128,
+        8,
+        1,
+        192,
+        2,
+    )
 
 
 def test_kivi_value_group_is_head_dim_when_smaller():

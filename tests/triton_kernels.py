@@ -1,5 +1,6 @@
 """What every kernel test shares: the Triton versions run compiled on CUDA, else in the Triton interpreter on CPU
 (conftest.py sets the interpreter flag before anything imports triton)."""
+
 import pytest
 import torch
 

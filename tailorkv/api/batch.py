@@ -1,4 +1,5 @@
 """BatchRun: the requests of one HTTP call on the AsyncEngine, and what each has produced so far."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,14 +43,27 @@ class Completion:
     def sglang(self) -> dict:
         """The SGLang /generate body: cumulative text and ids, meta_info."""
         req = self.request
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": {
-            "id": str(req.rid), "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.output_ids),
-            "cached_tokens": req.seq.cached_tokens, "finish_reason": self.finish_reason,
-            "e2e_latency": self.last_time - req.created, "queue_time": req.queue_time}}
+        return {
+            "text": self.text,
+            "output_ids": list(self.output_ids),
+            "meta_info": {
+                "id": str(req.rid),
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": len(self.output_ids),
+                "cached_tokens": req.seq.cached_tokens,
+                "finish_reason": self.finish_reason,
+                "e2e_latency": self.last_time - req.created,
+                "queue_time": req.queue_time,
+            },
+        }
 
 
-async def submit(state: AppState, request: Request, tokenize: Callable[[], list[list[int]]],
-                 params: Callable[[int, list[int]], SamplingParams]) -> BatchRun:
+async def submit(
+    state: AppState,
+    request: Request,
+    tokenize: Callable[[], list[list[int]]],
+    params: Callable[[int, list[int]], SamplingParams],
+) -> BatchRun:
     """Tokenize one call's prompts off the event loop (a long prompt takes a while, and the loop streams other
     requests' tokens meanwhile), then submit them with params(index, ids). The call was arriving for the engine
     since its headers came (server.Arrivals), so that calls reaching the server together prefill together; its
@@ -91,7 +105,9 @@ class BatchRun:
         try:
             while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
                 if await request.is_disconnected():
-                    raise APIError(499, "the client closed the request", code="client_closed_request")
+                    raise APIError(
+                        499, "the client closed the request", code="client_closed_request"
+                    )
         finally:
             task.cancel()
             await self.aclose()  # no-op when all finished

@@ -1,4 +1,5 @@
 """OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions (n=1)."""
+
 from __future__ import annotations
 
 import time
@@ -21,9 +22,18 @@ _FINISH = {"stop": "stop", "length": "length"}
 @router.get("/models")
 async def models(request: Request):
     state = get_state(request)
-    return {"object": "list", "data": [{"id": state.served_model_name, "object": "model", "created": state.created,
-                                        "owned_by": "tailorkv",
-                                        "max_model_len": state.engine.engine.config.max_position}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": state.served_model_name,
+                "object": "model",
+                "created": state.created,
+                "owned_by": "tailorkv",
+                "max_model_len": state.engine.engine.config.max_position,
+            }
+        ],
+    }
 
 
 @router.post("/completions")
@@ -32,10 +42,17 @@ async def completions(body: CompletionRequest, request: Request):
     model = state.check_model(body.model)
     tokenize = state.engine.engine.tokenize
     given = body.prompt
-    prompts = [given] if isinstance(given, str) or not given or isinstance(given[0], int) else given  # 1 or a batch
-    return await _respond(state, request, body, lambda: [tokenize(p, None) if isinstance(p, str)
-                                                         else tokenize(None, p) for p in prompts],
-                          body.max_tokens, _Reply(False, model))
+    prompts = (
+        [given] if isinstance(given, str) or not given or isinstance(given[0], int) else given
+    )  # 1 or a batch
+    return await _respond(
+        state,
+        request,
+        body,
+        lambda: [tokenize(p, None) if isinstance(p, str) else tokenize(None, p) for p in prompts],
+        body.max_tokens,
+        _Reply(False, model),
+    )
 
 
 @router.post("/chat/completions")
@@ -44,32 +61,66 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     model = state.check_model(body.model)
     engine = state.engine.engine
     messages = [m.as_dict() for m in body.messages]
-    return await _respond(state, request, body,
-                          lambda: [engine.tokenize(engine.tokenizer.apply_chat_template(messages), None)],
-                          body.max_new_tokens, _Reply(True, model))
+    return await _respond(
+        state,
+        request,
+        body,
+        lambda: [engine.tokenize(engine.tokenizer.apply_chat_template(messages), None)],
+        body.max_new_tokens,
+        _Reply(True, model),
+    )
 
 
-async def _respond(state: AppState, request: Request, body: OpenAIRequest, tokenize: Callable[[], list[list[int]]],
-                   max_tokens: int | None, reply: _Reply):
+async def _respond(
+    state: AppState,
+    request: Request,
+    body: OpenAIRequest,
+    tokenize: Callable[[], list[list[int]]],
+    max_tokens: int | None,
+    reply: _Reply,
+):
     context = state.engine.engine.config.max_position
-    run = await submit(state, request, tokenize, lambda _, ids: SamplingParams.from_any(body.sampling_params(
-        max_tokens if max_tokens is not None else max(context - len(ids), 1))))
+    run = await submit(
+        state,
+        request,
+        tokenize,
+        lambda _, ids: SamplingParams.from_any(
+            body.sampling_params(
+                max_tokens if max_tokens is not None else max(context - len(ids), 1)
+            )
+        ),
+    )
     if body.stream:
         return EventStream(_chunks(reply, run, body.include_usage), run)
     done = await run.wait(request)
-    return reply.body([reply.choice(i, c.text, _finish(c), chunk=False) for i, c in enumerate(done)], _usage(done))
+    return reply.body(
+        [reply.choice(i, c.text, _finish(c), chunk=False) for i, c in enumerate(done)], _usage(done)
+    )
 
 
 async def _chunks(reply: _Reply, run: BatchRun, include_usage: bool):
     if reply.chat:  # OpenAI opens a chat stream with the role
-        yield sse(reply.body([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None}], chunk=True))
+        yield sse(
+            reply.body(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+                chunk=True,
+            )
+        )
     async for out in run:
         if out.error:
             yield sse(error_body(out.error, "server_error", "engine_error"))
         elif out.text or out.finished:
             finish = _finish(run.completions[out.index]) if out.finished else None
-            yield sse(reply.body([reply.choice(out.index, out.text, finish, chunk=True)], chunk=True))
+            yield sse(
+                reply.body([reply.choice(out.index, out.text, finish, chunk=True)], chunk=True)
+            )
     if include_usage:
         yield sse(reply.body([], _usage(run.completions), chunk=True))
     yield DONE
@@ -85,9 +136,18 @@ class _Reply:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def body(self, choices: list[dict], usage: dict | None = None, chunk: bool = False) -> dict:
-        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        out = {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.id, "object": obj, "created": self.created,
-               "model": self.model, "choices": choices}
+        obj = (
+            ("chat.completion.chunk" if chunk else "chat.completion")
+            if self.chat
+            else "text_completion"
+        )
+        out = {
+            "id": ("chatcmpl-" if self.chat else "cmpl-") + self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if usage is not None:
             out["usage"] = usage
         return out
@@ -111,4 +171,8 @@ def _finish(c: Completion) -> str:
 
 def _usage(done: list[Completion]) -> dict:
     prompt, completion = sum(c.prompt_tokens for c in done), sum(len(c.output_ids) for c in done)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }

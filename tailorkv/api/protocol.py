@@ -2,6 +2,7 @@
 
 Every error of every route has one shape, OpenAI's: {"error": {"message", "type", "code"}}.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -10,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type, code
 
@@ -40,7 +47,9 @@ class GenerateRequest(_Body):
 
     @property
     def batched(self) -> bool:
-        return isinstance(self.text, list) or (bool(self.input_ids) and isinstance(self.input_ids[0], list))
+        return isinstance(self.text, list) or (
+            bool(self.input_ids) and isinstance(self.input_ids[0], list)
+        )
 
     def prompts(self) -> list[tuple[str | None, list[int] | None]]:
         """(text, input_ids) per request; raises APIError when the batch and its sampling_params disagree."""
@@ -53,11 +62,18 @@ class GenerateRequest(_Body):
         if not items:
             raise APIError(400, "the batch is empty")
         if isinstance(self.sampling_params, list) and len(self.sampling_params) != len(items):
-            raise APIError(400, f"sampling_params has {len(self.sampling_params)} entries for {len(items)} prompts")
+            raise APIError(
+                400,
+                f"sampling_params has {len(self.sampling_params)} entries for {len(items)} prompts",
+            )
         return items
 
     def params(self, i: int) -> dict | None:
-        return self.sampling_params[i] if isinstance(self.sampling_params, list) else self.sampling_params
+        return (
+            self.sampling_params[i]
+            if isinstance(self.sampling_params, list)
+            else self.sampling_params
+        )
 
 
 class StreamOptions(_Body):
@@ -80,10 +96,19 @@ class OpenAIRequest(_Body):
 
     def sampling_params(self, max_new_tokens: int) -> dict:
         if self.n != 1:
-            raise APIError(400, f"only n=1 is supported, got n={self.n}", code="unsupported_parameter")
-        sp = {"max_new_tokens": max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-              "top_k": self.top_k, "min_p": self.min_p, "stop": self.stop, "seed": self.seed,
-              "ignore_eos": self.ignore_eos}
+            raise APIError(
+                400, f"only n=1 is supported, got n={self.n}", code="unsupported_parameter"
+            )
+        sp = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "stop": self.stop,
+            "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
+        }
         return {k: v for k, v in sp.items() if v is not None}
 
     @property
@@ -106,7 +131,11 @@ class ChatMessage(_Body):
     content: str | list[TextPart] | None = None
 
     def as_dict(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        content = (
+            self.content
+            if isinstance(self.content, str)
+            else "".join(p.text for p in self.content or [])
+        )
         return {"role": self.role, "content": content}
 
 
@@ -117,4 +146,8 @@ class ChatCompletionRequest(OpenAIRequest):
 
     @property
     def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )

@@ -4,6 +4,7 @@ Errors of every route share one body, {"error": {"message", "type", "code"}}: 40
 missing or wrong API key, 404 for an unknown model or route, 413 for a body over the limit, 503 when the
 queue is full, 500 when the engine failed a request.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,19 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 log = logging.getLogger(__name__)
 
 
-def create_app(async_engine: AsyncEngine, api_key: str | None = None, served_model_name: str | None = None,
-               model_path: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+def create_app(
+    async_engine: AsyncEngine,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+    model_path: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
     """An app serving `async_engine`; several apps may share one AsyncEngine (each has its own metrics)."""
     name = async_engine.engine.config.name
     app = FastAPI(title="tailorkv", version=__version__, strict_content_type=False)
-    app.state.tailorkv = AppState(async_engine, Metrics(async_engine), served_model_name or name, model_path or name)
+    app.state.tailorkv = AppState(
+        async_engine, Metrics(async_engine), served_model_name or name, model_path or name
+    )
     app.include_router(sglang_api.router)
     app.include_router(openai_api.router)
     app.add_api_route("/health", health, methods=["GET"])
@@ -50,23 +58,34 @@ def create_app(async_engine: AsyncEngine, api_key: str | None = None, served_mod
 
 async def health(request: Request):
     if not get_state(request).engine.alive:
-        raise APIError(503, "the engine loop is not running", type="server_error", code="engine_down")
+        raise APIError(
+            503, "the engine loop is not running", type="server_error", code="engine_down"
+        )
     return {"status": "ok"}
 
 
 async def model_info(request: Request):
     state = get_state(request)
     config = state.engine.engine.config
-    return {"model_path": state.model_path, "served_model_name": state.served_model_name, "is_generation": True,
-            "max_context_length": config.max_position, "vocab_size": config.vocab_size}
+    return {
+        "model_path": state.model_path,
+        "served_model_name": state.served_model_name,
+        "is_generation": True,
+        "max_context_length": config.max_position,
+        "vocab_size": config.vocab_size,
+    }
 
 
 async def server_info(request: Request):
     engine = get_state(request).engine
     o = engine.engine.options
-    return {"version": __version__, "kv_policy": engine.engine.kv_policy,
-            "max_running_requests": o.max_running_requests, "max_queued_requests": o.max_queued_requests,
-            **engine.load()}
+    return {
+        "version": __version__,
+        "kv_policy": engine.engine.kv_policy,
+        "max_running_requests": o.max_running_requests,
+        "max_queued_requests": o.max_queued_requests,
+        **engine.load(),
+    }
 
 
 async def metrics(request: Request):
@@ -85,7 +104,9 @@ class BearerAuth:
         if scope["type"] == "http" and scope["path"] not in self.OPEN:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
-                response = _error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+                response = _error(
+                    401, "invalid or missing API key", "authentication_error", "invalid_api_key"
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
@@ -105,7 +126,9 @@ class Arrivals:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
             return await self.app(scope, receive, send)
         with self.engine.arriving() as done:
-            await self.app({**scope, "state": {**scope.get("state", {}), "arrived": done}}, receive, send)
+            await self.app(
+                {**scope, "state": {**scope.get("state", {}), "arrived": done}}, receive, send
+            )
 
 
 class BodyLimit:
@@ -120,7 +143,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await _error(413, self._message(), code="request_too_large")(scope, receive, send)
+            return await _error(413, self._message(), code="request_too_large")(
+                scope, receive, send
+            )
         seen = 0
 
         async def limited_receive():
@@ -128,7 +153,9 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise HTTPException(413, self._message())  # FastAPI lets it through; rendered by our handler
+                raise HTTPException(
+                    413, self._message()
+                )  # FastAPI lets it through; rendered by our handler
             return message
 
         await self.app(scope, limited_receive, send)
@@ -137,7 +164,9 @@ class BodyLimit:
         return f"the request body is larger than {self.max_bytes} bytes"
 
 
-def _error(status: int, message: str, type: str = "invalid_request_error", code: str | int | None = None):
+def _error(
+    status: int, message: str, type: str = "invalid_request_error", code: str | int | None = None
+):
     return JSONResponse(error_body(message, type, code), status_code=status)
 
 
@@ -160,14 +189,24 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(400, "; ".join(describe(err) for err in e.errors()) or "invalid request")
 
     async def http(_, e: HTTPException):
-        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+        return _error(
+            e.status_code,
+            str(e.detail),
+            "invalid_request_error" if e.status_code < 500 else "server_error",
+        )
 
     async def crash(_, e: Exception):
         log.exception("unhandled error")
         return _error(500, f"internal error: {type(e).__name__}", "server_error")
 
-    for exc, handler in ((APIError, api_error), (QueueFullError, capacity), (TailorKVError, invalid),
-                         (RequestValidationError, validation), (HTTPException, http), (Exception, crash)):
+    for exc, handler in (
+        (APIError, api_error),
+        (QueueFullError, capacity),
+        (TailorKVError, invalid),
+        (RequestValidationError, validation),
+        (HTTPException, http),
+        (Exception, crash),
+    ):
         app.add_exception_handler(exc, handler)
 
 
@@ -179,7 +218,9 @@ def serve(args: argparse.Namespace) -> None:
     from ..engine.engine import Engine
     from ..engine.warm_up import warm_up
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     delay = args.scheduler_delay_factor
     if delay is not None and not delay >= 0:  # before seconds of loading the model
         raise ConfigError(f"--scheduler-delay-factor must be >= 0, got {delay}")
@@ -188,9 +229,15 @@ def serve(args: argparse.Namespace) -> None:
         warm_up(engine)
     async_engine = AsyncEngine(engine, **({} if delay is None else {"delay_factor": delay}))
     try:
-        app = create_app(async_engine, api_key=args.api_key, served_model_name=args.served_model_name or args.model,
-                         model_path=args.model)
+        app = create_app(
+            async_engine,
+            api_key=args.api_key,
+            served_model_name=args.served_model_name or args.model,
+            model_path=args.model,
+        )
         # on Ctrl-C, streams still open get 5 s to end before their requests are aborted
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5
+        )
     finally:
         async_engine.shutdown()

@@ -1,4 +1,5 @@
 """POST /generate, SGLang's native API: text or input_ids (one or a batch), sampling_params, stream."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -16,8 +17,12 @@ router = APIRouter()
 async def generate(body: GenerateRequest, request: Request):
     state = get_state(request)
     tokenize = state.engine.engine.tokenize
-    run = await submit(state, request, lambda: [tokenize(text, ids) for text, ids in body.prompts()],
-                       lambda i, _: SamplingParams.from_any(body.params(i)))
+    run = await submit(
+        state,
+        request,
+        lambda: [tokenize(text, ids) for text, ids in body.prompts()],
+        lambda i, _: SamplingParams.from_any(body.params(i)),
+    )
     if body.stream:
         return EventStream(_chunks(run, body.batched), run)
     results = [c.sglang() for c in await run.wait(request)]

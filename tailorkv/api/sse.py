@@ -1,5 +1,6 @@
 """Server-sent events: `data: {json}` frames, the closing `data: [DONE]`, and a response that aborts its
 requests as soon as the client goes away, even while no token is flowing."""
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as tg:
+
                 async def stream() -> None:
                     try:
                         await self.stream_response(send)

@@ -1,4 +1,5 @@
 """What every route of one app reaches: the AsyncEngine, the app's metrics and the names it serves under."""
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,11 @@ class AppState:
 
     def check_model(self, name: str | None) -> str:
         """The name to answer with; raises a 404 APIError for a model this server does not serve."""
-        if name is not None and name not in (self.served_model_name, self.engine.engine.config.name, "default"):
+        if name is not None and name not in (
+            self.served_model_name,
+            self.engine.engine.config.name,
+            "default",
+        ):
             raise APIError(404, f"The model `{name}` does not exist.", code="model_not_found")
         return self.served_model_name
 

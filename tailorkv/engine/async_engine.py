@@ -21,6 +21,7 @@ prefill step's time, as vLLM's `--scheduler-delay-factor` does: the first of a b
 requests finish (a chat's user one token ahead of the others) then waits for the rest instead of being prefilled
 alone while they decode their last tokens.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,7 +45,9 @@ class Output:
     """What one request produced in one step, or how it ended."""
 
     index: int  # position of the request in the batch it was submitted with
-    request: Request  # read-only for the consumer: rid, input_ids, created, finish_reason once finished
+    request: (
+        Request  # read-only for the consumer: rid, input_ids, created, finish_reason once finished
+    )
     text: str  # text since the previous Output (partial UTF-8 and possible stop-string prefixes held back)
     token_ids: list[int]  # tokens since the previous Output
     time: float  # time.perf_counter() when the step produced it
@@ -106,12 +109,18 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine, gather_s: float = 0.5, delay_factor: float = DELAY_FACTOR):
         self.engine, self.gather_s, self.delay_factor = engine, gather_s, delay_factor
-        self._arriving: dict[object, float] = {}  # requests being received or tokenized: when each began (_mu)
+        self._arriving: dict[
+            object, float
+        ] = {}  # requests being received or tokenized: when each began (_mu)
         self._last_arrival = 0.0  # when the latest request began arriving or was submitted (_mu)
         self._last_finish = 0.0  # when the engine thread last handed out a finished request
         self._finished = 0  # how many requests finished then
-        self._turnaround: float | None = None  # how long clients take to send a request after others finish (_mu)
-        self._held_since: float | None = None  # when the engine thread began holding a step for them
+        self._turnaround: float | None = (
+            None  # how long clients take to send a request after others finish (_mu)
+        )
+        self._held_since: float | None = (
+            None  # when the engine thread began holding a step for them
+        )
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
         self._aborts: list[tuple[int, str]] = []  # applied by the engine thread between steps
@@ -130,8 +139,11 @@ class AsyncEngine:
     def load(self) -> dict:
         """Queue and memory state for /get_server_info and /metrics."""
         s = self.engine.scheduler
-        return {"num_running_reqs": len(s.running), "num_queued_reqs": len(s.waiting),
-                "memory": self.engine.memory.usage()}
+        return {
+            "num_running_reqs": len(s.running),
+            "num_queued_reqs": len(s.waiting),
+            "memory": self.engine.memory.usage(),
+        }
 
     # ---- the asyncio side -----------------------------------------------------------------------------------
     def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> OutputStream:
@@ -184,7 +196,9 @@ class AsyncEngine:
         the clients' turnaround: the mean of this time and the last estimate, at most gather_s."""
         if self._finished and self._last_arrival < self._last_finish:
             took = now - self._last_finish
-            self._turnaround = min(took if self._turnaround is None else (self._turnaround + took) / 2, self.gather_s)
+            self._turnaround = min(
+                took if self._turnaround is None else (self._turnaround + took) / 2, self.gather_s
+            )
         self._last_arrival = now
         return now
 
@@ -223,7 +237,9 @@ class AsyncEngine:
                 log.exception("engine step failed; aborting the running requests")
                 with self._mu:
                     self.stats.failed_steps += 1
-                self._fail(list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}")
+                self._fail(
+                    list(self.engine.scheduler.running), f"engine error: {type(e).__name__}: {e}"
+                )
                 continue
             self._dispatch(done)
 
@@ -239,8 +255,12 @@ class AsyncEngine:
             burst = any(began <= self._held_since for began in self._arriving.values())
             latest = max(self._last_arrival, self._last_finish + (self._turnaround or 0.0))
             lull = latest + self.delay_factor * self.engine.step_log.prefill_seconds - now
-            if self._finished and not self._arriving and sum(
-                    s.queued_at > self._last_finish for s in self.engine.scheduler.waiting) >= self._finished:
+            if (
+                self._finished
+                and not self._arriving
+                and sum(s.queued_at > self._last_finish for s in self.engine.scheduler.waiting)
+                >= self._finished
+            ):
                 return 0.0  # the next turns of the requests that finished are in
         left = self._held_since + self.gather_s - now
         return min(left, max(lull, left if burst else 0.0))
@@ -273,7 +293,7 @@ class AsyncEngine:
                 stream = self._streams.get(req.rid)
                 if stream is None:  # aborted since the step began
                     continue
-                ids = req.output_ids[stream.sent:]
+                ids = req.output_ids[stream.sent :]
                 stream.sent = len(req.output_ids)
                 if req.finished:
                     del self._streams[req.rid]

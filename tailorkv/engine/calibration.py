@@ -1,5 +1,6 @@
 """`tailorkv calibrate`: run one prefill of a calibration text through the CalibrationProbe, print the per-layer
 dense preference scores and store the model's layer plan (the layers above tau are quantization-friendly)."""
+
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,9 @@ def calibration_ids(tok: Tokenizer, text: str | None, tokens: int) -> list[int]:
             raise ConfigError(f"no calibration text: {e}") from None
     ids = tok.encode(text)[:tokens]
     if len(ids) < 64:
-        raise ConfigError(f"the calibration text is too short ({len(ids)} tokens; at least 64 needed)")
+        raise ConfigError(
+            f"the calibration text is too short ({len(ids)} tokens; at least 64 needed)"
+        )
     return ids
 
 
@@ -38,8 +41,15 @@ def layer_scores(model: LlamaModel, ids: list[int], device, dtype) -> list[float
     return probe.scores
 
 
-def calibrate(model: LlamaModel, tok: Tokenizer, device, dtype, text: str | None = None, tokens: int = 4096,
-              tau: float = 0.2) -> tuple[list[float], list[int]]:
+def calibrate(
+    model: LlamaModel,
+    tok: Tokenizer,
+    device,
+    dtype,
+    text: str | None = None,
+    tokens: int = 4096,
+    tau: float = 0.2,
+) -> tuple[list[float], list[int]]:
     ids = calibration_ids(tok, text, min(tokens, model.config.max_position))
     with torch.inference_mode():
         scores = layer_scores(model, ids, device, dtype)
@@ -60,8 +70,9 @@ def run_calibration(args) -> None:
         except OSError as e:
             raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
     with Engine(**{**engine_kwargs(args), "kv_policy": "full", "kv_cache_gib": 0.01}) as engine:
-        scores, plan = calibrate(engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens,
-                                 args.tau)
+        scores, plan = calibrate(
+            engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens, args.tau
+        )
     print(f"{'layer':>5}  {'score':>7}  kind")
     for i, s in enumerate(scores):
         print(f"{i:>5}  {s:7.4f}  {'Q (quantize)' if s > args.tau else 'S (offload + top-k)'}")

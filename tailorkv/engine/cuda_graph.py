@@ -8,6 +8,7 @@ eager layer's q, k, v. All segments of a shape share one memory pool, so what on
 stays put between replays. A batch is padded to the next bucket of rows; padding rows compute garbage that nobody
 reads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,15 @@ class _Step:
         self.ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.qkv: list[tuple | None] = [None] * eager  # per eager layer: the q, k, v its segment produced
-        self.h: list[torch.Tensor | None] = [None] * eager  # per eager layer: the residual stream at it
-        self.attn: list[torch.Tensor] = []  # per eager layer: where its attention output is put for the next segment
+        self.qkv: list[tuple | None] = [
+            None
+        ] * eager  # per eager layer: the q, k, v its segment produced
+        self.h: list[torch.Tensor | None] = [
+            None
+        ] * eager  # per eager layer: the residual stream at it
+        self.attn: list[
+            torch.Tensor
+        ] = []  # per eager layer: where its attention output is put for the next segment
         self.hidden: torch.Tensor | None = None
 
 
@@ -51,7 +58,9 @@ class DecodeGraphs:
         n = batch.size
         if step is None:
             step = self.steps[(rows, key)] = self._capture(rows, ids, batch)
-        step.ids[:n].copy_(ids)  # padding rows keep earlier ids and positions: valid, and nobody reads their output
+        step.ids[:n].copy_(
+            ids
+        )  # padding rows keep earlier ids and positions: valid, and nobody reads their output
         step.positions[:n].copy_(batch.positions)
         step.graphs[0].replay()
         for j, layer in enumerate(self.eager):
@@ -68,7 +77,9 @@ class DecodeGraphs:
             h, first = m.layer_output(e[j - 1], step.h[j - 1], step.attn[j - 1]), e[j - 1] + 1
         last = e[j] if j < len(e) else len(m.layers)
         for i in range(first, last):
-            h = m.layer_output(i, h, kv.attend(i, *m.attention_inputs(i, h, step.positions, kv, batch), batch))
+            h = m.layer_output(
+                i, h, kv.attend(i, *m.attention_inputs(i, h, step.positions, kv, batch), batch)
+            )
         if j < len(e):
             step.qkv[j], step.h[j] = m.attention_inputs(last, h, step.positions, kv, batch), h
         else:

@@ -1,4 +1,5 @@
 """Engine: the offline, SGLang-style API. `Engine(...).generate(prompt | input_ids, sampling_params)`."""
+
 from __future__ import annotations
 
 import itertools
@@ -47,7 +48,9 @@ def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, model: str | None = None, kv_policy: str = "full", device=None, dtype=None, **options):
+    def __init__(
+        self, model: str | None = None, kv_policy: str = "full", device=None, dtype=None, **options
+    ):
         self.options, policy_options = EngineOptions.from_kwargs(options)
         cls = policy_class(kv_policy)  # fail on a bad policy name before loading anything
         self.device = _pick_device(device)
@@ -56,35 +59,57 @@ class Engine:
             # a hard cap on everything this process allocates (weights included), like a smaller card
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
             total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, self.options.gpu_memory_limit_gib * GIB / total), index)
-        self.model, tok_src = load_model(model, self.device, self.dtype, progress=self.options.progress)
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, self.options.gpu_memory_limit_gib * GIB / total), index
+            )
+        self.model, tok_src = load_model(
+            model, self.device, self.dtype, progress=self.options.progress
+        )
         self.config = self.model.config
         self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
         self.policy = cls(self.config, self.device, self.dtype, **policy_options)
-        if getattr(self.policy, "plan_missing", False):  # a model without a shipped plan: calibrate once, cache
+        if getattr(
+            self.policy, "plan_missing", False
+        ):  # a model without a shipped plan: calibrate once, cache
             from .calibration import calibrate
 
-            self.policy.set_quant_layers(calibrate(self.model, self.tokenizer, self.device, self.dtype)[1])
+            self.policy.set_quant_layers(
+                calibrate(self.model, self.tokenizer, self.device, self.dtype)[1]
+            )
         self.policy.bind_model(self.model)
         prefix = self.policy.prefix_blocks() if self.options.enable_prefix_caching else None
         copies = self.options.prefix_gpu_gib
-        specs = self.policy.pool_specs(self._gpu_kv_budget(), int(self.options.host_kv_gib * GIB),
-                                       0 if prefix is None else None if copies is None else int(copies * GIB))
+        specs = self.policy.pool_specs(
+            self._gpu_kv_budget(),
+            int(self.options.host_kv_gib * GIB),
+            0 if prefix is None else None if copies is None else int(copies * GIB),
+        )
         self.policy.allocate_storage(specs)
         self.memory = MemoryManager(specs, prefix=prefix)
         self.policy.warm_up(prefix_sharing=prefix is not None)
-        self.scheduler = Scheduler(self.memory, self.policy.pages_needed,
-                                   max_running=self.options.max_running_requests,
-                                   max_queued=self.options.max_queued_requests,
-                                   chunk_tokens=self.options.chunked_prefill_size,
-                                   whole_prompt_prefill=self.policy.whole_prompt_prefill,
-                                   shareable=self.policy.shareable_tokens, cache_output=self.policy.caches_output,
-                                   partial_pool=self.policy.partial_block_pool)
-        self.runner = ModelRunner(self.model, self.policy, self.device, self.options.cuda_graph,
-                                  self.options.max_running_requests)
+        self.scheduler = Scheduler(
+            self.memory,
+            self.policy.pages_needed,
+            max_running=self.options.max_running_requests,
+            max_queued=self.options.max_queued_requests,
+            chunk_tokens=self.options.chunked_prefill_size,
+            whole_prompt_prefill=self.policy.whole_prompt_prefill,
+            shareable=self.policy.shareable_tokens,
+            cache_output=self.policy.caches_output,
+            partial_pool=self.policy.partial_block_pool,
+        )
+        self.runner = ModelRunner(
+            self.model,
+            self.policy,
+            self.device,
+            self.options.cuda_graph,
+            self.options.max_running_requests,
+        )
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # add/abort may come from another thread than the one running step()
+        self._lock = (
+            threading.Lock()
+        )  # add/abort may come from another thread than the one running step()
         self.step_log = StepLog()
         self.step_log.alloc_retries = self._allocator_retries()  # those while loading are no step's
         self.kv_policy = kv_policy
@@ -100,19 +125,25 @@ class Engine:
         cap = o.gpu_memory_limit_gib * GIB if o.gpu_memory_limit_gib else total
         c, item = self.config, self.dtype.itemsize
         # prefill activations: ~8 hidden-sized tensors per token, the MLP's 4 intermediate ones per chunk of it
-        activations = GIB + o.chunked_prefill_size * c.hidden_size * item * 8 \
+        activations = (
+            GIB
+            + o.chunked_prefill_size * c.hidden_size * item * 8
             + min(o.chunked_prefill_size, MLP_CHUNK) * c.intermediate_size * item * 4
+        )
         return max(int(min(cap - used, free) * 0.9) - activations, 0)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
         if input_ids is not None:
-            if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                          for t in input_ids):
+            if not isinstance(input_ids, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in input_ids
+            ):
                 raise InvalidRequestError("input_ids must be a list of integers")
             bad = [t for t in input_ids if not 0 <= t < self.config.vocab_size]
             if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+                raise InvalidRequestError(
+                    f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
             ids = input_ids
         elif isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
@@ -128,14 +159,19 @@ class Engine:
         if total > self.config.max_position:
             raise InvalidRequestError(
                 f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
-                f"the model's context of {self.config.max_position} tokens")
+                f"the model's context of {self.config.max_position} tokens"
+            )
         with self._lock:
             rid = next(self._ids)
             gen = None
             if not params.greedy:
-                seed = params.seed if params.seed is not None else self.options.seed * 1_000_003 + rid
+                seed = (
+                    params.seed if params.seed is not None else self.options.seed * 1_000_003 + rid
+                )
                 gen = torch.Generator(device=self.device).manual_seed(seed)
-            req = Request(rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen)
+            req = Request(
+                rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen
+            )
             self.scheduler.add(req.seq, req.input_ids)
             self.requests[rid] = req
         return req
@@ -161,19 +197,23 @@ class Engine:
                 return []
             reqs = [self.requests[s.rid] for s in plan.seqs]
         # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
-        prefill = [(n, s.cached_tokens if s.num_computed == s.cached_tokens else 0)
-                   for s, n in zip(plan.seqs, plan.new) if s.prefilling]
+        prefill = [
+            (n, s.cached_tokens if s.num_computed == s.cached_tokens else 0)
+            for s, n in zip(plan.seqs, plan.new)
+            if s.prefilling
+        ]
         tokens, want = [], []
         for i, (req, n) in enumerate(zip(reqs, plan.new)):
             s = req.seq
             if s.prefilling:
-                tokens.extend(req.input_ids[s.num_computed:s.num_computed + n])
+                tokens.extend(req.input_ids[s.num_computed : s.num_computed + n])
             else:  # a decode step computes the newest sampled token; no copy of the whole history
                 tokens.append(req.output_ids[-1])
             if s.num_computed + n >= s.prompt_len:
                 want.append(i)
-        logits = self.runner.forward([s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new,
-                                     tokens, want)
+        logits = self.runner.forward(
+            [s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new, tokens, want
+        )
         self.scheduler.advance(plan)
         chosen = sample(logits, [reqs[i].params for i in want], [reqs[i].generator for i in want])
         for row, i in enumerate(want):
@@ -197,8 +237,11 @@ class Engine:
 
     def _allocator_retries(self) -> int:
         # the nested dict, not memory_stats(): that flattens ~100 counters in Python, every step
-        return torch.cuda.memory_stats_as_nested_dict(self.device).get("num_alloc_retries", 0) \
-            if self.device.type == "cuda" else 0
+        return (
+            torch.cuda.memory_stats_as_nested_dict(self.device).get("num_alloc_retries", 0)
+            if self.device.type == "cuda"
+            else 0
+        )
 
     def _schedule(self, admit: bool = True):
         """The next step's plan, with newly admitted requests bound to their pages (call under the lock)."""
@@ -215,18 +258,28 @@ class Engine:
     # ---- offline API ----------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str] | None = None, input_ids=None, sampling_params=None):
         """Generate for one prompt (returns a dict) or a list (returns a list); all are decoded as one batch."""
-        batched = isinstance(prompt, list) or (isinstance(input_ids, list) and input_ids
-                                                and isinstance(input_ids[0], list))
+        batched = isinstance(prompt, list) or (
+            isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
+        )
         if batched:
-            items = [(p, None) for p in prompt] if prompt is not None else [(None, ids) for ids in input_ids]
+            items = (
+                [(p, None) for p in prompt]
+                if prompt is not None
+                else [(None, ids) for ids in input_ids]
+            )
         else:
             items = [(prompt, input_ids)]
         if not items:
             raise InvalidRequestError("the prompt list is empty")
-        plist = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
+        plist = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(items)
+        )
         if len(plist) != len(items):
             raise InvalidRequestError("sampling_params list must match the number of prompts")
-        prepared = [(self.tokenize(p, ids), SamplingParams.from_any(sp)) for (p, ids), sp in zip(items, plist)]
+        prepared = [
+            (self.tokenize(p, ids), SamplingParams.from_any(sp))
+            for (p, ids), sp in zip(items, plist)
+        ]
         reqs = []
         try:
             for ids, sp in prepared:
@@ -265,7 +318,9 @@ class Engine:
             with self._lock:
                 plan = self._schedule()
             start = req.seq.num_computed  # a cached prefix is not computed again
-            assert plan.seqs == [req.seq] and plan.new == [len(input_ids) - start], "engine must be idle"
+            assert plan.seqs == [req.seq] and plan.new == [len(input_ids) - start], (
+                "engine must be idle"
+            )
             return self.runner.forward([req.rid], [start], plan.new, req.input_ids[start:], [0])[0]
         finally:
             self.abort(req.rid)

@@ -1,4 +1,5 @@
 """Engine options beyond model / kv_policy / device / dtype, with validation (bad values fail at start)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -15,7 +16,9 @@ class EngineOptions:
     host_kv_gib: float = 4.0  # host-tier (pinned on CUDA) budget
     gpu_memory_limit_gib: float | None = None
     seed: int = 0
-    enable_prefix_caching: bool = True  # share the K/V pages of common prompt prefixes (policies that allow it)
+    enable_prefix_caching: bool = (
+        True  # share the K/V pages of common prompt prefixes (policies that allow it)
+    )
     # of the GPU-tier budget, GPU copies of cached host-tier pages (tailor); None = what the other pools leave
     prefix_gpu_gib: float | None = None
     cuda_graph: bool = True  # replay decode steps from captured CUDA graphs (on CUDA)

@@ -11,6 +11,7 @@ independently, so ids(text) = ids(text[:c]) + ids(text[c:]) for such a gap c, an
 the earlier prompt's ids when both texts agree up to c + 1. `word_gaps_split` checks that a tokenizer is of that
 kind (no normalizer, no Metaspace, no added token that strips spaces or contains a gap).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,16 +25,21 @@ from dataclasses import dataclass
 
 WORD_GAP = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")
 # the pre-tokenizers a gap is known to split: ByteLevel with its GPT-2 regex, Digits, Llama 3's Split
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 MIN_CHARS = 8192  # shorter prompts tokenize in a few ms
 GAP_WINDOW = 4096  # where to look for the last gap before the end of the earlier prompt
 
 
 def _splitter(pre: dict) -> bool:
     return (pre["type"] == "ByteLevel" and pre["use_regex"]) or (
-        pre["type"] == "Split" and pre["pattern"].get("Regex") == LLAMA3_SPLIT and pre["behavior"] == "Isolated"
-        and not pre["invert"])
+        pre["type"] == "Split"
+        and pre["pattern"].get("Regex") == LLAMA3_SPLIT
+        and pre["behavior"] == "Isolated"
+        and not pre["invert"]
+    )
 
 
 def _splits_gaps(pre: dict | None) -> bool:
@@ -41,15 +47,22 @@ def _splits_gaps(pre: dict | None) -> bool:
     if pre is None or pre["type"] != "Sequence":
         return pre is not None and _splitter(pre)
     parts = pre["pretokenizers"]
-    return any(_splitter(p) for p in parts) and all(_splitter(p) or p["type"] in ("Digits", "ByteLevel")
-                                                   for p in parts)
+    return any(_splitter(p) for p in parts) and all(
+        _splitter(p) or p["type"] in ("Digits", "ByteLevel") for p in parts
+    )
 
 
 def word_gaps_split(tokenizer_json: str) -> bool:
     """Whether every word gap of a text is a place where the tokenizer's ids split (see the module docstring)."""
     spec = json.loads(tokenizer_json)
-    return spec.get("normalizer") is None and _splits_gaps(spec.get("pre_tokenizer")) and not any(
-        t["lstrip"] or t["rstrip"] or WORD_GAP.search(t["content"]) for t in spec.get("added_tokens", []))
+    return (
+        spec.get("normalizer") is None
+        and _splits_gaps(spec.get("pre_tokenizer"))
+        and not any(
+            t["lstrip"] or t["rstrip"] or WORD_GAP.search(t["content"])
+            for t in spec.get("added_tokens", [])
+        )
+    )
 
 
 @dataclass
@@ -63,8 +76,12 @@ class PrefixTokenCache:
     """`encode(text)` equal to `tokenize(text)[0]`, reusing the longest recently tokenized prompt that `text`
     starts with. `tokenize(text)` returns (ids, end offset of each token). Thread-safe."""
 
-    def __init__(self, tokenize: Callable[[str], tuple[list[int], list[int]]], max_entries: int = 64,
-                 max_chars: int = 1 << 25):
+    def __init__(
+        self,
+        tokenize: Callable[[str], tuple[list[int], list[int]]],
+        max_entries: int = 64,
+        max_chars: int = 1 << 25,
+    ):
         self._tokenize, self._max_entries, self._max_chars = tokenize, max_entries, max_chars
         self._entries: OrderedDict[int, _Tokenized] = OrderedDict()
         self._chars = 0
@@ -85,8 +102,11 @@ class PrefixTokenCache:
     def _reuse(self, text: str) -> _Tokenized | None:
         with self._lock:
             entries = list(self._entries.values())
-        earlier = max((e for e in entries if len(e.text) <= len(text) and text.startswith(e.text)),
-                      key=lambda e: len(e.text), default=None)
+        earlier = max(
+            (e for e in entries if len(e.text) <= len(text) and text.startswith(e.text)),
+            key=lambda e: len(e.text),
+            default=None,
+        )
         if earlier is None:
             return None
         # the last gap whose following letter is inside the earlier prompt (so both texts agree around it)
@@ -98,8 +118,11 @@ class PrefixTokenCache:
             return None  # no gap near the end, or offsets this cache does not understand: tokenize it all
         ids, ends = self._tokenize(text[cut:])
         self.hits += 1
-        return _Tokenized(text, earlier.ids[:keep] + array("l", ids), earlier.ends[:keep] + array("l", (
-            e + cut for e in ends)))
+        return _Tokenized(
+            text,
+            earlier.ids[:keep] + array("l", ids),
+            earlier.ends[:keep] + array("l", (e + cut for e in ends)),
+        )
 
     def _remember(self, entry: _Tokenized) -> None:
         with self._lock:

@@ -1,4 +1,5 @@
 """A generation request: prompt ids, sampling params, produced tokens, stop detection and incremental text."""
+
 from __future__ import annotations
 
 import time
@@ -18,7 +19,9 @@ class Request:
     params: SamplingParams
     seq: Seq
     generator: torch.Generator | None = None
-    forced_ids: list[int] | None = None  # teacher forcing: these tokens are appended instead of samples
+    forced_ids: list[int] | None = (
+        None  # teacher forcing: these tokens are appended instead of samples
+    )
     logprobs: list[float] = field(default_factory=list)  # of the forced tokens
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -73,10 +76,10 @@ class Request:
                 end -= 1
             for s in self.params.stop:
                 for k in range(min(len(s) - 1, end - self._sent), 0, -1):
-                    if self.text[end - k:end] == s[:k]:
+                    if self.text[end - k : end] == s[:k]:
                         end -= k
                         break
-        out = self.text[self._sent:end]
+        out = self.text[self._sent : end]
         self._sent = max(self._sent, end)
         return out
 

@@ -1,4 +1,5 @@
 """SamplingParams (SGLang names) and the batched sampler."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -32,7 +33,9 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = set(params) - known
         if unknown:
-            raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+            raise InvalidRequestError(
+                f"unknown sampling parameter(s): {', '.join(sorted(unknown))}"
+            )
         sp = cls(**{k: v for k, v in params.items() if v is not None})
         sp.validate()
         return sp
@@ -57,13 +60,18 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError("stop must be a non-empty string or a list of non-empty strings")
+            raise InvalidRequestError(
+                "stop must be a non-empty string or a list of non-empty strings"
+            )
         if not isinstance(self.stop_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
             raise InvalidRequestError("stop_token_ids must be a list of non-negative integers")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos must be a boolean")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise InvalidRequestError("seed must be an integer")
 
     @property
@@ -71,7 +79,9 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
     """One token per row of `logits` [B, vocab] (float32). Greedy rows take the argmax; others temperature,
     top-k, top-p and min-p filtering, then a draw from the row's own generator (so a seed reproduces)."""
     out = logits.argmax(dim=-1).tolist()
@@ -87,7 +97,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
         if p.top_p < 1:
             sorted_p, idx = probs.sort(descending=True)
-            drop = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+            drop = (
+                sorted_p.cumsum(0) - sorted_p > p.top_p
+            )  # keep the smallest prefix whose mass reaches top_p
             probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0))
         out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
     return out

@@ -1,4 +1,5 @@
 """Tokenizer built from an HF directory (tokenizer.json / tokenizer.model) or a GGUF vocabulary, plus chat templates."""
+
 from __future__ import annotations
 
 import os
@@ -6,26 +7,38 @@ from datetime import datetime
 
 import jinja2
 
-from ..errors import ModelLoadError, InvalidRequestError
+from ..errors import InvalidRequestError, ModelLoadError
 from ..models.weights import TokenizerSource
 from .prefix_tokens import PrefixTokenCache, word_gaps_split
 
 # Used when a model ships no template of its own.
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 
 
 def _gguf_bpe(src: TokenizerSource):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(src.tokens)},
-                              merges=[tuple(m.split(" ", 1)) for m in src.merges]))
+    tk = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(src.tokens)},
+            merges=[tuple(m.split(" ", 1)) for m in src.merges],
+        )
+    )
     # SmolLM/GPT-2 style byte-level BPE; individual digits as in the smollm pre-tokenizer
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tk.decoder = decoders.ByteLevel()
-    special = [t for t, ty in zip(src.tokens, src.token_types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)]
+    special = [
+        t for t, ty in zip(src.tokens, src.token_types) if ty in (_GGUF_CONTROL, _GGUF_USER_DEFINED)
+    ]
     tk.add_special_tokens(special)
     return tk
 
@@ -37,8 +50,10 @@ class Tokenizer:
         self._sp = self._tk = None
         if src.kind == "gguf":
             if src.model != "gpt2":
-                raise ModelLoadError(f"GGUF tokenizer {src.model!r} is not supported (byte-level BPE 'gpt2' is); "
-                                     "load the HF directory of this model instead")
+                raise ModelLoadError(
+                    f"GGUF tokenizer {src.model!r} is not supported (byte-level BPE 'gpt2' is); "
+                    "load the HF directory of this model instead"
+                )
             self._tk = _gguf_bpe(src)
         elif os.path.isfile(os.path.join(src.path, "tokenizer.json")):
             from tokenizers import Tokenizer as HFTokenizer
@@ -52,14 +67,23 @@ class Tokenizer:
         else:
             raise ModelLoadError(f"{src.path} has neither tokenizer.json nor tokenizer.model")
         # a chat's next turn repeats the document and the turns before: their ids are reused where that is exact
-        self._prefix = PrefixTokenCache(self._encode_with_ends) if self._tk and word_gaps_split(
-            self._tk.to_str()) else None
+        self._prefix = (
+            PrefixTokenCache(self._encode_with_ends)
+            if self._tk and word_gaps_split(self._tk.to_str())
+            else None
+        )
         self.bos_token_id = src.bos_token_id
         self.add_bos = src.add_bos
         eos = [src.eos_token_id] if src.eos_token_id is not None else []
         self.eos_token_ids = sorted(set(eos + list(extra_eos or [])))
-        self.vocab_size = self._sp.get_piece_size() if self._sp else self._tk.get_vocab_size(with_added_tokens=True)
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        self.vocab_size = (
+            self._sp.get_piece_size()
+            if self._sp
+            else self._tk.get_vocab_size(with_added_tokens=True)
+        )
+        env = jinja2.Environment(
+            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
+        )
         env.globals["raise_exception"] = self._raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template_source = src.chat_template or CHATML
@@ -70,7 +94,9 @@ class Tokenizer:
         raise InvalidRequestError(f"chat template: {message}")
 
     def token_str(self, token_id: int) -> str:
-        return self._sp.id_to_piece(token_id) if self._sp else (self._tk.id_to_token(token_id) or "")
+        return (
+            self._sp.id_to_piece(token_id) if self._sp else (self._tk.id_to_token(token_id) or "")
+        )
 
     def _encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
         # encode_batch releases the GIL (encode holds it): a long prompt tokenized on a server thread would stall
@@ -111,8 +137,14 @@ class Tokenizer:
         """Render `messages` ([{role, content}]) with the model's own Jinja template (ChatML if it has none)."""
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.token_str(self.bos_token_id) if self.bos_token_id is not None else "",
-                eos_token=self.token_str(self.eos_token_ids[0]) if self.eos_token_ids else "")
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_str(self.bos_token_id)
+                if self.bos_token_id is not None
+                else "",
+                eos_token=self.token_str(self.eos_token_ids[0]) if self.eos_token_ids else "",
+            )
         except (jinja2.TemplateError, TypeError, KeyError) as e:
-            raise InvalidRequestError(f"chat template could not render these messages: {e}") from None
+            raise InvalidRequestError(
+                f"chat template could not render these messages: {e}"
+            ) from None

@@ -1,6 +1,7 @@
 """Exact attention: causal prefill (SDPA), attention with its log-sum-exp, the merge of partial results, prefill after
 a shared prefix built from them (these two FlashInfer on CUDA when it imports, flashinfer_prefill.py, else the torch
 references here, same signatures), and the decode reference `grouped_attention`."""
+
 from __future__ import annotations
 
 import torch
@@ -20,13 +21,16 @@ def _flashinfer(x: torch.Tensor):
     return flashinfer_prefill
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
-                     sm_scale: float | None = None) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, sm_scale: float | None = None
+) -> torch.Tensor:
     """q [n, Hq, D] at positions q_start..q_start+n-1 over k, v [L, Hkv, D] at positions 0..L-1 with
     L = q_start + n (GQA by head groups); query i sees keys 0..q_start+i. Returns [n, Hq, D] in q's dtype."""
     n, L = q.shape[0], k.shape[0]
     if q_start + n != L:
-        raise ValueError(f"causal_attention: {n} queries from position {q_start} need {q_start + n} keys, got {L}")
+        raise ValueError(
+            f"causal_attention: {n} queries from position {q_start} need {q_start + n} keys, got {L}"
+        )
     # a chunk after earlier tokens: the causal mask aligned to the bottom right, which SDPA applies in its fused
     # kernels without an [n, L] mask in memory (an explicit mask took 6 GiB at 8k x 128k)
     mask = causal_lower_right(n, L) if q_start else None
@@ -34,13 +38,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start:
         # SDPA's fused CUDA kernels refuse enable_gqa; expanded heads keep it off the O(n^2)-memory math path
         k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
     # 4-D [1, heads, tokens, D]: the fused (flash / memory-efficient) kernels take no 3-D input
-    out = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), attn_mask=mask,
-                                         is_causal=mask is None, scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        *(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=sm_scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
     return out[0].transpose(0, 1)
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                  sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q [n, Hq, D] over k, v [L, Hkv, D] (GQA by head groups; causal: the queries are the last n positions, query i
     sees keys 0..L-n+i) -> (out [n, Hq, D] in q's dtype, lse [n, Hq] float32: the natural log-sum-exp of the
     scaled scores, -inf over no keys). The reference computes in float32, a chunk of queries at a time."""
@@ -53,19 +67,29 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     lse = torch.full((n, hkv, hq // hkv), float("-inf"), device=q.device)
     step = max(1, SCORE_CHUNK // max(hq * L, 1))
     for a in range(0, n if L else 0, step):
-        qc = q[a:a + step].float().reshape(-1, hkv, hq // hkv, d)
-        scores = torch.einsum("nhgd,lhd->nhgl", qc, kf) * (sm_scale or d ** -0.5)
+        qc = q[a : a + step].float().reshape(-1, hkv, hq // hkv, d)
+        scores = torch.einsum("nhgd,lhd->nhgl", qc, kf) * (sm_scale or d**-0.5)
         if causal:
-            seen = torch.arange(L, device=q.device) <= torch.arange(a, a + len(qc), device=q.device)[:, None] + L - n
+            seen = (
+                torch.arange(L, device=q.device)
+                <= torch.arange(a, a + len(qc), device=q.device)[:, None] + L - n
+            )
             scores = scores.masked_fill(~seen[:, None, None], float("-inf"))
-        lse[a:a + step] = scores.logsumexp(-1)
-        out[a:a + step] = torch.einsum("nhgl,lhd->nhgd", scores.softmax(-1), vf)
+        lse[a : a + step] = scores.logsumexp(-1)
+        out[a : a + step] = torch.einsum("nhgl,lhd->nhgd", scores.softmax(-1), vf)
     return out.view(n, hq, d).to(q.dtype), lse.view(n, hq)
 
 
-def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
-                            prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                            sm_scale: float | None = None, cu_k: list[int] | None = None) -> torch.Tensor:
+def shared_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: list[int],
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    sm_scale: float | None = None,
+    cu_k: list[int] | None = None,
+) -> torch.Tensor:
     """Prefill rows that follow one shared prefix of P tokens (prefix_k, prefix_v [P, Hkv, D], P may be 0): row i's
     queries q[cu[i]:cu[i+1]] [.., Hq, D] see the whole prefix and, causally, the row's own keys
     k, v[cu_k[i]:cu_k[i+1]] (cu_k: cu by default), of which the queries are the last. Per row,
@@ -77,7 +101,9 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     pre, pre_lse = attention_lse(q, prefix_k, prefix_v, sm_scale=sm_scale)
     own, own_lse = torch.empty_like(q), torch.empty_like(pre_lse)
     for a, b, c, d in zip(cu[:-1], cu[1:], (cu_k or cu)[:-1], (cu_k or cu)[1:]):
-        own[a:b], own_lse[a:b] = attention_lse(q[a:b], k[c:d], v[c:d], causal=True, sm_scale=sm_scale)
+        own[a:b], own_lse[a:b] = attention_lse(
+            q[a:b], k[c:d], v[c:d], causal=True, sm_scale=sm_scale
+        )
     return merge_attention_states(pre.float(), pre_lse, own.float(), own_lse)[0].to(q.dtype)
 
 
@@ -89,22 +115,30 @@ def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Te
     return (weight[..., None] * out).sum(-2), total
 
 
-def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                           lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of two disjoint token sets from the attention over each: out [..., D], lse [...]."""
     return merge_partial_states(torch.stack([out_a, out_b], -2), torch.stack([lse_a, lse_b], -1))
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sm_scale: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One query token per sequence, each KV head with its own key set: q [..., Hq, D], k, v [..., Hkv, L, D]
     -> [..., Hq, D] (float32 math; leading dims are sequences). Query head h reads KV head h // (Hq // Hkv);
     keys where `mask` [..., Hkv, L] is False are ignored."""
     hkv, d = k.shape[-3], k.shape[-1]
     qg = q.float().reshape(*q.shape[:-2], hkv, -1, d)
-    scores = torch.einsum("...hgd,...hld->...hgl", qg, k.float()) * (sm_scale or d ** -0.5)
+    scores = torch.einsum("...hgd,...hld->...hgl", qg, k.float()) * (sm_scale or d**-0.5)
     v = v.float()
-    if mask is not None:  # masked slots may hold stale memory, NaN included: 0 * NaN would leak into the output
+    if (
+        mask is not None
+    ):  # masked slots may hold stale memory, NaN included: 0 * NaN would leak into the output
         scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
         v = v.masked_fill(~mask.unsqueeze(-1), 0.0)
     out = torch.einsum("...hgl,...hld->...hgd", scores.softmax(-1), v)

@@ -1,5 +1,6 @@
 """Which implementation of a kernel module runs: the Triton one on CUDA when triton imports, else the torch
 reference (same functions, same signatures)."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,6 @@
 """FlashInfer's paged decode attention over full-precision pages [P, page_size, Hkv, D] (GPU only; imported lazily,
 never needed on CPU, where grouped_attention in attention.py is the reference)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,15 +11,25 @@ WORKSPACE_BYTES = 128 << 20
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) \
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
         and importlib.util.find_spec("flashinfer") is not None
+    )
 
 
 class PagedDecode:
     """One wrapper per engine: `plan` once per step (the decode rows' page lists), `run` once per layer."""
 
-    def __init__(self, device: torch.device, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 dtype: torch.dtype):
+    def __init__(
+        self,
+        device: torch.device,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+    ):
         import flashinfer
 
         self.shape = (num_qo_heads, num_kv_heads, head_dim, page_size)
@@ -26,7 +37,8 @@ class PagedDecode:
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         # tensor-core kernels for wide GQA groups (the CUDA-core decode kernels favour groups of 1-2)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=num_qo_heads // num_kv_heads > 2)
+            self.workspace, "NHD", use_tensor_cores=num_qo_heads // num_kv_heads > 2
+        )
 
     def plan(self, pages: list[torch.Tensor], lengths: list[int]) -> None:
         """Row i reads the first lengths[i] tokens of its pages[i] (page ids on the device)."""
@@ -34,8 +46,12 @@ class PagedDecode:
         counts = [-(-n // ps) for n in lengths]
         indptr = torch.tensor([0] + counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
         last = torch.tensor([n - (c - 1) * ps for n, c in zip(lengths, counts)], dtype=torch.int32)
-        indices = torch.cat([p[:c] for p, c in zip(pages, counts)]).to(device=self.device, dtype=torch.int32)
-        self.wrapper.plan(indptr, indices, last, hq, hkv, d, ps, data_type=self.dtype, q_data_type=self.dtype)
+        indices = torch.cat([p[:c] for p, c in zip(pages, counts)]).to(
+            device=self.device, dtype=torch.int32
+        )
+        self.wrapper.plan(
+            indptr, indices, last, hq, hkv, d, ps, data_type=self.dtype, q_data_type=self.dtype
+        )
 
     def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D] -> [B, Hq, D] over the planned pages of k_pages, v_pages [P, page_size, Hkv, D]."""

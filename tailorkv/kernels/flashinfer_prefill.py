@@ -3,6 +3,7 @@ partial results merge, and prefill after a shared prefix: every row's queries ov
 their own keys in one ragged causal call (the mask aligned to each row's last query), the two merged in place. GQA
 without expanding K/V heads. attention.py holds the torch references with the same signatures and picks this module
 on CUDA."""
+
 from __future__ import annotations
 
 import math
@@ -10,23 +11,34 @@ from collections import OrderedDict
 
 import torch
 
-WORKSPACE = 128 << 20  # FlashInfer's float workspace, one per device, shared by its ragged wrappers (run in order)
+WORKSPACE = (
+    128 << 20
+)  # FlashInfer's float workspace, one per device, shared by its ragged wrappers (run in order)
 PLANS = 4  # ragged wrappers kept planned per device: one per group of rows of a step; a step has 1-2 groups
 
 _wrappers: dict[torch.device, OrderedDict] = {}
 _workspace: dict[torch.device, torch.Tensor] = {}
 
 
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                  sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as attention.attention_lse."""
     import flashinfer
 
-    out, lse = flashinfer.single_prefill_with_kv_cache(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True)
+    out, lse = flashinfer.single_prefill_with_kv_cache(
+        q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True
+    )
     return out, lse * math.log(2)  # FlashInfer's log-sum-exp is base 2
 
 
-def _ragged(q: torch.Tensor, k: torch.Tensor, cu: list[int], cu_k: list[int], sm_scale: float | None):
+def _ragged(
+    q: torch.Tensor, k: torch.Tensor, cu: list[int], cu_k: list[int], sm_scale: float | None
+):
     """A ragged prefill wrapper planned for these rows (a plan is reused by every layer of a step)."""
     import flashinfer
 
@@ -37,23 +49,44 @@ def _ragged(q: torch.Tensor, k: torch.Tensor, cu: list[int], cu_k: list[int], sm
         return plans[key]
     if q.device not in _workspace:
         _workspace[q.device] = torch.empty(WORKSPACE, dtype=torch.uint8, device=q.device)
-    w = plans.popitem(last=False)[1] if len(plans) >= PLANS else \
-        flashinfer.BatchPrefillWithRaggedKVCacheWrapper(_workspace[q.device], "NHD")
-    w.plan(torch.tensor(cu, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32), q.shape[1], k.shape[1],
-           q.shape[2], causal=True, sm_scale=sm_scale, q_data_type=q.dtype, kv_data_type=k.dtype)
+    w = (
+        plans.popitem(last=False)[1]
+        if len(plans) >= PLANS
+        else flashinfer.BatchPrefillWithRaggedKVCacheWrapper(_workspace[q.device], "NHD")
+    )
+    w.plan(
+        torch.tensor(cu, dtype=torch.int32),
+        torch.tensor(cu_k, dtype=torch.int32),
+        q.shape[1],
+        k.shape[1],
+        q.shape[2],
+        causal=True,
+        sm_scale=sm_scale,
+        q_data_type=q.dtype,
+        kv_data_type=k.dtype,
+    )
     plans[key] = w
     return w
 
 
-def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
-                            prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-                            sm_scale: float | None = None, cu_k: list[int] | None = None) -> torch.Tensor:
+def shared_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: list[int],
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    sm_scale: float | None = None,
+    cu_k: list[int] | None = None,
+) -> torch.Tensor:
     """Same contract as attention.shared_prefix_attention."""
     import flashinfer
 
     own, own_lse = _ragged(q, k, cu, cu_k or cu, sm_scale).run(q, k, v, return_lse=True)
     if not prefix_k.shape[0]:
         return own
-    out, lse = flashinfer.single_prefill_with_kv_cache(q, prefix_k, prefix_v, sm_scale=sm_scale, return_lse=True)
+    out, lse = flashinfer.single_prefill_with_kv_cache(
+        q, prefix_k, prefix_v, sm_scale=sm_scale, return_lse=True
+    )
     flashinfer.merge_state_in_place(out, lse, own, own_lse)
     return out

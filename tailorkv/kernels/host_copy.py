@@ -10,6 +10,7 @@ Every tensor indexed by `pages` has pages as its leading dim. Results land on th
   positions idx [B, H, K] -> [B, H, K, W].
 Page tables [B, NP] are padded with -1 past a row's pages: nothing is read there and zeros are returned.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,18 +21,23 @@ import torch
 from .dispatch import pick
 
 
-def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+def copy_pages(
+    src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor
+) -> None:
     """dst[dst_pages] = src[src_pages]; src and dst have the same page shape and dtype, either on either tier."""
     dst[dst_pages.to(dst.device)] = src[src_pages.to(src.device)].to(dst.device)
 
 
-def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_channels(
+    k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """k_t [P, H, D, T], pages [B, NP], channels [B, H, C] -> [B, H, C, NP * T] on pages' device (written into
     `out` when given)."""
     src = pages.to(k_t.device)
     heads = torch.arange(k_t.shape[1], device=k_t.device)[None, None, :, None]
-    kc = k_t[src.clamp(min=0)[:, :, None, None], heads, channels.to(k_t.device)[:, None]]  # [B, NP, H, C, T]
+    kc = k_t[
+        src.clamp(min=0)[:, :, None, None], heads, channels.to(k_t.device)[:, None]
+    ]  # [B, NP, H, C, T]
     kc = kc.masked_fill((src < 0)[:, :, None, None, None], 0)
     b, np_, h, c, t = kc.shape
     res = kc.permute(0, 2, 3, 1, 4).reshape(b, h, c, np_ * t)
@@ -45,7 +51,11 @@ def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> t
     b, h, k = idx.shape
     page = pages.to(rows.device).gather(1, (idx // t).view(b, -1)).view(b, h, k)
     heads = torch.arange(h, device=rows.device)[None, :, None]
-    return rows[page.clamp(min=0), heads, idx % t].masked_fill((page < 0)[..., None], 0).to(pages.device)
+    return (
+        rows[page.clamp(min=0), heads, idx % t]
+        .masked_fill((page < 0)[..., None], 0)
+        .to(pages.device)
+    )
 
 
 def ops(device: torch.device | str) -> ModuleType:

@@ -3,6 +3,7 @@ to the kernel as a bare pointer: pinned memory is device-addressable under UVA, 
 host tier straight over PCIe while their indices stay on the GPU. Without CUDA they run in the Triton interpreter
 on CPU tensors (the tests do that).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ class _HostPointer:
 def _arg(t: torch.Tensor, device: torch.device):
     if device.type == "cuda" and t.device.type == "cpu":
         if not t.is_pinned():
-            raise ValueError("a host-tier tensor read or written from the GPU must be in pinned memory")
+            raise ValueError(
+                "a host-tier tensor read or written from the GPU must be in pinned memory"
+            )
         return _HostPointer(t)
     return t
 
@@ -41,7 +44,9 @@ def _page_stride(x: torch.Tensor) -> int:
 
 
 @triton.jit
-def _copy_pages_kernel(src_ptr, src_pages_ptr, dst_ptr, dst_pages_ptr, E, s_src, s_dst, BLOCK: tl.constexpr):
+def _copy_pages_kernel(
+    src_ptr, src_pages_ptr, dst_ptr, dst_pages_ptr, E, s_src, s_dst, BLOCK: tl.constexpr
+):
     i = tl.program_id(0)
     off = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = off < E
@@ -51,8 +56,21 @@ def _copy_pages_kernel(src_ptr, src_pages_ptr, dst_ptr, dst_pages_ptr, E, s_src,
 
 
 @triton.jit(do_not_specialize=["NP", "sp_b", "pages_per_split"])
-def _gather_channels_kernel(k_ptr, pages_ptr, ch_ptr, out_ptr, NP, H, C, D, sk_p, sp_b, pages_per_split,
-                            T: tl.constexpr, BLOCK_P: tl.constexpr):
+def _gather_channels_kernel(
+    k_ptr,
+    pages_ptr,
+    ch_ptr,
+    out_ptr,
+    NP,
+    H,
+    C,
+    D,
+    sk_p,
+    sp_b,
+    pages_per_split,
+    T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # one program per (row, head, chosen channel) and split of the page list, walking BLOCK_P runs of T contiguous
     # tokens at a time: few programs, each with many bytes in flight, so the PCIe-bound read leaves most SMs to
     # the compute it overlaps with
@@ -65,14 +83,31 @@ def _gather_channels_kernel(k_ptr, pages_ptr, ch_ptr, out_ptr, NP, H, C, D, sk_p
         p = p0 + tl.arange(0, BLOCK_P)
         ok = (p < NP) & (p < first + pages_per_split)
         page = tl.load(pages_ptr + b * sp_b + p, mask=ok, other=-1).to(tl.int64)
-        x = tl.load(k_ptr + page[:, None] * sk_p + (h * D + c) * T + t[None, :], mask=(page >= 0)[:, None],
-                    other=0.0)
-        tl.store(out_ptr + (bhc.to(tl.int64) * NP + p[:, None]) * T + t[None, :], x, mask=ok[:, None])
+        x = tl.load(
+            k_ptr + page[:, None] * sk_p + (h * D + c) * T + t[None, :],
+            mask=(page >= 0)[:, None],
+            other=0.0,
+        )
+        tl.store(
+            out_ptr + (bhc.to(tl.int64) * NP + p[:, None]) * T + t[None, :], x, mask=ok[:, None]
+        )
 
 
 @triton.jit(do_not_specialize=["K", "sp_b"])
-def _gather_rows_kernel(rows_ptr, pages_ptr, idx_ptr, out_ptr, H, K, W, sr_p, sp_b,
-                        T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+def _gather_rows_kernel(
+    rows_ptr,
+    pages_ptr,
+    idx_ptr,
+    out_ptr,
+    H,
+    K,
+    W,
+    sr_p,
+    sp_b,
+    T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     # one program per (row, head) and block of BLOCK_K selected positions
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -81,26 +116,41 @@ def _gather_rows_kernel(rows_ptr, pages_ptr, idx_ptr, out_ptr, H, K, W, sr_p, sp
     page = tl.load(pages_ptr + b * sp_b + pos // T, mask=k < K, other=-1).to(tl.int64)
     w = tl.arange(0, BLOCK_W)
     ok = (k < K)[:, None] & (w < W)[None, :]
-    x = tl.load(rows_ptr + page[:, None] * sr_p + (h * T + pos % T)[:, None] * W + w[None, :],
-                mask=ok & (page >= 0)[:, None], other=0.0)
+    x = tl.load(
+        rows_ptr + page[:, None] * sr_p + (h * T + pos % T)[:, None] * W + w[None, :],
+        mask=ok & (page >= 0)[:, None],
+        other=0.0,
+    )
     tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * W + w[None, :], x, mask=ok)
 
 
-def copy_pages(src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor) -> None:
+def copy_pages(
+    src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor
+) -> None:
     """Same contract as host_copy.copy_pages."""
     n, e = src_pages.numel(), src[0].numel() if src.shape[0] else 0
     if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:] or dst_pages.numel() != n:
-        raise ValueError("copy_pages: src and dst pages differ in shape or dtype, or the page lists in length")
+        raise ValueError(
+            "copy_pages: src and dst pages differ in shape or dtype, or the page lists in length"
+        )
     if n == 0 or e == 0:
         return
     dev = src_pages.device
     _copy_pages_kernel[(n, triton.cdiv(e, _COPY_BLOCK))](
-        _arg(src, dev), src_pages.contiguous(), _arg(dst, dev), dst_pages.to(dev).contiguous(), e,
-        _page_stride(src), _page_stride(dst), BLOCK=_COPY_BLOCK)
+        _arg(src, dev),
+        src_pages.contiguous(),
+        _arg(dst, dev),
+        dst_pages.to(dev).contiguous(),
+        e,
+        _page_stride(src),
+        _page_stride(dst),
+        BLOCK=_COPY_BLOCK,
+    )
 
 
-def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def gather_channels(
+    k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Same contract as host_copy.gather_channels (T must be a power of two; `out` contiguous)."""
     _, h, d, t = k_t.shape
     pages = pages.contiguous()
@@ -112,8 +162,20 @@ def gather_channels(k_t: torch.Tensor, pages: torch.Tensor, channels: torch.Tens
         splits = min(triton.cdiv(np_, _PAGES_PER_PROGRAM), max(1, _GATHER_PROGRAMS // (b * h * c)))
         per_split = triton.cdiv(np_, splits)
         _gather_channels_kernel[(b * h * c, splits)](
-            _arg(k_t, pages.device), pages, channels.contiguous(), out, np_, h, c, d, _page_stride(k_t),
-            pages.stride(0), per_split, T=t, BLOCK_P=_PAGES_PER_PROGRAM)
+            _arg(k_t, pages.device),
+            pages,
+            channels.contiguous(),
+            out,
+            np_,
+            h,
+            c,
+            d,
+            _page_stride(k_t),
+            pages.stride(0),
+            per_split,
+            T=t,
+            BLOCK_P=_PAGES_PER_PROGRAM,
+        )
     return out
 
 
@@ -125,6 +187,17 @@ def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> t
     out = torch.empty(b, h, k, w, dtype=rows.dtype, device=pages.device)
     if out.numel():
         _gather_rows_kernel[(b * h, triton.cdiv(k, _ROWS_PER_PROGRAM))](
-            _arg(rows, pages.device), pages, idx.contiguous(), out, h, k, w, _page_stride(rows), pages.stride(0),
-            T=t, BLOCK_K=_ROWS_PER_PROGRAM, BLOCK_W=triton.next_power_of_2(w))
+            _arg(rows, pages.device),
+            pages,
+            idx.contiguous(),
+            out,
+            h,
+            k,
+            w,
+            _page_stride(rows),
+            pages.stride(0),
+            T=t,
+            BLOCK_K=_ROWS_PER_PROGRAM,
+            BLOCK_W=triton.next_power_of_2(w),
+        )
     return out

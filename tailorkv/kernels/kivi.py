@@ -16,6 +16,7 @@ Layouts (N is any flattened leading dims: heads, or pages * heads); codes are pa
 kivi_triton.py implements the same functions with the same signatures and bit-identical quantization;
 `ops(device)` picks one.
 """
+
 from __future__ import annotations
 
 import sys
@@ -62,7 +63,9 @@ def value_group(group: int, head_dim: int, bits: int) -> int:
     group = min(group, head_dim)
     check_group(bits, group)
     if head_dim % 32 or head_dim % group:
-        raise ValueError(f"head_dim {head_dim} must be a multiple of 32 and of the value group {group}")
+        raise ValueError(
+            f"head_dim {head_dim} must be a multiple of 32 and of the value group {group}"
+        )
     return group
 
 
@@ -90,7 +93,9 @@ def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     c = codes.movedim(dim, -1)
     c = c.reshape(*c.shape[:-1], c.shape[-1] // per, per).long()
     words = (c << (bits * torch.arange(per, device=c.device))).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)  # the top code lands in the int32 sign bit
+    words = torch.where(
+        words >= 2**31, words - 2**32, words
+    )  # the top code lands in the int32 sign bit
     return words.to(torch.int32).movedim(-1, dim)
 
 
@@ -108,15 +113,17 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int = 64) -> QuantizedKeys:
     words, g = -(-t // (32 // bits)), -(-t // group)
     x = F.pad(k.float(), (0, 0, 0, g * group - t)).view(n, g, group, d)
     valid = (torch.arange(g * group, device=k.device) < t).view(1, g, group, 1)
-    scale, zero = _scale_zero(torch.where(valid, x, torch.inf).amin(2), torch.where(valid, x, -torch.inf).amax(2),
-                              bits)
+    scale, zero = _scale_zero(
+        torch.where(valid, x, torch.inf).amin(2), torch.where(valid, x, -torch.inf).amax(2), bits
+    )
     codes = torch.where(valid, _codes(x, scale[:, :, None], zero[:, :, None], bits), 0)
-    codes = codes.view(n, g * group, d)[:, :words * (32 // bits)]
+    codes = codes.view(n, g * group, d)[:, : words * (32 // bits)]
     return QuantizedKeys(_pack(codes, bits, 1), scale, zero)
 
 
-def dequantize_keys(qk: QuantizedKeys, bits: int, group: int, num_tokens: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_keys(
+    qk: QuantizedKeys, bits: int, group: int, num_tokens: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The first `num_tokens` keys of `qk` as [N, num_tokens, D] in `dtype` (extra stored tokens are ignored)."""
     check_group(bits, group)
     codes = _unpack(qk.packed, bits, 1)[:, :num_tokens]
@@ -135,8 +142,9 @@ def quantize_values(v: torch.Tensor, bits: int, group: int = 64) -> QuantizedVal
     return QuantizedValues(_pack(codes, bits, -1), scale, zero)
 
 
-def dequantize_values(qv: QuantizedValues, bits: int, group: int,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_values(
+    qv: QuantizedValues, bits: int, group: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """All stored values of `qv` as [N, T, D] in `dtype`."""
     codes = _unpack(qv.packed, bits, -1)
     group = value_group(group, codes.shape[-1], bits)
@@ -145,10 +153,22 @@ def dequantize_values(qv: QuantizedValues, bits: int, group: int,
     return (codes * scale + zero).to(dtype)
 
 
-def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
-                           v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, k_tail: torch.Tensor,
-                           v_win: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
-                           bits: int, sm_scale: float) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_packed: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_packed: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_win: torch.Tensor,
+    pages: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    bits: int,
+    sm_scale: float,
+) -> torch.Tensor:
     """One decode query per sequence over its paged KIVI cache: q [B, Hq, D] -> out [B, Hq, D] float32.
 
     Pages hold `page` = 32/b * W tokens (one K group). K: k_packed [P, H, W, D] (packed along tokens, per channel),
@@ -165,14 +185,26 @@ def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: tor
     for b, (n, kq, vq) in enumerate(lengths.tolist()):
         slot, used = int(slots[b]), pages[b, : -(-max(kq, vq) // page)]
         m = used.numel()
-        keys = dequantize_keys(QuantizedKeys(k_packed[used].reshape(m * h, k_packed.shape[2], d),
-                                             k_scale[used].reshape(m * h, 1, d), k_zero[used].reshape(m * h, 1, d)),
-                               bits, page, page)
+        keys = dequantize_keys(
+            QuantizedKeys(
+                k_packed[used].reshape(m * h, k_packed.shape[2], d),
+                k_scale[used].reshape(m * h, 1, d),
+                k_zero[used].reshape(m * h, 1, d),
+            ),
+            bits,
+            page,
+            page,
+        )
         keys = keys.view(m, h, page, d).transpose(1, 2).reshape(m * page, h, d)[:kq]
         t = torch.arange(vq, device=q.device)
         vslots = used[t // page] * page + t % page
-        values = dequantize_values(QuantizedValues(*(x[vslots].reshape(1, vq * h, x.shape[-1])
-                                                     for x in (v_packed, v_scale, v_zero))), bits, vgroup)
+        values = dequantize_values(
+            QuantizedValues(
+                *(x[vslots].reshape(1, vq * h, x.shape[-1]) for x in (v_packed, v_scale, v_zero))
+            ),
+            bits,
+            vgroup,
+        )
         k = torch.cat([keys, k_tail[slot, : n - kq].float()])
         ring = torch.arange(vq, n, device=q.device) % v_win.shape[1]
         v = torch.cat([values.view(vq, h, d), v_win[slot, ring].float()])

@@ -5,6 +5,7 @@ bit for bit. Decode attention dequantizes K/V tiles in registers, splits the con
 the partial results by log-sum-exp in a second kernel. Importing this module requires triton; kivi.ops() falls back
 to the reference when it is missing.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tailorkv.kernels.kivi import QuantizedKeys, QuantizedValues, check_group, codes_per_word, value_group
+from tailorkv.kernels.kivi import (
+    QuantizedKeys,
+    QuantizedValues,
+    check_group,
+    codes_per_word,
+    value_group,
+)
 
 _BLOCK_D = 64  # channels per quantize-keys program
 _BLOCK_ROWS = 16  # token rows per quantize-values program
@@ -27,7 +34,9 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _unpacked(qx: QuantizedKeys | QuantizedValues) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _unpacked(
+    qx: QuantizedKeys | QuantizedValues,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed, scale, zero) ready for a kernel, which takes one set of strides for both scale and zero."""
     packed, scale, zero = (_last_dim_contiguous(x) for x in qx)
     if scale.stride() != zero.stride() and scale.numel():
@@ -47,17 +56,34 @@ def _quantize(x, valid, lo, hi, BITS: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(packed_ptr, scale_ptr, zero_ptr, sp_t, ss_t, t0, T, D,
-              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _key_tile(
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    sp_t,
+    ss_t,
+    t0,
+    T,
+    D,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Dequantized keys [BLOCK_T, BLOCK_D] float32 of tokens t0 ... of one head (pointers at the head). t0 is a
     multiple of BLOCK_T, which divides GROUP: one scale/zero row. Entries past T or D are meaningless."""
     PER: tl.constexpr = 32 // BITS
     w = t0 // PER + tl.arange(0, BLOCK_T // PER)
     d = tl.arange(0, BLOCK_D)
-    words = tl.load(packed_ptr + w[:, None] * sp_t + d[None, :], mask=(w * PER < T)[:, None] & (d < D)[None, :],
-                    other=0)
-    codes = tl.reshape((words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & (2**BITS - 1),
-                       [BLOCK_T, BLOCK_D])
+    words = tl.load(
+        packed_ptr + w[:, None] * sp_t + d[None, :],
+        mask=(w * PER < T)[:, None] & (d < D)[None, :],
+        other=0,
+    )
+    codes = tl.reshape(
+        (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & (2**BITS - 1),
+        [BLOCK_T, BLOCK_D],
+    )
     row = (t0 // GROUP) * ss_t + d
     ok = d < tl.where(t0 < T, D, 0)  # a tile past the quantized tokens has no scale row to read
     scale = tl.load(scale_ptr + row, mask=ok, other=0.0).to(tl.float32)
@@ -66,29 +92,62 @@ def _key_tile(packed_ptr, scale_ptr, zero_ptr, sp_t, ss_t, t0, T, D,
 
 
 @triton.jit
-def _value_tile(packed_ptr, scale_ptr, zero_ptr, p_row, s_row, rows_ok, D,
-                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _value_tile(
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    p_row,
+    s_row,
+    rows_ok,
+    D,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Dequantized values [BLOCK_R, BLOCK_D] float32; p_row / s_row are each row's offset into packed / scale.
     Entries of rows not `rows_ok` or past D are meaningless."""
     PER: tl.constexpr = 32 // BITS
     w = tl.arange(0, BLOCK_D // PER)
-    words = tl.load(packed_ptr + p_row[:, None] + w[None, :], mask=rows_ok[:, None] & (w * PER < D)[None, :],
-                    other=0)
-    codes = tl.reshape((words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & (2**BITS - 1),
-                       [BLOCK_R, BLOCK_D])
+    words = tl.load(
+        packed_ptr + p_row[:, None] + w[None, :],
+        mask=rows_ok[:, None] & (w * PER < D)[None, :],
+        other=0,
+    )
+    codes = tl.reshape(
+        (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & (2**BITS - 1),
+        [BLOCK_R, BLOCK_D],
+    )
     g = tl.arange(0, BLOCK_D // GROUP)
     off = s_row[:, None] + g[None, :]
     ok = rows_ok[:, None] & (g * GROUP < D)[None, :]
     scale = tl.load(scale_ptr + off, mask=ok, other=0.0).to(tl.float32)
     zero = tl.load(zero_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D])
-    zero = tl.reshape(tl.broadcast_to(zero[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D])
+    scale = tl.reshape(
+        tl.broadcast_to(scale[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
+    )
+    zero = tl.reshape(
+        tl.broadcast_to(zero[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
+    )
     return codes.to(tl.float32) * scale + zero
 
 
 @triton.jit(do_not_specialize=["T", "W", "G"])
-def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, T, D, W, G, sx_n, sx_t,
-                          BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+def _quantize_keys_kernel(
+    x_ptr,
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    T,
+    D,
+    W,
+    G,
+    sx_n,
+    sx_t,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # one program per (head, token group, channel block); the group's tokens are viewed as [words, codes/word]
     n, g, pid_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     PER: tl.constexpr = 32 // BITS
@@ -97,21 +156,40 @@ def _quantize_keys_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, T, D, W, G, sx
     t = (w[:, None] * PER + j[None, :])[:, :, None]
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     tok = t < T
-    x = tl.load(x_ptr + n * sx_n + t * sx_t + d[None, None, :], mask=tok & (d < D)[None, None, :],
-                other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + n * sx_n + t * sx_t + d[None, None, :], mask=tok & (d < D)[None, None, :], other=0.0
+    ).to(tl.float32)
     lo = tl.min(tl.min(tl.where(tok, x, float("inf")), axis=1), axis=0)
     hi = tl.max(tl.max(tl.where(tok, x, float("-inf")), axis=1), axis=0)
     code, scale, zero = _quantize(x, tok, lo[None, None, :], hi[None, None, :], BITS)
-    words = tl.sum(code << (j * BITS)[None, :, None], axis=1)  # disjoint bits: the int32 sum is the OR, exactly
-    tl.store(packed_ptr + (n * W + w[:, None]) * D + d[None, :], words, mask=(w < W)[:, None] & (d < D)[None, :])
+    words = tl.sum(
+        code << (j * BITS)[None, :, None], axis=1
+    )  # disjoint bits: the int32 sum is the OR, exactly
+    tl.store(
+        packed_ptr + (n * W + w[:, None]) * D + d[None, :],
+        words,
+        mask=(w < W)[:, None] & (d < D)[None, :],
+    )
     s_off = (n * G + g) * D + d
     tl.store(scale_ptr + s_off, tl.reshape(scale, [BLOCK_D]), mask=d < D)
     tl.store(zero_ptr + s_off, tl.reshape(zero, [BLOCK_D]), mask=d < D)
 
 
 @triton.jit(do_not_specialize=["rows", "T"])
-def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, rows, T, D, sx_n, sx_t,
-                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+def _quantize_values_kernel(
+    x_ptr,
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    rows,
+    T,
+    D,
+    sx_n,
+    sx_t,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
     # one program per (block of token rows, channel group); the group's channels are viewed as [words, codes/word]
     pid_r, g = tl.program_id(0), tl.program_id(1)
     PER: tl.constexpr = 32 // BITS
@@ -121,37 +199,99 @@ def _quantize_values_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, rows, T, D, 
     j = tl.arange(0, PER)
     c = g * GROUP + w[:, None] * PER + j[None, :]
     row_ok = (r < rows)[:, None, None]
-    x = tl.load(x_ptr + ((r // T) * sx_n + (r % T) * sx_t)[:, None, None] + c[None, :, :], mask=row_ok,
-                other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + ((r // T) * sx_n + (r % T) * sx_t)[:, None, None] + c[None, :, :],
+        mask=row_ok,
+        other=0.0,
+    ).to(tl.float32)
     lo = tl.min(tl.min(x, axis=2), axis=1)
     hi = tl.max(tl.max(x, axis=2), axis=1)
     code, scale, zero = _quantize(x, row_ok, lo[:, None, None], hi[:, None, None], BITS)
-    words = tl.sum(code << j[None, None, :] * BITS, axis=2)  # disjoint bits: the int32 sum is the OR
-    tl.store(packed_ptr + r[:, None] * (D // PER) + g * WORDS + w[None, :], words, mask=(r < rows)[:, None])
+    words = tl.sum(
+        code << j[None, None, :] * BITS, axis=2
+    )  # disjoint bits: the int32 sum is the OR
+    tl.store(
+        packed_ptr + r[:, None] * (D // PER) + g * WORDS + w[None, :],
+        words,
+        mask=(r < rows)[:, None],
+    )
     tl.store(scale_ptr + r * (D // GROUP) + g, tl.reshape(scale, [BLOCK_ROWS]), mask=r < rows)
     tl.store(zero_ptr + r * (D // GROUP) + g, tl.reshape(zero, [BLOCK_ROWS]), mask=r < rows)
 
 
 @triton.jit(do_not_specialize=["T"])
-def _dequantize_keys_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, T, D, sp_n, sp_t, ss_n, ss_t,
-                            BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dequantize_keys_kernel(
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    out_ptr,
+    T,
+    D,
+    sp_n,
+    sp_t,
+    ss_n,
+    ss_t,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     n, pid_t = tl.program_id(0), tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
-    x = _key_tile(packed_ptr + n * sp_n, scale_ptr + n * ss_n, zero_ptr + n * ss_n, sp_t, ss_t, pid_t * BLOCK_T, T, D,
-                  BITS, GROUP, BLOCK_T, BLOCK_D)
-    tl.store(out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=(t < T)[:, None] & (d < D)[None, :])
+    x = _key_tile(
+        packed_ptr + n * sp_n,
+        scale_ptr + n * ss_n,
+        zero_ptr + n * ss_n,
+        sp_t,
+        ss_t,
+        pid_t * BLOCK_T,
+        T,
+        D,
+        BITS,
+        GROUP,
+        BLOCK_T,
+        BLOCK_D,
+    )
+    tl.store(
+        out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=(t < T)[:, None] & (d < D)[None, :]
+    )
 
 
 @triton.jit(do_not_specialize=["rows", "T"])
-def _dequantize_values_kernel(packed_ptr, scale_ptr, zero_ptr, out_ptr, rows, T, D, sp_n, sp_t, ss_n, ss_t,
-                              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
+def _dequantize_values_kernel(
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    out_ptr,
+    rows,
+    T,
+    D,
+    sp_n,
+    sp_t,
+    ss_n,
+    ss_t,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     n, t = r // T, r % T
-    x = _value_tile(packed_ptr, scale_ptr, zero_ptr, n * sp_n + t * sp_t, n * ss_n + t * ss_t, r < rows, D,
-                    BITS, GROUP, BLOCK_R, BLOCK_D)
+    x = _value_tile(
+        packed_ptr,
+        scale_ptr,
+        zero_ptr,
+        n * sp_n + t * sp_t,
+        n * ss_n + t * ss_t,
+        r < rows,
+        D,
+        BITS,
+        GROUP,
+        BLOCK_R,
+        BLOCK_D,
+    )
     tl.store(out_ptr + r[:, None] * D + d[None, :], x, mask=(r < rows)[:, None] & (d < D)[None, :])
 
 
@@ -169,12 +309,52 @@ def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
 
 
 @triton.jit(do_not_specialize=["chunk", "num_splits", "sp_b"])
-def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, slots_ptr,
-                         len_ptr, out_ptr, lse_ptr, H, D, RW, chunk, num_splits, qk_scale,
-                         sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t, svs_h,
-                         skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b,
-                         GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
-                         VGROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+def _paged_decode_kernel(
+    q_ptr,
+    kp_ptr,
+    ks_ptr,
+    kz_ptr,
+    vp_ptr,
+    vs_ptr,
+    vz_ptr,
+    kt_ptr,
+    vw_ptr,
+    pages_ptr,
+    slots_ptr,
+    len_ptr,
+    out_ptr,
+    lse_ptr,
+    H,
+    D,
+    RW,
+    chunk,
+    num_splits,
+    qk_scale,
+    sq_b,
+    sq_h,
+    skp_p,
+    skp_h,
+    skp_w,
+    sks_p,
+    sks_h,
+    svp_t,
+    svp_h,
+    svs_t,
+    svs_h,
+    skt_s,
+    skt_r,
+    skt_h,
+    svw_s,
+    svw_r,
+    svw_h,
+    sp_b,
+    GQA: tl.constexpr,
+    GQA_PAD: tl.constexpr,
+    BITS: tl.constexpr,
+    PAGE: tl.constexpr,
+    VGROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # one program per (sequence, KV head, split of `chunk` tokens), its GQA query heads sharing each dequantized
     # tile of one page; a split past the sequence's length writes an empty part (lse -inf)
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -187,7 +367,9 @@ def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, 
     i = tl.arange(0, GQA_PAD)
     d = tl.arange(0, BLOCK_D)
     head_ok = (i < GQA)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + b * sq_b + (kvh * GQA + i)[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + (kvh * GQA + i)[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0
+    )
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
@@ -197,31 +379,68 @@ def _paged_decode_kernel(q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, 
         valid = t < end
         page = tl.load(pages_ptr + b * sp_b + t0 // PAGE).to(tl.int64)
         if t0 < kq:  # kq is a multiple of PAGE: the whole tile's keys are packed
-            k = _key_tile(kp_ptr + page * skp_p + kvh * skp_h, ks_ptr + page * sks_p + kvh * sks_h,
-                          kz_ptr + page * sks_p + kvh * sks_h, skp_w, 0, 0, PAGE, D, BITS, PAGE, PAGE, BLOCK_D)
+            k = _key_tile(
+                kp_ptr + page * skp_p + kvh * skp_h,
+                ks_ptr + page * sks_p + kvh * sks_h,
+                kz_ptr + page * sks_p + kvh * sks_h,
+                skp_w,
+                0,
+                0,
+                PAGE,
+                D,
+                BITS,
+                PAGE,
+                PAGE,
+                BLOCK_D,
+            )
         else:
             tail = (t - kq).to(tl.int64)
-            k = tl.load(kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
-                        mask=valid[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+            k = tl.load(
+                kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
+                mask=valid[:, None] & (d < D)[None, :],
+                other=0.0,
+            ).to(tl.float32)
         vslot = page * PAGE + (t % PAGE)
         packed = valid & (t < vq)
-        v = _value_tile(vp_ptr + kvh * svp_h, vs_ptr + kvh * svs_h, vz_ptr + kvh * svs_h, vslot * svp_t,
-                        vslot * svs_t, packed, D, BITS, VGROUP, PAGE, BLOCK_D)
+        v = _value_tile(
+            vp_ptr + kvh * svp_h,
+            vs_ptr + kvh * svs_h,
+            vz_ptr + kvh * svs_h,
+            vslot * svp_t,
+            vslot * svs_t,
+            packed,
+            D,
+            BITS,
+            VGROUP,
+            PAGE,
+            BLOCK_D,
+        )
         win = (t % RW).to(tl.int64)  # the V window is a ring
-        v_win = tl.load(vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
-                        mask=(valid & (t >= vq))[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        v_win = tl.load(
+            vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
+            mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
+            other=0.0,
+        ).to(tl.float32)
         v = tl.where(packed[:, None], v, v_win)
         m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
     row = (b * H * GQA + kvh * GQA + i) * num_splits + split
     nonempty = l > 0
-    tl.store(out_ptr + row[:, None] * D + d[None, :], acc / tl.where(nonempty, l, 1.0)[:, None], mask=head_ok)
-    tl.store(lse_ptr + row, tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf")),
-             mask=i < GQA)
+    tl.store(
+        out_ptr + row[:, None] * D + d[None, :],
+        acc / tl.where(nonempty, l, 1.0)[:, None],
+        mask=head_ok,
+    )
+    tl.store(
+        lse_ptr + row,
+        tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf")),
+        mask=i < GQA,
+    )
 
 
 @triton.jit(do_not_specialize=["S"])
-def _merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+def _merge_splits_kernel(
+    part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+):
     # one program per query head, BLOCK_S splits at a time (online softmax over the splits: one compiled variant
     # for any number of them); an empty split (lse -inf, part 0) weighs nothing, and split 0 holds tokens, so the
     # running max is finite from the first block on
@@ -236,8 +455,11 @@ def _merge_splits_kernel(part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)
-        part = tl.load(part_ptr + (h * S + s[:, None]) * D + d[None, :], mask=(s < S)[:, None] & (d < D)[None, :],
-                       other=0.0)
+        part = tl.load(
+            part_ptr + (h * S + s[:, None]) * D + d[None, :],
+            mask=(s < S)[:, None] & (d < D)[None, :],
+            other=0.0,
+        )
         acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
         total = total * alpha + tl.sum(w, axis=0)
         m = m_new
@@ -256,13 +478,26 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int = 64) -> QuantizedKeys:
     zero = torch.empty_like(scale)
     if packed.numel():
         _quantize_keys_kernel[(n, groups, triton.cdiv(d, _BLOCK_D))](
-            k, packed, scale, zero, t, d, words, groups, k.stride(0), k.stride(1),
-            BITS=bits, GROUP=group, BLOCK_D=_BLOCK_D)
+            k,
+            packed,
+            scale,
+            zero,
+            t,
+            d,
+            words,
+            groups,
+            k.stride(0),
+            k.stride(1),
+            BITS=bits,
+            GROUP=group,
+            BLOCK_D=_BLOCK_D,
+        )
     return QuantizedKeys(packed, scale, zero)
 
 
-def dequantize_keys(qk: QuantizedKeys, bits: int, group: int, num_tokens: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_keys(
+    qk: QuantizedKeys, bits: int, group: int, num_tokens: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Same contract as kivi.dequantize_keys."""
     check_group(bits, group)
     packed, scale, zero = _unpacked(qk)
@@ -271,8 +506,21 @@ def dequantize_keys(qk: QuantizedKeys, bits: int, group: int, num_tokens: int,
     block_t = min(_BLOCK_T, group)
     if out.numel():
         _dequantize_keys_kernel[(n, triton.cdiv(num_tokens, block_t))](
-            packed, scale, zero, out, num_tokens, d, packed.stride(0), packed.stride(1), scale.stride(0),
-            scale.stride(1), BITS=bits, GROUP=group, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d))
+            packed,
+            scale,
+            zero,
+            out,
+            num_tokens,
+            d,
+            packed.stride(0),
+            packed.stride(1),
+            scale.stride(0),
+            scale.stride(1),
+            BITS=bits,
+            GROUP=group,
+            BLOCK_T=block_t,
+            BLOCK_D=triton.next_power_of_2(d),
+        )
     return out
 
 
@@ -286,13 +534,25 @@ def quantize_values(v: torch.Tensor, bits: int, group: int = 64) -> QuantizedVal
     zero = torch.empty_like(scale)
     if packed.numel():
         _quantize_values_kernel[(triton.cdiv(n * t, _BLOCK_ROWS), d // group)](
-            v, packed, scale, zero, n * t, t, d, v.stride(0), v.stride(1),
-            BITS=bits, GROUP=group, BLOCK_ROWS=_BLOCK_ROWS)
+            v,
+            packed,
+            scale,
+            zero,
+            n * t,
+            t,
+            d,
+            v.stride(0),
+            v.stride(1),
+            BITS=bits,
+            GROUP=group,
+            BLOCK_ROWS=_BLOCK_ROWS,
+        )
     return QuantizedValues(packed, scale, zero)
 
 
-def dequantize_values(qv: QuantizedValues, bits: int, group: int,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_values(
+    qv: QuantizedValues, bits: int, group: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Same contract as kivi.dequantize_values."""
     packed, scale, zero = _unpacked(qv)
     n, t, words = packed.shape
@@ -301,15 +561,41 @@ def dequantize_values(qv: QuantizedValues, bits: int, group: int,
     out = torch.empty(n, t, d, dtype=dtype, device=packed.device)
     if out.numel():
         _dequantize_values_kernel[(triton.cdiv(n * t, _BLOCK_T),)](
-            packed, scale, zero, out, n * t, t, d, packed.stride(0), packed.stride(1), scale.stride(0),
-            scale.stride(1), BITS=bits, GROUP=group, BLOCK_R=_BLOCK_T, BLOCK_D=triton.next_power_of_2(d))
+            packed,
+            scale,
+            zero,
+            out,
+            n * t,
+            t,
+            d,
+            packed.stride(0),
+            packed.stride(1),
+            scale.stride(0),
+            scale.stride(1),
+            BITS=bits,
+            GROUP=group,
+            BLOCK_R=_BLOCK_T,
+            BLOCK_D=triton.next_power_of_2(d),
+        )
     return out
 
 
-def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
-                           v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, k_tail: torch.Tensor,
-                           v_win: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
-                           bits: int, sm_scale: float) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_packed: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_packed: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_win: torch.Tensor,
+    pages: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    bits: int,
+    sm_scale: float,
+) -> torch.Tensor:
     """Same contract as kivi.paged_decode_attention. The grid depends on the shapes only (pages' width sets the
     splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table."""
     bsz, hq, d = q.shape
@@ -318,7 +604,9 @@ def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: tor
     check_group(bits, page)
     vgroup = d // v_scale.shape[-1]
     q, k_tail, v_win = (_last_dim_contiguous(x) for x in (q, k_tail, v_win))
-    k_packed, k_scale, k_zero = _unpacked((k_packed, k_scale, k_zero))  # scale and zero share strides in the kernel
+    k_packed, k_scale, k_zero = _unpacked(
+        (k_packed, k_scale, k_zero)
+    )  # scale and zero share strides in the kernel
     v_packed, v_scale, v_zero = _unpacked((v_packed, v_scale, v_zero))
     # whole pages per split, enough splits for about _TARGET_PROGRAMS programs
     tiles = pages.shape[1]
@@ -328,16 +616,56 @@ def paged_decode_attention(q: torch.Tensor, k_packed: torch.Tensor, k_scale: tor
     part_lse = torch.empty(bsz * hq, splits, dtype=torch.float32, device=q.device)
     pages, slots, lengths = pages.contiguous(), slots.contiguous(), lengths.contiguous()
     _paged_decode_kernel[(bsz * h, splits)](
-        q, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, k_tail, v_win, pages, slots, lengths, part, part_lse,
-        h, d, v_win.shape[1], chunk, splits, sm_scale * math.log2(math.e),
-        q.stride(0), q.stride(1), k_packed.stride(0), k_packed.stride(1), k_packed.stride(2), k_scale.stride(0),
+        q,
+        k_packed,
+        k_scale,
+        k_zero,
+        v_packed,
+        v_scale,
+        v_zero,
+        k_tail,
+        v_win,
+        pages,
+        slots,
+        lengths,
+        part,
+        part_lse,
+        h,
+        d,
+        v_win.shape[1],
+        chunk,
+        splits,
+        sm_scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        k_packed.stride(0),
+        k_packed.stride(1),
+        k_packed.stride(2),
+        k_scale.stride(0),
         k_scale.stride(1),
-        v_packed.stride(0), v_packed.stride(1), v_scale.stride(0), v_scale.stride(1),
-        k_tail.stride(0), k_tail.stride(1), k_tail.stride(2), v_win.stride(0), v_win.stride(1), v_win.stride(2),
-        pages.stride(0), GQA=hq // h, GQA_PAD=max(16, triton.next_power_of_2(hq // h)), BITS=bits, PAGE=page,
-        VGROUP=vgroup, BLOCK_D=triton.next_power_of_2(d), num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES)
+        v_packed.stride(0),
+        v_packed.stride(1),
+        v_scale.stride(0),
+        v_scale.stride(1),
+        k_tail.stride(0),
+        k_tail.stride(1),
+        k_tail.stride(2),
+        v_win.stride(0),
+        v_win.stride(1),
+        v_win.stride(2),
+        pages.stride(0),
+        GQA=hq // h,
+        GQA_PAD=max(16, triton.next_power_of_2(hq // h)),
+        BITS=bits,
+        PAGE=page,
+        VGROUP=vgroup,
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=_ATTN_WARPS,
+        num_stages=_ATTN_STAGES,
+    )
     out = torch.empty(bsz * hq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz * hq, dtype=torch.float32, device=q.device)
-    _merge_splits_kernel[(bsz * hq,)](part, part_lse, out, lse, splits, d, BLOCK_S=_MERGE_BLOCK,
-                                      BLOCK_D=triton.next_power_of_2(d))
+    _merge_splits_kernel[(bsz * hq,)](
+        part, part_lse, out, lse, splits, d, BLOCK_S=_MERGE_BLOCK, BLOCK_D=triton.next_power_of_2(d)
+    )
     return out.view(bsz, hq, d)

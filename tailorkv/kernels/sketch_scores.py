@@ -10,6 +10,7 @@ Shapes (B rows, H KV heads, head_dim D, C scored channels, T tokens per sketch p
 Returns scores [B, H, NP*T] float32: qc . the chosen channels of each token's dequantized key (0 on missing
 pages). Scoring C << D channels (TailorKV's d_s) is what keeps this cheap: unpacking costs per token and channel.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,14 +24,24 @@ from .kivi import QuantizedKeys, codes_per_word, dequantize_keys
 GROUP = 64  # tokens per scale/zero row
 
 
-def sketch_scores(qc: torch.Tensor, channels: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor, pages: torch.Tensor, bits: int) -> torch.Tensor:
+def sketch_scores(
+    qc: torch.Tensor,
+    channels: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    pages: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
     b, n = pages.shape
     _, h, w, d = packed.shape
     t = w * codes_per_word(bits)
     pg = pages.clamp(min=0)
-    qk = QuantizedKeys(packed[pg].reshape(-1, w, d), scale[pg].reshape(-1, t // GROUP, d),
-                       zero[pg].reshape(-1, t // GROUP, d))
+    qk = QuantizedKeys(
+        packed[pg].reshape(-1, w, d),
+        scale[pg].reshape(-1, t // GROUP, d),
+        zero[pg].reshape(-1, t // GROUP, d),
+    )
     keys = dequantize_keys(qk, bits, GROUP, t).view(b, n, h, t, d)
     keys = keys.gather(-1, channels[:, None, :, None, :].expand(b, n, h, t, channels.shape[-1]))
     scores = torch.einsum("bhc,bnhtc->bhnt", qc.float(), keys) * (pages >= 0)[:, None, :, None]

@@ -1,6 +1,7 @@
 """Triton version of sketch_scores.py (same function, signature and result): one program per (row, KV head,
 sketch page) scores the page's tokens on the chosen channels group by group from the packed codes, in registers
 (one warp: a program's tiles are [32/bits, channels])."""
+
 from __future__ import annotations
 
 import torch
@@ -13,9 +14,28 @@ from tailorkv.kernels.sketch_scores import GROUP
 
 
 @triton.jit(do_not_specialize=["NP"])
-def _sketch_scores_kernel(q_ptr, ch_ptr, packed_ptr, scale_ptr, zero_ptr, pages_ptr, out_ptr, H, C, NP,
-                          sp_p, sp_h, sp_t, ss_p, ss_h, ss_t,
-                          T: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):
+def _sketch_scores_kernel(
+    q_ptr,
+    ch_ptr,
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    pages_ptr,
+    out_ptr,
+    H,
+    C,
+    NP,
+    sp_p,
+    sp_h,
+    sp_t,
+    ss_p,
+    ss_h,
+    ss_t,
+    T: tl.constexpr,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Bit j of word w (of a channel) is token w*PER + j: a word row of the chosen channels [BLOCK_C] gives the
     scores of PER tokens through a [PER, BLOCK_C] tile; codes are never unpacked into a [tokens, D] tile."""
     PER: tl.constexpr = 32 // BITS
@@ -42,8 +62,15 @@ def _sketch_scores_kernel(q_ptr, ch_ptr, packed_ptr, scale_ptr, zero_ptr, pages_
             tl.store(out + (g * W + w) * PER, tl.where(page >= 0, s, 0.0))
 
 
-def sketch_scores(qc: torch.Tensor, channels: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
-                  zero: torch.Tensor, pages: torch.Tensor, bits: int) -> torch.Tensor:
+def sketch_scores(
+    qc: torch.Tensor,
+    channels: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    pages: torch.Tensor,
+    bits: int,
+) -> torch.Tensor:
     """Same contract as sketch_scores.sketch_scores."""
     b, n = pages.shape
     _, h, w, d = packed.shape
@@ -53,7 +80,26 @@ def sketch_scores(qc: torch.Tensor, channels: torch.Tensor, packed: torch.Tensor
     out = torch.empty(b, h, n * t, dtype=torch.float32, device=qc.device)
     if out.numel():
         _sketch_scores_kernel[(b * h, n)](
-            qc, channels, packed, scale, zero, pages, out, h, channels.shape[-1], n, packed.stride(0),
-            packed.stride(1), packed.stride(2), scale.stride(0), scale.stride(1), scale.stride(2), T=t, BITS=bits,
-            GROUP=GROUP, BLOCK_C=triton.next_power_of_2(channels.shape[-1]), num_warps=1)
+            qc,
+            channels,
+            packed,
+            scale,
+            zero,
+            pages,
+            out,
+            h,
+            channels.shape[-1],
+            n,
+            packed.stride(0),
+            packed.stride(1),
+            packed.stride(2),
+            scale.stride(0),
+            scale.stride(1),
+            scale.stride(2),
+            T=t,
+            BITS=bits,
+            GROUP=GROUP,
+            BLOCK_C=triton.next_power_of_2(channels.shape[-1]),
+            num_warps=1,
+        )
     return out

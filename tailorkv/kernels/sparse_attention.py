@@ -9,6 +9,7 @@ Shapes (B rows, Hq query heads over H KV heads, head_dim D):
 - fetched [B, H, K, 2D] (a token's K then V), valid where valid [B, H, K].
 Returns [B, Hq, D] in q's dtype (float32 math). Masked slots may hold anything, NaN included.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,13 +21,27 @@ from .attention import grouped_attention
 from .dispatch import pick
 
 
-def sparse_decode_attention(q: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, slots: torch.Tensor,
-                            win_mask: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor, gen_read: torch.Tensor,
-                            gen_mask: torch.Tensor, fetched: torch.Tensor, valid: torch.Tensor,
-                            sm_scale: float) -> torch.Tensor:
+def sparse_decode_attention(
+    q: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    slots: torch.Tensor,
+    win_mask: torch.Tensor,
+    gen_k: torch.Tensor,
+    gen_v: torch.Tensor,
+    gen_read: torch.Tensor,
+    gen_mask: torch.Tensor,
+    fetched: torch.Tensor,
+    valid: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
     h, d = win_k.shape[2], win_k.shape[3]
-    keys = torch.cat([win_k[slots], gen_k[gen_read], fetched[..., :d].transpose(1, 2).to(win_k.dtype)], 1)
-    values = torch.cat([win_v[slots], gen_v[gen_read], fetched[..., d:].transpose(1, 2).to(win_v.dtype)], 1)
+    keys = torch.cat(
+        [win_k[slots], gen_k[gen_read], fetched[..., :d].transpose(1, 2).to(win_k.dtype)], 1
+    )
+    values = torch.cat(
+        [win_v[slots], gen_v[gen_read], fetched[..., d:].transpose(1, 2).to(win_v.dtype)], 1
+    )
     mask = torch.cat([torch.cat([win_mask, gen_mask], 1)[:, None].expand(-1, h, -1), valid], 2)
     return grouped_attention(q, keys.transpose(1, 2), values.transpose(1, 2), sm_scale, mask)
 

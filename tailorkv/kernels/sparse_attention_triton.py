@@ -1,6 +1,7 @@
 """Triton version of sparse_attention.py (same function, signature and result): one program per (row, KV head)
 walks the window, the generated tokens and the fetched rows in tiles, its GQA query heads sharing each tile, with
 an online softmax; masked slots are never loaded."""
+
 from __future__ import annotations
 
 import math
@@ -26,16 +27,48 @@ def _tile(q, k, v, ok, m, l, acc, qk_scale):
 
 
 @triton.jit(do_not_specialize=["G", "K", "swm_b", "sgr_b", "sgm_b"])
-def _sparse_decode_kernel(q_ptr, wk_ptr, wv_ptr, slots_ptr, wmask_ptr, gk_ptr, gv_ptr, gread_ptr, gmask_ptr, f_ptr,
-                          valid_ptr, out_ptr, W, G, K, H, D, qk_scale, sq_b, sq_h, sw_s, sw_t, sg_t, swm_b, sgr_b,
-                          sgm_b, so_b, so_h, GQA: tl.constexpr, GQA_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_D: tl.constexpr):
+def _sparse_decode_kernel(
+    q_ptr,
+    wk_ptr,
+    wv_ptr,
+    slots_ptr,
+    wmask_ptr,
+    gk_ptr,
+    gv_ptr,
+    gread_ptr,
+    gmask_ptr,
+    f_ptr,
+    valid_ptr,
+    out_ptr,
+    W,
+    G,
+    K,
+    H,
+    D,
+    qk_scale,
+    sq_b,
+    sq_h,
+    sw_s,
+    sw_t,
+    sg_t,
+    swm_b,
+    sgr_b,
+    sgm_b,
+    so_b,
+    so_h,
+    GQA: tl.constexpr,
+    GQA_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     b, h = tl.program_id(0), tl.program_id(1)
     i = tl.arange(0, GQA_PAD)
     d = tl.arange(0, BLOCK_D)
     dm = (d < D)[None, :]
     hq = h * GQA + i
-    q = tl.load(q_ptr + b * sq_b + hq[:, None] * sq_h + d[None, :], mask=(i < GQA)[:, None] & dm, other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + hq[:, None] * sq_h + d[None, :], mask=(i < GQA)[:, None] & dm, other=0.0
+    )
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
@@ -64,27 +97,75 @@ def _sparse_decode_kernel(q_ptr, wk_ptr, wv_ptr, slots_ptr, wmask_ptr, gk_ptr, g
         v = tl.load(f_ptr + off + D, mask=ok[:, None] & dm, other=0.0)
         m, l, acc = _tile(q, k, v, ok, m, l, acc, qk_scale)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + b * so_b + hq[:, None] * so_h + d[None, :], out, mask=(i < GQA)[:, None] & dm)
+    tl.store(
+        out_ptr + b * so_b + hq[:, None] * so_h + d[None, :], out, mask=(i < GQA)[:, None] & dm
+    )
 
 
-def sparse_decode_attention(q: torch.Tensor, win_k: torch.Tensor, win_v: torch.Tensor, slots: torch.Tensor,
-                            win_mask: torch.Tensor, gen_k: torch.Tensor, gen_v: torch.Tensor, gen_read: torch.Tensor,
-                            gen_mask: torch.Tensor, fetched: torch.Tensor, valid: torch.Tensor,
-                            sm_scale: float) -> torch.Tensor:
+def sparse_decode_attention(
+    q: torch.Tensor,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    slots: torch.Tensor,
+    win_mask: torch.Tensor,
+    gen_k: torch.Tensor,
+    gen_v: torch.Tensor,
+    gen_read: torch.Tensor,
+    gen_mask: torch.Tensor,
+    fetched: torch.Tensor,
+    valid: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
     """Same contract as sparse_attention.sparse_decode_attention."""
     b, hq, d = q.shape
     _, w, h, _ = win_k.shape
-    if win_k.stride() != win_v.stride() or gen_k.stride() != gen_v.stride() or win_k.stride(-1) != 1 \
-            or gen_k.stride(-1) != 1 or win_k.stride(2) != d or gen_k.stride(1) != d:
-        raise ValueError("sparse_decode_attention: K and V of a source must share one [.., H, D] layout")
+    if (
+        win_k.stride() != win_v.stride()
+        or gen_k.stride() != gen_v.stride()
+        or win_k.stride(-1) != 1
+        or gen_k.stride(-1) != 1
+        or win_k.stride(2) != d
+        or gen_k.stride(1) != d
+    ):
+        raise ValueError(
+            "sparse_decode_attention: K and V of a source must share one [.., H, D] layout"
+        )
     q, win_mask, gen_read, gen_mask = (x.contiguous() for x in (q, win_mask, gen_read, gen_mask))
     fetched, valid = fetched.contiguous(), valid.contiguous()
     out = torch.empty_like(q)
     gqa = hq // h
     _sparse_decode_kernel[(b, h)](
-        q, win_k, win_v, slots, win_mask, gen_k, gen_v, gen_read, gen_mask, fetched, valid, out,
-        w, gen_read.shape[1], fetched.shape[2], h, d, sm_scale * math.log2(math.e), q.stride(0), q.stride(1),
-        win_k.stride(0), win_k.stride(1), gen_k.stride(0), win_mask.stride(0), gen_read.stride(0), gen_mask.stride(0),
-        out.stride(0), out.stride(1), GQA=gqa, GQA_PAD=max(16, triton.next_power_of_2(gqa)), BLOCK_T=_BLOCK_T,
-        BLOCK_D=triton.next_power_of_2(d))
+        q,
+        win_k,
+        win_v,
+        slots,
+        win_mask,
+        gen_k,
+        gen_v,
+        gen_read,
+        gen_mask,
+        fetched,
+        valid,
+        out,
+        w,
+        gen_read.shape[1],
+        fetched.shape[2],
+        h,
+        d,
+        sm_scale * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        win_k.stride(0),
+        win_k.stride(1),
+        gen_k.stride(0),
+        win_mask.stride(0),
+        gen_read.stride(0),
+        gen_mask.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GQA=gqa,
+        GQA_PAD=max(16, triton.next_power_of_2(gqa)),
+        BLOCK_T=_BLOCK_T,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
     return out

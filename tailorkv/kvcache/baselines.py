@@ -9,6 +9,7 @@ Prefill is exact in all of them; streaming and quest get the same token budget a
 sink + recent + top_k, or `budget=`). These are reference implementations: they keep the full paged KV and
 narrow what a decode step reads, so their accuracy is the method's, not their memory.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,14 +28,24 @@ class OffloadPolicy(FullPolicy):
 
 class _BudgetPolicy(FullPolicy):
     reads_everything = False
-    def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, budget: int | None = None,
-                 sink: int | None = None):
+
+    def __init__(
+        self,
+        cfg,
+        device,
+        dtype,
+        tailor_preset: str | None = None,
+        budget: int | None = None,
+        sink: int | None = None,
+    ):
         super().__init__(cfg, device, dtype)
         tc = TailorConfig.from_options(tailor_preset)
         self.budget = tc.budget if budget is None else budget
         self.sink = tc.sink if sink is None else sink
         if not isinstance(self.budget, int) or self.budget < 1 or not 0 <= self.sink < self.budget:
-            raise ConfigError(f"{self.name}: need budget >= 1 and 0 <= sink < budget, got {self.budget}, {self.sink}")
+            raise ConfigError(
+                f"{self.name}: need budget >= 1 and 0 <= sink < budget, got {self.budget}, {self.sink}"
+            )
 
 
 class StreamingPolicy(_BudgetPolicy):
@@ -60,13 +71,17 @@ class QuestPolicy(_BudgetPolicy):
         kmin = kp.masked_fill(~valid, float("inf")).amin(3)  # [B, H, P, D]
         kmax = kp.masked_fill(~valid, float("-inf")).amax(3)
         qg = q.float().view(b, h, 1, -1, d)  # [B, H, 1, g, D]
-        bound = torch.maximum(qg * kmin.unsqueeze(3), qg * kmax.unsqueeze(3)).sum(-1).amax(-1)  # [B, H, P]
+        bound = (
+            torch.maximum(qg * kmin.unsqueeze(3), qg * kmax.unsqueeze(3)).sum(-1).amax(-1)
+        )  # [B, H, P]
         used = valid.view(b, pages, PAGE_SIZE).any(-1)  # [B, P]
         last = used.sum(-1) - 1  # each row's current page is always read
         bound = bound.masked_fill(~used[:, None], float("-inf"))
         bound.scatter_(2, last.view(b, 1, 1).expand(b, h, 1), float("inf"))
         top = bound.topk(keep, dim=-1)  # [B, H, keep]
-        tok = (top.indices.unsqueeze(-1) * PAGE_SIZE + torch.arange(PAGE_SIZE, device=q.device)).view(b, h, -1)
+        tok = (
+            top.indices.unsqueeze(-1) * PAGE_SIZE + torch.arange(PAGE_SIZE, device=q.device)
+        ).view(b, h, -1)
         ok = (top.values > float("-inf")).repeat_interleave(PAGE_SIZE, -1) & (tok < n)
         tok = tok.clamp(max=n - 1)
         ok &= mask.gather(1, tok.view(b, -1)).view(b, h, -1)

@@ -1,4 +1,5 @@
 """ForwardBatch: the per-step context every KV policy reads (which sequences, where their new tokens sit)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ query heads. Layers scoring above tau (0.2) are quantization-friendly.
 
 We apply the causal mask to those 32 queries; the official code omits it, which lets each of them see up to 31
 later tokens. With long calibration prompts the difference is small (31 of thousands of keys)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,14 +13,15 @@ from .batch import ForwardBatch
 from .full import FullPolicy
 
 
-def dense_preference_score(q: torch.Tensor, k: torch.Tensor, last_q: int = 32, top_frac: float = 0.05,
-                           causal: bool = True) -> float:
+def dense_preference_score(
+    q: torch.Tensor, k: torch.Tensor, last_q: int = 32, top_frac: float = 0.05, causal: bool = True
+) -> float:
     """q [n, Hq, D] (post-RoPE), k [n, Hkv, D] of one prompt -> mean mass outside the top max(1, 5%) keys."""
     n, hq, d = q.shape
     m = min(last_q, n)
-    qs = q[n - m:].float().transpose(0, 1)  # [Hq, m, D]
+    qs = q[n - m :].float().transpose(0, 1)  # [Hq, m, D]
     ks = k.float().repeat_interleave(hq // k.shape[1], dim=1).transpose(0, 1)  # [Hq, n, D]
-    logits = qs @ ks.transpose(1, 2) / d ** 0.5  # [Hq, m, n]
+    logits = qs @ ks.transpose(1, 2) / d**0.5  # [Hq, m, n]
     if causal:
         pos = torch.arange(n - m, n).unsqueeze(1)
         logits = logits.masked_fill(torch.arange(n).unsqueeze(0) > pos, float("-inf"))

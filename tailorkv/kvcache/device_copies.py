@@ -8,6 +8,7 @@ least recently used page whose copy is not needed in the step loses its slot. Ev
 through its copy (or takes a slot anew), so a copy is never stale; a freed page's copy simply ages out.
 Bookkeeping only: OffloadStore holds the tensors, with one more slot, the scratch that pages without a copy write
 to."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -33,7 +34,9 @@ class DeviceCopies:
     def __init__(self, slots: int):
         self.scratch = slots  # the slot of pages without a copy (written, never read)
         self._slot: dict[int, int] = {}  # host page -> slot
-        self._page: OrderedDict[int, int] = OrderedDict()  # slot -> host page, least recently used first
+        self._page: OrderedDict[int, int] = (
+            OrderedDict()
+        )  # slot -> host page, least recently used first
         self._free = list(range(slots - 1, -1, -1))
 
     @property
@@ -72,7 +75,9 @@ class DeviceCopies:
 
     def slots_of(self, pages: torch.Tensor) -> torch.Tensor:
         """The slot of each written page (the scratch where it has none)."""
-        return torch.tensor([self._slot.get(p, self.scratch) for p in pages.tolist()], dtype=torch.long)
+        return torch.tensor(
+            [self._slot.get(p, self.scratch) for p in pages.tolist()], dtype=torch.long
+        )
 
     def reads(self, runs: tuple, device) -> PrefixReads:
         """Split reads of host page runs (first page, index, length) into runs over PCIe and copies on the GPU."""
@@ -91,4 +96,6 @@ class DeviceCopies:
         pages = sum(count for _, _, count in runs)
         if not at:
             return PrefixReads(pages, tuple(host), None, None)
-        return PrefixReads(pages, tuple(host), *(to_device(torch.tensor(x), device) for x in (at, slots)))
+        return PrefixReads(
+            pages, tuple(host), *(to_device(torch.tensor(x), device) for x in (at, slots))
+        )

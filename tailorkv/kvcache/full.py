@@ -1,6 +1,7 @@
 """`full`: every layer's K/V in full precision in paged GPU memory — the SGLang/vLLM baseline. The decode-time
 baselines (offload, streaming, quest) reuse its paged storage and change where it lives or what a decode
 step reads."""
+
 from __future__ import annotations
 
 import torch
@@ -18,7 +19,9 @@ PAGE_SIZE = 16
 class FullPolicy(KVPolicy):
     name = "full"
     tier = "gpu"  # where the pages live
-    reads_everything = True  # decode rows attend to every cached token (FlashInfer's paged decode on CUDA)
+    reads_everything = (
+        True  # decode rows attend to every cached token (FlashInfer's paged decode on CUDA)
+    )
 
     def prefix_blocks(self) -> tuple[int, dict[str, int]]:
         return PAGE_SIZE, {"kv": 1}
@@ -27,7 +30,9 @@ class FullPolicy(KVPolicy):
         c = self.cfg
         return 2 * c.num_layers * PAGE_SIZE * c.num_kv_heads * c.head_dim * self.dtype.itemsize
 
-    def pool_specs(self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0) -> list[PoolSpec]:
+    def pool_specs(
+        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0
+    ) -> list[PoolSpec]:
         bpp = self._bytes_per_page()
         budget = gpu_bytes if self.tier == "gpu" else host_bytes
         return [PoolSpec("kv", self.tier, max(budget // bpp, 1), PAGE_SIZE, bpp)]
@@ -39,20 +44,35 @@ class FullPolicy(KVPolicy):
         c, n = self.cfg, specs[0].num_pages
         shape = (c.num_layers, n * PAGE_SIZE, c.num_kv_heads, c.head_dim)
         if self.tier == "host":
-            self.k_cache, self.v_cache = (host_tensor(shape, self.dtype, self.device.type == "cuda") for _ in "kv")
+            self.k_cache, self.v_cache = (
+                host_tensor(shape, self.dtype, self.device.type == "cuda") for _ in "kv"
+            )
         else:
-            self.k_cache, self.v_cache = (torch.empty(shape, dtype=self.dtype, device=self.device) for _ in "kv")
+            self.k_cache, self.v_cache = (
+                torch.empty(shape, dtype=self.dtype, device=self.device) for _ in "kv"
+            )
         self.page_tables: dict[int, torch.Tensor] = {}
         self.prompt_lens: dict[int, int] = {}
         c = self.cfg
-        self.flash = flashinfer_decode.PagedDecode(self.device, c.num_heads, c.num_kv_heads, c.head_dim, PAGE_SIZE,
-                                                   self.dtype) \
-            if self.reads_everything and flashinfer_decode.available(self.device, self.dtype) else None
+        self.flash = (
+            flashinfer_decode.PagedDecode(
+                self.device, c.num_heads, c.num_kv_heads, c.head_dim, PAGE_SIZE, self.dtype
+            )
+            if self.reads_everything and flashinfer_decode.available(self.device, self.dtype)
+            else None
+        )
         self.copy = host_copy.ops(self.device)
 
-    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int,
-                    partial_page: int | None = None) -> None:
-        self.page_tables[rid] = torch.tensor(pages["kv"], dtype=torch.long, device=self.k_cache.device)
+    def add_request(
+        self,
+        rid: int,
+        pages: dict[str, list[int]],
+        prompt_len: int,
+        partial_page: int | None = None,
+    ) -> None:
+        self.page_tables[rid] = torch.tensor(
+            pages["kv"], dtype=torch.long, device=self.k_cache.device
+        )
         self.prompt_lens[rid] = prompt_len
 
     def release(self, rid: int) -> None:
@@ -74,27 +94,47 @@ class FullPolicy(KVPolicy):
 
     def prepare(self, batch: ForwardBatch) -> None:
         dev = self.k_cache.device
-        self._write = torch.cat([self.slots(r, torch.arange(s, s + n, device=dev))
-                                 for r, s, n in zip(batch.rids, batch.start, batch.new)])
+        self._write = torch.cat(
+            [
+                self.slots(r, torch.arange(s, s + n, device=dev))
+                for r, s, n in zip(batch.rids, batch.start, batch.new)
+            ]
+        )
         self._decode = [i for i in range(batch.size) if self.is_decode(i, batch)]
-        self._read = {i: self.slots(batch.rids[i], self.read_positions(i, batch).to(dev))
-                      for i in range(batch.size) if self.flash is None or i not in self._decode}
+        self._read = {
+            i: self.slots(batch.rids[i], self.read_positions(i, batch).to(dev))
+            for i in range(batch.size)
+            if self.flash is None or i not in self._decode
+        }
         if not self._decode:
             return
         self._decode_rows = torch.tensor([batch.cu[i] for i in self._decode], device=self.device)
         if self.flash is not None:
             lengths = [batch.total_len(i) for i in self._decode]
-            pages = [self.page_tables[batch.rids[i]][: -(-n // PAGE_SIZE)] for i, n in zip(self._decode, lengths)]
-            if self.tier == "host":  # the offload baseline brings every page of the decode rows over PCIe each layer
+            pages = [
+                self.page_tables[batch.rids[i]][: -(-n // PAGE_SIZE)]
+                for i, n in zip(self._decode, lengths)
+            ]
+            if (
+                self.tier == "host"
+            ):  # the offload baseline brings every page of the decode rows over PCIe each layer
                 self._staged = torch.cat(pages).to(self.device)
-                pages = list(torch.arange(self._staged.numel(), device=self.device).split([p.numel() for p in pages]))
+                pages = list(
+                    torch.arange(self._staged.numel(), device=self.device).split(
+                        [p.numel() for p in pages]
+                    )
+                )
             self.flash.plan(pages, lengths)
         else:  # all decode rows read at once: slots padded to the longest, with a mask
             reads = [self._read[i] for i in self._decode]
             n = max(r.numel() for r in reads)
-            self._decode_slots = torch.stack([torch.nn.functional.pad(r, (0, n - r.numel())) for r in reads])
-            self._decode_mask = (torch.arange(n, device=dev) < torch.tensor([r.numel() for r in reads],
-                                                                           device=dev)[:, None]).to(self.device)
+            self._decode_slots = torch.stack(
+                [torch.nn.functional.pad(r, (0, n - r.numel())) for r in reads]
+            )
+            self._decode_mask = (
+                torch.arange(n, device=dev)
+                < torch.tensor([r.numel() for r in reads], device=dev)[:, None]
+            ).to(self.device)
 
     def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
@@ -104,7 +144,9 @@ class FullPolicy(KVPolicy):
         for i, slots in self._read.items():
             if i not in self._decode:
                 sl = batch.seq(i)
-                out[sl] = causal_attention(q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i])
+                out[sl] = causal_attention(
+                    q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i]
+                )
         if not self._decode:
             return out
         rows = self._decode_rows
@@ -122,11 +164,17 @@ class FullPolicy(KVPolicy):
 
     def _stage(self, host_pages: torch.Tensor) -> torch.Tensor:
         """The decode rows' pages of one layer, read from pinned host memory by a UVA kernel into GPU memory."""
-        staged = torch.empty(self._staged.numel(), *host_pages.shape[1:], dtype=host_pages.dtype, device=self.device)
-        self.copy.copy_pages(host_pages, self._staged, staged, torch.arange(staged.shape[0], device=self.device))
+        staged = torch.empty(
+            self._staged.numel(), *host_pages.shape[1:], dtype=host_pages.dtype, device=self.device
+        )
+        self.copy.copy_pages(
+            host_pages, self._staged, staged, torch.arange(staged.shape[0], device=self.device)
+        )
         return staged
 
-    def decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Decode rows q [B, Hq, D] over the keys read for them, [B, H, R, D] with mask [B, R]."""
         return grouped_attention(q, keys, values, mask=mask[:, None].expand(-1, keys.shape[1], -1))
 

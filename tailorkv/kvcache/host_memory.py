@@ -5,6 +5,7 @@ would lock 64 GiB, and an 80 GiB one fails on a 128 GiB host. Here the tensor is
 registered with cudaHostRegister, which locks exactly its bytes; the registration is dropped when the tensor is
 collected.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -20,6 +21,8 @@ def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> tor
         ptr = t.data_ptr()
         err = cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0)
         if err != cudart.cudaError.success:
-            raise RuntimeError(f"cudaHostRegister of {t.numel() * t.element_size() / 2**30:.1f} GiB failed: {err}")
+            raise RuntimeError(
+                f"cudaHostRegister of {t.numel() * t.element_size() / 2**30:.1f} GiB failed: {err}"
+            )
         weakref.finalize(t, cudart.cudaHostUnregister, ptr)
     return t

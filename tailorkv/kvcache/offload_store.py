@@ -11,6 +11,7 @@ DeviceCopies, a gather there); generated tokens sit in the GPU tier in 64-token 
 With a key sketch (TailorConfig.key_sketch) the channel-major copy is not kept: a KIVI 1/2-bit copy of K per
 256-token page in the GPU tier (its own pool, "sketch" pages) is what stage 2 scores from.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -47,15 +48,28 @@ def page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
 
 
 class OffloadState:
-    def __init__(self, host_pages: list[int], gen_pages: list[int], slot: int, prompt_len: int, sink: int,
-                 recent: int, sketch_pages: list[int] = (), partial_page: int | None = None):
+    def __init__(
+        self,
+        host_pages: list[int],
+        gen_pages: list[int],
+        slot: int,
+        prompt_len: int,
+        sink: int,
+        recent: int,
+        sketch_pages: list[int] = (),
+        partial_page: int | None = None,
+    ):
         self.host_pages_cpu = torch.tensor(host_pages, dtype=torch.long)
         self.sketch_pages_cpu = torch.tensor(sketch_pages, dtype=torch.long)
         self.gen_pages_cpu = torch.tensor(gen_pages, dtype=torch.long)
         self.slot, self.prompt_len = slot, prompt_len
-        self.partial_page = partial_page  # the host page of the cached partial block its prompt continues
+        self.partial_page = (
+            partial_page  # the host page of the cached partial block its prompt continues
+        )
         self.n_sink = min(sink, prompt_len)
-        self.recent_begin = max(self.n_sink, prompt_len - recent)  # recent window: [recent_begin, prompt_len)
+        self.recent_begin = max(
+            self.n_sink, prompt_len - recent
+        )  # recent window: [recent_begin, prompt_len)
         self.n = 0
 
     @property
@@ -76,16 +90,28 @@ class DecodeView:
 
     def __init__(self, rows: int, pages: int, gen: int, window: int, device):
         i64, b = torch.long, torch.bool
-        self.staged = StagedInputs({
-            "slots": ((rows,), i64), "host_pages": ((rows, pages), i64), "sketch_pages": ((rows, pages), i64),
-            "mid_begin": ((rows,), i64), "mid_end": ((rows,), i64), "win_mask": ((rows, window), b),
-            "gen_write": ((rows,), i64), "gen_read": ((rows, gen), i64), "gen_mask": ((rows, gen), b)}, device)
+        self.staged = StagedInputs(
+            {
+                "slots": ((rows,), i64),
+                "host_pages": ((rows, pages), i64),
+                "sketch_pages": ((rows, pages), i64),
+                "mid_begin": ((rows,), i64),
+                "mid_end": ((rows,), i64),
+                "win_mask": ((rows, window), b),
+                "gen_write": ((rows,), i64),
+                "gen_read": ((rows, gen), i64),
+                "gen_mask": ((rows, gen), b),
+            },
+            device,
+        )
         self.__dict__.update(self.staged.device)
 
     @staticmethod
     def sizes(states: list[OffloadState]) -> tuple[int, int]:
         """(host pages, generated tokens) of the longest rows, this step's token included."""
-        return max(st.host_pages_cpu.numel() for st in states), max(st.n + 1 - st.prompt_len for st in states)
+        return max(st.host_pages_cpu.numel() for st in states), max(
+            st.n + 1 - st.prompt_len for st in states
+        )
 
     def fill(self, states: list[OffloadState], scratch_slot: int, scratch_gen: int) -> None:
         h = self.staged.host()
@@ -98,8 +124,12 @@ class DecodeView:
         mid = torch.zeros(2, rows, dtype=torch.long)
         if n:
             h["slots"][:n] = torch.tensor([st.slot for st in states])
-            mid[:, :n] = torch.tensor([[st.n_sink for st in states], [st.recent_begin for st in states]])
-            lens[:, :n] = torch.tensor([[st.window_len for st in states], [st.n + 1 - st.prompt_len for st in states]])
+            mid[:, :n] = torch.tensor(
+                [[st.n_sink for st in states], [st.recent_begin for st in states]]
+            )
+            lens[:, :n] = torch.tensor(
+                [[st.window_len for st in states], [st.n + 1 - st.prompt_len for st in states]]
+            )
         for i, st in enumerate(states):
             h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
             h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
@@ -114,9 +144,24 @@ class DecodeView:
 
 
 class OffloadStore:
-    def __init__(self, num_layers: int, host_pages: int, gen_pages: int, num_slots: int, num_kv_heads: int,
-                 head_dim: int, sink: int, recent: int, device, dtype, host_on_device: bool = False,
-                 sketch_bits: int = 0, sketch_pages: int = 0, extra_row_layers: int = 0, copy_slots: int = 0):
+    def __init__(
+        self,
+        num_layers: int,
+        host_pages: int,
+        gen_pages: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sink: int,
+        recent: int,
+        device,
+        dtype,
+        host_on_device: bool = False,
+        sketch_bits: int = 0,
+        sketch_pages: int = 0,
+        extra_row_layers: int = 0,
+        copy_slots: int = 0,
+    ):
         """`extra_row_layers`: more layers whose prompt rows only are kept (tailor's Q layers, for a later request
         that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ...
         `copy_slots`: host pages whose token rows (every row layer) also have a copy in the GPU tier (DeviceCopies)."""
@@ -127,20 +172,44 @@ class OffloadStore:
         pin = torch.device(device).type == "cuda" and not host_on_device
 
         def host(*shape):
-            return torch.empty(shape, dtype=dtype, device=device) if host_on_device else host_tensor(shape, dtype, pin)
-        self.rows = [host(host_pages, H, HOST_PAGE, 2 * D) for _ in range(L + extra_row_layers)]  # no huge block
+            return (
+                torch.empty(shape, dtype=dtype, device=device)
+                if host_on_device
+                else host_tensor(shape, dtype, pin)
+            )
+
+        self.rows = [
+            host(host_pages, H, HOST_PAGE, 2 * D) for _ in range(L + extra_row_layers)
+        ]  # no huge block
         self.copies = DeviceCopies(copy_slots)
-        self.copy_rows = torch.empty(L + extra_row_layers, copy_slots + 1, H, HOST_PAGE, 2 * D, dtype=dtype,
-                                     device=device) if copy_slots else None
+        self.copy_rows = (
+            torch.empty(
+                L + extra_row_layers,
+                copy_slots + 1,
+                H,
+                HOST_PAGE,
+                2 * D,
+                dtype=dtype,
+                device=device,
+            )
+            if copy_slots
+            else None
+        )
         # the channel-major copy of K that stage 1 reads, unless the sketch replaces it
         self.k_t = None if sketch_bits else [host(host_pages, H, D, HOST_PAGE) for _ in range(L)]
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
         if sketch_bits:
             self.kivi_ops, self.sketch_ops = kivi.ops(device), sketch_scores.ops(device)
             words, groups = HOST_PAGE * sketch_bits // 32, HOST_PAGE // sketch_scores.GROUP
-            self.sk_packed = torch.zeros(L, sketch_pages, H, words, D, device=device, dtype=torch.int32)
-            self.sk_scale = torch.zeros(L, sketch_pages, H, groups, D, device=device, dtype=torch.float16)
-            self.sk_zero = torch.zeros(L, sketch_pages, H, groups, D, device=device, dtype=torch.float16)
+            self.sk_packed = torch.zeros(
+                L, sketch_pages, H, words, D, device=device, dtype=torch.int32
+            )
+            self.sk_scale = torch.zeros(
+                L, sketch_pages, H, groups, D, device=device, dtype=torch.float16
+            )
+            self.sk_zero = torch.zeros(
+                L, sketch_pages, H, groups, D, device=device, dtype=torch.float16
+            )
         dev = dict(device=device, dtype=dtype)
         # one more window slot and generated-token page than the pools hand out: the scratch that padding rows of
         # a captured decode step point at (zeros, so their attention stays finite)
@@ -152,9 +221,17 @@ class OffloadStore:
         self.gen_v = torch.zeros(L, (gen_pages + 1) * PAGE, H, D, **dev)
 
     @staticmethod
-    def bytes_per_host_page(num_layers: int, h: int, d: int, itemsize: int, channel_copy: bool = True,
-                            extra_row_layers: int = 0) -> int:
-        rows = (num_layers + extra_row_layers) * 2 + (num_layers if channel_copy else 0)  # K+V rows, channel-major K
+    def bytes_per_host_page(
+        num_layers: int,
+        h: int,
+        d: int,
+        itemsize: int,
+        channel_copy: bool = True,
+        extra_row_layers: int = 0,
+    ) -> int:
+        rows = (num_layers + extra_row_layers) * 2 + (
+            num_layers if channel_copy else 0
+        )  # K+V rows, channel-major K
         return rows * h * HOST_PAGE * d * itemsize
 
     @staticmethod
@@ -164,7 +241,9 @@ class OffloadStore:
 
     @staticmethod
     def bytes_per_sketch_page(num_layers: int, h: int, d: int, bits: int) -> int:
-        return num_layers * h * d * (HOST_PAGE * bits // 8 + 2 * 2 * HOST_PAGE // sketch_scores.GROUP)
+        return (
+            num_layers * h * d * (HOST_PAGE * bits // 8 + 2 * 2 * HOST_PAGE // sketch_scores.GROUP)
+        )
 
     @staticmethod
     def bytes_per_gen_page(num_layers: int, h: int, d: int, itemsize: int) -> int:
@@ -174,8 +253,14 @@ class OffloadStore:
     def bytes_per_slot(num_layers: int, h: int, d: int, window: int, itemsize: int) -> int:
         return num_layers * (2 * window * h * d * itemsize + h * d * 4)
 
-    def prefill(self, layer: int, rows: PromptRows, k: torch.Tensor, v: torch.Tensor,
-                prefix: SharedPrefix | None = None) -> None:
+    def prefill(
+        self,
+        layer: int,
+        rows: PromptRows,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix: SharedPrefix | None = None,
+    ) -> None:
         """Store the prompts of prefill rows from their common start (a multiple of 256; the `prefix` before it is
         shared, already stored): their new k, v [T, H, D] of an S layer to the host tier and the sketch, each
         row's sink + recent window and max|K| per channel over its whole prompt on the GPU."""
@@ -184,22 +269,35 @@ class OffloadStore:
             self._sketch(layer, rows, kp)
         else:
             src = torch.arange(kp.shape[0], device=k.device)
-            self.ops.copy_pages(kp.transpose(2, 3).contiguous(), src, self.k_t[layer], rows.host_pages)
+            self.ops.copy_pages(
+                kp.transpose(2, 3).contiguous(), src, self.k_t[layer], rows.host_pages
+            )
         n_rows, window = rows.slots.numel(), self.win_k.shape[2]
-        for dst, before, after in ((self.win_k, prefix and prefix.k, k), (self.win_v, prefix and prefix.v, v)):
+        for dst, before, after in (
+            (self.win_k, prefix and prefix.k, k),
+            (self.win_v, prefix and prefix.v, v),
+        ):
             win = after[rows.win_new]
             if before is not None:
                 win = torch.where(rows.win_from_pre[..., None, None], before[rows.win_pre], win)
             dst[layer, rows.slots] = win.view(n_rows, window, self.h, self.d)
         row_of = rows.row_of[:, None, None].expand(k.shape)
-        max_abs = torch.zeros(n_rows, self.h, self.d, device=k.device).scatter_reduce_(0, row_of, k.float().abs(), "amax")
-        self.max_abs[layer, rows.slots] = max_abs if prefix is None else torch.maximum(max_abs, prefix.max_abs)
+        max_abs = torch.zeros(n_rows, self.h, self.d, device=k.device).scatter_reduce_(
+            0, row_of, k.float().abs(), "amax"
+        )
+        self.max_abs[layer, rows.slots] = (
+            max_abs if prefix is None else torch.maximum(max_abs, prefix.max_abs)
+        )
 
-    def store_rows(self, row_layer: int, rows: PromptRows, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def store_rows(
+        self, row_layer: int, rows: PromptRows, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         """Prefill rows' token rows k, v [T, H, D] into their host pages from their start (a multiple of 256);
         returns the keys stored, as pages [P, H, 256, D]."""
         np_ = rows.host_pages.numel()
-        kp, vp = (x[rows.page_src].view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2) for x in (k, v))
+        kp, vp = (
+            x[rows.page_src].view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2) for x in (k, v)
+        )
         src, kv = torch.arange(np_, device=k.device), torch.cat([kp, vp], dim=-1)
         self.ops.copy_pages(kv, src, self.rows[row_layer], rows.host_pages)
         if self.copy_rows is not None:
@@ -212,7 +310,7 @@ class OffloadStore:
         engines, which leave the SMs to the compute they overlap)."""
         src = self.rows[row_layer]
         for page, at, count in reads.host_runs:
-            out[at:at + count].copy_(src[page:page + count], non_blocking=True)
+            out[at : at + count].copy_(src[page : page + count], non_blocking=True)
         if reads.at is None:
             return out
         if not reads.host_runs:  # all from copies, in order: one gather
@@ -223,7 +321,7 @@ class OffloadStore:
     def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
         """The k, v of prefix rows read back by read_prefix, with max|K| when asked."""
         kv = rows.transpose(1, 2).reshape(rows.shape[0] * HOST_PAGE, self.h, 2 * self.d)
-        k, v = kv[..., : self.d], kv[..., self.d:]
+        k, v = kv[..., : self.d], kv[..., self.d :]
         if not max_abs:
             return SharedPrefix(k, v, None)
         low, high = torch.aminmax(k, dim=0)  # one pass; exact in any dtype
@@ -233,8 +331,9 @@ class OffloadStore:
         """Quantize the keys of host pages kp [P, H, 256, D] per channel (groups of 64 tokens) into their sketch
         pages."""
         np_ = kp.shape[0]
-        q = self.kivi_ops.quantize_keys(kp.reshape(np_ * self.h, HOST_PAGE, self.d), self.sketch_bits,
-                                        sketch_scores.GROUP)
+        q = self.kivi_ops.quantize_keys(
+            kp.reshape(np_ * self.h, HOST_PAGE, self.d), self.sketch_bits, sketch_scores.GROUP
+        )
         for src, dst in zip(q, (self.sk_packed, self.sk_scale, self.sk_zero)):
             dst[layer, rows.sketch_pages] = src.view(np_, self.h, -1, self.d)
 
@@ -243,37 +342,65 @@ class OffloadStore:
         self.gen_k[layer, view.gen_write] = k
         self.gen_v[layer, view.gen_write] = v
 
-    def critical_keys(self, layer: int, view: DecodeView, channels: torch.Tensor,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+    def critical_keys(
+        self, layer: int, view: DecodeView, channels: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Stage-1 read: channels [B, H, d_s] of K for every prompt token -> [B, H, d_s, pages*256] on the device
         (positions past a row's prompt are padding; stage 2 never selects them)."""
         return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels, out)
 
-    def sketch_token_scores(self, layer: int, view: DecodeView, qc: torch.Tensor,
-                            channels: torch.Tensor) -> torch.Tensor:
+    def sketch_token_scores(
+        self, layer: int, view: DecodeView, qc: torch.Tensor, channels: torch.Tensor
+    ) -> torch.Tensor:
         """Stage 2 from the sketch: qc [B, H, d_s] on channels [B, H, d_s] against every prompt key's sketch
         -> scores [B, H, pages*256] (positions past a row's prompt are padding; never selected)."""
-        return self.sketch_ops.sketch_scores(qc, channels, self.sk_packed[layer], self.sk_scale[layer],
-                                             self.sk_zero[layer], view.sketch_pages, self.sketch_bits)
+        return self.sketch_ops.sketch_scores(
+            qc,
+            channels,
+            self.sk_packed[layer],
+            self.sk_scale[layer],
+            self.sk_zero[layer],
+            view.sketch_pages,
+            self.sketch_bits,
+        )
 
     def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> torch.Tensor:
         """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier."""
         return self.ops.gather_rows(self.rows[layer], view.host_pages, idx)
 
-    def attend(self, layer: int, view: DecodeView, q: torch.Tensor, fetched: torch.Tensor,
-               valid: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        layer: int,
+        view: DecodeView,
+        q: torch.Tensor,
+        fetched: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
         """Exact attention of q [B, Hq, D] over the sink + recent window, the generated tokens (this step's
         included) and the fetched rows [B, H, k, 2D] where `valid`."""
         return self.attn_ops.sparse_decode_attention(
-            q, self.win_k[layer], self.win_v[layer], view.slots, view.win_mask, self.gen_k[layer], self.gen_v[layer],
-            view.gen_read, view.gen_mask, fetched, valid, self.d ** -0.5)
+            q,
+            self.win_k[layer],
+            self.win_v[layer],
+            view.slots,
+            view.win_mask,
+            self.gen_k[layer],
+            self.gen_v[layer],
+            view.gen_read,
+            view.gen_mask,
+            fetched,
+            valid,
+            self.d**-0.5,
+        )
 
     def host_bytes(self) -> int:
         return _nbytes(*self.rows, *(self.k_t or ()))
 
     def device_bytes(self) -> int:
         sketch = (self.sk_packed, self.sk_scale, self.sk_zero) if self.sketch_bits else ()
-        return _nbytes(self.win_k, self.win_v, self.max_abs, self.gen_k, self.gen_v, self.copy_rows, *sketch)
+        return _nbytes(
+            self.win_k, self.win_v, self.max_abs, self.gen_k, self.gen_v, self.copy_rows, *sketch
+        )
 
 
 def _nbytes(*tensors) -> int:

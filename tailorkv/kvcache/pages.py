@@ -4,6 +4,7 @@ A policy declares named pools (each in a tier: "gpu" or "host") and how many pag
 `MemoryManager.reserve` takes all of them or none, so a request is never half-admitted. With prefix caching some
 pools are shared through a PrefixCache: a request may start with pages of an earlier one (see prefix_cache.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ class PagePool:
 
     def alloc(self, n: int) -> list[int]:
         assert n <= len(self._free), f"pool {self.name}: {n} pages asked, {len(self._free)} free"
-        pages = self._free[len(self._free) - n:][::-1]
-        del self._free[len(self._free) - n:]
+        pages = self._free[len(self._free) - n :][::-1]
+        del self._free[len(self._free) - n :]
         return pages
 
     def free(self, pages: list[int]) -> None:
@@ -54,7 +55,9 @@ class MemoryManager:
             tokens, per_block = prefix
             self.prefix = PrefixCache({p: self.pools[p] for p in per_block}, per_block, tokens)
         self.held: dict[int, dict[str, list[int]]] = {}
-        self.blocks: dict[int, list[bytes]] = {}  # cached blocks each request references (shared or registered)
+        self.blocks: dict[
+            int, list[bytes]
+        ] = {}  # cached blocks each request references (shared or registered)
 
     def _shared(self, pool: str) -> bool:
         return self.prefix is not None and pool in self.prefix.per_block
@@ -69,18 +72,21 @@ class MemoryManager:
     def can_reserve(self, need: dict[str, int]) -> bool:
         return all(n <= self.num_free(p) for p, n in need.items())
 
-    def reserve(self, rid: int, need: dict[str, int], shared: list[bytes] = (),
-                partial: bytes | None = None) -> dict[str, list[int]] | None:
+    def reserve(
+        self, rid: int, need: dict[str, int], shared: list[bytes] = (), partial: bytes | None = None
+    ) -> dict[str, list[int]] | None:
         """The pages for `rid`, or None (and nothing taken) when some pool lacks room. `shared`: cached blocks
         (PrefixCache.match) whose pages start the shared pools' lists; they count towards `need`. `partial`: a
         cached partial block the request reads from (PrefixCache.match_partial), referenced until it ends; its pages
         are not the request's (it writes that block into pages of its own, counted in `need`)."""
         fresh = dict(need)  # pages to allocate
-        for p, m in (self.prefix.per_block.items() if shared else ()):
+        for p, m in self.prefix.per_block.items() if shared else ():
             fresh[p] -= len(shared) * m
         referenced = [*shared, *([partial] if partial else [])]
-        room = {p: n + (self.prefix.evictable_pages(referenced, p) if self._shared(p) else 0)
-                for p, n in fresh.items()}  # an evictable block it references is taken from the free pages
+        room = {
+            p: n + (self.prefix.evictable_pages(referenced, p) if self._shared(p) else 0)
+            for p, n in fresh.items()
+        }  # an evictable block it references is taken from the free pages
         if not self.can_reserve(room):
             return None
         held: dict[str, list[int]] = {p: [] for p in fresh}
@@ -95,14 +101,21 @@ class MemoryManager:
     def cache(self, rid: int, keys: list[bytes], start: int = 0) -> None:
         """Register blocks start .. len(keys)-1 of `rid` (their K/V is computed and final) under `keys`."""
         if self.prefix and rid in self.held and len(keys) > start:
-            pages = {p: self.held[rid][p][start * m:len(keys) * m] for p, m in self.prefix.per_block.items()}
+            pages = {
+                p: self.held[rid][p][start * m : len(keys) * m]
+                for p, m in self.prefix.per_block.items()
+            }
             self.blocks[rid] += self.prefix.register(keys[start:], pages)
 
-    def cache_partial(self, rid: int, parent: bytes, tokens: list[int], block: int, pool: str) -> None:
+    def cache_partial(
+        self, rid: int, parent: bytes, tokens: list[int], block: int, pool: str
+    ) -> None:
         """Register the partly filled block `block` of `rid` (its first `tokens` are computed and final), its page
         in `pool` only, under `parent` (the key of the block before it)."""
         if self.prefix and rid in self.held:
-            key = self.prefix.register_partial(parent, tokens, {pool: self.held[rid][pool][block:block + 1]})
+            key = self.prefix.register_partial(
+                parent, tokens, {pool: self.held[rid][pool][block : block + 1]}
+            )
             if key is not None:
                 self.blocks[rid].append(key)
 
@@ -121,7 +134,9 @@ class MemoryManager:
         out: dict[str, dict] = {}
         for name, pool in self.pools.items():
             spec, free = self.specs[name], self.num_free(name)
-            t = out.setdefault(spec.tier, {"free_pages": 0, "total_pages": 0, "free_bytes": 0, "total_bytes": 0})
+            t = out.setdefault(
+                spec.tier, {"free_pages": 0, "total_pages": 0, "free_bytes": 0, "total_bytes": 0}
+            )
             t["free_pages"] += free
             t["total_pages"] += pool.num_pages
             t["free_bytes"] += free * spec.bytes_per_page

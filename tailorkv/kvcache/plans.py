@@ -1,5 +1,6 @@
 """TailorKV layer plans: which layers are quantization-friendly. Shipped plans (the paper's and our calibrated
 ones) live in plans/known.json; plans calibrated on a user's machine are cached under ~/.cache/tailorkv/plans."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,9 @@ import os
 import re
 from importlib import resources
 
-CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tailorkv", "plans")
+CACHE_DIR = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tailorkv", "plans"
+)
 
 
 def _key(name: str) -> str:
@@ -41,5 +44,7 @@ def save_plan(name: str, quant_layers: list[int], scores: list[float], tau: floa
     os.makedirs(CACHE_DIR, exist_ok=True)
     path = cached_plan_path(name)
     with open(path, "w") as f:
-        json.dump({"model": name, "quant_layers": quant_layers, "tau": tau, "scores": scores}, f, indent=1)
+        json.dump(
+            {"model": name, "quant_layers": quant_layers, "tau": tau, "scores": scores}, f, indent=1
+        )
     return path

@@ -1,5 +1,6 @@
 """The KV-policy interface: this engine's "attention backend". Every policy (full, tailor, kivi, offload,
 streaming, quest) implements it; the model calls `layer_input` and `attend` once per layer per step."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -28,7 +29,9 @@ class KVPolicy(ABC):
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, **options):
         if options:
-            raise ConfigError(f"kv_policy {self.name!r} takes no option(s): {', '.join(sorted(options))}")
+            raise ConfigError(
+                f"kv_policy {self.name!r} takes no option(s): {', '.join(sorted(options))}"
+            )
         self.cfg, self.device, self.dtype = cfg, device, dtype
 
     def prefix_blocks(self) -> tuple[int, dict[str, int]] | None:
@@ -47,7 +50,9 @@ class KVPolicy(ABC):
         """Called once at start: run what compiles on first use, so that no request waits for it."""
 
     @abstractmethod
-    def pool_specs(self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0) -> list[PoolSpec]:
+    def pool_specs(
+        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0
+    ) -> list[PoolSpec]:
         """The pools this policy needs, sized to the given byte budgets of each tier. `copy_bytes`: of the GPU
         budget, how much may hold copies of host-tier pages that prefills read back (shared prefixes; None: what
         the other GPU pools leave); a policy whose prefills read nothing back ignores it."""
@@ -61,20 +66,28 @@ class KVPolicy(ABC):
         """Create the preallocated tensors behind the pools (called once at engine start)."""
 
     @abstractmethod
-    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int,
-                    partial_page: int | None = None) -> None:
+    def add_request(
+        self,
+        rid: int,
+        pages: dict[str, list[int]],
+        prompt_len: int,
+        partial_page: int | None = None,
+    ) -> None:
         """Bind a newly admitted request to its pages; `partial_page`: the page (partial_block_pool) of the cached
         partial block whose tokens its prompt continues, read at its prefill."""
 
     def prepare(self, batch: ForwardBatch) -> None:
         """Per-step metadata shared by all layers (slot indices, page tables), computed once before the forward."""
 
-    def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
+    def layer_input(
+        self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
+    ) -> None:
         """The normalised input of `layer` (TailorKV's stage 1 predicts the next layer's query from it)."""
 
     @abstractmethod
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               batch: ForwardBatch) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         """Append the batch's new k/v [T, Hkv, D] to the cache, return attention output [T, Hq, D] (causal)."""
 
     # ---- CUDA-graph decode (engine/cuda_graph.py): a decode step is captured once per shape and replayed ------------

@@ -13,6 +13,7 @@ that page and computes from after them, writing the block into pages of its own:
 never changes once cached. A block nobody references stays cached, evictable in LRU order; allocation takes free
 pages first, then evicts whole blocks. Accounting only: no tensors here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,9 @@ def page_hashes(token_ids: list[int], block_tokens: int, parent: bytes = ROOT) -
     SHA-256, so a collision (another user's prefix served as yours) is out of reach, unlike Python's hash()."""
     keys = []
     for i in range(0, len(token_ids) - block_tokens + 1, block_tokens):
-        parent = hashlib.sha256(parent + array("q", token_ids[i:i + block_tokens]).tobytes()).digest()
+        parent = hashlib.sha256(
+            parent + array("q", token_ids[i : i + block_tokens]).tobytes()
+        ).digest()
         keys.append(parent)
     return keys
 
@@ -38,11 +41,19 @@ class PrefixCache:
 
     def __init__(self, pools: dict, per_block: dict[str, int], block_tokens: int):
         self.pools, self.per_block, self.block_tokens = pools, per_block, block_tokens
-        self.pages: dict[bytes, dict[str, list[int]]] = {}  # key -> the block's pages in each shared pool
+        self.pages: dict[
+            bytes, dict[str, list[int]]
+        ] = {}  # key -> the block's pages in each shared pool
         self.refs: dict[bytes, int] = {}  # key -> live requests referencing the block
-        self.evictable: OrderedDict[bytes, None] = OrderedDict()  # cached blocks with no reference, oldest first
-        self._evictable_pages = dict.fromkeys(per_block, 0)  # pages of the evictable blocks, per pool
-        self.partials: dict[bytes, dict[bytes, tuple[int, ...]]] = {}  # parent key -> partial blocks: key -> tokens
+        self.evictable: OrderedDict[bytes, None] = (
+            OrderedDict()
+        )  # cached blocks with no reference, oldest first
+        self._evictable_pages = dict.fromkeys(
+            per_block, 0
+        )  # pages of the evictable blocks, per pool
+        self.partials: dict[
+            bytes, dict[bytes, tuple[int, ...]]
+        ] = {}  # parent key -> partial blocks: key -> tokens
         self._parent: dict[bytes, bytes] = {}  # a partial block's key -> its parent key
 
     def num_free(self, pool: str) -> int:
@@ -72,7 +83,10 @@ class PrefixCache:
         most len(tokens)), or None when none shares a first token."""
         best = None
         for key, cached in self.partials.get(parent, {}).items():
-            n = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
+            n = next(
+                (i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b),
+                min(len(cached), len(tokens)),
+            )
             if n and (best is None or n > best[1]):
                 best = (key, n)
         return best
@@ -113,12 +127,16 @@ class PrefixCache:
         added = []
         for i, key in enumerate(keys):
             if key not in self.pages:
-                self.pages[key] = {p: pages[p][i * m:(i + 1) * m] for p, m in self.per_block.items()}
+                self.pages[key] = {
+                    p: pages[p][i * m : (i + 1) * m] for p, m in self.per_block.items()
+                }
                 self.refs[key] = 1
                 added.append(key)
         return added
 
-    def register_partial(self, parent: bytes, tokens: list[int], pages: dict[str, list[int]]) -> bytes | None:
+    def register_partial(
+        self, parent: bytes, tokens: list[int], pages: dict[str, list[int]]
+    ) -> bytes | None:
         """Make a computed partial block findable under its parent's key and its tokens (`pages`: its page in the
         partial pool); returns its key, now referenced once by the caller, or None when it is cached already."""
         key = hashlib.sha256(b"partial" + parent + array("q", tokens).tobytes()).digest()

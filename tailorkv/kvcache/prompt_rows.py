@@ -2,6 +2,7 @@
 (read back from the host tier), the rest in this step's new tokens, after the tokens of a cached partial block
 where a row continues one (read back with the prefix); prefill rows with a common `start` are stored together,
 through index tensors built once per step and used by every layer."""
+
 from __future__ import annotations
 
 import itertools
@@ -16,12 +17,15 @@ HOST_PAGE = 256  # tokens per host-tier page
 NO_COPIES = DeviceCopies(0)  # no page has a GPU copy
 
 
-def prompt_span(begin: int, end: int, start: int, before: torch.Tensor | None,
-                after: torch.Tensor) -> list[torch.Tensor]:
+def prompt_span(
+    begin: int, end: int, start: int, before: torch.Tensor | None, after: torch.Tensor
+) -> list[torch.Tensor]:
     """Rows of prompt positions [begin, end): those under `start` from `before` (the shared prefix, positions from
     0), the rest from `after` (the tokens from `start` on); torch.cat them."""
-    parts = [before[begin:min(end, start)]] if begin < min(end, start) else []
-    return parts + ([after[max(begin, start) - start:end - start]] if end > max(begin, start) else [])
+    parts = [before[begin : min(end, start)]] if begin < min(end, start) else []
+    return parts + (
+        [after[max(begin, start) - start : end - start]] if end > max(begin, start) else []
+    )
 
 
 class PromptRows(NamedTuple):
@@ -47,27 +51,46 @@ class PromptRows(NamedTuple):
     row_of: torch.Tensor
 
     @classmethod
-    def build(cls, states: list, new: list[int], start: int, window: int, device,
-              copies: DeviceCopies | None = None) -> PromptRows:
+    def build(
+        cls,
+        states: list,
+        new: list[int],
+        start: int,
+        window: int,
+        device,
+        copies: DeviceCopies | None = None,
+    ) -> PromptRows:
         """`states`: the rows' OffloadStates (host and sketch pages, window bounds), each prompt of start + new;
         `copies`: the GPU copies of host pages (None: none)."""
         p0, t = start // HOST_PAGE, 0
         page_src, win, row_of = [], [], []
         for i, (st, n) in enumerate(zip(states, new)):
-            page_src.append(torch.arange(t, t + (st.host_pages_cpu.numel() - p0) * HOST_PAGE).clamp_(max=t + n - 1))
+            page_src.append(
+                torch.arange(t, t + (st.host_pages_cpu.numel() - p0) * HOST_PAGE).clamp_(
+                    max=t + n - 1
+                )
+            )
             pos = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, start + n)])
             win.append(torch.nn.functional.pad(pos, (0, window - pos.numel())))
             row_of.append(torch.full((n,), i))
             t += n
         pos = torch.stack(win)
         from_pre = pos < start
-        pages = [torch.cat([st.host_pages_cpu[p0:] for st in states]),
-                 torch.cat([st.sketch_pages_cpu[p0:] for st in states])]
+        pages = [
+            torch.cat([st.host_pages_cpu[p0:] for st in states]),
+            torch.cat([st.sketch_pages_cpu[p0:] for st in states]),
+        ]
         offsets = torch.tensor([0] + new[:-1]).cumsum(0)[:, None]
-        tensors = (torch.cat(page_src), *pages, (NO_COPIES if copies is None else copies).slots_of(pages[0]),
-                   torch.tensor([st.slot for st in states]),
-                   torch.where(from_pre, 0, pos - start + offsets), torch.where(from_pre, pos, 0), from_pre,
-                   torch.cat(row_of))
+        tensors = (
+            torch.cat(page_src),
+            *pages,
+            (NO_COPIES if copies is None else copies).slots_of(pages[0]),
+            torch.tensor([st.slot for st in states]),
+            torch.where(from_pre, 0, pos - start + offsets),
+            torch.where(from_pre, pos, 0),
+            from_pre,
+            torch.cat(row_of),
+        )
         return cls(*(to_device(x, device) for x in tensors))
 
 
@@ -94,8 +117,18 @@ class PrefillGroup(NamedTuple):
         return self.start // HOST_PAGE
 
     @classmethod
-    def build(cls, sel, runs: tuple, starts: list[int], new: list[int], states: list | None, partial_pages: list,
-              window: int, device, copies: DeviceCopies | None = None) -> PrefillGroup:
+    def build(
+        cls,
+        sel,
+        runs: tuple,
+        starts: list[int],
+        new: list[int],
+        states: list | None,
+        partial_pages: list,
+        window: int,
+        device,
+        copies: DeviceCopies | None = None,
+    ) -> PrefillGroup:
         """`runs`: the shared prefix's host pages (page_runs); `starts`, `new`: each row's first new position and
         count; `partial_pages`: each row's cached partial block page (None without); `states`: their OffloadStates
         (None without S layers); `copies`: the GPU copies of host pages (None: none)."""
@@ -112,5 +145,13 @@ class PrefillGroup(NamedTuple):
             ext.append(torch.arange(cu[i], cu[i] + n))
         prompt = PromptRows.build(states, lens, start, window, device, copies) if states else None
         reads = (NO_COPIES if copies is None else copies).reads(reads, device)
-        return cls(sel, start, lens, cu, list(itertools.accumulate(lens, initial=0)),
-                   to_device(torch.cat(ext), device) if t else None, reads, prompt)
+        return cls(
+            sel,
+            start,
+            lens,
+            cu,
+            list(itertools.accumulate(lens, initial=0)),
+            to_device(torch.cat(ext), device) if t else None,
+            reads,
+            prompt,
+        )

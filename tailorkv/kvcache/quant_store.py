@@ -8,6 +8,7 @@ last `residual` tokens; each decode step appends to the K tail (quantized as one
 The V window is a ring of residual + 1 slots (token t at t % (residual + 1)), so that a decode step's writes do
 not depend on what an earlier run of the same step wrote: a captured CUDA graph's warm-up run, then its replay.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,22 +54,35 @@ class QuantView:
 
     def __init__(self, rows: int, pages: int, residual: int, device):
         i64 = torch.long
-        self.staged = StagedInputs({
-            "pages": ((rows, pages), i64), "slots": ((rows,), i64), "lengths": ((rows, 3), i64),
-            "k_write": ((rows,), i64), "v_write": ((rows,), i64), "v_old": ((rows,), i64), "v_dest": ((rows,), i64),
-            "k_dest": ((rows, residual // PAGE), i64)}, device)
+        self.staged = StagedInputs(
+            {
+                "pages": ((rows, pages), i64),
+                "slots": ((rows,), i64),
+                "lengths": ((rows, 3), i64),
+                "k_write": ((rows,), i64),
+                "v_write": ((rows,), i64),
+                "v_old": ((rows,), i64),
+                "v_dest": ((rows,), i64),
+                "k_dest": ((rows, residual // PAGE), i64),
+            },
+            device,
+        )
         self.__dict__.update(self.staged.device)
 
     @staticmethod
     def pages_of(states: list[QuantState]) -> int:
         return max(st.pages_cpu.numel() for st in states)
 
-    def fill(self, states: list[QuantState], residual: int, scratch_page: int, scratch_slot: int) -> None:
+    def fill(
+        self, states: list[QuantState], residual: int, scratch_page: int, scratch_slot: int
+    ) -> None:
         h = self.staged.host()
         r, m = residual, residual // PAGE
         h["pages"].fill_(scratch_page)
         h["slots"].fill_(scratch_slot)
-        h["lengths"].copy_(torch.tensor([1, 0, 0]))  # padding rows: one token, the scratch slot's first
+        h["lengths"].copy_(
+            torch.tensor([1, 0, 0])
+        )  # padding rows: one token, the scratch slot's first
         for name in ("k_write", "v_write", "v_old"):
             h[name].zero_()
         h["k_dest"].fill_(scratch_page)
@@ -79,22 +93,39 @@ class QuantView:
             rows.append((st.slot, n, kq, max(n - r, 0), st.n - st.kq, st.n % (r + 1)))
             h["pages"][i, : st.pages_cpu.numel()] = st.pages_cpu
             if kq > st.kq:  # this token fills the K tail
-                h["k_dest"][i] = st.pages_cpu[st.kq // PAGE: st.kq // PAGE + m]
+                h["k_dest"][i] = st.pages_cpu[st.kq // PAGE : st.kq // PAGE + m]
             if st.n >= r:  # the V window is full: its oldest token (position st.n - r) is quantized
                 old = st.n - r
-                h["v_old"][i], h["v_dest"][i] = old % (r + 1), int(st.pages_cpu[old // PAGE]) * PAGE + old % PAGE
+                h["v_old"][i], h["v_dest"][i] = (
+                    old % (r + 1),
+                    int(st.pages_cpu[old // PAGE]) * PAGE + old % PAGE,
+                )
         if rows:
             cols = torch.tensor(rows).T
             n = len(rows)
-            h["slots"][:n], h["lengths"][:n], h["k_write"][:n], h["v_write"][:n] = cols[0], cols[1:4].T, cols[4], cols[5]
+            h["slots"][:n], h["lengths"][:n], h["k_write"][:n], h["v_write"][:n] = (
+                cols[0],
+                cols[1:4].T,
+                cols[4],
+                cols[5],
+            )
         self.staged.send()
 
 
 class QuantStore:
     """Packed K/V pages for `num_layers` Q layers plus full-precision tails in per-request window slots."""
 
-    def __init__(self, num_layers: int, num_pages: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 cfg: TailorConfig, device, dtype):
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        cfg: TailorConfig,
+        device,
+        dtype,
+    ):
         self.cfg, self.h, self.d, self.bits = cfg, num_kv_heads, head_dim, cfg.quant_bits
         self.vgroup = kivi.value_group(cfg.group_size, head_dim, self.bits)
         self.ops = kivi.ops(device)
@@ -123,7 +154,9 @@ class QuantStore:
         return num_layers * (2 * residual + 1) * h * d * itemsize
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        return sum(
+            t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor)
+        )
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def _quantize_k(self, layer: int, st: QuantState, k: torch.Tensor, begin: int) -> None:
@@ -131,7 +164,7 @@ class QuantStore:
         m = k.shape[0] // PAGE
         x = k.view(m, PAGE, self.h, self.d).transpose(1, 2).reshape(m * self.h, PAGE, self.d)
         q = self.ops.quantize_keys(x, self.bits, PAGE)
-        pages = st.pages[begin // PAGE: begin // PAGE + m]
+        pages = st.pages[begin // PAGE : begin // PAGE + m]
         self.k_packed[layer, pages] = q.packed.view(m, self.h, -1, self.d)
         self.k_scale[layer, pages] = q.scale.view(m, self.h, self.d)
         self.k_zero[layer, pages] = q.zero.view(m, self.h, self.d)
@@ -149,8 +182,15 @@ class QuantStore:
         pos = torch.arange(begin, end, device=st.pages.device)
         return st.pages[pos // PAGE] * PAGE + pos % PAGE
 
-    def prefill(self, layer: int, st: QuantState, k: torch.Tensor, v: torch.Tensor, start: int = 0,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def prefill(
+        self,
+        layer: int,
+        st: QuantState,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int = 0,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Store a prompt's k, v [n - start, H, D] of one layer, its tokens from `start` (a multiple of 64). The
         pages of the tokens before it are shared with an earlier request and hold them; where the full-precision
         tails reach back before `start`, `prefix` (the exact k, v [start, H, D] of those tokens, from the host
@@ -160,8 +200,10 @@ class QuantStore:
         n, r = start + k.shape[0], self.cfg.residual
         kq, vq = n - n % r, max(n - r, 0)
         if prefix is None and start > vq:
-            raise ValueError(f"a shared prefix of {start} tokens reaches into the last {r} of a {n}-token prompt; "
-                             "its exact rows are needed")
+            raise ValueError(
+                f"a shared prefix of {start} tokens reaches into the last {r} of a {n}-token prompt; "
+                "its exact rows are needed"
+            )
         if n - n % PAGE > start:
             self._quantize_k(layer, st, k[: n - n % PAGE - start], start)
         self._quantize_v(layer, st, v, start)
@@ -179,7 +221,7 @@ class QuantStore:
         same ops, whatever its state (CUDA-graph safe): its K tail is quantized and written to k_dest (scratch
         unless the tail just filled), its V window's oldest token to v_dest (scratch unless the window is full).
         Running a step's append twice leaves what running it once does."""
-        r, m, (rows, h, d) = self.cfg.residual, self.cfg.residual // PAGE, k.shape
+        m, (rows, h, d) = self.cfg.residual // PAGE, k.shape
         self.k_tail[layer, view.slots, view.k_write] = k.to(self.k_tail.dtype)
         tail = self.k_tail[layer, view.slots].view(rows, m, PAGE, h, d).permute(0, 1, 3, 2, 4)
         q = self.ops.quantize_keys(tail.reshape(rows * m * h, PAGE, d), self.bits, PAGE)
@@ -205,18 +247,26 @@ class QuantStore:
         if kq:
             pages = st.pages[: kq // PAGE]
             m = pages.numel()
-            qk = kivi.QuantizedKeys(self.k_packed[layer, pages].view(m * self.h, -1, self.d),
-                                    self.k_scale[layer, pages].view(m * self.h, 1, self.d),
-                                    self.k_zero[layer, pages].view(m * self.h, 1, self.d))
+            qk = kivi.QuantizedKeys(
+                self.k_packed[layer, pages].view(m * self.h, -1, self.d),
+                self.k_scale[layer, pages].view(m * self.h, 1, self.d),
+                self.k_zero[layer, pages].view(m * self.h, 1, self.d),
+            )
             deq = self.ops.dequantize_keys(qk, self.bits, PAGE, PAGE, dtype)
             ks.append(deq.view(m, self.h, PAGE, self.d).transpose(1, 2).reshape(kq, self.h, self.d))
         ks.append(self.k_tail[layer, st.slot, : n - kq].to(dtype))
         if vq:
             slots = self._token_slots(st, 0, vq)
-            qv = kivi.QuantizedValues(self.v_packed[layer, slots].view(1, vq * self.h, -1),
-                                      self.v_scale[layer, slots].view(1, vq * self.h, -1),
-                                      self.v_zero[layer, slots].view(1, vq * self.h, -1))
-            vs.append(self.ops.dequantize_values(qv, self.bits, self.vgroup, dtype).view(vq, self.h, self.d))
+            qv = kivi.QuantizedValues(
+                self.v_packed[layer, slots].view(1, vq * self.h, -1),
+                self.v_scale[layer, slots].view(1, vq * self.h, -1),
+                self.v_zero[layer, slots].view(1, vq * self.h, -1),
+            )
+            vs.append(
+                self.ops.dequantize_values(qv, self.bits, self.vgroup, dtype).view(
+                    vq, self.h, self.d
+                )
+            )
         vs.append(self.v_win[layer, st.slot, self._ring(vq, n)].to(dtype))
         return torch.cat(ks), torch.cat(vs)
 
@@ -224,7 +274,19 @@ class QuantStore:
         """q [B, Hq, D] of each row's newest token (already appended) over all its cached tokens, by the paged
         kernel: packed pages where quantized, the full-precision K tail and V window for the rest."""
         out = self.ops.paged_decode_attention(
-            q, self.k_packed[layer], self.k_scale[layer], self.k_zero[layer], self.v_packed[layer],
-            self.v_scale[layer], self.v_zero[layer], self.k_tail[layer], self.v_win[layer], view.pages, view.slots,
-            view.lengths, self.bits, self.d ** -0.5)
+            q,
+            self.k_packed[layer],
+            self.k_scale[layer],
+            self.k_zero[layer],
+            self.v_packed[layer],
+            self.v_scale[layer],
+            self.v_zero[layer],
+            self.k_tail[layer],
+            self.v_win[layer],
+            view.pages,
+            view.slots,
+            view.lengths,
+            self.bits,
+            self.d**-0.5,
+        )
         return out.to(q.dtype)

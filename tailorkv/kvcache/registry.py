@@ -1,4 +1,5 @@
 """Policy names -> classes; the one place that knows every policy."""
+
 from __future__ import annotations
 
 from ..errors import ConfigError
@@ -6,7 +7,10 @@ from .baselines import OffloadPolicy, QuestPolicy, StreamingPolicy
 from .full import FullPolicy
 from .tailor import KiviPolicy, TailorPolicy
 
-POLICIES = {p.name: p for p in (FullPolicy, TailorPolicy, KiviPolicy, OffloadPolicy, StreamingPolicy, QuestPolicy)}
+POLICIES = {
+    p.name: p
+    for p in (FullPolicy, TailorPolicy, KiviPolicy, OffloadPolicy, StreamingPolicy, QuestPolicy)
+}
 
 
 def policy_class(name: str):

@@ -5,10 +5,10 @@ Stage 2 scores prompt tokens with the real query's group mean on those channels 
 and keeps the top k per KV head among positions [begin, end) — never sink, recent or generated tokens.
 Every function takes optional leading batch dims (one per sequence).
 """
+
 from __future__ import annotations
 
 import torch
-
 
 
 def group_mean(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -33,8 +33,14 @@ def select_tokens(scores: torch.Tensor, begin, end, k: int) -> tuple[torch.Tenso
     """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per sequence):
     (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer than k'."""
     pos = torch.arange(scores.shape[-1], device=scores.device)
-    begin, end = torch.as_tensor(begin, device=scores.device), torch.as_tensor(end, device=scores.device)
-    inside = (pos >= begin[..., None, None]) & (pos < end[..., None, None]) if begin.dim() else \
-        (pos >= begin) & (pos < end)
+    begin, end = (
+        torch.as_tensor(begin, device=scores.device),
+        torch.as_tensor(end, device=scores.device),
+    )
+    inside = (
+        (pos >= begin[..., None, None]) & (pos < end[..., None, None])
+        if begin.dim()
+        else (pos >= begin) & (pos < end)
+    )
     top = scores.masked_fill(~inside, float("-inf")).topk(min(k, scores.shape[-1]), dim=-1)
     return top.indices, top.values > float("-inf")

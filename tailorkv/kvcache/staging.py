@@ -5,6 +5,7 @@ step. Copied one by one from ordinary (pageable) memory, each copy waits for the
 Here they are views of one device byte buffer with a pinned host twin of the same layout: the host writes the twin,
 `send` moves all of it with one non-blocking copy, and the twin is not written again until that copy has run.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,10 @@ class StagedInputs:
 
     @staticmethod
     def _views(buf: torch.Tensor, spans: dict) -> dict[str, torch.Tensor]:
-        return {name: buf[o:o + n].view(dtype).view(shape) for name, (o, n, shape, dtype) in spans.items()}
+        return {
+            name: buf[o : o + n].view(dtype).view(shape)
+            for name, (o, n, shape, dtype) in spans.items()
+        }
 
     def host(self) -> dict[str, torch.Tensor]:
         """The pinned views to write, once the previous send has left them."""

@@ -1,6 +1,7 @@
 """`tailor`: the TailorKV hybrid cache. Q layers keep a 1/2-bit KIVI cache on the GPU; S layers keep the prompt
 in the host tier and, each decode step, attend exactly over sink + recent + the top-k dominant prompt tokens
 (two-stage retrieval, selection.py) + every generated token. Prefill is exact full attention over the prompt."""
+
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,14 @@ from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
 from .batch import ForwardBatch
 from .device_copies import PrefixReads
-from .offload_store import HOST_PAGE, DecodeView, OffloadState, OffloadStore, SharedPrefix, page_runs
+from .offload_store import (
+    HOST_PAGE,
+    DecodeView,
+    OffloadState,
+    OffloadStore,
+    SharedPrefix,
+    page_runs,
+)
 from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
@@ -31,14 +39,27 @@ def _pages(tokens: int, page: int = PAGE) -> int:
 class TailorPolicy(KVPolicy):
     name = "tailor"
     whole_prompt_prefill = True
-    caches_output = False  # generated tokens live in GPU-tier pages of their own, not in the shared blocks
-    partial_block_pool = "host"  # a cached partial block: its host page, the exact rows of every layer
+    caches_output = (
+        False  # generated tokens live in GPU-tier pages of their own, not in the shared blocks
+    )
+    partial_block_pool = (
+        "host"  # a cached partial block: its host page, the exact rows of every layer
+    )
 
-    def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, host_on_device: bool = False,
-                 **options):
+    def __init__(
+        self,
+        cfg,
+        device,
+        dtype,
+        tailor_preset: str | None = None,
+        host_on_device: bool = False,
+        **options,
+    ):
         super().__init__(cfg, device, dtype)
         self.tc = TailorConfig.from_options(tailor_preset, **options)
-        self.host_on_device = bool(host_on_device)  # the host tier in device memory: accuracy runs on a big GPU
+        self.host_on_device = bool(
+            host_on_device
+        )  # the host tier in device memory: accuracy runs on a big GPU
         self.plan_missing = False
         if self.tc.quant_layers is None:
             plan = layer_plan(cfg.name)
@@ -71,19 +92,25 @@ class TailorPolicy(KVPolicy):
         quantized pages of the same tokens. kivi (no host tier) does not share."""
         if not self.s_index:
             return None
-        return HOST_PAGE, {"host": 1, **({"sketch": 1} if self.tc.key_sketch else {}),
-                           **({"qkv": HOST_PAGE // PAGE} if self.q_index else {})}
+        return HOST_PAGE, {
+            "host": 1,
+            **({"sketch": 1} if self.tc.key_sketch else {}),
+            **({"qkv": HOST_PAGE // PAGE} if self.q_index else {}),
+        }
 
     # ---- memory ------------------------------------------------------------------------------------------------
-    def pool_specs(self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0) -> list[PoolSpec]:
+    def pool_specs(
+        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0
+    ) -> list[PoolSpec]:
         """Slots (each request's windows), the GPU pools in the proportions of long-context requests, the host
         tier, and GPU copies of host pages (DeviceCopies): by default the GPU memory that pools for as many such
         requests as the host tier holds leave, at most half of it."""
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
         nq, ns, h, d = len(self.q_index), len(self.s_index), c.num_kv_heads, c.head_dim
         vgroup = kivi.value_group(t.group_size, d, t.quant_bits)
-        slot = (QuantStore.bytes_per_slot(nq, h, d, t.residual, item)
-                + OffloadStore.bytes_per_slot(ns, h, d, t.sink + t.recent, item))
+        slot = QuantStore.bytes_per_slot(nq, h, d, t.residual, item) + OffloadStore.bytes_per_slot(
+            ns, h, d, t.sink + t.recent, item
+        )
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
         # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~256x longer: long contexts)
@@ -93,22 +120,32 @@ class TailorPolicy(KVPolicy):
         if ns:
             gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 1)
             if t.key_sketch:
-                gpu["sketch"] = (HOST_PAGE, OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch), 64)
+                gpu["sketch"] = (
+                    HOST_PAGE,
+                    OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch),
+                    64,
+                )
         unit = sum(b * n for _, b, n in gpu.values())  # per 64 host pages
         specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
         if ns:
-            hpage = OffloadStore.bytes_per_host_page(ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq)
+            hpage = OffloadStore.bytes_per_host_page(
+                ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq
+            )
             host_pages = max(host_bytes // hpage, 1)
             specs.append(PoolSpec("host", "host", host_pages, HOST_PAGE, hpage))
             cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
             if copy_bytes is None:
-                copy_bytes = 0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
+                copy_bytes = (
+                    0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
+                )
             copies = min(max(min(copy_bytes, rest), 0) // cpage, host_pages)
             if copies:
                 specs.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
                 rest -= copies * cpage
-        specs += [PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b)
-                  for name, (size, b, n) in gpu.items()]
+        specs += [
+            PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b)
+            for name, (size, b, n) in gpu.items()
+        ]
         return specs
 
     def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
@@ -125,31 +162,70 @@ class TailorPolicy(KVPolicy):
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         c, t, n = self.cfg, self.tc, {s.name: s.num_pages for s in specs}
         h, d = c.num_kv_heads, c.head_dim
-        self.quant = QuantStore(len(self.q_index), n.get("qkv", 0), n["slots"], h, d, t, self.device, self.dtype) \
-            if self.q_index else None
-        self.offload = OffloadStore(len(self.s_index), n.get("host", 0), n.get("gen", 0), n["slots"], h, d,
-                                    t.sink, t.recent, self.device, self.dtype, self.host_on_device, t.key_sketch,
-                                    n.get("sketch", 0), extra_row_layers=len(self.q_index),
-                                    copy_slots=n.get("copies", 0)) if self.s_index else None
+        self.quant = (
+            QuantStore(
+                len(self.q_index), n.get("qkv", 0), n["slots"], h, d, t, self.device, self.dtype
+            )
+            if self.q_index
+            else None
+        )
+        self.offload = (
+            OffloadStore(
+                len(self.s_index),
+                n.get("host", 0),
+                n.get("gen", 0),
+                n["slots"],
+                h,
+                d,
+                t.sink,
+                t.recent,
+                self.device,
+                self.dtype,
+                self.host_on_device,
+                t.key_sketch,
+                n.get("sketch", 0),
+                extra_row_layers=len(self.q_index),
+                copy_slots=n.get("copies", 0),
+            )
+            if self.s_index
+            else None
+        )
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
         self.s_state: dict[int, OffloadState] = {}
-        self.critical: dict[int, tuple] = {}  # stage-1 results (channels, keys, ready event), double-buffered
+        self.critical: dict[
+            int, tuple
+        ] = {}  # stage-1 results (channels, keys, ready event), double-buffered
         # stage 1 of layer l+1 crosses PCIe on a side stream while layer l computes
-        self.prefetch_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
+        self.prefetch_stream = (
+            torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
+        )
         self.graph_views: dict[tuple, DecodeView | QuantView] = {}
         self.graph_rows: dict[int, torch.Tensor] = {}
         self.step_state: tuple = (None, {})  # (the batch, _this_step's dict)
 
-    def add_request(self, rid: int, pages: dict[str, list[int]], prompt_len: int,
-                    partial_page: int | None = None) -> None:
+    def add_request(
+        self,
+        rid: int,
+        pages: dict[str, list[int]],
+        prompt_len: int,
+        partial_page: int | None = None,
+    ) -> None:
         slot = pages["slots"][0]
         self.prompt_len[rid] = prompt_len
         if self.q_index:
             self.q_state[rid] = QuantState(pages.get("qkv", []), slot, self.device)
         if self.s_index:
-            self.s_state[rid] = OffloadState(pages["host"], pages["gen"], slot, prompt_len, self.tc.sink,
-                                             self.tc.recent, pages.get("sketch", ()), partial_page)
+            self.s_state[rid] = OffloadState(
+                pages["host"],
+                pages["gen"],
+                slot,
+                prompt_len,
+                self.tc.sink,
+                self.tc.recent,
+                pages.get("sketch", ()),
+                partial_page,
+            )
 
     def release(self, rid: int) -> None:
         self.prompt_len.pop(rid, None)
@@ -157,8 +233,11 @@ class TailorPolicy(KVPolicy):
         self.s_state.pop(rid, None)
 
     def kv_bytes(self) -> dict[str, int]:
-        return {"gpu": (self.quant.nbytes() if self.quant else 0) + (self.offload.device_bytes() if self.offload else 0),
-                "host": self.offload.host_bytes() if self.offload else 0}
+        return {
+            "gpu": (self.quant.nbytes() if self.quant else 0)
+            + (self.offload.device_bytes() if self.offload else 0),
+            "host": self.offload.host_bytes() if self.offload else 0,
+        }
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def is_prefill(self, i: int, batch: ForwardBatch) -> bool:
@@ -170,12 +249,15 @@ class TailorPolicy(KVPolicy):
         self.view = self.qview = None
         if decode_rows:
             self._fill_views([batch.rids[i] for i in decode_rows], len(decode_rows), static=False)
-            self.row_index = to_device(torch.tensor([batch.cu[i] for i in decode_rows]), self.device)
+            self.row_index = to_device(
+                torch.tensor([batch.cu[i] for i in decode_rows]), self.device
+            )
 
     def _fill_views(self, rids: list[int], rows: int, static: bool) -> tuple:
         """This step's DecodeView (S layers) and QuantView (Q layers) for the decode requests `rids` in `rows` rows:
         fresh ones, or (static) the ones kept per shape as a captured graph's inputs, their sizes rounded up to
         powers of two; returns the shape key."""
+
         def size(n: int, least: int = 1) -> int:
             return max(least, 1 << (n - 1).bit_length()) if static else n
 
@@ -184,16 +266,24 @@ class TailorPolicy(KVPolicy):
             states = [self.s_state[rid] for rid in rids]
             pages, gen = DecodeView.sizes(states)
             shape = (size(pages), size(gen, 64))
-            self.view = self._view(("s", rows, *shape), static, lambda: DecodeView(
-                rows, *shape, self.tc.sink + self.tc.recent, self.device))
+            self.view = self._view(
+                ("s", rows, *shape),
+                static,
+                lambda: DecodeView(rows, *shape, self.tc.sink + self.tc.recent, self.device),
+            )
             self.view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
             key += shape
         if self.q_index:
             states = [self.q_state[rid] for rid in rids]
             width = size(QuantView.pages_of(states))
-            self.qview = self._view(("q", rows, width), static, lambda: QuantView(rows, width, self.tc.residual,
-                                                                                  self.device))
-            self.qview.fill(states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot)
+            self.qview = self._view(
+                ("q", rows, width),
+                static,
+                lambda: QuantView(rows, width, self.tc.residual, self.device),
+            )
+            self.qview.fill(
+                states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot
+            )
             key += (width,)
         return key
 
@@ -209,7 +299,9 @@ class TailorPolicy(KVPolicy):
         return set(range(self.cfg.num_layers))
 
     def graph_key(self, batch: ForwardBatch, rows: int):
-        if any(self.is_prefill(i, batch) for i in range(batch.size)):  # a prompt: prefill runs eagerly
+        if any(
+            self.is_prefill(i, batch) for i in range(batch.size)
+        ):  # a prompt: prefill runs eagerly
             return None
         key = self._fill_views(batch.rids, rows, static=True)
         if rows not in self.graph_rows:
@@ -224,7 +316,9 @@ class TailorPolicy(KVPolicy):
                 torch.cuda.current_stream(self.device).wait_event(ready)
                 self.critical[key] = (channels, keys, None)
 
-    def layer_input(self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
+    def layer_input(
+        self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
+    ) -> None:
         """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
         this layer's normalised input, pick d_s channels per KV head, read them for all prompt tokens. With a key
         sketch nothing is read ahead: stage 1 runs in `attend` with the real query."""
@@ -234,9 +328,13 @@ class TailorPolicy(KVPolicy):
         for t in (0, layer + 1) if layer == 0 else (layer + 1,):
             if t not in self.s_index:
                 continue
-            q_hat = self.model.layers[t].self_attn.project_q(x[rows], positions[rows], self.model.rotary)
+            q_hat = self.model.layers[t].self_attn.project_q(
+                x[rows], positions[rows], self.model.rotary
+            )
             si = self.s_index[t]
-            channels = select_channels(q_hat, self.offload.max_abs[si, self.view.slots], self.tc.d_s)
+            channels = select_channels(
+                q_hat, self.offload.max_abs[si, self.view.slots], self.tc.d_s
+            )
             self.critical[t & 1] = self._prefetch(si, channels)
 
     def _prefetch(self, si: int, channels: torch.Tensor) -> tuple:
@@ -246,8 +344,17 @@ class TailorPolicy(KVPolicy):
         b, h, c = channels.shape
         # float32 (what stage 2 scores in), allocated on the main stream, which reads and frees it after waiting for
         # the side stream's write
-        keys = torch.empty(b, h, c, self.view.host_pages.shape[1] * HOST_PAGE, dtype=torch.float32, device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))  # channels and the page table are ready
+        keys = torch.empty(
+            b,
+            h,
+            c,
+            self.view.host_pages.shape[1] * HOST_PAGE,
+            dtype=torch.float32,
+            device=self.device,
+        )
+        side.wait_stream(
+            torch.cuda.current_stream(self.device)
+        )  # channels and the page table are ready
         with torch.cuda.stream(side):
             self.offload.critical_keys(si, self.view, channels, out=keys)
             ready = torch.cuda.Event()
@@ -284,19 +391,25 @@ class TailorPolicy(KVPolicy):
             for i, rid in enumerate(batch.rids):
                 if not self.is_prefill(i, batch):
                     continue
-                st, p0 = self.s_state.get(rid), batch.start[i] // HOST_PAGE  # no state: kivi, which shares nothing
+                st, p0 = (
+                    self.s_state.get(rid),
+                    batch.start[i] // HOST_PAGE,
+                )  # no state: kivi, which shares nothing
                 pages = st.host_pages_cpu[:p0].tolist() if st else []
                 groups.setdefault(tuple(page_runs(pages)), []).append(i)
                 if st:
                     read += pages + ([st.partial_page] if batch.start[i] % HOST_PAGE else [])
                     written += st.host_pages_cpu[p0:].tolist()
             if self.s_index:
-                self.offload.copies.plan(read, written)  # before any group's reads and writes are laid out
+                self.offload.copies.plan(
+                    read, written
+                )  # before any group's reads and writes are laid out
             step["groups"] = groups
         return step["groups"]
 
-    def _prefill_after_prefix(self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int],
-                              group: PrefillGroup) -> None:
+    def _prefill_after_prefix(
+        self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int], group: PrefillGroup
+    ) -> None:
         """Rows whose prompts continue one shared prefix (one document, many users) and/or each a cached partial
         block (its tail: a chat's earlier turns): the prefix is read back from the host tier once, each tail with
         it, and every row's new tokens attend to the prefix exactly, in one call for all of them, and causally to
@@ -310,32 +423,49 @@ class TailorPolicy(KVPolicy):
         out[sel] = shared_prefix_attention(q[sel], ks, vs, group.cu, pk, pv, cu_k=group.cu_k)
         self._store_prompt(layer, rows, ks, vs, group, batch, prefix)
 
-    def _shared_prefix(self, layer: int, rows: list[int], group: PrefillGroup,
-                       batch: ForwardBatch) -> tuple[SharedPrefix | None, tuple | None]:
+    def _shared_prefix(
+        self, layer: int, rows: list[int], group: PrefillGroup, batch: ForwardBatch
+    ) -> tuple[SharedPrefix | None, tuple | None]:
         """A layer's shared prefix (None for none) and the rows' tails (k, v of every tail page's 256 rows, or None)
         for the prefill rows `rows`, read back from the host tier during the layer before (on CUDA by the side
         stream: DMA copies that overlap that layer's compute); the next layer's read begins now."""
         reads = self._this_step(batch)["reads"]
-        rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(layer, group.reads)
+        rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(
+            layer, group.reads
+        )
         if layer + 1 < self.cfg.num_layers:
             reads[(layer + 1, tuple(rows))] = self._read_prefix(layer + 1, group.reads)
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
         n = group.prefix_pages
-        prefix = self.offload.shared_prefix(rows_read[:n], max_abs=layer in self.s_index) if n else None
-        tails = self.offload.shared_prefix(rows_read[n:], max_abs=False)[:2] if group.ext is not None else None
+        prefix = (
+            self.offload.shared_prefix(rows_read[:n], max_abs=layer in self.s_index) if n else None
+        )
+        tails = (
+            self.offload.shared_prefix(rows_read[n:], max_abs=False)[:2]
+            if group.ext is not None
+            else None
+        )
         return prefix, tails
 
     def _read_prefix(self, layer: int, reads: PrefixReads) -> tuple:
         """Start reading a layer's prefix pages (a shared prefix, tails): (their rows on the device, the event of
         their arrival or None)."""
         # allocated on the main stream, which uses and frees it only after waiting for the side stream's copy
-        out = torch.empty(reads.pages, self.offload.h, HOST_PAGE, 2 * self.offload.d, dtype=self.dtype,
-                          device=self.device)
+        out = torch.empty(
+            reads.pages,
+            self.offload.h,
+            HOST_PAGE,
+            2 * self.offload.d,
+            dtype=self.dtype,
+            device=self.device,
+        )
         side = self.prefetch_stream
         if side is None:
             return self.offload.read_prefix(self._row_layer(layer), reads, out), None
-        side.wait_stream(torch.cuda.current_stream(self.device))  # `out`'s memory is free of earlier kernels
+        side.wait_stream(
+            torch.cuda.current_stream(self.device)
+        )  # `out`'s memory is free of earlier kernels
         with torch.cuda.stream(side):
             self.offload.read_prefix(self._row_layer(layer), reads, out)
             ready = torch.cuda.Event()
@@ -358,26 +488,53 @@ class TailorPolicy(KVPolicy):
             if all(cu[a + 1] == cu[b] for a, b in zip(rows, rows[1:])):
                 sel = slice(cu[rows[0]], cu[rows[-1] + 1])
             else:
-                sel = to_device(torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rows]), self.device)
+                sel = to_device(
+                    torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rows]), self.device
+                )
             states = [self.s_state[batch.rids[i]] for i in rows] if self.s_index else None
             built[tuple(rows)] = PrefillGroup.build(
-                sel, runs, [batch.start[i] for i in rows], [batch.new[i] for i in rows], states,
-                [st.partial_page for st in states or ()], self.offload.window if self.s_index else 0, self.device,
-                self.offload.copies if self.s_index else None)
+                sel,
+                runs,
+                [batch.start[i] for i in rows],
+                [batch.new[i] for i in rows],
+                states,
+                [st.partial_page for st in states or ()],
+                self.offload.window if self.s_index else 0,
+                self.device,
+                self.offload.copies if self.s_index else None,
+            )
         return built[tuple(rows)]
 
     def _row_layer(self, layer: int) -> int:
         """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
-        return self.s_index[layer] if layer in self.s_index else len(self.s_index) + self.q_index[layer]
+        return (
+            self.s_index[layer]
+            if layer in self.s_index
+            else len(self.s_index) + self.q_index[layer]
+        )
 
-    def _store_prompt(self, layer: int, rows: list[int], k: torch.Tensor, v: torch.Tensor, group: PrefillGroup,
-                      batch: ForwardBatch, prefix: SharedPrefix | None = None) -> None:
+    def _store_prompt(
+        self,
+        layer: int,
+        rows: list[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        group: PrefillGroup,
+        batch: ForwardBatch,
+        prefix: SharedPrefix | None = None,
+    ) -> None:
         """The prompts of prefill rows `rows` from their common start, k, v [sum(group.lens), H, D] row after row:
         the tokens before it (`prefix`) are in shared blocks, already stored."""
         if layer in self.q_index:
             for i, a, b in zip(rows, group.cu_k, group.cu_k[1:]):
-                self.quant.prefill(self.q_index[layer], self.q_state[batch.rids[i]], k[a:b], v[a:b], group.start,
-                                   prefix and prefix[:2])
+                self.quant.prefill(
+                    self.q_index[layer],
+                    self.q_state[batch.rids[i]],
+                    k[a:b],
+                    v[a:b],
+                    group.start,
+                    prefix and prefix[:2],
+                )
         if not self.s_index:
             return
         if layer in self.q_index:  # the exact rows too, for a later request that shares this prefix
@@ -424,4 +581,6 @@ class KiviPolicy(TailorPolicy):
         if "quant_layers" in options:
             raise ConfigError("kivi quantizes every layer; quant_layers is not an option of it")
         options.setdefault("quant_bits", 2)
-        super().__init__(cfg, device, dtype, tailor_preset, quant_layers=list(range(cfg.num_layers)), **options)
+        super().__init__(
+            cfg, device, dtype, tailor_preset, quant_layers=list(range(cfg.num_layers)), **options
+        )

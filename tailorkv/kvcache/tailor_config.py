@@ -11,6 +11,7 @@
   Default 2: within 1 point of the paper's path on the accuracy benchmark, 1.4x faster at 128k
   (benchmarks/RESULTS.md, "Key sketch").
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -47,11 +48,15 @@ class TailorConfig:
         """The preset's values (default: longbench), then any field overridden by name."""
         preset = preset or DEFAULT_PRESET
         if preset not in PRESETS:
-            raise ConfigError(f"unknown tailor_preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            raise ConfigError(
+                f"unknown tailor_preset {preset!r}; choose one of: {', '.join(PRESETS)}"
+            )
         names = {f.name for f in fields(cls)} - {"preset"}
         unknown = set(overrides) - names
         if unknown:
-            raise ConfigError(f"unknown tailor option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown tailor option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
+            )
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(preset=preset, **values)
 

@@ -1,4 +1,5 @@
 """ModelConfig: the shape of a Llama-family model, read from HF config.json, a GGUF header or a dummy name."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ class ModelConfig:
     def from_hf(cls, cfg: dict, name: str) -> "ModelConfig":
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ModelLoadError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`
@@ -68,7 +71,9 @@ class ModelConfig:
         """The HF config.json dict for this shape (used when writing a safetensors directory)."""
         return {
             "architectures": [self.architecture],
-            "model_type": {"Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}.get(self.architecture, "llama"),
+            "model_type": {"Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}.get(
+                self.architecture, "llama"
+            ),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -84,6 +89,8 @@ class ModelConfig:
             "attention_bias": self.qkv_bias,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids,
+            "eos_token_id": self.eos_token_ids[0]
+            if len(self.eos_token_ids) == 1
+            else self.eos_token_ids,
             "torch_dtype": "float32",
         }

@@ -2,6 +2,7 @@
 
 The tokenizer is the embedded model's (its 49,152 ids are valid in every shape listed here).
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,17 +12,59 @@ from .config import ModelConfig
 from .weights import LoadedWeights
 
 SHAPES = {
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                         num_kv_heads=8, head_dim=128, max_position=131072, rope_theta=500000.0,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                       num_kv_heads=32, head_dim=128, max_position=32768, rope_theta=10000.0),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                         num_kv_heads=3, head_dim=64, max_position=8192, rope_theta=100000.0,
-                         tie_word_embeddings=True),
-    "tiny": dict(vocab_size=49152, hidden_size=192, intermediate_size=384, num_layers=4, num_heads=6,
-                 num_kv_heads=2, head_dim=32, max_position=8192, rope_theta=10000.0, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    "llama-2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        max_position=32768,
+        rope_theta=10000.0,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        vocab_size=49152,
+        hidden_size=192,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=32,
+        max_position=8192,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 

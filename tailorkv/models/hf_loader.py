@@ -1,4 +1,5 @@
 """HF model directories: config.json + (sharded) *.safetensors + tokenizer.json or tokenizer.model."""
+
 from __future__ import annotations
 
 import glob
@@ -13,7 +14,9 @@ from .weights import LoadedWeights, TokenizerSource
 def load_hf_dir(path: str) -> LoadedWeights:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise ModelLoadError(f"{path} has no config.json; expected an HF model directory or a .gguf file")
+        raise ModelLoadError(
+            f"{path} has no config.json; expected an HF model directory or a .gguf file"
+        )
     with open(cfg_path) as f:
         cfg = ModelConfig.from_hf(json.load(f), name=os.path.basename(os.path.normpath(path)))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -34,9 +37,14 @@ def load_hf_dir(path: str) -> LoadedWeights:
     if template is None and os.path.isfile(jinja):
         with open(jinja) as f:
             template = f.read()
-    tok = TokenizerSource(kind="hf_dir", path=path, chat_template=template, bos_token_id=cfg.bos_token_id,
-                          eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
-                          add_bos=bool(tok_cfg.get("add_bos_token", False)))
+    tok = TokenizerSource(
+        kind="hf_dir",
+        path=path,
+        chat_template=template,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_ids[0] if cfg.eos_token_ids else None,
+        add_bos=bool(tok_cfg.get("add_bos_token", False)),
+    )
 
     def tensors():
         for h, k in keys:

@@ -3,11 +3,12 @@
 The forward pass runs on a flat batch of tokens from many sequences ([T, hidden]); attention is delegated to the
 engine's KV policy (`kv.attend`), which owns the cache and knows where each sequence's tokens live.
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .config import ModelConfig
 from .rope import Rotary
@@ -90,14 +91,18 @@ class LlamaModel(nn.Module):
 
     def setup_rotary(self, device, dtype) -> None:
         cfg = self.config
-        self.rotary = Rotary(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, device, dtype)
+        self.rotary = Rotary(
+            cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, device, dtype
+        )
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, batch) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for the flat batch of tokens `input_ids` [T]."""
         h = self.model.embed_tokens(input_ids)
         for i in range(len(self.model.layers)):
-            h = self.layer_output(i, h, kv.attend(i, *self.attention_inputs(i, h, positions, kv, batch), batch))
+            h = self.layer_output(
+                i, h, kv.attend(i, *self.attention_inputs(i, h, positions, kv, batch), batch)
+            )
         return self.model.norm(h)
 
     def attention_inputs(self, i: int, h: torch.Tensor, positions: torch.Tensor, kv, batch):

@@ -1,4 +1,5 @@
 """Resolve a `--model` argument (None, `dummy:<name>`, an HF directory or a .gguf file) into a ready LlamaModel."""
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,14 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype, prog
         net = LlamaModel(loaded.config)
     expected = set(net.state_dict().keys())
     state = {}
-    bar = tqdm(loaded.tensors, total=loaded.num_tensors, desc=f"loading {loaded.config.name}", unit="tensor",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        loaded.tensors,
+        total=loaded.num_tensors,
+        desc=f"loading {loaded.config.name}",
+        unit="tensor",
+        disable=not progress,
+        leave=False,
+    )
     for name, t in bar:
         if name not in expected:
             if "rotary_emb" in name:
@@ -48,7 +55,9 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype, prog
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = expected - state.keys()
     if missing:
-        raise ModelLoadError(f"{loaded.config.name} lacks weights: {', '.join(sorted(missing)[:4])} ...")
+        raise ModelLoadError(
+            f"{loaded.config.name} lacks weights: {', '.join(sorted(missing)[:4])} ..."
+        )
     net.load_state_dict(state, assign=True, strict=True)
     net.setup_rotary(device, dtype)
     return net.eval(), loaded.tokenizer

@@ -1,4 +1,5 @@
 """Rotary position embedding in the HF rotate-half layout, with the default and `llama3` frequency rules."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,9 @@ CHUNK = 8192  # tokens rotated per call in a long prefill
 class Rotary:
     """Precomputed cos/sin tables; `apply` rotates q or k of shape [T, heads, head_dim] at `positions` [T]."""
 
-    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict | None, device, dtype):
+    def __init__(
+        self, head_dim: int, max_position: int, theta: float, scaling: dict | None, device, dtype
+    ):
         inv = inv_frequencies(head_dim, theta, scaling)
         angles = torch.outer(torch.arange(max_position, dtype=torch.float32), inv)
         emb = torch.cat([angles, angles], dim=-1)
@@ -42,8 +45,12 @@ class Rotary:
         self.sin = emb.sin().to(device=device, dtype=dtype)
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > CHUNK:  # a long prefill in chunks: the temporaries of all tokens at once would not fit
-            return torch.cat([self.apply(a, p) for a, p in zip(x.split(CHUNK), positions.split(CHUNK))])
+        if (
+            x.shape[0] > CHUNK
+        ):  # a long prefill in chunks: the temporaries of all tokens at once would not fit
+            return torch.cat(
+                [self.apply(a, p) for a, p in zip(x.split(CHUNK), positions.split(CHUNK))]
+            )
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2

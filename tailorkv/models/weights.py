@@ -1,4 +1,5 @@
 """What a loader hands the engine: the model config, HF-named float tensors, and where the tokenizer comes from."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ class TokenizerSource:
 
     kind: str  # "hf_dir" | "gguf"
     path: str | None = None
-    model: str | None = None  # GGUF tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    model: str | None = (
+        None  # GGUF tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    )
     tokens: list[str] = field(default_factory=list)
     merges: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
@@ -29,6 +32,8 @@ class TokenizerSource:
 @dataclass
 class LoadedWeights:
     config: ModelConfig
-    tensors: Iterator[tuple[str, torch.Tensor]]  # lazily produced, so loading streams with a progress bar
+    tensors: Iterator[
+        tuple[str, torch.Tensor]
+    ]  # lazily produced, so loading streams with a progress bar
     num_tensors: int
     tokenizer: TokenizerSource

@@ -9,6 +9,7 @@ past what the policy may share), then, where the policy caches partly filled blo
 them that shares most of the prompt's next tokens; it reserves only the rest and starts computing after them.
 Computed blocks are offered to the cache as they fill up, and a prompt's partly filled last block once computed.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,11 +30,19 @@ class Seq:
     num_computed: int = 0  # tokens whose K/V is in the cache
     num_generated: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
-    page_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the prompt's full blocks
-    prompt_ids: list[int] = field(default_factory=list)  # with partial blocks cached: their tokens come from here
-    partial_page: int | None = None  # the cached partial block's page (partial pool) its first tokens come from
+    page_keys: list[bytes] = field(
+        default_factory=list
+    )  # prefix-cache keys of the prompt's full blocks
+    prompt_ids: list[int] = field(
+        default_factory=list
+    )  # with partial blocks cached: their tokens come from here
+    partial_page: int | None = (
+        None  # the cached partial block's page (partial pool) its first tokens come from
+    )
     queued_at: float = field(default_factory=time.perf_counter)
-    admitted_at: float | None = None  # time.perf_counter() when it left the queue for the running batch
+    admitted_at: float | None = (
+        None  # time.perf_counter() when it left the queue for the running batch
+    )
 
     @property
     def prefilling(self) -> bool:
@@ -50,14 +59,25 @@ class Step:
 
     seqs: list[Seq]
     new: list[int]
-    admitted: list[tuple[Seq, dict[str, list[int]]]]  # sequences admitted in this step, with their pages
+    admitted: list[
+        tuple[Seq, dict[str, list[int]]]
+    ]  # sequences admitted in this step, with their pages
 
 
 class Scheduler:
-    def __init__(self, memory: MemoryManager, pages_needed: Callable[[int, int], dict[str, int]], *,
-                 max_running: int = 64, max_queued: int = 1024, chunk_tokens: int = 2048,
-                 whole_prompt_prefill: bool = False, shareable: Callable[[int], int] = lambda n: n,
-                 cache_output: bool = True, partial_pool: str | None = None):
+    def __init__(
+        self,
+        memory: MemoryManager,
+        pages_needed: Callable[[int, int], dict[str, int]],
+        *,
+        max_running: int = 64,
+        max_queued: int = 1024,
+        chunk_tokens: int = 2048,
+        whole_prompt_prefill: bool = False,
+        shareable: Callable[[int], int] = lambda n: n,
+        cache_output: bool = True,
+        partial_pool: str | None = None,
+    ):
         """`shareable(prompt_len)`: prompt tokens whose K/V the policy never rewrites once computed (only their
         blocks are cached or shared); `cache_output`: generated tokens' blocks are cached too (the next chat
         turn); `partial_pool`: the pool of a partly filled block's page, when the policy caches those
@@ -73,8 +93,10 @@ class Scheduler:
 
     def add(self, seq: Seq, prompt_ids: list[int] | None = None) -> None:
         if not self.memory.fits_ever(self.pages_needed(seq.prompt_len, seq.max_new_tokens)):
-            raise CapacityError(f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
-                                "does not fit in this engine's KV memory")
+            raise CapacityError(
+                f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
+                "does not fit in this engine's KV memory"
+            )
         if len(self.waiting) >= self.max_queued:
             raise QueueFullError(f"the queue is full ({self.max_queued} waiting requests)")
         if self.prefix and prompt_ids is not None:
@@ -97,7 +119,9 @@ class Scheduler:
         budget = self.chunk_tokens - len(seqs)
         for s in self.running.values():
             if s.prefilling and budget > 0:
-                n = self._chunk(s.prompt_len - s.num_computed, budget, first=not any(x.prefilling for x in seqs))
+                n = self._chunk(
+                    s.prompt_len - s.num_computed, budget, first=not any(x.prefilling for x in seqs)
+                )
                 if n:
                     seqs.append(s)
                     new.append(n)
@@ -106,12 +130,22 @@ class Scheduler:
         while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
             s = self.waiting[0]
             shared, partial = self._cached_prefix(s)
-            cached = len(shared) * self.prefix.block_tokens + (partial[1] if partial else 0) if self.prefix else 0
-            n = self._chunk(s.prompt_len - cached, budget, first=not any(x.prefilling for x in seqs))
+            cached = (
+                len(shared) * self.prefix.block_tokens + (partial[1] if partial else 0)
+                if self.prefix
+                else 0
+            )
+            n = self._chunk(
+                s.prompt_len - cached, budget, first=not any(x.prefilling for x in seqs)
+            )
             if not n:
                 break
-            pages = self.memory.reserve(s.rid, self.pages_needed(s.prompt_len, s.max_new_tokens), shared,
-                                        partial and partial[0])
+            pages = self.memory.reserve(
+                s.rid,
+                self.pages_needed(s.prompt_len, s.max_new_tokens),
+                shared,
+                partial and partial[0],
+            )
             if pages is None:
                 break
             if partial:
@@ -132,12 +166,16 @@ class Scheduler:
         if not self.prefix:
             return [], None
         limit = min(s.prompt_len - 1, self.shareable(s.prompt_len))
-        shared = self.prefix.match(s.page_keys[:self._blocks(limit)])
+        shared = self.prefix.match(s.page_keys[: self._blocks(limit)])
         if not self.partial_pool:
             return shared, None
-        begin = len(shared) * self.prefix.block_tokens  # a partial block holds less than one block's tokens
-        return shared, self.prefix.match_partial(shared[-1] if shared else ROOT,
-                                                 s.prompt_ids[begin:min(limit, begin + self.prefix.block_tokens)])
+        begin = (
+            len(shared) * self.prefix.block_tokens
+        )  # a partial block holds less than one block's tokens
+        return shared, self.prefix.match_partial(
+            shared[-1] if shared else ROOT,
+            s.prompt_ids[begin : min(limit, begin + self.prefix.block_tokens)],
+        )
 
     def _blocks(self, tokens: int) -> int:
         return max(tokens, 0) // self.prefix.block_tokens
@@ -154,11 +192,18 @@ class Scheduler:
             done, s.num_computed = s.num_computed, s.num_computed + n
             if self.prefix and done < s.prompt_len:
                 final = min(s.num_computed, self.shareable(s.prompt_len))
-                self.memory.cache(s.rid, s.page_keys[:self._blocks(final)], start=self._blocks(done))
+                self.memory.cache(
+                    s.rid, s.page_keys[: self._blocks(final)], start=self._blocks(done)
+                )
                 if self.partial_pool and not s.prefilling and final % self.prefix.block_tokens:
                     b = self._blocks(final)
-                    self.memory.cache_partial(s.rid, s.page_keys[b - 1] if b else ROOT,
-                                              s.prompt_ids[b * self.prefix.block_tokens:final], b, self.partial_pool)
+                    self.memory.cache_partial(
+                        s.rid,
+                        s.page_keys[b - 1] if b else ROOT,
+                        s.prompt_ids[b * self.prefix.block_tokens : final],
+                        b,
+                        self.partial_pool,
+                    )
 
     def finish(self, rid: int, token_ids: list[int] | None = None) -> None:
         """Drop a finished, aborted or failed sequence, waiting or running, and return all its pages. `token_ids`
@@ -166,7 +211,9 @@ class Scheduler:
         seq = self.running.pop(rid, None)
         if self.prefix and self.cache_output and seq is not None and token_ids is not None:
             keys, size = seq.page_keys, self.prefix.block_tokens
-            more = page_hashes(token_ids[len(keys) * size:seq.num_computed], size, keys[-1] if keys else ROOT)
+            more = page_hashes(
+                token_ids[len(keys) * size : seq.num_computed], size, keys[-1] if keys else ROOT
+            )
             self.memory.cache(rid, keys + more, start=len(keys))
         self.waiting = deque(s for s in self.waiting if s.rid != rid)
         self.memory.release(rid)
