@@ -86,6 +86,26 @@ def start_uvicorn(app):
     return url, stop
 
 
+@pytest.fixture(scope="session", autouse=True)
+def load_each_model_once():
+    """Every Engine of the session serves the same weights and tokenizer per model: load them once (engines only
+    read them)."""
+    from tailorkv.engine import engine as engine_module
+
+    loaded = {}
+    load = engine_module.load_model
+
+    def cached(model, device, dtype, progress=True):
+        key = (model, str(device), dtype)
+        if key not in loaded:
+            loaded[key] = load(model, device, dtype, progress)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_module, "load_model", cached)
+        yield
+
+
 @pytest.fixture(scope="session")
 def live_server():
     from tailorkv.api.server import create_app

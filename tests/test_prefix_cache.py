@@ -3,7 +3,6 @@ greedy outputs with shared prefix pages equal to those computed from scratch, fo
 
 import pytest
 
-import tailorkv.engine.engine as engine_module
 from tailorkv import Engine
 from tailorkv.essays import load_essays
 from tailorkv.kvcache.pages import MemoryManager, PoolSpec
@@ -139,22 +138,6 @@ def test_partial_blocks_are_matched_by_their_tokens_and_copied_on_write():
 
 
 # ---- engines on the embedded model ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def load_model_once():
-    """Every engine of this module serves the same weights: load them once."""
-    loaded = {}
-    load = engine_module.load_model
-
-    def cached(model, device, dtype, progress=True):
-        if model not in loaded:
-            loaded[model] = load(model, device, dtype, progress)
-        return loaded[model]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_module, "load_model", cached)
-        yield
-
-
 def questions(doc: str) -> list[str]:
     return [
         doc + q
@@ -296,6 +279,10 @@ def test_lru_eviction_under_a_small_budget(cold):
 
 # ---- tailor: blocks of one host page (rows + sketch + quantized pages), exact prefill after a shared prefix -------
 TAILOR_BLOCK = 256
+# exactness needs no real text: dummy:tiny runs the same paths as a real model in a fraction of the time
+TINY_TAILOR = {"model": "dummy:tiny", "kv_policy": "tailor", "quant_layers": [0], "progress": False}
+# one host page (or GPU copy) of dummy:tiny in float32: 4 layers x 2 KV heads x 256 tokens x [K | V] of 32
+TINY_PAGE_GIB = 4 * 2 * TAILOR_BLOCK * 64 * 4 / 2**30
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +301,7 @@ def test_tailor_shares_a_document_exactly(chat, key_sketch):
     """The second question reuses the document's host pages, sketch pages and quantized pages: its prefill attends
     to the shared prefix read back from the host tier, and the tokens equal those of an engine without caching."""
     sp = {**GREEDY, "max_new_tokens": 16}
-    options = dict(kv_policy="tailor", key_sketch=key_sketch, progress=False)
+    options = dict(TINY_TAILOR, key_sketch=key_sketch)
     with Engine(**options, enable_prefix_caching=False) as e:
         want = [e.generate(p, sampling_params=sp)["output_ids"] for p in chat]
     with Engine(**options) as e:
@@ -341,7 +328,7 @@ def test_tailor_chat_turns_leave_nothing_behind(chat):
     a prefix in four variants with a host tier too small to cache them all: afterwards every page of both tiers is
     free (cached blocks count as free) and no request state is left."""
     sp = {**GREEDY, "max_new_tokens": 4}
-    with Engine(kv_policy="tailor", progress=False, host_kv_gib=0.1) as e:
+    with Engine(**TINY_TAILOR, host_kv_gib=9.5 * TINY_PAGE_GIB) as e:
         turn1 = e.generate(chat[0], sampling_params=sp)
         turn2 = e.generate(
             input_ids=e.tokenize(chat[0], None) + turn1["output_ids"] + e.tokenize(" Why?", None),
@@ -448,11 +435,10 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
     each equals its answer without caching."""
     sp = {**GREEDY, "max_new_tokens": 6}
     questions = [chat[0], chat[1], chat[1] + " Be brief.", chat[0] + " In one word."]
-    with Engine(kv_policy="tailor", progress=False, enable_prefix_caching=False) as e:
+    with Engine(**TINY_TAILOR, enable_prefix_caching=False) as e:
         want = [r["output_ids"] for r in e.generate(questions[1:], sampling_params=sp)]
-    with Engine(
-        kv_policy="tailor", progress=False, prefix_gpu_gib=0.025
-    ) as e:  # 2 copies in fp32, 4 in bf16
+    # room for 1 copy in float32, 3 in bfloat16: fewer than the document's pages
+    with Engine(**TINY_TAILOR, prefix_gpu_gib=1.5 * TINY_PAGE_GIB) as e:
         n = e.memory.specs["copies"].num_pages
         e.generate(questions[0], sampling_params=sp)
         reads = []
@@ -488,7 +474,7 @@ def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketc
     (cached_tokens: the whole first turn), they are read from that block's host page with the document (from their
     GPU copies by default, over PCIe without copies), and the answers equal those of an engine without caching."""
     sp = {**GREEDY, "max_new_tokens": 12}
-    options = dict(kv_policy="tailor", key_sketch=key_sketch, progress=False, prefix_gpu_gib=copies)
+    options = dict(TINY_TAILOR, key_sketch=key_sketch, prefix_gpu_gib=copies)
 
     def turns(e):
         first = e.generate(chat, sampling_params=sp)

@@ -6,6 +6,7 @@ that `rope.Rotary` implements.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -55,6 +56,19 @@ def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: str) -> LoadedWeights:
+    """The file's config, tokenizer and (lazily dequantized) weights; the header is parsed once per process."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from None
+    reader, cfg, tok = _parse(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    return LoadedWeights(cfg, _tensors(reader, cfg), len(reader.tensors), tok)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse(path: str, size: int, mtime_ns: int) -> tuple:
+    """(reader, ModelConfig, TokenizerSource): the field parse takes seconds (the vocabulary is 100k+ strings), so
+    every Engine of one file in a process shares it; size and mtime key it so a rewritten file is read again."""
     import gguf
 
     try:
@@ -106,20 +120,23 @@ def load_gguf(path: str) -> LoadedWeights:
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
     )
 
-    def tensors():
-        for t in reader.tensors:
-            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-            if t.name in _TOP:
-                yield _TOP[t.name], torch.from_numpy(w)
-                continue
-            _, i, kind, suffix = t.name.split(".")
-            if kind == "attn_q":
-                w = unpermute_rows(w, cfg.num_heads)
-            elif kind == "attn_k":
-                w = unpermute_rows(w, cfg.num_kv_heads)
-            yield (
-                f"model.layers.{i}.{_SUB[kind]}.{suffix}",
-                torch.from_numpy(np.ascontiguousarray(w)),
-            )
+    return reader, cfg, tok
 
-    return LoadedWeights(cfg, tensors(), len(reader.tensors), tok)
+
+def _tensors(reader, cfg: ModelConfig):
+    import gguf
+
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if t.name in _TOP:
+            yield _TOP[t.name], torch.from_numpy(w)
+            continue
+        _, i, kind, suffix = t.name.split(".")
+        if kind == "attn_q":
+            w = unpermute_rows(w, cfg.num_heads)
+        elif kind == "attn_k":
+            w = unpermute_rows(w, cfg.num_kv_heads)
+        yield (
+            f"model.layers.{i}.{_SUB[kind]}.{suffix}",
+            torch.from_numpy(np.ascontiguousarray(w)),
+        )
