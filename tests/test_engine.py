@@ -1,4 +1,5 @@
-"""The offline Engine on the embedded model: batching, chunked prefill, sampling params, page accounting."""
+"""The offline Engine: batching and chunked prefill exact (on dummy:tiny), sampling params, page accounting and
+real answers on the embedded model."""
 
 import threading
 import time
@@ -23,6 +24,13 @@ def engine():
         yield e
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """Exactness needs no real text: dummy:tiny runs the same code in a fraction of the time."""
+    with Engine(model="dummy:tiny", progress=False) as e:
+        yield e
+
+
 def test_chat_answers_paris(engine):
     prompt = engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}]
@@ -32,18 +40,18 @@ def test_chat_answers_paris(engine):
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": 2}
 
 
-def test_batch_equals_each_prompt_alone(engine):
-    alone = [engine.generate(p, sampling_params=GREEDY)["output_ids"] for p in PROMPTS]
-    together = engine.generate(PROMPTS, sampling_params=GREEDY)
+def test_batch_equals_each_prompt_alone(tiny):
+    alone = [tiny.generate(p, sampling_params=GREEDY)["output_ids"] for p in PROMPTS]
+    together = tiny.generate(PROMPTS, sampling_params=GREEDY)
     assert [r["output_ids"] for r in together] == alone
-    assert len({len(engine.tokenize(p, None)) for p in PROMPTS}) == len(
+    assert len({len(tiny.tokenize(p, None)) for p in PROMPTS}) == len(
         PROMPTS
     )  # really different lengths
 
 
-def test_chunked_prefill_equals_whole_prefill(engine):
-    whole = engine.generate(PROMPTS[3], sampling_params=GREEDY)["output_ids"]
-    with Engine(progress=False, chunked_prefill_size=5) as small:
+def test_chunked_prefill_equals_whole_prefill(tiny):
+    whole = tiny.generate(PROMPTS[3], sampling_params=GREEDY)["output_ids"]
+    with Engine(model="dummy:tiny", progress=False, chunked_prefill_size=5) as small:
         assert small.generate(PROMPTS[3], sampling_params=GREEDY)["output_ids"] == whole
 
 

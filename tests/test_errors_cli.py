@@ -7,13 +7,22 @@ import sys
 import pytest
 
 from tailorkv import Engine
+from tailorkv.cli import main
 from tailorkv.errors import ConfigError, ModelLoadError
 
 
 def run_cli(*args):
+    """The CLI as a real process (one smoke test: the entry point, stdout, exit code)."""
     return subprocess.run(
         [sys.executable, "-m", "tailorkv", *args], capture_output=True, text=True, timeout=120
     )
+
+
+def main_in_process(capsys, *args) -> tuple[int, str]:
+    """`tailorkv ARGS` through cli.main in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 @pytest.fixture
@@ -59,16 +68,16 @@ def test_python_errors(no_config_dir, unsupported_arch_dir, tmp_path):
         (["--kv-policy", "nope"], "kv_policy"),
     ],
 )
-def test_cli_errors_are_one_line_exit_2(args, needle, no_config_dir, unsupported_arch_dir):
+def test_cli_errors_are_one_line_exit_2(args, needle, no_config_dir, unsupported_arch_dir, capsys):
     args = [{"NOCONFIG": no_config_dir, "BADARCH": unsupported_arch_dir}.get(a, a) for a in args]
     prompt = "hello"
     if args[0] == "--prompt-override":
         prompt, args = args[1], []
-    r = run_cli("generate", "--prompt", prompt, *args)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tailorkv: error")]
-    assert len(lines) == 1 and needle in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    code, err = main_in_process(capsys, "generate", "--prompt", prompt, *args)
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("tailorkv: error")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
 
 
 def test_cli_generate_paris():
@@ -79,9 +88,9 @@ def test_cli_generate_paris():
     assert "Paris" in r.stdout
 
 
-def test_cli_serve_refuses_a_negative_delay_factor():
-    r = run_cli("serve", "--scheduler-delay-factor", "-1")
+def test_cli_serve_refuses_a_negative_delay_factor(capsys):
+    code, err = main_in_process(capsys, "serve", "--scheduler-delay-factor", "-1")
     assert (
-        r.returncode == 2
-        and r.stderr.strip() == "tailorkv: error: --scheduler-delay-factor must be >= 0, got -1.0"
+        code == 2
+        and err.strip() == "tailorkv: error: --scheduler-delay-factor must be >= 0, got -1.0"
     )

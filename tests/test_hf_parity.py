@@ -36,11 +36,12 @@ def hf_model():
     ).eval()
 
 
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2
-    )
-    return out[0, len(ids) :].tolist()
+def hf_greedy_choices(model, ids: list[int], continuation: list[int]) -> list[int]:
+    """HF's greedy choice after the prompt and each prefix of `continuation`, from one causal forward pass: equal to
+    `continuation` exactly when HF's greedy generation gives `continuation`."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids + continuation])).logits[0]
+    return logits[len(ids) - 1 : -1].argmax(-1).tolist()
 
 
 def test_greedy_tokens_equal_transformers(engine, hf_model):
@@ -50,7 +51,7 @@ def test_greedy_tokens_equal_transformers(engine, hf_model):
             input_ids=ids,
             sampling_params={"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True},
         )["output_ids"]
-        assert ours == hf_greedy(hf_model, ids, NEW), prompt
+        assert len(ours) == NEW and ours == hf_greedy_choices(hf_model, ids, ours), prompt
 
 
 def write_hf_dir(engine: Engine, directory: str) -> None:
