@@ -26,7 +26,7 @@ generate: setup
 	$(BIN)/tailorkv generate --chat --prompt "What is the capital of France?" --max-new-tokens 16
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

@@ -16,6 +16,11 @@ import httpx
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core (make test: -n 2): a second intra-op thread per worker only contends for the same cores
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the processes the tests start
+
 if not torch.cuda.is_available():
     # before anything imports triton (torch.nn.attention.bias does): triton decorates its own tl.* helpers once,
     # in the mode the flag gives at that import, and the kernel tests run them in the interpreter

@@ -156,15 +156,21 @@ def texts():
     return questions(load_essays()[:1300])
 
 
+# exactness needs no real text: dummy:tiny runs the same paths as a real model in a fraction of the time
+TINY = "dummy:tiny"
+# one 16-token page of dummy:tiny's full-precision KV in float32: K and V x 4 layers x 2 KV heads x 32
+TINY_FULL_PAGE_GIB = 2 * 4 * PAGE * 2 * 32 * 4 / 2**30
+
+
 @pytest.fixture(scope="module")
 def cold():
-    with Engine(progress=False, kv_cache_gib=0.05, enable_prefix_caching=False) as e:
+    with Engine(model=TINY, progress=False, kv_cache_gib=0.05, enable_prefix_caching=False) as e:
         yield e
 
 
 @pytest.fixture(scope="module")
 def warm():
-    with Engine(progress=False, kv_cache_gib=0.05) as e:
+    with Engine(model=TINY, progress=False, kv_cache_gib=0.05) as e:
         yield e
 
 
@@ -246,7 +252,9 @@ def test_next_turn_of_a_chat_hits_the_previous_answer(cold, warm, texts):
 @pytest.mark.parametrize("policy", ["streaming", "quest", "offload"])
 def test_baselines_share_prefixes_exactly(policy, texts):
     first, second = texts[:2]  # prompts longer than the baselines' budget of 192 tokens
-    options = dict(kv_policy=policy, progress=False, kv_cache_gib=0.05, host_kv_gib=0.05)
+    options = dict(
+        model=TINY, kv_policy=policy, progress=False, kv_cache_gib=0.05, host_kv_gib=0.05
+    )
     with Engine(**options, enable_prefix_caching=False) as e:
         want = [
             r["output_ids"]
@@ -263,7 +271,9 @@ def test_lru_eviction_under_a_small_budget(cold):
     sp = {**GREEDY, "max_new_tokens": 4}
     want = [r["output_ids"] for r in cold.generate(docs, sampling_params=sp)]
     # 46 pages of 16 tokens (fp32; bf16 on the GPU gets the same pages from half the bytes): room for two requests
-    with Engine(progress=False, kv_cache_gib=0.032 * cold.dtype.itemsize / 4) as e:
+    with Engine(
+        model=TINY, progress=False, kv_cache_gib=46.5 * TINY_FULL_PAGE_GIB * cold.dtype.itemsize / 4
+    ) as e:
         pages = [-(-(len(e.tokenize(d, None)) + 4) // PAGE) for d in docs]
         assert 2 * max(pages) <= e.memory.pools["kv"].num_pages < 3 * min(pages)
         run = [(i, e.generate(docs[i], sampling_params=sp)) for i in (0, 1, 2, 0, 3, 4, 5, 1)]
