@@ -1,5 +1,5 @@
-"""Prefix caching: the page cache's bookkeeping (refcounts, LRU eviction, hash chain), and on the embedded model,
-greedy outputs with shared prefix pages equal to those computed from scratch, for every policy that shares."""
+"""Prefix caching: the page cache's bookkeeping (refcounts, LRU eviction, hash chain), and greedy outputs with shared
+prefix pages equal to those computed from scratch, for every policy that shares (on dummy:tiny)."""
 
 import pytest
 
