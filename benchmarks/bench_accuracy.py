@@ -8,22 +8,22 @@ streaming and quest take the budget of that tailor preset (equal budget).
 Scores are RULER's string_match_all (fraction of references found), averaged per task, in percent. Perplexity:
 windows of `--ppl-window` essay tokens; the first part is the prompt, the last `--ppl-tokens` tokens are
 teacher-forced one decode step at a time through the policy (so decode-time compression is what is measured).
-Writes a list of rows {policy, preset, task, length, samples, score} to --output.
+Writes a list of rows {policy, preset, task, length, samples, score, machine, date, commit, command} to --output.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import time
 
 import torch
 from tqdm import tqdm
 
-from benchmarks.policy_spec import engine_options, identity, label
+from benchmarks.policy_spec import engine_options, identity
+from benchmarks.report import accuracy_table
+from benchmarks.rows import run_info, write_rows
 from benchmarks.ruler_tasks import TASKS, generate, score
 from tailorkv import Engine
 from tailorkv.essays import load_essays
@@ -90,24 +90,6 @@ def run_perplexity(engine: Engine, spec: str, args) -> dict:
     }
 
 
-def print_table(rows: list[dict]) -> None:
-    specs = list(dict.fromkeys(label(r) for r in rows))
-    cols = list(dict.fromkeys((r["task"], r["length"]) for r in rows))
-    at = {(label(r), r["task"], r["length"]): r["score"] for r in rows}
-    head = (
-        ["policy"]
-        + [f"{t}@{n // 1024}k" if n >= 1024 else f"{t}@{n}" for t, n in cols]
-        + ["avg (tasks)"]
-    )
-    print(" | ".join(head))
-    print(" | ".join("---" for _ in head))
-    for s in specs:
-        vals = [at.get((s, t, n)) for t, n in cols]
-        task_vals = [v for (t, _), v in zip(cols, vals) if t != "ppl" and v is not None]
-        avg = f"{sum(task_vals) / len(task_vals):.1f}" if task_vals else "-"
-        print(" | ".join([s] + ["-" if v is None else f"{v:g}" for v in vals] + [avg]))
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,6 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--output", default="benchmarks/results/accuracy.json")
     args = p.parse_args(argv)
+    info = run_info(__spec__.name, argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.tasks = [t for t in args.tasks.split(",") if t and t != "none"]
     specs = args.policies.split(",")
@@ -157,19 +140,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for spec in specs:
         t0 = time.time()
         with engine_for(spec, args) as engine:
-            rows += run_tasks(engine, spec, args, bar)
+            new = run_tasks(engine, spec, args, bar)
             if args.ppl_windows:
-                rows.append(run_perplexity(engine, spec, args))
+                new.append(run_perplexity(engine, spec, args))
+        rows += [{**r, **info} for r in new]
         del engine  # free this policy's KV pools before the next engine allocates its own
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         tqdm.write(f"{spec}: {time.time() - t0:.0f} s")
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_rows(args.output, rows)
     bar.close()
-    print_table(rows)
+    print("\n".join(accuracy_table(rows)))
     return rows
 
 

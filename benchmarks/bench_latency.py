@@ -9,14 +9,13 @@ request holds in each tier. The floor is the time to move the bytes a step must 
 measured bandwidths (../shared/gpu/FACTS.md): weights and GPU-resident KV at 3.0 TB/s, PCIe reads at 48 GB/s
 (stage 1 channel runs, the offload baseline's whole KV) and 35 GB/s (top-k row gathers).
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
-gpu_kv_bytes, host_kv_bytes, floor_ms} to --output.
+gpu_kv_bytes, host_kv_bytes, floor_ms, machine, date, commit, command} to --output.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import time
@@ -24,6 +23,7 @@ import time
 import torch
 
 from benchmarks.policy_spec import engine_options, identity
+from benchmarks.rows import run_info, write_rows
 from tailorkv import Engine, SamplingParams
 
 HBM, PCIE_RUNS, PCIE_ROWS = 3.0e12, 48e9, 35e9
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--profile-steps", type=int, default=0, help="profile this many extra steps per row"
     )
     args = p.parse_args(argv)
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    info = run_info(__spec__.name, argv)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # profiles go beside it
     contexts = [int(x) for x in args.contexts.split(",")]
     rows = []
     print(
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             **opts,
         )
         for context in contexts:
-            row = measure(engine, context, args)
+            row = {**measure(engine, context, args), **info}
             rows.append(row)
             peak = (row["peak_gpu_bytes"] or 0) / 2**30
             print(
@@ -179,8 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{row['host_kv_bytes'] / 2**20:>11.0f}",
                 flush=True,
             )
-            with open(args.output, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_rows(args.output, rows)
         engine.shutdown()
         del engine
         gc.collect()

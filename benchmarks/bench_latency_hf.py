@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from benchmarks.rows import run_info, write_rows
 from tailorkv.models.loader import load_model
 
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--output", default="benchmarks/results/latency_hf.json")
     args = p.parse_args(argv)
+    info = run_info(__spec__.name, argv)
     model, _ = hf_model(args.model)
     rows = json.load(open(args.output)) if os.path.exists(args.output) else []
     print(
@@ -131,15 +133,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "error": "OOM",
                 }
             torch.cuda.empty_cache()
+            row.update(info)
             rows.append(row)
             print(
                 f"{kind:<14} {context:>8} {row['ms_per_token'] or 'OOM':>9} {row.get('prefill_s') or '-':>9} "
                 f"{(row.get('peak_gpu_bytes') or 0) / 2**30:>12.1f}",
                 flush=True,
             )
-            os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_rows(args.output, rows)
     return rows
 
 

@@ -8,18 +8,18 @@ For each copies setting an Engine (`tailor`, whole prompts, `--gpu-memory-limit`
 document of `--doc-tokens` random tokens, then, `--repeats` times for each number of rows, that many prompts of the
 document and `--new-tokens` new random tokens each, in one step (one output token each). The time is the engine's
 own for the step (StepLog.prefill_seconds: from the step's start to its tokens sampled). Prints a table, writes rows
-{copies, copy_pages, doc_tokens, rows, new_tokens, cached_tokens, step_ms, step_ms_all}.
+{copies, copy_pages, doc_tokens, rows, new_tokens, cached_tokens, step_ms, step_ms_all, machine, date, commit, command}.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 
 import torch
 
+from benchmarks.rows import run_info, write_rows
 from tailorkv.engine.engine import Engine
 
 GREEDY = {"max_new_tokens": 1, "temperature": 0}
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--host-kv-gib", type=float, default=80)
     p.add_argument("--output", default="benchmarks/results/prefix_prefill.json")
     args = p.parse_args(argv)
+    info = run_info(__spec__.name, argv)
     args.rows = [int(r) for r in args.rows.split(",")]
     rows = []
     print(f"{'copies':>6} {'pages':>6} {'rows':>5} {'cached':>7} {'step ms':>8}")
@@ -103,9 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(
                 f"{r['copies']:>6} {r['copy_pages']:>6} {r['rows']:>5} {r['cached_tokens']:>7} {r['step_ms']:>8.1f}"
             )
-            rows.append(r)
-    with open(args.output, "w") as f:
-        json.dump(rows, f, indent=1)
+            rows.append({**r, **info})
+    write_rows(args.output, rows)
     return rows
 
 

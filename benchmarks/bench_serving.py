@@ -1,7 +1,8 @@
 """Online serving benchmark against a running server, in the manner of `sglang.bench_serving`.
 
 Streams every request and measures TTFT, TPOT (per request: (latency - TTFT) / (output tokens - 1)) and ITL
-(gaps between stream chunks); prints a table and appends one JSON row to --output-file.
+(gaps between stream chunks); prints a table and appends one JSON row (with the run's machine, date, commit
+and command) to --output-file.
 
   random:   independent requests of fixed input/output length, Poisson arrivals (--request-rate, inf: at once)
   doc-chat: --users share one long document; each user asks --turns questions in sequence, each prompt being
@@ -23,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from benchmarks.rows import run_info
 
 # Common English words, each about one token: filler text of a predictable length for any tokenizer.
 WORDS = (
@@ -351,6 +354,7 @@ def print_table(row: dict, results: list[Result]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    info = run_info(__spec__.name, argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
     async def run():
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
             return policy, results, duration
 
     policy, results, duration = asyncio.run(run())
-    row = summarize(args, policy, results, duration)
+    row = {**summarize(args, policy, results, duration), **info}
     print_table(row, results)
     if args.output_file:
         with open(args.output_file, "a") as f:

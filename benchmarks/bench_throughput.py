@@ -26,6 +26,7 @@ import httpx
 
 from benchmarks import bench_serving
 from benchmarks.policy_spec import identity, label, parse_policy
+from benchmarks.rows import run_info, write_rows
 
 
 def server_command(args, spec: str) -> list[str]:
@@ -67,7 +68,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit("server did not become ready")
 
 
-def sweep(args, spec: str) -> list[dict]:
+def sweep(args, spec: str, info: dict) -> list[dict]:
     url = f"http://127.0.0.1:{args.port}"
     log = open(
         os.path.splitext(args.output)[0] + f"_{spec.replace(':', '-').replace('=', '')}.server.log",
@@ -103,6 +104,7 @@ def sweep(args, spec: str) -> list[dict]:
                 concurrency=c,
                 context=args.context,
                 decode_tok_per_s=c / row["itl_s_median"] if row["itl_s_median"] > 0 else None,
+                **info,  # this sweep's command, not the bench_serving call inside it
             )
             rows.append(row)
             print(
@@ -137,12 +139,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", default="benchmarks/results/throughput.json")
     args = p.parse_args(argv)
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    info = run_info(__spec__.name, argv)
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # server logs go beside it
     rows = []
     for spec in args.policies.split(","):
-        rows += sweep(args, spec)
-        with open(args.output, "w") as f:
-            json.dump(rows, f, indent=1)
+        rows += sweep(args, spec, info)
+        write_rows(args.output, rows)
     print(
         f"{'policy':<32} {'context':>8} {'conc':>5} {'output tok/s':>12} {'decode tok/s':>12} {'TTFT med s':>10}"
     )

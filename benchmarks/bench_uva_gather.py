@@ -8,16 +8,16 @@ A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in 256-token 
 (128 random rows per request and head). Each gather is timed alone with CUDA events, either right after the previous
 gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is what the weights streaming
 through L2 do between two layers' fetches in a real step. Prints a table, writes rows
-{batch, context_pages, swept, us, gb_per_s}.
+{batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
+from benchmarks.rows import run_info, write_rows
 from tailorkv.kernels import host_copy
 from tailorkv.kvcache.host_memory import host_tensor
 
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--top-k", type=int, default=128)
     p.add_argument("--output", default="benchmarks/results/uva_gather.json")
     args = p.parse_args(argv)
+    info = run_info(__spec__.name, argv)
     rows = host_tensor(
         (int(args.host_gib * 2**30) // (H * T * 2 * D * 2), H, T, 2 * D), torch.bfloat16, True
     )
@@ -78,13 +79,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "swept": swept,
                     "us": round(us, 1),
                     "gb_per_s": round(gbs, 1),
+                    **info,
                 }
             )
             print(
                 f"{batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} {gbs:>6.1f}", flush=True
             )
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=1)
+    write_rows(args.output, out)
     return out
 
 
