@@ -9,7 +9,7 @@
   PCIe); 1 or 2 = S layers also keep a KIVI copy of the prompt's K at that many bits in the GPU tier, stage 1 picks
   the channels with the real query and stage 2 scores tokens from the sketch, so only the top-k rows cross PCIe.
   Default 2: within 1 point of the paper's path on the accuracy benchmark, 1.4x faster at 128k
-  (benchmarks/RESULTS.md, "Key sketch").
+  (benchmarks/NOTES.md, "Key sketch").
 """
 
 from __future__ import annotations
