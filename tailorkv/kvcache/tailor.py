@@ -321,7 +321,7 @@ class TailorPolicy(KVPolicy):
         view, qview, key = self._fill_views(batch.rids, rows, static=True)
         if rows not in self.graph_rows:
             self.graph_rows[rows] = torch.arange(rows, device=self.device)
-        return TailorStep(batch, view, qview, self.graph_rows[rows]), key
+        return TailorStep(batch, view=view, qview=qview, decode_rows=self.graph_rows[rows]), key
 
     def join_streams(self, step: TailorStep) -> None:
         """Make the main stream wait for every stage-1 read still in flight (a captured segment must end joined)."""
