@@ -13,29 +13,25 @@ from __future__ import annotations
 
 import torch
 
-from ..kvcache.batch import ForwardBatch
+from ..kvcache.batch import ForwardBatch, StepState
 from ..kvcache.policy import KVPolicy
 from ..models.llama import LlamaModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
-class _Step:
+class _Captured:
     """The static tensors and graphs of one captured shape."""
 
     def __init__(self, rows: int, eager: int, device):
         self.ids = torch.zeros(rows, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.qkv: list[tuple | None] = [
-            None
-        ] * eager  # per eager layer: the q, k, v its segment produced
-        self.h: list[torch.Tensor | None] = [
-            None
-        ] * eager  # per eager layer: the residual stream at it
-        self.attn: list[
-            torch.Tensor
-        ] = []  # per eager layer: where its attention output is put for the next segment
+        # per eager layer: the q, k, v its segment produced, the residual stream at it, and where its attention
+        # output is put for the next segment
+        self.qkv: list[tuple | None] = [None] * eager
+        self.h: list[torch.Tensor | None] = [None] * eager
+        self.attn: list[torch.Tensor] = []
         self.hidden: torch.Tensor | None = None
 
 
@@ -45,65 +41,67 @@ class DecodeGraphs:
         in_graph = policy.graph_attention_layers()
         self.eager = [i for i in range(len(model.layers)) if i not in in_graph]
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
-        self.steps: dict[tuple, _Step] = {}
+        self.shapes: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def run(self, ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor | None:
-        """Hidden states [B, hidden] of a decode batch, or None when this step must run eagerly."""
+    def run(self, ids: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, StepState] | None:
+        """Hidden states [B, hidden] of a decode batch and the step's state (from the policy's
+        `prepare_for_graph`), or None when this step must run eagerly."""
         rows = next((b for b in self.buckets if b >= batch.size), None)
-        key = None if rows is None else self.policy.graph_key(batch, rows)
-        if key is None:
+        prepared = None if rows is None else self.policy.prepare_for_graph(batch, rows)
+        if prepared is None:
             return None
-        step = self.steps.get((rows, key))
+        step, key = prepared
+        shape = self.shapes.get((rows, key))
         n = batch.size
-        if step is None:
-            step = self.steps[(rows, key)] = self._capture(rows, ids, batch)
-        step.ids[:n].copy_(
-            ids
-        )  # padding rows keep earlier ids and positions: valid, and nobody reads their output
-        step.positions[:n].copy_(batch.positions)
-        step.graphs[0].replay()
+        if shape is None:
+            shape = self.shapes[(rows, key)] = self._capture(rows, ids, step)
+        # padding rows keep earlier ids and positions: valid, and nobody reads their output
+        shape.ids[:n].copy_(ids)
+        shape.positions[:n].copy_(batch.positions)
+        shape.graphs[0].replay()
         for j, layer in enumerate(self.eager):
-            q, k, v = step.qkv[j]
-            step.attn[j][:n].copy_(self.policy.attend(layer, q[:n], k[:n], v[:n], batch))
-            step.graphs[j + 1].replay()
-        return step.hidden[:n]
+            q, k, v = shape.qkv[j]
+            shape.attn[j][:n].copy_(self.policy.attend(layer, q[:n], k[:n], v[:n], step))
+            shape.graphs[j + 1].replay()
+        return shape.hidden[:n], step
 
-    def _segment(self, step: _Step, j: int, batch: ForwardBatch) -> None:
+    def _segment(self, shape: _Captured, j: int, step: StepState) -> None:
         m, kv, e = self.model, self.policy, self.eager
         if j == 0:
-            h, first = m.model.embed_tokens(step.ids), 0
+            h, first = m.model.embed_tokens(shape.ids), 0
         else:
-            h, first = m.layer_output(e[j - 1], step.h[j - 1], step.attn[j - 1]), e[j - 1] + 1
+            h, first = m.layer_output(e[j - 1], shape.h[j - 1], shape.attn[j - 1]), e[j - 1] + 1
         last = e[j] if j < len(e) else len(m.layers)
         for i in range(first, last):
             h = m.layer_output(
-                i, h, kv.attend(i, *m.attention_inputs(i, h, step.positions, kv, batch), batch)
+                i, h, kv.attend(i, *m.attention_inputs(i, h, shape.positions, kv, step), step)
             )
         if j < len(e):
-            step.qkv[j], step.h[j] = m.attention_inputs(last, h, step.positions, kv, batch), h
+            shape.qkv[j], shape.h[j] = m.attention_inputs(last, h, shape.positions, kv, step), h
         else:
-            step.hidden = m.model.norm(h)
-        kv.join_streams()
+            shape.hidden = m.model.norm(h)
+        kv.join_streams(step)
 
-    def _capture(self, rows: int, ids: torch.Tensor, batch: ForwardBatch) -> _Step:
-        step = _Step(rows, len(self.eager), self.device)
-        step.ids[: batch.size].copy_(ids)
-        step.positions[: batch.size].copy_(batch.positions)
+    def _capture(self, rows: int, ids: torch.Tensor, step: StepState) -> _Captured:
+        shape = _Captured(rows, len(self.eager), self.device)
+        n = step.batch.size
+        shape.ids[:n].copy_(ids)
+        shape.positions[:n].copy_(step.batch.positions)
         main = torch.cuda.current_stream(self.device)
         # one eager pass over all segments first (kernels compile, cuBLAS picks plans), then one captured pass: a
-        # segment may hand state to the next (tailor's stage-1 prefetch), so each pass runs them in order
+        # segment may hand state to the next (tailor's stage-1 prefetch, in `step`), so each pass runs them in order
         warm = torch.cuda.Stream(self.device)
         warm.wait_stream(main)
         with torch.cuda.stream(warm):
             for j in range(len(self.eager) + 1):
-                self._segment(step, j, batch)
+                self._segment(shape, j, step)
                 if j < len(self.eager):
-                    step.attn.append(torch.zeros_like(step.qkv[j][0]))
+                    shape.attn.append(torch.zeros_like(shape.qkv[j][0]))
         main.wait_stream(warm)
         for j in range(len(self.eager) + 1):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._segment(step, j, batch)
-            step.graphs.append(graph)
-        return step
+                self._segment(shape, j, step)
+            shape.graphs.append(graph)
+        return shape

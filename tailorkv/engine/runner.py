@@ -40,13 +40,15 @@ class ModelRunner:
         of the last token of each sequence index in `want_logits`."""
         batch = ForwardBatch.build(rids, start, new, self.device)
         ids = to_device(torch.tensor(tokens, dtype=torch.long), self.device)
-        hidden = (
+        graphed = (
             self.graphs.run(ids, batch) if self.graphs is not None and batch.is_decode else None
         )
-        if hidden is None:
-            self.policy.prepare(batch)
-            hidden = self.model(ids, batch.positions, self.policy, batch)
-        self.policy.finish(batch)
+        if graphed is None:
+            step = self.policy.prepare(batch)
+            hidden = self.model(ids, batch.positions, self.policy, step)
+        else:
+            hidden, step = graphed
+        self.policy.finish(step)
         last = to_device(
             torch.tensor([batch.cu[i + 1] - 1 for i in want_logits], dtype=torch.long), self.device
         )

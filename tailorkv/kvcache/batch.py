@@ -1,4 +1,5 @@
-"""ForwardBatch: the per-step context every KV policy reads (which sequences, where their new tokens sit)."""
+"""One forward step as its layers read it: the ForwardBatch (which sequences, where their new tokens sit) and the
+StepState a KV policy builds from it before the layers run."""
 
 from __future__ import annotations
 
@@ -40,3 +41,11 @@ class ForwardBatch:
 
     def total_len(self, i: int) -> int:
         return self.start[i] + self.new[i]
+
+
+@dataclass
+class StepState:
+    """What every layer of one step reads: the batch, and (in a policy's subclass: FullStep, TailorStep) what the
+    policy's `prepare` computed for it once. Its mutable fields are the step's scratch, dropped with it."""
+
+    batch: ForwardBatch

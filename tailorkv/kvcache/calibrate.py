@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import ForwardBatch
-from .full import FullPolicy
+from .full import FullPolicy, FullStep
 
 
 def dense_preference_score(
@@ -39,8 +38,10 @@ class CalibrationProbe(FullPolicy):
 
     name = "calibration-probe"
 
-    def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
-        if not hasattr(self, "scores"):
-            self.scores = [0.0] * self.cfg.num_layers
+    def __init__(self, cfg, device, dtype):
+        super().__init__(cfg, device, dtype)
+        self.scores = [0.0] * cfg.num_layers
+
+    def attend(self, layer, q, k, v, step: FullStep) -> torch.Tensor:
         self.scores[layer] = dense_preference_score(q.cpu(), k.cpu())
-        return super().attend(layer, q, k, v, batch)
+        return super().attend(layer, q, k, v, step)

@@ -4,16 +4,35 @@ step reads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..kernels import flashinfer_decode, host_copy
 from ..kernels.attention import causal_attention, grouped_attention
-from .batch import ForwardBatch
+from .batch import ForwardBatch, StepState
 from .host_memory import host_tensor
 from .pages import PoolSpec
 from .policy import KVPolicy
 
 PAGE_SIZE = 16
+
+
+@dataclass
+class FullStep(StepState):
+    """What `prepare` computes for the layers of one step:
+    - write [T]: the token slots of the step's new tokens;
+    - prompt_reads: per row computing prompt tokens, the slots it attends to causally;
+    - decode_rows [B]: the decode rows' tokens in the batch (None: no decode row);
+    - staged: the offload baseline's decode pages, in order, staged into GPU memory every layer;
+    - decode_slots, decode_mask [B, R]: without FlashInfer, the slots each decode row reads, padded."""
+
+    write: torch.Tensor
+    prompt_reads: dict[int, torch.Tensor]
+    decode_rows: torch.Tensor | None = None
+    staged: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
 
 
 class FullPolicy(KVPolicy):
@@ -92,83 +111,86 @@ class FullPolicy(KVPolicy):
         """Cached positions sequence i attends to in this step (all of them; baselines narrow decode rows)."""
         return torch.arange(batch.total_len(i))
 
-    def prepare(self, batch: ForwardBatch) -> None:
+    def prepare(self, batch: ForwardBatch) -> FullStep:
         dev = self.k_cache.device
-        self._write = torch.cat(
+        write = torch.cat(
             [
                 self.slots(r, torch.arange(s, s + n, device=dev))
                 for r, s, n in zip(batch.rids, batch.start, batch.new)
             ]
         )
-        self._decode = [i for i in range(batch.size) if self.is_decode(i, batch)]
-        self._read = {
+        decode = [i for i in range(batch.size) if self.is_decode(i, batch)]
+        read = {
             i: self.slots(batch.rids[i], self.read_positions(i, batch).to(dev))
             for i in range(batch.size)
-            if self.flash is None or i not in self._decode
+            if self.flash is None or i not in decode
         }
-        if not self._decode:
-            return
-        self._decode_rows = torch.tensor([batch.cu[i] for i in self._decode], device=self.device)
+        step = FullStep(batch, write, {i: s for i, s in read.items() if i not in decode})
+        if not decode:
+            return step
+        step.decode_rows = torch.tensor([batch.cu[i] for i in decode], device=self.device)
         if self.flash is not None:
-            lengths = [batch.total_len(i) for i in self._decode]
+            lengths = [batch.total_len(i) for i in decode]
             pages = [
                 self.page_tables[batch.rids[i]][: -(-n // PAGE_SIZE)]
-                for i, n in zip(self._decode, lengths)
+                for i, n in zip(decode, lengths)
             ]
             if (
                 self.tier == "host"
             ):  # the offload baseline brings every page of the decode rows over PCIe each layer
-                self._staged = torch.cat(pages).to(self.device)
+                step.staged = torch.cat(pages).to(self.device)
                 pages = list(
-                    torch.arange(self._staged.numel(), device=self.device).split(
+                    torch.arange(step.staged.numel(), device=self.device).split(
                         [p.numel() for p in pages]
                     )
                 )
             self.flash.plan(pages, lengths)
         else:  # all decode rows read at once: slots padded to the longest, with a mask
-            reads = [self._read[i] for i in self._decode]
+            reads = [read[i] for i in decode]
             n = max(r.numel() for r in reads)
-            self._decode_slots = torch.stack(
+            step.decode_slots = torch.stack(
                 [torch.nn.functional.pad(r, (0, n - r.numel())) for r in reads]
             )
-            self._decode_mask = (
+            step.decode_mask = (
                 torch.arange(n, device=dev)
                 < torch.tensor([r.numel() for r in reads], device=dev)[:, None]
             ).to(self.device)
+        return step
 
-    def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
+    def attend(self, layer, q, k, v, step: FullStep) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        kc[self._write] = k.to(kc.device)
-        vc[self._write] = v.to(vc.device)
+        kc[step.write] = k.to(kc.device)
+        vc[step.write] = v.to(vc.device)
         out = torch.empty_like(q)
-        for i, slots in self._read.items():
-            if i not in self._decode:
-                sl = batch.seq(i)
-                out[sl] = causal_attention(
-                    q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i]
-                )
-        if not self._decode:
+        batch = step.batch
+        for i, slots in step.prompt_reads.items():
+            sl = batch.seq(i)
+            out[sl] = causal_attention(
+                q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i]
+            )
+        rows = step.decode_rows
+        if rows is None:
             return out
-        rows = self._decode_rows
         if self.flash is not None:
             kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
             if self.tier == "host":
-                kp, vp = self._stage(kp), self._stage(vp)
+                kp, vp = self._stage(kp, step.staged), self._stage(vp, step.staged)
             out[rows] = self.flash.run(q[rows], kp, vp)
         else:
             # on CPU the offload baseline's fetch is this .to(device): every cached token crosses PCIe each step
-            keys = kc[self._decode_slots].to(q.device).transpose(1, 2)  # [B, H, R, D]
-            values = vc[self._decode_slots].to(q.device).transpose(1, 2)
-            out[rows] = self.decode(q[rows], keys, values, self._decode_mask)
+            keys = kc[step.decode_slots].to(q.device).transpose(1, 2)  # [B, H, R, D]
+            values = vc[step.decode_slots].to(q.device).transpose(1, 2)
+            out[rows] = self.decode(q[rows], keys, values, step.decode_mask)
         return out
 
-    def _stage(self, host_pages: torch.Tensor) -> torch.Tensor:
-        """The decode rows' pages of one layer, read from pinned host memory by a UVA kernel into GPU memory."""
+    def _stage(self, host_pages: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+        """Pages `pages` of one layer (the decode rows'), read from pinned host memory by a UVA kernel into GPU
+        memory."""
         staged = torch.empty(
-            self._staged.numel(), *host_pages.shape[1:], dtype=host_pages.dtype, device=self.device
+            pages.numel(), *host_pages.shape[1:], dtype=host_pages.dtype, device=self.device
         )
         self.copy.copy_pages(
-            host_pages, self._staged, staged, torch.arange(staged.shape[0], device=self.device)
+            host_pages, pages, staged, torch.arange(staged.shape[0], device=self.device)
         )
         return staged
 

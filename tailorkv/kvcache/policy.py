@@ -1,5 +1,6 @@
 """The KV-policy interface: this engine's "attention backend". Every policy (full, tailor, kivi, offload,
-streaming, quest) implements it; the model calls `layer_input` and `attend` once per layer per step."""
+streaming, quest) implements it. Its `prepare` builds the step's StepState once; the model calls `layer_input`
+and `attend` with it once per layer per step."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.config import ModelConfig
-from .batch import ForwardBatch
+from .batch import ForwardBatch, StepState
 from .pages import PoolSpec
 
 
@@ -76,17 +77,19 @@ class KVPolicy(ABC):
         """Bind a newly admitted request to its pages; `partial_page`: the page (partial_block_pool) of the cached
         partial block whose tokens its prompt continues, read at its prefill."""
 
-    def prepare(self, batch: ForwardBatch) -> None:
-        """Per-step metadata shared by all layers (slot indices, page tables), computed once before the forward."""
+    def prepare(self, batch: ForwardBatch) -> StepState:
+        """The step's state shared by all layers (slot indices, page tables, views), computed once before the
+        forward and passed to every hook below."""
+        return StepState(batch)
 
     def layer_input(
-        self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
+        self, layer: int, x: torch.Tensor, positions: torch.Tensor, step: StepState
     ) -> None:
         """The normalised input of `layer` (TailorKV's stage 1 predicts the next layer's query from it)."""
 
     @abstractmethod
     def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepState
     ) -> torch.Tensor:
         """Append the batch's new k/v [T, Hkv, D] to the cache, return attention output [T, Hq, D] (causal)."""
 
@@ -96,17 +99,18 @@ class KVPolicy(ABC):
         segments, on the real rows only."""
         return set()
 
-    def graph_key(self, batch: ForwardBatch, rows: int) -> tuple | None:
-        """Prepare a decode batch padded to `rows` rows for a captured step (instead of `prepare`) and return the
-        static shapes the captured layers depend on, or None when this step must run eagerly."""
-        self.prepare(batch)
-        return ()
+    def prepare_for_graph(self, batch: ForwardBatch, rows: int) -> tuple[StepState, tuple] | None:
+        """`prepare` for a decode batch padded to `rows` rows, run as a captured graph: (the step's state, the key
+        of the static shapes the captured layers depend on), or None when the step must run eagerly. The tensors that
+        captured layers read are the policy's static buffers of that shape, filled in place: a graph replays the
+        tensors it was captured with."""
+        return self.prepare(batch), ()
 
-    def join_streams(self) -> None:
-        """Make the current stream wait for any side-stream work the policy started (end of a captured segment)."""
+    def join_streams(self, step: StepState) -> None:
+        """Make the current stream wait for any side-stream work the step started (end of a captured segment)."""
 
-    def finish(self, batch: ForwardBatch) -> None:
-        """After the forward of `batch`: every layer has stored the step's tokens."""
+    def finish(self, step: StepState) -> None:
+        """After the forward of the step: every layer has stored its tokens."""
 
     @abstractmethod
     def release(self, rid: int) -> None:

@@ -4,12 +4,14 @@ in the host tier and, each decode step, attend exactly over sink + recent + the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..errors import ConfigError
 from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
-from .batch import ForwardBatch
+from .batch import ForwardBatch, StepState
 from .device_copies import PrefixReads
 from .offload_store import (
     HOST_PAGE,
@@ -34,6 +36,24 @@ MAX_SLOTS = 256  # per-request window slots: an upper bound on running requests
 
 def _pages(tokens: int, page: int = PAGE) -> int:
     return -(-tokens // page)
+
+
+@dataclass
+class TailorStep(StepState):
+    """What the layers of one tailor (or kivi) step read:
+    - view, qview: the decode rows' DecodeView (S layers) and QuantView (Q layers); None without decode rows;
+    - decode_rows [B]: the decode rows' tokens in the batch;
+    - prefill: the prefill rows grouped by the shared prefix they continue, with each group's PrefillGroup;
+    - critical: stage-1 results (channels, keys, ready event) that layer l's input hands to layer l+1's attend,
+      double-buffered by layer parity;
+    - reads: shared-prefix reads started one layer ahead, by (layer, rows)."""
+
+    view: DecodeView | None = None
+    qview: QuantView | None = None
+    decode_rows: torch.Tensor | None = None
+    prefill: list[tuple[list[int], PrefillGroup]] = field(default_factory=list)
+    critical: dict[int, tuple] = field(default_factory=dict)
+    reads: dict[tuple, tuple] = field(default_factory=dict)
 
 
 class TailorPolicy(KVPolicy):
@@ -193,16 +213,13 @@ class TailorPolicy(KVPolicy):
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
         self.s_state: dict[int, OffloadState] = {}
-        self.critical: dict[
-            int, tuple
-        ] = {}  # stage-1 results (channels, keys, ready event), double-buffered
         # stage 1 of layer l+1 crosses PCIe on a side stream while layer l computes
         self.prefetch_stream = (
             torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
         )
+        # a captured graph's inputs, per shape: filled in place by every replay of it
         self.graph_views: dict[tuple, DecodeView | QuantView] = {}
         self.graph_rows: dict[int, torch.Tensor] = {}
-        self.step_state: tuple = (None, {})  # (the batch, _this_step's dict)
 
     def add_request(
         self,
@@ -244,48 +261,48 @@ class TailorPolicy(KVPolicy):
         """Row i computes (the rest of) its prompt: all of it, or what follows a shared prefix."""
         return batch.start[i] < self.prompt_len[batch.rids[i]]
 
-    def prepare(self, batch: ForwardBatch) -> None:
-        decode_rows = [i for i in range(batch.size) if not self.is_prefill(i, batch)]
-        self.view = self.qview = None
-        if decode_rows:
-            self._fill_views([batch.rids[i] for i in decode_rows], len(decode_rows), static=False)
-            self.row_index = to_device(
-                torch.tensor([batch.cu[i] for i in decode_rows]), self.device
-            )
+    def prepare(self, batch: ForwardBatch) -> TailorStep:
+        decode = [i for i in range(batch.size) if not self.is_prefill(i, batch)]
+        step = TailorStep(batch)
+        if decode:
+            rids = [batch.rids[i] for i in decode]
+            step.view, step.qview, _ = self._fill_views(rids, len(decode), static=False)
+            step.decode_rows = to_device(torch.tensor([batch.cu[i] for i in decode]), self.device)
+        step.prefill = self._prefill_groups(batch)
+        return step
 
     def _fill_views(self, rids: list[int], rows: int, static: bool) -> tuple:
-        """This step's DecodeView (S layers) and QuantView (Q layers) for the decode requests `rids` in `rows` rows:
-        fresh ones, or (static) the ones kept per shape as a captured graph's inputs, their sizes rounded up to
-        powers of two; returns the shape key."""
+        """(DecodeView of the S layers, QuantView of the Q layers, shape key) for the decode requests `rids` in
+        `rows` rows: fresh views, or (static) the ones kept per shape as a captured graph's inputs, their sizes
+        rounded up to powers of two."""
 
         def size(n: int, least: int = 1) -> int:
             return max(least, 1 << (n - 1).bit_length()) if static else n
 
+        view = qview = None
         key: tuple = ()
         if self.s_index:
             states = [self.s_state[rid] for rid in rids]
             pages, gen = DecodeView.sizes(states)
             shape = (size(pages), size(gen, 64))
-            self.view = self._view(
+            view = self._view(
                 ("s", rows, *shape),
                 static,
                 lambda: DecodeView(rows, *shape, self.tc.sink + self.tc.recent, self.device),
             )
-            self.view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
+            view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
             key += shape
         if self.q_index:
             states = [self.q_state[rid] for rid in rids]
             width = size(QuantView.pages_of(states))
-            self.qview = self._view(
+            qview = self._view(
                 ("q", rows, width),
                 static,
                 lambda: QuantView(rows, width, self.tc.residual, self.device),
             )
-            self.qview.fill(
-                states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot
-            )
+            qview.fill(states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot)
             key += (width,)
-        return key
+        return view, qview, key
 
     def _view(self, key: tuple, static: bool, make):
         if not static:
@@ -298,33 +315,31 @@ class TailorPolicy(KVPolicy):
     def graph_attention_layers(self) -> set[int]:
         return set(range(self.cfg.num_layers))
 
-    def graph_key(self, batch: ForwardBatch, rows: int):
-        if any(
-            self.is_prefill(i, batch) for i in range(batch.size)
-        ):  # a prompt: prefill runs eagerly
-            return None
-        key = self._fill_views(batch.rids, rows, static=True)
+    def prepare_for_graph(self, batch: ForwardBatch, rows: int) -> tuple[TailorStep, tuple] | None:
+        if any(self.is_prefill(i, batch) for i in range(batch.size)):
+            return None  # a prompt: prefill runs eagerly
+        view, qview, key = self._fill_views(batch.rids, rows, static=True)
         if rows not in self.graph_rows:
             self.graph_rows[rows] = torch.arange(rows, device=self.device)
-        self.row_index = self.graph_rows[rows]
-        return key
+        return TailorStep(batch, view=view, qview=qview, decode_rows=self.graph_rows[rows]), key
 
-    def join_streams(self) -> None:
+    def join_streams(self, step: TailorStep) -> None:
         """Make the main stream wait for every stage-1 read still in flight (a captured segment must end joined)."""
-        for key, (channels, keys, ready) in list(self.critical.items()):
+        for key, (channels, keys, ready) in list(step.critical.items()):
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
-                self.critical[key] = (channels, keys, None)
+                step.critical[key] = (channels, keys, None)
 
     def layer_input(
-        self, layer: int, x: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
+        self, layer: int, x: torch.Tensor, positions: torch.Tensor, step: TailorStep
     ) -> None:
         """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
         this layer's normalised input, pick d_s channels per KV head, read them for all prompt tokens. With a key
         sketch nothing is read ahead: stage 1 runs in `attend` with the real query."""
-        if self.view is None or self.tc.key_sketch:
+        view = step.view
+        if view is None or self.tc.key_sketch:
             return
-        rows = self.row_index
+        rows = step.decode_rows
         for t in (0, layer + 1) if layer == 0 else (layer + 1,):
             if t not in self.s_index:
                 continue
@@ -332,15 +347,13 @@ class TailorPolicy(KVPolicy):
                 x[rows], positions[rows], self.model.rotary
             )
             si = self.s_index[t]
-            channels = select_channels(
-                q_hat, self.offload.max_abs[si, self.view.slots], self.tc.d_s
-            )
-            self.critical[t & 1] = self._prefetch(si, channels)
+            channels = select_channels(q_hat, self.offload.max_abs[si, view.slots], self.tc.d_s)
+            step.critical[t & 1] = self._prefetch(si, view, channels)
 
-    def _prefetch(self, si: int, channels: torch.Tensor) -> tuple:
+    def _prefetch(self, si: int, view: DecodeView, channels: torch.Tensor) -> tuple:
         side = self.prefetch_stream
         if side is None:
-            return channels, self.offload.critical_keys(si, self.view, channels), None
+            return channels, self.offload.critical_keys(si, view, channels), None
         b, h, c = channels.shape
         # float32 (what stage 2 scores in), allocated on the main stream, which reads and frees it after waiting for
         # the side stream's write
@@ -348,7 +361,7 @@ class TailorPolicy(KVPolicy):
             b,
             h,
             c,
-            self.view.host_pages.shape[1] * HOST_PAGE,
+            view.host_pages.shape[1] * HOST_PAGE,
             dtype=torch.float32,
             device=self.device,
         )
@@ -356,80 +369,75 @@ class TailorPolicy(KVPolicy):
             torch.cuda.current_stream(self.device)
         )  # channels and the page table are ready
         with torch.cuda.stream(side):
-            self.offload.critical_keys(si, self.view, channels, out=keys)
+            self.offload.critical_keys(si, view, channels, out=keys)
             ready = torch.cuda.Event()
             ready.record(side)
         return channels, keys, ready
 
-    def attend(self, layer, q, k, v, batch: ForwardBatch) -> torch.Tensor:
+    def attend(self, layer, q, k, v, step: TailorStep) -> torch.Tensor:
         out = torch.empty_like(q)
-        for runs, rows in self._prefill_groups(batch).items():
-            group = self._group(rows, runs, batch)
+        batch = step.batch
+        for rows, group in step.prefill:
             if group.reads.pages:
-                self._prefill_after_prefix(layer, q, k, v, out, batch, rows, group)
+                self._prefill_after_prefix(layer, q, k, v, out, step, rows, group)
                 continue
             for i in rows:
                 sl = batch.seq(i)
                 out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
             self._store_prompt(layer, rows, k[group.sel], v[group.sel], group, batch)
-        if self.qview is not None and layer in self.q_index:
-            rows, qi = self.row_index, self.q_index[layer]
-            self.quant.append(qi, self.qview, k[rows], v[rows])
-            out[rows] = self.quant.decode_attention(qi, self.qview, q[rows])
-        if self.view is not None and layer in self.s_index:
-            rows = self.row_index
-            out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows])
+        rows = step.decode_rows
+        if step.qview is not None and layer in self.q_index:
+            qi = self.q_index[layer]
+            self.quant.append(qi, step.qview, k[rows], v[rows])
+            out[rows] = self.quant.decode_attention(qi, step.qview, q[rows])
+        if step.view is not None and layer in self.s_index:
+            out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows], step)
         return out
 
-    def _prefill_groups(self, batch: ForwardBatch) -> dict[tuple, list[int]]:
-        """This step's prefill rows by the shared prefix of full blocks they continue, as the page_runs of its host
-        pages (() for none); built once per step for all layers."""
-        step = self._this_step(batch)
-        if "groups" not in step:
-            groups: dict[tuple, list[int]] = {}
-            read, written = [], []
-            for i, rid in enumerate(batch.rids):
-                if not self.is_prefill(i, batch):
-                    continue
-                st, p0 = (
-                    self.s_state.get(rid),
-                    batch.start[i] // HOST_PAGE,
-                )  # no state: kivi, which shares nothing
-                pages = st.host_pages_cpu[:p0].tolist() if st else []
-                groups.setdefault(tuple(page_runs(pages)), []).append(i)
-                if st:
-                    read += pages + ([st.partial_page] if batch.start[i] % HOST_PAGE else [])
-                    written += st.host_pages_cpu[p0:].tolist()
-            if self.s_index:
-                self.offload.copies.plan(
-                    read, written
-                )  # before any group's reads and writes are laid out
-            step["groups"] = groups
-        return step["groups"]
+    def _prefill_groups(self, batch: ForwardBatch) -> list[tuple[list[int], PrefillGroup]]:
+        """This step's prefill rows grouped by the shared prefix of full blocks they continue (the page_runs of its
+        host pages, () for none), each group with its PrefillGroup."""
+        groups: dict[tuple, list[int]] = {}
+        read, written = [], []
+        for i, rid in enumerate(batch.rids):
+            if not self.is_prefill(i, batch):
+                continue
+            st, p0 = (
+                self.s_state.get(rid),
+                batch.start[i] // HOST_PAGE,
+            )  # no state: kivi, which shares nothing
+            pages = st.host_pages_cpu[:p0].tolist() if st else []
+            groups.setdefault(tuple(page_runs(pages)), []).append(i)
+            if st:
+                read += pages + ([st.partial_page] if batch.start[i] % HOST_PAGE else [])
+                written += st.host_pages_cpu[p0:].tolist()
+        if self.s_index:  # before any group's reads and writes are laid out
+            self.offload.copies.plan(read, written)
+        return [(rows, self._group(rows, runs, batch)) for runs, rows in groups.items()]
 
     def _prefill_after_prefix(
-        self, layer: int, q, k, v, out, batch: ForwardBatch, rows: list[int], group: PrefillGroup
+        self, layer: int, q, k, v, out, step: TailorStep, rows: list[int], group: PrefillGroup
     ) -> None:
         """Rows whose prompts continue one shared prefix (one document, many users) and/or each a cached partial
         block (its tail: a chat's earlier turns): the prefix is read back from the host tier once, each tail with
         it, and every row's new tokens attend to the prefix exactly, in one call for all of them, and causally to
         their tail and themselves. A row stores its tail again with its new tokens, into pages of its own."""
-        prefix, tails = self._shared_prefix(layer, rows, group, batch)
+        prefix, tails = self._shared_prefix(layer, rows, group, step)
         sel = group.sel
         ks, vs = k[sel], v[sel]
         if tails is not None:
             ks, vs = (torch.cat([x, t]).index_select(0, group.ext) for x, t in zip((ks, vs), tails))
         pk, pv = prefix[:2] if prefix else (ks[:0], vs[:0])
         out[sel] = shared_prefix_attention(q[sel], ks, vs, group.cu, pk, pv, cu_k=group.cu_k)
-        self._store_prompt(layer, rows, ks, vs, group, batch, prefix)
+        self._store_prompt(layer, rows, ks, vs, group, step.batch, prefix)
 
     def _shared_prefix(
-        self, layer: int, rows: list[int], group: PrefillGroup, batch: ForwardBatch
+        self, layer: int, rows: list[int], group: PrefillGroup, step: TailorStep
     ) -> tuple[SharedPrefix | None, tuple | None]:
         """A layer's shared prefix (None for none) and the rows' tails (k, v of every tail page's 256 rows, or None)
         for the prefill rows `rows`, read back from the host tier during the layer before (on CUDA by the side
         stream: DMA copies that overlap that layer's compute); the next layer's read begins now."""
-        reads = self._this_step(batch)["reads"]
+        reads = step.reads
         rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(
             layer, group.reads
         )
@@ -472,38 +480,26 @@ class TailorPolicy(KVPolicy):
             ready.record(side)
         return out, ready
 
-    def _this_step(self, batch: ForwardBatch) -> dict:
-        """What the layers of this step's prefill rows share: their groups, their PrefillGroups, the shared-prefix
-        reads ahead."""
-        if self.step_state[0] is not batch:
-            self.step_state = (batch, {"rows": {}, "reads": {}})
-        return self.step_state[1]
-
     def _group(self, rows: list[int], runs: tuple, batch: ForwardBatch) -> PrefillGroup:
         """The PrefillGroup of prefill rows `rows` that continue the prefix of host pages `runs` (where their new
-        tokens sit in the batch: a slice when contiguous, else an index), built once per step for all layers."""
-        built = self._this_step(batch)["rows"]
-        if tuple(rows) not in built:
-            cu = batch.cu
-            if all(cu[a + 1] == cu[b] for a, b in zip(rows, rows[1:])):
-                sel = slice(cu[rows[0]], cu[rows[-1] + 1])
-            else:
-                sel = to_device(
-                    torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rows]), self.device
-                )
-            states = [self.s_state[batch.rids[i]] for i in rows] if self.s_index else None
-            built[tuple(rows)] = PrefillGroup.build(
-                sel,
-                runs,
-                [batch.start[i] for i in rows],
-                [batch.new[i] for i in rows],
-                states,
-                [st.partial_page for st in states or ()],
-                self.offload.window if self.s_index else 0,
-                self.device,
-                self.offload.copies if self.s_index else None,
-            )
-        return built[tuple(rows)]
+        tokens sit in the batch: a slice when contiguous, else an index)."""
+        cu = batch.cu
+        if all(cu[a + 1] == cu[b] for a, b in zip(rows, rows[1:])):
+            sel = slice(cu[rows[0]], cu[rows[-1] + 1])
+        else:
+            sel = to_device(torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rows]), self.device)
+        states = [self.s_state[batch.rids[i]] for i in rows] if self.s_index else None
+        return PrefillGroup.build(
+            sel,
+            runs,
+            [batch.start[i] for i in rows],
+            [batch.new[i] for i in rows],
+            states,
+            [st.partial_page for st in states or ()],
+            self.offload.window if self.s_index else 0,
+            self.device,
+            self.offload.copies if self.s_index else None,
+        )
 
     def _row_layer(self, layer: int) -> int:
         """Where a layer's prompt rows sit in the host tier: S layers first, then the Q layers' copies."""
@@ -542,28 +538,29 @@ class TailorPolicy(KVPolicy):
         else:
             self.offload.prefill(self.s_index[layer], group.prompt, k, v, prefix)
 
-    def _sparse_decode(self, layer: int, q, k, v) -> torch.Tensor:
+    def _sparse_decode(self, layer: int, q, k, v, step: TailorStep) -> torch.Tensor:
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""
-        si, view = self.s_index[layer], self.view
+        si, view = self.s_index[layer], step.view
         self.offload.append(si, view, k, v)
         if self.tc.key_sketch:
-            scores = self._sketch_scores(si, q)
+            scores = self._sketch_scores(si, q, view)
         else:
-            channels, k_channels, ready = self.critical.pop(layer & 1)
+            channels, k_channels, ready = step.critical.pop(layer & 1)
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
             scores = score_tokens(q, k_channels, channels)
         idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, self.tc.top_k)
         return self.offload.attend(si, view, q, self.offload.fetch_rows(si, view, idx), valid)
 
-    def _sketch_scores(self, si: int, q: torch.Tensor) -> torch.Tensor:
+    def _sketch_scores(self, si: int, q: torch.Tensor, view: DecodeView) -> torch.Tensor:
         """Both stages from the GPU tier: d_s channels picked with the real query (Eq. 10), tokens scored on them
         from the key sketch."""
-        channels = select_channels(q, self.offload.max_abs[si, self.view.slots], self.tc.d_s)
+        channels = select_channels(q, self.offload.max_abs[si, view.slots], self.tc.d_s)
         qc = group_mean(q, channels.shape[-2]).gather(-1, channels)
-        return self.offload.sketch_token_scores(si, self.view, qc, channels)
+        return self.offload.sketch_token_scores(si, view, qc, channels)
 
-    def finish(self, batch: ForwardBatch) -> None:
+    def finish(self, step: TailorStep) -> None:
+        batch = step.batch
         for i, rid in enumerate(batch.rids):
             n = batch.total_len(i)
             if rid in self.q_state:

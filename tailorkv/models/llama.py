@@ -96,20 +96,21 @@ class LlamaModel(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, batch) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm, for the flat batch of tokens `input_ids` [T]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, step) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm, for the flat batch of tokens `input_ids` [T]; `step`: the
+        StepState that the KV policy `kv` prepared for it."""
         h = self.model.embed_tokens(input_ids)
         for i in range(len(self.model.layers)):
             h = self.layer_output(
-                i, h, kv.attend(i, *self.attention_inputs(i, h, positions, kv, batch), batch)
+                i, h, kv.attend(i, *self.attention_inputs(i, h, positions, kv, step), step)
             )
         return self.model.norm(h)
 
-    def attention_inputs(self, i: int, h: torch.Tensor, positions: torch.Tensor, kv, batch):
+    def attention_inputs(self, i: int, h: torch.Tensor, positions: torch.Tensor, kv, step):
         """Layer i up to its attention: q, k, v of the residual stream h [T, hidden]."""
         layer = self.model.layers[i]
         x = layer.input_layernorm(h)
-        kv.layer_input(i, x, positions, batch)
+        kv.layer_input(i, x, positions, step)
         return layer.self_attn.qkv(x, positions, self.rotary)
 
     def layer_output(self, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
