@@ -7,7 +7,6 @@ queue is full, 500 when the engine failed a request.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import secrets
 
@@ -18,8 +17,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
+from ..config import EngineConfig
 from ..engine.async_engine import AsyncEngine
-from ..errors import ConfigError, QueueFullError, TailorKVError
+from ..errors import QueueFullError, TailorKVError
 from . import openai_api, sglang_api
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, error_body
@@ -210,34 +210,34 @@ def _add_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc, handler)
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+) -> None:
     """`tailorkv serve`: load the engine, then serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from ..cli import engine_kwargs
     from ..engine.engine import Engine
     from ..engine.warm_up import warm_up
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    delay = args.scheduler_delay_factor
-    if delay is not None and not delay >= 0:  # before seconds of loading the model
-        raise ConfigError(f"--scheduler-delay-factor must be >= 0, got {delay}")
-    engine = Engine(**engine_kwargs(args))
+    engine = Engine.from_config(config)
     if engine.device.type == "cuda":  # kernels compile now, not in the first requests' steps
         warm_up(engine)
-    async_engine = AsyncEngine(engine, **({} if delay is None else {"delay_factor": delay}))
+    async_engine = AsyncEngine(engine)
     try:
         app = create_app(
             async_engine,
-            api_key=args.api_key,
-            served_model_name=args.served_model_name or args.model,
-            model_path=args.model,
+            api_key=api_key,
+            served_model_name=served_model_name or config.model,
+            model_path=config.model,
         )
         # on Ctrl-C, streams still open get 5 s to end before their requests are aborted
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5
-        )
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         async_engine.shutdown()

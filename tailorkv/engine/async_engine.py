@@ -31,13 +31,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..config import DELAY_FACTOR  # noqa: F401 (tests read the default here)
 from ..errors import QueueFullError
 from .engine import Engine
 from .request import Request
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-DELAY_FACTOR = 0.35  # a burst's requests arrive within a third of a prefill step of each other (RESULTS: 0.2 vs 0.35)
 
 
 @dataclass
@@ -107,8 +107,11 @@ class OutputStream:
 class AsyncEngine:
     """Owns an Engine and its step loop; `generate` is the one way in for the API."""
 
-    def __init__(self, engine: Engine, gather_s: float = 0.5, delay_factor: float = DELAY_FACTOR):
-        self.engine, self.gather_s, self.delay_factor = engine, gather_s, delay_factor
+    def __init__(self, engine: Engine, gather_s: float = 0.5, delay_factor: float | None = None):
+        self.engine, self.gather_s = engine, gather_s
+        self.delay_factor = (
+            engine.options.scheduler_delay_factor if delay_factor is None else delay_factor
+        )
         self._arriving: dict[
             object, float
         ] = {}  # requests being received or tokenized: when each began (_mu)

@@ -59,7 +59,7 @@ def calibrate(
 
 
 def run_calibration(args) -> None:
-    from ..cli import engine_kwargs
+    from ..cli import engine_config
     from .engine import Engine
 
     text = None
@@ -69,7 +69,7 @@ def run_calibration(args) -> None:
                 text = f.read()
         except OSError as e:
             raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
-    with Engine(**{**engine_kwargs(args), "kv_policy": "full", "kv_cache_gib": 0.01}) as engine:
+    with Engine.from_config(engine_config(args, kv_policy="full", kv_cache_gib=0.01)) as engine:
         scores, plan = calibrate(
             engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens, args.tau
         )
