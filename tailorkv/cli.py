@@ -109,9 +109,26 @@ def cmd_serve(args) -> None:
 
 
 def cmd_calibrate(args) -> None:
-    from .engine.calibration import run_calibration
+    from .engine.calibration import calibrate
+    from .engine.engine import Engine
+    from .errors import ConfigError
 
-    run_calibration(args)
+    config = engine_config(args, kv_policy="full", kv_cache_gib=0.01)
+    text = None
+    if args.text:
+        try:
+            with open(args.text) as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
+    with Engine.from_config(config) as engine:
+        scores, plan = calibrate(
+            engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens, args.tau
+        )
+    print(f"{'layer':>5}  {'score':>7}  kind")
+    for i, s in enumerate(scores):
+        print(f"{i:>5}  {s:7.4f}  {'Q (quantize)' if s > args.tau else 'S (offload + top-k)'}")
+    print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={plan}")
 
 
 def build_parser() -> argparse.ArgumentParser:

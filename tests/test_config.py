@@ -99,3 +99,16 @@ def test_cli_refuses_a_bad_setting_before_the_model_loads(no_model_load, capsys)
         code = main(command)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith(f"tailorkv: error: {needle}"), err
+
+
+def test_cli_calibrate_prints_the_scores_and_stores_the_plan(monkeypatch, tmp_path, capsys):
+    from tailorkv.kvcache import plans
+
+    monkeypatch.setattr(plans, "CACHE_DIR", str(tmp_path))
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    code = main(["calibrate", "--model", "dummy:tiny", "--text", str(text), "--tokens", "128"])
+    out = capsys.readouterr().out.splitlines()
+    stored = plans.layer_plan("dummy:tiny")
+    assert code == 0 and out[-1] == f"plan for dummy:tiny (tau=0.2): quant_layers={stored}"
+    assert len(out) == 2 + 4  # the header, a row per layer of dummy:tiny, the plan
