@@ -1,5 +1,6 @@
 """Dependencies point one way (ARCHITECTURE.md): cli, api -> engine -> {scheduler, models, kvcache} ->
-{memory, kernels}. No module of the engine or below imports from api or cli, and api does not import cli."""
+{memory, kernels}. No module of the engine or below imports from api or cli, api does not import cli, and the API
+reads the AsyncEngine, never the Engine behind it."""
 
 import ast
 from pathlib import Path
@@ -72,4 +73,27 @@ def test_nothing_below_imports_from_above():
         bad = violations(path.read_text(), module, is_package)
         if bad:
             found[module] = bad
+    assert found == {}
+
+
+def reaches_through(source: str) -> list[int]:
+    """Lines where `source` reads `<x>.engine.engine` (the Engine behind an AsyncEngine)."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "engine"
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "engine"
+    ]
+
+
+def test_the_api_reads_the_async_engine_only():
+    assert reaches_through("from ..engine.engine import Engine\nn = state.engine.model_name") == []
+    assert reaches_through("x = 1\nn = state.engine.engine.config.name") == [2]
+    found = {
+        path.name: lines
+        for path in sorted((PACKAGE / "api").glob("*.py"))
+        if (lines := reaches_through(path.read_text()))
+    }
     assert found == {}

@@ -37,7 +37,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """An app serving `async_engine`; several apps may share one AsyncEngine (each has its own metrics)."""
-    name = async_engine.engine.config.name
+    name = async_engine.model_name
     app = FastAPI(title="tailorkv", version=__version__, strict_content_type=False)
     app.state.tailorkv = AppState(
         async_engine, Metrics(async_engine), served_model_name or name, model_path or name
@@ -66,26 +66,17 @@ async def health(request: Request):
 
 async def model_info(request: Request):
     state = get_state(request)
-    config = state.engine.engine.config
     return {
         "model_path": state.model_path,
         "served_model_name": state.served_model_name,
         "is_generation": True,
-        "max_context_length": config.max_position,
-        "vocab_size": config.vocab_size,
+        "max_context_length": state.engine.context_length,
+        "vocab_size": state.engine.vocab_size,
     }
 
 
 async def server_info(request: Request):
-    engine = get_state(request).engine
-    o = engine.engine.options
-    return {
-        "version": __version__,
-        "kv_policy": engine.engine.kv_policy,
-        "max_running_requests": o.max_running_requests,
-        "max_queued_requests": o.max_queued_requests,
-        **engine.load(),
-    }
+    return {"version": __version__, **get_state(request).engine.server_info()}
 
 
 async def metrics(request: Request):

@@ -148,6 +148,37 @@ class AsyncEngine:
             "memory": self.engine.memory.usage(),
         }
 
+    def server_info(self) -> dict:
+        """The engine's settings and its load (/get_server_info)."""
+        o = self.engine.options
+        return {
+            "kv_policy": o.kv_policy,
+            "max_running_requests": o.max_running_requests,
+            "max_queued_requests": o.max_queued_requests,
+            **self.load(),
+        }
+
+    # ---- the model, as the API sees it ----------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.engine.config.name
+
+    @property
+    def context_length(self) -> int:
+        """Prompt plus generated tokens of one request, at most."""
+        return self.engine.config.max_position
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.vocab_size
+
+    def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
+        """A prompt's token ids (or `input_ids`, checked); raises InvalidRequestError. Safe from any thread."""
+        return self.engine.tokenize(prompt, input_ids)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return self.engine.tokenizer.apply_chat_template(messages)
+
     # ---- the asyncio side -----------------------------------------------------------------------------------
     def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> OutputStream:
         """Queue every (input_ids, params) of `batch` now, all or none (raises InvalidRequestError or
