@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
+from .config import EngineConfig
 from .errors import TailorKVError
+
+POLICY_ARGS = ("tailor_preset", "key_sketch")  # engine arguments that are options of the KV policy
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -57,26 +61,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    keys = (
-        "max_running_requests",
-        "max_queued_requests",
-        "chunked_prefill_size",
-        "kv_cache_gib",
-        "host_kv_gib",
-        "gpu_memory_limit_gib",
-        "prefix_gpu_gib",
-        "tailor_preset",
-        "key_sketch",
-    )
-    kw = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    if getattr(args, "disable_prefix_caching", False):
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    """The EngineConfig that the engine arguments of `args` give (a setting left out keeps its default), with
+    `overrides` on top; raises ConfigError for a bad value before any model loads."""
+    names = {f.name for f in fields(EngineConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if args.disable_prefix_caching:
         kw["enable_prefix_caching"] = False
-    if getattr(args, "disable_cuda_graph", False):
+    if args.disable_cuda_graph:
         kw["cuda_graph"] = False
-    return dict(
-        model=args.model, kv_policy=args.kv_policy, device=args.device, dtype=args.dtype, **kw
-    )
+    policy = {k: getattr(args, k) for k in POLICY_ARGS if getattr(args, k) is not None}
+    return EngineConfig(**{**kw, "policy_options": policy, **overrides})
 
 
 def cmd_generate(args) -> None:
@@ -90,7 +85,7 @@ def cmd_generate(args) -> None:
     )
     if not args.prompt:
         raise InvalidRequestError("the prompt is empty")
-    with Engine(**engine_kwargs(args)) as engine:
+    with Engine.from_config(engine_config(args)) as engine:
         prompt = args.prompt
         if args.chat:
             prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -105,15 +100,35 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    config = engine_config(
+        args
+    )  # a bad setting fails before the server's imports and the model load
     from .api.server import serve
 
-    serve(args)
+    serve(config, args.host, args.port, args.api_key, args.served_model_name)
 
 
 def cmd_calibrate(args) -> None:
-    from .engine.calibration import run_calibration
+    from .engine.calibration import calibrate
+    from .engine.engine import Engine
+    from .errors import ConfigError
 
-    run_calibration(args)
+    config = engine_config(args, kv_policy="full", kv_cache_gib=0.01)
+    text = None
+    if args.text:
+        try:
+            with open(args.text) as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
+    with Engine.from_config(config) as engine:
+        scores, plan = calibrate(
+            engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens, args.tau
+        )
+    print(f"{'layer':>5}  {'score':>7}  kind")
+    for i, s in enumerate(scores):
+        print(f"{i:>5}  {s:7.4f}  {'Q (quantize)' if s > args.tau else 'S (offload + top-k)'}")
+    print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={plan}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,5 +92,5 @@ def test_cli_serve_refuses_a_negative_delay_factor(capsys):
     code, err = main_in_process(capsys, "serve", "--scheduler-delay-factor", "-1")
     assert (
         code == 2
-        and err.strip() == "tailorkv: error: --scheduler-delay-factor must be >= 0, got -1.0"
+        and err.strip() == "tailorkv: error: scheduler_delay_factor must be >= 0, got -1.0"
     )

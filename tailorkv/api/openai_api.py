@@ -30,7 +30,7 @@ async def models(request: Request):
                 "object": "model",
                 "created": state.created,
                 "owned_by": "tailorkv",
-                "max_model_len": state.engine.engine.config.max_position,
+                "max_model_len": state.engine.context_length,
             }
         ],
     }
@@ -40,7 +40,7 @@ async def models(request: Request):
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
     model = state.check_model(body.model)
-    tokenize = state.engine.engine.tokenize
+    tokenize = state.engine.tokenize
     given = body.prompt
     prompts = (
         [given] if isinstance(given, str) or not given or isinstance(given[0], int) else given
@@ -59,13 +59,13 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
     model = state.check_model(body.model)
-    engine = state.engine.engine
+    engine = state.engine
     messages = [m.as_dict() for m in body.messages]
     return await _respond(
         state,
         request,
         body,
-        lambda: [engine.tokenize(engine.tokenizer.apply_chat_template(messages), None)],
+        lambda: [engine.tokenize(engine.apply_chat_template(messages), None)],
         body.max_new_tokens,
         _Reply(True, model),
     )
@@ -79,7 +79,7 @@ async def _respond(
     max_tokens: int | None,
     reply: _Reply,
 ):
-    context = state.engine.engine.config.max_position
+    context = state.engine.context_length
     run = await submit(
         state,
         request,

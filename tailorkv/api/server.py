@@ -7,7 +7,6 @@ queue is full, 500 when the engine failed a request.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import secrets
 
@@ -18,8 +17,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
+from ..config import EngineConfig
 from ..engine.async_engine import AsyncEngine
-from ..errors import ConfigError, QueueFullError, TailorKVError
+from ..errors import QueueFullError, TailorKVError
 from . import openai_api, sglang_api
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, error_body
@@ -37,7 +37,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """An app serving `async_engine`; several apps may share one AsyncEngine (each has its own metrics)."""
-    name = async_engine.engine.config.name
+    name = async_engine.model_name
     app = FastAPI(title="tailorkv", version=__version__, strict_content_type=False)
     app.state.tailorkv = AppState(
         async_engine, Metrics(async_engine), served_model_name or name, model_path or name
@@ -66,26 +66,17 @@ async def health(request: Request):
 
 async def model_info(request: Request):
     state = get_state(request)
-    config = state.engine.engine.config
     return {
         "model_path": state.model_path,
         "served_model_name": state.served_model_name,
         "is_generation": True,
-        "max_context_length": config.max_position,
-        "vocab_size": config.vocab_size,
+        "max_context_length": state.engine.context_length,
+        "vocab_size": state.engine.vocab_size,
     }
 
 
 async def server_info(request: Request):
-    engine = get_state(request).engine
-    o = engine.engine.options
-    return {
-        "version": __version__,
-        "kv_policy": engine.engine.kv_policy,
-        "max_running_requests": o.max_running_requests,
-        "max_queued_requests": o.max_queued_requests,
-        **engine.load(),
-    }
+    return {"version": __version__, **get_state(request).engine.server_info()}
 
 
 async def metrics(request: Request):
@@ -210,34 +201,34 @@ def _add_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc, handler)
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(
+    config: EngineConfig,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    api_key: str | None = None,
+    served_model_name: str | None = None,
+) -> None:
     """`tailorkv serve`: load the engine, then serve it with uvicorn until interrupted."""
     import uvicorn
 
-    from ..cli import engine_kwargs
     from ..engine.engine import Engine
     from ..engine.warm_up import warm_up
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    delay = args.scheduler_delay_factor
-    if delay is not None and not delay >= 0:  # before seconds of loading the model
-        raise ConfigError(f"--scheduler-delay-factor must be >= 0, got {delay}")
-    engine = Engine(**engine_kwargs(args))
+    engine = Engine.from_config(config)
     if engine.device.type == "cuda":  # kernels compile now, not in the first requests' steps
         warm_up(engine)
-    async_engine = AsyncEngine(engine, **({} if delay is None else {"delay_factor": delay}))
+    async_engine = AsyncEngine(engine)
     try:
         app = create_app(
             async_engine,
-            api_key=args.api_key,
-            served_model_name=args.served_model_name or args.model,
-            model_path=args.model,
+            api_key=api_key,
+            served_model_name=served_model_name or config.model,
+            model_path=config.model,
         )
         # on Ctrl-C, streams still open get 5 s to end before their requests are aborted
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5
-        )
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         async_engine.shutdown()

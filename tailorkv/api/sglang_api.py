@@ -16,7 +16,7 @@ router = APIRouter()
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
     state = get_state(request)
-    tokenize = state.engine.engine.tokenize
+    tokenize = state.engine.tokenize
     run = await submit(
         state,
         request,

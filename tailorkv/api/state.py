@@ -24,7 +24,7 @@ class AppState:
         """The name to answer with; raises a 404 APIError for a model this server does not serve."""
         if name is not None and name not in (
             self.served_model_name,
-            self.engine.engine.config.name,
+            self.engine.model_name,
             "default",
         ):
             raise APIError(404, f"The model `{name}` does not exist.", code="model_not_found")

@@ -5,21 +5,8 @@ The asyncio side submits requests and awaits `Output`s; the engine thread hands 
 work. A step that raises fails the requests that were running (each gets an `Output` with `error`) and the
 engine keeps serving; requests still waiting are untouched.
 
-Requests that reach the server together (a document chat's users starting their next turn) land one by one: the
-first would be prefilled alone while the others wait a whole step for it. So while nothing runs, a step that would
-only prefill is held back, `gather_s` at most:
-- for the requests that were already `arriving` (their bodies being received or tokenized, not yet submitted) when
-  the engine found it could step; requests that begin arriving later do not prolong this, so a steady stream of
-  them never holds a step for long;
-- and until `delay_factor` x the last prefill step's time has passed since the latest request began arriving or
-  was submitted, or since the latest finish plus the clients' turnaround (how long the first request after a
-  finish took to come, averaged): the requests of one burst arrive a few ms apart, and a chat's users send their
-  next turns as their answers end, after their clients' turnaround. Once as many requests have come since the
-  latest finish as finished then, and none is arriving, those next turns are all in: the hold ends.
-While requests decode, a waiting request joins their steps only once it has waited `delay_factor` x the last
-prefill step's time, as vLLM's `--scheduler-delay-factor` does: the first of a burst that comes as the running
-requests finish (a chat's user one token ahead of the others) then waits for the rest instead of being prefilled
-alone while they decode their last tokens.
+The server reports which requests are arriving (`arriving`); before each step the engine thread asks the
+ArrivalHold (scheduler/arrival_hold.py) whether to hold a prefill for them and whether waiting requests may join.
 """
 
 from __future__ import annotations
@@ -31,13 +18,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..config import DELAY_FACTOR  # noqa: F401 (tests read the default here)
 from ..errors import QueueFullError
+from ..scheduler.arrival_hold import ArrivalHold
 from .engine import Engine
 from .request import Request
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
-DELAY_FACTOR = 0.35  # a burst's requests arrive within a third of a prefill step of each other (RESULTS: 0.2 vs 0.35)
 
 
 @dataclass
@@ -107,30 +95,40 @@ class OutputStream:
 class AsyncEngine:
     """Owns an Engine and its step loop; `generate` is the one way in for the API."""
 
-    def __init__(self, engine: Engine, gather_s: float = 0.5, delay_factor: float = DELAY_FACTOR):
-        self.engine, self.gather_s, self.delay_factor = engine, gather_s, delay_factor
-        self._arriving: dict[
-            object, float
-        ] = {}  # requests being received or tokenized: when each began (_mu)
-        self._last_arrival = 0.0  # when the latest request began arriving or was submitted (_mu)
-        self._last_finish = 0.0  # when the engine thread last handed out a finished request
-        self._finished = 0  # how many requests finished then
-        self._turnaround: float | None = (
-            None  # how long clients take to send a request after others finish (_mu)
-        )
-        self._held_since: float | None = (
-            None  # when the engine thread began holding a step for them
-        )
+    def __init__(self, engine: Engine, gather_s: float = 0.5, delay_factor: float | None = None):
+        self.engine = engine
+        if delay_factor is None:
+            delay_factor = engine.options.scheduler_delay_factor
+        self.arrivals = ArrivalHold(gather_s, delay_factor)  # (_mu)
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
         self._aborts: list[tuple[int, str]] = []  # applied by the engine thread between steps
-        # Guards _streams and makes "add to the engine + register the stream" atomic w.r.t. dispatching outputs.
+        # Guards _streams and arrivals, and makes "add to the engine + register the stream" atomic
+        # w.r.t. dispatching outputs.
         # Lock order: self._mu, then the engine's own lock.
         self._mu = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tailorkv-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def gather_s(self) -> float:
+        """The longest a prefill is held for arriving requests."""
+        return self.arrivals.gather_s
+
+    @gather_s.setter
+    def gather_s(self, seconds: float) -> None:
+        self.arrivals.gather_s = seconds
+
+    @property
+    def delay_factor(self) -> float:
+        """Holds and delays last this many times the last prefill step's time (ArrivalHold)."""
+        return self.arrivals.delay_factor
+
+    @delay_factor.setter
+    def delay_factor(self, factor: float) -> None:
+        self.arrivals.delay_factor = factor
 
     @property
     def alive(self) -> bool:
@@ -145,6 +143,37 @@ class AsyncEngine:
             "memory": self.engine.memory.usage(),
         }
 
+    def server_info(self) -> dict:
+        """The engine's settings and its load (/get_server_info)."""
+        o = self.engine.options
+        return {
+            "kv_policy": o.kv_policy,
+            "max_running_requests": o.max_running_requests,
+            "max_queued_requests": o.max_queued_requests,
+            **self.load(),
+        }
+
+    # ---- the model, as the API sees it ----------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.engine.config.name
+
+    @property
+    def context_length(self) -> int:
+        """Prompt plus generated tokens of one request, at most."""
+        return self.engine.config.max_position
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.config.vocab_size
+
+    def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
+        """A prompt's token ids (or `input_ids`, checked); raises InvalidRequestError. Safe from any thread."""
+        return self.engine.tokenize(prompt, input_ids)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        return self.engine.tokenizer.apply_chat_template(messages)
+
     # ---- the asyncio side -----------------------------------------------------------------------------------
     def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> OutputStream:
         """Queue every (input_ids, params) of `batch` now, all or none (raises InvalidRequestError or
@@ -156,7 +185,7 @@ class AsyncEngine:
     def _submit(self, batch, loop, queue) -> list[Request]:
         reqs: list[Request] = []
         with self._mu:
-            self._arrived(time.perf_counter())
+            self.arrivals.came(time.perf_counter())
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
             try:
@@ -174,15 +203,15 @@ class AsyncEngine:
 
     @contextlib.contextmanager
     def arriving(self):
-        """Around a request's arrival at the server, up to its submission (see the module's docstring); yields
-        `done`, which ends the arrival before the context does (once the request is submitted)."""
+        """Around a request's arrival at the server, up to its submission (ArrivalHold); yields `done`, which ends
+        the arrival before the context does (once the request is submitted)."""
         key = object()
         with self._mu:
-            self._arriving[key] = self._arrived(time.perf_counter())
+            self.arrivals.arrival_began(key, time.perf_counter())
 
         def done() -> None:
             with self._mu:
-                ended = self._arriving.pop(key, None) is not None
+                ended = self.arrivals.arrival_ended(key)
             if ended:
                 self._wake.set()
 
@@ -190,17 +219,6 @@ class AsyncEngine:
             yield done
         finally:
             done()
-
-    def _arrived(self, now: float) -> float:
-        """A request begins arriving (or is submitted) at `now` (_mu held). The first since the latest finish times
-        the clients' turnaround: the mean of this time and the last estimate, at most gather_s."""
-        if self._finished and self._last_arrival < self._last_finish:
-            took = now - self._last_finish
-            self._turnaround = min(
-                took if self._turnaround is None else (self._turnaround + took) / 2, self.gather_s
-            )
-        self._last_arrival = now
-        return now
 
     def abort(self, rid: int, message: str = "client disconnected") -> None:
         """Stop a request: it produces no further Output, and its pages are freed before the next step."""
@@ -230,7 +248,8 @@ class AsyncEngine:
             if hold > 0:
                 self._wake.wait(hold)
                 continue
-            self._held_since = None
+            with self._mu:
+                self.arrivals.stepped()
             try:
                 done = self.engine.step(admit=self._admit())
             except Exception as e:  # a bad step must not take the server down
@@ -244,35 +263,21 @@ class AsyncEngine:
             self._dispatch(done)
 
     def _hold(self) -> float:
-        """Seconds to hold back the next step for requests that were arriving when it could first run: none while
-        any request runs."""
-        if self.engine.scheduler.running:
-            return 0.0
-        now = time.perf_counter()
-        if self._held_since is None:
-            self._held_since = now
+        """Seconds to hold back the next step for requests arriving (ArrivalHold.hold_s)."""
+        s, prefill_s = self.engine.scheduler, self.engine.step_log.prefill_seconds
         with self._mu:
-            burst = any(began <= self._held_since for began in self._arriving.values())
-            latest = max(self._last_arrival, self._last_finish + (self._turnaround or 0.0))
-            lull = latest + self.delay_factor * self.engine.step_log.prefill_seconds - now
-            if (
-                self._finished
-                and not self._arriving
-                and sum(s.queued_at > self._last_finish for s in self.engine.scheduler.waiting)
-                >= self._finished
-            ):
-                return 0.0  # the next turns of the requests that finished are in
-        left = self._held_since + self.gather_s - now
-        return min(left, max(lull, left if burst else 0.0))
+            waiting_since = [w.queued_at for w in s.waiting]
+            return self.arrivals.hold_s(
+                time.perf_counter(), bool(s.running), prefill_s, waiting_since
+            )
 
     def _admit(self) -> bool:
-        """Whether waiting requests may join the running ones' next step: once the oldest has waited delay_factor x
-        the last prefill step's time."""
+        """Whether waiting requests may join the running ones' next step (ArrivalHold.admit)."""
         s = self.engine.scheduler
-        if not s.running or not s.waiting:
-            return True
-        waited = time.perf_counter() - s.waiting[0].queued_at
-        return waited >= self.delay_factor * self.engine.step_log.prefill_seconds
+        oldest = s.waiting[0].queued_at if s.waiting else None
+        return self.arrivals.admit(
+            time.perf_counter(), bool(s.running), oldest, self.engine.step_log.prefill_seconds
+        )
 
     def _apply_aborts(self) -> None:
         # Only this thread aborts in the engine: Engine.abort frees a request's KV pages at once, which must not
@@ -286,8 +291,7 @@ class AsyncEngine:
         now = time.perf_counter()
         finished = sum(req.finished for req in done)
         with self._mu:
-            if finished:
-                self._last_finish, self._finished = now, finished
+            self.arrivals.finished(now, finished)
             self.stats.generation_tokens += len(done)
             for req in done:
                 stream = self._streams.get(req.rid)

@@ -1,5 +1,5 @@
-"""`tailorkv calibrate`: run one prefill of a calibration text through the CalibrationProbe, print the per-layer
-dense preference scores and store the model's layer plan (the layers above tau are quantization-friendly)."""
+"""Calibration: one prefill of a calibration text through the CalibrationProbe gives each layer's dense preference
+score; the model's layer plan (the layers above tau are quantization-friendly) is stored beside its name."""
 
 from __future__ import annotations
 
@@ -56,24 +56,3 @@ def calibrate(
     plan = plan_from_scores(scores, tau)
     save_plan(model.config.name, plan, scores, tau)
     return scores, plan
-
-
-def run_calibration(args) -> None:
-    from ..cli import engine_kwargs
-    from .engine import Engine
-
-    text = None
-    if args.text:
-        try:
-            with open(args.text) as f:
-                text = f.read()
-        except OSError as e:
-            raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
-    with Engine(**{**engine_kwargs(args), "kv_policy": "full", "kv_cache_gib": 0.01}) as engine:
-        scores, plan = calibrate(
-            engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens, args.tau
-        )
-    print(f"{'layer':>5}  {'score':>7}  kind")
-    for i, s in enumerate(scores):
-        print(f"{i:>5}  {s:7.4f}  {'Q (quantize)' if s > args.tau else 'S (offload + top-k)'}")
-    print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={plan}")

@@ -8,13 +8,13 @@ import time
 
 import torch
 
+from ..config import EngineConfig
 from ..errors import ConfigError, InvalidRequestError
 from ..kvcache.pages import MemoryManager
 from ..kvcache.registry import policy_class
 from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..scheduler.scheduler import Scheduler, Seq
-from .options import EngineOptions
 from .request import Request
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
@@ -51,10 +51,20 @@ class Engine:
     def __init__(
         self, model: str | None = None, kv_policy: str = "full", device=None, dtype=None, **options
     ):
-        self.options, policy_options = EngineOptions.from_kwargs(options)
-        cls = policy_class(kv_policy)  # fail on a bad policy name before loading anything
-        self.device = _pick_device(device)
-        self.dtype = _pick_dtype(dtype, self.device)
+        """Every setting of EngineConfig by name; any other keyword is an option of the KV policy."""
+        self._start(EngineConfig.from_kwargs(model, kv_policy, device, dtype, **options))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        engine = cls.__new__(cls)
+        engine._start(config)
+        return engine
+
+    def _start(self, config: EngineConfig) -> None:
+        self.options = config
+        cls = policy_class(config.kv_policy)
+        self.device = _pick_device(config.device)
+        self.dtype = _pick_dtype(config.dtype, self.device)
         if self.device.type == "cuda" and self.options.gpu_memory_limit_gib:
             # a hard cap on everything this process allocates (weights included), like a smaller card
             index = torch.cuda.current_device() if self.device.index is None else self.device.index
@@ -63,11 +73,11 @@ class Engine:
                 min(1.0, self.options.gpu_memory_limit_gib * GIB / total), index
             )
         self.model, tok_src = load_model(
-            model, self.device, self.dtype, progress=self.options.progress
+            config.model, self.device, self.dtype, progress=self.options.progress
         )
         self.config = self.model.config
         self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
-        self.policy = cls(self.config, self.device, self.dtype, **policy_options)
+        self.policy = cls(self.config, self.device, self.dtype, **config.policy_options)
         if getattr(
             self.policy, "plan_missing", False
         ):  # a model without a shipped plan: calibrate once, cache
@@ -112,7 +122,7 @@ class Engine:
         )  # add/abort may come from another thread than the one running step()
         self.step_log = StepLog()
         self.step_log.alloc_retries = self._allocator_retries()  # those while loading are no step's
-        self.kv_policy = kv_policy
+        self.kv_policy = config.kv_policy
 
     def _gpu_kv_budget(self) -> int:
         o = self.options

@@ -39,13 +39,24 @@ class _BudgetPolicy(FullPolicy):
         sink: int | None = None,
     ):
         super().__init__(cfg, device, dtype)
+        self.budget, self.sink = self._budget_and_sink(tailor_preset, budget, sink)
+
+    @classmethod
+    def validate_options(cls, tailor_preset=None, budget=None, sink=None, **options) -> None:
+        super().validate_options(**options)
+        cls._budget_and_sink(tailor_preset, budget, sink)
+
+    @classmethod
+    def _budget_and_sink(cls, tailor_preset, budget, sink) -> tuple[int, int]:
+        """Tokens a decode step reads and how many of them are the first ones (default: tailor's preset's)."""
         tc = TailorConfig.from_options(tailor_preset)
-        self.budget = tc.budget if budget is None else budget
-        self.sink = tc.sink if sink is None else sink
-        if not isinstance(self.budget, int) or self.budget < 1 or not 0 <= self.sink < self.budget:
+        budget = tc.budget if budget is None else budget
+        sink = tc.sink if sink is None else sink
+        if not isinstance(budget, int) or budget < 1 or not 0 <= sink < budget:
             raise ConfigError(
-                f"{self.name}: need budget >= 1 and 0 <= sink < budget, got {self.budget}, {self.sink}"
+                f"{cls.name}: need budget >= 1 and 0 <= sink < budget, got {budget}, {sink}"
             )
+        return budget, sink
 
 
 class StreamingPolicy(_BudgetPolicy):

@@ -29,11 +29,17 @@ class KVPolicy(ABC):
     partial_block_pool: str | None = None
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, **options):
+        self.validate_options(**options)
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+
+    @classmethod
+    def validate_options(cls, **options) -> None:
+        """Raise ConfigError for an option this policy does not take or a value it refuses; needs no model (runs
+        before one loads)."""
         if options:
             raise ConfigError(
-                f"kv_policy {self.name!r} takes no option(s): {', '.join(sorted(options))}"
+                f"kv_policy {cls.name!r} takes no option(s): {', '.join(sorted(options))}"
             )
-        self.cfg, self.device, self.dtype = cfg, device, dtype
 
     def prefix_blocks(self) -> tuple[int, dict[str, int]] | None:
         """(tokens per block, pages per block in each shared pool) when requests with a common prompt prefix may

@@ -89,6 +89,12 @@ class TailorPolicy(KVPolicy):
         kivi.value_group(self.tc.group_size, cfg.head_dim, self.tc.quant_bits)
         self.set_quant_layers(self.tc.quant_layers)
 
+    @classmethod
+    def validate_options(
+        cls, tailor_preset: str | None = None, host_on_device: bool = False, **options
+    ) -> None:
+        TailorConfig.from_options(tailor_preset, **options).validate()
+
     def set_quant_layers(self, layers: list[int]) -> None:
         self.tc.quant_layers = sorted(set(layers))
         self.q_index = {layer: i for i, layer in enumerate(self.tc.quant_layers)}
@@ -575,9 +581,14 @@ class KiviPolicy(TailorPolicy):
     name = "kivi"
 
     def __init__(self, cfg, device, dtype, tailor_preset: str | None = None, **options):
-        if "quant_layers" in options:
-            raise ConfigError("kivi quantizes every layer; quant_layers is not an option of it")
+        self.validate_options(tailor_preset, **options)
         options.setdefault("quant_bits", 2)
         super().__init__(
             cfg, device, dtype, tailor_preset, quant_layers=list(range(cfg.num_layers)), **options
         )
+
+    @classmethod
+    def validate_options(cls, tailor_preset: str | None = None, **options) -> None:
+        if "quant_layers" in options:
+            raise ConfigError("kivi quantizes every layer; quant_layers is not an option of it")
+        super().validate_options(tailor_preset, **{"quant_bits": 2, **options})

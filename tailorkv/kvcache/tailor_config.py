@@ -60,7 +60,8 @@ class TailorConfig:
         values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
         return cls(preset=preset, **values)
 
-    def validate(self, num_layers: int, head_dim: int) -> None:
+    def validate(self, num_layers: int | None = None, head_dim: int | None = None) -> None:
+        """Raise ConfigError for a bad value; without the model's shape, what needs it is not checked."""
         if self.quant_bits not in (1, 2, 4):
             raise ConfigError(f"quant_bits must be 1, 2 or 4, got {self.quant_bits}")
         for name in ("sink", "recent", "top_k"):
@@ -69,11 +70,11 @@ class TailorConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if self.key_sketch not in (0, 1, 2):
             raise ConfigError(f"key_sketch must be 0 (off), 1 or 2 bits, got {self.key_sketch!r}")
-        if not isinstance(self.d_s, int) or not 1 <= self.d_s <= head_dim:
+        if not isinstance(self.d_s, int) or not 1 <= self.d_s <= (head_dim or self.d_s):
             raise ConfigError(f"d_s must be in [1, head_dim={head_dim}], got {self.d_s!r}")
         if self.group_size != 64 or self.residual % self.group_size:
             raise ConfigError("group_size must be 64 and residual a multiple of it")
-        bad = [i for i in self.quant_layers or [] if not 0 <= i < num_layers]
+        bad = [i for i in self.quant_layers or [] if not 0 <= i < (num_layers or i + 1)]
         if bad:
             raise ConfigError(f"quant_layers {bad} out of range for a model of {num_layers} layers")
 

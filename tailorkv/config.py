@@ -1,0 +1,72 @@
+"""EngineConfig: every setting of an engine in one dataclass. The CLI and the server build one, `Engine` reads it.
+
+Building it checks every value, the KV policy's own options included, so a bad setting fails before seconds of
+loading a model. Settings that depend on the model (a layer index, d_s against head_dim) are checked once it is
+loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .errors import ConfigError
+
+DELAY_FACTOR = 0.35  # a burst's requests arrive within a third of a prefill step of each other (RESULTS: 0.2 vs 0.35)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file or dummy:<name>; None: the embedded SmolLM2
+    kv_policy: str = "full"  # full | tailor | kivi | offload | streaming | quest
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    max_running_requests: int = 32
+    max_queued_requests: int = 1024
+    chunked_prefill_size: int = 2048
+    kv_cache_gib: float | None = None  # GPU-tier budget; None = a default for the device
+    host_kv_gib: float = 4.0  # host-tier (pinned on CUDA) budget
+    gpu_memory_limit_gib: float | None = None
+    seed: int = 0
+    enable_prefix_caching: bool = True  # share the K/V pages of common prompt prefixes
+    # of the GPU-tier budget, GPU copies of cached host-tier pages (tailor); None = what the other pools leave
+    prefix_gpu_gib: float | None = None
+    cuda_graph: bool = True  # replay decode steps from captured CUDA graphs (on CUDA)
+    progress: bool = True
+    # the server holds a prefill for more arrivals this many times the last prefill step's time (0: off)
+    scheduler_delay_factor: float = DELAY_FACTOR
+    # the KV policy's own options, e.g. tailor: tailor_preset, key_sketch, d_s, top_k (kvcache/tailor_config.py);
+    # streaming and quest: tailor_preset, budget, sink
+    policy_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("max_running_requests", "max_queued_requests", "chunked_prefill_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("enable_prefix_caching", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in (
+            "kv_cache_gib",
+            "host_kv_gib",
+            "gpu_memory_limit_gib",
+            "prefix_gpu_gib",
+            "scheduler_delay_factor",
+        ):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {v!r}")
+        # imported here: the policies import torch, which `tailorkv --help` need not wait for
+        from .kvcache.registry import policy_class
+
+        policy_class(self.kv_policy).validate_options(**self.policy_options)
+
+    @classmethod
+    def from_kwargs(
+        cls, model=None, kv_policy: str = "full", device=None, dtype=None, **options
+    ) -> EngineConfig:
+        """`Engine(...)`'s arguments: settings by name (None: the default), any other name a policy option."""
+        names = {f.name for f in fields(cls)} - {"policy_options"}
+        settings = {k: v for k, v in options.items() if k in names and v is not None}
+        policy = {k: v for k, v in options.items() if k not in names}
+        return cls(model, kv_policy, device, dtype, **settings, policy_options=policy)
