@@ -5,8 +5,8 @@ import pytest
 
 from tailorkv import Engine
 from tailorkv.essays import load_essays
-from tailorkv.kvcache.pages import MemoryManager, PoolSpec
-from tailorkv.kvcache.prefix_cache import page_hashes
+from tailorkv.memory.pages import MemoryManager, PoolSpec
+from tailorkv.memory.prefix_cache import page_hashes
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 PAGE = 16

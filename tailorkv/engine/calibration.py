@@ -8,8 +8,8 @@ import torch
 from ..errors import ConfigError
 from ..essays import load_essays
 from ..kvcache.calibrate import CalibrationProbe, plan_from_scores
-from ..kvcache.pages import MemoryManager
 from ..kvcache.plans import save_plan
+from ..memory.pages import MemoryManager
 from ..models.llama import LlamaModel
 from .runner import ModelRunner
 from .tokenizer import Tokenizer

@@ -9,8 +9,8 @@ import time
 import torch
 
 from ..errors import ConfigError, InvalidRequestError
-from ..kvcache.pages import MemoryManager
 from ..kvcache.registry import policy_class
+from ..memory.pages import MemoryManager
 from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..scheduler.scheduler import Scheduler, Seq

@@ -10,9 +10,9 @@ import torch
 
 from ..kernels import flashinfer_decode, host_copy
 from ..kernels.attention import causal_attention, grouped_attention
+from ..memory.host_memory import host_tensor
+from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
-from .host_memory import host_tensor
-from .pages import PoolSpec
 from .policy import KVPolicy
 
 PAGE_SIZE = 16

@@ -9,9 +9,9 @@ from abc import ABC, abstractmethod
 import torch
 
 from ..errors import ConfigError
+from ..memory.pages import PoolSpec
 from ..models.config import ModelConfig
 from .batch import ForwardBatch, StepState
-from .pages import PoolSpec
 
 
 class KVPolicy(ABC):

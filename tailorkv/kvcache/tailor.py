@@ -11,8 +11,10 @@ import torch
 from ..errors import ConfigError
 from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
+from ..memory.device_copies import PrefixReads
+from ..memory.host_memory import to_device
+from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
-from .device_copies import PrefixReads
 from .offload_store import (
     HOST_PAGE,
     DecodeView,
@@ -21,13 +23,11 @@ from .offload_store import (
     SharedPrefix,
     page_runs,
 )
-from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
 from .prompt_rows import PrefillGroup
 from .quant_store import QuantState, QuantStore, QuantView
 from .selection import group_mean, score_tokens, select_channels, select_tokens
-from .staging import to_device
 from .tailor_config import TailorConfig
 
 PAGE = 64

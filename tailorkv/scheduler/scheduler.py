@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import CapacityError, QueueFullError
-from ..kvcache.pages import MemoryManager
-from ..kvcache.prefix_cache import ROOT, page_hashes
+from ..memory.pages import MemoryManager
+from ..memory.prefix_cache import ROOT, page_hashes
 
 
 @dataclass
