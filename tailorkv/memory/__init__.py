@@ -1,1 +1,1 @@
-"""KV memory without attention: page pools of both tiers, the prefix cache, GPU copies of host pages, pinned memory."""
+"""KV memory without attention: page pools of both tiers, prefix cache, GPU copies of host pages."""

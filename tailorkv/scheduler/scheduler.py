@@ -5,8 +5,9 @@ prompt chunks of admitted sequences first, then newly admitted ones. Admission r
 tiers, the pages for prompt + max_new_tokens, so a running sequence never runs out of memory and nothing is
 half-admitted; a sequence that does not fit waits. With prefix caching, admission first takes the longest cached
 run of the prompt's full blocks (never the whole prompt: its last token must be computed to give logits), then,
-where the policy caches partly filled blocks, the cached partial block after them that shares most of the prompt's next tokens; it reserves only the rest and starts computing after them.
-Computed blocks are offered to the cache as they fill up, and a prompt's partly filled last block once computed.
+where the policy caches partly filled blocks, the cached partial block after them that shares most of the prompt's
+next tokens; it reserves only the rest and starts computing after them. Computed blocks are offered to the cache
+as they fill up, and a prompt's partly filled last block once computed.
 """
 
 from __future__ import annotations
