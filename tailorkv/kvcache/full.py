@@ -43,15 +43,12 @@ class FullPolicy(KVPolicy):
         True  # decode rows attend to every cached token (FlashInfer's paged decode on CUDA)
     )
 
-    def _bytes_per_page(self) -> int:
-        c = self.cfg
-        return 2 * c.num_layers * PAGE_SIZE * c.num_kv_heads * c.head_dim * self.dtype.itemsize
-
     def layout(
         self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
     ) -> KVLayout:
         """One pool of PAGE_SIZE-token pages of every layer's K/V, in this policy's tier; a block is one page."""
-        bpp = self._bytes_per_page()
+        c = self.cfg
+        bpp = 2 * c.num_layers * PAGE_SIZE * c.num_kv_heads * c.head_dim * self.dtype.itemsize
         pages = max((gpu_bytes if self.tier == "gpu" else host_bytes) // bpp, 1)
         return KVLayout(
             [PoolSpec("kv", self.tier, pages, PAGE_SIZE, bpp, holds="all")],
