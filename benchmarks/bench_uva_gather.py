@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.rows import run_info, write_rows
 from tailorkv.kernels import host_copy
-from tailorkv.kvcache.host_memory import host_tensor
+from tailorkv.memory.host_memory import host_tensor
 
 H, T, D = 8, 256, 128
 

@@ -3,9 +3,9 @@ some of its pages) equals the host tier's rows, also after a page is written aga
 
 import torch
 
-from tailorkv.kvcache.device_copies import DeviceCopies
 from tailorkv.kvcache.offload_store import OffloadState, OffloadStore, page_runs
 from tailorkv.kvcache.prompt_rows import PromptRows
+from tailorkv.memory.device_copies import DeviceCopies
 
 
 def test_written_pages_take_slots_and_the_least_recently_used_unneeded_copy_goes():

@@ -127,7 +127,7 @@ def test_host_tier_is_registered_exactly():
     """The host tier is page-locked by cudaHostRegister (exact bytes, not rounded up to a power of two) and GPU
     kernels read it through UVA."""
     from tailorkv.kernels import host_copy
-    from tailorkv.kvcache.host_memory import host_tensor
+    from tailorkv.memory.host_memory import host_tensor
 
     t = host_tensor((5, 3, 7), torch.float32, pinned=True)
     assert t.is_pinned()

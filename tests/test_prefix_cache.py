@@ -5,8 +5,9 @@ import pytest
 
 from tailorkv import Engine
 from tailorkv.essays import load_essays
-from tailorkv.kvcache.pages import MemoryManager, PoolSpec
-from tailorkv.kvcache.prefix_cache import page_hashes
+from tailorkv.memory.layout import KVLayout
+from tailorkv.memory.pages import MemoryManager, PoolSpec
+from tailorkv.memory.prefix_cache import page_hashes
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 PAGE = 16
@@ -372,34 +373,21 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
     from tailorkv.scheduler.scheduler import Scheduler, Seq
 
     rng = random.Random(0)
-    specs = [
-        PoolSpec("slots", "gpu", 16, 1, 1),
-        PoolSpec("qkv", "gpu", 400, 64, 1),
-        PoolSpec("gen", "gpu", 40, 64, 1),
-        PoolSpec("sketch", "gpu", 60, 256, 1),
-        PoolSpec("host", "host", 60, 256, 1),
-    ]
-    mm = MemoryManager(specs, prefix=(256, {"host": 1, "sketch": 1, "qkv": 4}))
-
-    def need(prompt, new):
-        return {
-            "slots": 1,
-            "qkv": -(-(prompt + new) // 64),
-            "gen": -(-new // 64),
-            "sketch": -(-prompt // 256),
-            "host": -(-prompt // 256),
-        }
-
-    sched = Scheduler(
-        mm,
-        need,
-        max_running=12,
-        chunk_tokens=4096,
+    layout = KVLayout(
+        [
+            PoolSpec("slots", "gpu", 16, 1, 1, "request"),
+            PoolSpec("qkv", "gpu", 400, 64, 1, "all"),
+            PoolSpec("gen", "gpu", 40, 64, 1, "output"),
+            PoolSpec("sketch", "gpu", 60, 256, 1, "prompt"),
+            PoolSpec("host", "host", 60, 256, 1, "prompt"),
+        ],
+        prefix_blocks=(256, {"host": 1, "sketch": 1, "qkv": 4}),
         whole_prompt_prefill=True,
-        shareable=lambda n: max(n - 128, 0),
-        cache_output=False,
-        partial_pool="host",
+        caches_output=False,
+        partial_block_pool="host",
     )
+    mm = MemoryManager(layout.pools, prefix=layout.prefix_blocks)
+    sched = Scheduler(mm, layout, max_running=12, chunk_tokens=4096)
     docs = [[rng.randrange(1000) for _ in range(1500)] for _ in range(8)]
     live, hits, partial_hits = {}, 0, 0
     for rid in range(1000):

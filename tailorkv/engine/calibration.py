@@ -8,8 +8,8 @@ import torch
 from ..errors import ConfigError
 from ..essays import load_essays
 from ..kvcache.calibrate import CalibrationProbe, plan_from_scores
-from ..kvcache.pages import MemoryManager
 from ..kvcache.plans import save_plan
+from ..memory.pages import MemoryManager
 from ..models.llama import LlamaModel
 from .runner import ModelRunner
 from .tokenizer import Tokenizer
@@ -32,11 +32,12 @@ def calibration_ids(tok: Tokenizer, text: str | None, tokens: int) -> list[int]:
 def layer_scores(model: LlamaModel, ids: list[int], device, dtype) -> list[float]:
     """Dense preference score of every layer for one prefill of `ids`."""
     probe = CalibrationProbe(model.config, device, dtype)
-    need = probe.pages_needed(len(ids), 0)["kv"]
-    specs = probe.pool_specs(need * probe._bytes_per_page(), 0)
-    probe.allocate_storage(specs)
-    memory = MemoryManager(specs)
-    probe.add_request(0, memory.reserve(0, {"kv": need}), len(ids))
+    page = probe.layout(0, 0, 0, False)  # one page: its size and a request's cost
+    need = page.pages_needed(len(ids), 0)
+    layout = probe.layout(need["kv"] * page.pools[0].bytes_per_page, 0, 0, False)
+    probe.allocate_storage(layout.pools)
+    memory = MemoryManager(layout.pools)
+    probe.add_request(0, memory.reserve(0, need), len(ids))
     ModelRunner(model, probe, device).forward([0], [0], [len(ids)], ids, [0])
     return probe.scores
 

@@ -10,8 +10,8 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import ConfigError, InvalidRequestError
-from ..kvcache.pages import MemoryManager
 from ..kvcache.registry import policy_class
+from ..memory.pages import MemoryManager
 from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..scheduler.scheduler import Scheduler, Seq
@@ -87,26 +87,22 @@ class Engine:
                 calibrate(self.model, self.tokenizer, self.device, self.dtype)[1]
             )
         self.policy.bind_model(self.model)
-        prefix = self.policy.prefix_blocks() if self.options.enable_prefix_caching else None
         copies = self.options.prefix_gpu_gib
-        specs = self.policy.pool_specs(
+        layout = self.policy.layout(
             self._gpu_kv_budget(),
             int(self.options.host_kv_gib * GIB),
-            0 if prefix is None else None if copies is None else int(copies * GIB),
+            None if copies is None else int(copies * GIB),
+            self.options.enable_prefix_caching,
         )
-        self.policy.allocate_storage(specs)
-        self.memory = MemoryManager(specs, prefix=prefix)
-        self.policy.warm_up(prefix_sharing=prefix is not None)
+        self.policy.allocate_storage(layout.pools)
+        self.memory = MemoryManager(layout.pools, prefix=layout.prefix_blocks)
+        self.policy.warm_up(prefix_sharing=layout.prefix_blocks is not None)
         self.scheduler = Scheduler(
             self.memory,
-            self.policy.pages_needed,
+            layout,
             max_running=self.options.max_running_requests,
             max_queued=self.options.max_queued_requests,
             chunk_tokens=self.options.chunked_prefill_size,
-            whole_prompt_prefill=self.policy.whole_prompt_prefill,
-            shareable=self.policy.shareable_tokens,
-            cache_output=self.policy.caches_output,
-            partial_pool=self.policy.partial_block_pool,
         )
         self.runner = ModelRunner(
             self.model,

@@ -6,7 +6,7 @@ import torch
 
 from ..kvcache.batch import ForwardBatch
 from ..kvcache.policy import KVPolicy
-from ..kvcache.staging import to_device
+from ..memory.host_memory import to_device
 from ..models.llama import LlamaModel
 from .cuda_graph import DecodeGraphs
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .staging import to_device
+from ..memory.host_memory import to_device
 
 
 @dataclass

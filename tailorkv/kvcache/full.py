@@ -10,9 +10,10 @@ import torch
 
 from ..kernels import flashinfer_decode, host_copy
 from ..kernels.attention import causal_attention, grouped_attention
+from ..memory.host_memory import host_tensor
+from ..memory.layout import KVLayout
+from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
-from .host_memory import host_tensor
-from .pages import PoolSpec
 from .policy import KVPolicy
 
 PAGE_SIZE = 16
@@ -42,22 +43,17 @@ class FullPolicy(KVPolicy):
         True  # decode rows attend to every cached token (FlashInfer's paged decode on CUDA)
     )
 
-    def prefix_blocks(self) -> tuple[int, dict[str, int]]:
-        return PAGE_SIZE, {"kv": 1}
-
-    def _bytes_per_page(self) -> int:
+    def layout(
+        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
+    ) -> KVLayout:
+        """One pool of PAGE_SIZE-token pages of every layer's K/V, in this policy's tier; a block is one page."""
         c = self.cfg
-        return 2 * c.num_layers * PAGE_SIZE * c.num_kv_heads * c.head_dim * self.dtype.itemsize
-
-    def pool_specs(
-        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0
-    ) -> list[PoolSpec]:
-        bpp = self._bytes_per_page()
-        budget = gpu_bytes if self.tier == "gpu" else host_bytes
-        return [PoolSpec("kv", self.tier, max(budget // bpp, 1), PAGE_SIZE, bpp)]
-
-    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
-        return {"kv": -(-(prompt_len + max_new_tokens) // PAGE_SIZE)}
+        bpp = 2 * c.num_layers * PAGE_SIZE * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        pages = max((gpu_bytes if self.tier == "gpu" else host_bytes) // bpp, 1)
+        return KVLayout(
+            [PoolSpec("kv", self.tier, pages, PAGE_SIZE, bpp, holds="all")],
+            prefix_blocks=(PAGE_SIZE, {"kv": 1}) if prefix_caching else None,
+        )
 
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         c, n = self.cfg, specs[0].num_pages

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
-from .device_copies import DeviceCopies, PrefixReads
-from .host_memory import host_tensor
+from ..memory.device_copies import DeviceCopies, PrefixReads
+from ..memory.host_memory import host_tensor
 from .prompt_rows import HOST_PAGE, PromptRows
 from .staging import StagedInputs
 

@@ -9,24 +9,14 @@ from abc import ABC, abstractmethod
 import torch
 
 from ..errors import ConfigError
+from ..memory.layout import KVLayout
+from ..memory.pages import PoolSpec
 from ..models.config import ModelConfig
 from .batch import ForwardBatch, StepState
-from .pages import PoolSpec
 
 
 class KVPolicy(ABC):
     name: str = ""
-
-    # Some policies need the whole prompt in one prefill step (e.g. tailor: offload and max|K| over all of it).
-    whole_prompt_prefill: bool = False
-
-    # Prefix caching: generated tokens' K/V sits in the same pages as the prompt's, so a finished request's output
-    # may be cached for the next turn of a chat.
-    caches_output: bool = True
-
-    # Prefix caching of a prompt's partly filled last block (prefix_cache.py): the pool of the block's page that
-    # holds its tokens' exact K/V, which a request continuing them reads; None: only full blocks are cached.
-    partial_block_pool: str | None = None
 
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, **options):
         self.validate_options(**options)
@@ -41,15 +31,6 @@ class KVPolicy(ABC):
                 f"kv_policy {cls.name!r} takes no option(s): {', '.join(sorted(options))}"
             )
 
-    def prefix_blocks(self) -> tuple[int, dict[str, int]] | None:
-        """(tokens per block, pages per block in each shared pool) when requests with a common prompt prefix may
-        share its K/V pages (prefix_cache.py), block i holding tokens i*tokens ..; None when they may not."""
-        return None
-
-    def shareable_tokens(self, prompt_len: int) -> int:
-        """Prompt tokens whose stored K/V is final once the prompt is computed (only those blocks are shared)."""
-        return prompt_len
-
     def bind_model(self, model) -> None:
         """Called once with the loaded model (TailorKV's stage 1 uses the next layer's W_q and RoPE)."""
 
@@ -57,16 +38,13 @@ class KVPolicy(ABC):
         """Called once at start: run what compiles on first use, so that no request waits for it."""
 
     @abstractmethod
-    def pool_specs(
-        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0
-    ) -> list[PoolSpec]:
-        """The pools this policy needs, sized to the given byte budgets of each tier. `copy_bytes`: of the GPU
-        budget, how much may hold copies of host-tier pages that prefills read back (shared prefixes; None: what
-        the other GPU pools leave); a policy whose prefills read nothing back ignores it."""
-
-    @abstractmethod
-    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
-        """Pages of each pool a request holds for its whole life (reserved at admission)."""
+    def layout(
+        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
+    ) -> KVLayout:
+        """The policy's pools sized to the byte budgets of each tier, and what a request costs in them.
+        `copy_bytes`: with prefix caching, how much of the GPU budget may hold copies of host-tier pages that
+        prefills read back (None: what the other GPU pools leave); a policy whose prefills read nothing back
+        ignores it. `prefix_caching`: requests with a common prompt prefix may share its pages."""
 
     @abstractmethod
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
@@ -80,8 +58,8 @@ class KVPolicy(ABC):
         prompt_len: int,
         partial_page: int | None = None,
     ) -> None:
-        """Bind a newly admitted request to its pages; `partial_page`: the page (partial_block_pool) of the cached
-        partial block whose tokens its prompt continues, read at its prefill."""
+        """Bind a newly admitted request to its pages; `partial_page`: the page (KVLayout.partial_block_pool) of
+        the cached partial block whose tokens its prompt continues, read at its prefill."""
 
     def prepare(self, batch: ForwardBatch) -> StepState:
         """The step's state shared by all layers (slot indices, page tables, views), computed once before the

@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from .device_copies import DeviceCopies, PrefixReads
-from .staging import to_device
+from ..memory.device_copies import DeviceCopies, PrefixReads
+from ..memory.host_memory import to_device
 
 HOST_PAGE = 256  # tokens per host-tier page
 NO_COPIES = DeviceCopies(0)  # no page has a GPU copy

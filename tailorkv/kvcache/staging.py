@@ -50,12 +50,3 @@ class StagedInputs:
         self._device_buf.copy_(self._host_buf, non_blocking=True)
         if self._sent is not None:
             self._sent.record()
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A small CPU tensor on `device`, through pinned memory on CUDA so that the copy does not wait for the stream
-    (torch keeps the pinned block until the copy has run)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)

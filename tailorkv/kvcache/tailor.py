@@ -11,8 +11,11 @@ import torch
 from ..errors import ConfigError
 from ..kernels import kivi
 from ..kernels.attention import causal_attention, shared_prefix_attention
+from ..memory.device_copies import PrefixReads
+from ..memory.host_memory import to_device
+from ..memory.layout import KVLayout
+from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
-from .device_copies import PrefixReads
 from .offload_store import (
     HOST_PAGE,
     DecodeView,
@@ -21,21 +24,15 @@ from .offload_store import (
     SharedPrefix,
     page_runs,
 )
-from .pages import PoolSpec
 from .plans import layer_plan
 from .policy import KVPolicy
 from .prompt_rows import PrefillGroup
 from .quant_store import QuantState, QuantStore, QuantView
 from .selection import group_mean, score_tokens, select_channels, select_tokens
-from .staging import to_device
 from .tailor_config import TailorConfig
 
 PAGE = 64
 MAX_SLOTS = 256  # per-request window slots: an upper bound on running requests
-
-
-def _pages(tokens: int, page: int = PAGE) -> int:
-    return -(-tokens // page)
 
 
 @dataclass
@@ -58,13 +55,6 @@ class TailorStep(StepState):
 
 class TailorPolicy(KVPolicy):
     name = "tailor"
-    whole_prompt_prefill = True
-    caches_output = (
-        False  # generated tokens live in GPU-tier pages of their own, not in the shared blocks
-    )
-    partial_block_pool = (
-        "host"  # a cached partial block: its host page, the exact rows of every layer
-    )
 
     def __init__(
         self,
@@ -113,24 +103,16 @@ class TailorPolicy(KVPolicy):
             kv = torch.zeros(2, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype)
             shared_prefix_attention(q, kv, kv, [0, 2], kv, kv)
 
-    def prefix_blocks(self) -> tuple[int, dict[str, int]] | None:
-        """Blocks of one host-tier page: its token rows (and the Q layers' rows), its key-sketch page and the four
-        quantized pages of the same tokens. kivi (no host tier) does not share."""
-        if not self.s_index:
-            return None
-        return HOST_PAGE, {
-            "host": 1,
-            **({"sketch": 1} if self.tc.key_sketch else {}),
-            **({"qkv": HOST_PAGE // PAGE} if self.q_index else {}),
-        }
-
     # ---- memory ------------------------------------------------------------------------------------------------
-    def pool_specs(
-        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None = 0
-    ) -> list[PoolSpec]:
+    def layout(
+        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
+    ) -> KVLayout:
         """Slots (each request's windows), the GPU pools in the proportions of long-context requests, the host
         tier, and GPU copies of host pages (DeviceCopies): by default the GPU memory that pools for as many such
-        requests as the host tier holds leave, at most half of it."""
+        requests as the host tier holds leave, at most half of it. A shared block is one host-tier page: its token
+        rows (and the Q layers' rows), its key-sketch page and the quantized pages of the same tokens; kivi (no
+        host tier) shares nothing. Generated tokens live in GPU-tier pages of their own, never in shared blocks;
+        a cached partial block is its host page, the exact rows of every layer."""
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
         nq, ns, h, d = len(self.q_index), len(self.s_index), c.num_kv_heads, c.head_dim
         vgroup = kivi.value_group(t.group_size, d, t.quant_bits)
@@ -139,51 +121,58 @@ class TailorPolicy(KVPolicy):
         )
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
-        # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~256x longer: long contexts)
-        gpu: dict[str, tuple[int, int, int]] = {}
+        # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~256x longer: long contexts,
+        # what a request holds)
+        gpu: dict[str, tuple[int, int, int, str]] = {}
         if nq:
-            gpu["qkv"] = (PAGE, QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup), 257)
+            gpu["qkv"] = (
+                PAGE,
+                QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup),
+                257,
+                "all",
+            )
         if ns:
-            gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 1)
-            if t.key_sketch:
-                gpu["sketch"] = (
-                    HOST_PAGE,
-                    OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch),
-                    64,
-                )
-        unit = sum(b * n for _, b, n in gpu.values())  # per 64 host pages
-        specs = [PoolSpec("slots", "gpu", slots, 1, slot)]
+            gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 1, "output")
+        if ns and t.key_sketch:
+            spage = OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch)
+            gpu["sketch"] = (HOST_PAGE, spage, 64, "prompt")
+        unit = sum(b * n for _, b, n, _ in gpu.values())  # per 64 host pages
+        host = []
         if ns:
             hpage = OffloadStore.bytes_per_host_page(
                 ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq
             )
             host_pages = max(host_bytes // hpage, 1)
-            specs.append(PoolSpec("host", "host", host_pages, HOST_PAGE, hpage))
+            host.append(PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt"))
             cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
-            if copy_bytes is None:
+            if not prefix_caching:
+                copy_bytes = 0
+            elif copy_bytes is None:
                 copy_bytes = (
                     0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
                 )
             copies = min(max(min(copy_bytes, rest), 0) // cpage, host_pages)
             if copies:
-                specs.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
+                host.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
                 rest -= copies * cpage
-        specs += [
-            PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b)
-            for name, (size, b, n) in gpu.items()
-        ]
-        return specs
-
-    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
-        need = {"slots": 1}
-        if self.q_index:
-            need["qkv"] = _pages(prompt_len + max_new_tokens)
-        if self.s_index:
-            need["gen"] = _pages(max_new_tokens)
-            need["host"] = _pages(prompt_len, HOST_PAGE)
-            if self.tc.key_sketch:
-                need["sketch"] = need["host"]
-        return need
+        pools = {
+            name: PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b, holds)
+            for name, (size, b, n, holds) in gpu.items()
+        }
+        sketch = [pools.pop("sketch")] if "sketch" in pools else []
+        pools = [PoolSpec("slots", "gpu", slots, 1, slot, "request"), *pools.values()]
+        pools += host[:1] + sketch + host[1:]  # a request reserves in this order
+        blocks = None
+        if prefix_caching and ns:
+            shared = {"host": 1, **({"sketch": 1} if "sketch" in gpu else {})}
+            blocks = HOST_PAGE, {**shared, **({"qkv": HOST_PAGE // PAGE} if nq else {})}
+        return KVLayout(
+            pools,
+            prefix_blocks=blocks,
+            whole_prompt_prefill=True,  # the S layers offload and take max|K| over the whole prompt
+            caches_output=False,
+            partial_block_pool="host" if blocks else None,
+        )
 
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         c, t, n = self.cfg, self.tc, {s.name: s.num_pages for s in specs}

@@ -4,10 +4,10 @@ Each step runs every decoding sequence (one token each) plus prefill work under 
 prompt chunks of admitted sequences first, then newly admitted ones. Admission reserves, in every pool of both
 tiers, the pages for prompt + max_new_tokens, so a running sequence never runs out of memory and nothing is
 half-admitted; a sequence that does not fit waits. With prefix caching, admission first takes the longest cached
-run of the prompt's full blocks (never the whole prompt: its last token must be computed to give logits; never
-past what the policy may share), then, where the policy caches partly filled blocks, the cached partial block after
-them that shares most of the prompt's next tokens; it reserves only the rest and starts computing after them.
-Computed blocks are offered to the cache as they fill up, and a prompt's partly filled last block once computed.
+run of the prompt's full blocks (never the whole prompt: its last token must be computed to give logits), then,
+where the policy caches partly filled blocks, the cached partial block after them that shares most of the prompt's
+next tokens; it reserves only the rest and starts computing after them. Computed blocks are offered to the cache
+as they fill up, and a prompt's partly filled last block once computed.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import CapacityError, QueueFullError
-from ..kvcache.pages import MemoryManager
-from ..kvcache.prefix_cache import ROOT, page_hashes
+from ..memory.layout import KVLayout
+from ..memory.pages import MemoryManager
+from ..memory.prefix_cache import ROOT, page_hashes
 
 
 @dataclass
@@ -68,31 +68,21 @@ class Scheduler:
     def __init__(
         self,
         memory: MemoryManager,
-        pages_needed: Callable[[int, int], dict[str, int]],
+        layout: KVLayout,
         *,
         max_running: int = 64,
         max_queued: int = 1024,
         chunk_tokens: int = 2048,
-        whole_prompt_prefill: bool = False,
-        shareable: Callable[[int], int] = lambda n: n,
-        cache_output: bool = True,
-        partial_pool: str | None = None,
     ):
-        """`shareable(prompt_len)`: prompt tokens whose K/V the policy never rewrites once computed (only their
-        blocks are cached or shared); `cache_output`: generated tokens' blocks are cached too (the next chat
-        turn); `partial_pool`: the pool of a partly filled block's page, when the policy caches those
-        (KVPolicy.partial_block_pool)."""
-        self.memory, self.pages_needed, self.prefix = memory, pages_needed, memory.prefix
-        self.shareable, self.cache_output = shareable, cache_output
-        self.partial_pool = partial_pool if memory.prefix else None
+        """`layout`: the KV policy's pools and what a request costs in them; `memory`: the pages of those pools."""
+        self.memory, self.layout, self.prefix = memory, layout, memory.prefix
+        self.partial_pool = layout.partial_block_pool if memory.prefix else None
         self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
-        # Some policies (tailor's S layers) need the whole prompt at once: offload + max|K| over all of it.
-        self.whole_prompt_prefill = whole_prompt_prefill
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
 
     def add(self, seq: Seq, prompt_ids: list[int] | None = None) -> None:
-        if not self.memory.fits_ever(self.pages_needed(seq.prompt_len, seq.max_new_tokens)):
+        if not self.memory.fits_ever(self.layout.pages_needed(seq.prompt_len, seq.max_new_tokens)):
             raise CapacityError(
                 f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
                 "does not fit in this engine's KV memory"
@@ -142,7 +132,7 @@ class Scheduler:
                 break
             pages = self.memory.reserve(
                 s.rid,
-                self.pages_needed(s.prompt_len, s.max_new_tokens),
+                self.layout.pages_needed(s.prompt_len, s.max_new_tokens),
                 shared,
                 partial and partial[0],
             )
@@ -165,7 +155,7 @@ class Scheduler:
         the tokens it gives) or None, leaving the prompt's last token to compute."""
         if not self.prefix:
             return [], None
-        limit = min(s.prompt_len - 1, self.shareable(s.prompt_len))
+        limit = s.prompt_len - 1
         shared = self.prefix.match(s.page_keys[: self._blocks(limit)])
         if not self.partial_pool:
             return shared, None
@@ -181,7 +171,7 @@ class Scheduler:
         return max(tokens, 0) // self.prefix.block_tokens
 
     def _chunk(self, remaining: int, budget: int, first: bool) -> int:
-        if not self.whole_prompt_prefill:
+        if not self.layout.whole_prompt_prefill:
             return min(remaining, budget)
         # the whole prompt at once; one over-budget prompt may run alone rather than never
         return remaining if remaining <= budget or first else 0
@@ -191,16 +181,14 @@ class Scheduler:
         for s, n in zip(step.seqs, step.new):
             done, s.num_computed = s.num_computed, s.num_computed + n
             if self.prefix and done < s.prompt_len:
-                final = min(s.num_computed, self.shareable(s.prompt_len))
-                self.memory.cache(
-                    s.rid, s.page_keys[: self._blocks(final)], start=self._blocks(done)
-                )
-                if self.partial_pool and not s.prefilling and final % self.prefix.block_tokens:
-                    b = self._blocks(final)
+                end = s.num_computed
+                self.memory.cache(s.rid, s.page_keys[: self._blocks(end)], start=self._blocks(done))
+                if self.partial_pool and not s.prefilling and end % self.prefix.block_tokens:
+                    b = self._blocks(end)
                     self.memory.cache_partial(
                         s.rid,
                         s.page_keys[b - 1] if b else ROOT,
-                        s.prompt_ids[b * self.prefix.block_tokens : final],
+                        s.prompt_ids[b * self.prefix.block_tokens : end],
                         b,
                         self.partial_pool,
                     )
@@ -209,7 +197,7 @@ class Scheduler:
         """Drop a finished, aborted or failed sequence, waiting or running, and return all its pages. `token_ids`
         (prompt + output) also caches the full pages of its generated tokens, for the next turn of a chat."""
         seq = self.running.pop(rid, None)
-        if self.prefix and self.cache_output and seq is not None and token_ids is not None:
+        if self.prefix and self.layout.caches_output and seq is not None and token_ids is not None:
             keys, size = seq.page_keys, self.prefix.block_tokens
             more = page_hashes(
                 token_ids[len(keys) * size : seq.num_computed], size, keys[-1] if keys else ROOT

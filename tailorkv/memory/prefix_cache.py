@@ -6,7 +6,7 @@ quantized pages). Each block is keyed by a hash chain over the token ids (a bloc
 and, through its parent's key, every token before it, so equal keys mean equal K/V at equal positions). Only
 blocks the policy never writes again are registered.
 
-A policy may also cache a prompt's partly filled last block (KVPolicy.partial_block_pool; tailor): only its page
+A policy may also cache a prompt's partly filled last block (KVLayout.partial_block_pool; tailor): only its page
 in that pool, which holds the exact K/V of its tokens, under its parent's key and its tokens. A request whose prompt
 continues those tokens (a chat's next turn) shares the full blocks before it, reads the partial block's tokens from
 that page and computes from after them, writing the block into pages of its own: copy-on-write, so a partial block

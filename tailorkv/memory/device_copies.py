@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from .staging import to_device
+from .host_memory import to_device
 
 
 class PrefixReads(NamedTuple):

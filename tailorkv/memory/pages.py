@@ -40,6 +40,9 @@ class PoolSpec:
     num_pages: int
     page_size: int  # tokens per page
     bytes_per_page: int
+    # what each request holds pages for: "prompt", "output" or "all" tokens, one page ("request"), or None (no
+    # request holds pages of it: the policy uses it itself)
+    holds: str | None = None
 
 
 class MemoryManager:
@@ -47,7 +50,7 @@ class MemoryManager:
 
     def __init__(self, specs: list[PoolSpec], prefix: tuple[int, dict[str, int]] | None = None):
         """`prefix`: (tokens per block, pages per block of each shared pool) when requests with a common prompt
-        prefix share its pages (KVPolicy.prefix_blocks), else None."""
+        prefix share its pages (KVLayout.prefix_blocks), else None."""
         self.specs = {s.name: s for s in specs}
         self.pools = {s.name: PagePool(s.name, s.tier, s.num_pages, s.page_size) for s in specs}
         self.prefix: PrefixCache | None = None

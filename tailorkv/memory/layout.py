@@ -1,0 +1,37 @@
+"""A KV policy's memory contract (KVLayout): the pools it needs in each tier and what a request costs in them. The
+scheduler and the MemoryManager read only this, never the policy's attention code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .pages import PoolSpec
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """- pools: every pool of the policy, sized to the engine's byte budgets; a pool's `holds` says what a request
+      reserves in it (pages_needed);
+    - prefix_blocks: (tokens per block, pages per block in each shared pool) when requests with a common prompt
+      prefix share its pages (prefix_cache.py), block i holding tokens i*tokens ..; None when they do not;
+    - whole_prompt_prefill: a prompt is prefilled in one step (tailor: offload and max|K| over all of it);
+    - caches_output: generated tokens' K/V sits in the same pages as the prompt's, so a finished request's output
+      may be cached for the next turn of a chat;
+    - partial_block_pool: with prefix blocks, the pool of a prompt's partly filled last block's page that holds
+      its tokens' exact K/V, cached for a request continuing them; None: only full blocks are cached."""
+
+    pools: list[PoolSpec]
+    prefix_blocks: tuple[int, dict[str, int]] | None = None
+    whole_prompt_prefill: bool = False
+    caches_output: bool = True
+    partial_block_pool: str | None = None
+
+    def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
+        """Pages of each pool a request holds for its whole life (reserved at admission)."""
+        tokens = {"prompt": prompt_len, "output": max_new_tokens}
+        tokens["all"] = prompt_len + max_new_tokens
+        return {
+            s.name: 1 if s.holds == "request" else -(-tokens[s.holds] // s.page_size)
+            for s in self.pools
+            if s.holds
+        }
