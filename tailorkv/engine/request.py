@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..scheduler.scheduler import Seq
+from .detokenizer import IncrementalDetokenizer, find_stop
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -30,13 +31,16 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     _sent: int = 0  # characters of `text` already handed out by `new_text`
+    _detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
     def append(self, token: int, tok: Tokenizer) -> None:
-        """Record a sampled token; sets `finish_reason` on EOS / stop id / stop string / length."""
+        """Record a sampled token; sets `finish_reason` on EOS / stop id / stop string / length. `text` grows by
+        the token's text once its characters are complete (O(1) in the answer's length); at the end it is
+        tok.decode(output_ids), cut before a matched stop string."""
         now = time.perf_counter()
         self.first_token_time = self.first_token_time or now
         p = self.params
@@ -46,20 +50,18 @@ class Request:
             self.output_ids.pop()  # the stop token is not part of the completion
             self._finish({"type": "stop", "matched": token}, tok, now)
             return
-        text = tok.decode(self.output_ids)
-        for s in p.stop:
-            at = text.find(s, max(0, len(self.text) - len(s)))
-            if at >= 0:
-                self.text = text[:at]
-                self._finish({"type": "stop", "matched": s}, tok, now, decode=False)
-                return
-        self.text = text
-        if len(self.output_ids) >= p.max_new_tokens:
+        new = self._detok.step(tok, self.output_ids)
+        self.text += new
+        stop = find_stop(self.text, len(new), p.stop) if new and p.stop else None
+        if stop is not None:
+            self.text = self.text[: stop[0]]
+            self._finish({"type": "stop", "matched": stop[1]}, tok, now, flush=False)
+        elif len(self.output_ids) >= p.max_new_tokens:
             self._finish({"type": "length", "matched": None}, tok, now)
 
-    def _finish(self, reason: dict, tok: Tokenizer, now: float, decode: bool = True) -> None:
-        if decode:
-            self.text = tok.decode(self.output_ids)
+    def _finish(self, reason: dict, tok: Tokenizer, now: float, flush: bool = True) -> None:
+        if flush:
+            self.text += self._detok.flush(tok, self.output_ids)
         self.finish_reason = reason
         self.finished_time = now
 
@@ -68,12 +70,10 @@ class Request:
         self.finished_time = time.perf_counter()
 
     def new_text(self) -> str:
-        """Text produced since the last call; holds back a trailing partial UTF-8 sequence and any tail that
-        could still become a stop string, until the request finishes."""
+        """Text produced since the last call; holds back any tail that could still become a stop string, until
+        the request finishes (`text` itself holds back incomplete UTF-8 characters)."""
         end = len(self.text)
         if not self.finished:
-            while end > self._sent and self.text[end - 1] == "\ufffd":
-                end -= 1
             for s in self.params.stop:
                 for k in range(min(len(s) - 1, end - self._sent), 0, -1):
                     if self.text[end - k : end] == s[:k]:
