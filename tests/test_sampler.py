@@ -163,3 +163,30 @@ def test_logprobs_are_of_the_raw_logits(forced):
     assert a.top_logprobs == list(zip(top.indices.tolist(), top.values.tolist()))
     assert b.logprob == float(lp[1, b.token]) and b.top_logprobs is None
     assert b.token != int(x[1].argmax())
+
+
+class Letters:
+    """A tokenizer stand-in: token t is the letter chr(97 + t); token 25 ends a generation."""
+
+    eos_token_ids = [25]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(97 + t) for t in ids)
+
+
+def test_a_request_keeps_the_logprobs_it_asked_for():
+    from tailorkv.engine.request import Request
+    from tailorkv.engine.sampling import Sample
+    from tailorkv.scheduler.scheduler import Seq
+
+    req = Request(0, [1], SamplingParams(max_new_tokens=5), Seq(0, 1, 5), top_logprobs_num=1)
+    for s in (Sample(2, -0.5, [(2, -0.5)]), Sample(3, -1.5, [(4, -0.25)]), Sample(25, -2.0, [])):
+        req.append(s, Letters())
+    meta = req.result()["meta_info"]
+    assert req.text == "cd" and req.finish_reason == {"type": "stop", "matched": 25}
+    assert meta["output_token_logprobs"] == [[-0.5, 2], [-1.5, 3]]  # not the stop token's
+    assert meta["output_top_logprobs"] == [[[-0.5, 2]], [[-0.25, 4]]]
+    assert (
+        "output_token_logprobs"
+        not in Request(1, [1], SamplingParams(), Seq(1, 1, 5)).result()["meta_info"]
+    )
