@@ -29,7 +29,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: int | None = None  # None: drawn with the batch from the engine's generator
 
     @classmethod
     def from_any(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
