@@ -113,6 +113,8 @@ class Engine:
         )
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
+        # sampled requests without a seed: one draw per step for all of them
+        self._generator = torch.Generator(self.device).manual_seed(self.options.seed)
         self._lock = (
             threading.Lock()
         )  # add/abort may come from another thread than the one running step()
@@ -170,11 +172,8 @@ class Engine:
         with self._lock:
             rid = next(self._ids)
             gen = None
-            if not params.greedy:
-                seed = (
-                    params.seed if params.seed is not None else self.options.seed * 1_000_003 + rid
-                )
-                gen = torch.Generator(device=self.device).manual_seed(seed)
+            if not params.greedy and params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed)
             req = Request(
                 rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen
             )
@@ -221,19 +220,14 @@ class Engine:
             [s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new, tokens, want
         )
         self.scheduler.advance(plan)
-        chosen = sample(logits, [reqs[i].params for i in want], [reqs[i].generator for i in want])
-        for row, i in enumerate(want):
-            forced = reqs[i].forced_ids
-            if forced is not None:
-                chosen[row] = forced[len(reqs[i].output_ids)]
-                reqs[i].logprobs.append(float(torch.log_softmax(logits[row], -1)[chosen[row]]))
+        chosen = sample(logits, [reqs[i] for i in want], self._generator)
         with self._lock:
             out = []
-            for i, tok in zip(want, chosen):
+            for i, s in zip(want, chosen):
                 req = reqs[i]
                 if req.finished:  # aborted while the step ran
                     continue
-                req.append(tok, self.tokenizer)
+                req.append(s, self.tokenizer)
                 out.append(req)
                 if req.finished:
                     self._retire(req)
@@ -307,14 +301,14 @@ class Engine:
             for ids, cont in zip(prompts, continuations):
                 sp = SamplingParams(max_new_tokens=len(cont), temperature=0, ignore_eos=True)
                 req = self.add_request(self.tokenize(None, ids), sp)
-                req.forced_ids = list(cont)
+                req.forced_ids, req.top_logprobs_num = list(cont), 0
                 reqs.append(req)
             while not all(r.finished for r in reqs):
                 self.step()
         finally:
             for r in reqs:
                 self.abort(r.rid)
-        return [r.logprobs for r in reqs]
+        return [r.output_logprobs for r in reqs]
 
     def next_token_logits(self, input_ids: list[int]) -> torch.Tensor:
         """Float32 logits [vocab] after the prompt, computed through the normal paged path (admit, prefill,

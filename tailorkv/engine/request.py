@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..scheduler.scheduler import Seq
-from .sampling import SamplingParams
+from .detokenizer import IncrementalDetokenizer, find_stop
+from .sampling import LogitsProcessor, Sample, SamplingParams
 from .tokenizer import Tokenizer
 
 
@@ -18,48 +19,63 @@ class Request:
     input_ids: list[int]
     params: SamplingParams
     seq: Seq
-    generator: torch.Generator | None = None
-    forced_ids: list[int] | None = (
-        None  # teacher forcing: these tokens are appended instead of samples
-    )
-    logprobs: list[float] = field(default_factory=list)  # of the forced tokens
+    generator: torch.Generator | None = None  # a seeded request's own; None: drawn with the batch
+    # teacher forcing: these tokens are appended instead of samples
+    forced_ids: list[int] | None = None
+    # applied in order to this request's logits before it is sampled (penalties, logit bias, grammar masks)
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # None: no logprobs; 0: each output token's; n: and the n most likely at each step
+    top_logprobs_num: int | None = None
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)  # of output_ids, when asked
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
     finish_reason: dict | None = None
     created: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finished_time: float | None = None
     _sent: int = 0  # characters of `text` already handed out by `new_text`
+    _detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token: int, tok: Tokenizer) -> None:
-        """Record a sampled token; sets `finish_reason` on EOS / stop id / stop string / length."""
+    @property
+    def forced_token(self) -> int | None:
+        return None if self.forced_ids is None else self.forced_ids[len(self.output_ids)]
+
+    def append(self, token: int | Sample, tok: Tokenizer) -> None:
+        """Record a sampled token (and its logprobs); sets `finish_reason` on EOS / stop id / stop string /
+        length. `text` grows by the token's text once its characters are complete (O(1) in the answer's
+        length); at the end it is tok.decode(output_ids), cut before a matched stop string."""
         now = time.perf_counter()
         self.first_token_time = self.first_token_time or now
         p = self.params
-        self.output_ids.append(token)
+        s = token if isinstance(token, Sample) else Sample(token)
+        token = s.token
         self.seq.num_generated += 1
         if token in p.stop_token_ids or (not p.ignore_eos and token in tok.eos_token_ids):
-            self.output_ids.pop()  # the stop token is not part of the completion
+            # the stop token is not part of the completion
             self._finish({"type": "stop", "matched": token}, tok, now)
             return
-        text = tok.decode(self.output_ids)
-        for s in p.stop:
-            at = text.find(s, max(0, len(self.text) - len(s)))
-            if at >= 0:
-                self.text = text[:at]
-                self._finish({"type": "stop", "matched": s}, tok, now, decode=False)
-                return
-        self.text = text
-        if len(self.output_ids) >= p.max_new_tokens:
+        self.output_ids.append(token)
+        if s.logprob is not None:
+            self.output_logprobs.append(s.logprob)
+        if s.top_logprobs is not None:
+            self.output_top_logprobs.append(s.top_logprobs)
+        new = self._detok.step(tok, self.output_ids)
+        self.text += new
+        stop = find_stop(self.text, len(new), p.stop) if new and p.stop else None
+        if stop is not None:
+            self.text = self.text[: stop[0]]
+            self._finish({"type": "stop", "matched": stop[1]}, tok, now, flush=False)
+        elif len(self.output_ids) >= p.max_new_tokens:
             self._finish({"type": "length", "matched": None}, tok, now)
 
-    def _finish(self, reason: dict, tok: Tokenizer, now: float, decode: bool = True) -> None:
-        if decode:
-            self.text = tok.decode(self.output_ids)
+    def _finish(self, reason: dict, tok: Tokenizer, now: float, flush: bool = True) -> None:
+        if flush:
+            self.text += self._detok.flush(tok, self.output_ids)
         self.finish_reason = reason
         self.finished_time = now
 
@@ -68,12 +84,10 @@ class Request:
         self.finished_time = time.perf_counter()
 
     def new_text(self) -> str:
-        """Text produced since the last call; holds back a trailing partial UTF-8 sequence and any tail that
-        could still become a stop string, until the request finishes."""
+        """Text produced since the last call; holds back any tail that could still become a stop string, until
+        the request finishes (`text` itself holds back incomplete UTF-8 characters)."""
         end = len(self.text)
         if not self.finished:
-            while end > self._sent and self.text[end - 1] == "\ufffd":
-                end -= 1
             for s in self.params.stop:
                 for k in range(min(len(s) - 1, end - self._sent), 0, -1):
                     if self.text[end - k : end] == s[:k]:
@@ -101,5 +115,19 @@ class Request:
                 "finish_reason": self.finish_reason,
                 "e2e_latency": end - self.created,
                 "queue_time": self.queue_time,
-            },
+            }
+            | self._logprobs_info(),
         }
+
+    def _logprobs_info(self) -> dict:
+        """SGLang's meta_info logprob fields ([logprob, token id] pairs), when the request asked for them."""
+        if self.top_logprobs_num is None:
+            return {}
+        info = {
+            "output_token_logprobs": [list(x) for x in zip(self.output_logprobs, self.output_ids)]
+        }
+        if self.top_logprobs_num:
+            info["output_top_logprobs"] = [
+                [[lp, t] for t, lp in step] for step in self.output_top_logprobs
+            ]
+        return info

@@ -1,8 +1,18 @@
-"""SamplingParams (SGLang names) and the batched sampler."""
+"""SamplingParams (SGLang names) and the batched sampler.
+
+`sample` picks one token per row of a step's logits: a row's logits processors first (the hook for penalties,
+logit bias, grammar masks), then greedy rows by argmax, sampled rows without a seed in one batched draw from
+the engine's generator, and seeded rows one by one from their own generator (so a seed reproduces whatever
+else is in the batch). A row whose processed numbers are unusable (NaN, all -inf, a temperature that
+overflows) takes the argmax of its raw logits instead of failing the batch. Log-probabilities are of the raw
+logits.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -19,7 +29,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: int | None = None  # None: drawn with the batch from the engine's generator
 
     @classmethod
     def from_any(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
@@ -79,27 +89,135 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+LogitsProcessor = Callable[
+    [torch.Tensor], torch.Tensor
+]  # a row's logits [vocab] -> new logits [vocab]
+
+
+class SamplerRow(Protocol):
+    """What the sampler reads of a request (Request has it)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # a seeded row's own; None: drawn with the batch
+    logits_processors: list[LogitsProcessor]
+    # None: no logprobs; 0: the chosen token's; n: and the n most likely
+    top_logprobs_num: int | None
+
+    @property
+    def forced_token(self) -> int | None:
+        """Teacher forcing: the token to take instead of a sample."""
+
+
+class Sample(NamedTuple):
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token, logprob), most likely first
+
+
 def sample(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """One token per row of `logits` [B, vocab] (float32). Greedy rows take the argmax; others temperature,
-    top-k, top-p and min-p filtering, then a draw from the row's own generator (so a seed reproduces)."""
-    out = logits.argmax(dim=-1).tolist()
-    for i, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
-        row = logits[i] / p.temperature
-        if p.top_k > 0:
-            kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.min_p > 0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
-        if p.top_p < 1:
-            sorted_p, idx = probs.sort(descending=True)
-            drop = (
-                sorted_p.cumsum(0) - sorted_p > p.top_p
-            )  # keep the smallest prefix whose mass reaches top_p
-            probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0))
-        out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+    logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator
+) -> list[Sample]:
+    """One token per row of `logits` [B, vocab] (float32). Rows without a seed draw from `generator` in one
+    batch, so their tokens depend on the batch they are in; a seeded row's tokens do not."""
+    raw_best = logits.argmax(dim=-1)
+    x, tokens = logits, raw_best.clone()
+    if any(r.logits_processors for r in rows):
+        x = logits.clone()
+        for i, r in enumerate(rows):
+            for fn in r.logits_processors:
+                x[i] = fn(x[i])
+        unusable = x.isnan().any(-1) | (x.amax(-1) == float("-inf"))
+        tokens = torch.where(unusable, raw_best, x.argmax(dim=-1))
+    forced = [r.forced_token for r in rows]
+    # the other rows keep the argmax
+    drawn = [i for i, r in enumerate(rows) if forced[i] is None and not r.params.greedy]
+    seeded = [i for i in drawn if rows[i].generator is not None]
+    batch = [i for i in drawn if rows[i].generator is None]
+    for i in seeded:
+        tokens[i] = _draw(_filtered_probs(x[i], rows[i].params), raw_best[i], rows[i].generator)
+    if batch:
+        index = torch.tensor(batch, device=logits.device)
+        tokens[index] = _draw_batch(
+            x[index], [rows[i].params for i in batch], raw_best[index], generator
+        )
+    chosen = tokens.tolist()
+    for i, f in enumerate(forced):
+        if f is not None:
+            chosen[i] = f
+    return _with_logprobs(logits, rows, chosen)
+
+
+def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """A seeded row's distribution: temperature, top-k, softmax, min-p, top-p (this op order is what its seed
+    reproduces)."""
+    row = row / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0)
+    if p.top_p < 1:
+        sorted_p, idx = probs.sort(descending=True)
+        drop = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+        probs = probs.scatter(0, idx, sorted_p.masked_fill(drop, 0))
+    return probs
+
+
+def _usable(probs: torch.Tensor) -> torch.Tensor:
+    """Per row of `probs` [..., vocab]: finite, non-negative and with some mass."""
+    return probs.isfinite().all(-1) & (probs >= 0).all(-1) & (probs.sum(-1) > 0)
+
+
+def _draw(probs: torch.Tensor, fallback: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    ok = _usable(probs)
+    token = torch.multinomial(torch.where(ok, probs, 1.0), 1, generator=gen)[0]
+    return torch.where(ok, token, fallback)
+
+
+def _draw_batch(
+    x: torch.Tensor, params: list[SamplingParams], fallback: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """Temperature, top-k, softmax, min-p and top-p over all rows at once (in each row's sorted order when a
+    row asks for top-k or top-p), then one draw."""
+
+    def col(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=x.dtype, device=x.device)[:, None]
+
+    x = x / col([p.temperature for p in params])
+    idx = None
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        x, idx = x.sort(dim=-1, descending=True)
+        k = col([p.top_k if p.top_k > 0 else x.shape[-1] for p in params])
+        x = x.masked_fill(torch.arange(x.shape[-1], device=x.device) >= k, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    probs = probs.masked_fill(probs < col([p.min_p for p in params]) * probs.amax(-1, True), 0)
+    if idx is not None:
+        drop = probs.cumsum(-1) - probs > col(
+            [p.top_p if p.top_p < 1 else float("inf") for p in params]
+        )
+        probs = probs.masked_fill(drop, 0)
+    ok = _usable(probs)
+    token = torch.multinomial(torch.where(ok[:, None], probs, 1.0), 1, generator=gen)[:, 0]
+    if idx is not None:
+        token = idx.gather(-1, token[:, None])[:, 0]
+    return torch.where(ok, token, fallback)
+
+
+def _with_logprobs(logits: torch.Tensor, rows: list[SamplerRow], chosen: list[int]) -> list[Sample]:
+    want = [i for i, r in enumerate(rows) if r.top_logprobs_num is not None]
+    out = [Sample(t) for t in chosen]
+    if not want:
+        return out
+    index = torch.tensor(want, device=logits.device)
+    lp = torch.log_softmax(logits[index], dim=-1)
+    picked = lp.gather(-1, torch.tensor([chosen[i] for i in want], device=lp.device)[:, None])
+    picked = picked[:, 0].tolist()
+    n = max(rows[i].top_logprobs_num for i in want)
+    top = lp.topk(n, dim=-1) if n else None
+    top_ids, top_lps = (top.indices.tolist(), top.values.tolist()) if n else ([], [])
+    for j, i in enumerate(want):
+        m = rows[i].top_logprobs_num
+        pairs = list(zip(top_ids[j][:m], top_lps[j][:m])) if m else None
+        out[i] = Sample(chosen[i], picked[j], pairs)
     return out

@@ -1,0 +1,165 @@
+"""Incremental detokenization (Request.append): the text grows by complete characters only, equals the whole
+decode at every step where that is complete and at the end, and stop strings match across token boundaries."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
+
+from tailorkv.engine.detokenizer import IncrementalDetokenizer, find_stop
+from tailorkv.engine.request import Request
+from tailorkv.engine.sampling import SamplingParams
+from tailorkv.engine.tokenizer import Tokenizer
+from tailorkv.models.embedded import embedded_tokenizer_source
+from tailorkv.scheduler.scheduler import Seq
+
+MULTI_BYTE = "Hello 世界! 🎉🎊 naïve café 😀 end"
+SPACES = " leading,  two spaces\n\n   indented\tand tabbed  "
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(embedded_tokenizer_source())
+
+
+def request(n: int, **params) -> Request:
+    sp = SamplingParams(max_new_tokens=n, ignore_eos=True, **params)
+    return Request(0, [1], sp, Seq(0, 1, n))
+
+
+def grow(tok, ids: list[int], **params) -> tuple[Request, list[str]]:
+    """The request after appending `ids` one by one, and its `text` after each append."""
+    req = request(len(ids), **params)
+    texts = []
+    for t in ids:
+        req.append(t, tok)
+        texts.append(req.text)
+        if req.finished:
+            break
+    return req, texts
+
+
+def assert_incremental(tok, ids: list[int]) -> None:
+    req, texts = grow(tok, ids)
+    partial = 0
+    for n, text in enumerate(texts[:-1], 1):
+        whole = tok.decode(ids[:n])
+        assert "\ufffd" not in text
+        if whole.endswith("\ufffd"):
+            partial += 1
+            assert whole.startswith(text)
+        else:
+            assert text == whole
+    assert req.finish_reason["type"] == "length" and texts[-1] == tok.decode(ids)
+    return partial
+
+
+def test_multi_byte_characters_split_over_tokens(tok):
+    ids = tok.encode(MULTI_BYTE)
+    assert assert_incremental(tok, ids) >= 4  # CJK and emoji bytes are spread over tokens
+
+
+def test_leading_and_repeated_spaces(tok):
+    assert_incremental(tok, tok.encode(SPACES))
+
+
+def test_a_long_answer(tok):
+    from tailorkv.essays import load_essays
+
+    ids = tok.encode(load_essays()[:6000] + MULTI_BYTE)
+    assert_incremental(tok, ids)
+
+
+class Sentencepiece:
+    """A Llama-style decoder (▁ for a space, byte fallback, the first space stripped) over a toy vocabulary."""
+
+    PIECES = [
+        "▁Hello",
+        "▁world",
+        "▁",
+        "<0xE4>",
+        "<0xB8>",
+        "<0x96>",
+        "<0xF0>",
+        "<0x9F>",
+        "<0x98>",
+        "<0x80>",
+    ]
+    PIECES += ["!", "▁new", "line", "<0x0A>"]
+
+    def __init__(self):
+        self.tk = HFTokenizer(models.WordLevel({p: i for i, p in enumerate(self.PIECES)}, "!"))
+        self.tk.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(ids)
+
+    def ids(self, pieces: str) -> list[int]:
+        return [self.PIECES.index(p) for p in pieces.split()]
+
+
+def test_sentencepiece_spaces_and_byte_fallback():
+    sp = Sentencepiece()
+    pieces = "▁Hello ▁world ▁ <0xE4> <0xB8> <0x96> ! <0xF0> <0x9F> <0x98> <0x80> <0x0A> ▁new line ▁"
+    ids = sp.ids(pieces)
+    assert sp.decode(ids[:2]) == "Hello world" and sp.decode(ids) == "Hello world 世!😀\n newline "
+    detok, text = IncrementalDetokenizer(), ""
+    for n in range(1, len(ids) + 1):
+        text += detok.step(sp, ids[:n])
+        whole = sp.decode(ids[:n])
+        assert text == whole or (whole.endswith("\ufffd") and whole.startswith(text))
+    assert text + detok.flush(sp, ids) == sp.decode(ids)
+
+
+def test_an_incomplete_character_at_the_end_is_flushed(tok):
+    ids = tok.encode(MULTI_BYTE)
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    req, texts = grow(tok, ids[:cut])
+    assert texts[-1] == tok.decode(ids[:cut]) and texts[-1].endswith("\ufffd")
+
+
+def test_a_stop_string_spanning_tokens(tok):
+    ids = tok.encode("The quick brown fox jumps over the lazy dog.")
+    req, texts = grow(tok, ids, stop=["never", "wn fo"])
+    assert req.text == "The quick bro" and req.finish_reason == {"type": "stop", "matched": "wn fo"}
+    assert tok.decode(req.output_ids) == "The quick brown fox"
+
+
+def test_a_stop_string_of_a_split_character(tok):
+    ids = tok.encode(MULTI_BYTE)
+    req, _ = grow(tok, ids, stop=["界!"])
+    assert req.text == "Hello 世" and req.finish_reason["matched"] == "界!"
+    assert tok.decode(req.output_ids) == "Hello 世界!"
+
+
+def test_streamed_text_holds_back_a_possible_stop_string(tok):
+    ids = tok.encode("The quick brown fox jumps over the lazy dog.")
+    req = request(len(ids), stop=["fox jumps!"])
+    streamed, held = "", set()
+    for t in ids:
+        req.append(t, tok)
+        streamed += req.new_text()
+        held.add(req.text[len(streamed) :])
+    assert held == {"", "fox", "fox jumps"}
+    assert streamed == req.text == tok.decode(ids)
+
+
+def test_a_stop_token_ends_without_its_text(tok):
+    ids = tok.encode(MULTI_BYTE)
+    req, _ = grow(tok, ids[:4] + [ids[5]], stop_token_ids=[ids[5]])
+    assert req.output_ids == ids[:4] and req.text == tok.decode(ids[:4])
+    assert req.finish_reason == {"type": "stop", "matched": ids[5]}
+
+
+def test_find_stop_searches_only_the_new_tail():
+    assert find_stop("ab stop cd", 3, ["stop"]) is None  # wholly before the new text: found earlier
+    assert find_stop("ab stop cd", 6, ["stop"]) == (3, "stop")
+    assert find_stop("ab stop", 1, ["zz", "stop"]) == (3, "stop")
