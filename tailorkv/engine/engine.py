@@ -78,9 +78,8 @@ class Engine:
         self.config = self.model.config
         self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
         self.policy = cls(self.config, self.device, self.dtype, **config.policy_options)
-        if getattr(
-            self.policy, "plan_missing", False
-        ):  # a model without a shipped plan: calibrate once, cache
+        if getattr(self.policy, "plan_missing", False):
+            # a model without a shipped plan: calibrate once, cache
             from .calibration import calibrate
 
             self.policy.set_quant_layers(
@@ -115,9 +114,8 @@ class Engine:
         self._ids = itertools.count()
         # sampled requests without a seed: one draw per step for all of them
         self._generator = torch.Generator(self.device).manual_seed(self.options.seed)
-        self._lock = (
-            threading.Lock()
-        )  # add/abort may come from another thread than the one running step()
+        # add/abort may come from another thread than the one running step()
+        self._lock = threading.Lock()
         self.step_log = StepLog()
         self.step_log.alloc_retries = self._allocator_retries()  # those while loading are no step's
         self.kv_policy = config.kv_policy
