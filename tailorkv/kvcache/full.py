@@ -195,7 +195,3 @@ class FullPolicy(KVPolicy):
     ) -> torch.Tensor:
         """Decode rows q [B, Hq, D] over the keys read for them, [B, H, R, D] with mask [B, R]."""
         return grouped_attention(q, keys, values, mask=mask[:, None].expand(-1, keys.shape[1], -1))
-
-    def kv_bytes(self) -> dict[str, int]:
-        n = 2 * self.k_cache.numel() * self.k_cache.element_size()
-        return {"gpu": n, "host": 0} if self.tier == "gpu" else {"gpu": 0, "host": n}

@@ -392,16 +392,3 @@ class OffloadStore:
             valid,
             self.d**-0.5,
         )
-
-    def host_bytes(self) -> int:
-        return _nbytes(*self.rows, *(self.k_t or ()))
-
-    def device_bytes(self) -> int:
-        sketch = (self.sk_packed, self.sk_scale, self.sk_zero) if self.sketch_bits else ()
-        return _nbytes(
-            self.win_k, self.win_v, self.max_abs, self.gen_k, self.gen_v, self.copy_rows, *sketch
-        )
-
-
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

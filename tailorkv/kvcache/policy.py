@@ -99,7 +99,3 @@ class KVPolicy(ABC):
     @abstractmethod
     def release(self, rid: int) -> None:
         """Forget the request (its pages are returned by the MemoryManager)."""
-
-    def kv_bytes(self) -> dict[str, int]:
-        """Bytes of KV storage per tier ("gpu", "host") that this policy allocated."""
-        return {}

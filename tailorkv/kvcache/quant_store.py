@@ -153,11 +153,6 @@ class QuantStore:
     def bytes_per_slot(num_layers: int, h: int, d: int, residual: int, itemsize: int) -> int:
         return num_layers * (2 * residual + 1) * h * d * itemsize
 
-    def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor)
-        )
-
     # ---- writing ----------------------------------------------------------------------------------------------
     def _quantize_k(self, layer: int, st: QuantState, k: torch.Tensor, begin: int) -> None:
         """k [m*64, H, D] at positions [begin, begin + m*64) -> packed pages."""

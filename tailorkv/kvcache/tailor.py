@@ -244,13 +244,6 @@ class TailorPolicy(KVPolicy):
         self.q_state.pop(rid, None)
         self.s_state.pop(rid, None)
 
-    def kv_bytes(self) -> dict[str, int]:
-        return {
-            "gpu": (self.quant.nbytes() if self.quant else 0)
-            + (self.offload.device_bytes() if self.offload else 0),
-            "host": self.offload.host_bytes() if self.offload else 0,
-        }
-
     # ---- the step ------------------------------------------------------------------------------------------------
     def is_prefill(self, i: int, batch: ForwardBatch) -> bool:
         """Row i computes (the rest of) its prompt: all of it, or what follows a shared prefix."""
