@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError
 
-DELAY_FACTOR = 0.35  # a burst's requests arrive within a third of a prefill step of each other (RESULTS: 0.2 vs 0.35)
+DELAY_FACTOR = 0.35  # a burst's requests arrive within a third of a prefill step of each other (NOTES: 0.2 vs 0.35)
 
 
 @dataclass

@@ -22,9 +22,13 @@ def no_model_load(monkeypatch):
     [
         ("tailor", {"key_sketch": 3}, "key_sketch must be 0"),
         ("tailor", {"tailor_preset": "nope"}, "unknown tailor_preset"),
-        ("tailor", {"d_s": 0}, "d_s must be in"),
+        ("tailor", {"d_s": 0}, "d_s must be a positive integer, got 0$"),
         ("tailor", {"quant_bits": 3}, "quant_bits must be"),
-        ("tailor", {"quant_layers": [-1]}, "quant_layers"),
+        (
+            "tailor",
+            {"quant_layers": [-1]},
+            r"quant_layers must be layer indices \(>= 0\), got \[-1\]$",
+        ),
         ("tailor", {"topk": 5}, "unknown tailor option"),
         ("kivi", {"quant_layers": [0]}, "kivi quantizes every layer"),
         ("kivi", {"sink": -1}, "sink must be"),

@@ -15,6 +15,7 @@ from ..memory.pages import MemoryManager
 from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..scheduler.scheduler import Scheduler, Seq
+from .calibration import calibrate
 from .request import Request
 from .runner import ModelRunner
 from .sampling import SamplingParams, sample
@@ -80,8 +81,6 @@ class Engine:
         self.policy = cls(self.config, self.device, self.dtype, **config.policy_options)
         if getattr(self.policy, "plan_missing", False):
             # a model without a shipped plan: calibrate once, cache
-            from .calibration import calibrate
-
             self.policy.set_quant_layers(
                 calibrate(self.model, self.tokenizer, self.device, self.dtype)[1]
             )

@@ -70,11 +70,16 @@ class TailorConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if self.key_sketch not in (0, 1, 2):
             raise ConfigError(f"key_sketch must be 0 (off), 1 or 2 bits, got {self.key_sketch!r}")
-        if not isinstance(self.d_s, int) or not 1 <= self.d_s <= (head_dim or self.d_s):
+        if not isinstance(self.d_s, int) or self.d_s < 1:
+            raise ConfigError(f"d_s must be a positive integer, got {self.d_s!r}")
+        if head_dim is not None and self.d_s > head_dim:
             raise ConfigError(f"d_s must be in [1, head_dim={head_dim}], got {self.d_s!r}")
         if self.group_size != 64 or self.residual % self.group_size:
             raise ConfigError("group_size must be 64 and residual a multiple of it")
-        bad = [i for i in self.quant_layers or [] if not 0 <= i < (num_layers or i + 1)]
+        bad = [i for i in self.quant_layers or [] if i < 0]
+        if bad:
+            raise ConfigError(f"quant_layers must be layer indices (>= 0), got {bad}")
+        bad = [i for i in self.quant_layers or [] if num_layers is not None and i >= num_layers]
         if bad:
             raise ConfigError(f"quant_layers {bad} out of range for a model of {num_layers} layers")
 
