@@ -102,6 +102,10 @@ class Sentencepiece:
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids)
 
+    decode_continuation = (
+        decode  # as Tokenizer's for a tokenizer.json: its decoder strips one leading space
+    )
+
     def ids(self, pieces: str) -> list[int]:
         return [self.PIECES.index(p) for p in pieces.split()]
 
@@ -163,3 +167,60 @@ def test_find_stop_searches_only_the_new_tail():
     assert find_stop("ab stop cd", 3, ["stop"]) is None  # wholly before the new text: found earlier
     assert find_stop("ab stop cd", 6, ["stop"]) == (3, "stop")
     assert find_stop("ab stop", 1, ["zz", "stop"]) == (3, "stop")
+
+
+@pytest.fixture(scope="module")
+def spm(tmp_path_factory) -> Tokenizer:
+    """A small sentencepiece BPE with byte fallback: '▁' spaces, lone '▁' pieces, CJK and emoji as bytes."""
+    import io
+
+    import sentencepiece
+
+    corpus = [
+        "Hello world, this is a small corpus.",
+        "The quick brown fox jumps over the lazy dog.",
+    ]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 50),
+        model_writer=model,
+        vocab_size=340,
+        byte_fallback=True,
+        model_type="bpe",
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("spm")
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    from tailorkv.models.weights import TokenizerSource
+
+    return Tokenizer(TokenizerSource("hf_dir", path=str(path)))
+
+
+@pytest.mark.parametrize("text", [MULTI_BYTE, SPACES, "a  b   c 世界  😀   x"])
+def test_sentencepiece_spaces_and_bytes_survive_incremental_decoding(spm, text):
+    ids = spm.encode(text)
+    assert spm._sp.id_to_piece(ids[0]) and any(spm._sp.id_to_piece(i) == "\u2581" for i in ids[1:])
+    req, texts = grow(spm, ids)
+    assert req.text == spm.decode(ids)
+    for n, t in enumerate(
+        texts, 1
+    ):  # at every step: a prefix of the whole decode of what came so far
+        assert spm.decode(ids[:n]).startswith(t)
+
+
+def test_sentencepiece_lone_spaces_from_a_model_keep_their_spaces(spm):
+    """A model may emit what the encoder never does (a lone '▁' before a '▁word', runs of them): sentencepiece
+    strips every leading space of a text, so a window inside the answer must not start its decode bare."""
+    import random
+
+    sp = spm._sp
+    words = spm.encode("The lazy dog")  # '▁The', '▁lazy', ...: each word one or more pieces
+    lone = sp.piece_to_id("\u2581")
+    ids = [words[0], lone, *words[1:], lone, lone, words[-1], lone]
+    assert "  " in spm.decode(ids)
+    assert grow(spm, ids)[0].text == spm.decode(ids)
+    rng = random.Random(0)
+    plain = [i for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
+    for _ in range(20):
+        ids = [rng.choice(plain) for _ in range(40)]
+        assert grow(spm, ids)[0].text == spm.decode(ids)

@@ -22,8 +22,7 @@ class IncrementalDetokenizer:
 
     def step(self, tok: Tokenizer, ids: list[int]) -> str:
         """The text the ids appended since the last call add; "" while it ends in an incomplete character."""
-        prefix = tok.decode(ids[self.prefix_offset : self.read_offset])
-        text = tok.decode(ids[self.prefix_offset :])
+        prefix, text = self._window(tok, ids)
         if len(text) <= len(prefix) or text.endswith(REPLACEMENT):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(ids)
@@ -31,10 +30,14 @@ class IncrementalDetokenizer:
 
     def flush(self, tok: Tokenizer, ids: list[int]) -> str:
         """The text still held back, incomplete characters included (as U+FFFD): call it when the answer ends."""
-        prefix = tok.decode(ids[self.prefix_offset : self.read_offset])
-        text = tok.decode(ids[self.prefix_offset :])
+        prefix, text = self._window(tok, ids)
         self.prefix_offset = self.read_offset = len(ids)
         return text[len(prefix) :]
+
+    def _window(self, tok: Tokenizer, ids: list[int]) -> tuple[str, str]:
+        # a window inside the answer keeps its leading whitespace (sentencepiece would strip it)
+        decode = tok.decode if self.prefix_offset == 0 else tok.decode_continuation
+        return decode(ids[self.prefix_offset : self.read_offset]), decode(ids[self.prefix_offset :])
 
 
 def find_stop(text: str, new: int, stops: list[str]) -> tuple[int, str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import datetime
 
@@ -120,6 +121,26 @@ class Tokenizer:
         if self._sp:
             return self._sp.decode(ids)
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_continuation(self, ids: list[int]) -> str:
+        """The text `ids` add after earlier tokens that end a character: decode(ids), except that sentencepiece
+        drops every leading whitespace of a text, so its ids are decoded after a plain piece here."""
+        if not self._sp:
+            return self.decode(ids)
+        anchor = self._sp_anchor
+        return self._sp.decode([anchor] + ids)[len(self._sp.id_to_piece(anchor)) :]
+
+    @functools.cached_property
+    def _sp_anchor(self) -> int:
+        """A piece that decodes to itself without whitespace (a plain letter or digit)."""
+        sp = self._sp
+        return next(
+            i
+            for i in range(sp.get_piece_size())
+            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
+            and sp.id_to_piece(i).isalnum()
+            and sp.decode([i]) == sp.id_to_piece(i)
+        )
 
     def save_pretrained(self, directory: str) -> None:
         """Write tokenizer.json (or tokenizer.model) and tokenizer_config.json, as an HF directory holds them."""
