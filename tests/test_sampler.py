@@ -173,6 +173,8 @@ class Letters:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(97 + t) for t in ids)
 
+    decode_continuation = decode
+
 
 def test_a_request_keeps_the_logprobs_it_asked_for():
     from tailorkv.engine.request import Request
