@@ -282,7 +282,8 @@ def test_malformed_requests_do_not_disturb_running_ones(client, live_server):
 
 def test_full_queue_answers_503_and_too_big_400(client, live_server, monkeypatch):
     monkeypatch.setattr(live_server.engine.scheduler, "max_queued", 0)
-    assert_error(client.post("/generate", json={"text": "a", "sampling_params": GREEDY}), 503)
+    busy = client.post("/generate", json={"text": "a", "sampling_params": GREEDY})
+    assert assert_error(busy, 503) and busy.headers["retry-after"] == "1"
     with client.stream("POST", "/generate", json={"text": "a", "stream": True}) as r:
         assert r.status_code == 503
     monkeypatch.undo()
@@ -368,8 +369,25 @@ def test_api_key(live_server):
         )
         assert_error(httpx.get(f"{url}/v1/models", headers={"Authorization": "sekret"}), 401)
         assert httpx.get(f"{url}/health").status_code == 200
+        assert_error(httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sekre"}), 401)
         good = {"Authorization": "Bearer sekret"}
         assert httpx.post(f"{url}/generate", json=body, headers=good, timeout=60).status_code == 200
         assert httpx.get(f"{url}/v1/models", headers=good).status_code == 200
+        # the scheme is case-insensitive (RFC 9110)
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "bearer sekret"}).is_success
+        assert httpx.head(f"{url}/health").status_code == 200
     finally:
         stop()
+
+
+def test_a_chunked_body_over_the_limit_is_413_with_its_code(live_server):
+    from tailorkv.api.server import DEFAULT_MAX_BODY_BYTES
+
+    def body():  # no Content-Length: chunked, refused once what arrived goes over
+        yield b'{"text": "'
+        for _ in range(DEFAULT_MAX_BODY_BYTES // (1 << 20) + 1):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(f"{live_server.url}/generate", content=body(), timeout=60)
+    assert assert_error(r, 413)["code"] == "request_too_large"

@@ -44,7 +44,7 @@ def create_app(
     )
     app.include_router(sglang_api.router)
     app.include_router(openai_api.router)
-    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET", "HEAD"])
     app.add_api_route("/get_model_info", model_info, methods=["GET"])
     app.add_api_route("/get_server_info", server_info, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -89,12 +89,13 @@ class BearerAuth:
     OPEN = ("/health", "/metrics")
 
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.OPEN:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            # the scheme is case-insensitive (RFC 9110), the token is not
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token, self.expected):
                 response = _error(
                     401, "invalid or missing API key", "authentication_error", "invalid_api_key"
                 )
@@ -144,9 +145,8 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise HTTPException(
-                    413, self._message()
-                )  # FastAPI lets it through; rendered by our handler
+                # FastAPI lets it through; rendered by our handler
+                raise HTTPException(413, self._message())
             return message
 
         await self.app(scope, limited_receive, send)
@@ -155,10 +155,17 @@ class BodyLimit:
         return f"the request body is larger than {self.max_bytes} bytes"
 
 
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
 def _error(
-    status: int, message: str, type: str = "invalid_request_error", code: str | int | None = None
+    status: int,
+    message: str,
+    type: str = "invalid_request_error",
+    code: str | int | None = None,
+    headers: dict | None = None,
 ):
-    return JSONResponse(error_body(message, type, code), status_code=status)
+    return JSONResponse(error_body(message, type, code), status_code=status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -166,7 +173,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(e.status, e.message, e.type, e.code)
 
     async def capacity(_, e: QueueFullError):
-        return _error(503, str(e), "service_unavailable", "server_busy")
+        # busy, not broken: a client may try again shortly
+        return _error(503, str(e), "service_unavailable", "server_busy", {"Retry-After": "1"})
 
     async def invalid(_, e: TailorKVError):
         return _error(400, str(e))
@@ -184,6 +192,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             e.status_code,
             str(e.detail),
             "invalid_request_error" if e.status_code < 500 else "server_error",
+            HTTP_CODES.get(e.status_code),
         )
 
     async def crash(_, e: Exception):

@@ -302,7 +302,9 @@ class AsyncEngine:
                 if req.finished:
                     del self._streams[req.rid]
                     self.stats.finished_requests += 1
-                stream.put(Output(stream.index, req, req.new_text(), ids, now, req.finished))
+                stream.put(
+                    Output(stream.index, req, req.new_text(), ids, now, req.finished, req.error)
+                )
 
     def _fail(self, rids: list[int], message: str) -> None:
         now = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 
@@ -18,11 +19,13 @@ from ..scheduler.scheduler import Scheduler, Seq
 from .calibration import calibrate
 from .request import Request
 from .runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, check_text, sample
 from .step_log import StepLog
 from .tokenizer import Tokenizer
 
+log = logging.getLogger("tailorkv.engine")
 GIB = 1 << 30
+MAX_CHARS_PER_TOKEN = 256  # longer than any token of common vocabularies (the embedded one: 81)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -151,6 +154,14 @@ class Engine:
                 )
             ids = input_ids
         elif isinstance(prompt, str):
+            # refused before tokenizing (seconds of CPU for megabytes): it cannot fit the context
+            limit = self.config.max_position * MAX_CHARS_PER_TOKEN
+            if len(prompt) > limit:
+                raise InvalidRequestError(
+                    f"the prompt has {len(prompt)} characters; the model's context of "
+                    f"{self.config.max_position} tokens holds at most {limit}"
+                )
+            check_text(prompt, "the prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             raise InvalidRequestError("give a prompt string or input_ids")
@@ -217,19 +228,37 @@ class Engine:
             [s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new, tokens, want
         )
         self.scheduler.advance(plan)
-        chosen = sample(logits, [reqs[i] for i in want], self._generator)
+        chosen = self._sample(logits, [reqs[i] for i in want])
         with self._lock:
             out = []
             for i, s in zip(want, chosen):
                 req = reqs[i]
                 if req.finished:  # aborted while the step ran
                     continue
-                req.append(s, self.tokenizer)
+                if isinstance(s, Exception):
+                    req.fail(f"sampling failed: {type(s).__name__}: {s}")
+                else:
+                    req.append(s, self.tokenizer)
                 out.append(req)
                 if req.finished:
                     self._retire(req)
         self.step_log.record(prefill, len(plan.seqs) - len(prefill), time.perf_counter() - began)
         self.step_log.allocator(self._allocator_retries())
+        return out
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list:
+        """The step's samples; when the batch raises, each row alone, so that a row that still raises gets its
+        exception (it alone ends) and the others their tokens."""
+        try:
+            return sample(logits, rows, self._generator)
+        except Exception:
+            log.exception("sampling the batch failed; sampling its rows one by one")
+        out = []
+        for i, row in enumerate(rows):
+            try:
+                out.append(sample(logits[i : i + 1], [row], self._generator)[0])
+            except Exception as e:
+                out.append(e)
         return out
 
     def _allocator_retries(self) -> int:

@@ -31,6 +31,9 @@ class Request:
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
     finish_reason: dict | None = None
+    error: str | None = (
+        None  # set when the engine failed this request alone (its answer is an error)
+    )
     created: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -82,6 +85,11 @@ class Request:
     def abort(self, message: str = "aborted") -> None:
         self.finish_reason = {"type": "abort", "matched": None, "message": message}
         self.finished_time = time.perf_counter()
+
+    def fail(self, message: str) -> None:
+        """End the request with an error that is its own (its neighbours in the batch go on)."""
+        self.error = message
+        self.abort(message)
 
     def new_text(self) -> str:
         """Text produced since the last call; holds back any tail that could still become a stop string, until

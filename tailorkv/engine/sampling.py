@@ -10,6 +10,7 @@ logits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Protocol
@@ -17,6 +18,21 @@ from typing import NamedTuple, Protocol
 import torch
 
 from ..errors import InvalidRequestError
+
+# a temperature below this samples greedily (vLLM's and SGLang's rule): logits / 1e-40 overflow float32
+SAMPLING_EPS = 1e-5
+MAX_STOP_STRINGS = 128  # each one is searched in every new piece of text of its request
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+SEED_BOUND = 2**63  # seeds must fit torch.Generator.manual_seed as a signed 64-bit integer
+
+
+def check_text(value: str, what: str) -> None:
+    """A client's text must be valid Unicode: a lone surrogate ("\\ud800" in JSON) has no UTF-8 form."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{what} is not valid Unicode (a lone surrogate)") from None
 
 
 @dataclass
@@ -59,6 +75,11 @@ class SamplingParams:
 
         if number("max_new_tokens", int) < 1:
             raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p", "min_p"):
+            if not math.isfinite(number(name)):
+                raise InvalidRequestError(
+                    f"{name} must be a finite number, got {getattr(self, name)}"
+                )
         if not number("temperature") >= 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < number("top_p") <= 1:
@@ -73,20 +94,30 @@ class SamplingParams:
             raise InvalidRequestError(
                 "stop must be a non-empty string or a list of non-empty strings"
             )
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequestError(
+                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters"
+            )
+        for s in self.stop:
+            check_text(s, "a stop string")
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
             raise InvalidRequestError("stop_token_ids must be a list of non-negative integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos must be a boolean")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
             raise InvalidRequestError("seed must be an integer")
+        if self.seed is not None and not 0 <= self.seed < SEED_BOUND:
+            raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 LogitsProcessor = Callable[
