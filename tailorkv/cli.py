@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from .config import EngineConfig
-from .errors import TailorKVError
+from .errors import ConfigError, TailorKVError
 
 POLICY_ARGS = ("tailor_preset", "key_sketch")  # engine arguments that are options of the KV policy
 
@@ -105,7 +105,9 @@ def cmd_serve(args) -> None:
     )  # a bad setting fails before the server's imports and the model load
     from .api.server import serve
 
-    serve(config, args.host, args.port, args.api_key, args.served_model_name)
+    if not args.shutdown_timeout >= 0:
+        raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    serve(config, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout)
 
 
 def cmd_calibrate(args) -> None:
@@ -151,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=30000)
     s.add_argument("--api-key", default=None)
     s.add_argument("--served-model-name", default=None)
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM / Ctrl-C: take no new work, let running requests finish for up to S seconds, "
+        "then end the rest with an error (a second signal: at once)",
+    )
     s.add_argument(
         "--scheduler-delay-factor",
         type=float,

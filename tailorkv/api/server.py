@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -57,10 +59,13 @@ def create_app(
 
 
 async def health(request: Request):
-    if not get_state(request).engine.alive:
+    engine = get_state(request).engine
+    if not engine.alive:
         raise APIError(
             503, "the engine loop is not running", type="server_error", code="engine_down"
         )
+    if engine.draining:
+        raise APIError(503, "the server is draining", type="server_error", code="draining")
     return {"status": "ok"}
 
 
@@ -216,10 +221,9 @@ def serve(
     port: int = 30000,
     api_key: str | None = None,
     served_model_name: str | None = None,
+    shutdown_timeout: float = 30.0,
 ) -> None:
     """`tailorkv serve`: load the engine, then serve it with uvicorn until interrupted."""
-    import uvicorn
-
     from ..engine.engine import Engine
     from ..engine.warm_up import warm_up
 
@@ -237,7 +241,30 @@ def serve(
             served_model_name=served_model_name or config.model,
             model_path=config.model,
         )
-        # on Ctrl-C, streams still open get 5 s to end before their requests are aborted
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5
+        )
+        DrainingServer(config, async_engine, shutdown_timeout).run()
     finally:
         async_engine.shutdown()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, except that the first SIGTERM / SIGINT drains (AsyncEngine.drain: no new work, running
+    requests finish or end with an error their clients see) before the server stops, and the process exits 0;
+    a second signal stops it at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, timeout: float):
+        super().__init__(config)
+        self.engine, self.timeout = engine, timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.engine.draining:
+            self.should_exit = self.force_exit = True
+            return
+        threading.Thread(target=self._drain, name="tailorkv-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        log.info("draining: running requests get up to %.0f s", self.timeout)
+        self.engine.drain(self.timeout)
+        self.should_exit = True

@@ -103,12 +103,16 @@ class AsyncEngine:
         self.stats = EngineStats()
         self._streams: dict[int, _Stream] = {}
         self._aborts: list[tuple[int, str]] = []  # applied by the engine thread between steps
+        self._failures: list[
+            str
+        ] = []  # end every request with this error (engine thread, between steps)
         # Guards _streams and arrivals, and makes "add to the engine + register the stream" atomic
         # w.r.t. dispatching outputs.
         # Lock order: self._mu, then the engine's own lock.
         self._mu = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self.draining = False  # set by drain(): no new work is taken
         self._thread = threading.Thread(target=self._run, name="tailorkv-engine", daemon=True)
         self._thread.start()
 
@@ -186,7 +190,7 @@ class AsyncEngine:
         reqs: list[Request] = []
         with self._mu:
             self.arrivals.came(time.perf_counter())
-            if self._stopping:
+            if self._stopping or self.draining:
                 raise QueueFullError("the server is shutting down")
             try:
                 for index, (input_ids, params) in enumerate(batch):
@@ -227,6 +231,20 @@ class AsyncEngine:
                 self.stats.aborted_requests += 1
             self._aborts.append((rid, message))
         self._wake.set()
+
+    def drain(self, timeout: float) -> None:
+        """Take no new work, let what runs finish for up to `timeout` seconds, then end the rest with an error
+        Output (streams get an error event and their end; their pages are freed)."""
+        with self._mu:
+            self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.engine.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._mu:
+            self._failures.append("the server is shutting down")
+        self._wake.set()
+        while self.engine.requests and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
 
     def shutdown(self) -> None:
         """Stop the loop thread; requests still in flight end with an error Output."""
@@ -284,8 +302,11 @@ class AsyncEngine:
         # happen while a step's forward pass reads them.
         with self._mu:
             aborts, self._aborts = self._aborts, []
+            failures, self._failures = self._failures, []
         for rid, message in aborts:
             self.engine.abort(rid, message)
+        for message in failures:
+            self._fail(list(self.engine.requests), message)
 
     def _dispatch(self, done: list[Request]) -> None:
         now = time.perf_counter()

@@ -1,0 +1,73 @@
+"""SIGTERM drains a real `tailorkv serve` process: no new work, short requests finish, the rest end with a JSON
+error or an SSE error and [DONE] within --shutdown-timeout, and the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+from conftest import free_port
+
+LONG = {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}
+
+
+def test_sigterm_drains_streams_and_requests_and_exits_0():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tailorkv", "serve", "--model", "dummy:tiny", "--port", str(port)]
+        + ["--shutdown-timeout", "2", "--max-running-requests", "16"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "no server"
+            time.sleep(0.1)
+        results: dict[str, object] = {}
+
+        def stream(name: str) -> None:
+            body = {"text": f"Story {name}:", "sampling_params": LONG, "stream": True}
+            with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+                results[name] = [ln for ln in r.iter_lines() if ln.startswith("data:")]
+
+        def plain(name: str, params: dict) -> None:
+            body = {"text": f"Note {name}:", "sampling_params": params}
+            r = httpx.post(f"{url}/generate", json=body, timeout=60)
+            results[name] = (r.status_code, r.json())
+
+        threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(8)]
+        threads += [threading.Thread(target=plain, args=(f"p{i}", LONG)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # all are decoding
+        began = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        health = httpx.get(f"{url}/health", timeout=5)
+        refused = httpx.post(f"{url}/generate", json={"text": "late"}, timeout=5)
+        for t in threads:
+            t.join(timeout=30)
+        assert server.wait(timeout=2 + 5) == 0 and time.monotonic() - began < 2 + 5
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
+    assert refused.status_code == 503
+    for i in range(8):
+        events = results[f"s{i}"]
+        assert events[-1] == "data: [DONE]"
+        assert "error" in json.loads(events[-2][len("data:") :])
+        status, body = results[f"p{i}"]
+        assert status == 500 and "shutting down" in body["error"]["message"]
