@@ -65,12 +65,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_uvicorn(app):
-    """Serve `app` on a free loopback port from a daemon thread; returns (base url, a function that stops it)."""
+def start_uvicorn(app, **config):
+    """Serve `app` on a free loopback port from a daemon thread (`config`: more uvicorn.Config settings);
+    returns (base url, a function that stops it)."""
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config)
+    )
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ queue is full, 500 when the engine failed a request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -25,9 +26,11 @@ from ..errors import QueueFullError, TailorKVError
 from . import openai_api, sglang_api
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, error_body
+from .slow_clients import HeaderTimeoutProtocol
 from .state import AppState, get_state
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+BODY_TIMEOUT_S = 30.0  # a body that makes no progress this long is answered 408
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +40,7 @@ def create_app(
     served_model_name: str | None = None,
     model_path: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT_S,
 ) -> FastAPI:
     """An app serving `async_engine`; several apps may share one AsyncEngine (each has its own metrics)."""
     name = async_engine.model_name
@@ -51,7 +55,7 @@ def create_app(
     app.add_api_route("/get_server_info", server_info, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     _add_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout)
     app.add_middleware(Arrivals, engine=async_engine)
     if api_key:  # added last: the outermost layer, so nothing is read for a request without the key
         app.add_middleware(BearerAuth, api_key=api_key)
@@ -130,10 +134,11 @@ class Arrivals:
 
 class BodyLimit:
     """413 for a body over `max_bytes`, refused from its Content-Length before any of it is read, or (chunked)
-    as soon as what arrived goes over: the body is never held beyond the limit."""
+    as soon as what arrived goes over: the body is never held beyond the limit. 408 when the body makes no
+    progress for `timeout` seconds (a stalled client)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = BODY_TIMEOUT_S):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,11 +148,19 @@ class BodyLimit:
             return await _error(413, self._message(), code="request_too_large")(
                 scope, receive, send
             )
-        seen = 0
+        seen, complete = 0, False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: waits for a disconnect as long as a response streams
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise HTTPException(
+                    408, f"the request body made no progress for {self.timeout:g} s"
+                )
+            complete = not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
                 # FastAPI lets it through; rendered by our handler
@@ -160,7 +173,12 @@ class BodyLimit:
         return f"the request body is larger than {self.max_bytes} bytes"
 
 
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+}
 
 
 def _error(
@@ -242,7 +260,12 @@ def serve(
             model_path=config.model,
         )
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=5,
+            http=HeaderTimeoutProtocol,
         )
         DrainingServer(config, async_engine, shutdown_timeout).run()
     finally:
