@@ -31,7 +31,7 @@ def closed_after(sock: socket.socket, limit: float) -> float:
 
 
 def test_idle_and_stalled_connections_are_closed(live_server):
-    app = create_app(live_server.async_engine, body_timeout=0.5)
+    app = create_app(live_server.async_engine, body_timeout=1.5)
     url, stop = start_uvicorn(app, http=QuickHeaders)
     host, port = url.removeprefix("http://").split(":")
     try:
@@ -52,6 +52,18 @@ def test_idle_and_stalled_connections_are_closed(live_server):
             reply = reply.decode()
             assert reply.startswith("HTTP/1.1 408")
             assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+        # the arrival hold stops waiting for a body that stalls, long before the body timeout
+        with socket.create_connection((host, int(port))) as stalled:
+            head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+            stalled.sendall(head + b'{"text": "a')
+            arrivals = live_server.async_engine.arrivals
+            began = time.monotonic()
+            while not arrivals.arriving:  # its headers are in: it is arriving
+                assert time.monotonic() - began < 0.5
+                time.sleep(0.005)
+            while arrivals.arriving:  # until it stalls for STALL_S (0.25 s)
+                assert time.monotonic() - began < 1.2  # before the 1.5 s body timeout
+                time.sleep(0.01)
         # a keep-alive client that sends its requests in time is served on one connection
         with httpx.Client(base_url=url, timeout=60) as c:
             prompt = GENERATE_PROMPTS[3]

@@ -30,6 +30,7 @@ from .slow_clients import HeaderTimeoutProtocol
 from .state import AppState, get_state
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+STALL_S = 0.25  # a body without progress this long stops counting as arriving (ArrivalHold)
 BODY_TIMEOUT_S = 30.0  # a body that makes no progress this long is answered 408
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,25 @@ class Arrivals:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.ROUTES:
             return await self.app(scope, receive, send)
         with self.engine.arriving() as done:
+            body_in = False
+
+            async def watched_receive():
+                # a body that makes no progress for a while no longer holds the others' prefill back
+                nonlocal body_in
+                if body_in:
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), STALL_S)
+                except asyncio.TimeoutError:
+                    done()
+                    message = await receive()
+                body_in = not message.get("more_body", False)
+                return message
+
             await self.app(
-                {**scope, "state": {**scope.get("state", {}), "arrived": done}}, receive, send
+                {**scope, "state": {**scope.get("state", {}), "arrived": done}},
+                watched_receive,
+                send,
             )
 
 

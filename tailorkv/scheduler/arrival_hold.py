@@ -45,6 +45,11 @@ class ArrivalHold:
         """Request `key` is no longer arriving; False if it had already ended."""
         return self._arriving.pop(key, None) is not None
 
+    @property
+    def arriving(self) -> int:
+        """How many requests are arriving now (the hold waits for them)."""
+        return len(self._arriving)
+
     def came(self, now: float) -> None:
         """A request began arriving or was submitted. The first since the latest finish times the clients'
         turnaround: the mean of this time and the last estimate, at most gather_s."""
