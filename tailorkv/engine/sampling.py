@@ -3,8 +3,8 @@
 `sample` picks one token per row of a step's logits: a row's logits processors first (the hook for penalties,
 logit bias, grammar masks), then greedy rows by argmax, sampled rows without a seed in one batched draw from
 the engine's generator, and seeded rows one by one from their own generator (so a seed reproduces whatever
-else is in the batch). A row whose processed numbers are unusable (NaN, all -inf, a temperature that
-overflows) takes the argmax of its raw logits instead of failing the batch. Log-probabilities are of the raw
+else is in the batch). A temperature below SAMPLING_EPS is greedy; a row whose processed numbers are still
+unusable (NaN, all -inf) takes the argmax of its raw logits instead of failing the batch. Log-probabilities are of the raw
 logits.
 """
 
@@ -120,9 +120,8 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
-LogitsProcessor = Callable[
-    [torch.Tensor], torch.Tensor
-]  # a row's logits [vocab] -> new logits [vocab]
+# a row's logits [vocab] -> new logits [vocab]
+LogitsProcessor = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SamplerRow(Protocol):
