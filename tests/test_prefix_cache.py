@@ -382,7 +382,6 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
             PoolSpec("host", "host", 60, 256, 1, "prompt"),
         ],
         prefix_blocks=(256, {"host": 1, "sketch": 1, "qkv": 4}),
-        whole_prompt_prefill=True,
         caches_output=False,
         partial_block_pool="host",
     )

@@ -106,8 +106,8 @@ def test_quant_store_tracks_kivi_rules_across_the_residual(bits):
     cfg = TailorConfig.from_options("ruler", quant_bits=bits)
     store = QuantStore(1, 16, 2, h, d, cfg, "cpu", torch.float32)
     states = [
-        QuantState([5, 2, 7, 0, 1, 3, 4, 6], 1, "cpu"),
-        QuantState([9, 12, 8, 15, 10], 0, "cpu"),
+        QuantState([5, 2, 7, 0, 1, 3, 4, 6], 1, "cpu", 200),
+        QuantState([9, 12, 8, 15, 10], 0, "cpu", 75),
     ]
     starts = [200, 75]
     k, v, q = torch.randn(3, 390, h, d), torch.randn(3, 390, h, d), torch.randn(3, 390, 3 * h, d)
@@ -157,7 +157,7 @@ def test_a_quantized_prompt_is_final_for_a_later_request(start, n):
     cfg = TailorConfig.from_options("ruler", quant_bits=2)
     store = QuantStore(1, 32, 3, h, d, cfg, "cpu", torch.float32)
     k, v = torch.randn(2, 530, h, d)
-    first = QuantState(list(range(9)), 0, "cpu")
+    first = QuantState(list(range(9)), 0, "cpu", 460)
     store.prefill(0, first, k[:460], v[:460])
     first.advance(460, r)
     # the prompt's 7 whole K groups and all its V tokens are final
@@ -179,8 +179,8 @@ def test_a_quantized_prompt_is_final_for_a_later_request(start, n):
         )
     )
     # the second prompt: the first n tokens again (384: a multiple of `residual`, no K tail)
-    alone = QuantState(list(range(9, 16)), 1, "cpu")
-    later = QuantState(list(range(start // 64)) + list(range(16, 23)), 2, "cpu")
+    alone = QuantState(list(range(9, 16)), 1, "cpu", n)
+    later = QuantState(list(range(start // 64)) + list(range(16, 23)), 2, "cpu", n)
     store.prefill(0, alone, k[:n], v[:n])
     store.prefill(
         0, later, k[start:n], v[start:n], start, (k[:start], v[:start]) if start else None
@@ -194,7 +194,7 @@ def test_a_quantized_prompt_is_final_for_a_later_request(start, n):
     if start > n - r:
         with pytest.raises(ValueError, match="exact rows"):
             store.prefill(
-                0, QuantState(list(range(23, 30)), 2, "cpu"), k[start:n], v[start:n], start
+                0, QuantState(list(range(23, 30)), 2, "cpu", n), k[start:n], v[start:n], start
             )
 
 
@@ -242,7 +242,7 @@ def test_quant_store_append_twice_is_append_once():
     h, d, r = 2, 64, 128
     cfg = TailorConfig.from_options("ruler", quant_bits=2)
     stores = [QuantStore(1, 8, 1, h, d, cfg, "cpu", torch.float32) for _ in range(2)]
-    states = [QuantState(list(range(8)), 0, "cpu") for _ in range(2)]
+    states = [QuantState(list(range(8)), 0, "cpu", 100) for _ in range(2)]
     k, v = torch.randn(400, h, d), torch.randn(400, h, d)
     views = [QuantView(1, 8, r, "cpu") for _ in range(2)]
     for store, st in zip(stores, states):

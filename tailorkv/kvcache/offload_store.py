@@ -70,7 +70,12 @@ class OffloadState:
         self.recent_begin = max(
             self.n_sink, prompt_len - recent
         )  # recent window: [recent_begin, prompt_len)
-        self.n = 0
+        self.n = 0  # tokens computed (and cached)
+
+    def tail_page(self, start: int) -> int:
+        """The host page of the prompt's tokens [start - start % 256, start), which a chunk from `start` computes
+        after: the cached partial block's before the request computed any, then its own."""
+        return self.partial_page if self.n == 0 else int(self.host_pages_cpu[start // HOST_PAGE])
 
     @property
     def window_len(self) -> int:
@@ -261,9 +266,10 @@ class OffloadStore:
         v: torch.Tensor,
         prefix: SharedPrefix | None = None,
     ) -> None:
-        """Store the prompts of prefill rows from their common start (a multiple of 256; the `prefix` before it is
-        shared, already stored): their new k, v [T, H, D] of an S layer to the host tier and the sketch, each
-        row's sink + recent window and max|K| per channel over its whole prompt on the GPU."""
+        """Store the prompts (or chunks of them) of prefill rows from their common start (a multiple of 256; the
+        `prefix` before it is stored, read back): their new k, v [T, H, D] of an S layer to the host tier and the
+        sketch, max|K| per channel so far (a running max over a row's chunks) and, with a row's last chunk, its
+        sink + recent window on the GPU."""
         kp = self.store_rows(layer, rows, k, v)
         if self.sketch_bits:
             self._sketch(layer, rows, kp)
@@ -280,13 +286,16 @@ class OffloadStore:
             win = after[rows.win_new]
             if before is not None:
                 win = torch.where(rows.win_from_pre[..., None, None], before[rows.win_pre], win)
-            dst[layer, rows.slots] = win.view(n_rows, window, self.h, self.d)
+            dst[layer, rows.win_slots] = win.view(n_rows, window, self.h, self.d)
         row_of = rows.row_of[:, None, None].expand(k.shape)
         max_abs = torch.zeros(n_rows, self.h, self.d, device=k.device).scatter_reduce_(
             0, row_of, k.float().abs(), "amax"
         )
-        self.max_abs[layer, rows.slots] = (
-            max_abs if prefix is None else torch.maximum(max_abs, prefix.max_abs)
+        if prefix is not None and prefix.max_abs is not None:
+            max_abs = torch.maximum(max_abs, prefix.max_abs)
+        held = self.max_abs[layer, rows.slots]
+        self.max_abs[layer, rows.slots] = torch.where(
+            rows.continues[:, None, None], torch.maximum(max_abs, held), max_abs
         )
 
     def store_rows(

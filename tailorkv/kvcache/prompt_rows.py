@@ -30,14 +30,18 @@ def prompt_span(
 
 class PromptRows(NamedTuple):
     """Prefill rows whose prompts are computed from a common `start` (0, or a shared prefix's length), their new
-    tokens concatenated (T of them), stored by one set of ops per layer:
-    - page_src [P * 256]: for each slot of their host pages from `start` on, the new token it holds; a slot past a
-      row's prompt repeats the row's last token (a page's min/max per channel, which the key sketch quantizes
-      with, stays that of its real tokens; nothing reads those slots);
+    tokens concatenated (T of them), stored by one set of ops per layer. A row may compute a chunk of its prompt:
+    its tokens up to `start` + its count, the rest in later steps.
+    - page_src [P * 256]: for each slot of their host pages from `start` to the end of their chunks, the new token it
+      holds; a slot past a row's chunk repeats the row's last token (a page's min/max per channel, which the key
+      sketch quantizes with, stays that of its real tokens; nothing reads those slots before a later chunk or
+      decode rewrites them);
     - host_pages, sketch_pages [P]: those pages (no sketch pages without a key sketch); copy_slots [P]: their
       copies' slots in the GPU tier (DeviceCopies; its scratch slot for a page without one);
-    - slots [R]: the rows' window slots; win_new, win_pre [R, W] and win_from_pre: each row's sink + recent window
-      (W slots, past its length repeating slot 0) as indices into the new tokens or the prefix;
+    - slots [R]: the rows' window slots; continues [R]: the row computed earlier chunks, its slot's max|K| is theirs;
+    - win_slots [R]: the slot each row's sink + recent window goes to once its last chunk is computed (-1, the
+      scratch slot, before); win_new, win_pre [R, W] and win_from_pre: that window (W slots, past its length
+      repeating slot 0) as indices into the new tokens or the prefix;
     - row_of [T]: each new token's row."""
 
     page_src: torch.Tensor
@@ -45,6 +49,8 @@ class PromptRows(NamedTuple):
     sketch_pages: torch.Tensor
     copy_slots: torch.Tensor
     slots: torch.Tensor
+    continues: torch.Tensor
+    win_slots: torch.Tensor
     win_new: torch.Tensor
     win_pre: torch.Tensor
     win_from_pre: torch.Tensor
@@ -60,32 +66,37 @@ class PromptRows(NamedTuple):
         device,
         copies: DeviceCopies | None = None,
     ) -> PromptRows:
-        """`states`: the rows' OffloadStates (host and sketch pages, window bounds), each prompt of start + new;
-        `copies`: the GPU copies of host pages (None: none)."""
+        """`states`: the rows' OffloadStates (host and sketch pages, window bounds, tokens computed), each row's
+        chunk ending at start + new; `copies`: the GPU copies of host pages (None: none)."""
         p0, t = start // HOST_PAGE, 0
-        page_src, win, row_of = [], [], []
+        page_src, win, row_of, pages, sketch = [], [], [], [], []
         for i, (st, n) in enumerate(zip(states, new)):
-            page_src.append(
-                torch.arange(t, t + (st.host_pages_cpu.numel() - p0) * HOST_PAGE).clamp_(
-                    max=t + n - 1
-                )
+            p1 = -(-(start + n) // HOST_PAGE)  # the pages of the chunk
+            page_src.append(torch.arange(t, t + (p1 - p0) * HOST_PAGE).clamp_(max=t + n - 1))
+            pages.append(st.host_pages_cpu[p0:p1])
+            sketch.append(st.sketch_pages_cpu[p0:p1])
+            final = start + n == st.prompt_len
+            pos = (
+                torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, start + n)])
+                if final
+                else torch.zeros(0, dtype=torch.long)
             )
-            pos = torch.cat([torch.arange(st.n_sink), torch.arange(st.recent_begin, start + n)])
             win.append(torch.nn.functional.pad(pos, (0, window - pos.numel())))
             row_of.append(torch.full((n,), i))
             t += n
         pos = torch.stack(win)
         from_pre = pos < start
-        pages = [
-            torch.cat([st.host_pages_cpu[p0:] for st in states]),
-            torch.cat([st.sketch_pages_cpu[p0:] for st in states]),
-        ]
+        pages = [torch.cat(pages), torch.cat(sketch)]
         offsets = torch.tensor([0] + new[:-1]).cumsum(0)[:, None]
+        slots = torch.tensor([st.slot for st in states])
+        final = torch.tensor([start + n == st.prompt_len for st, n in zip(states, new)])
         tensors = (
             torch.cat(page_src),
             *pages,
             (NO_COPIES if copies is None else copies).slots_of(pages[0]),
-            torch.tensor([st.slot for st in states]),
+            slots,
+            torch.tensor([st.n > 0 for st in states]),
+            torch.where(final, slots, -1),
             torch.where(from_pre, 0, pos - start + offsets),
             torch.where(from_pre, pos, 0),
             from_pre,
@@ -95,13 +106,16 @@ class PromptRows(NamedTuple):
 
 
 class PrefillGroup(NamedTuple):
-    """Prefill rows that continue one shared prefix of `start` tokens (a multiple of 256, 0 for none): their
-    prompts are stored from `start` on, each row's `lens` tokens being the tokens of a cached partial block it
-    continues (its "tail", read from that block's page) followed by its new tokens (the batch's, at `sel`).
+    """Prefill rows that continue one prefix of `start` tokens (a multiple of 256, 0 for none: shared blocks, and a
+    row's own earlier chunks): their prompts are stored from `start` on, each row's `lens` tokens being the tokens
+    it computed or took from the cache after `start` (its "tail", read from the host page that holds them: its own,
+    or a cached partial block's) followed by its new tokens (the batch's, at `sel`).
     - cu, cu_k: cumulative new tokens and stored tokens per row;
     - ext [sum(lens)] or None (no tails): the stored tokens in order as indices into [new tokens | tail pages' rows];
     - reads: the host pages to read (the prefix's, then one per tail), from their GPU copies where they have one;
-    - prompt: their PromptRows (S layers)."""
+    - prompt: their PromptRows;
+    - prefix_max: some row computes its first chunk after the prefix, so the prefix's max|K| is needed (the others
+      keep a running max in their slots)."""
 
     sel: slice | torch.Tensor
     start: int
@@ -111,6 +125,7 @@ class PrefillGroup(NamedTuple):
     ext: torch.Tensor | None
     reads: PrefixReads
     prompt: PromptRows | None
+    prefix_max: bool
 
     @property
     def prefix_pages(self) -> int:
@@ -124,14 +139,14 @@ class PrefillGroup(NamedTuple):
         starts: list[int],
         new: list[int],
         states: list | None,
-        partial_pages: list,
+        tail_pages: list,
         window: int,
         device,
         copies: DeviceCopies | None = None,
     ) -> PrefillGroup:
         """`runs`: the shared prefix's host pages (page_runs); `starts`, `new`: each row's first new position and
-        count; `partial_pages`: each row's cached partial block page (None without); `states`: their OffloadStates
-        (None without S layers); `copies`: the GPU copies of host pages (None: none)."""
+        count; `tail_pages`: the host page of each row's tail (None without); `states`: their OffloadStates
+        (None without a host tier); `copies`: the GPU copies of host pages (None: none)."""
         start = starts[0] // HOST_PAGE * HOST_PAGE
         tails = [s - start for s in starts]
         lens = [m + n for m, n in zip(tails, new)]
@@ -140,7 +155,7 @@ class PrefillGroup(NamedTuple):
         for i, (m, n) in enumerate(zip(tails, new)):
             if m:
                 ext.append(torch.arange(total + t * HOST_PAGE, total + t * HOST_PAGE + m))
-                reads.append((partial_pages[i], start // HOST_PAGE + t, 1))
+                reads.append((tail_pages[i], start // HOST_PAGE + t, 1))
                 t += 1
             ext.append(torch.arange(cu[i], cu[i] + n))
         prompt = PromptRows.build(states, lens, start, window, device, copies) if states else None
@@ -154,4 +169,5 @@ class PrefillGroup(NamedTuple):
             to_device(torch.cat(ext), device) if t else None,
             reads,
             prompt,
+            bool(start) and any(st.n == 0 for st in states or ()),
         )

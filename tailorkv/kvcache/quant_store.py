@@ -2,8 +2,8 @@
 
 Per layer and request: K quantized per channel in 64-token pages for positions [0, kq), kq a multiple of
 `residual`, the rest in a full-precision tail; V quantized per token for positions [0, n - residual), the last
-`residual` tokens in a full-precision window. Prefill quantizes K in multiples of `residual` and all V but the
-last `residual` tokens; each decode step appends to the K tail (quantized as one block when it reaches
+`residual` tokens in a full-precision window. Prefill (in one step or in chunks) quantizes K in multiples of
+`residual` and all V but the last `residual` tokens; each decode step appends to the K tail (quantized as one block when it reaches
 `residual`) and slides the V window (the oldest token beyond it is quantized). Paper §2, KIVI's rules.
 The V window is a ring of residual + 1 slots (token t at t % (residual + 1)), so that a decode step's writes do
 not depend on what an earlier run of the same step wrote: a captured CUDA graph's warm-up run, then its replay.
@@ -22,18 +22,19 @@ PAGE = 64  # tokens per quantized page = one K quantization group
 
 
 class QuantState:
-    """Per request: its quantized pages, its window slot, and how many tokens are quantized / cached."""
+    """Per request: its quantized pages, its window slot, its prompt's length, and how many tokens are quantized /
+    cached."""
 
-    def __init__(self, pages: list[int], slot: int, device):
+    def __init__(self, pages: list[int], slot: int, device, prompt_len: int):
         self.pages = torch.tensor(pages, dtype=torch.long, device=device)
         self.pages_cpu = torch.tensor(pages, dtype=torch.long)
-        self.slot = slot
+        self.slot, self.prompt_len = slot, prompt_len
         self.n = 0  # tokens cached
         self.kq = 0  # K tokens quantized (a multiple of residual)
 
     def after(self, n: int, residual: int) -> tuple[int, int]:
         """(n, kq) once the step that brings the cache to n tokens has been stored."""
-        if self.n == 0:  # prefill quantizes K in multiples of residual
+        if n <= self.prompt_len:  # prefill quantizes K in multiples of residual
             return n, n - n % residual
         if n - self.kq == residual:  # the decode tail just filled up and was quantized
             return n, n
@@ -185,16 +186,18 @@ class QuantStore:
         v: torch.Tensor,
         start: int = 0,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        final: bool = True,
     ) -> None:
-        """Store a prompt's k, v [n - start, H, D] of one layer, its tokens from `start` (a multiple of 64). The
-        pages of the tokens before it are shared with an earlier request and hold them; where the full-precision
-        tails reach back before `start`, `prefix` (the exact k, v [start, H, D] of those tokens, from the host
-        tier) fills them. Beyond KIVI's rules the pages also get the tails' tokens quantized (K in whole groups of
+        """Store a prompt's k, v [n - start, H, D] of one layer, its tokens from `start` (a multiple of 64) to n, the
+        prompt's end (`final`) or a chunk's (then its pages only: the groups of 64 keys up to n - n % 64, all
+        values; the next chunk starts at or before n - n % 64). The pages of the tokens before `start` are shared
+        with an earlier request or stored by earlier chunks and hold them; where the full-precision tails reach
+        back before `start`, `prefix` (the exact k, v [start, H, D] of those tokens, from the host tier) fills them. Beyond KIVI's rules the pages also get the tails' tokens quantized (K in whole groups of
         64, all of V): the values decode writes there as they leave the tails, so every page of the prompt is
         final at once, and a later request that shares it needs none of it recomputed."""
         n, r = start + k.shape[0], self.cfg.residual
         kq, vq = n - n % r, max(n - r, 0)
-        if prefix is None and start > vq:
+        if final and prefix is None and start > vq:
             raise ValueError(
                 f"a shared prefix of {start} tokens reaches into the last {r} of a {n}-token prompt; "
                 "its exact rows are needed"
@@ -202,6 +205,8 @@ class QuantStore:
         if n - n % PAGE > start:
             self._quantize_k(layer, st, k[: n - n % PAGE - start], start)
         self._quantize_v(layer, st, v, start)
+        if not final:
+            return
         pk, pv = prefix if prefix is not None else (None, None)
         if n > kq:  # a prompt of a multiple of `residual` tokens leaves the K tail empty
             self.k_tail[layer, st.slot, : n - kq] = torch.cat(prompt_span(kq, n, start, pk, k))

@@ -1,6 +1,8 @@
 """`tailor`: the TailorKV hybrid cache. Q layers keep a 1/2-bit KIVI cache on the GPU; S layers keep the prompt
 in the host tier and, each decode step, attend exactly over sink + recent + the top-k dominant prompt tokens
-(two-stage retrieval, selection.py) + every generated token. Prefill is exact full attention over the prompt."""
+(two-stage retrieval, selection.py) + every generated token. Prefill is exact full attention over the prompt, in
+chunks (decode rows ride along): a chunk attends to the prompt's earlier tokens read back from the host tier, where
+every layer's exact rows are kept (from their GPU copies where pages have one)."""
 
 from __future__ import annotations
 
@@ -95,9 +97,9 @@ class TailorPolicy(KVPolicy):
         self.model = model
 
     def warm_up(self, prefix_sharing: bool) -> None:
-        """The first prefill after a shared prefix would JIT-compile FlashInfer's prefill kernel (a minute on a fresh
-        host, in the middle of serving): compile it now."""
-        if prefix_sharing and self.device.type == "cuda" and self.s_index:
+        """The first prefill after a prefix (shared, or a prompt's earlier chunks) would JIT-compile FlashInfer's
+        prefill kernel (a minute on a fresh host, in the middle of serving): compile it now."""
+        if self.device.type == "cuda":
             c = self.cfg
             q = torch.zeros(2, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
             kv = torch.zeros(2, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype)
@@ -108,10 +110,11 @@ class TailorPolicy(KVPolicy):
         self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
     ) -> KVLayout:
         """Slots (each request's windows), the GPU pools in the proportions of long-context requests, the host
-        tier, and GPU copies of host pages (DeviceCopies): by default the GPU memory that pools for as many such
-        requests as the host tier holds leave, at most half of it. A shared block is one host-tier page: its token
-        rows (and the Q layers' rows), its key-sketch page and the quantized pages of the same tokens; kivi (no
-        host tier) shares nothing. Generated tokens live in GPU-tier pages of their own, never in shared blocks;
+        tier (every layer's exact prompt rows: the S layers' for decode, all of them for the prefill chunks and
+        shared prefixes that read them back) and GPU copies of host pages (DeviceCopies), which those reads use
+        where a page has one: by default the GPU memory that pools for as many such requests as the host tier
+        holds leave, at most half of it. A shared block is one host-tier page: its token rows (and the Q layers'
+        rows), its key-sketch page and the quantized pages of the same tokens; kivi (no S layers) shares nothing. Generated tokens live in GPU-tier pages of their own, never in shared blocks;
         a cached partial block is its host page, the exact rows of every layer."""
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
         nq, ns, h, d = len(self.q_index), len(self.s_index), c.num_kv_heads, c.head_dim
@@ -137,24 +140,20 @@ class TailorPolicy(KVPolicy):
             spage = OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch)
             gpu["sketch"] = (HOST_PAGE, spage, 64, "prompt")
         unit = sum(b * n for _, b, n, _ in gpu.values())  # per 64 host pages
-        host = []
-        if ns:
-            hpage = OffloadStore.bytes_per_host_page(
-                ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq
+        hpage = OffloadStore.bytes_per_host_page(
+            ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq
+        )
+        host_pages = max(host_bytes // hpage, 1)
+        host = [PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt")]
+        cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
+        if copy_bytes is None:
+            copy_bytes = (
+                0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
             )
-            host_pages = max(host_bytes // hpage, 1)
-            host.append(PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt"))
-            cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
-            if not prefix_caching:
-                copy_bytes = 0
-            elif copy_bytes is None:
-                copy_bytes = (
-                    0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
-                )
-            copies = min(max(min(copy_bytes, rest), 0) // cpage, host_pages)
-            if copies:
-                host.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
-                rest -= copies * cpage
+        copies = min(max(min(copy_bytes, rest), 0) // cpage, host_pages)
+        if copies:
+            host.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
+            rest -= copies * cpage
         pools = {
             name: PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b, holds)
             for name, (size, b, n, holds) in gpu.items()
@@ -169,7 +168,6 @@ class TailorPolicy(KVPolicy):
         return KVLayout(
             pools,
             prefix_blocks=blocks,
-            whole_prompt_prefill=True,  # the S layers offload and take max|K| over the whole prompt
             caches_output=False,
             partial_block_pool="host" if blocks else None,
         )
@@ -184,33 +182,31 @@ class TailorPolicy(KVPolicy):
             if self.q_index
             else None
         )
-        self.offload = (
-            OffloadStore(
-                len(self.s_index),
-                n.get("host", 0),
-                n.get("gen", 0),
-                n["slots"],
-                h,
-                d,
-                t.sink,
-                t.recent,
-                self.device,
-                self.dtype,
-                self.host_on_device,
-                t.key_sketch,
-                n.get("sketch", 0),
-                extra_row_layers=len(self.q_index),
-                copy_slots=n.get("copies", 0),
-            )
-            if self.s_index
-            else None
+        self.offload = OffloadStore(
+            len(self.s_index),
+            n["host"],
+            n.get("gen", 0),
+            n["slots"],
+            h,
+            d,
+            t.sink,
+            t.recent,
+            self.device,
+            self.dtype,
+            self.host_on_device,
+            t.key_sketch,
+            n.get("sketch", 0),
+            extra_row_layers=len(self.q_index),
+            copy_slots=n.get("copies", 0),
         )
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
-        self.s_state: dict[int, OffloadState] = {}
-        # stage 1 of layer l+1 crosses PCIe on a side stream while layer l computes
+        self.s_state: dict[
+            int, OffloadState
+        ] = {}  # every request's host pages (and the S layers' state)
+        # stage 1 of layer l+1 (and a prefill's prefix read) crosses PCIe on a side stream while layer l computes
         self.prefetch_stream = (
-            torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.s_index else None
+            torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         )
         # a captured graph's inputs, per shape: filled in place by every replay of it
         self.graph_views: dict[tuple, DecodeView | QuantView] = {}
@@ -226,18 +222,17 @@ class TailorPolicy(KVPolicy):
         slot = pages["slots"][0]
         self.prompt_len[rid] = prompt_len
         if self.q_index:
-            self.q_state[rid] = QuantState(pages.get("qkv", []), slot, self.device)
-        if self.s_index:
-            self.s_state[rid] = OffloadState(
-                pages["host"],
-                pages["gen"],
-                slot,
-                prompt_len,
-                self.tc.sink,
-                self.tc.recent,
-                pages.get("sketch", ()),
-                partial_page,
-            )
+            self.q_state[rid] = QuantState(pages.get("qkv", []), slot, self.device, prompt_len)
+        self.s_state[rid] = OffloadState(
+            pages["host"],
+            pages.get("gen", []),
+            slot,
+            prompt_len,
+            self.tc.sink,
+            self.tc.recent,
+            pages.get("sketch", ()),
+            partial_page,
+        )
 
     def release(self, rid: int) -> None:
         self.prompt_len.pop(rid, None)
@@ -246,7 +241,7 @@ class TailorPolicy(KVPolicy):
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def is_prefill(self, i: int, batch: ForwardBatch) -> bool:
-        """Row i computes (the rest of) its prompt: all of it, or what follows a shared prefix."""
+        """Row i computes (a chunk of) its prompt: from its start, after a shared prefix or after earlier chunks."""
         return batch.start[i] < self.prompt_len[batch.rids[i]]
 
     def prepare(self, batch: ForwardBatch) -> TailorStep:
@@ -383,24 +378,20 @@ class TailorPolicy(KVPolicy):
         return out
 
     def _prefill_groups(self, batch: ForwardBatch) -> list[tuple[list[int], PrefillGroup]]:
-        """This step's prefill rows grouped by the shared prefix of full blocks they continue (the page_runs of its
-        host pages, () for none), each group with its PrefillGroup."""
+        """This step's prefill rows grouped by the prefix of full blocks they continue (the page_runs of its host
+        pages, () for none: shared blocks, a row's own earlier chunks), each group with its PrefillGroup."""
         groups: dict[tuple, list[int]] = {}
         read, written = [], []
         for i, rid in enumerate(batch.rids):
             if not self.is_prefill(i, batch):
                 continue
-            st, p0 = (
-                self.s_state.get(rid),
-                batch.start[i] // HOST_PAGE,
-            )  # no state: kivi, which shares nothing
-            pages = st.host_pages_cpu[:p0].tolist() if st else []
+            st, start = self.s_state[rid], batch.start[i]
+            p0, p1 = start // HOST_PAGE, -(-batch.total_len(i) // HOST_PAGE)
+            pages = st.host_pages_cpu[:p0].tolist()
             groups.setdefault(tuple(page_runs(pages)), []).append(i)
-            if st:
-                read += pages + ([st.partial_page] if batch.start[i] % HOST_PAGE else [])
-                written += st.host_pages_cpu[p0:].tolist()
-        if self.s_index:  # before any group's reads and writes are laid out
-            self.offload.copies.plan(read, written)
+            read += pages + ([st.tail_page(start)] if start % HOST_PAGE else [])
+            written += st.host_pages_cpu[p0:p1].tolist()
+        self.offload.copies.plan(read, written)  # before any group's reads and writes are laid out
         return [(rows, self._group(rows, runs, batch)) for runs, rows in groups.items()]
 
     def _prefill_after_prefix(
@@ -434,9 +425,8 @@ class TailorPolicy(KVPolicy):
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
         n = group.prefix_pages
-        prefix = (
-            self.offload.shared_prefix(rows_read[:n], max_abs=layer in self.s_index) if n else None
-        )
+        max_abs = layer in self.s_index and group.prefix_max
+        prefix = self.offload.shared_prefix(rows_read[:n], max_abs) if n else None
         tails = (
             self.offload.shared_prefix(rows_read[n:], max_abs=False)[:2]
             if group.ext is not None
@@ -476,17 +466,17 @@ class TailorPolicy(KVPolicy):
             sel = slice(cu[rows[0]], cu[rows[-1] + 1])
         else:
             sel = to_device(torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rows]), self.device)
-        states = [self.s_state[batch.rids[i]] for i in rows] if self.s_index else None
+        states = [self.s_state[batch.rids[i]] for i in rows]
         return PrefillGroup.build(
             sel,
             runs,
             [batch.start[i] for i in rows],
             [batch.new[i] for i in rows],
             states,
-            [st.partial_page for st in states or ()],
-            self.offload.window if self.s_index else 0,
+            [st.tail_page(batch.start[i]) for st, i in zip(states, rows)],
+            self.offload.window,
             self.device,
-            self.offload.copies if self.s_index else None,
+            self.offload.copies,
         )
 
     def _row_layer(self, layer: int) -> int:
@@ -507,20 +497,20 @@ class TailorPolicy(KVPolicy):
         batch: ForwardBatch,
         prefix: SharedPrefix | None = None,
     ) -> None:
-        """The prompts of prefill rows `rows` from their common start, k, v [sum(group.lens), H, D] row after row:
-        the tokens before it (`prefix`) are in shared blocks, already stored."""
+        """The prompts (or chunks) of prefill rows `rows` from their common start, k, v [sum(group.lens), H, D] row
+        after row: the tokens before it (`prefix`) are in shared blocks or earlier chunks, already stored."""
         if layer in self.q_index:
             for i, a, b in zip(rows, group.cu_k, group.cu_k[1:]):
+                st = self.q_state[batch.rids[i]]
                 self.quant.prefill(
                     self.q_index[layer],
-                    self.q_state[batch.rids[i]],
+                    st,
                     k[a:b],
                     v[a:b],
                     group.start,
                     prefix and prefix[:2],
+                    final=group.start + b - a == st.prompt_len,
                 )
-        if not self.s_index:
-            return
         if layer in self.q_index:  # the exact rows too, for a later request that shares this prefix
             self.offload.store_rows(self._row_layer(layer), group.prompt, k, v)
         else:

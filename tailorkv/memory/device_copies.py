@@ -50,14 +50,18 @@ class DeviceCopies:
     def plan(self, read: list[int], written: list[int]) -> None:
         """One step's use: the pages it reads (their copies are recently used and kept through the step) and the
         pages it writes, which get a slot (their own, a free one, or the least recently used one neither read nor
-        written in the step); those for which none is left get none."""
+        written in the step); those for which none is left get none, and so does a page without a copy that the
+        step also reads (a prompt's partly computed page, before its next chunk: it is read from the host tier)."""
         for p in read:
             if p in self._slot:
                 self._page.move_to_end(self._slot[p])
-        keep = set(read) | set(written)
+        reading = set(read)
+        keep = reading | set(written)
         for p in written:
             if p in self._slot:
                 self._page.move_to_end(self._slot[p])
+                continue
+            if p in reading:
                 continue
             s = self._take(keep)
             if s is None:

@@ -14,7 +14,6 @@ class KVLayout:
       reserves in it (pages_needed);
     - prefix_blocks: (tokens per block, pages per block in each shared pool) when requests with a common prompt
       prefix share its pages (prefix_cache.py), block i holding tokens i*tokens ..; None when they do not;
-    - whole_prompt_prefill: a prompt is prefilled in one step (tailor: offload and max|K| over all of it);
     - caches_output: generated tokens' K/V sits in the same pages as the prompt's, so a finished request's output
       may be cached for the next turn of a chat;
     - partial_block_pool: with prefix blocks, the pool of a prompt's partly filled last block's page that holds
@@ -22,7 +21,6 @@ class KVLayout:
 
     pools: list[PoolSpec]
     prefix_blocks: tuple[int, dict[str, int]] | None = None
-    whole_prompt_prefill: bool = False
     caches_output: bool = True
     partial_block_pool: str | None = None
 

@@ -109,9 +109,7 @@ class Scheduler:
         budget = self.chunk_tokens - len(seqs)
         for s in self.running.values():
             if s.prefilling and budget > 0:
-                n = self._chunk(
-                    s.prompt_len - s.num_computed, budget, first=not any(x.prefilling for x in seqs)
-                )
+                n = min(s.prompt_len - s.num_computed, budget)
                 if n:
                     seqs.append(s)
                     new.append(n)
@@ -125,9 +123,7 @@ class Scheduler:
                 if self.prefix
                 else 0
             )
-            n = self._chunk(
-                s.prompt_len - cached, budget, first=not any(x.prefilling for x in seqs)
-            )
+            n = min(s.prompt_len - cached, budget)
             if not n:
                 break
             pages = self.memory.reserve(
@@ -169,12 +165,6 @@ class Scheduler:
 
     def _blocks(self, tokens: int) -> int:
         return max(tokens, 0) // self.prefix.block_tokens
-
-    def _chunk(self, remaining: int, budget: int, first: bool) -> int:
-        if not self.layout.whole_prompt_prefill:
-            return min(remaining, budget)
-        # the whole prompt at once; one over-budget prompt may run alone rather than never
-        return remaining if remaining <= budget or first else 0
 
     def advance(self, step: Step) -> None:
         """The step has run: count its tokens as computed; the prompt pages it filled join the prefix cache."""
