@@ -14,11 +14,16 @@ RECORDED = [
     ("full", {}, False, {"kv": ("gpu", 2048, 16, 32768)}, None),
     ("full", {}, True, {"kv": ("gpu", 2048, 16, 32768)}, (16, {"kv": 1})),
     ("offload", {}, True, {"kv": ("host", 8192, 16, 32768)}, (16, {"kv": 1})),
-    (
+    (  # kivi keeps its prompts' exact rows in the host tier, which its prefill chunks read back
         "kivi",
         {},
         True,
-        {"slots": ("gpu", 25, 1, 263168), "qkv": ("gpu", 5373, 64, 11264)},
+        {
+            "slots": ("gpu", 25, 1, 263168),
+            "host": ("host", 512, 256, 524288),
+            "copies": ("gpu", 57, 256, 524288),
+            "qkv": ("gpu", 2720, 64, 11264),
+        },
         None,
     ),
     (
@@ -65,7 +70,7 @@ RECORDED = [
 NEEDED = {  # pages for a prompt of 1000 tokens and 100 new ones
     "full": {"kv": 69},
     "offload": {"kv": 69},
-    "kivi": {"slots": 1, "qkv": 18},
+    "kivi": {"slots": 1, "qkv": 18, "host": 4},
     "tailor": {"slots": 1, "qkv": 18, "gen": 2, "host": 4, "sketch": 4},
 }
 
@@ -81,5 +86,5 @@ def test_layout_keeps_the_recorded_pools_and_costs(name, options, prefix, pools,
     need = {p: n for p, n in NEEDED[name].items() if p in pools}
     assert layout.pages_needed(1000, 100) == need
     tailor = name in ("tailor", "kivi")
-    assert layout.whole_prompt_prefill == tailor and layout.caches_output == (not tailor)
+    assert layout.caches_output == (not tailor)
     assert layout.partial_block_pool == ("host" if tailor and blocks else None)

@@ -146,7 +146,9 @@ class TailorPolicy(KVPolicy):
         host_pages = max(host_bytes // hpage, 1)
         host = [PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt")]
         cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
-        if copy_bytes is None:
+        if not prefix_caching:
+            copy_bytes = 0
+        elif copy_bytes is None:
             copy_bytes = (
                 0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
             )
@@ -162,7 +164,8 @@ class TailorPolicy(KVPolicy):
         pools = [PoolSpec("slots", "gpu", slots, 1, slot, "request"), *pools.values()]
         pools += host[:1] + sketch + host[1:]  # a request reserves in this order
         blocks = None
-        if prefix_caching and ns:
+        self.shares_prefixes = prefix_caching and bool(ns)
+        if self.shares_prefixes:
             shared = {"host": 1, **({"sketch": 1} if "sketch" in gpu else {})}
             blocks = HOST_PAGE, {**shared, **({"qkv": HOST_PAGE // PAGE} if nq else {})}
         return KVLayout(
@@ -235,9 +238,14 @@ class TailorPolicy(KVPolicy):
         )
 
     def release(self, rid: int) -> None:
+        """Forget the request; its pages' GPU copies go too, but for those of blocks the prefix cache may keep (the
+        prompt's blocks once computed)."""
         self.prompt_len.pop(rid, None)
         self.q_state.pop(rid, None)
-        self.s_state.pop(rid, None)
+        st = self.s_state.pop(rid, None)
+        if st is not None and (not self.shares_prefixes or st.n < st.prompt_len):
+            first = st.n // HOST_PAGE if self.shares_prefixes else 0
+            self.offload.copies.forget(st.host_pages_cpu[first:].tolist())
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def is_prefill(self, i: int, batch: ForwardBatch) -> bool:

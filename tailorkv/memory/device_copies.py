@@ -68,6 +68,14 @@ class DeviceCopies:
                 return
             self._slot[p], self._page[s] = s, p
 
+    def forget(self, pages: list[int]) -> None:
+        """Free the slots of pages whose contents no step will read (a request's pages that no cached block keeps)."""
+        for p in pages:
+            s = self._slot.pop(p, None)
+            if s is not None:
+                del self._page[s]
+                self._free.append(s)
+
     def _take(self, keep: set[int]) -> int | None:
         if self._free:
             return self._free.pop()
