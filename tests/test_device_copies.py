@@ -23,6 +23,20 @@ def test_written_pages_take_slots_and_the_least_recently_used_unneeded_copy_goes
     assert c.slot(10) is None and c.slot(15) is not None
 
 
+def test_a_page_read_and_written_without_a_copy_gets_none_and_forgotten_pages_free_their_slots():
+    """A prompt's partly computed page is read (its next chunk's tail) and written in one step: without a copy its
+    read comes from the host tier, so it takes no slot (the copy would be read before it is written)."""
+    c = DeviceCopies(2)
+    c.plan([3], [3, 4])
+    assert c.slot(3) is None and c.slot(4) is not None
+    c.plan([4], [4, 5])  # with a copy it keeps it
+    assert c.slot(4) is not None and c.slot(5) is not None
+    c.forget([4, 9])
+    assert c.slot(4) is None and c.num_pages == 1
+    c.plan([], [6])
+    assert c.slot(6) is not None and c.num_pages == 2
+
+
 def test_reads_split_into_host_runs_and_copies():
     c = DeviceCopies(4)
     c.plan([], [5, 7, 8])

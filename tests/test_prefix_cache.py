@@ -504,3 +504,42 @@ def test_tailor_next_turns_continue_their_partial_blocks_exactly(chat, key_sketc
         else:  # over PCIe, one copy per run of consecutive pages
             assert last.at is None and sum(n for *_, n in last.host_runs) == last.pages
         assert all_free(e)
+
+
+def test_tailor_chunks_after_a_cached_prefix(chat):
+    """Both questions prefill in chunks of 100 tokens: the second continues the first's cached blocks and partial
+    block, then its own earlier chunks (read back from their GPU copies); the tokens equal those of whole-prompt
+    prefill without caching."""
+    sp = {**GREEDY, "max_new_tokens": 8}
+    small = {**TINY_TAILOR, "kv_cache_gib": 0.05, "prefix_gpu_gib": 16 * TINY_PAGE_GIB}
+    with Engine(**small, enable_prefix_caching=False) as e:
+        want = [e.generate(p, sampling_params=sp)["output_ids"] for p in chat]
+    with Engine(**small, chunked_prefill_size=100) as e:
+        reads = []
+        read_prefix = e.policy.offload.read_prefix
+        e.policy.offload.read_prefix = lambda *a, **kw: reads.append(a[1]) or read_prefix(*a, **kw)
+        got = [e.generate(p, sampling_params=sp) for p in chat]
+        assert all(r.at is not None and not r.host_runs for r in reads)  # all from GPU copies
+        assert [g["output_ids"] for g in got] == want
+        assert got[1]["meta_info"]["cached_tokens"] % TAILOR_BLOCK  # a partial block's tokens too
+        assert all_free(e)
+
+
+def test_an_abort_in_the_middle_of_a_chunked_prefill_frees_everything(chat):
+    """A prompt aborted after two chunks of 300 tokens returns every page; the GPU copies of its pages go, but for
+    those of its two computed blocks, which the prefix cache keeps and the next request reads."""
+    from tailorkv.engine.sampling import SamplingParams
+
+    options = {"kv_cache_gib": 0.05, "prefix_gpu_gib": 16 * TINY_PAGE_GIB}
+    with Engine(**TINY_TAILOR, **options, chunked_prefill_size=300) as e:
+        ids = e.tokenize(chat[0], None)
+        req = e.add_request(ids, SamplingParams(max_new_tokens=4))
+        e.step()
+        e.step()
+        copies = e.policy.offload.copies
+        assert req.seq.prefilling and copies.num_pages == 3
+        e.abort(req.rid)
+        assert all_free(e) and not e.policy.s_state and not e.policy.q_state
+        assert copies.num_pages == 2
+        out = e.generate(input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 1})
+        assert out["meta_info"]["cached_tokens"] == 2 * TAILOR_BLOCK and all_free(e)
