@@ -7,10 +7,17 @@ and command) to --output-file.
   random:   independent requests of fixed input/output length, Poisson arrivals (--request-rate, inf: at once)
   doc-chat: --users share one long document; each user asks --turns questions in sequence, each prompt being
             the document + the user's previous turns + a new question (the long-context chat of the paper)
+  mixed:    --users decode steadily (prompts of --random-input-len, answers of --random-output-len) while
+            --long-prompts prompts of --long-prompt-tokens arrive --long-prompt-spacing s apart (the first once every
+            user has its first token); the row's tpot/itl stats are the decoders', with itl_s_max_during_prefill
+            (their longest gap overlapping a long prompt's prefill: its send to its first token),
+            itl_s_median_outside_prefill and the long prompts' TTFTs (long_ttft_s)
 
   python -m benchmarks.bench_serving --base-url http://127.0.0.1:30000 --num-prompts 64 \\
       --random-input-len 1024 --random-output-len 128 --max-concurrency 16
   python -m benchmarks.bench_serving --dataset doc-chat --doc-tokens 32000 --users 8 --turns 4
+  python -m benchmarks.bench_serving --dataset mixed --users 8 --random-input-len 32000 --random-output-len 2048 \
+      --long-prompts 2 --long-prompt-tokens 126000 --long-prompt-spacing 25
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class Job:
     output_len: int
     user: int = 0
     turn: int = 0
+    long: bool = False  # mixed: a long prompt (else a decoder)
+    first_token: asyncio.Event | None = None  # set when its first token arrives
 
 
 @dataclass
@@ -60,6 +69,8 @@ class Result:
     cached: int | None = None  # meta_info cached_tokens: prompt tokens taken from the prefix cache
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
+    sent: float = 0.0  # time.perf_counter() when the request was sent
+    stamps: list[float] = field(default_factory=list)  # time.perf_counter() of each output chunk
 
     @property
     def tpot(self) -> float | None:
@@ -83,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="default", help="model name sent to /v1/completions")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--dataset", choices=["random", "doc-chat"], default="random")
+    p.add_argument("--dataset", choices=["random", "doc-chat", "mixed"], default="random")
     p.add_argument("--num-prompts", type=int, default=100, help="random: number of requests")
     p.add_argument("--random-input-len", type=int, default=1024)
     p.add_argument(
@@ -92,7 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--doc-tokens", type=int, default=8000, help="doc-chat: length of the shared document"
     )
-    p.add_argument("--users", type=int, default=4, help="doc-chat: concurrent users")
+    p.add_argument("--users", type=int, default=4, help="doc-chat, mixed: concurrent users")
+    p.add_argument("--long-prompts", type=int, default=2, help="mixed: long prompts sent")
+    p.add_argument("--long-prompt-tokens", type=int, default=126000, help="mixed: their length")
+    p.add_argument(
+        "--long-prompt-spacing", type=float, default=25.0, help="mixed: seconds between them"
+    )
+    p.add_argument("--long-output-len", type=int, default=16, help="mixed: their answers' length")
     p.add_argument(
         "--turns", type=int, default=3, help="doc-chat: questions per user, asked in sequence"
     )
@@ -149,7 +166,7 @@ class Client:
                     "stream_options": {"include_usage": True},
                 },
             )
-        start = last = time.perf_counter()
+        start = last = res.sent = time.perf_counter()
         try:
             async with self.http.stream("POST", path, json=body) as r:
                 if r.status_code != 200:
@@ -167,9 +184,12 @@ class Client:
                     if self._absorb(chunk, res):
                         if res.ttft == 0.0:
                             res.ttft = now - start
+                            if job.first_token is not None:
+                                job.first_token.set()
                         else:
                             res.itl.append(now - last)
                         last = now
+                        res.stamps.append(now)
         except httpx.HTTPError as e:
             res.error = f"{type(e).__name__}: {e}"
             return res
@@ -221,15 +241,38 @@ async def bench(
         await client.run(Job(words(rng, 16), 4))
     tasks: list[asyncio.Task] = []
     start = time.perf_counter()
-    if args.dataset == "random":
+
+    def random_prompt(n: int) -> str | list[int]:
+        if args.backend == "generate":
+            return [rng.randrange(100, vocab_size) for _ in range(n)]
+        return words(rng, n)
+
+    if args.dataset == "mixed":
+        decoders = [
+            Job(
+                random_prompt(args.random_input_len),
+                args.random_output_len,
+                u,
+                0,
+                False,
+                asyncio.Event(),
+            )
+            for u in range(args.users)
+        ]
+        tasks = [asyncio.create_task(limited(job)) for job in decoders]
+        for job in decoders:
+            await job.first_token.wait()
+        for i in range(args.long_prompts):
+            if i:
+                await asyncio.sleep(args.long_prompt_spacing)
+            long = Job(random_prompt(args.long_prompt_tokens), args.long_output_len, i, 0, True)
+            tasks.append(asyncio.create_task(limited(long)))
+        results = list(await asyncio.gather(*tasks))
+    elif args.dataset == "random":
         ticks = arrivals(args.request_rate, rng)
         for _ in range(args.num_prompts):
             await anext(ticks)
-            prompt = (
-                [rng.randrange(100, vocab_size) for _ in range(args.random_input_len)]
-                if args.backend == "generate"
-                else words(rng, args.random_input_len)
-            )
+            prompt = random_prompt(args.random_input_len)
             tasks.append(asyncio.create_task(limited(Job(prompt, args.random_output_len))))
         results = list(await asyncio.gather(*tasks))
     else:
@@ -254,10 +297,24 @@ async def bench(
     return results, time.perf_counter() - start
 
 
+def prefill_gaps(decoders: list[Result], long: list[Result]) -> tuple[list[float], list[float]]:
+    """The decoders' inter-token gaps that overlap a long prompt's prefill (its send to its first token), and the
+    others."""
+    windows = [(r.sent, r.sent + r.ttft) for r in long]
+    during, outside = [], []
+    for r in decoders:
+        for a, b in zip(r.stamps, r.stamps[1:]):
+            hit = any(a < end and b > begin for begin, end in windows)
+            (during if hit else outside).append(b - a)
+    return during, outside
+
+
 def summarize(
     args: argparse.Namespace, policy: str, results: list[Result], duration: float
 ) -> dict:
     ok = [r for r in results if r.ok]
+    long = [r for r in ok if r.job.long]
+    decoders = [r for r in ok if not r.job.long]
 
     def stats(name: str, values: list[float]) -> dict:
         v = sorted(values) or [float("nan")]
@@ -284,8 +341,8 @@ def summarize(
         "output_tok_per_s": sum(r.output_tokens for r in ok) / duration,
         "mean_concurrency": sum(r.latency for r in ok) / duration,
         **stats("ttft_s", [r.ttft for r in ok]),
-        **stats("tpot_s", [r.tpot for r in ok if r.tpot is not None]),
-        **stats("itl_s", [x for r in ok for x in r.itl]),
+        **stats("tpot_s", [r.tpot for r in decoders if r.tpot is not None]),
+        **stats("itl_s", [x for r in decoders for x in r.itl]),
         **stats("e2e_s", [r.latency for r in ok]),
     }
     if args.dataset == "doc-chat":
@@ -304,6 +361,17 @@ def summarize(
             lambda r: r.queue
         )  # of that TTFT, the wait for admission
         row["turn_cached_tokens_median"] = per_turn(lambda r: r.cached)
+    if args.dataset == "mixed":
+        during, outside = prefill_gaps(decoders, long)
+        row |= {
+            "decoders": args.users,
+            "context": statistics.fmean([r.prompt_tokens for r in decoders] or [0]),
+            "long_prompt_tokens": statistics.fmean([r.prompt_tokens for r in long] or [0]),
+            "long_prompt_spacing_s": args.long_prompt_spacing,
+            "itl_s_max_during_prefill": max(during, default=float("nan")),
+            "itl_s_median_outside_prefill": statistics.median(outside or [float("nan")]),
+            "long_ttft_s": [r.ttft for r in long],
+        }
     if args.request_rate == float("inf"):
         row["request_rate"] = "inf"  # JSON has no infinity
     return row
@@ -321,6 +389,19 @@ def print_table(row: dict, results: list[Result]) -> None:
         ("Output token throughput (tok/s)", f"{row['output_tok_per_s']:.2f}"),
         ("Mean concurrency", f"{row['mean_concurrency']:.2f}"),
     ]
+    if "long_ttft_s" in row:
+        lines += [
+            ("Long prompt tokens (mean)", f"{row['long_prompt_tokens']:.0f}"),
+            ("Max decoder ITL in a prefill (ms)", f"{1000 * row['itl_s_max_during_prefill']:.2f}"),
+            (
+                "Median decoder ITL outside (ms)",
+                f"{1000 * row['itl_s_median_outside_prefill']:.2f}",
+            ),
+        ]
+        lines += [
+            (f"TTFT of long prompt {i + 1} (ms)", f"{1000 * t:.2f}")
+            for i, t in enumerate(row["long_ttft_s"])
+        ]
     for name, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "E2E latency")):
         for stat in ("mean", "median", "p99"):
             lines.append(

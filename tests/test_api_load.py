@@ -157,6 +157,14 @@ def test_bench_serving(live_server, tmp_path, capsys):
     )
     assert chat["completed"] == 4 and len(chat["turn_ttft_s_median"]) == 2 and chat["context"] > 64
     assert all(0 <= q <= t for q, t in zip(chat["turn_queue_s_median"], chat["turn_ttft_s_median"]))
+    mixed = main(
+        ["--base-url", live_server.url, "--output-file", str(out), "--dataset", "mixed"]
+        + ["--users", "2", "--random-input-len", "16", "--random-output-len", "24"]
+        + ["--long-prompts", "2", "--long-prompt-tokens", "300", "--long-prompt-spacing", "0.05"]
+    )
+    assert mixed["completed"] == 4 and mixed["context"] == 16 and mixed["long_prompt_tokens"] == 300
+    assert mixed["itl_s_max_during_prefill"] > 0 and mixed["tpot_s_median"] > 0
+    assert len(mixed["long_ttft_s"]) == 2 and all(t > 0 for t in mixed["long_ttft_s"])
     assert "Serving Benchmark Result" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["dataset"] for r in rows] == ["random", "doc-chat"]
+    assert [r["dataset"] for r in rows] == ["random", "doc-chat", "mixed"]
