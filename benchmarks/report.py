@@ -110,6 +110,17 @@ DOC_CHAT = [
     col("TPOT median ms", "tpot_s_median", num(".1f", 1e3)),
     col("note", "note"),
 ]
+MIXED = [
+    ("policy", label),
+    col("decoders", "decoders"),
+    col("their context", "context", tokens),
+    col("long prompt", "long_prompt_tokens", tokens),
+    col("spacing s", "long_prompt_spacing_s", num("g")),
+    col("TPOT median ms", "tpot_s_median", num(".1f", 1e3)),
+    col("ITL median ms outside prefill", "itl_s_median_outside_prefill", num(".1f", 1e3)),
+    col("max ITL during prefill s", "itl_s_max_during_prefill", num(".2f")),
+    col("long prompts' TTFT s", "long_ttft_s", lambda v: " / ".join(f"{t:.2f}" for t in v)),
+]
 PREFIX_PREFILL = [
     col("copies (GiB)", "copies"),
     col("copy pages", "copy_pages"),
@@ -187,6 +198,11 @@ SECTIONS = [
         "Document chat: one 64k document, 16 users (`bench_serving --dataset doc-chat`)",
         lambda r: r.get("dataset") == "doc-chat",
         lambda rows: markdown(DOC_CHAT, rows),
+    ),
+    Section(
+        "Steady decoders while long prompts arrive (`bench_serving --dataset mixed`)",
+        lambda r: r.get("dataset") == "mixed",
+        lambda rows: markdown(MIXED, rows),
     ),
     Section(
         "A later turn's prefill step after a cached document (`bench_prefix_prefill`)",

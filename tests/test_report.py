@@ -28,6 +28,16 @@ LATENCY = [
     latency("full", None, 11.93, 11.08) | RUN,
     latency("tailor", "longbench", 14.45, 6.27, key_sketch=2) | RUN,
 ]
+MIXED = {
+    "dataset": "mixed",
+    "policy": "tailor",
+    "preset": "longbench",
+    "decoders": 8,
+    "context": 32768,
+}
+MIXED |= {"long_prompt_tokens": 126000, "long_prompt_spacing_s": 25.0, "tpot_s_median": 0.0261}
+MIXED |= {"itl_s_median_outside_prefill": 0.0258, "itl_s_max_during_prefill": 0.21}
+MIXED |= {"long_ttft_s": [12.61, 12.93]}
 ACCURACY = [
     accuracy("full", None, "niah_single_1", 100.0),
     accuracy("tailor", "ruler", "niah_single_1", 95.0),
@@ -40,6 +50,7 @@ def test_report_tables_hold_the_rows(tmp_path):
     results.mkdir()
     (results / "lat.json").write_text(json.dumps(LATENCY))
     (results / "acc.json").write_text(json.dumps(ACCURACY))
+    (results / "mixed.json").write_text(json.dumps([MIXED | RUN]))
     out.write_text(f"# Summary\n\nhand-written\n\n{report.MARKER}\nstale\n")
     args = ["--results", str(results), "--output", str(out), "--plot", str(tmp_path / "p.png")]
     assert report.main(args + ["--check"]) == 1
@@ -53,6 +64,9 @@ def test_report_tables_hold_the_rows(tmp_path):
     assert "python -m benchmarks.bench_latency --contexts 131072" in lines
     assert "| full | 128k | 1 | 11.93 | 11.08 |" in lines
     assert "| tailor:longbench:key_sketch=2 | 128k | 1 | 14.45 | 6.27 |" in lines
+    assert (
+        "| tailor:longbench | 8 | 32k | 126000 | 25 | 26.1 | 25.8 | 0.21 | 12.61 / 12.93 |" in lines
+    )
     # the mean is over the tasks every policy ran: vt (full only) is left out of it
     assert (
         "full, tailor:ruler: machine not recorded, date not recorded (command not recorded)"

@@ -3,8 +3,9 @@
 Per layer and request: K quantized per channel in 64-token pages for positions [0, kq), kq a multiple of
 `residual`, the rest in a full-precision tail; V quantized per token for positions [0, n - residual), the last
 `residual` tokens in a full-precision window. Prefill (in one step or in chunks) quantizes K in multiples of
-`residual` and all V but the last `residual` tokens; each decode step appends to the K tail (quantized as one block when it reaches
-`residual`) and slides the V window (the oldest token beyond it is quantized). Paper §2, KIVI's rules.
+`residual` and all V but the last `residual` tokens; each decode step appends to the K tail (quantized as one
+block when it reaches `residual`) and slides the V window (the oldest token beyond it is quantized). Paper §2,
+KIVI's rules.
 The V window is a ring of residual + 1 slots (token t at t % (residual + 1)), so that a decode step's writes do
 not depend on what an earlier run of the same step wrote: a captured CUDA graph's warm-up run, then its replay.
 """
@@ -192,9 +193,10 @@ class QuantStore:
         prompt's end (`final`) or a chunk's (then its pages only: the groups of 64 keys up to n - n % 64, all
         values; the next chunk starts at or before n - n % 64). The pages of the tokens before `start` are shared
         with an earlier request or stored by earlier chunks and hold them; where the full-precision tails reach
-        back before `start`, `prefix` (the exact k, v [start, H, D] of those tokens, from the host tier) fills them. Beyond KIVI's rules the pages also get the tails' tokens quantized (K in whole groups of
-        64, all of V): the values decode writes there as they leave the tails, so every page of the prompt is
-        final at once, and a later request that shares it needs none of it recomputed."""
+        back before `start`, `prefix` (the exact k, v [start, H, D] of those tokens, from the host tier) fills
+        them. Beyond KIVI's rules the pages also get the tails' tokens quantized (K in whole groups of 64, all of
+        V): the values decode writes there as they leave the tails, so every page of the prompt is final at once,
+        and a later request that shares it needs none of it recomputed."""
         n, r = start + k.shape[0], self.cfg.residual
         kq, vq = n - n % r, max(n - r, 0)
         if final and prefix is None and start > vq:

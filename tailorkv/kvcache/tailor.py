@@ -114,8 +114,9 @@ class TailorPolicy(KVPolicy):
         shared prefixes that read them back) and GPU copies of host pages (DeviceCopies), which those reads use
         where a page has one: by default the GPU memory that pools for as many such requests as the host tier
         holds leave, at most half of it. A shared block is one host-tier page: its token rows (and the Q layers'
-        rows), its key-sketch page and the quantized pages of the same tokens; kivi (no S layers) shares nothing. Generated tokens live in GPU-tier pages of their own, never in shared blocks;
-        a cached partial block is its host page, the exact rows of every layer."""
+        rows), its key-sketch page and the quantized pages of the same tokens; kivi (no S layers) shares nothing.
+        Generated tokens live in GPU-tier pages of their own, never in shared blocks; a cached partial block is its
+        host page, the exact rows of every layer."""
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
         nq, ns, h, d = len(self.q_index), len(self.s_index), c.num_kv_heads, c.head_dim
         vgroup = kivi.value_group(t.group_size, d, t.quant_bits)
@@ -164,8 +165,7 @@ class TailorPolicy(KVPolicy):
         pools = [PoolSpec("slots", "gpu", slots, 1, slot, "request"), *pools.values()]
         pools += host[:1] + sketch + host[1:]  # a request reserves in this order
         blocks = None
-        self.shares_prefixes = prefix_caching and bool(ns)
-        if self.shares_prefixes:
+        if prefix_caching and ns:
             shared = {"host": 1, **({"sketch": 1} if "sketch" in gpu else {})}
             blocks = HOST_PAGE, {**shared, **({"qkv": HOST_PAGE // PAGE} if nq else {})}
         return KVLayout(
@@ -204,9 +204,8 @@ class TailorPolicy(KVPolicy):
         )
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
-        self.s_state: dict[
-            int, OffloadState
-        ] = {}  # every request's host pages (and the S layers' state)
+        # every request's host pages (and the S layers' windows, generated tokens)
+        self.s_state: dict[int, OffloadState] = {}
         # stage 1 of layer l+1 (and a prefill's prefix read) crosses PCIe on a side stream while layer l computes
         self.prefetch_stream = (
             torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -238,13 +237,13 @@ class TailorPolicy(KVPolicy):
         )
 
     def release(self, rid: int) -> None:
-        """Forget the request; its pages' GPU copies go too, but for those of blocks the prefix cache may keep (the
-        prompt's blocks once computed)."""
+        """Forget the request; its pages' GPU copies go too, but for those of blocks the prefix cache may keep (a
+        tailor prompt's blocks once computed; kivi shares nothing)."""
         self.prompt_len.pop(rid, None)
         self.q_state.pop(rid, None)
         st = self.s_state.pop(rid, None)
-        if st is not None and (not self.shares_prefixes or st.n < st.prompt_len):
-            first = st.n // HOST_PAGE if self.shares_prefixes else 0
+        if st is not None and (not self.s_index or st.n < st.prompt_len):
+            first = st.n // HOST_PAGE if self.s_index else 0
             self.offload.copies.forget(st.host_pages_cpu[first:].tolist())
 
     # ---- the step ------------------------------------------------------------------------------------------------
@@ -519,7 +518,9 @@ class TailorPolicy(KVPolicy):
                     prefix and prefix[:2],
                     final=group.start + b - a == st.prompt_len,
                 )
-        if layer in self.q_index:  # the exact rows too, for a later request that shares this prefix
+        if (
+            layer in self.q_index
+        ):  # the exact rows too, for later chunks and requests that share this prefix
             self.offload.store_rows(self._row_layer(layer), group.prompt, k, v)
         else:
             self.offload.prefill(self.s_index[layer], group.prompt, k, v, prefix)
