@@ -344,9 +344,9 @@ def record_steps(e: Engine) -> list[list[tuple[int, int, int]]]:
 
 @pytest.mark.parametrize("options, chunk, tokens", CHUNKED)
 def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tokens):
-    """Three prompts (~320, ~190, ~115 tokens) prefilled in chunks, the first ones decoding in the steps that
-    prefill the others and two prompts chunking in one step, give whole-prompt prefill's greedy tokens."""
-    prompts, sp = [prompt, prompt[:850], prompt[:470]], {**GREEDY, "max_new_tokens": tokens}
+    """Two prompts (~320, ~190 tokens) prefilled in chunks, both chunking in one step and the first decoding in the
+    steps that prefill the second, give whole-prompt prefill's greedy tokens."""
+    prompts, sp = [prompt, prompt[:850]], {**GREEDY, "max_new_tokens": tokens}
     with Engine(**SMALL, **options, enable_prefix_caching=False) as e:
         lens = {i: len(e.tokenize(p, None)) for i, p in enumerate(prompts)}
         e.scheduler.chunk_tokens = 4096
@@ -356,7 +356,7 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == want
         prefill = [[(r, n) for r, s, n in step if s < lens[r - len(prompts)]] for step in steps]
         assert max(n for rows in prefill for _, n in rows) <= chunk
-        assert any(len(rows) > 1 for rows in prefill)  # prompts chunking in one step
+        assert any(len(rows) == 2 for rows in prefill)  # both chunking in one step
         assert any(rows and len(rows) < len(step) for rows, step in zip(prefill, steps))
         assert not e.memory.held and not e.policy.s_state and not e.policy.q_state
 
