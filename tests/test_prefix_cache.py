@@ -4,6 +4,7 @@ prefix pages equal to those computed from scratch, for every policy that shares 
 import pytest
 
 from tailorkv import Engine
+from tailorkv.engine.sampling import SamplingParams
 from tailorkv.essays import load_essays
 from tailorkv.memory.layout import KVLayout
 from tailorkv.memory.pages import MemoryManager, PoolSpec
@@ -528,8 +529,6 @@ def test_tailor_chunks_after_a_cached_prefix(chat):
 def test_an_abort_in_the_middle_of_a_chunked_prefill_frees_everything(chat):
     """A prompt aborted after two chunks of 300 tokens returns every page; the GPU copies of its pages go, but for
     those of its two computed blocks, which the prefix cache keeps and the next request reads."""
-    from tailorkv.engine.sampling import SamplingParams
-
     options = {"kv_cache_gib": 0.05, "prefix_gpu_gib": 16 * TINY_PAGE_GIB}
     with Engine(**TINY_TAILOR, **options, chunked_prefill_size=300) as e:
         ids = e.tokenize(chat[0], None)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tailorkv import Engine
+from tailorkv.engine.sampling import SamplingParams
 from tailorkv.errors import ConfigError
 from tailorkv.essays import load_essays
 from tailorkv.kernels import kivi
@@ -363,8 +364,6 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
 
 def prefilled_state(e: Engine, ids: list[int], chunk: int) -> dict[str, torch.Tensor]:
     """Prefill `ids` in chunks of `chunk` tokens; what the request stored, per row layer / layer (first dim)."""
-    from tailorkv.engine.sampling import SamplingParams
-
     e.scheduler.chunk_tokens = chunk
     req = e.add_request(ids, SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
     while req.seq.prefilling:
