@@ -36,6 +36,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--max-queued-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument(
+        "--reserve-output-tokens",
+        type=int,
+        default=None,
+        help="answer tokens a request reserves KV pages for at admission and at each growth (default 256)",
+    )
+    p.add_argument(
+        "--max-passes",
+        type=int,
+        default=None,
+        help="how many later requests may pass a queued one that does not fit yet (default 16)",
+    )
     p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier KV budget")
     p.add_argument("--host-kv-gib", type=float, default=None, help="host-tier (pinned) KV budget")
     p.add_argument(

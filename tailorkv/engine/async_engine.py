@@ -144,6 +144,7 @@ class AsyncEngine:
         return {
             "num_running_reqs": len(s.running),
             "num_queued_reqs": len(s.waiting),
+            "num_retracted_reqs": s.num_retracted,  # so far: a pool ran dry while they decoded
             "memory": self.engine.memory.usage(),
         }
 
@@ -166,6 +167,10 @@ class AsyncEngine:
     def context_length(self) -> int:
         """Prompt plus generated tokens of one request, at most."""
         return self.engine.config.max_position
+
+    def max_output(self, prompt_len: int) -> int:
+        """Engine.max_output: a request without max_tokens runs at most this long."""
+        return self.engine.max_output(prompt_len)
 
     @property
     def vocab_size(self) -> int:

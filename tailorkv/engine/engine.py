@@ -104,6 +104,8 @@ class Engine:
             max_running=self.options.max_running_requests,
             max_queued=self.options.max_queued_requests,
             chunk_tokens=self.options.chunked_prefill_size,
+            reserve_output=self.options.reserve_output_tokens,
+            max_passes=self.options.max_passes,
         )
         self.runner = ModelRunner(
             self.model,
@@ -169,6 +171,13 @@ class Engine:
             raise InvalidRequestError("the prompt is empty")
         return ids
 
+    def max_output(self, prompt_len: int) -> int:
+        """The most answer tokens a prompt of `prompt_len` tokens can have: up to the end of the context or of
+        the KV memory, whichever comes first (a chat request without max_tokens runs until then)."""
+        return max(
+            min(self.config.max_position - prompt_len, self.scheduler.max_output(prompt_len)), 1
+        )
+
     def add_request(self, input_ids: list[int], params: SamplingParams) -> Request:
         """Validate and queue a request; raises InvalidRequestError / CapacityError without side effects."""
         total = len(input_ids) + params.max_new_tokens
@@ -206,7 +215,7 @@ class Engine:
         began = time.perf_counter()
         with self._lock:
             plan = self._schedule(admit)
-            if plan is None:
+            if plan is None or not plan.seqs:
                 return []
             reqs = [self.requests[s.rid] for s in plan.seqs]
         # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
@@ -218,8 +227,8 @@ class Engine:
         tokens, want = [], []
         for i, (req, n) in enumerate(zip(reqs, plan.new)):
             s = req.seq
-            if s.prefilling:
-                tokens.extend(req.input_ids[s.num_computed : s.num_computed + n])
+            if s.prefilling:  # a retracted request computes its output so far again, as prompt
+                tokens.extend(s.tokens[s.num_computed : s.num_computed + n])
             else:  # a decode step computes the newest sampled token; no copy of the whole history
                 tokens.append(req.output_ids[-1])
             if s.num_computed + n >= s.prompt_len:
@@ -270,9 +279,16 @@ class Engine:
         )
 
     def _schedule(self, admit: bool = True):
-        """The next step's plan, with newly admitted requests bound to their pages (call under the lock)."""
+        """The next step's plan, with the policy told of retracted requests and bound to the pages of grown and
+        newly admitted ones (call under the lock)."""
         plan = self.scheduler.schedule(admit)
-        for seq, pages in plan.admitted if plan else ():
+        if plan is None:
+            return None
+        for seq in plan.retracted:
+            self.policy.release(seq.rid)
+        for seq, pages in plan.grown:
+            self.policy.grow(seq.rid, pages)
+        for seq, pages in plan.admitted:
             self.policy.add_request(seq.rid, pages, seq.prompt_len, seq.partial_page)
         return plan
 

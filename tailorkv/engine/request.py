@@ -57,12 +57,12 @@ class Request:
         p = self.params
         s = token if isinstance(token, Sample) else Sample(token)
         token = s.token
-        self.seq.num_generated += 1
         if token in p.stop_token_ids or (not p.ignore_eos and token in tok.eos_token_ids):
             # the stop token is not part of the completion
             self._finish({"type": "stop", "matched": token}, tok, now)
             return
         self.output_ids.append(token)
+        self.seq.tokens.append(token)
         if s.logprob is not None:
             self.output_logprobs.append(s.logprob)
         if s.top_logprobs is not None:
