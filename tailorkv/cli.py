@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from .api.limits import HttpLimits
 from .config import EngineConfig
 from .errors import ConfigError, TailorKVError
 
@@ -119,7 +120,21 @@ def cmd_serve(args) -> None:
 
     if not args.shutdown_timeout >= 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    serve(config, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout)
+    limits = HttpLimits(
+        int(args.max_body_mib * (1 << 20)),
+        args.body_timeout,
+        args.header_timeout,
+        args.limit_concurrency or None,
+    )
+    serve(
+        config,
+        args.host,
+        args.port,
+        args.api_key,
+        args.served_model_name,
+        args.shutdown_timeout,
+        limits,
+    )
 
 
 def cmd_calibrate(args) -> None:
@@ -172,6 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="on SIGTERM / Ctrl-C: take no new work, let running requests finish for up to S seconds, "
         "then end the rest with an error (a second signal: at once)",
+    )
+    d = HttpLimits()
+    s.add_argument(
+        "--max-body-mib",
+        type=float,
+        default=d.max_body_bytes / (1 << 20),
+        help="a larger request body is answered 413 (default 8)",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout_s,
+        metavar="S",
+        help="a request body without progress for S seconds is answered 408 (default 30)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout_s,
+        metavar="S",
+        help="a connection without a complete request header for S seconds is closed (default 10)",
+    )
+    s.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=d.limit_concurrency,
+        metavar="N",
+        help="connections and requests in flight beyond N are answered 503 (default 2048; 0: no limit)",
     )
     s.add_argument(
         "--scheduler-delay-factor",
