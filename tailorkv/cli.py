@@ -34,6 +34,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="BITS",
         help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
     )
+    p.add_argument(
+        "--tp-size",
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel ranks, one process and GPU each (KV budgets are per rank)",
+    )
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--max-queued-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)

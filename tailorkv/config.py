@@ -35,6 +35,8 @@ class EngineConfig:
     # of the GPU-tier budget, GPU copies of cached host-tier pages (tailor); None = what the other pools leave
     prefix_gpu_gib: float | None = None
     cuda_graph: bool = True  # replay decode steps from captured CUDA graphs (on CUDA)
+    # tensor-parallel ranks, one process and device each; --kv-cache-gib and --host-kv-gib are per rank
+    tp_size: int = 1
     progress: bool = True
     # the server holds a prefill for more arrivals this many times the last prefill step's time (0: off)
     scheduler_delay_factor: float = DELAY_FACTOR
@@ -48,6 +50,7 @@ class EngineConfig:
             "max_queued_requests",
             "chunked_prefill_size",
             "reserve_output_tokens",
+            "tp_size",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
