@@ -17,6 +17,7 @@ from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..scheduler.scheduler import Scheduler, Seq
 from .calibration import calibrate
+from .grammar import Grammars
 from .request import Request
 from .runner import ModelRunner
 from .sampling import SamplingParams, check_text, sample
@@ -81,6 +82,7 @@ class Engine:
         )
         self.config = self.model.config
         self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.config.vocab_size)
         self.policy = cls(self.config, self.device, self.dtype, **config.policy_options)
         if getattr(self.policy, "plan_missing", False):
             # a model without a shipped plan: calibrate once, cache
@@ -177,6 +179,8 @@ class Engine:
                 f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
                 f"the model's context of {self.config.max_position} tokens"
             )
+        # compiled already on the server's path (AsyncEngine.compile_grammars), now offline
+        grammar = self.grammars.matcher(*params.grammar) if params.grammar else None
         with self._lock:
             rid = next(self._ids)
             gen = None
@@ -185,6 +189,9 @@ class Engine:
             req = Request(
                 rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen
             )
+            if grammar is not None:
+                req.grammar = grammar
+                req.logits_processors.append(grammar)
             self.scheduler.add(req.seq, req.input_ids)
             self.requests[rid] = req
         return req
