@@ -115,7 +115,7 @@ def sdk(live_server):
 
 
 def test_response_format_json_schema_and_json_object(sdk):
-    r = sdk.chat.completions.create(
+    chat = dict(
         model="smollm2",
         messages=[{"role": "user", "content": "Describe a person as JSON."}],
         max_tokens=128,
@@ -126,8 +126,12 @@ def test_response_format_json_schema_and_json_object(sdk):
             "json_schema": {"name": "person", "schema": PERSON, "strict": True},
         },
     )
+    r = sdk.chat.completions.create(**chat)
     assert r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    chunks = list(sdk.chat.completions.create(**chat, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
     r = sdk.completions.create(
         model="smollm2",

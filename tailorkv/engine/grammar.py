@@ -18,9 +18,8 @@ import torch
 from ..errors import InvalidRequestError
 from .tokenizer import Tokenizer
 
-COMPILE_TIMEOUT_S = (
-    10.0  # a schema of ~15k characters with 200 patterned fields takes ~2 s on one CPU core
-)
+# a schema of ~15k characters with 200 patterned fields takes ~2 s on one CPU core
+COMPILE_TIMEOUT_S = 10.0
 CACHE_SIZE = 256  # compiled grammars kept (each holds its token-mask cache: tens of kB to MBs)
 COMPILE_THREADS = 2
 _XGRAMMAR_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[14:41:13] /project/cpp/x.cc:94: "
@@ -33,9 +32,8 @@ def tokenizer_info(tok: Tokenizer, vocab_size: int):
 
     vocab = tok.vocabulary()[:vocab_size]
     stop = tok.eos_token_ids or None
-    if (
-        tok.hf_tokenizer is not None
-    ):  # xgrammar reads the vocabulary type from the tokenizer's own description
+    if tok.hf_tokenizer is not None:
+        # xgrammar reads the vocabulary's type from the tokenizer's own description
         from transformers import PreTrainedTokenizerFast
 
         described = xgr.TokenizerInfo.from_huggingface(

@@ -52,9 +52,10 @@ class Request:
         return None if self.forced_ids is None else self.forced_ids[len(self.output_ids)]
 
     def append(self, token: int | Sample, tok: Tokenizer) -> None:
-        """Record a sampled token (and its logprobs); sets `finish_reason` on EOS / stop id / stop string /
-        the grammar's end / length. `text` grows by the token's text once its characters are complete (O(1) in the answer's
-        length); at the end it is tok.decode(output_ids), cut before a matched stop string."""
+        """Record a sampled token (and its logprobs); sets `finish_reason` on EOS / stop id / stop string / the
+        grammar's end / length (a token the grammar refuses fails the request). `text` grows by the token's text
+        once its characters are complete (O(1) in the answer's length); at the end it is tok.decode(output_ids),
+        cut before a matched stop string."""
         now = time.perf_counter()
         self.first_token_time = self.first_token_time or now
         p = self.params

@@ -26,9 +26,8 @@ MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 SEED_BOUND = 2**63  # seeds must fit torch.Generator.manual_seed as a signed 64-bit integer
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
-MAX_GRAMMAR_CHARS = (
-    32 * 1024
-)  # compile time grows with a grammar's size (engine/grammar.py has the timeout)
+# compile time grows with a grammar's size (engine/grammar.py has the timeout)
+MAX_GRAMMAR_CHARS = 32 * 1024
 
 
 def check_text(value: str, what: str) -> None:
