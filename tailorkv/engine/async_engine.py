@@ -191,6 +191,17 @@ class AsyncEngine:
         queue: asyncio.Queue[Output] = asyncio.Queue()
         return OutputStream(self, queue, {r.rid for r in self._submit(batch, loop, queue)})
 
+    async def compile_grammars(self, params: list[SamplingParams]) -> None:
+        """Compile the grammars of `params` on the grammar threads, never the engine's, so that `generate` finds
+        them compiled; raises InvalidRequestError for a bad grammar or one that outlasts the compile timeout."""
+        grammars = self.engine.grammars
+        for kind, text in {p.grammar for p in params if p.grammar}:
+            future = asyncio.wrap_future(grammars.submit(kind, text))
+            try:  # shielded: another request may be waiting for the same compile
+                await asyncio.wait_for(asyncio.shield(future), grammars.timeout_s)
+            except asyncio.TimeoutError:
+                raise grammars.timed_out(kind, text) from None
+
     def _submit(self, batch, loop, queue) -> list[Request]:
         reqs: list[Request] = []
         with self._mu:

@@ -17,6 +17,7 @@ from ..models.sharding import check_divisible
 from ..scheduler.scheduler import Scheduler, Seq
 from .calibration import calibrate
 from .engine_rank import EngineRank, pick_device
+from .grammar import Grammars
 from .request import Request
 from .sampling import SamplingParams, check_text, sample
 from .step_log import StepLog
@@ -51,6 +52,7 @@ class Engine:
             self.device, self.dtype, self.model = rank.device, rank.dtype, rank.model
             self.config = rank.config
             self.tokenizer = Tokenizer(rank.tokenizer_source, extra_eos=self.config.eos_token_ids)
+            self.grammars = Grammars(self.tokenizer, self.config.vocab_size)
             if getattr(rank.policy, "plan_missing", False):
                 # a model without a shipped plan: calibrate once, cache
                 rank.policy.set_quant_layers(
@@ -127,6 +129,8 @@ class Engine:
                 f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
                 f"the model's context of {self.config.max_position} tokens"
             )
+        # compiled already on the server's path (AsyncEngine.compile_grammars), now offline
+        grammar = self.grammars.matcher(*params.grammar) if params.grammar else None
         with self._lock:
             rid = next(self._ids)
             gen = None
@@ -135,6 +139,9 @@ class Engine:
             req = Request(
                 rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen
             )
+            if grammar is not None:
+                req.grammar = grammar
+                req.logits_processors.append(grammar)
             self.scheduler.add(req.seq, req.input_ids)
             self.requests[rid] = req
         return req
