@@ -25,7 +25,7 @@ DOC = [(7 * i) % 900 + 5 for i in range(300)]  # a shared document: two prompts 
 PROMPTS = [DOC + [11, 12, 13], DOC + [21, 22], [3, 4, 5] * 9]
 CASES = {  # (model, tp, policy options)
     "full-kv4-tp2": ("dummy:tiny-kv4", 2, {"kv_policy": "full"}),
-    "tailor-kv8-tp4": ("dummy:tiny-kv8", 4, {"kv_policy": "tailor", "key_sketch": 0}),
+    "tailor-kv8-tp2": ("dummy:tiny-kv8", 2, {"kv_policy": "tailor", "key_sketch": 0}),
     "tailor-sketch-kv4-tp4": ("dummy:tiny-kv4", 4, {"kv_policy": "tailor", "key_sketch": 1}),
 }
 TAILOR = {"quant_layers": [1], "tailor_preset": "ruler", "top_k": 64}
@@ -64,7 +64,7 @@ def test_shards_are_slices_of_the_whole_weight():
 
 
 def test_what_does_not_divide_is_a_one_line_error(capsys):
-    with pytest.raises(Exception, match="--tp 2 does not divide smollm2-135m's num_heads"):
+    with pytest.raises(Exception, match="--tp 2 does not divide dummy:smollm2-135m's num_heads"):
         check_divisible(dummy_config("smollm2-135m"), 2)
     assert main(["generate", "--prompt", "hi", "--tp", "2"]) == 2
     err = capsys.readouterr().err.strip()
@@ -118,7 +118,6 @@ def test_serve_tp2_answers_and_sigterm_ends_every_rank():
             assert server.poll() is None, server.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
-        ranks = [p for p in children(server.pid) if "tp-" in open(f"/proc/{p}/cmdline").read()]
         r = httpx.post(
             f"{url}/generate",
             json={"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}},
@@ -132,15 +131,14 @@ def test_serve_tp2_answers_and_sigterm_ends_every_rank():
             timeout=60,
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-        workers = children(server.pid)
-        assert workers, "no worker process"
+        workers = children(server.pid)  # rank 1 and multiprocessing's resource tracker
+        assert workers
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
-        time.sleep(0.5)
-        assert not [p for p in workers if os.path.exists(f"/proc/{p}")], (
-            "a rank outlived the server"
-        )
-        del ranks
+        deadline = time.monotonic() + 10
+        while [p for p in workers if os.path.exists(f"/proc/{p}")]:
+            assert time.monotonic() < deadline, "a process of the server outlived it"
+            time.sleep(0.1)
     finally:
         if server.poll() is None:
             server.kill()

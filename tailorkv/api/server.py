@@ -295,6 +295,7 @@ def serve(
         DrainingServer(config, async_engine, shutdown_timeout).run()
     finally:
         async_engine.shutdown()
+        engine.shutdown()  # with tensor parallelism: the other ranks leave
 
 
 class DrainingServer(uvicorn.Server):

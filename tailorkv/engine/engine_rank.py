@@ -3,6 +3,8 @@ the model runner. Without tensor parallelism the Engine has one; with it each pr
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..config import EngineConfig
@@ -54,6 +56,8 @@ class EngineRank:
                 min(1.0, config.gpu_memory_limit_gib * GIB / total), index
             )
         lead = group is None or group.rank == 0
+        if group and device.type == "cpu":  # the ranks share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.size))
         self.model, self.tokenizer_source = load_model(
             config.model, device, self.dtype, progress=config.progress and lead, tp=group
         )

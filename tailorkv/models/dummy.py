@@ -137,4 +137,4 @@ def load_dummy(name: str, device: torch.device, seed: int = 0) -> LoadedWeights:
             else:
                 yield k, torch.randn(shape, generator=gen, device=device) * 0.02
 
-    return LoadedWeights(cfg, tensors(), len(shapes), embedded_tokenizer_source())
+    return LoadedWeights(cfg, tensors(), len(shapes), embedded_tokenizer_source)

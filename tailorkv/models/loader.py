@@ -35,7 +35,8 @@ def load_model(
     model: str | None, device: torch.device, dtype: torch.dtype, progress: bool = True, tp=None
 ):
     """Build the model on `device` in `dtype`; returns (LlamaModel, TokenizerSource). `tp`: the tensor-parallel
-    group (distributed.group.TPGroup) whose rank's slice of each weight this process keeps, or None."""
+    group (distributed.group.TPGroup) whose rank's slice of each weight this process keeps, or None; ranks other
+    than 0 get no tokenizer (None)."""
     loaded = resolve(model, device)
     rank, size = (tp.rank, tp.size) if tp else (0, 1)
     check_divisible(loaded.config, size)
@@ -66,4 +67,9 @@ def load_model(
         )
     net.load_state_dict(state, assign=True, strict=True)
     net.setup_rotary(device, dtype)
-    return net.eval(), loaded.tokenizer
+    tok = loaded.tokenizer
+    if rank:
+        tok = None
+    elif callable(tok):
+        tok = tok()
+    return net.eval(), tok

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -36,4 +36,4 @@ class LoadedWeights:
         tuple[str, torch.Tensor]
     ]  # lazily produced, so loading streams with a progress bar
     num_tensors: int
-    tokenizer: TokenizerSource
+    tokenizer: TokenizerSource | Callable[[], TokenizerSource]  # a callable: read when asked for
