@@ -63,6 +63,21 @@ def test_shards_are_slices_of_the_whole_weight():
     assert shard("model.norm.weight", norm, cfg, 1, 4) is norm
 
 
+def test_a_rank_reads_only_its_slice_of_a_safetensors_weight(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = dummy_config("tiny-kv4")
+    names = ["model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    weights = {names[0]: torch.randn(256, 256), names[1]: torch.randn(128, 256)}
+    save_file(weights, tmp_path / "w.safetensors")
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        for name in names:
+            for rank in range(4):
+                want = shard(name, weights[name], cfg, rank, 4)
+                assert torch.equal(shard(name, f.get_slice(name), cfg, rank, 4), want)
+
+
 def test_what_does_not_divide_is_a_one_line_error(capsys):
     with pytest.raises(Exception, match="--tp 2 does not divide dummy:smollm2-135m's num_heads"):
         check_divisible(dummy_config("smollm2-135m"), 2)

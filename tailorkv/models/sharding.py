@@ -48,16 +48,18 @@ def kv_heads(cfg: ModelConfig, rank: int, size: int) -> range:
     return range(first, first + 1)
 
 
-def shard(name: str, w: torch.Tensor, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
-    """Rank `rank`'s slice of the full weight `w` named `name` (HF names), a tensor of its own (the full one can
-    be freed); norms are whole on every rank."""
+def shard_index(
+    name: str, shape: tuple[int, ...], cfg: ModelConfig, rank: int, size: int
+) -> tuple[slice, ...] | None:
+    """The index of rank `rank`'s slice of the full weight named `name` (HF names) of `shape`; None: the whole
+    weight (norms; one rank)."""
     if size == 1:
-        return w
+        return None
     d = cfg.head_dim
     if name.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
         heads = kv_heads(cfg, rank, size)
-        return w[heads.start * d : heads.stop * d].clone()
-    row = name.endswith(
+        return (slice(heads.start * d, heads.stop * d),)
+    if name.endswith(
         (
             "q_proj.weight",
             "q_proj.bias",
@@ -66,10 +68,21 @@ def shard(name: str, w: torch.Tensor, cfg: ModelConfig, rank: int, size: int) ->
             "embed_tokens.weight",
             "lm_head.weight",
         )
-    )
-    col = name.endswith(("o_proj.weight", "down_proj.weight"))
-    if not (row or col):
-        return w
-    dim = 0 if row else 1
-    n = w.shape[dim] // size
-    return w.narrow(dim, rank * n, n).clone()
+    ):
+        n = shape[0] // size
+        return (slice(rank * n, (rank + 1) * n),)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        n = shape[1] // size
+        return (slice(None), slice(rank * n, (rank + 1) * n))
+    return None
+
+
+def shard(name: str, w, cfg: ModelConfig, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s slice of the full weight `w` named `name`: a tensor of its own (the full one can be freed),
+    or, from a lazily read weight (safetensors' get_slice), only that slice read."""
+    shape = tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w.get_shape())
+    index = shard_index(name, shape, cfg, rank, size)
+    if index is None:
+        return w if isinstance(w, torch.Tensor) else w[:]
+    part = w[index]
+    return part.clone() if isinstance(w, torch.Tensor) else part
