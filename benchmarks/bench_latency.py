@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gpu-memory-limit", type=float, default=None, metavar="GIB")
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--host-kv-gib", type=float, default=32.0)
+    p.add_argument("--tp-size", "--tp", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--output", default="benchmarks/results/latency.json")
     p.add_argument(
         "--profile-steps", type=int, default=0, help="profile this many extra steps per row"
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             kv_cache_gib=args.kv_cache_gib,
             host_kv_gib=args.host_kv_gib,
             gpu_memory_limit_gib=args.gpu_memory_limit,
+            tp_size=args.tp_size,
             **opts,
         )
         for context in contexts:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from .api.limits import HttpLimits
 from .config import EngineConfig
 from .errors import ConfigError, TailorKVError
 
@@ -33,9 +34,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="BITS",
         help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
     )
+    p.add_argument(
+        "--tp-size",
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel ranks, one process and GPU each (KV budgets are per rank)",
+    )
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--max-queued-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument(
+        "--reserve-output-tokens",
+        type=int,
+        default=None,
+        help="answer tokens a request reserves KV pages for at admission and at each growth (default 256)",
+    )
+    p.add_argument(
+        "--max-passes",
+        type=int,
+        default=None,
+        help="how many later requests may pass a queued one that does not fit yet (default 16)",
+    )
     p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier KV budget")
     p.add_argument("--host-kv-gib", type=float, default=None, help="host-tier (pinned) KV budget")
     p.add_argument(
@@ -107,7 +127,21 @@ def cmd_serve(args) -> None:
 
     if not args.shutdown_timeout >= 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
-    serve(config, args.host, args.port, args.api_key, args.served_model_name, args.shutdown_timeout)
+    limits = HttpLimits(
+        int(args.max_body_mib * (1 << 20)),
+        args.body_timeout,
+        args.header_timeout,
+        args.limit_concurrency or None,
+    )
+    serve(
+        config,
+        args.host,
+        args.port,
+        args.api_key,
+        args.served_model_name,
+        args.shutdown_timeout,
+        limits,
+    )
 
 
 def cmd_calibrate(args) -> None:
@@ -160,6 +194,34 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="on SIGTERM / Ctrl-C: take no new work, let running requests finish for up to S seconds, "
         "then end the rest with an error (a second signal: at once)",
+    )
+    d = HttpLimits()
+    s.add_argument(
+        "--max-body-mib",
+        type=float,
+        default=d.max_body_bytes / (1 << 20),
+        help="a larger request body is answered 413 (default 8)",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=float,
+        default=d.body_timeout_s,
+        metavar="S",
+        help="a request body without progress for S seconds is answered 408 (default 30)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=float,
+        default=d.header_timeout_s,
+        metavar="S",
+        help="a connection without a complete request header for S seconds is closed (default 10)",
+    )
+    s.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=d.limit_concurrency,
+        metavar="N",
+        help="connections and requests in flight beyond N are answered 503 (default 2048; 0: no limit)",
     )
     s.add_argument(
         "--scheduler-delay-factor",

@@ -23,6 +23,10 @@ class EngineConfig:
     max_running_requests: int = 32
     max_queued_requests: int = 1024
     chunked_prefill_size: int = 2048
+    # answer tokens a request reserves pages for at admission, and more each time it runs out (as it decodes)
+    reserve_output_tokens: int = 256
+    # a queued request that does not fit may be passed by this many later ones; then the queue waits for it
+    max_passes: int = 16
     kv_cache_gib: float | None = None  # GPU-tier budget; None = a default for the device
     host_kv_gib: float = 4.0  # host-tier (pinned on CUDA) budget
     gpu_memory_limit_gib: float | None = None
@@ -31,6 +35,8 @@ class EngineConfig:
     # of the GPU-tier budget, GPU copies of cached host-tier pages (tailor); None = what the other pools leave
     prefix_gpu_gib: float | None = None
     cuda_graph: bool = True  # replay decode steps from captured CUDA graphs (on CUDA)
+    # tensor-parallel ranks, one process and device each; --kv-cache-gib and --host-kv-gib are per rank
+    tp_size: int = 1
     progress: bool = True
     # the server holds a prefill for more arrivals this many times the last prefill step's time (0: off)
     scheduler_delay_factor: float = DELAY_FACTOR
@@ -39,10 +45,18 @@ class EngineConfig:
     policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("max_running_requests", "max_queued_requests", "chunked_prefill_size"):
+        for name in (
+            "max_running_requests",
+            "max_queued_requests",
+            "chunked_prefill_size",
+            "reserve_output_tokens",
+            "tp_size",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.max_passes, int) or self.max_passes < 0:
+            raise ConfigError(f"max_passes must be an integer >= 0, got {self.max_passes!r}")
         for name in ("enable_prefix_caching", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

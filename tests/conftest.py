@@ -98,12 +98,14 @@ def start_uvicorn(app, **config):
 def load_each_model_once():
     """Every Engine of the session serves the same weights and tokenizer per model: load them once (engines only
     read them)."""
-    from tailorkv.engine import engine as engine_module
+    from tailorkv.engine import engine_rank as engine_module
 
     loaded = {}
     load = engine_module.load_model
 
-    def cached(model, device, dtype, progress=True):
+    def cached(model, device, dtype, progress=True, tp=None):
+        if tp is not None:  # a slice for a tensor-parallel rank
+            return load(model, device, dtype, progress, tp)
         key = (model, str(device), dtype)
         if key not in loaded:
             loaded[key] = load(model, device, dtype, progress)

@@ -381,11 +381,11 @@ def test_api_key(live_server):
 
 
 def test_a_chunked_body_over_the_limit_is_413_with_its_code(live_server):
-    from tailorkv.api.server import DEFAULT_MAX_BODY_BYTES
+    from tailorkv.api.limits import HttpLimits
 
     def body():  # no Content-Length: chunked, refused once what arrived goes over
         yield b'{"text": "'
-        for _ in range(DEFAULT_MAX_BODY_BYTES // (1 << 20) + 1):
+        for _ in range(HttpLimits.max_body_bytes // (1 << 20) + 1):
             yield b"a" * (1 << 20)
         yield b'"}'
 

@@ -4,7 +4,7 @@ import pytest
 
 from tailorkv.cli import build_parser, engine_config, main
 from tailorkv.config import EngineConfig
-from tailorkv.engine import engine as engine_module
+from tailorkv.engine import engine_rank as engine_module
 from tailorkv.engine.engine import Engine
 from tailorkv.errors import ConfigError
 

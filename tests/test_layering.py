@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tailorkv"
-BELOW = ("engine", "scheduler", "kvcache", "memory", "models", "kernels")
+BELOW = ("engine", "scheduler", "kvcache", "memory", "models", "kernels", "distributed")
 FORBIDDEN = {**{part: ("api", "cli") for part in BELOW}, "api": ("cli",)}
 
 

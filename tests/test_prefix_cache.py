@@ -378,7 +378,7 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
         [
             PoolSpec("slots", "gpu", 16, 1, 1, "request"),
             PoolSpec("qkv", "gpu", 400, 64, 1, "all"),
-            PoolSpec("gen", "gpu", 40, 64, 1, "output"),
+            PoolSpec("gen", "gpu", 12, 64, 1, "output"),
             PoolSpec("sketch", "gpu", 60, 256, 1, "prompt"),
             PoolSpec("host", "host", 60, 256, 1, "prompt"),
         ],
@@ -387,7 +387,8 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
         partial_block_pool="host",
     )
     mm = MemoryManager(layout.pools, prefix=layout.prefix_blocks)
-    sched = Scheduler(mm, layout, max_running=12, chunk_tokens=4096)
+    # 16 answer tokens reserved at a time: pages grow as they decode, and retractions happen
+    sched = Scheduler(mm, layout, max_running=12, chunk_tokens=4096, reserve_output=16)
     docs = [[rng.randrange(1000) for _ in range(1500)] for _ in range(8)]
     live, hits, partial_hits = {}, 0, 0
     for rid in range(1000):
@@ -405,16 +406,15 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
             sched.advance(step)
             for s in step.seqs:
                 if not s.prefilling:
-                    s.num_generated += 1
-                    if (
-                        s.num_generated >= s.max_new_tokens or rng.random() < 0.01
-                    ):  # done, or aborted
+                    s.tokens.append(rng.randrange(1000))  # the token sampled
+                    if len(s.tokens) >= s.end_len or rng.random() < 0.01:  # done, or aborted
                         sched.finish(s.rid, None)
             if rng.random() < 0.02 and sched.waiting:  # abort one still waiting
                 sched.finish(sched.waiting[-1].rid)
     assert (
         not sched.has_work and not mm.held and not mm.blocks and hits > 300 and partial_hits > 100
     )
+    assert sched.num_retracted > 0  # the generated-token pool ran dry on the way
     assert all(t["free_pages"] == t["total_pages"] for t in mm.usage().values())
     assert len(mm.prefix.pages) <= 60 and not mm.prefix.refs
     assert all(

@@ -65,12 +65,14 @@ async def submit(
     params: Callable[[int, list[int]], SamplingParams],
 ) -> BatchRun:
     """Tokenize one call's prompts off the event loop (a long prompt takes a while, and the loop streams other
-    requests' tokens meanwhile), then submit them with params(index, ids). The call was arriving for the engine
-    since its headers came (server.Arrivals), so that calls reaching the server together prefill together; its
-    arrival ends here."""
+    requests' tokens meanwhile), compile their grammars off it too, then submit them with params(index, ids). The
+    call was arriving for the engine since its headers came (server.Arrivals), so that calls reaching the server
+    together prefill together; its arrival ends here."""
     try:
         prompts = await run_in_threadpool(tokenize)
-        return BatchRun(state, [(ids, params(i, ids)) for i, ids in enumerate(prompts)])
+        batch = [(ids, params(i, ids)) for i, ids in enumerate(prompts)]
+        await state.engine.compile_grammars([p for _, p in batch])
+        return BatchRun(state, batch)
     finally:
         request.state.arrived()
 

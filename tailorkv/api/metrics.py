@@ -38,6 +38,11 @@ class _EngineCollector(Collector):
                 "Engine steps that raised (their running requests failed)",
                 stats.failed_steps,
             ),
+            (
+                "retracted_requests",
+                "Decoding requests sent back to the queue when a KV pool ran dry",
+                load["num_retracted_reqs"],
+            ),
         ):
             yield CounterMetricFamily(f"tailorkv:{name}", doc, value=value)
         yield GaugeMetricFamily(

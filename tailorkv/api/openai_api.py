@@ -79,14 +79,13 @@ async def _respond(
     max_tokens: int | None,
     reply: _Reply,
 ):
-    context = state.engine.context_length
     run = await submit(
         state,
         request,
         tokenize,
         lambda _, ids: SamplingParams.from_any(
             body.sampling_params(
-                max_tokens if max_tokens is not None else max(context - len(ids), 1)
+                max_tokens if max_tokens is not None else state.engine.max_output(len(ids))
             )
         ),
     )

@@ -5,6 +5,7 @@ Every error of every route has one shape, OpenAI's: {"error": {"message", "type"
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -80,6 +81,33 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    name: str
+    schema_: dict | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the schema is always enforced
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text, json_object (any JSON object) or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the output must follow, as SGLang's json_schema (JSON text); None: free text."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.type == "json_schema" else None
+        return json.dumps(schema if schema is not None else {"type": "object"})
+
+
 class OpenAIRequest(_Body):
     model: str | None = None
     temperature: float | None = None
@@ -93,12 +121,16 @@ class OpenAIRequest(_Body):
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool | None = None
+    response_format: ResponseFormat | None = None
+    tools: list | None = None
 
     def sampling_params(self, max_new_tokens: int) -> dict:
         if self.n != 1:
             raise APIError(
                 400, f"only n=1 is supported, got n={self.n}", code="unsupported_parameter"
             )
+        if self.tools:
+            raise APIError(400, "tools are not supported yet", code="unsupported_parameter")
         sp = {
             "max_new_tokens": max_new_tokens,
             "temperature": self.temperature,
@@ -108,6 +140,7 @@ class OpenAIRequest(_Body):
             "stop": self.stop,
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
+            "json_schema": self.response_format and self.response_format.schema_text(),
         }
         return {k: v for k, v in sp.items() if v is not None}
 

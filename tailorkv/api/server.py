@@ -24,14 +24,13 @@ from ..config import EngineConfig
 from ..engine.async_engine import AsyncEngine
 from ..errors import QueueFullError, TailorKVError
 from . import openai_api, sglang_api
+from .limits import HttpLimits
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, error_body
 from .slow_clients import HeaderTimeoutProtocol
 from .state import AppState, get_state
 
-DEFAULT_MAX_BODY_BYTES = 8 << 20
 STALL_S = 0.25  # a body without progress this long stops counting as arriving (ArrivalHold)
-BODY_TIMEOUT_S = 30.0  # a body that makes no progress this long is answered 408
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +39,8 @@ def create_app(
     api_key: str | None = None,
     served_model_name: str | None = None,
     model_path: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    body_timeout: float = BODY_TIMEOUT_S,
+    max_body_bytes: int = HttpLimits.max_body_bytes,
+    body_timeout: float = HttpLimits.body_timeout_s,
 ) -> FastAPI:
     """An app serving `async_engine`; several apps may share one AsyncEngine (each has its own metrics)."""
     name = async_engine.model_name
@@ -155,7 +154,7 @@ class BodyLimit:
     as soon as what arrived goes over: the body is never held beyond the limit. 408 when the body makes no
     progress for `timeout` seconds (a stalled client)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = BODY_TIMEOUT_S):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = HttpLimits.body_timeout_s):
         self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -258,6 +257,7 @@ def serve(
     api_key: str | None = None,
     served_model_name: str | None = None,
     shutdown_timeout: float = 30.0,
+    limits: HttpLimits = HttpLimits(),
 ) -> None:
     """`tailorkv serve`: load the engine, then serve it with uvicorn until interrupted."""
     from ..engine.engine import Engine
@@ -276,6 +276,8 @@ def serve(
             api_key=api_key,
             served_model_name=served_model_name or config.model,
             model_path=config.model,
+            max_body_bytes=limits.max_body_bytes,
+            body_timeout=limits.body_timeout_s,
         )
         config = uvicorn.Config(
             app,
@@ -283,11 +285,17 @@ def serve(
             port=port,
             log_level="info",
             timeout_graceful_shutdown=5,
-            http=HeaderTimeoutProtocol,
+            http=type(
+                "HeaderTimeout",
+                (HeaderTimeoutProtocol,),
+                {"header_timeout": limits.header_timeout_s},
+            ),
+            limit_concurrency=limits.limit_concurrency,
         )
         DrainingServer(config, async_engine, shutdown_timeout).run()
     finally:
         async_engine.shutdown()
+        engine.shutdown()  # with tensor parallelism: the other ranks leave
 
 
 class DrainingServer(uvicorn.Server):

@@ -7,14 +7,14 @@ import asyncio
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-HEADER_TIMEOUT_S = 10.0
+from .limits import HttpLimits
 
 
 class HeaderTimeoutProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol; between requests (from the connection's start, and from each response's end)
     the next request header must be complete within `header_timeout` seconds, or the connection is closed."""
 
-    header_timeout = HEADER_TIMEOUT_S
+    header_timeout = HttpLimits.header_timeout_s
     _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:

@@ -144,6 +144,7 @@ class AsyncEngine:
         return {
             "num_running_reqs": len(s.running),
             "num_queued_reqs": len(s.waiting),
+            "num_retracted_reqs": s.num_retracted,  # so far: a pool ran dry while they decoded
             "memory": self.engine.memory.usage(),
         }
 
@@ -167,6 +168,10 @@ class AsyncEngine:
         """Prompt plus generated tokens of one request, at most."""
         return self.engine.config.max_position
 
+    def max_output(self, prompt_len: int) -> int:
+        """Engine.max_output: a request without max_tokens runs at most this long."""
+        return self.engine.max_output(prompt_len)
+
     @property
     def vocab_size(self) -> int:
         return self.engine.config.vocab_size
@@ -185,6 +190,17 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
         return OutputStream(self, queue, {r.rid for r in self._submit(batch, loop, queue)})
+
+    async def compile_grammars(self, params: list[SamplingParams]) -> None:
+        """Compile the grammars of `params` on the grammar threads, never the engine's, so that `generate` finds
+        them compiled; raises InvalidRequestError for a bad grammar or one that outlasts the compile timeout."""
+        grammars = self.engine.grammars
+        for kind, text in {p.grammar for p in params if p.grammar}:
+            future = asyncio.wrap_future(grammars.submit(kind, text))
+            try:  # shielded: another request may be waiting for the same compile
+                await asyncio.wait_for(asyncio.shield(future), grammars.timeout_s)
+            except asyncio.TimeoutError:
+                raise grammars.timed_out(kind, text) from None
 
     def _submit(self, batch, loop, queue) -> list[Request]:
         reqs: list[Request] = []

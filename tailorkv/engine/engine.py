@@ -10,45 +10,22 @@ import time
 import torch
 
 from ..config import EngineConfig
-from ..errors import ConfigError, InvalidRequestError
-from ..kvcache.registry import policy_class
+from ..errors import InvalidRequestError
 from ..memory.pages import MemoryManager
-from ..models.llama import MLP_CHUNK
-from ..models.loader import load_model
+from ..models.loader import resolve
+from ..models.sharding import check_divisible
 from ..scheduler.scheduler import Scheduler, Seq
 from .calibration import calibrate
+from .engine_rank import EngineRank, pick_device
+from .grammar import Grammars
 from .request import Request
-from .runner import ModelRunner
 from .sampling import SamplingParams, check_text, sample
 from .step_log import StepLog
 from .tokenizer import Tokenizer
+from .tp_workers import Workers, rank_device
 
 log = logging.getLogger("tailorkv.engine")
-GIB = 1 << 30
 MAX_CHARS_PER_TOKEN = 256  # longer than any token of common vocabularies (the embedded one: 81)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _pick_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"invalid device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' asked for but no CUDA GPU is available")
-    return dev
-
-
-def _pick_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"invalid dtype {dtype!r}; choose one of: {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 class Engine:
@@ -65,52 +42,39 @@ class Engine:
         return engine
 
     def _start(self, config: EngineConfig) -> None:
-        self.options = config
-        cls = policy_class(config.kv_policy)
-        self.device = _pick_device(config.device)
-        self.dtype = _pick_dtype(config.dtype, self.device)
-        if self.device.type == "cuda" and self.options.gpu_memory_limit_gib:
-            # a hard cap on everything this process allocates (weights included), like a smaller card
-            index = torch.cuda.current_device() if self.device.index is None else self.device.index
-            total = torch.cuda.get_device_properties(index).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                min(1.0, self.options.gpu_memory_limit_gib * GIB / total), index
-            )
-        self.model, tok_src = load_model(
-            config.model, self.device, self.dtype, progress=self.options.progress
-        )
-        self.config = self.model.config
-        self.tokenizer = Tokenizer(tok_src, extra_eos=self.config.eos_token_ids)
-        self.policy = cls(self.config, self.device, self.dtype, **config.policy_options)
-        if getattr(self.policy, "plan_missing", False):
-            # a model without a shipped plan: calibrate once, cache
-            self.policy.set_quant_layers(
-                calibrate(self.model, self.tokenizer, self.device, self.dtype)[1]
-            )
-        self.policy.bind_model(self.model)
-        copies = self.options.prefix_gpu_gib
-        layout = self.policy.layout(
-            self._gpu_kv_budget(),
-            int(self.options.host_kv_gib * GIB),
-            None if copies is None else int(copies * GIB),
-            self.options.enable_prefix_caching,
-        )
-        self.policy.allocate_storage(layout.pools)
+        self.options, self.kv_policy = config, config.kv_policy
+        device = pick_device(rank_device(config, 0))
+        if config.tp_size > 1:  # before any process starts
+            check_divisible(resolve(config.model, device).config, config.tp_size)
+        self.workers = Workers(config, device) if config.tp_size > 1 else None
+        try:
+            rank = EngineRank(config, device, self.workers and self.workers.group)
+            self.device, self.dtype, self.model = rank.device, rank.dtype, rank.model
+            self.config = rank.config
+            self.tokenizer = Tokenizer(rank.tokenizer_source, extra_eos=self.config.eos_token_ids)
+            self.grammars = Grammars(self.tokenizer, self.config.vocab_size)
+            if getattr(rank.policy, "plan_missing", False):
+                # a model without a shipped plan: calibrate once, cache
+                rank.policy.set_quant_layers(
+                    calibrate(self.model, self.tokenizer, self.device, self.dtype)[1]
+                )
+            layout = rank.build_cache()
+        except BaseException:
+            if self.workers:
+                self.workers.kill()
+            raise
+        self.policy, self.runner = rank.policy, rank.runner
+        if self.workers:
+            self.policy, self.runner = self.workers.wrap(self.policy, self.runner)
         self.memory = MemoryManager(layout.pools, prefix=layout.prefix_blocks)
-        self.policy.warm_up(prefix_sharing=layout.prefix_blocks is not None)
         self.scheduler = Scheduler(
             self.memory,
             layout,
             max_running=self.options.max_running_requests,
             max_queued=self.options.max_queued_requests,
             chunk_tokens=self.options.chunked_prefill_size,
-        )
-        self.runner = ModelRunner(
-            self.model,
-            self.policy,
-            self.device,
-            self.options.cuda_graph,
-            self.options.max_running_requests,
+            reserve_output=self.options.reserve_output_tokens,
+            max_passes=self.options.max_passes,
         )
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -120,25 +84,6 @@ class Engine:
         self._lock = threading.Lock()
         self.step_log = StepLog()
         self.step_log.alloc_retries = self._allocator_retries()  # those while loading are no step's
-        self.kv_policy = config.kv_policy
-
-    def _gpu_kv_budget(self) -> int:
-        o = self.options
-        if o.kv_cache_gib is not None:
-            return int(o.kv_cache_gib * GIB)
-        if self.device.type != "cuda":
-            return 2 * GIB
-        free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        cap = o.gpu_memory_limit_gib * GIB if o.gpu_memory_limit_gib else total
-        c, item = self.config, self.dtype.itemsize
-        # prefill activations: ~8 hidden-sized tensors per token, the MLP's 4 intermediate ones per chunk of it
-        activations = (
-            GIB
-            + o.chunked_prefill_size * c.hidden_size * item * 8
-            + min(o.chunked_prefill_size, MLP_CHUNK) * c.intermediate_size * item * 4
-        )
-        return max(int(min(cap - used, free) * 0.9) - activations, 0)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
@@ -169,6 +114,13 @@ class Engine:
             raise InvalidRequestError("the prompt is empty")
         return ids
 
+    def max_output(self, prompt_len: int) -> int:
+        """The most answer tokens a prompt of `prompt_len` tokens can have: up to the end of the context or of
+        the KV memory, whichever comes first (a chat request without max_tokens runs until then)."""
+        return max(
+            min(self.config.max_position - prompt_len, self.scheduler.max_output(prompt_len)), 1
+        )
+
     def add_request(self, input_ids: list[int], params: SamplingParams) -> Request:
         """Validate and queue a request; raises InvalidRequestError / CapacityError without side effects."""
         total = len(input_ids) + params.max_new_tokens
@@ -177,6 +129,8 @@ class Engine:
                 f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds "
                 f"the model's context of {self.config.max_position} tokens"
             )
+        # compiled already on the server's path (AsyncEngine.compile_grammars), now offline
+        grammar = self.grammars.matcher(*params.grammar) if params.grammar else None
         with self._lock:
             rid = next(self._ids)
             gen = None
@@ -185,6 +139,9 @@ class Engine:
             req = Request(
                 rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen
             )
+            if grammar is not None:
+                req.grammar = grammar
+                req.logits_processors.append(grammar)
             self.scheduler.add(req.seq, req.input_ids)
             self.requests[rid] = req
         return req
@@ -206,7 +163,7 @@ class Engine:
         began = time.perf_counter()
         with self._lock:
             plan = self._schedule(admit)
-            if plan is None:
+            if plan is None or not plan.seqs:
                 return []
             reqs = [self.requests[s.rid] for s in plan.seqs]
         # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
@@ -218,8 +175,8 @@ class Engine:
         tokens, want = [], []
         for i, (req, n) in enumerate(zip(reqs, plan.new)):
             s = req.seq
-            if s.prefilling:
-                tokens.extend(req.input_ids[s.num_computed : s.num_computed + n])
+            if s.prefilling:  # a retracted request computes its output so far again, as prompt
+                tokens.extend(s.tokens[s.num_computed : s.num_computed + n])
             else:  # a decode step computes the newest sampled token; no copy of the whole history
                 tokens.append(req.output_ids[-1])
             if s.num_computed + n >= s.prompt_len:
@@ -270,9 +227,16 @@ class Engine:
         )
 
     def _schedule(self, admit: bool = True):
-        """The next step's plan, with newly admitted requests bound to their pages (call under the lock)."""
+        """The next step's plan, with the policy told of retracted requests and bound to the pages of grown and
+        newly admitted ones (call under the lock)."""
         plan = self.scheduler.schedule(admit)
-        for seq, pages in plan.admitted if plan else ():
+        if plan is None:
+            return None
+        for seq in plan.retracted:
+            self.policy.release(seq.rid)
+        for seq, pages in plan.grown:
+            self.policy.grow(seq.rid, pages)
+        for seq, pages in plan.admitted:
             self.policy.add_request(seq.rid, pages, seq.prompt_len, seq.partial_page)
         return plan
 
@@ -354,6 +318,8 @@ class Engine:
     def shutdown(self) -> None:
         for rid in list(self.requests):
             self.abort(rid, "engine shut down")
+        if self.workers:
+            self.workers.stop()
 
     def __enter__(self):
         return self

@@ -9,6 +9,7 @@ import torch
 
 from ..scheduler.scheduler import Seq
 from .detokenizer import IncrementalDetokenizer, find_stop
+from .grammar import GrammarMatch
 from .sampling import LogitsProcessor, Sample, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -24,6 +25,8 @@ class Request:
     forced_ids: list[int] | None = None
     # applied in order to this request's logits before it is sampled (penalties, logit bias, grammar masks)
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # structured output: follows each token; also in logits_processors (its mask)
+    grammar: GrammarMatch | None = None
     # None: no logprobs; 0: each output token's; n: and the n most likely at each step
     top_logprobs_num: int | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -49,20 +52,28 @@ class Request:
         return None if self.forced_ids is None else self.forced_ids[len(self.output_ids)]
 
     def append(self, token: int | Sample, tok: Tokenizer) -> None:
-        """Record a sampled token (and its logprobs); sets `finish_reason` on EOS / stop id / stop string /
-        length. `text` grows by the token's text once its characters are complete (O(1) in the answer's
-        length); at the end it is tok.decode(output_ids), cut before a matched stop string."""
+        """Record a sampled token (and its logprobs); sets `finish_reason` on EOS / stop id / stop string / the
+        grammar's end / length (a token the grammar refuses fails the request). `text` grows by the token's text
+        once its characters are complete (O(1) in the answer's length); at the end it is tok.decode(output_ids),
+        cut before a matched stop string."""
         now = time.perf_counter()
         self.first_token_time = self.first_token_time or now
         p = self.params
         s = token if isinstance(token, Sample) else Sample(token)
         token = s.token
-        self.seq.num_generated += 1
-        if token in p.stop_token_ids or (not p.ignore_eos and token in tok.eos_token_ids):
-            # the stop token is not part of the completion
+        if self.grammar is not None and not self.grammar.accept(token):
+            self.fail(f"token {token} does not follow the request's {p.grammar[0]}")
+            return
+        if (
+            token in p.stop_token_ids
+            or (not p.ignore_eos and token in tok.eos_token_ids)
+            or (self.grammar is not None and self.grammar.terminated)
+        ):
+            # the stop token is not part of the completion; a grammar ends on one
             self._finish({"type": "stop", "matched": token}, tok, now)
             return
         self.output_ids.append(token)
+        self.seq.tokens.append(token)
         if s.logprob is not None:
             self.output_logprobs.append(s.logprob)
         if s.top_logprobs is not None:

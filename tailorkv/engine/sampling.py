@@ -25,6 +25,9 @@ MAX_STOP_STRINGS = 128  # each one is searched in every new piece of text of its
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 SEED_BOUND = 2**63  # seeds must fit torch.Generator.manual_seed as a signed 64-bit integer
+GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
+# compile time grows with a grammar's size (engine/grammar.py has the timeout)
+MAX_GRAMMAR_CHARS = 32 * 1024
 
 
 def check_text(value: str, what: str) -> None:
@@ -46,6 +49,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None  # None: drawn with the batch from the engine's generator
+    # structured output (at most one): a JSON schema as JSON text, a regex, an EBNF grammar (engine/grammar.py)
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_any(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
@@ -114,6 +121,26 @@ class SamplingParams:
             raise InvalidRequestError("seed must be an integer")
         if self.seed is not None and not 0 <= self.seed < SEED_BOUND:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
+        self._validate_grammar()
+
+    def _validate_grammar(self) -> None:
+        given = [k for k in GRAMMAR_KINDS if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise InvalidRequestError(f"give at most one of {', '.join(given)}")
+        for kind in given:
+            text = getattr(self, kind)
+            if not isinstance(text, str) or not text:
+                raise InvalidRequestError(f"{kind} must be a non-empty string")
+            if len(text) > MAX_GRAMMAR_CHARS:
+                raise InvalidRequestError(
+                    f"{kind} has {len(text)} characters; at most {MAX_GRAMMAR_CHARS} are accepted"
+                )
+            check_text(text, kind)
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, text) of the structured-output constraint, if any."""
+        return next(((k, getattr(self, k)) for k in GRAMMAR_KINDS if getattr(self, k)), None)
 
     @property
     def greedy(self) -> bool:

@@ -99,6 +99,29 @@ class Tokenizer:
             self._sp.id_to_piece(token_id) if self._sp else (self._tk.id_to_token(token_id) or "")
         )
 
+    @property
+    def hf_tokenizer(self):
+        """The `tokenizers.Tokenizer` behind this one (None for sentencepiece)."""
+        return self._tk
+
+    def vocabulary(self) -> list[str]:
+        """Each id's token as the vocabulary stores it (byte-level or sentencepiece pieces); "" for special
+        tokens (control, unknown, added special tokens), which are no text."""
+        if self._sp:
+            sp = self._sp
+            return [
+                "" if sp.is_control(i) or sp.is_unknown(i) else sp.id_to_piece(i)
+                for i in range(self.vocab_size)
+            ]
+        ids = self._tk.get_vocab(with_added_tokens=True)
+        vocab = [""] * max(self.vocab_size, max(ids.values()) + 1)
+        for token, i in ids.items():
+            vocab[i] = token
+        for i, added in self._tk.get_added_tokens_decoder().items():
+            if added.special:
+                vocab[i] = ""
+        return vocab
+
     def _encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
         # encode_batch releases the GIL (encode holds it): a long prompt tokenized on a server thread would stall
         # the engine thread's steps for everyone else

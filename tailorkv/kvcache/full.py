@@ -90,6 +90,10 @@ class FullPolicy(KVPolicy):
         )
         self.prompt_lens[rid] = prompt_len
 
+    def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
+        more = torch.tensor(pages.get("kv", []), dtype=torch.long, device=self.k_cache.device)
+        self.page_tables[rid] = torch.cat([self.page_tables[rid], more])
+
     def release(self, rid: int) -> None:
         self.page_tables.pop(rid, None)
         self.prompt_lens.pop(rid, None)

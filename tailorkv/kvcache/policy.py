@@ -61,6 +61,10 @@ class KVPolicy(ABC):
         """Bind a newly admitted request to its pages; `partial_page`: the page (KVLayout.partial_block_pool) of
         the cached partial block whose tokens its prompt continues, read at its prefill."""
 
+    @abstractmethod
+    def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
+        """More pages for a decoding request (MemoryManager.grow), to follow those it holds in each pool."""
+
     def prepare(self, batch: ForwardBatch) -> StepState:
         """The step's state shared by all layers (slot indices, page tables, views), computed once before the
         forward and passed to every hook below."""

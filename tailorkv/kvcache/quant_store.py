@@ -33,6 +33,11 @@ class QuantState:
         self.n = 0  # tokens cached
         self.kq = 0  # K tokens quantized (a multiple of residual)
 
+    def grow(self, pages: list[int]) -> None:
+        more = torch.tensor(pages, dtype=torch.long)
+        self.pages = torch.cat([self.pages, more.to(self.pages.device)])
+        self.pages_cpu = torch.cat([self.pages_cpu, more])
+
     def after(self, n: int, residual: int) -> tuple[int, int]:
         """(n, kq) once the step that brings the cache to n tokens has been stored."""
         if n <= self.prompt_len:  # prefill quantizes K in multiples of residual

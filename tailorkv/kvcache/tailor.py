@@ -236,6 +236,13 @@ class TailorPolicy(KVPolicy):
             partial_page,
         )
 
+    def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
+        if pages.get("qkv"):
+            self.q_state[rid].grow(pages["qkv"])
+        if pages.get("gen"):
+            st = self.s_state[rid]
+            st.gen_pages_cpu = torch.cat([st.gen_pages_cpu, torch.tensor(pages["gen"])])
+
     def release(self, rid: int) -> None:
         """Forget the request; its pages' GPU copies go too, but for those of blocks the prefix cache may keep (a
         tailor prompt's blocks once computed; kivi shares nothing)."""

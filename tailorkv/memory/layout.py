@@ -25,7 +25,7 @@ class KVLayout:
     partial_block_pool: str | None = None
 
     def pages_needed(self, prompt_len: int, max_new_tokens: int) -> dict[str, int]:
-        """Pages of each pool a request holds for its whole life (reserved at admission)."""
+        """Pages of each pool a request of `prompt_len` prompt tokens and `max_new_tokens` answer tokens holds."""
         tokens = {"prompt": prompt_len, "output": max_new_tokens}
         tokens["all"] = prompt_len + max_new_tokens
         return {
@@ -33,3 +33,11 @@ class KVLayout:
             for s in self.pools
             if s.holds
         }
+
+    def max_output(self, prompt_len: int) -> int:
+        """The most answer tokens the pools could ever hold pages for after a prompt of `prompt_len` tokens."""
+        room = {"output": 0, "all": prompt_len}
+        return min(
+            (s.num_pages * s.page_size - room[s.holds] for s in self.pools if s.holds in room),
+            default=1 << 62,
+        )

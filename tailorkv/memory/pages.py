@@ -101,6 +101,20 @@ class MemoryManager:
         self.held[rid], self.blocks[rid] = held, referenced
         return held
 
+    def grow(self, rid: int, need: dict[str, int]) -> dict[str, list[int]] | None:
+        """`need` more pages of each pool for `rid`, appended to its own; None (nothing taken) when some pool
+        lacks room."""
+        if not self.can_reserve(need):
+            return None
+        new = {
+            p: self.prefix.alloc(p, n) if self._shared(p) else self.pools[p].alloc(n)
+            for p, n in need.items()
+            if n
+        }
+        for p, pages in new.items():
+            self.held[rid][p] += pages
+        return new
+
     def cache(self, rid: int, keys: list[bytes], start: int = 0) -> None:
         """Register blocks start .. len(keys)-1 of `rid` (their K/V is computed and final) under `keys`."""
         if self.prefix and rid in self.held and len(keys) > start:

@@ -53,6 +53,49 @@ SHAPES = {
         rope_theta=100000.0,
         tie_word_embeddings=True,
     ),
+    "llama-3.1-70b": dict(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
+    # small shapes whose KV heads split over 2, 4 and 8 tensor-parallel ranks
+    "tiny-kv4": dict(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=32,
+        max_position=8192,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny-kv8": dict(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=32,
+        max_position=8192,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
     "tiny": dict(
         vocab_size=49152,
         hidden_size=192,
@@ -94,4 +137,4 @@ def load_dummy(name: str, device: torch.device, seed: int = 0) -> LoadedWeights:
             else:
                 yield k, torch.randn(shape, generator=gen, device=device) * 0.02
 
-    return LoadedWeights(cfg, tensors(), len(shapes), embedded_tokenizer_source())
+    return LoadedWeights(cfg, tensors(), len(shapes), embedded_tokenizer_source)

@@ -46,8 +46,8 @@ def load_hf_dir(path: str) -> LoadedWeights:
         add_bos=bool(tok_cfg.get("add_bos_token", False)),
     )
 
-    def tensors():
+    def tensors():  # lazily read: a tensor-parallel rank reads only its slice (sharding.shard)
         for h, k in keys:
-            yield k, h.get_tensor(k).float()
+            yield k, h.get_slice(k)
 
     return LoadedWeights(cfg, tensors(), len(keys), tok)

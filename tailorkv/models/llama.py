@@ -1,7 +1,9 @@
 """The Llama family in plain torch: RMSNorm, RoPE, GQA attention, SwiGLU; tied embeddings and QKV bias optional.
 
 The forward pass runs on a flat batch of tokens from many sequences ([T, hidden]); attention is delegated to the
-engine's KV policy (`kv.attend`), which owns the cache and knows where each sequence's tokens live.
+engine's KV policy (`kv.attend`), which owns the cache and knows where each sequence's tokens live. With a
+tensor-parallel group each rank holds its slice of every layer (sharding.py) and the partial sums meet in one
+all-reduce after o_proj and one after the MLP; the logits are gathered from the ranks' vocabulary slices.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .rope import Rotary
+from .sharding import local_config
 
 MLP_CHUNK = 8192  # tokens per MLP call in a long prefill
 
@@ -75,14 +78,17 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Parameter names follow HF (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp=None):
+        """`tp`: the tensor-parallel group (distributed.group.TPGroup) this rank belongs to, or None."""
         super().__init__()
-        self.config = cfg
+        self.config, self.tp = cfg, tp
+        size = tp.size if tp else 1
+        local = local_config(cfg, size)
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size // size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(local) for _ in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // size, bias=False)
         self.rotary: Rotary | None = None
 
     @property
@@ -99,12 +105,24 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, step) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for the flat batch of tokens `input_ids` [T]; `step`: the
         StepState that the KV policy `kv` prepared for it."""
-        h = self.model.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         for i in range(len(self.model.layers)):
             h = self.layer_output(
                 i, h, kv.attend(i, *self.attention_inputs(i, h, positions, kv, step), step)
             )
         return self.model.norm(h)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.model.embed_tokens(ids)
+        n = self.model.embed_tokens.num_embeddings  # this rank's vocabulary slice
+        local = ids - self.tp.rank * n
+        outside = (local < 0) | (local >= n)
+        h = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return self._reduce(h.masked_fill(outside[:, None], 0))
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.tp is None else self.tp.all_reduce(x)
 
     def attention_inputs(self, i: int, h: torch.Tensor, positions: torch.Tensor, kv, step):
         """Layer i up to its attention: q, k, v of the residual stream h [T, hidden]."""
@@ -117,9 +135,10 @@ class LlamaModel(nn.Module):
         """Layer i after its attention: the residual stream once attention output attn [T, heads, D] and the MLP
         are added."""
         layer = self.model.layers[i]
-        h = h + layer.self_attn.o_proj(attn.reshape(h.shape[0], -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + self._reduce(layer.self_attn.o_proj(attn.reshape(h.shape[0], -1)))
+        return h + self._reduce(layer.mlp(layer.post_attention_layernorm(h)))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        return (logits if self.tp is None else self.tp.all_gather(logits)).float()

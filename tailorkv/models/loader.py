@@ -13,6 +13,7 @@ from .embedded import embedded_model_path
 from .gguf_loader import load_gguf
 from .hf_loader import load_hf_dir
 from .llama import LlamaModel
+from .sharding import check_divisible, shard
 from .weights import LoadedWeights
 
 
@@ -30,11 +31,17 @@ def resolve(model: str | None, device: torch.device) -> LoadedWeights:
     raise ModelLoadError(f"{model!r} is neither an HF model directory nor a .gguf file")
 
 
-def load_model(model: str | None, device: torch.device, dtype: torch.dtype, progress: bool = True):
-    """Build the model on `device` in `dtype`; returns (LlamaModel, TokenizerSource)."""
+def load_model(
+    model: str | None, device: torch.device, dtype: torch.dtype, progress: bool = True, tp=None
+):
+    """Build the model on `device` in `dtype`; returns (LlamaModel, TokenizerSource). `tp`: the tensor-parallel
+    group (distributed.group.TPGroup) whose rank's slice of each weight this process keeps, or None; ranks other
+    than 0 get no tokenizer (None)."""
     loaded = resolve(model, device)
+    rank, size = (tp.rank, tp.size) if tp else (0, 1)
+    check_divisible(loaded.config, size)
     with torch.device("meta"):
-        net = LlamaModel(loaded.config)
+        net = LlamaModel(loaded.config, tp)
     expected = set(net.state_dict().keys())
     state = {}
     bar = tqdm(
@@ -50,7 +57,7 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype, prog
             if "rotary_emb" in name:
                 continue
             raise ModelLoadError(f"unexpected weight {name!r} in {loaded.config.name}")
-        state[name] = t.to(device=device, dtype=dtype)
+        state[name] = shard(name, t, loaded.config, rank, size).to(device=device, dtype=dtype)
     if loaded.config.tie_word_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = expected - state.keys()
@@ -60,4 +67,9 @@ def load_model(model: str | None, device: torch.device, dtype: torch.dtype, prog
         )
     net.load_state_dict(state, assign=True, strict=True)
     net.setup_rotary(device, dtype)
-    return net.eval(), loaded.tokenizer
+    tok = loaded.tokenizer
+    if rank:
+        tok = None
+    elif callable(tok):
+        tok = tok()
+    return net.eval(), tok

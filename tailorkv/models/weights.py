@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,8 +32,8 @@ class TokenizerSource:
 @dataclass
 class LoadedWeights:
     config: ModelConfig
-    tensors: Iterator[
-        tuple[str, torch.Tensor]
-    ]  # lazily produced, so loading streams with a progress bar
+    # lazily produced, so loading streams with a progress bar; a tensor, or a safetensors slice object read
+    # when indexed
+    tensors: Iterator[tuple[str, torch.Tensor | object]]
     num_tensors: int
-    tokenizer: TokenizerSource
+    tokenizer: TokenizerSource | Callable[[], TokenizerSource]  # a callable: read when asked for

@@ -2,12 +2,16 @@
 
 Each step runs every decoding sequence (one token each) plus prefill work under a token budget: the unfinished
 prompt chunks of admitted sequences first, then newly admitted ones. Admission reserves, in every pool of both
-tiers, the pages for prompt + max_new_tokens, so a running sequence never runs out of memory and nothing is
-half-admitted; a sequence that does not fit waits. With prefix caching, admission first takes the longest cached
-run of the prompt's full blocks (never the whole prompt: its last token must be computed to give logits), then,
-where the policy caches partly filled blocks, the cached partial block after them that shares most of the prompt's
-next tokens; it reserves only the rest and starts computing after them. Computed blocks are offered to the cache
-as they fill up, and a prompt's partly filled last block once computed.
+tiers, the pages of the prompt and of an estimate of the answer (`reserve_output` tokens, at most max_new_tokens),
+all or nothing; a decoding sequence's pages grow as it generates, and when a pool runs dry the most recently
+admitted decoding sequence is retracted to the front of the queue: its pages are freed, its tokens kept, and it is
+computed again (prompt and output so far, as one prompt) when it returns, as SGLang and vLLM do. A queued request
+that does not fit is passed by later ones that do, at most `max_passes` times; then admission waits for it.
+With prefix caching, admission first takes the longest cached run of the prompt's full blocks (never the whole
+prompt: its last token must be computed to give logits), then, where the policy caches partly filled blocks, the
+cached partial block after them that shares most of the prompt's next tokens; it reserves only the rest and starts
+computing after them. Computed blocks are offered to the cache as they fill up, and a prompt's partly filled last
+block once computed.
 """
 
 from __future__ import annotations
@@ -21,14 +25,23 @@ from ..memory.layout import KVLayout
 from ..memory.pages import MemoryManager
 from ..memory.prefix_cache import ROOT, page_hashes
 
+RESERVE_OUTPUT = (
+    256  # answer tokens reserved at admission (and added per growth), at most max_new_tokens
+)
+MAX_PASSES = 16  # a queued request that does not fit is passed by at most this many later ones
+MAX_SKIPPED = 64  # queued requests that do not fit looked at per step, at most
+
 
 @dataclass
 class Seq:
     rid: int
-    prompt_len: int
+    prompt_len: int  # tokens to prefill: the prompt, and after a retraction the output so far too
     max_new_tokens: int
+    # the prompt, then every generated token (Request.append): what a retracted sequence computes again
+    tokens: list[int] = field(default_factory=list)
+    out_reserved: int = 0  # answer tokens (after prompt_len) its pages hold
+    passed: int = 0  # later requests admitted before it while it did not fit
     num_computed: int = 0  # tokens whose K/V is in the cache
-    num_generated: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     page_keys: list[bytes] = field(
         default_factory=list
@@ -43,6 +56,9 @@ class Seq:
     admitted_at: float | None = (
         None  # time.perf_counter() when it left the queue for the running batch
     )
+
+    def __post_init__(self):
+        self.end_len = self.prompt_len + self.max_new_tokens  # the longest it may become
 
     @property
     def prefilling(self) -> bool:
@@ -62,6 +78,10 @@ class Step:
     admitted: list[
         tuple[Seq, dict[str, list[int]]]
     ]  # sequences admitted in this step, with their pages
+    grown: list[tuple[Seq, dict[str, list[int]]]] = field(
+        default_factory=list
+    )  # running sequences given more pages, with the new ones
+    retracted: list[Seq] = field(default_factory=list)  # sent back to the queue, pages freed
 
 
 class Scheduler:
@@ -73,13 +93,21 @@ class Scheduler:
         max_running: int = 64,
         max_queued: int = 1024,
         chunk_tokens: int = 2048,
+        reserve_output: int = RESERVE_OUTPUT,
+        max_passes: int = MAX_PASSES,
     ):
         """`layout`: the KV policy's pools and what a request costs in them; `memory`: the pages of those pools."""
         self.memory, self.layout, self.prefix = memory, layout, memory.prefix
         self.partial_pool = layout.partial_block_pool if memory.prefix else None
         self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
+        self.reserve_output, self.max_passes = reserve_output, max_passes
+        self.num_retracted = 0  # retractions so far (metrics)
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
+
+    def max_output(self, prompt_len: int) -> int:
+        """The most answer tokens a request of `prompt_len` prompt tokens could ever hold pages for."""
+        return self.layout.max_output(prompt_len)
 
     def add(self, seq: Seq, prompt_ids: list[int] | None = None) -> None:
         if not self.memory.fits_ever(self.layout.pages_needed(seq.prompt_len, seq.max_new_tokens)):
@@ -89,11 +117,17 @@ class Scheduler:
             )
         if len(self.waiting) >= self.max_queued:
             raise QueueFullError(f"the queue is full ({self.max_queued} waiting requests)")
-        if self.prefix and prompt_ids is not None:
-            seq.page_keys = page_hashes(prompt_ids, self.prefix.block_tokens)
-            if self.partial_pool:
-                seq.prompt_ids = prompt_ids
+        if prompt_ids is not None:
+            seq.tokens = list(prompt_ids)
+            self._key(seq)
         self.waiting.append(seq)
+
+    def _key(self, seq: Seq) -> None:
+        """The prefix-cache keys of the prompt's full blocks (and the prompt, for its partial block)."""
+        if self.prefix:
+            seq.page_keys = page_hashes(seq.tokens[: seq.prompt_len], self.prefix.block_tokens)
+            if self.partial_pool:
+                seq.prompt_ids = seq.tokens[: seq.prompt_len]
 
     @property
     def has_work(self) -> bool:
@@ -101,6 +135,7 @@ class Scheduler:
 
     def schedule(self, admit: bool = True) -> Step | None:
         """The next step; `admit=False` leaves the waiting sequences waiting (the running ones still step)."""
+        grown, retracted = self._grow()
         seqs, new = [], []
         for s in self.running.values():
             if not s.prefilling:
@@ -114,37 +149,81 @@ class Scheduler:
                     seqs.append(s)
                     new.append(n)
                     budget -= n
-        admitted = []
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_running:
-            s = self.waiting[0]
-            shared, partial = self._cached_prefix(s)
-            cached = (
-                len(shared) * self.prefix.block_tokens + (partial[1] if partial else 0)
-                if self.prefix
-                else 0
-            )
-            n = min(s.prompt_len - cached, budget)
-            if not n:
+        admitted, skipped = [], []  # skipped: queued before the next one, not admitted
+        for s in list(self.waiting) if admit else ():
+            if budget <= 0 or len(self.running) >= self.max_running:
                 break
-            pages = self.memory.reserve(
-                s.rid,
-                self.layout.pages_needed(s.prompt_len, s.max_new_tokens),
-                shared,
-                partial and partial[0],
-            )
+            if len(skipped) >= MAX_SKIPPED or any(w.passed >= self.max_passes for w in skipped):
+                break  # passed too often: the queue waits for it
+            pages = self._admit(s)
             if pages is None:
-                break
-            if partial:
-                s.partial_page = self.prefix.pages[partial[0]][self.partial_pool][0]
-            s.num_computed = s.cached_tokens = cached
-            s.admitted_at = time.perf_counter()
-            self.waiting.popleft()
+                skipped.append(s)
+                continue
+            for w in skipped:
+                w.passed += 1
+            n = min(s.prompt_len - s.num_computed, budget)
+            self.waiting.remove(s)
             self.running[s.rid] = s
             admitted.append((s, pages))
             seqs.append(s)
             new.append(n)
             budget -= n
-        return Step(seqs, new, admitted) if seqs else None
+        return Step(seqs, new, admitted, grown, retracted) if seqs or retracted else None
+
+    def _admit(self, s: Seq) -> dict[str, list[int]] | None:
+        """Reserve the pages of a waiting sequence's prompt and of the first answer tokens, or None (nothing
+        taken) when they do not fit the pools."""
+        shared, partial = self._cached_prefix(s)
+        cached = (
+            len(shared) * self.prefix.block_tokens + (partial[1] if partial else 0)
+            if self.prefix
+            else 0
+        )
+        out = min(s.end_len - s.prompt_len, self.reserve_output)
+        pages = self.memory.reserve(
+            s.rid, self.layout.pages_needed(s.prompt_len, out), shared, partial and partial[0]
+        )
+        if pages is None:
+            return None
+        if partial:
+            s.partial_page = self.prefix.pages[partial[0]][self.partial_pool][0]
+        s.num_computed = s.cached_tokens = cached
+        s.out_reserved = out
+        s.admitted_at = s.admitted_at or time.perf_counter()
+        return pages
+
+    def _grow(self) -> tuple[list[tuple[Seq, dict[str, list[int]]]], list[Seq]]:
+        """Pages for the token each decoding sequence computes next, oldest first; when a pool is dry, the most
+        recently admitted decoding sequence goes back to the queue until the rest fit."""
+        grown, retracted = [], []
+        for s in [s for s in self.running.values() if not s.prefilling]:
+            while s.rid in self.running and s.num_computed + 1 > s.prompt_len + s.out_reserved:
+                out = min(s.end_len - s.prompt_len, s.out_reserved + self.reserve_output)
+                old = self.layout.pages_needed(s.prompt_len, s.out_reserved)
+                need = {
+                    p: n - old[p] for p, n in self.layout.pages_needed(s.prompt_len, out).items()
+                }
+                pages = self.memory.grow(s.rid, need)
+                if pages is not None:
+                    s.out_reserved = out
+                    grown.append((s, pages))
+                    continue
+                victim = next(
+                    v for v in reversed(self.running.values()) if not v.prefilling
+                )  # s itself at the latest
+                self._retract(victim)
+                retracted.append(victim)
+        return [(s, p) for s, p in grown if s.rid in self.running], retracted
+
+    def _retract(self, s: Seq) -> None:
+        """Back to the head of the queue with its pages freed; it returns with prompt and output as its prompt."""
+        del self.running[s.rid]
+        self.memory.release(s.rid)
+        s.prompt_len, s.num_computed, s.cached_tokens = len(s.tokens), 0, 0
+        s.out_reserved, s.partial_page, s.passed = 0, None, 0
+        self._key(s)
+        self.waiting.appendleft(s)
+        self.num_retracted += 1
 
     def _cached_prefix(self, s: Seq) -> tuple[list[bytes], tuple[bytes, int] | None]:
         """Keys of the prompt's longest cached run of full blocks and the cached partial block after them (its key,

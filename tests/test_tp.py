@@ -1,0 +1,159 @@
+"""Tensor parallelism on CPU (gloo): `--tp 2` and `--tp 4` give the greedy tokens of `--tp 1` and logits within
+1e-4 for `full` and `tailor` (key sketch on and off), a cached prefix included; the embedded model splits over 3
+ranks; what does not divide is a one-line error; `serve --tp 2` answers and a SIGTERM ends every rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import free_port
+
+from tailorkv.cli import main
+from tailorkv.engine.engine import Engine
+from tailorkv.models.dummy import dummy_config
+from tailorkv.models.sharding import check_divisible, kv_heads, shard
+
+GREEDY = {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True}
+DOC = [(7 * i) % 900 + 5 for i in range(300)]  # a shared document: two prompts continue it
+PROMPTS = [DOC + [11, 12, 13], DOC + [21, 22], [3, 4, 5] * 9]
+CASES = {  # (model, tp, policy options)
+    "full-kv4-tp2": ("dummy:tiny-kv4", 2, {"kv_policy": "full"}),
+    "tailor-kv8-tp2": ("dummy:tiny-kv8", 2, {"kv_policy": "tailor", "key_sketch": 0}),
+    "tailor-sketch-kv4-tp4": ("dummy:tiny-kv4", 4, {"kv_policy": "tailor", "key_sketch": 1}),
+}
+TAILOR = {"quant_layers": [1], "tailor_preset": "ruler", "top_k": 64}
+
+
+def run(model: str, tp: int, options: dict) -> tuple[list[list[int]], torch.Tensor]:
+    if options["kv_policy"] == "tailor":
+        options = {**TAILOR, **options}
+    with Engine(model=model, progress=False, kv_cache_gib=0.02, tp_size=tp, **options) as e:
+        first = e.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)  # caches DOC's blocks
+        rest = e.generate(input_ids=PROMPTS[1:], sampling_params=GREEDY)
+        assert (
+            rest[0]["meta_info"]["cached_tokens"] > 0
+        )  # the second prompt read DOC from the cache
+        return [o["output_ids"] for o in [first, *rest]], e.next_token_logits(PROMPTS[2])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tp_equals_one_rank(case):
+    model, tp, options = CASES[case]
+    tokens, logits = run(model, tp, options)
+    one_tokens, one_logits = run(model, 1, options)
+    assert tokens == one_tokens
+    assert (logits - one_logits).abs().max().item() < 1e-4
+
+
+def test_shards_are_slices_of_the_whole_weight():
+    cfg = dummy_config("tiny-kv4")  # 8 query heads, 4 KV heads of 32
+    w = torch.arange(4 * 32 * 5.0).view(128, 5)
+    assert torch.equal(shard("model.layers.0.self_attn.k_proj.weight", w, cfg, 1, 2), w[64:])
+    assert list(kv_heads(cfg, 5, 8)) == [2]  # 8 ranks, 4 KV heads: each held by two ranks
+    o = torch.arange(3 * 256.0).view(3, 256)
+    assert torch.equal(shard("model.layers.3.self_attn.o_proj.weight", o, cfg, 3, 4), o[:, 192:])
+    norm = torch.ones(256)
+    assert shard("model.norm.weight", norm, cfg, 1, 4) is norm
+
+
+def test_a_rank_reads_only_its_slice_of_a_safetensors_weight(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = dummy_config("tiny-kv4")
+    names = ["model.layers.0.self_attn.o_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    weights = {names[0]: torch.randn(256, 256), names[1]: torch.randn(128, 256)}
+    save_file(weights, tmp_path / "w.safetensors")
+    with safe_open(tmp_path / "w.safetensors", framework="pt") as f:
+        for name in names:
+            for rank in range(4):
+                want = shard(name, weights[name], cfg, rank, 4)
+                assert torch.equal(shard(name, f.get_slice(name), cfg, rank, 4), want)
+
+
+def test_what_does_not_divide_is_a_one_line_error(capsys):
+    with pytest.raises(Exception, match="--tp 2 does not divide dummy:smollm2-135m's num_heads"):
+        check_divisible(dummy_config("smollm2-135m"), 2)
+    assert main(["generate", "--prompt", "hi", "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--tp 2 does not divide" in err and "num_heads (9)" in err
+
+
+def test_the_embedded_model_over_three_ranks_answers_as_over_one():
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    texts = []
+    for tp in (1, 3):
+        with Engine(progress=False, kv_cache_gib=0.05, tp_size=tp) as e:
+            texts.append(
+                e.generate(
+                    e.tokenizer.apply_chat_template(prompt),
+                    sampling_params={"max_new_tokens": 16, "temperature": 0},
+                )["text"]
+            )
+    assert texts[0] == texts[1] and "Paris" in texts[0]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def test_serve_tp2_answers_and_sigterm_ends_every_rank():
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tailorkv", "serve", "--model", "dummy:tiny-kv4", "--tp", "2"]
+        + ["--port", str(port), "--kv-cache-gib", "0.02", "--shutdown-timeout", "5"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        r = httpx.post(
+            f"{url}/generate",
+            json={"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["meta_info"]["completion_tokens"] == 8
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "default", "messages": [{"role": "user", "content": "Hi"}]}
+            | {"max_tokens": 8},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+        workers = children(server.pid)  # rank 1 and multiprocessing's resource tracker
+        assert workers
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while [p for p in workers if os.path.exists(f"/proc/{p}")]:
+            assert time.monotonic() < deadline, "a process of the server outlived it"
+            time.sleep(0.1)
+    finally:
+        if server.poll() is None:
+            server.kill()
