@@ -71,8 +71,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="GIB",
-        help="tailor: GPU memory for copies of shared prefixes' host-tier pages, which later prompts "
-        "then read without PCIe (0: none; default: what the other GPU pools leave, at most half)",
+        help="tailor, kivi: GPU memory for copies of host-tier pages, which later prompts (and a prompt's "
+        "later prefill chunks) then read without PCIe (0: none; default: with prefix caching what the "
+        "other GPU pools leave, at most half, else none)",
     )
     p.add_argument(
         "--disable-cuda-graph",

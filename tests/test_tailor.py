@@ -327,7 +327,8 @@ def test_streaming_and_quest_read_within_budget(prompt):
 
 # ---- chunked prefill: exact against whole-prompt prefill ---------------------------------------------------------
 SMALL = {**TINY, "progress": False, "kv_cache_gib": 0.02, "host_kv_gib": 0.02}
-SKETCH2 = {"kv_policy": "tailor", "quant_layers": [0], "key_sketch": 2}
+# its chunks read their earlier pages from GPU copies (room for all), the others' over "PCIe"
+SKETCH2 = {"kv_policy": "tailor", "quant_layers": [0], "key_sketch": 2, "prefix_gpu_gib": 0.004}
 SKETCH0_1BIT = {"kv_policy": "tailor", "quant_layers": [0], "key_sketch": 0, "quant_bits": 1}
 # chunk sizes: 37 and 100 align to nothing, 64 to the quantization groups, 256 to the host pages
 # (options, chunk size, greedy tokens compared)
@@ -353,8 +354,12 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
         e.scheduler.chunk_tokens = 4096
         want = [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)]
         e.scheduler.chunk_tokens = chunk
-        steps = record_steps(e)
+        steps, reads = record_steps(e), []
+        read_prefix = e.policy.offload.read_prefix
+        e.policy.offload.read_prefix = lambda *a, **kw: reads.append(a[1]) or read_prefix(*a, **kw)
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == want
+        copies = "prefix_gpu_gib" in options
+        assert reads and all((r.at is not None, not r.host_runs) == (copies, copies) for r in reads)
         prefill = [[(r, n) for r, s, n in step if s < lens[r - len(prompts)]] for step in steps]
         assert max(n for rows in prefill for _, n in rows) <= chunk
         assert any(len(rows) == 2 for rows in prefill)  # both chunking in one step

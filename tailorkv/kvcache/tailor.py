@@ -112,8 +112,8 @@ class TailorPolicy(KVPolicy):
         """Slots (each request's windows), the GPU pools in the proportions of long-context requests, the host
         tier (every layer's exact prompt rows: the S layers' for decode, all of them for the prefill chunks and
         shared prefixes that read them back) and GPU copies of host pages (DeviceCopies), which those reads use
-        where a page has one: by default the GPU memory that pools for as many such requests as the host tier
-        holds leave, at most half of it. A shared block is one host-tier page: its token rows (and the Q layers'
+        where a page has one: by default (with prefix caching) the GPU memory that pools for as many such
+        requests as the host tier holds leave, at most half of it. A shared block is one host-tier page: its token rows (and the Q layers'
         rows), its key-sketch page and the quantized pages of the same tokens; kivi (no S layers) shares nothing.
         Generated tokens live in GPU-tier pages of their own, never in shared blocks; a cached partial block is its
         host page, the exact rows of every layer."""
@@ -147,11 +147,13 @@ class TailorPolicy(KVPolicy):
         host_pages = max(host_bytes // hpage, 1)
         host = [PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt")]
         cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
-        if not prefix_caching:
-            copy_bytes = 0
-        elif copy_bytes is None:
+        if (
+            copy_bytes is None
+        ):  # without prefix caching only prefill chunks read them: none unless asked
             copy_bytes = (
-                0 if self.host_on_device else min(rest - host_pages * unit // 64, rest // 2)
+                0
+                if self.host_on_device or not prefix_caching
+                else min(rest - host_pages * unit // 64, rest // 2)
             )
         copies = min(max(min(copy_bytes, rest), 0) // cpage, host_pages)
         if copies:
