@@ -47,7 +47,7 @@ class Completion:
             "text": self.text,
             "output_ids": list(self.output_ids),
             "meta_info": {
-                "id": str(req.rid),
+                "id": req.external_id or str(req.rid),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": len(self.output_ids),
                 "cached_tokens": req.seq.cached_tokens,

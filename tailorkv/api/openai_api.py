@@ -21,18 +21,24 @@ _FINISH = {"stop": "stop", "length": "length"}
 
 @router.get("/models")
 async def models(request: Request):
+    return {"object": "list", "data": [_model_card(get_state(request))]}
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, request: Request):
     state = get_state(request)
+    state.check_model(model)
+    return _model_card(state)
+
+
+def _model_card(state: AppState) -> dict:
     return {
-        "object": "list",
-        "data": [
-            {
-                "id": state.served_model_name,
-                "object": "model",
-                "created": state.created,
-                "owned_by": "tailorkv",
-                "max_model_len": state.engine.context_length,
-            }
-        ],
+        "id": state.served_model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "tailorkv",
+        "root": state.model_path,
+        "max_model_len": state.engine.context_length,
     }
 
 
@@ -171,8 +177,10 @@ def _finish(c: Completion) -> str:
 
 def _usage(done: list[Completion]) -> dict:
     prompt, completion = sum(c.prompt_tokens for c in done), sum(len(c.output_ids) for c in done)
+    cached = sum(c.request.seq.cached_tokens for c in done if c.request is not None)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }

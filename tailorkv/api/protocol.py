@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_BATCH = 1024  # prompts in one call
+
 
 class APIError(Exception):
     def __init__(
@@ -151,3 +153,23 @@ class ChatCompletionRequest(OpenAIRequest):
             if self.max_completion_tokens is not None
             else self.max_tokens
         )
+
+
+class AbortRequest(_Body):
+    rid: str | None = None
+    abort_all: bool = False
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.rid is None) == (not self.abort_all):
+            raise ValueError("give rid or abort_all: true")
+        return self
+
+
+class TokenizeRequest(_Body):
+    prompt: str | list[str] = Field(max_length=MAX_BATCH)
+
+
+class DetokenizeRequest(_Body):
+    tokens: list[int]
+    skip_special_tokens: bool = True

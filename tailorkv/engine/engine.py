@@ -199,6 +199,12 @@ class Engine:
             self.scheduler.finish(rid)
             self.policy.release(rid)
 
+    def flush_cache(self) -> int:
+        """Drop the prefix cache's blocks that no request references; returns how many (0 without a cache). Call it
+        between steps, from the thread that runs step()."""
+        with self._lock:
+            return self.memory.prefix.flush() if self.memory.prefix else 0
+
     # ---- the loop -------------------------------------------------------------------------------------------
     def step(self, admit: bool = True) -> list[Request]:
         """Run one scheduled batch; returns the requests that received a token (finished ones are retired).

@@ -22,6 +22,7 @@ class Request:
     generator: torch.Generator | None = None  # a seeded request's own; None: drawn with the batch
     # teacher forcing: these tokens are appended instead of samples
     forced_ids: list[int] | None = None
+    external_id: str | None = None  # the client's id for it (SGLang's rid); meta_info.id
     # applied in order to this request's logits before it is sampled (penalties, logit bias, grammar masks)
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     # None: no logprobs; 0: each output token's; n: and the n most likely at each step
@@ -116,7 +117,7 @@ class Request:
             "text": self.text,
             "output_ids": list(self.output_ids),
             "meta_info": {
-                "id": str(self.rid),
+                "id": self.external_id or str(self.rid),
                 "prompt_tokens": len(self.input_ids),
                 "completion_tokens": len(self.output_ids),
                 "cached_tokens": self.seq.cached_tokens,

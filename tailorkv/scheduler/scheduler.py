@@ -95,6 +95,17 @@ class Scheduler:
                 seq.prompt_ids = prompt_ids
         self.waiting.append(seq)
 
+    def max_total_tokens(self) -> int:
+        """The most tokens (prompt + one output token) a single request can hold in this engine's KV memory."""
+        lo, hi = 1, 1 << 40
+        while lo < hi:  # the largest n that fits: pages needed grow with n
+            mid = (lo + hi + 1) // 2
+            if self.memory.fits_ever(self.layout.pages_needed(mid - 1, 1)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
