@@ -170,7 +170,7 @@ class Letters:
 
     eos_token_ids = [25]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(97 + t) for t in ids)
 
     decode_continuation = decode

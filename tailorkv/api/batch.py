@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.async_engine import Output
 from ..engine.request import Request as EngineRequest
-from ..engine.sampling import SamplingParams
+from ..engine.sampling import SEED_BOUND, SamplingParams
 from .protocol import APIError
 from .state import AppState
 
@@ -63,26 +64,46 @@ async def submit(
     request: Request,
     tokenize: Callable[[], list[list[int]]],
     params: Callable[[int, list[int]], SamplingParams],
+    rids: list[str | None] | None = None,
 ) -> BatchRun:
     """Tokenize one call's prompts off the event loop (a long prompt takes a while, and the loop streams other
-    requests' tokens meanwhile), then submit them with params(index, ids). The call was arriving for the engine
-    since its headers came (server.Arrivals), so that calls reaching the server together prefill together; its
-    arrival ends here."""
+    requests' tokens meanwhile), then submit them with params(index, ids) and the client's ids `rids`; a prompt
+    whose params ask for n completions becomes n requests, next to each other (`parallel`). The call was
+    arriving for the engine since its headers came (server.Arrivals), so that calls reaching the server together
+    prefill together; its arrival ends here."""
     try:
         prompts = await run_in_threadpool(tokenize)
-        return BatchRun(state, [(ids, params(i, ids)) for i, ids in enumerate(prompts)])
+        batch, ids = [], []
+        for i, prompt in enumerate(prompts):
+            for p in parallel(params(i, prompt)):
+                batch.append((prompt, p))
+                ids.append(rids[i] if rids else None)
+        return BatchRun(state, batch, ids)
     finally:
         request.state.arrived()
+
+
+def parallel(p: SamplingParams) -> list[SamplingParams]:
+    """n=1 params for each of p.n completions; a seeded one's j-th copy draws with seed + j (all differ)."""
+    if p.n == 1:
+        return [p]
+    seeds = [None if p.seed is None else (p.seed + j) % SEED_BOUND for j in range(p.n)]
+    return [dataclasses.replace(p, n=1, seed=seed) for seed in seeds]
 
 
 class BatchRun:
     """Submitting happens in the constructor, so a refused request (InvalidRequestError, CapacityError) raises
     before any response starts. Iterate for Outputs as they come (then `aclose`), or `wait` for the end."""
 
-    def __init__(self, state: AppState, batch: list[tuple[list[int], SamplingParams]]):
+    def __init__(
+        self,
+        state: AppState,
+        batch: list[tuple[list[int], SamplingParams]],
+        rids: list[str | None] | None = None,
+    ):
         self.completions = [Completion(len(ids)) for ids, _ in batch]
         self._metrics = state.metrics
-        self._outputs = state.engine.generate(batch)
+        self._outputs = state.engine.generate(batch, rids)
 
     def __aiter__(self):
         return self

@@ -105,20 +105,15 @@ async def _respond(
 
 
 async def _chunks(reply: _Reply, run: BatchRun, include_usage: bool):
-    if reply.chat:  # OpenAI opens a chat stream with the role
-        yield sse(
-            reply.body(
-                [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-                chunk=True,
+    if reply.chat:  # OpenAI opens each choice of a chat stream with the role
+        for index in range(len(run.completions)):
+            opening = {"role": "assistant", "content": ""}
+            yield sse(
+                reply.body(
+                    [{"index": index, "delta": opening, "logprobs": None, "finish_reason": None}],
+                    chunk=True,
+                )
             )
-        )
     async for out in run:
         if out.error:
             yield sse(error_body(out.error, "server_error", "engine_error"))

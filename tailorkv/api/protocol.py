@@ -40,12 +40,23 @@ class GenerateRequest(_Body):
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict | list[dict] | None = None
     stream: bool = False
+    rid: str | list[str] | None = Field(
+        None, max_length=MAX_BATCH
+    )  # the client's id of each prompt
 
     @model_validator(mode="after")
     def _one_prompt_kind(self):
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("give exactly one of text or input_ids")
+        if self.rid is not None and isinstance(self.rid, list) != self.batched:
+            raise ValueError("rid must be a list for a batch and a string for one prompt")
         return self
+
+    def rids(self, n: int) -> list[str | None] | None:
+        """The client's id of each of the `n` prompts; raises APIError when a batch's list disagrees."""
+        if isinstance(self.rid, list) and len(self.rid) != n:
+            raise APIError(400, f"rid has {len(self.rid)} entries for {n} prompts")
+        return [self.rid] if isinstance(self.rid, str) else self.rid
 
     @property
     def batched(self) -> bool:
@@ -82,7 +93,13 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+# sent by some clients, with no effect on the completion: accepted and ignored (any other unknown field is a 400)
+IGNORED_OPENAI_FIELDS = ("user", "metadata", "store", "parallel_tool_calls", "response_format")
+
+
 class OpenAIRequest(_Body):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     model: str | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -91,16 +108,32 @@ class OpenAIRequest(_Body):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     # extensions that vLLM and SGLang accept too
     top_k: int | None = None
     min_p: float | None = None
     ignore_eos: bool | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data):
+        if isinstance(data, dict):
+            data = {
+                k: v
+                for k, v in data.items()
+                if k not in IGNORED_OPENAI_FIELDS or k in cls.model_fields
+            }
+        return data
 
     def sampling_params(self, max_new_tokens: int) -> dict:
-        if self.n != 1:
-            raise APIError(
-                400, f"only n=1 is supported, got n={self.n}", code="unsupported_parameter"
-            )
         sp = {
             "max_new_tokens": max_new_tokens,
             "temperature": self.temperature,
@@ -110,6 +143,16 @@ class OpenAIRequest(_Body):
             "stop": self.stop,
             "seed": self.seed,
             "ignore_eos": self.ignore_eos,
+            "n": self.n,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
+            "min_new_tokens": self.min_tokens,
+            "stop_token_ids": self.stop_token_ids,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+            "no_stop_trim": self.no_stop_trim,
         }
         return {k: v for k, v in sp.items() if v is not None}
 
@@ -121,6 +164,13 @@ class OpenAIRequest(_Body):
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
+    best_of: int | None = None  # only equal to n: the server does not rank completions
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of must equal n ({self.n}) here, got {self.best_of}")
+        return self
 
 
 class TextPart(_Body):

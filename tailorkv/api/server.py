@@ -196,7 +196,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         def describe(err: dict) -> str:
             if err["type"] == "json_invalid":
                 return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
-            return f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
+            where = ".".join(str(x) for x in err["loc"][1:]) or "body"
+            if err["type"] == "extra_forbidden":
+                return f"{where}: this server does not support this field"
+            return f"{where}: {err['msg']}"
 
         return _error(400, "; ".join(describe(err) for err in e.errors()) or "invalid request")
 

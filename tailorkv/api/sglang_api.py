@@ -17,16 +17,19 @@ router = APIRouter()
 async def generate(body: GenerateRequest, request: Request):
     state = get_state(request)
     tokenize = state.engine.tokenize
+    prompts = body.prompts()
     run = await submit(
         state,
         request,
-        lambda: [tokenize(text, ids) for text, ids in body.prompts()],
+        lambda: [tokenize(text, ids) for text, ids in prompts],
         lambda i, _: SamplingParams.from_any(body.params(i)),
+        body.rids(len(prompts)),
     )
+    several = body.batched or len(run.completions) > 1  # a batch, or n > 1: a list
     if body.stream:
-        return EventStream(_chunks(run, body.batched), run)
+        return EventStream(_chunks(run, several), run)
     results = [c.sglang() for c in await run.wait(request)]
-    return results if body.batched else results[0]
+    return results if several else results[0]
 
 
 async def _chunks(run: BatchRun, batched: bool):

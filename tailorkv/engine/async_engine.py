@@ -206,14 +206,20 @@ class AsyncEngine:
         return await self.between_steps(self.engine.flush_cache)
 
     # ---- the asyncio side -----------------------------------------------------------------------------------
-    def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> OutputStream:
+    def generate(
+        self,
+        batch: list[tuple[list[int], SamplingParams]],
+        external_ids: list[str | None] | None = None,
+    ) -> OutputStream:
         """Queue every (input_ids, params) of `batch` now, all or none (raises InvalidRequestError or
-        CapacityError and queues nothing); iterate the returned stream for their Outputs."""
+        CapacityError and queues nothing); iterate the returned stream for their Outputs. `external_ids`: the
+        client's id of each (Request.external_id)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        return OutputStream(self, queue, {r.rid for r in self._submit(batch, loop, queue)})
+        reqs = self._submit(batch, external_ids or [None] * len(batch), loop, queue)
+        return OutputStream(self, queue, {r.rid for r in reqs})
 
-    def _submit(self, batch, loop, queue) -> list[Request]:
+    def _submit(self, batch, external_ids, loop, queue) -> list[Request]:
         reqs: list[Request] = []
         with self._mu:
             self.arrivals.came(time.perf_counter())
@@ -222,6 +228,7 @@ class AsyncEngine:
             try:
                 for index, (input_ids, params) in enumerate(batch):
                     reqs.append(self.engine.add_request(input_ids, params))
+                    reqs[-1].external_id = external_ids[index]
                     self._streams[reqs[-1].rid] = _Stream(loop, queue, index)
             except BaseException:
                 for r in reqs:

@@ -17,6 +17,7 @@ from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..scheduler.scheduler import Scheduler, Seq
 from .calibration import calibrate
+from .logits_processors import processors_for
 from .request import Request
 from .runner import ModelRunner
 from .sampling import SamplingParams, check_text, sample
@@ -171,6 +172,9 @@ class Engine:
 
     def add_request(self, input_ids: list[int], params: SamplingParams) -> Request:
         """Validate and queue a request; raises InvalidRequestError / CapacityError without side effects."""
+        bad = [t for t in params.logit_bias or () if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary")
         total = len(input_ids) + params.max_new_tokens
         if total > self.config.max_position:
             raise InvalidRequestError(
@@ -184,6 +188,9 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
             req = Request(
                 rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen
+            )
+            req.logits_processors += processors_for(
+                params, req.input_ids, req.output_ids, self.tokenizer.eos_token_ids
             )
             self.scheduler.add(req.seq, req.input_ids)
             self.requests[rid] = req

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..scheduler.scheduler import Seq
-from .detokenizer import IncrementalDetokenizer, find_stop
+from .detokenizer import IncrementalDetokenizer, find_stop, find_stop_regex
 from .sampling import LogitsProcessor, Sample, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -56,6 +56,9 @@ class Request:
         now = time.perf_counter()
         self.first_token_time = self.first_token_time or now
         p = self.params
+        if p.max_new_tokens == 0:  # prefill only: the prompt's logits were all it asked for
+            self._finish({"type": "length", "matched": None}, tok, now)
+            return
         s = token if isinstance(token, Sample) else Sample(token)
         token = s.token
         self.seq.num_generated += 1
@@ -68,18 +71,24 @@ class Request:
             self.output_logprobs.append(s.logprob)
         if s.top_logprobs is not None:
             self.output_top_logprobs.append(s.top_logprobs)
-        new = self._detok.step(tok, self.output_ids)
+        new = self._detok.step(tok, self.output_ids, p.skip_special_tokens)
         self.text += new
         stop = find_stop(self.text, len(new), p.stop) if new and p.stop else None
-        if stop is not None:
-            self.text = self.text[: stop[0]]
-            self._finish({"type": "stop", "matched": stop[1]}, tok, now, flush=False)
+        if stop is None and new and p.stop_regex:
+            try:
+                stop = find_stop_regex(self.text, len(new), p.stop_regex)
+            except TimeoutError:
+                self.fail("stop_regex took too long to match")
+                return
+        if stop is not None:  # (start, end, the stop string or pattern)
+            self.text = self.text[: stop[1] if p.no_stop_trim else stop[0]]
+            self._finish({"type": "stop", "matched": stop[2]}, tok, now, flush=False)
         elif len(self.output_ids) >= p.max_new_tokens:
             self._finish({"type": "length", "matched": None}, tok, now)
 
     def _finish(self, reason: dict, tok: Tokenizer, now: float, flush: bool = True) -> None:
         if flush:
-            self.text += self._detok.flush(tok, self.output_ids)
+            self.text += self._detok.flush(tok, self.output_ids, self.params.skip_special_tokens)
         self.finish_reason = reason
         self.finished_time = now
 

@@ -18,6 +18,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from ..errors import InvalidRequestError
+from .sampling_checks import validate_extras
 
 # a temperature below this samples greedily (vLLM's and SGLang's rule): logits / 1e-40 overflow float32
 SAMPLING_EPS = 1e-5
@@ -46,6 +47,18 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None  # None: drawn with the batch from the engine's generator
+    min_new_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output (OpenAI)
+    presence_penalty: float = 0.0  # minus this once the token is in the output (OpenAI)
+    repetition_penalty: float = (
+        1.0  # prompt and output tokens' logits divided by it (> 0) or times it (HF)
+    )
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (JSON keys: "123")
+    n: int = 1  # completions per prompt (each its own request, sampled independently)
+    skip_special_tokens: bool = True  # in the output text
+    spaces_between_special_tokens: bool = True  # only True: fast tokenizers put no spaces there
+    no_stop_trim: bool = False  # keep a matched stop string (or stop_regex match) in the text
+    stop_regex: list[str] = field(default_factory=list)  # stop at a match ending in the new text
 
     @classmethod
     def from_any(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
@@ -73,8 +86,8 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be a number, got {v!r}")
             return v
 
-        if number("max_new_tokens", int) < 1:
-            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if number("max_new_tokens", int) < 0:  # 0: prefill only (prompt logprobs, caching a prefix)
+            raise InvalidRequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         for name in ("temperature", "top_p", "min_p"):
             if not math.isfinite(number(name)):
                 raise InvalidRequestError(
@@ -114,6 +127,7 @@ class SamplingParams:
             raise InvalidRequestError("seed must be an integer")
         if self.seed is not None and not 0 <= self.seed < SEED_BOUND:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
+        validate_extras(self)
 
     @property
     def greedy(self) -> bool:

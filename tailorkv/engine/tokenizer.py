@@ -127,11 +127,11 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_continuation(self, ids: list[int]) -> str:
+    def decode_continuation(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text `ids` add after earlier tokens that end a character: decode(ids), except that sentencepiece
         drops every leading whitespace of a text, so its ids are decoded after a plain piece here."""
         if not self._sp:
-            return self.decode(ids)
+            return self.decode(ids, skip_special_tokens)
         anchor = self._sp_anchor
         return self._sp.decode([anchor] + ids)[len(self._sp.id_to_piece(anchor)) :]
 
