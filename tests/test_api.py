@@ -302,7 +302,7 @@ def test_full_queue_answers_503_and_too_big_400(client, live_server, monkeypatch
 def test_engine_failure_fails_running_requests_and_keeps_serving(client, live_server, monkeypatch):
     start = live_server.wait_idle()["memory"]
     runner = live_server.engine.runner
-    real = runner.forward
+    real = runner.run
     calls = []
 
     def broken_once(*args, **kw):
@@ -311,7 +311,7 @@ def test_engine_failure_fails_running_requests_and_keeps_serving(client, live_se
             raise RuntimeError("injected fault")
         return real(*args, **kw)
 
-    monkeypatch.setattr(runner, "forward", broken_once)
+    monkeypatch.setattr(runner, "run", broken_once)
     err = assert_error(client.post("/generate", json={"text": "a", "sampling_params": GREEDY}), 500)
     assert "injected fault" in err["message"] and err["type"] == "server_error"
     ok = client.post(

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.async_engine import Output
 from ..engine.request import Request as EngineRequest
+from ..engine.request import RequestOptions
 from ..engine.sampling import SEED_BOUND, SamplingParams
 from .protocol import APIError
 from .state import AppState
@@ -41,8 +42,9 @@ class Completion:
     def finish_reason(self) -> dict | None:
         return self.request.finish_reason if self.finished else None
 
-    def sglang(self) -> dict:
-        """The SGLang /generate body: cumulative text and ids, meta_info."""
+    def sglang(self, token_text: Callable[[int], str] | None = None) -> dict:
+        """The SGLang /generate body: cumulative text and ids, meta_info (with logprobs when asked, their token
+        texts from `token_text`)."""
         req = self.request
         return {
             "text": self.text,
@@ -55,7 +57,8 @@ class Completion:
                 "finish_reason": self.finish_reason,
                 "e2e_latency": self.last_time - req.created,
                 "queue_time": req.queue_time,
-            },
+            }
+            | req.logprobs_info(len(self.output_ids), token_text),
         }
 
 
@@ -64,21 +67,21 @@ async def submit(
     request: Request,
     tokenize: Callable[[], list[list[int]]],
     params: Callable[[int, list[int]], SamplingParams],
-    rids: list[str | None] | None = None,
+    options: Callable[[int], RequestOptions] = lambda _: RequestOptions(),
 ) -> BatchRun:
     """Tokenize one call's prompts off the event loop (a long prompt takes a while, and the loop streams other
-    requests' tokens meanwhile), then submit them with params(index, ids) and the client's ids `rids`; a prompt
-    whose params ask for n completions becomes n requests, next to each other (`parallel`). The call was
-    arriving for the engine since its headers came (server.Arrivals), so that calls reaching the server together
-    prefill together; its arrival ends here."""
+    requests' tokens meanwhile), then submit them with params(index, ids) and options(index); a prompt whose
+    params ask for n completions becomes n requests, next to each other (`parallel`). The call was arriving for
+    the engine since its headers came (server.Arrivals), so that calls reaching the server together prefill
+    together; its arrival ends here."""
     try:
         prompts = await run_in_threadpool(tokenize)
-        batch, ids = [], []
+        batch, opts = [], []
         for i, prompt in enumerate(prompts):
             for p in parallel(params(i, prompt)):
                 batch.append((prompt, p))
-                ids.append(rids[i] if rids else None)
-        return BatchRun(state, batch, ids)
+                opts.append(options(i))
+        return BatchRun(state, batch, opts)
     finally:
         request.state.arrived()
 
@@ -99,11 +102,11 @@ class BatchRun:
         self,
         state: AppState,
         batch: list[tuple[list[int], SamplingParams]],
-        rids: list[str | None] | None = None,
+        options: list[RequestOptions] | None = None,
     ):
         self.completions = [Completion(len(ids)) for ids, _ in batch]
         self._metrics = state.metrics
-        self._outputs = state.engine.generate(batch, rids)
+        self._outputs = state.engine.generate(batch, options)
 
     def __aiter__(self):
         return self

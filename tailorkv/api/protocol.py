@@ -9,7 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..engine.request import RequestOptions
+
 MAX_BATCH = 1024  # prompts in one call
+MAX_TOP_LOGPROBS = 20  # most likely tokens per position
 
 
 class APIError(Exception):
@@ -40,9 +43,11 @@ class GenerateRequest(_Body):
     input_ids: list[int] | list[list[int]] | None = None
     sampling_params: dict | list[dict] | None = None
     stream: bool = False
-    rid: str | list[str] | None = Field(
-        None, max_length=MAX_BATCH
-    )  # the client's id of each prompt
+    rid: str | list[str] | None = Field(None, max_length=MAX_BATCH)  # the client's id of each
+    return_logprob: bool = False
+    logprob_start_len: int = Field(-1, ge=-1)  # -1: no prompt logprobs
+    top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    return_text_in_logprobs: bool = False
 
     @model_validator(mode="after")
     def _one_prompt_kind(self):
@@ -52,11 +57,17 @@ class GenerateRequest(_Body):
             raise ValueError("rid must be a list for a batch and a string for one prompt")
         return self
 
-    def rids(self, n: int) -> list[str | None] | None:
-        """The client's id of each of the `n` prompts; raises APIError when a batch's list disagrees."""
+    def options(self, n: int) -> list[RequestOptions]:
+        """Logprobs and the client's id of each of the `n` prompts; raises APIError when a batch's rid list
+        disagrees."""
         if isinstance(self.rid, list) and len(self.rid) != n:
             raise APIError(400, f"rid has {len(self.rid)} entries for {n} prompts")
-        return [self.rid] if isinstance(self.rid, str) else self.rid
+        rids = self.rid if isinstance(self.rid, list) else [self.rid] * n
+        logprobs = self.top_logprobs_num if self.return_logprob else None
+        start = (
+            self.logprob_start_len if self.return_logprob and self.logprob_start_len >= 0 else None
+        )
+        return [RequestOptions(logprobs, start, rid) for rid in rids]
 
     @property
     def batched(self) -> bool:
@@ -165,6 +176,13 @@ class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     best_of: int | None = None  # only equal to n: the server does not rank completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = (
+        False  # the prompt before the completion (and its logprobs from the first token on)
+    )
+
+    def options(self) -> RequestOptions:
+        return RequestOptions(self.logprobs, 0 if self.echo and self.logprobs is not None else None)
 
     @model_validator(mode="after")
     def _best_of_is_n(self):
@@ -195,6 +213,17 @@ class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # None: up to the end of the context
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def options(self) -> RequestOptions:
+        return RequestOptions((self.top_logprobs or 0) if self.logprobs else None)
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -25,7 +25,7 @@ from ..config import DELAY_FACTOR  # noqa: F401 (tests read the default here)
 from ..errors import QueueFullError
 from ..scheduler.arrival_hold import ArrivalHold
 from .engine import Engine
-from .request import Request
+from .request import Request, RequestOptions
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -209,17 +209,17 @@ class AsyncEngine:
     def generate(
         self,
         batch: list[tuple[list[int], SamplingParams]],
-        external_ids: list[str | None] | None = None,
+        options: list[RequestOptions] | None = None,
     ) -> OutputStream:
         """Queue every (input_ids, params) of `batch` now, all or none (raises InvalidRequestError or
-        CapacityError and queues nothing); iterate the returned stream for their Outputs. `external_ids`: the
-        client's id of each (Request.external_id)."""
+        CapacityError and queues nothing), with `options` for each; iterate the returned stream for their
+        Outputs."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        reqs = self._submit(batch, external_ids or [None] * len(batch), loop, queue)
+        reqs = self._submit(batch, options or [RequestOptions()] * len(batch), loop, queue)
         return OutputStream(self, queue, {r.rid for r in reqs})
 
-    def _submit(self, batch, external_ids, loop, queue) -> list[Request]:
+    def _submit(self, batch, options, loop, queue) -> list[Request]:
         reqs: list[Request] = []
         with self._mu:
             self.arrivals.came(time.perf_counter())
@@ -227,8 +227,7 @@ class AsyncEngine:
                 raise QueueFullError("the server is shutting down")
             try:
                 for index, (input_ids, params) in enumerate(batch):
-                    reqs.append(self.engine.add_request(input_ids, params))
-                    reqs[-1].external_id = external_ids[index]
+                    reqs.append(self.engine.add_request(input_ids, params, options[index]))
                     self._streams[reqs[-1].rid] = _Stream(loop, queue, index)
             except BaseException:
                 for r in reqs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,19 @@ from ..scheduler.scheduler import Seq
 from .detokenizer import IncrementalDetokenizer, find_stop, find_stop_regex
 from .sampling import LogitsProcessor, Sample, SamplingParams
 from .tokenizer import Tokenizer
+
+
+@dataclass
+class RequestOptions:
+    """What a request returns besides its tokens and text, and the client's name for it."""
+
+    top_logprobs_num: int | None = (
+        None  # None: no logprobs; 0: each token's; n: and the n most likely
+    )
+    logprob_start: int | None = (
+        None  # prompt logprobs from this position on (0: the first is None); None: none
+    )
+    external_id: str | None = None  # the client's id (SGLang's rid): meta_info.id, /abort_request
 
 
 @dataclass
@@ -30,6 +44,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)  # of output_ids, when asked
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    logprob_start: int | None = None  # RequestOptions
+    # of input_ids[logprob_start:] as prefill computes them (position 0 has none: None)
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
     text: str = ""
     finish_reason: dict | None = None
     error: str | None = (
@@ -40,6 +58,19 @@ class Request:
     finished_time: float | None = None
     _sent: int = 0  # characters of `text` already handed out by `new_text`
     _detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
+
+    def prompt_score(self, start: int, n: int) -> tuple[int, list[int]] | None:
+        """For a prefill chunk of positions [start, start + n): (offset in the chunk, prompt tokens) whose
+        logprobs it gives, or None. Position p's logits predict token p + 1."""
+        if self.logprob_start is None:
+            return None
+        first = max(self.logprob_start, start + 1, 1)
+        end = min(start + n, len(self.input_ids) - 1)  # the last position predicts the first output
+        return (first - 1 - start, self.input_ids[first : end + 1]) if first <= end else None
+
+    def add_prompt_logprobs(self, picked: list[float], top: list | None) -> None:
+        self.input_logprobs += picked
+        self.input_top_logprobs += top if top is not None else [None] * len(picked)
 
     @property
     def finished(self) -> bool:
@@ -134,18 +165,33 @@ class Request:
                 "e2e_latency": end - self.created,
                 "queue_time": self.queue_time,
             }
-            | self._logprobs_info(),
+            | self.logprobs_info(),
         }
 
-    def _logprobs_info(self) -> dict:
-        """SGLang's meta_info logprob fields ([logprob, token id] pairs), when the request asked for them."""
+    def logprobs_info(
+        self, n_out: int | None = None, text: Callable[[int], str] | None = None
+    ) -> dict:
+        """SGLang's meta_info logprob fields ([logprob, token id, its text or None] triples) of the prompt and the
+        first `n_out` output tokens (default: all), when the request asked for logprobs."""
         if self.top_logprobs_num is None:
             return {}
-        info = {
-            "output_token_logprobs": [list(x) for x in zip(self.output_logprobs, self.output_ids)]
+        n_out = len(self.output_ids) if n_out is None else n_out
+        n_in = len(self.input_logprobs)
+
+        def triple(lp, t):
+            return [lp, t, text(t) if text else None]
+
+        def tops(pairs):
+            return None if pairs is None else [triple(lp, t) for t, lp in pairs]
+
+        inputs = self.input_ids[self.logprob_start or 0 :]
+        return {
+            "input_token_logprobs": [
+                triple(lp, t) for lp, t in zip(self.input_logprobs[:n_in], inputs)
+            ],
+            "output_token_logprobs": [
+                triple(lp, t) for lp, t in zip(self.output_logprobs[:n_out], self.output_ids)
+            ],
+            "input_top_logprobs": [tops(x) for x in self.input_top_logprobs[:n_in]],
+            "output_top_logprobs": [tops(x) for x in self.output_top_logprobs[:n_out]],
         }
-        if self.top_logprobs_num:
-            info["output_top_logprobs"] = [
-                [[lp, t] for t, lp in step] for step in self.output_top_logprobs
-            ]
-        return info

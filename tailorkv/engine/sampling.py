@@ -62,7 +62,7 @@ class SamplingParams:
 
     @classmethod
     def from_any(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
-        """Validated params from a dict (unknown keys are an error) or a SamplingParams."""
+        """Validated params from a dict (unknown keys are an error unless null) or a SamplingParams."""
         if params is None:
             params = {}
         if isinstance(params, SamplingParams):
@@ -70,7 +70,7 @@ class SamplingParams:
         if not isinstance(params, dict):
             raise InvalidRequestError("sampling_params must be an object")
         known = {f.name for f in fields(cls)}
-        unknown = set(params) - known
+        unknown = {k for k, v in params.items() if v is not None} - known  # null: the default
         if unknown:
             raise InvalidRequestError(
                 f"unknown sampling parameter(s): {', '.join(sorted(unknown))}"
@@ -254,14 +254,22 @@ def _with_logprobs(logits: torch.Tensor, rows: list[SamplerRow], chosen: list[in
     if not want:
         return out
     index = torch.tensor(want, device=logits.device)
-    lp = torch.log_softmax(logits[index], dim=-1)
-    picked = lp.gather(-1, torch.tensor([chosen[i] for i in want], device=lp.device)[:, None])
-    picked = picked[:, 0].tolist()
     n = max(rows[i].top_logprobs_num for i in want)
-    top = lp.topk(n, dim=-1) if n else None
-    top_ids, top_lps = (top.indices.tolist(), top.values.tolist()) if n else ([], [])
+    picked, top = token_logprobs(logits[index], [chosen[i] for i in want], n)
     for j, i in enumerate(want):
         m = rows[i].top_logprobs_num
-        pairs = list(zip(top_ids[j][:m], top_lps[j][:m])) if m else None
-        out[i] = Sample(chosen[i], picked[j], pairs)
+        out[i] = Sample(chosen[i], picked[j], top[j][:m] if m else None)
     return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: list[int], top_n: int
+) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+    """Per row of `logits` [m, vocab]: the log-softmax of its target token, and (top_n > 0) its top_n (token,
+    logprob) pairs, most likely first. One host copy for all rows."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+    if not top_n:
+        return picked, None
+    top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+    return picked, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]

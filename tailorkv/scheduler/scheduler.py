@@ -39,6 +39,9 @@ class Seq:
     partial_page: int | None = (
         None  # the cached partial block's page (partial pool) its first tokens come from
     )
+    cache_limit: int | None = (
+        None  # at most this many prompt tokens from the cache (the rest is computed)
+    )
     queued_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = (
         None  # time.perf_counter() when it left the queue for the running batch
@@ -166,7 +169,7 @@ class Scheduler:
         the tokens it gives) or None, leaving the prompt's last token to compute."""
         if not self.prefix:
             return [], None
-        limit = s.prompt_len - 1
+        limit = s.prompt_len - 1 if s.cache_limit is None else min(s.prompt_len - 1, s.cache_limit)
         shared = self.prefix.match(s.page_keys[: self._blocks(limit)])
         if not self.partial_pool:
             return shared, None
