@@ -106,6 +106,14 @@ class StreamOptions(_Body):
 
 # sent by some clients, with no effect on the completion: accepted and ignored (any other unknown field is a 400)
 IGNORED_OPENAI_FIELDS = ("user", "metadata", "store", "parallel_tool_calls", "response_format")
+# SGLang extensions that sglang-router fills in with these values: no effect here, so accepted at them (the
+# reasoning fields act only with a reasoning parser, which this server has not)
+NO_OP_VALUES = {
+    "continue_final_message": False,
+    "return_hidden_states": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+}
 
 
 class OpenAIRequest(_Body):
@@ -140,7 +148,8 @@ class OpenAIRequest(_Body):
             data = {
                 k: v
                 for k, v in data.items()
-                if k not in IGNORED_OPENAI_FIELDS or k in cls.model_fields
+                if k in cls.model_fields
+                or not (k in IGNORED_OPENAI_FIELDS or (k in NO_OP_VALUES and NO_OP_VALUES[k] == v))
             }
         return data
 
