@@ -77,6 +77,7 @@ def test_load_and_abort_request(client, live_server):
         "text": "Count slowly:",
         "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True, "temperature": 0},
         "stream": True,
+        "rid": "slow-counter",
     }
     first, last = threading.Event(), {}
 
@@ -92,9 +93,8 @@ def test_load_and_abort_request(client, live_server):
     assert first.wait(60)
     load = client.get("/get_load").json()
     assert load["load"] >= 1 and load["num_reqs"] >= 1
-    assert client.post("/abort_request", json={"rid": last["meta_info"]["id"]}).json() == {
-        "aborted": 1
-    }
+    assert last["meta_info"]["id"] == "slow-counter"
+    assert client.post("/abort_request", json={"rid": "slow-counter"}).json() == {"aborted": 1}
     t.join(60)
     assert not t.is_alive() and last["meta_info"]["finish_reason"]["type"] == "abort"
     assert 0 < last["meta_info"]["completion_tokens"] < 2000

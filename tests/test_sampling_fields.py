@@ -4,6 +4,7 @@ against the engine's own logits) or is a 400 naming it."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -91,6 +92,17 @@ def test_n_completions(client):
         "/v1/completions", json={"prompt": PROMPT, "n": 2, "best_of": 2, "max_tokens": 2}
     )
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    chat = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "n": 2,
+        "stream": True,
+    }
+    with client.stream("POST", "/v1/chat/completions", json=chat) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    roles = [c["choices"][0]["index"] for c in chunks if "role" in c["choices"][0]["delta"]]
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(roles) == [0, 1] and sorted(finished) == [0, 1]
     r = client.post("/v1/completions", json={"prompt": PROMPT, "n": 1, "best_of": 3})
     assert r.status_code == 400 and "best_of" in r.json()["error"]["message"]
 
