@@ -86,7 +86,9 @@ def test_n_completions(client):
         json={"text": PROMPT, "sampling_params": {**GREEDY, "temperature": 1, "seed": 5, "n": 3}},
     ).json()
     assert [m["output_ids"] for m in again] == [m["output_ids"] for m in many]
-    batch = client.post("/generate", json={"text": [PROMPT, "Hi"], "sampling_params": {"n": 2}})
+    batch = client.post(
+        "/generate", json={"text": [PROMPT, "Hi"], "sampling_params": {"n": 2, "max_new_tokens": 2}}
+    )
     assert len(batch.json()) == 4
     r = client.post(
         "/v1/completions", json={"prompt": PROMPT, "n": 2, "best_of": 2, "max_tokens": 2}
