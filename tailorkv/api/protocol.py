@@ -249,7 +249,7 @@ class AbortRequest(_Body):
 
     @model_validator(mode="after")
     def _one_target(self):
-        if (self.rid is None) == (not self.abort_all):
+        if self.rid is None and not self.abort_all:
             raise ValueError("give rid or abort_all: true")
         return self
 

@@ -193,11 +193,7 @@ class Engine:
             if o.logprob_start is not None:  # the logits before the first scored token are computed
                 seq.cache_limit = max(o.logprob_start - 1, 0)
             req = Request(rid, list(input_ids), params, seq, gen)
-            req.top_logprobs_num, req.external_id = o.top_logprobs_num, o.external_id
-            if o.logprob_start is not None:
-                req.logprob_start = o.logprob_start
-                req.input_logprobs = [None] if req.logprob_start == 0 else []
-                req.input_top_logprobs = [None] if req.logprob_start == 0 else []
+            req.use(o)
             req.logits_processors += processors_for(
                 params, req.input_ids, req.output_ids, self.tokenizer.eos_token_ids
             )

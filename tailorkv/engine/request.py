@@ -59,6 +59,13 @@ class Request:
     _sent: int = 0  # characters of `text` already handed out by `new_text`
     _detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
 
+    def use(self, options: RequestOptions) -> None:
+        """Take the logprobs and id `options` ask for (before the request is scheduled)."""
+        self.top_logprobs_num, self.external_id = options.top_logprobs_num, options.external_id
+        self.logprob_start = options.logprob_start
+        if options.logprob_start == 0:  # the first prompt token has no logprob
+            self.input_logprobs, self.input_top_logprobs = [None], [None]
+
     def prompt_score(self, start: int, n: int) -> tuple[int, list[int]] | None:
         """For a prefill chunk of positions [start, start + n): (offset in the chunk, prompt tokens) whose
         logprobs it gives, or None. Position p's logits predict token p + 1."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
+import tempfile
 from datetime import datetime
 
 import jinja2
@@ -174,9 +176,6 @@ class Tokenizer:
         for a GGUF this tokenizer written once under ~/.cache/tailorkv/tokenizers, named by its content."""
         if self._src.kind == "hf_dir":
             return self._src.path
-        import hashlib
-        import tempfile
-
         digest = hashlib.sha256(
             (self._tk.to_str() + self._template_source + repr(self.eos_token_ids)).encode()
         ).hexdigest()[:16]
