@@ -175,3 +175,17 @@ def test_v1_unknown_fields_are_a_400_naming_them(client):
     assert client.post("/v1/chat/completions", json=ok).status_code == 200
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "best_of": 1})
     assert r.status_code == 200  # sglang.bench_serving sends best_of 1
+
+
+def test_generate_unknown_fields_are_a_400_unless_null_or_no_op(client):
+    # what sglang.bench_serving sends besides the prompt
+    extras = {"lora_path": None, "return_routed_experts": False, "logprob_start_len": -1}
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 1}, **extras}
+    assert client.post("/generate", json=body).status_code == 200
+    for field, value in (
+        ("token_ids_logprob", [1]),
+        ("image_data", "x"),
+        ("return_hidden_states", True),
+    ):
+        r = client.post("/generate", json={**body, field: value})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], r.text

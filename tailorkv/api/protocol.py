@@ -1,4 +1,5 @@
-"""The wire format: request bodies (pydantic, strict on types, unknown fields ignored) and the error body.
+"""The wire format: request bodies (pydantic, strict on types; /generate's and /v1's unknown fields are a 400 unless
+null or at a no-op value) and the error body.
 
 Every error of every route has one shape, OpenAI's: {"error": {"message", "type", "code"}}.
 """
@@ -36,8 +37,42 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+# sent by some clients, with no effect on the completion: accepted and ignored (any other unknown field is a 400)
+IGNORED_OPENAI_FIELDS = ("user", "metadata", "store", "parallel_tool_calls", "response_format")
+# SGLang extensions that sglang-router and sglang.bench_serving fill in with these values: no effect here, so
+# accepted at them (the reasoning fields act only with a reasoning parser, which this server has not)
+NO_OP_VALUES = {
+    "background": False,
+    "continue_final_message": False,
+    "log_metrics": True,
+    "no_logs": False,
+    "return_bytes": False,
+    "return_entropy": False,
+    "return_hidden_states": False,
+    "return_routed_experts": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+}
+
+
+def drop_no_ops(model: type[BaseModel], data, ignored: tuple[str, ...] = ()):
+    """`data` without the fields `model` does not declare that are null, at their NO_OP_VALUES or `ignored`:
+    any other undeclared field stays, for extra="forbid" to answer with a 400 naming it."""
+    if not isinstance(data, dict):
+        return data
+    return {
+        k: v
+        for k, v in data.items()
+        if k in model.model_fields
+        or not (v is None or k in ignored or (k in NO_OP_VALUES and NO_OP_VALUES[k] == v))
+    }
+
+
 class GenerateRequest(_Body):
-    """SGLang /generate: one prompt (text or input_ids) or a batch of them."""
+    """SGLang /generate: one prompt (text or input_ids) or a batch of them; another field is a 400 naming it
+    unless it is null or at a no-op value (drop_no_ops)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
@@ -48,6 +83,11 @@ class GenerateRequest(_Body):
     logprob_start_len: int = Field(-1, ge=-1)  # -1: no prompt logprobs
     top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     return_text_in_logprobs: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_no_ops(cls, data):
+        return drop_no_ops(cls, data)
 
     @model_validator(mode="after")
     def _one_prompt_kind(self):
@@ -104,18 +144,6 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-# sent by some clients, with no effect on the completion: accepted and ignored (any other unknown field is a 400)
-IGNORED_OPENAI_FIELDS = ("user", "metadata", "store", "parallel_tool_calls", "response_format")
-# SGLang extensions that sglang-router fills in with these values: no effect here, so accepted at them (the
-# reasoning fields act only with a reasoning parser, which this server has not)
-NO_OP_VALUES = {
-    "continue_final_message": False,
-    "return_hidden_states": False,
-    "separate_reasoning": True,
-    "stream_reasoning": True,
-}
-
-
 class OpenAIRequest(_Body):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -144,14 +172,7 @@ class OpenAIRequest(_Body):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignored(cls, data):
-        if isinstance(data, dict):
-            data = {
-                k: v
-                for k, v in data.items()
-                if k in cls.model_fields
-                or not (k in IGNORED_OPENAI_FIELDS or (k in NO_OP_VALUES and NO_OP_VALUES[k] == v))
-            }
-        return data
+        return drop_no_ops(cls, data, IGNORED_OPENAI_FIELDS)
 
     def sampling_params(self, max_new_tokens: int) -> dict:
         sp = {
