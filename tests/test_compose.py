@@ -62,3 +62,14 @@ def test_dockerfile():
     args = serve_args(json.loads(re.search(r"^CMD (.+)$", text, re.M).group(1)))
     assert args.host == "0.0.0.0" and args.port == 30000
     assert re.search(r"^EXPOSE 30000$", text, re.M)
+
+
+def test_replicas_behind_the_router(services):
+    replicas = [services[f"replica-{i}"] for i in range(2)]
+    for i, svc in enumerate(replicas):
+        args = serve_args(svc["command"])
+        assert args.host == "0.0.0.0" and args.port == 30000 and svc["profiles"] == ["replicas"]
+        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [str(i)]
+    router = " ".join(services["router"]["command"])
+    assert "sglang-router==0.3.2" in router and "--policy cache_aware" in router
+    assert "--worker-urls http://replica-0:30000 http://replica-1:30000" in router

@@ -99,7 +99,7 @@ class Sentencepiece:
             ]
         )
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(ids)
 
     decode_continuation = (
@@ -165,8 +165,8 @@ def test_a_stop_token_ends_without_its_text(tok):
 
 def test_find_stop_searches_only_the_new_tail():
     assert find_stop("ab stop cd", 3, ["stop"]) is None  # wholly before the new text: found earlier
-    assert find_stop("ab stop cd", 6, ["stop"]) == (3, "stop")
-    assert find_stop("ab stop", 1, ["zz", "stop"]) == (3, "stop")
+    assert find_stop("ab stop cd", 6, ["stop"]) == (3, 7, "stop")
+    assert find_stop("ab stop", 1, ["zz", "stop"]) == (3, 7, "stop")
 
 
 @pytest.fixture(scope="module")

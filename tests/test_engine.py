@@ -107,7 +107,6 @@ def test_stop_string_and_stop_token(engine):
 @pytest.mark.parametrize(
     "params",
     [
-        {"max_new_tokens": 0},
         {"max_new_tokens": -3},
         {"temperature": -1},
         {"top_p": 1.5},

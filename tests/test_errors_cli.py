@@ -63,7 +63,7 @@ def test_python_errors(no_config_dir, unsupported_arch_dir, tmp_path):
         (["--model", "NOCONFIG"], "config.json"),
         (["--model", "BADARCH"], "unsupported architecture"),
         (["--prompt-override", ""], "prompt is empty"),
-        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--max-new-tokens", "-1"], "max_new_tokens"),
         (["--max-new-tokens", "9000"], "exceeds the model's context"),
         (["--kv-policy", "nope"], "kv_policy"),
     ],

@@ -60,5 +60,5 @@ def test_sdk_errors(sdk):
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
     with pytest.raises(openai.BadRequestError) as e:
-        sdk.completions.create(model="smollm2", prompt="hi", max_tokens=2, n=2)
-    assert "n=1" in e.value.message
+        sdk.completions.create(model="smollm2", prompt="hi", max_tokens=2, suffix="!")
+    assert "suffix" in e.value.message

@@ -64,6 +64,20 @@ def test_refcounts_and_lru_eviction():
     )  # evicting all of them
 
 
+def test_flush_evicts_only_unreferenced_blocks():
+    mm = manager(8)
+    keys = page_hashes(list(range(64)), PAGE)
+    mm.reserve(0, {"kv": 4})
+    mm.cache(0, keys)
+    mm.reserve(1, {"kv": 2}, mm.prefix.match(keys[:2]))
+    mm.release(0)  # blocks 2-3 unreferenced, 0-1 still held by request 1
+    assert mm.prefix.flush() == 2
+    assert mm.prefix.match(keys) == keys[:2] and not mm.prefix.evictable
+    assert mm.pools["kv"].num_free == 8 - 2
+    mm.release(1)
+    assert mm.prefix.flush() == 2 and mm.prefix.match(keys) == [] and mm.pools["kv"].num_free == 8
+
+
 def test_reserve_counts_evictable_shared_blocks():
     mm = manager(4)
     keys = page_hashes(list(range(32)), PAGE)

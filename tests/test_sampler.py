@@ -170,7 +170,7 @@ class Letters:
 
     eos_token_ids = [25]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(97 + t) for t in ids)
 
     decode_continuation = decode
@@ -186,8 +186,11 @@ def test_a_request_keeps_the_logprobs_it_asked_for():
         req.append(s, Letters())
     meta = req.result()["meta_info"]
     assert req.text == "cd" and req.finish_reason == {"type": "stop", "matched": 25}
-    assert meta["output_token_logprobs"] == [[-0.5, 2], [-1.5, 3]]  # not the stop token's
-    assert meta["output_top_logprobs"] == [[[-0.5, 2]], [[-0.25, 4]]]
+    assert meta["output_token_logprobs"] == [
+        [-0.5, 2, None],
+        [-1.5, 3, None],
+    ]  # not the stop token's
+    assert meta["output_top_logprobs"] == [[[-0.5, 2, None]], [[-0.25, 4, None]]]
     assert (
         "output_token_logprobs"
         not in Request(1, [1], SamplingParams(), Seq(1, 1, 5)).result()["meta_info"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,7 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..engine.async_engine import Output
 from ..engine.request import Request as EngineRequest
-from ..engine.sampling import SamplingParams
+from ..engine.request import RequestOptions
+from ..engine.sampling import SEED_BOUND, SamplingParams
 from .protocol import APIError
 from .state import AppState
 
@@ -40,21 +42,23 @@ class Completion:
     def finish_reason(self) -> dict | None:
         return self.request.finish_reason if self.finished else None
 
-    def sglang(self) -> dict:
-        """The SGLang /generate body: cumulative text and ids, meta_info."""
+    def sglang(self, token_text: Callable[[int], str] | None = None) -> dict:
+        """The SGLang /generate body: cumulative text and ids, meta_info (with logprobs when asked, their token
+        texts from `token_text`)."""
         req = self.request
         return {
             "text": self.text,
             "output_ids": list(self.output_ids),
             "meta_info": {
-                "id": str(req.rid),
+                "id": req.external_id or str(req.rid),
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": len(self.output_ids),
                 "cached_tokens": req.seq.cached_tokens,
                 "finish_reason": self.finish_reason,
                 "e2e_latency": self.last_time - req.created,
                 "queue_time": req.queue_time,
-            },
+            }
+            | req.logprobs_info(len(self.output_ids), token_text),
         }
 
 
@@ -63,28 +67,47 @@ async def submit(
     request: Request,
     tokenize: Callable[[], list[list[int]]],
     params: Callable[[int, list[int]], SamplingParams],
+    options: Callable[[int], RequestOptions] = lambda _: RequestOptions(),
 ) -> BatchRun:
     """Tokenize one call's prompts off the event loop (a long prompt takes a while, and the loop streams other
-    requests' tokens meanwhile), compile their grammars off it too, then submit them with params(index, ids). The
-    call was arriving for the engine since its headers came (server.Arrivals), so that calls reaching the server
-    together prefill together; its arrival ends here."""
+    requests' tokens meanwhile), compile their grammars off it too, then submit them with params(index, ids) and
+    options(index); a prompt whose params ask for n completions becomes n requests, next to each other
+    (`parallel`). The call was arriving for the engine since its headers came (server.Arrivals), so that calls
+    reaching the server together prefill together; its arrival ends here."""
     try:
         prompts = await run_in_threadpool(tokenize)
-        batch = [(ids, params(i, ids)) for i, ids in enumerate(prompts)]
+        batch, opts = [], []
+        for i, prompt in enumerate(prompts):
+            for p in parallel(params(i, prompt)):
+                batch.append((prompt, p))
+                opts.append(options(i))
         await state.engine.compile_grammars([p for _, p in batch])
-        return BatchRun(state, batch)
+        return BatchRun(state, batch, opts)
     finally:
         request.state.arrived()
+
+
+def parallel(p: SamplingParams) -> list[SamplingParams]:
+    """n=1 params for each of p.n completions; a seeded one's j-th copy draws with seed + j (all differ)."""
+    if p.n == 1:
+        return [p]
+    seeds = [None if p.seed is None else (p.seed + j) % SEED_BOUND for j in range(p.n)]
+    return [dataclasses.replace(p, n=1, seed=seed) for seed in seeds]
 
 
 class BatchRun:
     """Submitting happens in the constructor, so a refused request (InvalidRequestError, CapacityError) raises
     before any response starts. Iterate for Outputs as they come (then `aclose`), or `wait` for the end."""
 
-    def __init__(self, state: AppState, batch: list[tuple[list[int], SamplingParams]]):
+    def __init__(
+        self,
+        state: AppState,
+        batch: list[tuple[list[int], SamplingParams]],
+        options: list[RequestOptions] | None = None,
+    ):
         self.completions = [Completion(len(ids)) for ids, _ in batch]
         self._metrics = state.metrics
-        self._outputs = state.engine.generate(batch)
+        self._outputs = state.engine.generate(batch, options)
 
     def __aiter__(self):
         return self

@@ -23,7 +23,7 @@ from .. import __version__
 from ..config import EngineConfig
 from ..engine.async_engine import AsyncEngine
 from ..errors import QueueFullError, TailorKVError
-from . import openai_api, sglang_api
+from . import info_api, openai_api, sglang_api
 from .limits import HttpLimits
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import APIError, error_body
@@ -50,9 +50,7 @@ def create_app(
     )
     app.include_router(sglang_api.router)
     app.include_router(openai_api.router)
-    app.add_api_route("/health", health, methods=["GET", "HEAD"])
-    app.add_api_route("/get_model_info", model_info, methods=["GET"])
-    app.add_api_route("/get_server_info", server_info, methods=["GET"])
+    app.include_router(info_api.router)
     app.add_api_route("/metrics", metrics, methods=["GET"])
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, timeout=body_timeout)
@@ -60,32 +58,6 @@ def create_app(
     if api_key:  # added last: the outermost layer, so nothing is read for a request without the key
         app.add_middleware(BearerAuth, api_key=api_key)
     return app
-
-
-async def health(request: Request):
-    engine = get_state(request).engine
-    if not engine.alive:
-        raise APIError(
-            503, "the engine loop is not running", type="server_error", code="engine_down"
-        )
-    if engine.draining:
-        raise APIError(503, "the server is draining", type="server_error", code="draining")
-    return {"status": "ok"}
-
-
-async def model_info(request: Request):
-    state = get_state(request)
-    return {
-        "model_path": state.model_path,
-        "served_model_name": state.served_model_name,
-        "is_generation": True,
-        "max_context_length": state.engine.context_length,
-        "vocab_size": state.engine.vocab_size,
-    }
-
-
-async def server_info(request: Request):
-    return {"version": __version__, **get_state(request).engine.server_info()}
 
 
 async def metrics(request: Request):
@@ -223,7 +195,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         def describe(err: dict) -> str:
             if err["type"] == "json_invalid":
                 return f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
-            return f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
+            where = ".".join(str(x) for x in err["loc"][1:]) or "body"
+            if err["type"] == "extra_forbidden":
+                return f"{where}: this server does not support this field"
+            return f"{where}: {err['msg']}"
 
         return _error(400, "; ".join(describe(err) for err in e.errors()) or "invalid request")
 

@@ -12,17 +12,20 @@ ArrivalHold (scheduler/arrival_hold.py) whether to hold a prefill for them and w
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import DELAY_FACTOR  # noqa: F401 (tests read the default here)
 from ..errors import QueueFullError
 from ..scheduler.arrival_hold import ArrivalHold
 from .engine import Engine
-from .request import Request
+from .request import Request, RequestOptions
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,10 @@ class AsyncEngine:
         self._failures: list[
             str
         ] = []  # end every request with this error (engine thread, between steps)
+        self._ends: list[
+            tuple[int, str]
+        ] = []  # end these requests as aborted (not failed), likewise
+        self._calls: list[tuple[Callable, concurrent.futures.Future]] = []  # run between steps
         # Guards _streams and arrivals, and makes "add to the engine + register the stream" atomic
         # w.r.t. dispatching outputs.
         # Lock order: self._mu, then the engine's own lock.
@@ -155,8 +162,16 @@ class AsyncEngine:
             "kv_policy": o.kv_policy,
             "max_running_requests": o.max_running_requests,
             "max_queued_requests": o.max_queued_requests,
+            "max_total_num_tokens": self.engine.scheduler.max_total_tokens(),
+            "chunked_prefill_size": o.chunked_prefill_size,
+            "enable_prefix_caching": self.engine.memory.prefix is not None,
             **self.load(),
         }
+
+    @functools.cached_property
+    def tokenizer_path(self) -> str:
+        """An HF tokenizer directory that encodes as this engine does (Tokenizer.hf_directory)."""
+        return self.engine.tokenizer.hf_directory()
 
     # ---- the model, as the API sees it ----------------------------------------------------------------------
     @property
@@ -183,13 +198,31 @@ class AsyncEngine:
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.engine.tokenizer.apply_chat_template(messages)
 
+    def detokenize(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids (checked against the vocabulary; raises InvalidRequestError)."""
+        return self.engine.tokenizer.decode(self.engine.tokenize(None, ids), skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (its bytes as text; a partial UTF-8 character shows as U+FFFD)."""
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def flush_cache(self) -> int:
+        """Drop the prefix cache's unreferenced blocks (between steps); returns how many."""
+        return await self.between_steps(self.engine.flush_cache)
+
     # ---- the asyncio side -----------------------------------------------------------------------------------
-    def generate(self, batch: list[tuple[list[int], SamplingParams]]) -> OutputStream:
+    def generate(
+        self,
+        batch: list[tuple[list[int], SamplingParams]],
+        options: list[RequestOptions] | None = None,
+    ) -> OutputStream:
         """Queue every (input_ids, params) of `batch` now, all or none (raises InvalidRequestError or
-        CapacityError and queues nothing); iterate the returned stream for their Outputs."""
+        CapacityError and queues nothing), with `options` for each; iterate the returned stream for their
+        Outputs."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Output] = asyncio.Queue()
-        return OutputStream(self, queue, {r.rid for r in self._submit(batch, loop, queue)})
+        reqs = self._submit(batch, options or [RequestOptions()] * len(batch), loop, queue)
+        return OutputStream(self, queue, {r.rid for r in reqs})
 
     async def compile_grammars(self, params: list[SamplingParams]) -> None:
         """Compile the grammars of `params` on the grammar threads, never the engine's, so that `generate` finds
@@ -202,7 +235,7 @@ class AsyncEngine:
             except asyncio.TimeoutError:
                 raise grammars.timed_out(kind, text) from None
 
-    def _submit(self, batch, loop, queue) -> list[Request]:
+    def _submit(self, batch, options, loop, queue) -> list[Request]:
         reqs: list[Request] = []
         with self._mu:
             self.arrivals.came(time.perf_counter())
@@ -210,7 +243,7 @@ class AsyncEngine:
                 raise QueueFullError("the server is shutting down")
             try:
                 for index, (input_ids, params) in enumerate(batch):
-                    reqs.append(self.engine.add_request(input_ids, params))
+                    reqs.append(self.engine.add_request(input_ids, params, options[index]))
                     self._streams[reqs[-1].rid] = _Stream(loop, queue, index)
             except BaseException:
                 for r in reqs:
@@ -247,6 +280,23 @@ class AsyncEngine:
                 self.stats.aborted_requests += 1
             self._aborts.append((rid, message))
         self._wake.set()
+
+    def end(self, match: Callable[[Request], bool], message: str = "aborted by the client") -> int:
+        """Abort the requests `match` selects (/abort_request): each ends with finish_reason abort and no error,
+        its pages freed before the next step; returns how many."""
+        with self._mu:
+            rids = [r.rid for r in list(self.engine.requests.values()) if match(r)]
+            self._ends += [(rid, message) for rid in rids]
+        self._wake.set()
+        return len(rids)
+
+    async def between_steps(self, fn: Callable):
+        """fn() run on the engine thread between two steps (what must not overlap a step); its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._mu:
+            self._calls.append((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
 
     def drain(self, timeout: float) -> None:
         """Take no new work, let what runs finish for up to `timeout` seconds, then end the rest with an error
@@ -319,10 +369,19 @@ class AsyncEngine:
         with self._mu:
             aborts, self._aborts = self._aborts, []
             failures, self._failures = self._failures, []
+            ends, self._ends = self._ends, []
+            calls, self._calls = self._calls, []
         for rid, message in aborts:
             self.engine.abort(rid, message)
         for message in failures:
             self._fail(list(self.engine.requests), message)
+        for rid, message in ends:
+            self._fail([rid], message, error=False)
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
 
     def _dispatch(self, done: list[Request]) -> None:
         now = time.perf_counter()
@@ -343,7 +402,9 @@ class AsyncEngine:
                     Output(stream.index, req, req.new_text(), ids, now, req.finished, req.error)
                 )
 
-    def _fail(self, rids: list[int], message: str) -> None:
+    def _fail(self, rids: list[int], message: str, error: bool = True) -> None:
+        """End these requests (engine thread): each stream gets a last Output, with `message` as its error or
+        (error=False) only as its finish_reason's."""
         now = time.perf_counter()
         with self._mu:
             for rid in rids:
@@ -351,4 +412,7 @@ class AsyncEngine:
                 self.engine.abort(rid, message)
                 stream = self._streams.pop(rid, None)
                 if stream is not None and req is not None:
-                    stream.put(Output(stream.index, req, "", [], now, finished=True, error=message))
+                    text = "" if error else req.new_text()
+                    stream.put(
+                        Output(stream.index, req, text, [], now, True, message if error else None)
+                    )

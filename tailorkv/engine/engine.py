@@ -18,7 +18,9 @@ from ..scheduler.scheduler import Scheduler, Seq
 from .calibration import calibrate
 from .engine_rank import EngineRank, pick_device
 from .grammar import Grammars
-from .request import Request
+from .logits_processors import processors_for
+from .request import Request, RequestOptions
+from .runner import PromptScore
 from .sampling import SamplingParams, check_text, sample
 from .step_log import StepLog
 from .tokenizer import Tokenizer
@@ -121,8 +123,14 @@ class Engine:
             min(self.config.max_position - prompt_len, self.scheduler.max_output(prompt_len)), 1
         )
 
-    def add_request(self, input_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(
+        self, input_ids: list[int], params: SamplingParams, options: RequestOptions | None = None
+    ) -> Request:
         """Validate and queue a request; raises InvalidRequestError / CapacityError without side effects."""
+        o = options or RequestOptions()
+        bad = [t for t in params.logit_bias or () if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token id {bad[0]} is outside the vocabulary")
         total = len(input_ids) + params.max_new_tokens
         if total > self.config.max_position:
             raise InvalidRequestError(
@@ -136,8 +144,13 @@ class Engine:
             gen = None
             if not params.greedy and params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
-            req = Request(
-                rid, list(input_ids), params, Seq(rid, len(input_ids), params.max_new_tokens), gen
+            seq = Seq(rid, len(input_ids), params.max_new_tokens)
+            if o.logprob_start is not None:  # the logits before the first scored token are computed
+                seq.cache_limit = max(o.logprob_start - 1, 0)
+            req = Request(rid, list(input_ids), params, seq, gen)
+            req.use(o)
+            req.logits_processors += processors_for(
+                params, req.input_ids, req.output_ids, self.tokenizer.eos_token_ids
             )
             if grammar is not None:
                 req.grammar = grammar
@@ -156,6 +169,12 @@ class Engine:
             self.scheduler.finish(rid)
             self.policy.release(rid)
 
+    def flush_cache(self) -> int:
+        """Drop the prefix cache's blocks that no request references; returns how many (0 without a cache). Call it
+        between steps, from the thread that runs step()."""
+        with self._lock:
+            return self.memory.prefix.flush() if self.memory.prefix else 0
+
     # ---- the loop -------------------------------------------------------------------------------------------
     def step(self, admit: bool = True) -> list[Request]:
         """Run one scheduled batch; returns the requests that received a token (finished ones are retired).
@@ -172,18 +191,28 @@ class Engine:
             for s, n in zip(plan.seqs, plan.new)
             if s.prefilling
         ]
-        tokens, want = [], []
+        tokens, want, score = [], [], {}
         for i, (req, n) in enumerate(zip(reqs, plan.new)):
             s = req.seq
             if s.prefilling:  # a retracted request computes its output so far again, as prompt
                 tokens.extend(s.tokens[s.num_computed : s.num_computed + n])
+                scored = req.prompt_score(s.num_computed, n)
+                if scored is not None:
+                    score[i] = PromptScore(*scored, req.top_logprobs_num or 0)
             else:  # a decode step computes the newest sampled token; no copy of the whole history
                 tokens.append(req.output_ids[-1])
             if s.num_computed + n >= s.prompt_len:
                 want.append(i)
-        logits = self.runner.forward(
-            [s.rid for s in plan.seqs], [s.num_computed for s in plan.seqs], plan.new, tokens, want
+        logits, scores = self.runner.run(
+            [s.rid for s in plan.seqs],
+            [s.num_computed for s in plan.seqs],
+            plan.new,
+            tokens,
+            want,
+            score,
         )
+        for i, (picked, top) in scores.items():
+            reqs[i].add_prompt_logprobs(picked, top)
         self.scheduler.advance(plan)
         chosen = self._sample(logits, [reqs[i] for i in want])
         with self._lock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..kvcache.batch import ForwardBatch
@@ -9,6 +11,19 @@ from ..kvcache.policy import KVPolicy
 from ..memory.host_memory import to_device
 from ..models.llama import LlamaModel
 from .cuda_graph import DecodeGraphs
+from .sampling import token_logprobs
+
+SCORE_ROWS = (
+    256  # prompt positions whose logits [SCORE_ROWS, vocab] exist at once (prompt logprobs)
+)
+
+
+class PromptScore(NamedTuple):
+    """Prompt logprobs a step computes for one sequence: positions first.. of its chunk predict `targets`."""
+
+    first: int  # offset in the chunk of the position whose logits predict targets[0]
+    targets: list[int]
+    top_n: int
 
 
 class ModelRunner:
@@ -27,7 +42,6 @@ class ModelRunner:
             else None
         )
 
-    @torch.inference_mode()
     def forward(
         self,
         rids: list[int],
@@ -38,6 +52,20 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Compute the step; `tokens` is the flat list of new token ids. Returns float32 logits [len(want), V]
         of the last token of each sequence index in `want_logits`."""
+        return self.run(rids, start, new, tokens, want_logits)[0]
+
+    @torch.inference_mode()
+    def run(
+        self,
+        rids: list[int],
+        start: list[int],
+        new: list[int],
+        tokens: list[int],
+        want_logits: list[int],
+        score: dict[int, PromptScore] | None = None,
+    ) -> tuple[torch.Tensor, dict[int, tuple[list[float], list | None]]]:
+        """`forward`, and for each sequence index i of `score` the logprobs of its prompt tokens predicted in this
+        step (token_logprobs), SCORE_ROWS positions' logits at a time."""
         batch = ForwardBatch.build(rids, start, new, self.device)
         ids = to_device(torch.tensor(tokens, dtype=torch.long), self.device)
         graphed = (
@@ -52,4 +80,15 @@ class ModelRunner:
         last = to_device(
             torch.tensor([batch.cu[i + 1] - 1 for i in want_logits], dtype=torch.long), self.device
         )
-        return self.model.logits(hidden[last])
+        scores = {}
+        for i, (first, targets, top_n) in (score or {}).items():
+            at, picked, top = batch.cu[i] + first, [], []
+            for k in range(0, len(targets), SCORE_ROWS):
+                part = targets[k : k + SCORE_ROWS]
+                p, t = token_logprobs(
+                    self.model.logits(hidden[at + k : at + k + len(part)]), part, top_n
+                )
+                picked += p
+                top += t or []
+            scores[i] = (picked, top if top_n else None)
+        return self.model.logits(hidden[last]), scores

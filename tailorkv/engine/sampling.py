@@ -18,6 +18,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from ..errors import InvalidRequestError
+from .sampling_checks import validate_extras
 
 # a temperature below this samples greedily (vLLM's and SGLang's rule): logits / 1e-40 overflow float32
 SAMPLING_EPS = 1e-5
@@ -53,10 +54,22 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    min_new_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output (OpenAI)
+    presence_penalty: float = 0.0  # minus this once the token is in the output (OpenAI)
+    repetition_penalty: float = (
+        1.0  # prompt and output tokens' logits divided by it (> 0) or times it (HF)
+    )
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (JSON keys: "123")
+    n: int = 1  # completions per prompt (each its own request, sampled independently)
+    skip_special_tokens: bool = True  # in the output text
+    spaces_between_special_tokens: bool = True  # only True: fast tokenizers put no spaces there
+    no_stop_trim: bool = False  # keep a matched stop string (or stop_regex match) in the text
+    stop_regex: list[str] = field(default_factory=list)  # stop at a match ending in the new text
 
     @classmethod
     def from_any(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
-        """Validated params from a dict (unknown keys are an error) or a SamplingParams."""
+        """Validated params from a dict (unknown keys are an error unless null) or a SamplingParams."""
         if params is None:
             params = {}
         if isinstance(params, SamplingParams):
@@ -64,7 +77,7 @@ class SamplingParams:
         if not isinstance(params, dict):
             raise InvalidRequestError("sampling_params must be an object")
         known = {f.name for f in fields(cls)}
-        unknown = set(params) - known
+        unknown = {k for k, v in params.items() if v is not None} - known  # null: the default
         if unknown:
             raise InvalidRequestError(
                 f"unknown sampling parameter(s): {', '.join(sorted(unknown))}"
@@ -80,8 +93,8 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name} must be a number, got {v!r}")
             return v
 
-        if number("max_new_tokens", int) < 1:
-            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if number("max_new_tokens", int) < 0:  # 0: prefill only (prompt logprobs, caching a prefix)
+            raise InvalidRequestError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         for name in ("temperature", "top_p", "min_p"):
             if not math.isfinite(number(name)):
                 raise InvalidRequestError(
@@ -121,6 +134,7 @@ class SamplingParams:
             raise InvalidRequestError("seed must be an integer")
         if self.seed is not None and not 0 <= self.seed < SEED_BOUND:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
+        validate_extras(self)
         self._validate_grammar()
 
     def _validate_grammar(self) -> None:
@@ -267,14 +281,22 @@ def _with_logprobs(logits: torch.Tensor, rows: list[SamplerRow], chosen: list[in
     if not want:
         return out
     index = torch.tensor(want, device=logits.device)
-    lp = torch.log_softmax(logits[index], dim=-1)
-    picked = lp.gather(-1, torch.tensor([chosen[i] for i in want], device=lp.device)[:, None])
-    picked = picked[:, 0].tolist()
     n = max(rows[i].top_logprobs_num for i in want)
-    top = lp.topk(n, dim=-1) if n else None
-    top_ids, top_lps = (top.indices.tolist(), top.values.tolist()) if n else ([], [])
+    picked, top = token_logprobs(logits[index], [chosen[i] for i in want], n)
     for j, i in enumerate(want):
         m = rows[i].top_logprobs_num
-        pairs = list(zip(top_ids[j][:m], top_lps[j][:m])) if m else None
-        out[i] = Sample(chosen[i], picked[j], pairs)
+        out[i] = Sample(chosen[i], picked[j], top[j][:m] if m else None)
     return out
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: list[int], top_n: int
+) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+    """Per row of `logits` [m, vocab]: the log-softmax of its target token, and (top_n > 0) its top_n (token,
+    logprob) pairs, most likely first. One host copy for all rows."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+    if not top_n:
+        return picked, None
+    top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+    return picked, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
+import tempfile
 from datetime import datetime
 
 import jinja2
@@ -18,6 +21,9 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+TOKENIZER_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tailorkv", "tokenizers"
+)
 
 
 def _gguf_bpe(src: TokenizerSource):
@@ -49,6 +55,7 @@ class Tokenizer:
 
     def __init__(self, src: TokenizerSource, extra_eos: list[int] | None = None):
         self._sp = self._tk = None
+        self._src = src
         if src.kind == "gguf":
             if src.model != "gpt2":
                 raise ModelLoadError(
@@ -145,11 +152,11 @@ class Tokenizer:
             return self._sp.decode(ids)
         return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def decode_continuation(self, ids: list[int]) -> str:
+    def decode_continuation(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """The text `ids` add after earlier tokens that end a character: decode(ids), except that sentencepiece
         drops every leading whitespace of a text, so its ids are decoded after a plain piece here."""
         if not self._sp:
-            return self.decode(ids)
+            return self.decode(ids, skip_special_tokens)
         anchor = self._sp_anchor
         return self._sp.decode([anchor] + ids)[len(self._sp.id_to_piece(anchor)) :]
 
@@ -166,16 +173,47 @@ class Tokenizer:
         )
 
     def save_pretrained(self, directory: str) -> None:
-        """Write tokenizer.json (or tokenizer.model) and tokenizer_config.json, as an HF directory holds them."""
+        """Write tokenizer.json (or tokenizer.model) and tokenizer_config.json, as an HF directory holds them:
+        transformers' AutoTokenizer loads it and encodes to the same ids."""
         import json
-        import shutil
 
         if self._sp:
             shutil.copy(self._sp_path, os.path.join(directory, "tokenizer.model"))
         else:
             self._tk.save(os.path.join(directory, "tokenizer.json"))
+        config = {
+            "tokenizer_class": "LlamaTokenizer" if self._sp else "PreTrainedTokenizerFast",
+            "chat_template": self._template_source,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": False,
+            "bos_token": self.token_str(self.bos_token_id)
+            if self.bos_token_id is not None
+            else None,
+            "eos_token": self.token_str(self.eos_token_ids[0]) if self.eos_token_ids else None,
+        }
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump({"chat_template": self._template_source, "add_bos_token": self.add_bos}, f)
+            json.dump(config, f)
+
+    def hf_directory(self) -> str:
+        """An HF tokenizer directory clients can load (/model_info's tokenizer_path): the model's own directory, or
+        for a GGUF this tokenizer written once under ~/.cache/tailorkv/tokenizers, named by its content."""
+        if self._src.kind == "hf_dir":
+            return self._src.path
+        digest = hashlib.sha256(
+            (self._tk.to_str() + self._template_source + repr(self.eos_token_ids)).encode()
+        ).hexdigest()[:16]
+        path = os.path.join(TOKENIZER_CACHE, digest)
+        if not os.path.isdir(path):
+            os.makedirs(TOKENIZER_CACHE, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=TOKENIZER_CACHE)
+            self.save_pretrained(tmp)
+            try:
+                os.rename(
+                    tmp, path
+                )  # atomic: another process may have written the same one meanwhile
+            except OSError:
+                shutil.rmtree(tmp)
+        return path
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{role, content}]) with the model's own Jinja template (ChatML if it has none)."""

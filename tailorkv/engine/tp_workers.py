@@ -18,7 +18,7 @@ from ..config import EngineConfig
 from ..distributed.group import TPGroup
 
 POLICY_CALLS = ("add_request", "grow", "release")
-RUNNER_CALLS = ("forward",)
+RUNNER_CALLS = ("forward", "run")
 
 
 class Broadcasting:

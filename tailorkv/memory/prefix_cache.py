@@ -108,17 +108,27 @@ class PrefixCache:
         got = free.alloc(min(n, free.num_free))
         while len(got) < n:
             assert self.evictable, f"pool {pool}: {n} pages asked, {len(got)} free or evictable"
-            key = next(iter(self.evictable))
-            self._set_evictable(key, False)
-            for p, pages in self.pages.pop(key).items():
-                self.pools[p].free(pages)
-            parent = self._parent.pop(key, None)
-            if parent is not None:
-                del self.partials[parent][key]
-                if not self.partials[parent]:
-                    del self.partials[parent]
+            self._evict(next(iter(self.evictable)))
             got += free.alloc(min(n - len(got), free.num_free))
         return got
+
+    def flush(self) -> int:
+        """Evict every block no request references (/flush_cache); returns how many."""
+        n = len(self.evictable)
+        while self.evictable:
+            self._evict(next(iter(self.evictable)))
+        return n
+
+    def _evict(self, key: bytes) -> None:
+        """Forget an evictable block and return its pages in every pool."""
+        self._set_evictable(key, False)
+        for p, pages in self.pages.pop(key).items():
+            self.pools[p].free(pages)
+        parent = self._parent.pop(key, None)
+        if parent is not None:
+            del self.partials[parent][key]
+            if not self.partials[parent]:
+                del self.partials[parent]
 
     def register(self, keys: list[bytes], pages: dict[str, list[int]]) -> list[bytes]:
         """Make computed blocks findable under their keys; `pages` holds their pages per pool, block after block.

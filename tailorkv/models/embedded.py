@@ -10,6 +10,9 @@ from ..errors import ModelLoadError
 from .weights import TokenizerSource
 
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = (
+    "SmolLM2-135M-Instruct"  # served under this name (the GGUF's general.name is not a model id)
+)
 
 
 def embedded_model_path() -> str:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from ..errors import ModelLoadError
 from .dummy import load_dummy
-from .embedded import embedded_model_path
+from .embedded import EMBEDDED_NAME, embedded_model_path
 from .gguf_loader import load_gguf
 from .hf_loader import load_hf_dir
 from .llama import LlamaModel
@@ -19,7 +19,9 @@ from .weights import LoadedWeights
 
 def resolve(model: str | None, device: torch.device) -> LoadedWeights:
     if model is None or model in ("default", "embedded"):
-        return load_gguf(embedded_model_path())
+        loaded = load_gguf(embedded_model_path())
+        loaded.config.name = EMBEDDED_NAME
+        return loaded
     if model.startswith("dummy:"):
         return load_dummy(model.split(":", 1)[1], device)
     if not os.path.exists(model):

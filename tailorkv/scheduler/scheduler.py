@@ -52,6 +52,9 @@ class Seq:
     partial_page: int | None = (
         None  # the cached partial block's page (partial pool) its first tokens come from
     )
+    cache_limit: int | None = (
+        None  # at most this many prompt tokens from the cache (the rest is computed)
+    )
     queued_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = (
         None  # time.perf_counter() when it left the queue for the running batch
@@ -128,6 +131,17 @@ class Scheduler:
             seq.page_keys = page_hashes(seq.tokens[: seq.prompt_len], self.prefix.block_tokens)
             if self.partial_pool:
                 seq.prompt_ids = seq.tokens[: seq.prompt_len]
+
+    def max_total_tokens(self) -> int:
+        """The most tokens (prompt + one output token) a single request can hold in this engine's KV memory."""
+        lo, hi = 1, 1 << 40
+        while lo < hi:  # the largest n that fits: pages needed grow with n
+            mid = (lo + hi + 1) // 2
+            if self.memory.fits_ever(self.layout.pages_needed(mid - 1, 1)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     @property
     def has_work(self) -> bool:
@@ -230,7 +244,7 @@ class Scheduler:
         the tokens it gives) or None, leaving the prompt's last token to compute."""
         if not self.prefix:
             return [], None
-        limit = s.prompt_len - 1
+        limit = s.prompt_len - 1 if s.cache_limit is None else min(s.prompt_len - 1, s.cache_limit)
         shared = self.prefix.match(s.page_keys[: self._blocks(limit)])
         if not self.partial_pool:
             return shared, None
