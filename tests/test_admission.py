@@ -5,6 +5,8 @@ greedy tokens, and a request that does not fit is passed by small ones at most `
 from __future__ import annotations
 
 from tailorkv.engine.engine import Engine
+from tailorkv.engine.request import RequestOptions
+from tailorkv.engine.sampling import SamplingParams
 from tailorkv.memory.layout import KVLayout
 from tailorkv.memory.pages import MemoryManager, PoolSpec
 from tailorkv.scheduler.scheduler import Scheduler, Seq
@@ -94,9 +96,15 @@ def test_retracted_requests_finish_with_the_tokens_they_would_have_had():
     )
     with tight:
         assert tight.memory.pools["kv"].num_pages == 16
-        outs = tight.generate(input_ids=prompts, sampling_params=params)
+        sp = SamplingParams.from_any(params)
+        reqs = [tight.add_request(p, sp, RequestOptions(0, logprob_start=0)) for p in prompts]
+        while not all(r.finished for r in reqs):
+            tight.step()
         assert tight.scheduler.num_retracted >= 2
-        assert [o["output_ids"] for o in outs] == expected
+        assert [r.output_ids for r in reqs] == expected
+        # a retracted request's prompt is prefilled again, but its prompt logprobs are not scored twice
+        assert [len(r.input_logprobs) for r in reqs] == [len(p) for p in prompts]
+        assert all(len(r.output_logprobs) == 60 for r in reqs)
         assert tight.memory.pools["kv"].num_free == 16
 
 

@@ -168,7 +168,7 @@ def test_limits_are_a_400_naming_the_field(client, params, named):
 
 def test_v1_unknown_fields_are_a_400_naming_them(client):
     base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    for field, value in (("tools", []), ("suffix", "x"), ("frobnicate", 1)):
+    for field, value in (("tools", [{"type": "function"}]), ("suffix", "x"), ("frobnicate", 1)):
         r = client.post("/v1/chat/completions", json={**base, field: value})
         assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
     ok = {**base, "user": "u1", "parallel_tool_calls": False, "presence_penalty": 0.1}

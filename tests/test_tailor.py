@@ -337,9 +337,9 @@ CHUNKED = [(SKETCH2, 37, 64), (SKETCH0_1BIT, 100, 16), ({"kv_policy": "kivi"}, 6
 
 def record_steps(e: Engine) -> list[list[tuple[int, int, int]]]:
     """(rid, start, new) of each row of every step the engine runs from now on."""
-    steps, forward = [], e.runner.forward
-    e.runner.forward = lambda rids, start, new, *a: (
-        steps.append(list(zip(rids, start, new))) or forward(rids, start, new, *a)
+    steps, run = [], e.runner.run
+    e.runner.run = lambda rids, start, new, *a: (
+        steps.append(list(zip(rids, start, new))) or run(rids, start, new, *a)
     )
     return steps
 

@@ -75,7 +75,7 @@ class Request:
         if self.logprob_start is None:
             return None
         # after those already scored: a retracted request prefills its prompt again
-        first = max(max(self.logprob_start, 1) + len(self.input_logprobs), start + 1)
+        first = max(self.logprob_start + len(self.input_logprobs), start + 1, 1)
         end = min(start + n, len(self.input_ids) - 1)  # the last position predicts the first output
         return (first - 1 - start, self.input_ids[first : end + 1]) if first <= end else None
 
