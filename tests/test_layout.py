@@ -88,3 +88,21 @@ def test_layout_keeps_the_recorded_pools_and_costs(name, options, prefix, pools,
     tailor = name in ("tailor", "kivi")
     assert layout.caches_output == (not tailor)
     assert layout.partial_block_pool == ("host" if tailor and blocks else None)
+
+
+def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
+    """On CUDA the KV budget is what is free less the activations and the policy's prefill workspace: tailor's
+    chunks read a layer's prefix back (three buffers of a full context's K and V), full reads in place."""
+    from tailorkv.config import EngineConfig
+    from tailorkv.engine.engine_rank import GIB, EngineRank
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GIB, 141 * GIB))
+    cfg = dummy_config("llama-3.1-8b")
+    budgets = {}
+    for name in ("full", "tailor"):
+        rank = EngineRank.__new__(EngineRank)
+        rank.options, rank.config = EngineConfig(kv_policy=name), cfg
+        rank.device, rank.dtype = torch.device("cuda"), torch.bfloat16
+        rank.policy = policy_class(name)(cfg, torch.device("cpu"), torch.bfloat16)
+        budgets[name] = rank._gpu_kv_budget()
+    assert budgets["full"] - budgets["tailor"] == 3 * 131072 * 8 * 2 * 128 * 2  # 1.5 GiB

@@ -112,4 +112,5 @@ class EngineRank:
             + o.chunked_prefill_size * c.hidden_size * item * 8
             + min(o.chunked_prefill_size, MLP_CHUNK) * c.intermediate_size * item * 4
         )
-        return max(int(min(cap - used, free) * 0.9) - activations, 0)
+        workspace = self.policy.prefill_workspace_bytes(c.max_position)
+        return max(int(min(cap - used, free) * 0.9) - activations - workspace, 0)

@@ -46,6 +46,11 @@ class KVPolicy(ABC):
         prefills read back (None: what the other GPU pools leave); a policy whose prefills read nothing back
         ignores it. `prefix_caching`: requests with a common prompt prefix may share its pages."""
 
+    def prefill_workspace_bytes(self, context: int) -> int:
+        """GPU memory a prefill step may take beyond the pools and the model's activations, for prompts of up to
+        `context` tokens (the engine leaves it out of the KV budget)."""
+        return 0
+
     @abstractmethod
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         """Create the preallocated tensors behind the pools (called once at engine start)."""

@@ -177,6 +177,12 @@ class TailorPolicy(KVPolicy):
             partial_block_pool="host" if blocks else None,
         )
 
+    def prefill_workspace_bytes(self, context: int) -> int:
+        """A chunk after a long prefix reads one layer's prefix rows back (K and V of every KV head: read_prefix's
+        buffer, the next layer's on the side stream, shared_prefix's reshaped copy): three such buffers."""
+        c = self.cfg
+        return 3 * context * c.num_kv_heads * 2 * c.head_dim * self.dtype.itemsize
+
     def allocate_storage(self, specs: list[PoolSpec]) -> None:
         c, t, n = self.cfg, self.tc, {s.name: s.num_pages for s in specs}
         h, d = c.num_kv_heads, c.head_dim
