@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 
 from .api.limits import HttpLimits
-from .config import EngineConfig
+from .config import EngineConfig, InputLimits
 from .errors import ConfigError, TailorKVError
 
 POLICY_ARGS = ("tailor_preset", "key_sketch")  # engine arguments that are options of the KV policy
@@ -33,6 +34,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="BITS",
         help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
+    )
+    p.add_argument(
+        "--input-limits",
+        default=None,
+        metavar="JSON",
+        help="what one request may ask for, e.g. '{\"stop_strings\": 256}' (config.InputLimits: "
+        "stop_strings 128, stop_chars 1024, stop_token_ids 1024, stop_regex 16, stop_regex_chars 256, "
+        "logit_bias 1024, n 128, grammar_chars 32768)",
     )
     p.add_argument(
         "--tp-size",
@@ -91,6 +100,14 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         kw["enable_prefix_caching"] = False
     if args.disable_cuda_graph:
         kw["cuda_graph"] = False
+    if args.input_limits is not None:
+        try:
+            limits = json.loads(args.input_limits)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--input-limits is not JSON: {e}") from None
+        if not isinstance(limits, dict):
+            raise ConfigError("--input-limits must be a JSON object")
+        kw["input_limits"] = InputLimits.from_dict(limits)
     policy = {k: getattr(args, k) for k in POLICY_ARGS if getattr(args, k) is not None}
     return EngineConfig(**{**kw, "policy_options": policy, **overrides})
 

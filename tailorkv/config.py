@@ -14,6 +14,34 @@ from .errors import ConfigError
 DELAY_FACTOR = 0.35  # a burst's requests arrive within a third of a prefill step of each other (NOTES: 0.2 vs 0.35)
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """What one request may ask for (SGLang-like defaults): beyond these it is a 400 before any work, so that one
+    request cannot slow every step of the batch (`--input-limits '{"stop_strings": 256}'`)."""
+
+    stop_strings: int = 128  # each one is searched in every new piece of text of its request
+    stop_chars: int = 1024  # per stop string
+    stop_token_ids: int = 1024
+    stop_regex: int = 16
+    stop_regex_chars: int = 256
+    logit_bias: int = 1024  # entries
+    n: int = 128  # completions per prompt
+    grammar_chars: int = 32 * 1024  # json_schema / regex / ebnf text
+
+    @classmethod
+    def from_dict(cls, values: dict) -> InputLimits:
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConfigError(
+                f"unknown input limit(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
+            )
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"input limit {k} must be a positive integer, got {v!r}")
+        return cls(**values)
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF directory, .gguf file or dummy:<name>; None: the embedded SmolLM2
@@ -40,6 +68,7 @@ class EngineConfig:
     progress: bool = True
     # the server holds a prefill for more arrivals this many times the last prefill step's time (0: off)
     scheduler_delay_factor: float = DELAY_FACTOR
+    input_limits: InputLimits = field(default_factory=InputLimits)
     # the KV policy's own options, e.g. tailor: tailor_preset, key_sketch, d_s, top_k (kvcache/tailor_config.py);
     # streaming and quest: tailor_preset, budget, sink
     policy_options: dict = field(default_factory=dict)
@@ -81,6 +110,8 @@ class EngineConfig:
     ) -> EngineConfig:
         """`Engine(...)`'s arguments: settings by name (None: the default), any other name a policy option."""
         names = {f.name for f in fields(cls)} - {"policy_options"}
+        if isinstance(options.get("input_limits"), dict):
+            options["input_limits"] = InputLimits.from_dict(options["input_limits"])
         settings = {k: v for k, v in options.items() if k in names and v is not None}
         policy = {k: v for k, v in options.items() if k not in names}
         return cls(model, kv_policy, device, dtype, **settings, policy_options=policy)

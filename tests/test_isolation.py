@@ -10,7 +10,8 @@ import pytest
 from conftest import GENERATE_PROMPTS, GREEDY_TOKENS
 
 from tailorkv import Engine
-from tailorkv.engine.sampling import MAX_STOP_STRINGS, SamplingParams
+from tailorkv.config import InputLimits
+from tailorkv.engine.sampling import SamplingParams
 from tailorkv.errors import InvalidRequestError
 
 GREEDY = {"max_new_tokens": GREEDY_TOKENS, "temperature": 0}
@@ -25,7 +26,7 @@ GREEDY = {"max_new_tokens": GREEDY_TOKENS, "temperature": 0}
         ({"min_p": float("inf")}, "finite"),
         ({"seed": 2**64}, "seed"),
         ({"seed": -1}, "seed"),
-        ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+        ({"stop": ["x"] * (InputLimits().stop_strings + 1)}, "stop"),
         ({"stop": ["y" * 5000]}, "stop"),
         ({"stop": ["\ud800"]}, "Unicode"),
         ({"stop_token_ids": list(range(5000))}, "stop_token_ids"),
@@ -117,3 +118,29 @@ def test_bad_requests_among_good_ones_on_a_live_server(live_server):
             == live_server.expected[prompt]
         )
     assert live_server.wait_idle()["num_running_reqs"] == 0
+
+
+def test_input_limits_are_settings(tiny, monkeypatch):
+    """EngineConfig.input_limits (--input-limits): a tighter limit refuses what the default takes, and the CLI
+    checks the JSON before any model loads."""
+    import dataclasses
+
+    from tailorkv.cli import engine_config
+    from tailorkv.cli import main as cli_main
+    from tailorkv.errors import ConfigError
+
+    params = {"max_new_tokens": 1, "stop": ["a", "b", "c"], "n": 3}
+    tiny.generate("hi", sampling_params=params)  # the defaults take it
+    tight = InputLimits(stop_strings=2, n=2)
+    monkeypatch.setattr(tiny, "options", dataclasses.replace(tiny.options, input_limits=tight))
+    with pytest.raises(InvalidRequestError, match="stop takes at most 2 strings"):
+        tiny.generate("hi", sampling_params=params)
+    with pytest.raises(InvalidRequestError, match=r"n must be an integer in \[1, 2\]"):
+        SamplingParams.from_any({"n": 3}, tight)
+    from tailorkv.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--input-limits", '{"logit_bias": 8}'])
+    assert engine_config(args).input_limits == InputLimits(logit_bias=8)
+    with pytest.raises(ConfigError, match="unknown input limit"):
+        engine_config(build_parser().parse_args(["serve", "--input-limits", '{"x": 1}']))
+    assert cli_main(["serve", "--input-limits", "[1]"]) == 2

@@ -99,7 +99,8 @@ async def _respond(
         lambda _, ids: SamplingParams.from_any(
             body.sampling_params(
                 max_tokens if max_tokens is not None else state.engine.max_output(len(ids))
-            )
+            ),
+            state.engine.input_limits,
         ),
         lambda _: body.options(),
     )

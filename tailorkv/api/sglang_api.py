@@ -24,7 +24,7 @@ async def generate(body: GenerateRequest, request: Request):
         state,
         request,
         lambda: [tokenize(text, ids) for text, ids in prompts],
-        lambda i, _: SamplingParams.from_any(body.params(i)),
+        lambda i, _: SamplingParams.from_any(body.params(i), state.engine.input_limits),
         body.options(len(prompts)).__getitem__,
     )
     several = body.batched or len(run.completions) > 1  # a batch, or n > 1: a list

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import DELAY_FACTOR  # noqa: F401 (tests read the default here)
+from ..config import DELAY_FACTOR, InputLimits  # noqa: F401 (tests read the default here)
 from ..errors import QueueFullError
 from ..scheduler.arrival_hold import ArrivalHold
 from .engine import Engine
@@ -182,6 +182,11 @@ class AsyncEngine:
     def context_length(self) -> int:
         """Prompt plus generated tokens of one request, at most."""
         return self.engine.config.max_position
+
+    @property
+    def input_limits(self) -> InputLimits:
+        """What one request may ask for (EngineConfig.input_limits)."""
+        return self.engine.options.input_limits
 
     def max_output(self, prompt_len: int) -> int:
         """Engine.max_output: a request without max_tokens runs at most this long."""

@@ -296,7 +296,7 @@ class Engine:
         if len(plist) != len(items):
             raise InvalidRequestError("sampling_params list must match the number of prompts")
         prepared = [
-            (self.tokenize(p, ids), SamplingParams.from_any(sp))
+            (self.tokenize(p, ids), SamplingParams.from_any(sp, self.options.input_limits))
             for (p, ids), sp in zip(items, plist)
         ]
         reqs = []

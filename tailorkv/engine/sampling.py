@@ -17,18 +17,15 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from ..config import InputLimits
 from ..errors import InvalidRequestError
 from .sampling_checks import validate_extras
 
 # a temperature below this samples greedily (vLLM's and SGLang's rule): logits / 1e-40 overflow float32
 SAMPLING_EPS = 1e-5
-MAX_STOP_STRINGS = 128  # each one is searched in every new piece of text of its request
-MAX_STOP_CHARS = 1024
-MAX_STOP_TOKEN_IDS = 1024
 SEED_BOUND = 2**63  # seeds must fit torch.Generator.manual_seed as a signed 64-bit integer
 GRAMMAR_KINDS = ("json_schema", "regex", "ebnf")
 # compile time grows with a grammar's size (engine/grammar.py has the timeout)
-MAX_GRAMMAR_CHARS = 32 * 1024
 
 
 def check_text(value: str, what: str) -> None:
@@ -68,8 +65,11 @@ class SamplingParams:
     stop_regex: list[str] = field(default_factory=list)  # stop at a match ending in the new text
 
     @classmethod
-    def from_any(cls, params: "SamplingParams | dict | None") -> "SamplingParams":
-        """Validated params from a dict (unknown keys are an error unless null) or a SamplingParams."""
+    def from_any(
+        cls, params: "SamplingParams | dict | None", limits: InputLimits = InputLimits()
+    ) -> "SamplingParams":
+        """Validated params from a dict (unknown keys are an error unless null) or a SamplingParams, within
+        `limits`."""
         if params is None:
             params = {}
         if isinstance(params, SamplingParams):
@@ -83,10 +83,10 @@ class SamplingParams:
                 f"unknown sampling parameter(s): {', '.join(sorted(unknown))}"
             )
         sp = cls(**{k: v for k, v in params.items() if v is not None})
-        sp.validate()
+        sp.validate(limits)
         return sp
 
-    def validate(self) -> None:
+    def validate(self, limits: InputLimits = InputLimits()) -> None:
         def number(name, kind=(int, float)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, kind):
@@ -114,9 +114,12 @@ class SamplingParams:
             raise InvalidRequestError(
                 "stop must be a non-empty string or a list of non-empty strings"
             )
-        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+        if len(self.stop) > limits.stop_strings or any(
+            len(s) > limits.stop_chars for s in self.stop
+        ):
             raise InvalidRequestError(
-                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters"
+                f"stop takes at most {limits.stop_strings} strings of at most {limits.stop_chars} "
+                "characters"
             )
         for s in self.stop:
             check_text(s, "a stop string")
@@ -124,8 +127,8 @@ class SamplingParams:
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
             raise InvalidRequestError("stop_token_ids must be a list of non-negative integers")
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise InvalidRequestError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
+        if len(self.stop_token_ids) > limits.stop_token_ids:
+            raise InvalidRequestError(f"stop_token_ids takes at most {limits.stop_token_ids} ids")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos must be a boolean")
         if self.seed is not None and (
@@ -134,10 +137,10 @@ class SamplingParams:
             raise InvalidRequestError("seed must be an integer")
         if self.seed is not None and not 0 <= self.seed < SEED_BOUND:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
-        validate_extras(self)
-        self._validate_grammar()
+        validate_extras(self, limits)
+        self._validate_grammar(limits.grammar_chars)
 
-    def _validate_grammar(self) -> None:
+    def _validate_grammar(self, max_chars: int) -> None:
         given = [k for k in GRAMMAR_KINDS if getattr(self, k) is not None]
         if len(given) > 1:
             raise InvalidRequestError(f"give at most one of {', '.join(given)}")
@@ -145,9 +148,9 @@ class SamplingParams:
             text = getattr(self, kind)
             if not isinstance(text, str) or not text:
                 raise InvalidRequestError(f"{kind} must be a non-empty string")
-            if len(text) > MAX_GRAMMAR_CHARS:
+            if len(text) > max_chars:
                 raise InvalidRequestError(
-                    f"{kind} has {len(text)} characters; at most {MAX_GRAMMAR_CHARS} are accepted"
+                    f"{kind} has {len(text)} characters; at most {max_chars} are accepted"
                 )
             check_text(text, kind)
 

@@ -7,12 +7,8 @@ import math
 
 import regex
 
+from ..config import InputLimits
 from ..errors import InvalidRequestError
-
-MAX_N = 128
-MAX_LOGIT_BIAS = 1024  # entries
-MAX_STOP_REGEX = 16
-MAX_STOP_REGEX_CHARS = 256
 
 
 def _number(value, name: str, low: float, high: float) -> float:
@@ -28,9 +24,9 @@ def _flag(value, name: str) -> None:
         raise InvalidRequestError(f"{name} must be a boolean")
 
 
-def validate_extras(p) -> None:
+def validate_extras(p, limits: InputLimits) -> None:
     """Check (and normalise: logit_bias keys to ints, stop_regex to a list) the fields of SamplingParams `p`
-    beyond the basic ones; raises InvalidRequestError."""
+    beyond the basic ones, within `limits`; raises InvalidRequestError."""
     if isinstance(p.min_new_tokens, bool) or not isinstance(p.min_new_tokens, int):
         raise InvalidRequestError("min_new_tokens must be an integer")
     if not 0 <= p.min_new_tokens <= p.max_new_tokens:
@@ -42,9 +38,9 @@ def validate_extras(p) -> None:
     if _number(p.repetition_penalty, "repetition_penalty", 0, 2) == 0:
         raise InvalidRequestError("repetition_penalty must be > 0")
     if p.logit_bias is not None:
-        if not isinstance(p.logit_bias, dict) or len(p.logit_bias) > MAX_LOGIT_BIAS:
+        if not isinstance(p.logit_bias, dict) or len(p.logit_bias) > limits.logit_bias:
             raise InvalidRequestError(
-                f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids"
+                f"logit_bias must be an object of at most {limits.logit_bias} token ids"
             )
         bias = {}
         for k, v in p.logit_bias.items():
@@ -55,8 +51,8 @@ def validate_extras(p) -> None:
                 raise InvalidRequestError(f"logit_bias keys must be token ids, got {k!r}")
             bias[token] = float(_number(v, f"logit_bias[{k}]", -100, 100))
         p.logit_bias = bias
-    if isinstance(p.n, bool) or not isinstance(p.n, int) or not 1 <= p.n <= MAX_N:
-        raise InvalidRequestError(f"n must be an integer in [1, {MAX_N}], got {p.n!r}")
+    if isinstance(p.n, bool) or not isinstance(p.n, int) or not 1 <= p.n <= limits.n:
+        raise InvalidRequestError(f"n must be an integer in [1, {limits.n}], got {p.n!r}")
     for name in ("skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
         _flag(getattr(p, name), name)
     if not p.spaces_between_special_tokens:
@@ -67,11 +63,13 @@ def validate_extras(p) -> None:
         p.stop_regex = [p.stop_regex]
     if (
         not isinstance(p.stop_regex, list)
-        or len(p.stop_regex) > MAX_STOP_REGEX
-        or not all(isinstance(r, str) and 0 < len(r) <= MAX_STOP_REGEX_CHARS for r in p.stop_regex)
+        or len(p.stop_regex) > limits.stop_regex
+        or not all(
+            isinstance(r, str) and 0 < len(r) <= limits.stop_regex_chars for r in p.stop_regex
+        )
     ):
         raise InvalidRequestError(
-            f"stop_regex takes at most {MAX_STOP_REGEX} patterns of 1 to {MAX_STOP_REGEX_CHARS} characters"
+            f"stop_regex takes at most {limits.stop_regex} patterns of 1 to {limits.stop_regex_chars} characters"
         )
     for r in p.stop_regex:
         try:
