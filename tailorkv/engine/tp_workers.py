@@ -1,5 +1,5 @@
 """Tensor parallelism's other ranks. Rank 0 is the Engine: it schedules, samples and detokenizes once; ranks 1 ..
-N-1 are processes it starts (torch.multiprocessing, spawn), each holding its slice of the model and its own KV
+N-1 are processes it starts (torch.multiprocessing, forkserver), each holding its slice of the model and its own KV
 policy over its own KV heads. Every call that changes a policy's state or runs the model (`add_request`, `grow`,
 `release`, `forward`) is broadcast from rank 0 before rank 0 runs it, so every rank runs the same calls in the
 same order and stays in lockstep (the model's all-reduces meet)."""
@@ -47,7 +47,10 @@ class Workers:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-        ctx = mp.get_context("spawn")
+        # forked from a server process that has imported the engine once (not re-imported per rank and engine);
+        # it has not touched CUDA
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__, "tailorkv.engine.engine_rank"])
         ready = ctx.Queue()
         self.procs = [
             ctx.Process(
@@ -106,7 +109,8 @@ def rank_device(config: EngineConfig, rank: int) -> str | None:
 def _work(config: EngineConfig, rank: int, init: str, ready) -> None:
     """A rank > 0: build its slice of the engine, then run what rank 0 broadcasts until told to stop."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: never outlive rank 0
+    # PR_SET_PDEATHSIG: never outlive the fork server, which leaves when rank 0 does
+    libc.prctl(1, signal.SIGKILL)
     from .engine_rank import EngineRank, pick_device
 
     ready.put(rank)
