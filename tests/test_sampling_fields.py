@@ -75,6 +75,18 @@ def test_min_new_tokens_holds_back_eos(client):
     assert longer["output_ids"][: n - 3] == short["output_ids"]
 
 
+def test_n_copies_prefill_the_prompt_once(client):
+    """The n copies of a prompt wait for the first one's prefill, then take its pages from the prefix cache."""
+    text = "A prompt nobody sent before, for n copies: " + " ".join(str(7 * i) for i in range(40))
+    many = client.post(
+        "/generate", json={"text": text, "sampling_params": {**GREEDY, "n": 3, "max_new_tokens": 2}}
+    ).json()
+    cached = [m["meta_info"]["cached_tokens"] for m in many]
+    prompt = many[0]["meta_info"]["prompt_tokens"]
+    assert cached[0] == 0 and cached[1] == cached[2] == (prompt - 1) // 16 * 16 > 0
+    assert many[0]["output_ids"] == many[1]["output_ids"] == many[2]["output_ids"]  # greedy
+
+
 def test_n_completions(client):
     many = client.post(
         "/generate",

@@ -145,6 +145,7 @@ class Engine:
             if not params.greedy and params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
             seq = Seq(rid, len(input_ids), params.max_new_tokens)
+            seq.after = o.prefill_after
             if o.logprob_start is not None:  # the logits before the first scored token are computed
                 seq.cache_limit = max(o.logprob_start - 1, 0)
             req = Request(rid, list(input_ids), params, seq, gen)

@@ -40,6 +40,9 @@ class Seq:
     # the prompt, then every generated token (Request.append): what a retracted sequence computes again
     tokens: list[int] = field(default_factory=list)
     out_reserved: int = 0  # answer tokens (after prompt_len) its pages hold
+    after: int | None = (
+        None  # a sequence with the same prompt: admitted once that one's prompt is computed
+    )
     passed: int = 0  # later requests admitted before it while it did not fit
     num_computed: int = 0  # tokens whose K/V is in the cache
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
@@ -169,6 +172,8 @@ class Scheduler:
                 break
             if len(skipped) >= MAX_SKIPPED or any(w.passed >= self.max_passes for w in skipped):
                 break  # passed too often: the queue waits for it
+            if s.after is not None and self._prefilling(s.after):
+                continue  # then most of its prompt comes from the cache
             pages = self._admit(s)
             if pages is None:
                 skipped.append(s)
@@ -183,6 +188,11 @@ class Scheduler:
             new.append(n)
             budget -= n
         return Step(seqs, new, admitted, grown, retracted) if seqs or retracted else None
+
+    def _prefilling(self, rid: int) -> bool:
+        """Whether sequence `rid` waits or computes its prompt."""
+        running = self.running.get(rid)
+        return running.prefilling if running else any(w.rid == rid for w in self.waiting)
 
     def _admit(self, s: Seq) -> dict[str, list[int]] | None:
         """Reserve the pages of a waiting sequence's prompt and of the first answer tokens, or None (nothing
