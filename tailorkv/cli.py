@@ -36,6 +36,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
     )
     p.add_argument(
+        "--logprobs-mode",
+        choices=("raw", "processed"),
+        default=None,
+        help="logprobs of the raw logits (default) or after penalties, logit bias, grammar and temperature",
+    )
+    p.add_argument(
         "--input-limits",
         default=None,
         metavar="JSON",

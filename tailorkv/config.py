@@ -68,6 +68,9 @@ class EngineConfig:
     progress: bool = True
     # the server holds a prefill for more arrivals this many times the last prefill step's time (0: off)
     scheduler_delay_factor: float = DELAY_FACTOR
+    # output logprobs of the model's raw logits, or "processed": after penalties, logit bias, grammar masks and
+    # temperature (vLLM's logprobs modes); prompt logprobs are raw
+    logprobs_mode: str = "raw"
     input_limits: InputLimits = field(default_factory=InputLimits)
     # the KV policy's own options, e.g. tailor: tailor_preset, key_sketch, d_s, top_k (kvcache/tailor_config.py);
     # streaming and quest: tailor_preset, budget, sink
@@ -86,6 +89,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.max_passes, int) or self.max_passes < 0:
             raise ConfigError(f"max_passes must be an integer >= 0, got {self.max_passes!r}")
+        if self.logprobs_mode not in ("raw", "processed"):
+            raise ConfigError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
         for name in ("enable_prefix_caching", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

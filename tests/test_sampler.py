@@ -195,3 +195,24 @@ def test_a_request_keeps_the_logprobs_it_asked_for():
         "output_token_logprobs"
         not in Request(1, [1], SamplingParams(), Seq(1, 1, 5)).result()["meta_info"]
     )
+
+
+def test_processed_logprobs_follow_the_temperature():
+    """logprobs_mode "processed": the chosen token's logprob is log_softmax(logits / temperature), as vLLM's
+    processed_logprobs; "raw" (the default) is log_softmax(logits)."""
+    import dataclasses
+
+    from tailorkv.engine.engine import Engine
+    from tailorkv.engine.request import RequestOptions
+
+    prompt = [5, 17, 230, 9, 41]
+    sp = SamplingParams(max_new_tokens=1, temperature=0.5, seed=3)
+    with Engine(model="dummy:tiny", progress=False) as e:
+        logits = e.next_token_logits(prompt)
+        for mode, scale in (("raw", 1.0), ("processed", 0.5)):
+            e.options = dataclasses.replace(e.options, logprobs_mode=mode)
+            req = e.add_request(prompt, sp, RequestOptions(top_logprobs_num=0))
+            while not req.finished:
+                e.step()
+            want = torch.log_softmax(logits / scale, -1)[req.output_ids[0]].item()
+            assert req.output_logprobs[0] == pytest.approx(want, abs=1e-5)

@@ -236,14 +236,15 @@ class Engine:
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list:
         """The step's samples; when the batch raises, each row alone, so that a row that still raises gets its
         exception (it alone ends) and the others their tokens."""
+        processed = self.options.logprobs_mode == "processed"
         try:
-            return sample(logits, rows, self._generator)
+            return sample(logits, rows, self._generator, processed)
         except Exception:
             log.exception("sampling the batch failed; sampling its rows one by one")
         out = []
         for i, row in enumerate(rows):
             try:
-                out.append(sample(logits[i : i + 1], [row], self._generator)[0])
+                out.append(sample(logits[i : i + 1], [row], self._generator, processed)[0])
             except Exception as e:
                 out.append(e)
         return out

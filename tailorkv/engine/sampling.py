@@ -189,10 +189,15 @@ class Sample(NamedTuple):
 
 
 def sample(
-    logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator
+    logits: torch.Tensor,
+    rows: list[SamplerRow],
+    generator: torch.Generator,
+    processed_logprobs: bool = False,
 ) -> list[Sample]:
     """One token per row of `logits` [B, vocab] (float32). Rows without a seed draw from `generator` in one
-    batch, so their tokens depend on the batch they are in; a seeded row's tokens do not."""
+    batch, so their tokens depend on the batch they are in; a seeded row's tokens do not. Logprobs are those of
+    the raw logits, or with `processed_logprobs` of the logits after the processors and the temperature (vLLM's
+    logprobs modes)."""
     raw_best = logits.argmax(dim=-1)
     x, tokens = logits, raw_best.clone()
     if any(r.logits_processors for r in rows):
@@ -218,6 +223,9 @@ def sample(
     for i, f in enumerate(forced):
         if f is not None:
             chosen[i] = f
+    if processed_logprobs:
+        scale = [1.0 if r.params.greedy else r.params.temperature for r in rows]
+        logits = x / torch.tensor(scale, device=x.device)[:, None]
     return _with_logprobs(logits, rows, chosen)
 
 
