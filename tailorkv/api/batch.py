@@ -78,9 +78,9 @@ async def submit(
         prompts = await run_in_threadpool(tokenize)
         batch, opts = [], []
         for i, prompt in enumerate(prompts):
-            for p in parallel(params(i, prompt)):
+            for j, p in enumerate(parallel(params(i, prompt))):
                 batch.append((prompt, p))
-                opts.append(options(i))
+                opts.append(dataclasses.replace(options(i), copy=j > 0))
         await state.engine.compile_grammars([p for _, p in batch])
         return BatchRun(state, batch, opts)
     finally:

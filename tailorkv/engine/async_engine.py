@@ -248,15 +248,13 @@ class AsyncEngine:
             if self._stopping or self.draining:
                 raise QueueFullError("the server is shutting down")
             try:
-                first = None  # the first of the n copies of one prompt (consecutive, the same list)
+                first = None  # the first of the n copies of one prompt
                 for index, (input_ids, params) in enumerate(batch):
-                    o, copy = options[index], index > 0 and input_ids is batch[index - 1][0]
-                    if (
-                        copy
-                    ):  # prefilled after the first: its prompt then comes from the prefix cache
+                    o = options[index]
+                    if o.copy:  # prefilled after the first: its prompt then comes from the cache
                         o = dataclasses.replace(o, prefill_after=first)
                     reqs.append(self.engine.add_request(input_ids, params, o))
-                    if not copy:
+                    if not o.copy:
                         first = reqs[-1].rid
                     self._streams[reqs[-1].rid] = _Stream(loop, queue, index)
             except BaseException:

@@ -26,7 +26,9 @@ class RequestOptions:
         None  # prompt logprobs from this position on (0: the first is None); None: none
     )
     external_id: str | None = None  # the client's id (SGLang's rid): meta_info.id, /abort_request
-    # n > 1: the rid of the copy whose prompt is computed first; this one starts once it is, from the prefix cache
+    # n > 1: another copy of the previous request's prompt (AsyncEngine.generate sets prefill_after for it)
+    copy: bool = False
+    # the rid of the copy whose prompt is computed first; this one starts once it is, from the prefix cache
     prefill_after: int | None = None
 
 
