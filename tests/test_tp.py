@@ -1,6 +1,6 @@
 """Tensor parallelism on CPU (gloo): `--tp 2` and `--tp 4` give the greedy tokens of `--tp 1` and logits within
-1e-4 for `full` and `tailor` (key sketch on and off), a cached prefix included; the embedded model splits over 3
-ranks; what does not divide is a one-line error; `serve --tp 2` answers and a SIGTERM ends every rank."""
+1e-4 for `full`, `tailor` (key sketch on and off) and `quest`, a cached prefix included; the embedded model splits
+over 3 ranks; what does not divide is a one-line error; `serve --tp 2` answers and a SIGTERM ends every rank."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ CASES = {  # (model, tp, policy options)
     "full-kv4-tp2": ("dummy:tiny-kv4", 2, {"kv_policy": "full"}),
     "tailor-kv8-tp2": ("dummy:tiny-kv8", 2, {"kv_policy": "tailor", "key_sketch": 0}),
     "tailor-sketch-kv4-tp4": ("dummy:tiny-kv4", 4, {"kv_policy": "tailor", "key_sketch": 1}),
+    "quest-kv8-tp2": ("dummy:tiny-kv8", 2, {"kv_policy": "quest", "budget": 64}),
 }
 TAILOR = {"quant_layers": [1], "tailor_preset": "ruler", "top_k": 64}
 
