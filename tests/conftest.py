@@ -65,6 +65,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout: float, process=None) -> None:
+    """Until `url`/health answers 200; fails after `timeout` s, or at once when `process` (a subprocess.Popen
+    serving it) has exited (with its stderr's tail when piped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise AssertionError(
+                process.stderr.read().decode()[-2000:] if process.stderr else "exited"
+            )
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.05)
+
+
 def start_uvicorn(app, **config):
     """Serve `app` on a free loopback port from a daemon thread (`config`: more uvicorn.Config settings);
     returns (base url, a function that stops it)."""
@@ -77,15 +95,7 @@ def start_uvicorn(app, **config):
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.05)
+    wait_healthy(url, 30)
 
     def stop() -> None:
         server.should_exit = True

@@ -11,7 +11,7 @@ import threading
 import time
 
 import httpx
-from conftest import free_port
+from conftest import free_port, wait_healthy
 
 LONG = {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True}
 
@@ -26,15 +26,7 @@ def test_sigterm_drains_streams_and_requests_and_exits_0():
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "no server"
-            time.sleep(0.1)
+        wait_healthy(url, 60, server)
         results: dict[str, object] = {}
 
         def stream(name: str) -> None:

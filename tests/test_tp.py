@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, wait_healthy
 
 from tailorkv.cli import main
 from tailorkv.engine.engine import Engine
@@ -127,16 +127,7 @@ def test_serve_tp2_answers_and_sigterm_ends_every_rank():
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, 120, server)
         r = httpx.post(
             f"{url}/generate",
             json={"text": "Hello", "sampling_params": {"max_new_tokens": 8, "temperature": 0}},

@@ -97,7 +97,7 @@ class MemoryManager:
             held.update(self.prefix.share(shared))
             self.prefix.share([partial] if partial else [])
         for p, n in fresh.items():
-            held[p] += self.prefix.alloc(p, n) if self._shared(p) else self.pools[p].alloc(n)
+            held[p] += self._alloc(p, n)
         self.held[rid], self.blocks[rid] = held, referenced
         return held
 
@@ -106,14 +106,14 @@ class MemoryManager:
         lacks room."""
         if not self.can_reserve(need):
             return None
-        new = {
-            p: self.prefix.alloc(p, n) if self._shared(p) else self.pools[p].alloc(n)
-            for p, n in need.items()
-            if n
-        }
+        new = {p: self._alloc(p, n) for p, n in need.items() if n}
         for p, pages in new.items():
             self.held[rid][p] += pages
         return new
+
+    def _alloc(self, pool: str, n: int) -> list[int]:
+        """`n` free pages of `pool` (a shared pool's may come from evicted cached blocks)."""
+        return self.prefix.alloc(pool, n) if self._shared(pool) else self.pools[pool].alloc(n)
 
     def cache(self, rid: int, keys: list[bytes], start: int = 0) -> None:
         """Register blocks start .. len(keys)-1 of `rid` (their K/V is computed and final) under `keys`."""

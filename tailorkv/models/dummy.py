@@ -11,24 +11,40 @@ from ..errors import ModelLoadError
 from .config import ModelConfig
 from .weights import LoadedWeights
 
+# Llama 3.1's context and RoPE (8B and 70B)
+LLAMA3_1 = dict(
+    vocab_size=128256,
+    max_position=131072,
+    rope_theta=500000.0,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+# small shapes whose KV heads split over 2, 4 and 8 tensor-parallel ranks
+TINY_TP = dict(
+    vocab_size=49152,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=4,
+    num_heads=8,
+    head_dim=32,
+    max_position=8192,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+)
 SHAPES = {
     "llama-3.1-8b": dict(
-        vocab_size=128256,
         hidden_size=4096,
         intermediate_size=14336,
         num_layers=32,
         num_heads=32,
         num_kv_heads=8,
         head_dim=128,
-        max_position=131072,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        **LLAMA3_1,
     ),
     "llama-2-7b": dict(
         vocab_size=32000,
@@ -54,48 +70,16 @@ SHAPES = {
         tie_word_embeddings=True,
     ),
     "llama-3.1-70b": dict(
-        vocab_size=128256,
         hidden_size=8192,
         intermediate_size=28672,
         num_layers=80,
         num_heads=64,
         num_kv_heads=8,
         head_dim=128,
-        max_position=131072,
-        rope_theta=500000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
+        **LLAMA3_1,
     ),
-    # small shapes whose KV heads split over 2, 4 and 8 tensor-parallel ranks
-    "tiny-kv4": dict(
-        vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=512,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=4,
-        head_dim=32,
-        max_position=8192,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-    ),
-    "tiny-kv8": dict(
-        vocab_size=49152,
-        hidden_size=256,
-        intermediate_size=512,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=8,
-        head_dim=32,
-        max_position=8192,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-    ),
+    "tiny-kv4": dict(**TINY_TP, num_kv_heads=4),
+    "tiny-kv8": dict(**TINY_TP, num_kv_heads=8),
     "tiny": dict(
         vocab_size=49152,
         hidden_size=192,
