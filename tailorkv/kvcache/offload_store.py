@@ -20,7 +20,7 @@ import torch
 
 from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
 from ..memory.device_copies import DeviceCopies, PrefixReads
-from ..memory.host_memory import host_tensor, to_device
+from ..memory.host_memory import host_tensor
 from .prompt_rows import HOST_PAGE, PromptRows
 from .staging import StagedInputs
 
@@ -329,16 +329,6 @@ class OffloadStore:
             return torch.index_select(self.copy_rows[row_layer], 0, reads.slots, out=out)
         out[reads.at] = self.copy_rows[row_layer][reads.slots]
         return out
-
-    def copy_pages(self, row_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's GPU copies of host pages as K and V pages [slots, H, 256, D], views of the copies."""
-        rows = self.copy_rows[row_layer]
-        return rows[..., : self.d], rows[..., self.d :]
-
-    def copied_prefix(self, row_layer: int, slots: tuple[int, ...], max_abs: bool) -> SharedPrefix:
-        """The k, v (and max|K| when asked) of prefix pages gathered from their GPU copies `slots`."""
-        idx = to_device(torch.tensor(slots, dtype=torch.long), self.copy_rows.device)
-        return self.shared_prefix(self.copy_rows[row_layer][idx], max_abs)
 
     def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
         """The k, v of prefix rows read back by read_prefix, with max|K| when asked."""
