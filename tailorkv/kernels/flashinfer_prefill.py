@@ -90,3 +90,46 @@ def shared_prefix_attention(
     )
     flashinfer.merge_state_in_place(out, lse, own, own_lse)
     return out
+
+
+class PagedPrefill:
+    """Prompt rows attending in place to paged full-precision K/V [P, page_size, Hkv, D] (NHD): each row's queries
+    are the last of its tokens, causally (the mask aligned to the end, as causal_attention's q_start). `plan` once
+    per step, `run` once per layer; attention.causal_attention over the gathered slots is the reference."""
+
+    def __init__(self, device: torch.device, num_qo_heads: int, num_kv_heads: int, head_dim: int):
+        import flashinfer
+
+        if device not in _workspace:
+            _workspace[device] = torch.empty(WORKSPACE, dtype=torch.uint8, device=device)
+        self.shape, self.device = (num_qo_heads, num_kv_heads, head_dim), device
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_workspace[device], "NHD")
+
+    def plan(
+        self,
+        pages: list[torch.Tensor],
+        lengths: list[int],
+        new: list[int],
+        page_size: int,
+        dtype: torch.dtype,
+    ) -> None:
+        """Row i: `new[i]` queries, the last of its lengths[i] tokens, in its pages[i] (page ids on the device)."""
+        hq, hkv, d = self.shape
+        counts = [-(-n // page_size) for n in lengths]
+        i32 = dict(dtype=torch.int32)
+        self.wrapper.plan(
+            torch.tensor([0, *new], **i32).cumsum(0, **i32),
+            torch.tensor([0, *counts], **i32).cumsum(0, **i32),
+            torch.cat([p[:c] for p, c in zip(pages, counts)]).to(self.device, **i32),
+            torch.tensor([n - (c - 1) * page_size for n, c in zip(lengths, counts)], **i32),
+            hq,
+            hkv,
+            d,
+            page_size,
+            causal=True,
+            q_data_type=dtype,
+            kv_data_type=dtype,
+        )
+
+    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        return self.wrapper.run(q, (k_pages, v_pages))

@@ -25,12 +25,15 @@ class FullStep(StepState):
     - write [T]: the token slots of the step's new tokens;
     - prompt_reads: per row computing prompt tokens, the slots it attends to causally;
     - decode_rows [B]: the decode rows' tokens in the batch (None: no decode row);
+    - prompt_rows: with FlashInfer's paged prefill, where the prompt rows' tokens sit in the batch (they attend to
+      the pages in place; prompt_reads is then empty);
     - staged: the offload baseline's decode pages, in order, staged into GPU memory every layer;
     - decode_slots, decode_mask [B, R]: without FlashInfer, the slots each decode row reads, padded."""
 
     write: torch.Tensor
     prompt_reads: dict[int, torch.Tensor]
     decode_rows: torch.Tensor | None = None
+    prompt_rows: torch.Tensor | None = None
     staged: torch.Tensor | None = None
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
@@ -77,6 +80,20 @@ class FullPolicy(KVPolicy):
             else None
         )
         self.copy = host_copy.ops(self.device)
+        self.flash_prefill = None
+        if self.flash is not None and self.tier == "gpu":
+            from ..kernels.flashinfer_prefill import PagedPrefill
+
+            self.flash_prefill = PagedPrefill(self.device, c.num_heads, c.num_kv_heads, c.head_dim)
+
+    def warm_up(self, prefix_sharing: bool) -> None:
+        """FlashInfer's paged prefill JIT-compiles on first use: compile it now (one query over one page)."""
+        if self.flash_prefill is not None:
+            c, page = self.cfg, torch.zeros(1, dtype=torch.long, device=self.device)
+            self.flash_prefill.plan([page], [1], [1], PAGE_SIZE, self.dtype)
+            kp, vp = (x[0].view(-1, PAGE_SIZE, *x.shape[2:]) for x in (self.k_cache, self.v_cache))
+            q = torch.zeros(1, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
+            self.flash_prefill.run(q, kp, vp)
 
     def add_request(
         self,
@@ -120,12 +137,25 @@ class FullPolicy(KVPolicy):
             ]
         )
         decode = [i for i in range(batch.size) if self.is_decode(i, batch)]
+        prompt = [i for i in range(batch.size) if i not in decode]
         read = {
             i: self.slots(batch.rids[i], self.read_positions(i, batch).to(dev))
             for i in range(batch.size)
-            if self.flash is None or i not in decode
+            if self.flash is None or (i in prompt and self.flash_prefill is None)
         }
         step = FullStep(batch, write, {i: s for i, s in read.items() if i not in decode})
+        if prompt and self.flash_prefill is not None:
+            lengths = [batch.total_len(i) for i in prompt]
+            self.flash_prefill.plan(
+                [self.page_tables[batch.rids[i]] for i in prompt],
+                lengths,
+                [batch.new[i] for i in prompt],
+                PAGE_SIZE,
+                self.dtype,
+            )
+            step.prompt_rows = torch.cat(
+                [torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]
+            ).to(self.device)
         if not decode:
             return step
         step.decode_rows = torch.tensor([batch.cu[i] for i in decode], device=self.device)
@@ -168,11 +198,13 @@ class FullPolicy(KVPolicy):
             out[sl] = causal_attention(
                 q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i]
             )
+        kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
+        if step.prompt_rows is not None:
+            out[step.prompt_rows] = self.flash_prefill.run(q[step.prompt_rows], kp, vp)
         rows = step.decode_rows
         if rows is None:
             return out
         if self.flash is not None:
-            kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
             if self.tier == "host":
                 kp, vp = self._stage(kp, step.staged), self._stage(vp, step.staged)
             out[rows] = self.flash.run(q[rows], kp, vp)
