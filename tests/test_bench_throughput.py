@@ -1,6 +1,7 @@
 """bench_throughput: the batch search (doubling, then bisecting to the size after the largest that fits), presets
 pinned, and the script end to end on CPU: a real server on dummy:tiny whose KV budget holds two requests."""
 
+import argparse
 import json
 
 from conftest import free_port
@@ -33,6 +34,13 @@ def test_presets_are_pinned():
     assert bench_throughput.pinned("tailor::key_sketch=1") == "tailor:longbench:key_sketch=1"
     assert bench_throughput.pinned("tailor:ruler") == "tailor:ruler"
     assert bench_throughput.pinned("full") == "full"
+    spec = bench_throughput.pinned("tailor::host_kv_dtype=fp8")
+    assert spec == "tailor:longbench:host_kv_dtype=fp8"
+    args = argparse.Namespace(
+        model="m", port=1, max_batch=4, contexts=[300], server_args="--device cpu"
+    )
+    cmd = " ".join(bench_throughput.server_command(args, spec))
+    assert "--tailor-preset longbench --host-kv-dtype fp8 --device cpu" in cmd
 
 
 def test_script_finds_the_largest_batch_on_cpu(tmp_path):
