@@ -71,6 +71,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=None)
     p.add_argument("--chunked-prefill-size", type=int, default=None)
     p.add_argument(
+        "--step-budget-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="while requests decode, a step computes only as many prompt tokens as fit in MS ms (a cost model "
+        "of the chunk measured as the engine runs); default 200 on CUDA, 0 (off: --chunked-prefill-size "
+        "only) on CPU",
+    )
+    p.add_argument(
         "--reserve-output-tokens",
         type=int,
         default=None,

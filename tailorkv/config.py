@@ -51,6 +51,9 @@ class EngineConfig:
     max_running_requests: int = 32
     max_queued_requests: int = 1024
     chunked_prefill_size: int = 2048
+    # a step that carries decoding requests computes at most this many ms of prompt chunks with them (Sarathi-Serve's
+    # latency target; a cost model fitted as the engine runs); None: 200 on CUDA, off (0) on CPU
+    step_budget_ms: float | None = None
     # answer tokens a request reserves pages for at admission, and more each time it runs out (as it decodes)
     reserve_output_tokens: int = 256
     # a queued request that does not fit may be passed by this many later ones; then the queue waits for it
@@ -100,6 +103,7 @@ class EngineConfig:
             "gpu_memory_limit_gib",
             "prefix_gpu_gib",
             "scheduler_delay_factor",
+            "step_budget_ms",
         ):
             v = getattr(self, name)
             if v is not None and not v >= 0:

@@ -23,18 +23,21 @@ def test_written_pages_take_slots_and_the_least_recently_used_unneeded_copy_goes
     assert c.slot(10) is None and c.slot(15) is not None
 
 
-def test_a_page_read_and_written_without_a_copy_gets_none_and_forgotten_pages_free_their_slots():
+def test_a_page_read_and_written_without_a_copy_is_read_from_the_host_once_and_forgotten_pages_free_slots():
     """A prompt's partly computed page is read (its next chunk's tail) and written in one step: without a copy its
-    read comes from the host tier, so it takes no slot (the copy would be read before it is written)."""
-    c = DeviceCopies(2)
+    read in that step comes from the host tier (the copy is filled by the step's write); later steps read the
+    copy, so that every page of a prompt chunked at any size keeps one."""
+    c = DeviceCopies(3)
     c.plan([3], [3, 4])
     assert c.slot(3) is None and c.slot(4) is not None
-    c.plan([4], [4, 5])  # with a copy it keeps it
-    assert c.slot(4) is not None and c.slot(5) is not None
+    assert c.reads(((3, 0, 1),), "cpu").host_runs == ((3, 0, 1),)
+    c.plan([4], [4, 5])  # with a copy it keeps it; 3's copy was filled by the last step
+    assert c.slot(3) is not None and c.slot(4) is not None and c.slot(5) is not None
+    assert c.reads(((3, 0, 2),), "cpu").host_runs == ()
     c.forget([4, 9])
-    assert c.slot(4) is None and c.num_pages == 1
+    assert c.slot(4) is None and c.num_pages == 2
     c.plan([], [6])
-    assert c.slot(6) is not None and c.num_pages == 2
+    assert c.slot(6) is not None and c.num_pages == 3
 
 
 def test_reads_split_into_host_runs_and_copies():

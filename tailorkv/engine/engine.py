@@ -15,6 +15,7 @@ from ..memory.pages import MemoryManager
 from ..models.loader import resolve
 from ..models.sharding import check_divisible
 from ..scheduler.scheduler import Scheduler, Seq
+from ..scheduler.step_cost import STEP_BUDGET_MS, StepCost
 from .calibration import calibrate
 from .engine_rank import EngineRank, pick_device
 from .grammar import Grammars
@@ -77,6 +78,7 @@ class Engine:
             chunk_tokens=self.options.chunked_prefill_size,
             reserve_output=self.options.reserve_output_tokens,
             max_passes=self.options.max_passes,
+            cost=self._step_cost(),
         )
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
@@ -86,6 +88,12 @@ class Engine:
         self._lock = threading.Lock()
         self.step_log = StepLog()
         self.step_log.alloc_retries = self._allocator_retries()  # those while loading are no step's
+
+    def _step_cost(self) -> StepCost | None:
+        ms = self.options.step_budget_ms
+        if ms is None:
+            ms = STEP_BUDGET_MS if self.device.type == "cuda" else 0.0
+        return StepCost.for_model(self.config, ms / 1e3) if ms else None
 
     # ---- requests -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:
@@ -186,6 +194,7 @@ class Engine:
             if plan is None or not plan.seqs:
                 return []
             reqs = [self.requests[s.rid] for s in plan.seqs]
+        chunks = [(n, s.num_computed) for s, n in zip(plan.seqs, plan.new) if s.prefilling]
         # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
         prefill = [
             (n, s.cached_tokens if s.num_computed == s.cached_tokens else 0)
@@ -229,7 +238,10 @@ class Engine:
                 out.append(req)
                 if req.finished:
                     self._retire(req)
-        self.step_log.record(prefill, len(plan.seqs) - len(prefill), time.perf_counter() - began)
+        seconds = time.perf_counter() - began
+        self.step_log.record(prefill, len(plan.seqs) - len(prefill), seconds)
+        if self.scheduler.cost:
+            self.scheduler.cost.observe(chunks, len(plan.seqs) - len(chunks), seconds)
         self.step_log.allocator(self._allocator_retries())
         return out
 

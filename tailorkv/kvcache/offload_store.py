@@ -24,11 +24,17 @@ import torch
 
 from ..kernels import host_copy, host_fp8, kivi, sketch_scores, sparse_attention
 from ..memory.device_copies import DeviceCopies, PrefixReads
-from ..memory.host_memory import host_tensor
+from ..memory.host_memory import host_tensor, to_device
 from .prompt_rows import HOST_PAGE, PromptRows
 from .staging import StagedInputs
 
 PAGE = 64  # tokens per generated-token page
+
+
+def abs_max(k: torch.Tensor) -> torch.Tensor:
+    """max|k| over the tokens (dim 0), in float32: one pass, no |k| copy; exact in any dtype."""
+    low, high = torch.aminmax(k, dim=0)
+    return torch.maximum(high, -low).float()
 
 
 class SharedPrefix(NamedTuple):
@@ -302,10 +308,7 @@ class OffloadStore:
             if before is not None:
                 win = torch.where(rows.win_from_pre[..., None, None], before[rows.win_pre], win)
             dst[layer, rows.win_slots] = win.view(n_rows, window, self.h, self.d)
-        row_of = rows.row_of[:, None, None].expand(k.shape)
-        max_abs = torch.zeros(n_rows, self.h, self.d, device=k.device).scatter_reduce_(
-            0, row_of, k.float().abs(), "amax"
-        )
+        max_abs = torch.stack([abs_max(k[a:b]) for a, b in zip(rows.cu, rows.cu[1:])])
         if prefix is not None and prefix.max_abs is not None:
             max_abs = torch.maximum(max_abs, prefix.max_abs)
         held = self.max_abs[layer, rows.slots]
@@ -348,6 +351,16 @@ class OffloadStore:
         out[reads.at] = self.copy_rows[row_layer][reads.slots]
         return out
 
+    def copy_pages(self, row_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's GPU copies of host pages as K and V pages [slots, H, 256, D], views of the copies."""
+        rows = self.copy_rows[row_layer]
+        return rows[..., : self.d], rows[..., self.d :]
+
+    def copied_prefix(self, row_layer: int, slots: tuple[int, ...], max_abs: bool) -> SharedPrefix:
+        """The k, v (and max|K| when asked) of prefix pages gathered from their GPU copies `slots`."""
+        idx = to_device(torch.tensor(slots, dtype=torch.long), self.copy_rows.device)
+        return self.shared_prefix(self.copy_rows[row_layer][idx], max_abs)
+
     def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
         """The k, v of prefix rows read back by read_prefix (fp8 rows dequantized), with max|K| when asked."""
         if self.fp8_rows:
@@ -356,8 +369,7 @@ class OffloadStore:
         k, v = kv[..., : self.d], kv[..., self.d :]
         if not max_abs:
             return SharedPrefix(k, v, None)
-        low, high = torch.aminmax(k, dim=0)  # one pass; exact in any dtype
-        return SharedPrefix(k, v, torch.maximum(high, -low).float())
+        return SharedPrefix(k, v, abs_max(k))
 
     def _sketch(self, layer: int, rows: PromptRows, kp: torch.Tensor) -> None:
         """Quantize the keys of host pages kp [P, H, 256, D] per channel (groups of 64 tokens) into their sketch

@@ -42,7 +42,7 @@ class PromptRows(NamedTuple):
     - win_slots [R]: the slot each row's sink + recent window goes to once its last chunk is computed (-1, the
       scratch slot, before); win_new, win_pre [R, W] and win_from_pre: that window (W slots, past its length
       repeating slot 0) as indices into the new tokens or the prefix;
-    - row_of [T]: each new token's row."""
+    - cu: where each row's tokens begin among the T, and T (host ints)."""
 
     page_src: torch.Tensor
     host_pages: torch.Tensor
@@ -54,7 +54,7 @@ class PromptRows(NamedTuple):
     win_new: torch.Tensor
     win_pre: torch.Tensor
     win_from_pre: torch.Tensor
-    row_of: torch.Tensor
+    cu: tuple[int, ...]
 
     @classmethod
     def build(
@@ -69,8 +69,8 @@ class PromptRows(NamedTuple):
         """`states`: the rows' OffloadStates (host and sketch pages, window bounds, tokens computed), each row's
         chunk ending at start + new; `copies`: the GPU copies of host pages (None: none)."""
         p0, t = start // HOST_PAGE, 0
-        page_src, win, row_of, pages, sketch = [], [], [], [], []
-        for i, (st, n) in enumerate(zip(states, new)):
+        page_src, win, pages, sketch = [], [], [], []
+        for st, n in zip(states, new):
             p1 = -(-(start + n) // HOST_PAGE)  # the pages of the chunk
             page_src.append(torch.arange(t, t + (p1 - p0) * HOST_PAGE).clamp_(max=t + n - 1))
             pages.append(st.host_pages_cpu[p0:p1])
@@ -82,7 +82,6 @@ class PromptRows(NamedTuple):
                 else torch.zeros(0, dtype=torch.long)
             )
             win.append(torch.nn.functional.pad(pos, (0, window - pos.numel())))
-            row_of.append(torch.full((n,), i))
             t += n
         pos = torch.stack(win)
         from_pre = pos < start
@@ -100,9 +99,10 @@ class PromptRows(NamedTuple):
             torch.where(from_pre, 0, pos - start + offsets),
             torch.where(from_pre, pos, 0),
             from_pre,
-            torch.cat(row_of),
         )
-        return cls(*(to_device(x, device) for x in tensors))
+        return cls(
+            *(to_device(x, device) for x in tensors), tuple(itertools.accumulate(new, initial=0))
+        )
 
 
 class PrefillGroup(NamedTuple):
@@ -113,9 +113,14 @@ class PrefillGroup(NamedTuple):
     - cu, cu_k: cumulative new tokens and stored tokens per row;
     - ext [sum(lens)] or None (no tails): the stored tokens in order as indices into [new tokens | tail pages' rows];
     - reads: the host pages to read (the prefix's, then one per tail), from their GPU copies where they have one;
+      only the tails' where `in_place`;
+    - in_place: the slots of the prefix's GPU copies when every prefix page has one (the prefix is then read in
+      place, not copied), else None;
     - prompt: their PromptRows;
     - prefix_max: some row computes its first chunk after the prefix, so the prefix's max|K| is needed (the others
-      keep a running max in their slots)."""
+      keep a running max in their slots);
+    - needs_rows: some row ends its prompt (its windows reach into the prefix) or prefix_max: the prefix's rows
+      are needed beyond attention."""
 
     sel: slice | torch.Tensor
     start: int
@@ -124,8 +129,10 @@ class PrefillGroup(NamedTuple):
     cu_k: list[int]
     ext: torch.Tensor | None
     reads: PrefixReads
+    in_place: tuple[int, ...] | None
     prompt: PromptRows | None
     prefix_max: bool
+    needs_rows: bool
 
     @property
     def prefix_pages(self) -> int:
@@ -151,15 +158,20 @@ class PrefillGroup(NamedTuple):
         tails = [s - start for s in starts]
         lens = [m + n for m, n in zip(tails, new)]
         cu = list(itertools.accumulate(new, initial=0))
-        total, reads, ext, t = cu[-1], list(runs), [], 0
+        copies = NO_COPIES if copies is None else copies
+        slots = [copies.slot(f + j) for f, _, count in runs for j in range(count)]
+        in_place = tuple(slots) if slots and None not in slots else None
+        total, reads, ext, t = cu[-1], [] if in_place else list(runs), [], 0
+        first_tail = 0 if in_place else start // HOST_PAGE
         for i, (m, n) in enumerate(zip(tails, new)):
             if m:
                 ext.append(torch.arange(total + t * HOST_PAGE, total + t * HOST_PAGE + m))
-                reads.append((tail_pages[i], start // HOST_PAGE + t, 1))
+                reads.append((tail_pages[i], first_tail + t, 1))
                 t += 1
             ext.append(torch.arange(cu[i], cu[i] + n))
         prompt = PromptRows.build(states, lens, start, window, device, copies) if states else None
-        reads = (NO_COPIES if copies is None else copies).reads(reads, device)
+        prefix_max = bool(start) and any(st.n == 0 for st in states or ())
+        ends = any(start + n == st.prompt_len for st, n in zip(states or (), lens))
         return cls(
             sel,
             start,
@@ -167,7 +179,9 @@ class PrefillGroup(NamedTuple):
             cu,
             list(itertools.accumulate(lens, initial=0)),
             to_device(torch.cat(ext), device) if t else None,
-            reads,
+            copies.reads(reads, device),
+            in_place,
             prompt,
-            bool(start) and any(st.n == 0 for st in states or ()),
+            prefix_max,
+            prefix_max or ends or not states,
         )

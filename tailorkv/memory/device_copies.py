@@ -38,6 +38,9 @@ class DeviceCopies:
             OrderedDict()
         )  # slot -> host page, least recently used first
         self._free = list(range(slots - 1, -1, -1))
+        self._unwritten: set[int] = (
+            set()
+        )  # pages given a slot this step that they are read before filling
 
     @property
     def num_pages(self) -> int:
@@ -45,28 +48,31 @@ class DeviceCopies:
         return len(self._slot)
 
     def slot(self, page: int) -> int | None:
-        return self._slot.get(page)
+        """The slot of a page whose copy holds its rows (None: none yet)."""
+        return None if page in self._unwritten else self._slot.get(page)
 
     def plan(self, read: list[int], written: list[int]) -> None:
         """One step's use: the pages it reads (their copies are recently used and kept through the step) and the
         pages it writes, which get a slot (their own, a free one, or the least recently used one neither read nor
-        written in the step); those for which none is left get none, and so does a page without a copy that the
-        step also reads (a prompt's partly computed page, before its next chunk: it is read from the host tier)."""
+        written in the step); those for which none is left get none. A page without a copy that the step also
+        reads (a prompt's partly computed page, before its next chunk) is read from the host tier in this step,
+        its new slot being filled only as the step writes it."""
         for p in read:
             if p in self._slot:
                 self._page.move_to_end(self._slot[p])
         reading = set(read)
         keep = reading | set(written)
+        self._unwritten = set()
         for p in written:
             if p in self._slot:
                 self._page.move_to_end(self._slot[p])
-                continue
-            if p in reading:
                 continue
             s = self._take(keep)
             if s is None:
                 return
             self._slot[p], self._page[s] = s, p
+            if p in reading:
+                self._unwritten.add(p)
 
     def forget(self, pages: list[int]) -> None:
         """Free the slots of pages whose contents no step will read (a request's pages that no cached block keeps)."""
@@ -97,7 +103,7 @@ class DeviceCopies:
         for first, index, count in runs:
             for j in range(count):
                 page, i = first + j, index + j
-                s = self._slot.get(page)
+                s = None if page in self._unwritten else self._slot.get(page)
                 if s is not None:
                     at.append(i)
                     slots.append(s)

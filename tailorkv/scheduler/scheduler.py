@@ -16,6 +16,7 @@ block once computed.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from ..errors import CapacityError, QueueFullError
 from ..memory.layout import KVLayout
 from ..memory.pages import MemoryManager
 from ..memory.prefix_cache import ROOT, page_hashes
+from .step_cost import MIN_CHUNK, StepCost
 
 RESERVE_OUTPUT = (
     256  # answer tokens reserved at admission (and added per growth), at most max_new_tokens
@@ -101,12 +103,14 @@ class Scheduler:
         chunk_tokens: int = 2048,
         reserve_output: int = RESERVE_OUTPUT,
         max_passes: int = MAX_PASSES,
+        cost: StepCost | None = None,
     ):
-        """`layout`: the KV policy's pools and what a request costs in them; `memory`: the pages of those pools."""
+        """`layout`: the KV policy's pools and what a request costs in them; `memory`: the pages of those pools;
+        `cost`: the step-time budget that prompt chunks keep to while requests decode (None: chunk_tokens only)."""
         self.memory, self.layout, self.prefix = memory, layout, memory.prefix
         self.partial_pool = layout.partial_block_pool if memory.prefix else None
         self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
-        self.reserve_output, self.max_passes = reserve_output, max_passes
+        self.reserve_output, self.max_passes, self.cost = reserve_output, max_passes, cost
         self.num_retracted = 0  # retractions so far (metrics)
         self.waiting: deque[Seq] = deque()
         self.running: dict[int, Seq] = {}
@@ -159,9 +163,11 @@ class Scheduler:
                 seqs.append(s)
                 new.append(1)
         budget = self.chunk_tokens - len(seqs)
+        decoding = len(seqs)
+        flops = self.cost.allowance(bool(decoding)) if self.cost else math.inf
         for s in self.running.values():
             if s.prefilling and budget > 0:
-                n = min(s.prompt_len - s.num_computed, budget)
+                n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
                 if n:
                     seqs.append(s)
                     new.append(n)
@@ -170,6 +176,8 @@ class Scheduler:
         for s in list(self.waiting) if admit else ():
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
+            if len(seqs) > decoding and not self._chunk(s, budget, flops, False, s.prompt_len)[0]:
+                break  # the step-time budget is spent
             if len(skipped) >= MAX_SKIPPED or any(w.passed >= self.max_passes for w in skipped):
                 break  # passed too often: the queue waits for it
             if s.after is not None and self._prefilling(s.after):
@@ -180,7 +188,7 @@ class Scheduler:
                 continue
             for w in skipped:
                 w.passed += 1
-            n = min(s.prompt_len - s.num_computed, budget)
+            n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
             self.waiting.remove(s)
             self.running[s.rid] = s
             admitted.append((s, pages))
@@ -188,6 +196,19 @@ class Scheduler:
             new.append(n)
             budget -= n
         return Step(seqs, new, admitted, grown, retracted) if seqs or retracted else None
+
+    def _chunk(
+        self, s: Seq, budget: int, flops: float, first: bool, prefix: int | None = None
+    ) -> tuple[int, float]:
+        """How many prompt tokens `s` computes in this step after `prefix` (default: its computed tokens), within
+        `budget` tokens and `flops` of prompt work (the step-time budget's), and the flops left after them. The
+        step's first prompt chunk takes MIN_CHUNK tokens at least, so that a prompt always advances."""
+        prefix = s.num_computed if prefix is None else prefix
+        n = min(s.prompt_len - s.num_computed, budget)
+        if math.isinf(flops):
+            return n, flops
+        n = min(n, max(self.cost.tokens_within(flops, prefix), MIN_CHUNK if first else 0))
+        return n, flops - self.cost.flops(n, prefix)
 
     def _prefilling(self, rid: int) -> bool:
         """Whether sequence `rid` waits or computes its prompt."""

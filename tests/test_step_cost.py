@@ -1,0 +1,138 @@
+"""Chunk sizing to a step-time budget (issue 19, item 4): the cost model fitted from step times, the scheduler's
+chunks shrinking as a prompt's prefix grows while others decode, and greedy tokens unchanged by it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tailorkv.engine.engine import Engine
+from tailorkv.engine.sampling import SamplingParams
+from tailorkv.memory.layout import KVLayout
+from tailorkv.memory.pages import MemoryManager, PoolSpec
+from tailorkv.models.dummy import dummy_config
+from tailorkv.scheduler.scheduler import Scheduler, Seq
+from tailorkv.scheduler.step_cost import MIN_CHUNK, StepCost
+
+LLAMA8B = dummy_config("llama-3.1-8b")
+
+
+def measured(budget_s: float = 0.2) -> StepCost:
+    """The 8B model's cost model after the steps the H200 ran (2,048 tokens after 100k in 0.29 s, decode 17 ms)."""
+    cost = StepCost.for_model(LLAMA8B, budget_s)
+    cost.observe([], 8, 0.017)
+    cost.observe([(2048, 100_000)], 8, 0.29)
+    return cost
+
+
+def test_flops_count_the_linear_part_and_the_attention_over_the_prefix():
+    cost = StepCost.for_model(LLAMA8B, 0.2)
+    assert cost.linear == pytest.approx(
+        2 * 6.98e9, rel=0.01
+    )  # the 8B model's layers, embeddings left out
+    assert cost.pair == 4 * 32 * 32 * 128
+    late, early = cost.flops(2048, 120_000), cost.flops(2048, 0)
+    assert late > 3 * early  # a late chunk of a 128k prompt is mostly attention
+
+
+def test_the_rate_is_fitted_from_steps_and_unlimited_until_measured():
+    cost = StepCost.for_model(LLAMA8B, 0.2)
+    assert cost.rate is None and math.isinf(cost.allowance(decoding=True))
+    cost.observe([], 4, 0.02)
+    cost.observe([(2048, 0)], 4, 0.12)
+    assert cost.decode_s == 0.02
+    assert cost.rate == pytest.approx(0.10 / cost.flops(2048, 0))
+    assert cost.allowance(decoding=True) == pytest.approx(0.18 / cost.rate)
+    assert math.isinf(cost.allowance(decoding=False))  # nobody waits for a token
+    assert math.isinf(StepCost.for_model(LLAMA8B, 0).allowance(decoding=True))  # budget off
+
+
+@pytest.mark.parametrize("prefix", [0, 1000, 64_000, 126_000])
+@pytest.mark.parametrize("flops", [1e9, 3e13, 4e14])
+def test_tokens_within_is_the_largest_that_fits(prefix, flops):
+    cost = StepCost.for_model(LLAMA8B, 0.2)
+    n = cost.tokens_within(flops, prefix)
+    assert cost.flops(n, prefix) <= flops < cost.flops(n + 1, prefix)
+
+
+def scheduler(cost: StepCost | None, chunk: int = 8192) -> Scheduler:
+    layout = KVLayout([PoolSpec("kv", "gpu", 1 << 14, 16, 1, "all")])
+    return Scheduler(MemoryManager(layout.pools), layout, chunk_tokens=chunk, cost=cost)
+
+
+def run_prompt(sched: Scheduler, decoders: int, prompt: int) -> list[int]:
+    """The chunk sizes of a `prompt`-token request prefilled while `decoders` requests decode."""
+    for rid in range(decoders):
+        sched.add(Seq(rid, 16, 10_000), list(range(16)))
+    if decoders:
+        sched.advance(sched.schedule())
+    long = Seq(99, prompt, 8)
+    sched.add(long, list(range(1000, 1000 + prompt)))
+    chunks = []
+    while long.prefilling:
+        step = sched.schedule()
+        assert len(step.seqs) == decoders + 1  # the decoders ride along in every chunk step
+        chunks.append(step.new[step.seqs.index(long)])
+        sched.advance(step)
+    return chunks
+
+
+def test_chunks_shrink_with_the_prefix_to_keep_the_step_budget():
+    cost = measured()
+    chunks = run_prompt(scheduler(cost), decoders=8, prompt=126_000)
+    assert sum(chunks) == 126_000
+    assert chunks[0] > 4 * chunks[-2] and chunks == sorted(chunks[:-1], reverse=True) + chunks[-1:]
+    prefix = 0
+    for n in chunks:
+        seconds = cost.decode_s + cost.rate * cost.flops(n, prefix)
+        assert seconds <= 0.2 + 1e-9 or n == MIN_CHUNK
+        prefix += n
+    assert chunks[-2] >= 1000  # 0.2 s still holds ~1,100 tokens after 124k
+
+
+def test_without_decoders_or_a_budget_chunks_are_the_configured_size():
+    assert run_prompt(scheduler(measured(), chunk=2048), 0, 10_000) == [2048] * 4 + [1808]
+    assert run_prompt(scheduler(None, chunk=2048), 3, 10_000) == [2045] * 4 + [1820]
+
+
+def test_a_spent_budget_admits_no_second_prompt_and_the_first_still_advances():
+    cost = measured(budget_s=0.001)  # less than a decode step: only the first prompt's MIN_CHUNK
+    sched = scheduler(cost)
+    sched.add(Seq(0, 16, 100), list(range(16)))
+    sched.advance(sched.schedule())
+    for rid in (1, 2):
+        sched.add(Seq(rid, 5000, 8), list(range(rid * 10_000, rid * 10_000 + 5000)))
+    step = sched.schedule()
+    assert [s.rid for s in step.seqs] == [0, 1] and step.new == [1, MIN_CHUNK]
+    assert [s.rid for s in sched.waiting] == [2]
+
+
+def test_greedy_tokens_do_not_depend_on_the_budget():
+    """tailor, a 1 us budget on the CPU: the long prompt prefills MIN_CHUNK tokens a step beside a decoding
+    request instead of all at once; both requests' tokens equal those the same engine gives without a budget."""
+    prompts = [list(range(100, 164)), list(range(2000, 2600))]
+    outs = []
+    with Engine(
+        "dummy:tiny",
+        kv_policy="tailor",
+        step_budget_ms=1e-3,
+        enable_prefix_caching=False,
+        progress=False,
+        quant_layers=[0],
+    ) as e:
+        cost = e.scheduler.cost
+        for budget in (None, cost):
+            e.scheduler.cost = budget
+            first = e.add_request(prompts[0], SamplingParams(max_new_tokens=12, temperature=0))
+            e.step()
+            long = e.add_request(prompts[1], SamplingParams(max_new_tokens=4, temperature=0))
+            steps = 0
+            while not long.output_ids:
+                e.step()
+                steps += 1
+            while not (first.finished and long.finished):
+                e.step()
+            outs.append((first.output_ids, long.output_ids, steps))
+    assert outs[0][:2] == outs[1][:2]
+    assert outs[0][2] == 1 and outs[1][2] == math.ceil(600 / MIN_CHUNK)
