@@ -351,10 +351,14 @@ class OffloadStore:
         out[reads.at] = self.copy_rows[row_layer][reads.slots]
         return out
 
-    def copy_pages(self, row_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's GPU copies of host pages as K and V pages [slots, H, 256, D], views of the copies."""
+    def copy_pages(self, row_layer: int, slots: tuple[int, ...]) -> tuple:
+        """A layer's GPU copies of host pages as K and V pages [slots, H, 256, D], views of the copies, and the
+        `slots` to read in them; fp8 rows: the copies of `slots` only, dequantized, and their slots there."""
         rows = self.copy_rows[row_layer]
-        return rows[..., : self.d], rows[..., self.d :]
+        if self.fp8_rows:
+            idx = to_device(torch.tensor(slots, dtype=torch.long), rows.device)
+            rows, slots = host_fp8.dequantize_rows(rows[idx], self.dtype), tuple(range(len(slots)))
+        return rows[..., : self.d], rows[..., self.d :], slots
 
     def copied_prefix(self, row_layer: int, slots: tuple[int, ...], max_abs: bool) -> SharedPrefix:
         """The k, v (and max|K| when asked) of prefix pages gathered from their GPU copies `slots`."""

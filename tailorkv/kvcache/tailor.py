@@ -445,10 +445,8 @@ class TailorPolicy(KVPolicy):
         if tails is not None:
             ks, vs = (torch.cat([x, t]).index_select(0, group.ext) for x, t in zip((ks, vs), tails))
         if group.in_place:
-            pages = self.offload.copy_pages(self._row_layer(layer))
-            out[sel] = paged_prefix_attention(
-                q[sel], ks, vs, group.cu, *pages, group.in_place, cu_k=group.cu_k
-            )
+            pages = self.offload.copy_pages(self._row_layer(layer), group.in_place)
+            out[sel] = paged_prefix_attention(q[sel], ks, vs, group.cu, *pages, cu_k=group.cu_k)
         else:
             pk, pv = prefix[:2] if prefix else (ks[:0], vs[:0])
             out[sel] = shared_prefix_attention(q[sel], ks, vs, group.cu, pk, pv, cu_k=group.cu_k)
