@@ -1,5 +1,5 @@
-"""The prefill attentions (causal_attention, attention_lse, shared_prefix_attention, paged_prefix_attention:
-FlashInfer on CUDA, torch on CPU) against a brute-force softmax over an explicit causal mask, and the merge of partial results."""
+"""The prefill attentions (causal_attention, attention_lse, shared_prefix_attention: FlashInfer on CUDA, torch on
+CPU) against a brute-force softmax over an explicit causal mask, and the merge of partial results."""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ from tailorkv.kernels.attention import (
     attention_lse,
     causal_attention,
     merge_attention_states,
-    paged_prefix_attention,
     shared_prefix_attention,
 )
 
@@ -99,25 +98,6 @@ def test_shared_prefix_attention_with_own_keys_before_the_queries(device, prefix
     for a, b, c, d in zip(cu[:-1], cu[1:], cu_k[:-1], cu_k[1:]):
         want = brute_force(
             q[a:b], torch.cat([pk, k[c:d]]), torch.cat([pv, v[c:d]]), prefix + d - c - (b - a)
-        )
-        torch.testing.assert_close(got[a:b].float(), want, **tolerance(q))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("d", [64, 128])
-def test_paged_prefix_attention_reads_the_prefix_in_place(device, d):
-    """The prefix in pages of tailor's GPU copies (K and V interleaved: [slots, Hkv, 256, 2D]), three of them out of
-    order; rows with own keys before their queries; GQA group 3."""
-    cu, cu_k, slots = [0, 1, 71, 80], [0, 1, 271, 317], (4, 0, 2)
-    pages = rand(6, 2, 256, 2 * d, device=device, seed=8)
-    q = rand(80, 6, d, device=device, seed=3)
-    k, v = rand(317, 2, 2 * d, device=device, seed=4).split(d, -1)
-    got = paged_prefix_attention(q, k, v, cu, pages[..., :d], pages[..., d:], slots, cu_k=cu_k)
-    rows = pages[list(slots)].transpose(1, 2).flatten(0, 1)  # [768, Hkv, 2D]
-    pk, pv = rows[..., :d], rows[..., d:]
-    for a, b, c, e in zip(cu[:-1], cu[1:], cu_k[:-1], cu_k[1:]):
-        want = brute_force(
-            q[a:b], torch.cat([pk, k[c:e]]), torch.cat([pv, v[c:e]]), 768 + e - c - (b - a)
         )
         torch.testing.assert_close(got[a:b].float(), want, **tolerance(q))
 

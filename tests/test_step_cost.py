@@ -44,6 +44,9 @@ def test_the_rate_is_fitted_from_steps_and_unlimited_until_measured():
     assert cost.decode_s == 0.02
     assert cost.rate == pytest.approx(0.10 / cost.flops(2048, 0))
     assert cost.allowance(decoding=True) == pytest.approx(0.18 / cost.rate)
+    cost.observe([(2048, 0)], 4, 5.0)  # one step that also compiled something
+    cost.observe([(2048, 0)], 4, 0.12)
+    assert cost.rate == pytest.approx(0.10 / cost.flops(2048, 0))  # the median of three
     assert math.isinf(cost.allowance(decoding=False))  # nobody waits for a token
     assert math.isinf(StepCost.for_model(LLAMA8B, 0).allowance(decoding=True))  # budget off
 

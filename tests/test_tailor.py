@@ -357,14 +357,9 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
         steps, reads = record_steps(e), []
         read_prefix = e.policy.offload.read_prefix
         e.policy.offload.read_prefix = lambda *a, **kw: reads.append(a[1]) or read_prefix(*a, **kw)
-        in_place, after = [], e.policy._prefill_after_prefix
-        e.policy._prefill_after_prefix = lambda *a: in_place.append(a[-1].in_place) or after(*a)
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == want
         copies = "prefix_gpu_gib" in options
-        # with copies: the earlier chunks' full pages read in place, the partial page at the chunk's start
-        # gathered from its copy (or, in the step after it got one, over PCIe)
-        assert any(in_place) == copies and reads
-        assert all(r.at is not None for r in reads) if copies else all(r.at is None for r in reads)
+        assert reads and all((r.at is not None, not r.host_runs) == (copies, copies) for r in reads)
         prefill = [[(r, n) for r, s, n in step if s < lens[r - len(prompts)]] for step in steps]
         assert max(n for rows in prefill for _, n in rows) <= chunk
         assert any(len(rows) == 2 for rows in prefill)  # both chunking in one step

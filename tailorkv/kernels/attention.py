@@ -107,27 +107,6 @@ def shared_prefix_attention(
     return merge_attention_states(pre.float(), pre_lse, own.float(), own_lse)[0].to(q.dtype)
 
 
-def paged_prefix_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu: list[int],
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    slots: tuple[int, ...],
-    sm_scale: float | None = None,
-    cu_k: list[int] | None = None,
-) -> torch.Tensor:
-    """shared_prefix_attention with the prefix read in place from pages: k_pages, v_pages [S, Hkv, page, D] (views
-    that may interleave in one storage), the prefix being the full pages `slots` in order."""
-    fast = _flashinfer(q)
-    if fast is not None:
-        return fast.paged_prefix_attention(q, k, v, cu, k_pages, v_pages, slots, sm_scale, cu_k)
-    idx = torch.tensor(slots, device=q.device, dtype=torch.long)
-    pk, pv = (x[idx].transpose(1, 2).flatten(0, 1) for x in (k_pages, v_pages))
-    return shared_prefix_attention(q, k, v, cu, pk, pv, sm_scale, cu_k)
-
-
 def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge S partial attention results over disjoint token sets: out [..., S, D] (finite), lse [..., S] ->
     (out [..., D], lse [...]). Empty parts (lse = -inf) weigh nothing; all empty gives out 0, lse -inf."""

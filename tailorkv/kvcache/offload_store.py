@@ -24,7 +24,7 @@ import torch
 
 from ..kernels import host_copy, host_fp8, kivi, sketch_scores, sparse_attention
 from ..memory.device_copies import DeviceCopies, PrefixReads
-from ..memory.host_memory import host_tensor, to_device
+from ..memory.host_memory import host_tensor
 from .prompt_rows import HOST_PAGE, PromptRows
 from .staging import StagedInputs
 
@@ -350,20 +350,6 @@ class OffloadStore:
             return torch.index_select(self.copy_rows[row_layer], 0, reads.slots, out=out)
         out[reads.at] = self.copy_rows[row_layer][reads.slots]
         return out
-
-    def copy_pages(self, row_layer: int, slots: tuple[int, ...]) -> tuple:
-        """A layer's GPU copies of host pages as K and V pages [slots, H, 256, D], views of the copies, and the
-        `slots` to read in them; fp8 rows: the copies of `slots` only, dequantized, and their slots there."""
-        rows = self.copy_rows[row_layer]
-        if self.fp8_rows:
-            idx = to_device(torch.tensor(slots, dtype=torch.long), rows.device)
-            rows, slots = host_fp8.dequantize_rows(rows[idx], self.dtype), tuple(range(len(slots)))
-        return rows[..., : self.d], rows[..., self.d :], slots
-
-    def copied_prefix(self, row_layer: int, slots: tuple[int, ...], max_abs: bool) -> SharedPrefix:
-        """The k, v (and max|K| when asked) of prefix pages gathered from their GPU copies `slots`."""
-        idx = to_device(torch.tensor(slots, dtype=torch.long), self.copy_rows.device)
-        return self.shared_prefix(self.copy_rows[row_layer][idx], max_abs)
 
     def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
         """The k, v of prefix rows read back by read_prefix (fp8 rows dequantized), with max|K| when asked."""

@@ -113,14 +113,9 @@ class PrefillGroup(NamedTuple):
     - cu, cu_k: cumulative new tokens and stored tokens per row;
     - ext [sum(lens)] or None (no tails): the stored tokens in order as indices into [new tokens | tail pages' rows];
     - reads: the host pages to read (the prefix's, then one per tail), from their GPU copies where they have one;
-      only the tails' where `in_place`;
-    - in_place: the slots of the prefix's GPU copies when every prefix page has one (the prefix is then read in
-      place, not copied), else None;
     - prompt: their PromptRows;
     - prefix_max: some row computes its first chunk after the prefix, so the prefix's max|K| is needed (the others
-      keep a running max in their slots);
-    - needs_rows: some row ends its prompt (its windows reach into the prefix) or prefix_max: the prefix's rows
-      are needed beyond attention."""
+      keep a running max in their slots)."""
 
     sel: slice | torch.Tensor
     start: int
@@ -129,10 +124,8 @@ class PrefillGroup(NamedTuple):
     cu_k: list[int]
     ext: torch.Tensor | None
     reads: PrefixReads
-    in_place: tuple[int, ...] | None
     prompt: PromptRows | None
     prefix_max: bool
-    needs_rows: bool
 
     @property
     def prefix_pages(self) -> int:
@@ -158,20 +151,15 @@ class PrefillGroup(NamedTuple):
         tails = [s - start for s in starts]
         lens = [m + n for m, n in zip(tails, new)]
         cu = list(itertools.accumulate(new, initial=0))
-        copies = NO_COPIES if copies is None else copies
-        slots = [copies.slot(f + j) for f, _, count in runs for j in range(count)]
-        in_place = tuple(slots) if slots and None not in slots else None
-        total, reads, ext, t = cu[-1], [] if in_place else list(runs), [], 0
-        first_tail = 0 if in_place else start // HOST_PAGE
+        total, reads, ext, t = cu[-1], list(runs), [], 0
         for i, (m, n) in enumerate(zip(tails, new)):
             if m:
                 ext.append(torch.arange(total + t * HOST_PAGE, total + t * HOST_PAGE + m))
-                reads.append((tail_pages[i], first_tail + t, 1))
+                reads.append((tail_pages[i], start // HOST_PAGE + t, 1))
                 t += 1
             ext.append(torch.arange(cu[i], cu[i] + n))
         prompt = PromptRows.build(states, lens, start, window, device, copies) if states else None
-        prefix_max = bool(start) and any(st.n == 0 for st in states or ())
-        ends = any(start + n == st.prompt_len for st, n in zip(states or (), lens))
+        reads = (NO_COPIES if copies is None else copies).reads(reads, device)
         return cls(
             sel,
             start,
@@ -179,9 +167,7 @@ class PrefillGroup(NamedTuple):
             cu,
             list(itertools.accumulate(lens, initial=0)),
             to_device(torch.cat(ext), device) if t else None,
-            copies.reads(reads, device),
-            in_place,
+            reads,
             prompt,
-            prefix_max,
-            prefix_max or ends or not states,
+            bool(start) and any(st.n == 0 for st in states or ()),
         )

@@ -12,11 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..kernels import kivi
-from ..kernels.attention import (
-    causal_attention,
-    paged_prefix_attention,
-    shared_prefix_attention,
-)
+from ..kernels.attention import causal_attention, shared_prefix_attention
 from ..memory.device_copies import PrefixReads
 from ..memory.host_memory import to_device
 from ..memory.layout import KVLayout
@@ -107,16 +103,12 @@ class TailorPolicy(KVPolicy):
 
     def warm_up(self, prefix_sharing: bool) -> None:
         """The first prefill after a prefix (shared, or a prompt's earlier chunks) would JIT-compile FlashInfer's
-        prefill kernels (a minute each on a fresh host, in the middle of serving): compile them now."""
+        prefill kernel (a minute on a fresh host, in the middle of serving): compile it now."""
         if self.device.type == "cuda":
             c = self.cfg
-            like = dict(device=self.device, dtype=self.dtype)
-            q = torch.zeros(2, c.num_heads, c.head_dim, **like)
-            kv = torch.zeros(2, c.num_kv_heads, c.head_dim, **like)
+            q = torch.zeros(2, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
+            kv = torch.zeros(2, c.num_kv_heads, c.head_dim, device=self.device, dtype=self.dtype)
             shared_prefix_attention(q, kv, kv, [0, 2], kv, kv)
-            pages = torch.zeros(1, c.num_kv_heads, HOST_PAGE, 2 * c.head_dim, **like)
-            d = c.head_dim
-            paged_prefix_attention(q, kv, kv, [0, 2], pages[..., :d], pages[..., d:], (0,))
 
     # ---- memory ------------------------------------------------------------------------------------------------
     def layout(
@@ -397,7 +389,7 @@ class TailorPolicy(KVPolicy):
         out = torch.empty_like(q)
         batch = step.batch
         for rows, group in step.prefill:
-            if group.reads.pages or group.in_place:
+            if group.reads.pages:
                 self._prefill_after_prefix(layer, q, k, v, out, step, rows, group)
                 continue
             for i in rows:
@@ -433,23 +425,17 @@ class TailorPolicy(KVPolicy):
     def _prefill_after_prefix(
         self, layer: int, q, k, v, out, step: TailorStep, rows: list[int], group: PrefillGroup
     ) -> None:
-        """Rows whose prompts continue one shared prefix (one document, many users; a prompt's earlier chunks)
-        and/or each a cached partial block (its tail: a chat's earlier turns): every row's new tokens attend to the
-        prefix exactly, in one call for all of them, and causally to their tail and themselves. The prefix is read
-        in place from its GPU copies where every page has one, else read back from the host tier once (from the
-        copies that exist), each tail with it. A row stores its tail again with its new tokens, into pages of its
-        own."""
+        """Rows whose prompts continue one shared prefix (one document, many users) and/or each a cached partial
+        block (its tail: a chat's earlier turns): the prefix is read back from the host tier once, each tail with
+        it, and every row's new tokens attend to the prefix exactly, in one call for all of them, and causally to
+        their tail and themselves. A row stores its tail again with its new tokens, into pages of its own."""
         prefix, tails = self._shared_prefix(layer, rows, group, step)
         sel = group.sel
         ks, vs = k[sel], v[sel]
         if tails is not None:
             ks, vs = (torch.cat([x, t]).index_select(0, group.ext) for x, t in zip((ks, vs), tails))
-        if group.in_place:
-            pages = self.offload.copy_pages(self._row_layer(layer), group.in_place)
-            out[sel] = paged_prefix_attention(q[sel], ks, vs, group.cu, *pages, cu_k=group.cu_k)
-        else:
-            pk, pv = prefix[:2] if prefix else (ks[:0], vs[:0])
-            out[sel] = shared_prefix_attention(q[sel], ks, vs, group.cu, pk, pv, cu_k=group.cu_k)
+        pk, pv = prefix[:2] if prefix else (ks[:0], vs[:0])
+        out[sel] = shared_prefix_attention(q[sel], ks, vs, group.cu, pk, pv, cu_k=group.cu_k)
         self._store_prompt(layer, rows, ks, vs, group, step.batch, prefix)
 
     def _shared_prefix(
@@ -457,15 +443,7 @@ class TailorPolicy(KVPolicy):
     ) -> tuple[SharedPrefix | None, tuple | None]:
         """A layer's shared prefix (None for none) and the rows' tails (k, v of every tail page's 256 rows, or None)
         for the prefill rows `rows`, read back from the host tier during the layer before (on CUDA by the side
-        stream: DMA copies that overlap that layer's compute); the next layer's read begins now. A prefix read in
-        place is gathered from its copies only where its rows are needed beyond attention (group.needs_rows: a
-        row's last chunk, a first chunk after a shared prefix), else it is None."""
-        max_abs = layer in self.s_index and group.prefix_max
-        prefix = None
-        if group.in_place and group.needs_rows:
-            prefix = self.offload.copied_prefix(self._row_layer(layer), group.in_place, max_abs)
-        if not group.reads.pages:
-            return prefix, None
+        stream: DMA copies that overlap that layer's compute); the next layer's read begins now."""
         reads = step.reads
         rows_read, ready = reads.pop((layer, tuple(rows)), None) or self._read_prefix(
             layer, group.reads
@@ -474,9 +452,9 @@ class TailorPolicy(KVPolicy):
             reads[(layer + 1, tuple(rows))] = self._read_prefix(layer + 1, group.reads)
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
-        n = 0 if group.in_place else group.prefix_pages
-        if n:
-            prefix = self.offload.shared_prefix(rows_read[:n], max_abs)
+        n = group.prefix_pages
+        max_abs = layer in self.s_index and group.prefix_max
+        prefix = self.offload.shared_prefix(rows_read[:n], max_abs) if n else None
         tails = (
             self.offload.shared_prefix(rows_read[n:], max_abs=False)[:2]
             if group.ext is not None

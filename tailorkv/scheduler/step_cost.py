@@ -8,25 +8,29 @@ held to `budget_s` for the whole step. The cost model of a step:
 
 `linear`: the model's GEMM flops per token; `pair`: attention's flops per (query, key) pair over all layers, so a
 late chunk of a long prompt, which attends to everything before it, costs what its attention costs. Both come from
-the model's shape; `decode_s` (a decode-only step, averaged) and `rate` (seconds per flop, weighted by flops over
-the recent prefill steps) are measured as the engine runs: nothing is tuned per device. Until a prefill step has
+the model's shape; `decode_s` (a decode-only step, averaged) and `rate` (seconds per flop: the median over the
+recent prefill steps, so that a step that also captured a CUDA graph or compiled a kernel does not count) are
+measured as the engine runs: nothing is tuned per device. Until a prefill step has
 been timed, or when no request decodes, chunks are not limited (the chunked_prefill_size cap still holds).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 
 MIN_CHUNK = 256  # tokens a prompt advances per step at least: it never stalls behind the decoders
 STEP_BUDGET_MS = 200.0  # the default on CUDA: inter-token gaps of decoding users stay near 0.2 s while prompts prefill
-DECAY = 0.8  # weight of the earlier measurements against each new one
+DECAY = 0.8  # weight of the earlier decode-step times against each new one
+RECENT = 9  # prefill steps the rate is the median of
 
 
 class StepCost:
     def __init__(self, budget_s: float, linear: float, pair: float):
         self.budget_s, self.linear, self.pair = budget_s, linear, pair
         self.decode_s: float | None = None
-        self._seconds = self._flops = 0.0  # decayed sums over prefill steps
+        self._rates: deque[float] = deque(maxlen=RECENT)
 
     @classmethod
     def for_model(cls, cfg, budget_s: float) -> StepCost:
@@ -38,7 +42,7 @@ class StepCost:
     @property
     def rate(self) -> float | None:
         """Seconds per flop of prompt work, None before a prefill step has been timed."""
-        return self._seconds / self._flops if self._flops else None
+        return statistics.median(self._rates) if self._rates else None
 
     def flops(self, new: int, prefix: int) -> float:
         return new * (self.linear + self.pair * (prefix + (new + 1) / 2))
@@ -55,8 +59,7 @@ class StepCost:
             return
         own = seconds - (self.decode_s or 0.0 if decoding else 0.0)
         if own > 0:
-            self._seconds = DECAY * self._seconds + own
-            self._flops = DECAY * self._flops + sum(self.flops(n, p) for n, p in chunks)
+            self._rates.append(own / sum(self.flops(n, p) for n, p in chunks))
 
     def allowance(self, decoding: bool) -> float:
         """Flops of prompt work a step may do: unlimited without decoding rows, a budget or a measured rate."""
