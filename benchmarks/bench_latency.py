@@ -5,11 +5,13 @@
 
 For each policy (one engine, reused across contexts) and context: a random prompt of that many tokens, one
 prefill, `--warmup` decode steps, then `--steps` timed decode steps (median). GPU/host KV bytes are what the
-request holds in each tier. The floor is the time to move the bytes a step must move, at the H100 host's
-measured bandwidths (../shared/gpu/FACTS.md): weights and GPU-resident KV at 3.0 TB/s, PCIe reads at 48 GB/s
-(stage 1 channel runs, the offload baseline's whole KV) and 35 GB/s (top-k row gathers).
+request holds in each tier. The floor is the time to move the bytes a step must move at bandwidths measured at the
+start of the same run on the same device (bandwidth.py): weights and GPU-resident KV at the device-copy rate,
+bulk PCIe reads (stage 1 channel runs, the offload baseline's whole KV) at the pinned host-to-device copy rate, and
+the top-k rows at the UVA gather rate (at the policy's host row layout, fp8 rows included).
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
-gpu_kv_bytes, host_kv_bytes, floor_ms, machine, date, commit, command} to --output.
+gpu_kv_bytes, host_kv_bytes, floor_ms, floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms,
+device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date, commit, command} to --output.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import time
 
 import torch
 
+from benchmarks.bandwidth import Bandwidths
+from benchmarks.bandwidth import measure as measure_bandwidths
 from benchmarks.policy_spec import engine_options, identity
 from benchmarks.rows import run_info, write_rows
 from tailorkv import Engine, SamplingParams
-
-HBM, PCIE_RUNS, PCIE_ROWS = 3.0e12, 48e9, 35e9
 
 
 def sync(engine: Engine) -> None:
@@ -42,21 +44,40 @@ def held_bytes(engine: Engine, rid: int) -> dict[str, int]:
     return out
 
 
-def floor_ms(engine: Engine, context: int, batch: int, gpu_kv: int) -> float:
-    """Milliseconds to move what one decode step must move: the weights once, then per policy the KV it reads."""
+def host_rows(engine: Engine) -> tuple[tuple[int, int, int], torch.dtype]:
+    """The layout of a host page's token rows [heads, tokens, width] and their dtype (what the top-k gathers)."""
+    store = getattr(engine.policy, "offload", None)
+    if store is not None:
+        return store.row_shape, store.row_dtype
+    c = engine.config
+    return (c.num_kv_heads, 256, 2 * c.head_dim), engine.dtype
+
+
+def floor_parts(
+    engine: Engine, context: int, batch: int, gpu_kv: int, bw: Bandwidths
+) -> dict[str, float]:
+    """Milliseconds to move what one decode step must move, by part: the weights once, the GPU-resident KV the
+    batch reads, bulk PCIe reads (stage 1's channels, the offload baseline's whole KV), the top-k rows."""
     c, item = engine.config, engine.dtype.itemsize
-    seconds = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / HBM
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_token = 2 * c.num_kv_heads * c.head_dim * item  # one layer, one token, K and V
+    parts = {"weights": weights / bw.device, "gpu_kv": 0.0, "pcie_bulk": 0.0, "pcie_rows": 0.0}
     if engine.kv_policy == "offload":
-        seconds += batch * context * c.num_layers * kv_token / PCIE_RUNS
+        parts["pcie_bulk"] = batch * context * c.num_layers * kv_token / bw.host_copy
     elif engine.kv_policy == "tailor":
         t, ns = engine.policy.tc, len(engine.policy.s_index)
         # d_s channels of K for every prompt token, unless the key sketch (in gpu_kv) replaces them
         stage1 = 0 if t.key_sketch else ns * c.num_kv_heads * t.d_s * context * item
-        seconds += gpu_kv / HBM + batch * (stage1 / PCIE_RUNS + ns * t.top_k * kv_token / PCIE_ROWS)
+        (h, _, w), dtype = host_rows(engine)
+        row = (
+            h * w * torch.empty(0, dtype=dtype).element_size()
+        )  # one token's rows of every KV head
+        parts["gpu_kv"] = gpu_kv / bw.device
+        parts["pcie_bulk"] = batch * stage1 / bw.host_copy
+        parts["pcie_rows"] = batch * ns * t.top_k * row / bw.row_gather
     else:  # full, kivi: everything the request holds on the GPU is read
-        seconds += gpu_kv / HBM
-    return 1e3 * seconds
+        parts["gpu_kv"] = gpu_kv / bw.device
+    return {k: 1e3 * v for k, v in parts.items()}
 
 
 def measure(engine: Engine, context: int, args) -> dict:
@@ -90,7 +111,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
-    floor = floor_ms(engine, context, args.batch, gpu_kv)
+    parts = floor_parts(engine, context, args.batch, gpu_kv, args.bandwidths)
     return {
         **identity(args.current),
         "context": context,
@@ -103,7 +124,9 @@ def measure(engine: Engine, context: int, args) -> dict:
         else None,
         "gpu_kv_bytes": gpu_kv,
         "host_kv_bytes": host_kv,
-        "floor_ms": round(floor, 2),
+        "floor_ms": round(sum(parts.values()), 2),
+        **{f"floor_{k}_ms": round(v, 3) for k, v in parts.items()},
+        **args.bandwidths.as_row(),
     }
 
 
@@ -150,11 +173,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = run_info(__spec__.name, argv)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # profiles go beside it
     contexts = [int(x) for x in args.contexts.split(",")]
-    rows = []
-    print(
-        f"{'policy':<30} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'prefill s':>9} "
-        f"{'peak GPU GiB':>12} {'GPU KV MiB':>10} {'host KV MiB':>11}",
-        flush=True,
+    rows, measured = [], {}
+    header = (
+        f"{'policy':<30} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'weights':>8} {'GPU KV':>7} "
+        f"{'PCIe bulk':>9} {'PCIe rows':>9} {'prefill s':>9} {'peak GPU GiB':>12} {'GPU KV MiB':>10} "
+        f"{'host KV MiB':>11}"
     )
     for spec in args.policies.split(","):
         args.current = spec
@@ -172,12 +195,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tp_size=args.tp_size,
             **opts,
         )
+        layout = host_rows(engine)
+        if layout not in measured:  # on this device, beside the engine, at its host row layout
+            measured[layout] = measure_bandwidths(engine.device, *layout)
+            print(
+                f"bandwidths at host rows {tuple(layout[0])} {layout[1]}, GB/s: "
+                + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in measured[layout]._asdict().items())
+            )
+            print(header, flush=True)
+        args.bandwidths = measured[layout]
         for context in contexts:
             row = {**measure(engine, context, args), **info}
             rows.append(row)
             peak = (row["peak_gpu_bytes"] or 0) / 2**30
             print(
                 f"{spec:<30} {context:>8} {row['ms_per_token']:>9.2f} {row['floor_ms']:>9.2f} "
+                f"{row['floor_weights_ms']:>8.2f} {row['floor_gpu_kv_ms']:>7.2f} "
+                f"{row['floor_pcie_bulk_ms']:>9.2f} {row['floor_pcie_rows_ms']:>9.2f} "
                 f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
                 f"{row['host_kv_bytes'] / 2**20:>11.0f}",
                 flush=True,

@@ -19,6 +19,7 @@ import time
 import torch
 
 from benchmarks.rows import run_info, write_rows
+from tailorkv.models.llama import hf_state_dict
 from tailorkv.models.loader import load_model
 
 
@@ -33,7 +34,7 @@ def hf_model(name: str):
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
-    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(hf_state_dict(ours), strict=False)
     if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
         raise RuntimeError(f"weights do not map onto transformers' Llama: {missing} {unexpected}")
     return model.eval(), ours.config

@@ -1,52 +1,51 @@
-"""Throughput sweep: for each KV policy, start a server on the model, run bench_serving's random dataset at each
-maximum concurrency, stop the server. Every row is bench_serving's (output_tok_per_s, ttft_s_median, ...) plus
-`decode_tok_per_s` = concurrency / median ITL: the steady decode rate of a full batch, prefill left out. Each
-point draws its own random prompts (seed = concurrency), so none hits the prefix cache of the points before it.
+"""Each KV policy's largest batch at long contexts, and its decode and output throughput there.
 
-    python -m benchmarks.bench_throughput --model dummy:llama-3.1-8b --context 32768 --output-len 256 \\
-        --policies full,tailor:longbench,tailor:longbench:key_sketch=1 --concurrency 4,8,16,32 \\
-        --output benchmarks/results/throughput_32k.json
+    python -m benchmarks.bench_throughput --model dummy:llama-3.1-8b --contexts 32768,65536,131072 \\
+        --policies full,tailor:longbench --output-len 1024 \\
+        --server-args "--gpu-memory-limit 80 --host-kv-gib 100" --output benchmarks/results/throughput.json
 
-`--waves` requests per concurrency slot (num_prompts = waves * concurrency). Server flags beyond the policy go in
-`--server-args` (e.g. "--gpu-memory-limit 80 --host-kv-gib 90").
+One server per policy, every one with the same flags (--server-args; a tailor spec without a preset gets the default
+one written out, so its rows and command name it). Per context, batch sizes double from --start until one does not
+fit, then bisect until the size after the largest that fits is one that did not: every probe is a row (`fits`), the
+largest fitting one marked `largest`. A probe sends B requests at once (prompt = context - output_len random tokens,
+answers of --output-len tokens, EOS ignored); it fits when the server ran all B at once (its running count, polled)
+and retracted none. Rows add bench_serving's (output_tok_per_s, ttft_s_median, itl_s_median, ...) and
+decode_tok_per_s = B / median ITL (a full batch's decode rate, prefill left out). Draws decode tok/s against batch
+size, a line per policy and context, to --plot (PNG).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
 from benchmarks import bench_serving
 from benchmarks.policy_spec import identity, label, parse_policy
 from benchmarks.rows import run_info, write_rows
+from tailorkv.kvcache.tailor_config import DEFAULT_PRESET
+
+
+def pinned(spec: str) -> str:
+    """The spec with tailor's default preset written out."""
+    name, preset, options = parse_policy(spec)
+    if name != "tailor" or preset:
+        return spec
+    return ":".join([name, DEFAULT_PRESET, *(f"{k}={v}" for k, v in options.items())])
 
 
 def server_command(args, spec: str) -> list[str]:
     name, preset, options = parse_policy(spec)
-    cmd = [
-        sys.executable,
-        "-m",
-        "tailorkv",
-        "serve",
-        "--model",
-        args.model,
-        "--kv-policy",
-        name,
-        "--port",
-        str(args.port),
-        "--max-running-requests",
-        str(max(args.concurrency)),
-        "--chunked-prefill-size",
-        str(args.context + 64),
-    ]
+    cmd = [sys.executable, "-m", "tailorkv", "serve", "--model", args.model, "--kv-policy", name]
+    cmd += ["--port", str(args.port), "--max-running-requests", str(args.max_batch)]
+    cmd += ["--chunked-prefill-size", str(max(args.contexts) + 64)]
     if preset:
         cmd += ["--tailor-preset", preset]
     for k, v in options.items():
@@ -64,55 +63,102 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(2)
+        time.sleep(0.5)
     raise SystemExit("server did not become ready")
 
 
+def search(fits: Callable[[int], bool], start: int, cap: int) -> None:
+    """Probe batch sizes from `start` (doubling, at most `cap`), then bisect, until the largest that fits is
+    followed by a probed size that does not (or is `cap`)."""
+    lo, hi, b = 0, None, start
+    while b <= cap:
+        if not fits(b):
+            hi = b
+            break
+        lo, b = b, min(2 * b, cap) if b < cap else cap + 1
+    while hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+
+
+class RunningPeak:
+    """Polls the server's running count in a thread: the most requests it ran at once."""
+
+    def __init__(self, url: str):
+        self.url, self.peak, self._stop = url, 0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=5) as http:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, http.get("/get_load").json()["num_reqs"])
+                time.sleep(0.02)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def probe(args, url: str, spec: str, context: int, batch: int) -> dict:
+    """One run of `batch` requests at once: bench_serving's row with fits, peak running and retractions."""
+    retracted = httpx.get(f"{url}/get_server_info").json()["num_retracted_reqs"]
+    peak = RunningPeak(url)
+    try:
+        row = bench_serving.main(
+            [
+                *("--base-url", url, "--num-prompts", str(batch), "--max-concurrency", str(batch)),
+                *("--random-input-len", str(context - args.output_len)),
+                *("--random-output-len", str(args.output_len), "--warmup-requests", "0"),
+                *("--seed", str(context * 1000 + batch)),  # no prefix-cache hits across probes
+            ]
+        )
+    finally:
+        running = peak.stop()
+    retracted = httpx.get(f"{url}/get_server_info").json()["num_retracted_reqs"] - retracted
+    ok = running == batch and retracted == 0 and row["failed"] == 0
+    itl = row["itl_s_median"]
+    return {
+        **row,
+        **identity(spec),
+        "context": context,
+        "batch": batch,
+        "output_len": args.output_len,
+        "fits": ok,
+        "peak_running": running,
+        "retracted": retracted,
+        "decode_tok_per_s": batch / itl if ok and itl > 0 else None,
+    }
+
+
 def sweep(args, spec: str, info: dict) -> list[dict]:
+    """Start the policy's server, search each context's largest batch, stop the server."""
     url = f"http://127.0.0.1:{args.port}"
-    log = open(
-        os.path.splitext(args.output)[0] + f"_{spec.replace(':', '-').replace('=', '')}.server.log",
-        "w",
-    )
+    name = spec.replace(":", "-").replace("=", "")
+    log = open(f"{os.path.splitext(args.output)[0]}_{name}.server.log", "w")
     proc = subprocess.Popen(server_command(args, spec), stdout=log, stderr=subprocess.STDOUT)
-    rows = []
+    rows: list[dict] = []
     try:
         wait_ready(url, proc, args.ready_timeout)
-        for c in args.concurrency:
-            with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as tmp:
-                bench_serving.main(
-                    [
-                        "--base-url",
-                        url,
-                        "--num-prompts",
-                        str(c * args.waves),
-                        "--random-input-len",
-                        str(args.context - args.output_len),
-                        "--random-output-len",
-                        str(args.output_len),
-                        "--max-concurrency",
-                        str(c),
-                        "--output-file",
-                        tmp.name,
-                        "--seed",
-                        str(c),
-                    ]
-                )  # other prompts than the points before: no prefix-cache hits
-                row = json.loads(tmp.read().splitlines()[-1])
-            row.update(
-                identity(spec),
-                concurrency=c,
-                context=args.context,
-                decode_tok_per_s=c / row["itl_s_median"] if row["itl_s_median"] > 0 else None,
-                **info,  # this sweep's command, not the bench_serving call inside it
-            )
-            rows.append(row)
-            print(
-                f"{spec} context {args.context} concurrency {c}: {row['output_tok_per_s']:.1f} output tok/s, "
-                f"{row['decode_tok_per_s'] or 0:.1f} decode tok/s, TTFT median {row['ttft_s_median']:.2f} s, "
-                f"{row['failed']} failed",
-                flush=True,
-            )
+        for context in args.contexts:
+
+            def fits(batch: int) -> bool:
+                row = {**probe(args, url, spec, context, batch), **info}
+                rows.append(row)
+                print(
+                    f"{spec} context {context} batch {batch}: fits {row['fits']} (ran "
+                    f"{row['peak_running']} at once, {row['retracted']} retracted), "
+                    f"{row['decode_tok_per_s'] or 0:.1f} decode tok/s, "
+                    f"{row['output_tok_per_s']:.1f} output tok/s",
+                    flush=True,
+                )
+                return row["fits"]
+
+            search(fits, args.start, args.max_batch)
+            ok = [r for r in rows if r["context"] == context and r["fits"]]
+            if ok:
+                max(ok, key=lambda r: r["batch"])["largest"] = True
     finally:
         proc.terminate()
         try:
@@ -123,35 +169,67 @@ def sweep(args, spec: str, info: dict) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Decode tok/s against batch size: a line per policy and context (fitting batches only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["fits"] and r["decode_tok_per_s"]:
+            lines.setdefault((label(r), r["context"]), []).append(
+                (r["batch"], r["decode_tok_per_s"])
+            )
+    for (spec, context), points in sorted(lines.items()):
+        ax.plot(*zip(*sorted(points)), marker="o", label=f"{spec}, {context // 1024}k")
+    machines = {r.get("machine") for r in rows}
+    where = f", {machines.pop()}" if len(machines) == 1 and None not in machines else ""
+    ax.set(xlabel="batch size (requests decoding at once)", ylabel="decode tok/s")
+    ax.set_title(f"Decode throughput up to each policy's largest batch{where}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="dummy:llama-3.1-8b")
-    p.add_argument("--policies", default="full,tailor:longbench,tailor:longbench:key_sketch=1")
-    p.add_argument("--context", type=int, default=32768, help="prompt + output tokens per request")
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--waves", type=int, default=1)
+    p.add_argument("--policies", default="full,tailor:longbench")
+    p.add_argument("--contexts", default="32768,65536,131072", help="prompt + answer tokens")
+    p.add_argument("--output-len", type=int, default=1024, help="answer tokens per request")
+    p.add_argument("--start", type=int, default=1, help="the first batch size probed")
+    p.add_argument("--max-batch", type=int, default=64, help="the server's max running requests")
     p.add_argument("--port", type=int, default=30123)
-    p.add_argument("--server-args", default="")
+    p.add_argument("--server-args", default="", help='e.g. "--gpu-memory-limit 80"')
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--output", default="benchmarks/results/throughput.json")
+    p.add_argument("--plot", default=None, help="PNG (default: --output with .png)")
     args = p.parse_args(argv)
-    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    args.contexts = [int(x) for x in args.contexts.split(",")]
     info = run_info(__spec__.name, argv)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # server logs go beside it
     rows = []
-    for spec in args.policies.split(","):
+    for spec in map(pinned, args.policies.split(",")):
         rows += sweep(args, spec, info)
         write_rows(args.output, rows)
+    plot(rows, args.plot or os.path.splitext(args.output)[0] + ".png")
     print(
-        f"{'policy':<32} {'context':>8} {'conc':>5} {'output tok/s':>12} {'decode tok/s':>12} {'TTFT med s':>10}"
+        f"{'policy':<32} {'context':>8} {'batch':>5} {'fits':>5} {'decode tok/s':>12} "
+        f"{'output tok/s':>12} {'TTFT med s':>10}"
     )
     for r in rows:
+        mark = " <- largest" if r.get("largest") else ""
         print(
-            f"{label(r):<32} {r['context']:>8} {r['concurrency']:>5} {r['output_tok_per_s']:>12.1f} "
-            f"{r['decode_tok_per_s'] or 0:>12.1f} {r['ttft_s_median']:>10.2f}"
+            f"{label(r):<32} {r['context']:>8} {r['batch']:>5} {r['fits']!s:>5} "
+            f"{r['decode_tok_per_s'] or 0:>12.1f} {r['output_tok_per_s']:>12.1f} "
+            f"{r['ttft_s_median']:>10.2f}{mark}"
         )
     return rows
 

@@ -11,7 +11,11 @@ from .api.limits import HttpLimits
 from .config import EngineConfig, InputLimits
 from .errors import ConfigError, TailorKVError
 
-POLICY_ARGS = ("tailor_preset", "key_sketch")  # engine arguments that are options of the KV policy
+POLICY_ARGS = (
+    "tailor_preset",
+    "key_sketch",
+    "host_kv_dtype",
+)  # engine arguments that are options of the KV policy
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +38,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="BITS",
         help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
+    )
+    p.add_argument(
+        "--host-kv-dtype",
+        choices=("auto", "fp8"),
+        default=None,
+        help="tailor: the host tier's token rows in the compute dtype (auto) or float8 e4m3 with a per-token, "
+        "per-KV-head scale (fp8: half the host bytes; prompt-time reads see the dequantized rows)",
     )
     p.add_argument(
         "--logprobs-mode",

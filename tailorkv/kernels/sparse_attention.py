@@ -6,7 +6,8 @@ sources into one tensor first.
 Shapes (B rows, Hq query heads over H KV heads, head_dim D):
 - q [B, Hq, D]; window win_k, win_v [slots, W, H, D] read at slots [B], valid where win_mask [B, W];
 - generated gen_k, gen_v [N, H, D] read at gen_read [B, G], valid where gen_mask [B, G];
-- fetched [B, H, K, 2D] (a token's K then V), valid where valid [B, H, K].
+- fetched [B, H, K, 2D] (a token's K then V), or fp8 host rows packed as host_fp8 does (uint8 [B, H, K, 2D + 4],
+  dequantized here), valid where valid [B, H, K].
 Returns [B, Hq, D] in q's dtype (float32 math). Masked slots may hold anything, NaN included.
 """
 
@@ -17,6 +18,7 @@ from types import ModuleType
 
 import torch
 
+from . import host_fp8
 from .attention import grouped_attention
 from .dispatch import pick
 
@@ -36,6 +38,8 @@ def sparse_decode_attention(
     sm_scale: float,
 ) -> torch.Tensor:
     h, d = win_k.shape[2], win_k.shape[3]
+    if fetched.dtype == torch.uint8:
+        fetched = host_fp8.dequantize_rows(fetched, win_k.dtype)
     keys = torch.cat(
         [win_k[slots], gen_k[gen_read], fetched[..., :d].transpose(1, 2).to(win_k.dtype)], 1
     )

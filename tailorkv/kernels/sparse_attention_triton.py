@@ -1,6 +1,7 @@
 """Triton version of sparse_attention.py (same function, signature and result): one program per (row, KV head)
 walks the window, the generated tokens and the fetched rows in tiles, its GQA query heads sharing each tile, with
-an online softmax; masked slots are never loaded."""
+an online softmax; masked slots are never loaded. Fetched fp8 rows (host_fp8) are decoded from their bytes as they
+load (integer ops: any GPU, and the interpreter)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,24 @@ def _tile(q, k, v, ok, m, l, acc, qk_scale):
     p = tl.exp2(s - m_safe[:, None])
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
     return m_new, l * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
+def _e4m3(b):
+    """float8 e4m3fn codes (uint8) -> float32 (the codes host_fp8 writes: never NaN)."""
+    b = b.to(tl.int32)
+    e, m = (b >> 3) & 15, b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)  # subnormal: m * 2^-9
+    return tl.where(b >= 128, -mag, mag)
+
+
+@triton.jit
+def _bf16_at(ptr, off, ok):
+    """The little-endian bfloat16 at byte offsets `off` of a uint8 pointer, as float32 (0 where not `ok`)."""
+    lo = tl.load(ptr + off, mask=ok, other=0).to(tl.int32)
+    hi = tl.load(ptr + off + 1, mask=ok, other=0).to(tl.int32)
+    return ((lo | (hi << 8)) << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["G", "K", "swm_b", "sgr_b", "sgm_b"])
@@ -56,10 +75,12 @@ def _sparse_decode_kernel(
     sgm_b,
     so_b,
     so_h,
+    RW,
     GQA: tl.constexpr,
     GQA_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     b, h = tl.program_id(0), tl.program_id(1)
     i = tl.arange(0, GQA_PAD)
@@ -92,9 +113,12 @@ def _sparse_decode_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         row = (b * H + h).to(tl.int64) * K + t
         ok = tl.load(valid_ptr + row, mask=t < K, other=0) != 0
-        off = row[:, None] * (2 * D) + d[None, :]
-        k = tl.load(f_ptr + off, mask=ok[:, None] & dm, other=0.0)
-        v = tl.load(f_ptr + off + D, mask=ok[:, None] & dm, other=0.0)
+        off = row[:, None] * RW + d[None, :]
+        k = tl.load(f_ptr + off, mask=ok[:, None] & dm, other=0)
+        v = tl.load(f_ptr + off + D, mask=ok[:, None] & dm, other=0)
+        if FP8:  # codes [K | V], then the K and V scales
+            k = _e4m3(k) * _bf16_at(f_ptr, row * RW + 2 * D, ok)[:, None]
+            v = _e4m3(v) * _bf16_at(f_ptr, row * RW + 2 * D + 2, ok)[:, None]
         m, l, acc = _tile(q, k, v, ok, m, l, acc, qk_scale)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(
@@ -163,9 +187,11 @@ def sparse_decode_attention(
         gen_mask.stride(0),
         out.stride(0),
         out.stride(1),
+        fetched.shape[3],
         GQA=gqa,
         GQA_PAD=max(16, triton.next_power_of_2(gqa)),
         BLOCK_T=_BLOCK_T,
         BLOCK_D=triton.next_power_of_2(d),
+        FP8=fetched.dtype == torch.uint8,
     )
     return out

@@ -10,6 +10,10 @@ DeviceCopies, a gather there); generated tokens sit in the GPU tier in 64-token 
 
 With a key sketch (TailorConfig.key_sketch) the channel-major copy is not kept: a KIVI 1/2-bit copy of K per
 256-token page in the GPU tier (its own pool, "sketch" pages) is what stage 2 scores from.
+
+With fp8 rows (--host-kv-dtype fp8) the token rows (and their GPU copies) hold host_fp8's packed rows: decode
+fetches them in 8 bits and the sparse attention kernel dequantizes them; prompt-time reads (shared_prefix) dequantize
+to the compute dtype. The channel-major copy of K stays in the compute dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import host_copy, kivi, sketch_scores, sparse_attention
+from ..kernels import host_copy, host_fp8, kivi, sketch_scores, sparse_attention
 from ..memory.device_copies import DeviceCopies, PrefixReads
 from ..memory.host_memory import host_tensor
 from .prompt_rows import HOST_PAGE, PromptRows
@@ -172,17 +176,22 @@ class OffloadStore:
         sketch_pages: int = 0,
         extra_row_layers: int = 0,
         copy_slots: int = 0,
+        fp8_rows: bool = False,
     ):
         """`extra_row_layers`: more layers whose prompt rows only are kept (tailor's Q layers, for a later request
         that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ...
-        `copy_slots`: host pages whose token rows (every row layer) also have a copy in the GPU tier (DeviceCopies)."""
+        `copy_slots`: host pages whose token rows (every row layer) also have a copy in the GPU tier (DeviceCopies).
+        `fp8_rows`: token rows stored as host_fp8 packed rows."""
         L, H, D = num_layers, num_kv_heads, head_dim
+        self.dtype, self.fp8_rows = dtype, fp8_rows
+        self.row_shape = (H, HOST_PAGE, host_fp8.row_width(D) if fp8_rows else 2 * D)
+        self.row_dtype = torch.uint8 if fp8_rows else dtype
         self.sketch_bits = sketch_bits
         self.h, self.d, self.device, self.window = H, D, device, sink + recent
         # host_on_device: the "host" tier in device memory — the same math without PCIe (accuracy runs)
         pin = torch.device(device).type == "cuda" and not host_on_device
 
-        def host(*shape):
+        def host(*shape, dtype=dtype):
             return (
                 torch.empty(shape, dtype=dtype, device=device)
                 if host_on_device
@@ -190,17 +199,16 @@ class OffloadStore:
             )
 
         self.rows = [
-            host(host_pages, H, HOST_PAGE, 2 * D) for _ in range(L + extra_row_layers)
+            host(host_pages, *self.row_shape, dtype=self.row_dtype)
+            for _ in range(L + extra_row_layers)
         ]  # no huge block
         self.copies = DeviceCopies(copy_slots)
         self.copy_rows = (
             torch.empty(
                 L + extra_row_layers,
                 copy_slots + 1,
-                H,
-                HOST_PAGE,
-                2 * D,
-                dtype=dtype,
+                *self.row_shape,
+                dtype=self.row_dtype,
                 device=device,
             )
             if copy_slots
@@ -239,16 +247,23 @@ class OffloadStore:
         itemsize: int,
         channel_copy: bool = True,
         extra_row_layers: int = 0,
+        fp8_rows: bool = False,
     ) -> int:
-        rows = (num_layers + extra_row_layers) * 2 + (
-            num_layers if channel_copy else 0
-        )  # K+V rows, channel-major K
-        return rows * h * HOST_PAGE * d * itemsize
+        rows = (num_layers + extra_row_layers) * OffloadStore.row_bytes(d, itemsize, fp8_rows)
+        channel_major = num_layers * d * itemsize if channel_copy else 0
+        return (rows + channel_major) * h * HOST_PAGE
 
     @staticmethod
-    def bytes_per_copy(row_layers: int, h: int, d: int, itemsize: int) -> int:
+    def row_bytes(d: int, itemsize: int, fp8_rows: bool) -> int:
+        """Bytes of one token's row of one KV head (K and V)."""
+        return host_fp8.row_width(d) if fp8_rows else 2 * d * itemsize
+
+    @staticmethod
+    def bytes_per_copy(
+        row_layers: int, h: int, d: int, itemsize: int, fp8_rows: bool = False
+    ) -> int:
         """GPU bytes of one host page's copy (DeviceCopies): its token rows of every row layer."""
-        return row_layers * 2 * h * HOST_PAGE * d * itemsize
+        return row_layers * h * HOST_PAGE * OffloadStore.row_bytes(d, itemsize, fp8_rows)
 
     @staticmethod
     def bytes_per_sketch_page(num_layers: int, h: int, d: int, bits: int) -> int:
@@ -311,10 +326,16 @@ class OffloadStore:
             x[rows.page_src].view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2) for x in (k, v)
         )
         src, kv = torch.arange(np_, device=k.device), torch.cat([kp, vp], dim=-1)
+        if self.fp8_rows:
+            kv = host_fp8.quantize_rows(kv)
         self.ops.copy_pages(kv, src, self.rows[row_layer], rows.host_pages)
         if self.copy_rows is not None:
             self.copy_rows[row_layer][rows.copy_slots] = kv
         return kp
+
+    def row_buffer(self, pages: int) -> torch.Tensor:
+        """An uninitialised device buffer for `pages` pages of token rows as stored (read_prefix's `out`)."""
+        return torch.empty(pages, *self.row_shape, dtype=self.row_dtype, device=self.device)
 
     def read_prefix(self, row_layer: int, reads: PrefixReads, out: torch.Tensor) -> torch.Tensor:
         """The token rows of a shared prefix into `out` [pages, H, 256, 2D] on the device: the pages with a copy
@@ -331,7 +352,9 @@ class OffloadStore:
         return out
 
     def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
-        """The k, v of prefix rows read back by read_prefix, with max|K| when asked."""
+        """The k, v of prefix rows read back by read_prefix (fp8 rows dequantized), with max|K| when asked."""
+        if self.fp8_rows:
+            rows = host_fp8.dequantize_rows(rows, self.dtype)
         kv = rows.transpose(1, 2).reshape(rows.shape[0] * HOST_PAGE, self.h, 2 * self.d)
         k, v = kv[..., : self.d], kv[..., self.d :]
         if not max_abs:

@@ -26,6 +26,12 @@ class KVPolicy(ABC):
     def validate_options(cls, **options) -> None:
         """Raise ConfigError for an option this policy does not take or a value it refuses; needs no model (runs
         before one loads)."""
+        if options.get("host_kv_dtype") not in (None, "auto"):
+            raise ConfigError(
+                f"host_kv_dtype {options['host_kv_dtype']!r}: kv_policy {cls.name!r} keeps no KV rows in a "
+                "host tier that decode reads (tailor does: --kv-policy tailor)"
+            )
+        options.pop("host_kv_dtype", None)
         if options:
             raise ConfigError(
                 f"kv_policy {cls.name!r} takes no option(s): {', '.join(sorted(options))}"

@@ -78,6 +78,11 @@ class TailorPolicy(KVPolicy):
             self.plan_missing = plan is None
             self.tc.quant_layers = plan or []
         self.tc.validate(cfg.num_layers, cfg.head_dim)
+        if self.tc.fp8_rows and len(self.tc.quant_layers) >= cfg.num_layers:
+            raise ConfigError(
+                "host_kv_dtype fp8 stores the sparsity-friendly layers' host rows in 8 bits; "
+                f"this plan quantizes all {cfg.num_layers} layers, so there are none"
+            )
         kivi.value_group(self.tc.group_size, cfg.head_dim, self.tc.quant_bits)
         self.set_quant_layers(self.tc.quant_layers)
 
@@ -142,11 +147,11 @@ class TailorPolicy(KVPolicy):
             gpu["sketch"] = (HOST_PAGE, spage, 64, "prompt")
         unit = sum(b * n for _, b, n, _ in gpu.values())  # per 64 host pages
         hpage = OffloadStore.bytes_per_host_page(
-            ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq
+            ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq, fp8_rows=t.fp8_rows
         )
         host_pages = max(host_bytes // hpage, 1)
         host = [PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt")]
-        cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item)
+        cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item, t.fp8_rows)
         if (
             copy_bytes is None
         ):  # without prefix caching only prefill chunks read them: none unless asked
@@ -209,6 +214,7 @@ class TailorPolicy(KVPolicy):
             n.get("sketch", 0),
             extra_row_layers=len(self.q_index),
             copy_slots=n.get("copies", 0),
+            fp8_rows=t.fp8_rows,
         )
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
@@ -460,14 +466,7 @@ class TailorPolicy(KVPolicy):
         """Start reading a layer's prefix pages (a shared prefix, tails): (their rows on the device, the event of
         their arrival or None)."""
         # allocated on the main stream, which uses and frees it only after waiting for the side stream's copy
-        out = torch.empty(
-            reads.pages,
-            self.offload.h,
-            HOST_PAGE,
-            2 * self.offload.d,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        out = self.offload.row_buffer(reads.pages)
         side = self.prefetch_stream
         if side is None:
             return self.offload.read_prefix(self._row_layer(layer), reads, out), None
@@ -587,4 +586,8 @@ class KiviPolicy(TailorPolicy):
     def validate_options(cls, tailor_preset: str | None = None, **options) -> None:
         if "quant_layers" in options:
             raise ConfigError("kivi quantizes every layer; quant_layers is not an option of it")
+        if options.get("host_kv_dtype") not in (None, "auto"):
+            raise ConfigError(
+                "host_kv_dtype: kivi keeps no layer's KV in the host tier for decode (tailor does)"
+            )
         super().validate_options(tailor_preset, **{"quant_bits": 2, **options})

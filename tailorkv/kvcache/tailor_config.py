@@ -10,6 +10,10 @@
   the channels with the real query and stage 2 scores tokens from the sketch, so only the top-k rows cross PCIe.
   Default 2: within 1 point of the paper's path on the accuracy benchmark, 1.4x faster at 128k
   (benchmarks/NOTES.md, "Key sketch").
+- host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
+  with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
+  per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
+  chunked prefill, GPU copies) see the dequantized values: exactness against full attention holds for "auto" only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ PRESETS = {
     "ruler": dict(sink=64, recent=64, top_k=896, d_s=12, quant_bits=2),
 }
 DEFAULT_PRESET = "longbench"
+HOST_KV_DTYPES = ("auto", "fp8")
 
 
 @dataclass
@@ -37,6 +42,11 @@ class TailorConfig:
     top_k: int = 128
     d_s: int = 8
     key_sketch: int = 2
+    host_kv_dtype: str = "auto"
+
+    @property
+    def fp8_rows(self) -> bool:
+        return self.host_kv_dtype == "fp8"
 
     @property
     def budget(self) -> int:
@@ -70,6 +80,10 @@ class TailorConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if self.key_sketch not in (0, 1, 2):
             raise ConfigError(f"key_sketch must be 0 (off), 1 or 2 bits, got {self.key_sketch!r}")
+        if self.host_kv_dtype not in HOST_KV_DTYPES:
+            raise ConfigError(
+                f"host_kv_dtype must be one of {', '.join(HOST_KV_DTYPES)}, got {self.host_kv_dtype!r}"
+            )
         if not isinstance(self.d_s, int) or self.d_s < 1:
             raise ConfigError(f"d_s must be a positive integer, got {self.d_s!r}")
         if head_dim is not None and self.d_s > head_dim:

@@ -106,10 +106,13 @@ def load_dummy(name: str, device: torch.device, seed: int = 0) -> LoadedWeights:
     from .embedded import embedded_tokenizer_source
 
     cfg = dummy_config(name)
-    from .llama import LlamaModel
+    from .llama import LlamaModel, hf_names, part_sizes
 
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LlamaModel(cfg).state_dict().items()}
+        fused = LlamaModel(cfg).state_dict().items()
+    sizes = part_sizes(cfg)
+    # HF names, in the order (and so with the random numbers) of the unfused model
+    shapes = {n: s for k, v in fused for n, s in hf_names(k, v.shape, sizes)}
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight")
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -4,6 +4,8 @@ The forward pass runs on a flat batch of tokens from many sequences ([T, hidden]
 engine's KV policy (`kv.attend`), which owns the cache and knows where each sequence's tokens live. With a
 tensor-parallel group each rank holds its slice of every layer (sharding.py) and the partial sums meet in one
 all-reduce after o_proj and one after the MLP; the logits are gathered from the ranks' vocabulary slices.
+q, k and v are one GEMM (qkv_proj) and gate and up one (gate_up_proj): the loaders hand HF-named weights and
+load_model concatenates each rank's slices (FUSED); hf_state_dict splits them back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from .rope import Rotary
 from .sharding import local_config
 
 MLP_CHUNK = 8192  # tokens per MLP call in a long prefill
+# fused projection -> the HF projections concatenated (in this order, along the output dim) into it
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class RMSNorm(nn.Module):
@@ -36,32 +40,34 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.sizes = [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d]
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
 
     def project_q(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         """RoPE(W_q x) as [T, heads, head_dim]; TailorKV's stage 1 also calls it to predict the next layer's query."""
-        return rotary.apply(self.q_proj(x).view(-1, self.num_heads, self.head_dim), positions)
+        n, bias = self.sizes[0], self.qkv_proj.bias
+        q = F.linear(x, self.qkv_proj.weight[:n], None if bias is None else bias[:n])
+        return rotary.apply(q.view(-1, self.num_heads, self.head_dim), positions)
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary):
         """q [T, heads, D], k, v [T, kv_heads, D] (RoPE applied to q and k): the inputs of the KV policy's attend."""
-        q = self.project_q(x, positions, rotary)
-        k = rotary.apply(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim), positions)
-        return q, k, self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = rotary.apply(q.reshape(-1, self.num_heads, self.head_dim), positions)
+        k = rotary.apply(k.reshape(-1, self.num_kv_heads, self.head_dim), positions)
+        return q, k, v.reshape(-1, self.num_kv_heads, self.head_dim).contiguous()
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= MLP_CHUNK:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         # a long prefill in chunks: the intermediate activations of all tokens at once would not fit a small GPU
         return torch.cat([self(part) for part in x.split(MLP_CHUNK)])
 
@@ -142,3 +148,44 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         return (logits if self.tp is None else self.tp.all_gather(logits)).float()
+
+
+def fused_name(name: str) -> tuple[str, int, int] | None:
+    """(the fused parameter an HF-named one is part of, its index among the parts, their count), or None."""
+    module, _, param = name.rpartition(".")
+    prefix, _, proj = module.rpartition(".")
+    for fused, parts in FUSED.items():
+        if proj in parts:
+            return f"{prefix}.{fused}.{param}", parts.index(proj), len(parts)
+    return None
+
+
+def hf_names(name: str, shape: torch.Size, sizes: dict[str, list[int]]) -> list[tuple[str, tuple]]:
+    """The HF-named parameters (name, shape) a parameter of this model holds: the parts of a fused one (split by
+    `sizes`, its parts' lengths along the output dim), else itself."""
+    module, _, param = name.rpartition(".")
+    prefix, _, proj = module.rpartition(".")
+    if proj not in FUSED:
+        return [(name, tuple(shape))]
+    lengths = sizes[proj]
+    return [(f"{prefix}.{part}.{param}", (n, *shape[1:])) for part, n in zip(FUSED[proj], lengths)]
+
+
+def part_sizes(cfg: ModelConfig) -> dict[str, list[int]]:
+    """Output lengths of each fused projection's parts for a model (or one rank's local) config."""
+    d = cfg.head_dim
+    return {
+        "qkv_proj": [cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d],
+        "gate_up_proj": [cfg.intermediate_size] * 2,
+    }
+
+
+def hf_state_dict(model: LlamaModel) -> dict[str, torch.Tensor]:
+    """The model's parameters under HF names, fused ones split back into views of their parts."""
+    sizes = part_sizes(local_config(model.config, model.tp.size if model.tp else 1))
+    out = {}
+    for name, t in model.state_dict().items():
+        parts = hf_names(name, t.shape, sizes)
+        for (part, _), view in zip(parts, t.split([s[0] for _, s in parts])):
+            out[part] = view
+    return out

@@ -12,7 +12,7 @@ from .dummy import load_dummy
 from .embedded import EMBEDDED_NAME, embedded_model_path
 from .gguf_loader import load_gguf
 from .hf_loader import load_hf_dir
-from .llama import LlamaModel
+from .llama import LlamaModel, fused_name
 from .sharding import check_divisible, shard
 from .weights import LoadedWeights
 
@@ -54,12 +54,23 @@ def load_model(
         disable=not progress,
         leave=False,
     )
+    parts: dict[str, dict[int, torch.Tensor]] = {}  # a fused weight's parts read so far, by index
     for name, t in bar:
-        if name not in expected:
+        fused = fused_name(name)
+        if (fused[0] if fused else name) not in expected:
             if "rotary_emb" in name:
                 continue
             raise ModelLoadError(f"unexpected weight {name!r} in {loaded.config.name}")
-        state[name] = shard(name, t, loaded.config, rank, size).to(device=device, dtype=dtype)
+        local = shard(name, t, loaded.config, rank, size).to(device=device, dtype=dtype)
+        if fused is None:
+            state[name] = local
+            continue
+        whole, index, count = fused
+        got = parts.setdefault(whole, {})
+        got[index] = local
+        if len(got) == count:  # this rank's slices, concatenated
+            state[whole] = torch.cat([got[i] for i in range(count)])
+            del parts[whole]
     if loaded.config.tie_word_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     missing = expected - state.keys()

@@ -1,0 +1,69 @@
+"""bench_latency's floor: bandwidths measured in the run (on CPU here, tiny sizes) and the floor's parts per policy,
+the fp8 host tier's top-k rows costing their bytes; the script end to end on dummy:tiny."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_latency
+from benchmarks.bandwidth import Bandwidths, measure
+from tailorkv import Engine
+
+
+def test_bandwidths_are_measured_on_the_device():
+    bw = measure(torch.device("cpu"), (3, 256, 132), torch.uint8, mib=4)
+    assert all(v > 0 for v in bw)
+    assert set(bw.as_row()) == {"device_gb_per_s", "host_copy_gb_per_s", "row_gather_gb_per_s"}
+
+
+@pytest.mark.parametrize("policy", ["tailor", "full"])
+def test_floor_parts_count_what_a_step_moves(policy):
+    bw = Bandwidths(1e12, 5e10, 2.5e10)
+    parts = {}
+    for dtype in ("auto", "fp8"):
+        options = {"quant_layers": [0], "host_kv_dtype": dtype} if policy == "tailor" else {}
+        if policy == "full" and dtype == "fp8":
+            continue
+        with Engine(
+            model="dummy:tiny",
+            kv_policy=policy,
+            progress=False,
+            kv_cache_gib=0.02,
+            host_kv_gib=0.02,
+            **options,
+        ) as e:
+            parts[dtype] = bench_latency.floor_parts(e, 4096, 2, 10**6, bw)
+            weights = sum(p.numel() * p.element_size() for p in e.model.parameters())
+    auto = parts["auto"]
+    assert auto["weights"] == pytest.approx(1e3 * weights / bw.device)
+    assert auto["gpu_kv"] == pytest.approx(1e3 * 10**6 / bw.device)
+    assert auto["pcie_bulk"] == 0  # the key sketch: no stage-1 reads over PCIe
+    if policy == "full":
+        assert auto["pcie_rows"] == 0
+        return
+    # 2 rows x 3 S layers x 128 top-k x 2 KV heads x (K and V: 2 x 32 float32 | fp8: 2 x 32 + 4 bytes)
+    assert auto["pcie_rows"] == pytest.approx(1e3 * 2 * 3 * 128 * 2 * 256 / bw.row_gather)
+    assert parts["fp8"]["pcie_rows"] == pytest.approx(auto["pcie_rows"] * 68 / 256)
+
+
+def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
+    out = tmp_path / "latency.json"
+    bench_latency.main(
+        [
+            "--model=dummy:tiny",
+            "--policies=full",
+            "--contexts=300",
+            "--steps=1",
+            "--warmup=0",
+            "--device=cpu",
+            "--kv-cache-gib=0.02",
+            "--host-kv-gib=0.02",
+            f"--output={out}",
+        ]
+    )
+    (row,) = json.loads(out.read_text())
+    parts = [row[f"floor_{k}_ms"] for k in ("weights", "gpu_kv", "pcie_bulk", "pcie_rows")]
+    assert row["floor_ms"] == pytest.approx(sum(parts), abs=0.01) and parts[0] > 0
+    assert row["device_gb_per_s"] > 0 and row["ms_per_token"] > 0
+    assert "PCIe rows" in capsys.readouterr().out

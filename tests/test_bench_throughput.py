@@ -1,0 +1,68 @@
+"""bench_throughput: the batch search (doubling, then bisecting to the size after the largest that fits), presets
+pinned, and the script end to end on CPU: a real server on dummy:tiny whose KV budget holds one request."""
+
+import argparse
+import json
+
+from conftest import free_port
+
+from benchmarks import bench_throughput
+
+
+def _search(limit: int, start: int, cap: int) -> list[int]:
+    probed = []
+
+    def fits(b: int) -> bool:
+        probed.append(b)
+        return b <= limit
+
+    bench_throughput.search(fits, start, cap)
+    return probed
+
+
+def test_search_ends_on_the_size_after_the_largest_that_fits():
+    assert _search(5, 1, 64) == [1, 2, 4, 8, 6, 5]
+    assert _search(4, 1, 64) == [1, 2, 4, 8, 6, 5]
+    assert _search(1, 1, 64) == [1, 2]
+    assert _search(0, 1, 64) == [1]
+    assert _search(100, 1, 12) == [1, 2, 4, 8, 12]  # the cap fits: nothing larger is probed
+    assert _search(9, 1, 12) == [1, 2, 4, 8, 12, 10, 9]
+
+
+def test_presets_are_pinned():
+    assert bench_throughput.pinned("tailor") == "tailor:longbench"
+    assert bench_throughput.pinned("tailor::key_sketch=1") == "tailor:longbench:key_sketch=1"
+    assert bench_throughput.pinned("tailor:ruler") == "tailor:ruler"
+    assert bench_throughput.pinned("full") == "full"
+    spec = bench_throughput.pinned("tailor::host_kv_dtype=fp8")
+    assert spec == "tailor:longbench:host_kv_dtype=fp8"
+    args = argparse.Namespace(
+        model="m", port=1, max_batch=4, contexts=[300], server_args="--device cpu"
+    )
+    cmd = " ".join(bench_throughput.server_command(args, spec))
+    assert "--tailor-preset longbench --host-kv-dtype fp8 --device cpu" in cmd
+
+
+def test_script_finds_the_largest_batch_on_cpu(tmp_path):
+    out = tmp_path / "throughput.json"
+    pages = 24  # of 16 tokens x 4 layers x 2 KV heads x 32 x K and V in float32: 1 request of 300 tokens
+    rows = bench_throughput.main(
+        [
+            "--model=dummy:tiny",
+            "--policies=full",
+            "--contexts=300",
+            "--output-len=8",
+            "--max-batch=4",
+            f"--port={free_port()}",
+            f"--server-args=--device cpu --kv-cache-gib {pages * 32 / 2**20} --host-kv-gib 0.01",
+            f"--output={out}",
+        ]
+    )
+    assert [(r["batch"], r["fits"], r.get("largest")) for r in rows] == [
+        (1, True, True),
+        (2, False, None),
+    ]
+    assert rows[0]["decode_tok_per_s"] > 0 and rows[0]["output_tok_per_s"] > 0
+    assert rows[1]["peak_running"] == 1 and rows[1]["decode_tok_per_s"] is None
+    assert json.loads(out.read_text()) == rows
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
