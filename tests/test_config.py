@@ -91,6 +91,42 @@ def test_cli_arguments_build_the_config():
     assert engine_config(args, kv_cache_gib=0.01) == EngineConfig(kv_cache_gib=0.01)
 
 
+def test_cli_tailor_knobs_become_policy_options():
+    args = build_parser().parse_args(
+        "generate --prompt hi --kv-policy tailor --tailor-preset ruler --tailor-top-k 300 --tailor-sink 4 "
+        "--tailor-recent 32 --tailor-d-s 16 --tailor-quant-bits 4 --tailor-key-sketch 0".split()
+    )
+    assert engine_config(args).policy_options == {
+        "tailor_preset": "ruler",
+        "top_k": 300,
+        "sink": 4,
+        "recent": 32,
+        "d_s": 16,
+        "quant_bits": 4,
+        "key_sketch": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "flags,line",
+    [
+        ("--tailor-top-k -5", "top_k must be a non-negative integer, got -5"),
+        ("--tailor-sink x", "--tailor-sink must be an integer, got 'x'"),
+        ("--tailor-recent -1", "recent must be a non-negative integer, got -1"),
+        ("--tailor-d-s 0", "d_s must be a positive integer, got 0"),
+        ("--tailor-quant-bits 3", "quant_bits must be 1, 2 or 4, got 3"),
+        ("--tailor-key-sketch 5", "key_sketch must be 0 (off), 1 or 2 bits, got 5"),
+        ("--tailor-preset nope", "unknown tailor_preset 'nope'; choose one of: longbench, ruler"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate --prompt hi", "serve"])
+def test_cli_bad_tailor_knob_is_one_line_before_the_model_loads(
+    no_model_load, capsys, command, flags, line
+):
+    code = main(f"{command} --kv-policy tailor {flags}".split())
+    assert (code, capsys.readouterr().err) == (2, f"tailorkv: error: {line}\n")
+
+
 def test_cli_refuses_a_bad_setting_before_the_model_loads(no_model_load, capsys):
     for command, needle in (
         (
