@@ -10,6 +10,7 @@ from dataclasses import fields
 from .api.limits import HttpLimits
 from .config import EngineConfig, InputLimits
 from .errors import ConfigError, TailorKVError
+from .kvcache.budget import TARGET
 
 # engine arguments that are options of the KV policy: argument name -> option name (kvcache/tailor_config.py)
 POLICY_ARGS = {
@@ -229,13 +230,26 @@ def cmd_calibrate(args) -> None:
         except OSError as e:
             raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
     with Engine.from_config(config) as engine:
-        scores, plan = calibrate(
-            engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens, args.tau
+        cal = calibrate(
+            engine.model,
+            engine.tokenizer,
+            engine.device,
+            engine.dtype,
+            text,
+            args.tokens,
+            args.tau,
+            args.target,
         )
-    print(f"{'layer':>5}  {'score':>7}  kind")
-    for i, s in enumerate(scores):
-        print(f"{i:>5}  {s:7.4f}  {'Q (quantize)' if s > args.tau else 'S (offload + top-k)'}")
-    print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={plan}")
+    b = cal.budget
+    print(f"{'layer':>5}  {'score':>7}  {'kind':<19}  top_k at " + "  ".join(map(str, b.contexts)))
+    for i, s in enumerate(cal.scores):
+        kind = "Q (quantize)" if s > args.tau else "S (offload + top-k)"
+        ks = "  ".join(f"{b.top_k(i, n):>{len(str(n))}}" for n in b.contexts)
+        print(f"{i:>5}  {s:7.4f}  {kind:<19}  {'':>8} {ks}")
+    print(
+        f"budget: {b.target:.0%} of the attention mass, sink {b.sink} + recent {b.recent} + top_k <= {b.cap}"
+    )
+    print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={cal.quant_layers}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,7 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", default=None, help="calibration text file (default: Paul Graham essays)"
     )
     c.add_argument("--tau", type=float, default=0.2)
-    c.add_argument("--tokens", type=int, default=4096, help="calibration prompt length")
+    c.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="calibration prompt length (default: 8192 on CPU, 32768 on CUDA, at most the model's context)",
+    )
+    c.add_argument(
+        "--target",
+        type=float,
+        default=TARGET,
+        help="attention mass an S layer's window and top-k tokens carry (the auto budget; default 0.98)",
+    )
     c.set_defaults(func=cmd_calibrate)
     return parser
 

@@ -116,7 +116,10 @@ def test_cli_tailor_knobs_become_policy_options():
         ("--tailor-d-s 0", "d_s must be a positive integer, got 0"),
         ("--tailor-quant-bits 3", "quant_bits must be 1, 2 or 4, got 3"),
         ("--tailor-key-sketch 5", "key_sketch must be 0 (off), 1 or 2 bits, got 5"),
-        ("--tailor-preset nope", "unknown tailor_preset 'nope'; choose one of: longbench, ruler"),
+        (
+            "--tailor-preset nope",
+            "unknown tailor_preset 'nope'; choose one of: auto, longbench, ruler",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["generate --prompt hi", "serve"])
@@ -144,11 +147,12 @@ def test_cli_refuses_a_bad_setting_before_the_model_loads(no_model_load, capsys)
 def test_cli_calibrate_prints_the_scores_and_stores_the_plan(monkeypatch, tmp_path, capsys):
     from tailorkv.kvcache import plans
 
-    monkeypatch.setattr(plans, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     code = main(["calibrate", "--model", "dummy:tiny", "--text", str(text), "--tokens", "128"])
     out = capsys.readouterr().out.splitlines()
-    stored = plans.layer_plan("dummy:tiny")
+    stored, source = plans.layer_plan("dummy:tiny")
     assert code == 0 and out[-1] == f"plan for dummy:tiny (tau=0.2): quant_layers={stored}"
-    assert len(out) == 2 + 4  # the header, a row per layer of dummy:tiny, the plan
+    assert source == plans.CACHED and plans.budget_plan("dummy:tiny")[0].contexts == [128]
+    assert len(out) == 3 + 4  # the header, a row per layer of dummy:tiny, the budget, the plan

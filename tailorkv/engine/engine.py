@@ -55,11 +55,16 @@ class Engine:
             self.config = rank.config
             self.tokenizer = Tokenizer(rank.tokenizer_source, extra_eos=self.config.eos_token_ids)
             self.grammars = Grammars(self.tokenizer, self.config.vocab_size)
-            if getattr(rank.policy, "plan_missing", False):
-                # a model without a shipped plan: calibrate once, cache
-                rank.policy.set_quant_layers(
-                    calibrate(self.model, self.tokenizer, self.device, self.dtype)[1]
+            policy = rank.policy
+            if getattr(policy, "plan_missing", False) or getattr(policy, "budget_missing", False):
+                # a model without a shipped or cached plan: calibrate once, cache
+                keep = None if policy.plan_missing else policy.tc.quant_layers
+                cal = calibrate(
+                    self.model, self.tokenizer, self.device, self.dtype, keep_quant_layers=keep
                 )
+                policy.use_calibration(cal.quant_layers, cal.budget)
+            if hasattr(policy, "settings"):
+                log.info("TailorKV settings: %s", policy.settings(self.config.max_position))
             layout = rank.build_cache()
         except BaseException:
             if self.workers:
