@@ -106,3 +106,28 @@ def summary_table(summaries: list[dict]) -> list[str]:
     if summaries:
         lines.append(f"\ncounted cells (full above chance): {', '.join(summaries[0]['cells'])}")
     return lines
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    import argparse
+    import json
+
+    from benchmarks.policy_spec import label
+
+    p = argparse.ArgumentParser(
+        description="The summary table of bench_accuracy result files merged (e.g. one device call per policy)."
+    )
+    p.add_argument("files", nargs="+")
+    p.add_argument("--output", default=None, help="write the summary rows here (JSON)")
+    args = p.parse_args(argv)
+    rows = [r for f in args.files for r in json.load(open(f)) if "scores" in r]
+    summaries = summary(rows, label)
+    print("\n".join(summary_table(summaries)))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(summaries, f, indent=1)
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
