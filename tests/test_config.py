@@ -33,6 +33,7 @@ def no_model_load(monkeypatch):
         ("kivi", {"quant_layers": [0]}, "kivi quantizes every layer"),
         ("kivi", {"sink": -1}, "sink must be"),
         ("streaming", {"budget": 0}, "need budget >= 1"),
+        ("streaming", {"tailor_preset": "auto"}, r"streaming: give budget= \(auto is tailor's"),
         ("quest", {"budget": 8, "sink": 8}, "0 <= sink < budget"),
         ("quest", {"top_k": 8}, "takes no option"),
         ("full", {"sink": 8}, "kv_policy 'full' takes no option"),
