@@ -5,7 +5,10 @@
 
 A policy is `name`, `name:preset` or `name:preset:option=value[:option=value]` (e.g. `tailor:longbench:key_sketch=1`);
 streaming and quest take the budget of that tailor preset (equal budget).
-Scores are RULER's string_match_all (fraction of references found), averaged per task, in percent. Perplexity:
+Scores are RULER's string_match_all (fraction of references found; QA: string_match_part), averaged per task, in
+percent, each row with its per-sample scores, chance (full's completions against other samples' references) and
+mean per-step budget. The summary averages the cells where full is above chance (the lower end of its 95% bootstrap
+interval), with a paired bootstrap 95% CI of each policy's difference to full on the same samples. Perplexity:
 windows of `--ppl-window` essay tokens; the first part is the prompt, the last `--ppl-tokens` tokens are
 teacher-forced one decode step at a time through the policy (so decode-time compression is what is measured).
 Writes a list of rows {policy, preset, task, length, samples, score, machine, date, commit, command} to --output.
@@ -21,7 +24,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from benchmarks.policy_spec import engine_options, identity
+from benchmarks.accuracy_stats import chance_score, summary, summary_table
+from benchmarks.policy_spec import engine_options, identity, label
 from benchmarks.report import accuracy_table
 from benchmarks.rows import run_info, write_rows
 from benchmarks.ruler_tasks import TASKS, generate, score
@@ -47,6 +51,15 @@ def engine_for(spec: str, args) -> Engine:
     )
 
 
+def step_budget(engine: Engine, context: int) -> float | None:
+    """Prompt tokens an S layer (tailor) or the layers (streaming, quest) attend to per decode step at `context`;
+    None for full attention and kivi."""
+    if engine.kv_settings and engine.policy.s_index:
+        return engine.kv_settings(context)["mean_budget"]
+    budget = getattr(engine.policy, "budget", None)
+    return min(budget, context) if isinstance(budget, int) else None
+
+
 def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
     rows = []
     count = lambda text: len(engine.tokenizer.encode(text))  # noqa: E731
@@ -60,7 +73,11 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
                     {"max_new_tokens": s.max_new_tokens, "temperature": 0} for s in samples
                 ],
             )
-            value = sum(score(s, o["text"]) for s, o in zip(samples, outs)) / len(samples)
+            texts = [o["text"] for o in outs]
+            scores = [100 * score(s, t) for s, t in zip(samples, texts)]
+            value = sum(scores) / 100 / len(samples)
+            contexts = [count(s.prompt) for s in samples]
+            budgets = [step_budget(engine, n) for n in contexts]
             rows.append(
                 {
                     **identity(spec),
@@ -68,6 +85,10 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
                     "length": length,
                     "samples": len(samples),
                     "score": round(100 * value, 2),
+                    "scores": scores,
+                    "chance": round(chance_score(samples, texts, score), 2),
+                    "context": sum(contexts) / len(contexts),
+                    "budget": None if None in budgets else sum(budgets) / len(budgets),
                 }
             )
             bar.update(1)
@@ -152,6 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_rows(args.output, rows)
     bar.close()
     print("\n".join(accuracy_table(rows)))
+    summaries = summary(rows, label)
+    print("\n".join(summary_table(summaries)))
+    write_rows(args.output, rows + [{**s, **info} for s in summaries])
     return rows
 
 

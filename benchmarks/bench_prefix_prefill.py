@@ -35,6 +35,7 @@ def run(args, copies: float | None) -> list[dict]:
     with Engine(
         model=args.model,
         kv_policy="tailor",
+        tailor_preset="longbench",  # performance runs pin their preset
         device=args.device,
         gpu_memory_limit_gib=args.gpu_memory_limit,
         host_kv_gib=args.host_kv_gib,

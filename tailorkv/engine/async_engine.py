@@ -156,11 +156,13 @@ class AsyncEngine:
             "memory": self.engine.memory.usage(),
         }
 
-    def server_info(self) -> dict:
-        """The engine's settings and its load (/get_server_info)."""
-        o = self.engine.options
+    def server_info(self, context: int | None = None) -> dict:
+        """The engine's settings and its load (/get_server_info); `tailorkv`: the TailorKV settings in force with
+        each S layer's top_k at `context` prompt tokens (default: the model's context), None for other policies."""
+        o, settings = self.engine.options, self.engine.kv_settings
         return {
             "kv_policy": o.kv_policy,
+            "tailorkv": settings(context or self.context_length) if settings else None,
             "max_running_requests": o.max_running_requests,
             "max_queued_requests": o.max_queued_requests,
             "max_total_num_tokens": self.engine.scheduler.max_total_tokens(),

@@ -31,6 +31,17 @@ log = logging.getLogger("tailorkv.engine")
 MAX_CHARS_PER_TOKEN = 256  # longer than any token of common vocabularies (the embedded one: 81)
 
 
+def describe(s: dict) -> str:
+    """One log line of TailorKV settings (TailorPolicy.settings)."""
+    ks = ", ".join(f"{layer}: {k}" for layer, k in s["top_k"].items())
+    return (
+        f"TailorKV {s['preset']}: Q layers {s['quant_layers']} ({s['quant_layers_source']}) at "
+        f"{s['quant_bits']} bits; S layers: key sketch {s['key_sketch']} bits, d_s {s['d_s']}, sink {s['sink']} + "
+        f"recent {s['recent']} + top_k at {s['context']} tokens {{{ks}}} (mean budget "
+        f"{s['mean_budget']:.0f}; {s['budget_source']})"
+    )
+
+
 class Engine:
     def __init__(
         self, model: str | None = None, kv_policy: str = "full", device=None, dtype=None, **options
@@ -56,11 +67,18 @@ class Engine:
             self.config = rank.config
             self.tokenizer = Tokenizer(rank.tokenizer_source, extra_eos=self.config.eos_token_ids)
             self.grammars = Grammars(self.tokenizer, self.config.vocab_size)
-            if getattr(rank.policy, "plan_missing", False):
-                # a model without a shipped plan: calibrate once, cache
-                rank.policy.set_quant_layers(
-                    calibrate(self.model, self.tokenizer, self.device, self.dtype)[1]
+            policy = rank.policy
+            if getattr(policy, "plan_missing", False) or getattr(policy, "budget_missing", False):
+                # a model without a shipped or cached plan: calibrate once, cache
+                keep = None if policy.plan_missing else policy.tc.quant_layers
+                cal = calibrate(
+                    self.model, self.tokenizer, self.device, self.dtype, keep_quant_layers=keep
                 )
+                policy.use_calibration(cal.quant_layers, cal.budget)
+            # the TailorKV settings in force at a context (None for other policies), as logged now
+            self.kv_settings = getattr(policy, "settings", None)
+            if self.kv_settings:
+                log.info(describe(self.kv_settings(self.config.max_position)))
             layout = rank.build_cache()
         except BaseException:
             if self.workers:

@@ -68,10 +68,11 @@ class EngineRank:
             self.dtype,
             **config.policy_options,
         )
-        if group and getattr(self.policy, "plan_missing", False):
+        missing = [p for p in ("plan", "budget") if getattr(self.policy, f"{p}_missing", False)]
+        if group and missing:
             raise ConfigError(
-                f"{self.config.name} has no TailorKV layer plan: run `tailorkv calibrate` on it (without "
-                "--tp) first, or give the quantized layers"
+                f"{self.config.name} has no TailorKV layer plan or budget: run `tailorkv calibrate` on it "
+                "(without --tp) first, or give the quantized layers and a preset or top_k"
             )
 
     def build_cache(self):

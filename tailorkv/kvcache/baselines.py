@@ -49,6 +49,8 @@ class _BudgetPolicy(FullPolicy):
     @classmethod
     def _budget_and_sink(cls, tailor_preset, budget, sink) -> tuple[int, int]:
         """Tokens a decode step reads and how many of them are the first ones (default: tailor's preset's)."""
+        if tailor_preset == "auto":
+            raise ConfigError(f"{cls.name}: give budget= (auto is tailor's per-layer budget)")
         tc = TailorConfig.from_options(tailor_preset)
         budget = tc.budget if budget is None else budget
         sink = tc.sink if sink is None else sink

@@ -68,7 +68,11 @@ class OffloadState:
         recent: int,
         sketch_pages: list[int] = (),
         partial_page: int | None = None,
+        top_k: list[int] = (),
     ):
+        self.top_k = list(
+            top_k
+        )  # per S layer: tokens fetched per step (fixed at admission by the prompt's length)
         self.host_pages_cpu = torch.tensor(host_pages, dtype=torch.long)
         self.sketch_pages_cpu = torch.tensor(sketch_pages, dtype=torch.long)
         self.gen_pages_cpu = torch.tensor(gen_pages, dtype=torch.long)
@@ -103,7 +107,7 @@ class DecodeView:
     entries past a row's pages, generated slots past a row's tokens) points at nothing: page -1, the scratch window
     slot and generated-token slot, masks False."""
 
-    def __init__(self, rows: int, pages: int, gen: int, window: int, device):
+    def __init__(self, rows: int, pages: int, gen: int, window: int, layers: int, device):
         i64, b = torch.long, torch.bool
         self.staged = StagedInputs(
             {
@@ -116,6 +120,7 @@ class DecodeView:
                 "gen_write": ((rows,), i64),
                 "gen_read": ((rows, gen), i64),
                 "gen_mask": ((rows, gen), b),
+                "top_k": ((rows, layers), i64),
             },
             device,
         )
@@ -135,6 +140,7 @@ class DecodeView:
         h["host_pages"].fill_(-1)
         h["sketch_pages"].fill_(-1)
         h["gen_read"].fill_(scratch_gen)
+        h["top_k"].zero_()
         lens = torch.ones(2, rows, dtype=torch.long)  # window, generated
         mid = torch.zeros(2, rows, dtype=torch.long)
         if n:
@@ -148,6 +154,7 @@ class DecodeView:
         for i, st in enumerate(states):
             h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
             h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
+            h["top_k"][i] = torch.tensor(st.top_k)
             g = st.gen_slots()
             h["gen_read"][i, : g.numel()] = g
         h["mid_begin"].copy_(mid[0])

@@ -29,9 +29,12 @@ def score_tokens(q: torch.Tensor, k_channels: torch.Tensor, channels: torch.Tens
     return torch.einsum("...hc,...hcl->...hl", qc, k_channels.float())
 
 
-def select_tokens(scores: torch.Tensor, begin, end, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_tokens(
+    scores: torch.Tensor, begin, end, k: int, k_rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per sequence):
-    (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer than k'."""
+    (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer than k', or its
+    rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that sequence's top k_rows."""
     pos = torch.arange(scores.shape[-1], device=scores.device)
     begin, end = (
         torch.as_tensor(begin, device=scores.device),
@@ -43,4 +46,7 @@ def select_tokens(scores: torch.Tensor, begin, end, k: int) -> tuple[torch.Tenso
         else (pos >= begin) & (pos < end)
     )
     top = scores.masked_fill(~inside, float("-inf")).topk(min(k, scores.shape[-1]), dim=-1)
-    return top.indices, top.values > float("-inf")
+    valid = top.values > float("-inf")
+    if k_rows is not None:
+        valid &= torch.arange(valid.shape[-1], device=valid.device) < k_rows[..., None, None]
+    return top.indices, valid

@@ -18,6 +18,7 @@ from ..memory.host_memory import to_device
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
+from .budget import BudgetPlan
 from .offload_store import (
     HOST_PAGE,
     DecodeView,
@@ -26,12 +27,12 @@ from .offload_store import (
     SharedPrefix,
     page_runs,
 )
-from .plans import layer_plan
+from .plans import NEW, budget_plan, layer_plan
 from .policy import KVPolicy
 from .prompt_rows import PrefillGroup
 from .quant_store import QuantState, QuantStore, QuantView
 from .selection import group_mean, score_tokens, select_channels, select_tokens
-from .tailor_config import TailorConfig
+from .tailor_config import DEFAULT_PRESET, TailorConfig, default_preset
 
 PAGE = 64
 MAX_SLOTS = 256  # per-request window slots: an upper bound on running requests
@@ -68,13 +69,16 @@ class TailorPolicy(KVPolicy):
         **options,
     ):
         super().__init__(cfg, device, dtype)
-        self.tc = TailorConfig.from_options(tailor_preset, **options)
+        preset = tailor_preset or default_preset(cfg.name)
+        self.tc = TailorConfig.from_options(preset, **options)
         self.host_on_device = bool(
             host_on_device
         )  # the host tier in device memory: accuracy runs on a big GPU
-        self.plan_missing = False
+        # where the Q layers and the budget come from: an option, a shipped plan, a cached or a new calibration
+        self.sources = {"quant_layers": "option", "budget": "preset"}
+        self.plan_missing = self.budget_missing = False
         if self.tc.quant_layers is None:
-            plan = layer_plan(cfg.name)
+            plan, self.sources["quant_layers"] = layer_plan(cfg.name)
             self.plan_missing = plan is None
             self.tc.quant_layers = plan or []
         self.tc.validate(cfg.num_layers, cfg.head_dim)
@@ -85,6 +89,48 @@ class TailorPolicy(KVPolicy):
             )
         kivi.value_group(self.tc.group_size, cfg.head_dim, self.tc.quant_bits)
         self.set_quant_layers(self.tc.quant_layers)
+        self.budget: BudgetPlan | None = (
+            None  # per-layer top_k by context; None: tc.top_k everywhere
+        )
+        if preset == "auto" and options.get("top_k") is not None:
+            self.sources["budget"] = "option"
+        elif preset == "auto" and self.s_index:
+            self.budget, self.sources["budget"] = budget_plan(cfg.name)
+            self.budget_missing = self.budget is None
+
+    def use_calibration(self, quant_layers: list[int] | None, budget: BudgetPlan | None) -> None:
+        """Take what a calibration at start measured for the plans that were missing."""
+        if self.plan_missing and quant_layers is not None:
+            self.set_quant_layers(quant_layers)
+            self.sources["quant_layers"], self.plan_missing = NEW, False
+        if self.budget_missing and budget is not None:
+            self.budget, self.sources["budget"], self.budget_missing = budget, NEW, False
+
+    def layer_top_k(self, context: int) -> list[int]:
+        """top_k of every S layer (in s_index order) for a request of `context` prompt tokens."""
+        if self.budget is None:
+            return [self.tc.top_k] * len(self.s_index)
+        return [self.budget.top_k(layer, context) for layer in self.s_index]
+
+    def settings(self, context: int) -> dict:
+        """The TailorKV settings in force, each S layer's top_k at `context` prompt tokens, and their sources."""
+        t = self.tc
+        ks = self.layer_top_k(context)
+        return {
+            "preset": t.preset,
+            "quant_layers": t.quant_layers,
+            "quant_layers_source": self.sources["quant_layers"],
+            "quant_bits": t.quant_bits,
+            "key_sketch": t.key_sketch,
+            "d_s": t.d_s,
+            "sink": t.sink,
+            "recent": t.recent,
+            "context": context,
+            "top_k": dict(zip(map(str, self.s_index), ks)),
+            "mean_budget": t.sink + t.recent + sum(ks) / max(len(ks), 1),
+            "budget_source": self.sources["budget"],
+            **({"mass_target": self.budget.target} if self.budget else {}),
+        }
 
     @classmethod
     def validate_options(
@@ -227,6 +273,7 @@ class TailorPolicy(KVPolicy):
         # a captured graph's inputs, per shape: filled in place by every replay of it
         self.graph_views: dict[tuple, DecodeView | QuantView] = {}
         self.graph_rows: dict[int, torch.Tensor] = {}
+        self._k_bounds: dict[tuple[int, int], int] = {}
 
     def add_request(
         self,
@@ -248,6 +295,7 @@ class TailorPolicy(KVPolicy):
             self.tc.recent,
             pages.get("sketch", ()),
             partial_page,
+            self.layer_top_k(prompt_len),
         )
 
     def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
@@ -299,7 +347,9 @@ class TailorPolicy(KVPolicy):
             view = self._view(
                 ("s", rows, *shape),
                 static,
-                lambda: DecodeView(rows, *shape, self.tc.sink + self.tc.recent, self.device),
+                lambda: DecodeView(
+                    rows, *shape, self.tc.sink + self.tc.recent, len(self.s_index), self.device
+                ),
             )
             view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
             key += shape
@@ -550,8 +600,18 @@ class TailorPolicy(KVPolicy):
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
             scores = score_tokens(q, k_channels, channels)
-        idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, self.tc.top_k)
+        # one top-k at the largest k of any row (that of the longest context the view holds: a static shape per
+        # captured graph), then each row keeps its own k's best (ranks >= its k are masked)
+        k = self._k_bound(si, scores.shape[-1])
+        idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, k, view.top_k[:, si])
         return self.offload.attend(si, view, q, self.offload.fetch_rows(si, view, idx), valid)
+
+    def _k_bound(self, si: int, context: int) -> int:
+        """The top_k of S layer `si` at `context` tokens: at least every shorter request's (k never decreases)."""
+        key = (si, context)
+        if key not in self._k_bounds:
+            self._k_bounds[key] = max(1, self.layer_top_k(context)[si])  # topk of 0 has no rows
+        return self._k_bounds[key]
 
     def _sketch_scores(self, si: int, q: torch.Tensor, view: DecodeView) -> torch.Tensor:
         """Both stages from the GPU tier: d_s channels picked with the real query (Eq. 10), tokens scored on them
@@ -579,7 +639,12 @@ class KiviPolicy(TailorPolicy):
         self.validate_options(tailor_preset, **options)
         options.setdefault("quant_bits", 2)
         super().__init__(
-            cfg, device, dtype, tailor_preset, quant_layers=list(range(cfg.num_layers)), **options
+            cfg,
+            device,
+            dtype,
+            tailor_preset or DEFAULT_PRESET,  # no S layers: no budget to calibrate
+            quant_layers=list(range(cfg.num_layers)),
+            **options,
         )
 
     @classmethod

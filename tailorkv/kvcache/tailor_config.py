@@ -4,6 +4,8 @@
 - quant_bits, group_size, residual: KIVI settings of the Q layers (1/2/4 bits, groups of 64, 128 fp tokens).
 - sink, recent, top_k: the sparsity-friendly ("S") layers attend to sink + recent prompt tokens kept on the
   GPU, the top_k dominant prompt tokens fetched from the host tier each step, and every generated token.
+  Preset `auto` (the default for real models): the ruler preset's window, d_s and bits, and top_k per layer and
+  context from the model's BudgetPlan (kvcache/budget.py; top_k given as well: that k for every layer).
 - d_s: key channels per KV head that stage 1 selects and stage 2 scores tokens on.
 - key_sketch (beyond the paper): 0 = the paper's retrieval (stage 1 reads d_s channels of every prompt key over
   PCIe); 1 or 2 = S layers also keep a KIVI copy of the prompt's K at that many bits in the GPU tier, stage 1 picks
@@ -21,13 +23,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
+from .budget import MAX_TOP_K
 
 PRESETS = {
     "longbench": dict(sink=8, recent=56, top_k=128, d_s=8, quant_bits=1),
     "ruler": dict(sink=64, recent=64, top_k=896, d_s=12, quant_bits=2),
 }
-DEFAULT_PRESET = "longbench"
 HOST_KV_DTYPES = ("auto", "fp8")
+PRESETS = {"auto": {**PRESETS["ruler"], "top_k": MAX_TOP_K}, **PRESETS}  # auto: top_k is the cap
+DEFAULT_PRESET = "longbench"  # of a dummy model (random weights attend flatly); real models: auto
+
+
+def default_preset(model_name: str) -> str:
+    return DEFAULT_PRESET if model_name.startswith("dummy:") else "auto"
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""bench_accuracy's statistics: cells count where full beats chance; paired bootstrap CIs against full."""
+
+from benchmarks.accuracy_stats import chance_score, counted_cells, paired_difference, summary
+from benchmarks.policy_spec import label
+from benchmarks.ruler_tasks import Sample, score
+
+
+def row(policy, task, scores, chance=0.0, budget=None, preset=None):
+    return {
+        "policy": policy,
+        "preset": preset,
+        "task": task,
+        "length": 4096,
+        "scores": scores,
+        "score": sum(scores) / len(scores),
+        "chance": chance,
+        "context": 4000,
+        "budget": budget,
+    }
+
+
+def test_chance_scores_each_completion_against_another_samples_references():
+    samples = [Sample("qa_2", 9, "p", [ref], "Answer:", 4, "part") for ref in ("yes", "no", "yes")]
+    # answering "yes" to everything matches the next sample's reference 2 times of 3
+    assert chance_score(samples, ["yes"] * 3, score) == 100 * 2 / 3
+
+
+def test_counted_cells_and_paired_interval():
+    full = {
+        ("easy", 4096): row("full", "easy", [100.0] * 18 + [0.0] * 2),
+        ("yesno", 4096): row("full", "yesno", [100.0] * 10 + [0.0] * 10, chance=50.0),
+        ("hard", 4096): row("full", "hard", [0.0] * 20),
+    }
+    assert counted_cells(full) == [("easy", 4096)]
+    same = paired_difference(full, full, [("easy", 4096)])
+    assert same == (0.0, 0.0, 0.0)  # paired: identical samples have no spread
+    worse = {("easy", 4096): row("tailor", "easy", [100.0] * 14 + [0.0] * 6)}
+    d, lo, hi = paired_difference(worse, full, [("easy", 4096)])
+    assert d == -20.0 and lo < d < hi <= 0.0
+
+
+def test_summary_averages_counted_cells_with_budget_share():
+    rows = [
+        row("full", "easy", [100.0] * 9 + [0.0]),
+        row("full", "hard", [0.0] * 10),
+        row("tailor", "easy", [100.0] * 8 + [0.0] * 2, budget=600.0, preset="auto"),
+        row("tailor", "hard", [0.0] * 10, budget=600.0, preset="auto"),
+    ]
+    full, tailor = summary(rows, label)
+    assert full["cells"] == ["easy@4096"] and full["avg"] == 90.0 and full["budget"] is None
+    assert tailor["policy"] == "tailor:auto" and tailor["avg"] == 80.0 and tailor["diff"] == -10.0
+    assert tailor["budget"] == 600.0 and tailor["budget_share"] == 0.15
