@@ -1,0 +1,121 @@
+"""Chunked prefill beside decoding users, step by step in one engine (no server): --users requests of --user-len
+tokens decode while one --long-len prompt prefills; then that prompt's length alone. Rows: the users' longest
+inter-token gap while the long prompt prefilled, their median gap before and after it, the long prompt's TTFT
+there and alone, and peak GPU memory.
+
+  python -m benchmarks.bench_mixed_steps --model dummy:llama-3.1-8b --policy tailor --users 8 --user-len 32768 \\
+      --long-len 126000 --engine-args '{"tailor_preset": "longbench", "host_kv_gib": 60}' --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from tailorkv.engine.engine import Engine
+from tailorkv.engine.sampling import SamplingParams
+
+from .rows import run_info, write_rows
+
+
+def run(args) -> dict:
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    with Engine(model=args.model, kv_policy=args.policy, progress=False, **args.engine_args) as e:
+        return measure(e, args, sync)
+
+
+def measure(e: Engine, args, sync) -> dict:
+    g = torch.Generator().manual_seed(0)
+    prompt = lambda n: torch.randint(100, 30000, (n,), generator=g).tolist()  # noqa: E731
+    sp = SamplingParams(max_new_tokens=args.user_output, temperature=0, ignore_eos=True)
+    users = [e.add_request(prompt(args.user_len), sp) for _ in range(args.users)]
+    stamps: dict[int, list[float]] = {u.rid: [] for u in users}
+
+    def step():
+        done = e.step()
+        sync()
+        for r in done:
+            stamps.get(r.rid, []).append(time.perf_counter())
+
+    while not all(len(u.output_ids) >= 2 for u in users):
+        step()
+    marks = [{k: len(v) for k, v in stamps.items()}]
+    for _ in range(args.steps):
+        step()
+    marks.append({k: len(v) for k, v in stamps.items()})
+    t0 = time.perf_counter()
+    long = e.add_request(
+        prompt(args.long_len), SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    )
+    while not long.output_ids:
+        step()
+    ttft = time.perf_counter() - t0
+    marks.append({k: len(v) for k, v in stamps.items()})
+    for _ in range(args.steps):
+        step()
+    marks.append({k: len(v) for k, v in stamps.items()})
+    during, outside = [], []
+    for rid, v in stamps.items():
+        gaps = [b - a for a, b in zip(v, v[1:])]
+        a, b, c, d = (m[rid] - 1 for m in marks)
+        outside += gaps[a:b] + gaps[c:d]
+        during += gaps[b:c]
+    for r in [*users, long]:
+        e.abort(r.rid)
+    sync()
+    t0 = time.perf_counter()
+    alone = e.add_request(prompt(args.long_len), SamplingParams(max_new_tokens=1, temperature=0))
+    while not alone.finished:
+        step()
+    row = {
+        "policy": args.policy,
+        "model": args.model,
+        "users": args.users,
+        "user_len": args.user_len,
+        "long_len": args.long_len,
+        "engine_args": args.engine_args,
+        "step_budget_ms": e.scheduler.cost.budget_s * 1e3 if e.scheduler.cost else 0.0,
+        "itl_s_max_during_prefill": max(during) if during else None,
+        "tpot_s_median": statistics.median(outside) if outside else None,
+        "ttft_s": ttft,
+        "ttft_alone_s": time.perf_counter() - t0,
+    }
+    if torch.cuda.is_available():
+        row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="dummy:llama-3.1-8b")
+    p.add_argument("--policy", default="tailor")
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--user-len", type=int, default=32768)
+    p.add_argument("--long-len", type=int, default=126000)
+    p.add_argument(
+        "--user-output", type=int, default=4096, help="the users' answer length (at most)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=20, help="decode steps before and after the long prompt"
+    )
+    p.add_argument(
+        "--engine-args", type=json.loads, default={}, help="Engine keyword arguments (JSON)"
+    )
+    p.add_argument("--out", default=None, help="JSON file the row is written to")
+    args = p.parse_args(argv)
+    rows = [{**run(args), **run_info("benchmarks.bench_mixed_steps", argv)}]
+    print(json.dumps(rows, indent=1))
+    if args.out:
+        write_rows(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
