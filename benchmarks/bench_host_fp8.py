@@ -20,7 +20,6 @@ import torch
 
 from benchmarks.rows import run_info, write_rows
 from tailorkv import Engine
-from tailorkv.engine.sampling import SamplingParams
 from tailorkv.essays import load_essays
 
 
@@ -29,19 +28,7 @@ def forced_top_logprobs(
 ) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
     """Per sample: (the forced tokens' logprobs, each step's top-`top` (token, logprob) pairs), decoded step by step
     through the KV policy as Engine.score does."""
-    reqs = []
-    try:
-        for ids, cont in zip(prompts, forced):
-            sp = SamplingParams(max_new_tokens=len(cont), temperature=0, ignore_eos=True)
-            req = engine.add_request(engine.tokenize(None, ids), sp)
-            req.forced_ids, req.top_logprobs_num = list(cont), top
-            reqs.append(req)
-        while not all(r.finished for r in reqs):
-            engine.step()
-    finally:
-        for r in reqs:
-            engine.abort(r.rid)
-    return [(r.output_logprobs, r.output_top_logprobs) for r in reqs]
+    return [(r.output_logprobs, r.output_top_logprobs) for r in engine.forced(prompts, forced, top)]
 
 
 def paired(base: list, other: list, top: int) -> dict:

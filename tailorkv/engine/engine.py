@@ -347,19 +347,25 @@ class Engine:
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
         """Log-probabilities of each continuation token given the prompt and the previous continuation tokens,
         decoded step by step through the KV policy (so decode-time compression is what is measured)."""
+        return [r.output_logprobs for r in self.forced(prompts, continuations)]
+
+    def forced(
+        self, prompts: list[list[int]], continuations: list[list[int]], top: int = 0
+    ) -> list[Request]:
+        """The finished requests of `score` (output_logprobs; output_top_logprobs: each step's `top`)."""
         reqs = []
         try:
             for ids, cont in zip(prompts, continuations):
                 sp = SamplingParams(max_new_tokens=len(cont), temperature=0, ignore_eos=True)
                 req = self.add_request(self.tokenize(None, ids), sp)
-                req.forced_ids, req.top_logprobs_num = list(cont), 0
+                req.forced_ids, req.top_logprobs_num = list(cont), top
                 reqs.append(req)
             while not all(r.finished for r in reqs):
                 self.step()
         finally:
             for r in reqs:
                 self.abort(r.rid)
-        return [r.output_logprobs for r in reqs]
+        return reqs
 
     def next_token_logits(self, input_ids: list[int]) -> torch.Tensor:
         """Float32 logits [vocab] after the prompt, computed through the normal paged path (admit, prefill,
