@@ -137,7 +137,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="how many later requests may pass a queued one that does not fit yet (default 16)",
     )
     p.add_argument("--kv-cache-gib", type=float, default=None, help="GPU-tier KV budget")
-    p.add_argument("--host-kv-gib", type=float, default=None, help="host-tier (pinned) KV budget")
+    p.add_argument(
+        "--host-kv-gib",
+        type=float,
+        default=None,
+        help="host-tier (pinned) KV budget per rank (default 4; `serve` on CUDA: 3/4 of the memory available "
+        "at start, shared by the ranks)",
+    )
     p.add_argument(
         "--gpu-memory-limit", dest="gpu_memory_limit_gib", type=float, default=None, metavar="GIB"
     )
@@ -209,9 +215,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    config = engine_config(
-        args
-    )  # a bad setting fails before the server's imports and the model load
+    # a bad setting fails before the server's imports and the model load
+    config = engine_config(args, **serve_defaults(args))
     from .api.server import serve
 
     if not args.shutdown_timeout >= 0:
@@ -231,6 +236,19 @@ def cmd_serve(args) -> None:
         args.shutdown_timeout,
         limits,
     )
+
+
+def serve_defaults(args) -> dict:
+    """What a server (one engine per process) defaults to beyond EngineConfig's: on CUDA a host tier of 3/4 of
+    the memory available (default_host_gib), so that a 128k-token request fits without --host-kv-gib."""
+    if args.host_kv_gib is not None:
+        return {}
+    import torch
+
+    from .memory.host_memory import default_host_gib
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"host_kv_gib": default_host_gib(device.startswith("cuda"), args.tp_size or 1)}
 
 
 def cmd_calibrate(args) -> None:

@@ -59,7 +59,9 @@ class EngineConfig:
     # a queued request that does not fit may be passed by this many later ones; then the queue waits for it
     max_passes: int = 16
     kv_cache_gib: float | None = None  # GPU-tier budget; None = a default for the device
-    host_kv_gib: float = 4.0  # host-tier (pinned on CUDA) budget
+    # host-tier budget per rank (pinned on CUDA); `tailorkv serve` on CUDA defaults to 3/4 of the memory available at
+    # start, shared by the ranks (memory/host_memory.py default_host_gib)
+    host_kv_gib: float = 4.0
     gpu_memory_limit_gib: float | None = None
     seed: int = 0
     enable_prefix_caching: bool = True  # share the K/V pages of common prompt prefixes

@@ -10,8 +10,44 @@ collected.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 
 import torch
+
+HOST_SHARE = (
+    0.75  # of the memory available at start, what a CUDA engine's host tiers lock by default
+)
+CPU_HOST_GIB = 4.0  # the default on CPU, where the "host tier" is the same memory as the model's
+
+
+def available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Memory this process may still use: the kernel's MemAvailable, less where a cgroup (v2) limit is lower
+    (a container's); None where neither can be read."""
+    avail = None
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        if limit != "max":
+            room = int(limit) - int(Path(cgroup, "memory.current").read_text())
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def default_host_gib(cuda: bool, ranks: int = 1, available: int | None = None) -> float:
+    """The host-tier budget per rank when none is given: on CUDA HOST_SHARE of the memory available (the OS and
+    the rest of the process keep the other quarter), shared by the tensor-parallel ranks; CPU_HOST_GIB on CPU or
+    where the available memory cannot be read."""
+    available = available_bytes() if available is None else available
+    if not cuda or available is None:
+        return CPU_HOST_GIB
+    return max(HOST_SHARE * available / ranks / 2**30, 1.0)
 
 
 def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
