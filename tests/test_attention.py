@@ -1,15 +1,17 @@
-"""The prefill attentions (causal_attention, attention_lse, shared_prefix_attention: FlashInfer on CUDA, torch on
-CPU) against a brute-force softmax over an explicit causal mask, and the merge of partial results."""
+"""The prefill attentions (causal_attention, attention_lse, shared_prefix_attention, PagedPrefill: FlashInfer on
+CUDA, torch on CPU) against a brute-force softmax over an explicit causal mask, and the merge of partial results."""
 
 import pytest
 import torch
 
 from tailorkv.kernels.attention import (
+    PagedPrefill,
     attention_lse,
     causal_attention,
     merge_attention_states,
     shared_prefix_attention,
 )
+from tailorkv.kernels.flashinfer_decode import available
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -100,6 +102,30 @@ def test_shared_prefix_attention_with_own_keys_before_the_queries(device, prefix
             q[a:b], torch.cat([pk, k[c:d]]), torch.cat([pv, v[c:d]]), prefix + d - c - (b - a)
         )
         torch.testing.assert_close(got[a:b].float(), want, **tolerance(q))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
+def test_paged_prefill_equals_causal_attention_over_each_rows_pages(device, hq, hkv, d):
+    """Prompt rows attending in place to their pages (full's chunked prefill): a first chunk, a chunk after 300
+    cached tokens and one token after 17; pages out of order, lengths off the page."""
+    paged = PagedPrefill
+    if available(torch.device(device), torch.bfloat16):
+        from tailorkv.kernels.flashinfer_prefill import PagedPrefill as paged
+    k_pages, v_pages = (rand(64, 16, hkv, d, device=device, seed=s) for s in (8, 9))
+    lengths, new = [70, 337, 18], [70, 37, 1]
+    torch.manual_seed(10)
+    pages = [torch.randperm(64, device=device)[: -(-n // 16)] for n in lengths]
+    q = rand(sum(new), hq, d, device=device, seed=11)
+    attn = paged(torch.device(device), hq, hkv, d)
+    attn.plan(pages, lengths, new, 16, q.dtype)
+    out, a = attn.run(q, k_pages, v_pages), 0
+    for p, n, m in zip(pages, lengths, new):
+        keys, values = (x[p].flatten(0, 1)[:n] for x in (k_pages, v_pages))
+        torch.testing.assert_close(
+            out[a : a + m].float(), brute_force(q[a : a + m], keys, values, n - m), **tolerance(q)
+        )
+        a += m
 
 
 def test_causal_attention_rejects_keys_that_do_not_end_at_the_chunk():

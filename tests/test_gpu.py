@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tailorkv import Engine
-from tailorkv.kernels.attention import causal_attention, grouped_attention
+from tailorkv.kernels.attention import grouped_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -31,29 +31,6 @@ def test_flashinfer_paged_decode_matches_reference(hq, hkv, d):
         values = v_pages[p].flatten(0, 1)[:n].transpose(0, 1).float()
         expect = grouped_attention(q[i].float(), keys, values)
         assert ((out[i].float() - expect).abs().max() / expect.abs().max()).item() <= 1e-2
-
-
-@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
-def test_flashinfer_paged_prefill_matches_causal_attention(hq, hkv, d):
-    """Prompt rows attending in place to their pages (full's chunked prefill): a first chunk, a chunk after 300
-    cached tokens and one token after 17, pages out of order, lengths off the page."""
-    fp = pytest.importorskip("tailorkv.kernels.flashinfer_prefill")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    k_pages, v_pages = (
-        torch.randn(64, 16, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "kv"
-    )
-    lengths, new = [70, 337, 18], [70, 37, 1]
-    pages = [torch.randperm(64, device="cuda")[: -(-n // 16)] for n in lengths]
-    q = torch.randn(sum(new), hq, d, device="cuda", generator=g, dtype=torch.bfloat16)
-    attn = fp.PagedPrefill(torch.device("cuda"), hq, hkv, d)
-    attn.plan(pages, lengths, new, 16, torch.bfloat16)
-    out, a = attn.run(q, k_pages, v_pages), 0
-    for p, n, m in zip(pages, lengths, new):
-        keys, values = (x[p].flatten(0, 1)[:n] for x in (k_pages, v_pages))
-        expect = causal_attention(q[a : a + m], keys, values, n - m).float()
-        err = (out[a : a + m].float() - expect).abs().max() / expect.abs().max()
-        assert err.item() <= 1e-2
-        a += m
 
 
 def test_tailor_with_covering_budget_equals_full_on_gpu():

@@ -107,6 +107,42 @@ def shared_prefix_attention(
     return merge_attention_states(pre.float(), pre_lse, own.float(), own_lse)[0].to(q.dtype)
 
 
+class PagedPrefill:
+    """Prompt rows attending to their pages [P, page_size, Hkv, D] (NHD), each row's queries the last of its tokens,
+    causally (the mask aligned to the end): the torch reference of flashinfer_prefill.PagedPrefill, the same `plan`
+    (once per step) and `run` (once per layer)."""
+
+    def __init__(self, device: torch.device, num_qo_heads: int, num_kv_heads: int, head_dim: int):
+        self.device = device
+
+    def plan(
+        self,
+        pages: list[torch.Tensor],
+        lengths: list[int],
+        new: list[int],
+        page_size: int,
+        dtype: torch.dtype,
+    ) -> None:
+        """Row i: `new[i]` queries, the last of its lengths[i] tokens, in its pages[i] (page ids)."""
+        offsets = torch.arange(page_size, device=self.device)
+        self.rows = [
+            ((p[: -(-n // page_size), None] * page_size + offsets).flatten()[:n], n, m)
+            for p, n, m in zip(pages, lengths, new)
+        ]
+
+    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        k_rows, v_rows, out, a = (
+            k_pages.flatten(0, 1),
+            v_pages.flatten(0, 1),
+            torch.empty_like(q),
+            0,
+        )
+        for slots, n, m in self.rows:
+            out[a : a + m] = causal_attention(q[a : a + m], k_rows[slots], v_rows[slots], n - m)
+            a += m
+        return out
+
+
 def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge S partial attention results over disjoint token sets: out [..., S, D] (finite), lse [..., S] ->
     (out [..., D], lse [...]). Empty parts (lse = -inf) weigh nothing; all empty gives out 0, lse -inf."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import flashinfer_decode, host_copy
-from ..kernels.attention import causal_attention, grouped_attention
+from ..kernels.attention import PagedPrefill, causal_attention, grouped_attention
 from ..memory.host_memory import host_tensor
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
@@ -23,10 +23,10 @@ PAGE_SIZE = 16
 class FullStep(StepState):
     """What `prepare` computes for the layers of one step:
     - write [T]: the token slots of the step's new tokens;
-    - prompt_reads: per row computing prompt tokens, the slots it attends to causally;
+    - prompt_reads: per row computing prompt tokens, the slots it attends to causally (the host tier's);
     - decode_rows [B]: the decode rows' tokens in the batch (None: no decode row);
-    - prompt_rows: with FlashInfer's paged prefill, where the prompt rows' tokens sit in the batch (they attend to
-      the pages in place; prompt_reads is then empty);
+    - prompt_rows: in the gpu tier, where the prompt rows' tokens sit in the batch (they attend to their pages in
+      place: FlashInfer's paged prefill on CUDA, attention.PagedPrefill on CPU);
     - staged: the offload baseline's decode pages, in order, staged into GPU memory every layer;
     - decode_slots, decode_mask [B, R]: without FlashInfer, the slots each decode row reads, padded."""
 
@@ -80,20 +80,21 @@ class FullPolicy(KVPolicy):
             else None
         )
         self.copy = host_copy.ops(self.device)
-        self.flash_prefill = None
-        if self.flash is not None and self.tier == "gpu":
-            from ..kernels.flashinfer_prefill import PagedPrefill
-
-            self.flash_prefill = PagedPrefill(self.device, c.num_heads, c.num_kv_heads, c.head_dim)
+        self.prefill = None  # the gpu tier's prompt rows attend to their pages in place
+        if self.tier == "gpu":
+            paged = PagedPrefill
+            if flashinfer_decode.available(self.device, self.dtype):
+                from ..kernels.flashinfer_prefill import PagedPrefill as paged
+            self.prefill = paged(self.device, c.num_heads, c.num_kv_heads, c.head_dim)
 
     def warm_up(self, prefix_sharing: bool) -> None:
         """FlashInfer's paged prefill JIT-compiles on first use: compile it now (one query over one page)."""
-        if self.flash_prefill is not None:
+        if self.prefill is not None and self.device.type == "cuda":
             c, page = self.cfg, torch.zeros(1, dtype=torch.long, device=self.device)
-            self.flash_prefill.plan([page], [1], [1], PAGE_SIZE, self.dtype)
+            self.prefill.plan([page], [1], [1], PAGE_SIZE, self.dtype)
             kp, vp = (x[0].view(-1, PAGE_SIZE, *x.shape[2:]) for x in (self.k_cache, self.v_cache))
             q = torch.zeros(1, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
-            self.flash_prefill.run(q, kp, vp)
+            self.prefill.run(q, kp, vp)
 
     def add_request(
         self,
@@ -141,12 +142,12 @@ class FullPolicy(KVPolicy):
         read = {
             i: self.slots(batch.rids[i], self.read_positions(i, batch).to(dev))
             for i in range(batch.size)
-            if self.flash is None or (i in prompt and self.flash_prefill is None)
+            if (i in prompt and self.prefill is None) or (i in decode and self.flash is None)
         }
         step = FullStep(batch, write, {i: s for i, s in read.items() if i not in decode})
-        if prompt and self.flash_prefill is not None:
+        if prompt and self.prefill is not None:
             lengths = [batch.total_len(i) for i in prompt]
-            self.flash_prefill.plan(
+            self.prefill.plan(
                 [self.page_tables[batch.rids[i]] for i in prompt],
                 lengths,
                 [batch.new[i] for i in prompt],
@@ -200,7 +201,7 @@ class FullPolicy(KVPolicy):
             )
         kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
         if step.prompt_rows is not None:
-            out[step.prompt_rows] = self.flash_prefill.run(q[step.prompt_rows], kp, vp)
+            out[step.prompt_rows] = self.prefill.run(q[step.prompt_rows], kp, vp)
         rows = step.decode_rows
         if rows is None:
             return out
