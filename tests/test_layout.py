@@ -1,5 +1,6 @@
 """A policy's KVLayout (pools, admission cost, prefix blocks) on dummy:tiny, for 64 MiB of GPU and 256 MiB of host
-memory: the values below were recorded from the policies before the layout was split out of them."""
+memory: the values below were recorded from the policies before the layout was split out of them (tailor's GPU
+pools since the generated-token pool was sized for 1,024-token answers to 32k prompts)."""
 
 import pytest
 import torch
@@ -33,9 +34,9 @@ RECORDED = [
         {
             "slots": ("gpu", 40, 1, 164864),
             "host": ("host", 512, 256, 524288),
-            "qkv": ("gpu", 10086, 64, 1792),
-            "gen": ("gpu", 39, 64, 98304),
-            "sketch": ("gpu", 2511, 256, 15360),
+            "qkv": ("gpu", 7123, 64, 1792),
+            "gen": ("gpu", 215, 64, 98304),
+            "sketch": ("gpu", 1727, 256, 15360),
         },
         None,
     ),
@@ -47,9 +48,9 @@ RECORDED = [
             "slots": ("gpu", 40, 1, 164864),
             "host": ("host", 512, 256, 524288),
             "copies": ("gpu", 57, 256, 524288),
-            "qkv": ("gpu", 5105, 64, 1792),
-            "gen": ("gpu", 19, 64, 98304),
-            "sketch": ("gpu", 1271, 256, 15360),
+            "qkv": ("gpu", 3605, 64, 1792),
+            "gen": ("gpu", 109, 64, 98304),
+            "sketch": ("gpu", 874, 256, 15360),
         },
         TAILOR_BLOCKS,
     ),
@@ -61,8 +62,8 @@ RECORDED = [
             "slots": ("gpu", 40, 1, 164864),
             "host": ("host", 372, 256, 720896),
             "copies": ("gpu", 57, 256, 524288),
-            "qkv": ("gpu", 14085, 64, 1792),
-            "gen": ("gpu", 54, 64, 98304),
+            "qkv": ("gpu", 6420, 64, 1792),
+            "gen": ("gpu", 194, 64, 98304),
         },
         (256, {"host": 1, "qkv": 4}),
     ),
@@ -88,6 +89,20 @@ def test_layout_keeps_the_recorded_pools_and_costs(name, options, prefix, pools,
     tailor = name in ("tailor", "kivi")
     assert layout.caches_output == (not tailor)
     assert layout.partial_block_pool == ("host" if tailor and blocks else None)
+
+
+@pytest.mark.parametrize("context", [32768, 131072])
+def test_tailors_batch_of_long_requests_is_bound_by_the_host_tier(context):
+    """Llama-3.1-8B's shape, 61 GiB of GPU KV memory (an 80 GiB card less the weights) and 100 GiB of host tier:
+    requests with 1,024-token answers fit every GPU pool more often than the host tier holds their prompts."""
+    policy = policy_class("tailor")(
+        dummy_config("llama-3.1-8b"), torch.device("cpu"), torch.bfloat16, quant_layers=[0]
+    )
+    policy.host_on_device = False  # as on CUDA: copies of host pages take part of the GPU memory
+    layout = policy.layout(61 << 30, 100 << 30, None, True)
+    need = layout.pages_needed(context, 1024)
+    batch = {s.name: s.num_pages // need[s.name] for s in layout.pools if need.get(s.name)}
+    assert min(batch, key=batch.get) == "host" and batch["host"] == (25 if context == 32768 else 6)
 
 
 def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):

@@ -176,18 +176,19 @@ class TailorPolicy(KVPolicy):
         )
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
-        # GPU pools: (page size, bytes per page, pages per 64 output tokens of a prompt ~256x longer: long contexts,
-        # what a request holds)
+        # GPU pools: (page size, bytes per page, pages per 64 host pages of prompt (16k tokens) and their 512 answer
+        # tokens (1,024-token answers to 32k prompts: then the host tier, not a GPU pool, bounds the batch), what a
+        # request holds)
         gpu: dict[str, tuple[int, int, int, str]] = {}
         if nq:
             gpu["qkv"] = (
                 PAGE,
                 QuantStore.bytes_per_page(nq, h, d, t.quant_bits, vgroup),
-                257,
+                (64 * HOST_PAGE + 512) // PAGE,
                 "all",
             )
         if ns:
-            gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 1, "output")
+            gpu["gen"] = (PAGE, OffloadStore.bytes_per_gen_page(ns, h, d, item), 8, "output")
         if ns and t.key_sketch:
             spage = OffloadStore.bytes_per_sketch_page(ns, h, d, t.key_sketch)
             gpu["sketch"] = (HOST_PAGE, spage, 64, "prompt")
