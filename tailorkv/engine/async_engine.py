@@ -167,7 +167,7 @@ class AsyncEngine:
             "max_queued_requests": o.max_queued_requests,
             "max_total_num_tokens": self.engine.scheduler.max_total_tokens(),
             "chunked_prefill_size": o.chunked_prefill_size,
-            "host_kv_gib": self.engine.host_kv_gib,
+            "host_kv_gib": o.host_kv_gib,  # per rank
             "step_budget_ms": cost.budget_s * 1e3 if (cost := self.engine.scheduler.cost) else 0.0,
             "enable_prefix_caching": self.engine.memory.prefix is not None,
             **self.load(),

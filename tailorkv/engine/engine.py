@@ -85,7 +85,6 @@ class Engine:
                 self.workers.kill()
             raise
         self.policy, self.runner = rank.policy, rank.runner
-        self.host_kv_gib = rank.host_kv_gib  # per rank
         if self.workers:
             self.policy, self.runner = self.workers.wrap(self.policy, self.runner)
         self.memory = MemoryManager(layout.pools, prefix=layout.prefix_blocks)

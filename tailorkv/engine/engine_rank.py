@@ -81,13 +81,12 @@ class EngineRank:
         o = self.options
         self.policy.bind_model(self.model)
         gpu_bytes = self._gpu_kv_budget()
-        self.host_kv_gib = o.host_kv_gib
         if self.group:  # rank 0's budget for all: the ranks' pools must hold the same pages
             gpu_bytes = self.group.broadcast(gpu_bytes)
         copies = o.prefix_gpu_gib
         layout = self.policy.layout(
             gpu_bytes,
-            int(self.host_kv_gib * GIB),
+            int(o.host_kv_gib * GIB),
             None if copies is None else int(copies * GIB),
             o.enable_prefix_caching,
         )

@@ -20,6 +20,12 @@ _wrappers: dict[torch.device, OrderedDict] = {}
 _workspace: dict[torch.device, torch.Tensor] = {}
 
 
+def _workspace_of(device: torch.device) -> torch.Tensor:
+    if device not in _workspace:
+        _workspace[device] = torch.empty(WORKSPACE, dtype=torch.uint8, device=device)
+    return _workspace[device]
+
+
 def attention_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -47,12 +53,10 @@ def _ragged(
     if key in plans:
         plans.move_to_end(key)
         return plans[key]
-    if q.device not in _workspace:
-        _workspace[q.device] = torch.empty(WORKSPACE, dtype=torch.uint8, device=q.device)
     w = (
         plans.popitem(last=False)[1]
         if len(plans) >= PLANS
-        else flashinfer.BatchPrefillWithRaggedKVCacheWrapper(_workspace[q.device], "NHD")
+        else flashinfer.BatchPrefillWithRaggedKVCacheWrapper(_workspace_of(q.device), "NHD")
     )
     w.plan(
         torch.tensor(cu, dtype=torch.int32),
@@ -100,10 +104,8 @@ class PagedPrefill:
     def __init__(self, device: torch.device, num_qo_heads: int, num_kv_heads: int, head_dim: int):
         import flashinfer
 
-        if device not in _workspace:
-            _workspace[device] = torch.empty(WORKSPACE, dtype=torch.uint8, device=device)
         self.shape, self.device = (num_qo_heads, num_kv_heads, head_dim), device
-        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_workspace[device], "NHD")
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_workspace_of(device), "NHD")
 
     def plan(
         self,
