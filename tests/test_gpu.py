@@ -100,7 +100,8 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
     padded bucket and the generated-token shape change under it; in bfloat16 they finish together, since a GEMM over
     a padded bucket may round differently from one over the real rows (tailor is float32 only: its captured shapes
     pad pages and generated tokens, which changes the summation order, and bf16 rounding can flip near-ties of the
-    random weights)."""
+    random weights). Prompts are chunked at 256 tokens, so steps of decode rows and prompt chunks replay the decode
+    rows' graph beside an eager pass of the chunks."""
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1000, 517, 64, 300)]
     lengths = (70, 24, 33, 8) if dtype == "float32" else (70,) * 4
@@ -114,6 +115,8 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
             dtype=dtype,
             progress=False,
             cuda_graph=graph,
+            chunked_prefill_size=256,
+            step_budget_ms=0,
             **opts,
         ) as e:
             outs.append(

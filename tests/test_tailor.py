@@ -367,6 +367,38 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
         assert not e.memory.held and not e.policy.s_state and not e.policy.q_state
 
 
+class EagerGraphs:
+    """DecodeGraphs' contract run eagerly (CPU has no CUDA graphs): the policy's graph-shaped step, no capture."""
+
+    def __init__(self, e: Engine):
+        self.model, self.policy, self.rows = e.model, e.policy, []
+
+    def run(self, ids, batch):
+        prepared = self.policy.prepare_for_graph(batch, batch.size)
+        if prepared is None:
+            return None
+        self.rows.append(batch.size)
+        return self.model(ids, batch.positions, self.policy, prepared[0]), prepared[0]
+
+
+@pytest.mark.parametrize("options", [SKETCH2, {"kv_policy": "full"}])
+def test_decode_rows_of_a_mixed_step_replay_the_graph(prompt, options):
+    """With CUDA graphs, a step of decode rows and prompt chunks replays the decode rows' graph and runs the chunks
+    in a second, eager pass: greedy tokens equal one eager pass's."""
+    prompts, sp = [prompt, prompt[:850]], {**GREEDY, "max_new_tokens": 24}
+    with Engine(**SMALL, **options, enable_prefix_caching=False) as e:
+        e.scheduler.chunk_tokens = 37
+        want = [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)]
+        steps, e.runner.graphs = record_steps(e), EagerGraphs(e)
+        assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == want
+        decoding = [s for s in steps if any(n == 1 for _, _, n in s)]
+        assert any(
+            len(s) == 2 and s[0][2] != s[1][2] for s in decoding
+        )  # steps of a decode row and a chunk
+        assert len(e.runner.graphs.rows) == len(decoding)  # each replayed its decode rows
+        assert not e.memory.held
+
+
 def prefilled_state(e: Engine, ids: list[int], chunk: int) -> dict[str, torch.Tensor]:
     """Prefill `ids` in chunks of `chunk` tokens; what the request stored, per row layer / layer (first dim)."""
     e.scheduler.chunk_tokens = chunk
