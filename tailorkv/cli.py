@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         type=float,
         default=TARGET,
-        help="attention mass an S layer's window and top-k tokens carry (the auto budget; default 0.98)",
+        help="attention mass an S layer's window and top-k tokens carry (the auto budget; default 0.975)",
     )
     c.set_defaults(func=cmd_calibrate)
     return parser

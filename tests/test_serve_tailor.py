@@ -52,7 +52,7 @@ def test_tailor_server_streams_equal_offline_and_frees_both_tiers(caplog):
             "top_k": ks,
             "mean_budget": 128 + sum(ks.values()) / 29,
             "budget_source": "shipped plan",
-            "mass_target": 0.98,
+            "mass_target": 0.975,
         }
         assert httpx.get(f"{url}/get_server_info").json()["tailorkv"]["context"] == 8192
 

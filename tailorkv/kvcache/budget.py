@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-TARGET = 0.98  # attention mass the window and the top-k tokens carry (benchmarks/NOTES.md, "Calibrated budget")
+TARGET = 0.975  # attention mass the window and the top-k tokens carry (benchmarks/NOTES.md, "Calibrated budget")
 MAX_TOP_K = 2048  # latency bound: rows one S layer fetches per step at most
 WINDOW = (64, 64)  # sink, recent of the `auto` preset (the ruler preset's)
 
