@@ -61,16 +61,19 @@ def test_tailor_with_covering_budget_equals_full_on_gpu():
 
 @pytest.mark.parametrize("policy", ["full", "tailor", "offload"])
 def test_real_model_answers_on_gpu(policy):
-    with Engine(
-        kv_policy=policy, device="cuda", progress=False
-    ) as e:  # bf16: FlashInfer decode for full, offload
+    """bf16: FlashInfer prefill and decode for full, decode for offload. The answer is begun in the prompt: the
+    first token of a bare answer is a near-tie ("The" 25.88, "L" 25.62 in bf16 on CPU), which FlashInfer's rounding
+    flipped on the H200 (its attention outputs equal the torch reference's to bf16 rounding); " Paris" leads the
+    next token by 4.7."""
+    with Engine(kv_policy=policy, device="cuda", progress=False) as e:
         prompt = e.tokenizer.apply_chat_template(
             [{"role": "user", "content": "What is the capital of France?"}]
         )
-        assert (
-            "Paris"
-            in e.generate(prompt, sampling_params={"max_new_tokens": 16, "temperature": 0})["text"]
+        answer = e.generate(
+            prompt + "The capital of France is",
+            sampling_params={"max_new_tokens": 4, "temperature": 0},
         )
+        assert answer["text"].startswith(" Paris")
 
 
 @pytest.mark.parametrize(
