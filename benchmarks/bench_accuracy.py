@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.accuracy_stats import chance_score, summary, summary_table
-from benchmarks.policy_spec import engine_options, identity, label
+from benchmarks.policy_spec import add_tp_argument, engine_options, identity, label
 from benchmarks.report import accuracy_table
 from benchmarks.rows import run_info, write_rows
 from benchmarks.ruler_tasks import TASKS, generate, score
@@ -47,6 +47,7 @@ def engine_for(spec: str, args) -> Engine:
         host_kv_gib=args.host_kv_gib,
         chunked_prefill_size=args.chunk,
         kv_cache_gib=args.kv_cache_gib,
+        tp_size=args.tp_size,
         **opts,
     )
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
+    add_tp_argument(p)
     p.add_argument("--dtype", default=None)
     p.add_argument("--batch", type=int, default=64, help="max running requests")
     p.add_argument("--host-kv-gib", type=float, default=8.0)

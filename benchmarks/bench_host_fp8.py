@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from benchmarks.policy_spec import add_tp_argument
 from benchmarks.rows import run_info, write_rows
 from tailorkv import Engine
 from tailorkv.essays import load_essays
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
+    add_tp_argument(p)
     p.add_argument("--dtype", default=None)
     p.add_argument("--samples", type=int, default=4, help="essay windows")
     p.add_argument("--prompt-tokens", type=int, default=2048)
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             host_kv_gib=args.host_kv_gib,
             kv_cache_gib=args.kv_cache_gib,
             max_running_requests=args.samples,
+            tp_size=args.tp_size,
         ) as engine:
             w = args.prompt_tokens + args.forced_tokens
             ids = engine.tokenizer.encode(load_essays()[: w * 6 * args.samples])

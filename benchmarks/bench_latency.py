@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.bandwidth import Bandwidths
 from benchmarks.bandwidth import measure as measure_bandwidths
-from benchmarks.policy_spec import engine_options, identity
+from benchmarks.policy_spec import add_tp_argument, engine_options, identity
 from benchmarks.rows import run_info, write_rows
 from tailorkv import Engine, SamplingParams
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gpu-memory-limit", type=float, default=None, metavar="GIB")
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--host-kv-gib", type=float, default=32.0)
-    p.add_argument("--tp-size", "--tp", type=int, default=1, help="tensor-parallel ranks")
+    add_tp_argument(p)
     p.add_argument("--output", default="benchmarks/results/latency.json")
     p.add_argument(
         "--profile-steps", type=int, default=0, help="profile this many extra steps per row"

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from benchmarks.policy_spec import add_tp_argument
 from tailorkv.engine.engine import Engine
 from tailorkv.engine.sampling import SamplingParams
 
@@ -27,7 +28,8 @@ def run(args) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    with Engine(model=args.model, kv_policy=args.policy, progress=False, **args.engine_args) as e:
+    options = {"tp_size": args.tp_size, **args.engine_args}
+    with Engine(model=args.model, kv_policy=args.policy, progress=False, **options) as e:
         return measure(e, args, sync)
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="dummy:llama-3.1-8b")
     p.add_argument("--policy", default="tailor")
+    add_tp_argument(p)
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--user-len", type=int, default=32768)
     p.add_argument("--long-len", type=int, default=126000)

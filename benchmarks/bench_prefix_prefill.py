@@ -19,6 +19,7 @@ import random
 
 import torch
 
+from benchmarks.policy_spec import add_tp_argument
 from benchmarks.rows import run_info, write_rows
 from tailorkv.engine.engine import Engine
 
@@ -41,6 +42,7 @@ def run(args, copies: float | None) -> list[dict]:
         host_kv_gib=args.host_kv_gib,
         chunked_prefill_size=args.doc_tokens + 1024,
         prefix_gpu_gib=copies,
+        tp_size=args.tp_size,
         progress=False,
     ) as e:
         e.generate(
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--model", default=None, help="default: the embedded model")
     p.add_argument("--device", default=None)
+    add_tp_argument(p)
     p.add_argument("--doc-tokens", type=int, default=64000)
     p.add_argument(
         "--new-tokens", type=int, default=70, help="per row: a chat's last answer and new question"

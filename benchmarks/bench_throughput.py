@@ -28,7 +28,7 @@ from collections.abc import Callable
 import httpx
 
 from benchmarks import bench_serving
-from benchmarks.policy_spec import identity, label, parse_policy
+from benchmarks.policy_spec import add_tp_argument, identity, label, parse_policy
 from benchmarks.rows import run_info, write_rows
 from tailorkv.cli import option_flag
 from tailorkv.kvcache.tailor_config import DEFAULT_PRESET
@@ -46,7 +46,7 @@ def server_command(args, spec: str) -> list[str]:
     name, preset, options = parse_policy(spec)
     cmd = [sys.executable, "-m", "tailorkv", "serve", "--model", args.model, "--kv-policy", name]
     cmd += ["--port", str(args.port), "--max-running-requests", str(args.max_batch)]
-    cmd += ["--chunked-prefill-size", str(max(args.contexts) + 64)]
+    cmd += ["--chunked-prefill-size", str(max(args.contexts) + 64), "--tp", str(args.tp_size)]
     if preset:
         cmd += ["--tailor-preset", preset]
     for k, v in options.items():
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="dummy:llama-3.1-8b")
+    add_tp_argument(p)
     p.add_argument("--policies", default="full,tailor:longbench")
     p.add_argument("--contexts", default="32768,65536,131072", help="prompt + answer tokens")
     p.add_argument("--output-len", type=int, default=1024, help="answer tokens per request")

@@ -25,6 +25,11 @@ def identity(spec: str) -> dict:
     return {"policy": name, "preset": preset, **({"options": options} if options else {})}
 
 
+def add_tp_argument(p) -> None:
+    """--tp-size / --tp: the engine's tensor-parallel ranks (one GPU each)."""
+    p.add_argument("--tp-size", "--tp", type=int, default=1, help="tensor-parallel ranks")
+
+
 def label(row: dict) -> str:
     """The spec back from a result row."""
     options = "".join(f":{k}={v}" for k, v in row.get("options", {}).items())

@@ -252,7 +252,6 @@ def serve_defaults(args) -> dict:
 
 
 def cmd_calibrate(args) -> None:
-    from .engine.calibration import calibrate
     from .engine.engine import Engine
     from .errors import ConfigError
 
@@ -265,16 +264,7 @@ def cmd_calibrate(args) -> None:
         except OSError as e:
             raise ConfigError(f"cannot read --text {args.text}: {e.strerror}") from None
     with Engine.from_config(config) as engine:
-        cal = calibrate(
-            engine.model,
-            engine.tokenizer,
-            engine.device,
-            engine.dtype,
-            text,
-            args.tokens,
-            args.tau,
-            args.target,
-        )
+        cal = engine.calibrate(text, args.tokens, args.tau, args.target)
     b = cal.budget
     print(f"{'layer':>5}  {'score':>7}  {'kind':<19}  top_k at " + "  ".join(map(str, b.contexts)))
     for i, s in enumerate(cal.scores):
@@ -282,7 +272,7 @@ def cmd_calibrate(args) -> None:
         ks = "  ".join(f"{b.top_k(i, n):>{len(str(n))}}" for n in b.contexts)
         print(f"{i:>5}  {s:7.4f}  {kind:<19}  {'':>8} {ks}")
     print(
-        f"budget: {b.target:.0%} of the attention mass, sink {b.sink} + recent {b.recent} + top_k <= {b.cap}"
+        f"budget: {b.target * 100:g}% of the attention mass, sink {b.sink} + recent {b.recent} + top_k <= {b.cap}"
     )
     print(f"plan for {engine.config.name} (tau={args.tau}): quant_layers={cal.quant_layers}")
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tailorkv import Engine
-from tailorkv.engine.calibration import calibrate
 from tailorkv.essays import load_essays
 from tailorkv.kvcache import plans, tailor
 from tailorkv.kvcache.budget import BudgetPlan, LayerFit, fit_layer
@@ -48,7 +47,7 @@ def test_select_tokens_per_row_k_is_each_rows_own_top_k():
 def test_calibration_is_deterministic_and_cached_in_the_current_format():
     with Engine(model="dummy:tiny", progress=False, kv_cache_gib=0.01) as e:
         text = load_essays()[:12000]
-        runs = [calibrate(e.model, e.tokenizer, e.device, e.dtype, text, 2100) for _ in range(2)]
+        runs = [e.calibrate(text, 2100) for _ in range(2)]
     assert runs[0] == runs[1]
     b = runs[0].budget
     assert b.contexts == [2048, 2100] and len(b.tokens) == len(b.fits) == 4

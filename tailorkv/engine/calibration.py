@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed.group import TPGroup
 from ..errors import ConfigError
 from ..essays import load_essays
 from ..kvcache.budget import TARGET, BudgetPlan
 from ..kvcache.calibrate import CalibrationProbe, plan_from_scores
-from ..kvcache.plans import save_plan
 from ..memory.pages import MemoryManager
 from ..models.llama import LlamaModel
+from ..models.sharding import local_config
 from .runner import ModelRunner
 from .tokenizer import Tokenizer
 
@@ -47,10 +48,23 @@ def calibration_ids(tok: Tokenizer, text: str | None, tokens: int) -> list[int]:
     return ids
 
 
-def run_probe(model: LlamaModel, ids: list[int], device, dtype, target: float) -> CalibrationProbe:
-    """One prefill of `ids` through a CalibrationProbe measuring at CONTEXTS below len(ids) and at len(ids)."""
+def prompt_ids(
+    model: LlamaModel, tok: Tokenizer, device, text: str | None, tokens: int | None
+) -> list[int]:
+    """The calibration prompt: the first `tokens` tokens of `text` (default: the longest the device, model and text
+    allow; the essays)."""
+    longest = LONGEST.get(torch.device(device).type, LONGEST["cpu"])
+    return calibration_ids(tok, text, min(tokens or longest, model.config.max_position))
+
+
+def run_probe(
+    model: LlamaModel, ids: list[int], device, dtype, target: float, group: TPGroup | None = None
+) -> CalibrationProbe:
+    """One prefill of `ids` through a CalibrationProbe measuring at CONTEXTS below len(ids) and at len(ids). Under
+    tensor parallelism every rank runs it at once over its own heads."""
     contexts = [n for n in CONTEXTS if n < len(ids)] + [len(ids)]
-    probe = CalibrationProbe(model.config, device, dtype, contexts, target)
+    cfg = local_config(model.config, group.size) if group else model.config
+    probe = CalibrationProbe(cfg, device, dtype, contexts, target)
     page = probe.layout(0, 0, 0, False)  # one page: its size and a request's cost
     need = page.pages_needed(len(ids), 0)
     layout = probe.layout(need["kv"] * page.pools[0].bytes_per_page, 0, 0, False)
@@ -61,26 +75,29 @@ def run_probe(model: LlamaModel, ids: list[int], device, dtype, target: float) -
     return probe
 
 
-def calibrate(
+def measure(
     model: LlamaModel,
-    tok: Tokenizer,
+    ids: list[int],
     device,
     dtype,
-    text: str | None = None,
-    tokens: int | None = None,
     tau: float = 0.2,
     target: float = TARGET,
     keep_quant_layers: list[int] | None = None,
+    group: TPGroup | None = None,
 ) -> Calibration:
-    """Calibrate on the first `tokens` tokens of `text` (default: the longest the device, model and text allow;
-    the essays) and cache the result, with `keep_quant_layers` (a plan in force) as the Q layers if given."""
-    longest = LONGEST.get(torch.device(device).type, LONGEST["cpu"])
-    ids = calibration_ids(tok, text, min(tokens or longest, model.config.max_position))
+    """The Calibration of prompt `ids`, with `keep_quant_layers` (a plan in force) as the Q layers if given. Under
+    tensor parallelism every rank calls it at once: each measures its own KV heads and the ranks' means are
+    averaged (the heads split evenly, so every rank ends with the mean over all heads and the same plan)."""
     with torch.inference_mode():
-        probe = run_probe(model, ids, device, dtype, target)
+        probe = run_probe(model, ids, device, dtype, target, group)
+    scores, tokens = probe.scores, probe.tokens
+    if group:
+        flat = torch.tensor(scores + [t for row in tokens for t in row], dtype=torch.float64)
+        flat = (group.all_reduce(flat.to(device)) / group.size).tolist()
+        scores, rest = flat[: len(scores)], flat[len(scores) :]
+        width = len(tokens[0])
+        tokens = [rest[i * width : (i + 1) * width] for i in range(len(scores))]
     c = probe.budget
-    budget = BudgetPlan.fit(c["contexts"], probe.tokens, target, (c["sink"], c["recent"]))
-    plan = plan_from_scores(probe.scores, tau) if keep_quant_layers is None else keep_quant_layers
-    cal = Calibration(probe.scores, plan, budget)
-    save_plan(model.config.name, cal.quant_layers, cal.scores, tau, budget)
-    return cal
+    budget = BudgetPlan.fit(c["contexts"], tokens, target, (c["sink"], c["recent"]))
+    plan = plan_from_scores(scores, tau) if keep_quant_layers is None else keep_quant_layers
+    return Calibration(scores, plan, budget)

@@ -11,12 +11,14 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import InvalidRequestError
+from ..kvcache.budget import TARGET
+from ..kvcache.plans import save_plan
 from ..memory.pages import MemoryManager
 from ..models.loader import resolve
 from ..models.sharding import check_divisible
 from ..scheduler.scheduler import Scheduler, Seq
 from ..scheduler.step_cost import STEP_BUDGET_MS, StepCost
-from .calibration import calibrate
+from .calibration import Calibration, prompt_ids
 from .engine_rank import EngineRank, pick_device
 from .grammar import Grammars
 from .logits_processors import processors_for
@@ -67,14 +69,16 @@ class Engine:
             self.config = rank.config
             self.tokenizer = Tokenizer(rank.tokenizer_source, extra_eos=self.config.eos_token_ids)
             self.grammars = Grammars(self.tokenizer, self.config.vocab_size)
+            self._rank = rank
             policy = rank.policy
             if getattr(policy, "plan_missing", False) or getattr(policy, "budget_missing", False):
-                # a model without a shipped or cached plan: calibrate once, cache
+                # a model without a shipped or cached plan: calibrate once (every rank), cache
                 keep = None if policy.plan_missing else policy.tc.quant_layers
-                cal = calibrate(
-                    self.model, self.tokenizer, self.device, self.dtype, keep_quant_layers=keep
-                )
-                policy.use_calibration(cal.quant_layers, cal.budget)
+                self.calibrate(keep_quant_layers=keep)
+            if self.workers:  # every rank runs rank 0's plans, then builds its caches
+                if hasattr(policy, "plans"):
+                    self.workers.group.broadcast(("rank", "adopt", (policy.plans(),), {}))
+                self.workers.group.broadcast(None)
             # the TailorKV settings in force at a context (None for other policies), as logged now
             self.kv_settings = getattr(policy, "settings", None)
             if self.kv_settings:
@@ -381,6 +385,25 @@ class Engine:
             return self.runner.forward([req.rid], [start], plan.new, req.input_ids[start:], [0])[0]
         finally:
             self.abort(req.rid)
+
+    def calibrate(
+        self,
+        text: str | None = None,
+        tokens: int | None = None,
+        tau: float = 0.2,
+        target: float = TARGET,
+        keep_quant_layers: list[int] | None = None,
+    ) -> Calibration:
+        """Calibrate the model on the first `tokens` tokens of `text` (default: the longest the device, model and
+        text allow; the essays), on every rank at once, and cache the plan (`tailorkv calibrate`; at start for a
+        model without one). An idle engine only."""
+        ids = prompt_ids(self.model, self.tokenizer, self.device, text, tokens)
+        message = ("rank", "calibrate", (ids, tau, target, keep_quant_layers), {})
+        if self.workers:
+            self.workers.group.broadcast(message)
+        cal = self._rank.calibrate(*message[2])
+        save_plan(self.config.name, cal.quant_layers, cal.scores, tau, cal.budget)
+        return cal
 
     def shutdown(self) -> None:
         for rid in list(self.requests):

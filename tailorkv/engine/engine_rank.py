@@ -3,6 +3,7 @@ the model runner. Without tensor parallelism the Engine has one; with it each pr
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -11,13 +12,18 @@ from ..config import EngineConfig
 from ..distributed.group import TPGroup
 from ..errors import ConfigError
 from ..kvcache.registry import policy_class
+from ..memory.numa import bind_to_gpu_node
 from ..models.llama import MLP_CHUNK
 from ..models.loader import load_model
 from ..models.sharding import local_config
+from .calibration import Calibration, measure
 from .runner import ModelRunner
 
 GIB = 1 << 30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(device) -> torch.device:
@@ -56,6 +62,10 @@ class EngineRank:
                 min(1.0, config.gpu_memory_limit_gib * GIB / total), index
             )
         lead = group is None or group.rank == 0
+        if group:  # the host tier this rank page-locks lives on its GPU's NUMA node
+            node = bind_to_gpu_node(device)
+            if node is not None:
+                log.info("tensor-parallel rank %d runs on NUMA node %d", group.rank, node)
         if group and device.type == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // group.size))
         self.model, self.tokenizer_source = load_model(
@@ -68,12 +78,22 @@ class EngineRank:
             self.dtype,
             **config.policy_options,
         )
-        missing = [p for p in ("plan", "budget") if getattr(self.policy, f"{p}_missing", False)]
-        if group and missing:
-            raise ConfigError(
-                f"{self.config.name} has no TailorKV layer plan or budget: run `tailorkv calibrate` on it "
-                "(without --tp) first, or give the quantized layers and a preset or top_k"
-            )
+
+    def calibrate(
+        self, ids: list[int], tau: float, target: float, keep_quant_layers: list[int] | None
+    ) -> Calibration:
+        """Measure the calibration prompt `ids` (every rank at once under tensor parallelism) and give the policy
+        the plans it lacked."""
+        cal = measure(
+            self.model, ids, self.device, self.dtype, tau, target, keep_quant_layers, self.group
+        )
+        if hasattr(self.policy, "use_calibration"):
+            self.policy.use_calibration(cal.quant_layers, cal.budget)
+        return cal
+
+    def adopt(self, plans: dict) -> None:
+        """Rank 0's TailorKV plans (`policy.plans()`), so that every rank runs the same."""
+        self.policy.adopt(plans)
 
     def build_cache(self):
         """Bind the policy to the model, size and allocate its pools (every rank the same), warm it up and make

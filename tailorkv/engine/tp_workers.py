@@ -2,7 +2,8 @@
 N-1 are processes it starts (torch.multiprocessing, forkserver), each holding its slice of the model and its own KV
 policy over its own KV heads. Every call that changes a policy's state or runs the model (`add_request`, `grow`,
 `release`, `forward`) is broadcast from rank 0 before rank 0 runs it, so every rank runs the same calls in the
-same order and stays in lockstep (the model's all-reduces meet)."""
+same order and stays in lockstep (the model's all-reduces meet); so is a calibration (`EngineRank.calibrate`), at
+start before the caches are built or later (`tailorkv calibrate --tp N`)."""
 
 from __future__ import annotations
 
@@ -119,9 +120,18 @@ def _work(config: EngineConfig, rank: int, init: str, ready) -> None:
         torch.cuda.set_device(device)
     group = TPGroup(rank, config.tp_size, device, init)
     part = EngineRank(config, device, group)
+    objects = {"rank": part}
+    while (
+        message := group.broadcast()
+    ) is not None:  # at start: a calibration, rank 0's TailorKV plans
+        _call(objects, message)
     part.build_cache()
-    objects = {"policy": part.policy, "runner": part.runner}
+    objects |= {"policy": part.policy, "runner": part.runner}
     while (message := group.broadcast()) is not None:
-        name, attr, args, kwargs = message
-        getattr(objects[name], attr)(*args, **kwargs)
+        _call(objects, message)
     group.close()
+
+
+def _call(objects: dict, message: tuple) -> None:
+    name, attr, args, kwargs = message
+    getattr(objects[name], attr)(*args, **kwargs)

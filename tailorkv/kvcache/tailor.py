@@ -106,6 +106,20 @@ class TailorPolicy(KVPolicy):
         if self.budget_missing and budget is not None:
             self.budget, self.sources["budget"], self.budget_missing = budget, NEW, False
 
+    def plans(self) -> dict:
+        """The Q layers and budget in force, and where they came from."""
+        return {
+            "quant_layers": self.tc.quant_layers,
+            "budget": self.budget,
+            "sources": dict(self.sources),
+        }
+
+    def adopt(self, plans: dict) -> None:
+        """Another rank's `plans()` (tensor parallelism: rank 0's, whatever this rank's cache holds)."""
+        self.set_quant_layers(plans["quant_layers"])
+        self.budget, self.sources = plans["budget"], dict(plans["sources"])
+        self.plan_missing = self.budget_missing = False
+
     def layer_top_k(self, context: int) -> list[int]:
         """top_k of every S layer (in s_index order) for a request of `context` prompt tokens."""
         if self.budget is None:
