@@ -37,10 +37,10 @@ def test_presets_are_pinned():
     spec = bench_throughput.pinned("tailor::host_kv_dtype=fp8")
     assert spec == "tailor:longbench:host_kv_dtype=fp8"
     args = argparse.Namespace(
-        model="m", port=1, max_batch=4, contexts=[300], server_args="--device cpu"
+        model="m", port=1, max_batch=4, contexts=[300], server_args="--device cpu", tp_size=2
     )
     cmd = " ".join(bench_throughput.server_command(args, spec))
-    assert "--tailor-preset longbench --host-kv-dtype fp8 --device cpu" in cmd
+    assert "--tp 2 --tailor-preset longbench --host-kv-dtype fp8 --device cpu" in cmd
 
 
 def test_script_finds_the_largest_batch_on_cpu(tmp_path):
