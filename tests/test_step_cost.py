@@ -88,10 +88,31 @@ def test_chunks_shrink_with_the_prefix_to_keep_the_step_budget():
     assert chunks[0] > 4 * chunks[-2] and chunks == sorted(chunks[:-1], reverse=True) + chunks[-1:]
     prefix = 0
     for n in chunks:
-        seconds = cost.decode_s + cost.rate * cost.flops(n, prefix)
+        seconds = cost.decode_s + cost.fixed_s + cost.rate * cost.flops(n, prefix)
         assert seconds <= 0.2 + 1e-9 or n == MIN_CHUNK
         prefix += n
     assert chunks[-2] >= 1000  # 0.2 s still holds ~1,100 tokens after 124k
+
+
+def test_a_steps_fixed_cost_is_fitted_apart_from_its_rate():
+    """A later turn's prefill after a cached 64k document costs a step ~0.1 s whatever its rows (tailor reads the
+    document's rows once; bench_prefix_prefill: 1 row 106 ms, 16 rows 171 ms). Fitted as seconds per flop alone,
+    the 1-row step made every turn cost 0.106 s, so a 0.2 s budget beside 15 decoding users took one turn a step
+    (doc chat's turn 3: 1.04 s median TTFT, was 0.42); fitted as a fixed part and a rate, most of the 16 turns
+    fit in one step, and a step that also compiled something does not move the line."""
+    turn = [(70, 64_000)]
+    cost = StepCost.for_model(LLAMA8B, 0.2)
+    cost.observe([], 15, 0.031)
+    cost.observe(turn, 15, 0.031 + 0.106)
+    assert cost.fixed_s == 0 and cost.allowance(True) < 2 * cost.flops(
+        *turn[0]
+    )  # one row: no line yet
+    cost.observe(turn * 16, 0, 0.171)
+    cost.observe(turn, 15, 0.031 + 0.106)
+    cost.observe(turn * 4, 15, 0.031 + 5.0)  # a step that compiled something
+    assert cost.fixed_s == pytest.approx(0.102, abs=0.002)
+    assert cost.rate * cost.flops(*turn[0]) == pytest.approx(0.065 / 15, rel=0.01)
+    assert 14 * cost.flops(*turn[0]) <= cost.allowance(True) <= 16 * cost.flops(*turn[0])
 
 
 def test_without_decoders_or_a_budget_chunks_are_the_configured_size():

@@ -14,7 +14,9 @@ only prefill is held back, `gather_s` at most:
 While requests decode, a waiting request joins their steps only once it has waited `delay_factor` x the last
 prefill step's time, as vLLM's `--scheduler-delay-factor` does: the first of a burst that comes as the running
 requests finish (a chat's user one token ahead of the others) then waits for the rest instead of being prefilled
-alone while they decode their last tokens.
+alone while they decode their last tokens. With chunked prefill "the last prefill step" is one step of chunks
+(while requests decode, about the step-time budget of step_cost.py), not a whole prompt's prefill: what letting a
+waiting request join costs the running ones, so a long prompt's 13 s prefill no longer holds the next arrival 4.5 s.
 
 ArrivalHold only decides, from the times and counts it is told; the caller supplies the clock and the locking.
 """

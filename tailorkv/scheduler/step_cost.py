@@ -3,15 +3,19 @@
 A step that carries decoding requests is one gap in their token streams, so the prompt tokens it also computes are
 held to `budget_s` for the whole step. The cost model of a step:
 
-    seconds = decode_s + rate x sum over its prompt chunks of flops(new, prefix)
+    seconds = decode_s + fixed_s + rate x sum over its prompt chunks of flops(new, prefix)
     flops(new, prefix) = new x (linear + pair x (prefix + (new + 1) / 2))
 
 `linear`: the model's GEMM flops per token; `pair`: attention's flops per (query, key) pair over all layers, so a
 late chunk of a long prompt, which attends to everything before it, costs what its attention costs. Both come from
-the model's shape; `decode_s` (a decode-only step, averaged) and `rate` (seconds per flop: the median over the
-recent prefill steps, so that a step that also captured a CUDA graph or compiled a kernel does not count) are
-measured as the engine runs: nothing is tuned per device. Until a prefill step has
-been timed, or when no request decodes, chunks are not limited (the chunked_prefill_size cap still holds).
+the model's shape. `decode_s` (a decode-only step, averaged), `fixed_s` (what a step that prefills costs whatever
+its rows: tailor reads a cached document's rows once per step, ~0.1 s for 64k tokens, so a later turn's step
+takes 106 ms for 1 row and 171 ms for 16) and `rate` (seconds per flop) are measured as the engine runs: a
+Theil-Sen line through the recent prefill steps (the median of the pairwise slopes, the median residual as the
+fixed part), robust to a step that also captured a CUDA graph or compiled a kernel. Where the steps' flops are too
+alike to tell the two apart, the fixed part is 0 and the rate the median of seconds per flop. Nothing is tuned per
+device. Until a prefill step has been timed, or when no request decodes, chunks are not limited (the
+chunked_prefill_size cap still holds).
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ from collections import deque
 MIN_CHUNK = 256  # tokens a prompt advances per step at least: it never stalls behind the decoders
 STEP_BUDGET_MS = 200.0  # the default on CUDA: inter-token gaps of decoding users stay near 0.2 s while prompts prefill
 DECAY = 0.8  # weight of the earlier decode-step times against each new one
-RECENT = 9  # prefill steps the rate is the median of
+RECENT = 9  # prefill steps the line is fitted through
+SPREAD = 1.5  # two steps give a slope when one's flops are this many times the other's
 
 
 class StepCost:
     def __init__(self, budget_s: float, linear: float, pair: float):
         self.budget_s, self.linear, self.pair = budget_s, linear, pair
         self.decode_s: float | None = None
-        self._rates: deque[float] = deque(maxlen=RECENT)
+        # (flops, seconds) of the recent prefill steps
+        self._steps: deque[tuple[float, float]] = deque(maxlen=RECENT)
 
     @classmethod
     def for_model(cls, cfg, budget_s: float) -> StepCost:
@@ -39,10 +45,33 @@ class StepCost:
         per_layer = h * (q + 2 * kv) * d + q * d * h + 3 * h * cfg.intermediate_size
         return cls(budget_s, 2.0 * cfg.num_layers * per_layer, 4.0 * cfg.num_layers * q * d)
 
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed_s, rate) from the recent prefill steps, None before one has been timed."""
+        steps = list(self._steps)
+        if not steps:
+            return None
+        slopes = [
+            (o2 - o1) / (f2 - f1)
+            for i, (f1, o1) in enumerate(steps)
+            for f2, o2 in steps[i + 1 :]
+            if max(f1, f2) >= SPREAD * min(f1, f2)
+        ]
+        rate = statistics.median(slopes) if slopes else 0.0
+        if rate <= 0:
+            return 0.0, statistics.median(o / f for f, o in steps)
+        return max(statistics.median(o - rate * f for f, o in steps), 0.0), rate
+
     @property
     def rate(self) -> float | None:
         """Seconds per flop of prompt work, None before a prefill step has been timed."""
-        return statistics.median(self._rates) if self._rates else None
+        fit = self.fit()
+        return fit and fit[1]
+
+    @property
+    def fixed_s(self) -> float:
+        """Seconds a step that prefills costs beyond its flops."""
+        fit = self.fit()
+        return fit[0] if fit else 0.0
 
     def flops(self, new: int, prefix: int) -> float:
         return new * (self.linear + self.pair * (prefix + (new + 1) / 2))
@@ -59,14 +88,15 @@ class StepCost:
             return
         own = seconds - (self.decode_s or 0.0 if decoding else 0.0)
         if own > 0:
-            self._rates.append(own / sum(self.flops(n, p) for n, p in chunks))
+            self._steps.append((sum(self.flops(n, p) for n, p in chunks), own))
 
     def allowance(self, decoding: bool) -> float:
         """Flops of prompt work a step may do: unlimited without decoding rows, a budget or a measured rate."""
-        rate = self.rate
-        if not decoding or not self.budget_s or rate is None:
+        fit = self.fit()
+        if not decoding or not self.budget_s or fit is None:
             return math.inf
-        return max(self.budget_s - (self.decode_s or 0.0), 0.0) / rate
+        fixed_s, rate = fit
+        return max(self.budget_s - (self.decode_s or 0.0) - fixed_s, 0.0) / rate
 
     def tokens_within(self, flops: float, prefix: int) -> int:
         """The most new tokens after `prefix` whose flops fit in `flops` (the root of a quadratic)."""
