@@ -116,11 +116,12 @@ def test_a_model_without_a_budget_calibrates_on_every_rank(monkeypatch, tmp_path
         with Engine(tp_size=tp, **options) as e:
             plans = e.policy.plans()
             assert plans["sources"] == {"quant_layers": "option", "budget": "new calibration"}
-            again = e.calibrate(tokens=600, keep_quant_layers=[0]).budget
-            out = e.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)["output_ids"]
+            again = e.calibrate(tokens=600, keep_quant_layers=[0]).budget if tp > 1 else None
+            sp = {**GREEDY, "max_new_tokens": 16}
+            out = e.generate(input_ids=PROMPTS[0], sampling_params=sp)["output_ids"]
             runs.append((plans["budget"], again, out))
-    (one, one_again, one_out), (two, two_again, two_out) = runs
-    for b in (two, one_again, two_again):
+    (one, _, one_out), (two, two_again, two_out) = runs
+    for b in (two, two_again):
         assert b.contexts == one.contexts == [600]
         torch.testing.assert_close(
             torch.tensor(b.tokens), torch.tensor(one.tokens), rtol=1e-9, atol=0
