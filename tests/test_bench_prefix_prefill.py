@@ -1,5 +1,5 @@
-"""benchmarks.bench_prefix_prefill runs end to end on the embedded model: the later rows reuse the whole document,
-from GPU copies by default and from the host tier without."""
+"""benchmarks.bench_prefix_prefill runs end to end (on the embedded model's shapes with dummy weights: no weights to
+load): the later rows reuse the whole document, from GPU copies by default and from the host tier without."""
 
 import json
 
@@ -10,6 +10,8 @@ def test_bench_prefix_prefill_rows(tmp_path):
     out = tmp_path / "prefix_prefill.json"
     rows = bench_prefix_prefill.main(
         [
+            "--model",
+            "dummy:smollm2-135m",
             "--doc-tokens",
             "600",
             "--new-tokens",
