@@ -28,6 +28,7 @@ def test_model_and_server_info_name_the_model_and_its_tokenizer(client, live_ser
     assert server["max_total_num_tokens"] == server["memory"]["gpu"]["total_pages"] * 16 > 5000
     assert server["kv_policy"] == "full" and server["memory"]["gpu"]["total_bytes"] > 0
     assert server["host_kv_gib"] == 4.0 and server["step_budget_ms"] == 0.0  # the CPU defaults
+    assert server["step_cost"] is None
     assert (
         server["tailorkv"] is None
     )  # TailorKV settings: only under the tailor policy (test_serve_tailor)

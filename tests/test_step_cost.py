@@ -113,6 +113,9 @@ def test_a_steps_fixed_cost_is_fitted_apart_from_its_rate():
     assert cost.fixed_s == pytest.approx(0.102, abs=0.002)
     assert cost.rate * cost.flops(*turn[0]) == pytest.approx(0.065 / 15, rel=0.01)
     assert 14 * cost.flops(*turn[0]) <= cost.allowance(True) <= 16 * cost.flops(*turn[0])
+    shown = cost.describe()  # in /get_server_info
+    assert shown["budget_ms"] == 200 and shown["decode_ms"] == pytest.approx(31)
+    assert shown["fixed_ms"] == pytest.approx(cost.fixed_s * 1e3) and shown["tflops"] > 0
 
 
 def test_without_decoders_or_a_budget_chunks_are_the_configured_size():

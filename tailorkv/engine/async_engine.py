@@ -169,6 +169,7 @@ class AsyncEngine:
             "chunked_prefill_size": o.chunked_prefill_size,
             "host_kv_gib": o.host_kv_gib,  # per rank
             "step_budget_ms": cost.budget_s * 1e3 if (cost := self.engine.scheduler.cost) else 0.0,
+            "step_cost": cost and cost.describe(),  # the fitted step-time model (None: no budget)
             "enable_prefix_caching": self.engine.memory.prefix is not None,
             **self.load(),
         }

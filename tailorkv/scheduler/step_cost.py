@@ -73,6 +73,16 @@ class StepCost:
         fit = self.fit()
         return fit[0] if fit else 0.0
 
+    def describe(self) -> dict:
+        """The model as fitted so far (GET /get_server_info): ms and prompt TFLOP/s, None until measured."""
+        fit = self.fit()
+        return {
+            "budget_ms": self.budget_s * 1e3,
+            "decode_ms": None if self.decode_s is None else self.decode_s * 1e3,
+            "fixed_ms": fit and fit[0] * 1e3,
+            "tflops": fit and 1e-12 / fit[1],
+        }
+
     def flops(self, new: int, prefix: int) -> float:
         return new * (self.linear + self.pair * (prefix + (new + 1) / 2))
 
