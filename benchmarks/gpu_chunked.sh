@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 19's GPU checks in one device call (dummy Llama-3.1-8B on one H200): the doc chat per turn (64k document,
+# 16 users, 4 turns, a warm server) at this tree and, when OLD names another tree (e.g. a `git archive` of de0a34f,
+# the commit before chunked tailor prefill), at that one in the same run; then 8 users decoding at 32k while a
+# 126,000-token prompt prefills, for tailor and full. Rows go to $OUT (default benchmarks/results/gpu_chunked),
+# with each server's log (its prefill lines and /get_server_info's fitted step_cost). About 9 minutes with OLD.
+#   OLD=/tmp/old bash benchmarks/gpu_chunked.sh
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu_chunked}
+PORT=${PORT:-30123}
+mkdir -p "$OUT" && OUT=$(realpath "$OUT")
+
+docchat() { # tree name
+  (cd "$1" && PYTHONPATH=$PWD:${PYTHONPATH:-} exec python -m tailorkv serve --model dummy:llama-3.1-8b \
+    --kv-policy tailor --port "$PORT" --host-kv-gib 16 > "$OUT/server_$2.log" 2>&1) &
+  local pid=$!
+  for _ in $(seq 1 150); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 2; done
+  local bench=(python -m benchmarks.bench_serving --base-url "http://127.0.0.1:$PORT" --dataset doc-chat
+               --doc-tokens 64000 --users 16)
+  "${bench[@]}" --turns 1 --random-output-len 16 --seed 3 > "$OUT/warmup_$2.log" 2>&1
+  "${bench[@]}" --turns 4 --random-output-len 128 --seed 2 --output-file "$OUT/docchat_$2.json" \
+    > "$OUT/docchat_$2.log" 2>&1
+  curl -sf "http://127.0.0.1:$PORT/get_server_info" > "$OUT/server_info_$2.json"
+  grep "TTFT of turn" "$OUT/docchat_$2.log"
+  kill "$pid"; wait "$pid" 2> /dev/null
+}
+
+docchat . new
+[[ -n "${OLD:-}" ]] && docchat "$OLD" old
+for policy in tailor full; do
+  python -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy "$policy" \
+    --engine-args '{"host_kv_gib": 60}' --out "$OUT/mixed_$policy.json" > "$OUT/mixed_$policy.log" 2>&1
+  echo "mixed $policy: rc=$?"
+done
