@@ -13,19 +13,28 @@ from .budget import TARGET, WINDOW
 from .full import FullPolicy, FullStep
 
 
+def last_query_attention(
+    q: torch.Tensor, k: torch.Tensor, n: int, last_q: int = 32
+) -> torch.Tensor:
+    """q [N, Hq, D] (post-RoPE), k [N, Hkv, D] of a prompt -> the causal attention [Hq, m, n] of the last
+    m = min(last_q, n) of its first n queries over its first n keys (GQA: each query head over its KV head)."""
+    hq, d = q.shape[1], q.shape[2]
+    m = min(last_q, n)
+    qs = q[n - m : n].float().transpose(0, 1)  # [Hq, m, D]
+    ks = k[:n].float().repeat_interleave(hq // k.shape[1], dim=1).transpose(0, 1)  # [Hq, n, D]
+    logits = qs @ ks.transpose(1, 2) / d**0.5
+    logits = logits.masked_fill(
+        torch.arange(n) > torch.arange(n - m, n).unsqueeze(1), float("-inf")
+    )
+    return logits.softmax(-1)
+
+
 def dense_preference_score(
-    q: torch.Tensor, k: torch.Tensor, last_q: int = 32, top_frac: float = 0.05, causal: bool = True
+    q: torch.Tensor, k: torch.Tensor, last_q: int = 32, top_frac: float = 0.05
 ) -> float:
     """q [n, Hq, D] (post-RoPE), k [n, Hkv, D] of one prompt -> mean mass outside the top max(1, 5%) keys."""
-    n, hq, d = q.shape
-    m = min(last_q, n)
-    qs = q[n - m :].float().transpose(0, 1)  # [Hq, m, D]
-    ks = k.float().repeat_interleave(hq // k.shape[1], dim=1).transpose(0, 1)  # [Hq, n, D]
-    logits = qs @ ks.transpose(1, 2) / d**0.5  # [Hq, m, n]
-    if causal:
-        pos = torch.arange(n - m, n).unsqueeze(1)
-        logits = logits.masked_fill(torch.arange(n).unsqueeze(0) > pos, float("-inf"))
-    probs = logits.softmax(-1)
+    n = q.shape[0]
+    probs = last_query_attention(q, k, n, last_q)
     top = probs.topk(max(1, int(top_frac * n)), dim=-1).values.sum(-1)
     return float((1 - top).mean())
 
@@ -42,14 +51,10 @@ def tokens_for_mass(
     """q [N, Hq, D] (post-RoPE), k [N, Hkv, D] of a prompt; of its first n tokens: the mean over the last `last_q`
     queries and the KV heads of the fewest middle tokens (outside the first `sink` and last `recent`) whose
     attention mass, added to the window's, reaches `target` (group-mean attention of each KV head)."""
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-    m = min(last_q, n)
-    qs = q[n - m : n].float().transpose(0, 1)  # [Hq, m, D]
-    ks = k[:n].float().repeat_interleave(hq // hkv, dim=1).transpose(0, 1)  # [Hq, n, D]
-    logits = qs @ ks.transpose(1, 2) / d**0.5
+    hq, hkv = q.shape[1], k.shape[1]
+    probs = last_query_attention(q, k, n, last_q)
+    probs = probs.reshape(hkv, hq // hkv, probs.shape[1], n).mean(1)  # [Hkv, m, n]
     pos = torch.arange(n)
-    logits = logits.masked_fill(pos > torch.arange(n - m, n).unsqueeze(1), float("-inf"))
-    probs = logits.softmax(-1).reshape(hkv, hq // hkv, m, n).mean(1)  # [Hkv, m, n]
     window = (pos < sink) | (pos >= n - recent)
     need = target - probs[..., window].sum(-1)  # [Hkv, m]
     mid = probs[..., ~window].sort(-1, descending=True).values.cumsum(-1)

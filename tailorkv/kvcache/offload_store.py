@@ -70,9 +70,8 @@ class OffloadState:
         partial_page: int | None = None,
         top_k: list[int] = (),
     ):
-        self.top_k = list(
-            top_k
-        )  # per S layer: tokens fetched per step (fixed at admission by the prompt's length)
+        # per S layer: tokens fetched per step (fixed at admission by the prompt's length)
+        self.top_k_cpu = torch.tensor(top_k, dtype=torch.long)
         self.host_pages_cpu = torch.tensor(host_pages, dtype=torch.long)
         self.sketch_pages_cpu = torch.tensor(sketch_pages, dtype=torch.long)
         self.gen_pages_cpu = torch.tensor(gen_pages, dtype=torch.long)
@@ -154,7 +153,7 @@ class DecodeView:
         for i, st in enumerate(states):
             h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
             h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
-            h["top_k"][i] = torch.tensor(st.top_k)
+            h["top_k"][i, : st.top_k_cpu.numel()] = st.top_k_cpu
             g = st.gen_slots()
             h["gen_read"][i, : g.numel()] = g
         h["mid_begin"].copy_(mid[0])

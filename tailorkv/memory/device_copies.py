@@ -103,7 +103,7 @@ class DeviceCopies:
         for first, index, count in runs:
             for j in range(count):
                 page, i = first + j, index + j
-                s = None if page in self._unwritten else self._slot.get(page)
+                s = self.slot(page)
                 if s is not None:
                     at.append(i)
                     slots.append(s)
