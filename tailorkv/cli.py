@@ -114,7 +114,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-running-requests", type=int, default=None)
     p.add_argument("--max-queued-requests", type=int, default=None)
-    p.add_argument("--chunked-prefill-size", type=int, default=None)
+    p.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="prompt tokens a step computes at most; default 8192 on CUDA, 2048 on CPU",
+    )
     p.add_argument(
         "--step-budget-ms",
         type=float,

@@ -50,7 +50,9 @@ class EngineConfig:
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
     max_running_requests: int = 32
     max_queued_requests: int = 1024
-    chunked_prefill_size: int = 2048
+    # prompt tokens a step computes at most; None: 8192 on CUDA (fewer re-reads of a long prompt's prefix, fuller
+    # GEMMs), 2048 on CPU
+    chunked_prefill_size: int | None = None
     # a step that carries decoding requests computes at most this many ms of prompt chunks with them (Sarathi-Serve's
     # latency target; a cost model fitted as the engine runs); None: 200 on CUDA, off (0) on CPU
     step_budget_ms: float | None = None
@@ -85,7 +87,7 @@ class EngineConfig:
         for name in (
             "max_running_requests",
             "max_queued_requests",
-            "chunked_prefill_size",
+            *(("chunked_prefill_size",) if self.chunked_prefill_size is not None else ()),
             "reserve_output_tokens",
             "tp_size",
         ):

@@ -6,6 +6,7 @@ import itertools
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -17,7 +18,7 @@ from ..memory.pages import MemoryManager
 from ..models.loader import resolve
 from ..models.sharding import check_divisible
 from ..scheduler.scheduler import Scheduler, Seq
-from ..scheduler.step_cost import STEP_BUDGET_MS, StepCost
+from ..scheduler.step_cost import CPU_CHUNK, CUDA_CHUNK, STEP_BUDGET_MS, StepCost
 from .calibration import Calibration, prompt_ids
 from .engine_rank import EngineRank, pick_device
 from .grammar import Grammars
@@ -58,8 +59,12 @@ class Engine:
         return engine
 
     def _start(self, config: EngineConfig) -> None:
-        self.options, self.kv_policy = config, config.kv_policy
         device = pick_device(rank_device(config, 0))
+        if config.chunked_prefill_size is None:
+            config = replace(
+                config, chunked_prefill_size=CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
+            )
+        self.options, self.kv_policy = config, config.kv_policy
         if config.tp_size > 1:  # before any process starts
             check_divisible(resolve(config.model, device).config, config.tp_size)
         self.workers = Workers(config, device) if config.tp_size > 1 else None
