@@ -3,7 +3,8 @@
 # 16 users, 4 turns, a warm server) at this tree and, when OLD names another tree (e.g. a `git archive` of de0a34f,
 # the commit before chunked tailor prefill), at that one in the same run; then 8 users decoding at 32k while a
 # 126,000-token prompt prefills, for tailor and full. Rows go to $OUT (default benchmarks/results/gpu_chunked),
-# with each server's log (its prefill lines and /get_server_info's fitted step_cost). About 9 minutes with OLD.
+# with each server's log (its prefill lines and /get_server_info's fitted step_cost). About 9 minutes with OLD;
+# PARTS=docchat or PARTS=mixed runs one half (two device calls).
 #   OLD=/tmp/old bash benchmarks/gpu_chunked.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu_chunked}
@@ -25,9 +26,12 @@ docchat() { # tree name
   kill "$pid"; wait "$pid" 2> /dev/null
 }
 
-docchat . new
-[[ -n "${OLD:-}" ]] && docchat "$OLD" old
-for policy in tailor full; do
+PARTS=${PARTS:-docchat mixed}
+if [[ $PARTS == *docchat* ]]; then
+  docchat . new
+  [[ -n "${OLD:-}" ]] && docchat "$OLD" old
+fi
+[[ $PARTS == *mixed* ]] && for policy in tailor full; do
   python -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy "$policy" \
     --engine-args '{"host_kv_gib": 60}' --out "$OUT/mixed_$policy.json" > "$OUT/mixed_$policy.log" 2>&1
   echo "mixed $policy: rc=$?"
