@@ -110,7 +110,7 @@ def test_paged_prefill_equals_causal_attention_over_each_rows_pages(device, hq, 
     """Prompt rows attending in place to their pages (full's chunked prefill): a first chunk, a chunk after 300
     cached tokens and one token after 17; pages out of order, lengths off the page."""
     paged = PagedPrefill
-    if available(torch.device(device), torch.bfloat16):
+    if available(torch.device(device), torch.bfloat16, d):
         from tailorkv.kernels.flashinfer_prefill import PagedPrefill as paged
     k_pages, v_pages = (rand(64, 16, hkv, d, device=device, seed=s) for s in (8, 9))
     lengths, new = [70, 337, 18], [70, 37, 1]

@@ -15,7 +15,7 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
 def test_flashinfer_paged_decode_matches_reference(hq, hkv, d):
     fd = pytest.importorskip("tailorkv.kernels.flashinfer_decode")
-    if not fd.available(torch.device("cuda"), torch.bfloat16):
+    if not fd.available(torch.device("cuda"), torch.bfloat16, 128):
         pytest.skip("flashinfer is not installed")
     g = torch.Generator(device="cuda").manual_seed(0)
     k_pages = torch.randn(64, 16, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)

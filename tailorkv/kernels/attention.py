@@ -14,7 +14,7 @@ SCORE_CHUNK = 1 << 27  # attention_lse's reference: float32 scores held at once 
 
 
 def _flashinfer(x: torch.Tensor):
-    if not flashinfer_decode.available(x.device, x.dtype):
+    if not flashinfer_decode.available(x.device, x.dtype, x.shape[-1]):
         return None
     from . import flashinfer_prefill
 

@@ -10,10 +10,18 @@ import torch
 WORKSPACE_BYTES = 128 << 20
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
+HEAD_DIMS = (
+    64,
+    128,
+    256,
+)  # what FlashInfer's kernels compile for; others take the torch references
+
+
+def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     return (
         device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
+        and head_dim in HEAD_DIMS
         and importlib.util.find_spec("flashinfer") is not None
     )
 

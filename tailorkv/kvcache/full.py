@@ -76,14 +76,15 @@ class FullPolicy(KVPolicy):
             flashinfer_decode.PagedDecode(
                 self.device, c.num_heads, c.num_kv_heads, c.head_dim, PAGE_SIZE, self.dtype
             )
-            if self.reads_everything and flashinfer_decode.available(self.device, self.dtype)
+            if self.reads_everything
+            and flashinfer_decode.available(self.device, self.dtype, c.head_dim)
             else None
         )
         self.copy = host_copy.ops(self.device)
         self.prefill = None  # the gpu tier's prompt rows attend to their pages in place
         if self.tier == "gpu":
             paged = PagedPrefill
-            if flashinfer_decode.available(self.device, self.dtype):
+            if flashinfer_decode.available(self.device, self.dtype, c.head_dim):
                 from ..kernels.flashinfer_prefill import PagedPrefill as paged
             self.prefill = paged(self.device, c.num_heads, c.num_kv_heads, c.head_dim)
 
