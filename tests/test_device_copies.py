@@ -1,9 +1,11 @@
 """GPU copies of host-tier pages (DeviceCopies): which pages hold a slot, and that a prefix read from copies (all or
-some of its pages) equals the host tier's rows, also after a page is written again."""
+some of its pages) equals the host tier's rows, also after a page is written again; a decode step's top-k fetch
+reads pages with a copy from it."""
 
 import torch
 
-from tailorkv.kvcache.offload_store import OffloadState, OffloadStore, page_runs
+from tailorkv.kernels import host_copy
+from tailorkv.kvcache.offload_store import DecodeView, OffloadState, OffloadStore, page_runs
 from tailorkv.kvcache.prompt_rows import PromptRows
 from tailorkv.memory.device_copies import DeviceCopies
 
@@ -86,3 +88,28 @@ def test_a_prefix_read_from_copies_equals_the_host_rows():
             )
             assert torch.equal(got, store.rows[layer][pages])
     assert store.copies.reads(tuple(page_runs([5, 2, 7])), "cpu").host_runs == ()
+
+
+def test_a_decode_fetch_reads_pages_with_a_copy_there_and_sees_copies_change():
+    """The fetch equals the host rows; altering the copies alters exactly the rows of pages that have one (so they
+    are what it reads); once a page's copy is forgotten the next step's view reads it from the host again."""
+    store = _store(copy_slots=3)
+    pages = [5, 2, 7, 0]
+    _write(store, pages, 1000, seed=0)  # page 0 gets no copy
+    st = OffloadState(pages, [0], 0, 1000, 4, 4)
+    st.n = 1000
+    view = DecodeView(1, 4, 64, store.window, 2, "cpu")
+    view.fill([st], store.scratch_slot, store.scratch_gen, store.decode_copies)
+    slots = [store.copies.slot(p) for p in pages[:3]]
+    assert view.copy_slots.tolist() == [[*slots, -1]]
+    idx = torch.randint(0, 1000, (1, 3, 200), generator=torch.Generator().manual_seed(3))
+    on_copy = (idx // 256 < 3)[..., None]
+    for layer in range(2):
+        host = host_copy.gather_rows(store.rows[layer], view.host_pages, idx)
+        assert torch.equal(store.fetch_rows(layer, view, idx), host)
+        store.copy_rows[layer] += 1
+        got = store.fetch_rows(layer, view, idx)
+        assert torch.equal(got, torch.where(on_copy, host + 1, host))
+    store.copies.forget([5])
+    view.fill([st], store.scratch_slot, store.scratch_gen, store.decode_copies)
+    assert view.copy_slots.tolist() == [[-1, *slots[1:], -1]]

@@ -111,6 +111,39 @@ def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,np_,h,t,w,k", [(2, 7, 3, 64, 128, 45), (3, 5, 3, 256, 260, 130)])
+def test_gather_rows_reads_pages_with_a_gpu_copy_from_it(kt, dtype, b, np_, h, t, w, k):
+    """Pages with a copy slot are read from the copies (which hold other values here, so the source shows), the
+    others from the host rows, padding pages as zeros; the kernel equals the reference bit for bit."""
+    rows = _host(12, h, t, w, dtype=dtype)
+    copies = (
+        torch.randn(4, h, t, w, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+    )
+    pages = _pages(b, np_, 12)
+    slots = torch.full((b, np_), -1, dtype=torch.long)
+    slots[:, ::2] = torch.arange(0, (np_ + 1) // 2)[None] % 4
+    slots = slots.masked_fill(pages < 0, -1).to(DEVICE)
+    g = torch.Generator().manual_seed(5)
+    idx = (
+        torch.stack([torch.randperm(np_ * t, generator=g)[:k] for _ in range(b * h)])
+        .view(b, h, k)
+        .to(DEVICE)
+    )
+    got = kt.gather_rows(rows, pages, idx, copies, slots)
+    expect = ref.gather_rows(rows, pages, idx, copies, slots)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    plain = ref.gather_rows(rows, pages, idx)
+    slot = slots.gather(1, (idx // t).view(b, -1)).view(b, h, k)
+    assert (slot >= 0).any() and (slot < 0).any()
+    torch.testing.assert_close(expect[slot < 0], plain[slot < 0], rtol=0, atol=0)
+    heads = torch.arange(h, device=DEVICE)[None, :, None].expand(b, h, k)
+    on_gpu = slot >= 0
+    torch.testing.assert_close(
+        expect[on_gpu], copies[slot[on_gpu], heads[on_gpu], (idx % t)[on_gpu]], rtol=0, atol=0
+    )
+
+
 def test_ops_dispatch():
     assert ref.ops("cpu") is ref
 

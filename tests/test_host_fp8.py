@@ -120,7 +120,7 @@ def test_store_fetch_attend_path_is_the_packed_rows():
     assert torch.equal(fp8.rows[0][[2, 0]], host_fp8.quantize_rows(plain.rows[0][[2, 0]]))
     for name in ("win_k", "win_v", "max_abs"):  # the GPU tier keeps exact values
         assert torch.equal(getattr(plain, name), getattr(fp8, name)), name
-    view = SimpleNamespace(host_pages=torch.tensor([[2, 0]]))
+    view = SimpleNamespace(host_pages=torch.tensor([[2, 0]]), copy_slots=torch.full((1, 2), -1))
     idx = torch.tensor([[[0, 299, 17, 256]] * h])
     fetched = fp8.fetch_rows(0, view, idx)
     assert torch.equal(fetched, host_fp8.quantize_rows(plain.fetch_rows(0, view, idx)))

@@ -110,13 +110,17 @@ def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
     chunks read a layer's prefix back (three buffers of a full context's K and V), full reads in place."""
     from tailorkv.config import EngineConfig
     from tailorkv.engine.engine_rank import GIB, EngineRank
+    from tailorkv.scheduler.step_cost import CUDA_CHUNK
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GIB, 141 * GIB))
     cfg = dummy_config("llama-3.1-8b")
     budgets = {}
     for name in ("full", "tailor"):
         rank = EngineRank.__new__(EngineRank)
-        rank.options, rank.config = EngineConfig(kv_policy=name), cfg
+        rank.options = EngineConfig(
+            kv_policy=name, chunked_prefill_size=CUDA_CHUNK
+        )  # as Engine sets it
+        rank.config = cfg
         rank.device, rank.dtype = torch.device("cuda"), torch.bfloat16
         rank.policy = policy_class(name)(cfg, torch.device("cpu"), torch.bfloat16)
         budgets[name] = rank._gpu_kv_budget()

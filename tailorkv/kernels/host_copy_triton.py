@@ -93,22 +93,28 @@ def _gather_channels_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["K", "sp_b"])
+@triton.jit(do_not_specialize=["K", "sp_b", "sc_b"])
 def _gather_rows_kernel(
     rows_ptr,
     pages_ptr,
     idx_ptr,
     out_ptr,
+    copies_ptr,
+    cslots_ptr,
     H,
     K,
     W,
     sr_p,
     sp_b,
+    sc_p,
+    sc_b,
     T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    COPIES: tl.constexpr,
 ):
-    # one program per (row, head) and block of BLOCK_K selected positions
+    # one program per (row, head) and block of BLOCK_K selected positions; a row whose page has a GPU copy is
+    # loaded from it (the host load is masked off: it never crosses PCIe)
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -116,11 +122,17 @@ def _gather_rows_kernel(
     page = tl.load(pages_ptr + b * sp_b + pos // T, mask=k < K, other=-1).to(tl.int64)
     w = tl.arange(0, BLOCK_W)
     ok = (k < K)[:, None] & (w < W)[None, :]
-    x = tl.load(
-        rows_ptr + page[:, None] * sr_p + (h * T + pos % T)[:, None] * W + w[None, :],
-        mask=ok & (page >= 0)[:, None],
-        other=0.0,
-    )
+    in_page = (h * T + pos % T)[:, None] * W + w[None, :]
+    on_host = page >= 0
+    if COPIES:
+        slot = tl.load(cslots_ptr + b * sc_b + pos // T, mask=k < K, other=-1).to(tl.int64)
+        on_host = on_host & (slot < 0)
+        y = tl.load(
+            copies_ptr + slot[:, None] * sc_p + in_page, mask=ok & (slot >= 0)[:, None], other=0.0
+        )
+    x = tl.load(rows_ptr + page[:, None] * sr_p + in_page, mask=ok & on_host[:, None], other=0.0)
+    if COPIES:
+        x = tl.where((slot >= 0)[:, None], y, x)
     tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * W + w[None, :], x, mask=ok)
 
 
@@ -179,25 +191,40 @@ def gather_channels(
     return out
 
 
-def gather_rows(rows: torch.Tensor, pages: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_rows(
+    rows: torch.Tensor,
+    pages: torch.Tensor,
+    idx: torch.Tensor,
+    copies: torch.Tensor | None = None,
+    copy_slots: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Same contract as host_copy.gather_rows (T must be a power of two)."""
     _, h, t, w = rows.shape
     pages = pages.contiguous()
     b, _, k = idx.shape
     out = torch.empty(b, h, k, w, dtype=rows.dtype, device=pages.device)
+    if copies is not None and (copies.dtype != rows.dtype or copies.shape[1:] != rows.shape[1:]):
+        raise ValueError("gather_rows: copies must have the rows' page shape and dtype")
+    if copy_slots is not None:
+        copy_slots = copy_slots.contiguous()
     if out.numel():
         _gather_rows_kernel[(b * h, triton.cdiv(k, _ROWS_PER_PROGRAM))](
             _arg(rows, pages.device),
             pages,
             idx.contiguous(),
             out,
+            out if copies is None else copies,
+            pages if copies is None else copy_slots,
             h,
             k,
             w,
             _page_stride(rows),
             pages.stride(0),
+            0 if copies is None else _page_stride(copies),
+            0 if copies is None else copy_slots.stride(0),
             T=t,
             BLOCK_K=_ROWS_PER_PROGRAM,
             BLOCK_W=triton.next_power_of_2(w),
+            COPIES=copies is not None,
         )
     return out

@@ -84,6 +84,14 @@ class OffloadState:
             self.n_sink, prompt_len - recent
         )  # recent window: [recent_begin, prompt_len)
         self.n = 0  # tokens computed (and cached)
+        self._copies: tuple = (None, None)  # (DeviceCopies.version, its host pages' copy slots)
+
+    def copy_slots(self, copies: DeviceCopies) -> torch.Tensor:
+        """Its host pages' GPU copy slots (-1: none), looked up again only when the copies or its pages changed."""
+        key = (copies.version, self.host_pages_cpu.numel())
+        if self._copies[0] != key:
+            self._copies = (key, copies.readable(self.host_pages_cpu))
+        return self._copies[1]
 
     def tail_page(self, start: int) -> int:
         """The host page of the prompt's tokens [start - start % 256, start), which a chunk from `start` computes
@@ -112,6 +120,7 @@ class DecodeView:
             {
                 "slots": ((rows,), i64),
                 "host_pages": ((rows, pages), i64),
+                "copy_slots": ((rows, pages), i64),
                 "sketch_pages": ((rows, pages), i64),
                 "mid_begin": ((rows,), i64),
                 "mid_end": ((rows,), i64),
@@ -132,11 +141,19 @@ class DecodeView:
             st.n + 1 - st.prompt_len for st in states
         )
 
-    def fill(self, states: list[OffloadState], scratch_slot: int, scratch_gen: int) -> None:
+    def fill(
+        self,
+        states: list[OffloadState],
+        scratch_slot: int,
+        scratch_gen: int,
+        copies: DeviceCopies | None = None,
+    ) -> None:
+        """The step's rows; `copies`: the pages' GPU copies, which the top-k fetch reads instead of the host."""
         h = self.staged.host()
         rows, n = h["slots"].shape[0], len(states)
         h["slots"].fill_(scratch_slot)
         h["host_pages"].fill_(-1)
+        h["copy_slots"].fill_(-1)
         h["sketch_pages"].fill_(-1)
         h["gen_read"].fill_(scratch_gen)
         h["top_k"].zero_()
@@ -152,6 +169,8 @@ class DecodeView:
             )
         for i, st in enumerate(states):
             h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
+            if copies is not None:
+                h["copy_slots"][i, : st.host_pages_cpu.numel()] = st.copy_slots(copies)
             h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
             h["top_k"][i, : st.top_k_cpu.numel()] = st.top_k_cpu
             g = st.gen_slots()
@@ -404,9 +423,19 @@ class OffloadStore:
             self.sketch_bits,
         )
 
+    @property
+    def decode_copies(self) -> DeviceCopies | None:
+        """The GPU copies a decode step's fetch reads where a page has one (None: no copy slots)."""
+        return None if self.copy_rows is None else self.copies
+
     def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> torch.Tensor:
-        """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier."""
-        return self.ops.gather_rows(self.rows[layer], view.host_pages, idx)
+        """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier,
+        or from a page's GPU copy where it has one."""
+        if self.copy_rows is None:
+            return self.ops.gather_rows(self.rows[layer], view.host_pages, idx)
+        return self.ops.gather_rows(
+            self.rows[layer], view.host_pages, idx, self.copy_rows[layer], view.copy_slots
+        )
 
     def attend(
         self,

@@ -338,11 +338,12 @@ class TailorPolicy(KVPolicy):
     def prepare(self, batch: ForwardBatch) -> TailorStep:
         decode = [i for i in range(batch.size) if not self.is_prefill(i, batch)]
         step = TailorStep(batch)
+        # first: the copies this step's prompts write are planned, then decode rows read only copies that hold
+        step.prefill = self._prefill_groups(batch)
         if decode:
             rids = [batch.rids[i] for i in decode]
             step.view, step.qview, _ = self._fill_views(rids, len(decode), static=False)
             step.decode_rows = to_device(torch.tensor([batch.cu[i] for i in decode]), self.device)
-        step.prefill = self._prefill_groups(batch)
         return step
 
     def _fill_views(self, rids: list[int], rows: int, static: bool) -> tuple:
@@ -366,7 +367,12 @@ class TailorPolicy(KVPolicy):
                     rows, *shape, self.tc.sink + self.tc.recent, len(self.s_index), self.device
                 ),
             )
-            view.fill(states, self.offload.scratch_slot, self.offload.scratch_gen)
+            view.fill(
+                states,
+                self.offload.scratch_slot,
+                self.offload.scratch_gen,
+                self.offload.decode_copies,
+            )
             key += shape
         if self.q_index:
             states = [self.q_state[rid] for rid in rids]

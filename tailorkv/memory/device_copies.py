@@ -1,6 +1,7 @@
 """GPU copies of host-tier pages (tailor): a prefill that continues a cached prefix (one document, many users; a
 chat's earlier turns) reads the prefix's token rows back from GPU memory where a page has a copy, not over PCIe.
-This is the GPU level of a two-level prefix cache (SGLang's HiCache keeps the same hierarchy).
+This is the GPU level of a two-level prefix cache (SGLang's HiCache keeps the same hierarchy). Decode steps'
+top-k fetches read those copies too (HBM, not PCIe): a shared document's rows, or any prompt's while slots last.
 
 A fixed number of copy slots, kept by least recent use. A page gets a slot when it is written (the prefill that
 computes it writes the copy too, from the GPU) and keeps it while later prefills read it; when the slots run out, the
@@ -41,6 +42,7 @@ class DeviceCopies:
         self._unwritten: set[int] = (
             set()
         )  # pages given a slot this step that they are read before filling
+        self.version = 0  # changes whenever a page may have gained or lost a readable copy
 
     @property
     def num_pages(self) -> int:
@@ -63,6 +65,7 @@ class DeviceCopies:
         reading = set(read)
         keep = reading | set(written)
         self._unwritten = set()
+        self.version += 1
         for p in written:
             if p in self._slot:
                 self._page.move_to_end(self._slot[p])
@@ -81,6 +84,7 @@ class DeviceCopies:
             if s is not None:
                 del self._page[s]
                 self._free.append(s)
+                self.version += 1
 
     def _take(self, keep: set[int]) -> int | None:
         if self._free:
@@ -90,6 +94,12 @@ class DeviceCopies:
                 del self._page[s], self._slot[p]
                 return s
         return None
+
+    def readable(self, pages: torch.Tensor) -> torch.Tensor:
+        """The slot of each page's copy, -1 where no copy holds its rows (a decode step's top-k fetch reads it)."""
+        return torch.tensor(
+            [-1 if (s := self.slot(p)) is None else s for p in pages.tolist()], dtype=torch.long
+        )
 
     def slots_of(self, pages: torch.Tensor) -> torch.Tensor:
         """The slot of each written page (the scratch where it has none)."""
