@@ -8,9 +8,11 @@ prefill, `--warmup` decode steps, then `--steps` timed decode steps (median). GP
 request holds in each tier. The floor is the time to move the bytes a step must move at bandwidths measured at the
 start of the same run on the same device (bandwidth.py): weights and GPU-resident KV at the device-copy rate,
 bulk PCIe reads (stage 1 channel runs, the offload baseline's whole KV) at the pinned host-to-device copy rate, and
-the top-k rows at the UVA gather rate (at the policy's host row layout, fp8 rows included).
+the top-k rows at the UVA gather rate (at the policy's host row layout, fp8 rows included), except the share of
+them on pages with a GPU copy (tailor's DeviceCopies, `copied_share`), counted at the device rate. Comparing
+`tailor:longbench` with `tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
-gpu_kv_bytes, host_kv_bytes, floor_ms, floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms,
+gpu_kv_bytes, host_kv_bytes, copied_share, floor_ms, floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms,
 device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date, commit, command} to --output.
 """
 
@@ -53,11 +55,21 @@ def host_rows(engine: Engine) -> tuple[tuple[int, int, int], torch.dtype]:
     return (c.num_kv_heads, 256, 2 * c.head_dim), engine.dtype
 
 
+def copied_share(engine: Engine, rids: list[int]) -> float:
+    """Of the requests' host pages, the share whose rows a decode step's fetch reads from a GPU copy (tailor)."""
+    store = getattr(engine.policy, "offload", None)
+    if store is None or store.decode_copies is None:
+        return 0.0
+    pages = [p for rid in rids for p in engine.policy.s_state[rid].host_pages_cpu.tolist()]
+    return sum(store.copies.slot(p) is not None for p in pages) / max(len(pages), 1)
+
+
 def floor_parts(
-    engine: Engine, context: int, batch: int, gpu_kv: int, bw: Bandwidths
+    engine: Engine, context: int, batch: int, gpu_kv: int, bw: Bandwidths, copied: float = 0.0
 ) -> dict[str, float]:
     """Milliseconds to move what one decode step must move, by part: the weights once, the GPU-resident KV the
-    batch reads, bulk PCIe reads (stage 1's channels, the offload baseline's whole KV), the top-k rows."""
+    batch reads, bulk PCIe reads (stage 1's channels, the offload baseline's whole KV), the top-k rows (the
+    `copied` share of them from GPU copies, in the GPU KV part)."""
     c, item = engine.config, engine.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_token = 2 * c.num_kv_heads * c.head_dim * item  # one layer, one token, K and V
@@ -72,9 +84,10 @@ def floor_parts(
         row = (
             h * w * torch.empty(0, dtype=dtype).element_size()
         )  # one token's rows of every KV head
-        parts["gpu_kv"] = gpu_kv / bw.device
+        rows = batch * ns * t.top_k * row
+        parts["gpu_kv"] = (gpu_kv + copied * rows) / bw.device
         parts["pcie_bulk"] = batch * stage1 / bw.host_copy
-        parts["pcie_rows"] = batch * ns * t.top_k * row / bw.row_gather
+        parts["pcie_rows"] = (1 - copied) * rows / bw.row_gather
     else:  # full, kivi: everything the request holds on the GPU is read
         parts["gpu_kv"] = gpu_kv / bw.device
     return {k: 1e3 * v for k, v in parts.items()}
@@ -99,6 +112,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     sync(engine)
     prefill = time.perf_counter() - t0
     held = [held_bytes(engine, r.rid) for r in reqs]
+    copied = copied_share(engine, [r.rid for r in reqs])
     times = []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
@@ -111,7 +125,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
-    parts = floor_parts(engine, context, args.batch, gpu_kv, args.bandwidths)
+    parts = floor_parts(engine, context, args.batch, gpu_kv, args.bandwidths, copied)
     return {
         **identity(args.current),
         "context": context,
@@ -124,6 +138,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         else None,
         "gpu_kv_bytes": gpu_kv,
         "host_kv_bytes": host_kv,
+        "copied_share": round(copied, 3),
         "floor_ms": round(sum(parts.values()), 2),
         **{f"floor_{k}_ms": round(v, 3) for k, v in parts.items()},
         **args.bandwidths.as_row(),
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = (
         f"{'policy':<30} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'weights':>8} {'GPU KV':>7} "
         f"{'PCIe bulk':>9} {'PCIe rows':>9} {'prefill s':>9} {'peak GPU GiB':>12} {'GPU KV MiB':>10} "
-        f"{'host KV MiB':>11}"
+        f"{'host KV MiB':>11} {'copied':>6}"
     )
     for spec in args.policies.split(","):
         args.current = spec
@@ -213,7 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{row['floor_weights_ms']:>8.2f} {row['floor_gpu_kv_ms']:>7.2f} "
                 f"{row['floor_pcie_bulk_ms']:>9.2f} {row['floor_pcie_rows_ms']:>9.2f} "
                 f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
-                f"{row['host_kv_bytes'] / 2**20:>11.0f}",
+                f"{row['host_kv_bytes'] / 2**20:>11.0f} {row['copied_share']:>6.2f}",
                 flush=True,
             )
             write_rows(args.output, rows)

@@ -34,6 +34,8 @@ def test_floor_parts_count_what_a_step_moves(policy):
             **options,
         ) as e:
             parts[dtype] = bench_latency.floor_parts(e, 4096, 2, 10**6, bw)
+            if dtype == "auto":
+                copied = bench_latency.floor_parts(e, 4096, 2, 10**6, bw, copied=0.75)
             weights = sum(p.numel() * p.element_size() for p in e.model.parameters())
     auto = parts["auto"]
     assert auto["weights"] == pytest.approx(1e3 * weights / bw.device)
@@ -45,6 +47,10 @@ def test_floor_parts_count_what_a_step_moves(policy):
     # 2 rows x 3 S layers x 128 top-k x 2 KV heads x (K and V: 2 x 32 float32 | fp8: 2 x 32 + 4 bytes)
     assert auto["pcie_rows"] == pytest.approx(1e3 * 2 * 3 * 128 * 2 * 256 / bw.row_gather)
     assert parts["fp8"]["pcie_rows"] == pytest.approx(auto["pcie_rows"] * 68 / 256)
+    # rows on pages with a GPU copy move at the device rate
+    rows = 2 * 3 * 128 * 2 * 256
+    assert copied["pcie_rows"] == pytest.approx(auto["pcie_rows"] / 4)
+    assert copied["gpu_kv"] == pytest.approx(1e3 * (10**6 + 0.75 * rows) / bw.device)
 
 
 def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
@@ -52,7 +58,7 @@ def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
     bench_latency.main(
         [
             "--model=dummy:tiny",
-            "--policies=full",
+            "--policies=full,tailor:longbench,tailor:longbench:prefix_gpu_gib=0",
             "--contexts=300",
             "--steps=1",
             "--warmup=0",
@@ -62,8 +68,10 @@ def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
             f"--output={out}",
         ]
     )
-    (row,) = json.loads(out.read_text())
+    row, copies, no_copies = json.loads(out.read_text())
     parts = [row[f"floor_{k}_ms"] for k in ("weights", "gpu_kv", "pcie_bulk", "pcie_rows")]
     assert row["floor_ms"] == pytest.approx(sum(parts), abs=0.01) and parts[0] > 0
     assert row["device_gb_per_s"] > 0 and row["ms_per_token"] > 0
+    # tailor's prompt pages got GPU copies as they were written (none where they are turned off)
+    assert (row["copied_share"], copies["copied_share"], no_copies["copied_share"]) == (0, 1, 0)
     assert "PCIe rows" in capsys.readouterr().out
