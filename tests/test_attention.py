@@ -1,11 +1,14 @@
 """The prefill attentions (causal_attention, attention_lse, shared_prefix_attention, PagedPrefill: FlashInfer on
-CUDA, torch on CPU) against a brute-force softmax over an explicit causal mask, and the merge of partial results."""
+CUDA, torch on CPU) against a brute-force softmax over an explicit causal mask, the merge of partial results, and
+decode rows sharing leading pages (SharedPrefixDecode, cascade attention)."""
 
 import pytest
 import torch
 
+from tailorkv.kernels import flashinfer_decode
 from tailorkv.kernels.attention import (
     PagedPrefill,
+    SharedPrefixDecode,
     attention_lse,
     causal_attention,
     merge_attention_states,
@@ -126,6 +129,35 @@ def test_paged_prefill_equals_causal_attention_over_each_rows_pages(device, hq, 
             out[a : a + m].float(), brute_force(q[a : a + m], keys, values, n - m), **tolerance(q)
         )
         a += m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
+def test_decode_rows_sharing_leading_pages_equal_attention_over_each_rows_pages(device, hq, hkv, d):
+    """Two groups (rows 0, 2, 3 share 5 pages; rows 1, 4 share 3) and a row sharing nothing; own parts of 1 token
+    to 40 (off the page), pages out of order: each row equals plain attention over all its tokens."""
+    decode = SharedPrefixDecode
+    if available(torch.device(device), torch.bfloat16, d):
+        decode = flashinfer_decode.SharedPrefixDecode
+    k_pages, v_pages = (rand(64, 16, hkv, d, device=device, seed=s) for s in (8, 9))
+    torch.manual_seed(12)
+    order = torch.randperm(64, device=device)
+    shared = [order[:5], order[5:8]]
+    own, lengths = order[8:20].split([3, 2, 1, 2, 3, 1]), [40, 17, 1, 30, 33, 5]
+    groups = [([0, 2, 3], shared[0]), ([1, 4], shared[1])]
+    q = rand(6, hq, d, device=device, seed=13)
+    attn = decode(torch.device(device), hq, hkv, d, 16, q.dtype)
+    attn.plan(groups, list(own), lengths)
+    out = attn.run(q, k_pages, v_pages)
+    first = {0: shared[0], 2: shared[0], 3: shared[0], 1: shared[1], 4: shared[1]}
+    for i, (p, n) in enumerate(zip(own, lengths)):
+        before = first.get(i, p[:0])
+        keys, values = (
+            torch.cat([x[before].flatten(0, 1), x[p].flatten(0, 1)[:n]]) for x in (k_pages, v_pages)
+        )
+        torch.testing.assert_close(
+            out[i : i + 1].float(), brute_force(q[i : i + 1], keys, values, None), **tolerance(q)
+        )
 
 
 def test_causal_attention_rejects_keys_that_do_not_end_at_the_chunk():

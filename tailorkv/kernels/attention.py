@@ -143,6 +143,56 @@ class PagedPrefill:
         return out
 
 
+class SharedPrefixDecode:
+    """Decode rows over pages [P, page_size, Hkv, D] (NHD) where groups of rows begin with the same full pages (one
+    document, many users): each group's queries attend to its shared pages in one pass, each row to its own pages
+    after them, the two merged by their log-sum-exps (cascade attention, as FlashInfer and vLLM have it; exact up to
+    the order of float sums). The torch reference of flashinfer_decode.SharedPrefixDecode: the same `plan` (once per
+    step) and `run` (once per layer)."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+    ):
+        self.device, self.page_size = device, page_size
+
+    def plan(
+        self,
+        groups: list[tuple[list[int], torch.Tensor]],
+        pages: list[torch.Tensor],
+        lengths: list[int],
+    ) -> None:
+        """groups: (decode rows, the full pages they all begin with); row i then reads the first lengths[i] >= 1
+        tokens of its own pages[i] (page ids on the device)."""
+        ps = self.page_size
+        offsets = torch.arange(ps, device=self.device)
+
+        def slots(p: torch.Tensor, n: int) -> torch.Tensor:
+            return (p[: -(-n // ps), None] * ps + offsets).flatten()[:n]
+
+        self.groups = [
+            (torch.tensor(rows, device=self.device), slots(p, p.numel() * ps)) for rows, p in groups
+        ]
+        self.rows = [slots(p, n) for p, n in zip(pages, lengths)]
+
+    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        k, v = k_pages.flatten(0, 1), v_pages.flatten(0, 1)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        for i, s in enumerate(self.rows):
+            o, m = attention_lse(q[i : i + 1], k[s], v[s])
+            out[i], lse[i] = o[0].float(), m[0]
+        for rows, s in self.groups:
+            o, m = attention_lse(q[rows], k[s], v[s])
+            out[rows], lse[rows] = merge_attention_states(out[rows], lse[rows], o.float(), m)
+        return out.to(q.dtype)
+
+
 def merge_partial_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge S partial attention results over disjoint token sets: out [..., S, D] (finite), lse [..., S] ->
     (out [..., D], lse [...]). Empty parts (lse = -inf) weigh nothing; all empty gives out 0, lse -inf."""

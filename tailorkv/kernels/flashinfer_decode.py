@@ -1,5 +1,6 @@
 """FlashInfer's paged decode attention over full-precision pages [P, page_size, Hkv, D] (GPU only; imported lazily,
-never needed on CPU, where grouped_attention in attention.py is the reference)."""
+never needed on CPU, where grouped_attention in attention.py is the reference), and its cascade form for rows that
+share leading pages (attention.SharedPrefixDecode is that one's reference)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,59 @@ class PagedDecode:
     def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D] -> [B, Hq, D] over the planned pages of k_pages, v_pages [P, page_size, Hkv, D]."""
         return self.wrapper.run(q, (k_pages, v_pages))
+
+
+class SharedPrefixDecode:
+    """Same contract as attention.SharedPrefixDecode: every row over its own pages by the paged decode kernel, each
+    group's queries over their shared pages by the paged prefill kernel (not causal: a group's queries read the
+    pages once, on tensor cores), merged by flashinfer.merge_state_in_place."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        num_qo_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        dtype: torch.dtype,
+    ):
+        import flashinfer
+
+        self.own = PagedDecode(device, num_qo_heads, num_kv_heads, head_dim, page_size, dtype)
+        # the two kernels run one after the other: they share the float workspace
+        self.shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.own.workspace, "NHD")
+
+    def plan(
+        self,
+        groups: list[tuple[list[int], torch.Tensor]],
+        pages: list[torch.Tensor],
+        lengths: list[int],
+    ) -> None:
+        self.own.plan(pages, lengths)
+        hq, hkv, d, ps = self.own.shape
+        i32 = dict(dtype=torch.int32)
+        rows = [r for r, _ in groups]
+        self.grouped = torch.tensor([i for r in rows for i in r], device=self.own.device)
+        self.shared.plan(
+            torch.tensor([0, *map(len, rows)], **i32).cumsum(0, **i32),
+            torch.tensor([0, *(p.numel() for _, p in groups)], **i32).cumsum(0, **i32),
+            torch.cat([p for _, p in groups]).to(self.own.device, **i32),
+            torch.full((len(groups),), ps, **i32),
+            hq,
+            hkv,
+            d,
+            ps,
+            causal=False,
+            q_data_type=self.own.dtype,
+            kv_data_type=self.own.dtype,
+        )
+
+    def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        import flashinfer
+
+        out, lse = self.own.wrapper.run(q, (k_pages, v_pages), return_lse=True)
+        shared, shared_lse = self.shared.run(q[self.grouped], (k_pages, v_pages), return_lse=True)
+        mine, mine_lse = out[self.grouped], lse[self.grouped]
+        flashinfer.merge_state_in_place(mine, mine_lse, shared, shared_lse)
+        out[self.grouped] = mine
+        return out

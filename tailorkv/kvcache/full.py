@@ -9,7 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import flashinfer_decode, host_copy
-from ..kernels.attention import PagedPrefill, causal_attention, grouped_attention
+from ..kernels.attention import (
+    PagedPrefill,
+    SharedPrefixDecode,
+    causal_attention,
+    grouped_attention,
+)
 from ..memory.host_memory import host_tensor
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
@@ -17,6 +22,28 @@ from .batch import ForwardBatch, StepState
 from .policy import KVPolicy
 
 PAGE_SIZE = 16
+MIN_SHARED_PAGES = (
+    32  # decode rows that begin with this many common pages (512 tokens) read them as a group
+)
+
+
+def shared_groups(tables: list[torch.Tensor], counts: list[int]) -> list[tuple[list[int], int]]:
+    """Groups of decode rows (indices) whose page tables (CPU) begin with the same pages, with how many they share:
+    at least MIN_SHARED_PAGES, each row keeping its last page (the one its new token is in) of its own. From the
+    page ids alone: rows share pages only where the prefix cache gave them the same blocks."""
+    by_first: dict[int, list[int]] = {}
+    for i, (t, c) in enumerate(zip(tables, counts)):
+        if c > MIN_SHARED_PAGES:
+            by_first.setdefault(int(t[0]), []).append(i)
+    groups = []
+    for rows in by_first.values():
+        if len(rows) < 2:
+            continue
+        pt = torch.stack([tables[i][: min(counts[j] for j in rows) - 1] for i in rows])
+        n = int((pt == pt[0]).all(0).int().cumprod(0).sum())
+        if n >= MIN_SHARED_PAGES:
+            groups.append((rows, n))
+    return groups
 
 
 @dataclass
@@ -28,7 +55,8 @@ class FullStep(StepState):
     - prompt_rows: in the gpu tier, where the prompt rows' tokens sit in the batch (they attend to their pages in
       place: FlashInfer's paged prefill on CUDA, attention.PagedPrefill on CPU);
     - staged: the offload baseline's decode pages, in order, staged into GPU memory every layer;
-    - decode_slots, decode_mask [B, R]: without FlashInfer, the slots each decode row reads, padded."""
+    - decode_slots, decode_mask [B, R]: without FlashInfer, the slots each decode row reads, padded;
+    - cascade: decode rows that share a document's pages read them once per group (SharedPrefixDecode)."""
 
     write: torch.Tensor
     prompt_reads: dict[int, torch.Tensor]
@@ -37,6 +65,7 @@ class FullStep(StepState):
     staged: torch.Tensor | None = None
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
+    cascade: bool = False
 
 
 class FullPolicy(KVPolicy):
@@ -70,21 +99,23 @@ class FullPolicy(KVPolicy):
                 torch.empty(shape, dtype=self.dtype, device=self.device) for _ in "kv"
             )
         self.page_tables: dict[int, torch.Tensor] = {}
+        self.page_lists: dict[int, torch.Tensor] = {}  # the same on the CPU: sharing is found there
         self.prompt_lens: dict[int, int] = {}
         c = self.cfg
+        fast = flashinfer_decode.available(self.device, self.dtype, c.head_dim)
+        shape = (self.device, c.num_heads, c.num_kv_heads, c.head_dim, PAGE_SIZE, self.dtype)
         self.flash = (
-            flashinfer_decode.PagedDecode(
-                self.device, c.num_heads, c.num_kv_heads, c.head_dim, PAGE_SIZE, self.dtype
-            )
-            if self.reads_everything
-            and flashinfer_decode.available(self.device, self.dtype, c.head_dim)
-            else None
+            flashinfer_decode.PagedDecode(*shape) if self.reads_everything and fast else None
         )
+        self.cascade = None
+        if self.reads_everything and self.tier == "gpu":
+            shared = flashinfer_decode.SharedPrefixDecode if fast else SharedPrefixDecode
+            self.cascade = shared(*shape)
         self.copy = host_copy.ops(self.device)
         self.prefill = None  # the gpu tier's prompt rows attend to their pages in place
         if self.tier == "gpu":
             paged = PagedPrefill
-            if flashinfer_decode.available(self.device, self.dtype, c.head_dim):
+            if fast:
                 from ..kernels.flashinfer_prefill import PagedPrefill as paged
             self.prefill = paged(self.device, c.num_heads, c.num_kv_heads, c.head_dim)
 
@@ -104,17 +135,18 @@ class FullPolicy(KVPolicy):
         prompt_len: int,
         partial_page: int | None = None,
     ) -> None:
-        self.page_tables[rid] = torch.tensor(
-            pages["kv"], dtype=torch.long, device=self.k_cache.device
-        )
+        self.page_lists[rid] = torch.tensor(pages["kv"], dtype=torch.long)
+        self.page_tables[rid] = self.page_lists[rid].to(self.k_cache.device)
         self.prompt_lens[rid] = prompt_len
 
     def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
-        more = torch.tensor(pages.get("kv", []), dtype=torch.long, device=self.k_cache.device)
-        self.page_tables[rid] = torch.cat([self.page_tables[rid], more])
+        more = torch.tensor(pages.get("kv", []), dtype=torch.long)
+        self.page_lists[rid] = torch.cat([self.page_lists[rid], more])
+        self.page_tables[rid] = torch.cat([self.page_tables[rid], more.to(self.k_cache.device)])
 
     def release(self, rid: int) -> None:
         self.page_tables.pop(rid, None)
+        self.page_lists.pop(rid, None)
         self.prompt_lens.pop(rid, None)
 
     def is_decode(self, i: int, batch: ForwardBatch) -> bool:
@@ -161,7 +193,9 @@ class FullPolicy(KVPolicy):
         if not decode:
             return step
         step.decode_rows = torch.tensor([batch.cu[i] for i in decode], device=self.device)
-        if self.flash is not None:
+        if self.cascade is not None and self._plan_cascade(decode, batch):
+            step.cascade = True
+        elif self.flash is not None:
             lengths = [batch.total_len(i) for i in decode]
             pages = [
                 self.page_tables[batch.rids[i]][: -(-n // PAGE_SIZE)]
@@ -206,7 +240,9 @@ class FullPolicy(KVPolicy):
         rows = step.decode_rows
         if rows is None:
             return out
-        if self.flash is not None:
+        if step.cascade:
+            out[rows] = self.cascade.run(q[rows], kp, vp)
+        elif self.flash is not None:
             if self.tier == "host":
                 kp, vp = self._stage(kp, step.staged), self._stage(vp, step.staged)
             out[rows] = self.flash.run(q[rows], kp, vp)
@@ -216,6 +252,26 @@ class FullPolicy(KVPolicy):
             values = vc[step.decode_slots].to(q.device).transpose(1, 2)
             out[rows] = self.decode(q[rows], keys, values, step.decode_mask)
         return out
+
+    def _plan_cascade(self, decode: list[int], batch: ForwardBatch) -> bool:
+        """Plan the decode rows (batch indices) as SharedPrefixDecode groups where some share a document's pages
+        (False: none do)."""
+        rids = [batch.rids[i] for i in decode]
+        lengths = [batch.total_len(i) for i in decode]
+        counts = [-(-n // PAGE_SIZE) for n in lengths]
+        groups = shared_groups([self.page_lists[r] for r in rids], counts)
+        if not groups:
+            return False
+        shared = [0] * len(rids)
+        for rows, n in groups:
+            for i in rows:
+                shared[i] = n
+        self.cascade.plan(
+            [(rows, self.page_tables[rids[rows[0]]][:n]) for rows, n in groups],
+            [self.page_tables[r][s:c] for r, s, c in zip(rids, shared, counts)],
+            [n - s * PAGE_SIZE for n, s in zip(lengths, shared)],
+        )
+        return True
 
     def _stage(self, host_pages: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
         """Pages `pages` of one layer (the decode rows'), read from pinned host memory by a UVA kernel into GPU

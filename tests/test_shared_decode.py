@@ -1,0 +1,54 @@
+"""`full`'s decode rows that share a document's pages (the prefix cache gave them the same blocks) read them once per
+group (SharedPrefixDecode, cascade attention): which rows group, and greedy tokens equal to an engine that shares
+nothing."""
+
+import torch
+
+from tailorkv import Engine
+from tailorkv.kvcache.full import MIN_SHARED_PAGES, FullPolicy, shared_groups
+
+
+def test_rows_group_by_the_pages_they_begin_with():
+    doc, other = torch.arange(100, 140), torch.arange(200, 240)
+    tables = [
+        torch.cat([doc, torch.tensor([1, 2])]),
+        torch.cat([doc[:35], torch.tensor([3])]),  # shares 35 pages
+        torch.cat([other, torch.tensor([4])]),  # alone with its first page
+        torch.cat([doc, torch.tensor([5])]),
+        torch.cat([doc[:20], torch.tensor([6])]),  # too short to group
+    ]
+    counts = [len(t) for t in tables]
+    assert shared_groups(tables, counts) == [([0, 1, 3], 35)]
+    # two rows with all pages in common keep their last one
+    same = [torch.cat([doc, torch.tensor([7])])] * 2
+    assert shared_groups(same, [41, 41]) == [([0, 1], 40)]
+    assert shared_groups(tables[:1] + tables[2:3], [42, 41]) == []
+    assert MIN_SHARED_PAGES == 32
+
+
+def test_users_of_one_document_decode_the_tokens_of_rows_that_read_their_own_pages(monkeypatch):
+    """A 540-token document (34 pages of 16) read by one request, then three questions after it decoding together:
+    they share its pages and decode through SharedPrefixDecode (every decode step of the three); the same batch
+    again with grouping turned off reads each row's pages apart. float32, greedy: the same tokens."""
+    from tailorkv.kvcache import full
+
+    planned = []
+    plan = FullPolicy._plan_cascade
+    monkeypatch.setattr(
+        FullPolicy,
+        "_plan_cascade",
+        lambda self, d, b: planned.append(plan(self, d, b)) or planned[-1],
+    )
+    g = torch.Generator().manual_seed(0)
+    doc = torch.randint(100, 40000, (540,), generator=g).tolist()
+    prompts = [doc + torch.randint(100, 40000, (n,), generator=g).tolist() for n in (5, 21, 40)]
+    sp = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with Engine(model="dummy:tiny", progress=False, kv_cache_gib=0.05) as e:
+        e.generate(input_ids=doc + [7, 8, 9], sampling_params=sp)
+        planned.clear()
+        grouped = e.generate(input_ids=prompts, sampling_params=sp)
+        assert [r["meta_info"]["cached_tokens"] for r in grouped] == [528] * 3
+        assert planned.count(True) >= 7, planned  # every step with the three decoding
+        monkeypatch.setattr(full, "shared_groups", lambda tables, counts: [])
+        apart = e.generate(input_ids=prompts, sampling_params=sp)
+    assert [r["output_ids"] for r in grouped] == [r["output_ids"] for r in apart]
