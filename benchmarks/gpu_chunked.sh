@@ -4,7 +4,8 @@
 # the commit before chunked tailor prefill), at that one in the same run; then 8 users decoding at 32k while a
 # 126,000-token prompt prefills, for tailor and full. Rows go to $OUT (default benchmarks/results/gpu_chunked),
 # with each server's log (its prefill lines and /get_server_info's fitted step_cost). About 9 minutes with OLD;
-# PARTS=docchat or PARTS=mixed runs one half (two device calls).
+# PARTS=docchat or PARTS=mixed runs one half (two device calls); POLICY=full serves the doc chat with full instead of
+# tailor (its shared-document decode against OLD=<a git archive of d199b18^>).
 #   OLD=/tmp/old bash benchmarks/gpu_chunked.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu_chunked}
@@ -13,7 +14,7 @@ mkdir -p "$OUT" && OUT=$(realpath "$OUT")
 
 docchat() { # tree name
   (cd "$1" && PYTHONPATH=$PWD:${PYTHONPATH:-} exec python -m tailorkv serve --model dummy:llama-3.1-8b \
-    --kv-policy tailor --port "$PORT" --host-kv-gib 16 > "$OUT/server_$2.log" 2>&1) &
+    --kv-policy "${POLICY:-tailor}" --port "$PORT" --host-kv-gib 16 > "$OUT/server_$2.log" 2>&1) &
   local pid=$!
   for _ in $(seq 1 150); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 2; done
   local bench=(python -m benchmarks.bench_serving --base-url "http://127.0.0.1:$PORT" --dataset doc-chat
