@@ -111,7 +111,7 @@ def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.uint8])  # uint8: fp8 host rows
 @pytest.mark.parametrize("b,np_,h,t,w,k", [(2, 7, 3, 64, 128, 45), (3, 5, 3, 256, 260, 130)])
 def test_gather_rows_reads_pages_with_a_gpu_copy_from_it(kt, dtype, b, np_, h, t, w, k):
     """Pages with a copy slot are read from the copies (which hold other values here, so the source shows), the
