@@ -10,6 +10,7 @@ import torch
 
 from tailorkv import Engine
 from tailorkv.models.embedded import embedded_model_path
+from tailorkv.models.gguf_loader import PlainReader
 from tailorkv.models.loader import resolve
 
 transformers = pytest.importorskip("transformers")
@@ -35,8 +36,10 @@ def hf_model():
     os.environ["HF_HUB_OFFLINE"] = "1"
     path = embedded_model_path()
     with pytest.MonkeyPatch.context() as mp:
-        # transformers asks for the same (architecture, layers) name map once per module: build it once
+        # for time only: transformers builds the same name map once per module and parses the header twice
+        # (config, weights); PlainReader is gguf's own parse over a plain array
         mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        mp.setattr(gguf, "GGUFReader", PlainReader)
         return transformers.AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
         ).eval()
