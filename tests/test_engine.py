@@ -162,12 +162,18 @@ def test_tokenizing_a_long_prompt_lets_other_threads_run(engine):
             n += 1
         return n
 
+    def encode_until(done: threading.Event) -> None:
+        i = 0
+        while not done.is_set():
+            # texts that do not extend one another, so that none is tokenized from an earlier one's ids
+            engine.tokenizer.encode(f"{i} {text}")
+            i += 1
+
     alone = spin(0.5)
-    # texts that do not extend one another, so that none is tokenized from an earlier one's ids
-    worker = threading.Thread(
-        target=lambda: [engine.tokenizer.encode(f"{i} {text}") for i in range(8)]
-    )
+    done = threading.Event()
+    worker = threading.Thread(target=encode_until, args=(done,))
     worker.start()
-    during = spin(0.5)
+    during = spin(0.5)  # the worker encodes all along
+    done.set()
     worker.join()
     assert len(ids) > 100_000 and during > 0.25 * alone  # holding the GIL leaves the spinner ~2%
