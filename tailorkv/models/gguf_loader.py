@@ -79,7 +79,7 @@ class PlainReader(gguf.GGUFReader):
 
 @functools.lru_cache(maxsize=4)
 def _parse(path: str, size: int, mtime_ns: int) -> tuple:
-    """(reader, ModelConfig, TokenizerSource): the field parse takes seconds (the vocabulary is 100k+ strings), so
+    """(reader, ModelConfig, TokenizerSource): the field parse reads the whole vocabulary (100k+ strings), so
     every Engine of one file in a process shares it; size and mtime key it so a rewritten file is read again."""
     try:
         reader = PlainReader(path)
