@@ -25,6 +25,8 @@ def test_bench_prefix_prefill_rows(tmp_path, monkeypatch):
             "1,2",
             "--repeats",
             "1",
+            "--kv-cache-gib",
+            "0.25",
             "--host-kv-gib",
             "1",
             "--output",
