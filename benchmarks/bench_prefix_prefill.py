@@ -4,11 +4,12 @@ document's pages read from their GPU copies and without (`--prefix-gpu-gib 0`: o
     python -m benchmarks.bench_prefix_prefill --model dummy:llama-3.1-8b --doc-tokens 64000 --rows 1,4,16 \\
         --output benchmarks/results/prefix_prefill.json
 
-For each copies setting an Engine (`tailor`, whole prompts, `--gpu-memory-limit`, `--host-kv-gib`) prefills a
-document of `--doc-tokens` random tokens, then, `--repeats` times for each number of rows, that many prompts of the
-document and `--new-tokens` new random tokens each, in one step (one output token each). The time is the engine's
-own for the step (StepLog.prefill_seconds: from the step's start to its tokens sampled). Prints a table, writes rows
-{copies, copy_pages, doc_tokens, rows, new_tokens, cached_tokens, step_ms, step_ms_all, machine, date, commit, command}.
+For each copies setting an Engine (`tailor`, whole prompts, `--gpu-memory-limit` or `--kv-cache-gib`,
+`--host-kv-gib`) prefills a document of `--doc-tokens` random tokens, then, `--repeats` times for each number of
+rows, that many prompts of the document and `--new-tokens` new random tokens each, in one step (one output token
+each). The time is the engine's own for the step (StepLog.prefill_seconds: from the step's start to its tokens
+sampled). Prints a table, writes rows {copies, copy_pages, doc_tokens, rows, new_tokens, cached_tokens, step_ms,
+step_ms_all, machine, date, commit, command}.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def run(args, copies: float | None) -> list[dict]:
         tailor_preset="longbench",  # performance runs pin their preset
         device=args.device,
         gpu_memory_limit_gib=args.gpu_memory_limit,
+        kv_cache_gib=args.kv_cache_gib,
         host_kv_gib=args.host_kv_gib,
         chunked_prefill_size=args.doc_tokens + 1024,
         prefix_gpu_gib=copies,
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="--prefix-gpu-gib settings: auto (the default) and/or GiB",
     )
     p.add_argument("--gpu-memory-limit", type=float, default=80)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="default: from free GPU memory")
     p.add_argument("--host-kv-gib", type=float, default=80)
     p.add_argument("--output", default="benchmarks/results/prefix_prefill.json")
     args = p.parse_args(argv)

@@ -91,7 +91,7 @@ def test_200_requests_50_cancelled_return_every_page(live_server):
             for i in range(200):
                 leave = 1 if i % 4 == 0 else None  # every 4th client leaves after its first chunk
                 tokens = (
-                    512 if leave else 8
+                    512 if leave else 4
                 )  # those that leave would run long: the abort must free them
                 if (i // 4) % 2:
                     jobs.append(

@@ -167,7 +167,7 @@ def _decode_then_join(engine, delay_factor: float) -> tuple[list[float], float, 
     """A decodes; B is submitted while it does. Returns (the times of A's outputs, B's submission, B's first
     output)."""
     params = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
-    long = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
     ids = engine.engine.tokenize
 
     async def scenario():
@@ -196,7 +196,7 @@ def test_a_request_coming_while_others_decode_waits_the_delay(live_server):
     a_times, submitted, b_first = _decode_then_join(engine, 0.0)
     assert sum(submitted < t < b_first for t in a_times) <= 1 and a_times[-1] > b_first
     a_times, submitted, b_first = _decode_then_join(engine, 1e6)
-    assert sum(submitted < t < b_first for t in a_times) > 40 and a_times[-1] < b_first
+    assert sum(submitted < t < b_first for t in a_times) > 20 and a_times[-1] < b_first
 
 
 def test_a_prefill_is_held_after_requests_finish_for_their_next_turns(live_server):

@@ -1,17 +1,22 @@
-"""benchmarks.bench_prefix_prefill runs end to end (on the embedded model's shapes with dummy weights: no weights to
+"""benchmarks.bench_prefix_prefill runs end to end (on a tiny dummy model with a plan of one Q layer: no weights to
 load): the later rows reuse the whole document, from GPU copies by default and from the host tier without."""
 
 import json
 
 from benchmarks import bench_prefix_prefill
+from tailorkv.kvcache.plans import save_plan
 
 
-def test_bench_prefix_prefill_rows(tmp_path):
+def test_bench_prefix_prefill_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    save_plan(
+        "dummy:tiny", [0], [], 0.2, None
+    )  # layers 1-3 sparse: their prompt rows are shared blocks
     out = tmp_path / "prefix_prefill.json"
     rows = bench_prefix_prefill.main(
         [
             "--model",
-            "dummy:smollm2-135m",
+            "dummy:tiny",
             "--doc-tokens",
             "600",
             "--new-tokens",
@@ -20,6 +25,8 @@ def test_bench_prefix_prefill_rows(tmp_path):
             "1,2",
             "--repeats",
             "1",
+            "--kv-cache-gib",
+            "0.25",
             "--host-kv-gib",
             "1",
             "--output",

@@ -12,7 +12,8 @@ from tailorkv.kvcache import plans, tailor
 from tailorkv.kvcache.budget import BudgetPlan, LayerFit, fit_layer
 from tailorkv.kvcache.selection import select_tokens
 
-TINY = {"model": "dummy:tiny", "kv_policy": "tailor", "progress": False}
+# a quarter GiB of GPU-tier pools: the CPU default of 2 GiB is zeroed at every start
+TINY = {"model": "dummy:tiny", "kv_policy": "tailor", "progress": False, "kv_cache_gib": 0.25}
 GREEDY = {"max_new_tokens": 6, "temperature": 0}
 
 

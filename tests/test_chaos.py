@@ -85,7 +85,7 @@ def test_chaos_on_full(live_server):
 
 @pytest.fixture(scope="module")
 def tailor_server():
-    engine = Engine(kv_policy="tailor", progress=False, kv_cache_gib=0.25, host_kv_gib=0.5)
+    engine = Engine(kv_policy="tailor", progress=False, kv_cache_gib=0.4, host_kv_gib=0.5)
     outs = engine.generate(GENERATE_PROMPTS, sampling_params=GREEDY)
     async_engine = AsyncEngine(engine)
     url, stop = start_uvicorn(create_app(async_engine))

@@ -1,5 +1,5 @@
-"""The offline Engine: batching and chunked prefill exact (on dummy:tiny), sampling params, page accounting and
-real answers on the embedded model."""
+"""The offline Engine: batching and chunked prefill exact, seeded sampling (on dummy:tiny), sampling params, page
+accounting and real answers on the embedded model."""
 
 import threading
 import time
@@ -81,15 +81,16 @@ def test_queue_time_counts_the_wait_for_a_running_slot():
     assert second["meta_info"]["queue_time"] >= 0.9 * first["meta_info"]["e2e_latency"]
 
 
-def test_seed_reproduces_and_top_k_1_is_greedy(engine):
+def test_seed_reproduces_and_top_k_1_is_greedy(tiny):
+    """Sampling is the same code whatever the weights: dummy:tiny's are enough."""
     sp = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95, "seed": 7, "ignore_eos": True}
-    a = engine.generate(PROMPTS[1], sampling_params=sp)["output_ids"]
-    assert engine.generate(PROMPTS[1], sampling_params=sp)["output_ids"] == a
-    assert engine.generate(PROMPTS[1], sampling_params={**sp, "seed": 8})["output_ids"] != a
-    greedy = engine.generate(PROMPTS[1], sampling_params={**GREEDY, "max_new_tokens": 12})[
+    a = tiny.generate(PROMPTS[1], sampling_params=sp)["output_ids"]
+    assert tiny.generate(PROMPTS[1], sampling_params=sp)["output_ids"] == a
+    assert tiny.generate(PROMPTS[1], sampling_params={**sp, "seed": 8})["output_ids"] != a
+    greedy = tiny.generate(PROMPTS[1], sampling_params={**GREEDY, "max_new_tokens": 12})[
         "output_ids"
     ]
-    assert engine.generate(PROMPTS[1], sampling_params={**sp, "top_k": 1})["output_ids"] == greedy
+    assert tiny.generate(PROMPTS[1], sampling_params={**sp, "top_k": 1})["output_ids"] == greedy
 
 
 def test_stop_string_and_stop_token(engine):
@@ -162,12 +163,18 @@ def test_tokenizing_a_long_prompt_lets_other_threads_run(engine):
             n += 1
         return n
 
+    def encode_until(done: threading.Event) -> None:
+        i = 0
+        while not done.is_set():
+            # texts that do not extend one another, so that none is tokenized from an earlier one's ids
+            engine.tokenizer.encode(f"{i} {text}")
+            i += 1
+
     alone = spin(0.5)
-    # texts that do not extend one another, so that none is tokenized from an earlier one's ids
-    worker = threading.Thread(
-        target=lambda: [engine.tokenizer.encode(f"{i} {text}") for i in range(8)]
-    )
+    done = threading.Event()
+    worker = threading.Thread(target=encode_until, args=(done,))
     worker.start()
-    during = spin(0.5)
+    during = spin(0.5)  # the worker encodes all along
+    done.set()
     worker.join()
     assert len(ids) > 100_000 and during > 0.25 * alone  # holding the GIL leaves the spinner ~2%

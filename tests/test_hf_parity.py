@@ -1,6 +1,7 @@
 """Against HF transformers on the same GGUF (float32): identical greedy tokens; and the same weights from GGUF
 and from a converted HF safetensors directory give identical logits."""
 
+import functools
 import json
 import os
 
@@ -9,6 +10,7 @@ import torch
 
 from tailorkv import Engine
 from tailorkv.models.embedded import embedded_model_path
+from tailorkv.models.gguf_loader import PlainReader
 from tailorkv.models.loader import resolve
 
 transformers = pytest.importorskip("transformers")
@@ -29,11 +31,18 @@ def engine():
 
 @pytest.fixture(scope="module")
 def hf_model():
+    import gguf
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     path = embedded_model_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    ).eval()
+    with pytest.MonkeyPatch.context() as mp:
+        # for time only: transformers builds the same name map once per module and parses the header twice
+        # (config, weights); PlainReader is gguf's own parse over a plain array
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        mp.setattr(gguf, "GGUFReader", PlainReader)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        ).eval()
 
 
 def hf_greedy_choices(model, ids: list[int], continuation: list[int]) -> list[int]:
@@ -45,12 +54,13 @@ def hf_greedy_choices(model, ids: list[int], continuation: list[int]) -> list[in
 
 
 def test_greedy_tokens_equal_transformers(engine, hf_model):
-    for prompt in PROMPTS:
-        ids = engine.tokenize(prompt, None)
-        ours = engine.generate(
-            input_ids=ids,
-            sampling_params={"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True},
-        )["output_ids"]
+    prompt_ids = [engine.tokenize(prompt, None) for prompt in PROMPTS]
+    outs = engine.generate(
+        input_ids=prompt_ids,
+        sampling_params={"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True},
+    )
+    for prompt, ids, out in zip(PROMPTS, prompt_ids, outs):
+        ours = out["output_ids"]
         assert len(ours) == NEW and ours == hf_greedy_choices(hf_model, ids, ours), prompt
 
 

@@ -305,8 +305,16 @@ def test_lru_eviction_under_a_small_budget(cold):
 
 # ---- tailor: blocks of one host page (rows + sketch + quantized pages), exact prefill after a shared prefix -------
 TAILOR_BLOCK = 256
-# exactness needs no real text: dummy:tiny runs the same paths as a real model in a fraction of the time
-TINY_TAILOR = {"model": "dummy:tiny", "kv_policy": "tailor", "quant_layers": [0], "progress": False}
+# exactness needs no real text: dummy:tiny runs the same paths as a real model in a fraction of the time; pools
+# of a quarter GiB a tier (not the CPU default of 2 GiB of zeroed GPU-tier pools), room enough for every test here
+TINY_TAILOR = {
+    "model": "dummy:tiny",
+    "kv_policy": "tailor",
+    "quant_layers": [0],
+    "progress": False,
+    "kv_cache_gib": 0.25,
+    "host_kv_gib": 0.25,
+}
 # one host page (or GPU copy) of dummy:tiny in float32: 4 layers x 2 KV heads x 256 tokens x [K | V] of 32
 TINY_PAGE_GIB = 4 * 2 * TAILOR_BLOCK * 64 * 4 / 2**30
 
@@ -354,7 +362,7 @@ def test_tailor_chat_turns_leave_nothing_behind(chat):
     a prefix in four variants with a host tier too small to cache them all: afterwards every page of both tiers is
     free (cached blocks count as free) and no request state is left."""
     sp = {**GREEDY, "max_new_tokens": 4}
-    with Engine(**TINY_TAILOR, host_kv_gib=9.5 * TINY_PAGE_GIB) as e:
+    with Engine(**{**TINY_TAILOR, "host_kv_gib": 9.5 * TINY_PAGE_GIB}) as e:
         turn1 = e.generate(chat[0], sampling_params=sp)
         turn2 = e.generate(
             input_ids=e.tokenize(chat[0], None) + turn1["output_ids"] + e.tokenize(" Why?", None),
@@ -544,7 +552,7 @@ def test_an_abort_in_the_middle_of_a_chunked_prefill_frees_everything(chat):
     """A prompt aborted after two chunks of 300 tokens returns every page; the GPU copies of its pages go, but for
     those of its two computed blocks, which the prefix cache keeps and the next request reads."""
     options = {"kv_cache_gib": 0.05, "prefix_gpu_gib": 16 * TINY_PAGE_GIB}
-    with Engine(**TINY_TAILOR, **options, chunked_prefill_size=300) as e:
+    with Engine(**{**TINY_TAILOR, **options}, chunked_prefill_size=300) as e:
         ids = e.tokenize(chat[0], None)
         req = e.add_request(ids, SamplingParams(max_new_tokens=4))
         e.step()

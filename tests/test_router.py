@@ -16,6 +16,19 @@ from conftest import free_port, start_uvicorn
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("sglang_router") is None, reason="sglang-router is not installed"
 )
+# `python -m sglang_router.launch_router` less its import of the Python mini load balancer (which imports sglang,
+# torch and transformers: 5 s a start): the same arguments, the same Rust router
+LAUNCH_ROUTER = """
+import argparse, sys
+from sglang_router.router import Router
+from sglang_router.router_args import RouterArgs
+
+parser = argparse.ArgumentParser()
+RouterArgs.add_cli_args(parser, use_router_prefix=False)
+args = RouterArgs.from_cli_args(parser.parse_args(sys.argv[1:]), use_router_prefix=False)
+args._validate_router_args()
+Router.from_args(args).start()
+"""
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +53,7 @@ def start_router(live_server, second_worker):
     def start(policy: str) -> str:
         port = free_port()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
+            [sys.executable, "-c", LAUNCH_ROUTER, "--host", "127.0.0.1"]
             + ["--port", str(port), "--policy", policy, "--log-level", "warn"]
             + ["--prometheus-port", str(free_port())]
             + ["--worker-urls", live_server.url, second_worker[0]],

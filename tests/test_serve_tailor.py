@@ -18,7 +18,7 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0}
 
 def test_tailor_server_streams_equal_offline_and_frees_both_tiers(caplog):
     with caplog.at_level(logging.INFO, logger="tailorkv.engine"):
-        engine = Engine(kv_policy="tailor", progress=False, kv_cache_gib=0.25, host_kv_gib=0.5)
+        engine = Engine(kv_policy="tailor", progress=False, kv_cache_gib=0.4, host_kv_gib=0.5)
     budget = budget_plan("SmolLM2-135M-Instruct")[0]  # the shipped one
     s_layers = range(1, 30)
     ks = {str(i): budget.top_k(i, 8192) for i in s_layers}

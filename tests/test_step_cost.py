@@ -147,6 +147,7 @@ def test_greedy_tokens_do_not_depend_on_the_budget():
         enable_prefix_caching=False,
         progress=False,
         quant_layers=[0],
+        kv_cache_gib=0.25,
     ) as e:
         cost = e.scheduler.cost
         for budget in (None, cost):
@@ -172,7 +173,9 @@ def test_next_turns_after_a_cached_document_join_one_step_beside_a_decoder():
     doc = list(range(3000, 3512))  # two 256-token prefix blocks
     turns = [doc + list(range(i * 100, i * 100 + 70)) for i in range(15)]
     joined = []
-    with Engine("dummy:tiny", kv_policy="tailor", progress=False, quant_layers=[0]) as e:
+    with Engine(
+        "dummy:tiny", kv_policy="tailor", progress=False, quant_layers=[0], kv_cache_gib=0.25
+    ) as e:
         e.generate(
             input_ids=doc + [1], sampling_params={"max_new_tokens": 1}
         )  # caches the document

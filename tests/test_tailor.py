@@ -24,7 +24,8 @@ def prompt():
     return load_essays()[:1400]  # ~330 tokens: several 64-token host pages, a partial last one
 
 
-TINY = {"model": "dummy:tiny"}  # exactness needs no real text
+# exactness needs no real text; a quarter GiB of GPU-tier pools (zeroed at start: the CPU default is 2 GiB)
+TINY = {"model": "dummy:tiny", "kv_cache_gib": 0.25}
 TINY_TAILOR = {**TINY, "kv_policy": "tailor", "quant_layers": [0]}
 
 
@@ -91,7 +92,9 @@ def test_tailor_batch_equals_alone(prompt):
 
 def test_small_budget_changes_little_on_a_short_answer(prompt, full_tokens):
     """A real retrieval budget (much smaller than the prompt) still follows full attention for a while."""
-    with Engine(kv_policy="tailor", tailor_preset="longbench", top_k=64, progress=False) as e:
+    with Engine(
+        kv_policy="tailor", tailor_preset="longbench", top_k=64, progress=False, kv_cache_gib=0.25
+    ) as e:
         out = e.generate(prompt, sampling_params={**GREEDY, "max_new_tokens": 8})["output_ids"]
     assert out == full_tokens
 
@@ -313,7 +316,7 @@ def test_baselines_with_covering_budget_equal_full(policy, prompt, tiny_full_tok
 
 
 def test_kivi_with_4_bits_follows_full_on_the_first_tokens(prompt, full_tokens):
-    with Engine(kv_policy="kivi", quant_bits=4, progress=False) as e:
+    with Engine(kv_policy="kivi", quant_bits=4, progress=False, kv_cache_gib=0.25) as e:
         out = e.generate(prompt, sampling_params={**GREEDY, "max_new_tokens": 8})["output_ids"]
     assert out == full_tokens
 

@@ -150,6 +150,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def running(pid: int) -> bool:
+    """The process exists and has not ended (an ended one stays a zombie until init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_serve_tp2_answers_and_sigterm_ends_every_rank():
     port = free_port()
     server = subprocess.Popen(
@@ -179,7 +188,7 @@ def test_serve_tp2_answers_and_sigterm_ends_every_rank():
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
         deadline = time.monotonic() + 10
-        while [p for p in workers if os.path.exists(f"/proc/{p}")]:
+        while [p for p in workers if running(p)]:
             assert time.monotonic() < deadline, "a process of the server outlived it"
             time.sleep(0.1)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
+import gguf
 import numpy as np
 import torch
 
@@ -36,8 +37,6 @@ _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2":
 
 
 def _field(reader, name, default=None):
-    import gguf
-
     f = reader.fields.get(name)
     if f is None:
         return default
@@ -65,14 +64,25 @@ def load_gguf(path: str) -> LoadedWeights:
     return LoadedWeights(cfg, _tensors(reader, cfg), len(reader.tensors), tok)
 
 
+class PlainReader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its memmap: the parse slices the file ~10^6 times, and each slice
+    of an np.memmap costs Python-level __getitem__/__array_finalize__ calls (3.6x the parse time)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray)  # still backed by the mapping: tensors stay lazy
+
+
 @functools.lru_cache(maxsize=4)
 def _parse(path: str, size: int, mtime_ns: int) -> tuple:
-    """(reader, ModelConfig, TokenizerSource): the field parse takes seconds (the vocabulary is 100k+ strings), so
+    """(reader, ModelConfig, TokenizerSource): the field parse reads the whole vocabulary (100k+ strings), so
     every Engine of one file in a process shares it; size and mtime key it so a rewritten file is read again."""
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(path)
+        reader = PlainReader(path)
     except Exception as e:  # gguf raises ValueError/struct errors on non-GGUF files
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
     arch = _field(reader, "general.architecture")
@@ -124,8 +134,6 @@ def _parse(path: str, size: int, mtime_ns: int) -> tuple:
 
 
 def _tensors(reader, cfg: ModelConfig):
-    import gguf
-
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         if t.name in _TOP:
