@@ -13,11 +13,11 @@ PORT=${PORT:-30123}
 mkdir -p "$OUT" && OUT=$(realpath "$OUT")
 
 docchat() { # tree name
-  (cd "$1" && PYTHONPATH=$PWD:${PYTHONPATH:-} exec python -m tailorkv serve --model dummy:llama-3.1-8b \
+  (cd "$1" && PYTHONPATH=$PWD:${PYTHONPATH:-} exec "${PYTHON:-python3}" -m tailorkv serve --model dummy:llama-3.1-8b \
     --kv-policy "${POLICY:-tailor}" --port "$PORT" --host-kv-gib 16 > "$OUT/server_$2.log" 2>&1) &
   local pid=$!
   for _ in $(seq 1 150); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 2; done
-  local bench=(python -m benchmarks.bench_serving --base-url "http://127.0.0.1:$PORT" --dataset doc-chat
+  local bench=("${PYTHON:-python3}" -m benchmarks.bench_serving --base-url "http://127.0.0.1:$PORT" --dataset doc-chat
                --doc-tokens 64000 --users 16)
   "${bench[@]}" --turns 1 --random-output-len 16 --seed 3 > "$OUT/warmup_$2.log" 2>&1
   "${bench[@]}" --turns 4 --random-output-len 128 --seed 2 --output-file "$OUT/docchat_$2.json" \
@@ -33,7 +33,7 @@ if [[ $PARTS == *docchat* ]]; then
   [[ -n "${OLD:-}" ]] && docchat "$OLD" old
 fi
 [[ $PARTS == *mixed* ]] && for policy in tailor full; do
-  python -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy "$policy" \
+  "${PYTHON:-python3}" -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy "$policy" \
     --engine-args '{"host_kv_gib": 60}' --out "$OUT/mixed_$policy.json" > "$OUT/mixed_$policy.log" 2>&1
   echo "mixed $policy: rc=$?"
 done
