@@ -10,11 +10,19 @@ from tailorkv.kvcache.prompt_rows import PromptRows
 from tailorkv.memory.device_copies import DeviceCopies
 
 
+def _readable_is_slot(c: DeviceCopies) -> None:
+    """readable (what decode fetches index) says what slot() says, -1 for None."""
+    pages = torch.arange(20)
+    assert c.readable(pages).tolist() == [-1 if c.slot(p) is None else c.slot(p) for p in range(20)]
+
+
 def test_written_pages_take_slots_and_the_least_recently_used_unneeded_copy_goes():
     c = DeviceCopies(3)
     c.plan([], [10, 11])
+    _readable_is_slot(c)
     c.plan([10], [12, 13])  # 10 is read (kept and used most recently); 13 takes 11's slot
     assert c.slot(11) is None and c.num_pages == 3 and len({c.slot(p) for p in (10, 12, 13)}) == 3
+    _readable_is_slot(c)
     s12 = c.slot(12)
     c.plan(
         [10, 12, 13], [14, 12]
@@ -23,6 +31,7 @@ def test_written_pages_take_slots_and_the_least_recently_used_unneeded_copy_goes
     assert c.slots_of(torch.tensor([14, 12])).tolist() == [c.scratch, s12]
     c.plan([], [15])  # 10 was used least recently
     assert c.slot(10) is None and c.slot(15) is not None
+    _readable_is_slot(c)
 
 
 def test_a_page_read_and_written_without_a_copy_is_read_from_the_host_once_and_forgotten_pages_free_slots():
@@ -33,11 +42,14 @@ def test_a_page_read_and_written_without_a_copy_is_read_from_the_host_once_and_f
     c.plan([3], [3, 4])
     assert c.slot(3) is None and c.slot(4) is not None
     assert c.reads(((3, 0, 1),), "cpu").host_runs == ((3, 0, 1),)
+    _readable_is_slot(c)
     c.plan([4], [4, 5])  # with a copy it keeps it; 3's copy was filled by the last step
     assert c.slot(3) is not None and c.slot(4) is not None and c.slot(5) is not None
     assert c.reads(((3, 0, 2),), "cpu").host_runs == ()
+    _readable_is_slot(c)
     c.forget([4, 9])
     assert c.slot(4) is None and c.num_pages == 2
+    _readable_is_slot(c)
     c.plan([], [6])
     assert c.slot(6) is not None and c.num_pages == 3
 

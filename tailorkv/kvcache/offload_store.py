@@ -84,14 +84,6 @@ class OffloadState:
             self.n_sink, prompt_len - recent
         )  # recent window: [recent_begin, prompt_len)
         self.n = 0  # tokens computed (and cached)
-        self._copies: tuple = (None, None)  # (DeviceCopies.version, its host pages' copy slots)
-
-    def copy_slots(self, copies: DeviceCopies) -> torch.Tensor:
-        """Its host pages' GPU copy slots (-1: none), looked up again only when the copies or its pages changed."""
-        key = (copies.version, self.host_pages_cpu.numel())
-        if self._copies[0] != key:
-            self._copies = (key, copies.readable(self.host_pages_cpu))
-        return self._copies[1]
 
     def tail_page(self, start: int) -> int:
         """The host page of the prompt's tokens [start - start % 256, start), which a chunk from `start` computes
@@ -170,7 +162,7 @@ class DecodeView:
         for i, st in enumerate(states):
             h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
             if copies is not None:
-                h["copy_slots"][i, : st.host_pages_cpu.numel()] = st.copy_slots(copies)
+                h["copy_slots"][i, : st.host_pages_cpu.numel()] = copies.readable(st.host_pages_cpu)
             h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
             h["top_k"][i, : st.top_k_cpu.numel()] = st.top_k_cpu
             g = st.gen_slots()

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .host_memory import to_device
@@ -42,7 +43,9 @@ class DeviceCopies:
         self._unwritten: set[int] = (
             set()
         )  # pages given a slot this step that they are read before filling
-        self.version = 0  # changes whenever a page may have gained or lost a readable copy
+        # host page -> the slot whose copy holds its rows (-1: none): what decode steps' fetches read, by index
+        # (numpy: written inside and outside torch's inference mode alike)
+        self._readable = np.full(0, -1, dtype=np.int64)
 
     @property
     def num_pages(self) -> int:
@@ -64,8 +67,10 @@ class DeviceCopies:
                 self._page.move_to_end(self._slot[p])
         reading = set(read)
         keep = reading | set(written)
+        for p in self._unwritten:  # filled by the last step's writes
+            if p in self._slot:
+                self._mark(p, self._slot[p])
         self._unwritten = set()
-        self.version += 1
         for p in written:
             if p in self._slot:
                 self._page.move_to_end(self._slot[p])
@@ -76,6 +81,8 @@ class DeviceCopies:
             self._slot[p], self._page[s] = s, p
             if p in reading:
                 self._unwritten.add(p)
+            else:
+                self._mark(p, s)
 
     def forget(self, pages: list[int]) -> None:
         """Free the slots of pages whose contents no step will read (a request's pages that no cached block keeps)."""
@@ -84,7 +91,7 @@ class DeviceCopies:
             if s is not None:
                 del self._page[s]
                 self._free.append(s)
-                self.version += 1
+                self._mark(p, -1)
 
     def _take(self, keep: set[int]) -> int | None:
         if self._free:
@@ -92,14 +99,22 @@ class DeviceCopies:
         for s, p in self._page.items():
             if p not in keep:
                 del self._page[s], self._slot[p]
+                self._mark(p, -1)
                 return s
         return None
 
     def readable(self, pages: torch.Tensor) -> torch.Tensor:
-        """The slot of each page's copy, -1 where no copy holds its rows (a decode step's top-k fetch reads it)."""
-        return torch.tensor(
-            [-1 if (s := self.slot(p)) is None else s for p in pages.tolist()], dtype=torch.long
-        )
+        """slot() of each page (CPU, long) as one index, -1 for none: what a decode step's top-k fetch reads."""
+        self._grow(int(pages.max()) + 1 if pages.numel() else 0)
+        return torch.from_numpy(self._readable[pages.numpy()])
+
+    def _grow(self, n: int) -> None:
+        if n > self._readable.size:
+            self._readable = np.concatenate([self._readable, np.full(n - self._readable.size, -1)])
+
+    def _mark(self, page: int, slot: int) -> None:
+        self._grow(page + 1)
+        self._readable[page] = slot
 
     def slots_of(self, pages: torch.Tensor) -> torch.Tensor:
         """The slot of each written page (the scratch where it has none)."""
