@@ -1,0 +1,104 @@
+"""The top-k of a decode step's token scores ([rows, KV heads, context] float32, what select_tokens ranks per S
+layer) by torch.topk, against an exact two-stage top-k: the top k of each chunk of the context, then the top k of
+those. torch.topk over a few long rows runs multi-pass radix selection (about 2 ms of tailor's 128k batch-1
+step in an H200 profile); the first stage is many short rows. A measurement to take before selection changes.
+
+    python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 192,1024
+
+Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, machine, date, commit, command}: median of
+--repeats timed calls (CUDA events on the GPU) after --warmup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.rows import run_info, write_rows
+
+
+def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k, -1)'s values (sorted, largest first) and indices, by way of the top k of each chunk of
+    the last dim: every element of the top k is among its chunk's top k (ties may pick other indices)."""
+    *lead, n = scores.shape
+    if k >= chunk or n <= chunk:
+        return scores.topk(k, dim=-1)
+    chunks = -(-n // chunk)
+    padded = torch.nn.functional.pad(scores, (0, chunks * chunk - n), value=float("-inf"))
+    values, idx = padded.view(*lead, chunks, chunk).topk(k, dim=-1)
+    idx = idx + torch.arange(chunks, device=scores.device)[:, None] * chunk
+    top, pick = values.flatten(-2).topk(k, dim=-1)
+    return top, idx.flatten(-2).gather(-1, pick)
+
+
+def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of one call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--contexts", default="32768,131072")
+    p.add_argument("--batch", default="1,16")
+    p.add_argument("--heads", type=int, default=8, help="KV heads (Llama-3.1-8B: 8)")
+    p.add_argument("--k", default="192,1024")
+    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--output", default="benchmarks/results/topk.json")
+    args = p.parse_args(argv)
+    info, device, rows = run_info(__spec__.name, argv), torch.device(args.device), []
+    print(f"{'context':>8} {'batch':>5} {'k':>5} {'torch ms':>9} {'two-stage ms':>12}")
+    for context in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batch.split(",")):
+            g = torch.Generator(device).manual_seed(context + batch)
+            scores = torch.randn(batch, args.heads, context, device=device, generator=g)
+            for k in map(int, args.k.split(",")):
+                ms = [
+                    timed(fn, device, args.warmup, args.repeats)
+                    for fn in (
+                        lambda: scores.topk(k, dim=-1),
+                        lambda: two_stage_topk(scores, k, args.chunk),
+                    )
+                ]
+                rows.append(
+                    {
+                        "device": device.type,
+                        "context": context,
+                        "batch": batch,
+                        "heads": args.heads,
+                        "k": k,
+                        "chunk": args.chunk,
+                        "torch_ms": round(ms[0], 4),
+                        "two_stage_ms": round(ms[1], 4),
+                        **info,
+                    }
+                )
+                print(f"{context:>8} {batch:>5} {k:>5} {ms[0]:>9.3f} {ms[1]:>12.3f}", flush=True)
+    write_rows(args.output, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

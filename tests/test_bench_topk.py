@@ -1,0 +1,41 @@
+"""bench_topk's two-stage top-k equals torch.topk (values exactly; indices where values are distinct) at sizes off
+the chunk, k larger and smaller than a chunk, -inf padding included; the script writes its rows on CPU."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_topk
+
+
+@pytest.mark.parametrize(
+    "n,k,chunk", [(1000, 7, 64), (4097, 192, 256), (300, 100, 64), (50, 10, 64)]
+)
+def test_two_stage_topk_equals_torch_topk(n, k, chunk):
+    scores = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(n))
+    scores[0, 1, : n // 2] = float("-inf")  # masked positions, as select_tokens leaves them
+    got, expect = bench_topk.two_stage_topk(scores, k, chunk), scores.topk(k, dim=-1)
+    assert torch.equal(got[0], expect.values)
+    finite = expect.values > float("-inf")
+    assert torch.equal(got[1][finite], expect.indices[finite])
+    assert torch.equal(scores.gather(-1, got[1]), got[0])
+
+
+def test_script_writes_rows_on_cpu(tmp_path):
+    out = tmp_path / "topk.json"
+    bench_topk.main(
+        [
+            "--device=cpu",
+            "--contexts=5000",
+            "--batch=1",
+            "--k=16",
+            "--chunk=1024",
+            "--warmup=1",
+            "--repeats=2",
+            f"--output={out}",
+        ]
+    )
+    (row,) = json.loads(out.read_text())
+    assert row["context"] == 5000 and row["torch_ms"] > 0 and row["two_stage_ms"] > 0
+    assert {"machine", "date", "commit", "command"} <= set(row)
