@@ -60,8 +60,8 @@ def copied_share(engine: Engine, rids: list[int]) -> float:
     store = getattr(engine.policy, "offload", None)
     if store is None or store.decode_copies is None:
         return 0.0
-    pages = [p for rid in rids for p in engine.policy.s_state[rid].host_pages_cpu.tolist()]
-    return sum(store.copies.slot(p) is not None for p in pages) / max(len(pages), 1)
+    pages = torch.cat([engine.policy.s_state[rid].host_pages_cpu for rid in rids])
+    return (store.copies.readable(pages) >= 0).float().mean().item() if pages.numel() else 0.0
 
 
 def floor_parts(

@@ -1,6 +1,6 @@
 """The top-k of a decode step's token scores ([rows, KV heads, context] float32, what select_tokens ranks per S
 layer) by torch.topk, against an exact two-stage top-k: the top k of each chunk of the context, then the top k of
-those. torch.topk over a few long rows runs multi-pass radix selection (about 2 ms of tailor's 128k batch-1
+those. torch.topk over a few long rows runs multi-pass radix selection (about 1.5 ms of tailor's 128k batch-1
 step in an H200 profile); the first stage is many short rows. A measurement to take before selection changes.
 
     python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 192,1024

@@ -11,11 +11,8 @@ import torch
 WORKSPACE_BYTES = 128 << 20
 
 
-HEAD_DIMS = (
-    64,
-    128,
-    256,
-)  # what FlashInfer's kernels compile for; others take the torch references
+# what FlashInfer's kernels compile for; other head dims take the torch references
+HEAD_DIMS = (64, 128, 256)
 
 
 def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:

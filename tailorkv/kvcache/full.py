@@ -22,9 +22,8 @@ from .batch import ForwardBatch, StepState
 from .policy import KVPolicy
 
 PAGE_SIZE = 16
-MIN_SHARED_PAGES = (
-    32  # decode rows that begin with this many common pages (512 tokens) read them as a group
-)
+# decode rows that begin with this many common pages (512 tokens) read them as a group
+MIN_SHARED_PAGES = 32
 
 
 def shared_groups(tables: list[torch.Tensor], counts: list[int]) -> list[tuple[list[int], int]]:
@@ -39,7 +38,8 @@ def shared_groups(tables: list[torch.Tensor], counts: list[int]) -> list[tuple[l
     for rows in by_first.values():
         if len(rows) < 2:
             continue
-        pt = torch.stack([tables[i][: min(counts[j] for j in rows) - 1] for i in rows])
+        m = min(counts[i] for i in rows) - 1  # each row keeps its last page
+        pt = torch.stack([tables[i][:m] for i in rows])
         n = int((pt == pt[0]).all(0).int().cumprod(0).sum())
         if n >= MIN_SHARED_PAGES:
             groups.append((rows, n))
@@ -99,7 +99,9 @@ class FullPolicy(KVPolicy):
                 torch.empty(shape, dtype=self.dtype, device=self.device) for _ in "kv"
             )
         self.page_tables: dict[int, torch.Tensor] = {}
-        self.page_lists: dict[int, torch.Tensor] = {}  # the same on the CPU: sharing is found there
+        self.page_tables_cpu: dict[
+            int, torch.Tensor
+        ] = {}  # the same on the CPU: sharing is found there
         self.prompt_lens: dict[int, int] = {}
         c = self.cfg
         fast = flashinfer_decode.available(self.device, self.dtype, c.head_dim)
@@ -135,18 +137,18 @@ class FullPolicy(KVPolicy):
         prompt_len: int,
         partial_page: int | None = None,
     ) -> None:
-        self.page_lists[rid] = torch.tensor(pages["kv"], dtype=torch.long)
-        self.page_tables[rid] = self.page_lists[rid].to(self.k_cache.device)
+        self.page_tables_cpu[rid] = torch.tensor(pages["kv"], dtype=torch.long)
+        self.page_tables[rid] = self.page_tables_cpu[rid].to(self.k_cache.device)
         self.prompt_lens[rid] = prompt_len
 
     def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
         more = torch.tensor(pages.get("kv", []), dtype=torch.long)
-        self.page_lists[rid] = torch.cat([self.page_lists[rid], more])
+        self.page_tables_cpu[rid] = torch.cat([self.page_tables_cpu[rid], more])
         self.page_tables[rid] = torch.cat([self.page_tables[rid], more.to(self.k_cache.device)])
 
     def release(self, rid: int) -> None:
         self.page_tables.pop(rid, None)
-        self.page_lists.pop(rid, None)
+        self.page_tables_cpu.pop(rid, None)
         self.prompt_lens.pop(rid, None)
 
     def is_decode(self, i: int, batch: ForwardBatch) -> bool:
@@ -259,7 +261,7 @@ class FullPolicy(KVPolicy):
         rids = [batch.rids[i] for i in decode]
         lengths = [batch.total_len(i) for i in decode]
         counts = [-(-n // PAGE_SIZE) for n in lengths]
-        groups = shared_groups([self.page_lists[r] for r in rids], counts)
+        groups = shared_groups([self.page_tables_cpu[r] for r in rids], counts)
         if not groups:
             return False
         shared = [0] * len(rids)
