@@ -1,16 +1,22 @@
 """A benchmark's policy spec: `name`, `name:preset` or `name:preset:option=value[:option=value]`
-(e.g. `tailor:longbench:key_sketch=1`, `tailor:longbench:host_kv_dtype=fp8`); the preset is a tailor preset
-(streaming and quest take its budget)."""
+(e.g. `tailor:longbench:key_sketch=1`, `tailor:longbench:host_kv_dtype=fp8`, `full::enable_torch_compile=true`);
+the preset is a tailor preset (streaming and quest take its budget)."""
 
 from __future__ import annotations
 
 
 def parse_policy(spec: str) -> tuple[str, str | None, dict]:
-    """(policy name, preset or None, options: integers where they parse as one, else strings)."""
+    """(policy name, preset or None, options: integers where they parse as one, true and false as booleans,
+    else strings)."""
     name, *rest = spec.split(":")
     options = dict(o.partition("=")[::2] for o in rest[1:])
-    value = lambda v: int(v) if v.lstrip("-").isdigit() else v  # noqa: E731
-    return name, (rest[0] if rest else None) or None, {k: value(v) for k, v in options.items()}
+    return name, (rest[0] if rest else None) or None, {k: _value(v) for k, v in options.items()}
+
+
+def _value(text: str):
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def engine_options(spec: str) -> tuple[str, dict]:

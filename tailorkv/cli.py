@@ -171,6 +171,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run decode steps eagerly (no CUDA graphs)",
     )
+    p.add_argument(
+        "--enable-torch-compile",
+        action="store_true",
+        default=None,
+        help="fuse the norms, SwiGLU's gate and RoPE with torch.compile (the first steps of each shape compile)",
+    )
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:

@@ -70,6 +70,9 @@ class EngineConfig:
     # of the GPU-tier budget, GPU copies of cached host-tier pages (tailor); None = what the other pools leave
     prefix_gpu_gib: float | None = None
     cuda_graph: bool = True  # replay decode steps from captured CUDA graphs (on CUDA)
+    # the norms, SwiGLU's gate and RoPE each fused into one kernel by torch.compile (models/elementwise.py); the first
+    # steps of each shape compile (seconds)
+    enable_torch_compile: bool = False
     # tensor-parallel ranks, one process and device each; --kv-cache-gib and --host-kv-gib are per rank
     tp_size: int = 1
     progress: bool = True
@@ -98,7 +101,7 @@ class EngineConfig:
             raise ConfigError(f"max_passes must be an integer >= 0, got {self.max_passes!r}")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ConfigError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
-        for name in ("enable_prefix_caching", "cuda_graph"):
+        for name in ("enable_prefix_caching", "cuda_graph", "enable_torch_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in (

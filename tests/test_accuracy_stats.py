@@ -1,7 +1,8 @@
-"""bench_accuracy's statistics: cells count where full beats chance; paired bootstrap CIs against full."""
+"""bench_accuracy's statistics: cells count where full beats chance; paired bootstrap CIs against full; the
+benchmarks' policy specs."""
 
 from benchmarks.accuracy_stats import chance_score, counted_cells, paired_difference, summary
-from benchmarks.policy_spec import label
+from benchmarks.policy_spec import label, parse_policy
 from benchmarks.ruler_tasks import Sample, score
 
 
@@ -50,3 +51,19 @@ def test_summary_averages_counted_cells_with_budget_share():
     assert full["cells"] == ["easy@4096"] and full["avg"] == 90.0 and full["budget"] is None
     assert tailor["policy"] == "tailor:auto" and tailor["avg"] == 80.0 and tailor["diff"] == -10.0
     assert tailor["budget"] == 600.0 and tailor["budget_share"] == 0.15
+
+
+def test_policy_specs_read_numbers_and_booleans_and_print_back():
+    spec = "tailor:longbench:prefix_gpu_gib=0:enable_torch_compile=true:host_kv_dtype=fp8"
+    assert parse_policy(spec) == (
+        "tailor",
+        "longbench",
+        {"prefix_gpu_gib": 0, "enable_torch_compile": True, "host_kv_dtype": "fp8"},
+    )
+    assert parse_policy("full::enable_torch_compile=false") == (
+        "full",
+        None,
+        {"enable_torch_compile": False},
+    )
+    row = {"policy": "tailor", "preset": "longbench", "options": parse_policy(spec)[2]}
+    assert parse_policy(label(row)) == parse_policy(spec)

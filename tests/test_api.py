@@ -51,6 +51,7 @@ def test_info_routes(client, live_server):
     )
     server = client.get("/get_server_info").json()
     assert server["kv_policy"] == "full" and server["max_running_requests"] == 32
+    assert server["enable_torch_compile"] is False
     gpu = server["memory"]["gpu"]
     assert 0 < gpu["free_pages"] <= gpu["total_pages"] and gpu["total_bytes"] > 0
     models = client.get("/v1/models").json()

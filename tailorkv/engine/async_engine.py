@@ -171,6 +171,7 @@ class AsyncEngine:
             "step_budget_ms": cost.budget_s * 1e3 if (cost := self.engine.scheduler.cost) else 0.0,
             "step_cost": cost and cost.describe(),  # the fitted step-time model (None: no budget)
             "enable_prefix_caching": self.engine.memory.prefix is not None,
+            "enable_torch_compile": o.enable_torch_compile,
             **self.load(),
         }
 

@@ -80,7 +80,7 @@ class DecodeGraphs:
         if j < len(e):
             shape.qkv[j], shape.h[j] = m.attention_inputs(last, h, shape.positions, kv, step), h
         else:
-            shape.hidden = m.model.norm(h)
+            shape.hidden = m.final_norm(h)
         kv.join_streams(step)
 
     def _capture(self, rows: int, ids: torch.Tensor, step: StepState) -> _Captured:

@@ -71,6 +71,8 @@ class EngineRank:
         self.model, self.tokenizer_source = load_model(
             config.model, device, self.dtype, progress=config.progress and lead, tp=group
         )
+        if config.enable_torch_compile:
+            self.model = self.model.compiled()
         self.config = self.model.config
         self.policy = policy_class(config.kv_policy)(
             local_config(self.config, group.size if group else 1),

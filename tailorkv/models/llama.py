@@ -5,16 +5,20 @@ engine's KV policy (`kv.attend`), which owns the cache and knows where each sequ
 tensor-parallel group each rank holds its slice of every layer (sharding.py) and the partial sums meet in one
 all-reduce after o_proj and one after the MLP; the logits are gathered from the ranks' vocabulary slices.
 q, k and v are one GEMM (qkv_proj) and gate and up one (gate_up_proj): the loaders hand HF-named weights and
-load_model concatenates each rank's slices (FUSED); hf_state_dict splits them back.
+load_model concatenates each rank's slices (FUSED); hf_state_dict splits them back. The norms, SwiGLU's gate and
+RoPE run through `ops` (elementwise.py), which `compiled` swaps for torch.compile's fused kernels.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .elementwise import Elementwise, rms_norm, silu_mul
 from .rope import Rotary
 from .sharding import local_config
 
@@ -30,9 +34,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -64,12 +66,12 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act=silu_mul) -> torch.Tensor:
+        """`act`: SwiGLU's gate (elementwise.silu_mul or its compiled form)."""
         if x.shape[0] <= MLP_CHUNK:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(act(self.gate_up_proj(x)))
         # a long prefill in chunks: the intermediate activations of all tokens at once would not fit a small GPU
-        return torch.cat([self(part) for part in x.split(MLP_CHUNK)])
+        return torch.cat([self(part, act) for part in x.split(MLP_CHUNK)])
 
 
 class DecoderLayer(nn.Module):
@@ -96,6 +98,7 @@ class LlamaModel(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // size, bias=False)
         self.rotary: Rotary | None = None
+        self.ops = Elementwise()
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -107,6 +110,14 @@ class LlamaModel(nn.Module):
             cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, device, dtype
         )
 
+    def compiled(self) -> LlamaModel:
+        """--enable-torch-compile: this model (the same weights, left as they are) with the norms, SwiGLU's gate
+        and RoPE each run as one kernel from torch.compile."""
+        view = copy.copy(self)
+        view.ops, view.rotary = Elementwise(compiled=True), copy.copy(self.rotary)
+        view.rotary.rotate = view.ops.rope
+        return view
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv, step) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm, for the flat batch of tokens `input_ids` [T]; `step`: the
@@ -116,7 +127,11 @@ class LlamaModel(nn.Module):
             h = self.layer_output(
                 i, h, kv.attend(i, *self.attention_inputs(i, h, positions, kv, step), step)
             )
-        return self.model.norm(h)
+        return self.final_norm(h)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        norm = self.model.norm
+        return self.ops.rms_norm(h, norm.weight, norm.eps)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp is None:
@@ -133,16 +148,18 @@ class LlamaModel(nn.Module):
     def attention_inputs(self, i: int, h: torch.Tensor, positions: torch.Tensor, kv, step):
         """Layer i up to its attention: q, k, v of the residual stream h [T, hidden]."""
         layer = self.model.layers[i]
-        x = layer.input_layernorm(h)
+        norm = layer.input_layernorm
+        x = self.ops.rms_norm(h, norm.weight, norm.eps)
         kv.layer_input(i, x, positions, step)
         return layer.self_attn.qkv(x, positions, self.rotary)
 
     def layer_output(self, i: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Layer i after its attention: the residual stream once attention output attn [T, heads, D] and the MLP
         are added."""
-        layer = self.model.layers[i]
-        h = h + self._reduce(layer.self_attn.o_proj(attn.reshape(h.shape[0], -1)))
-        return h + self._reduce(layer.mlp(layer.post_attention_layernorm(h)))
+        layer, norm = self.model.layers[i], self.model.layers[i].post_attention_layernorm
+        o = self._reduce(layer.self_attn.o_proj(attn.reshape(h.shape[0], -1)))
+        h, x = self.ops.add_rms_norm(h, o, norm.weight, norm.eps)
+        return h + self._reduce(layer.mlp(x, self.ops.silu_mul))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

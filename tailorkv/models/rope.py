@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..errors import ModelLoadError
+from .elementwise import rope
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -33,7 +34,8 @@ CHUNK = 8192  # tokens rotated per call in a long prefill
 
 
 class Rotary:
-    """Precomputed cos/sin tables; `apply` rotates q or k of shape [T, heads, head_dim] at `positions` [T]."""
+    """Precomputed cos/sin tables; `apply` rotates q or k of shape [T, heads, head_dim] at `positions` [T] with
+    `rotate` (elementwise.rope, or its compiled form)."""
 
     def __init__(
         self, head_dim: int, max_position: int, theta: float, scaling: dict | None, device, dtype
@@ -43,6 +45,7 @@ class Rotary:
         emb = torch.cat([angles, angles], dim=-1)
         self.cos = emb.cos().to(device=device, dtype=dtype)
         self.sin = emb.sin().to(device=device, dtype=dtype)
+        self.rotate = rope
 
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if (
@@ -51,8 +54,4 @@ class Rotary:
             return torch.cat(
                 [self.apply(a, p) for a, p in zip(x.split(CHUNK), positions.split(CHUNK))]
             )
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return self.rotate(x, self.cos, self.sin, positions)
