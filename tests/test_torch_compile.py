@@ -1,5 +1,5 @@
-"""--enable-torch-compile: each compiled elementwise function against its eager form at awkward shapes, and engines
-that run compiled decoding the recorded greedy tokens of the embedded model."""
+"""--enable-torch-compile: each compiled function (the model's elementwise work, tailor's selection) against its
+eager form at awkward shapes, and compiled engines decoding what eager ones decode."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from test_golden import GOLDEN, NEW_TOKENS, POLICIES, prompts
 from torch._dynamo.utils import counters
 
+from tailorkv.kvcache.selection import EAGER, Selection
 from tailorkv.models import elementwise as ew
 
 EPS = 1e-5
@@ -45,47 +46,66 @@ def test_compiled_functions_equal_the_eager_ones(dtype, device):
     assert counters["stats"]["unique_graphs"] > graphs and not counters["graph_break"]
 
 
-@pytest.mark.parametrize("policy", ["full", "tailor"])
-def test_compiled_engines_decode_the_recorded_tokens(policy):
-    from tailorkv.engine.engine import Engine
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_selection_picks_what_the_eager_one_picks(device):
+    """Stage 1 and 2 at GQA 3, head_dim 64, 3 rows whose ranges and own k differ, a length off any block."""
+    compiled, gen = Selection(compiled=True), torch.Generator().manual_seed(1)
+    q, max_abs = torch.randn(3, 6, 64, generator=gen), torch.rand(3, 2, 64, generator=gen)
+    q, max_abs = q.to(device), max_abs.to(device)
+    channels = EAGER.select_channels(q, max_abs, 16)
+    assert torch.equal(compiled.select_channels(q, max_abs, 16), channels)
+    assert torch.equal(compiled.query_channels(q, channels), EAGER.query_channels(q, channels))
+    scores = torch.randn(3, 2, 997, generator=gen).to(device)
+    begin, end = (
+        torch.tensor([4, 0, 300], device=device),
+        torch.tensor([990, 500, 310], device=device),
+    )
+    k_rows = torch.tensor([50, 7, 64], device=device)
+    for got, want in zip(
+        compiled.select_tokens(scores, begin, end, 64, k_rows),
+        EAGER.select_tokens(scores, begin, end, 64, k_rows),
+    ):
+        assert torch.equal(got, want)
+    idx, valid = compiled.select_tokens(scores, begin, end, 64, k_rows)
+    assert valid.sum(-1).tolist() == [
+        [50, 50],
+        [7, 7],
+        [10, 10],
+    ]  # row 2's range holds 10 positions
 
-    greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
-    with Engine(
-        progress=False,
-        kv_cache_gib=0.25,
-        host_kv_gib=0.25,
-        enable_torch_compile=True,
-        **POLICIES[policy],
-    ) as engine:
-        assert engine.runner.model.ops.compiled
-        outs = engine.generate(prompts(), sampling_params=greedy)
-    recorded = json.loads(GOLDEN.read_text())[policy][: len(outs)]
-    assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in recorded]
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["full", "tailor"])
+def test_compiled_engines_decode_what_eager_decodes(policy, device):
+    """float32: on CPU against the recorded greedy tokens (test_golden); on a GPU against an eager engine's, the
+    compiled one replaying CUDA graphs that hold Inductor's kernels."""
+    if device == "cpu":
+        eager = [r["output_ids"] for r in json.loads(GOLDEN.read_text())[policy]]
+    else:
+        eager = _generate(policy, device, compiled=False)
+    assert _generate(policy, device, compiled=True) == eager[: len(prompts())]
     assert counters["stats"]["unique_graphs"] and not counters["graph_break"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("policy", ["full", "tailor"])
-def test_compiled_graphs_decode_what_eager_decodes_on_gpu(policy):
-    """float32 on the GPU: decode replayed from CUDA graphs that hold Inductor's kernels (prompts chunked at 256
-    tokens, so the graphs also replay beside eager prompt chunks) against eager decode without torch.compile."""
+def _generate(policy: str, device: str, compiled: bool) -> list[list[int]]:
     from tailorkv.engine.engine import Engine
 
-    outs = []
-    for compiled in (False, True):
-        with Engine(
-            device="cuda",
-            dtype="float32",
-            progress=False,
-            cuda_graph=compiled,
-            enable_torch_compile=compiled,
-            chunked_prefill_size=256,
-            step_budget_ms=0,
-            **POLICIES[policy],
-        ) as engine:
-            greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
-            outs.append(
-                [o["output_ids"] for o in engine.generate(prompts(), sampling_params=greedy)]
-            )
+    with Engine(
+        device=device,
+        dtype="float32",
+        progress=False,
+        kv_cache_gib=0.25,
+        host_kv_gib=0.25,
+        cuda_graph=compiled,
+        enable_torch_compile=compiled,
+        **POLICIES[policy],
+    ) as engine:
+        greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
+        outs = engine.generate(prompts(), sampling_params=greedy)
+        assert engine.runner.model.ops.compiled == compiled
+        assert (getattr(engine.policy, "selection", EAGER) is not EAGER) == (
+            compiled and policy == "tailor"
+        )
+        if device == "cuda":
             assert bool(engine.runner.graphs and engine.runner.graphs.shapes) == compiled
-    assert outs[1] == outs[0]
+    return [o["output_ids"] for o in outs]

@@ -16,37 +16,64 @@ def group_mean(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.float().reshape(*q.shape[:-2], num_kv_heads, -1, q.shape[-1]).mean(-2)
 
 
-def select_channels(q_hat: torch.Tensor, max_abs_k: torch.Tensor, d_s: int) -> torch.Tensor:
-    """q_hat [..., Hq, D] (predicted query), max_abs_k [..., Hkv, D] -> channel ids [..., Hkv, d_s]."""
-    score = group_mean(q_hat, max_abs_k.shape[-2]).abs() * max_abs_k.float()
-    return score.topk(d_s, dim=-1).indices
+def channel_scores(q_hat: torch.Tensor, max_abs_k: torch.Tensor) -> torch.Tensor:
+    """Eq. 10's channel scores: q_hat [..., Hq, D] (predicted query), max_abs_k [..., Hkv, D] -> [..., Hkv, D]."""
+    return group_mean(q_hat, max_abs_k.shape[-2]).abs() * max_abs_k.float()
+
+
+def query_channels(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """The query's group mean on the chosen channels: q [..., Hq, D], channels [..., Hkv, d_s] -> [..., Hkv, d_s]."""
+    return group_mean(q, channels.shape[-2]).gather(-1, channels)
 
 
 def score_tokens(q: torch.Tensor, k_channels: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """q [..., Hq, D], k_channels [..., Hkv, d_s, L] (the chosen channels of K), channels [..., Hkv, d_s]
     -> scores [..., Hkv, L]."""
-    qc = group_mean(q, channels.shape[-2]).gather(-1, channels)
-    return torch.einsum("...hc,...hcl->...hl", qc, k_channels.float())
+    return torch.einsum("...hc,...hcl->...hl", query_channels(q, channels), k_channels.float())
 
 
-def select_tokens(
-    scores: torch.Tensor, begin, end, k: int, k_rows: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per sequence):
-    (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer than k', or its
-    rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that sequence's top k_rows."""
+def outside_masked(scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """scores [..., Hkv, L] with positions outside [begin, end) (0-d, or [...] per sequence) at -inf."""
     pos = torch.arange(scores.shape[-1], device=scores.device)
-    begin, end = (
-        torch.as_tensor(begin, device=scores.device),
-        torch.as_tensor(end, device=scores.device),
-    )
-    inside = (
-        (pos >= begin[..., None, None]) & (pos < end[..., None, None])
-        if begin.dim()
-        else (pos >= begin) & (pos < end)
-    )
-    top = scores.masked_fill(~inside, float("-inf")).topk(min(k, scores.shape[-1]), dim=-1)
-    valid = top.values > float("-inf")
+    if begin.dim():
+        begin, end = begin[..., None, None], end[..., None, None]
+    return scores.masked_fill((pos < begin) | (pos >= end), float("-inf"))
+
+
+def valid_ranks(values: torch.Tensor, k_rows: torch.Tensor | None) -> torch.Tensor:
+    """Which top-k slots count: a score above -inf, at a rank below the sequence's own k_rows [...] if given."""
+    valid = values > float("-inf")
     if k_rows is not None:
         valid &= torch.arange(valid.shape[-1], device=valid.device) < k_rows[..., None, None]
-    return top.indices, valid
+    return valid
+
+
+class Selection:
+    """Stage 1 and 2 as the decode step runs them: the top-ks in torch.topk and the elementwise work around them,
+    which `compiled` (--enable-torch-compile) runs through torch.compile, a kernel per function instead of 3-7."""
+
+    def __init__(self, compiled: bool = False):
+        wrap = torch.compile if compiled else (lambda f: f)
+        self.channel_scores, self.query_channels = wrap(channel_scores), wrap(query_channels)
+        self.outside_masked, self.valid_ranks = wrap(outside_masked), wrap(valid_ranks)
+
+    def select_channels(
+        self, q_hat: torch.Tensor, max_abs_k: torch.Tensor, d_s: int
+    ) -> torch.Tensor:
+        """q_hat [..., Hq, D] (predicted query), max_abs_k [..., Hkv, D] -> channel ids [..., Hkv, d_s]."""
+        return self.channel_scores(q_hat, max_abs_k).topk(d_s, dim=-1).indices
+
+    def select_tokens(
+        self, scores: torch.Tensor, begin, end, k: int, k_rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
+        sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
+        than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
+        sequence's top k_rows."""
+        begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
+        top = self.outside_masked(scores, begin, end).topk(min(k, scores.shape[-1]), dim=-1)
+        return top.indices, self.valid_ranks(top.values, k_rows)
+
+
+EAGER = Selection()
+select_channels, select_tokens = EAGER.select_channels, EAGER.select_tokens

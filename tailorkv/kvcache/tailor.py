@@ -31,7 +31,7 @@ from .plans import NEW, budget_plan, layer_plan
 from .policy import KVPolicy
 from .prompt_rows import PrefillGroup
 from .quant_store import QuantState, QuantStore, QuantView
-from .selection import group_mean, score_tokens, select_channels, select_tokens
+from .selection import EAGER, Selection, score_tokens
 from .tailor_config import DEFAULT_PRESET, TailorConfig, default_preset
 
 PAGE = 64
@@ -159,7 +159,10 @@ class TailorPolicy(KVPolicy):
         self.s_index = {layer: i for i, layer in enumerate(s_layers)}
 
     def bind_model(self, model) -> None:
+        """The model whose next layer's query stage 1 predicts; a compiled one (--enable-torch-compile) has stage 1
+        and 2's elementwise work compiled too."""
         self.model = model
+        self.selection = Selection(compiled=True) if model.ops.compiled else EAGER
 
     def warm_up(self, prefix_sharing: bool) -> None:
         """The first prefill after a prefix (shared, or a prompt's earlier chunks) would JIT-compile FlashInfer's
@@ -429,7 +432,9 @@ class TailorPolicy(KVPolicy):
                 x[rows], positions[rows], self.model.rotary
             )
             si = self.s_index[t]
-            channels = select_channels(q_hat, self.offload.max_abs[si, view.slots], self.tc.d_s)
+            channels = self.selection.select_channels(
+                q_hat, self.offload.max_abs[si, view.slots], self.tc.d_s
+            )
             step.critical[t & 1] = self._prefetch(si, view, channels)
 
     def _prefetch(self, si: int, view: DecodeView, channels: torch.Tensor) -> tuple:
@@ -624,7 +629,9 @@ class TailorPolicy(KVPolicy):
         # one top-k at the largest k of any row (that of the longest context the view holds: a static shape per
         # captured graph), then each row keeps its own k's best (ranks >= its k are masked)
         k = self._k_bound(si, scores.shape[-1])
-        idx, valid = select_tokens(scores, view.mid_begin, view.mid_end, k, view.top_k[:, si])
+        idx, valid = self.selection.select_tokens(
+            scores, view.mid_begin, view.mid_end, k, view.top_k[:, si]
+        )
         return self.offload.attend(si, view, q, self.offload.fetch_rows(si, view, idx), valid)
 
     def _k_bound(self, si: int, context: int) -> int:
@@ -637,8 +644,10 @@ class TailorPolicy(KVPolicy):
     def _sketch_scores(self, si: int, q: torch.Tensor, view: DecodeView) -> torch.Tensor:
         """Both stages from the GPU tier: d_s channels picked with the real query (Eq. 10), tokens scored on them
         from the key sketch."""
-        channels = select_channels(q, self.offload.max_abs[si, view.slots], self.tc.d_s)
-        qc = group_mean(q, channels.shape[-2]).gather(-1, channels)
+        channels = self.selection.select_channels(
+            q, self.offload.max_abs[si, view.slots], self.tc.d_s
+        )
+        qc = self.selection.query_channels(q, channels)
         return self.offload.sketch_token_scores(si, view, qc, channels)
 
     def finish(self, step: TailorStep) -> None:
