@@ -94,6 +94,11 @@ def test_real_model_answers_on_gpu(policy):
             dict(quant_layers=[0], top_k=64, key_sketch=2),
             "float32",
         ),  # stage 2 from the GPU-tier sketch
+        (
+            "tailor",
+            dict(quant_layers=[0], top_k=64, speculative_fetch=1),
+            "float32",
+        ),  # both stages and the fetch of layer l+1 on the side stream during layer l
         ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments
         ("kivi", dict(quant_bits=4), "float32"),
     ],

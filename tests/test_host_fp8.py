@@ -10,7 +10,7 @@ import torch
 from test_sparse_attention import CASES, _case
 from triton_kernels import CUDA, DEVICE, triton_module
 
-from benchmarks.bench_host_fp8 import forced_top_logprobs, paired
+from benchmarks.bench_paired import forced_top_logprobs, paired
 from tailorkv import Engine
 from tailorkv.config import EngineConfig
 from tailorkv.errors import ConfigError

@@ -36,14 +36,32 @@ def full_tokens(prompt):
         return e.generate(prompt, sampling_params={**GREEDY, "max_new_tokens": 8})["output_ids"]
 
 
+def forced_logprobs(engine: Engine, prompt: str, n: int = 24) -> list[float]:
+    """The logprobs of the prompt's last n tokens, each teacher-forced one decode step at a time."""
+    ids = engine.tokenizer.encode(prompt)
+    return engine.forced([ids[:-n]], [ids[-n:]])[0].output_logprobs
+
+
+def assert_close_logprobs(got: list[float], want: list[float]) -> None:
+    """Exact attention in another summation order (float32): the same logprobs to 1e-4. Greedy tokens of
+    dummy:tiny would not do: they stay the same even when a layer attends to another layer's fetched rows."""
+    assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+
 @pytest.fixture(scope="module")
-def tiny_full_tokens(prompt):
+def tiny_full_logprobs(prompt):
     with Engine(**TINY, progress=False) as e:
-        return e.generate(prompt, sampling_params=GREEDY)["output_ids"]
+        return forced_logprobs(e, prompt)
 
 
-@pytest.mark.parametrize("key_sketch", [0, 1])
-def test_tailor_with_covering_budget_equals_full(prompt, tiny_full_tokens, key_sketch):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"key_sketch": 0},
+        {"key_sketch": 1},
+    ],
+)
+def test_tailor_with_covering_budget_equals_full(prompt, tiny_full_logprobs, options):
     with Engine(
         **TINY,
         kv_policy="tailor",
@@ -51,11 +69,22 @@ def test_tailor_with_covering_budget_equals_full(prompt, tiny_full_tokens, key_s
         sink=8,
         recent=56,
         top_k=4096,
-        key_sketch=key_sketch,
         progress=False,
+        **options,
     ) as e:
         assert len(e.policy.s_index) == e.config.num_layers
-        assert e.generate(prompt, sampling_params=GREEDY)["output_ids"] == tiny_full_tokens
+        assert_close_logprobs(forced_logprobs(e, prompt), tiny_full_logprobs)
+
+
+def test_speculative_fetch_under_a_covering_budget_attends_what_the_real_query_attends(prompt):
+    """speculative_fetch picks and fetches S layer l+1's rows with the query predicted at layer l; a covering budget
+    makes that the same set the real query picks, so the forced tokens' logprobs equal the usual path's (float32:
+    rows fetched in another order are summed in another order)."""
+    logprobs = []
+    for speculative in (0, 1):
+        with Engine(**TINY_TAILOR, top_k=4096, speculative_fetch=speculative, progress=False) as e:
+            logprobs.append(forced_logprobs(e, prompt))
+    assert_close_logprobs(*logprobs)
 
 
 def test_key_sketch_replaces_the_channel_copy(prompt):
@@ -78,10 +107,16 @@ def test_key_sketch_replaces_the_channel_copy(prompt):
         assert all(t["free_pages"] == t["total_pages"] for t in usage.values())
 
 
-def test_tailor_batch_equals_alone(prompt):
+@pytest.mark.parametrize("speculative_fetch", [0, 1])
+def test_tailor_batch_equals_alone(prompt, speculative_fetch):
     prompts = [prompt, prompt[:700], prompt[200:1300]]
     sp = {**GREEDY, "max_new_tokens": 12}
-    with Engine(**TINY_TAILOR, tailor_preset="longbench", progress=False) as e:
+    with Engine(
+        **TINY_TAILOR,
+        tailor_preset="longbench",
+        speculative_fetch=speculative_fetch,
+        progress=False,
+    ) as e:
         alone = [e.generate(p, sampling_params=sp)["output_ids"] for p in prompts]
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == alone
         assert (
@@ -269,6 +304,8 @@ def test_quant_store_append_twice_is_append_once():
         ({"quant_bits": 3}, "quant_bits"),
         ({"d_s": 65}, "d_s"),
         ({"key_sketch": 3}, "key_sketch"),
+        ({"speculative_fetch": 2}, "speculative_fetch"),
+        ({"speculative_fetch": 1, "key_sketch": 0}, "needs a key sketch"),
         ({"d_s": 0}, "d_s"),
         ({"top_k": -1}, "top_k"),
         ({"sink": -8}, "sink"),
@@ -307,12 +344,11 @@ def test_the_embedded_model_ships_its_plan():
 
 
 @pytest.mark.parametrize("policy", ["offload", "streaming", "quest"])
-def test_baselines_with_covering_budget_equal_full(policy, prompt, tiny_full_tokens):
+def test_baselines_with_covering_budget_equal_full(policy, prompt, tiny_full_logprobs):
     """offload is exact by construction; streaming and quest whose budget covers the context are exact too."""
     options = {} if policy == "offload" else {"budget": 4096}
     with Engine(**TINY, kv_policy=policy, progress=False, **options) as e:
-        out = e.generate(prompt, sampling_params=GREEDY)["output_ids"]
-    assert out == tiny_full_tokens
+        assert_close_logprobs(forced_logprobs(e, prompt), tiny_full_logprobs)
 
 
 def test_kivi_with_4_bits_follows_full_on_the_first_tokens(prompt, full_tokens):

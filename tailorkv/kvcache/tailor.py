@@ -44,8 +44,9 @@ class TailorStep(StepState):
     - view, qview: the decode rows' DecodeView (S layers) and QuantView (Q layers); None without decode rows;
     - decode_rows [B]: the decode rows' tokens in the batch;
     - prefill: the prefill rows grouped by the shared prefix they continue, with each group's PrefillGroup;
-    - critical: stage-1 results (channels, keys, ready event) that layer l's input hands to layer l+1's attend,
-      double-buffered by layer parity;
+    - critical: what layer l's input starts for layer l+1's attend, double-buffered by layer parity: stage-1
+      reads (channels, keys, ready event), or with speculative_fetch the fetched top-k rows (rows, valid, the
+      predicted query, ready event);
     - reads: shared-prefix reads started one layer ahead, by (layer, rows)."""
 
     view: DecodeView | None = None
@@ -409,20 +410,22 @@ class TailorPolicy(KVPolicy):
         return TailorStep(batch, view=view, qview=qview, decode_rows=self.graph_rows[rows]), key
 
     def join_streams(self, step: TailorStep) -> None:
-        """Make the main stream wait for every stage-1 read still in flight (a captured segment must end joined)."""
-        for key, (channels, keys, ready) in list(step.critical.items()):
+        """Make the main stream wait for every side-stream read still in flight (a captured segment must end
+        joined)."""
+        for key, (*started, ready) in list(step.critical.items()):
             if ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(ready)
-                step.critical[key] = (channels, keys, None)
+                step.critical[key] = (*started, None)
 
     def layer_input(
         self, layer: int, x: torch.Tensor, positions: torch.Tensor, step: TailorStep
     ) -> None:
         """Stage 1 for the next S layer (and for layer 0 itself when it is an S layer): predict its query from
         this layer's normalised input, pick d_s channels per KV head, read them for all prompt tokens. With a key
-        sketch nothing is read ahead: stage 1 runs in `attend` with the real query."""
+        sketch nothing is read ahead (stage 1 runs in `attend` with the real query), unless speculative_fetch:
+        then both stages and the top-k fetch run ahead with the predicted query."""
         view = step.view
-        if view is None or self.tc.key_sketch:
+        if view is None or (self.tc.key_sketch and not self.tc.speculative_fetch):
             return
         rows = step.decode_rows
         for t in (0, layer + 1) if layer == 0 else (layer + 1,):
@@ -432,6 +435,9 @@ class TailorPolicy(KVPolicy):
                 x[rows], positions[rows], self.model.rotary
             )
             si = self.s_index[t]
+            if self.tc.speculative_fetch:
+                step.critical[t & 1] = self._speculate(si, view, q_hat)
+                continue
             channels = self.selection.select_channels(
                 q_hat, self.offload.max_abs[si, view.slots], self.tc.d_s
             )
@@ -460,6 +466,19 @@ class TailorPolicy(KVPolicy):
             ready = torch.cuda.Event()
             ready.record(side)
         return channels, keys, ready
+
+    def _speculate(self, si: int, view: DecodeView, q_hat: torch.Tensor) -> tuple:
+        """Both stages and the top-k fetch of S layer si with the predicted query q_hat, on the side stream (whose
+        tensors the main stream reads only after its event; q_hat stays referenced until then)."""
+        side = self.prefetch_stream
+        if side is None:
+            return *self._fetch(si, q_hat, view), q_hat, None
+        side.wait_stream(torch.cuda.current_stream(self.device))  # q_hat and the views are ready
+        with torch.cuda.stream(side):
+            fetched, valid = self._fetch(si, q_hat, view)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        return fetched, valid, q_hat, ready
 
     def attend(self, layer, q, k, v, step: TailorStep) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -619,20 +638,33 @@ class TailorPolicy(KVPolicy):
         """Stage 2 and exact attention for all decode rows at once: q [B, Hq, D], new k, v [B, Hkv, D]."""
         si, view = self.s_index[layer], step.view
         self.offload.append(si, view, k, v)
-        if self.tc.key_sketch:
+        if self.tc.key_sketch and not self.tc.speculative_fetch:
+            return self.offload.attend(si, view, q, *self._fetch(si, q, view))
+        *started, ready = step.critical.pop(layer & 1)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        if self.tc.speculative_fetch:
+            # rows chosen with the predicted query, attended with the real one
+            fetched, valid, _ = started
+            return self.offload.attend(si, view, q, fetched, valid)
+        channels, k_channels = started
+        scores = score_tokens(q, k_channels, channels)
+        return self.offload.attend(si, view, q, *self._fetch(si, q, view, scores))
+
+    def _fetch(
+        self, si: int, q: torch.Tensor, view: DecodeView, scores: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k rows [B, H, k, 2D] of S layer si for query q and which of them count: ranked by `scores`, or
+        by the key sketch's."""
+        if scores is None:
             scores = self._sketch_scores(si, q, view)
-        else:
-            channels, k_channels, ready = step.critical.pop(layer & 1)
-            if ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(ready)
-            scores = score_tokens(q, k_channels, channels)
         # one top-k at the largest k of any row (that of the longest context the view holds: a static shape per
         # captured graph), then each row keeps its own k's best (ranks >= its k are masked)
         k = self._k_bound(si, scores.shape[-1])
         idx, valid = self.selection.select_tokens(
             scores, view.mid_begin, view.mid_end, k, view.top_k[:, si]
         )
-        return self.offload.attend(si, view, q, self.offload.fetch_rows(si, view, idx), valid)
+        return self.offload.fetch_rows(si, view, idx), valid
 
     def _k_bound(self, si: int, context: int) -> int:
         """The top_k of S layer `si` at `context` tokens: at least every shorter request's (k never decreases)."""

@@ -12,6 +12,9 @@
   the channels with the real query and stage 2 scores tokens from the sketch, so only the top-k rows cross PCIe.
   Default 2: within 1 point of the paper's path on the accuracy benchmark, 1.4x faster at 128k
   (benchmarks/NOTES.md, "Key sketch").
+- speculative_fetch (beyond the paper; needs a key sketch): 1 = S layer l+1's two stages and top-k fetch run at
+  layer l's input with the query predicted from it (as the paper's stage 1 predicts), on a side stream while layer
+  l computes; attention still uses the real query over the rows so chosen. 0 (default): chosen with the real query.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
@@ -50,6 +53,7 @@ class TailorConfig:
     top_k: int = 128
     d_s: int = 8
     key_sketch: int = 2
+    speculative_fetch: int = 0
     host_kv_dtype: str = "auto"
 
     @property
@@ -88,6 +92,10 @@ class TailorConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
         if self.key_sketch not in (0, 1, 2):
             raise ConfigError(f"key_sketch must be 0 (off), 1 or 2 bits, got {self.key_sketch!r}")
+        if self.speculative_fetch not in (0, 1):
+            raise ConfigError(f"speculative_fetch must be 0 or 1, got {self.speculative_fetch!r}")
+        if self.speculative_fetch and not self.key_sketch:
+            raise ConfigError("speculative_fetch needs a key sketch (key_sketch 1 or 2)")
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ConfigError(
                 f"host_kv_dtype must be one of {', '.join(HOST_KV_DTYPES)}, got {self.host_kv_dtype!r}"
