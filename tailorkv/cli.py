@@ -22,6 +22,7 @@ POLICY_ARGS = {
     "tailor_d_s": "d_s",
     "tailor_quant_bits": "quant_bits",
     "host_kv_dtype": "host_kv_dtype",
+    "speculative_fetch": "speculative_fetch",
 }
 TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     (
@@ -83,6 +84,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="BITS",
         help="tailor: score tokens from a 1/2-bit copy of K in the GPU tier (0: the paper's stage 1)",
+    )
+    p.add_argument(
+        "--speculative-fetch",
+        "--tailor-speculative-fetch",
+        type=_int_option("--speculative-fetch"),
+        default=None,
+        metavar="0|1",
+        help="tailor: pick and fetch layer l+1's top-k rows at layer l with the predicted query, overlapped with "
+        "layer l (1); with the real query (0, default)",
     )
     p.add_argument(
         "--host-kv-dtype",

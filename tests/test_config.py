@@ -96,7 +96,8 @@ def test_cli_arguments_build_the_config():
 def test_cli_tailor_knobs_become_policy_options():
     args = build_parser().parse_args(
         "generate --prompt hi --kv-policy tailor --tailor-preset ruler --tailor-top-k 300 --tailor-sink 4 "
-        "--tailor-recent 32 --tailor-d-s 16 --tailor-quant-bits 4 --tailor-key-sketch 0".split()
+        "--tailor-recent 32 --tailor-d-s 16 --tailor-quant-bits 4 --tailor-key-sketch 1 "
+        "--tailor-speculative-fetch 1".split()
     )
     assert engine_config(args).policy_options == {
         "tailor_preset": "ruler",
@@ -105,7 +106,8 @@ def test_cli_tailor_knobs_become_policy_options():
         "recent": 32,
         "d_s": 16,
         "quant_bits": 4,
-        "key_sketch": 0,
+        "key_sketch": 1,
+        "speculative_fetch": 1,
     }
 
 
