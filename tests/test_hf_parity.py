@@ -74,7 +74,7 @@ def write_hf_dir(engine: Engine, directory: str) -> None:
     half = len(names) // 2
     for i, part in enumerate((names[:half], names[half:])):
         save_file(
-            {k: tensors[k].contiguous() for k in part},
+            {k: tensors[k][:].contiguous() for k in part},
             os.path.join(directory, f"model-{i + 1:05d}-of-00002.safetensors"),
         )
     with open(os.path.join(directory, "config.json"), "w") as f:

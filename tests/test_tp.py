@@ -194,3 +194,19 @@ def test_serve_tp2_answers_and_sigterm_ends_every_rank():
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_rank_dequantizes_only_its_slice_of_a_gguf_weight():
+    """The embedded GGUF's tensors (Q4_1, Q8_0, F32): each rank's slice read from the packed data equals that
+    slice of the whole dequantized weight, q/k rows un-permuted per head."""
+    from tailorkv.models.loader import resolve
+
+    loaded = resolve(None, torch.device("cpu"))
+    cfg, seen = loaded.config, set()
+    for name, w in loaded.tensors:
+        if "layers.1." in name or "layers." not in name:  # one layer's kinds, and the model's own
+            whole = w[:]
+            for rank in range(3):
+                assert torch.equal(shard(name, w, cfg, rank, 3), shard(name, whole, cfg, rank, 3))
+            seen.add(w.tensor.tensor_type.name)
+    assert {"Q4_1", "Q8_0", "F32"} <= seen

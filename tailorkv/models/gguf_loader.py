@@ -1,7 +1,8 @@
 """GGUF files (llama architecture) through the `gguf` package: config, dequantized weights, tokenizer vocabulary.
 
 GGUF stores W_q and W_k rows permuted for the interleaved-pair RoPE; we un-permute them to the HF rotate-half layout
-that `rope.Rotary` implements.
+that `rope.Rotary` implements. Weights are dequantized when indexed (GGUFTensor), so a tensor-parallel rank
+dequantizes only its slice.
 """
 
 from __future__ import annotations
@@ -48,10 +49,38 @@ def _field(reader, name, default=None):
     return bytes(v).decode("utf-8") if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
 
 
-def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """GGUF (interleaved pairs) -> HF rotate-half row order for a q/k projection weight or bias."""
-    d = w.shape[0] // num_heads // 2
-    return w.reshape(num_heads, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
+    """GGUF (interleaved pairs) -> HF rotate-half row order for whole heads' rows of a q/k projection weight or
+    bias (each head's rows are permuted among themselves)."""
+    heads = w.shape[0] // head_dim
+    return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFTensor:
+    """One weight of the file in HF layout [out, in], read and dequantized when indexed (as a safetensors slice
+    is): rows, and columns on quantization-block bounds, are cut from the packed data first. `head_dim`: the rows
+    are a q/k projection's, un-permuted per head (a row slice must hold whole heads)."""
+
+    def __init__(self, tensor, head_dim: int | None = None):
+        self.tensor, self.head_dim = tensor, head_dim
+
+    def get_shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensor.shape))
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows, *rest = index if isinstance(index, tuple) else (index,)
+        cols = rest[0] if rest else slice(None)
+        t = self.tensor
+        data = t.data[rows]
+        if data.dtype == np.uint8 and data.ndim == 2 and cols != slice(None):  # packed blocks
+            block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+            start, stop, step = cols.indices(self.get_shape()[-1])
+            if step == 1 and start % block == 0 and stop % block == 0:
+                data, cols = data[:, start // block * size : stop // block * size], slice(None)
+        w = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)  # its own memory
+        if self.head_dim:
+            w = unpermute_rows(w, self.head_dim)
+        return torch.from_numpy(np.ascontiguousarray(w[..., cols]))
 
 
 def load_gguf(path: str) -> LoadedWeights:
@@ -135,16 +164,9 @@ def _parse(path: str, size: int, mtime_ns: int) -> tuple:
 
 def _tensors(reader, cfg: ModelConfig):
     for t in reader.tensors:
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         if t.name in _TOP:
-            yield _TOP[t.name], torch.from_numpy(w)
+            yield _TOP[t.name], GGUFTensor(t)
             continue
         _, i, kind, suffix = t.name.split(".")
-        if kind == "attn_q":
-            w = unpermute_rows(w, cfg.num_heads)
-        elif kind == "attn_k":
-            w = unpermute_rows(w, cfg.num_kv_heads)
-        yield (
-            f"model.layers.{i}.{_SUB[kind]}.{suffix}",
-            torch.from_numpy(np.ascontiguousarray(w)),
-        )
+        head_dim = cfg.head_dim if kind in ("attn_q", "attn_k") else None
+        yield f"model.layers.{i}.{_SUB[kind]}.{suffix}", GGUFTensor(t, head_dim)
