@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.accuracy_stats import chance_score, summary, summary_table
-from benchmarks.policy_spec import add_tp_argument, engine_options, identity, label
+from benchmarks.policy_spec import add_tp_argument, identity, label, spec_engine
 from benchmarks.report import accuracy_table
 from benchmarks.rows import run_info, write_rows
 from benchmarks.ruler_tasks import TASKS, generate, score
@@ -34,21 +34,17 @@ from tailorkv.essays import load_essays
 
 
 def engine_for(spec: str, args) -> Engine:
-    name, opts = engine_options(spec)
-    if name == "tailor" and args.host_on_device:
-        opts["host_on_device"] = True
-    return Engine(
-        model=args.model,
-        kv_policy=name,
-        device=args.device,
-        dtype=args.dtype,
-        progress=False,
+    host = (
+        {"host_on_device": True} if args.host_on_device and spec.split(":")[0] == "tailor" else {}
+    )
+    return spec_engine(
+        spec,
+        args,
         max_running_requests=args.batch,
         host_kv_gib=args.host_kv_gib,
         chunked_prefill_size=args.chunk,
         kv_cache_gib=args.kv_cache_gib,
-        tp_size=args.tp_size,
-        **opts,
+        **host,
     )
 
 

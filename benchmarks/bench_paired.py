@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from benchmarks.policy_spec import add_tp_argument, engine_options, identity
+from benchmarks.policy_spec import add_tp_argument, identity, spec_engine
 from benchmarks.rows import run_info, write_rows
 from tailorkv import Engine
 from tailorkv.essays import load_essays
@@ -65,19 +65,13 @@ def paired(base: list, other: list, top: int) -> dict:
 
 def measure(spec: str, args) -> tuple[list, int]:
     """forced_top_logprobs of one policy spec on the essay windows, and how many windows there were."""
-    name, options = engine_options(spec)
-    with Engine(
-        model=args.model,
-        kv_policy=name,
-        device=args.device,
-        dtype=args.dtype,
-        progress=False,
+    with spec_engine(
+        spec,
+        args,
         chunked_prefill_size=args.chunk,
         host_kv_gib=args.host_kv_gib,
         kv_cache_gib=args.kv_cache_gib,
         max_running_requests=args.samples,
-        tp_size=args.tp_size,
-        **options,
     ) as engine:
         w = args.prompt_tokens + args.forced_tokens
         ids = engine.tokenizer.encode(load_essays()[: w * 6 * args.samples])

@@ -25,6 +25,23 @@ def engine_options(spec: str) -> tuple[str, dict]:
     return name, {**options, **({"tailor_preset": preset} if preset else {})}
 
 
+def spec_engine(spec: str, args, **settings):
+    """An Engine of a spec with a benchmark's common flags (--model, --device, --dtype, --tp) and `settings`."""
+    from tailorkv import Engine
+
+    name, options = engine_options(spec)
+    return Engine(
+        model=args.model,
+        kv_policy=name,
+        device=args.device,
+        dtype=args.dtype,
+        progress=False,
+        tp_size=args.tp_size,
+        **settings,
+        **options,
+    )
+
+
 def identity(spec: str) -> dict:
     """The policy fields of a result row (options only when the spec has some)."""
     name, preset, options = parse_policy(spec)
