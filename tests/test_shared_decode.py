@@ -1,5 +1,5 @@
 """`full`'s decode rows that share a document's pages (the prefix cache gave them the same blocks) read them once per
-group (SharedPrefixDecode, cascade attention): which rows group, and greedy tokens equal to an engine that shares
+group (SharedPrefixDecode, cascade attention): which rows group, and the logprobs of an engine that shares
 nothing."""
 
 import torch
@@ -26,10 +26,12 @@ def test_rows_group_by_the_pages_they_begin_with():
     assert MIN_SHARED_PAGES == 32
 
 
-def test_users_of_one_document_decode_the_tokens_of_rows_that_read_their_own_pages(monkeypatch):
-    """A 540-token document (34 pages of 16) read by one request, then three questions after it decoding together:
-    they share its pages and decode through SharedPrefixDecode (every decode step of the three); the same batch
-    again with grouping turned off reads each row's pages apart. float32, greedy: the same tokens."""
+def test_users_of_one_document_decode_the_logprobs_of_rows_that_read_their_own_pages(monkeypatch):
+    """A 540-token document (34 pages of 16) read by one request, then three questions after it, each continued by
+    8 teacher-forced tokens, decoding together: they share its pages and decode through SharedPrefixDecode (every
+    decode step of the three); the same batch again with grouping turned off reads each row's pages apart.
+    float32: the forced tokens' logprobs to 1e-4 (greedy tokens of dummy:tiny stayed equal with a page of the
+    document left unread)."""
     from tailorkv.kvcache import full
 
     planned = []
@@ -40,15 +42,15 @@ def test_users_of_one_document_decode_the_tokens_of_rows_that_read_their_own_pag
         lambda self, d, b: planned.append(plan(self, d, b)) or planned[-1],
     )
     g = torch.Generator().manual_seed(0)
-    doc = torch.randint(100, 40000, (540,), generator=g).tolist()
-    prompts = [doc + torch.randint(100, 40000, (n,), generator=g).tolist() for n in (5, 21, 40)]
-    sp = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    words = lambda n: torch.randint(100, 40000, (n,), generator=g).tolist()  # noqa: E731
+    doc = words(540)
+    prompts, forced = [doc + words(n) for n in (5, 21, 40)], [words(8) for _ in range(3)]
     with Engine(model="dummy:tiny", progress=False, kv_cache_gib=0.05) as e:
-        e.generate(input_ids=doc + [7, 8, 9], sampling_params=sp)
+        e.generate(input_ids=doc + [7, 8, 9], sampling_params={"max_new_tokens": 1})
         planned.clear()
-        grouped = e.generate(input_ids=prompts, sampling_params=sp)
-        assert [r["meta_info"]["cached_tokens"] for r in grouped] == [528] * 3
+        grouped = [r.output_logprobs for r in e.forced(prompts, forced)]
         assert planned.count(True) >= 7, planned  # every step with the three decoding
         monkeypatch.setattr(full, "shared_groups", lambda tables, counts: [])
-        apart = e.generate(input_ids=prompts, sampling_params=sp)
-    assert [r["output_ids"] for r in grouped] == [r["output_ids"] for r in apart]
+        apart = [r.output_logprobs for r in e.forced(prompts, forced)]
+    assert [len(x) for x in grouped] == [8] * 3
+    assert max(abs(a - b) for x, y in zip(grouped, apart) for a, b in zip(x, y)) < 1e-4
