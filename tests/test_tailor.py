@@ -109,16 +109,18 @@ def test_key_sketch_replaces_the_channel_copy(prompt):
 
 @pytest.mark.parametrize("speculative_fetch", [0, 1])
 def test_tailor_batch_equals_alone(prompt, speculative_fetch):
-    prompts = [prompt, prompt[:700], prompt[200:1300]]
-    sp = {**GREEDY, "max_new_tokens": 12}
+    """Rows of a batch each select and fetch their own rows: the forced logprobs of each prompt alone."""
     with Engine(
         **TINY_TAILOR,
         tailor_preset="longbench",
         speculative_fetch=speculative_fetch,
         progress=False,
     ) as e:
-        alone = [e.generate(p, sampling_params=sp)["output_ids"] for p in prompts]
-        assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == alone
+        ids = [e.tokenizer.encode(p) for p in (prompt, prompt[:700], prompt[200:1300])]
+        prompts, forced = [x[:-12] for x in ids], [x[-12:] for x in ids]
+        alone = [e.forced([p], [f])[0].output_logprobs for p, f in zip(prompts, forced)]
+        for got, want in zip((r.output_logprobs for r in e.forced(prompts, forced)), alone):
+            assert_close_logprobs(got, want)
         assert (
             not e.memory.held
             and e.memory.usage()["host"]["free_pages"] == e.memory.usage()["host"]["total_pages"]
