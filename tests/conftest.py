@@ -59,6 +59,19 @@ class LiveServer:
             time.sleep(0.1)
 
 
+def forced_logprobs(engine, prompt: str, n: int = 24) -> list[float]:
+    """The logprobs of the prompt's last n tokens, each teacher-forced one decode step at a time."""
+    ids = engine.tokenizer.encode(prompt)
+    return engine.forced([ids[:-n]], [ids[-n:]])[0].output_logprobs
+
+
+def assert_close_logprobs(got: list[float], want: list[float]) -> None:
+    """Exact attention in another summation order (float32): the same logprobs to 1e-4. Where the math is exact
+    this is the check; greedy tokens of dummy:tiny stay the same under real bugs (a layer attending to another
+    layer's rows, a batch row to another row's, a page of a shared document left unread)."""
+    assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

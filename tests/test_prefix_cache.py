@@ -2,6 +2,7 @@
 prefix pages equal to those computed from scratch, for every policy that shares (on dummy:tiny)."""
 
 import pytest
+from conftest import assert_close_logprobs, forced_logprobs
 
 from tailorkv import Engine
 from tailorkv.engine.sampling import SamplingParams
@@ -241,6 +242,8 @@ def test_shared_document_then_other_questions(cold, warm, texts):
     got = [warm.generate(input_ids=ids, sampling_params=GREEDY) for ids in (first, second)]
     assert [g["output_ids"] for g in got] == want
     assert got[1]["meta_info"]["cached_tokens"] == expected_hit(first, second) >= 256
+    # the exact check: the third question's forced tokens after the document read from the cache
+    assert_close_logprobs(forced_logprobs(warm, texts[3]), forced_logprobs(cold, texts[3]))
     assert all_free(warm)
 
 
@@ -338,6 +341,7 @@ def test_tailor_shares_a_document_exactly(chat, key_sketch):
     options = dict(TINY_TAILOR, key_sketch=key_sketch)
     with Engine(**options, enable_prefix_caching=False) as e:
         want = [e.generate(p, sampling_params=sp)["output_ids"] for p in chat]
+        want_logprobs = forced_logprobs(e, chat[1])
     with Engine(**options) as e:
         got = [e.generate(p, sampling_params=sp) for p in chat]
         # in bf16 on the GPU the two-part attention after a shared prefix (merged by log-sum-exp) is not bitwise
@@ -354,6 +358,10 @@ def test_tailor_shares_a_document_exactly(chat, key_sketch):
             got[0]["meta_info"]["cached_tokens"] == 0
             and got[1]["meta_info"]["cached_tokens"] == common
         )
+        if (
+            e.device.type == "cpu"
+        ):  # float32: the exact check, its document read back from the host tier
+            assert_close_logprobs(forced_logprobs(e, chat[1]), want_logprobs)
         assert all_free(e)
 
 

@@ -4,6 +4,7 @@ model, bookkeeping of the quantized cache across the residual boundary, bad conf
 
 import pytest
 import torch
+from conftest import assert_close_logprobs, forced_logprobs
 
 from tailorkv import Engine
 from tailorkv.engine.sampling import SamplingParams
@@ -34,18 +35,6 @@ def full_tokens(prompt):
     """The embedded model's first 8 greedy tokens with full attention."""
     with Engine(progress=False) as e:
         return e.generate(prompt, sampling_params={**GREEDY, "max_new_tokens": 8})["output_ids"]
-
-
-def forced_logprobs(engine: Engine, prompt: str, n: int = 24) -> list[float]:
-    """The logprobs of the prompt's last n tokens, each teacher-forced one decode step at a time."""
-    ids = engine.tokenizer.encode(prompt)
-    return engine.forced([ids[:-n]], [ids[-n:]])[0].output_logprobs
-
-
-def assert_close_logprobs(got: list[float], want: list[float]) -> None:
-    """Exact attention in another summation order (float32): the same logprobs to 1e-4. Greedy tokens of
-    dummy:tiny would not do: they stay the same even when a layer attends to another layer's fetched rows."""
-    assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-4
 
 
 @pytest.fixture(scope="module")
