@@ -4,6 +4,7 @@ answer on the GPU."""
 
 import pytest
 import torch
+from conftest import assert_close_logprobs
 
 from tailorkv import Engine
 from tailorkv.kernels.attention import grouped_attention
@@ -109,12 +110,14 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
     a padded bucket may round differently from one over the real rows (tailor is float32 only: its captured shapes
     pad pages and generated tokens, which changes the summation order, and bf16 rounding can flip near-ties of the
     random weights). Prompts are chunked at 256 tokens, so steps of decode rows and prompt chunks replay the decode
-    rows' graph beside an eager pass of the chunks."""
+    rows' graph beside an eager pass of the chunks. float32 also compares teacher-forced logprobs to 1e-4: greedy
+    tokens of random weights stay the same under real bugs (tests/conftest.py, assert_close_logprobs)."""
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1000, 517, 64, 300)]
     lengths = (70, 24, 33, 8) if dtype == "float32" else (70,) * 4
+    forced = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lengths]
     sps = [{**GREEDY, "max_new_tokens": n} for n in lengths]
-    outs = []
+    outs, logprobs = [], []
     for graph in (False, True):
         with Engine(
             "dummy:smollm2-135m",
@@ -130,8 +133,12 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
             outs.append(
                 [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sps)]
             )
+            if dtype == "float32":
+                logprobs.append([r.output_logprobs for r in e.forced(prompts, forced)])
             assert bool(e.runner.graphs and e.runner.graphs.shapes) == graph
     assert outs[1] == outs[0]
+    for got, want in zip(*logprobs) if logprobs else ():
+        assert_close_logprobs(got, want)
 
 
 def test_host_tier_is_registered_exactly():
