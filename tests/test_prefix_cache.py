@@ -279,10 +279,15 @@ def test_baselines_share_prefixes_exactly(policy, texts):
             r["output_ids"]
             for r in (e.generate(p, sampling_params=GREEDY) for p in (first, second))
         ]
+        want_logprobs = forced_logprobs(e, texts[2])
     with Engine(**options) as e:
         got = [e.generate(p, sampling_params=GREEDY) for p in (first, second)]
         assert [g["output_ids"] for g in got] == want
-        assert got[1]["meta_info"]["cached_tokens"] > 256 and all_free(e)
+        assert got[1]["meta_info"]["cached_tokens"] > 256
+        assert_close_logprobs(
+            forced_logprobs(e, texts[2]), want_logprobs
+        )  # the document from the cache
+        assert all_free(e)
 
 
 def test_lru_eviction_under_a_small_budget(cold):
