@@ -1,7 +1,8 @@
 """The top-k of a decode step's token scores ([rows, KV heads, context] float32, what select_tokens ranks per S
 layer) by torch.topk, against an exact two-stage top-k: the top k of each chunk of the context, then the top k of
 those. torch.topk over a few long rows runs multi-pass radix selection (about 1.5 ms of tailor's 128k batch-1
-step in an H200 profile); the first stage is many short rows. A measurement to take before selection changes.
+step in an H200 profile); the first stage is many short rows. The engine takes the second with tailor's
+`topk_chunk` option (kvcache/selection.py two_stage_topk).
 
     python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 192,1024
 
@@ -18,20 +19,7 @@ import time
 import torch
 
 from benchmarks.rows import run_info, write_rows
-
-
-def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores, k, -1)'s values (sorted, largest first) and indices, by way of the top k of each chunk of
-    the last dim: every element of the top k is among its chunk's top k (ties may pick other indices)."""
-    *lead, n = scores.shape
-    if k >= chunk or n <= chunk:
-        return scores.topk(k, dim=-1)
-    chunks = -(-n // chunk)
-    padded = torch.nn.functional.pad(scores, (0, chunks * chunk - n), value=float("-inf"))
-    values, idx = padded.view(*lead, chunks, chunk).topk(k, dim=-1)
-    idx = idx + torch.arange(chunks, device=scores.device)[:, None] * chunk
-    top, pick = values.flatten(-2).topk(k, dim=-1)
-    return top, idx.flatten(-2).gather(-1, pick)
+from tailorkv.kvcache.selection import two_stage_topk
 
 
 def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:

@@ -23,6 +23,7 @@ POLICY_ARGS = {
     "tailor_quant_bits": "quant_bits",
     "host_kv_dtype": "host_kv_dtype",
     "speculative_fetch": "speculative_fetch",
+    "tailor_topk_chunk": "topk_chunk",
 }
 TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     (
@@ -33,6 +34,10 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     ("--tailor-recent", "last prompt tokens an S layer always attends to"),
     ("--tailor-d-s", "key channels per KV head that token selection scores on"),
     ("--tailor-quant-bits", "bits of the Q layers' KV cache: 1, 2 or 4"),
+    (
+        "--tailor-topk-chunk",
+        "stage 2's top-k over chunks of N positions first, then of those (0: one top-k)",
+    ),
 )
 
 

@@ -1,5 +1,6 @@
-"""bench_topk's two-stage top-k equals torch.topk (values exactly; indices where values are distinct) at sizes off
-the chunk, k larger and smaller than a chunk, -inf padding included; the script writes its rows on CPU."""
+"""The two-stage top-k (kvcache/selection.py) equals torch.topk (values exactly; indices where values are distinct)
+at sizes off the chunk, k larger and smaller than a chunk, -inf padding included, every index inside the row; the
+script writes its rows on CPU."""
 
 import json
 
@@ -7,15 +8,17 @@ import pytest
 import torch
 
 from benchmarks import bench_topk
+from tailorkv.kvcache.selection import two_stage_topk
 
 
 @pytest.mark.parametrize(
-    "n,k,chunk", [(1000, 7, 64), (4097, 192, 256), (300, 100, 64), (50, 10, 64)]
+    "n,k,chunk", [(1000, 7, 64), (4097, 192, 256), (300, 100, 64), (50, 10, 64), (1000, 60, 64)]
 )
 def test_two_stage_topk_equals_torch_topk(n, k, chunk):
     scores = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(n))
     scores[0, 1, : n // 2] = float("-inf")  # masked positions, as select_tokens leaves them
-    got, expect = bench_topk.two_stage_topk(scores, k, chunk), scores.topk(k, dim=-1)
+    scores[1, 2, 30:] = float("-inf")  # fewer finite scores than k: -inf picks, padding among them
+    got, expect = two_stage_topk(scores, k, chunk), scores.topk(k, dim=-1)
     assert torch.equal(got[0], expect.values)
     finite = expect.values > float("-inf")
     assert torch.equal(got[1][finite], expect.indices[finite])

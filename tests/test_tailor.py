@@ -76,6 +76,16 @@ def test_speculative_fetch_under_a_covering_budget_attends_what_the_real_query_a
     assert_close_logprobs(*logprobs)
 
 
+def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
+    """topk_chunk=64 (a chunk below the top_k's context, above k): the same tokens chosen, so the same forced
+    logprobs (float32; ties aside, which random scores do not have)."""
+    logprobs = []
+    for chunk in (0, 64):
+        with Engine(**TINY_TAILOR, top_k=24, topk_chunk=chunk, progress=False) as e:
+            logprobs.append(forced_logprobs(e, prompt))
+    assert_close_logprobs(*logprobs)
+
+
 def test_key_sketch_replaces_the_channel_copy(prompt):
     """With the sketch the host tier keeps token rows only (K and V of every layer: 2 rows, where the faithful path
     adds a channel-major K of each S layer), the GPU tier the sketch pages; a batch scores as each prompt alone
@@ -299,6 +309,7 @@ def test_quant_store_append_twice_is_append_once():
         ({"d_s": 65}, "d_s"),
         ({"key_sketch": 3}, "key_sketch"),
         ({"speculative_fetch": 2}, "speculative_fetch"),
+        ({"topk_chunk": -1}, "topk_chunk"),
         ({"speculative_fetch": 1, "key_sketch": 0}, "needs a key sketch"),
         ({"d_s": 0}, "d_s"),
         ({"top_k": -1}, "top_k"),

@@ -32,6 +32,22 @@ def score_tokens(q: torch.Tensor, k_channels: torch.Tensor, channels: torch.Tens
     return torch.einsum("...hc,...hcl->...hl", query_channels(q, channels), k_channels.float())
 
 
+def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k, -1)'s values (sorted, largest first) and indices by way of the top k of each `chunk`
+    positions of the last dim (many short rows instead of radix passes over a few long ones): every element of the
+    top k is among its chunk's top k. Ties may pick other indices; every index lies inside the last dim. chunk 0,
+    k >= chunk or a dim of at most one chunk: torch.topk itself."""
+    *lead, n = scores.shape
+    if not chunk or k >= chunk or n <= chunk:
+        return scores.topk(k, dim=-1)
+    chunks = -(-n // chunk)
+    padded = torch.nn.functional.pad(scores, (0, chunks * chunk - n), value=float("-inf"))
+    values, idx = padded.view(*lead, chunks, chunk).topk(k, dim=-1)
+    idx = idx + torch.arange(chunks, device=scores.device)[:, None] * chunk
+    top, pick = values.flatten(-2).topk(k, dim=-1)
+    return top, idx.flatten(-2).gather(-1, pick).clamp_(max=n - 1)  # padding, picked only at -inf
+
+
 def outside_masked(scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """scores [..., Hkv, L] with positions outside [begin, end) (0-d, or [...] per sequence) at -inf."""
     pos = torch.arange(scores.shape[-1], device=scores.device)
@@ -64,15 +80,22 @@ class Selection:
         return self.channel_scores(q_hat, max_abs_k).topk(d_s, dim=-1).indices
 
     def select_tokens(
-        self, scores: torch.Tensor, begin, end, k: int, k_rows: torch.Tensor | None = None
+        self,
+        scores: torch.Tensor,
+        begin,
+        end,
+        k: int,
+        k_rows: torch.Tensor | None = None,
+        chunk: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
         than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
-        sequence's top k_rows."""
+        sequence's top k_rows. `chunk`: by two_stage_topk over chunks of that many positions (0: torch.topk)."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
-        top = self.outside_masked(scores, begin, end).topk(min(k, scores.shape[-1]), dim=-1)
-        return top.indices, self.valid_ranks(top.values, k_rows)
+        masked = self.outside_masked(scores, begin, end)
+        values, indices = two_stage_topk(masked, min(k, scores.shape[-1]), chunk)
+        return indices, self.valid_ranks(values, k_rows)
 
 
 EAGER = Selection()

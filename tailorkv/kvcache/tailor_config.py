@@ -15,6 +15,9 @@
 - speculative_fetch (beyond the paper; needs a key sketch): 1 = S layer l+1's two stages and top-k fetch run at
   layer l's input with the query predicted from it (as the paper's stage 1 predicts), on a side stream while layer
   l computes; attention still uses the real query over the rows so chosen. 0 (default): chosen with the real query.
+- topk_chunk (beyond the paper): 0 = stage 2's top-k is torch.topk over each row's whole context; N = the top k of
+  every N positions first, then of those (selection.two_stage_topk): the same tokens (ties aside), in many short
+  rows instead of radix passes over a few long ones, for whichever measures faster (benchmarks/bench_topk.py).
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
@@ -54,6 +57,7 @@ class TailorConfig:
     d_s: int = 8
     key_sketch: int = 2
     speculative_fetch: int = 0
+    topk_chunk: int = 0
     host_kv_dtype: str = "auto"
 
     @property
@@ -96,6 +100,8 @@ class TailorConfig:
             raise ConfigError(f"speculative_fetch must be 0 or 1, got {self.speculative_fetch!r}")
         if self.speculative_fetch and not self.key_sketch:
             raise ConfigError("speculative_fetch needs a key sketch (key_sketch 1 or 2)")
+        if not isinstance(self.topk_chunk, int) or self.topk_chunk < 0:
+            raise ConfigError(f"topk_chunk must be an integer >= 0, got {self.topk_chunk!r}")
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ConfigError(
                 f"host_kv_dtype must be one of {', '.join(HOST_KV_DTYPES)}, got {self.host_kv_dtype!r}"
