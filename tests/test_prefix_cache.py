@@ -253,6 +253,11 @@ def test_batch_sharing_a_prefix(cold, warm):
     )  # submitted together, before any of them computed the prefix
     want = [r["output_ids"] for r in cold.generate(prompts, sampling_params=GREEDY)]
     assert [r["output_ids"] for r in warm.generate(prompts, sampling_params=GREEDY)] == want
+    # the exact check, as teacher-forced logprobs: questions on a document not seen yet, submitted together
+    ids = [warm.tokenizer.encode(p) for p in questions(load_essays()[4000:5300])]
+    runs = [e.forced([x[:-12] for x in ids], [x[-12:] for x in ids]) for e in (cold, warm)]
+    for want_req, got_req in zip(*runs):
+        assert_close_logprobs(got_req.output_logprobs, want_req.output_logprobs)
     assert all_free(warm)
 
 
