@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from conftest import assert_close_logprobs, forced_logprobs
 
 from tailorkv import Engine, SamplingParams
 from tailorkv.errors import InvalidRequestError
@@ -44,6 +45,10 @@ def test_batch_equals_each_prompt_alone(tiny):
     alone = [tiny.generate(p, sampling_params=GREEDY)["output_ids"] for p in PROMPTS]
     together = tiny.generate(PROMPTS, sampling_params=GREEDY)
     assert [r["output_ids"] for r in together] == alone
+    ids = [tiny.tokenizer.encode(p) for p in PROMPTS]  # the exact check: teacher-forced logprobs
+    batch = tiny.forced([x[:-2] for x in ids], [x[-2:] for x in ids])
+    for x, r in zip(ids, batch):
+        assert_close_logprobs(r.output_logprobs, tiny.forced([x[:-2]], [x[-2:]])[0].output_logprobs)
     assert len({len(tiny.tokenize(p, None)) for p in PROMPTS}) == len(
         PROMPTS
     )  # really different lengths
@@ -53,6 +58,10 @@ def test_chunked_prefill_equals_whole_prefill(tiny):
     whole = tiny.generate(PROMPTS[3], sampling_params=GREEDY)["output_ids"]
     with Engine(model="dummy:tiny", progress=False, chunked_prefill_size=5) as small:
         assert small.generate(PROMPTS[3], sampling_params=GREEDY)["output_ids"] == whole
+        # the exact check (greedy tokens of random weights hardly depend on attention)
+        assert_close_logprobs(
+            forced_logprobs(small, PROMPTS[3], 8), forced_logprobs(tiny, PROMPTS[3], 8)
+        )
 
 
 def test_pages_return_to_the_pool(engine):
