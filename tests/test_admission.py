@@ -4,6 +4,8 @@ greedy tokens, and a request that does not fit is passed by small ones at most `
 
 from __future__ import annotations
 
+from conftest import assert_close_logprobs
+
 from tailorkv.engine.engine import Engine
 from tailorkv.engine.request import RequestOptions
 from tailorkv.engine.sampling import SamplingParams
@@ -80,13 +82,16 @@ def test_a_small_request_passes_one_that_does_not_fit_at_most_max_passes_times()
 
 def test_retracted_requests_finish_with_the_tokens_they_would_have_had():
     """Four greedy requests whose answers outgrow a 16-page pool (16 answer tokens reserved at a time): some are
-    retracted and computed again; every one ends with the tokens of a run with room for all."""
+    retracted and computed again; every one ends with the tokens, and the logprobs (to 1e-4), of a run with room for
+    all."""
     prompts = [[1 + i, 40 + 3 * i, 900 + i] * 7 for i in range(4)]  # 21 tokens each
     params = {"max_new_tokens": 60, "temperature": 0, "ignore_eos": True}
     with Engine(model="dummy:tiny", progress=False, kv_cache_gib=64 * PAGE_BYTES / 2**30) as roomy:
-        expected = [
-            o["output_ids"] for o in roomy.generate(input_ids=prompts, sampling_params=params)
-        ]
+        sp = SamplingParams.from_any(params)
+        want = [roomy.add_request(p, sp, RequestOptions(0, logprob_start=0)) for p in prompts]
+        while not all(r.finished for r in want):
+            roomy.step()
+        expected = [r.output_ids for r in want]
     tight = Engine(
         model="dummy:tiny",
         progress=False,
@@ -102,6 +107,8 @@ def test_retracted_requests_finish_with_the_tokens_they_would_have_had():
             tight.step()
         assert tight.scheduler.num_retracted >= 2
         assert [r.output_ids for r in reqs] == expected
+        for r, w in zip(reqs, want):
+            assert_close_logprobs(r.output_logprobs, w.output_logprobs)
         # a retracted request's prompt is prefilled again, but its prompt logprobs are not scored twice
         assert [len(r.input_logprobs) for r in reqs] == [len(p) for p in prompts]
         assert all(len(r.output_logprobs) == 60 for r in reqs)
