@@ -391,7 +391,7 @@ def record_steps(e: Engine) -> list[list[tuple[int, int, int]]]:
 @pytest.mark.parametrize("options, chunk, tokens", CHUNKED)
 def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tokens):
     """Two prompts (~320, ~190 tokens) prefilled in chunks, both chunking in one step and the first decoding in the
-    steps that prefill the second, give whole-prompt prefill's greedy tokens."""
+    steps that prefill the second, give whole-prompt prefill's greedy tokens and teacher-forced logprobs."""
     prompts, sp = [prompt, prompt[:850]], {**GREEDY, "max_new_tokens": tokens}
     with Engine(**SMALL, **options, enable_prefix_caching=False) as e:
         lens = {i: len(e.tokenize(p, None)) for i, p in enumerate(prompts)}
@@ -408,6 +408,15 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
         assert max(n for rows in prefill for _, n in rows) <= chunk
         assert any(len(rows) == 2 for rows in prefill)  # both chunking in one step
         assert any(rows and len(rows) < len(step) for rows, step in zip(prefill, steps))
+        # the exact check: the same prompts' last 8 tokens teacher-forced, whole against chunked
+        ids = [e.tokenizer.encode(p) for p in prompts]
+        logprobs = []
+        for size in (4096, chunk):
+            e.scheduler.chunk_tokens = size
+            reqs = e.forced([x[:-8] for x in ids], [x[-8:] for x in ids])
+            logprobs.append([r.output_logprobs for r in reqs])
+        for got, want in zip(logprobs[1], logprobs[0]):
+            assert_close_logprobs(got, want)
         assert not e.memory.held and not e.policy.s_state and not e.policy.q_state
 
 
