@@ -65,25 +65,29 @@ def test_tailor_with_covering_budget_equals_full(prompt, tiny_full_logprobs, opt
         assert_close_logprobs(forced_logprobs(e, prompt), tiny_full_logprobs)
 
 
+def tiny_tailor_logprobs(prompt: str, **options) -> list[float]:
+    """forced_logprobs of a fresh tailor engine on dummy:tiny with these options."""
+    with Engine(**TINY_TAILOR, progress=False, **options) as e:
+        return forced_logprobs(e, prompt)
+
+
 def test_speculative_fetch_under_a_covering_budget_attends_what_the_real_query_attends(prompt):
     """speculative_fetch picks and fetches S layer l+1's rows with the query predicted at layer l; a covering budget
     makes that the same set the real query picks, so the forced tokens' logprobs equal the usual path's (float32:
     rows fetched in another order are summed in another order)."""
-    logprobs = []
-    for speculative in (0, 1):
-        with Engine(**TINY_TAILOR, top_k=4096, speculative_fetch=speculative, progress=False) as e:
-            logprobs.append(forced_logprobs(e, prompt))
-    assert_close_logprobs(*logprobs)
+    assert_close_logprobs(
+        tiny_tailor_logprobs(prompt, top_k=4096, speculative_fetch=1),
+        tiny_tailor_logprobs(prompt, top_k=4096),
+    )
 
 
 def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
     """topk_chunk=64 (a chunk below the top_k's context, above k): the same tokens chosen, so the same forced
     logprobs (float32; ties aside, which random scores do not have)."""
-    logprobs = []
-    for chunk in (0, 64):
-        with Engine(**TINY_TAILOR, top_k=24, topk_chunk=chunk, progress=False) as e:
-            logprobs.append(forced_logprobs(e, prompt))
-    assert_close_logprobs(*logprobs)
+    assert_close_logprobs(
+        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=64),
+        tiny_tailor_logprobs(prompt, top_k=24),
+    )
 
 
 def test_key_sketch_replaces_the_channel_copy(prompt):
