@@ -33,17 +33,18 @@ def sketch_scores(
     pages: torch.Tensor,
     bits: int,
 ) -> torch.Tensor:
-    b, n = pages.shape
-    _, h, w, d = packed.shape
-    t = w * codes_per_word(bits)
+    (b, n), h = pages.shape, packed.shape[1]
+    t, c = packed.shape[2] * codes_per_word(bits), channels.shape[-1]
     pg = pages.clamp(min=0)
-    qk = QuantizedKeys(
-        packed[pg].reshape(-1, w, d),
-        scale[pg].reshape(-1, t // GROUP, d),
-        zero[pg].reshape(-1, t // GROUP, d),
-    )
-    keys = dequantize_keys(qk, bits, GROUP, t).view(b, n, h, t, d)
-    keys = keys.gather(-1, channels[:, None, :, None, :].expand(b, n, h, t, channels.shape[-1]))
+    # the chosen channels first, then only those dequantized (C of D: what the Triton kernel unpacks too)
+    at = channels[:, None, :, None, :]
+
+    def chosen(x: torch.Tensor) -> torch.Tensor:
+        rows = x[pg]
+        return rows.gather(-1, at.expand(*rows.shape[:-1], c)).reshape(-1, rows.shape[-2], c)
+
+    qk = QuantizedKeys(chosen(packed), chosen(scale), chosen(zero))
+    keys = dequantize_keys(qk, bits, GROUP, t).view(b, n, h, t, c)
     scores = torch.einsum("bhc,bnhtc->bhnt", qc.float(), keys) * (pages >= 0)[:, None, :, None]
     return scores.reshape(b, h, n * t)
 
