@@ -192,6 +192,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="fuse the norms, SwiGLU's gate and RoPE with torch.compile (the first steps of each shape compile)",
     )
+    p.add_argument(
+        "--enable-overlap-schedule",
+        dest="overlap_schedule",
+        action="store_true",
+        default=None,
+        help="launch each decode step before the previous step's tokens reach the host, as SGLang's overlap "
+        "scheduler (one rank)",
+    )
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:

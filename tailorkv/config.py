@@ -73,6 +73,9 @@ class EngineConfig:
     # the norms, SwiGLU's gate and RoPE each fused into one kernel by torch.compile (models/elementwise.py); the first
     # steps of each shape compile (seconds)
     enable_torch_compile: bool = False
+    # launch a decode step before the previous one's tokens reach the host (engine/overlap.py); off by default until
+    # measured on the GPU; one rank only
+    overlap_schedule: bool = False
     # tensor-parallel ranks, one process and device each; --kv-cache-gib and --host-kv-gib are per rank
     tp_size: int = 1
     progress: bool = True
@@ -99,9 +102,16 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.max_passes, int) or self.max_passes < 0:
             raise ConfigError(f"max_passes must be an integer >= 0, got {self.max_passes!r}")
+        if self.overlap_schedule is True and self.tp_size > 1:
+            raise ConfigError("overlap_schedule runs on one rank only (tp_size 1)")
         if self.logprobs_mode not in ("raw", "processed"):
             raise ConfigError(f"logprobs_mode must be raw or processed, got {self.logprobs_mode!r}")
-        for name in ("enable_prefix_caching", "cuda_graph", "enable_torch_compile"):
+        for name in (
+            "enable_prefix_caching",
+            "cuda_graph",
+            "enable_torch_compile",
+            "overlap_schedule",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in (

@@ -172,6 +172,8 @@ class AsyncEngine:
             "step_cost": cost and cost.describe(),  # the fitted step-time model (None: no budget)
             "enable_prefix_caching": self.engine.memory.prefix is not None,
             "enable_torch_compile": o.enable_torch_compile,
+            "overlap_schedule": o.overlap_schedule,
+            "overlapped_steps": self.engine.step_log.overlapped_steps,
             **self.load(),
         }
 
@@ -343,7 +345,7 @@ class AsyncEngine:
         while not self._stopping:
             self._wake.clear()  # cleared before looking for work, so a request added meanwhile wakes us
             self._apply_aborts()
-            if not self.engine.scheduler.has_work:
+            if not self.engine.has_work:
                 self._wake.wait()
                 continue
             hold = self._hold()

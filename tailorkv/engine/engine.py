@@ -17,15 +17,16 @@ from ..kvcache.plans import save_plan
 from ..memory.pages import MemoryManager
 from ..models.loader import resolve
 from ..models.sharding import check_divisible
-from ..scheduler.scheduler import Scheduler, Seq
+from ..scheduler.scheduler import Scheduler, Seq, Step
 from ..scheduler.step_cost import CPU_CHUNK, CUDA_CHUNK, STEP_BUDGET_MS, StepCost
 from .calibration import Calibration, prompt_ids
 from .engine_rank import EngineRank, pick_device
 from .grammar import Grammars
 from .logits_processors import processors_for
+from .overlap import InFlight, input_ids, overlappable
 from .request import Request, RequestOptions
 from .runner import PromptScore
-from .sampling import SamplingParams, check_text, sample
+from .sampling import SamplingParams, check_text, draw_tokens, sample
 from .step_log import StepLog
 from .tokenizer import Tokenizer
 from .tp_workers import Workers, rank_device
@@ -114,6 +115,8 @@ class Engine:
         # add/abort may come from another thread than the one running step()
         self._lock = threading.Lock()
         self.step_log = StepLog()
+        self._inflight: InFlight | None = None  # the overlap schedule's launched step
+        self._landed_at = 0.0  # when the last step's tokens were handed out
         self.step_log.alloc_retries = self._allocator_retries()  # those while loading are no step's
 
     def _step_cost(self) -> StepCost | None:
@@ -212,15 +215,38 @@ class Engine:
             return self.memory.prefix.flush() if self.memory.prefix else 0
 
     # ---- the loop -------------------------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        """Requests to run, or a step in flight to land."""
+        return self.scheduler.has_work or self._inflight is not None
+
     def step(self, admit: bool = True) -> list[Request]:
-        """Run one scheduled batch; returns the requests that received a token (finished ones are retired).
-        `admit=False`: no waiting request joins in this step."""
-        began = time.perf_counter()
+        """Run one scheduled batch; returns the requests that received a token (finished ones are retired): with the
+        overlap schedule, those of the step launched before, whose tokens land now. `admit=False`: no waiting
+        request joins in this step."""
+        began, landed = time.perf_counter(), []
+        if self._inflight is not None and not self.scheduler.can_grow():
+            landed = self._land()  # a retracted request prefills all its tokens
         with self._lock:
             plan = self._schedule(admit)
-            if plan is None or not plan.seqs:
-                return []
-            reqs = [self.requests[s.rid] for s in plan.seqs]
+            reqs = [self.requests[s.rid] for s in plan.seqs] if plan else []
+        if not reqs:
+            return landed + self._land()
+        if self.options.overlap_schedule and overlappable(plan, reqs):
+            launched = self._launch(plan, reqs)
+            landed += self._land()
+            self._inflight = launched
+            return landed
+        if self._inflight is not None:
+            landed += self._land()
+            began = time.perf_counter()
+        # the rows that ended in the step landed now are left out
+        keep = [i for i, r in enumerate(reqs) if not r.finished]
+        plan.seqs, plan.new = [plan.seqs[i] for i in keep], [plan.new[i] for i in keep]
+        return landed + (self._run(plan, [reqs[i] for i in keep], began) if keep else [])
+
+    def _run(self, plan: Step, reqs: list[Request], began: float) -> list[Request]:
+        """Run the step (begun at `began`), sample and hand out its tokens."""
         chunks = [(n, s.num_computed) for s, n in zip(plan.seqs, plan.new) if s.prefilling]
         # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
         prefill = [
@@ -251,12 +277,42 @@ class Engine:
         for i, (picked, top) in scores.items():
             reqs[i].add_prompt_logprobs(picked, top)
         self.scheduler.advance(plan)
-        chosen = self._sample(logits, [reqs[i] for i in want])
+        out = self._deliver([reqs[i] for i in want], self._sample(logits, [reqs[i] for i in want]))
+        self._landed_at = time.perf_counter()
+        self._observe(chunks, prefill, len(plan.seqs) - len(prefill), self._landed_at - began)
+        return out
+
+    def _launch(self, plan: Step, reqs: list[Request]) -> InFlight:
+        """Launch a decode step whose input tokens may still be on the device (the step in flight's)."""
+        ids = input_ids(reqs, self._inflight, self.device)
+        logits, _ = self.runner.run(
+            [s.rid for s in plan.seqs],
+            [s.num_computed for s in plan.seqs],
+            plan.new,
+            [],
+            list(range(len(reqs))),
+            ids=ids,
+        )
+        self.scheduler.advance(plan)
+        return InFlight(reqs, draw_tokens(logits, reqs, self._generator))
+
+    def _land(self) -> list[Request]:
+        """The step in flight's tokens handed out (none in flight: [])."""
+        step, self._inflight = self._inflight, None
+        if step is None:
+            return []
+        out = self._deliver(step.reqs, step.chosen())
+        began, self._landed_at = max(step.launched, self._landed_at), time.perf_counter()
+        self.step_log.overlapped_steps += 1
+        self._observe([], [], len(step.reqs), self._landed_at - began)
+        return out
+
+    def _deliver(self, reqs: list[Request], chosen: list) -> list[Request]:
+        """Append each request's token (or fail it with its sampling error); retire those that end."""
         with self._lock:
             out = []
-            for i, s in zip(want, chosen):
-                req = reqs[i]
-                if req.finished:  # aborted while the step ran
+            for req, s in zip(reqs, chosen):
+                if req.finished:  # aborted while the step ran, or ended in the step before
                     continue
                 if isinstance(s, Exception):
                     req.fail(f"sampling failed: {type(s).__name__}: {s}")
@@ -265,12 +321,13 @@ class Engine:
                 out.append(req)
                 if req.finished:
                     self._retire(req)
-        seconds = time.perf_counter() - began
-        self.step_log.record(prefill, len(plan.seqs) - len(prefill), seconds)
-        if self.scheduler.cost:
-            self.scheduler.cost.observe(chunks, len(plan.seqs) - len(chunks), seconds)
-        self.step_log.allocator(self._allocator_retries())
         return out
+
+    def _observe(self, chunks: list, prefill: list, decoding: int, seconds: float) -> None:
+        self.step_log.record(prefill, decoding, seconds)
+        if self.scheduler.cost:
+            self.scheduler.cost.observe(chunks, decoding, seconds)
+        self.step_log.allocator(self._allocator_retries())
 
     def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list:
         """The step's samples; when the batch raises, each row alone, so that a row that still raises gets its
@@ -379,6 +436,7 @@ class Engine:
     def next_token_logits(self, input_ids: list[int]) -> torch.Tensor:
         """Float32 logits [vocab] after the prompt, computed through the normal paged path (admit, prefill,
         release); only for an idle engine (tests, calibration)."""
+        self._land()
         req = self.add_request(self.tokenize(None, input_ids), SamplingParams(max_new_tokens=1))
         try:
             with self._lock:

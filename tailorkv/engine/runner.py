@@ -63,12 +63,15 @@ class ModelRunner:
         tokens: list[int],
         want_logits: list[int],
         score: dict[int, PromptScore] | None = None,
+        ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[int, tuple[list[float], list | None]]]:
         """`forward`, and for each sequence index i of `score` the logprobs of its prompt tokens predicted in this
-        step (token_logprobs), SCORE_ROWS positions' logits at a time."""
+        step (token_logprobs), SCORE_ROWS positions' logits at a time. `ids`: a decode step's tokens already on the
+        device (the overlap schedule's), in place of `tokens`."""
         batch = ForwardBatch.build(rids, start, new, self.device)
-        flat = torch.tensor(tokens, dtype=torch.long)
-        ids = to_device(flat, self.device)
+        if ids is None:
+            flat = torch.tensor(tokens, dtype=torch.long)
+            ids = to_device(flat, self.device)
         hidden = self._replay(batch, ids) if batch.is_decode else self._two_passes(batch, flat)
         if hidden is None:
             hidden = self._pass(batch, ids)

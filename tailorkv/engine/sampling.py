@@ -208,17 +208,7 @@ def sample(
         unusable = x.isnan().any(-1) | (x.amax(-1) == float("-inf"))
         tokens = torch.where(unusable, raw_best, x.argmax(dim=-1))
     forced = [r.forced_token for r in rows]
-    # the other rows keep the argmax
-    drawn = [i for i, r in enumerate(rows) if forced[i] is None and not r.params.greedy]
-    seeded = [i for i in drawn if rows[i].generator is not None]
-    batch = [i for i in drawn if rows[i].generator is None]
-    for i in seeded:
-        tokens[i] = _draw(_filtered_probs(x[i], rows[i].params), raw_best[i], rows[i].generator)
-    if batch:
-        index = torch.tensor(batch, device=logits.device)
-        tokens[index] = _draw_batch(
-            x[index], [rows[i].params for i in batch], raw_best[index], generator
-        )
+    _draw_rows(x, rows, raw_best, tokens, generator, forced)
     chosen = tokens.tolist()
     for i, f in enumerate(forced):
         if f is not None:
@@ -227,6 +217,38 @@ def sample(
         scale = [1.0 if r.params.greedy else r.params.temperature for r in rows]
         logits = x / torch.tensor(scale, device=x.device)[:, None]
     return _with_logprobs(logits, rows, chosen)
+
+
+def draw_tokens(
+    logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator
+) -> torch.Tensor:
+    """`sample`'s tokens [B] for rows without logits processors, forced tokens or logprobs, left on the device
+    (the overlap schedule reads them in the next step before the host does); the same draws as `sample`."""
+    tokens = logits.argmax(dim=-1)
+    _draw_rows(logits, rows, tokens.clone(), tokens, generator, [None] * len(rows))
+    return tokens
+
+
+def _draw_rows(
+    x: torch.Tensor,
+    rows: list[SamplerRow],
+    raw_best: torch.Tensor,
+    tokens: torch.Tensor,
+    generator: torch.Generator,
+    forced: list[int | None],
+) -> None:
+    """Into `tokens`, each row that samples (not greedy, not forced): seeded rows with their own generator, the
+    others in one batch from `generator`; `raw_best` is what a row whose distribution is unusable takes."""
+    drawn = [i for i, r in enumerate(rows) if forced[i] is None and not r.params.greedy]
+    seeded = [i for i in drawn if rows[i].generator is not None]
+    batch = [i for i in drawn if rows[i].generator is None]
+    for i in seeded:
+        tokens[i] = _draw(_filtered_probs(x[i], rows[i].params), raw_best[i], rows[i].generator)
+    if batch:
+        index = torch.tensor(batch, device=x.device)
+        tokens[index] = _draw_batch(
+            x[index], [rows[i].params for i in batch], raw_best[index], generator
+        )
 
 
 def _filtered_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -17,6 +17,9 @@ class StepLog:
         self.decode_seconds = 0.0
         self.prefill_seconds = 0.0  # the last step that prefilled
         self.alloc_retries = 0
+        self.overlapped_steps = (
+            0  # decode steps launched before the tokens of the step before had landed
+        )
 
     def allocator(self, retries: int) -> None:
         """`retries`: the allocator's num_alloc_retries so far (torch.cuda memory stats)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from ..errors import CapacityError, QueueFullError
@@ -243,11 +243,7 @@ class Scheduler:
         grown, retracted = [], []
         for s in [s for s in self.running.values() if not s.prefilling]:
             while s.rid in self.running and s.num_computed + 1 > s.prompt_len + s.out_reserved:
-                out = min(s.end_len - s.prompt_len, s.out_reserved + self.reserve_output)
-                old = self.layout.pages_needed(s.prompt_len, s.out_reserved)
-                need = {
-                    p: n - old[p] for p, n in self.layout.pages_needed(s.prompt_len, out).items()
-                }
+                out, need = self._growth(s)
                 pages = self.memory.grow(s.rid, need)
                 if pages is not None:
                     s.out_reserved = out
@@ -259,6 +255,21 @@ class Scheduler:
                 self._retract(victim)
                 retracted.append(victim)
         return [(s, p) for s, p in grown if s.rid in self.running], retracted
+
+    def _growth(self, s: Seq) -> tuple[int, dict[str, int]]:
+        """A decoding sequence's next reservation of answer tokens, and the pages it adds in each pool."""
+        out = min(s.end_len - s.prompt_len, s.out_reserved + self.reserve_output)
+        old = self.layout.pages_needed(s.prompt_len, s.out_reserved)
+        return out, {p: n - old[p] for p, n in self.layout.pages_needed(s.prompt_len, out).items()}
+
+    def can_grow(self) -> bool:
+        """Whether the next step gives every decoding sequence the pages of its next token without a retraction
+        (the overlap schedule retracts only sequences whose tokens are all known)."""
+        need: Counter[str] = Counter()
+        for s in self.running.values():
+            if not s.prefilling and s.num_computed + 1 > s.prompt_len + s.out_reserved:
+                need.update(self._growth(s)[1])
+        return self.memory.can_reserve(need)
 
     def _retract(self, s: Seq) -> None:
         """Back to the head of the queue with its pages freed; it returns with prompt and output as its prompt."""

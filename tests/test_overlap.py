@@ -1,0 +1,159 @@
+"""The overlap schedule (engine/overlap.py): decode steps launched before the previous step's tokens reach the host
+give every request the tokens, finish reasons and text of the step-by-step engine (the embedded model, greedy, a
+seeded sampled row, stop strings and stop ids, a penalised row that makes steps wait, a request arriving while
+others decode); a retraction waits for the tokens in flight; an abort during a step in flight frees every page; the
+server streams what the offline engine answers."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+from conftest import start_uvicorn
+
+from tailorkv.api.server import create_app
+from tailorkv.config import EngineConfig
+from tailorkv.engine.async_engine import AsyncEngine
+from tailorkv.engine.engine import Engine
+from tailorkv.engine.sampling import SamplingParams
+from tailorkv.errors import ConfigError
+
+PROMPTS = [f"Fact {i}: the number {7 * i + 3} is" for i in range(5)] + [
+    "Write a long story about a cat.",
+    "List three colours:",
+]
+PARAMS = [{"max_new_tokens": 6 + 5 * i, "temperature": 0} for i in range(5)] + [
+    {"max_new_tokens": 30, "temperature": 0.8, "seed": 5},
+    {"max_new_tokens": 6, "temperature": 0, "frequency_penalty": 1.0},  # not overlappable
+]
+PARAMS[3]["stop"] = ["prime"]
+PARAMS[4]["stop_token_ids"] = [198]  # "\n", its 15th token
+LATE = ("The capital of France is", {"max_new_tokens": 12, "temperature": 0})
+
+
+def free_pages(engine: Engine) -> list[int]:
+    return [t["free_pages"] - t["total_pages"] for t in engine.memory.usage().values()]
+
+
+def run(engine: Engine) -> list[tuple]:
+    """PROMPTS, then LATE added after 8 steps; each request's (ids, finish reason, text)."""
+    reqs = [
+        engine.add_request(engine.tokenize(p, None), SamplingParams.from_any(sp))
+        for p, sp in zip(PROMPTS, PARAMS)
+    ]
+    for _ in range(8):
+        engine.step()
+    reqs.append(
+        engine.add_request(engine.tokenize(LATE[0], None), SamplingParams.from_any(LATE[1]))
+    )
+    while not all(r.finished for r in reqs):
+        engine.step()
+    engine.step()  # lands the step still in flight
+    assert not engine.has_work and free_pages(engine) == [0] * len(free_pages(engine))
+    return [(r.output_ids, r.finish_reason, r.text) for r in reqs]
+
+
+@pytest.mark.parametrize("policy", ["full", "tailor"])
+def test_overlap_schedule_decodes_what_the_step_by_step_engine_decodes(policy):
+    kw = dict(kv_policy=policy, progress=False, kv_cache_gib=0.25, host_kv_gib=0.5)
+    with Engine(**kw) as e:
+        want = run(e)
+        assert e.step_log.overlapped_steps == 0
+    with Engine(**kw, overlap_schedule=True) as e:
+        assert run(e) == want
+        # overlapped once the penalised row ends, until LATE's prompt and after it
+        assert 15 <= e.step_log.overlapped_steps < 40
+    assert [f["type"] for _, f, _ in want[2:5]] == ["stop"] * 3  # EOS, a stop string, a stop id
+
+
+def test_a_retraction_waits_for_the_tokens_in_flight():
+    """Four answers outgrow a 12-page pool: requests are retracted between overlapped steps and still end with the
+    tokens of a run with room for all."""
+    prompts = [f"Count slowly from {i} to one hundred:" for i in range(4)]
+    params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+    sp = SamplingParams.from_any(params)
+    with Engine(progress=False, kv_cache_gib=0.25) as roomy:
+        want = [o["output_ids"] for o in roomy.generate(prompts, sampling_params=params)]
+        page = (
+            roomy.memory.usage()["gpu"]["total_bytes"] / roomy.memory.usage()["gpu"]["total_pages"]
+        )
+    tight = Engine(
+        progress=False,
+        kv_cache_gib=12 * page / 2**30,
+        reserve_output_tokens=16,
+        enable_prefix_caching=False,
+        overlap_schedule=True,
+    )
+    with tight:
+        reqs = [tight.add_request(tight.tokenize(p, None), sp) for p in prompts]
+        while tight.has_work:
+            tight.step()
+        assert tight.scheduler.num_retracted >= 1 and tight.step_log.overlapped_steps > 10
+        assert [r.output_ids for r in reqs] == want
+        assert free_pages(tight) == [0]
+
+
+def test_an_abort_while_its_step_is_in_flight_frees_every_page():
+    sp = SamplingParams.from_any({"max_new_tokens": 20, "temperature": 0, "ignore_eos": True})
+    with Engine(progress=False, kv_cache_gib=0.25, overlap_schedule=True) as e:
+        reqs = [e.add_request(e.tokenize(p, None), sp) for p in PROMPTS[:3]]
+        while e.step_log.overlapped_steps < 3:
+            e.step()
+        assert e._inflight is not None and reqs[1].rid in e._inflight.rows
+        got = len(reqs[1].output_ids)
+        e.abort(reqs[1].rid)
+        while e.has_work:
+            e.step()
+        assert reqs[1].finish_reason["type"] == "abort" and len(reqs[1].output_ids) == got
+        assert [len(r.output_ids) for r in (reqs[0], reqs[2])] == [20, 20]
+        assert free_pages(e) == [0]
+
+
+def test_the_server_streams_what_the_offline_engine_answers():
+    engine = Engine(
+        kv_policy="tailor",
+        progress=False,
+        kv_cache_gib=0.25,
+        host_kv_gib=0.5,
+        overlap_schedule=True,
+    )
+    greedy = {"max_new_tokens": 12, "temperature": 0}
+    expected = [o["text"] for o in engine.generate(PROMPTS, sampling_params=greedy)]
+    async_engine = AsyncEngine(engine)
+    url, stop = start_uvicorn(create_app(async_engine))
+    try:
+
+        def ask(prompt: str) -> str:
+            body = {"text": prompt, "sampling_params": greedy, "stream": True}
+            with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+                lines = [x for x in r.iter_lines() if x.startswith("data: {")]
+            return httpx.Response(200, content=lines[-1][6:]).json()["text"]
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(ask, PROMPTS)) == expected
+        info = httpx.get(f"{url}/get_server_info").json()
+        assert info["overlap_schedule"] and info["overlapped_steps"] > 5
+        assert all(t["free_pages"] == t["total_pages"] for t in info["memory"].values())
+    finally:
+        stop()
+        async_engine.shutdown()
+
+
+def test_overlap_schedule_is_one_rank_only():
+    with pytest.raises(ConfigError, match="one rank"):
+        EngineConfig(model="dummy:tiny", overlap_schedule=True, tp_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("policy", ["full", "tailor"])
+def test_overlapped_cuda_graph_steps_decode_what_synced_steps_decode(policy):
+    """On the GPU the launched step reads the tokens of the step before from the device, while the host schedules
+    and fills the next step's inputs (pinned staging buffers, graph replays)."""
+    kw = dict(kv_policy=policy, device="cuda", dtype="float32", progress=False, kv_cache_gib=1)
+    with Engine(**kw, host_kv_gib=1) as e:
+        want = run(e)
+    with Engine(**kw, host_kv_gib=1, overlap_schedule=True) as e:
+        assert run(e) == want
+        assert e.runner.graphs.shapes and e.step_log.overlapped_steps >= 15
