@@ -24,6 +24,21 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     )
 
 
+class PinnedPlan:
+    """Runs a FlashInfer plan, which writes the wrapper's page-locked buffer for a copy that the stream runs later:
+    first it waits for the copy of the plan before (the overlap schedule plans a step while the one before runs)."""
+
+    def __init__(self):
+        self.copied: torch.cuda.Event | None = None
+
+    def __call__(self, plan, *args, **kwargs) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+        plan(*args, **kwargs)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+
+
 class PagedDecode:
     """One wrapper per engine: `plan` once per step (the decode rows' page lists), `run` once per layer."""
 
@@ -45,6 +60,7 @@ class PagedDecode:
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=num_qo_heads // num_kv_heads > 2
         )
+        self._plan = PinnedPlan()
 
     def plan(self, pages: list[torch.Tensor], lengths: list[int]) -> None:
         """Row i reads the first lengths[i] tokens of its pages[i] (page ids on the device)."""
@@ -55,8 +71,17 @@ class PagedDecode:
         indices = torch.cat([p[:c] for p, c in zip(pages, counts)]).to(
             device=self.device, dtype=torch.int32
         )
-        self.wrapper.plan(
-            indptr, indices, last, hq, hkv, d, ps, data_type=self.dtype, q_data_type=self.dtype
+        self._plan(
+            self.wrapper.plan,
+            indptr,
+            indices,
+            last,
+            hq,
+            hkv,
+            d,
+            ps,
+            data_type=self.dtype,
+            q_data_type=self.dtype,
         )
 
     def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
@@ -83,6 +108,7 @@ class SharedPrefixDecode:
         self.own = PagedDecode(device, num_qo_heads, num_kv_heads, head_dim, page_size, dtype)
         # the two kernels run one after the other: they share the float workspace
         self.shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.own.workspace, "NHD")
+        self._plan = PinnedPlan()
 
     def plan(
         self,
@@ -95,7 +121,8 @@ class SharedPrefixDecode:
         i32 = dict(dtype=torch.int32)
         rows = [r for r, _ in groups]
         self.grouped = torch.tensor([i for r in rows for i in r], device=self.own.device)
-        self.shared.plan(
+        self._plan(
+            self.shared.plan,
             torch.tensor([0, *map(len, rows)], **i32).cumsum(0, **i32),
             torch.tensor([0, *(p.numel() for _, p in groups)], **i32).cumsum(0, **i32),
             torch.cat([p for _, p in groups]).to(self.own.device, **i32),
