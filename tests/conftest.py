@@ -156,7 +156,9 @@ def live_server():
     from tailorkv.engine.async_engine import AsyncEngine
     from tailorkv.engine.engine import Engine
 
-    engine = Engine(progress=False, kv_cache_gib=0.25)
+    # the overlap schedule (engine/overlap.py): every API test runs through it; the other servers of the suite
+    # (test_serve_tailor, test_chaos, test_router) step by step
+    engine = Engine(progress=False, kv_cache_gib=0.25, overlap_schedule=True)
     prompts = GENERATE_PROMPTS + [engine.tokenizer.apply_chat_template(m) for m in CHAT_MESSAGES]
     outs = engine.generate(
         prompts, sampling_params={"max_new_tokens": GREEDY_TOKENS, "temperature": 0}

@@ -64,6 +64,9 @@ async def _stream(client, path, body, leave_after, fold):
 
 
 def test_32_concurrent_streams_match_offline(live_server):
+    """Through the overlap schedule (the fixture's), whose steps /get_server_info counts."""
+    overlapped = live_server.engine.step_log.overlapped_steps
+
     async def main():
         async with httpx.AsyncClient(
             base_url=live_server.url, timeout=300, limits=LIMITS
@@ -77,6 +80,8 @@ def test_32_concurrent_streams_match_offline(live_server):
     want += [live_server.expected[live_server.chat_prompt(m)] for m in CHAT_MESSAGES]
     assert len(got) == 32
     assert got == want
+    info = httpx.get(f"{live_server.url}/get_server_info").json()
+    assert info["overlap_schedule"] and info["overlapped_steps"] >= overlapped + GREEDY_TOKENS // 2
 
 
 def test_200_requests_50_cancelled_return_every_page(live_server):

@@ -1,21 +1,15 @@
 """The overlap schedule (engine/overlap.py): decode steps launched before the previous step's tokens reach the host
 give every request the tokens, finish reasons and text of the step-by-step engine (the embedded model, greedy, a
 seeded sampled row, stop strings and stop ids, a penalised row that makes steps wait, a request arriving while
-others decode); a retraction waits for the tokens in flight; an abort during a step in flight frees every page; the
-server streams what the offline engine answers."""
+others decode); a retraction waits for the tokens in flight; an abort during a step in flight frees every page. The
+API tests' server (conftest.py live_server) runs the overlap schedule."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
-import httpx
 import pytest
 import torch
-from conftest import start_uvicorn
 
-from tailorkv.api.server import create_app
 from tailorkv.config import EngineConfig
-from tailorkv.engine.async_engine import AsyncEngine
 from tailorkv.engine.engine import Engine
 from tailorkv.engine.sampling import SamplingParams
 from tailorkv.errors import ConfigError
@@ -24,8 +18,8 @@ PROMPTS = [f"Fact {i}: the number {7 * i + 3} is" for i in range(5)] + [
     "Write a long story about a cat.",
     "List three colours:",
 ]
-PARAMS = [{"max_new_tokens": 6 + 5 * i, "temperature": 0} for i in range(5)] + [
-    {"max_new_tokens": 30, "temperature": 0.8, "seed": 5},
+PARAMS = [{"max_new_tokens": 6 + 4 * i, "temperature": 0} for i in range(5)] + [
+    {"max_new_tokens": 20, "temperature": 0.8, "seed": 5},
     {"max_new_tokens": 6, "temperature": 0, "frequency_penalty": 1.0},  # not overlappable
 ]
 PARAMS[3]["stop"] = ["prime"]
@@ -64,7 +58,7 @@ def test_overlap_schedule_decodes_what_the_step_by_step_engine_decodes(policy):
     with Engine(**kw, overlap_schedule=True) as e:
         assert run(e) == want
         # overlapped once the penalised row ends, until LATE's prompt and after it
-        assert 15 <= e.step_log.overlapped_steps < 40
+        assert 10 <= e.step_log.overlapped_steps < 30
     assert [f["type"] for _, f, _ in want[2:5]] == ["stop"] * 3  # EOS, a stop string, a stop id
 
 
@@ -109,36 +103,6 @@ def test_an_abort_while_its_step_is_in_flight_frees_every_page():
         assert reqs[1].finish_reason["type"] == "abort" and len(reqs[1].output_ids) == got
         assert [len(r.output_ids) for r in (reqs[0], reqs[2])] == [20, 20]
         assert free_pages(e) == [0]
-
-
-def test_the_server_streams_what_the_offline_engine_answers():
-    engine = Engine(
-        kv_policy="tailor",
-        progress=False,
-        kv_cache_gib=0.25,
-        host_kv_gib=0.5,
-        overlap_schedule=True,
-    )
-    greedy = {"max_new_tokens": 12, "temperature": 0}
-    expected = [o["text"] for o in engine.generate(PROMPTS, sampling_params=greedy)]
-    async_engine = AsyncEngine(engine)
-    url, stop = start_uvicorn(create_app(async_engine))
-    try:
-
-        def ask(prompt: str) -> str:
-            body = {"text": prompt, "sampling_params": greedy, "stream": True}
-            with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
-                lines = [x for x in r.iter_lines() if x.startswith("data: {")]
-            return httpx.Response(200, content=lines[-1][6:]).json()["text"]
-
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            assert list(pool.map(ask, PROMPTS)) == expected
-        info = httpx.get(f"{url}/get_server_info").json()
-        assert info["overlap_schedule"] and info["overlapped_steps"] > 5
-        assert all(t["free_pages"] == t["total_pages"] for t in info["memory"].values())
-    finally:
-        stop()
-        async_engine.shutdown()
 
 
 def test_overlap_schedule_is_one_rank_only():

@@ -348,12 +348,14 @@ class AsyncEngine:
             if not self.engine.has_work:
                 self._wake.wait()
                 continue
-            hold = self._hold()
-            if hold > 0:
-                self._wake.wait(hold)
-                continue
-            with self._mu:
-                self.arrivals.stepped()
+            # only a step in flight (of rows that ended) is landed at once, held for nothing
+            if self.engine.scheduler.has_work:
+                hold = self._hold()
+                if hold > 0:
+                    self._wake.wait(hold)
+                    continue
+                with self._mu:
+                    self.arrivals.stepped()
             try:
                 done = self.engine.step(admit=self._admit())
             except Exception as e:  # a bad step must not take the server down
