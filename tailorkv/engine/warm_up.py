@@ -19,8 +19,8 @@ def warm_up(engine, new_tokens: int = 4) -> None:
     first = [(i * 7919) % vocab for i in range(1, n + 1)]
     second = first[: n - n // 8] + [(i * 104729) % vocab for i in range(n // 8)]
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-    a = engine.add_request(first, params)
+    engine.add_request(first, params)
     engine.step()  # the first prompt, alone
-    b = engine.add_request(second, params)
-    while not (a.finished and b.finished):
+    engine.add_request(second, params)
+    while engine.has_work:  # with the overlap schedule, until its last step has landed
         engine.step()  # the second after the shared prefix beside the first's decode, then both decode
