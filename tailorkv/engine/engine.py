@@ -14,6 +14,7 @@ from ..config import EngineConfig
 from ..errors import InvalidRequestError
 from ..kvcache.budget import TARGET
 from ..kvcache.plans import save_plan
+from ..memory.host_memory import to_device
 from ..memory.pages import MemoryManager
 from ..models.loader import resolve
 from ..models.sharding import check_divisible
@@ -26,7 +27,7 @@ from .logits_processors import processors_for
 from .overlap import InFlight, input_ids, overlappable
 from .request import Request, RequestOptions
 from .runner import PromptScore
-from .sampling import SamplingParams, check_text, draw_tokens, sample
+from .sampling import SamplingParams, check_text, draw, sample
 from .step_log import StepLog
 from .tokenizer import Tokenizer
 from .tp_workers import Workers, rank_device
@@ -233,9 +234,14 @@ class Engine:
         if not reqs:
             return landed + self._land()
         if self.options.overlap_schedule and overlappable(plan, reqs):
-            launched = self._launch(plan, reqs)
+            logits = self._launch(plan, reqs)
             landed += self._land()
-            self._inflight = launched
+            # sampled after the landing: processors see every token; rows that ended are left out
+            live = [i for i, r in enumerate(reqs) if not r.finished]
+            if live:
+                if len(live) < len(reqs):
+                    logits = logits.index_select(0, to_device(torch.tensor(live), self.device))
+                self._inflight = self._draw([reqs[i] for i in live], logits)
             return landed
         if self._inflight is not None:
             landed += self._land()
@@ -282,8 +288,9 @@ class Engine:
         self._observe(chunks, prefill, len(plan.seqs) - len(prefill), self._landed_at - began)
         return out
 
-    def _launch(self, plan: Step, reqs: list[Request]) -> InFlight:
-        """Launch a decode step whose input tokens may still be on the device (the step in flight's)."""
+    def _launch(self, plan: Step, reqs: list[Request]) -> torch.Tensor:
+        """Launch a decode step whose input tokens may still be on the device (the step in flight's); its
+        logits."""
         ids = input_ids(reqs, self._inflight, self.device)
         logits, _ = self.runner.run(
             [s.rid for s in plan.seqs],
@@ -294,7 +301,15 @@ class Engine:
             ids=ids,
         )
         self.scheduler.advance(plan)
-        return InFlight(reqs, draw_tokens(logits, reqs, self._generator))
+        return logits
+
+    def _draw(self, reqs: list[Request], logits: torch.Tensor) -> InFlight:
+        """The step's samples, left on the device; when the batch raises, each row alone (as `_sample`)."""
+        try:
+            return InFlight.of(reqs, draw(logits, reqs, self._generator, self._processed))
+        except Exception:
+            log.exception("sampling the batch failed; sampling its rows one by one")
+        return InFlight.on_host(reqs, self._sample(logits, reqs, batch=False), self.device)
 
     def _land(self) -> list[Request]:
         """The step in flight's tokens handed out (none in flight: [])."""
@@ -329,18 +344,22 @@ class Engine:
             self.scheduler.cost.observe(chunks, decoding, seconds)
         self.step_log.allocator(self._allocator_retries())
 
-    def _sample(self, logits: torch.Tensor, rows: list[Request]) -> list:
-        """The step's samples; when the batch raises, each row alone, so that a row that still raises gets its
-        exception (it alone ends) and the others their tokens."""
-        processed = self.options.logprobs_mode == "processed"
-        try:
-            return sample(logits, rows, self._generator, processed)
-        except Exception:
-            log.exception("sampling the batch failed; sampling its rows one by one")
+    @property
+    def _processed(self) -> bool:
+        return self.options.logprobs_mode == "processed"
+
+    def _sample(self, logits: torch.Tensor, rows: list[Request], batch: bool = True) -> list:
+        """The step's samples; when the batch raises (or `batch` is False), each row alone, so that a row that
+        still raises gets its exception (it alone ends) and the others their tokens."""
+        if batch:
+            try:
+                return sample(logits, rows, self._generator, self._processed)
+            except Exception:
+                log.exception("sampling the batch failed; sampling its rows one by one")
         out = []
         for i, row in enumerate(rows):
             try:
-                out.append(sample(logits[i : i + 1], [row], self._generator, processed)[0])
+                out.append(sample(logits[i : i + 1], [row], self._generator, self._processed)[0])
             except Exception as e:
                 out.append(e)
         return out

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .sampling import LogitsProcessor, SamplingParams
+from .sampling import LogitsProcessor, SamplingParams, on_device
 
 
 class Penalties:
@@ -25,10 +25,10 @@ class Penalties:
         if self.counts is None:
             self.counts = torch.zeros(row.shape[-1], dtype=row.dtype, device=row.device)
             self.seen = torch.zeros(row.shape[-1], dtype=torch.bool, device=row.device)
-            self.seen[torch.tensor(self.prompt_ids, device=row.device)] = True
+            self.seen[on_device(list(self.prompt_ids), row)] = True
         new = self.output_ids[self.done :]
         if new:
-            index = torch.tensor(new, device=row.device)
+            index = on_device(new, row)
             self.counts.index_add_(
                 0, index, torch.ones(len(new), dtype=row.dtype, device=row.device)
             )
@@ -54,7 +54,7 @@ class MinNewTokens:
     def __call__(self, row: torch.Tensor) -> torch.Tensor:
         if len(self.output_ids) >= self.minimum:
             return row
-        return row.index_fill(0, torch.tensor(self.stop_ids, device=row.device), float("-inf"))
+        return row.index_fill(0, on_device(self.stop_ids, row), float("-inf"))
 
 
 class LogitBias:
@@ -62,8 +62,7 @@ class LogitBias:
         self.ids, self.values = list(bias), list(bias.values())
 
     def __call__(self, row: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor(self.ids, device=row.device)
-        return row.index_add(0, ids, torch.tensor(self.values, dtype=row.dtype, device=row.device))
+        return row.index_add(0, on_device(self.ids, row), on_device(self.values, row, row.dtype))
 
 
 def processors_for(

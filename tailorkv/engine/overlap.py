@@ -1,11 +1,12 @@
 """The overlap schedule (SGLang's overlap scheduler, vLLM's async scheduling): a decode step is launched before the
 host has the previous step's tokens, which the device hands to it directly, so that scheduling, the step's inputs
-and the graph launch run while the device computes the step before.
+and the graph launch run while the device computes the step before. The step's sampling is queued after the step
+before has landed, so logits processors (penalties, logit bias, grammars), forced tokens and logprobs see every
+token so far.
 
 A request that ends in step N (a stop token, a stop string, its length) is known to have ended only once step N
-lands, after step N+1 was launched with it: it computes one token more, which nobody reads. What needs the host to
-have every token waits for the step in flight: a step that prefills or retracts, and rows with logits processors
-(penalties, logit bias, grammars), forced tokens or logprobs.
+lands, after step N+1 was launched with it: it computes one token more, which nobody samples. A step that prefills
+or would retract waits for the step in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from ..memory.host_memory import to_device
 from ..scheduler.scheduler import Step
 from .request import Request
+from .sampling import Drawn, Sample
 
 
 def overlappable(plan: Step, reqs: list[Request]) -> bool:
@@ -25,42 +27,47 @@ def overlappable(plan: Step, reqs: list[Request]) -> bool:
     return (
         not plan.retracted
         and all(n == 1 and not s.prefilling for s, n in zip(plan.seqs, plan.new))
-        and all(
-            not r.logits_processors
-            and r.forced_ids is None
-            and r.top_logprobs_num is None
-            and r.params.max_new_tokens > 0
-            for r in reqs
-        )
+        and all(r.params.max_new_tokens > 0 for r in reqs)
     )
 
 
 @dataclass
 class InFlight:
-    """A launched decode step whose sampled tokens the host does not have yet."""
+    """A launched decode step's samples: `tokens` [B] on the device for the next step, the host's copy later."""
 
     reqs: list[Request]
-    tokens: torch.Tensor  # [B] on the device
+    tokens: torch.Tensor
+    drawn: Drawn | None = None  # pinned copies of the samples, complete once `_ready` is
+    sampled: list | None = (
+        None  # or the samples already on the host (Sample or the row's exception)
+    )
     launched: float = field(default_factory=time.perf_counter)
     rows: dict[int, int] = field(init=False)  # rid -> row
-    _host: torch.Tensor = field(init=False)
     _ready: torch.cuda.Event | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.rows = {r.rid: i for i, r in enumerate(self.reqs)}
-        if self.tokens.is_cuda:
-            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self._host.copy_(self.tokens, non_blocking=True)
+        if self.drawn is not None and self.tokens.is_cuda:
             self._ready = torch.cuda.Event()
             self._ready.record()
-        else:
-            self._host = self.tokens
 
-    def chosen(self) -> list[int]:
-        """The tokens, once the step has run."""
+    @classmethod
+    def of(cls, reqs: list[Request], drawn: Drawn) -> InFlight:
+        return cls(reqs, drawn.tokens, drawn=drawn.to_host())
+
+    @classmethod
+    def on_host(cls, reqs: list[Request], sampled: list, device) -> InFlight:
+        """Samples the host already has (a row whose sampling raised: its exception, and any token)."""
+        ids = [s.token if isinstance(s, Sample) else 0 for s in sampled]
+        return cls(reqs, to_device(torch.tensor(ids, dtype=torch.long), device), sampled=sampled)
+
+    def chosen(self) -> list:
+        """Each row's Sample (or exception), once the step has run."""
+        if self.sampled is not None:
+            return self.sampled
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        return self.drawn.samples()
 
 
 def input_ids(reqs: list[Request], prev: InFlight | None, device) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from ..config import InputLimits
 from ..errors import InvalidRequestError
+from ..memory.host_memory import to_device
 from .sampling_checks import validate_extras
 
 # a temperature below this samples greedily (vLLM's and SGLang's rule): logits / 1e-40 overflow float32
@@ -188,6 +189,44 @@ class Sample(NamedTuple):
     top_logprobs: list[tuple[int, float]] | None = None  # (token, logprob), most likely first
 
 
+class Drawn(NamedTuple):
+    """A step's samples, on the device until `to_host`: each row's token, and for the rows in `want` (with their
+    top_n) the chosen token's logprob [m] and the top n logprobs and tokens [m, n]."""
+
+    tokens: torch.Tensor
+    want: list[int]
+    top_n: list[int]
+    picked: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_indices: torch.Tensor | None = None
+
+    def to_host(self) -> Drawn:
+        """Copies in pinned memory (on CUDA without waiting: they are complete once the stream gets there)."""
+        if not self.tokens.is_cuda:
+            return self
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        return Drawn(copy(self.tokens), self.want, self.top_n, *map(copy, self[3:]))
+
+    def samples(self) -> list[Sample]:
+        """The rows' Samples (host copies read: call once the copies are complete)."""
+        out = [Sample(t) for t in self.tokens.tolist()]
+        if not self.want:
+            return out
+        picked = self.picked.tolist()
+        top = self.top_values is not None and [
+            list(zip(i, v)) for i, v in zip(self.top_indices.tolist(), self.top_values.tolist())
+        ]
+        for j, (i, m) in enumerate(zip(self.want, self.top_n)):
+            out[i] = Sample(out[i].token, picked[j], top[j][:m] if m else None)
+        return out
+
+
 def sample(
     logits: torch.Tensor,
     rows: list[SamplerRow],
@@ -198,6 +237,17 @@ def sample(
     batch, so their tokens depend on the batch they are in; a seeded row's tokens do not. Logprobs are those of
     the raw logits, or with `processed_logprobs` of the logits after the processors and the temperature (vLLM's
     logprobs modes)."""
+    return draw(logits, rows, generator, processed_logprobs).samples()
+
+
+def draw(
+    logits: torch.Tensor,
+    rows: list[SamplerRow],
+    generator: torch.Generator,
+    processed_logprobs: bool = False,
+) -> Drawn:
+    """`sample`'s tokens and logprobs, left on the device: nothing here waits for the device (the overlap
+    schedule hands the tokens to the next step before the host reads them)."""
     raw_best = logits.argmax(dim=-1)
     x, tokens = logits, raw_best.clone()
     if any(r.logits_processors for r in rows):
@@ -209,24 +259,18 @@ def sample(
         tokens = torch.where(unusable, raw_best, x.argmax(dim=-1))
     forced = [r.forced_token for r in rows]
     _draw_rows(x, rows, raw_best, tokens, generator, forced)
-    chosen = tokens.tolist()
-    for i, f in enumerate(forced):
-        if f is not None:
-            chosen[i] = f
+    at = [i for i, f in enumerate(forced) if f is not None]
+    if at:
+        tokens[on_device(at, x)] = on_device([forced[i] for i in at], x)
     if processed_logprobs:
         scale = [1.0 if r.params.greedy else r.params.temperature for r in rows]
-        logits = x / torch.tensor(scale, device=x.device)[:, None]
-    return _with_logprobs(logits, rows, chosen)
-
-
-def draw_tokens(
-    logits: torch.Tensor, rows: list[SamplerRow], generator: torch.Generator
-) -> torch.Tensor:
-    """`sample`'s tokens [B] for rows without logits processors, forced tokens or logprobs, left on the device
-    (the overlap schedule reads them in the next step before the host does); the same draws as `sample`."""
-    tokens = logits.argmax(dim=-1)
-    _draw_rows(logits, rows, tokens.clone(), tokens, generator, [None] * len(rows))
-    return tokens
+        logits = x / on_device(scale, x, x.dtype)[:, None]
+    want = [i for i, r in enumerate(rows) if r.top_logprobs_num is not None]
+    top_n = [rows[i].top_logprobs_num for i in want]
+    if not want:
+        return Drawn(tokens, want, top_n)
+    index = on_device(want, x)
+    return Drawn(tokens, want, top_n, *_logprobs(logits[index], tokens[index], max(top_n)))
 
 
 def _draw_rows(
@@ -245,7 +289,7 @@ def _draw_rows(
     for i in seeded:
         tokens[i] = _draw(_filtered_probs(x[i], rows[i].params), raw_best[i], rows[i].generator)
     if batch:
-        index = torch.tensor(batch, device=x.device)
+        index = on_device(batch, x)
         tokens[index] = _draw_batch(
             x[index], [rows[i].params for i in batch], raw_best[index], generator
         )
@@ -286,7 +330,7 @@ def _draw_batch(
     row asks for top-k or top-p), then one draw."""
 
     def col(values) -> torch.Tensor:
-        return torch.tensor(values, dtype=x.dtype, device=x.device)[:, None]
+        return on_device(values, x, x.dtype)[:, None]
 
     x = x / col([p.temperature for p in params])
     idx = None
@@ -308,28 +352,28 @@ def _draw_batch(
     return torch.where(ok, token, fallback)
 
 
-def _with_logprobs(logits: torch.Tensor, rows: list[SamplerRow], chosen: list[int]) -> list[Sample]:
-    want = [i for i, r in enumerate(rows) if r.top_logprobs_num is not None]
-    out = [Sample(t) for t in chosen]
-    if not want:
-        return out
-    index = torch.tensor(want, device=logits.device)
-    n = max(rows[i].top_logprobs_num for i in want)
-    picked, top = token_logprobs(logits[index], [chosen[i] for i in want], n)
-    for j, i in enumerate(want):
-        m = rows[i].top_logprobs_num
-        out[i] = Sample(chosen[i], picked[j], top[j][:m] if m else None)
-    return out
-
-
 def token_logprobs(
     logits: torch.Tensor, targets: list[int], top_n: int
 ) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
     """Per row of `logits` [m, vocab]: the log-softmax of its target token, and (top_n > 0) its top_n (token,
     logprob) pairs, most likely first. One host copy for all rows."""
+    picked, values, indices = _logprobs(logits, on_device(targets, logits), top_n)
+    if values is None:
+        return picked.tolist(), None
+    return picked.tolist(), [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
+def on_device(values: list, like: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small list as a tensor on `like`'s device, copied without waiting for the stream (a plain
+    torch.tensor(..., device=cuda) waits for every step queued before it)."""
+    return to_device(torch.tensor(values, dtype=dtype), like.device)
+
+
+def _logprobs(logits: torch.Tensor, targets: torch.Tensor, top_n: int) -> tuple:
+    """On the device: (the targets' log-softmax [m], and with top_n the top_n logprobs and tokens [m, top_n])."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    picked = lp.gather(-1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+    picked = lp.gather(-1, targets[:, None])[:, 0]
     if not top_n:
-        return picked, None
+        return picked, None, None
     top = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
-    return picked, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+    return picked, top.values, top.indices

@@ -120,7 +120,9 @@ class SharedPrefixDecode:
         hq, hkv, d, ps = self.own.shape
         i32 = dict(dtype=torch.int32)
         rows = [r for r, _ in groups]
-        self.grouped = torch.tensor([i for r in rows for i in r], device=self.own.device)
+        # through pinned memory: a plain copy would wait for the steps queued before it
+        grouped = torch.tensor([i for r in rows for i in r]).pin_memory()
+        self.grouped = grouped.to(self.own.device, non_blocking=True)
         self._plan(
             self.shared.plan,
             torch.tensor([0, *map(len, rows)], **i32).cumsum(0, **i32),

@@ -15,7 +15,7 @@ from ..kernels.attention import (
     causal_attention,
     grouped_attention,
 )
-from ..memory.host_memory import host_tensor
+from ..memory.host_memory import host_tensor, to_device
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
@@ -194,7 +194,7 @@ class FullPolicy(KVPolicy):
             ).to(self.device)
         if not decode:
             return step
-        step.decode_rows = torch.tensor([batch.cu[i] for i in decode], device=self.device)
+        step.decode_rows = to_device(torch.tensor([batch.cu[i] for i in decode]), self.device)
         if self.cascade is not None and self._plan_cascade(decode, batch):
             step.cascade = True
         elif self.flash is not None:
