@@ -38,9 +38,8 @@ class InFlight:
     reqs: list[Request]
     tokens: torch.Tensor
     drawn: Drawn | None = None  # pinned copies of the samples, complete once `_ready` is
-    sampled: list | None = (
-        None  # or the samples already on the host (Sample or the row's exception)
-    )
+    # or the samples already on the host (a Sample or the row's exception)
+    sampled: list | None = None
     launched: float = field(default_factory=time.perf_counter)
     rows: dict[int, int] = field(init=False)  # rid -> row
     _ready: torch.cuda.Event | None = field(init=False, default=None)
