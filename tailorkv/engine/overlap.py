@@ -72,6 +72,8 @@ class InFlight:
 def input_ids(reqs: list[Request], prev: InFlight | None, device) -> torch.Tensor:
     """A decode step's input tokens on the device: each row's newest token, from the step in flight for the rows it
     computes, else from the host."""
+    if prev is not None and [r.rid for r in reqs] == [r.rid for r in prev.reqs]:
+        return prev.tokens  # the same rows (the usual step): nothing to copy
     known = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.long)
     ids = to_device(known, device)
     src = [prev.rows.get(r.rid, -1) if prev else -1 for r in reqs]
