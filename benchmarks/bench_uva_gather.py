@@ -7,8 +7,10 @@ A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in 256-token 
 (Llama-3.1-8B's layout); `--batch` requests, each with its pages contiguous; 31 layers' worth of top-k indices
 (128 random rows per request and head). Each gather is timed alone with CUDA events, either right after the previous
 gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is what the weights streaming
-through L2 do between two layers' fetches in a real step. Prints a table, writes rows
-{batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
+through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
+pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): a gather of rows
+scattered over gigabytes misses the GPU's translation caches far less with 2 MiB pages. Prints a table, writes rows
+{huge_pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
 """
 
 from __future__ import annotations
@@ -61,30 +63,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--host-gib", type=float, default=16)
     p.add_argument("--top-k", type=int, default=128)
     p.add_argument("--output", default="benchmarks/results/uva_gather.json")
+    p.add_argument("--huge-pages", choices=("both", "on", "off"), default="both")
     args = p.parse_args(argv)
     info = run_info(__spec__.name, argv)
-    rows = host_tensor(
-        (int(args.host_gib * 2**30) // (H * T * 2 * D * 2), H, T, 2 * D), torch.bfloat16, True
-    )
     out = []
-    print(f"{'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
-    for batch, context_pages in ((1, 512), (4, 512), (16, 128)):
-        for swept in (False, True):
-            us = gather_us(rows, batch, context_pages, args.top_k, swept)
-            gbs = batch * H * args.top_k * 2 * D * 2 / us / 1e3
-            out.append(
-                {
-                    "batch": batch,
-                    "context_pages": context_pages,
-                    "swept": swept,
-                    "us": round(us, 1),
-                    "gb_per_s": round(gbs, 1),
-                    **info,
-                }
-            )
-            print(
-                f"{batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} {gbs:>6.1f}", flush=True
-            )
+    print(f"{'huge':>5} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
+    for huge in {"both": (True, False), "on": (True,), "off": (False,)}[args.huge_pages]:
+        rows = host_tensor(
+            (int(args.host_gib * 2**30) // (H * T * 2 * D * 2), H, T, 2 * D),
+            torch.bfloat16,
+            True,
+            huge_pages=huge,
+        )
+        for batch, context_pages in ((1, 512), (4, 512), (16, 128)):
+            for swept in (False, True):
+                us = gather_us(rows, batch, context_pages, args.top_k, swept)
+                gbs = batch * H * args.top_k * 2 * D * 2 / us / 1e3
+                out.append(
+                    {
+                        "huge_pages": huge,
+                        "batch": batch,
+                        "context_pages": context_pages,
+                        "swept": swept,
+                        "us": round(us, 1),
+                        "gb_per_s": round(gbs, 1),
+                        **info,
+                    }
+                )
+                print(
+                    f"{huge!s:>5} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} {gbs:>6.1f}",
+                    flush=True,
+                )
+        del rows  # unregistered and freed before the next tier is locked
     write_rows(args.output, out)
     return out
 
