@@ -5,7 +5,8 @@
         --server-args "--gpu-memory-limit 80 --host-kv-gib 100" --output benchmarks/results/throughput.json
 
 One server per policy, every one with the same flags (--server-args; a tailor spec without a preset gets the default
-one written out, so its rows and command name it). Per context, batch sizes double from --start until one does not
+one written out, so its rows and command name it). A spec's options may be engine settings too, for rows side by
+side in one run (`full::overlap_schedule=true`: the server gets --enable-overlap-schedule). Per context, batch sizes double from --start until one does not
 fit, then bisect until the size after the largest that fits is one that did not: every probe is a row (`fits`), the
 largest fitting one marked `largest`. A probe sends B requests at once (prompt = context - output_len random tokens,
 answers of --output-len tokens, EOS ignored); it fits when the server ran all B at once (its running count, polled)
@@ -30,7 +31,7 @@ import httpx
 from benchmarks import bench_serving
 from benchmarks.policy_spec import add_tp_argument, identity, label, parse_policy
 from benchmarks.rows import run_info, write_rows
-from tailorkv.cli import option_flag
+from tailorkv.cli import option_args
 from tailorkv.kvcache.tailor_config import DEFAULT_PRESET
 
 
@@ -50,7 +51,7 @@ def server_command(args, spec: str) -> list[str]:
     if preset:
         cmd += ["--tailor-preset", preset]
     for k, v in options.items():
-        cmd += [option_flag(k), str(v)]
+        cmd += option_args(k, v)
     return cmd + shlex.split(args.server_args)
 
 

@@ -41,10 +41,20 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
 )
 
 
-def option_flag(option: str) -> str:
-    """The CLI flag of a KV-policy option (e.g. top_k -> --tailor-top-k)."""
-    arg = next(a for a, o in POLICY_ARGS.items() if o == option)
-    return "--" + arg.replace("_", "-")
+def option_args(option: str, value) -> list[str]:
+    """The CLI arguments that set a KV-policy option or an engine setting to `value` (top_k=64 -> --tailor-top-k 64;
+    overlap_schedule=True -> --enable-overlap-schedule)."""
+    arg = next((a for a, o in POLICY_ARGS.items() if o == option), None)
+    if arg is not None:
+        return ["--" + arg.replace("_", "-"), str(value)]
+    p = argparse.ArgumentParser(add_help=False)
+    add_engine_args(p)
+    action = next((a for a in p._actions if a.dest == option), None)
+    if action is None:
+        raise ConfigError(f"no command-line flag sets {option!r}")
+    if isinstance(action, argparse._StoreTrueAction):
+        return action.option_strings[:1] if value else []
+    return [action.option_strings[0], str(value)]
 
 
 def _int_option(flag: str):

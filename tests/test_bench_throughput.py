@@ -41,6 +41,12 @@ def test_presets_are_pinned():
     )
     cmd = " ".join(bench_throughput.server_command(args, spec))
     assert "--tp 2 --tailor-preset longbench --host-kv-dtype fp8 --device cpu" in cmd
+    # an engine setting in a spec: its flag (a switch alone, left out when false)
+    cmd = bench_throughput.server_command(args, "full::overlap_schedule=true:step_budget_ms=50")
+    assert cmd[-5:] == ["--enable-overlap-schedule", "--step-budget-ms", "50", "--device", "cpu"]
+    assert "--enable-overlap-schedule" not in bench_throughput.server_command(
+        args, "full::overlap_schedule=false"
+    )
 
 
 def test_script_finds_the_largest_batch_on_cpu(tmp_path):
