@@ -14,6 +14,7 @@ from tailorkv.config import EngineConfig
 from tailorkv.engine.engine import Engine
 from tailorkv.engine.request import RequestOptions
 from tailorkv.engine.sampling import SamplingParams
+from tailorkv.engine.warm_up import warm_up
 from tailorkv.errors import ConfigError
 
 PROMPTS = [f"Fact {i}: the number {7 * i + 3} is" for i in range(4)] + [
@@ -160,3 +161,10 @@ def test_overlapped_cuda_graph_steps_decode_what_synced_steps_decode(policy):
     with Engine(**kw, host_kv_gib=1, overlap_schedule=True) as e:
         assert run(e) == want
         assert e.runner.graphs.shapes and e.step_log.overlapped_steps >= 15
+
+
+def test_warm_up_lands_its_last_step():
+    with Engine(progress=False, kv_cache_gib=0.25, overlap_schedule=True) as e:
+        warm_up(e)
+        assert e.step_log.overlapped_steps > 0 and not e.has_work and not e.requests
+        assert free_pages(e) == [0]
