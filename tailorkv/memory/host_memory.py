@@ -53,11 +53,11 @@ def default_host_gib(cuda: bool, ranks: int = 1, available: int | None = None) -
 
 
 def host_tensor(
-    shape: tuple[int, ...], dtype: torch.dtype, pinned: bool, huge_pages: bool = True
+    shape: tuple[int, ...], dtype: torch.dtype, pinned: bool, huge_pages: bool = False
 ) -> torch.Tensor:
-    """An uninitialised CPU tensor, page-locked exactly (no rounding) when `pinned`; backed by transparent huge
-    pages where the kernel allows (`huge_pages`, before anything touches it): the top-k fetch reads 512-B rows
-    scattered over gigabytes, and 2 MiB pages need 512x fewer translations than 4 KiB ones."""
+    """An uninitialised CPU tensor, page-locked exactly (no rounding) when `pinned`; with `huge_pages`, advised to
+    transparent huge pages before anything touches it (bench_uva_gather compares: on the H200 the top-k fetch did
+    not gain from them, benchmarks/NOTES.md)."""
     t = torch.empty(shape, dtype=dtype)
     if huge_pages:
         advise_huge_pages(t.data_ptr(), t.numel() * t.element_size())
