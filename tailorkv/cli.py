@@ -52,8 +52,10 @@ def option_args(option: str, value) -> list[str]:
     action = next((a for a in p._actions if a.dest == option), None)
     if action is None:
         raise ConfigError(f"no command-line flag sets {option!r}")
-    if isinstance(action, argparse._StoreTrueAction):
-        return action.option_strings[:1] if value else []
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        # a switch: the one of its flags that sets `value` (--enable-x / --disable-x)
+        flag = next((a for a in p._actions if a.dest == option and a.const == bool(value)), None)
+        return flag.option_strings[:1] if flag else []
     return [action.option_strings[0], str(value)]
 
 
@@ -208,7 +210,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="launch each decode step before the previous step's tokens reach the host, as SGLang's overlap "
-        "scheduler (one rank)",
+        "scheduler (one rank; the default on CUDA at --tp 1)",
+    )
+    p.add_argument(
+        "--disable-overlap-schedule",
+        dest="overlap_schedule",
+        action="store_false",
+        default=None,
+        help="run each decode step after the previous step's tokens reached the host",
     )
 
 

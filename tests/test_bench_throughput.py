@@ -44,7 +44,7 @@ def test_presets_are_pinned():
     # an engine setting in a spec: its flag (a switch alone, left out when false)
     cmd = bench_throughput.server_command(args, "full::overlap_schedule=true:step_budget_ms=50")
     assert cmd[-5:] == ["--enable-overlap-schedule", "--step-budget-ms", "50", "--device", "cpu"]
-    assert "--enable-overlap-schedule" not in bench_throughput.server_command(
+    assert "--disable-overlap-schedule" in bench_throughput.server_command(
         args, "full::overlap_schedule=false"
     )
 

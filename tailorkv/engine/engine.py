@@ -62,10 +62,11 @@ class Engine:
 
     def _start(self, config: EngineConfig) -> None:
         device = pick_device(rank_device(config, 0))
+        cuda = device.type == "cuda"
         if config.chunked_prefill_size is None:
-            config = replace(
-                config, chunked_prefill_size=CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK
-            )
+            config = replace(config, chunked_prefill_size=CUDA_CHUNK if cuda else CPU_CHUNK)
+        if config.overlap_schedule is None:
+            config = replace(config, overlap_schedule=cuda and config.tp_size == 1)
         self.options, self.kv_policy = config, config.kv_policy
         if config.tp_size > 1:  # before any process starts
             check_divisible(resolve(config.model, device).config, config.tp_size)
