@@ -1,7 +1,8 @@
 """Chunked prefill beside decoding users, step by step in one engine (no server): --users requests of --user-len
 tokens decode while one --long-len prompt prefills; then that prompt's length alone. Rows: the users' longest
 inter-token gap while the long prompt prefilled, their median gap before and after it, the long prompt's TTFT
-there and alone, and peak GPU memory.
+there and alone, peak GPU memory, and each step while it prefilled (`prefill_steps`: its prompt tokens, the tokens
+before them, its seconds and what the step-cost model predicted, to see what a gap over the budget was made of).
 
   python -m benchmarks.bench_mixed_steps --model dummy:llama-3.1-8b --policy tailor --users 8 --user-len 32768 \\
       --long-len 126000 --engine-args '{"tailor_preset": "longbench", "host_kv_gib": 60}' --out FILE
@@ -39,12 +40,28 @@ def measure(e: Engine, args, sync) -> dict:
     sp = SamplingParams(max_new_tokens=args.user_output, temperature=0, ignore_eos=True)
     users = [e.add_request(prompt(args.user_len), sp) for _ in range(args.users)]
     stamps: dict[int, list[float]] = {u.rid: [] for u in users}
+    steps: list[dict] = []  # the steps that computed the long prompt
+    cost = e.scheduler.cost
 
     def step():
+        fit = cost and cost.fit()
+        t = time.perf_counter()
         done = e.step()
         sync()
+        now = time.perf_counter()
         for r in done:
-            stamps.get(r.rid, []).append(time.perf_counter())
+            stamps.get(r.rid, []).append(now)
+        chunks = e.step_log.chunks
+        if chunks and chunks[0][0] + chunks[0][1] > args.user_len:
+            flops = sum(cost.flops(*c) for c in chunks) if cost else 0.0
+            steps.append(
+                {
+                    "new": chunks[0][0],
+                    "prefix": chunks[0][1],
+                    "s": now - t,
+                    "predicted_s": fit and (cost.decode_s or 0.0) + fit[0] + fit[1] * flops,
+                }
+            )
 
     while not all(len(u.output_ids) >= 2 for u in users):
         step()
@@ -60,6 +77,7 @@ def measure(e: Engine, args, sync) -> dict:
         step()
     ttft = time.perf_counter() - t0
     marks.append({k: len(v) for k, v in stamps.items()})
+    prefill_steps = list(steps)
     for _ in range(args.steps):
         step()
     marks.append({k: len(v) for k, v in stamps.items()})
@@ -88,6 +106,8 @@ def measure(e: Engine, args, sync) -> dict:
         "tpot_s_median": statistics.median(outside) if outside else None,
         "ttft_s": ttft,
         "ttft_alone_s": time.perf_counter() - t0,
+        "prefill_steps": prefill_steps,
+        "prefill_steps_alone": steps[len(prefill_steps) :],
     }
     if torch.cuda.is_available():
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -7,7 +7,7 @@ def test_decode_summary_every_interval(caplog):
     log = StepLog(interval=4)
     with caplog.at_level("INFO", logger="tailorkv.engine"):
         for i in range(9):
-            log.record([(100, 256)] if i == 2 else [], 8, 0.02)
+            log.record([(100, 256)] * (i == 2), [(100, 256)] * (i == 2), 8, 0.02)
     assert [r.getMessage() for r in caplog.records] == [
         "prefill: 1 seqs, 100 new tokens, 256 cached tokens, 8 decoding, 20.0 ms",
         "decode: 8 running, 20.0 ms/step, 400.0 tok/s",

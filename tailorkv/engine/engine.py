@@ -340,7 +340,7 @@ class Engine:
         return out
 
     def _observe(self, chunks: list, prefill: list, decoding: int, seconds: float) -> None:
-        self.step_log.record(prefill, decoding, seconds)
+        self.step_log.record(chunks, prefill, decoding, seconds)
         if self.scheduler.cost:
             self.scheduler.cost.observe(chunks, decoding, seconds)
         self.step_log.allocator(self._allocator_retries())

@@ -16,6 +16,8 @@ class StepLog:
         self.decode_steps = self.decode_tokens = 0
         self.decode_seconds = 0.0
         self.prefill_seconds = 0.0  # the last step that prefilled
+        # the last step's prompt chunks: (new tokens, tokens before them) of each prefill row
+        self.chunks: list[tuple[int, int]] = []
         self.alloc_retries = 0
         self.overlapped_steps = (
             0  # decode steps launched before the tokens of the step before had landed
@@ -31,8 +33,16 @@ class StepLog:
             )
         self.alloc_retries = retries
 
-    def record(self, prefill: list[tuple[int, int]], decoding: int, seconds: float) -> None:
-        """`prefill`: (new tokens, cached tokens) of each row computing its prompt; `decoding`: rows decoding."""
+    def record(
+        self,
+        chunks: list[tuple[int, int]],
+        prefill: list[tuple[int, int]],
+        decoding: int,
+        seconds: float,
+    ) -> None:
+        """`chunks`: (new tokens, tokens before them) of each row computing its prompt; `prefill`: (new tokens,
+        cached tokens) of each; `decoding`: rows decoding."""
+        self.chunks = chunks
         if prefill:
             self.prefill_seconds = seconds
             log.info(

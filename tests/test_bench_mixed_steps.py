@@ -1,0 +1,20 @@
+"""bench_mixed_steps on CPU: the long prompt's steps are all recorded, in order, and its gaps and TTFT measured."""
+
+from benchmarks import bench_mixed_steps
+
+
+def test_mixed_steps_records_each_step_of_the_long_prompt():
+    argv = "--model dummy:tiny --users 2 --user-len 200 --long-len 1300 --steps 2".split()
+    (row,) = bench_mixed_steps.main(
+        [*argv, "--engine-args", '{"chunked_prefill_size": 512, "step_budget_ms": 1000}']
+    )
+    # a step's 512 tokens less one per decoding user
+    for key, chunk in (("prefill_steps", 510), ("prefill_steps_alone", 512)):
+        steps = row[key]
+        assert [s["new"] for s in steps] == [chunk, chunk, 1300 - 2 * chunk]
+        assert [s["prefix"] for s in steps] == [0, chunk, 2 * chunk]
+        assert all(s["s"] > 0 for s in steps)
+    # beside the users the cost model was fitted by then (their prompts' steps); alone too
+    assert all(s["predicted_s"] > 0 for s in row["prefill_steps"][1:])
+    assert row["itl_s_max_during_prefill"] >= row["tpot_s_median"] > 0
+    assert row["ttft_s"] > 0 and row["ttft_alone_s"] > 0
