@@ -110,8 +110,10 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
     a padded bucket may round differently from one over the real rows (tailor is float32 only: its captured shapes
     pad pages and generated tokens, which changes the summation order, and bf16 rounding can flip near-ties of the
     random weights). Prompts are chunked at 256 tokens, so steps of decode rows and prompt chunks replay the decode
-    rows' graph beside an eager pass of the chunks. float32 also compares teacher-forced logprobs to 1e-4: greedy
-    tokens of random weights stay the same under real bugs (tests/conftest.py, assert_close_logprobs)."""
+    rows' graph beside an eager pass of the chunks where their shape has one (a shape is captured only in a step
+    without chunks: the second pass of the prompts replays what the first captured). float32 also compares
+    teacher-forced logprobs to 1e-4: greedy tokens of random weights stay the same under real bugs (tests/conftest.py,
+    assert_close_logprobs)."""
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1000, 517, 64, 300)]
     lengths = (70, 24, 33, 8) if dtype == "float32" else (70,) * 4
@@ -130,13 +132,30 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
             step_budget_ms=0,
             **opts,
         ) as e:
-            outs.append(
-                [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sps)]
-            )
+            mixed = []  # (captured before, replayed) of each step with decode rows and prompt chunks
+            if graph:
+                run = e.runner.graphs.run
+
+                def spy(ids, batch, capture=True):
+                    shapes, out = len(e.runner.graphs.shapes), run(ids, batch, capture)
+                    if not capture:
+                        mixed.append((len(e.runner.graphs.shapes) - shapes, out is not None))
+                    return out
+
+                e.runner.graphs.run = spy
+            for _ in range(2):
+                outs.append(
+                    [r["output_ids"] for r in e.generate(input_ids=prompts, sampling_params=sps)]
+                )
             if dtype == "float32":
                 logprobs.append([r.output_logprobs for r in e.forced(prompts, forced)])
             assert bool(e.runner.graphs and e.runner.graphs.shapes) == graph
-    assert outs[1] == outs[0]
+            if (
+                graph
+            ):  # mixed steps never capture; full's (shape: the rows' bucket) replay the second time
+                assert mixed and not any(c for c, _ in mixed)
+                assert policy != "full" or any(r for _, r in mixed)
+    assert outs[3] == outs[2] == outs[1] == outs[0]
     for got, want in zip(*logprobs) if logprobs else ():
         assert_close_logprobs(got, want)
 

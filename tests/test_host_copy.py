@@ -123,7 +123,7 @@ def test_gather_rows_reads_pages_with_a_gpu_copy_from_it(kt, dtype, b, np_, h, t
     pages = _pages(b, np_, 12)
     slots = torch.full((b, np_), -1, dtype=torch.long)
     slots[:, ::2] = torch.arange(0, (np_ + 1) // 2)[None] % 4
-    slots = slots.masked_fill(pages < 0, -1).to(DEVICE)
+    slots = slots.masked_fill(pages.cpu() < 0, -1).to(DEVICE)
     g = torch.Generator().manual_seed(5)
     idx = (
         torch.stack([torch.randperm(np_ * t, generator=g)[:k] for _ in range(b * h)])

@@ -75,7 +75,7 @@ def assert_same(got: list[tuple], want: list[tuple]) -> None:
 
 @pytest.mark.parametrize("policy", ["full", "tailor"])
 def test_overlap_schedule_decodes_what_the_step_by_step_engine_decodes(policy):
-    kw = dict(kv_policy=policy, progress=False, kv_cache_gib=0.25, host_kv_gib=0.5)
+    kw = dict(kv_policy=policy, device="cpu", progress=False, kv_cache_gib=0.25, host_kv_gib=0.5)
     with Engine(**kw) as e:
         want = run(e)
         decode_steps = e.step_log.decode_steps
@@ -99,7 +99,7 @@ def test_a_retraction_waits_for_the_tokens_in_flight():
     prompts = [[1 + i, 40 + 3 * i, 900 + i] * 7 for i in range(4)]
     sp = SamplingParams.from_any({"max_new_tokens": 60, "temperature": 0, "ignore_eos": True})
     logprobs = RequestOptions(top_logprobs_num=0)
-    with Engine(model="dummy:tiny", progress=False, kv_cache_gib=0.01) as roomy:
+    with Engine(model="dummy:tiny", device="cpu", progress=False, kv_cache_gib=0.01) as roomy:
         want = [roomy.add_request(p, sp, logprobs) for p in prompts]
         while roomy.has_work:
             roomy.step()
@@ -108,6 +108,7 @@ def test_a_retraction_waits_for_the_tokens_in_flight():
         )
     tight = Engine(
         model="dummy:tiny",
+        device="cpu",
         progress=False,
         kv_cache_gib=16 * page / 2**30,
         reserve_output_tokens=16,
@@ -130,9 +131,9 @@ def test_an_abort_while_its_step_is_in_flight_frees_every_page():
     are picked out of it), and every page is freed."""
     params = {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True}
     sp = SamplingParams.from_any(params)
-    with Engine(progress=False, kv_cache_gib=0.25) as plain:
+    with Engine(device="cpu", progress=False, kv_cache_gib=0.25) as plain:
         want = [o["output_ids"] for o in plain.generate(PROMPTS[:3], sampling_params=params)]
-    with Engine(progress=False, kv_cache_gib=0.25, overlap_schedule=True) as e:
+    with Engine(device="cpu", progress=False, kv_cache_gib=0.25, overlap_schedule=True) as e:
         reqs = [e.add_request(e.tokenize(p, None), sp) for p in PROMPTS[:3]]
         while e.step_log.overlapped_steps < 3:
             e.step()
@@ -166,7 +167,7 @@ def test_overlapped_cuda_graph_steps_decode_what_synced_steps_decode(policy):
 
 
 def test_warm_up_lands_its_last_step():
-    with Engine(progress=False, kv_cache_gib=0.25, overlap_schedule=True) as e:
+    with Engine(device="cpu", progress=False, kv_cache_gib=0.25, overlap_schedule=True) as e:
         warm_up(e)
         assert e.step_log.overlapped_steps > 0 and not e.has_work and not e.requests
         assert free_pages(e) == [0]

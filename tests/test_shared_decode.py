@@ -45,7 +45,7 @@ def test_users_of_one_document_decode_the_logprobs_of_rows_that_read_their_own_p
     words = lambda n: torch.randint(100, 40000, (n,), generator=g).tolist()  # noqa: E731
     doc = words(540)
     prompts, forced = [doc + words(n) for n in (5, 21, 40)], [words(8) for _ in range(3)]
-    with Engine(model="dummy:tiny", progress=False, kv_cache_gib=0.05) as e:
+    with Engine(model="dummy:tiny", device="cpu", progress=False, kv_cache_gib=0.05) as e:
         e.generate(input_ids=doc + [7, 8, 9], sampling_params={"max_new_tokens": 1})
         planned.clear()
         grouped = [r.output_logprobs for r in e.forced(prompts, forced)]

@@ -44,9 +44,12 @@ class DecodeGraphs:
         self.shapes: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def run(self, ids: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, StepState] | None:
+    def run(
+        self, ids: torch.Tensor, batch: ForwardBatch, capture: bool = True
+    ) -> tuple[torch.Tensor, StepState] | None:
         """Hidden states [B, hidden] of a decode batch and the step's state (from the policy's
-        `prepare_for_graph`), or None when this step must run eagerly."""
+        `prepare_for_graph`), or None when this step must run eagerly: the policy cannot graph it, or its shape
+        has no graph yet and `capture` is False."""
         rows = next((b for b in self.buckets if b >= batch.size), None)
         prepared = None if rows is None else self.policy.prepare_for_graph(batch, rows)
         if prepared is None:
@@ -55,6 +58,8 @@ class DecodeGraphs:
         shape = self.shapes.get((rows, key))
         n = batch.size
         if shape is None:
+            if not capture:
+                return None
             shape = self.shapes[(rows, key)] = self._capture(rows, ids, step)
         # padding rows keep earlier ids and positions: valid, and nobody reads their output
         shape.ids[:n].copy_(ids)

@@ -98,9 +98,12 @@ class ModelRunner:
         self.policy.finish(step)
         return hidden
 
-    def _replay(self, batch: ForwardBatch, ids: torch.Tensor) -> torch.Tensor | None:
-        """A decode pass replayed from the CUDA graphs, or None when there are none or they cannot run it."""
-        graphed = self.graphs.run(ids, batch) if self.graphs is not None else None
+    def _replay(
+        self, batch: ForwardBatch, ids: torch.Tensor, capture: bool = True
+    ) -> torch.Tensor | None:
+        """A decode pass replayed from the CUDA graphs, or None when there are none or they cannot run it (or
+        its shape has no graph and `capture` is False)."""
+        graphed = self.graphs.run(ids, batch, capture) if self.graphs is not None else None
         if graphed is None:
             return None
         self.policy.finish(graphed[1])
@@ -110,7 +113,10 @@ class ModelRunner:
         """A step of decode rows and prompt chunks as two passes: the decode rows replayed from the CUDA graphs,
         then the chunks eagerly. The weights are read twice (~3.5 ms for an 8B model on an H200) instead of the
         decode rows' attention and host time running eagerly (~25 ms for 8 tailor rows at 32k). None (one eager
-        pass) without graphs or decode rows, or when the policy cannot graph these rows."""
+        pass) without graphs or decode rows, or when the policy cannot graph these rows, or their shape has no graph
+        yet: a capture (~0.13 s for 8 tailor rows on the H200, once per shape as contexts grow) waits for a step
+        without prompt chunks, which is short enough to hold it (the decoders' longest gap beside a long prompt's
+        chunks was such a capture, 0.32-0.35 s against the 0.2 s step budget)."""
         dec = [i for i, n in enumerate(batch.new) if n == 1]
         rest = [i for i, n in enumerate(batch.new) if n != 1]
         if self.graphs is None or not dec:
@@ -123,7 +129,7 @@ class ModelRunner:
             )
 
         at = torch.tensor([batch.cu[i] for i in dec], dtype=torch.long)
-        decoded = self._replay(rows(dec), to_device(flat[at], self.device))
+        decoded = self._replay(rows(dec), to_device(flat[at], self.device), capture=False)
         if decoded is None:
             return None
         chunks = torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in rest])
