@@ -41,6 +41,7 @@ def measure(e: Engine, args, sync) -> dict:
     users = [e.add_request(prompt(args.user_len), sp) for _ in range(args.users)]
     stamps: dict[int, list[float]] = {u.rid: [] for u in users}
     steps: list[dict] = []  # the steps that computed the long prompt
+    long_added = False
     cost = e.scheduler.cost
 
     def step():
@@ -52,7 +53,7 @@ def measure(e: Engine, args, sync) -> dict:
         for r in done:
             stamps.get(r.rid, []).append(now)
         chunks = e.step_log.chunks
-        if chunks and chunks[0][0] + chunks[0][1] > args.user_len:
+        if chunks and long_added:
             flops = sum(cost.flops(*c) for c in chunks) if cost else 0.0
             steps.append(
                 {
@@ -69,7 +70,7 @@ def measure(e: Engine, args, sync) -> dict:
     for _ in range(args.steps):
         step()
     marks.append({k: len(v) for k, v in stamps.items()})
-    t0 = time.perf_counter()
+    t0, long_added = time.perf_counter(), True
     long = e.add_request(
         prompt(args.long_len), SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     )

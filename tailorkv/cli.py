@@ -202,7 +202,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--enable-torch-compile",
         action="store_true",
         default=None,
-        help="fuse the norms, SwiGLU's gate and RoPE with torch.compile (the first steps of each shape compile)",
+        help="fuse the norms, SwiGLU's gate and RoPE with torch.compile (the first steps of each shape compile; "
+        "the default on CUDA)",
+    )
+    p.add_argument(
+        "--disable-torch-compile",
+        dest="enable_torch_compile",
+        action="store_false",
+        default=None,
+        help="run the norms, SwiGLU's gate and RoPE as eager torch",
     )
     p.add_argument(
         "--enable-overlap-schedule",

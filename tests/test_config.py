@@ -92,6 +92,10 @@ def test_cli_arguments_build_the_config():
     )
     args = build_parser().parse_args(["generate", "--prompt", "hi"])
     assert engine_config(args, kv_cache_gib=0.01) == EngineConfig(kv_cache_gib=0.01)
+    # on by default on CUDA (None until the engine knows its device), off when asked
+    args = build_parser().parse_args("serve --disable-torch-compile".split())
+    assert engine_config(args).enable_torch_compile is False
+    assert EngineConfig().enable_torch_compile is None
 
 
 def test_cli_tailor_knobs_become_policy_options():

@@ -67,6 +67,8 @@ class Engine:
             config = replace(config, chunked_prefill_size=CUDA_CHUNK if cuda else CPU_CHUNK)
         if config.overlap_schedule is None:
             config = replace(config, overlap_schedule=cuda and config.tp_size == 1)
+        if config.enable_torch_compile is None:
+            config = replace(config, enable_torch_compile=cuda)
         self.options, self.kv_policy = config, config.kv_policy
         if config.tp_size > 1:  # before any process starts
             check_divisible(resolve(config.model, device).config, config.tp_size)
