@@ -425,23 +425,26 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
 
 
 class EagerGraphs:
-    """DecodeGraphs' contract run eagerly (CPU has no CUDA graphs): the policy's graph-shaped step, no capture."""
+    """DecodeGraphs' contract run eagerly (CPU has no CUDA graphs): the policy's graph-shaped step, every shape as
+    if captured before; `capture` (may this step capture a shape) recorded per call."""
 
     def __init__(self, e: Engine):
-        self.model, self.policy, self.rows = e.model, e.policy, []
+        self.model, self.policy, self.rows, self.capture = e.model, e.policy, [], []
 
-    def run(self, ids, batch):
+    def run(self, ids, batch, capture=True):
         prepared = self.policy.prepare_for_graph(batch, batch.size)
         if prepared is None:
             return None
         self.rows.append(batch.size)
+        self.capture.append(capture)
         return self.model(ids, batch.positions, self.policy, prepared[0]), prepared[0]
 
 
 @pytest.mark.parametrize("options", [SKETCH2, {"kv_policy": "full"}])
 def test_decode_rows_of_a_mixed_step_replay_the_graph(prompt, options):
-    """With CUDA graphs, a step of decode rows and prompt chunks replays the decode rows' graph and runs the chunks
-    in a second, eager pass: greedy tokens equal one eager pass's."""
+    """With CUDA graphs, a step of decode rows and prompt chunks replays the decode rows' graph (where their shape
+    has one: such a step never captures) and runs the chunks in a second, eager pass: greedy tokens equal one eager
+    pass's."""
     prompts, sp = [prompt, prompt[:850]], {**GREEDY, "max_new_tokens": 24}
     with Engine(**SMALL, **options, enable_prefix_caching=False) as e:
         e.scheduler.chunk_tokens = 37
@@ -453,6 +456,8 @@ def test_decode_rows_of_a_mixed_step_replay_the_graph(prompt, options):
             len(s) == 2 and s[0][2] != s[1][2] for s in decoding
         )  # steps of a decode row and a chunk
         assert len(e.runner.graphs.rows) == len(decoding)  # each replayed its decode rows
+        # only the steps without chunks may capture
+        assert e.runner.graphs.capture == [all(n == 1 for *_, n in s) for s in decoding]
         assert not e.memory.held
 
 

@@ -9,9 +9,9 @@ def test_warm_up_runs_each_kind_of_step_and_leaves_nothing():
         steps = []  # (prefill rows' cached tokens, decoding rows)
         record = e.step_log.record
 
-        def recording(prefill, decoding, seconds):
+        def recording(chunks, prefill, decoding, seconds):
             steps.append(([c for _, c in prefill], decoding))
-            record(prefill, decoding, seconds)
+            record(chunks, prefill, decoding, seconds)
 
         e.step_log.record = recording
         warm_up(e)
