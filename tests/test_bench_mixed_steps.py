@@ -4,14 +4,14 @@ from benchmarks import bench_mixed_steps
 
 
 def test_mixed_steps_records_each_step_of_the_long_prompt():
-    argv = "--model dummy:tiny --users 2 --user-len 200 --long-len 1300 --steps 2".split()
+    argv = "--model dummy:tiny --users 2 --user-len 200 --long-len 700 --steps 2".split()
     (row,) = bench_mixed_steps.main(
-        [*argv, "--engine-args", '{"chunked_prefill_size": 512, "step_budget_ms": 1000}']
+        [*argv, "--engine-args", '{"chunked_prefill_size": 256, "step_budget_ms": 1000}']
     )
-    # a step's 512 tokens less one per decoding user
-    for key, chunk in (("prefill_steps", 510), ("prefill_steps_alone", 512)):
+    # a step's 256 tokens less one per decoding user
+    for key, chunk in (("prefill_steps", 254), ("prefill_steps_alone", 256)):
         steps = row[key]
-        assert [s["new"] for s in steps] == [chunk, chunk, 1300 - 2 * chunk]
+        assert [s["new"] for s in steps] == [chunk, chunk, 700 - 2 * chunk]
         assert [s["prefix"] for s in steps] == [0, chunk, 2 * chunk]
         assert all(s["s"] > 0 for s in steps)
     # beside the users the cost model was fitted by then (their prompts' steps); alone too
