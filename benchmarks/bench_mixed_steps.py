@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -75,7 +76,11 @@ def measure(e: Engine, args, sync) -> dict:
         prompt(args.long_len), SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
     )
     while not long.output_ids:
-        step()
+        if args.profile_at is not None and long.seq.num_computed >= args.profile_at:
+            args.profile_at = None  # one step
+            profile(step, args.out)
+        else:
+            step()
     ttft = time.perf_counter() - t0
     marks.append({k: len(v) for k, v in stamps.items()})
     prefill_steps = list(steps)
@@ -115,6 +120,23 @@ def measure(e: Engine, args, sync) -> dict:
     return row
 
 
+def profile(step, out: str | None) -> None:
+    """One step under torch.profiler: the device's time per kernel, then the host's per op (its syncs, launches
+    and Python work), to OUT's name with .prof.txt."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    path = f"{os.path.splitext(out or 'mixed_steps')[0]}.prof.txt"
+    with open(path, "w") as f:
+        for by in dict.fromkeys((key, "cpu_time_total")):
+            f.write(
+                prof.key_averages().table(sort_by=by, row_limit=30, max_name_column_width=60) + "\n"
+            )
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="dummy:llama-3.1-8b")
@@ -133,6 +155,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--engine-args", type=json.loads, default={}, help="Engine keyword arguments (JSON)"
     )
     p.add_argument("--out", default=None, help="JSON file the row is written to")
+    p.add_argument(
+        "--profile-at",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="profile the long prompt's first step beside the users after TOKENS of it (to OUT.prof.txt)",
+    )
     args = p.parse_args(argv)
     rows = [{**run(args), **run_info("benchmarks.bench_mixed_steps", argv)}]
     print(json.dumps(rows, indent=1))

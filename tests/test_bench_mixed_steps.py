@@ -3,11 +3,14 @@
 from benchmarks import bench_mixed_steps
 
 
-def test_mixed_steps_records_each_step_of_the_long_prompt():
-    argv = "--model dummy:tiny --users 2 --user-len 200 --long-len 700 --steps 2".split()
+def test_mixed_steps_records_each_step_of_the_long_prompt(tmp_path):
+    out = tmp_path / "mixed.json"
+    argv = f"--model dummy:tiny --users 2 --user-len 200 --long-len 700 --steps 2 --profile-at 300 --out {out}"
     (row,) = bench_mixed_steps.main(
-        [*argv, "--engine-args", '{"chunked_prefill_size": 256, "step_budget_ms": 1000}']
+        [*argv.split(), "--engine-args", '{"chunked_prefill_size": 256, "step_budget_ms": 1000}']
     )
+    # the step after 300 of the prompt's tokens (its third) profiled
+    assert "aten::" in (tmp_path / "mixed.prof.txt").read_text()
     # a step's 256 tokens less one per decoding user
     for key, chunk in (("prefill_steps", 254), ("prefill_steps_alone", 256)):
         steps = row[key]
