@@ -64,10 +64,10 @@ def measure(
     dev = 2 * n / _seconds(lambda: dst.copy_(src), device)
     host = host_tensor((n,), torch.uint8, cuda)
     h2d = n / _seconds(lambda: dst.copy_(host, non_blocking=True), device)
-    h, t, w = row_shape
+    t, h, w = row_shape
     page = h * t * w * torch.empty(0, dtype=row_dtype).element_size()
     pages = max(n // page, batch)
-    rows = host_tensor((pages, h, t, w), row_dtype, cuda)
+    rows = host_tensor((pages, t, h, w), row_dtype, cuda)
     per_row = pages // batch
     table = (torch.arange(batch)[:, None] * per_row + torch.arange(per_row)).to(device)
     idx = torch.rand(batch, h, per_row * t, device=device).topk(min(top_k, per_row * t), -1)

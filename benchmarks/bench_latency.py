@@ -47,12 +47,12 @@ def held_bytes(engine: Engine, rid: int) -> dict[str, int]:
 
 
 def host_rows(engine: Engine) -> tuple[tuple[int, int, int], torch.dtype]:
-    """The layout of a host page's token rows [heads, tokens, width] and their dtype (what the top-k gathers)."""
+    """The layout of a host page's token rows [tokens, heads, width] and their dtype (what the top-k gathers)."""
     store = getattr(engine.policy, "offload", None)
     if store is not None:
         return store.row_shape, store.row_dtype
     c = engine.config
-    return (c.num_kv_heads, 256, 2 * c.head_dim), engine.dtype
+    return (256, c.num_kv_heads, 2 * c.head_dim), engine.dtype
 
 
 def copied_share(engine: Engine, rids: list[int]) -> float:
@@ -80,7 +80,7 @@ def floor_parts(
         t, ns = engine.policy.tc, len(engine.policy.s_index)
         # d_s channels of K for every prompt token, unless the key sketch (in gpu_kv) replaces them
         stage1 = 0 if t.key_sketch else ns * c.num_kv_heads * t.d_s * context * item
-        (h, _, w), dtype = host_rows(engine)
+        (_, h, w), dtype = host_rows(engine)
         row = (
             h * w * torch.empty(0, dtype=dtype).element_size()
         )  # one token's rows of every KV head

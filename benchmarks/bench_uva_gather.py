@@ -3,7 +3,7 @@ swept by other work.
 
     python -m benchmarks.bench_uva_gather --output benchmarks/results/uva_gather.json
 
-A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in 256-token pages of [8 heads, 256, 512-B rows]
+A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in 256-token pages of [256 tokens, 8 heads, 512-B rows]
 (Llama-3.1-8B's layout); `--batch` requests, each with its pages contiguous; 31 layers' worth of top-k indices
 (128 random rows per request and head). Each gather is timed alone with CUDA events, either right after the previous
 gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is what the weights streaming
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{'huge':>5} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
     for huge in {"both": (True, False), "on": (True,), "off": (False,)}[args.huge_pages]:
         rows = host_tensor(
-            (int(args.host_gib * 2**30) // (H * T * 2 * D * 2), H, T, 2 * D),
+            (int(args.host_gib * 2**30) // (H * T * 2 * D * 2), T, H, 2 * D),
             torch.bfloat16,
             True,
             huge_pages=huge,

@@ -78,11 +78,13 @@ def test_attention_lse(device, causal, n, length, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_shared_prefix_attention_equals_each_row_over_the_whole_prompt(device):
-    """Three rows of 1, 70 and 9 new tokens after one 300-token prefix; GQA group 3, head_dim 64."""
+    """Three rows of 1, 70 and 9 new tokens after one 300-token prefix; GQA group 3, head_dim 64. The prefix's k
+    and v are strided views of token rows [tokens, heads, k|v], as tailor's host pages are read back."""
     prefix, cu = 300, [0, 1, 71, 80]
     q = rand(80, 6, 64, device=device, seed=3)
     k, v = rand(80, 2, 64, device=device, seed=4), rand(80, 2, 64, device=device, seed=5)
-    pk, pv = rand(prefix, 2, 64, device=device, seed=6), rand(prefix, 2, 64, device=device, seed=7)
+    rows = rand(prefix, 2, 128, device=device, seed=6)
+    pk, pv = rows[..., :64], rows[..., 64:]
     got = shared_prefix_attention(q, k, v, cu, pk, pv)
     assert got.dtype == q.dtype
     for a, b in zip(cu[:-1], cu[1:]):

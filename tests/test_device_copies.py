@@ -96,7 +96,7 @@ def test_a_prefix_read_from_copies_equals_the_host_rows():
         reads = store.copies.reads(tuple(page_runs(pages)), "cpu")
         for layer in range(3):
             got = store.read_prefix(
-                layer, reads, torch.full((len(pages), 3, 256, 128), float("nan"))
+                layer, reads, torch.full((len(pages), *store.row_shape), float("nan"))
             )
             assert torch.equal(got, store.rows[layer][pages])
     assert store.copies.reads(tuple(page_runs([5, 2, 7])), "cpu").host_runs == ()

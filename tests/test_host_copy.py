@@ -91,7 +91,7 @@ def test_gather_channels_matches_reference(kt, dtype, b, np_, h, d, t, c):
     "b,np_,h,t,w,k", [(1, 1, 1, 64, 128, 1), (2, 7, 3, 64, 128, 45), (3, 5, 3, 256, 256, 130)]
 )
 def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
-    rows = _host(12, h, t, w, dtype=dtype)
+    rows = _host(12, t, h, w, dtype=dtype)  # token-major pages
     pages = _pages(b, np_, 12)
     g = torch.Generator().manual_seed(5)
     idx = (
@@ -107,7 +107,7 @@ def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
     assert (expect[no_page] == 0).all()
     pos = idx[0, h - 1, k - 1].item()
     torch.testing.assert_close(
-        expect[0, h - 1, k - 1], rows[pages[0, pos // t].item(), h - 1, pos % t].to(DEVICE)
+        expect[0, h - 1, k - 1], rows[pages[0, pos // t].item(), pos % t, h - 1].to(DEVICE)
     )
 
 
@@ -116,9 +116,9 @@ def test_gather_rows_matches_reference(kt, dtype, b, np_, h, t, w, k):
 def test_gather_rows_reads_pages_with_a_gpu_copy_from_it(kt, dtype, b, np_, h, t, w, k):
     """Pages with a copy slot are read from the copies (which hold other values here, so the source shows), the
     others from the host rows, padding pages as zeros; the kernel equals the reference bit for bit."""
-    rows = _host(12, h, t, w, dtype=dtype)
+    rows = _host(12, t, h, w, dtype=dtype)
     copies = (
-        torch.randn(4, h, t, w, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+        torch.randn(4, t, h, w, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
     )
     pages = _pages(b, np_, 12)
     slots = torch.full((b, np_), -1, dtype=torch.long)
@@ -140,7 +140,7 @@ def test_gather_rows_reads_pages_with_a_gpu_copy_from_it(kt, dtype, b, np_, h, t
     heads = torch.arange(h, device=DEVICE)[None, :, None].expand(b, h, k)
     on_gpu = slot >= 0
     torch.testing.assert_close(
-        expect[on_gpu], copies[slot[on_gpu], heads[on_gpu], (idx % t)[on_gpu]], rtol=0, atol=0
+        expect[on_gpu], copies[slot[on_gpu], (idx % t)[on_gpu], heads[on_gpu]], rtol=0, atol=0
     )
 
 
@@ -152,7 +152,7 @@ def test_ops_dispatch():
 def test_pageable_host_memory_is_refused(kt):
     with pytest.raises(ValueError, match="pinned"):
         kt.gather_rows(
-            torch.zeros(2, 1, 64, 128),
+            torch.zeros(2, 64, 1, 128),
             torch.zeros(1, 1, dtype=torch.long, device="cuda"),
             torch.zeros(1, 1, 1, dtype=torch.long, device="cuda"),
         )

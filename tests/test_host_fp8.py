@@ -91,7 +91,7 @@ def test_triton_attention_dequantizes_as_the_reference(dtype, b, hq, h, d, w, g,
 @pytest.mark.parametrize("h,d,k", [(3, 64, 45), (2, 128, 33)])
 def test_triton_fetch_of_packed_rows_is_the_reference(h, d, k):
     kt = triton_module("host_copy_triton")
-    rows = host_fp8.quantize_rows(_rows(6, h, 256, 2 * d)).to(DEVICE)
+    rows = host_fp8.quantize_rows(_rows(6, 256, h, 2 * d)).to(DEVICE)
     pages = torch.tensor([[4, 1, -1], [0, 5, 2]], device=DEVICE)
     idx = torch.randint(0, 3 * 256, (2, h, k), generator=torch.Generator().manual_seed(1))
     idx = idx.to(DEVICE)
@@ -128,8 +128,13 @@ def test_store_fetch_attend_path_is_the_packed_rows():
     prefix = fp8.shared_prefix(fp8.rows[0][[2, 0]], max_abs=True)
     expect = host_fp8.dequantize_rows(fp8.rows[0][[2, 0]], torch.float32)
     assert prefix.k.dtype == torch.float32
-    assert torch.equal(prefix.k, expect.transpose(1, 2).reshape(512, h, 2 * d)[..., :d])
-    assert fp8.row_buffer(3).shape == (3, h, 256, 2 * d + 4)
+    assert torch.equal(prefix.k, expect.reshape(512, h, 2 * d)[..., :d])
+    assert fp8.row_buffer(3).shape == (3, 256, h, 2 * d + 4)
+    # full-precision rows read back are the prefill's keys and values as they are (views, token after token)
+    buf = plain.rows[0][[2, 0]]
+    read = plain.shared_prefix(buf, max_abs=False)
+    assert read.k.data_ptr() == buf.data_ptr() and read.v.data_ptr() == buf[..., d:].data_ptr()
+    assert torch.equal(read.k[256 + 5, 1], buf[1, 5, 1, :d]) and read.k.shape == (512, h, d)
 
 
 @pytest.mark.parametrize("model,ratio", [("llama-3.1-8b", 1.95), ("smollm2-135m", 1.9)])

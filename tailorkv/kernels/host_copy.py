@@ -6,9 +6,9 @@ Every tensor indexed by `pages` has pages as its leading dim. Results land on th
 - copy_pages: dst[dst_pages] = src[src_pages] (offload a prompt's pages, or bring a request's pages back).
 - gather_channels: TailorKV stage 1, chosen channels of channel-major K [P, H, D, T] for every token of a row's
   pages -> [B, H, C, NP * T].
-- gather_rows: the top-k fetch, token rows [P, H, T, W] (a token's K and V of one head side by side) at
-  positions idx [B, H, K] -> [B, H, K, W]; a page with a GPU copy (copy_slots [B, NP] >= 0, the slot in copies
-  [S, H, T, W]) is read there instead of over PCIe.
+- gather_rows: the top-k fetch, token-major token rows [P, T, H, W] (a token's K and V of one head side by side)
+  at positions idx [B, H, K] -> [B, H, K, W]; a page with a GPU copy (copy_slots [B, NP] >= 0, the slot in copies
+  [S, T, H, W]) is read there instead of over PCIe.
 Page tables [B, NP] are padded with -1 past a row's pages: nothing is read there and zeros are returned.
 """
 
@@ -52,22 +52,22 @@ def gather_rows(
     copies: torch.Tensor | None = None,
     copy_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """rows [P, H, T, W], pages [B, NP], positions idx [B, H, K] -> [B, H, K, W] on pages' device; where
-    copy_slots [B, NP] (beside `copies` [S, H, T, W] on pages' device) is >= 0, from that copy."""
-    t = rows.shape[2]
+    """rows [P, T, H, W] (token-major pages), pages [B, NP], positions idx [B, H, K] -> [B, H, K, W] on pages'
+    device; where copy_slots [B, NP] (beside `copies` [S, T, H, W] on pages' device) is >= 0, from that copy."""
+    t = rows.shape[1]
     b, h, k = idx.shape
     page_of = (idx // t).view(b, -1).to(rows.device)
     page = pages.to(rows.device).gather(1, page_of).view(b, h, k)
     heads = torch.arange(h, device=rows.device)[None, :, None]
     out = (
-        rows[page.clamp(min=0), heads, idx.to(rows.device) % t]
+        rows[page.clamp(min=0), idx.to(rows.device) % t, heads]
         .masked_fill((page < 0)[..., None], 0)
         .to(pages.device)
     )
     if copies is None:
         return out
     slot = copy_slots.gather(1, page_of.to(copy_slots.device)).view(b, h, k)
-    from_copy = copies[slot.clamp(min=0), heads.to(copies.device), idx % t]
+    from_copy = copies[slot.clamp(min=0), idx % t, heads.to(copies.device)]
     return torch.where((slot >= 0)[..., None], from_copy, out)
 
 

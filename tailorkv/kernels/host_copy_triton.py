@@ -122,7 +122,7 @@ def _gather_rows_kernel(
     page = tl.load(pages_ptr + b * sp_b + pos // T, mask=k < K, other=-1).to(tl.int64)
     w = tl.arange(0, BLOCK_W)
     ok = (k < K)[:, None] & (w < W)[None, :]
-    in_page = (h * T + pos % T)[:, None] * W + w[None, :]
+    in_page = ((pos % T) * H + h)[:, None] * W + w[None, :]
     on_host = page >= 0
     if COPIES:
         slot = tl.load(cslots_ptr + b * sc_b + pos // T, mask=k < K, other=-1).to(tl.int64)
@@ -199,7 +199,7 @@ def gather_rows(
     copy_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as host_copy.gather_rows (T must be a power of two)."""
-    _, h, t, w = rows.shape
+    _, t, h, w = rows.shape
     pages = pages.contiguous()
     b, _, k = idx.shape
     out = torch.empty(b, h, k, w, dtype=rows.dtype, device=pages.device)

@@ -1,8 +1,9 @@
 """KV storage of TailorKV's sparsity-friendly ("S") layers: the prompt's full-precision K/V in the host tier,
 sink + recent prompt tokens, max|K| and every generated token in the GPU tier.
 
-Host layout per layer and 256-token page: token rows [H, 256, 2D] with a token's K and V of one KV head side by
-side (what the top-k fetch reads: one 512-B row at D=128), and a channel-major copy of K [H, D, 256] (what
+Host layout per layer and 256-token page: token rows [256, H, 2D] with a token's K and V of one KV head side by
+side (what the top-k fetch reads: one 512-B row at D=128; token-major, so that a prefix read back is a strided
+view [tokens, H, D] of K and of V for the prefill kernels, not a copy), and a channel-major copy of K [H, D, 256] (what
 stage 1 reads: 512-B runs at bf16, which cross PCIe at ~49 GB/s where 128-B runs reach 15). On CUDA the host
 tensors are pinned and the moves (host_copy) are GPU kernels reading and writing them through UVA, except the
 bulk read of a shared prefix, which is DMA copies that overlap compute (or, for pages with a copy in the GPU tier,
@@ -201,7 +202,8 @@ class OffloadStore:
         `fp8_rows`: token rows stored as host_fp8 packed rows."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.dtype, self.fp8_rows = dtype, fp8_rows
-        self.row_shape = (H, HOST_PAGE, host_fp8.row_width(D) if fp8_rows else 2 * D)
+        # token-major pages [256 tokens, H, k|v]: a prefix read back is a view for the prefill kernels (no copy)
+        self.row_shape = (HOST_PAGE, H, host_fp8.row_width(D) if fp8_rows else 2 * D)
         self.row_dtype = torch.uint8 if fp8_rows else dtype
         self.sketch_bits = sketch_bits
         self.h, self.d, self.device, self.window = H, D, device, sink + recent
@@ -337,12 +339,10 @@ class OffloadStore:
         self, row_layer: int, rows: PromptRows, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """Prefill rows' token rows k, v [T, H, D] into their host pages from their start (a multiple of 256);
-        returns the keys stored, as pages [P, H, 256, D]."""
+        returns the keys stored, as pages [P, H, 256, D] (a view)."""
         np_ = rows.host_pages.numel()
-        kp, vp = (
-            x[rows.page_src].view(np_, HOST_PAGE, self.h, self.d).transpose(1, 2) for x in (k, v)
-        )
-        src, kv = torch.arange(np_, device=k.device), torch.cat([kp, vp], dim=-1)
+        kv = torch.cat([k, v], dim=-1)[rows.page_src].view(np_, *self.row_shape[:2], 2 * self.d)
+        kp, src = kv[..., : self.d].transpose(1, 2), torch.arange(np_, device=k.device)
         if self.fp8_rows:
             kv = host_fp8.quantize_rows(kv)
         self.ops.copy_pages(kv, src, self.rows[row_layer], rows.host_pages)
@@ -355,7 +355,7 @@ class OffloadStore:
         return torch.empty(pages, *self.row_shape, dtype=self.row_dtype, device=self.device)
 
     def read_prefix(self, row_layer: int, reads: PrefixReads, out: torch.Tensor) -> torch.Tensor:
-        """The token rows of a shared prefix into `out` [pages, H, 256, 2D] on the device: the pages with a copy
+        """The token rows of a shared prefix into `out` [pages, 256, H, 2D] on the device: the pages with a copy
         from the GPU tier, the others one copy per run of consecutive host pages (on CUDA DMA copies by the copy
         engines, which leave the SMs to the compute they overlap)."""
         src = self.rows[row_layer]
@@ -369,10 +369,11 @@ class OffloadStore:
         return out
 
     def shared_prefix(self, rows: torch.Tensor, max_abs: bool) -> SharedPrefix:
-        """The k, v of prefix rows read back by read_prefix (fp8 rows dequantized), with max|K| when asked."""
+        """The k, v of prefix rows read back by read_prefix (fp8 rows dequantized), with max|K| when asked: views of
+        the rows, token after token (strided, as FlashInfer's prefill reads them)."""
         if self.fp8_rows:
             rows = host_fp8.dequantize_rows(rows, self.dtype)
-        kv = rows.transpose(1, 2).reshape(rows.shape[0] * HOST_PAGE, self.h, 2 * self.d)
+        kv = rows.view(rows.shape[0] * HOST_PAGE, self.h, 2 * self.d)
         k, v = kv[..., : self.d], kv[..., self.d :]
         if not max_abs:
             return SharedPrefix(k, v, None)
