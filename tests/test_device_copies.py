@@ -99,6 +99,11 @@ def test_a_prefix_read_from_copies_equals_the_host_rows():
                 layer, reads, torch.full((len(pages), *store.row_shape), float("nan"))
             )
             assert torch.equal(got, store.rows[layer][pages])
+            # pages whose copies follow one another in the slots are read in place
+            in_place = (
+                got.data_ptr() == store.copy_rows[layer][store.copies.slot(pages[0])].data_ptr()
+            )
+            assert in_place == (pages == [5, 2, 7])
     assert store.copies.reads(tuple(page_runs([5, 2, 7])), "cpu").host_runs == ()
 
 

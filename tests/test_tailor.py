@@ -408,6 +408,8 @@ def test_chunked_prefill_equals_whole_prompt_prefill(prompt, options, chunk, tok
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == want
         copies = "prefix_gpu_gib" in options
         assert reads and all((r.at is not None, not r.host_runs) == (copies, copies) for r in reads)
+        # a prompt's pages took free slots in order: its later chunks read their copies in place
+        assert any(r.run is not None for r in reads) == copies
         prefill = [[(r, n) for r, s, n in step if s < lens[r - len(prompts)]] for step in steps]
         assert max(n for rows in prefill for _, n in rows) <= chunk
         assert any(len(rows) == 2 for rows in prefill)  # both chunking in one step

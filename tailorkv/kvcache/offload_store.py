@@ -354,10 +354,15 @@ class OffloadStore:
         """An uninitialised device buffer for `pages` pages of token rows as stored (read_prefix's `out`)."""
         return torch.empty(pages, *self.row_shape, dtype=self.row_dtype, device=self.device)
 
-    def read_prefix(self, row_layer: int, reads: PrefixReads, out: torch.Tensor) -> torch.Tensor:
+    def read_prefix(
+        self, row_layer: int, reads: PrefixReads, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The token rows of a shared prefix into `out` [pages, 256, H, 2D] on the device: the pages with a copy
         from the GPU tier, the others one copy per run of consecutive host pages (on CUDA DMA copies by the copy
-        engines, which leave the SMs to the compute they overlap)."""
+        engines, which leave the SMs to the compute they overlap). Pages whose copies are one run of slots are
+        those copies (a view; `out` is not needed)."""
+        if reads.run is not None:
+            return self.copy_rows[row_layer][reads.run : reads.run + reads.pages]
         src = self.rows[row_layer]
         for page, at, count in reads.host_runs:
             out[at : at + count].copy_(src[page : page + count], non_blocking=True)

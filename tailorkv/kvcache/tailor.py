@@ -560,6 +560,8 @@ class TailorPolicy(KVPolicy):
     def _read_prefix(self, layer: int, reads: PrefixReads) -> tuple:
         """Start reading a layer's prefix pages (a shared prefix, tails): (their rows on the device, the event of
         their arrival or None)."""
+        if reads.run is not None:  # the copies in place
+            return self.offload.read_prefix(self._row_layer(layer), reads), None
         # allocated on the main stream, which uses and frees it only after waiting for the side stream's copy
         out = self.offload.row_buffer(reads.pages)
         side = self.prefetch_stream

@@ -24,12 +24,15 @@ from .host_memory import to_device
 class PrefixReads(NamedTuple):
     """How one step reads a layer's prefix pages (count of them, into rows [pages, ...] in order):
     - host_runs: (first host page, its index in the rows, length) per run of pages without a copy, read over PCIe;
-    - at, slots: the indices in the rows of the pages with a copy, and their copies' slots (None for none)."""
+    - at, slots: the indices in the rows of the pages with a copy, and their copies' slots (None for none);
+    - run: the first slot when every page has a copy and their slots follow one another (a prompt written into
+      free slots in order): the rows are then the copies themselves, read in place (None otherwise)."""
 
     pages: int
     host_runs: tuple
     at: torch.Tensor | None
     slots: torch.Tensor | None
+    run: int | None = None
 
 
 class DeviceCopies:
@@ -139,6 +142,7 @@ class DeviceCopies:
         pages = sum(count for _, _, count in runs)
         if not at:
             return PrefixReads(pages, tuple(host), None, None)
+        run = slots[0] if not host and slots == list(range(slots[0], slots[0] + pages)) else None
         return PrefixReads(
-            pages, tuple(host), *(to_device(torch.tensor(x), device) for x in (at, slots))
+            pages, tuple(host), *(to_device(torch.tensor(x), device) for x in (at, slots)), run
         )
