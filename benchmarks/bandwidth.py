@@ -56,7 +56,7 @@ def measure(
     batch: int = 4,
     mib: int | None = None,
 ) -> Bandwidths:
-    """The three bandwidths; rows [heads, tokens per page, row width] of `row_dtype` (the host tier's layout)."""
+    """The three bandwidths; rows [tokens per page, heads, row width] of `row_dtype` (the host tier's layout)."""
     cuda = device.type == "cuda"
     n = (mib or (256 if cuda else 16)) << 20  # 256 MiB: past the largest L2 (H200: 50 MB)
     src = torch.empty(n, dtype=torch.uint8, device=device)
