@@ -8,11 +8,12 @@ One server per policy, every one with the same flags (--server-args; a tailor sp
 one written out, so its rows and command name it). A spec's options may be engine settings too, for rows side by
 side in one run (`full::overlap_schedule=false`: the server gets --disable-overlap-schedule, stepping as off CUDA).
 Per context, batch sizes double from --start until one does not fit, then bisect until the size after the largest
-that fits is one that did not: every probe is a row (`fits`), the largest fitting one marked `largest`. A probe sends B requests at once (prompt = context - output_len random tokens,
-answers of --output-len tokens, EOS ignored); it fits when the server ran all B at once (its running count, polled)
-and retracted none. Rows add bench_serving's (output_tok_per_s, ttft_s_median, itl_s_median, ...) and
-decode_tok_per_s = B / median ITL (a full batch's decode rate, prefill left out). Draws decode tok/s against batch
-size, a line per policy and context, to --plot (PNG).
+that fits is one that did not: every probe is a row (`fits`), the largest fitting one marked `largest`. A probe
+sends B requests at once (prompt = context - output_len random tokens, answers of --output-len tokens, EOS
+ignored); it fits when the server ran all B at once (its running count, polled) and retracted none. Rows add
+bench_serving's (output_tok_per_s, ttft_s_median, itl_s_median, ...) and decode_tok_per_s = B / median ITL (a full
+batch's decode rate, prefill left out). Draws decode tok/s against batch size, a line per policy and context, to
+--plot (PNG).
 """
 
 from __future__ import annotations

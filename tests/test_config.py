@@ -77,7 +77,8 @@ def test_engine_keywords_split_into_settings_and_policy_options():
 def test_cli_arguments_build_the_config():
     args = build_parser().parse_args(
         "serve --model dummy:tiny --kv-policy tailor --key-sketch 1 --max-running-requests 4 "
-        "--disable-cuda-graph --disable-prefix-caching --scheduler-delay-factor 0 --enable-torch-compile --disable-overlap-schedule".split()
+        "--disable-cuda-graph --disable-prefix-caching --scheduler-delay-factor 0 --enable-torch-compile "
+        "--disable-overlap-schedule".split()
     )
     assert engine_config(args) == EngineConfig(
         model="dummy:tiny",

@@ -3,8 +3,8 @@ sink + recent prompt tokens, max|K| and every generated token in the GPU tier.
 
 Host layout per layer and 256-token page: token rows [256, H, 2D] with a token's K and V of one KV head side by
 side (what the top-k fetch reads: one 512-B row at D=128; token-major, so that a prefix read back is a strided
-view [tokens, H, D] of K and of V for the prefill kernels, not a copy), and a channel-major copy of K [H, D, 256] (what
-stage 1 reads: 512-B runs at bf16, which cross PCIe at ~49 GB/s where 128-B runs reach 15). On CUDA the host
+view [tokens, H, D] of K and of V for the prefill kernels, not a copy), and a channel-major copy of K [H, D, 256]
+(what stage 1 reads: 512-B runs at bf16, which cross PCIe at ~49 GB/s where 128-B runs reach 15). On CUDA the host
 tensors are pinned and the moves (host_copy) are GPU kernels reading and writing them through UVA, except the
 bulk read of a shared prefix, which is DMA copies that overlap compute (or, for pages with a copy in the GPU tier,
 DeviceCopies, a gather there); generated tokens sit in the GPU tier in 64-token pages.
