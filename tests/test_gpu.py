@@ -160,6 +160,36 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
         assert_close_logprobs(got, want)
 
 
+def test_a_shape_deferred_too_often_is_captured_in_a_mixed_step(monkeypatch):
+    """Steps with prompt chunks run a decode shape without a graph eagerly at most MAX_DEFERRED times (here 1),
+    then capture it: under steady prompt traffic the decode rows do not stay eager."""
+    from tailorkv.engine import cuda_graph
+
+    monkeypatch.setattr(cuda_graph, "MAX_DEFERRED", 1)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (40, 1500)]
+    with Engine(
+        "dummy:smollm2-135m",
+        device="cuda",
+        progress=False,
+        chunked_prefill_size=128,
+        step_budget_ms=0,
+    ) as e:
+        run, calls = e.runner.graphs.run, []
+
+        def spy(ids, batch, capture=True):
+            shapes = len(e.runner.graphs.shapes)
+            out = run(ids, batch, capture)
+            calls.append((capture, len(e.runner.graphs.shapes) - shapes, out is not None))
+            return out
+
+        e.runner.graphs.run = spy
+        e.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 4})
+    # the short prompt decodes beside the long one's chunks: deferred once, then captured there
+    mixed = [c for c in calls if not c[0]]
+    assert mixed[:2] == [(False, 0, False), (False, 1, True)]
+
+
 def test_host_tier_is_registered_exactly():
     """The host tier is page-locked by cudaHostRegister (exact bytes, not rounded up to a power of two) and GPU
     kernels read it through UVA."""

@@ -18,6 +18,9 @@ from ..kvcache.policy import KVPolicy
 from ..models.llama import LlamaModel
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# steps that may not capture (they also compute prompt chunks) run a shape without a graph eagerly at most this many
+# times; then one captures it anyway: under steady prompt traffic a decode-only step may not come soon
+MAX_DEFERRED = 32
 
 
 class _Captured:
@@ -42,6 +45,9 @@ class DecodeGraphs:
         self.eager = [i for i in range(len(model.layers)) if i not in in_graph]
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.shapes: dict[tuple, _Captured] = {}
+        self.deferred: dict[
+            tuple, int
+        ] = {}  # shapes without a graph: the steps that ran them eagerly
         self.pool = torch.cuda.graph_pool_handle()
 
     def run(
@@ -49,7 +55,7 @@ class DecodeGraphs:
     ) -> tuple[torch.Tensor, StepState] | None:
         """Hidden states [B, hidden] of a decode batch and the step's state (from the policy's
         `prepare_for_graph`), or None when this step must run eagerly: the policy cannot graph it, or its shape
-        has no graph yet and `capture` is False."""
+        has no graph yet and `capture` is False (at most MAX_DEFERRED times a shape)."""
         rows = next((b for b in self.buckets if b >= batch.size), None)
         prepared = None if rows is None else self.policy.prepare_for_graph(batch, rows)
         if prepared is None:
@@ -58,8 +64,11 @@ class DecodeGraphs:
         shape = self.shapes.get((rows, key))
         n = batch.size
         if shape is None:
-            if not capture:
+            deferred = self.deferred.get((rows, key), 0)
+            if not capture and deferred < MAX_DEFERRED:
+                self.deferred[(rows, key)] = deferred + 1
                 return None
+            self.deferred.pop((rows, key), None)
             shape = self.shapes[(rows, key)] = self._capture(rows, ids, step)
         # padding rows keep earlier ids and positions: valid, and nobody reads their output
         shape.ids[:n].copy_(ids)

@@ -116,7 +116,8 @@ class ModelRunner:
         pass) without graphs or decode rows, or when the policy cannot graph these rows, or their shape has no graph
         yet: a capture (~0.13 s for 8 tailor rows on the H200, once per shape as contexts grow) waits for a step
         without prompt chunks, which is short enough to hold it (the decoders' longest gap beside a long prompt's
-        chunks was such a capture, 0.32-0.35 s against the 0.2 s step budget)."""
+        chunks was such a capture, 0.32-0.35 s against the 0.2 s step budget), or for cuda_graph.MAX_DEFERRED such
+        steps."""
         dec = [i for i, n in enumerate(batch.new) if n == 1]
         rest = [i for i, n in enumerate(batch.new) if n != 1]
         if self.graphs is None or not dec:
