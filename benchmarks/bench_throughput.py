@@ -7,8 +7,10 @@
 One server per policy, every one with the same flags (--server-args; a tailor spec without a preset gets the default
 one written out, so its rows and command name it). A spec's options may be engine settings too, for rows side by
 side in one run (`full::overlap_schedule=false`: the server gets --disable-overlap-schedule, stepping as off CUDA).
-Per context, batch sizes double from --start until one does not fit, then bisect until the size after the largest
-that fits is one that did not: every probe is a row (`fits`), the largest fitting one marked `largest`. A probe
+Per context, the server's estimate of the largest batch (/get_server_info's max_requests_at_context: the pages a
+request of that context holds) and the size after it are probed first; where the estimate is off, or with
+--start, batch sizes double until one does not fit, then bisect until the size after the largest that fits is one
+that did not: every probe is a row (`fits`), the largest fitting one marked `largest`. A probe
 sends B requests at once (prompt = context - output_len random tokens, answers of --output-len tokens, EOS
 ignored); it fits when the server ran all B at once (its running count, polled) and retracted none. Rows add
 bench_serving's (output_tok_per_s, ttft_s_median, itl_s_median, ...) and decode_tok_per_s = B / median ITL (a full
@@ -70,11 +72,20 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit("server did not become ready")
 
 
-def search(fits: Callable[[int], bool], start: int, cap: int) -> None:
+def search(fits: Callable[[int], bool], start: int, cap: int, estimate: int | None = None) -> None:
     """Probe batch sizes from `start` (doubling, at most `cap`), then bisect, until the largest that fits is
-    followed by a probed size that does not (or is `cap`)."""
+    followed by a probed size that does not (or is `cap`). With an `estimate` of the largest (the server's), that
+    and the size after it are probed first: two probes when it is right."""
     lo, hi, b = 0, None, start
-    while b <= cap:
+    if estimate:
+        e = min(estimate, cap)
+        if not fits(e):
+            hi = e
+        elif e == cap:
+            return
+        else:
+            lo, b = e, e + 1
+    while hi is None and b <= cap:
         if not fits(b):
             hi = b
             break
@@ -158,7 +169,13 @@ def sweep(args, spec: str, info: dict) -> list[dict]:
                 )
                 return row["fits"]
 
-            search(fits, args.start, args.max_batch)
+            estimate = None
+            if args.start is None:  # from the pages a request of this context holds
+                estimate = httpx.get(
+                    f"{url}/get_server_info",
+                    params={"context": context, "output_len": args.output_len},
+                ).json()["max_requests_at_context"]
+            search(fits, args.start or 1, args.max_batch, estimate)
             ok = [r for r in rows if r["context"] == context and r["fits"]]
             if ok:
                 max(ok, key=lambda r: r["batch"])["largest"] = True
@@ -208,7 +225,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--policies", default="full,tailor:longbench")
     p.add_argument("--contexts", default="32768,65536,131072", help="prompt + answer tokens")
     p.add_argument("--output-len", type=int, default=1024, help="answer tokens per request")
-    p.add_argument("--start", type=int, default=1, help="the first batch size probed")
+    p.add_argument(
+        "--start",
+        type=int,
+        default=None,
+        help="the first batch size probed (default: the server's estimate of the largest, then the next size)",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="the server's max running requests")
     p.add_argument("--port", type=int, default=30123)
     p.add_argument("--server-args", default="", help='e.g. "--gpu-memory-limit 80"')

@@ -54,6 +54,11 @@ def test_info_routes(client, live_server):
     assert server["enable_torch_compile"] is False
     gpu = server["memory"]["gpu"]
     assert 0 < gpu["free_pages"] <= gpu["total_pages"] and gpu["total_bytes"] > 0
+    # requests of 4,000 tokens (1,000 of them answer) the pages hold whole at once: full's 16-token pages
+    at = client.get("/get_server_info", params={"context": 4000, "output_len": 1000}).json()
+    assert at["max_requests_at_context"] == min(32, gpu["total_pages"] // 250)
+    bad = client.get("/get_server_info", params={"context": 4000, "output_len": 4000})
+    assert "output_len" in assert_error(bad, 400)["message"]
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["smollm2"]
 

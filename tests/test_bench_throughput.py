@@ -9,14 +9,14 @@ from conftest import free_port
 from benchmarks import bench_throughput
 
 
-def _search(limit: int, start: int, cap: int) -> list[int]:
+def _search(limit: int, start: int, cap: int, estimate: int | None = None) -> list[int]:
     probed = []
 
     def fits(b: int) -> bool:
         probed.append(b)
         return b <= limit
 
-    bench_throughput.search(fits, start, cap)
+    bench_throughput.search(fits, start, cap, estimate)
     return probed
 
 
@@ -27,6 +27,14 @@ def test_search_ends_on_the_size_after_the_largest_that_fits():
     assert _search(0, 1, 64) == [1]
     assert _search(100, 1, 12) == [1, 2, 4, 8, 12]  # the cap fits: nothing larger is probed
     assert _search(9, 1, 12) == [1, 2, 4, 8, 12, 10, 9]
+
+
+def test_search_from_an_estimate_probes_it_and_the_next_size_first():
+    assert _search(5, 1, 64, estimate=5) == [5, 6]  # right: two probes
+    assert _search(5, 1, 64, estimate=7) == [7, 3, 5, 6]  # too high: bisect below it
+    assert _search(5, 1, 64, estimate=4) == [4, 5, 10, 7, 6]  # too low: double on from it
+    assert _search(100, 1, 12, estimate=20) == [12]  # the cap fits
+    assert _search(0, 1, 64, estimate=3) == [3, 1]
 
 
 def test_presets_are_pinned():

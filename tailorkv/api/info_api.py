@@ -76,16 +76,25 @@ async def model_info(request: Request):
 
 @router.get("/server_info")
 @router.get("/get_server_info")
-async def server_info(request: Request, context: str | None = None):
-    """`?context=N`: TailorKV's per-layer top_k for a prompt of N tokens (default: the model's context)."""
+async def server_info(request: Request, context: str | None = None, output_len: str = "0"):
+    """`?context=N`: TailorKV's per-layer top_k for a prompt of N tokens (default: the model's context);
+    `&output_len=M`: how many requests of N tokens, M of them answer, the KV memory holds at once."""
     state = get_state(request)
     n = None
+    limit = state.engine.context_length
     if context is not None:
-        limit = state.engine.context_length
         if not context.isdigit() or not 1 <= int(context) <= limit:
             raise APIError(400, f"context must be an integer in [1, {limit}], got {context!r}")
         n = int(context)
-    return {"version": __version__, **_model_info(state), **state.engine.server_info(n)}
+    if not output_len.isdigit() or int(output_len) >= (n or limit):
+        raise APIError(
+            400, f"output_len must be an integer in [0, {(n or limit) - 1}], got {output_len!r}"
+        )
+    return {
+        "version": __version__,
+        **_model_info(state),
+        **state.engine.server_info(n, int(output_len)),
+    }
 
 
 @router.get("/get_load")

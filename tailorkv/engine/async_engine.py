@@ -156,16 +156,22 @@ class AsyncEngine:
             "memory": self.engine.memory.usage(),
         }
 
-    def server_info(self, context: int | None = None) -> dict:
+    def server_info(self, context: int | None = None, output_len: int = 0) -> dict:
         """The engine's settings and its load (/get_server_info); `tailorkv`: the TailorKV settings in force with
-        each S layer's top_k at `context` prompt tokens (default: the model's context), None for other policies."""
+        each S layer's top_k at `context` prompt tokens (default: the model's context), None for other policies;
+        `max_requests_at_context`: how many requests of `context` tokens, `output_len` of them answer, the KV pools
+        hold whole at once."""
         o, settings = self.engine.options, self.engine.kv_settings
+        tokens = context or self.context_length
         return {
             "kv_policy": o.kv_policy,
             "tailorkv": settings(context or self.context_length) if settings else None,
             "max_running_requests": o.max_running_requests,
             "max_queued_requests": o.max_queued_requests,
             "max_total_num_tokens": self.engine.scheduler.max_total_tokens(),
+            "max_requests_at_context": self.engine.scheduler.max_requests(
+                tokens - output_len, output_len
+            ),
             "chunked_prefill_size": o.chunked_prefill_size,
             "host_kv_gib": o.host_kv_gib,  # per rank
             "step_budget_ms": cost.budget_s * 1e3 if (cost := self.engine.scheduler.cost) else 0.0,

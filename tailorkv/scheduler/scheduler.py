@@ -139,6 +139,14 @@ class Scheduler:
             if self.partial_pool:
                 seq.prompt_ids = seq.tokens[: seq.prompt_len]
 
+    def max_requests(self, prompt_len: int, output_len: int) -> int:
+        """How many requests of `prompt_len` prompt and `output_len` answer tokens the pools hold whole at once (at
+        most max_running): a batch of more is retracted before its answers end."""
+        need = self.layout.pages_needed(prompt_len, output_len)
+        return min(
+            [self.max_running] + [self.memory.pools[p].num_pages // n for p, n in need.items() if n]
+        )
+
     def max_total_tokens(self) -> int:
         """The most tokens (prompt + one output token) a single request can hold in this engine's KV memory."""
         lo, hi = 1, 1 << 40
