@@ -91,18 +91,26 @@ def test_layout_keeps_the_recorded_pools_and_costs(name, options, prefix, pools,
     assert layout.partial_block_pool == ("host" if tailor and blocks else None)
 
 
-@pytest.mark.parametrize("context", [32768, 131072])
-def test_tailors_batch_of_long_requests_is_bound_by_the_host_tier(context):
+@pytest.mark.parametrize(
+    "context,host_kv_dtype,held",
+    [(32768, "auto", 25), (131072, "auto", 6), (32768, "fp8", 49), (131072, "fp8", 12)],
+)
+def test_tailors_batch_of_long_requests_is_bound_by_the_host_tier(context, host_kv_dtype, held):
     """Llama-3.1-8B's shape, 61 GiB of GPU KV memory (an 80 GiB card less the weights) and 100 GiB of host tier:
-    requests with 1,024-token answers fit every GPU pool more often than the host tier holds their prompts."""
+    requests with 1,024-token answers fit every GPU pool more often than the host tier holds their prompts; fp8
+    host rows (260 B a row for 512) hold twice as many (full holds 14 at 32k and 3 at 128k in the same 61 GiB)."""
     policy = policy_class("tailor")(
-        dummy_config("llama-3.1-8b"), torch.device("cpu"), torch.bfloat16, quant_layers=[0]
+        dummy_config("llama-3.1-8b"),
+        torch.device("cpu"),
+        torch.bfloat16,
+        quant_layers=[0],
+        host_kv_dtype=host_kv_dtype,
     )
     policy.host_on_device = False  # as on CUDA: copies of host pages take part of the GPU memory
     layout = policy.layout(61 << 30, 100 << 30, None, True)
     need = layout.pages_needed(context, 1024)
     batch = {s.name: s.num_pages // need[s.name] for s in layout.pools if need.get(s.name)}
-    assert min(batch, key=batch.get) == "host" and batch["host"] == (25 if context == 32768 else 6)
+    assert min(batch, key=batch.get) == "host" and batch["host"] == held
 
 
 def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
