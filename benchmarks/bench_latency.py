@@ -132,6 +132,9 @@ def measure(engine: Engine, context: int, args) -> dict:
         "context": context,
         "batch": args.batch,
         "gpu_memory_limit_gib": args.gpu_memory_limit,
+        # the engine's schedule and compile in force (their defaults differ by device)
+        "overlap_schedule": engine.options.overlap_schedule,
+        "torch_compile": engine.options.enable_torch_compile,
         "ms_per_token": round(1e3 * statistics.median(times), 2),
         "prefill_s": round(prefill, 3),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated()

@@ -107,6 +107,9 @@ def measure(e: Engine, args, sync) -> dict:
         "user_len": args.user_len,
         "long_len": args.long_len,
         "engine_args": args.engine_args,
+        # the engine's schedule and compile in force (their defaults differ by device)
+        "overlap_schedule": e.options.overlap_schedule,
+        "torch_compile": e.options.enable_torch_compile,
         "step_budget_ms": e.scheduler.cost.budget_s * 1e3 if e.scheduler.cost else 0.0,
         "itl_s_max_during_prefill": max(during) if during else None,
         "tpot_s_median": statistics.median(outside) if outside else None,

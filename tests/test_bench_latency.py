@@ -72,6 +72,7 @@ def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
     parts = [row[f"floor_{k}_ms"] for k in ("weights", "gpu_kv", "pcie_bulk", "pcie_rows")]
     assert row["floor_ms"] == pytest.approx(sum(parts), abs=0.01) and parts[0] > 0
     assert row["device_gb_per_s"] > 0 and row["ms_per_token"] > 0
+    assert (row["overlap_schedule"], row["torch_compile"]) == (False, False)  # CPU's defaults
     # tailor's prompt pages got GPU copies as they were written (none where they are turned off)
     assert (row["copied_share"], copies["copied_share"], no_copies["copied_share"]) == (0, 1, 0)
     assert "PCIe rows" in capsys.readouterr().out

@@ -21,3 +21,4 @@ def test_mixed_steps_records_each_step_of_the_long_prompt(tmp_path):
     assert all(s["predicted_s"] > 0 for s in row["prefill_steps"][1:])
     assert row["itl_s_max_during_prefill"] >= row["tpot_s_median"] > 0
     assert row["ttft_s"] > 0 and row["ttft_alone_s"] > 0
+    assert (row["overlap_schedule"], row["torch_compile"]) == (False, False)  # CPU's defaults
