@@ -151,21 +151,31 @@ def measure(engine: Engine, context: int, args) -> dict:
 
 def profile(engine: Engine, context: int, args) -> None:
     """The per-kernel time breakdown of a few decode steps (torch.profiler), written beside the JSON rows."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if engine.device.type == "cuda" else []
-    )
-    with torch.profiler.profile(activities=acts) as prof:
+    name = args.current.replace(":", "-").replace("=", "")
+    path = f"{os.path.splitext(args.output)[0]}_{name}_{context}.prof.txt"
+
+    def steps():
         for _ in range(args.profile_steps):
             engine.step()
         sync(engine)
-    key = "cuda_time_total" if engine.device.type == "cuda" else "cpu_time_total"
-    path = f"{os.path.splitext(args.output)[0]}_{args.current.replace(':', '-').replace('=', '')}_{context}.prof.txt"
-    with open(
-        path, "w"
-    ) as f:  # the device's time per kernel, then the host's per op (launches, Python work)
+
+    profiled(steps, path, engine.device.type == "cuda", rows=25)
+
+
+def profiled(run, path: str, cuda: bool, rows: int) -> None:
+    """`run()` under torch.profiler, written to `path`: the device's time per kernel (on CUDA), then the host's
+    per op (syncs, launches, Python work)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    )
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    with open(path, "w") as f:
         for by in dict.fromkeys((key, "cpu_time_total")):
             f.write(
-                prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60) + "\n"
+                prof.key_averages().table(sort_by=by, row_limit=rows, max_name_column_width=60)
+                + "\n"
             )
 
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from benchmarks.bench_latency import profiled
 from benchmarks.policy_spec import add_tp_argument
 from tailorkv.engine.engine import Engine
 from tailorkv.engine.sampling import SamplingParams
@@ -78,7 +79,9 @@ def measure(e: Engine, args, sync) -> dict:
     while not long.output_ids:
         if args.profile_at is not None and long.seq.num_computed >= args.profile_at:
             args.profile_at = None  # one step
-            profile(step, args.out)
+            # one step under torch.profiler, to OUT's name with .prof.txt
+            path = f"{os.path.splitext(args.out or 'mixed_steps')[0]}.prof.txt"
+            profiled(step, path, torch.cuda.is_available(), rows=30)
         else:
             step()
     ttft = time.perf_counter() - t0
@@ -121,23 +124,6 @@ def measure(e: Engine, args, sync) -> dict:
     if torch.cuda.is_available():
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
-
-
-def profile(step, out: str | None) -> None:
-    """One step under torch.profiler: the device's time per kernel, then the host's per op (its syncs, launches
-    and Python work), to OUT's name with .prof.txt."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
-    )
-    with torch.profiler.profile(activities=acts) as prof:
-        step()
-    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    path = f"{os.path.splitext(out or 'mixed_steps')[0]}.prof.txt"
-    with open(path, "w") as f:
-        for by in dict.fromkeys((key, "cpu_time_total")):
-            f.write(
-                prof.key_averages().table(sort_by=by, row_limit=30, max_name_column_width=60) + "\n"
-            )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -3,13 +3,14 @@ swept by other work.
 
     python -m benchmarks.bench_uva_gather --output benchmarks/results/uva_gather.json
 
-A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in 256-token pages of [256 tokens, 8 heads, 512-B rows]
+A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in pages of [256 tokens, 8 heads, 512-B rows]
 (Llama-3.1-8B's layout); `--batch` requests, each with its pages contiguous; 31 layers' worth of top-k indices
 (128 random rows per request and head). Each gather is timed alone with CUDA events, either right after the previous
 gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is what the weights streaming
 through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
-pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): a gather of rows
-scattered over gigabytes misses the GPU's translation caches far less with 2 MiB pages. Prints a table, writes rows
+pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): whether rows
+scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not, benchmarks/NOTES.md). Prints a
+table, writes rows
 {huge_pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
 """
 

@@ -165,7 +165,7 @@ class AsyncEngine:
         tokens = context or self.context_length
         return {
             "kv_policy": o.kv_policy,
-            "tailorkv": settings(context or self.context_length) if settings else None,
+            "tailorkv": settings(tokens) if settings else None,
             "max_running_requests": o.max_running_requests,
             "max_queued_requests": o.max_queued_requests,
             "max_total_num_tokens": self.engine.scheduler.max_total_tokens(),

@@ -219,9 +219,7 @@ class Drawn(NamedTuple):
         if not self.want:
             return out
         picked = self.picked.tolist()
-        top = self.top_values is not None and [
-            list(zip(i, v)) for i, v in zip(self.top_indices.tolist(), self.top_values.tolist())
-        ]
+        top = self.top_values is not None and _pairs(self.top_indices, self.top_values)
         for j, (i, m) in enumerate(zip(self.want, self.top_n)):
             out[i] = Sample(out[i].token, picked[j], top[j][:m] if m else None)
         return out
@@ -358,9 +356,12 @@ def token_logprobs(
     """Per row of `logits` [m, vocab]: the log-softmax of its target token, and (top_n > 0) its top_n (token,
     logprob) pairs, most likely first. One host copy for all rows."""
     picked, values, indices = _logprobs(logits, on_device(targets, logits), top_n)
-    if values is None:
-        return picked.tolist(), None
-    return picked.tolist(), [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return picked.tolist(), None if values is None else _pairs(indices, values)
+
+
+def _pairs(indices: torch.Tensor, values: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """Per row, its (token, logprob) pairs in order: one host copy of each tensor."""
+    return [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
 
 
 def on_device(values: list, like: torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:

@@ -250,7 +250,7 @@ class Scheduler:
         recently admitted decoding sequence goes back to the queue until the rest fit."""
         grown, retracted = [], []
         for s in [s for s in self.running.values() if not s.prefilling]:
-            while s.rid in self.running and s.num_computed + 1 > s.prompt_len + s.out_reserved:
+            while s.rid in self.running and self._outgrown(s):
                 out, need = self._growth(s)
                 pages = self.memory.grow(s.rid, need)
                 if pages is not None:
@@ -264,6 +264,11 @@ class Scheduler:
                 retracted.append(victim)
         return [(s, p) for s, p in grown if s.rid in self.running], retracted
 
+    @staticmethod
+    def _outgrown(s: Seq) -> bool:
+        """Whether a decoding sequence's next token lies past the answer tokens it reserved pages for."""
+        return s.num_computed + 1 > s.prompt_len + s.out_reserved
+
     def _growth(self, s: Seq) -> tuple[int, dict[str, int]]:
         """A decoding sequence's next reservation of answer tokens, and the pages it adds in each pool."""
         out = min(s.end_len - s.prompt_len, s.out_reserved + self.reserve_output)
@@ -275,7 +280,7 @@ class Scheduler:
         (the overlap schedule retracts only sequences whose tokens are all known)."""
         need: Counter[str] = Counter()
         for s in self.running.values():
-            if not s.prefilling and s.num_computed + 1 > s.prompt_len + s.out_reserved:
+            if not s.prefilling and self._outgrown(s):
                 need.update(self._growth(s)[1])
         return self.memory.can_reserve(need)
 
