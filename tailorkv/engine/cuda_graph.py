@@ -21,6 +21,10 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # steps that may not capture (they also compute prompt chunks) run a shape without a graph eagerly at most this many
 # times; then one captures it anyway: under steady prompt traffic a decode-only step may not come soon
 MAX_DEFERRED = 32
+# a decode-only step whose shape has a graph captures a shape its rows will pass through within this many tokens
+# (the nearest missing one, one a step): a 126k prompt's ~70 chunk steps beside the users, which may not capture,
+# then find the shapes they need
+AHEAD = 128
 
 
 class _Captured:
@@ -49,6 +53,8 @@ class DecodeGraphs:
             tuple, int
         ] = {}  # shapes without a graph: the steps that ran them eagerly
         self.pool = torch.cuda.graph_pool_handle()
+        # (rids, rows, their key AHEAD tokens on) once every shape up to that key has a graph
+        self.ahead_done: tuple | None = None
 
     def run(
         self, ids: torch.Tensor, batch: ForwardBatch, capture: bool = True
@@ -70,6 +76,8 @@ class DecodeGraphs:
                 return None
             self.deferred.pop((rows, key), None)
             shape = self.shapes[(rows, key)] = self._capture(rows, ids, step)
+        elif capture:
+            self._capture_ahead(ids, batch, rows, key)
         # padding rows keep earlier ids and positions: valid, and nobody reads their output
         shape.ids[:n].copy_(ids)
         shape.positions[:n].copy_(batch.positions)
@@ -79,6 +87,36 @@ class DecodeGraphs:
             shape.attn[j][:n].copy_(self.policy.attend(layer, q[:n], k[:n], v[:n], step))
             shape.graphs[j + 1].replay()
         return shape.hidden[:n], step
+
+    def _capture_ahead(self, ids: torch.Tensor, batch: ForwardBatch, rows: int, key: tuple) -> None:
+        """Capture the nearest shape without a graph that this batch's rows pass through within AHEAD tokens. It
+        holds this step's rows too, so its warm pass computes this step once more (the KV writes are idempotent),
+        before the replay that this step's outputs come from."""
+        last = self.policy.graph_key(batch, AHEAD)
+        if last is None or (tuple(batch.rids), rows, last) == self.ahead_done:
+            return
+        for ahead, later in self._shapes_ahead(batch, key, last):
+            if (rows, later) not in self.shapes:
+                step, later = self.policy.prepare_for_graph(batch, rows, ahead)
+                self.deferred.pop((rows, later), None)
+                self.shapes[(rows, later)] = self._capture(rows, ids, step)
+                return
+        self.ahead_done = (tuple(batch.rids), rows, last)
+
+    def _shapes_ahead(
+        self, batch: ForwardBatch, key: tuple, last: tuple
+    ) -> list[tuple[int, tuple]]:
+        """(tokens ahead, key) where the rows' key changes within AHEAD tokens, nearest first. A key only grows
+        (its sizes are the longest row's), so each change is found by bisection."""
+        found, at, lo = [], key, 0
+        while at != last:
+            hi = AHEAD  # the key there differs from `at`; at `lo` it equals it
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if self.policy.graph_key(batch, mid) == at else (lo, mid)
+            at, lo = self.policy.graph_key(batch, hi), hi
+            found.append((hi, at))
+        return found
 
     def _segment(self, shape: _Captured, j: int, step: StepState) -> None:
         m, kv, e = self.model, self.policy, self.eager

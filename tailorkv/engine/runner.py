@@ -117,7 +117,8 @@ class ModelRunner:
         yet: a capture (~0.13 s for 8 tailor rows on the H200, once per shape as contexts grow) waits for a step
         without prompt chunks, which is short enough to hold it (the decoders' longest gap beside a long prompt's
         chunks was such a capture, 0.32-0.35 s against the 0.2 s step budget), or for cuda_graph.MAX_DEFERRED such
-        steps."""
+        steps. Such steps capture the shapes their rows grow into cuda_graph.AHEAD tokens early, so the steps
+        beside a long prompt's chunks find them."""
         dec = [i for i, n in enumerate(batch.new) if n == 1]
         rest = [i for i, n in enumerate(batch.new) if n != 1]
         if self.graphs is None or not dec:

@@ -98,12 +98,20 @@ class KVPolicy(ABC):
         segments, on the real rows only."""
         return set()
 
-    def prepare_for_graph(self, batch: ForwardBatch, rows: int) -> tuple[StepState, tuple] | None:
+    def prepare_for_graph(
+        self, batch: ForwardBatch, rows: int, ahead: int = 0
+    ) -> tuple[StepState, tuple] | None:
         """`prepare` for a decode batch padded to `rows` rows, run as a captured graph: (the step's state, the key
         of the static shapes the captured layers depend on), or None when the step must run eagerly. The tensors that
         captured layers read are the policy's static buffers of that shape, filled in place: a graph replays the
-        tensors it was captured with."""
+        tensors it was captured with. `ahead`: the buffers of the shape `graph_key(batch, ahead)`, which holds
+        this step too (a graph captured before its rows need it)."""
         return self.prepare(batch), ()
+
+    def graph_key(self, batch: ForwardBatch, ahead: int) -> tuple | None:
+        """The key `prepare_for_graph` gives this decode batch's rows `ahead` tokens later (None: not graphed). A
+        key that depends on the rows' lengths only grows: the shape `ahead` holds this step's rows as well."""
+        return ()
 
     def join_streams(self, step: StepState) -> None:
         """Make the current stream wait for any side-stream work the step started (end of a captured segment)."""

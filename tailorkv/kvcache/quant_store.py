@@ -77,8 +77,10 @@ class QuantView:
         self.__dict__.update(self.staged.device)
 
     @staticmethod
-    def pages_of(states: list[QuantState]) -> int:
-        return max(st.pages_cpu.numel() for st in states)
+    def pages_of(states: list[QuantState], ahead: int = 0) -> int:
+        """Pages the longest row's tokens cover after this step (and `ahead` more): all a step reads or writes
+        (the pages reserved for later answer tokens are not in the view)."""
+        return max(-(-(st.n + 1 + ahead) // PAGE) for st in states)
 
     def fill(
         self, states: list[QuantState], residual: int, scratch_page: int, scratch_slot: int
@@ -98,7 +100,8 @@ class QuantView:
         for i, st in enumerate(states):
             n, kq = st.after(st.n + 1, r)
             rows.append((st.slot, n, kq, max(n - r, 0), st.n - st.kq, st.n % (r + 1)))
-            h["pages"][i, : st.pages_cpu.numel()] = st.pages_cpu
+            used = -(-(st.n + 1) // PAGE)
+            h["pages"][i, :used] = st.pages_cpu[:used]
             if kq > st.kq:  # this token fills the K tail
                 h["k_dest"][i] = st.pages_cpu[st.kq // PAGE : st.kq // PAGE + m]
             if st.n >= r:  # the V window is full: its oldest token (position st.n - r) is quantized

@@ -350,20 +350,30 @@ class TailorPolicy(KVPolicy):
             step.decode_rows = to_device(torch.tensor([batch.cu[i] for i in decode]), self.device)
         return step
 
-    def _fill_views(self, rids: list[int], rows: int, static: bool) -> tuple:
-        """(DecodeView of the S layers, QuantView of the Q layers, shape key) for the decode requests `rids` in
-        `rows` rows: fresh views, or (static) the ones kept per shape as a captured graph's inputs, their sizes
-        rounded up to powers of two."""
+    def _sizes(self, rids: list[int], static: bool, ahead: int = 0) -> tuple:
+        """The views' sizes for the decode requests `rids` once each has `ahead` more tokens: the S layers' (host
+        pages, generated tokens), then the Q layers' page width, each there only if the policy has such layers;
+        `static`: rounded up to powers of two (at least 64 generated tokens), a captured graph's shape key."""
 
         def size(n: int, least: int = 1) -> int:
             return max(least, 1 << (n - 1).bit_length()) if static else n
 
-        view = qview = None
         key: tuple = ()
         if self.s_index:
+            pages, gen = DecodeView.sizes([self.s_state[rid] for rid in rids])
+            key += (size(pages), size(gen + ahead, 64))
+        if self.q_index:
+            key += (size(QuantView.pages_of([self.q_state[rid] for rid in rids], ahead)),)
+        return key
+
+    def _fill_views(self, rids: list[int], rows: int, static: bool, ahead: int = 0) -> tuple:
+        """(DecodeView of the S layers, QuantView of the Q layers, shape key) for the decode requests `rids` in
+        `rows` rows: fresh views, or (static) the ones kept per shape as a captured graph's inputs (`_sizes`)."""
+        key = self._sizes(rids, static, ahead)
+        view = qview = None
+        if self.s_index:
             states = [self.s_state[rid] for rid in rids]
-            pages, gen = DecodeView.sizes(states)
-            shape = (size(pages), size(gen, 64))
+            shape = key[:2]
             view = self._view(
                 ("s", rows, *shape),
                 static,
@@ -377,17 +387,15 @@ class TailorPolicy(KVPolicy):
                 self.offload.scratch_gen,
                 self.offload.decode_copies,
             )
-            key += shape
         if self.q_index:
             states = [self.q_state[rid] for rid in rids]
-            width = size(QuantView.pages_of(states))
+            width = key[-1]
             qview = self._view(
                 ("q", rows, width),
                 static,
                 lambda: QuantView(rows, width, self.tc.residual, self.device),
             )
             qview.fill(states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot)
-            key += (width,)
         return view, qview, key
 
     def _view(self, key: tuple, static: bool, make):
@@ -401,10 +409,17 @@ class TailorPolicy(KVPolicy):
     def graph_attention_layers(self) -> set[int]:
         return set(range(self.cfg.num_layers))
 
-    def prepare_for_graph(self, batch: ForwardBatch, rows: int) -> tuple[TailorStep, tuple] | None:
+    def graph_key(self, batch: ForwardBatch, ahead: int) -> tuple | None:
+        if any(self.is_prefill(i, batch) for i in range(batch.size)):
+            return None
+        return self._sizes(batch.rids, True, ahead)
+
+    def prepare_for_graph(
+        self, batch: ForwardBatch, rows: int, ahead: int = 0
+    ) -> tuple[TailorStep, tuple] | None:
         if any(self.is_prefill(i, batch) for i in range(batch.size)):
             return None  # a prompt: prefill runs eagerly
-        view, qview, key = self._fill_views(batch.rids, rows, static=True)
+        view, qview, key = self._fill_views(batch.rids, rows, static=True, ahead=ahead)
         if rows not in self.graph_rows:
             self.graph_rows[rows] = torch.arange(rows, device=self.device)
         return TailorStep(batch, view=view, qview=qview, decode_rows=self.graph_rows[rows]), key
