@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from tailorkv.kvcache.selection import EAGER, Selection
 from tailorkv.models import elementwise as ew
 
-EPS = 1e-5
+EPS = float(torch.tensor(1e-5))  # the embedded model's, as its GGUF stores it (float32)
 # bfloat16: Inductor rounds once where eager rounds each product (RoPE's x * cos + rotated * sin), a unit in the last
 # place or two of a bfloat16 apart; float32: assert_close's defaults
 CLOSE = {torch.float32: {}, torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2}}
@@ -28,28 +28,40 @@ CASES = [("cpu", torch.float32)] + [("cuda", d) for d in CLOSE if "cuda" in DEVI
 
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_compiled_functions_equal_the_eager_ones(device, dtype):
+    """At the embedded model's widths (hidden 576, SwiGLU 1536, 9 query and 3 KV heads of 64, 8,192 positions),
+    weights and tables made outside inference mode and activations inside it, as the engine runs them: the compiled
+    engine below finds these graphs compiled."""
     ops, graphs = ew.Elementwise(compiled=True), counters["stats"]["unique_graphs"]
     gen = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=gen).to(device, dtype)  # noqa: E731
-    cos, sin = rand(1000, 64), rand(1000, 64)
+    cos, sin, w = rand(8192, 64), rand(8192, 64), torch.nn.Parameter(rand(576))
     for t in (1, 3, 17):  # 1 is its own graph; the others share one with a dynamic length
-        h, delta, w = rand(t, 192), rand(t, 192), rand(192)
-        torch.testing.assert_close(ops.rms_norm(h, w, EPS), ew.rms_norm(h, w, EPS), **CLOSE[dtype])
-        torch.testing.assert_close(
-            ops.add_rms_norm(h, delta, w, EPS), ew.add_rms_norm(h, delta, w, EPS), **CLOSE[dtype]
-        )
-        gate_up = rand(t, 2 * 96)
-        torch.testing.assert_close(ops.silu_mul(gate_up), ew.silu_mul(gate_up), **CLOSE[dtype])
-        # q of the fused qkv projection: 3 heads of 64 read through a non-contiguous view, positions out of order
-        q = rand(t, 5 * 64)[:, : 3 * 64].reshape(t, 3, 64)
-        at = torch.randperm(1000, generator=gen)[:t].to(device)
-        torch.testing.assert_close(
-            ops.rope(q, cos, sin, at), ew.rope(q, cos, sin, at), **CLOSE[dtype]
-        )
+        with torch.inference_mode():
+            h, delta = rand(t, 576), rand(t, 576)
+            torch.testing.assert_close(
+                ops.rms_norm(h, w, EPS), ew.rms_norm(h, w, EPS), **CLOSE[dtype]
+            )
+            torch.testing.assert_close(
+                ops.add_rms_norm(h, delta, w, EPS),
+                ew.add_rms_norm(h, delta, w, EPS),
+                **CLOSE[dtype],
+            )
+            gate_up = rand(t, 2 * 1536)
+            torch.testing.assert_close(ops.silu_mul(gate_up), ew.silu_mul(gate_up), **CLOSE[dtype])
+            # q and k of the fused qkv projection, read through non-contiguous views, positions out of order
+            qkv, at = rand(t, 15 * 64), torch.randperm(8192, generator=gen)[:t].to(device)
+            for x in (
+                qkv[:, : 9 * 64].reshape(t, 9, 64),
+                qkv[:, 9 * 64 : 12 * 64].reshape(t, 3, 64),
+            ):
+                torch.testing.assert_close(
+                    ops.rope(x, cos, sin, at), ew.rope(x, cos, sin, at), **CLOSE[dtype]
+                )
     assert counters["stats"]["unique_graphs"] > graphs and not counters["graph_break"]
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@torch.inference_mode()  # as the engine runs it: the compiled engine below finds these graphs compiled
 def test_compiled_selection_picks_what_the_eager_one_picks(device):
     """Stage 1 and 2 at GQA 3, head_dim 64, 3 rows whose ranges and own k differ, a length off any block."""
     compiled, gen = Selection(compiled=True), torch.Generator().manual_seed(1)
