@@ -31,6 +31,7 @@ from benchmarks.bandwidth import measure as measure_bandwidths
 from benchmarks.policy_spec import add_tp_argument, engine_options, identity
 from benchmarks.rows import run_info, write_rows
 from tailorkv import Engine, SamplingParams
+from tailorkv.kvcache.offload_store import HOST_PAGE, OffloadStore
 
 
 def sync(engine: Engine) -> None:
@@ -68,8 +69,9 @@ def floor_parts(
     engine: Engine, context: int, batch: int, gpu_kv: int, bw: Bandwidths, copied: float = 0.0
 ) -> dict[str, float]:
     """Milliseconds to move what one decode step must move, by part: the weights once, the GPU-resident KV the
-    batch reads, bulk PCIe reads (stage 1's channels, the offload baseline's whole KV), the top-k rows (the
-    `copied` share of them from GPU copies, in the GPU KV part)."""
+    batch reads (of tailor's key sketch only the d_s channels a row scores: its pages are channel-major), bulk
+    PCIe reads (stage 1's channels, the offload baseline's whole KV), the top-k rows (the `copied` share of them
+    from GPU copies, in the GPU KV part)."""
     c, item = engine.config, engine.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_token = 2 * c.num_kv_heads * c.head_dim * item  # one layer, one token, K and V
@@ -85,7 +87,13 @@ def floor_parts(
             h * w * torch.empty(0, dtype=dtype).element_size()
         )  # one token's rows of every KV head
         rows = batch * ns * t.top_k * row
-        parts["gpu_kv"] = (gpu_kv + copied * rows) / bw.device
+        sketch = (
+            batch
+            * -(-context // HOST_PAGE)
+            * OffloadStore.bytes_per_sketch_page(ns, c.num_kv_heads, c.head_dim, t.key_sketch)
+        )
+        unread = sketch * (1 - t.d_s / c.head_dim) if t.key_sketch else 0
+        parts["gpu_kv"] = (gpu_kv - unread + copied * rows) / bw.device
         parts["pcie_bulk"] = batch * stage1 / bw.host_copy
         parts["pcie_rows"] = (1 - copied) * rows / bw.row_gather
     else:  # full, kivi: everything the request holds on the GPU is read

@@ -24,7 +24,10 @@ def _case(b, h, d, t, num_pages, bits, c, seed=0):
         torch.randn(num_pages, h, t, d, generator=gen) * torch.rand(1, 1, 1, d, generator=gen) * 3
     )
     q = kivi.quantize_keys(keys.reshape(-1, t, d), bits, ref.GROUP)
-    packed, scale, zero = (x.view(num_pages, h, -1, d).to(DEVICE) for x in q)
+    # channel-major, as OffloadStore keeps them
+    packed, scale, zero = (
+        x.view(num_pages, h, -1, d).transpose(-1, -2).contiguous().to(DEVICE) for x in q
+    )
     n = num_pages // b
     pages = torch.randperm(num_pages, generator=gen)[: b * n].view(b, n)
     for i in range(1, b):
@@ -50,8 +53,9 @@ def test_reference_scores_dequantized_keys(b, h, d, t, num_pages, bits, c):
     scores = ref.sketch_scores(qc, channels, packed, scale, zero, pages, bits).view(b, h, -1, t)
     # the query spread over all channels, zero off the chosen ones
     qd = torch.zeros(b, h, d).scatter_(-1, channels, qc)
+    kivi_layout = (x.transpose(-1, -2).flatten(0, 1) for x in (packed, scale, zero))
     deq = kivi.dequantize_keys(
-        kivi.QuantizedKeys(packed.flatten(0, 1), scale.flatten(0, 1), zero.flatten(0, 1)),
+        kivi.QuantizedKeys(*kivi_layout),
         bits,
         ref.GROUP,
         t,

@@ -27,17 +27,18 @@ def _sketch_scores_kernel(
     NP,
     sp_p,
     sp_h,
-    sp_t,
+    sp_d,
     ss_p,
     ss_h,
-    ss_t,
+    ss_d,
     T: tl.constexpr,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Bit j of word w (of a channel) is token w*PER + j: a word row of the chosen channels [BLOCK_C] gives the
-    scores of PER tokens through a [PER, BLOCK_C] tile; codes are never unpacked into a [tokens, D] tile."""
+    """Bit j of word w (of a channel) is token w*PER + j: word w of the chosen channels [BLOCK_C] gives the
+    scores of PER tokens through a [PER, BLOCK_C] tile; codes are never unpacked into a [tokens, D] tile. A
+    channel's words are contiguous (channel-major pages): each chosen channel's are read, no other's."""
     PER: tl.constexpr = 32 // BITS
     W: tl.constexpr = GROUP // PER  # words per group and channel
     bh, n = tl.program_id(0), tl.program_id(1)
@@ -48,15 +49,15 @@ def _sketch_scores_kernel(
     ch = tl.load(ch_ptr + bh * C + c, mask=cm, other=0)
     page = tl.load(pages_ptr + b * NP + n)
     p = tl.maximum(page, 0)
-    packed = packed_ptr + p * sp_p + h * sp_h + ch
+    packed = packed_ptr + p * sp_p + h * sp_h + ch * sp_d
     j = tl.arange(0, PER)
     out = out_ptr + bh * NP * T + n * T + j
     for g in tl.static_range(T // GROUP):
-        srow = p * ss_p + h * ss_h + g * ss_t + ch
+        srow = p * ss_p + h * ss_h + ch * ss_d + g
         qs = q * tl.load(scale_ptr + srow, mask=cm, other=0.0).to(tl.float32)
         qz = tl.sum(q * tl.load(zero_ptr + srow, mask=cm, other=0.0).to(tl.float32), axis=0)
         for w in tl.static_range(W):
-            words = tl.load(packed + (g * W + w) * sp_t, mask=cm, other=0)
+            words = tl.load(packed + g * W + w, mask=cm, other=0)
             codes = (words[None, :] >> (j * BITS)[:, None]) & (2**BITS - 1)
             s = tl.sum(codes.to(tl.float32) * qs[None, :], axis=1) + qz
             tl.store(out + (g * W + w) * PER, tl.where(page >= 0, s, 0.0))
@@ -73,7 +74,7 @@ def sketch_scores(
 ) -> torch.Tensor:
     """Same contract as sketch_scores.sketch_scores."""
     b, n = pages.shape
-    _, h, w, d = packed.shape
+    _, h, d, w = packed.shape
     t = w * codes_per_word(bits)
     packed, scale, zero = _unpacked(QuantizedKeys(packed, scale, zero))
     qc, channels, pages = qc.float().contiguous(), channels.contiguous(), pages.contiguous()

@@ -239,14 +239,15 @@ class OffloadStore:
         if sketch_bits:
             self.kivi_ops, self.sketch_ops = kivi.ops(device), sketch_scores.ops(device)
             words, groups = HOST_PAGE * sketch_bits // 32, HOST_PAGE // sketch_scores.GROUP
+            # channel-major pages (sketch_scores.py): a row reads only the words of the channels it scores
             self.sk_packed = torch.zeros(
-                L, sketch_pages, H, words, D, device=device, dtype=torch.int32
+                L, sketch_pages, H, D, words, device=device, dtype=torch.int32
             )
             self.sk_scale = torch.zeros(
-                L, sketch_pages, H, groups, D, device=device, dtype=torch.float16
+                L, sketch_pages, H, D, groups, device=device, dtype=torch.float16
             )
             self.sk_zero = torch.zeros(
-                L, sketch_pages, H, groups, D, device=device, dtype=torch.float16
+                L, sketch_pages, H, D, groups, device=device, dtype=torch.float16
             )
         dev = dict(device=device, dtype=dtype)
         # one more window slot and generated-token page than the pools hand out: the scratch that padding rows of
@@ -392,7 +393,7 @@ class OffloadStore:
             kp.reshape(np_ * self.h, HOST_PAGE, self.d), self.sketch_bits, sketch_scores.GROUP
         )
         for src, dst in zip(q, (self.sk_packed, self.sk_scale, self.sk_zero)):
-            dst[layer, rows.sketch_pages] = src.view(np_, self.h, -1, self.d)
+            dst[layer, rows.sketch_pages] = src.view(np_, self.h, -1, self.d).transpose(-1, -2)
 
     def append(self, layer: int, view: DecodeView, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store each decode row's new k, v [B, H, D] among its generated tokens."""
