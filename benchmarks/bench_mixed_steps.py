@@ -2,7 +2,8 @@
 tokens decode while one --long-len prompt prefills; then that prompt's length alone. Rows: the users' longest
 inter-token gap while the long prompt prefilled, their median gap before and after it, the long prompt's TTFT
 there and alone, peak GPU memory, and each step while it prefilled (`prefill_steps`: its prompt tokens, the tokens
-before them, its seconds and what the step-cost model predicted, to see what a gap over the budget was made of).
+before them, its seconds and what the step-cost model predicted, the CUDA graphs it captured and whether its decode
+rows ran eagerly for want of one, to see what a gap over the budget was made of).
 
   python -m benchmarks.bench_mixed_steps --model dummy:llama-3.1-8b --policy tailor --users 8 --user-len 32768 \\
       --long-len 126000 --engine-args '{"tailor_preset": "longbench", "host_kv_gib": 60}' --out FILE
@@ -46,12 +47,19 @@ def measure(e: Engine, args, sync) -> dict:
     long_added = False
     cost = e.scheduler.cost
 
+    graphs = e.runner.graphs
+
+    def graph_counts() -> tuple[int, int]:
+        return (len(graphs.shapes), graphs.eager_steps) if graphs else (0, 0)
+
     def step():
         fit = cost and cost.fit()
+        before = graph_counts()
         t = time.perf_counter()
         done = e.step()
         sync()
         now = time.perf_counter()
+        captured, eager = (b - a for a, b in zip(before, graph_counts()))
         for r in done:
             stamps.get(r.rid, []).append(now)
         chunks = e.step_log.chunks
@@ -63,6 +71,9 @@ def measure(e: Engine, args, sync) -> dict:
                     "prefix": chunks[0][1],
                     "s": now - t,
                     "predicted_s": fit and (cost.decode_s or 0.0) + fit[0] + fit[1] * flops,
+                    # CUDA graphs: shapes captured in the step, its decode rows run eagerly for want of one
+                    "captured": captured,
+                    "eager_decode": bool(eager),
                 }
             )
 

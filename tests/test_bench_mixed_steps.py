@@ -22,3 +22,27 @@ def test_mixed_steps_records_each_step_of_the_long_prompt(tmp_path):
     assert row["itl_s_max_during_prefill"] >= row["tpot_s_median"] > 0
     assert row["ttft_s"] > 0 and row["ttft_alone_s"] > 0
     assert (row["overlap_schedule"], row["torch_compile"]) == (False, False)  # CPU's defaults
+
+
+def test_mixed_steps_record_the_graphs_each_step_captured_and_ran_eagerly(tmp_path, monkeypatch):
+    """With DecodeGraphs (its CPU stand-in), each step of the long prompt says what it captured and whether its
+    decode rows ran eagerly: beside the prompt, none (shapes are captured ahead in the users' own steps)."""
+    from test_graph_schedule import CpuGraphs
+
+    from tailorkv.engine.engine import Engine
+
+    class Graphed(Engine):
+        def __enter__(self):
+            self.runner.graphs = CpuGraphs(self, monkeypatch)
+            return super().__enter__()
+
+    monkeypatch.setattr(bench_mixed_steps, "Engine", Graphed)
+    # the users cross 256 tokens (their Q layers' view: 4 pages to 8) while the long prompt prefills
+    argv = f"--model dummy:tiny --users 2 --user-len 250 --long-len 700 --steps 2 --out {tmp_path / 'm.json'}"
+    (row,) = bench_mixed_steps.main(
+        [*argv.split(), "--engine-args", '{"chunked_prefill_size": 256, "step_budget_ms": 1000}']
+    )
+    beside = row["prefill_steps"]
+    assert len(beside) == 3 and all(s["captured"] == 0 and not s["eager_decode"] for s in beside)
+    # alone: the prompt's steps have no decode rows
+    assert all(s["captured"] == 0 and not s["eager_decode"] for s in row["prefill_steps_alone"])

@@ -52,6 +52,9 @@ class DecodeGraphs:
         self.deferred: dict[
             tuple, int
         ] = {}  # shapes without a graph: the steps that ran them eagerly
+        self.eager_steps = (
+            0  # steps whose decode rows ran eagerly for want of a graph (all shapes, ever)
+        )
         self.pool = torch.cuda.graph_pool_handle()
         # (rids, rows, their key AHEAD tokens on) once every shape up to that key has a graph
         self.ahead_done: tuple | None = None
@@ -73,6 +76,7 @@ class DecodeGraphs:
             deferred = self.deferred.get((rows, key), 0)
             if not capture and deferred < MAX_DEFERRED:
                 self.deferred[(rows, key)] = deferred + 1
+                self.eager_steps += 1
                 return None
             self.deferred.pop((rows, key), None)
             shape = self.shapes[(rows, key)] = self._capture(rows, ids, step)
