@@ -7,7 +7,11 @@ def test_mixed_steps_records_each_step_of_the_long_prompt(tmp_path):
     out = tmp_path / "mixed.json"
     argv = f"--model dummy:tiny --users 2 --user-len 200 --long-len 700 --steps 2 --profile-at 300 --out {out}"
     (row,) = bench_mixed_steps.main(
-        [*argv.split(), "--engine-args", '{"chunked_prefill_size": 256, "step_budget_ms": 1000}']
+        [
+            *argv.split(),
+            "--engine-args",
+            '{"chunked_prefill_size": 256, "step_budget_ms": 1000, "device": "cpu"}',
+        ]
     )
     # the step after 300 of the prompt's tokens (its third) profiled
     assert "aten::" in (tmp_path / "mixed.prof.txt").read_text()
@@ -40,7 +44,11 @@ def test_mixed_steps_record_the_graphs_each_step_captured_and_ran_eagerly(tmp_pa
     # the users cross 256 tokens (their Q layers' view: 4 pages to 8) while the long prompt prefills
     argv = f"--model dummy:tiny --users 2 --user-len 250 --long-len 700 --steps 2 --out {tmp_path / 'm.json'}"
     (row,) = bench_mixed_steps.main(
-        [*argv.split(), "--engine-args", '{"chunked_prefill_size": 256, "step_budget_ms": 1000}']
+        [
+            *argv.split(),
+            "--engine-args",
+            '{"chunked_prefill_size": 256, "step_budget_ms": 1000, "device": "cpu"}',
+        ]
     )
     beside = row["prefill_steps"]
     assert len(beside) == 3 and all(s["captured"] == 0 and not s["eager_decode"] for s in beside)

@@ -1,4 +1,4 @@
-"""Which shapes DecodeGraphs captures, and when, on CPU: a capture there is its warm pass, and a replay runs the
+"""Which shapes DecodeGraphs captures, and when, on CPU (pinned there: float32, CPU defaults): a capture there is its warm pass, and a replay runs the
 captured segments eagerly with the step they were captured with (the Python values a CUDA graph bakes in), reading
 the same static tensors. tests/test_gpu.py runs the real graphs."""
 
@@ -77,7 +77,7 @@ def test_decode_only_steps_capture_the_next_shape_before_the_rows_need_it(
     captured in an earlier decode-only step, one capture a step, and the greedy tokens equal an engine's without
     graphs."""
     prompts, sp = [prompt, prompt[:700]], {**GREEDY, "max_new_tokens": 70}
-    with Engine(**SMALL, **options, enable_prefix_caching=False) as e:
+    with Engine(**SMALL, **options, enable_prefix_caching=False, device="cpu") as e:
         want = [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)]
         e.runner.graphs = graphs = CpuGraphs(e, monkeypatch)
         assert [r["output_ids"] for r in e.generate(prompts, sampling_params=sp)] == want
@@ -95,7 +95,7 @@ def test_steps_beside_a_long_prompt_replay_the_shapes_captured_ahead(prompt, mon
     sp = SamplingParams(max_new_tokens=70, temperature=0, ignore_eos=True)
     outs = []
     for graphed in (False, True):
-        with Engine(**SMALL, **SKETCH2, enable_prefix_caching=False) as e:
+        with Engine(**SMALL, **SKETCH2, enable_prefix_caching=False, device="cpu") as e:
             ids = [e.tokenizer.encode(p) for p in (prompt, prompt[:700], prompt[700:])]
             if graphed:
                 e.runner.graphs = graphs = CpuGraphs(e, monkeypatch)
