@@ -1,6 +1,6 @@
-"""Which shapes DecodeGraphs captures, and when, on CPU (pinned there: float32, CPU defaults): a capture there is its warm pass, and a replay runs the
-captured segments eagerly with the step they were captured with (the Python values a CUDA graph bakes in), reading
-the same static tensors. tests/test_gpu.py runs the real graphs."""
+"""Which shapes DecodeGraphs captures, and when, on CPU (pinned there: float32 equality, CPU defaults): a capture
+there is its warm pass, and a replay runs the captured segments eagerly with the step they were captured with (the
+Python values a CUDA graph bakes in), reading the same static tensors. tests/test_gpu.py runs the real graphs."""
 
 from __future__ import annotations
 
