@@ -52,9 +52,8 @@ class DecodeGraphs:
         self.deferred: dict[
             tuple, int
         ] = {}  # shapes without a graph: the steps that ran them eagerly
-        self.eager_steps = (
-            0  # steps whose decode rows ran eagerly for want of a graph (all shapes, ever)
-        )
+        # steps whose decode rows ran eagerly for want of a graph (all shapes, ever)
+        self.eager_steps = 0
         self.pool = torch.cuda.graph_pool_handle()
         # (rids, rows, their key AHEAD tokens on) once every shape up to that key has a graph
         self.ahead_done: tuple | None = None
