@@ -9,9 +9,10 @@ A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in pages of [
 gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is what the weights streaming
 through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
 pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): whether rows
-scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not, benchmarks/NOTES.md). Prints a
-table, writes rows
-{huge_pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
+scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not, benchmarks/NOTES.md). `--rows
+bf16,fp8`: the host tier's rows as bf16 K|V (512 bytes) and as packed fp8 rows (`--host-kv-dtype fp8`: 260 bytes,
+gathered as 32-bit words). Prints a table, writes rows
+{rows, row_bytes, huge_pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import torch
 
 from benchmarks.rows import run_info, write_rows
-from tailorkv.kernels import host_copy
+from tailorkv.kernels import host_copy, host_fp8
 from tailorkv.memory.host_memory import host_tensor
 
 H, T, D = 8, 256, 128
@@ -65,23 +66,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--top-k", type=int, default=128)
     p.add_argument("--output", default="benchmarks/results/uva_gather.json")
     p.add_argument("--huge-pages", choices=("both", "on", "off"), default="both")
+    p.add_argument("--rows", default="bf16", help="comma-separated: bf16, fp8")
     args = p.parse_args(argv)
     info = run_info(__spec__.name, argv)
     out = []
-    print(f"{'huge':>5} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
-    for huge in {"both": (True, False), "on": (True,), "off": (False,)}[args.huge_pages]:
+    print(f"{'rows':>4} {'huge':>5} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
+    kinds = {"bf16": (torch.bfloat16, 2 * D), "fp8": (torch.uint8, host_fp8.row_width(D))}
+    for kind, huge in (
+        (k, h)
+        for k in args.rows.split(",")
+        for h in {"both": (True, False), "on": (True,), "off": (False,)}[args.huge_pages]
+    ):
+        dtype, width = kinds[kind]
+        row_bytes = width * dtype.itemsize
         rows = host_tensor(
-            (int(args.host_gib * 2**30) // (H * T * 2 * D * 2), T, H, 2 * D),
-            torch.bfloat16,
+            (int(args.host_gib * 2**30) // (H * T * row_bytes), T, H, width),
+            dtype,
             True,
             huge_pages=huge,
         )
         for batch, context_pages in ((1, 512), (4, 512), (16, 128)):
             for swept in (False, True):
                 us = gather_us(rows, batch, context_pages, args.top_k, swept)
-                gbs = batch * H * args.top_k * 2 * D * 2 / us / 1e3
+                gbs = batch * H * args.top_k * row_bytes / us / 1e3
                 out.append(
                     {
+                        "rows": kind,
+                        "row_bytes": row_bytes,
                         "huge_pages": huge,
                         "batch": batch,
                         "context_pages": context_pages,
@@ -92,7 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     }
                 )
                 print(
-                    f"{huge!s:>5} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} {gbs:>6.1f}",
+                    f"{kind:>4} {huge!s:>5} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
+                    f"{gbs:>6.1f}",
                     flush=True,
                 )
         del rows  # unregistered and freed before the next tier is locked

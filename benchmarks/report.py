@@ -140,6 +140,7 @@ PREFIX_PREFILL = [
     col("step ms (each)", "step_ms_all", lambda v: ", ".join(f"{t:g}" for t in v)),
 ]
 UVA_GATHER = [
+    col("row bytes", "row_bytes"),
     col("requests", "batch"),
     col("context", "context_pages", lambda p: tokens(256 * p)),
     col("GPU caches", "swept", lambda s: "swept (1 GiB device copy before)" if s else "warm"),

@@ -90,6 +90,7 @@ def test_triton_attention_dequantizes_as_the_reference(dtype, b, hq, h, d, w, g,
 
 @pytest.mark.parametrize("h,d,k", [(3, 64, 45), (2, 128, 33)])
 def test_triton_fetch_of_packed_rows_is_the_reference(h, d, k):
+    """The kernel loads packed rows as 32-bit words (their 2D + 4 bytes); from the host and from GPU copies."""
     kt = triton_module("host_copy_triton")
     rows = host_fp8.quantize_rows(_rows(6, 256, h, 2 * d)).to(DEVICE)
     pages = torch.tensor([[4, 1, -1], [0, 5, 2]], device=DEVICE)
@@ -97,6 +98,13 @@ def test_triton_fetch_of_packed_rows_is_the_reference(h, d, k):
     idx = idx.to(DEVICE)
     got = kt.gather_rows(rows, pages, idx)
     assert got.dtype == torch.uint8 and torch.equal(got, host_copy.gather_rows(rows, pages, idx))
+    copies = host_fp8.quantize_rows(_rows(2, 256, h, 2 * d)).to(DEVICE)
+    slots = torch.tensor(
+        [[1, -1, -1], [-1, 0, 1]], device=DEVICE
+    )  # one page per row read from a copy
+    got = kt.gather_rows(rows, pages, idx, copies, slots)
+    assert torch.equal(got, host_copy.gather_rows(rows, pages, idx, copies, slots))
+    assert not torch.equal(got, host_copy.gather_rows(rows, pages, idx))
 
 
 def _stores(h, d, **options):
