@@ -77,9 +77,16 @@ def test_reference_attends_to_the_dequantized_rows(b, hq, h, d, w, g, k):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32] if CUDA else [torch.float32])
 @pytest.mark.parametrize("b,hq,h,d,w,g,k", CASES)
 def test_triton_attention_dequantizes_as_the_reference(dtype, b, hq, h, d, w, g, k):
+    """Packed rows contiguous, and 16 bytes apart as gather_rows returns them (the same result)."""
     kt = triton_module("sparse_attention_triton")
     case = _fp8_case(b, hq, h, d, w, g, k, dtype)
     got = kt.sparse_decode_attention(*case)
+    apart = list(case)
+    width = case[9].shape[-1]
+    apart[9] = torch.full((*case[9].shape[:3], -(-width // 16) * 16), 0x7F, dtype=torch.uint8)
+    apart[9] = apart[9].to(case[9].device)[..., :width].copy_(case[9])
+    assert k == 0 or not apart[9].is_contiguous()
+    assert torch.equal(kt.sparse_decode_attention(*apart), got)
     expect = ref.sparse_decode_attention(
         *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
     )
@@ -98,6 +105,9 @@ def test_triton_fetch_of_packed_rows_is_the_reference(h, d, k):
     idx = idx.to(DEVICE)
     got = kt.gather_rows(rows, pages, idx)
     assert got.dtype == torch.uint8 and torch.equal(got, host_copy.gather_rows(rows, pages, idx))
+    assert (
+        got.stride(2) == -(-(2 * d + 4) // 16) * 16
+    )  # rows 16 bytes apart, for the attention's vector loads
     copies = host_fp8.quantize_rows(_rows(2, 256, h, 2 * d)).to(DEVICE)
     slots = torch.tensor(
         [[1, -1, -1], [-1, 0, 1]], device=DEVICE

@@ -104,6 +104,7 @@ def _gather_rows_kernel(
     H,
     K,
     W,
+    OW,
     sr_p,
     sp_b,
     sc_p,
@@ -133,7 +134,7 @@ def _gather_rows_kernel(
     x = tl.load(rows_ptr + page[:, None] * sr_p + in_page, mask=ok & on_host[:, None], other=0.0)
     if COPIES:
         x = tl.where((slot >= 0)[:, None], y, x)
-    tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * W + w[None, :], x, mask=ok)
+    tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * OW + w[None, :], x, mask=ok)
 
 
 def copy_pages(
@@ -198,17 +199,32 @@ def gather_rows(
     copies: torch.Tensor | None = None,
     copy_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as host_copy.gather_rows (T must be a power of two)."""
+    """Same contract as host_copy.gather_rows (T must be a power of two). fp8 rows (uint8, 2D + 4 bytes) are
+    loaded as 32-bit words: Triton proves no alignment for a 260-byte row and would load it a byte at a time (256
+    single-byte loads a thread, 32 bytes a warp instruction over PCIe), as words 4x fewer loads of 128 bytes a
+    warp. They come back as a view whose rows start 16 bytes apart (272 bytes at D = 128), which the sparse
+    attention kernel then loads in 16-byte vectors."""
     if rows.dtype == torch.uint8 and rows.shape[-1] % 4 == 0:
-        # fp8 rows (2D + 4 bytes) as 32-bit words: Triton proves no alignment for a 260-byte row and would load it
-        # a byte at a time (256 single-byte loads a thread, 32 bytes a warp instruction over PCIe); as words, 4x
-        # fewer loads of 128 bytes a warp
+        w = rows.shape[-1]
         words = None if copies is None else copies.view(torch.int32)
-        return gather_rows(rows.view(torch.int32), pages, idx, words, copy_slots).view(torch.uint8)
+        out = _gather(rows.view(torch.int32), pages, idx, words, copy_slots, -(-w // 16) * 4)
+        return out.view(torch.uint8)[..., :w]
+    return _gather(rows, pages, idx, copies, copy_slots, rows.shape[-1])
+
+
+def _gather(
+    rows: torch.Tensor,
+    pages: torch.Tensor,
+    idx: torch.Tensor,
+    copies: torch.Tensor | None,
+    copy_slots: torch.Tensor | None,
+    out_width: int,
+) -> torch.Tensor:
+    """gather_rows into rows of `out_width` elements (the first W of each written)."""
     _, t, h, w = rows.shape
     pages = pages.contiguous()
     b, _, k = idx.shape
-    out = torch.empty(b, h, k, w, dtype=rows.dtype, device=pages.device)
+    out = torch.empty(b, h, k, out_width, dtype=rows.dtype, device=pages.device)
     if copies is not None and (copies.dtype != rows.dtype or copies.shape[1:] != rows.shape[1:]):
         raise ValueError("gather_rows: copies must have the rows' page shape and dtype")
     if copy_slots is not None:
@@ -224,6 +240,7 @@ def gather_rows(
             h,
             k,
             w,
+            out_width,
             _page_stride(rows),
             pages.stride(0),
             0 if copies is None else _page_stride(copies),

@@ -155,7 +155,7 @@ def sparse_decode_attention(
             "sparse_decode_attention: K and V of a source must share one [.., H, D] layout"
         )
     q, win_mask, gen_read, gen_mask = (x.contiguous() for x in (q, win_mask, gen_read, gen_mask))
-    fetched, valid = fetched.contiguous(), valid.contiguous()
+    fetched, valid = _rows_apart(fetched), valid.contiguous()
     out = torch.empty_like(q)
     gqa = hq // h
     _sparse_decode_kernel[(b, h)](
@@ -187,7 +187,7 @@ def sparse_decode_attention(
         gen_mask.stride(0),
         out.stride(0),
         out.stride(1),
-        fetched.shape[3],
+        fetched.stride(2),
         GQA=gqa,
         GQA_PAD=max(16, triton.next_power_of_2(gqa)),
         BLOCK_T=_BLOCK_T,
@@ -195,3 +195,14 @@ def sparse_decode_attention(
         FP8=fetched.dtype == torch.uint8,
     )
     return out
+
+
+def _rows_apart(fetched: torch.Tensor) -> torch.Tensor:
+    """fetched [B, H, K, W] whose rows may lie further apart than W (gather_rows' fp8 rows start 16 bytes apart,
+    so the kernel loads them in 16-byte vectors) but are otherwise packed: as it is, else contiguous."""
+    b, h, k, _ = fetched.shape
+    rw = fetched.stride(2)
+    packed = (
+        fetched.stride(-1) == 1 and fetched.stride(1) == k * rw and fetched.stride(0) == h * k * rw
+    )
+    return fetched if packed else fetched.contiguous()
