@@ -1,6 +1,7 @@
 """Triton version of sketch_scores.py (same function, signature and result): one program per (row, KV head,
-sketch page) scores the page's tokens on the chosen channels group by group from the packed codes, in registers
-(one warp: a program's tiles are [32/bits, channels])."""
+sketch page) scores the page's tokens on the chosen channels from the packed codes, in registers: one warp, a
+[channels, words, 32/bits] tile of codes, a few channels at a time, whose words it loads as vectors and whose T
+scores it stores at once in 16-byte vectors (the former kernel stored them 4 bytes a thread, 16 stores a page)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import triton.language as tl
 from tailorkv.kernels.kivi import QuantizedKeys, codes_per_word
 from tailorkv.kernels.kivi_triton import _unpacked
 from tailorkv.kernels.sketch_scores import GROUP
+
+# channels a tile unpacks at once: at 2 bits, 4 take 74 registers a thread (8 would take 124: half the warps an SM
+# holds; ptxas for sm_90), with 16-byte score stores and 8-byte word loads
+_CHANNELS_PER_TILE = 4
 
 
 @triton.jit(do_not_specialize=["NP"])
@@ -36,31 +41,39 @@ def _sketch_scores_kernel(
     GROUP: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Bit j of word w (of a channel) is token w*PER + j: word w of the chosen channels [BLOCK_C] gives the
-    scores of PER tokens through a [PER, BLOCK_C] tile; codes are never unpacked into a [tokens, D] tile. A
-    channel's words are contiguous (channel-major pages): each chosen channel's are read, no other's."""
+    """Bit j of word w (of a channel) is token w*PER + j. The page's words of BLOCK_C chosen channels at a time
+    ([BLOCK_C, NW]: a channel's are contiguous, channel-major pages) give all its T scores as one [NW, PER] tile,
+    stored at once; codes are never unpacked into a [tokens, D] tile."""
     PER: tl.constexpr = 32 // BITS
-    W: tl.constexpr = GROUP // PER  # words per group and channel
+    NW: tl.constexpr = T // PER  # words per channel and page
+    W: tl.constexpr = GROUP // PER  # words per group
     bh, n = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    c = tl.arange(0, BLOCK_C)
-    cm = c < C
-    q = tl.load(q_ptr + bh * C + c, mask=cm, other=0.0)
-    ch = tl.load(ch_ptr + bh * C + c, mask=cm, other=0)
     page = tl.load(pages_ptr + b * NP + n)
     p = tl.maximum(page, 0)
-    packed = packed_ptr + p * sp_p + h * sp_h + ch * sp_d
+    w = tl.arange(0, NW)
     j = tl.arange(0, PER)
-    out = out_ptr + bh * NP * T + n * T + j
-    for g in tl.static_range(T // GROUP):
-        srow = p * ss_p + h * ss_h + ch * ss_d + g
-        qs = q * tl.load(scale_ptr + srow, mask=cm, other=0.0).to(tl.float32)
-        qz = tl.sum(q * tl.load(zero_ptr + srow, mask=cm, other=0.0).to(tl.float32), axis=0)
-        for w in tl.static_range(W):
-            words = tl.load(packed + g * W + w, mask=cm, other=0)
-            codes = (words[None, :] >> (j * BITS)[:, None]) & (2**BITS - 1)
-            s = tl.sum(codes.to(tl.float32) * qs[None, :], axis=1) + qz
-            tl.store(out + (g * W + w) * PER, tl.where(page >= 0, s, 0.0))
+    s = tl.zeros([NW, PER], tl.float32)
+    qz = tl.zeros([NW], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        q = tl.load(q_ptr + bh * C + c, mask=cm, other=0.0)
+        ch = tl.load(ch_ptr + bh * C + c, mask=cm, other=0)
+        words = tl.load(
+            packed_ptr + p * sp_p + h * sp_h + ch[:, None] * sp_d + w[None, :],
+            mask=cm[:, None],
+            other=0,
+        )
+        # each word's group: its scale and zero per channel, [BLOCK_C, NW]
+        srow = p * ss_p + h * ss_h + ch[:, None] * ss_d + (w // W)[None, :]
+        scale = tl.load(scale_ptr + srow, mask=cm[:, None], other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + srow, mask=cm[:, None], other=0.0).to(tl.float32)
+        codes = (words[:, :, None] >> (j * BITS)[None, None, :]) & (2**BITS - 1)
+        s += tl.sum(codes.to(tl.float32) * (q[:, None] * scale)[:, :, None], axis=0)
+        qz += tl.sum(q[:, None] * zero, axis=0)
+    out = out_ptr + bh * NP * T + n * T + w[:, None] * PER + j[None, :]
+    tl.store(out, tl.where(page >= 0, s + qz[:, None], 0.0))
 
 
 def sketch_scores(
@@ -100,7 +113,7 @@ def sketch_scores(
             T=t,
             BITS=bits,
             GROUP=GROUP,
-            BLOCK_C=triton.next_power_of_2(channels.shape[-1]),
+            BLOCK_C=min(_CHANNELS_PER_TILE, triton.next_power_of_2(channels.shape[-1])),
             num_warps=1,
         )
     return out
