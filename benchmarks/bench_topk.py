@@ -1,10 +1,10 @@
 """The top-k of a decode step's token scores ([rows, KV heads, context] float32, what select_tokens ranks per S
-layer) by torch.topk, against an exact two-stage top-k: the top k of each chunk of the context, then the top k of
-those. torch.topk over a few long rows runs multi-pass radix selection (about 1.5 ms of tailor's 128k batch-1
-step in an H200 profile); the first stage is many short rows. The engine takes the second with tailor's
-`topk_chunk` option (kvcache/selection.py two_stage_topk).
+layer) by torch.topk, against an exact two-stage top-k: the k chunks of the context with the largest maxima, then
+the top k of their positions. torch.topk over a few long rows runs multi-pass radix selection (about 1.5 ms of
+tailor's 128k batch-1 step in an H200 profile); the two stages are short rows. The engine takes the second with
+tailor's `topk_chunk` option (kvcache/selection.py two_stage_topk).
 
-    python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 192,1024
+    python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 128,896 --chunk 64
 
 Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, machine, date, commit, command}: median of
 --repeats timed calls (CUDA events on the GPU) after --warmup.
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--contexts", default="32768,131072")
     p.add_argument("--batch", default="1,16")
     p.add_argument("--heads", type=int, default=8, help="KV heads (Llama-3.1-8B: 8)")
-    p.add_argument("--k", default="192,1024")
-    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--k", default="128,896")
+    p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--output", default="benchmarks/results/topk.json")

@@ -1,6 +1,6 @@
 """The two-stage top-k (kvcache/selection.py) equals torch.topk (values exactly; indices where values are distinct)
-at sizes off the chunk, k larger and smaller than a chunk, -inf padding included, every index inside the row; the
-script writes its rows on CPU."""
+at sizes off the chunk and on it, k times a chunk below and above the row's length, -inf padding and masked runs
+included, every index inside the row; the script writes its rows on CPU."""
 
 import json
 
@@ -11,8 +11,10 @@ from benchmarks import bench_topk
 from tailorkv.kvcache.selection import two_stage_topk
 
 
+# k * chunk below n (two stages; n off the chunk or on it) and at or above it (torch.topk itself)
 @pytest.mark.parametrize(
-    "n,k,chunk", [(1000, 7, 64), (4097, 192, 256), (300, 100, 64), (50, 10, 64), (1000, 60, 64)]
+    "n,k,chunk",
+    [(1000, 7, 64), (4097, 12, 64), (20480, 128, 16), (300, 100, 64), (50, 10, 64), (1000, 60, 64)],
 )
 def test_two_stage_topk_equals_torch_topk(n, k, chunk):
     scores = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(n))

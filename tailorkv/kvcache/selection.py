@@ -33,19 +33,24 @@ def score_tokens(q: torch.Tensor, k_channels: torch.Tensor, channels: torch.Tens
 
 
 def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores, k, -1)'s values (sorted, largest first) and indices by way of the top k of each `chunk`
-    positions of the last dim (many short rows instead of radix passes over a few long ones): every element of the
-    top k is among its chunk's top k. Ties may pick other indices; every index lies inside the last dim. chunk 0,
-    k >= chunk or a dim of at most one chunk: torch.topk itself."""
+    """torch.topk(scores, k, -1)'s values (sorted, largest first) and indices by way of `chunk`-position blocks of
+    the last dim: the k blocks with the largest maxima, then the top k of their k * chunk positions (two short
+    passes instead of radix passes over a few long rows). The k-th largest score is at least the k-th largest block
+    maximum, so every element of the top k lies in one of those blocks. Ties may pick other indices; every index
+    lies inside the last dim. chunk 0, or k * chunk >= the dim: torch.topk itself."""
     *lead, n = scores.shape
-    if not chunk or k >= chunk or n <= chunk:
+    if not chunk or k * chunk >= n:
         return scores.topk(k, dim=-1)
-    chunks = -(-n // chunk)
-    padded = torch.nn.functional.pad(scores, (0, chunks * chunk - n), value=float("-inf"))
-    values, idx = padded.view(*lead, chunks, chunk).topk(k, dim=-1)
-    idx = idx + torch.arange(chunks, device=scores.device)[:, None] * chunk
-    top, pick = values.flatten(-2).topk(k, dim=-1)
-    return top, idx.flatten(-2).gather(-1, pick).clamp_(max=n - 1)  # padding, picked only at -inf
+    blocks = -(-n // chunk)
+    padded = (
+        scores
+        if n % chunk == 0
+        else torch.nn.functional.pad(scores, (0, blocks * chunk - n), value=float("-inf"))
+    )
+    best = padded.view(*lead, blocks, chunk).amax(-1).topk(k, dim=-1).indices
+    pos = (best[..., None] * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
+    values, pick = padded.gather(-1, pos).topk(k, dim=-1)
+    return values, pos.gather(-1, pick).clamp_(max=n - 1)  # padding, picked only at -inf
 
 
 def outside_masked(scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,10 @@
 - speculative_fetch (beyond the paper; needs a key sketch): 1 = S layer l+1's two stages and top-k fetch run at
   layer l's input with the query predicted from it (as the paper's stage 1 predicts), on a side stream while layer
   l computes; attention still uses the real query over the rows so chosen. 0 (default): chosen with the real query.
-- topk_chunk (beyond the paper): 0 = stage 2's top-k is torch.topk over each row's whole context; N = the top k of
-  every N positions first, then of those (selection.two_stage_topk): the same tokens (ties aside), in many short
-  rows instead of radix passes over a few long ones, for whichever measures faster (benchmarks/bench_topk.py).
+- topk_chunk (beyond the paper): 0 = stage 2's top-k is torch.topk over each row's whole context; N = the k blocks
+  of N positions with the largest maxima first, then the top k of their positions (selection.two_stage_topk): the
+  same tokens (ties aside) from two short passes instead of radix passes over a long row, for whichever measures
+  faster (benchmarks/bench_topk.py). N = 64 leaves k * 64 candidates.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
