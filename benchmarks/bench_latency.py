@@ -13,7 +13,9 @@ them on pages with a GPU copy (tailor's DeviceCopies, `copied_share`), counted a
 `tailor:longbench` with `tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
 gpu_kv_bytes, host_kv_bytes, copied_share, floor_ms, floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms,
-device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date, commit, command} to --output.
+device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date, commit, command} to --output; with
+--profile-steps on CUDA also step_ms_by_part, a profiled step's device time by part (GEMMs, the top-k fetch, the
+sparse attention, the key sketch, the Q layers, top-k, FlashInfer, copies, other).
 """
 
 from __future__ import annotations
@@ -129,8 +131,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         engine.step()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
-    if args.profile_steps:
-        profile(engine, context, args)
+    step_ms = profile(engine, context, args) if args.profile_steps else {}
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
@@ -154,11 +155,38 @@ def measure(engine: Engine, context: int, args) -> dict:
         "floor_ms": round(sum(parts.values()), 2),
         **{f"floor_{k}_ms": round(v, 3) for k, v in parts.items()},
         **args.bandwidths.as_row(),
+        # a profiled step's device time by part (with --profile-steps, on CUDA)
+        **({"step_ms_by_part": step_ms} if step_ms else {}),
     }
 
 
-def profile(engine: Engine, context: int, args) -> None:
-    """The per-kernel time breakdown of a few decode steps (torch.profiler), written beside the JSON rows."""
+# a profiled step's device time by part, the first that names a kernel (cuBLAS's GEMMs, our Triton kernels by name,
+# torch's radix top-k, FlashInfer's attention); the rest is "other" (elementwise work, norms, indexing)
+STEP_PARTS = (
+    ("GEMMs", ("nvjet", "gemm", "splitKreduce", "cutlass")),
+    ("top-k fetch", ("_gather_rows_kernel",)),
+    ("sparse attention", ("_sparse_decode_kernel",)),
+    ("key sketch", ("_sketch_scores_kernel",)),
+    ("Q layers", ("_paged_decode_kernel", "_merge_splits_kernel")),
+    ("top-k", ("topk",)),
+    ("FlashInfer", ("flashinfer", "BatchDecode", "BatchPrefill", "SinglePrefill", "MergeState")),
+    ("copies", ("memcpy", "Memcpy", "_copy_pages_kernel")),
+)
+
+
+def step_parts(kernels: list[tuple[str, float]], steps: int) -> dict[str, float]:
+    """Milliseconds a step of each part of STEP_PARTS that ran, and "other", from (kernel name, device
+    microseconds) pairs of `steps` profiled steps: the short table of where a step's time goes."""
+    out = dict.fromkeys([part for part, _ in STEP_PARTS] + ["other"], 0.0)
+    for name, us in kernels:
+        part = next((p for p, keys in STEP_PARTS if any(k in name for k in keys)), "other")
+        out[part] += us / 1e3 / steps
+    return {k: round(v, 3) for k, v in out.items() if v}
+
+
+def profile(engine: Engine, context: int, args) -> dict[str, float]:
+    """The per-kernel time breakdown of a few decode steps (torch.profiler), written beside the JSON rows; on CUDA,
+    their device time a step by part (step_parts)."""
     name = args.current.replace(":", "-").replace("=", "")
     path = f"{os.path.splitext(args.output)[0]}_{name}_{context}.prof.txt"
 
@@ -167,24 +195,25 @@ def profile(engine: Engine, context: int, args) -> None:
             engine.step()
         sync(engine)
 
-    profiled(steps, path, engine.device.type == "cuda", rows=25)
+    kernels = profiled(steps, path, engine.device.type == "cuda", rows=25)
+    return step_parts(kernels, args.profile_steps)
 
 
-def profiled(run, path: str, cuda: bool, rows: int) -> None:
+def profiled(run, path: str, cuda: bool, rows: int) -> list[tuple[str, float]]:
     """`run()` under torch.profiler, written to `path`: the device's time per kernel (on CUDA), then the host's
-    per op (syncs, launches, Python work)."""
+    per op (syncs, launches, Python work). Returns (name, device microseconds) of what ran on the device."""
     acts = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if cuda else []
     )
     with torch.profiler.profile(activities=acts) as prof:
         run()
     key = "cuda_time_total" if cuda else "cpu_time_total"
+    averages = prof.key_averages()
     with open(path, "w") as f:
         for by in dict.fromkeys((key, "cpu_time_total")):
-            f.write(
-                prof.key_averages().table(sort_by=by, row_limit=rows, max_name_column_width=60)
-                + "\n"
-            )
+            f.write(averages.table(sort_by=by, row_limit=rows, max_name_column_width=60) + "\n")
+    device_us = [(e.key, getattr(e, "self_device_time_total", 0.0)) for e in averages]
+    return [(k, us) for k, us in device_us if us > 0]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -253,6 +282,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{row['host_kv_bytes'] / 2**20:>11.0f} {row['copied_share']:>6.2f}",
                 flush=True,
             )
+            if "step_ms_by_part" in row:
+                print(
+                    "  a profiled step, ms: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in row["step_ms_by_part"].items()),
+                    flush=True,
+                )
             write_rows(args.output, rows)
         engine.shutdown()
         del engine

@@ -82,3 +82,31 @@ def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
     # tailor's prompt pages got GPU copies as they were written (none where they are turned off)
     assert (row["copied_share"], copies["copied_share"], no_copies["copied_share"]) == (0, 1, 0)
     assert "PCIe rows" in capsys.readouterr().out
+
+
+def test_step_parts_sum_each_kernel_into_its_part_a_step():
+    """Kernel names as an H200 profile has them; the first part that names a kernel takes it; 2 steps profiled."""
+    kernels = [
+        ("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT", 8000.0),
+        ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", 400.0),
+        ("_gather_rows_kernel", 2000.0),
+        ("_sparse_decode_kernel", 600.0),
+        ("_sketch_scores_kernel", 800.0),
+        ("_paged_decode_kernel", 300.0),
+        ("void at::native::mbtopk::computeBlockDigitCounts<float>", 1000.0),
+        ("void at::native::sbtopk::gatherTopK<float>", 200.0),
+        ("void flashinfer::BatchDecodeWithPagedKVCacheKernel<...>", 500.0),
+        ("Memcpy HtoD (Pinned -> Device)", 100.0),
+        ("void at::native::vectorized_elementwise_kernel<4>", 90.0),
+    ]
+    assert bench_latency.step_parts(kernels, 2) == {
+        "GEMMs": 4.2,
+        "top-k fetch": 1.0,
+        "sparse attention": 0.3,
+        "key sketch": 0.4,
+        "Q layers": 0.15,
+        "top-k": 0.6,
+        "FlashInfer": 0.25,
+        "copies": 0.05,
+        "other": 0.045,
+    }
