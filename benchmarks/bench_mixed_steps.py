@@ -45,9 +45,7 @@ def measure(e: Engine, args, sync) -> dict:
     stamps: dict[int, list[float]] = {u.rid: [] for u in users}
     steps: list[dict] = []  # the steps that computed the long prompt
     long_added = False
-    cost = e.scheduler.cost
-
-    graphs = e.runner.graphs
+    cost, graphs = e.scheduler.cost, e.runner.graphs
 
     def graph_counts() -> tuple[int, int]:
         return (len(graphs.shapes), graphs.eager_steps) if graphs else (0, 0)

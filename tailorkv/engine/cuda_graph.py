@@ -11,6 +11,8 @@ reads.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..kvcache.batch import ForwardBatch, StepState
@@ -49,9 +51,8 @@ class DecodeGraphs:
         self.eager = [i for i in range(len(model.layers)) if i not in in_graph]
         self.buckets = [b for b in BUCKETS if b < max_rows] + [max_rows]
         self.shapes: dict[tuple, _Captured] = {}
-        self.deferred: dict[
-            tuple, int
-        ] = {}  # shapes without a graph: the steps that ran them eagerly
+        # shapes without a graph: the steps that ran them eagerly
+        self.deferred: dict[tuple, int] = {}
         # steps whose decode rows ran eagerly for want of a graph (all shapes, ever)
         self.eager_steps = 0
         self.pool = torch.cuda.graph_pool_handle()
@@ -108,18 +109,17 @@ class DecodeGraphs:
 
     def _shapes_ahead(
         self, batch: ForwardBatch, key: tuple, last: tuple
-    ) -> list[tuple[int, tuple]]:
-        """(tokens ahead, key) where the rows' key changes within AHEAD tokens, nearest first. A key only grows
-        (its sizes are the longest row's), so each change is found by bisection."""
-        found, at, lo = [], key, 0
+    ) -> Iterator[tuple[int, tuple]]:
+        """(tokens ahead, key) where the rows' key changes within AHEAD tokens, nearest first, each found when asked
+        for. A key only grows (its sizes are the longest row's), so each change is found by bisection."""
+        at, lo = key, 0
         while at != last:
             hi = AHEAD  # the key there differs from `at`; at `lo` it equals it
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if self.policy.graph_key(batch, mid) == at else (lo, mid)
             at, lo = self.policy.graph_key(batch, hi), hi
-            found.append((hi, at))
-        return found
+            yield hi, at
 
     def _segment(self, shape: _Captured, j: int, step: StepState) -> None:
         m, kv, e = self.model, self.policy, self.eager

@@ -350,29 +350,38 @@ class TailorPolicy(KVPolicy):
             step.decode_rows = to_device(torch.tensor([batch.cu[i] for i in decode]), self.device)
         return step
 
-    def _sizes(self, rids: list[int], static: bool, ahead: int = 0) -> tuple:
-        """The views' sizes for the decode requests `rids` once each has `ahead` more tokens: the S layers' (host
-        pages, generated tokens), then the Q layers' page width, each there only if the policy has such layers;
-        `static`: rounded up to powers of two (at least 64 generated tokens), a captured graph's shape key."""
+    def _states(self, rids: list[int]) -> tuple[list | None, list | None]:
+        """The decode requests' S-layer and Q-layer states (None where the policy has no such layers)."""
+        return (
+            [self.s_state[rid] for rid in rids] if self.s_index else None,
+            [self.q_state[rid] for rid in rids] if self.q_index else None,
+        )
+
+    def _sizes(self, states: tuple, static: bool, ahead: int = 0) -> tuple:
+        """The views' sizes for the decode requests of `states` (`_states`) once each has `ahead` more tokens: the
+        S layers' (host pages, generated tokens), then the Q layers' page width, each there only if the policy has
+        such layers; `static`: rounded up to powers of two (at least 64 generated tokens), a captured graph's shape
+        key."""
 
         def size(n: int, least: int = 1) -> int:
             return max(least, 1 << (n - 1).bit_length()) if static else n
 
+        s_states, q_states = states
         key: tuple = ()
-        if self.s_index:
-            pages, gen = DecodeView.sizes([self.s_state[rid] for rid in rids])
+        if s_states is not None:
+            pages, gen = DecodeView.sizes(s_states)
             key += (size(pages), size(gen + ahead, 64))
-        if self.q_index:
-            key += (size(QuantView.pages_of([self.q_state[rid] for rid in rids], ahead)),)
+        if q_states is not None:
+            key += (size(QuantView.pages_of(q_states, ahead)),)
         return key
 
     def _fill_views(self, rids: list[int], rows: int, static: bool, ahead: int = 0) -> tuple:
         """(DecodeView of the S layers, QuantView of the Q layers, shape key) for the decode requests `rids` in
         `rows` rows: fresh views, or (static) the ones kept per shape as a captured graph's inputs (`_sizes`)."""
-        key = self._sizes(rids, static, ahead)
+        s_states, q_states = states = self._states(rids)
+        key = self._sizes(states, static, ahead)
         view = qview = None
-        if self.s_index:
-            states = [self.s_state[rid] for rid in rids]
+        if s_states is not None:
             shape = key[:2]
             view = self._view(
                 ("s", rows, *shape),
@@ -382,20 +391,19 @@ class TailorPolicy(KVPolicy):
                 ),
             )
             view.fill(
-                states,
+                s_states,
                 self.offload.scratch_slot,
                 self.offload.scratch_gen,
                 self.offload.decode_copies,
             )
-        if self.q_index:
-            states = [self.q_state[rid] for rid in rids]
+        if q_states is not None:
             width = key[-1]
             qview = self._view(
                 ("q", rows, width),
                 static,
                 lambda: QuantView(rows, width, self.tc.residual, self.device),
             )
-            qview.fill(states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot)
+            qview.fill(q_states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot)
         return view, qview, key
 
     def _view(self, key: tuple, static: bool, make):
@@ -412,7 +420,7 @@ class TailorPolicy(KVPolicy):
     def graph_key(self, batch: ForwardBatch, ahead: int) -> tuple | None:
         if any(self.is_prefill(i, batch) for i in range(batch.size)):
             return None
-        return self._sizes(batch.rids, True, ahead)
+        return self._sizes(self._states(batch.rids), True, ahead)
 
     def prepare_for_graph(
         self, batch: ForwardBatch, rows: int, ahead: int = 0
