@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .config import ModelConfig
+from .gguf_dequant import dequantize
 from .weights import LoadedWeights, TokenizerSource
 
 _TOP = {
@@ -49,11 +50,11 @@ def _field(reader, name, default=None):
     return bytes(v).decode("utf-8") if f.types[0] == gguf.GGUFValueType.STRING else v.tolist()[0]
 
 
-def unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
+def unpermute_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     """GGUF (interleaved pairs) -> HF rotate-half row order for whole heads' rows of a q/k projection weight or
     bias (each head's rows are permuted among themselves)."""
     heads = w.shape[0] // head_dim
-    return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 class GGUFTensor:
@@ -77,10 +78,10 @@ class GGUFTensor:
             start, stop, step = cols.indices(self.get_shape()[-1])
             if step == 1 and start % block == 0 and stop % block == 0:
                 data, cols = data[:, start // block * size : stop // block * size], slice(None)
-        w = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32)  # its own memory
+        w = dequantize(data, t.tensor_type)  # its own memory
         if self.head_dim:
             w = unpermute_rows(w, self.head_dim)
-        return torch.from_numpy(np.ascontiguousarray(w[..., cols]))
+        return w[..., cols].contiguous()
 
 
 def load_gguf(path: str) -> LoadedWeights:
