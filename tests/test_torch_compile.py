@@ -34,7 +34,7 @@ def test_compiled_functions_equal_the_eager_ones(device, dtype):
     ops, graphs = ew.Elementwise(compiled=True), counters["stats"]["unique_graphs"]
     gen = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=gen).to(device, dtype)  # noqa: E731
-    cos, sin, w = rand(8192, 64), rand(8192, 64), torch.nn.Parameter(rand(576))
+    cos, sin, w = rand(8192, 64), rand(8192, 64), torch.nn.Parameter(rand(576), requires_grad=False)
     for t in (1, 3, 17):  # 1 is its own graph; the others share one with a dynamic length
         with torch.inference_mode():
             h, delta = rand(t, 576), rand(t, 576)

@@ -79,6 +79,7 @@ def load_model(
             f"{loaded.config.name} lacks weights: {', '.join(sorted(missing)[:4])} ..."
         )
     net.load_state_dict(state, assign=True, strict=True)
+    net.requires_grad_(False)  # inference only (Dynamo guards on the flag)
     net.setup_rotary(device, dtype)
     tok = loaded.tokenizer
     if rank:
