@@ -10,8 +10,9 @@ gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), wh
 through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
 pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): whether rows
 scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not, benchmarks/NOTES.md). `--rows
-bf16,fp8`: the host tier's rows as bf16 K|V (512 bytes) and as packed fp8 rows (`--host-kv-dtype fp8`: 260 bytes,
-gathered as 32-bit words). Prints a table, writes rows
+bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows (`--host-kv-dtype fp8`: 260
+bytes, gathered as 32-bit words) and as fp8 rows padded to 272 bytes (`fp8_row_align` 16: gathered in 16-byte
+loads); `us` compares them at the same rows (`gb_per_s` counts the padding). Prints a table, writes rows
 {rows, row_bytes, huge_pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
 """
 
@@ -66,12 +67,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--top-k", type=int, default=128)
     p.add_argument("--output", default="benchmarks/results/uva_gather.json")
     p.add_argument("--huge-pages", choices=("both", "on", "off"), default="both")
-    p.add_argument("--rows", default="bf16", help="comma-separated: bf16, fp8")
+    p.add_argument("--rows", default="bf16", help="comma-separated: bf16, fp8, fp8a16")
     args = p.parse_args(argv)
     info = run_info(__spec__.name, argv)
     out = []
-    print(f"{'rows':>4} {'huge':>5} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
-    kinds = {"bf16": (torch.bfloat16, 2 * D), "fp8": (torch.uint8, host_fp8.row_width(D))}
+    print(f"{'rows':>6} {'huge':>5} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
+    kinds = {
+        "bf16": (torch.bfloat16, 2 * D),
+        "fp8": (torch.uint8, host_fp8.row_width(D)),
+        "fp8a16": (torch.uint8, host_fp8.row_width(D, 16)),
+    }
+    unknown = set(args.rows.split(",")) - set(kinds)
+    if unknown:
+        p.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(kinds)}")
     for kind, huge in (
         (k, h)
         for k in args.rows.split(",")
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     }
                 )
                 print(
-                    f"{kind:>4} {huge!s:>5} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
+                    f"{kind:>6} {huge!s:>5} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
                     f"{gbs:>6.1f}",
                     flush=True,
                 )

@@ -24,6 +24,7 @@ POLICY_ARGS = {
     "host_kv_dtype": "host_kv_dtype",
     "speculative_fetch": "speculative_fetch",
     "tailor_topk_chunk": "topk_chunk",
+    "tailor_fp8_row_align": "fp8_row_align",
 }
 TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     (
@@ -37,6 +38,10 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     (
         "--tailor-topk-chunk",
         "stage 2's top-k over chunks of N positions first, then of those (0: one top-k)",
+    ),
+    (
+        "--tailor-fp8-row-align",
+        "--host-kv-dtype fp8: rows padded to a multiple of 4 bytes (default) or 16 (16-byte PCIe loads)",
     ),
 )
 

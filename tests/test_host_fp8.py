@@ -39,8 +39,13 @@ def _rows(*shape, seed=0):
 def test_packing_is_e4m3_codes_times_a_bf16_scale(d):
     x = _rows(3, 5, 7, 2 * d)
     packed = host_fp8.quantize_rows(x)
-    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 7, host_fp8.row_width(d))
-    got = host_fp8.dequantize_rows(packed, torch.float32)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 7, 2 * d + 4)
+    got = host_fp8.dequantize_rows(packed, torch.float32, d)
+    # rows padded to 16 bytes: the same bytes, then zeros
+    padded = host_fp8.quantize_rows(x, align=16)
+    assert padded.shape[-1] == host_fp8.row_width(d, 16) == 2 * d + 16
+    assert torch.equal(padded[..., : 2 * d + 4], packed) and not padded[..., 2 * d + 4 :].any()
+    assert torch.equal(host_fp8.dequantize_rows(padded, torch.float32, d), got)
     halves = x.unflatten(-1, (2, d))
     scale = packed[..., 2 * d :].contiguous().view(torch.bfloat16).float()
     codes = (
@@ -67,7 +72,7 @@ def _fp8_case(b, hq, h, d, w, g, k, dtype):
 def test_reference_attends_to_the_dequantized_rows(b, hq, h, d, w, g, k):
     case = _fp8_case(b, hq, h, d, w, g, k, torch.float32)
     plain = list(case)
-    plain[9] = host_fp8.dequantize_rows(case[9], torch.float32)
+    plain[9] = host_fp8.dequantize_rows(case[9], torch.float32, d)
     plain[9][~case[10]] = 0
     torch.testing.assert_close(
         ref.sparse_decode_attention(*case), ref.sparse_decode_attention(*plain), rtol=0, atol=0
@@ -77,16 +82,23 @@ def test_reference_attends_to_the_dequantized_rows(b, hq, h, d, w, g, k):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32] if CUDA else [torch.float32])
 @pytest.mark.parametrize("b,hq,h,d,w,g,k", CASES)
 def test_triton_attention_dequantizes_as_the_reference(dtype, b, hq, h, d, w, g, k):
-    """Packed rows contiguous, and 16 bytes apart as gather_rows returns them (the same result)."""
+    """Packed rows contiguous, 16 bytes apart as gather_rows returns them, and padded to 16 bytes (fp8_row_align
+    16): the same result."""
     kt = triton_module("sparse_attention_triton")
     case = _fp8_case(b, hq, h, d, w, g, k, dtype)
     got = kt.sparse_decode_attention(*case)
-    apart = list(case)
+    apart, padded = list(case), list(case)
     width = case[9].shape[-1]
     apart[9] = torch.full((*case[9].shape[:3], -(-width // 16) * 16), 0x7F, dtype=torch.uint8)
     apart[9] = apart[9].to(case[9].device)[..., :width].copy_(case[9])
     assert k == 0 or not apart[9].is_contiguous()
     assert torch.equal(kt.sparse_decode_attention(*apart), got)
+    padded[9] = apart[9].as_strided(
+        apart[9].shape[:3] + (host_fp8.row_width(d, 16),), apart[9].stride()
+    )
+    assert torch.equal(kt.sparse_decode_attention(*padded), got)
+    if dtype == torch.float32:
+        assert torch.equal(ref.sparse_decode_attention(*padded), ref.sparse_decode_attention(*case))
     expect = ref.sparse_decode_attention(
         *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
     )
@@ -95,20 +107,22 @@ def test_triton_attention_dequantizes_as_the_reference(dtype, b, hq, h, d, w, g,
     assert err <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("align", host_fp8.ALIGNS)
 @pytest.mark.parametrize("h,d,k", [(3, 64, 45), (2, 128, 33)])
-def test_triton_fetch_of_packed_rows_is_the_reference(h, d, k):
-    """The kernel loads packed rows as 32-bit words (their 2D + 4 bytes); from the host and from GPU copies."""
+def test_triton_fetch_of_packed_rows_is_the_reference(h, d, k, align):
+    """The kernel loads packed rows as 32-bit words (2D + 4 bytes, or 2D + 16 padded); from the host and from GPU
+    copies."""
     kt = triton_module("host_copy_triton")
-    rows = host_fp8.quantize_rows(_rows(6, 256, h, 2 * d)).to(DEVICE)
+    rows = host_fp8.quantize_rows(_rows(6, 256, h, 2 * d), align).to(DEVICE)
     pages = torch.tensor([[4, 1, -1], [0, 5, 2]], device=DEVICE)
     idx = torch.randint(0, 3 * 256, (2, h, k), generator=torch.Generator().manual_seed(1))
     idx = idx.to(DEVICE)
     got = kt.gather_rows(rows, pages, idx)
     assert got.dtype == torch.uint8 and torch.equal(got, host_copy.gather_rows(rows, pages, idx))
     assert (
-        got.stride(2) == -(-(2 * d + 4) // 16) * 16
+        got.stride(2) == -(-host_fp8.row_width(d, align) // 16) * 16
     )  # rows 16 bytes apart, for the attention's vector loads
-    copies = host_fp8.quantize_rows(_rows(2, 256, h, 2 * d)).to(DEVICE)
+    copies = host_fp8.quantize_rows(_rows(2, 256, h, 2 * d), align).to(DEVICE)
     slots = torch.tensor(
         [[1, -1, -1], [-1, 0, 1]], device=DEVICE
     )  # one page per row read from a copy
@@ -117,37 +131,41 @@ def test_triton_fetch_of_packed_rows_is_the_reference(h, d, k):
     assert not torch.equal(got, host_copy.gather_rows(rows, pages, idx))
 
 
-def _stores(h, d, **options):
+def _stores(h, d, align, **options):
     return [
-        OffloadStore(1, 4, 2, 2, h, d, 8, 56, "cpu", torch.float32, fp8_rows=fp8, **options)
+        OffloadStore(
+            1, 4, 2, 2, h, d, 8, 56, "cpu", torch.float32, fp8_rows=fp8, fp8_align=align, **options
+        )
         for fp8 in (False, True)
     ]
 
 
-def test_store_fetch_attend_path_is_the_packed_rows():
+@pytest.mark.parametrize("align", host_fp8.ALIGNS)
+def test_store_fetch_attend_path_is_the_packed_rows(align):
     """An fp8 store keeps exactly the packing of what the full-precision store keeps; its top-k fetch is those
     packed rows, and its attention that over their dequantized values; prompt-time reads dequantize them."""
     torch.manual_seed(0)
     h, d, n = 3, 64, 300
     k, v = torch.randn(2, n, h, d)
-    plain, fp8 = _stores(h, d, copy_slots=2)
-    assert fp8.rows[0].dtype == torch.uint8 and fp8.rows[0].shape[-1] == 2 * d + 4
+    plain, fp8 = _stores(h, d, align, copy_slots=2)
+    width = host_fp8.row_width(d, align)
+    assert fp8.rows[0].dtype == torch.uint8 and fp8.rows[0].shape[-1] == width
     for store in (plain, fp8):
         st = OffloadState([2, 0], [0], 0, n, 8, 56)
         store.prefill(0, PromptRows.build([st], [n], 0, store.window, "cpu"), k, v)
-    assert torch.equal(fp8.rows[0][[2, 0]], host_fp8.quantize_rows(plain.rows[0][[2, 0]]))
+    assert torch.equal(fp8.rows[0][[2, 0]], host_fp8.quantize_rows(plain.rows[0][[2, 0]], align))
     for name in ("win_k", "win_v", "max_abs"):  # the GPU tier keeps exact values
         assert torch.equal(getattr(plain, name), getattr(fp8, name)), name
     view = SimpleNamespace(host_pages=torch.tensor([[2, 0]]), copy_slots=torch.full((1, 2), -1))
     idx = torch.tensor([[[0, 299, 17, 256]] * h])
     fetched = fp8.fetch_rows(0, view, idx)
-    assert torch.equal(fetched, host_fp8.quantize_rows(plain.fetch_rows(0, view, idx)))
+    assert torch.equal(fetched, host_fp8.quantize_rows(plain.fetch_rows(0, view, idx), align))
     # a prompt-time read: the rows dequantized to the compute dtype
     prefix = fp8.shared_prefix(fp8.rows[0][[2, 0]], max_abs=True)
-    expect = host_fp8.dequantize_rows(fp8.rows[0][[2, 0]], torch.float32)
+    expect = host_fp8.dequantize_rows(fp8.rows[0][[2, 0]], torch.float32, d)
     assert prefix.k.dtype == torch.float32
     assert torch.equal(prefix.k, expect.reshape(512, h, 2 * d)[..., :d])
-    assert fp8.row_buffer(3).shape == (3, 256, h, 2 * d + 4)
+    assert fp8.row_buffer(3).shape == (3, 256, h, width)
     # full-precision rows read back are the prefill's keys and values as they are (views, token after token)
     buf = plain.rows[0][[2, 0]]
     read = plain.shared_prefix(buf, max_abs=False)
@@ -177,6 +195,7 @@ def test_fp8_rows_double_the_requests_a_host_budget_holds(model, ratio):
         ({"kv_policy": "quest", "host_kv_dtype": "fp8"}, "no KV rows in a host tier"),
         ({"kv_policy": "kivi", "host_kv_dtype": "fp8"}, "kivi keeps no layer"),
         ({"kv_policy": "tailor", "host_kv_dtype": "int4"}, "host_kv_dtype must be one of"),
+        ({"kv_policy": "tailor", "fp8_row_align": 8}, "fp8_row_align must be one of 4, 16"),
     ],
 )
 def test_fp8_without_a_host_tier_is_a_config_error(options, needle):
@@ -200,15 +219,17 @@ def test_fp8_rows_stay_close_to_full_precision_rows():
     (so prefill reads fp8 rows back), 24 teacher-forced steps each, then the same again (their cached prefixes read
     back): against the full-precision tier, the forced tokens' logprobs move by at most 0.05 nats on average and the
     top-1 token agrees on at least 3 steps in 4 (measured: 0.013 and 0.86; the random model's top tokens are
-    within hundredths of a nat of each other, so top-1 is the weaker measure here)."""
+    within hundredths of a nat of each other, so top-1 is the weaker measure here). Rows padded to 16 bytes
+    (fp8_row_align 16) give the fp8 tier's logprobs exactly."""
     out = {}
-    for dtype in ("auto", "fp8"):
+    for dtype, align in (("auto", 4), ("fp8", 4), ("fp8", 16)):
         with Engine(
             model="dummy:tiny",
             kv_policy="tailor",
             quant_layers=[0],
             top_k=64,
             host_kv_dtype=dtype,
+            fp8_row_align=align,
             chunked_prefill_size=128,
             progress=False,
             kv_cache_gib=0.05,
@@ -216,8 +237,10 @@ def test_fp8_rows_stay_close_to_full_precision_rows():
         ) as e:
             ids = e.tokenizer.encode(load_essays()[:8000])
             prompts, forced = [ids[:700], ids[730:1300]], [ids[700:724], ids[1300:1324]]
-            out[dtype] = [forced_top_logprobs(e, prompts, forced, 20) for _ in range(2)]
-    for base, fp8 in zip(out["auto"], out["fp8"]):
+            assert e.policy.offload.rows[0].shape[-1] == (2 * 32 + align if dtype == "fp8" else 64)
+            out[dtype, align] = [forced_top_logprobs(e, prompts, forced, 20) for _ in range(2)]
+    assert out["fp8", 16] == out["fp8", 4]
+    for base, fp8 in zip(out["auto", 4], out["fp8", 4]):
         m = paired(base, fp8, 20)
         assert m["steps"] == 48, m
         assert m["mean_abs_delta_logprob"] <= 0.05 and m["top1_agreement"] >= 0.75, m

@@ -39,7 +39,7 @@ def sparse_decode_attention(
 ) -> torch.Tensor:
     h, d = win_k.shape[2], win_k.shape[3]
     if fetched.dtype == torch.uint8:
-        fetched = host_fp8.dequantize_rows(fetched, win_k.dtype)
+        fetched = host_fp8.dequantize_rows(fetched, win_k.dtype, win_k.shape[-1])
     keys = torch.cat(
         [win_k[slots], gen_k[gen_read], fetched[..., :d].transpose(1, 2).to(win_k.dtype)], 1
     )

@@ -195,15 +195,16 @@ class OffloadStore:
         extra_row_layers: int = 0,
         copy_slots: int = 0,
         fp8_rows: bool = False,
+        fp8_align: int = 4,
     ):
         """`extra_row_layers`: more layers whose prompt rows only are kept (tailor's Q layers, for a later request
         that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ...
         `copy_slots`: host pages whose token rows (every row layer) also have a copy in the GPU tier (DeviceCopies).
-        `fp8_rows`: token rows stored as host_fp8 packed rows."""
+        `fp8_rows`: token rows stored as host_fp8 packed rows, padded to a multiple of `fp8_align` bytes."""
         L, H, D = num_layers, num_kv_heads, head_dim
-        self.dtype, self.fp8_rows = dtype, fp8_rows
+        self.dtype, self.fp8_rows, self.fp8_align = dtype, fp8_rows, fp8_align
         # token-major pages [256 tokens, H, k|v]: a prefix read back is a view for the prefill kernels (no copy)
-        self.row_shape = (HOST_PAGE, H, host_fp8.row_width(D) if fp8_rows else 2 * D)
+        self.row_shape = (HOST_PAGE, H, host_fp8.row_width(D, fp8_align) if fp8_rows else 2 * D)
         self.row_dtype = torch.uint8 if fp8_rows else dtype
         self.sketch_bits = sketch_bits
         self.h, self.d, self.device, self.window = H, D, device, sink + recent
@@ -268,22 +269,25 @@ class OffloadStore:
         channel_copy: bool = True,
         extra_row_layers: int = 0,
         fp8_rows: bool = False,
+        fp8_align: int = 4,
     ) -> int:
-        rows = (num_layers + extra_row_layers) * OffloadStore.row_bytes(d, itemsize, fp8_rows)
+        rows = (num_layers + extra_row_layers) * OffloadStore.row_bytes(
+            d, itemsize, fp8_rows, fp8_align
+        )
         channel_major = num_layers * d * itemsize if channel_copy else 0
         return (rows + channel_major) * h * HOST_PAGE
 
     @staticmethod
-    def row_bytes(d: int, itemsize: int, fp8_rows: bool) -> int:
+    def row_bytes(d: int, itemsize: int, fp8_rows: bool, fp8_align: int = 4) -> int:
         """Bytes of one token's row of one KV head (K and V)."""
-        return host_fp8.row_width(d) if fp8_rows else 2 * d * itemsize
+        return host_fp8.row_width(d, fp8_align) if fp8_rows else 2 * d * itemsize
 
     @staticmethod
     def bytes_per_copy(
-        row_layers: int, h: int, d: int, itemsize: int, fp8_rows: bool = False
+        row_layers: int, h: int, d: int, itemsize: int, fp8_rows: bool = False, fp8_align: int = 4
     ) -> int:
         """GPU bytes of one host page's copy (DeviceCopies): its token rows of every row layer."""
-        return row_layers * h * HOST_PAGE * OffloadStore.row_bytes(d, itemsize, fp8_rows)
+        return row_layers * h * HOST_PAGE * OffloadStore.row_bytes(d, itemsize, fp8_rows, fp8_align)
 
     @staticmethod
     def bytes_per_sketch_page(num_layers: int, h: int, d: int, bits: int) -> int:
@@ -345,7 +349,7 @@ class OffloadStore:
         kv = torch.cat([k, v], dim=-1)[rows.page_src].view(np_, *self.row_shape[:2], 2 * self.d)
         kp, src = kv[..., : self.d].transpose(1, 2), torch.arange(np_, device=k.device)
         if self.fp8_rows:
-            kv = host_fp8.quantize_rows(kv)
+            kv = host_fp8.quantize_rows(kv, self.fp8_align)
         self.ops.copy_pages(kv, src, self.rows[row_layer], rows.host_pages)
         if self.copy_rows is not None:
             self.copy_rows[row_layer][rows.copy_slots] = kv
@@ -378,7 +382,7 @@ class OffloadStore:
         """The k, v of prefix rows read back by read_prefix (fp8 rows dequantized), with max|K| when asked: views of
         the rows, token after token (strided, as FlashInfer's prefill reads them)."""
         if self.fp8_rows:
-            rows = host_fp8.dequantize_rows(rows, self.dtype)
+            rows = host_fp8.dequantize_rows(rows, self.dtype, self.d)
         kv = rows.view(rows.shape[0] * HOST_PAGE, self.h, 2 * self.d)
         k, v = kv[..., : self.d], kv[..., self.d :]
         if not max_abs:

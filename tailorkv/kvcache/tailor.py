@@ -212,11 +212,18 @@ class TailorPolicy(KVPolicy):
             gpu["sketch"] = (HOST_PAGE, spage, 64, "prompt")
         unit = sum(b * n for _, b, n, _ in gpu.values())  # per 64 host pages
         hpage = OffloadStore.bytes_per_host_page(
-            ns, h, d, item, channel_copy=not t.key_sketch, extra_row_layers=nq, fp8_rows=t.fp8_rows
+            ns,
+            h,
+            d,
+            item,
+            channel_copy=not t.key_sketch,
+            extra_row_layers=nq,
+            fp8_rows=t.fp8_rows,
+            fp8_align=t.fp8_row_align,
         )
         host_pages = max(host_bytes // hpage, 1)
         host = [PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt")]
-        cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item, t.fp8_rows)
+        cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item, t.fp8_rows, t.fp8_row_align)
         if (
             copy_bytes is None
         ):  # without prefix caching only prefill chunks read them: none unless asked
@@ -280,6 +287,7 @@ class TailorPolicy(KVPolicy):
             extra_row_layers=len(self.q_index),
             copy_slots=n.get("copies", 0),
             fp8_rows=t.fp8_rows,
+            fp8_align=t.fp8_row_align,
         )
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}

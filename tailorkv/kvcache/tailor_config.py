@@ -23,6 +23,9 @@
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
   chunked prefill, GPU copies) see the dequantized values: exactness against full attention holds for "auto" only.
+- fp8_row_align: an fp8 host row padded to a multiple of 4 bytes (2D + 4, the default) or 16 (2D + 16: every row
+  16-byte aligned, so the top-k fetch reads it over PCIe in 16-byte loads where 2D + 4 takes 4-byte ones; 4.6% more
+  host bytes at head_dim 128), for whichever measures faster (benchmarks/bench_uva_gather.py --rows).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
+from ..kernels import host_fp8
 from .budget import MAX_TOP_K
 
 PRESETS = {
@@ -60,6 +64,7 @@ class TailorConfig:
     speculative_fetch: int = 0
     topk_chunk: int = 0
     host_kv_dtype: str = "auto"
+    fp8_row_align: int = 4
 
     @property
     def fp8_rows(self) -> bool:
@@ -106,6 +111,10 @@ class TailorConfig:
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ConfigError(
                 f"host_kv_dtype must be one of {', '.join(HOST_KV_DTYPES)}, got {self.host_kv_dtype!r}"
+            )
+        if self.fp8_row_align not in host_fp8.ALIGNS:
+            raise ConfigError(
+                f"fp8_row_align must be one of {', '.join(map(str, host_fp8.ALIGNS))} (bytes), got {self.fp8_row_align!r}"
             )
         if not isinstance(self.d_s, int) or self.d_s < 1:
             raise ConfigError(f"d_s must be a positive integer, got {self.d_s!r}")
