@@ -595,9 +595,14 @@ def paged_decode_attention(
     lengths: torch.Tensor,
     bits: int,
     sm_scale: float,
+    *,
+    target_programs: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Same contract as kivi.paged_decode_attention. The grid depends on the shapes only (pages' width sets the
-    splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table."""
+    splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table.
+    The keywords tune the launch (benchmarks/bench_q_attention.py sweeps them; default: the module's settings)."""
     bsz, hq, d = q.shape
     _, h, w, _ = k_packed.shape
     page = w * codes_per_word(bits)
@@ -610,7 +615,8 @@ def paged_decode_attention(
     v_packed, v_scale, v_zero = _unpacked((v_packed, v_scale, v_zero))
     # whole pages per split, enough splits for about _TARGET_PROGRAMS programs
     tiles = pages.shape[1]
-    chunk = max(1, triton.cdiv(tiles, max(1, _TARGET_PROGRAMS // max(1, bsz * h)))) * page
+    programs = target_programs or _TARGET_PROGRAMS
+    chunk = max(1, triton.cdiv(tiles, max(1, programs // max(1, bsz * h)))) * page
     splits = triton.cdiv(tiles * page, chunk)
     part = torch.empty(bsz * hq, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz * hq, splits, dtype=torch.float32, device=q.device)
@@ -660,8 +666,8 @@ def paged_decode_attention(
         PAGE=page,
         VGROUP=vgroup,
         BLOCK_D=triton.next_power_of_2(d),
-        num_warps=_ATTN_WARPS,
-        num_stages=_ATTN_STAGES,
+        num_warps=num_warps or _ATTN_WARPS,
+        num_stages=num_stages or _ATTN_STAGES,
     )
     out = torch.empty(bsz * hq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz * hq, dtype=torch.float32, device=q.device)

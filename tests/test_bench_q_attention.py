@@ -1,0 +1,37 @@
+"""bench_q_attention on CPU (the Triton kernel in the interpreter): a row per setting, the fastest marked per
+context, batch and bits, and a setting whose output differs from the first's is an error, not a row."""
+
+import json
+
+import pytest
+
+from benchmarks import bench_q_attention
+from tailorkv.kernels import kivi_triton
+
+ARGS = ["--device=cpu", "--contexts=300", "--batch=2", "--bits=1,2", "--heads=6,2,64"]
+ARGS += ["--programs=1,8", "--warps=4", "--stages=1", "--warmup=0", "--repeats=1"]
+
+
+def test_script_sweeps_the_settings_and_marks_the_fastest(tmp_path):
+    out = tmp_path / "q.json"
+    rows = bench_q_attention.main(ARGS + [f"--output={out}"])
+    assert json.loads(out.read_text()) == rows
+    assert [(r["bits"], r["target_programs"]) for r in rows] == [(1, 1), (1, 8), (2, 1), (2, 8)]
+    assert [r["splits"] for r in rows] == [1, 2, 1, 2]  # 5 pages over 4 (row, KV head) pairs
+    for bits in (1, 2):
+        group = [r for r in rows if r["bits"] == bits]
+        assert sum(r["best"] for r in group) == 1
+        assert next(r for r in group if r["best"])["us"] == min(r["us"] for r in group)
+
+
+def test_a_setting_that_changes_the_output_is_an_error(tmp_path, monkeypatch):
+    attend = kivi_triton.paged_decode_attention
+
+    def wrong(*args, target_programs, **knobs):
+        out = attend(*args, target_programs=target_programs, **knobs)
+        return out + 0.1 if target_programs == 8 else out
+
+    monkeypatch.setattr(kivi_triton, "paged_decode_attention", wrong)
+    with pytest.raises(AssertionError, match="target_programs': 8"):
+        bench_q_attention.main(ARGS + [f"--output={tmp_path / 'q.json'}"])
+    assert not (tmp_path / "q.json").exists()
