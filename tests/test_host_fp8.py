@@ -196,6 +196,7 @@ def test_fp8_rows_double_the_requests_a_host_budget_holds(model, ratio):
         ({"kv_policy": "kivi", "host_kv_dtype": "fp8"}, "kivi keeps no layer"),
         ({"kv_policy": "tailor", "host_kv_dtype": "int4"}, "host_kv_dtype must be one of"),
         ({"kv_policy": "tailor", "fp8_row_align": 8}, "fp8_row_align must be one of 4, 16"),
+        ({"kv_policy": "tailor", "fp8_row_align": 16}, "applies to host_kv_dtype fp8 only"),
     ],
 )
 def test_fp8_without_a_host_tier_is_a_config_error(options, needle):

@@ -116,6 +116,8 @@ class TailorConfig:
             raise ConfigError(
                 f"fp8_row_align must be one of {', '.join(map(str, host_fp8.ALIGNS))} (bytes), got {self.fp8_row_align!r}"
             )
+        if self.fp8_row_align != 4 and not self.fp8_rows:
+            raise ConfigError("fp8_row_align applies to host_kv_dtype fp8 only")
         if not isinstance(self.d_s, int) or self.d_s < 1:
             raise ConfigError(f"d_s must be a positive integer, got {self.d_s!r}")
         if head_dim is not None and self.d_s > head_dim:
