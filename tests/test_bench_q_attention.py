@@ -1,14 +1,16 @@
-"""bench_q_attention on CPU (the Triton kernel in the interpreter): a row per setting, the fastest marked per
-context, batch and bits, and a setting whose output differs from the first's is an error, not a row."""
+"""bench_q_attention at a small shape (on CPU the Triton kernel in the interpreter, on a GPU compiled): a row per
+setting, the fastest marked per context, batch and bits, and a setting whose output differs from the first's is an
+error, not a row."""
 
 import json
 
 import pytest
+from triton_kernels import DEVICE
 
 from benchmarks import bench_q_attention
 from tailorkv.kernels import kivi_triton
 
-ARGS = ["--device=cpu", "--contexts=300", "--batch=2", "--bits=1,2", "--heads=6,2,64"]
+ARGS = [f"--device={DEVICE}", "--contexts=300", "--batch=2", "--bits=1,2", "--heads=6,2,64"]
 ARGS += ["--programs=1,8", "--warps=4", "--stages=1", "--warmup=0", "--repeats=1"]
 
 
