@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 args.warmup,
                 args.repeats,
             )
-            width = inputs[9].shape[1]
-            splits = -(-width // max(1, -(-width // max(1, programs // (batch * h)))))
+            _, splits = kivi_triton.context_splits(inputs[9].shape[1], batch * h, programs)
             done.append(
                 {
                     "device": device.type,

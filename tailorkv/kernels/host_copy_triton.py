@@ -199,11 +199,11 @@ def gather_rows(
     copies: torch.Tensor | None = None,
     copy_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as host_copy.gather_rows (T must be a power of two). fp8 rows (uint8, 2D + 4 bytes) are
-    loaded as 32-bit words: Triton proves no alignment for a 260-byte row and would load it a byte at a time (256
-    single-byte loads a thread, 32 bytes a warp instruction over PCIe), as words 4x fewer loads of 128 bytes a
-    warp. They come back as a view whose rows start 16 bytes apart (272 bytes at D = 128), which the sparse
-    attention kernel then loads in 16-byte vectors."""
+    """Same contract as host_copy.gather_rows (T must be a power of two). fp8 rows (uint8, a multiple of 4 bytes)
+    are loaded as 32-bit words: bytes would take 256 single-byte loads a thread, 32 bytes a warp instruction over
+    PCIe. Rows of 2D + 4 bytes take 4-byte loads; rows padded to 2D + 16 (fp8_row_align 16) 16-byte ones, the row
+    width being a compile-time constant. They come back as a view whose rows start 16 bytes apart (272 bytes at
+    D = 128), which the sparse attention kernel then loads in 16-byte vectors."""
     if rows.dtype == torch.uint8 and rows.shape[-1] % 4 == 0:
         w = rows.shape[-1]
         words = None if copies is None else copies.view(torch.int32)

@@ -580,6 +580,13 @@ def dequantize_values(
     return out
 
 
+def context_splits(tiles: int, pairs: int, target_programs: int | None = None) -> tuple[int, int]:
+    """(pages per split, splits) of a page table `tiles` pages wide over `pairs` (row, KV head) programs: whole
+    pages per split, enough splits for about `target_programs` (default _TARGET_PROGRAMS) programs."""
+    per = max(1, triton.cdiv(tiles, max(1, (target_programs or _TARGET_PROGRAMS) // max(1, pairs))))
+    return per, triton.cdiv(tiles, per)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_packed: torch.Tensor,
@@ -613,11 +620,8 @@ def paged_decode_attention(
         (k_packed, k_scale, k_zero)
     )  # scale and zero share strides in the kernel
     v_packed, v_scale, v_zero = _unpacked((v_packed, v_scale, v_zero))
-    # whole pages per split, enough splits for about _TARGET_PROGRAMS programs
-    tiles = pages.shape[1]
-    programs = target_programs or _TARGET_PROGRAMS
-    chunk = max(1, triton.cdiv(tiles, max(1, programs // max(1, bsz * h)))) * page
-    splits = triton.cdiv(tiles * page, chunk)
+    per, splits = context_splits(pages.shape[1], bsz * h, target_programs)
+    chunk = per * page
     part = torch.empty(bsz * hq, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz * hq, splits, dtype=torch.float32, device=q.device)
     pages, slots, lengths = pages.contiguous(), slots.contiguous(), lengths.contiguous()

