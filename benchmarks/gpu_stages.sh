@@ -5,8 +5,8 @@
 #                                           # and the embedded GGUF in parts (.big1/part00, .big2/part01-02: the
 #                                           # device's transfer limit), carried with the call
 #   bash benchmarks/gpu_stages.sh STAGE     # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu
-# Stages, in order: lay (the GPU tests of the CPU-only changes), m19 (chunked prefill beside 8 decoding users;
-# PROF=60000 profiles one step), sk (128k batch 1: tailor bf16 / fp8 / fp8 padded / topk_chunk=64, full, profiled),
+# Stages, in order: lay (the GPU tests of the CPU-only changes), m19 (chunked prefill beside 8 decoding users, tailor
+# and full; PROF=60000 profiles one tailor step), sk (128k batch 1: tailor bf16 / fp8 / fp8 padded / topk_chunk=64, full, profiled),
 # gk (bench_topk, bench_uva_gather --rows bf16,fp8,fp8a16, bench_q_attention), b16 (batch 16 at 32k), th32
 # (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat, cascade, against
 # OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
@@ -26,7 +26,7 @@ if ls .fi/fi.tgz.part* >/dev/null 2>&1 && [ ! -d ~/.cache/flashinfer ]; then
 fi
 git log --oneline -1 2>/dev/null; date -u
 t() { echo "t=$(( $(date +%s) - T0 ))"; }
-R=/tmp/r_$stage; mkdir -p $R
+R=${RDIR:-/tmp/r_$stage}; mkdir -p $R  # RDIR=$OUT: rows come back even if the call is cut off
 case $stage in
 c19a)
   OUT=$R PARTS=docchat timeout ${TD:-540} bash benchmarks/gpu_chunked.sh; echo "rc=$?"; t
@@ -43,12 +43,15 @@ lay)
   timeout ${TC:-120} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_torch_compile.py -k "engines and cpu" --tb=short 2>&1 | tail -30; t
   ;;
 m19)
+  # the mixed workload for each policy in M19 (tailor, then full: issue 19 asks both in one run); PROF profiles tailor
   [ -n "${EA:-}" ] || EA='{"host_kv_gib": 60}'
-  timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy tailor \
-    --engine-args "$EA" ${PROF:+--profile-at $PROF} --out $R/mixed_tailor.json > $R/mixed_tailor.log 2>&1; echo "mixed rc=$?"; t
-  grep -v "oading\|it/s" $R/mixed_tailor.log | grep -v '^ *[{}"]\|^ *\]' | tail -5
-  python3 -c "
-import json; r=json.load(open('$R/mixed_tailor.json'))[0]
+  for p in ${M19:-tailor full}; do
+    prof=; [ $p = tailor ] && prof=${PROF:+--profile-at $PROF}
+    timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy $p \
+      --engine-args "$EA" $prof --out $R/mixed_$p.json > $R/mixed_$p.log 2>&1; echo "mixed $p rc=$?"; t
+    grep -v "oading\|it/s" $R/mixed_$p.log | grep -v '^ *[{}"]\|^ *\]' | tail -5
+    python3 -c "
+import json; r=json.load(open('$R/mixed_$p.json'))[0]
 print({k: v for k, v in r.items() if not isinstance(v, (list, dict))})
 for k in ('prefill_steps', 'prefill_steps_alone'):
     st = r[k]; print(k, len(st), 'steps, sum s', round(sum(x['s'] for x in st), 2))
@@ -56,11 +59,12 @@ for k in ('prefill_steps', 'prefill_steps_alone'):
     print('  captured in', sum(x.get('captured', 0) > 0 for x in st), 'steps; eager decode in', sum(bool(x.get('eager_decode')) for x in st))
     for x in st[::max(1, len(st) // 12)]: print('  ', x)
 "
+  done
   ;;
 sk)
   # the channel-major key sketch: 128k batch 1, compiled by default (9.42 ms for tailor before), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies tailor:longbench,tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:fp8_row_align=16,tailor:longbench:topk_chunk=64,full --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
+    --policies tailor:longbench,full,tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:fp8_row_align=16,tailor:longbench:topk_chunk=64 --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 gk)
@@ -98,6 +102,6 @@ a22)
   wait
   ;;
 esac
-(cd $R && tar czf $OUT/res_$stage.tgz . 2>/dev/null)
+[ "$R" = "$OUT" ] || (cd $R && tar czf $OUT/res_$stage.tgz . 2>/dev/null)
 [ -n "$FI" ] && tar czf - -C ~/.cache flashinfer 2>/dev/null | split -b 15M - $OUT/fi.tgz.part
 ls $OUT | tr '\n' ' '; t
