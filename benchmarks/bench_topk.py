@@ -1,12 +1,14 @@
 """The top-k of a decode step's token scores ([rows, KV heads, context] float32, what select_tokens ranks per S
 layer) by torch.topk, against an exact two-stage top-k: the k chunks of the context with the largest maxima, then
-the top k of their positions. torch.topk over a few long rows runs multi-pass radix selection (about 1.5 ms of
-tailor's 128k batch-1 step in an H200 profile); the two stages are short rows. The engine takes the second with
-tailor's `topk_chunk` option (kvcache/selection.py two_stage_topk).
+the top k of their positions; and against what select_tokens runs by default, token_topk's positions in position
+order (on CUDA its Triton radix select: three histogram passes, a count and a write). torch.topk over a few long
+rows runs multi-pass radix selection and a sort (~2 ms of tailor's 128k batch-1 step on the H100, 31 calls); the
+two stages are short rows (tailor's `topk_chunk` option, kvcache/selection.py two_stage_topk).
 
     python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 128,896 --chunk 64
 
-Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, machine, date, commit, command}: median of
+Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, machine, date, commit,
+command}: median of
 --repeats timed calls (CUDA events on the GPU) after --warmup.
 """
 
@@ -19,6 +21,7 @@ import time
 import torch
 
 from benchmarks.rows import run_info, write_rows
+from tailorkv.kernels import token_topk
 from tailorkv.kvcache.selection import two_stage_topk
 
 
@@ -57,7 +60,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", default="benchmarks/results/topk.json")
     args = p.parse_args(argv)
     info, device, rows = run_info(__spec__.name, argv), torch.device(args.device), []
-    print(f"{'context':>8} {'batch':>5} {'k':>5} {'torch ms':>9} {'two-stage ms':>12}")
+    print(
+        f"{'context':>8} {'batch':>5} {'k':>5} {'torch ms':>9} {'two-stage ms':>12} {'positions ms':>12}"
+    )
+    select = token_topk.ops(device).top_positions
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batch.split(",")):
             g = torch.Generator(device).manual_seed(context + batch)
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for fn in (
                         lambda: scores.topk(k, dim=-1),
                         lambda: two_stage_topk(scores, k, args.chunk),
+                        lambda: select(scores, torch.tensor(0), torch.tensor(context), k),
                     )
                 ]
                 rows.append(
@@ -80,10 +87,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "chunk": args.chunk,
                         "torch_ms": round(ms[0], 4),
                         "two_stage_ms": round(ms[1], 4),
+                        "positions_ms": round(ms[2], 4),
                         **info,
                     }
                 )
-                print(f"{context:>8} {batch:>5} {k:>5} {ms[0]:>9.3f} {ms[1]:>12.3f}", flush=True)
+                print(
+                    f"{context:>8} {batch:>5} {k:>5} {ms[0]:>9.3f} {ms[1]:>12.3f} {ms[2]:>12.3f}",
+                    flush=True,
+                )
     write_rows(args.output, rows)
     return rows
 

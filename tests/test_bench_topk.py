@@ -42,5 +42,8 @@ def test_script_writes_rows_on_cpu(tmp_path):
         ]
     )
     (row,) = json.loads(out.read_text())
-    assert row["context"] == 5000 and row["torch_ms"] > 0 and row["two_stage_ms"] > 0
+    assert (
+        row["context"] == 5000
+        and min(row[f"{x}_ms"] for x in ("torch", "two_stage", "positions")) > 0
+    )
     assert {"machine", "date", "commit", "command"} <= set(row)

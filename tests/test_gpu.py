@@ -121,18 +121,20 @@ def test_cuda_graph_decode_equals_eager(policy, opts, dtype):
     sps = [{**GREEDY, "max_new_tokens": n} for n in lengths]
     outs, logprobs = [], []
     for graph in (False, True):
-        with Engine(
-            "dummy:smollm2-135m",
-            kv_policy=policy,
-            device="cuda",
-            dtype=dtype,
-            progress=False,
-            cuda_graph=graph,
-            chunked_prefill_size=256,
-            step_budget_ms=0,
-            enable_prefix_caching=False,  # the second pass repeats the first's steps, replaying its graphs
-            **opts,
-        ) as e:
+        with (
+            Engine(
+                "dummy:smollm2-135m",
+                kv_policy=policy,
+                device="cuda",
+                dtype=dtype,
+                progress=False,
+                cuda_graph=graph,
+                chunked_prefill_size=256,
+                step_budget_ms=0,
+                enable_prefix_caching=False,  # the second pass repeats the first's steps, replaying its graphs
+                **opts,
+            ) as e
+        ):
             mixed = []  # (captured before, replayed) of each step with decode rows and prompt chunks
             if graph:
                 run = e.runner.graphs.run

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from tailorkv.kernels import token_topk
+
 
 def group_mean(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[..., Hq, D] -> [..., Hkv, D]: the mean over each KV head's group of query heads."""
@@ -96,8 +98,20 @@ class Selection:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
         than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
-        sequence's top k_rows. `chunk`: by two_stage_topk over chunks of that many positions (0: torch.topk)."""
+        sequence's top k_rows. `chunk`: by two_stage_topk over chunks of that many positions, slots in rank order;
+        0: token_topk's, slots in position order."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
+        if not chunk:  # radix select in position order (torch.topk and its sort on CPU)
+            rows = (
+                scores.reshape(-1, *scores.shape[-2:])
+                if scores.dim() > 1
+                else scores.view(1, 1, -1)
+            )
+            b, e, kr = (
+                x if x is None or not x.dim() else x.reshape(-1) for x in (begin, end, k_rows)
+            )
+            top = token_topk.ops(scores.device).top_positions(rows, b, e, k, kr)
+            return tuple(x.view(*scores.shape[:-1], -1) for x in top)
         masked = self.outside_masked(scores, begin, end)
         values, indices = two_stage_topk(masked, min(k, scores.shape[-1]), chunk)
         return indices, self.valid_ranks(values, k_rows)

@@ -1,0 +1,217 @@
+"""Triton version of token_topk.py (same function, signature and result): radix select of each row's k_r-th
+largest score, then the positions above it (and the lowest-placed ties) written in position order.
+
+A score's key is its float32 bits mapped to an unsigned order (negative: all bits flipped; else the sign bit set),
+widened to int64. Three histogram passes (`_hist_kernel`, levels 0-2) count the keys' 11, 11 and 10-bit digits,
+each among the keys whose higher digits match the ones chosen so far; every program of a pass first settles those
+digits from the earlier passes' histograms (`_settle`: 2,048 bins a level, cheap beside reading its part of the
+row), so no pass waits on a separate one. After level 2 the digits are the k_r-th key T itself. `_count_kernel`
+counts each program's keys above T and equal to it; `_write_kernel` places the selected positions by those
+counts. Each program covers one `CHUNK` of one row: six launches (a memset and five kernels) against torch.topk's
+~13 and its sort.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tailorkv.kernels.token_topk import row_bounds
+
+_NB = 2048  # histogram bins (11-bit digits)
+_BLOCK = 1024  # scores a program reads at a time
+_TARGET_PROGRAMS = 512  # programs per pass to aim for (a few per SM), as the rows allow
+
+
+@triton.jit
+def _keys(x, pos, lo, hi):
+    """Order-preserving int64 keys in [0, 2^32) of float32 scores x; positions outside [lo, hi) count as -inf and
+    -0.0 as 0.0. Also returns the masked scores."""
+    x = tl.where((pos >= lo) & (pos < hi), x, float("-inf"))
+    x = tl.where(x == 0.0, 0.0, x)
+    u = x.to(tl.uint32, bitcast=True).to(tl.int64)
+    return tl.where(u >= 2147483648, 4294967295 - u, u + 2147483648), x
+
+
+@triton.jit
+def _settle(hist_ptr, r, kr, LEVELS: tl.constexpr, NB: tl.constexpr):
+    """The first LEVELS digits of row r's kr-th largest key (as one integer) and how many keys equal to them in
+    those digits are still to take (kr less the keys above)."""
+    bins = tl.arange(0, NB)
+    prefix = kr * 0
+    rem = kr
+    for lvl in tl.static_range(LEVELS):
+        h = tl.load(hist_ptr + (r * 3 + lvl) * NB + bins).to(tl.int64)
+        above = tl.sum(h, 0) - tl.cumsum(h, 0)  # keys in higher bins
+        hit = (above < rem) & (above + h >= rem)
+        digit = tl.max(tl.where(hit, bins, -1), 0).to(tl.int64)
+        rem -= tl.sum(tl.where(bins == digit, above, 0), 0)
+        prefix = prefix * (1 << (11 - lvl // 2)) + digit  # widths 11, 11, 10
+    return prefix, rem
+
+
+@triton.jit
+def _row(r, H, begin_ptr, end_ptr, kr_ptr):
+    b = r // H
+    return tl.load(begin_ptr + b), tl.load(end_ptr + b), tl.load(kr_ptr + b)
+
+
+@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK"])
+def _hist_kernel(
+    s_ptr,
+    begin_ptr,
+    end_ptr,
+    kr_ptr,
+    hist_ptr,
+    H,
+    L,
+    stride_r,
+    CHUNK,
+    LEVEL: tl.constexpr,
+    SHIFT: tl.constexpr,
+    MASK: tl.constexpr,
+    PSHIFT: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * CHUNK
+    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
+    prefix = _settle(hist_ptr, r, kr, LEVEL, NB)[0]
+    acc = tl.zeros((NB,), tl.int32)
+    for off in range(start, start + CHUNK, BLOCK):
+        pos = off + tl.arange(0, BLOCK)
+        inb = pos < L
+        key = _keys(tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0), pos, lo, hi)[0]
+        ok = inb & ((key >> PSHIFT) == prefix)  # level 0: PSHIFT 32, every key
+        acc += tl.histogram(((key >> SHIFT) & MASK).to(tl.int32), NB, mask=ok)
+    tl.atomic_add(hist_ptr + (r * 3 + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0)
+
+
+@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S"])
+def _count_kernel(
+    s_ptr,
+    begin_ptr,
+    end_ptr,
+    kr_ptr,
+    hist_ptr,
+    count_ptr,
+    H,
+    L,
+    stride_r,
+    CHUNK,
+    S,
+    NB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
+    kth = _settle(hist_ptr, r, kr, 3, NB)[0]
+    above = tl.zeros((BLOCK,), tl.int32)
+    tied = tl.zeros((BLOCK,), tl.int32)
+    for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
+        pos = off + tl.arange(0, BLOCK)
+        inb = pos < L
+        key = _keys(tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0), pos, lo, hi)[0]
+        above += (inb & (key > kth)).to(tl.int32)
+        tied += (inb & (key == kth)).to(tl.int32)
+    tl.store(count_ptr + (r * S + s) * 2, tl.sum(above, 0))
+    tl.store(count_ptr + (r * S + s) * 2 + 1, tl.sum(tied, 0))
+
+
+@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S", "K"])
+def _write_kernel(
+    s_ptr,
+    begin_ptr,
+    end_ptr,
+    kr_ptr,
+    hist_ptr,
+    count_ptr,
+    pos_ptr,
+    valid_ptr,
+    H,
+    L,
+    stride_r,
+    CHUNK,
+    S,
+    K,
+    SP: tl.constexpr,
+    NB: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
+    if kr > 0:
+        kth, need = _settle(hist_ptr, r, kr, 3, NB)
+        # the programs before this one: their keys above the k-th, and their share of the ties (lowest first)
+        sp = tl.arange(0, SP)
+        before = sp < s
+        counts = count_ptr + (r * S + sp) * 2
+        above = tl.load(counts, mask=sp < S, other=0).to(tl.int64)
+        tied = tl.load(counts + 1, mask=sp < S, other=0).to(tl.int64)
+        tied_before = tl.cumsum(tied, 0) - tied
+        taken = tl.minimum(tl.maximum(need - tied_before, 0), tied)
+        slot0 = tl.sum(tl.where(before, above + taken, 0), 0)
+        tie0 = tl.sum(tl.where(before, tied, 0), 0)
+        for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
+            pos = off + tl.arange(0, BLOCK)
+            inb = pos < L
+            x = tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0)
+            key, x = _keys(x, pos, lo, hi)
+            is_tie = inb & (key == kth)
+            rank = tie0 + tl.cumsum(is_tie.to(tl.int64), 0) - 1
+            chosen = (inb & (key > kth)) | (is_tie & (rank < need))
+            slot = slot0 + tl.cumsum(chosen.to(tl.int64), 0) - 1
+            tl.store(pos_ptr + r * K + slot, pos.to(tl.int64), mask=chosen)
+            tl.store(valid_ptr + r * K + slot, (x > float("-inf")).to(tl.int8), mask=chosen)
+            tie0 += tl.sum(is_tie.to(tl.int64), 0)
+            slot0 += tl.sum(chosen.to(tl.int64), 0)
+
+
+def top_positions(
+    scores: torch.Tensor,
+    begin: torch.Tensor,
+    end: torch.Tensor,
+    k: int,
+    k_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kk, begin, end, kr = row_bounds(scores, begin, end, k, k_rows)
+    b, h, n = scores.shape
+    x = scores.float().reshape(b * h, n)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, dev = b * h, scores.device
+    splits = max(1, min(triton.cdiv(n, _BLOCK), triton.cdiv(_TARGET_PROGRAMS, rows)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), _BLOCK) * _BLOCK
+    splits = triton.cdiv(n, chunk)
+    hist = torch.zeros(rows, 3, _NB, dtype=torch.int32, device=dev)
+    counts = torch.empty(rows, splits, 2, dtype=torch.int32, device=dev)
+    positions = torch.zeros(rows, kk, dtype=torch.int64, device=dev)
+    valid = torch.zeros(rows, kk, dtype=torch.int8, device=dev)
+    grid = (rows, splits)
+    common = (x, begin, end, kr, hist)
+    # (digit shift, digit mask, shift of the digits above it) per level: bits 31-21, 20-10, 9-0
+    for level, (shift, mask, pshift) in enumerate(((21, 2047, 32), (10, 2047, 21), (0, 1023, 10))):
+        _hist_kernel[grid](
+            *common, h, n, x.stride(0), chunk, level, shift, mask, pshift, _NB, _BLOCK
+        )
+    _count_kernel[grid](*common, counts, h, n, x.stride(0), chunk, splits, _NB, _BLOCK)
+    _write_kernel[grid](
+        *common,
+        counts,
+        positions,
+        valid,
+        h,
+        n,
+        x.stride(0),
+        chunk,
+        splits,
+        kk,
+        triton.next_power_of_2(splits),
+        _NB,
+        _BLOCK,
+    )
+    return positions.view(b, h, kk), valid.view(torch.bool).view(b, h, kk)
