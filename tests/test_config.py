@@ -103,7 +103,7 @@ def test_cli_tailor_knobs_become_policy_options():
     args = build_parser().parse_args(
         "generate --prompt hi --kv-policy tailor --tailor-preset ruler --tailor-top-k 300 --tailor-sink 4 "
         "--tailor-recent 32 --tailor-d-s 16 --tailor-quant-bits 4 --tailor-key-sketch 1 "
-        "--tailor-speculative-fetch 1 --tailor-topk-chunk 4096".split()
+        "--tailor-speculative-fetch 1 --tailor-topk-chunk 4096 --tailor-radix-topk 0".split()
     )
     assert engine_config(args).policy_options == {
         "tailor_preset": "ruler",
@@ -115,6 +115,7 @@ def test_cli_tailor_knobs_become_policy_options():
         "key_sketch": 1,
         "speculative_fetch": 1,
         "topk_chunk": 4096,
+        "radix_topk": 0,
     }
 
 

@@ -81,12 +81,13 @@ def test_speculative_fetch_under_a_covering_budget_attends_what_the_real_query_a
     )
 
 
-def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
-    """topk_chunk=8 (24 blocks of 8 candidates, fewer than the ~330 prompt positions): the same tokens chosen, so
-    the same forced logprobs. Scored on exact keys (key_sketch=0): the sketch's quantized scores tie, and a tie at
-    the k-th place may be broken either way."""
+@pytest.mark.parametrize("other", [dict(topk_chunk=8), dict(radix_topk=0)])
+def test_other_top_ks_select_what_the_radix_select_selects(prompt, other):
+    """topk_chunk=8 (24 blocks of 8 candidates, fewer than the ~330 prompt positions) and torch.topk (radix_topk=0,
+    rows in rank order): the same tokens chosen, so the same forced logprobs. Scored on exact keys (key_sketch=0):
+    the sketch's quantized scores tie, and a tie at the k-th place may be broken either way."""
     assert_close_logprobs(
-        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=8, key_sketch=0),
+        tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0, **other),
         tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0),
     )
 
@@ -315,6 +316,7 @@ def test_quant_store_append_twice_is_append_once():
         ({"key_sketch": 3}, "key_sketch"),
         ({"speculative_fetch": 2}, "speculative_fetch"),
         ({"topk_chunk": -1}, "topk_chunk"),
+        ({"radix_topk": 2}, "radix_topk must be 0 or 1"),
         ({"speculative_fetch": 1, "key_sketch": 0}, "needs a key sketch"),
         ({"d_s": 0}, "d_s"),
         ({"top_k": -1}, "top_k"),

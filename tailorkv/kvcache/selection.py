@@ -94,14 +94,15 @@ class Selection:
         k: int,
         k_rows: torch.Tensor | None = None,
         chunk: int = 0,
+        radix: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
         than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
-        sequence's top k_rows. `chunk`: by two_stage_topk over chunks of that many positions, slots in rank order;
-        0: token_topk's, slots in position order."""
+        sequence's top k_rows. `chunk`: by two_stage_topk over chunks of that many positions; else by token_topk's
+        radix select (slots in position order) where `radix`, torch.topk (slots in rank order) where not."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
-        if not chunk:  # radix select in position order (torch.topk and its sort on CPU)
+        if radix and not chunk:  # in position order (the reference on CPU: torch.topk and a sort)
             rows = (
                 scores.reshape(-1, *scores.shape[-2:])
                 if scores.dim() > 1

@@ -695,7 +695,13 @@ class TailorPolicy(KVPolicy):
         # captured graph), then each row keeps its own k's best (ranks >= its k are masked)
         k = self._k_bound(si, scores.shape[-1])
         idx, valid = self.selection.select_tokens(
-            scores, view.mid_begin, view.mid_end, k, view.top_k[:, si], self.tc.topk_chunk
+            scores,
+            view.mid_begin,
+            view.mid_end,
+            k,
+            view.top_k[:, si],
+            self.tc.topk_chunk,
+            bool(self.tc.radix_topk),
         )
         return self.offload.fetch_rows(si, view, idx), valid
 
