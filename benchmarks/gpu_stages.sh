@@ -7,11 +7,12 @@
 #                                           # and the embedded GGUF in parts (.big1/part00, .big2/part01-02: the
 #                                           # device's transfer limit), carried with the call
 #   bash benchmarks/gpu_stages.sh STAGE     # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu
-# Stages, in order: lay (the GPU tests of the CPU-only changes), m19 (chunked prefill beside 8 decoding users, tailor
-# and full; PROF=60000 profiles one tailor step), sk (128k batch 1: tailor bf16 / fp8 / fp8 padded / topk_chunk=64, full, profiled),
-# gk (bench_topk, bench_uva_gather --rows bf16,fp8,fp8a16, bench_q_attention), b16 (batch 16 at 32k), th32
-# (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat, cascade, against
-# OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
+# Stages, in order (NOTES.md, "GPU session 2026-12-05 10:10"): lay (the GPU tests of the CPU-only changes), gk
+# (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
+# the radix select and with torch.topk, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
+# tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps), b16 (batch 16 at 32k: the
+# same policies), th32 (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
+# cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
 stage=${1:-none}
@@ -39,7 +40,7 @@ f22)
 lay)
   timeout ${TG:-400} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_host_copy.py tests/test_host_fp8.py \
     tests/test_device_copies.py tests/test_attention.py tests/test_overlap.py tests/test_shared_decode.py \
-    tests/test_graph_schedule.py tests/test_bench_q_attention.py 2>&1 | tail -12; t
+    tests/test_graph_schedule.py tests/test_bench_q_attention.py tests/test_token_topk.py tests/test_bench_mixed_steps.py 2>&1 | tail -12; t
   timeout ${TG2:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py -k "graph or deferred or host_tier" 2>&1 | tail -8; t
   # why test_torch_compile's cpu case failed on this host (2026-12-05): its traceback
   timeout ${TC:-120} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_torch_compile.py -k "engines and cpu" --tb=short 2>&1 | tail -30; t
@@ -64,13 +65,13 @@ for k in ('prefill_steps', 'prefill_steps_alone'):
   done
   ;;
 sk)
-  # the channel-major key sketch: 128k batch 1, compiled by default (9.42 ms for tailor before), one profile each
+  # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies tailor:longbench,full,tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:fp8_row_align=16,tailor:longbench:topk_chunk=64 --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
+    --policies tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8 --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 gk)
-  # the two-stage top-k against torch.topk; the fetch of bf16, fp8 (260 B) and padded fp8 (272 B) rows (~4 min)
+  # torch.topk, the two-stage top-k and the radix select (positions_ms); the fetch of bf16 and fp8 rows (~4 min)
   timeout 100 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,12 --k 128,896 --chunk 64 \
     --output $R/topk_blocks.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 9 $R/topk.log
   # fp8 rows gathered as 32-bit words (260 B) and padded to 272 B (16-byte loads): against bf16 rows, same run
@@ -81,9 +82,9 @@ gk)
   grep -B1 best $R/qa.log | tail -n 24
   ;;
 b16)
-  # issue 22's batch 16 at 32k (20 ms) without the speculative fetch, compiled by default; with the block top-k
+  # issue 22's batch 16 at 32k (20 ms) without the speculative fetch, compiled by default (H100: tailor 26.19 ms)
   timeout ${TL:-480} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
-    --policies tailor:longbench,tailor:longbench:topk_chunk=64,full --steps 32 --host-kv-gib 80 --profile-steps 2 \
+    --policies tailor:longbench,tailor:longbench:radix_topk=0,tailor:longbench:host_kv_dtype=fp8,full --steps 32 --host-kv-gib 80 --profile-steps 2 \
     --output $R/latency_b16_compiled.json > $R/lat_b16.log 2>&1
   echo "lat b16 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16.log | tail -6
   ;;
