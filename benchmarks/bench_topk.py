@@ -1,7 +1,7 @@
 """The top-k of a decode step's token scores ([rows, KV heads, context] float32, what select_tokens ranks per S
 layer) by torch.topk, against an exact two-stage top-k: the k chunks of the context with the largest maxima, then
 the top k of their positions; and against what select_tokens runs by default, token_topk's positions in position
-order (on CUDA its Triton radix select: three histogram passes, a count and a write). torch.topk over a few long
+order (on CUDA its Triton radix select: four histogram passes, a count and a write). torch.topk over a few long
 rows runs multi-pass radix selection and a sort (~2 ms of tailor's 128k batch-1 step on the H100, 31 calls); the
 two stages are short rows (tailor's `topk_chunk` option, kvcache/selection.py two_stage_topk).
 

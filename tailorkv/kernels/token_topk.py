@@ -1,6 +1,6 @@
 """Stage 2's top-k as positions: per row, the k_r largest scores among positions [begin, end), returned in position
-order. The plain-torch reference; token_topk_triton.py finds the same set by radix select (three histogram passes
-over 11, 11 and 10 bits of the scores' order-preserving integer keys, then a count and a write pass), without
+order. The plain-torch reference; token_topk_triton.py finds the same set by radix select (four histogram passes
+over the 8-bit digits of the scores' order-preserving integer keys, then a count and a write pass), without
 torch.topk's radix passes and sort.
 
 Shapes: scores [B, H, L] float32 (H KV heads); begin, end: 0-d or [B] int64; k: the slots (k' = min(k, L));

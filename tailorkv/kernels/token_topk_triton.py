@@ -2,13 +2,14 @@
 largest score, then the positions above it (and the lowest-placed ties) written in position order.
 
 A score's key is its float32 bits mapped to an unsigned order (negative: all bits flipped; else the sign bit set),
-widened to int64. Three histogram passes (`_hist_kernel`, levels 0-2) count the keys' 11, 11 and 10-bit digits,
-each among the keys whose higher digits match the ones chosen so far; every program of a pass first settles those
-digits from the earlier passes' histograms (`_settle`: 2,048 bins a level, cheap beside reading its part of the
-row), so no pass waits on a separate one. After level 2 the digits are the k_r-th key T itself. `_count_kernel`
-counts each program's keys above T and equal to it; `_write_kernel` places the selected positions by those
-counts. Each program covers one `CHUNK` of one row: six launches (a memset and five kernels) against torch.topk's
-~13 and its sort.
+widened to int64. Four histogram passes (`_hist_kernel`, levels 0-3) count the keys' 8-bit digits, each among the
+keys whose higher digits match the ones chosen so far; every program of a pass first settles those digits from the
+earlier passes' histograms (`_settle`: 256 bins a level, cheap beside reading its part of the row), so no pass
+waits on a separate one. After level 3 the digits are the k_r-th key T itself. `_count_kernel` counts each
+program's keys above T and equal to it; `_write_kernel` places the selected positions by those counts. Each
+program covers one `CHUNK` of one row: seven launches (a memset and six kernels) against torch.topk's ~13 and its
+sort. 8-bit digits, not 11: tl.histogram counts by warp ballots, a lane per bins/32 bins, so 2,048 bins cost ~8x
+the instructions of 256 a score (PTX for sm_90: ~2,500 against ~300 a thread per 1,024 scores).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import triton.language as tl
 
 from tailorkv.kernels.token_topk import row_bounds
 
-_NB = 2048  # histogram bins (11-bit digits)
+_BITS = 8  # a digit's bits: 4 levels of 256 bins
 _BLOCK = 1024  # scores a program reads at a time
+_NB, _LEVELS = 1 << _BITS, 32 // _BITS
 _TARGET_PROGRAMS = 512  # programs per pass to aim for (a few per SM), as the rows allow
 
 
@@ -35,19 +37,19 @@ def _keys(x, pos, lo, hi):
 
 
 @triton.jit
-def _settle(hist_ptr, r, kr, LEVELS: tl.constexpr, NB: tl.constexpr):
+def _settle(hist_ptr, r, kr, LEVELS: tl.constexpr, NB: tl.constexpr, ALL: tl.constexpr):
     """The first LEVELS digits of row r's kr-th largest key (as one integer) and how many keys equal to them in
     those digits are still to take (kr less the keys above)."""
     bins = tl.arange(0, NB)
     prefix = kr * 0
     rem = kr
     for lvl in tl.static_range(LEVELS):
-        h = tl.load(hist_ptr + (r * 3 + lvl) * NB + bins).to(tl.int64)
+        h = tl.load(hist_ptr + (r * ALL + lvl) * NB + bins).to(tl.int64)
         above = tl.sum(h, 0) - tl.cumsum(h, 0)  # keys in higher bins
         hit = (above < rem) & (above + h >= rem)
         digit = tl.max(tl.where(hit, bins, -1), 0).to(tl.int64)
         rem -= tl.sum(tl.where(bins == digit, above, 0), 0)
-        prefix = prefix * (1 << (11 - lvl // 2)) + digit  # widths 11, 11, 10
+        prefix = prefix * NB + digit
     return prefix, rem
 
 
@@ -69,24 +71,24 @@ def _hist_kernel(
     stride_r,
     CHUNK,
     LEVEL: tl.constexpr,
-    SHIFT: tl.constexpr,
-    MASK: tl.constexpr,
-    PSHIFT: tl.constexpr,
     NB: tl.constexpr,
+    ALL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * CHUNK
     lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
-    prefix = _settle(hist_ptr, r, kr, LEVEL, NB)[0]
+    prefix = _settle(hist_ptr, r, kr, LEVEL, NB, ALL)[0]
+    bits: tl.constexpr = 32 // ALL
+    shift: tl.constexpr = 32 - bits * (LEVEL + 1)
     acc = tl.zeros((NB,), tl.int32)
     for off in range(start, start + CHUNK, BLOCK):
         pos = off + tl.arange(0, BLOCK)
         inb = pos < L
         key = _keys(tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0), pos, lo, hi)[0]
-        ok = inb & ((key >> PSHIFT) == prefix)  # level 0: PSHIFT 32, every key
-        acc += tl.histogram(((key >> SHIFT) & MASK).to(tl.int32), NB, mask=ok)
-    tl.atomic_add(hist_ptr + (r * 3 + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0)
+        ok = inb & ((key >> (shift + bits)) == prefix)  # level 0: key >> 32 is 0, every key
+        acc += tl.histogram(((key >> shift) & (NB - 1)).to(tl.int32), NB, mask=ok)
+    tl.atomic_add(hist_ptr + (r * ALL + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0)
 
 
 @triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S"])
@@ -103,12 +105,13 @@ def _count_kernel(
     CHUNK,
     S,
     NB: tl.constexpr,
+    ALL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
-    kth = _settle(hist_ptr, r, kr, 3, NB)[0]
+    kth = _settle(hist_ptr, r, kr, ALL, NB, ALL)[0]
     above = tl.zeros((BLOCK,), tl.int32)
     tied = tl.zeros((BLOCK,), tl.int32)
     for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
@@ -139,13 +142,14 @@ def _write_kernel(
     K,
     SP: tl.constexpr,
     NB: tl.constexpr,
+    ALL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
     if kr > 0:
-        kth, need = _settle(hist_ptr, r, kr, 3, NB)
+        kth, need = _settle(hist_ptr, r, kr, ALL, NB, ALL)
         # the programs before this one: their keys above the k-th, and their share of the ties (lowest first)
         sp = tl.arange(0, SP)
         before = sp < s
@@ -187,18 +191,15 @@ def top_positions(
     splits = max(1, min(triton.cdiv(n, _BLOCK), triton.cdiv(_TARGET_PROGRAMS, rows)))
     chunk = triton.cdiv(triton.cdiv(n, splits), _BLOCK) * _BLOCK
     splits = triton.cdiv(n, chunk)
-    hist = torch.zeros(rows, 3, _NB, dtype=torch.int32, device=dev)
+    hist = torch.zeros(rows, _LEVELS, _NB, dtype=torch.int32, device=dev)
     counts = torch.empty(rows, splits, 2, dtype=torch.int32, device=dev)
     positions = torch.zeros(rows, kk, dtype=torch.int64, device=dev)
     valid = torch.zeros(rows, kk, dtype=torch.int8, device=dev)
     grid = (rows, splits)
     common = (x, begin, end, kr, hist)
-    # (digit shift, digit mask, shift of the digits above it) per level: bits 31-21, 20-10, 9-0
-    for level, (shift, mask, pshift) in enumerate(((21, 2047, 32), (10, 2047, 21), (0, 1023, 10))):
-        _hist_kernel[grid](
-            *common, h, n, x.stride(0), chunk, level, shift, mask, pshift, _NB, _BLOCK
-        )
-    _count_kernel[grid](*common, counts, h, n, x.stride(0), chunk, splits, _NB, _BLOCK)
+    for level in range(_LEVELS):  # the digits from the highest
+        _hist_kernel[grid](*common, h, n, x.stride(0), chunk, level, _NB, _LEVELS, _BLOCK)
+    _count_kernel[grid](*common, counts, h, n, x.stride(0), chunk, splits, _NB, _LEVELS, _BLOCK)
     _write_kernel[grid](
         *common,
         counts,
@@ -212,6 +213,7 @@ def top_positions(
         kk,
         triton.next_power_of_2(splits),
         _NB,
+        _LEVELS,
         _BLOCK,
     )
     return positions.view(b, h, kk), valid.view(torch.bool).view(b, h, kk)
