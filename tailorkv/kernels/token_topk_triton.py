@@ -27,13 +27,16 @@ _TARGET_PROGRAMS = 512  # programs per pass to aim for (a few per SM), as the ro
 
 
 @triton.jit
-def _keys(x, pos, lo, hi):
-    """Order-preserving int64 keys in [0, 2^32) of float32 scores x; positions outside [lo, hi) count as -inf and
-    -0.0 as 0.0. Also returns the masked scores."""
+def _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK: tl.constexpr):
+    """The BLOCK positions from `off` of row r: (positions, inside the row, order-preserving int64 keys in
+    [0, 2^32) of their scores, the scores). Positions outside [lo, hi) count as -inf, -0.0 as 0.0."""
+    pos = off + tl.arange(0, BLOCK)
+    inb = pos < L
+    x = tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0)
     x = tl.where((pos >= lo) & (pos < hi), x, float("-inf"))
     x = tl.where(x == 0.0, 0.0, x)
     u = x.to(tl.uint32, bitcast=True).to(tl.int64)
-    return tl.where(u >= 2147483648, 4294967295 - u, u + 2147483648), x
+    return pos, inb, tl.where(u >= 2147483648, 4294967295 - u, u + 2147483648), x
 
 
 @triton.jit
@@ -83,9 +86,7 @@ def _hist_kernel(
     shift: tl.constexpr = 32 - bits * (LEVEL + 1)
     acc = tl.zeros((NB,), tl.int32)
     for off in range(start, start + CHUNK, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        inb = pos < L
-        key = _keys(tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0), pos, lo, hi)[0]
+        _, inb, key, _ = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
         ok = inb & ((key >> (shift + bits)) == prefix)  # level 0: key >> 32 is 0, every key
         acc += tl.histogram(((key >> shift) & (NB - 1)).to(tl.int32), NB, mask=ok)
     tl.atomic_add(hist_ptr + (r * ALL + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0)
@@ -115,9 +116,7 @@ def _count_kernel(
     above = tl.zeros((BLOCK,), tl.int32)
     tied = tl.zeros((BLOCK,), tl.int32)
     for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
-        pos = off + tl.arange(0, BLOCK)
-        inb = pos < L
-        key = _keys(tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0), pos, lo, hi)[0]
+        _, inb, key, _ = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
         above += (inb & (key > kth)).to(tl.int32)
         tied += (inb & (key == kth)).to(tl.int32)
     tl.store(count_ptr + (r * S + s) * 2, tl.sum(above, 0))
@@ -161,10 +160,7 @@ def _write_kernel(
         slot0 = tl.sum(tl.where(before, above + taken, 0), 0)
         tie0 = tl.sum(tl.where(before, tied, 0), 0)
         for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
-            pos = off + tl.arange(0, BLOCK)
-            inb = pos < L
-            x = tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0)
-            key, x = _keys(x, pos, lo, hi)
+            pos, inb, key, x = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
             is_tie = inb & (key == kth)
             rank = tie0 + tl.cumsum(is_tie.to(tl.int64), 0) - 1
             chosen = (inb & (key > kth)) | (is_tie & (rank < need))
