@@ -2,6 +2,8 @@
 group of 3 run the same code as a real model in a fraction of the time), what needs real attention on the embedded
 model, bookkeeping of the quantized cache across the residual boundary, bad configuration."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import assert_close_logprobs, forced_logprobs
@@ -10,7 +12,7 @@ from tailorkv import Engine
 from tailorkv.engine.sampling import SamplingParams
 from tailorkv.errors import ConfigError
 from tailorkv.essays import load_essays
-from tailorkv.kernels import kivi
+from tailorkv.kernels import kivi, token_topk
 from tailorkv.kernels.attention import causal_attention
 from tailorkv.kvcache.offload_store import OffloadState, OffloadStore, SharedPrefix
 from tailorkv.kvcache.prompt_rows import PromptRows
@@ -81,15 +83,30 @@ def test_speculative_fetch_under_a_covering_budget_attends_what_the_real_query_a
     )
 
 
-@pytest.mark.parametrize("other", [dict(topk_chunk=8), dict(radix_topk=0)])
-def test_other_top_ks_select_what_the_radix_select_selects(prompt, other):
-    """topk_chunk=8 (24 blocks of 8 candidates, fewer than the ~330 prompt positions) and torch.topk (radix_topk=0,
-    rows in rank order): the same tokens chosen, so the same forced logprobs. Scored on exact keys (key_sketch=0):
-    the sketch's quantized scores tie, and a tie at the k-th place may be broken either way."""
+def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
+    """topk_chunk=8 (24 blocks of 8 candidates, fewer than the ~330 prompt positions): the same tokens chosen, so
+    the same forced logprobs. Scored on exact keys (key_sketch=0): the sketch's quantized scores tie, and a tie at
+    the k-th place may be broken either way."""
     assert_close_logprobs(
-        tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0, **other),
+        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=8, key_sketch=0),
         tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0),
     )
+
+
+def test_rows_in_position_order_decode_what_rows_in_rank_order_decode(prompt, monkeypatch):
+    """On CUDA stage 2's rows come from token_topk's radix select, in position order; on CPU from torch.topk, in
+    rank order. The CPU engine with token_topk's reference in the kernel's place gives the same forced logprobs
+    (exact keys, as above)."""
+    want = tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0)
+    calls = []
+
+    def positions(*args):
+        calls.append(1)
+        return token_topk.top_positions(*args)
+
+    monkeypatch.setattr(token_topk, "ops", lambda device: SimpleNamespace(top_positions=positions))
+    assert_close_logprobs(tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0), want)
+    assert calls
 
 
 def test_key_sketch_replaces_the_channel_copy(prompt):

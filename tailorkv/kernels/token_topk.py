@@ -21,22 +21,6 @@ import torch
 from .dispatch import pick
 
 
-def _row_values(x: torch.Tensor | None, b: int, default: int, device) -> torch.Tensor:
-    """0-d, [B] (any strides) or None -> a contiguous [B] int64 (what the Triton kernels index by row)."""
-    if x is None:
-        return torch.full((b,), default, dtype=torch.int64, device=device)
-    return torch.as_tensor(x, device=device).to(torch.int64).expand(b).contiguous()
-
-
-def row_bounds(scores, begin, end, k, k_rows):
-    """(k', begin [B], end [B], k_r [B]) of top_positions' arguments, shared with the Triton wrapper."""
-    b, _, n = scores.shape
-    kk = min(k, n)
-    kr = _row_values(k_rows, b, kk, scores.device).clamp(0, kk)
-    begin, end = (_row_values(x, b, 0, scores.device) for x in (begin, end))
-    return kk, begin, end, kr
-
-
 def top_positions(
     scores: torch.Tensor,
     begin: torch.Tensor,
@@ -44,21 +28,28 @@ def top_positions(
     k: int,
     k_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kk, begin, end, kr = row_bounds(scores, begin, end, k, k_rows)
     n = scores.shape[-1]
+    kk = min(k, n)
     pos = torch.arange(n, device=scores.device)
-    inside = (pos >= begin[:, None, None]) & (pos < end[:, None, None])
-    masked = torch.where(inside, scores.float(), float("-inf")) + 0.0  # -0.0 -> 0.0
-    krh = kr[:, None, None]
-    kth = masked.topk(kk, dim=-1).values.gather(
-        -1, (krh - 1).clamp(min=0).expand(*masked.shape[:2], 1)
-    )
-    above, tied = masked > kth, masked == kth
-    need = krh - above.sum(-1, keepdim=True)
-    chosen = (above | (tied & (tied.cumsum(-1) <= need))) & (krh > 0)
-    ordered = torch.where(chosen, pos, n).sort(-1).values[..., :kk]
-    slots = torch.arange(kk, device=scores.device) < krh
-    positions = torch.where(slots, ordered, 0)
+    row = (-1, 1, 1)  # 0-d or [B] -> broadcast over heads and positions
+    outside = (pos < begin.view(row)) | (pos >= end.view(row))
+    masked = scores.float().masked_fill(outside, float("-inf"))
+    slots = torch.ones(1, 1, kk, dtype=torch.bool, device=scores.device)
+    if k_rows is not None:
+        krh = k_rows.view(row).clamp(max=kk)
+        slots = slots & (torch.arange(kk, device=scores.device) < krh)
+    else:
+        krh = torch.full((1, 1, 1), kk, device=scores.device)
+    values, top = masked.topk(kk, dim=-1)
+    kth = values.gather(-1, (krh - 1).clamp(min=0).expand(*masked.shape[:2], 1))
+    tied = masked == kth
+    if (tied.sum(-1, keepdim=True) > ((values == kth) & slots).sum(-1, keepdim=True)).any():
+        # a tie across the k_r-th place: the lowest tied positions, where torch.topk may take others
+        need = krh - (masked > kth).sum(-1, keepdim=True)
+        chosen = (masked > kth) | (tied & (tied.cumsum(-1) <= need))
+        top = torch.where(chosen, pos, n).sort(-1).values[..., :kk]
+    slots = slots.expand_as(top)
+    positions = torch.where(slots, top, n).sort(-1).values.masked_fill_(~slots, 0)
     valid = slots & (masked.gather(-1, positions) > float("-inf"))
     return positions, valid
 

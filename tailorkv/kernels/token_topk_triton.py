@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tailorkv.kernels.token_topk import row_bounds
-
 _BITS = 8  # a digit's bits: 4 levels of 256 bins
 _BLOCK = 1024  # scores a program reads at a time
 _NB, _LEVELS = 1 << _BITS, 32 // _BITS
@@ -171,6 +169,13 @@ def _write_kernel(
             slot0 += tl.sum(chosen.to(tl.int64), 0)
 
 
+def _per_row(x: torch.Tensor | None, b: int, default: int, device) -> torch.Tensor:
+    """0-d, [B] (any strides) or None -> a contiguous [B] int64, as the kernels index it by row."""
+    if x is None:
+        return torch.full((b,), default, dtype=torch.int64, device=device)
+    return x.to(device, torch.int64).expand(b).contiguous()
+
+
 def top_positions(
     scores: torch.Tensor,
     begin: torch.Tensor,
@@ -178,8 +183,10 @@ def top_positions(
     k: int,
     k_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kk, begin, end, kr = row_bounds(scores, begin, end, k, k_rows)
     b, h, n = scores.shape
+    kk = min(k, n)
+    begin, end = (_per_row(x, b, 0, scores.device) for x in (begin, end))
+    kr = _per_row(k_rows, b, kk, scores.device).clamp_(0, kk)
     x = scores.float().reshape(b * h, n)
     if x.stride(-1) != 1:
         x = x.contiguous()
