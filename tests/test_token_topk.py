@@ -41,8 +41,9 @@ CASES = [  # b, h, n, k, begin, end, k_rows
 ]
 
 
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("b,h,n,k,begin,end,k_rows", CASES)
+@pytest.mark.parametrize(
+    "b,h,n,k,begin,end,k_rows,ties", [(*c, i % 2 == 1) for i, c in enumerate(CASES)]
+)  # many ties in the rows of 3 programs (the ranks of ties run across programs) and of 40 scores in range
 def test_triton_selects_what_the_reference_selects(kt, b, h, n, k, begin, end, k_rows, ties):
     scores = _case(b, h, n, seed=n, ties=ties)
     scores[0, 0, 10:20] = float("-inf")
