@@ -87,7 +87,9 @@ def _hist_kernel(
         _, inb, key, _ = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
         ok = inb & ((key >> (shift + bits)) == prefix)  # level 0: key >> 32 is 0, every key
         acc += tl.histogram(((key >> shift) & (NB - 1)).to(tl.int32), NB, mask=ok)
-    tl.atomic_add(hist_ptr + (r * ALL + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0)
+    tl.atomic_add(
+        hist_ptr + (r * ALL + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0, sem="relaxed"
+    )
 
 
 @triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S"])
