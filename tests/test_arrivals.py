@@ -205,7 +205,7 @@ def test_a_prefill_is_held_after_requests_finish_for_their_next_turns(live_serve
     engine = live_server.async_engine
     live_server.wait_idle()
     ids = engine.engine.tokenize
-    delay = 1.0
+    delay = 2.0  # A's last 3 steps fit it with room on a loaded 2-core host (1.0 with 5 steps did not, at ~0.25 s a step)
     log = engine.engine.step_log
     record = log.record
 
@@ -218,7 +218,7 @@ def test_a_prefill_is_held_after_requests_finish_for_their_next_turns(live_serve
             [
                 (
                     ids("A request near its end", None),
-                    SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
+                    SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True),
                 )
             ]
         )
