@@ -35,7 +35,7 @@ def _k_rows(k_rows):
 CASES = [  # b, h, n, k, begin, end, k_rows
     (1, 3, 1000, 64, 4, 993, None),
     (2, 3, 2100, 300, [0, 17], [2100, 1900], [300, 150]),  # 3 programs a row
-    (3, 1, 2049, 4000, [1, 0, 5], [2049, 2049, 100], [2049, 7, 0]),  # k above n; k_r 0
+    (3, 1, 2049, 4000, [1, 0, 5], [2049, 2049, 100], [3000, 7, 0]),  # k and k_r above n; k_r 0
     (2, 2, 700, 50, [600, 0], [640, 700], None),  # 40 scores in row 0's range: 10 slots not valid
     (2, 3, 300, 40, 5, 290, [[40, 9], [20, 9]]),  # one range for both rows; k_r a strided column
 ]
@@ -52,8 +52,10 @@ def test_triton_selects_what_the_reference_selects(kt, b, h, n, k, begin, end, k
     kr = _k_rows(k_rows)
     want = ref.top_positions(scores, lo, hi, k, kr)
     kr = kr if kr is None else kr.to(DEVICE)
+    given = kr if kr is None else kr.clone()
     got = kt.top_positions(*(x if x is None else x.to(DEVICE) for x in (scores, lo, hi)), k, kr)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    assert given is None or torch.equal(kr, given)  # the caller's k_rows left as they were
 
 
 @pytest.mark.parametrize("b,h,n,k,begin,end,k_rows", CASES)

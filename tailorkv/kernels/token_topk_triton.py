@@ -188,7 +188,7 @@ def top_positions(
     b, h, n = scores.shape
     kk = min(k, n)
     begin, end = (_per_row(x, b, 0, scores.device) for x in (begin, end))
-    kr = _per_row(k_rows, b, kk, scores.device).clamp_(0, kk)
+    kr = _per_row(None if k_rows is None else k_rows.clamp(0, kk), b, kk, scores.device)
     x = scores.float().reshape(b * h, n)
     if x.stride(-1) != 1:
         x = x.contiguous()
