@@ -7,10 +7,11 @@
 #                                           # and the embedded GGUF in parts (.big1/part00, .big2/part01-02: the
 #                                           # device's transfer limit), carried with the call
 #   bash benchmarks/gpu_stages.sh STAGE     # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu
-# Stages, in order (NOTES.md, "GPU session 2026-12-05 10:10"): lay (the GPU tests of the CPU-only changes), gk
+# Stages: tk (the radix select's GPU tests and bench_topk; run it first: tailor uses it by default), lay (the GPU tests of the CPU-only changes), gk
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
 # the radix select and with torch.topk, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
-# tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps), b16 (batch 16 at 32k: the
+# tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
+# --gpu-memory-limit 24, CAP= skips it), b16 (batch 16 at 32k: the
 # same policies), th32 (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
@@ -63,12 +64,26 @@ for k in ('prefill_steps', 'prefill_steps_alone'):
     for x in st[::max(1, len(st) // 12)]: print('  ', x)
 "
   done
+  # issue 19's cap: a 126k prompt alone under --gpu-memory-limit 24 prefills and decodes (TTFT, peak GPU memory)
+  [ -n "${CAP:-1}" ] && timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 0 --steps 2 --long-len 126000 \
+    --policy tailor --engine-args '{"host_kv_gib": 20, "gpu_memory_limit_gib": 24}' --out $R/mixed_tailor_24gib.json \
+    > $R/mixed_24.log 2>&1; echo "cap24 rc=$?"; t
+  python3 -c "
+import json; r=json.load(open('$R/mixed_tailor_24gib.json'))[0]
+print({k: v for k, v in r.items() if not isinstance(v, (list, dict))})"
   ;;
 sk)
   # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
     --policies tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8 --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
+  ;;
+tk)
+  # the radix select on the GPU: its tests, then its time against torch.topk (positions_ms), before any stage uses it
+  timeout ${TK:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_token_topk.py \
+    tests/test_tailor.py -k "position_order or token_topk" 2>&1 | tail -8; t
+  timeout 100 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,12 --k 128,896 --chunk 64 \
+    --output $R/topk_blocks.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 9 $R/topk.log
   ;;
 gk)
   # torch.topk, the two-stage top-k and the radix select (positions_ms); the fetch of bf16 and fp8 rows (~4 min)
