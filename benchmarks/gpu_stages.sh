@@ -65,7 +65,7 @@ for k in ('prefill_steps', 'prefill_steps_alone'):
 "
   done
   # issue 19's cap: a 126k prompt alone under --gpu-memory-limit 24 prefills and decodes (TTFT, peak GPU memory)
-  [ -n "${CAP:-1}" ] && timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 0 --steps 2 --long-len 126000 \
+  [ -n "${CAP-1}" ] && timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 0 --steps 2 --long-len 126000 \
     --policy tailor --engine-args '{"host_kv_gib": 20, "gpu_memory_limit_gib": 24}' --out $R/mixed_tailor_24gib.json \
     > $R/mixed_24.log 2>&1; echo "cap24 rc=$?"; t
   python3 -c "
@@ -75,7 +75,7 @@ print({k: v for k, v in r.items() if not isinstance(v, (list, dict))})"
 sk)
   # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8 --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
+    --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 tk)
@@ -99,7 +99,7 @@ gk)
 b16)
   # issue 22's batch 16 at 32k (20 ms) without the speculative fetch, compiled by default (H100: tailor 26.19 ms)
   timeout ${TL:-480} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
-    --policies tailor:longbench,tailor:longbench:radix_topk=0,tailor:longbench:host_kv_dtype=fp8,full --steps 32 --host-kv-gib 80 --profile-steps 2 \
+    --policies ${BP:-tailor:longbench,tailor:longbench:radix_topk=0,tailor:longbench:host_kv_dtype=fp8,full} --steps 32 --host-kv-gib 80 --profile-steps 2 \
     --output $R/latency_b16_compiled.json > $R/lat_b16.log 2>&1
   echo "lat b16 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16.log | tail -6
   ;;
