@@ -15,9 +15,9 @@
 - speculative_fetch (beyond the paper; needs a key sketch): 1 = S layer l+1's two stages and top-k fetch run at
   layer l's input with the query predicted from it (as the paper's stage 1 predicts), on a side stream while layer
   l computes; attention still uses the real query over the rows so chosen. 0 (default): chosen with the real query.
-- radix_topk (beyond the paper): 1 (default) = on CUDA, stage 2's top-k by radix select, the rows in position
-  order (kernels/token_topk_triton.py: four histogram passes, a count and a write); 0, or on CPU = torch.topk, in
-  rank order. The same tokens (ties aside); torch.topk and its sort took ~2 ms of the 128k batch-1 step on the H100.
+- radix_topk (beyond the paper): 1 = on CUDA, stage 2's top-k by radix select, the rows in position order
+  (kernels/token_topk_triton.py: four histogram passes, a count and a write); 0 (default), or on CPU = torch.topk,
+  in rank order. The same tokens (ties aside). On the H100 the radix select took 1.6-2.9x torch.topk's time.
 - topk_chunk (beyond the paper): 0 = stage 2's top-k over each row's whole context; N = the k blocks
   of N positions with the largest maxima first, then the top k of their positions (selection.two_stage_topk): the
   same tokens (ties aside) from two short passes instead of radix passes over a long row, for whichever measures
@@ -65,7 +65,7 @@ class TailorConfig:
     d_s: int = 8
     key_sketch: int = 2
     speculative_fetch: int = 0
-    radix_topk: int = 1
+    radix_topk: int = 0
     topk_chunk: int = 0
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
