@@ -13,7 +13,7 @@ from tailorkv.memory.layout import KVLayout
 from tailorkv.memory.pages import MemoryManager, PoolSpec
 from tailorkv.models.dummy import dummy_config
 from tailorkv.scheduler.scheduler import Scheduler, Seq
-from tailorkv.scheduler.step_cost import MIN_CHUNK, StepCost
+from tailorkv.scheduler.step_cost import GROWTH, MIN_CHUNK, StepCost
 
 LLAMA8B = dummy_config("llama-3.1-8b")
 
@@ -43,7 +43,11 @@ def test_the_rate_is_fitted_from_steps_and_unlimited_until_measured():
     cost.observe([(2048, 0)], 4, 0.12)
     assert cost.decode_s == 0.02
     assert cost.rate == pytest.approx(0.10 / cost.flops(2048, 0))
-    assert cost.allowance(decoding=True) == pytest.approx(0.18 / cost.rate)
+    # the line would allow 0.18 / rate (1.8x that step's flops); a step grows past what one did within the budget
+    # by GROWTH at most
+    assert cost.allowance(decoding=True) == pytest.approx(GROWTH * cost.flops(2048, 0))
+    cost.observe([(4096, 0)], 4, 0.22)  # over the budget: no reach
+    assert cost.allowance(decoding=True) == pytest.approx(GROWTH * cost.flops(2048, 0))
     cost.observe([(2048, 0)], 4, 5.0)  # one step that also compiled something
     cost.observe([(2048, 0)], 4, 0.12)
     assert cost.rate == pytest.approx(0.10 / cost.flops(2048, 0))  # the median of three
@@ -116,6 +120,31 @@ def test_a_steps_fixed_cost_is_fitted_apart_from_its_rate():
     shown = cost.describe()  # in /get_server_info
     assert shown["budget_ms"] == 200 and shown["decode_ms"] == pytest.approx(31)
     assert shown["fixed_ms"] == pytest.approx(cost.fixed_s * 1e3) and shown["tflops"] > 0
+
+
+def test_a_line_resting_on_one_unlike_step_grows_chunks_a_quarter_at_a_time():
+    """The H100's tailor run beside 8 users (2026-12-05): budget-sized chunks all do about the same work, so the
+    line's slope rested on the one small chunk that was slow (here one that also captured a graph). Its 0.1 s fixed
+    part and a quarter of the true rate sized a later chunk at 8,184 tokens (0.40 s). The true cost below: 18 ms of
+    decode and 1.8e-15 s a flop (~560 TFLOP/s)."""
+    cost = StepCost.for_model(LLAMA8B, 0.2)
+    true = lambda chunks: 0.018 + 1.8e-15 * sum(cost.flops(*c) for c in chunks)  # noqa: E731
+    cost.observe([], 8, 0.018)
+    cost.observe([(300, 32_468)], 8, 0.13)
+    prefix, seconds = 0, []
+    for n in (4729, 3798, 3841, 3328, 3271, 3019):  # the run's first chunks of the 126k prompt
+        cost.observe([(n, prefix)], 8, true([(n, prefix)]))
+        prefix += n
+    fixed_s, rate = cost.fit()
+    assert fixed_s > 0.08 and rate < 0.5e-15  # the line
+    line_tokens = cost.tokens_within((0.2 - 0.018 - fixed_s) / rate, prefix)
+    assert true([(line_tokens, prefix)]) > 0.3  # what it alone would have allowed
+    for _ in range(20):
+        n = cost.tokens_within(cost.allowance(True), prefix)
+        seconds.append(true([(n, prefix)]))
+        cost.observe([(n, prefix)], 8, seconds[-1])
+        prefix += n
+    assert max(seconds) <= 0.018 + GROWTH * 0.182 and max(seconds) < 0.25
 
 
 def test_without_decoders_or_a_budget_chunks_are_the_configured_size():

@@ -13,8 +13,11 @@ its rows: tailor reads a cached document's rows once per step, ~0.1 s for 64k to
 takes 106 ms for 1 row and 171 ms for 16) and `rate` (seconds per flop) are measured as the engine runs: a
 Theil-Sen line through the recent prefill steps (the median of the pairwise slopes, the median residual as the
 fixed part), robust to a step that also captured a CUDA graph or compiled a kernel. Where the steps' flops are too
-alike to tell the two apart, the fixed part is 0 and the rate the median of seconds per flop. Nothing is tuned per
-device. Until a prefill step has been timed, or when no request decodes, chunks are not limited (the
+alike to tell the two apart, the fixed part is 0 and the rate the median of seconds per flop. Steps sized to the
+budget all do about the same work, so the line's slope can rest on one unlike step: on the H100 one slow small
+chunk left a line with a 0.1 s fixed part and a quarter of the true rate, which sized the next chunk of a long
+prompt at 8,184 tokens (0.40 s, predicted 0.18). So a step's prompt work grows at most GROWTH times past the most a
+recent step did within the budget: a wrong line costs a step at most a quarter more. Nothing is tuned per device. Until a prefill step has been timed, or when no request decodes, chunks are not limited (the
 chunked_prefill_size cap still holds).
 """
 
@@ -32,14 +35,16 @@ STEP_BUDGET_MS = 200.0  # the default on CUDA: inter-token gaps of decoding user
 DECAY = 0.8  # weight of the earlier decode-step times against each new one
 RECENT = 9  # prefill steps the line is fitted through
 SPREAD = 1.5  # two steps give a slope when one's flops are this many times the other's
+GROWTH = 1.25  # a step's prompt flops, at most, against the most a recent step did within the budget
 
 
 class StepCost:
     def __init__(self, budget_s: float, linear: float, pair: float):
         self.budget_s, self.linear, self.pair = budget_s, linear, pair
         self.decode_s: float | None = None
-        # (flops, seconds) of the recent prefill steps
+        # (flops, seconds) of the recent prefill steps; the flops of those that took at most the budget
         self._steps: deque[tuple[float, float]] = deque(maxlen=RECENT)
+        self._within: deque[float] = deque(maxlen=RECENT)
 
     @classmethod
     def for_model(cls, cfg, budget_s: float) -> StepCost:
@@ -100,8 +105,11 @@ class StepCost:
                 )
             return
         own = seconds - (self.decode_s or 0.0 if decoding else 0.0)
+        flops = sum(self.flops(n, p) for n, p in chunks)
         if own > 0:
-            self._steps.append((sum(self.flops(n, p) for n, p in chunks), own))
+            self._steps.append((flops, own))
+        if seconds <= self.budget_s:
+            self._within.append(flops)
 
     def allowance(self, decoding: bool) -> float:
         """Flops of prompt work a step may do: unlimited without decoding rows, a budget or a measured rate."""
@@ -109,7 +117,8 @@ class StepCost:
         if not decoding or not self.budget_s or fit is None:
             return math.inf
         fixed_s, rate = fit
-        return max(self.budget_s - (self.decode_s or 0.0) - fixed_s, 0.0) / rate
+        line = max(self.budget_s - (self.decode_s or 0.0) - fixed_s, 0.0) / rate
+        return min(line, GROWTH * max(self._within)) if self._within else line
 
     def tokens_within(self, flops: float, prefix: int) -> int:
         """The most new tokens after `prefix` whose flops fit in `flops` (the root of a quadratic)."""
