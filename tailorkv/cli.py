@@ -36,7 +36,10 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     ("--tailor-recent", "last prompt tokens an S layer always attends to"),
     ("--tailor-d-s", "key channels per KV head that token selection scores on"),
     ("--tailor-quant-bits", "bits of the Q layers' KV cache: 1, 2 or 4"),
-    ("--tailor-radix-topk", "1: stage 2's top-k by radix select on CUDA; 0: by torch.topk (default)"),
+    (
+        "--tailor-radix-topk",
+        "1: stage 2's top-k by radix select on CUDA; 0: by torch.topk (default)",
+    ),
     (
         "--tailor-topk-chunk",
         "stage 2's top-k over chunks of N positions first, then of those (0: one top-k)",

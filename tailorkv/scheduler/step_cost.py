@@ -35,7 +35,9 @@ STEP_BUDGET_MS = 200.0  # the default on CUDA: inter-token gaps of decoding user
 DECAY = 0.8  # weight of the earlier decode-step times against each new one
 RECENT = 9  # prefill steps the line is fitted through
 SPREAD = 1.5  # two steps give a slope when one's flops are this many times the other's
-GROWTH = 1.25  # a step's prompt flops, at most, against the most a recent step did within the budget
+GROWTH = (
+    1.25  # a step's prompt flops, at most, against the most a recent step did within the budget
+)
 
 
 class StepCost:
