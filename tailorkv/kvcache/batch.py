@@ -39,6 +39,13 @@ class ForwardBatch:
     def seq(self, i: int) -> slice:
         return slice(self.cu[i], self.cu[i + 1])
 
+    def token_rows(self, rows: list[int], device) -> torch.Tensor | slice:
+        """The first token of each row in `rows` (in order) within the flat batch: a slice where they are all of
+        its tokens (a decode-only step: q[rows] is a view, no gather), else an index tensor on `device`."""
+        if len(rows) == self.cu[-1]:
+            return slice(0, len(rows))
+        return to_device(torch.tensor([self.cu[i] for i in rows]), device)
+
     def total_len(self, i: int) -> int:
         return self.start[i] + self.new[i]
 

@@ -15,7 +15,7 @@ from ..kernels.attention import (
     causal_attention,
     grouped_attention,
 )
-from ..memory.host_memory import host_tensor, to_device
+from ..memory.host_memory import host_tensor
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
@@ -51,7 +51,7 @@ class FullStep(StepState):
     """What `prepare` computes for the layers of one step:
     - write [T]: the token slots of the step's new tokens;
     - prompt_reads: per row computing prompt tokens, the slots it attends to causally (the host tier's);
-    - decode_rows [B]: the decode rows' tokens in the batch (None: no decode row);
+    - decode_rows [B]: the decode rows' tokens in the batch (a slice when they are all of it; None: no decode row);
     - prompt_rows: in the gpu tier, where the prompt rows' tokens sit in the batch (they attend to their pages in
       place: FlashInfer's paged prefill on CUDA, attention.PagedPrefill on CPU);
     - staged: the offload baseline's decode pages, in order, staged into GPU memory every layer;
@@ -60,7 +60,7 @@ class FullStep(StepState):
 
     write: torch.Tensor
     prompt_reads: dict[int, torch.Tensor]
-    decode_rows: torch.Tensor | None = None
+    decode_rows: torch.Tensor | slice | None = None
     prompt_rows: torch.Tensor | None = None
     staged: torch.Tensor | None = None
     decode_slots: torch.Tensor | None = None
@@ -194,7 +194,7 @@ class FullPolicy(KVPolicy):
             ).to(self.device)
         if not decode:
             return step
-        step.decode_rows = to_device(torch.tensor([batch.cu[i] for i in decode]), self.device)
+        step.decode_rows = batch.token_rows(decode, self.device)
         if self.cascade is not None and self._plan_cascade(decode, batch):
             step.cascade = True
         elif self.flash is not None:
@@ -243,16 +243,19 @@ class FullPolicy(KVPolicy):
         if rows is None:
             return out
         if step.cascade:
-            out[rows] = self.cascade.run(q[rows], kp, vp)
+            decoded = self.cascade.run(q[rows], kp, vp)
         elif self.flash is not None:
             if self.tier == "host":
                 kp, vp = self._stage(kp, step.staged), self._stage(vp, step.staged)
-            out[rows] = self.flash.run(q[rows], kp, vp)
+            decoded = self.flash.run(q[rows], kp, vp)
         else:
             # on CPU the offload baseline's fetch is this .to(device): every cached token crosses PCIe each step
             keys = kc[step.decode_slots].to(q.device).transpose(1, 2)  # [B, H, R, D]
             values = vc[step.decode_slots].to(q.device).transpose(1, 2)
-            out[rows] = self.decode(q[rows], keys, values, step.decode_mask)
+            decoded = self.decode(q[rows], keys, values, step.decode_mask)
+        if isinstance(rows, slice):  # a decode-only step: its rows are all of q
+            return decoded
+        out[rows] = decoded
         return out
 
     def _plan_cascade(self, decode: list[int], batch: ForwardBatch) -> bool:

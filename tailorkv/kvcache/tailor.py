@@ -42,7 +42,7 @@ MAX_SLOTS = 256  # per-request window slots: an upper bound on running requests
 class TailorStep(StepState):
     """What the layers of one tailor (or kivi) step read:
     - view, qview: the decode rows' DecodeView (S layers) and QuantView (Q layers); None without decode rows;
-    - decode_rows [B]: the decode rows' tokens in the batch;
+    - decode_rows [B]: the decode rows' tokens in the batch (a slice when they are all of it);
     - prefill: the prefill rows grouped by the shared prefix they continue, with each group's PrefillGroup;
     - critical: what layer l's input starts for layer l+1's attend, double-buffered by layer parity: stage-1
       reads (channels, keys, ready event), or with speculative_fetch the fetched top-k rows (rows, valid, the
@@ -51,7 +51,7 @@ class TailorStep(StepState):
 
     view: DecodeView | None = None
     qview: QuantView | None = None
-    decode_rows: torch.Tensor | None = None
+    decode_rows: torch.Tensor | slice | None = None
     prefill: list[tuple[list[int], PrefillGroup]] = field(default_factory=list)
     critical: dict[int, tuple] = field(default_factory=dict)
     reads: dict[tuple, tuple] = field(default_factory=dict)
@@ -299,7 +299,6 @@ class TailorPolicy(KVPolicy):
         )
         # a captured graph's inputs, per shape: filled in place by every replay of it
         self.graph_views: dict[tuple, DecodeView | QuantView] = {}
-        self.graph_rows: dict[int, torch.Tensor] = {}
         self._k_bounds: dict[tuple[int, int], int] = {}
 
     def add_request(
@@ -355,7 +354,7 @@ class TailorPolicy(KVPolicy):
         if decode:
             rids = [batch.rids[i] for i in decode]
             step.view, step.qview, _ = self._fill_views(rids, len(decode), static=False)
-            step.decode_rows = to_device(torch.tensor([batch.cu[i] for i in decode]), self.device)
+            step.decode_rows = batch.token_rows(decode, self.device)
         return step
 
     def _states(self, rids: list[int]) -> tuple[list | None, list | None]:
@@ -436,9 +435,7 @@ class TailorPolicy(KVPolicy):
         if any(self.is_prefill(i, batch) for i in range(batch.size)):
             return None  # a prompt: prefill runs eagerly
         view, qview, key = self._fill_views(batch.rids, rows, static=True, ahead=ahead)
-        if rows not in self.graph_rows:
-            self.graph_rows[rows] = torch.arange(rows, device=self.device)
-        return TailorStep(batch, view=view, qview=qview, decode_rows=self.graph_rows[rows]), key
+        return TailorStep(batch, view=view, qview=qview, decode_rows=slice(0, rows)), key
 
     def join_streams(self, step: TailorStep) -> None:
         """Make the main stream wait for every side-stream read still in flight (a captured segment must end
@@ -512,24 +509,31 @@ class TailorPolicy(KVPolicy):
         return fetched, valid, q_hat, ready
 
     def attend(self, layer, q, k, v, step: TailorStep) -> torch.Tensor:
+        rows = step.decode_rows
+        if isinstance(rows, slice):  # a decode-only step: its rows are all of q
+            return self._decode(layer, q, k, v, step)
         out = torch.empty_like(q)
         batch = step.batch
-        for rows, group in step.prefill:
+        for prompts, group in step.prefill:
             if group.reads.pages:
-                self._prefill_after_prefix(layer, q, k, v, out, step, rows, group)
+                self._prefill_after_prefix(layer, q, k, v, out, step, prompts, group)
                 continue
-            for i in rows:
+            for i in prompts:
                 sl = batch.seq(i)
                 out[sl] = causal_attention(q[sl], k[sl], v[sl], 0)
-            self._store_prompt(layer, rows, k[group.sel], v[group.sel], group, batch)
-        rows = step.decode_rows
-        if step.qview is not None and layer in self.q_index:
-            qi = self.q_index[layer]
-            self.quant.append(qi, step.qview, k[rows], v[rows])
-            out[rows] = self.quant.decode_attention(qi, step.qview, q[rows])
-        if step.view is not None and layer in self.s_index:
-            out[rows] = self._sparse_decode(layer, q[rows], k[rows], v[rows], step)
+            self._store_prompt(layer, prompts, k[group.sel], v[group.sel], group, batch)
+        if rows is not None:
+            out[rows] = self._decode(layer, q[rows], k[rows], v[rows], step)
         return out
+
+    def _decode(self, layer: int, q, k, v, step: TailorStep) -> torch.Tensor:
+        """Attention of the decode rows q [B, Hq, D] with their new k, v [B, Hkv, D]: a Q layer's quantized cache
+        or an S layer's two stages."""
+        if layer in self.q_index:
+            qi = self.q_index[layer]
+            self.quant.append(qi, step.qview, k, v)
+            return self.quant.decode_attention(qi, step.qview, q)
+        return self._sparse_decode(layer, q, k, v, step)
 
     def _prefill_groups(self, batch: ForwardBatch) -> list[tuple[list[int], PrefillGroup]]:
         """This step's prefill rows grouped by the prefix of full blocks they continue (the page_runs of its host
