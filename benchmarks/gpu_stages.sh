@@ -66,7 +66,7 @@ for k in ('prefill_steps', 'prefill_steps_alone'):
   done
   # issue 19's cap: a 126k prompt alone under --gpu-memory-limit 24 prefills and decodes (TTFT, peak GPU memory)
   [ -n "${CAP-1}" ] && timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 0 --steps 2 --long-len 126000 \
-    --policy tailor --engine-args '{"host_kv_gib": 20, "gpu_memory_limit_gib": 24}' --out $R/mixed_tailor_24gib.json \
+    --policy tailor --engine-args '{"host_kv_gib": 20, "gpu_memory_limit_gib": 24, "kv_cache_gib": 2.5}' --out $R/mixed_tailor_24gib.json \
     > $R/mixed_24.log 2>&1; echo "cap24 rc=$?"; t
   python3 -c "
 import json; r=json.load(open('$R/mixed_tailor_24gib.json'))[0]
@@ -109,12 +109,12 @@ th32)
     --output $R/throughput.json > $R/th.log 2>&1; echo "th rc=$?"; t; tail -n 20 $R/th.log
   ;;
 a22)
-  timeout 120 python3 -m benchmarks.bench_paired --device cuda --samples 16 --prompt-tokens 6144 --forced-tokens 128 \
+  timeout ${TPA:-240} python3 -m benchmarks.bench_paired --device cuda --samples 16 --prompt-tokens 6144 --forced-tokens 128 \
     --base tailor::top_k=64 --policies tailor::top_k=64:host_kv_dtype=fp8 --output $R/host_fp8_gpu.json > $R/host_fp8.log 2>&1; echo "host_fp8 rc=$?"; t; tail -n 3 $R/host_fp8.log
   A="--device cuda --lengths 4096,8192 --samples ${SAMPLES:-100} --batch 160 --host-kv-gib 11 --kv-cache-gib 11 --host-on-device"
   A="$A --tasks niah_single_1,niah_multikey_2,niah_multivalue,niah_multiquery,niah_essay"
   for p in tailor:ruler tailor:ruler:host_kv_dtype=fp8 tailor tailor::host_kv_dtype=fp8; do
-    n=${p//:/-}; (timeout ${TA:-400} python3 -m benchmarks.bench_accuracy $A --policies $p --output $R/acc_$n.json > $R/acc_$n.log 2>&1
+    n=${p//:/-}; n=${n//=/_}; (timeout ${TA:-400} python3 -m benchmarks.bench_accuracy $A --policies $p --output $R/acc_$n.json > $R/acc_$n.log 2>&1
     echo "acc $n rc=$?"; t) &
   done
   wait
