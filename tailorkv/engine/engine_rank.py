@@ -125,6 +125,10 @@ class EngineRank:
             return int(o.kv_cache_gib * GIB)
         if self.device.type != "cuda":
             return 2 * GIB
+        # blocks the caching allocator holds but nothing uses (the load's temporaries, e.g. a dummy 8B model's
+        # float32 draws: its 2 GiB embedding drawn and scaled) are the pools' to take; cudaMemGetInfo counts them
+        # as used
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
         cap = o.gpu_memory_limit_gib * GIB if o.gpu_memory_limit_gib else total
