@@ -7,7 +7,7 @@
 #                                           # and the embedded GGUF in parts (.big1/part00, .big2/part01-02: the
 #                                           # device's transfer limit), carried with the call
 #   bash benchmarks/gpu_stages.sh STAGE     # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu
-# Stages: tk (the radix select's GPU tests and bench_topk; run it first: tailor uses it by default), lay (the GPU tests of the CPU-only changes), gk
+# Stages: tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
 # the radix select and with torch.topk, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
@@ -81,11 +81,11 @@ print({k: v for k, v in r.items() if not isinstance(v, (list, dict))})"
 sk)
   # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
+    --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=1,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 tk)
-  # the radix select on the GPU: its tests, then its time against torch.topk (positions_ms), before any stage uses it
+  # the radix select on the GPU: its tests, then its time in a CUDA graph against torch.topk's (positions_ms)
   timeout ${TK:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_token_topk.py \
     tests/test_tailor.py -k "position_order or token_topk" 2>&1 | tail -8; t
   timeout 100 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,12 --k 128,896 --chunk 64 \
@@ -105,7 +105,7 @@ gk)
 b16)
   # issue 22's batch 16 at 32k (20 ms) without the speculative fetch, compiled by default (H100: tailor 26.19 ms)
   timeout ${TL:-480} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
-    --policies ${BP:-tailor:longbench,tailor:longbench:radix_topk=0,tailor:longbench:host_kv_dtype=fp8,full} --steps 32 --host-kv-gib 80 --profile-steps 2 \
+    --policies ${BP:-tailor:longbench,tailor:longbench:radix_topk=1,tailor:longbench:host_kv_dtype=fp8,full} --steps 32 --host-kv-gib 80 --profile-steps 2 \
     --output $R/latency_b16_compiled.json > $R/lat_b16.log 2>&1
   echo "lat b16 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16.log | tail -6
   ;;

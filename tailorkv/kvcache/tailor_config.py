@@ -17,7 +17,7 @@
   l computes; attention still uses the real query over the rows so chosen. 0 (default): chosen with the real query.
 - radix_topk (beyond the paper): 1 = on CUDA, stage 2's top-k by radix select, the rows in position order
   (kernels/token_topk_triton.py: four histogram passes, a count and a write); 0 (default), or on CPU = torch.topk,
-  in rank order. The same tokens (ties aside). On the H100 the radix select took 1.6-2.9x torch.topk's time.
+  in rank order. The same tokens (ties aside). Off until a captured step on a GPU shows it faster.
 - topk_chunk (beyond the paper): 0 = stage 2's top-k over each row's whole context; N = the k blocks
   of N positions with the largest maxima first, then the top k of their positions (selection.two_stage_topk): the
   same tokens (ties aside) from two short passes instead of radix passes over a long row, for whichever measures
