@@ -3,8 +3,8 @@
     python -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768,131072 \
         --policies full,tailor:longbench,tailor:longbench:key_sketch=1,kivi,offload --steps 32 --device cuda
 
-For each policy (one engine, reused across contexts) and context: a random prompt of that many tokens, one
-prefill, `--warmup` decode steps, then `--steps` timed decode steps (median). GPU/host KV bytes are what the
+For each policy (one engine, reused across contexts) and context: --batch random prompts of that many tokens,
+prefilled a prompt a step (--chunked-prefill-size, no step-time budget), `--warmup` decode steps, then `--steps` timed decode steps (median). GPU/host KV bytes are what the
 request holds in each tier. The floor is the time to move the bytes a step must move at bandwidths measured at the
 start of the same run on the same device (bandwidth.py): weights and GPU-resident KV at the device-copy rate,
 bulk PCIe reads (stage 1 channel runs, the offload baseline's whole KV) at the pinned host-to-device copy rate, and
@@ -12,8 +12,8 @@ the top-k rows at the UVA gather rate (at the policy's host row layout, fp8 rows
 them on pages with a GPU copy (tailor's DeviceCopies, `copied_share`), counted at the device rate. Comparing
 `tailor:longbench` with `tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
-gpu_kv_bytes, host_kv_bytes, copied_share, floor_ms, floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms,
-device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date, commit, command} to --output; with
+gpu_kv_bytes, host_kv_bytes, copied_share, chunked_prefill_size, floor_ms, floor_weights_ms, floor_gpu_kv_ms,
+floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date, commit, command} to --output; with
 --profile-steps on CUDA also step_ms_by_part, a profiled step's device time by part (GEMMs, the top-k fetch, the
 sparse attention, the key sketch, the Q layers, top-k, FlashInfer, copies, other).
 """
@@ -106,7 +106,8 @@ def floor_parts(
 def measure(engine: Engine, context: int, args) -> dict:
     gen = torch.Generator().manual_seed(context)
     reqs = []
-    new = args.warmup + args.steps + args.profile_steps + 2
+    # the first prompts decode while the later ones prefill: about a step for each later one, two to be safe
+    new = args.warmup + args.steps + args.profile_steps + 2 + 2 * (args.batch - 1)
     for _ in range(
         args.batch
     ):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
@@ -132,6 +133,8 @@ def measure(engine: Engine, context: int, args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_ms = profile(engine, context, args) if args.profile_steps else {}
+    if any(r.finished for r in reqs):  # then the timed steps decoded fewer rows than --batch
+        raise RuntimeError("a request finished its answer before the timed steps ended")
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
@@ -144,6 +147,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         # the engine's schedule and compile in force (their defaults differ by device)
         "overlap_schedule": engine.options.overlap_schedule,
         "torch_compile": engine.options.enable_torch_compile,
+        "chunked_prefill_size": engine.options.chunked_prefill_size,
         "ms_per_token": round(1e3 * statistics.median(times), 2),
         "prefill_s": round(prefill, 3),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated()
@@ -229,6 +233,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default=None)
     p.add_argument("--gpu-memory-limit", type=float, default=None, metavar="GIB")
     p.add_argument("--kv-cache-gib", type=float, default=None)
+    p.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="prompt tokens a step (the engine's default)",
+    )
     p.add_argument("--host-kv-gib", type=float, default=32.0)
     add_tp_argument(p)
     p.add_argument("--output", default="benchmarks/results/latency.json")
@@ -254,7 +264,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             device=args.device,
             progress=False,
             max_running_requests=max(args.batch, 1),
-            chunked_prefill_size=max(contexts) * args.batch,
+            # a prompt a step, unlimited by the step-time budget (what is timed is decode). The whole batch in one
+            # chunk (as here until 2026-12-05) reserved ~32 GiB of activations at 16 x 32k, which left tailor no
+            # room for GPU copies of host pages
+            chunked_prefill_size=args.chunked_prefill_size or max(contexts),
+            step_budget_ms=0,
             kv_cache_gib=args.kv_cache_gib,
             host_kv_gib=args.host_kv_gib,
             gpu_memory_limit_gib=args.gpu_memory_limit,
