@@ -17,8 +17,9 @@ alike to tell the two apart, the fixed part is 0 and the rate the median of seco
 budget all do about the same work, so the line's slope can rest on one unlike step: on the H100 one slow small
 chunk left a line with a 0.1 s fixed part and a quarter of the true rate, which sized the next chunk of a long
 prompt at 8,184 tokens (0.40 s, predicted 0.18). So a step's prompt work grows at most GROWTH times past the most a
-recent step did within the budget: a wrong line costs a step at most a quarter more. Nothing is tuned per device. Until a prefill step has been timed, or when no request decodes, chunks are not limited (the
-chunked_prefill_size cap still holds).
+recent step did within the budget: a wrong line costs a step at most a quarter more. Nothing is tuned per device.
+Until a prefill step has been timed, or when no request decodes, chunks are not limited (the chunked_prefill_size
+cap still holds).
 """
 
 from __future__ import annotations
