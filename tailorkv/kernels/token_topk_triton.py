@@ -8,7 +8,8 @@ earlier passes' histograms (`_settle`: 256 bins a level, cheap beside reading it
 waits on a separate one. After level 3 the digits are the k_r-th key T itself. `_count_kernel` counts each
 program's keys above T and equal to it; `_write_kernel` places the selected positions by those counts. Each
 program covers one `CHUNK` of one row: seven launches (a memset and six kernels) against torch.topk's ~13 and its
-sort. 8-bit digits, not 11: tl.histogram counts by warp ballots, a lane per bins/32 bins, so 2,048 bins cost ~8x
+sort; k_rows are read in place and clamped there, and the write clears the slots past a row's own k, so no small
+torch op runs around them. 8-bit digits, not 11: tl.histogram counts by warp ballots, a lane per bins/32 bins, so 2,048 bins cost ~8x
 the instructions of 256 a score (PTX for sm_90: ~2,500 against ~300 a thread per 1,024 scores).
 """
 
@@ -55,17 +56,21 @@ def _settle(hist_ptr, r, kr, LEVELS: tl.constexpr, NB: tl.constexpr, ALL: tl.con
 
 
 @triton.jit
-def _row(r, H, begin_ptr, end_ptr, kr_ptr):
+def _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K):
+    """Row r's range [lo, hi) and its own k, clamped to [0, K] (k_rows as the caller passed it: any strides)."""
     b = r // H
-    return tl.load(begin_ptr + b), tl.load(end_ptr + b), tl.load(kr_ptr + b)
+    kr = tl.minimum(tl.maximum(tl.load(kr_ptr + b * stride_kr).to(tl.int64), 0), K)
+    return tl.load(begin_ptr + b), tl.load(end_ptr + b), kr
 
 
-@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK"])
+@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "stride_kr", "K"])
 def _hist_kernel(
     s_ptr,
     begin_ptr,
     end_ptr,
     kr_ptr,
+    stride_kr,
+    K,
     hist_ptr,
     H,
     L,
@@ -78,7 +83,7 @@ def _hist_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * CHUNK
-    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
+    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
     prefix = _settle(hist_ptr, r, kr, LEVEL, NB, ALL)[0]
     bits: tl.constexpr = 32 // ALL
     shift: tl.constexpr = 32 - bits * (LEVEL + 1)
@@ -92,12 +97,14 @@ def _hist_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S"])
+@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S", "stride_kr", "K"])
 def _count_kernel(
     s_ptr,
     begin_ptr,
     end_ptr,
     kr_ptr,
+    stride_kr,
+    K,
     hist_ptr,
     count_ptr,
     H,
@@ -111,7 +118,7 @@ def _count_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
+    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
     kth = _settle(hist_ptr, r, kr, ALL, NB, ALL)[0]
     above = tl.zeros((BLOCK,), tl.int32)
     tied = tl.zeros((BLOCK,), tl.int32)
@@ -123,12 +130,14 @@ def _count_kernel(
     tl.store(count_ptr + (r * S + s) * 2 + 1, tl.sum(tied, 0))
 
 
-@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S", "K"])
+@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S", "stride_kr", "K"])
 def _write_kernel(
     s_ptr,
     begin_ptr,
     end_ptr,
     kr_ptr,
+    stride_kr,
+    K,
     hist_ptr,
     count_ptr,
     pos_ptr,
@@ -138,7 +147,6 @@ def _write_kernel(
     stride_r,
     CHUNK,
     S,
-    K,
     SP: tl.constexpr,
     NB: tl.constexpr,
     ALL: tl.constexpr,
@@ -146,7 +154,7 @@ def _write_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr)
+    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
     if kr > 0:
         kth, need = _settle(hist_ptr, r, kr, ALL, NB, ALL)
         # the programs before this one: their keys above the k-th, and their share of the ties (lowest first)
@@ -169,6 +177,13 @@ def _write_kernel(
             tl.store(valid_ptr + r * K + slot, (x > float("-inf")).to(tl.int8), mask=chosen)
             tie0 += tl.sum(is_tie.to(tl.int64), 0)
             slot0 += tl.sum(chosen.to(tl.int64), 0)
+    # the slots past the row's own k (the kr before them are all written above): position 0, not valid
+    if s == 0:
+        for off in range(0, K, BLOCK):
+            slot = off + tl.arange(0, BLOCK)
+            rest = (slot >= kr) & (slot < K)
+            tl.store(pos_ptr + r * K + slot, tl.zeros((BLOCK,), tl.int64), mask=rest)
+            tl.store(valid_ptr + r * K + slot, tl.zeros((BLOCK,), tl.int8), mask=rest)
 
 
 def _per_row(x: torch.Tensor | None, b: int, default: int, device) -> torch.Tensor:
@@ -176,6 +191,15 @@ def _per_row(x: torch.Tensor | None, b: int, default: int, device) -> torch.Tens
     if x is None:
         return torch.full((b,), default, dtype=torch.int64, device=device)
     return x.to(device, torch.int64).expand(b).contiguous()
+
+
+def _row_k(k_rows: torch.Tensor | None, k: int, device) -> tuple[torch.Tensor, int]:
+    """Each row's own k as the kernels read it (clamping it to [0, k] themselves): (a tensor, its row stride). The
+    engine's strided column of its views is read in place, no copy."""
+    if k_rows is None:
+        return torch.full((1,), k, dtype=torch.int64, device=device), 0
+    k_rows = k_rows.to(device)
+    return (k_rows.view(1), 0) if not k_rows.dim() else (k_rows, k_rows.stride(0))
 
 
 def top_positions(
@@ -188,7 +212,7 @@ def top_positions(
     b, h, n = scores.shape
     kk = min(k, n)
     begin, end = (_per_row(x, b, 0, scores.device) for x in (begin, end))
-    kr = _per_row(None if k_rows is None else k_rows.clamp(0, kk), b, kk, scores.device)
+    kr, stride_kr = _row_k(k_rows, kk, scores.device)
     x = scores.float().reshape(b * h, n)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -198,10 +222,10 @@ def top_positions(
     splits = triton.cdiv(n, chunk)
     hist = torch.zeros(rows, _LEVELS, _NB, dtype=torch.int32, device=dev)
     counts = torch.empty(rows, splits, 2, dtype=torch.int32, device=dev)
-    positions = torch.zeros(rows, kk, dtype=torch.int64, device=dev)
-    valid = torch.zeros(rows, kk, dtype=torch.int8, device=dev)
+    positions = torch.empty(rows, kk, dtype=torch.int64, device=dev)
+    valid = torch.empty(rows, kk, dtype=torch.int8, device=dev)
     grid = (rows, splits)
-    common = (x, begin, end, kr, hist)
+    common = (x, begin, end, kr, stride_kr, kk, hist)
     for level in range(_LEVELS):  # the digits from the highest
         _hist_kernel[grid](*common, h, n, x.stride(0), chunk, level, _NB, _LEVELS, _BLOCK)
     _count_kernel[grid](*common, counts, h, n, x.stride(0), chunk, splits, _NB, _LEVELS, _BLOCK)
@@ -215,7 +239,6 @@ def top_positions(
         x.stride(0),
         chunk,
         splits,
-        kk,
         triton.next_power_of_2(splits),
         _NB,
         _LEVELS,
