@@ -9,8 +9,9 @@ waits on a separate one. After level 3 the digits are the k_r-th key T itself. `
 program's keys above T and equal to it; `_write_kernel` places the selected positions by those counts. Each
 program covers one `CHUNK` of one row: seven launches (a memset and six kernels) against torch.topk's ~13 and its
 sort; k_rows are read in place and clamped there, and the write clears the slots past a row's own k, so no small
-torch op runs around them. 8-bit digits, not 11: tl.histogram counts by warp ballots, a lane per bins/32 bins, so 2,048 bins cost ~8x
-the instructions of 256 a score (PTX for sm_90: ~2,500 against ~300 a thread per 1,024 scores).
+torch op runs around them. 8-bit digits, not 11: tl.histogram counts by warp ballots, a lane per bins/32 bins, so
+2,048 bins cost ~8x the instructions of 256 a score (PTX for sm_90: ~2,500 against ~300 a thread per 1,024
+scores).
 """
 
 from __future__ import annotations
