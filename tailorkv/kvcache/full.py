@@ -229,6 +229,9 @@ class FullPolicy(KVPolicy):
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc[step.write] = k.to(kc.device)
         vc[step.write] = v.to(vc.device)
+        rows = step.decode_rows
+        if isinstance(rows, slice):  # a decode-only step: its rows are all of q
+            return self._decode(q, kc, vc, step)
         out = torch.empty_like(q)
         batch = step.batch
         for i, slots in step.prompt_reads.items():
@@ -236,27 +239,26 @@ class FullPolicy(KVPolicy):
             out[sl] = causal_attention(
                 q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i]
             )
-        kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
         if step.prompt_rows is not None:
+            kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
             out[step.prompt_rows] = self.prefill.run(q[step.prompt_rows], kp, vp)
-        rows = step.decode_rows
-        if rows is None:
-            return out
+        if rows is not None:
+            out[rows] = self._decode(q[rows], kc, vc, step)
+        return out
+
+    def _decode(self, q, kc, vc, step: FullStep) -> torch.Tensor:
+        """Attention of the decode rows q [B, Hq, D] over this layer's cache kc, vc (their new tokens written)."""
+        kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
         if step.cascade:
-            decoded = self.cascade.run(q[rows], kp, vp)
-        elif self.flash is not None:
+            return self.cascade.run(q, kp, vp)
+        if self.flash is not None:
             if self.tier == "host":
                 kp, vp = self._stage(kp, step.staged), self._stage(vp, step.staged)
-            decoded = self.flash.run(q[rows], kp, vp)
-        else:
-            # on CPU the offload baseline's fetch is this .to(device): every cached token crosses PCIe each step
-            keys = kc[step.decode_slots].to(q.device).transpose(1, 2)  # [B, H, R, D]
-            values = vc[step.decode_slots].to(q.device).transpose(1, 2)
-            decoded = self.decode(q[rows], keys, values, step.decode_mask)
-        if isinstance(rows, slice):  # a decode-only step: its rows are all of q
-            return decoded
-        out[rows] = decoded
-        return out
+            return self.flash.run(q, kp, vp)
+        # on CPU the offload baseline's fetch is this .to(device): every cached token crosses PCIe each step
+        keys = kc[step.decode_slots].to(q.device).transpose(1, 2)  # [B, H, R, D]
+        values = vc[step.decode_slots].to(q.device).transpose(1, 2)
+        return self.decode(q, keys, values, step.decode_mask)
 
     def _plan_cascade(self, decode: list[int], batch: ForwardBatch) -> bool:
         """Plan the decode rows (batch indices) as SharedPrefixDecode groups where some share a document's pages

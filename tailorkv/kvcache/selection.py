@@ -94,7 +94,7 @@ class Selection:
         k: int,
         k_rows: torch.Tensor | None = None,
         chunk: int = 0,
-        radix: bool = True,
+        radix: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
