@@ -107,7 +107,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     gen = torch.Generator().manual_seed(context)
     reqs = []
     # the first prompts decode while the later ones prefill: about a step for each later one, two to be safe
-    new = args.warmup + args.steps + args.profile_steps + 2 + 2 * (args.batch - 1)
+    new = args.warmup + args.steps + args.profile_steps + 2 + 4 * args.batch
     for _ in range(
         args.batch
     ):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
