@@ -96,8 +96,9 @@ def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
 def test_rows_in_position_order_decode_what_rows_in_rank_order_decode(prompt, monkeypatch):
     """With radix_topk=1 on CUDA stage 2's rows come from token_topk's radix select, in position order; otherwise
     from torch.topk, in rank order. The CPU engine with token_topk's reference in the kernel's place gives the same
-    forced logprobs (exact keys, as above)."""
-    want = tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0)
+    forced logprobs (exact keys, as above); on CPU, also on a GPU host: the reference syncs, which no CUDA graph
+    may capture."""
+    want = tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0, device="cpu")
     calls = []
 
     def positions(*args):
@@ -105,7 +106,7 @@ def test_rows_in_position_order_decode_what_rows_in_rank_order_decode(prompt, mo
         return token_topk.top_positions(*args)
 
     monkeypatch.setattr(token_topk, "ops", lambda device: SimpleNamespace(top_positions=positions))
-    assert_close_logprobs(tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0, radix_topk=1), want)
+    assert_close_logprobs(tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0, radix_topk=1, device="cpu"), want)
     assert calls
 
 
