@@ -120,6 +120,10 @@ def measure(engine: Engine, context: int, args) -> dict:
     t0 = time.perf_counter()
     while any(r.seq.prefilling for r in reqs):
         engine.step()
+        if any(r.finished for r in reqs):  # the later requests waited for its pages: fewer than --batch fit
+            raise RuntimeError(
+                f"{args.batch} requests of {context} tokens do not fit this engine's KV memory together"
+            )
     sync(engine)
     prefill = time.perf_counter() - t0
     held = [held_bytes(engine, r.rid) for r in reqs]
