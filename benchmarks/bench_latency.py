@@ -120,7 +120,8 @@ def measure(engine: Engine, context: int, args) -> dict:
     t0 = time.perf_counter()
     while any(r.seq.prefilling for r in reqs):
         engine.step()
-        if any(r.finished for r in reqs):  # the later requests waited for its pages: fewer than --batch fit
+        # a finished request while later ones wait to prefill: fewer than --batch fit together
+        if any(r.finished for r in reqs):
             raise RuntimeError(
                 f"{args.batch} requests of {context} tokens do not fit this engine's KV memory together"
             )

@@ -81,7 +81,7 @@ print({k: v for k, v in r.items() if not isinstance(v, (list, dict))})"
 sk)
   # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=1,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
+    --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 tk)
@@ -107,7 +107,7 @@ b16)
   # 26.31 ms with 11% of rows from GPU copies, when the bench's one-chunk prefill left 5.4 GiB of GPU KV); fp8 rows
   # with half the host GiB, the same host pages
   timeout ${TL:-400} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
-    --policies ${BP:-tailor:longbench,tailor:longbench:radix_topk=1,full} --steps 32 --host-kv-gib 80 --profile-steps 2 \
+    --policies ${BP:-tailor:longbench,tailor:longbench:radix_topk=0} --steps 32 --host-kv-gib 80 --profile-steps 2 \
     --output $R/latency_b16_compiled.json > $R/lat_b16.log 2>&1
   echo "lat b16 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16.log | tail -6
   [ -n "${FP8-1}" ] && timeout ${TL8:-150} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 \

@@ -38,7 +38,8 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     ("--tailor-quant-bits", "bits of the Q layers' KV cache: 1, 2 or 4"),
     (
         "--tailor-radix-topk",
-        "1: stage 2's top-k by radix select on CUDA; 0: by torch.topk (default)",
+        "N: stage 2's top-k by radix select on CUDA in decode steps of at most N sequences (default 1), else by "
+        "torch.topk",
     ),
     (
         "--tailor-topk-chunk",

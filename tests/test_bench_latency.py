@@ -116,7 +116,12 @@ def test_a_batch_whose_kv_does_not_fit_together_is_refused_not_measured_smaller(
     """On an H100 full's 16 x 32k (64 GiB of KV) held 4 requests at a time: the first finished while the rest waited,
     and the step was timed at the smaller batch. The script now stops at the prefill instead."""
     args = ["--model=dummy:tiny", "--policies=full", "--contexts=300", "--steps=1", "--warmup=0"]
-    args += ["--profile-steps=0", "--device=cpu", "--kv-cache-gib=0.001", f"--output={tmp_path / 'l.json'}"]
+    args += [
+        "--profile-steps=0",
+        "--device=cpu",
+        "--kv-cache-gib=0.001",
+        f"--output={tmp_path / 'l.json'}",
+    ]
     bench_latency.main([*args, "--batch=1"])  # one fits
     with pytest.raises(RuntimeError, match="3 requests of 300 tokens do not fit"):
         bench_latency.main([*args, "--batch=3"])

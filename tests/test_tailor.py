@@ -106,8 +106,29 @@ def test_rows_in_position_order_decode_what_rows_in_rank_order_decode(prompt, mo
         return token_topk.top_positions(*args)
 
     monkeypatch.setattr(token_topk, "ops", lambda device: SimpleNamespace(top_positions=positions))
-    assert_close_logprobs(tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0, radix_topk=1, device="cpu"), want)
+    assert_close_logprobs(
+        tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0, radix_topk=1, device="cpu"), want
+    )
     assert calls
+
+
+@pytest.mark.parametrize("radix_topk,used", [(1, False), (2, True)])
+def test_the_radix_select_serves_decode_steps_of_at_most_radix_topk_sequences(
+    prompt, monkeypatch, radix_topk, used
+):
+    """radix_topk=N: the radix select in steps of at most N sequences (on the H100 it wins at batch 1 and loses at
+    12), torch.topk in larger ones."""
+    calls = []
+
+    def positions(*args):
+        calls.append(1)
+        return token_topk.top_positions(*args)
+
+    monkeypatch.setattr(token_topk, "ops", lambda device: SimpleNamespace(top_positions=positions))
+    with Engine(**TINY_TAILOR, top_k=24, radix_topk=radix_topk, device="cpu") as e:
+        ids = e.tokenizer.encode(prompt)
+        e.forced([ids[:-8], ids[:-20]], [ids[-8:], ids[-20:-12]])
+    assert bool(calls) == used
 
 
 def test_key_sketch_replaces_the_channel_copy(prompt):
@@ -334,7 +355,7 @@ def test_quant_store_append_twice_is_append_once():
         ({"key_sketch": 3}, "key_sketch"),
         ({"speculative_fetch": 2}, "speculative_fetch"),
         ({"topk_chunk": -1}, "topk_chunk"),
-        ({"radix_topk": 2}, "radix_topk must be 0 or 1"),
+        ({"radix_topk": -1}, "radix_topk must be an integer >= 0"),
         ({"speculative_fetch": 1, "key_sketch": 0}, "needs a key sketch"),
         ({"d_s": 0}, "d_s"),
         ({"top_k": -1}, "top_k"),

@@ -705,7 +705,7 @@ class TailorPolicy(KVPolicy):
             k,
             view.top_k[:, si],
             self.tc.topk_chunk,
-            bool(self.tc.radix_topk),
+            scores.shape[0] <= self.tc.radix_topk,  # a static shape per captured graph
         )
         return self.offload.fetch_rows(si, view, idx), valid
 
