@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import time
@@ -142,6 +143,10 @@ def measure(e: Engine, args, sync) -> dict:
         "prefill_steps": prefill_steps,
         "prefill_steps_alone": steps[len(prefill_steps) :],
     }
+    row["gpu_kv_gib"] = (
+        sum(s.num_pages * s.bytes_per_page for s in e.memory.specs.values() if s.tier == "gpu")
+        / 2**30
+    )
     if torch.cuda.is_available():
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -173,6 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="profile the long prompt's first step beside the users after TOKENS of it (to OUT.prof.txt)",
     )
     args = p.parse_args(argv)
+    logging.basicConfig(
+        format="%(message)s"
+    )  # the engine's INFO lines: its KV budget and how it came about
+    logging.getLogger("tailorkv").setLevel(logging.INFO)
     rows = [{**run(args), **run_info("benchmarks.bench_mixed_steps", argv)}]
     print(json.dumps(rows, indent=1))
     if args.out:

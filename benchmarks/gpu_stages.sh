@@ -30,7 +30,7 @@ if ls .fi/fi.tgz.part* >/dev/null 2>&1 && [ ! -d ~/.cache/flashinfer ]; then
 fi
 git log --oneline -1 2>/dev/null; date -u
 t() { echo "t=$(( $(date +%s) - T0 ))"; }
-R=${RDIR:-/tmp/r_$stage}; mkdir -p $R  # RDIR=$OUT: rows come back even if the call is cut off
+R=${RDIR:-/tmp/r_$stage}; mkdir -p $R  # RDIR=$OUT: rows come back even if the call is cut off (8 files at most)
 case $stage in
 c19a)
   OUT=$R PARTS=docchat timeout ${TD:-540} bash benchmarks/gpu_chunked.sh; echo "rc=$?"; t
@@ -66,13 +66,16 @@ for k in ('prefill_steps', 'prefill_steps_alone'):
   done
   # issue 19's cap: a 126k prompt alone under --gpu-memory-limit 24 prefills and decodes (TTFT, peak GPU memory), with
   # the default GPU KV budget, else (it did not fit on 2026-12-05) with 2.5 GiB
+  # (each try's log its own: the engine's line on how its GPU KV budget came about, the pools a refusal names)
+  n=0
   for kv in '' ', "kv_cache_gib": 2.5'; do
     [ -n "${CAP-1}" ] || break
+    n=$((n + 1))
     timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 0 --steps 2 --long-len 126000 --policy tailor \
       --engine-args "{\"host_kv_gib\": 20, \"gpu_memory_limit_gib\": 24$kv}" --out $R/mixed_tailor_24gib.json \
-      > $R/mixed_24.log 2>&1; echo "cap24 ($kv) rc=$?"; t
+      > $R/mixed_24_$n.log 2>&1; echo "cap24 ($kv) rc=$?"; t
+    grep -h "GPU KV budget\|does not fit" $R/mixed_24_$n.log | cut -c1-400
     [ -f $R/mixed_tailor_24gib.json ] && break
-    tail -n 2 $R/mixed_24.log
   done
   python3 -c "
 import json; r=json.load(open('$R/mixed_tailor_24gib.json'))[0]

@@ -135,7 +135,7 @@ def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
     assert budgets["full"] - budgets["tailor"] == 3 * 131072 * 8 * 2 * 128 * 2  # 1.5 GiB
 
 
-def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(monkeypatch):
+def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(monkeypatch, caplog):
     """Under --gpu-memory-limit 24 on the H100 a 126k prompt did not fit tailor's default pools. A cause that fits
     (not confirmed on the GPU): the dummy 8B model's float32 draws stay in the caching allocator, and
     cudaMemGetInfo counts them as used. The budget is taken after such blocks are released."""
@@ -155,7 +155,10 @@ def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(mon
     rank.config = cfg = dummy_config("llama-3.1-8b")
     rank.device, rank.dtype = torch.device("cuda"), torch.bfloat16
     rank.policy = policy_class("tailor")(cfg, torch.device("cpu"), torch.bfloat16)
-    budget = rank._gpu_kv_budget()
+    with caplog.at_level("INFO", logger="tailorkv"):
+        budget = rank._gpu_kv_budget()
     layout = rank.policy.layout(budget, 20 * GIB, None, True)
     need = layout.pages_needed(126_000, 4)
     assert all(need[s.name] <= s.num_pages for s in layout.pools if s.name in need)
+    # the log says how the budget came about (15 GiB in use under the 24 GiB cap)
+    assert f"GPU KV budget {budget / GIB:.2f} GiB" in caplog.text and "(15.00 GiB in use)" in caplog.text

@@ -120,10 +120,16 @@ class Scheduler:
         return self.layout.max_output(prompt_len)
 
     def add(self, seq: Seq, prompt_ids: list[int] | None = None) -> None:
-        if not self.memory.fits_ever(self.layout.pages_needed(seq.prompt_len, seq.max_new_tokens)):
+        need = self.layout.pages_needed(seq.prompt_len, seq.max_new_tokens)
+        if not self.memory.fits_ever(need):
+            short = [
+                f"{n} pages of its {s.tier} pool '{s.name}', which holds {s.num_pages}"
+                for s in self.layout.pools
+                if (n := need.get(s.name, 0)) > s.num_pages
+            ]
             raise CapacityError(
                 f"a request of {seq.reserved_tokens} tokens (prompt + max_new_tokens) "
-                "does not fit in this engine's KV memory"
+                f"does not fit in this engine's KV memory: it needs {'; '.join(short)}"
             )
         if len(self.waiting) >= self.max_queued:
             raise QueueFullError(f"the queue is full ({self.max_queued} waiting requests)")
