@@ -161,4 +161,7 @@ def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(mon
     need = layout.pages_needed(126_000, 4)
     assert all(need[s.name] <= s.num_pages for s in layout.pools if s.name in need)
     # the log says how the budget came about (15 GiB in use under the 24 GiB cap)
-    assert f"GPU KV budget {budget / GIB:.2f} GiB" in caplog.text and "(15.00 GiB in use)" in caplog.text
+    assert (
+        f"GPU KV budget {budget / GIB:.2f} GiB" in caplog.text
+        and "(15.00 GiB in use)" in caplog.text
+    )

@@ -257,6 +257,7 @@ class Engine:
     def _run(self, plan: Step, reqs: list[Request], began: float) -> list[Request]:
         """Run the step (begun at `began`), sample and hand out its tokens."""
         chunks = [(n, s.num_computed) for s, n in zip(plan.seqs, plan.new) if s.prefilling]
+        opens = any(s.prefilling and s.num_computed == s.cached_tokens for s in plan.seqs)
         # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
         prefill = [
             (n, s.cached_tokens if s.num_computed == s.cached_tokens else 0)
@@ -288,7 +289,9 @@ class Engine:
         self.scheduler.advance(plan)
         out = self._deliver([reqs[i] for i in want], self._sample(logits, [reqs[i] for i in want]))
         self._landed_at = time.perf_counter()
-        self._observe(chunks, prefill, len(plan.seqs) - len(prefill), self._landed_at - began)
+        self._observe(
+            chunks, prefill, len(plan.seqs) - len(prefill), self._landed_at - began, opens
+        )
         return out
 
     def _launch(self, plan: Step, reqs: list[Request]) -> torch.Tensor:
@@ -341,10 +344,12 @@ class Engine:
                     self._retire(req)
         return out
 
-    def _observe(self, chunks: list, prefill: list, decoding: int, seconds: float) -> None:
+    def _observe(
+        self, chunks: list, prefill: list, decoding: int, seconds: float, opens: bool = False
+    ) -> None:
         self.step_log.record(chunks, prefill, decoding, seconds)
         if self.scheduler.cost:
-            self.scheduler.cost.observe(chunks, decoding, seconds)
+            self.scheduler.cost.observe(chunks, decoding, seconds, opens)
         self.step_log.allocator(self._allocator_retries())
 
     @property

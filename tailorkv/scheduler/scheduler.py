@@ -179,8 +179,18 @@ class Scheduler:
         budget = self.chunk_tokens - len(seqs)
         decoding = len(seqs)
         flops = self.cost.allowance(bool(decoding)) if self.cost else math.inf
+        opened = False  # a request's first chunk in the step: its opening cost is taken once
+
+        def opening(s: Seq) -> float:
+            nonlocal opened
+            if opened or s.num_computed != s.cached_tokens or math.isinf(flops):
+                return 0.0
+            opened = True
+            return self.cost.opening_flops()
+
         for s in self.running.values():
             if s.prefilling and budget > 0:
+                flops -= opening(s)
                 n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
                 if n:
                     seqs.append(s)
@@ -202,6 +212,7 @@ class Scheduler:
                 continue
             for w in skipped:
                 w.passed += 1
+            flops -= opening(s)
             n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
             self.waiting.remove(s)
             self.running[s.rid] = s
