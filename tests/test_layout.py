@@ -165,3 +165,29 @@ def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(mon
         f"GPU KV budget {budget / GIB:.2f} GiB" in caplog.text
         and "(15.00 GiB in use)" in caplog.text
     )
+
+
+@pytest.mark.parametrize("gib", [1.5, 2.0, 8.0])
+def test_max_prompt_is_the_longest_prompt_every_pool_holds(gib):
+    """Under --gpu-memory-limit 24 a 126k prompt was refused; the engine now says at start how long a prompt its
+    pools hold (KVLayout.max_prompt), one token more being refused."""
+    policy = policy_class("tailor")(
+        dummy_config("llama-3.1-8b"), torch.device("cpu"), torch.bfloat16, quant_layers=[0]
+    )
+    policy.host_on_device = False
+    layout = policy.layout(int(gib * 2**30), 20 * 2**30, None, True)
+    pools = {s.name: s.num_pages for s in layout.pools}
+    longest = layout.max_prompt(4)
+    fits = lambda n: all(m <= pools[p] for p, m in layout.pages_needed(n, 4).items())  # noqa: E731
+    assert fits(longest) and not fits(longest + 1)
+    assert (longest >= 126_000) == (gib >= 2.0)  # the H100's 24 GiB case: 1.5 GiB did not hold it
+
+
+def test_an_engine_whose_pools_hold_less_than_the_models_context_says_so_at_start(caplog):
+    from tailorkv import Engine
+
+    with caplog.at_level("WARNING", logger="tailorkv"):
+        with Engine("dummy:tiny", kv_policy="full", kv_cache_gib=0.001, progress=False) as e:
+            longest = e.scheduler.layout.max_prompt(1)
+    assert 0 < longest < 8191
+    assert f"hold prompts of at most {longest} tokens, of the model's 8192" in caplog.text

@@ -102,6 +102,14 @@ class Engine:
         if self.workers:
             self.policy, self.runner = self.workers.wrap(self.policy, self.runner)
         self.memory = MemoryManager(layout.pools, prefix=layout.prefix_blocks)
+        longest = layout.max_prompt(1)
+        if longest < self.config.max_position - 1:
+            log.warning(
+                "this engine's KV pools hold prompts of at most %d tokens, of the model's %d: --kv-cache-gib "
+                "(GPU) or --host-kv-gib (host tier) raises that",
+                longest,
+                self.config.max_position,
+            )
         self.scheduler = Scheduler(
             self.memory,
             layout,

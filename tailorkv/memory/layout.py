@@ -34,6 +34,17 @@ class KVLayout:
             if s.holds
         }
 
+    def max_prompt(self, max_new_tokens: int) -> int:
+        """The longest prompt whose request, with `max_new_tokens` answer tokens, the pools could ever hold (0:
+        none)."""
+        room = {"prompt": 0, "all": max_new_tokens}
+        if self.max_output(0) < max_new_tokens:
+            return 0
+        return min(
+            (s.num_pages * s.page_size - room[s.holds] for s in self.pools if s.holds in room),
+            default=1 << 62,
+        )
+
     def max_output(self, prompt_len: int) -> int:
         """The most answer tokens the pools could ever hold pages for after a prompt of `prompt_len` tokens."""
         room = {"output": 0, "all": prompt_len}
