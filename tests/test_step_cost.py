@@ -265,6 +265,13 @@ def test_a_step_that_opens_a_request_beside_decoders_leaves_its_learned_excess_o
     assert 0.19 < true([(n, 0)], True) <= 0.2
     cost.observe([(4000, 0)], 0, 0.1, opens=True)  # nobody decoded: not an opening beside decoders
     assert len(cost._opening) == 1
+    spiky = StepCost.for_model(
+        LLAMA8B, 0.2
+    )  # one opening that also compiled something: at most a quarter
+    spiky.observe([], 8, 0.018)
+    spiky.observe([(3000, 40_000)], 8, true([(3000, 40_000)], False))
+    spiky.observe([(3000, 0)], 8, 5.0, opens=True)
+    assert spiky.opening_s == pytest.approx(0.05)
     # the scheduler: a request that opens beside decoders gets the allowance less its opening cost
     sched = scheduler(cost)
     chunks = run_prompt(sched, decoders=8, prompt=126_000)

@@ -20,7 +20,8 @@ prompt at 8,184 tokens (0.40 s, predicted 0.18). So a step's prompt work grows a
 recent step did within the budget: a wrong line costs a step at most a quarter more. A step that opens a request's
 prefill beside decoding rows may cost more than its flops say (on the H100 tailor's first chunk of a 126k prompt
 beside 8 users took 17-37 ms more than predicted in three runs, its later chunks less): the median excess of the recent
-such steps over the line (`opening_s`, at least 0) is left out of the budget of the next one. Nothing is tuned per
+such steps over the line (`opening_s`, at least 0, at most OPENING of the budget: one such step that also compiled
+something must not starve the next) is left out of the budget of the next one. Nothing is tuned per
 device.
 Until a prefill step has been timed, or when no request decodes, chunks are not limited (the chunked_prefill_size
 cap still holds).
@@ -40,6 +41,7 @@ STEP_BUDGET_MS = 200.0  # the default on CUDA: inter-token gaps of decoding user
 DECAY = 0.8  # weight of the earlier decode-step times against each new one
 RECENT = 9  # prefill steps the line is fitted through
 SPREAD = 1.5  # two steps give a slope when one's flops are this many times the other's
+OPENING = 0.25  # the share of the budget a step's opening cost may take at most
 GROWTH = (
     1.25  # a step's prompt flops, at most, against the most a recent step did within the budget
 )
@@ -107,7 +109,9 @@ class StepCost:
     @property
     def opening_s(self) -> float:
         """Seconds a step that opens a request's prefill beside decoding rows costs over the line (at least 0)."""
-        return max(statistics.median(self._opening), 0.0) if self._opening else 0.0
+        if not self._opening:
+            return 0.0
+        return min(max(statistics.median(self._opening), 0.0), OPENING * self.budget_s)
 
     def observe(
         self, chunks: list[tuple[int, int]], decoding: int, seconds: float, opens: bool = False
