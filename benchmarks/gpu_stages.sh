@@ -108,11 +108,11 @@ gk)
   grep -B1 best $R/qa.log | tail -n 24
   ;;
 b16)
-  # issue 22's batch 16 at 32k (20 ms) without the speculative fetch, compiled by default (H100, 2026-12-05: tailor
-  # 26.31 ms with 11% of rows from GPU copies, when the bench's one-chunk prefill left 5.4 GiB of GPU KV); fp8 rows
-  # with half the host GiB, the same host pages
+  # issue 22's batch 16 at 32k (20 ms), compiled (H100, 2026-12-05 15:45: bf16 rows 21.81 ms with 37% of them from
+  # GPU copies, which take at most half of what the pools leave; fp8 rows 15.99 ms with 73%); bf16 again with 40 GiB
+  # of copies (prefix_gpu_gib: ~62% of the 64 GiB of rows); fp8 rows with half the host GiB, the same host pages
   timeout ${TL:-400} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
-    --policies ${BP:-tailor:longbench,tailor:longbench:radix_topk=0} --steps 32 --host-kv-gib 80 --profile-steps 2 \
+    --policies ${BP:-tailor:longbench,tailor:longbench:prefix_gpu_gib=40} --steps 32 --host-kv-gib 80 --profile-steps 2 \
     --output $R/latency_b16_compiled.json > $R/lat_b16.log 2>&1
   echo "lat b16 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16.log | tail -6
   [ -n "${FP8-1}" ] && timeout ${TL8:-150} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 \
