@@ -50,7 +50,8 @@ m19)
   # the mixed workload for each policy in M19 (tailor, then full: issue 19 asks both in one run); PROF profiles tailor
   [ -n "${EA:-}" ] || EA='{"host_kv_gib": 60}'
   for p in ${M19:-tailor full}; do
-    prof=; [ $p = tailor ] && prof=${PROF:+--profile-at $PROF}
+    # PROF=0 profiles tailor's opening step (the long prompt's first), PROFF=N full's step N tokens in
+    prof=; [ $p = tailor ] && prof=${PROF:+--profile-at $PROF}; [ $p = full ] && prof=${PROFF:+--profile-at $PROFF}
     timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 8 --user-len 32768 --long-len 126000 --policy $p \
       --engine-args "$EA" $prof --out $R/mixed_$p.json > $R/mixed_$p.log 2>&1; echo "mixed $p rc=$?"; t
     grep -v "oading\|it/s" $R/mixed_$p.log | grep -v '^ *[{}"]\|^ *\]' | tail -5
