@@ -7,8 +7,12 @@ two stages are short rows (tailor's `topk_chunk` option, kvcache/selection.py tw
 
     python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 128,896 --chunk 64
 
-Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, timing, machine, date,
-commit, command}: after --warmup calls, on CUDA each call captured in a CUDA graph as a decode step runs it and the
+With --radix-programs N,M on CUDA the radix select is timed again aiming at N, M programs a pass
+(token_topk_triton._TARGET_PROGRAMS, 512 by default: at batch 12 and 128k that is 6 programs a row, each reading
+22k scores in turn), in `positions_ms_by_programs`.
+
+Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, positions_ms_by_programs,
+timing, machine, date, commit, command}: after --warmup calls, on CUDA each call captured in a CUDA graph as a decode step runs it and the
 graph replayed --repeats times between two events (`timing: graph`: the launches' host time is not counted; timed
 call by call, the H100 put the radix select's seven launches at 0.22-0.73 ms, mostly that host time); on CPU the
 median of --repeats calls.
@@ -56,6 +60,18 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def with_programs(n: int, run):
+    """run() with the radix select aiming at `n` programs a pass."""
+    from tailorkv.kernels import token_topk_triton
+
+    default = token_topk_triton._TARGET_PROGRAMS
+    token_topk_triton._TARGET_PROGRAMS = n
+    try:
+        return run()
+    finally:
+        token_topk_triton._TARGET_PROGRAMS = default
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,6 +84,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument(
+        "--radix-programs", default="", help="on CUDA: programs a pass to time the radix select at"
+    )
     p.add_argument("--output", default="benchmarks/results/topk.json")
     args = p.parse_args(argv)
     info, device, rows = run_info(__spec__.name, argv), torch.device(args.device), []
@@ -90,6 +109,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         lambda: select(scores, lo, hi, k),
                     )
                 ]
+                by_programs = {}
+                for n in map(int, filter(None, args.radix_programs.split(","))):
+                    if device.type == "cuda":
+                        by_programs[n] = round(
+                            with_programs(
+                                n,
+                                lambda: timed(
+                                    lambda: select(scores, lo, hi, k),
+                                    device,
+                                    args.warmup,
+                                    args.repeats,
+                                ),
+                            ),
+                            4,
+                        )
                 rows.append(
                     {
                         "device": device.type,
@@ -101,12 +135,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "torch_ms": round(ms[0], 4),
                         "two_stage_ms": round(ms[1], 4),
                         "positions_ms": round(ms[2], 4),
+                        "positions_ms_by_programs": by_programs,
                         "timing": "graph" if device.type == "cuda" else "calls",
                         **info,
                     }
                 )
                 print(
                     f"{context:>8} {batch:>5} {k:>5} {ms[0]:>9.3f} {ms[1]:>12.3f} {ms[2]:>12.3f}",
+                    *(f"{n}: {t:.3f}" for n, t in by_programs.items()),
                     flush=True,
                 )
     write_rows(args.output, rows)

@@ -47,3 +47,14 @@ def test_script_writes_rows_on_cpu(tmp_path):
         and min(row[f"{x}_ms"] for x in ("torch", "two_stage", "positions")) > 0
     )
     assert {"machine", "date", "commit", "command"} <= set(row)
+
+
+def test_the_radix_select_is_timed_at_other_programs_a_pass_and_left_as_it_was():
+    from tailorkv.kernels import token_topk_triton
+
+    default = token_topk_triton._TARGET_PROGRAMS
+    assert bench_topk.with_programs(2048, lambda: token_topk_triton._TARGET_PROGRAMS) == 2048
+    assert token_topk_triton._TARGET_PROGRAMS == default
+    with pytest.raises(ZeroDivisionError):
+        bench_topk.with_programs(7, lambda: 1 / 0)
+    assert token_topk_triton._TARGET_PROGRAMS == default
