@@ -4,8 +4,8 @@
         --policies full,tailor:longbench,tailor:longbench:key_sketch=1,kivi,offload --steps 32 --device cuda
 
 For each policy (one engine, reused across contexts) and context: --batch random prompts of that many tokens,
-prefilled a prompt a step (--chunked-prefill-size, no step-time budget), `--warmup` decode steps, then `--steps` timed decode steps (median). GPU/host KV bytes are what the
-request holds in each tier. The floor is the time to move the bytes a step must move at bandwidths measured at the
+prefilled a prompt a step (--chunked-prefill-size, no step-time budget), `--warmup` decode steps, then `--steps`
+timed decode steps (median). GPU/host KV bytes are what the requests hold in each tier. The floor is the time to move the bytes a step must move at bandwidths measured at the
 start of the same run on the same device (bandwidth.py): weights and GPU-resident KV at the device-copy rate,
 bulk PCIe reads (stage 1 channel runs, the offload baseline's whole KV) at the pinned host-to-device copy rate, and
 the top-k rows at the UVA gather rate (at the policy's host row layout, fp8 rows included), except the share of
@@ -13,7 +13,8 @@ them on pages with a GPU copy (tailor's DeviceCopies, `copied_share`), counted a
 `tailor:longbench` with `tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
 gpu_kv_bytes, host_kv_bytes, copied_share, chunked_prefill_size, floor_ms, floor_weights_ms, floor_gpu_kv_ms,
-floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date, commit, command} to --output; with
+floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date,
+commit, command} to --output; with
 --profile-steps on CUDA also step_ms_by_part, a profiled step's device time by part (GEMMs, the top-k fetch, the
 sparse attention, the key sketch, the Q layers, top-k, FlashInfer, copies, other).
 """
@@ -106,7 +107,7 @@ def floor_parts(
 def measure(engine: Engine, context: int, args) -> dict:
     gen = torch.Generator().manual_seed(context)
     reqs = []
-    # the first prompts decode while the later ones prefill: about a step for each later one, two to be safe
+    # the first prompts decode while the later ones prefill: about a step for each later one, four to be safe
     new = args.warmup + args.steps + args.profile_steps + 2 + 4 * args.batch
     for _ in range(
         args.batch

@@ -143,10 +143,7 @@ def measure(e: Engine, args, sync) -> dict:
         "prefill_steps": prefill_steps,
         "prefill_steps_alone": steps[len(prefill_steps) :],
     }
-    row["gpu_kv_gib"] = (
-        sum(s.num_pages * s.bytes_per_page for s in e.memory.specs.values() if s.tier == "gpu")
-        / 2**30
-    )
+    row["gpu_kv_gib"] = e.memory.usage()["gpu"]["total_bytes"] / 2**30
     if torch.cuda.is_available():
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -178,10 +175,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="profile the long prompt's first step beside the users after TOKENS of it (to OUT.prof.txt)",
     )
     args = p.parse_args(argv)
-    logging.basicConfig(
-        format="%(message)s"
-    )  # the engine's INFO lines: its KV budget and how it came about
-    logging.getLogger("tailorkv").setLevel(logging.INFO)
     rows = [{**run(args), **run_info("benchmarks.bench_mixed_steps", argv)}]
     print(json.dumps(rows, indent=1))
     if args.out:
@@ -190,4 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    # the engine's INFO lines (its KV budget and how it came about); set here, not in main(), which tests call
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("tailorkv").setLevel(logging.INFO)
     main()

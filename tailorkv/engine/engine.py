@@ -265,10 +265,10 @@ class Engine:
     def _run(self, plan: Step, reqs: list[Request], began: float) -> list[Request]:
         """Run the step (begun at `began`), sample and hand out its tokens."""
         chunks = [(n, s.num_computed) for s, n in zip(plan.seqs, plan.new) if s.prefilling]
-        opens = any(s.prefilling and s.num_computed == s.cached_tokens for s in plan.seqs)
+        opens = any(s.opening for s in plan.seqs)
         # (new, cached) prompt tokens of each prefilling row; a prompt's cached prefix counts in its first chunk
         prefill = [
-            (n, s.cached_tokens if s.num_computed == s.cached_tokens else 0)
+            (n, s.cached_tokens if s.opening else 0)
             for s, n in zip(plan.seqs, plan.new)
             if s.prefilling
         ]

@@ -140,10 +140,11 @@ class EngineRank:
             + min(o.chunked_prefill_size, MLP_CHUNK) * c.intermediate_size * item * 4
         )
         workspace = self.policy.prefill_workspace_bytes(c.max_position)
-        budget = max(int(min(cap - used, free) * 0.9) - activations - workspace, 0)
+        room = min(cap - used, free)
+        budget = max(int(room * 0.9) - activations - workspace, 0)
         log.info(
             "GPU KV budget %.2f GiB: 90%% of %.2f GiB free under %.1f GiB (%.2f GiB in use), less %.2f GiB of "
             "activations and %.2f GiB of prefill workspace",
-            *(x / GIB for x in (budget, min(cap - used, free), cap, used, activations, workspace)),
+            *(x / GIB for x in (budget, room, cap, used, activations, workspace)),
         )
         return budget

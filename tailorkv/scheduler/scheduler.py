@@ -73,6 +73,11 @@ class Seq:
         return self.num_computed < self.prompt_len
 
     @property
+    def opening(self) -> bool:
+        """Its next prompt chunk is its first: nothing computed past the prefix the cache gave it."""
+        return self.prefilling and self.num_computed == self.cached_tokens
+
+    @property
     def reserved_tokens(self) -> int:
         return self.prompt_len + self.max_new_tokens
 
@@ -181,16 +186,16 @@ class Scheduler:
         flops = self.cost.allowance(bool(decoding)) if self.cost else math.inf
         opened = False  # a request's first chunk in the step: its opening cost is taken once
 
-        def opening(s: Seq) -> float:
+        def opening_cost(s: Seq) -> float:
             nonlocal opened
-            if opened or s.num_computed != s.cached_tokens or math.isinf(flops):
+            if opened or not s.opening or math.isinf(flops):
                 return 0.0
             opened = True
             return self.cost.opening_flops()
 
         for s in self.running.values():
             if s.prefilling and budget > 0:
-                flops -= opening(s)
+                flops -= opening_cost(s)
                 n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
                 if n:
                     seqs.append(s)
@@ -212,7 +217,7 @@ class Scheduler:
                 continue
             for w in skipped:
                 w.passed += 1
-            flops -= opening(s)
+            flops -= opening_cost(s)
             n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
             self.waiting.remove(s)
             self.running[s.rid] = s

@@ -21,10 +21,9 @@ recent step did within the budget: a wrong line costs a step at most a quarter m
 prefill beside decoding rows may cost more than its flops say (on the H100 tailor's first chunk of a 126k prompt
 beside 8 users took 17-37 ms more than predicted in three runs, its later chunks less): the median excess of the recent
 such steps over the line (`opening_s`, at least 0, at most OPENING of the budget: one such step that also compiled
-something must not starve the next) is left out of the budget of the next one. Nothing is tuned per
-device.
-Until a prefill step has been timed, or when no request decodes, chunks are not limited (the chunked_prefill_size
-cap still holds).
+something must not starve the next) is left out of the budget of the next one. Nothing is tuned per device. Until
+a prefill step has been timed, or when no request decodes, chunks are not limited (the chunked_prefill_size cap
+still holds).
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ DECAY = 0.8  # weight of the earlier decode-step times against each new one
 RECENT = 9  # prefill steps the line is fitted through
 SPREAD = 1.5  # two steps give a slope when one's flops are this many times the other's
 OPENING = 0.25  # the share of the budget a step's opening cost may take at most
-GROWTH = (
-    1.25  # a step's prompt flops, at most, against the most a recent step did within the budget
-)
+# a step's prompt flops, at most, against the most a recent step did within the budget
+GROWTH = 1.25
 
 
 class StepCost:
@@ -128,8 +126,7 @@ class StepCost:
             return
         own = seconds - (self.decode_s or 0.0 if decoding else 0.0)
         flops = sum(self.flops(n, p) for n, p in chunks)
-        fit = self.fit()
-        if opens and decoding and fit:
+        if opens and decoding and (fit := self.fit()):
             self._opening.append(own - fit[0] - fit[1] * flops)
         if own > 0:
             self._steps.append((flops, own))
