@@ -21,6 +21,7 @@ batch's decode rate, prefill left out). Draws decode tok/s against batch size, a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -146,13 +147,13 @@ def probe(args, url: str, spec: str, context: int, batch: int) -> dict:
     }
 
 
-def sweep(args, spec: str, info: dict) -> list[dict]:
-    """Start the policy's server, search each context's largest batch, stop the server."""
+def sweep(args, spec: str, info: dict, rows: list[dict]) -> None:
+    """Start the policy's server, search each context's largest batch into `rows` (written to --output after each
+    probe: a run cut short keeps what it measured), stop the server."""
     url = f"http://127.0.0.1:{args.port}"
     name = spec.replace(":", "-").replace("=", "")
     log = open(f"{os.path.splitext(args.output)[0]}_{name}.server.log", "w")
     proc = subprocess.Popen(server_command(args, spec), stdout=log, stderr=subprocess.STDOUT)
-    rows: list[dict] = []
     try:
         wait_ready(url, proc, args.ready_timeout)
         for context in args.contexts:
@@ -160,6 +161,7 @@ def sweep(args, spec: str, info: dict) -> list[dict]:
             def fits(batch: int) -> bool:
                 row = {**probe(args, url, spec, context, batch), **info}
                 rows.append(row)
+                write_rows(args.output, rows)
                 print(
                     f"{spec} context {context} batch {batch}: fits {row['fits']} (ran "
                     f"{row['peak_running']} at once, {row['retracted']} retracted), "
@@ -176,9 +178,14 @@ def sweep(args, spec: str, info: dict) -> list[dict]:
                     params={"context": context, "output_len": args.output_len},
                 ).json()["max_requests_at_context"]
             search(fits, args.start or 1, args.max_batch, estimate)
-            ok = [r for r in rows if r["context"] == context and r["fits"]]
+            ok = [
+                r
+                for r in rows
+                if r["context"] == context and r["fits"] and label(r) == label(identity(spec))
+            ]
             if ok:
                 max(ok, key=lambda r: r["batch"])["largest"] = True
+                write_rows(args.output, rows)
     finally:
         proc.terminate()
         try:
@@ -186,12 +193,19 @@ def sweep(args, spec: str, info: dict) -> list[dict]:
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-    return rows
 
 
 def plot(rows: list[dict], path: str) -> None:
     """Decode tok/s against batch size: a line per policy and context (fitting batches only)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except (
+        ImportError
+    ):  # a GPU host without it: `python -m benchmarks.bench_throughput --plot-rows ROWS` later
+        print(
+            f"no plot: matplotlib is not installed (draw it from the rows with --plot-rows {path})"
+        )
+        return
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
@@ -237,14 +251,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--output", default="benchmarks/results/throughput.json")
     p.add_argument("--plot", default=None, help="PNG (default: --output with .png)")
+    p.add_argument(
+        "--plot-rows", default=None, help="only draw the plot of rows written earlier (JSON)"
+    )
     args = p.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
     info = run_info(__spec__.name, argv)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # server logs go beside it
-    rows = []
+    if args.plot_rows:
+        with open(args.plot_rows) as f:
+            plot(json.load(f), args.plot or os.path.splitext(args.plot_rows)[0] + ".png")
+        return []
+    rows: list[dict] = []
     for spec in map(pinned, args.policies.split(",")):
-        rows += sweep(args, spec, info)
-        write_rows(args.output, rows)
+        sweep(args, spec, info, rows)
     plot(rows, args.plot or os.path.splitext(args.output)[0] + ".png")
     print(
         f"{'policy':<32} {'context':>8} {'batch':>5} {'fits':>5} {'decode tok/s':>12} "

@@ -80,3 +80,7 @@ def test_script_finds_the_largest_batch_on_cpu(tmp_path):
     assert rows[1]["peak_running"] == 1 and rows[1]["decode_tok_per_s"] is None
     assert json.loads(out.read_text()) == rows
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    # a GPU host without matplotlib: the plot drawn later from the rows it wrote
+    again = tmp_path / "again.png"
+    assert bench_throughput.main([f"--plot-rows={out}", f"--plot={again}"]) == []
+    assert again.read_bytes()[:4] == b"\x89PNG"

@@ -135,7 +135,11 @@ class Engine:
         ms = self.options.step_budget_ms
         if ms is None:
             ms = STEP_BUDGET_MS if self.device.type == "cuda" else 0.0
-        return StepCost.for_model(self.config, ms / 1e3) if ms else None
+        if not ms:
+            return None
+        cuda = self.device.type == "cuda"
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
+        return StepCost.for_model(self.config, ms / 1e3, sms, self.options.tp_size)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:

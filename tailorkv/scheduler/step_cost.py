@@ -4,11 +4,16 @@ A step that carries decoding requests is one gap in their token streams, so the 
 held to `budget_s` for the whole step. The cost model of a step:
 
     seconds = decode_s + fixed_s + rate x sum over its prompt chunks of flops(new, prefix)
-    flops(new, prefix) = new x (linear + pair x (prefix + (new + 1) / 2))
+    flops(new, prefix) = new x linear + waves(new) x pair x (prefix + (new + 1) / 2)
 
 `linear`: the model's GEMM flops per token; `pair`: attention's flops per (query, key) pair over all layers, so a
 late chunk of a long prompt, which attends to everything before it, costs what its attention costs. Both come from
-the model's shape. `decode_s` (a decode-only step, averaged), `fixed_s` (what a step that prefills costs whatever
+the model's shape. On a GPU the attention kernel computes a chunk's queries in tiles of QUERY_TILE tokens per query
+head, one tile an SM at a time, so its time steps up with whole waves of tiles: `new` in the attention term is the
+tokens those waves could hold. On the H100 (132 SMs, 32 heads: a wave every 528 tokens, first at 512) full's chunks
+of 1,025-1,140 tokens after a 120k prefix took 0.22-0.23 s and those of 985-1,019 tokens 0.17 s, in three runs, and
+the same steps down at 1,536 and 2,048; against the step times of those runs the waves leave 3.4 ms of error (rms)
+where the smooth line leaves 11. `decode_s` (a decode-only step, averaged), `fixed_s` (what a step that prefills costs whatever
 its rows: tailor reads a cached document's rows once per step, ~0.1 s for 64k tokens, so a later turn's step
 takes 106 ms for 1 row and 171 ms for 16) and `rate` (seconds per flop) are measured as the engine runs: a
 Theil-Sen line through the recent prefill steps (the median of the pairwise slopes, the median residual as the
@@ -32,6 +37,7 @@ import math
 import statistics
 from collections import deque
 
+QUERY_TILE = 128  # query tokens a FlashInfer prefill tile holds (per query head) at head_dim 128
 MIN_CHUNK = 256  # tokens a prompt advances per step at least: it never stalls behind the decoders
 # chunked_prefill_size's defaults: a 64k prompt alone re-reads its prefix in 8 chunks, not 32 (tailor's turn 1 of
 # doc chat took 1.10x whole-prompt prefill at 2048 on the H200), as SGLang's default on 80+ GB GPUs
@@ -46,8 +52,11 @@ GROWTH = 1.25
 
 
 class StepCost:
-    def __init__(self, budget_s: float, linear: float, pair: float):
+    def __init__(self, budget_s: float, linear: float, pair: float, heads: int = 0, sms: int = 0):
+        """`heads` query heads of a layer (a rank's) and `sms` of the GPU; 0: attention's time is smooth in the
+        tokens (a CPU)."""
         self.budget_s, self.linear, self.pair = budget_s, linear, pair
+        self.heads, self.sms = heads, sms
         self.decode_s: float | None = None
         # (flops, seconds) of the recent prefill steps; the flops of those that took at most the budget
         self._steps: deque[tuple[float, float]] = deque(maxlen=RECENT)
@@ -56,11 +65,18 @@ class StepCost:
         self._opening: deque[float] = deque(maxlen=RECENT)
 
     @classmethod
-    def for_model(cls, cfg, budget_s: float) -> StepCost:
-        """From a ModelConfig: 2 flops per weight of the layers' GEMMs; QK and PV at 2 flops each per pair."""
+    def for_model(cls, cfg, budget_s: float, sms: int = 0, tp_size: int = 1) -> StepCost:
+        """From a ModelConfig: 2 flops per weight of the layers' GEMMs; QK and PV at 2 flops each per pair. `sms`:
+        the GPU's streaming multiprocessors (0 off the GPU); each of `tp_size` ranks runs its share of the heads."""
         h, d, q, kv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         per_layer = h * (q + 2 * kv) * d + q * d * h + 3 * h * cfg.intermediate_size
-        return cls(budget_s, 2.0 * cfg.num_layers * per_layer, 4.0 * cfg.num_layers * q * d)
+        return cls(
+            budget_s,
+            2.0 * cfg.num_layers * per_layer,
+            4.0 * cfg.num_layers * q * d,
+            q // tp_size,
+            sms,
+        )
 
     def fit(self) -> tuple[float, float] | None:
         """(fixed_s, rate) from the recent prefill steps, None before one has been timed."""
@@ -101,8 +117,20 @@ class StepCost:
             "tflops": fit and 1e-12 / fit[1],
         }
 
+    def waves(self, new: int) -> int:
+        """Waves of query tiles the attention kernel runs for `new` tokens (0 off the GPU)."""
+        return -(-self.heads * -(-new // QUERY_TILE) // self.sms) if self.sms else 0
+
+    def _most(self, waves: int) -> int:
+        """The most tokens `waves` waves hold."""
+        return waves * self.sms // self.heads * QUERY_TILE
+
     def flops(self, new: int, prefix: int) -> float:
-        return new * (self.linear + self.pair * (prefix + (new + 1) / 2))
+        return new * self.linear + self._attended(new) * self.pair * (prefix + (new + 1) / 2)
+
+    def _attended(self, new: int) -> float:
+        """Query tokens whose attention time `new` tokens take: whole waves' worth on the GPU."""
+        return self.waves(new) * self.sms * QUERY_TILE / self.heads if self.sms else new
 
     @property
     def opening_s(self) -> float:
@@ -148,8 +176,22 @@ class StepCost:
         return self.opening_s / fit[1] if fit and fit[1] > 0 else 0.0
 
     def tokens_within(self, flops: float, prefix: int) -> int:
-        """The most new tokens after `prefix` whose flops fit in `flops` (the root of a quadratic)."""
+        """The most new tokens after `prefix` whose flops fit in `flops`: the root of a quadratic, then on the GPU
+        down a wave at a time (within w waves the attention term is fixed, the rest linear in the tokens)."""
         if math.isinf(flops):
             return 1 << 62
         a, b = self.pair / 2, self.linear + self.pair * (prefix + 0.5)
-        return int((2 * flops) / (b + math.sqrt(b * b + 4 * a * flops))) if flops > 0 else 0
+        n = int((2 * flops) / (b + math.sqrt(b * b + 4 * a * flops))) if flops > 0 else 0
+        if not self.sms:
+            return n
+        w = self.waves(n)
+        while w:
+            attended = w * self.sms * QUERY_TILE / self.heads
+            fits = (flops - attended * self.pair * (prefix + 0.5)) / (
+                self.linear + attended * self.pair / 2
+            )
+            m = min(n, self._most(w), math.floor(fits))
+            if m > self._most(w - 1):
+                return m
+            w -= 1
+        return 0
