@@ -121,6 +121,7 @@ def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
     from tailorkv.scheduler.step_cost import CUDA_CHUNK
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GIB, 141 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 16 * GIB)
     cfg = dummy_config("llama-3.1-8b")
     budgets = {}
     for name in ("full", "tailor"):
@@ -128,7 +129,7 @@ def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
         rank.options = EngineConfig(
             kv_policy=name, chunked_prefill_size=CUDA_CHUNK
         )  # as Engine sets it
-        rank.config = cfg
+        rank.config, rank.model = cfg, torch.nn.Linear(4, 4)
         rank.device, rank.dtype = torch.device("cuda"), torch.bfloat16
         rank.policy = policy_class(name)(cfg, torch.device("cpu"), torch.bfloat16)
         budgets[name] = rank._gpu_kv_budget()
@@ -148,10 +149,12 @@ def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(mon
     monkeypatch.setattr(
         torch.cuda, "mem_get_info", lambda device=None: (64 * GIB - cached[0], 79 * GIB)
     )
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 14 * GIB)
     rank = EngineRank.__new__(EngineRank)
     rank.options = EngineConfig(
         kv_policy="tailor", gpu_memory_limit_gib=24, chunked_prefill_size=CUDA_CHUNK
     )  # as Engine sets it
+    rank.model = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB of float32 parameters
     rank.config = cfg = dummy_config("llama-3.1-8b")
     rank.device, rank.dtype = torch.device("cuda"), torch.bfloat16
     rank.policy = policy_class("tailor")(cfg, torch.device("cpu"), torch.bfloat16)
@@ -160,10 +163,11 @@ def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(mon
     layout = rank.policy.layout(budget, 20 * GIB, None, True)
     need = layout.pages_needed(126_000, 4)
     assert all(need[s.name] <= s.num_pages for s in layout.pools if s.name in need)
-    # the log says how the budget came about (15 GiB in use under the 24 GiB cap)
+    # the log says how the budget came about (15 GiB in use under the 24 GiB cap, 14 in tensors)
     assert (
         f"GPU KV budget {budget / GIB:.2f} GiB" in caplog.text
-        and "(15.00 GiB in use)" in caplog.text
+        and "(15.00 GiB in use, 14.00 GiB of it in tensors, 0.00 GiB of them parameters)"
+        in caplog.text
     )
 
 

@@ -295,3 +295,31 @@ def test_a_step_that_opens_a_request_beside_decoders_leaves_its_learned_excess_o
     chunks = run_prompt(sched, decoders=8, prompt=126_000)
     assert chunks[0] == cost.tokens_within(cost.allowance(True) - cost.opening_flops(), 0)
     assert chunks[1] > chunks[0]  # its second chunk opens nothing
+
+
+@pytest.mark.parametrize("budget_s", [0.2, 0.225, 0.25])
+@pytest.mark.parametrize("long_at", [20_000, 100_000])
+def test_no_step_carries_a_request_with_no_tokens_to_compute(budget_s, long_at):
+    """H100, 2026-12-05: a long prompt's chunk ended at a wave, its step's budget had flops left for a waiting
+    prompt's first tokens, and that prompt's opening cost then left it none; admitted with no tokens, tailor's
+    prefill failed on the empty chunk. A prompt that cannot compute a token after its opening cost waits."""
+    cost = StepCost.for_model(LLAMA8B, budget_s, 132)
+    line = lambda chunks, opens=0.0: 0.018 + 1.8e-15 * sum(cost.flops(*c) for c in chunks) + opens  # noqa: E731
+    cost.observe([], 8, 0.018)
+    for chunk in ((3000, 40_000), (5000, 43_000), (2000, 48_000)):
+        cost.observe([chunk], 8, line([chunk]))
+    cost.observe([(3000, 0)], 8, line([(3000, 0)], 0.04), opens=True)
+    assert cost.opening_flops() > 0
+    sched = scheduler(cost)
+    for rid in range(8):
+        sched.add(Seq(rid, 16, 10_000), list(range(16)))
+    sched.advance(sched.schedule())
+    long = Seq(50, 126_000, 8)
+    sched.add(long, list(range(1000, 127_000)))
+    while long.num_computed < long_at:
+        sched.advance(sched.schedule())
+    sched.add(Seq(60, 32768, 8), list(range(200_000, 232_768)))
+    for _ in range(3):
+        step = sched.schedule()
+        assert all(step.new), step.new
+        sched.advance(step)

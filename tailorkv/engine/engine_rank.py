@@ -143,8 +143,11 @@ class EngineRank:
         room = min(cap - used, free)
         budget = max(int(room * 0.9) - activations - workspace, 0)
         log.info(
-            "GPU KV budget %.2f GiB: 90%% of %.2f GiB free under %.1f GiB (%.2f GiB in use), less %.2f GiB of "
-            "activations and %.2f GiB of prefill workspace",
-            *(x / GIB for x in (budget, room, cap, used, activations, workspace)),
+            "GPU KV budget %.2f GiB: 90%% of %.2f GiB free under %.1f GiB (%.2f GiB in use, %.2f GiB of it in "
+            "tensors, %.2f GiB of them parameters), less %.2f GiB of activations and %.2f GiB of prefill workspace",
+            *(x / GIB for x in (budget, room, cap, used, torch.cuda.memory_allocated(self.device))),
+            sum(p.numel() * p.element_size() for p in self.model.parameters()) / GIB,
+            activations / GIB,
+            workspace / GIB,
         )
         return budget

@@ -187,17 +187,17 @@ class Scheduler:
         opened = False  # a request's first chunk in the step: its opening cost is taken once
 
         def opening_cost(s: Seq) -> float:
-            nonlocal opened
-            if opened or not s.opening or math.isinf(flops):
-                return 0.0
-            opened = True
-            return self.cost.opening_flops()
+            """Flops of the budget that opening `s` in this step costs beyond its chunk's."""
+            return (
+                0.0 if opened or not s.opening or math.isinf(flops) else self.cost.opening_flops()
+            )
 
         for s in self.running.values():
             if s.prefilling and budget > 0:
-                flops -= opening_cost(s)
-                n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
+                extra = opening_cost(s)
+                n, left = self._chunk(s, budget, flops - extra, first=len(seqs) == decoding)
                 if n:
+                    flops, opened = left, opened or extra > 0
                     seqs.append(s)
                     new.append(n)
                     budget -= n
@@ -205,8 +205,12 @@ class Scheduler:
         for s in list(self.waiting) if admit else ():
             if budget <= 0 or len(self.running) >= self.max_running:
                 break
-            if len(seqs) > decoding and not self._chunk(s, budget, flops, False, s.prompt_len)[0]:
-                break  # the step-time budget is spent
+            extra = opening_cost(s)
+            if (
+                len(seqs) > decoding
+                and not self._chunk(s, budget, flops - extra, False, s.prompt_len)[0]
+            ):
+                break  # the step-time budget is spent (a request is never admitted with no tokens to compute)
             if len(skipped) >= MAX_SKIPPED or any(w.passed >= self.max_passes for w in skipped):
                 break  # passed too often: the queue waits for it
             if s.after is not None and self._prefilling(s.after):
@@ -217,8 +221,8 @@ class Scheduler:
                 continue
             for w in skipped:
                 w.passed += 1
-            flops -= opening_cost(s)
-            n, flops = self._chunk(s, budget, flops, first=len(seqs) == decoding)
+            n, flops = self._chunk(s, budget, flops - extra, first=len(seqs) == decoding)
+            opened = opened or extra > 0
             self.waiting.remove(s)
             self.running[s.rid] = s
             admitted.append((s, pages))
