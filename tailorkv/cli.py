@@ -26,6 +26,7 @@ POLICY_ARGS = {
     "tailor_radix_topk": "radix_topk",
     "tailor_topk_chunk": "topk_chunk",
     "tailor_fp8_row_align": "fp8_row_align",
+    "cascade_attention": "cascade",
 }
 TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     (
@@ -121,6 +122,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         metavar="0|1",
         help="tailor: pick and fetch layer l+1's top-k rows at layer l with the predicted query, overlapped with "
         "layer l (1); with the real query (0, default)",
+    )
+    p.add_argument(
+        "--cascade-attention",
+        type=_int_option("--cascade-attention"),
+        default=None,
+        metavar="0|1",
+        help="full: decode rows that share a document's pages read them once per group (1, default); each row its "
+        "own pages (0)",
     )
     p.add_argument(
         "--host-kv-dtype",

@@ -2,9 +2,11 @@
 group (SharedPrefixDecode, cascade attention): which rows group, and the logprobs of an engine that shares
 nothing."""
 
+import pytest
 import torch
 
 from tailorkv import Engine
+from tailorkv.errors import ConfigError
 from tailorkv.kvcache.full import MIN_SHARED_PAGES, FullPolicy, shared_groups
 
 
@@ -54,3 +56,26 @@ def test_users_of_one_document_decode_the_logprobs_of_rows_that_read_their_own_p
         apart = [r.output_logprobs for r in e.forced(prompts, forced)]
     assert [len(x) for x in grouped] == [8] * 3
     assert max(abs(a - b) for x, y in zip(grouped, apart) for a, b in zip(x, y)) < 1e-4
+
+
+def test_cascade_0_decodes_every_row_from_its_own_pages(monkeypatch):
+    """`full::cascade=0` (--cascade-attention 0): rows that share a document plan no groups; the option is refused
+    with a one-line error where it means nothing or takes a value other than 0 and 1."""
+    planned = []
+    monkeypatch.setattr(FullPolicy, "_plan_cascade", lambda self, d, b: planned.append(1) or False)
+    doc = list(range(100, 640))
+    with Engine(
+        model="dummy:tiny", device="cpu", progress=False, kv_cache_gib=0.05, cascade=0
+    ) as e:
+        assert e.policy.cascade is None
+        e.generate(input_ids=doc + [7], sampling_params={"max_new_tokens": 1})
+        e.generate(input_ids=[doc + [n] for n in (8, 9)], sampling_params={"max_new_tokens": 4})
+    assert not planned
+    for policy, value, said in (
+        ("full", 2, "cascade must be 0 or 1"),
+        ("quest", 1, "reads no shared pages"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            Engine(
+                model="dummy:tiny", device="cpu", progress=False, kv_policy=policy, cascade=value
+            )
