@@ -51,7 +51,9 @@ def server_command(args, spec: str) -> list[str]:
     name, preset, options = parse_policy(spec)
     cmd = [sys.executable, "-m", "tailorkv", "serve", "--model", args.model, "--kv-policy", name]
     cmd += ["--port", str(args.port), "--max-running-requests", str(args.max_batch)]
-    cmd += ["--chunked-prefill-size", str(max(args.contexts) + 64), "--tp", str(args.tp_size)]
+    # the server's own chunk size: a whole 128k prompt a step reserved 9.9 GiB of activations on the H100
+    # (2026-12-05), which cost full one of its three 128k requests
+    cmd += ["--tp", str(args.tp_size)]
     if preset:
         cmd += ["--tailor-preset", preset]
     for k, v in options.items():
