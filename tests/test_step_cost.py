@@ -323,3 +323,27 @@ def test_no_step_carries_a_request_with_no_tokens_to_compute(budget_s, long_at):
         step = sched.schedule()
         assert all(step.new), step.new
         sched.advance(step)
+
+
+def test_a_slow_decode_step_before_the_prompts_does_not_hold_their_chunks_at_the_minimum():
+    """H100, 2026-12-05: a server's only decode-only step before six 128k prompts arrived at once captured graphs
+    (seconds); no decode-only step ran while they prefilled, so the budget left every step the minimum chunk: 2,540
+    steps of 256 tokens in ~80 ms. A step that prefills beside decoders in less time bounds the decode time."""
+    cost = StepCost.for_model(LLAMA8B, 0.2, 132)
+    cost.observe([], 1, 2.0)  # one decode step that captured graphs
+    cost.observe([(130_000, 0)], 0, 11.4)  # the first prompt, alone
+    true = lambda n, p: 0.015 + 1.8e-15 * cost.flops(n, p)  # noqa: E731
+    sched = scheduler(cost)
+    sched.add(Seq(0, 16, 10_000), list(range(16)))
+    sched.advance(sched.schedule())
+    long = Seq(1, 130_000, 8)
+    sched.add(long, list(range(1000, 131_000)))
+    chunks = []
+    while long.prefilling and len(chunks) < 40:
+        step = sched.schedule()
+        n, prefix = step.new[step.seqs.index(long)], long.num_computed
+        chunks.append(n)
+        sched.advance(step)
+        cost.observe([(n, prefix)], 1, true(n, prefix), opens=prefix == 0)
+    assert chunks[0] == MIN_CHUNK and max(chunks) > 2000
+    assert cost.decode_s < 0.2

@@ -8,13 +8,15 @@ held to `budget_s` for the whole step. The cost model of a step:
 
 `linear`: the model's GEMM flops per token; `pair`: attention's flops per (query, key) pair over all layers, so a
 late chunk of a long prompt, which attends to everything before it, costs what its attention costs. Both come from
-the model's shape. On a GPU the attention kernel computes a chunk's queries in tiles of QUERY_TILE tokens per query
+the model's shape. `decode_s` is the median of the recent decode-only steps; a step that prefills beside decoding
+rows in less time bounds it (on the H100 a server's first decode-only step, which captured graphs, was the only one
+before six 128k prompts arrived at once: with it the budget left each step the minimum chunk, 256 tokens in ~80 ms,
+for 2,540 steps). On a GPU the attention kernel computes a chunk's queries in tiles of QUERY_TILE tokens per query
 head, one tile an SM at a time, so its time steps up with whole waves of tiles: `new` in the attention term is the
 tokens those waves could hold. On the H100 (132 SMs, 32 heads: a wave every 528 tokens, first at 512) full's chunks
 of 1,025-1,140 tokens after a 120k prefix took 0.22-0.23 s and those of 985-1,019 tokens 0.17 s, in three runs, and
 the same steps down at 1,536 and 2,048; against the step times of those runs the waves leave 3.4 ms of error (rms)
-where the smooth line leaves 11. `decode_s` (a decode-only step, averaged), `fixed_s` (what a step that prefills costs whatever
-its rows: tailor reads a cached document's rows once per step, ~0.1 s for 64k tokens, so a later turn's step
+where the smooth line leaves 11. `decode_s`, `fixed_s` (what a step that prefills costs whatever its rows: tailor reads a cached document's rows once per step, ~0.1 s for 64k tokens, so a later turn's step
 takes 106 ms for 1 row and 171 ms for 16) and `rate` (seconds per flop) are measured as the engine runs: a
 Theil-Sen line through the recent prefill steps (the median of the pairwise slopes, the median residual as the
 fixed part), robust to a step that also captured a CUDA graph or compiled a kernel. Where the steps' flops are too
@@ -43,7 +45,6 @@ MIN_CHUNK = 256  # tokens a prompt advances per step at least: it never stalls b
 # doc chat took 1.10x whole-prompt prefill at 2048 on the H200), as SGLang's default on 80+ GB GPUs
 CUDA_CHUNK, CPU_CHUNK = 8192, 2048
 STEP_BUDGET_MS = 200.0  # the default on CUDA: inter-token gaps of decoding users stay near 0.2 s while prompts prefill
-DECAY = 0.8  # weight of the earlier decode-step times against each new one
 RECENT = 9  # prefill steps the line is fitted through
 SPREAD = 1.5  # two steps give a slope when one's flops are this many times the other's
 OPENING = 0.25  # the share of the budget a step's opening cost may take at most
@@ -57,7 +58,8 @@ class StepCost:
         tokens (a CPU)."""
         self.budget_s, self.linear, self.pair = budget_s, linear, pair
         self.heads, self.sms = heads, sms
-        self.decode_s: float | None = None
+        # seconds of the recent decode-only steps
+        self._decode: deque[float] = deque(maxlen=RECENT)
         # (flops, seconds) of the recent prefill steps; the flops of those that took at most the budget
         self._steps: deque[tuple[float, float]] = deque(maxlen=RECENT)
         self._within: deque[float] = deque(maxlen=RECENT)
@@ -93,6 +95,11 @@ class StepCost:
         if rate <= 0:
             return 0.0, statistics.median(o / f for f, o in steps)
         return max(statistics.median(o - rate * f for f, o in steps), 0.0), rate
+
+    @property
+    def decode_s(self) -> float | None:
+        """Seconds of a decode-only step: the median of the recent ones (None before one)."""
+        return statistics.median(self._decode) if self._decode else None
 
     @property
     def rate(self) -> float | None:
@@ -146,12 +153,13 @@ class StepCost:
         one of the chunks was a request's first."""
         if not chunks:
             if decoding:
-                self.decode_s = (
-                    seconds
-                    if self.decode_s is None
-                    else DECAY * self.decode_s + (1 - DECAY) * seconds
-                )
+                self._decode.append(seconds)
             return
+        if decoding and self._decode and seconds < self.decode_s:
+            # its decode rows took less than the whole step: the decode-only steps timed were slow ones (a graph
+            # captured, a kernel compiled) and none has run since, the step bounds them
+            self._decode.clear()
+            self._decode.append(seconds)
         own = seconds - (self.decode_s or 0.0 if decoding else 0.0)
         flops = sum(self.flops(n, p) for n, p in chunks)
         if opens and decoding and (fit := self.fit()):
