@@ -133,23 +133,28 @@ def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
         rank.device, rank.dtype = torch.device("cuda"), torch.bfloat16
         rank.policy = policy_class(name)(cfg, torch.device("cpu"), torch.bfloat16)
         budgets[name] = rank._gpu_kv_budget()
-    assert budgets["full"] - budgets["tailor"] == 3 * 131072 * 8 * 2 * 128 * 2  # 1.5 GiB
+    workspace = 3 * 131072 * 8 * 2 * 128 * 2  # 1.5 GiB, less the margin's tenth of it
+    assert budgets["full"] - budgets["tailor"] == pytest.approx(0.9 * workspace, abs=2)
 
 
-def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(monkeypatch, caplog):
-    """Under --gpu-memory-limit 24 on the H100 a 126k prompt did not fit tailor's default pools. A cause that fits
-    (not confirmed on the GPU): the dummy 8B model's float32 draws stay in the caching allocator, and
-    cudaMemGetInfo counts them as used. The budget is taken after such blocks are released."""
+def test_a_126k_tailor_prompt_fits_the_default_budget_under_a_24_gib_cap(monkeypatch, caplog):
+    """Under --gpu-memory-limit 24 on the H100 a 126k prompt did not fit tailor's default pools: 17.85 GiB was in
+    use when the budget was taken (15.02 GiB in tensors, 14.96 of them parameters), and a tenth of the room as
+    margin on top of the activations' and workspace's upper bounds left the pools 0.2 GiB short (with a 2.5 GiB
+    budget the run used 1.81 GiB beyond weights and KV, against 3.88 reserved). Blocks the caching allocator holds
+    unused count as free (the budget is taken after they are released); the margin is a tenth of what the
+    reservations leave."""
     from tailorkv.config import EngineConfig
     from tailorkv.engine.engine_rank import GIB, EngineRank
     from tailorkv.scheduler.step_cost import CUDA_CHUNK
 
     cached = [4 * GIB]  # reserved by the allocator, used by nothing
+    in_use = int(17.85 * GIB)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: cached.__setitem__(0, 0))
     monkeypatch.setattr(
-        torch.cuda, "mem_get_info", lambda device=None: (64 * GIB - cached[0], 79 * GIB)
+        torch.cuda, "mem_get_info", lambda device=None: (79 * GIB - in_use - cached[0], 79 * GIB)
     )
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 14 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(15.02 * GIB))
     rank = EngineRank.__new__(EngineRank)
     rank.options = EngineConfig(
         kv_policy="tailor", gpu_memory_limit_gib=24, chunked_prefill_size=CUDA_CHUNK
@@ -163,10 +168,12 @@ def test_memory_the_allocator_caches_unused_counts_as_free_for_the_kv_budget(mon
     layout = rank.policy.layout(budget, 20 * GIB, None, True)
     need = layout.pages_needed(126_000, 4)
     assert all(need[s.name] <= s.num_pages for s in layout.pools if s.name in need)
-    # the log says how the budget came about (15 GiB in use under the 24 GiB cap, 14 in tensors)
+    # and its pages, the reservations and what is in use stay under the cap with 2 GiB to spare (the run's peak)
+    assert in_use + budget + 1.81 * GIB < 22 * GIB
+    # the log says how the budget came about
     assert (
         f"GPU KV budget {budget / GIB:.2f} GiB" in caplog.text
-        and "(15.00 GiB in use, 14.00 GiB of it in tensors, 0.00 GiB of them parameters)"
+        and "(17.85 GiB in use, 15.02 GiB of it in tensors, 0.00 GiB of them parameters)"
         in caplog.text
     )
 
