@@ -27,17 +27,28 @@ PAGE_SIZE = 16
 MIN_SHARED_PAGES = 32
 
 
-def shared_groups(tables: list[torch.Tensor], counts: list[int]) -> list[tuple[list[int], int]]:
-    """Groups of decode rows (indices) whose page tables (CPU) begin with the same pages, with how many they share:
-    at least MIN_SHARED_PAGES, each row keeping its last page (the one its new token is in) of its own. From the
-    page ids alone: rows share pages only where the prefix cache gave them the same blocks."""
+def cascade_min_rows(sms: int, kv_heads: int) -> int:
+    """The fewest rows a group of decode rows needs to read its shared pages as a group on a GPU of `sms` SMs (0:
+    off the GPU, 2). The paged decode kernel runs rows x KV heads CTAs a tile of pages: while they fit one wave, the
+    rows read the shared pages side by side, L2 serving the repeats, and the cascade's second pass and merge cost
+    more than they save (H100, doc chat, 16 rows x 8 KV heads = 128 CTAs on 132 SMs: 40.5 ms a token with the
+    cascade, 31.1 ms at d199b18^ without it). vLLM decides its cascade attention from the same count of CTAs."""
+    return max(sms // kv_heads + 1, 2) if sms else 2
+
+
+def shared_groups(
+    tables: list[torch.Tensor], counts: list[int], min_rows: int = 2
+) -> list[tuple[list[int], int]]:
+    """Groups of at least `min_rows` decode rows (indices) whose page tables (CPU) begin with the same pages, with
+    how many they share: at least MIN_SHARED_PAGES, each row keeping its last page (the one its new token is in) of
+    its own. From the page ids alone: rows share pages only where the prefix cache gave them the same blocks."""
     by_first: dict[int, list[int]] = {}
     for i, (t, c) in enumerate(zip(tables, counts)):
         if c > MIN_SHARED_PAGES:
             by_first.setdefault(int(t[0]), []).append(i)
     groups = []
     for rows in by_first.values():
-        if len(rows) < 2:
+        if len(rows) < min_rows:
             continue
         m = min(counts[i] for i in rows) - 1  # each row keeps its last page
         pt = torch.stack([tables[i][:m] for i in rows])
@@ -132,6 +143,8 @@ class FullPolicy(KVPolicy):
         if self.reads_everything and self.tier == "gpu" and self.use_cascade:
             shared = flashinfer_decode.SharedPrefixDecode if fast else SharedPrefixDecode
             self.cascade = shared(*shape)
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if fast else 0
+            self.cascade_rows = cascade_min_rows(sms, c.num_kv_heads)
         self.copy = host_copy.ops(self.device)
         self.prefill = None  # the gpu tier's prompt rows attend to their pages in place
         if self.tier == "gpu":
@@ -285,7 +298,7 @@ class FullPolicy(KVPolicy):
         rids = [batch.rids[i] for i in decode]
         lengths = [batch.total_len(i) for i in decode]
         counts = [-(-n // PAGE_SIZE) for n in lengths]
-        groups = shared_groups([self.page_tables_cpu[r] for r in rids], counts)
+        groups = shared_groups([self.page_tables_cpu[r] for r in rids], counts, self.cascade_rows)
         if not groups:
             return False
         shared = [0] * len(rids)
