@@ -36,7 +36,10 @@ c19a)
   OUT=$R PARTS=docchat timeout ${TD:-540} bash benchmarks/gpu_chunked.sh; echo "rc=$?"; t
   ;;
 f22)
-  OUT=$R POLICY=full PARTS=docchat OLD=${OLD_FULL:-} timeout ${TD:-540} bash benchmarks/gpu_chunked.sh; echo "rc=$?"; t
+  # full's doc chat: this tree with the cascade where a group overflows a wave, and with it off (NEW2), at USERS
+  # users (32: the cascade's side of the line on an H100), OLD_FULL=.gpu/old_full for d199b18^ too
+  OUT=$R POLICY=full PARTS=docchat OLD=${OLD_FULL:-} NEW2=${NEW2---cascade-attention 0} USERS=${USERS:-32} \
+    timeout ${TD:-540} bash benchmarks/gpu_chunked.sh; echo "rc=$?"; t
   ;;
 lay)
   timeout ${TG:-400} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_host_copy.py tests/test_host_fp8.py \
