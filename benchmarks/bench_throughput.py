@@ -133,7 +133,8 @@ def probe(args, url: str, spec: str, context: int, batch: int) -> dict:
         )
     finally:
         running = peak.stop()
-    retracted = httpx.get(f"{url}/get_server_info").json()["num_retracted_reqs"] - retracted
+    info = httpx.get(f"{url}/get_server_info").json()
+    retracted = info["num_retracted_reqs"] - retracted
     ok = running == batch and retracted == 0 and row["failed"] == 0
     itl = row["itl_s_median"]
     return {
@@ -146,6 +147,8 @@ def probe(args, url: str, spec: str, context: int, batch: int) -> dict:
         "peak_running": running,
         "retracted": retracted,
         "decode_tok_per_s": batch / itl if ok and itl > 0 else None,
+        # the chunk sizing's model after the probe (decode and fixed ms, TFLOP/s): why prefill took what it did
+        "step_cost": info.get("step_cost"),
     }
 
 
