@@ -78,7 +78,8 @@ def test_script_finds_the_largest_batch_on_cpu(tmp_path):
     ]
     assert rows[0]["decode_tok_per_s"] > 0 and rows[0]["output_tok_per_s"] > 0
     assert rows[1]["peak_running"] == 1 and rows[1]["decode_tok_per_s"] is None
-    assert all("step_cost" in r for r in rows)  # the server's chunk-sizing model after each probe (CPU: none)
+    # the server's chunk-sizing model after each probe (none on CPU)
+    assert all("step_cost" in r for r in rows)
     assert json.loads(out.read_text()) == rows
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
     # a GPU host without matplotlib: the plot drawn later from the rows it wrote
