@@ -143,6 +143,8 @@ def measure(e: Engine, args, sync) -> dict:
         "prefill_steps": prefill_steps,
         "prefill_steps_alone": steps[len(prefill_steps) :],
     }
+    # the chunk sizing's model at the end (decode, fixed and opening ms, TFLOP/s)
+    row["step_cost"] = e.scheduler.cost and e.scheduler.cost.describe()
     row["gpu_kv_gib"] = e.memory.usage()["gpu"]["total_bytes"] / 2**30
     if torch.cuda.is_available():
         row["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -27,6 +27,7 @@ def test_mixed_steps_records_each_step_of_the_long_prompt(tmp_path):
     assert row["ttft_s"] > 0 and row["ttft_alone_s"] > 0
     assert (row["overlap_schedule"], row["torch_compile"]) == (False, False)  # CPU's defaults
     assert row["gpu_kv_gib"] == 2.0  # the CPU default GPU-tier budget, all of it in pools
+    assert row["step_cost"]["budget_ms"] == 1000 and row["step_cost"]["decode_ms"] > 0
 
 
 def test_mixed_steps_record_the_graphs_each_step_captured_and_ran_eagerly(tmp_path, monkeypatch):
