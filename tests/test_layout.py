@@ -122,6 +122,7 @@ def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * GIB, 141 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 16 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 16 * GIB)
     cfg = dummy_config("llama-3.1-8b")
     budgets = {}
     for name in ("full", "tailor"):
@@ -155,6 +156,7 @@ def test_a_126k_tailor_prompt_fits_the_default_budget_under_a_24_gib_cap(monkeyp
         torch.cuda, "mem_get_info", lambda device=None: (79 * GIB - in_use - cached[0], 79 * GIB)
     )
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: int(15.02 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(15.5 * GIB))
     rank = EngineRank.__new__(EngineRank)
     rank.options = EngineConfig(
         kv_policy="tailor", gpu_memory_limit_gib=24, chunked_prefill_size=CUDA_CHUNK
@@ -173,7 +175,8 @@ def test_a_126k_tailor_prompt_fits_the_default_budget_under_a_24_gib_cap(monkeyp
     # the log says how the budget came about
     assert (
         f"GPU KV budget {budget / GIB:.2f} GiB" in caplog.text
-        and "(17.85 GiB in use, 15.02 GiB of it in tensors, 0.00 GiB of them parameters)"
+        and "(17.85 GiB in use, 15.50 GiB of it reserved by PyTorch, 15.02 GiB in tensors, 0.00 GiB of them "
+        "parameters)"
         in caplog.text
     )
 

@@ -145,11 +145,15 @@ class EngineRank:
         # 126k tailor prompt under a 24 GiB cap on the H100 used 1.81 GiB beyond weights and KV against 3.88
         # reserved; with 17.85 GiB in use at start, a tenth of the room left its pools 0.2 GiB short of it)
         budget = max(int((room - activations - workspace) * 0.9), 0)
+        # what is in use beyond PyTorch's reserve is the CUDA context's and libraries'; reserved beyond tensors,
+        # blocks empty_cache could not release (a segment partly in use)
         log.info(
             "GPU KV budget %.2f GiB: 90%% of what is left of %.2f GiB free under %.1f GiB (%.2f GiB in use, %.2f "
-            "GiB of it in tensors, %.2f GiB of them parameters) after %.2f GiB of activations and %.2f GiB of "
-            "prefill workspace",
-            *(x / GIB for x in (budget, room, cap, used, torch.cuda.memory_allocated(self.device))),
+            "GiB of it reserved by PyTorch, %.2f GiB in tensors, %.2f GiB of them parameters) after %.2f GiB of "
+            "activations and %.2f GiB of prefill workspace",
+            *(x / GIB for x in (budget, room, cap, used)),
+            torch.cuda.memory_reserved(self.device) / GIB,
+            torch.cuda.memory_allocated(self.device) / GIB,
             sum(p.numel() * p.element_size() for p in self.model.parameters()) / GIB,
             activations / GIB,
             workspace / GIB,
