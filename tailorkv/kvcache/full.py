@@ -29,10 +29,11 @@ MIN_SHARED_PAGES = 32
 
 def cascade_min_rows(sms: int, kv_heads: int) -> int:
     """The fewest rows a group of decode rows needs to read its shared pages as a group on a GPU of `sms` SMs (0:
-    off the GPU, 2). The paged decode kernel runs rows x KV heads CTAs a tile of pages: while they fit one wave, the
-    rows read the shared pages side by side, L2 serving the repeats, and the cascade's second pass and merge cost
-    more than they save (H100, doc chat, 16 rows x 8 KV heads = 128 CTAs on 132 SMs: 40.5 ms a token with the
-    cascade, 31.1 ms at d199b18^ without it). vLLM decides its cascade attention from the same count of CTAs."""
+    off the GPU, 2). The paged decode kernel runs rows x KV heads CTAs a tile of pages; while they fit one wave it
+    keeps every SM busy, and vLLM, which decides its cascade attention from the same count, keeps such batches off
+    the cascade. Measured on the H100 (doc chat, 16 rows x 8 KV heads = 128 CTAs on 132 SMs): 40.5 ms a token with
+    the cascade, 31.1 ms at d199b18^ without it; why the cascade's pass over the shared pages costs more is not
+    isolated."""
     return max(sms // kv_heads + 1, 2) if sms else 2
 
 
