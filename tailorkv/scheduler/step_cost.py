@@ -8,29 +8,36 @@ held to `budget_s` for the whole step. The cost model of a step:
 
 `linear`: the model's GEMM flops per token; `pair`: attention's flops per (query, key) pair over all layers, so a
 late chunk of a long prompt, which attends to everything before it, costs what its attention costs. Both come from
-the model's shape. `decode_s` is the median of the recent decode-only steps; a step that prefills beside decoding
-rows in less time bounds it (on the H100 a server's first decode-only step, which captured graphs, was the only one
-before six 128k prompts arrived at once: with it the budget left each step the minimum chunk, 256 tokens in ~80 ms,
-for 2,540 steps). On a GPU the attention kernel computes a chunk's queries in tiles of QUERY_TILE tokens per query
-head, one tile an SM at a time, so its time steps up with whole waves of tiles: `new` in the attention term is the
-tokens those waves could hold. On the H100 (132 SMs, 32 heads: a wave every 528 tokens, first at 512) full's chunks
-of 1,025-1,140 tokens after a 120k prefix took 0.22-0.23 s and those of 985-1,019 tokens 0.17 s, in three runs, and
-the same steps down at 1,536 and 2,048; against the step times of those runs the waves leave 3.4 ms of error (rms)
-where the smooth line leaves 11. `decode_s`, `fixed_s` (what a step that prefills costs whatever its rows: tailor reads a cached document's rows once per step, ~0.1 s for 64k tokens, so a later turn's step
-takes 106 ms for 1 row and 171 ms for 16) and `rate` (seconds per flop) are measured as the engine runs: a
-Theil-Sen line through the recent prefill steps (the median of the pairwise slopes, the median residual as the
-fixed part), robust to a step that also captured a CUDA graph or compiled a kernel. Where the steps' flops are too
-alike to tell the two apart, the fixed part is 0 and the rate the median of seconds per flop. Steps sized to the
-budget all do about the same work, so the line's slope can rest on one unlike step: on the H100 one slow small
-chunk left a line with a 0.1 s fixed part and a quarter of the true rate, which sized the next chunk of a long
-prompt at 8,184 tokens (0.40 s, predicted 0.18). So a step's prompt work grows at most GROWTH times past the most a
-recent step did within the budget: a wrong line costs a step at most a quarter more. A step that opens a request's
-prefill beside decoding rows may cost more than its flops say (on the H100 tailor's first chunk of a 126k prompt
-beside 8 users took 17-37 ms more than predicted in three runs, its later chunks less): the median excess of the recent
-such steps over the line (`opening_s`, at least 0, at most OPENING of the budget: one such step that also compiled
-something must not starve the next) is left out of the budget of the next one. Nothing is tuned per device. Until
-a prefill step has been timed, or when no request decodes, chunks are not limited (the chunked_prefill_size cap
-still holds).
+the model's shape.
+
+On a GPU the attention kernel computes a chunk's queries in tiles of QUERY_TILE tokens per query head, one tile an
+SM at a time, so its time steps up with whole waves of tiles: `new` in the attention term is the tokens those waves
+could hold. On the H100 (132 SMs, 32 heads: a wave every 528 tokens, first at 512) full's chunks of 1,025-1,140
+tokens after a 120k prefix took 0.22-0.23 s and those of 985-1,019 tokens 0.17 s, in three runs, and the same steps
+down at 1,536 and 2,048; against the step times of those runs the waves leave 3.4 ms of error (rms) where the
+smooth line leaves 11.
+
+`decode_s` is the median of the recent decode-only steps; a step that prefills beside decoding rows in less time
+bounds it (on the H100 a server's first decode-only step, which captured graphs, was the only one before six 128k
+prompts arrived at once: with it the budget left each step the minimum chunk, 256 tokens in ~80 ms, for 2,540
+steps). `fixed_s` (what a step that prefills costs whatever its rows: tailor reads a cached document's rows once per
+step, ~0.1 s for 64k tokens, so a later turn's step takes 106 ms for 1 row and 171 ms for 16) and `rate` (seconds
+per flop) are measured as the engine runs: a Theil-Sen line through the recent prefill steps (the median of the
+pairwise slopes, the median residual as the fixed part), robust to a step that also captured a CUDA graph or
+compiled a kernel. Where the steps' flops are too alike to tell the two apart, the fixed part is 0 and the rate the
+median of seconds per flop.
+
+Steps sized to the budget all do about the same work, so the line's slope can rest on one unlike step: on the H100
+one slow small chunk left a line with a 0.1 s fixed part and a quarter of the true rate, which sized the next chunk
+of a long prompt at 8,184 tokens (0.40 s, predicted 0.18). So a step's prompt work grows at most GROWTH times past
+the most a recent step did within the budget: a wrong line costs a step at most a quarter more.
+
+A step that opens a request's prefill beside decoding rows may cost more than its flops say (on the H100 tailor's
+first chunk of a 126k prompt beside 8 users took 17-37 ms more than predicted in three runs, its later chunks
+less): the median excess of the recent such steps over the line (`opening_s`, at least 0, at most OPENING of the
+budget: one such step that also compiled something must not starve the next) is left out of the budget of the next
+one. Nothing is tuned per device. Until a prefill step has been timed, or when no request decodes, chunks are not
+limited (the chunked_prefill_size cap still holds).
 """
 
 from __future__ import annotations
