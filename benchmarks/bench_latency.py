@@ -5,12 +5,13 @@
 
 For each policy (one engine, reused across contexts) and context: --batch random prompts of that many tokens,
 prefilled a prompt a step (--chunked-prefill-size, no step-time budget), `--warmup` decode steps, then `--steps`
-timed decode steps (median). GPU/host KV bytes are what the requests hold in each tier. The floor is the time to move the bytes a step must move at bandwidths measured at the
-start of the same run on the same device (bandwidth.py): weights and GPU-resident KV at the device-copy rate,
-bulk PCIe reads (stage 1 channel runs, the offload baseline's whole KV) at the pinned host-to-device copy rate, and
-the top-k rows at the UVA gather rate (at the policy's host row layout, fp8 rows included), except the share of
-them on pages with a GPU copy (tailor's DeviceCopies, `copied_share`), counted at the device rate. Comparing
-`tailor:longbench` with `tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
+timed decode steps (median). GPU/host KV bytes are what the requests hold in each tier. The floor is the time to
+move the bytes a step must move at bandwidths measured at the start of the same run on the same device
+(bandwidth.py): weights and GPU-resident KV at the device-copy rate, bulk PCIe reads (stage 1 channel runs, the
+offload baseline's whole KV) at the pinned host-to-device copy rate, and the top-k rows at the UVA gather rate (at
+the policy's host row layout, fp8 rows included), except the share of them on pages with a GPU copy (tailor's
+DeviceCopies, `copied_share`), counted at the device rate. Comparing `tailor:longbench` with
+`tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
 Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
 gpu_kv_bytes, host_kv_bytes, copied_share, chunked_prefill_size, floor_ms, floor_weights_ms, floor_gpu_kv_ms,
 floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date,

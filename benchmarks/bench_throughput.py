@@ -204,9 +204,7 @@ def plot(rows: list[dict], path: str) -> None:
     """Decode tok/s against batch size: a line per policy and context (fitting batches only)."""
     try:
         import matplotlib
-    except (
-        ImportError
-    ):  # a GPU host without it: `python -m benchmarks.bench_throughput --plot-rows ROWS` later
+    except ImportError:  # a GPU host without it: --plot-rows draws it later
         print(
             f"no plot: matplotlib is not installed (draw it from the rows with --plot-rows {path})"
         )

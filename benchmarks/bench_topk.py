@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{'context':>8} {'batch':>5} {'k':>5} {'torch ms':>9} {'two-stage ms':>12} {'positions ms':>12}"
     )
     select = token_topk.ops(device).top_positions
+    # programs a pass to time the radix select at too (CUDA only: the CPU reference has none)
+    programs = (
+        [int(n) for n in args.radix_programs.split(",") if n] if device.type == "cuda" else []
+    )
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batch.split(",")):
             g = torch.Generator(device).manual_seed(context + batch)
@@ -101,29 +105,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             # the range on the device, as the engine passes it (no copy inside the timed calls)
             lo, hi = (torch.tensor(x, device=device) for x in (0, context))
             for k in map(int, args.k.split(",")):
+
+                def radix() -> float:
+                    return timed(
+                        lambda: select(scores, lo, hi, k), device, args.warmup, args.repeats
+                    )
+
                 ms = [
                     timed(fn, device, args.warmup, args.repeats)
                     for fn in (
                         lambda: scores.topk(k, dim=-1),
                         lambda: two_stage_topk(scores, k, args.chunk),
-                        lambda: select(scores, lo, hi, k),
                     )
-                ]
-                by_programs = {}
-                for n in map(int, filter(None, args.radix_programs.split(","))):
-                    if device.type == "cuda":
-                        by_programs[n] = round(
-                            with_programs(
-                                n,
-                                lambda: timed(
-                                    lambda: select(scores, lo, hi, k),
-                                    device,
-                                    args.warmup,
-                                    args.repeats,
-                                ),
-                            ),
-                            4,
-                        )
+                ] + [radix()]
+                by_programs = {n: round(with_programs(n, radix), 4) for n in programs}
                 rows.append(
                     {
                         "device": device.type,

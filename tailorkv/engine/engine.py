@@ -12,6 +12,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import InvalidRequestError
+from ..kernels.dispatch import sm_count
 from ..kvcache.budget import TARGET
 from ..kvcache.plans import save_plan
 from ..memory.host_memory import to_device
@@ -137,9 +138,9 @@ class Engine:
             ms = STEP_BUDGET_MS if self.device.type == "cuda" else 0.0
         if not ms:
             return None
-        cuda = self.device.type == "cuda"
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
-        return StepCost.for_model(self.config, ms / 1e3, sms, self.options.tp_size)
+        return StepCost.for_model(
+            self.config, ms / 1e3, sm_count(self.device), self.options.tp_size
+        )
 
     # ---- requests -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | None, input_ids: list[int] | None) -> list[int]:

@@ -16,6 +16,7 @@ from ..kernels.attention import (
     causal_attention,
     grouped_attention,
 )
+from ..kernels.dispatch import sm_count
 from ..memory.host_memory import host_tensor
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
@@ -144,8 +145,9 @@ class FullPolicy(KVPolicy):
         if self.reads_everything and self.tier == "gpu" and self.use_cascade:
             shared = flashinfer_decode.SharedPrefixDecode if fast else SharedPrefixDecode
             self.cascade = shared(*shape)
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count if fast else 0
-            self.cascade_rows = cascade_min_rows(sms, c.num_kv_heads)
+            self.cascade_rows = cascade_min_rows(
+                sm_count(self.device) if fast else 0, c.num_kv_heads
+            )
         self.copy = host_copy.ops(self.device)
         self.prefill = None  # the gpu tier's prompt rows attend to their pages in place
         if self.tier == "gpu":

@@ -144,7 +144,11 @@ class StepCost:
 
     def _attended(self, new: int) -> float:
         """Query tokens whose attention time `new` tokens take: whole waves' worth on the GPU."""
-        return self.waves(new) * self.sms * QUERY_TILE / self.heads if self.sms else new
+        return self._wave_tokens(self.waves(new)) if self.sms else new
+
+    def _wave_tokens(self, waves: int) -> float:
+        """Query tokens `waves` waves of tiles compute (a partial tile's share counted)."""
+        return waves * self.sms * QUERY_TILE / self.heads
 
     @property
     def opening_s(self) -> float:
@@ -201,7 +205,7 @@ class StepCost:
             return n
         w = self.waves(n)
         while w:
-            attended = w * self.sms * QUERY_TILE / self.heads
+            attended = self._wave_tokens(w)
             fits = (flops - attended * self.pair * (prefix + 0.5)) / (
                 self.linear + attended * self.pair / 2
             )
