@@ -52,15 +52,16 @@ class LiveServer:
     def wait_idle(self, timeout: float = 60) -> dict:
         """/get_server_info once nothing runs or waits."""
         deadline = time.monotonic() + timeout
-        while True:
-            info = httpx.get(f"{self.url}/get_server_info", timeout=10).json()
-            if (
-                info["num_running_reqs"] == 0
-                and info["num_queued_reqs"] == 0
-                or time.monotonic() > deadline
-            ):
-                return info
-            time.sleep(0.1)
+        with httpx.Client(timeout=10) as http:
+            while True:
+                info = http.get(f"{self.url}/get_server_info").json()
+                if (
+                    info["num_running_reqs"] == 0
+                    and info["num_queued_reqs"] == 0
+                    or time.monotonic() > deadline
+                ):
+                    return info
+                time.sleep(0.1)
 
 
 def forced_logprobs(engine, prompt: str, n: int = 24) -> list[float]:
@@ -84,20 +85,22 @@ def free_port() -> int:
 
 def wait_healthy(url: str, timeout: float, process=None) -> None:
     """Until `url`/health answers 200; fails after `timeout` s, or at once when `process` (a subprocess.Popen
-    serving it) has exited (with its stderr's tail when piped)."""
+    serving it) has exited (with its stderr's tail when piped). One client polls: each new httpx client loads
+    the CA bundle (~55 ms of CPU), which a loop of them takes from the server starting up."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process is not None and process.poll() is not None:
-            raise AssertionError(
-                process.stderr.read().decode()[-2000:] if process.stderr else "exited"
-            )
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.05)
+    with httpx.Client(timeout=2) as http:
+        while True:
+            try:
+                if http.get(f"{url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if process is not None and process.poll() is not None:
+                raise AssertionError(
+                    process.stderr.read().decode()[-2000:] if process.stderr else "exited"
+                )
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.05)
 
 
 def start_uvicorn(app, **config):

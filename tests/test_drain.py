@@ -25,18 +25,20 @@ def test_sigterm_drains_streams_and_requests_and_exits_0():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # the threads share one client: each new one loads the CA bundle (~55 ms of CPU, 16 at once here)
+    http = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=32))
     try:
         wait_healthy(url, 60, server)
         results: dict[str, object] = {}
 
         def stream(name: str) -> None:
             body = {"text": f"Story {name}:", "sampling_params": LONG, "stream": True}
-            with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as r:
+            with http.stream("POST", f"{url}/generate", json=body) as r:
                 results[name] = [ln for ln in r.iter_lines() if ln.startswith("data:")]
 
         def plain(name: str, params: dict) -> None:
             body = {"text": f"Note {name}:", "sampling_params": params}
-            r = httpx.post(f"{url}/generate", json=body, timeout=60)
+            r = http.post(f"{url}/generate", json=body)
             results[name] = (r.status_code, r.json())
 
         threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(8)]
@@ -47,12 +49,13 @@ def test_sigterm_drains_streams_and_requests_and_exits_0():
         began = time.monotonic()
         server.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        health = httpx.get(f"{url}/health", timeout=5)
-        refused = httpx.post(f"{url}/generate", json={"text": "late"}, timeout=5)
+        health = http.get(f"{url}/health", timeout=5)
+        refused = http.post(f"{url}/generate", json={"text": "late"}, timeout=5)
         for t in threads:
             t.join(timeout=30)
         assert server.wait(timeout=2 + 5) == 0 and time.monotonic() - began < 2 + 5
     finally:
+        http.close()
         if server.poll() is None:
             server.kill()
     assert health.status_code == 503 and health.json()["error"]["code"] == "draining"

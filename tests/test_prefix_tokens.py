@@ -97,10 +97,7 @@ def test_llama3_split_is_tokenized_from_the_last(tokenizer: Tokenizer):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    assert (
-        word_gaps_split(tk.to_str())
-        and spec["pre_tokenizer"] != json.loads(tk.to_str())["pre_tokenizer"]
-    )
+    assert word_gaps_split(tk) and spec["pre_tokenizer"] != json.loads(tk.to_str())["pre_tokenizer"]
     cached, reference = PrefixTokenCache(whole(tk)), PrefixTokenCache(whole(tk), max_entries=0)
     check_turns(cached.encode, reference.encode, seed=7)
     assert cached.hits >= 30
@@ -108,12 +105,12 @@ def test_llama3_split_is_tokenized_from_the_last(tokenizer: Tokenizer):
 
 def test_tokenizers_where_gaps_may_not_split(tokenizer: Tokenizer):
     base = tokenizer._tk.to_str()
-    assert word_gaps_split(base)
+    assert word_gaps_split(tokenizer._tk)
 
-    def changed(edit) -> str:
+    def changed(edit) -> HFTokenizer:
         tk = HFTokenizer.from_str(base)
         edit(tk)
-        return tk.to_str()
+        return tk
 
     assert not word_gaps_split(
         changed(lambda tk: setattr(tk, "pre_tokenizer", pre_tokenizers.Metaspace()))
@@ -146,10 +143,10 @@ def test_tokenizers_where_gaps_may_not_split(tokenizer: Tokenizer):
     )
     spec = json.loads(base)
     spec["added_tokens"][1]["lstrip"] = True
-    assert not word_gaps_split(json.dumps(spec))
+    assert not word_gaps_split(HFTokenizer.from_str(json.dumps(spec)))
     spec = json.loads(base)
     spec["added_tokens"].append({**spec["added_tokens"][1], "id": 99999, "content": "two words"})
-    assert not word_gaps_split(json.dumps(spec))
+    assert not word_gaps_split(HFTokenizer.from_str(json.dumps(spec)))
 
 
 def test_the_cache_forgets_the_oldest_prompts(tokenizer: Tokenizer):
@@ -162,3 +159,16 @@ def test_the_cache_forgets_the_oldest_prompts(tokenizer: Tokenizer):
     assert cache.hits == 0  # the first prompt was forgotten
     cache.encode(prompts[2] + " more words")
     assert cache.hits == 1
+
+
+def test_the_head_of_a_long_text_is_the_head_of_its_ids(tokenizer: Tokenizer):
+    """encode_head (the calibration prompt) tokenizes only up to a word gap, and gives the whole text's first ids.
+    The text: 16 dashes (one token), then words of one 8-character token each, so that a cut 8n characters in
+    (not at a gap) would split the n-th token."""
+    rng = random.Random(11)
+    words = ["country", "between", "because", "through", "nothing", "several", "problem"]
+    long = "-" * 16 + "Read " + " ".join(rng.choice(words) for _ in range(3000))
+    ids = tokenizer.encode(long)
+    assert abs(len(long) / len(ids) - 8) < 0.1
+    for n in (*range(40, 60), 1000, len(ids) - 1, len(ids) + 5):
+        assert tokenizer.encode_head(long, n) == ids[:n]

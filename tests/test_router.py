@@ -64,15 +64,16 @@ def start_router(live_server, second_worker):
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            try:
-                if len(httpx.get(f"{url}/workers", timeout=2).json()["workers"]) == 2:
-                    return url
-            except (httpx.TransportError, ValueError, KeyError):
-                pass
-            assert time.monotonic() < deadline, "the router did not come up"
-            time.sleep(0.2)
+        with httpx.Client(timeout=2) as http:  # one client: each new one loads the CA bundle
+            while True:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                try:
+                    if len(http.get(f"{url}/workers").json()["workers"]) == 2:
+                        return url
+                except (httpx.TransportError, ValueError, KeyError):
+                    pass
+                assert time.monotonic() < deadline, "the router did not come up"
+                time.sleep(0.2)
 
     yield start
     for proc in procs:

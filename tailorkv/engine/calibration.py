@@ -40,7 +40,7 @@ def calibration_ids(tok: Tokenizer, text: str | None, tokens: int) -> list[int]:
             text = load_essays()
         except FileNotFoundError as e:
             raise ConfigError(f"no calibration text: {e}") from None
-    ids = tok.encode(text)[:tokens]
+    ids = tok.encode_head(text, tokens)
     if len(ids) < 64:
         raise ConfigError(
             f"the calibration text is too short ({len(ids)} tokens; at least 64 needed)"

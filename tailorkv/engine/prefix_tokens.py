@@ -52,15 +52,16 @@ def _splits_gaps(pre: dict | None) -> bool:
     )
 
 
-def word_gaps_split(tokenizer_json: str) -> bool:
-    """Whether every word gap of a text is a place where the tokenizer's ids split (see the module docstring)."""
-    spec = json.loads(tokenizer_json)
+def word_gaps_split(tokenizer) -> bool:
+    """Whether every word gap of a text is a place where `tokenizer`'s ids split (see the module docstring).
+    `tokenizer`: a `tokenizers.Tokenizer`; its parts are read, not its JSON (which holds the whole vocabulary)."""
+    pre = tokenizer.pre_tokenizer
     return (
-        spec.get("normalizer") is None
-        and _splits_gaps(spec.get("pre_tokenizer"))
+        tokenizer.normalizer is None
+        and _splits_gaps(pre and json.loads(pre.__getstate__()))
         and not any(
-            t["lstrip"] or t["rstrip"] or WORD_GAP.search(t["content"])
-            for t in spec.get("added_tokens", [])
+            t.lstrip or t.rstrip or WORD_GAP.search(t.content)
+            for t in tokenizer.get_added_tokens_decoder().values()
         )
     )
 

@@ -13,7 +13,7 @@ import jinja2
 
 from ..errors import InvalidRequestError, ModelLoadError
 from ..models.weights import TokenizerSource
-from .prefix_tokens import PrefixTokenCache, word_gaps_split
+from .prefix_tokens import WORD_GAP, PrefixTokenCache, word_gaps_split
 
 # Used when a model ships no template of its own.
 CHATML = (
@@ -26,7 +26,20 @@ TOKENIZER_CACHE = os.path.join(
 )
 
 
+_BUILT: dict[
+    int, tuple[TokenizerSource, object]
+] = {}  # id(source) -> (source, its tokenizers.Tokenizer)
+
+
 def _gguf_bpe(src: TokenizerSource):
+    """The BPE tokenizer of a GGUF vocabulary, built once per source in a process (~0.2 s; engines only read it,
+    and benchmarks and tests start several engines on one model); the source is kept so its id stays its own."""
+    if id(src) not in _BUILT:
+        _BUILT[id(src)] = (src, _build_gguf_bpe(src))
+    return _BUILT[id(src)][1]
+
+
+def _build_gguf_bpe(src: TokenizerSource):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tk = Tokenizer(
@@ -77,7 +90,7 @@ class Tokenizer:
         # a chat's next turn repeats the document and the turns before: their ids are reused where that is exact
         self._prefix = (
             PrefixTokenCache(self._encode_with_ends)
-            if self._tk and word_gaps_split(self._tk.to_str())
+            if self._tk and word_gaps_split(self._tk)
             else None
         )
         self.bos_token_id = src.bos_token_id
@@ -143,6 +156,20 @@ class Tokenizer:
         if self.add_bos and self.bos_token_id is not None and not self._template_adds_bos(text):
             ids = [self.bos_token_id] + ids
         return ids
+
+    def encode_head(self, text: str, n: int) -> list[int]:
+        """encode(text)[:n], tokenizing only as much of a long text as that needs where it is exact: up to a word
+        gap, where this tokenizer's ids split (prefix_tokens' module docstring); otherwise the whole text."""
+        end = 8 * n
+        while self._prefix and end < len(text):
+            gap = WORD_GAP.search(text, end)
+            if gap is None:
+                break
+            ids = self.encode(text[: gap.start()])
+            if len(ids) >= n:
+                return ids[:n]
+            end *= 2
+        return self.encode(text)[:n]
 
     def _template_adds_bos(self, text: str) -> bool:
         return self.bos_token_id is not None and text.startswith(self.token_str(self.bos_token_id))
