@@ -6,7 +6,10 @@
 #   bash benchmarks/gpu_stages.sh setup     # once; the wheels in .whl/ (fastapi, uvicorn, pydantic, flashinfer, ...)
 #                                           # and the embedded GGUF in parts (.big1/part00, .big2/part01-02: the
 #                                           # device's transfer limit), carried with the call
-#   bash benchmarks/gpu_stages.sh STAGE     # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu
+#   TAILORKV_COMMIT=abc1234 bash benchmarks/gpu_stages.sh STAGE
+#                                           # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu;
+#                                           # abc1234: this tree's hash, typed into the call (the rows' commit; the
+#                                           # host's .git is a stale one)
 # Stages: tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
 # the radix select and with torch.topk, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,

@@ -35,8 +35,11 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """HEAD's short hash, with "-dirty" when tracked code differs from it (result files do not count), or
-    "unknown" outside a git checkout."""
+    """$TAILORKV_COMMIT where set (a copy of a working tree whose .git is not its own, as the GPU host's is); else
+    HEAD's short hash, with "-dirty" when tracked code differs from it (result files do not count), or "unknown"
+    outside a git checkout."""
+    if os.environ.get("TAILORKV_COMMIT"):
+        return os.environ["TAILORKV_COMMIT"]
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)

@@ -84,7 +84,8 @@ def test_32_concurrent_streams_match_offline(live_server):
     assert info["overlap_schedule"] and info["overlapped_steps"] >= overlapped + GREEDY_TOKENS // 2
 
 
-def test_200_requests_50_cancelled_return_every_page(live_server):
+def test_96_requests_24_cancelled_return_every_page(live_server):
+    """Three times the server's 32 running slots: requests wait, run and leave while others are queued."""
     start = live_server.wait_idle()
     aborted = live_server.async_engine.stats.aborted_requests
 
@@ -93,7 +94,7 @@ def test_200_requests_50_cancelled_return_every_page(live_server):
             base_url=live_server.url, timeout=300, limits=LIMITS
         ) as client:
             jobs = []
-            for i in range(200):
+            for i in range(96):
                 leave = 1 if i % 4 == 0 else None  # every 4th client leaves after its first chunk
                 tokens = (
                     512 if leave else 4
@@ -111,12 +112,12 @@ def test_200_requests_50_cancelled_return_every_page(live_server):
             return await asyncio.gather(*jobs)
 
     results = asyncio.run(main())
-    assert sum(r is None for r in results) == 50
+    assert sum(r is None for r in results) == 24
     assert all(isinstance(r, str) for i, r in enumerate(results) if i % 4)
     end = live_server.wait_idle()
     assert end["num_running_reqs"] == 0 and end["num_queued_reqs"] == 0
     assert end["memory"] == start["memory"]  # both tiers: every page back
-    assert live_server.async_engine.stats.aborted_requests == aborted + 50
+    assert live_server.async_engine.stats.aborted_requests == aborted + 24
 
 
 def test_bench_serving(live_server, tmp_path, capsys):

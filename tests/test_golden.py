@@ -37,7 +37,8 @@ SAMPLED = [
 def prompts() -> list[str]:
     from tailorkv.essays import load_essays
 
-    essay = " ".join(load_essays().split(" ")[:500])
+    # 348 tokens: 1.8x tailor's budget; every policy answers it for most of its 24 tokens
+    essay = " ".join(load_essays().split(" ")[:260])
     return [
         "The capital of France is",
         "Once upon a time, in a small village,",

@@ -103,5 +103,8 @@ def test_run_info_records_machine_date_commit_and_command(monkeypatch, tmp_path)
     assert rows.run_info("benchmarks.bench_x", [])["command"] == "python -m benchmarks.bench_x"
     monkeypatch.setattr(rows, "REPO", tmp_path)  # not a git checkout
     assert rows.commit() == "unknown"
+    monkeypatch.setenv("TAILORKV_COMMIT", "0123abc")  # the tree a copy holds, as its runner says
+    assert rows.commit() == "0123abc"
+    monkeypatch.delenv("TAILORKV_COMMIT")
     rows.write_rows(str(tmp_path / "new" / "r.json"), [{"a": 1, **info}])
     assert json.loads((tmp_path / "new" / "r.json").read_text()) == [{"a": 1, **info}]
