@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ModelLoadError
+from .cpu_linear import pack_linears
 from .dummy import load_dummy
 from .embedded import EMBEDDED_NAME, embedded_model_path
 from .gguf_loader import load_gguf
@@ -81,6 +82,7 @@ def load_model(
     net.load_state_dict(state, assign=True, strict=True)
     net.requires_grad_(False)  # inference only (Dynamo guards on the flag)
     net.setup_rotary(device, dtype)
+    pack_linears(net)
     tok = loaded.tokenizer
     if rank:
         tok = None

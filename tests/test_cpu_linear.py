@@ -1,0 +1,47 @@
+"""Linear layers on CPU through oneDNN (models/cpu_linear.py): the product nn.Linear gives, to float32 rounding, at
+awkward widths and batches, with and without a bias; a row's output the same bits in any batch; packing twice
+changes nothing and other dtypes stay nn.Linear; the embedded model's layers are packed."""
+
+import pytest
+import torch
+from torch import nn
+
+from tailorkv.models.cpu_linear import PackedLinear, pack_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("in_features,out_features", [(576, 960), (37, 3), (1536, 576)])
+def test_packed_linear_is_nn_linear(in_features, out_features, bias):
+    gen = torch.Generator().manual_seed(in_features + out_features)
+    plain = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+        if bias:
+            plain.bias.copy_(torch.randn(out_features, generator=gen))
+    model = nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
+    model[0].load_state_dict(plain.state_dict())
+    pack_linears(model)
+    pack_linears(model)  # again: nothing
+    assert type(model[0]) is PackedLinear
+    x = torch.randn(300, in_features, generator=gen)
+    with torch.inference_mode():
+        want, got = plain(x), model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * in_features**0.5)
+        for rows in (1, 3, 17):  # row 0 beside other rows: the same bits
+            assert torch.equal(model(x[:rows])[0], got[0])
+
+
+def test_other_dtypes_stay_nn_linear():
+    model = nn.Sequential(nn.Linear(8, 4).to(torch.bfloat16), nn.Linear(4, 2))
+    pack_linears(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is PackedLinear
+
+
+def test_the_embedded_models_linears_are_packed():
+    from tailorkv.models.loader import load_model
+
+    model, _ = load_model(None, torch.device("cpu"), torch.float32, progress=False)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 * 30 + 1 and all(type(m) is PackedLinear for m in linears)
