@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = dict(batch=batch, threads=args.threads, mkl_ms=round(mkl, 2))
         row |= dict(onednn_ms=round(onednn, 2), speedup=round(mkl / onednn, 2))
         rows.append(row | {"repeats": args.repeats} | info)
-        print(f"batch {batch}: MKL {mkl:.1f} ms, oneDNN packed {onednn:.1f} ms ({mkl / onednn:.2f}x)")
+        print(
+            f"batch {batch}: MKL {mkl:.1f} ms, oneDNN packed {onednn:.1f} ms ({mkl / onednn:.2f}x)"
+        )
     if args.output:
         write_rows(args.output, rows)
     return rows
