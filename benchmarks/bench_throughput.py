@@ -63,9 +63,8 @@ def server_command(args, spec: str) -> list[str]:
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     end = time.time() + timeout
-    with httpx.Client(
-        timeout=2
-    ) as http:  # one client: each new one loads the CA bundle (~55 ms of CPU)
+    # one client: each new one loads the CA bundle (~55 ms of CPU)
+    with httpx.Client(timeout=2) as http:
         while time.time() < end:
             if proc.poll() is not None:
                 raise SystemExit(f"server exited with code {proc.returncode}")

@@ -26,9 +26,8 @@ TOKENIZER_CACHE = os.path.join(
 )
 
 
-_BUILT: dict[
-    int, tuple[TokenizerSource, object]
-] = {}  # id(source) -> (source, its tokenizers.Tokenizer)
+# id(source) -> (source, its tokenizers.Tokenizer)
+_BUILT: dict[int, tuple[TokenizerSource, object]] = {}
 
 
 def _gguf_bpe(src: TokenizerSource):

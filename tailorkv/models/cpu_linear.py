@@ -1,7 +1,7 @@
 """Linear layers on CPU through oneDNN, each weight packed once (torch's mkldnn ops, as Inductor's CPU freezing runs
-them). MKL's sgemm reads a weight once per row of a small batch: at 3 rows the embedded model's LM head took 44 ms
-against oneDNN's 15, its SwiGLU projection 2.9 ms against 1.2 (one core, float32); at 1 row both read it once. A
-row's output is also the same bits whatever rows share its batch."""
+them). MKL's sgemm takes about as long per row of a small batch as for one row, as if it read the weight once a
+row: the embedded model's linears at 3 rows ran 1.9x faster through oneDNN, at 1 row 0.9x (one core, float32;
+benchmarks/results/cpu_linear_20261205.json). A row's output is also the same bits whatever rows share its batch."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def pack_linears(model: nn.Module) -> None:
     """Every nn.Linear of a float32 CPU model becomes a PackedLinear, where torch has oneDNN; again: nothing."""
     if not torch.backends.mkldnn.is_available():
         return
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.device.type == "cpu":
-            if module.weight.dtype == torch.float32:
-                module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach())
-                module.__class__ = PackedLinear
+    for module in [m for m in model.modules() if type(m) is nn.Linear]:
+        w = module.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32:
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            module.__class__ = PackedLinear
