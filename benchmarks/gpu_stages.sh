@@ -25,7 +25,10 @@ T0=$(date +%s)
 [ -f .big1/part00 ] && cp .big1/part00 /tmp/part00
 [ -f .big2/part01 ] && cat /tmp/part00 .big2/part01 .big2/part02 > /tmp/smol.gguf && ls -la /tmp/smol.gguf
 [ $stage = setup ] && exit 0
-export PYTHONPATH=$PWD:/tmp/site MAX_JOBS=16 TAILORKV_EMBEDDED_GGUF=/tmp/smol.gguf
+# without the GGUF's parts, the tokenizer alone (python -m benchmarks.tokenizer_gguf .whl/tokenizer.gguf): enough
+# for the dummy models, so that one call brings all a dummy stage needs
+G=/tmp/smol.gguf; [ -f $G ] || G=$PWD/.whl/tokenizer.gguf
+export PYTHONPATH=$PWD:/tmp/site MAX_JOBS=16 TAILORKV_EMBEDDED_GGUF=$G
 mkdir -p /tmp/bin && printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" > /tmp/bin/python && chmod +x /tmp/bin/python && export PATH=/tmp/bin:$PATH
 python -c "import torch; print(torch.__version__)"
 if ls .fi/fi.tgz.part* >/dev/null 2>&1 && [ ! -d ~/.cache/flashinfer ]; then
