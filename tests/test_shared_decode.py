@@ -7,7 +7,7 @@ import torch
 
 from tailorkv import Engine
 from tailorkv.errors import ConfigError
-from tailorkv.kvcache.full import MIN_SHARED_PAGES, FullPolicy, cascade_min_rows, shared_groups
+from tailorkv.kvcache.full import MIN_SHARED_PAGES, FullPolicy, shared_groups
 
 
 def test_rows_group_by_the_pages_they_begin_with():
@@ -26,15 +26,6 @@ def test_rows_group_by_the_pages_they_begin_with():
     assert shared_groups(same, [41, 41]) == [([0, 1], 40)]
     assert shared_groups(tables[:1] + tables[2:3], [42, 41]) == []
     assert MIN_SHARED_PAGES == 32
-    assert shared_groups(tables, counts, min_rows=4) == []  # three rows share: too few
-
-
-def test_a_group_reads_its_shared_pages_once_only_when_its_rows_overflow_a_wave():
-    """H100: 132 SMs, 8 KV heads: 16 rows' plain decode is 128 CTAs a page tile, one wave (doc chat's 16 users
-    decoded at 31.1 ms a token without the cascade, 40.5 with it); 17 rows are two waves. Off the GPU any two rows
-    group (the CPU reference keeps the path tested)."""
-    assert cascade_min_rows(132, 8) == 17 and cascade_min_rows(132, 32) == 5
-    assert cascade_min_rows(0, 8) == 2 and cascade_min_rows(8, 8) == 2
 
 
 def test_users_of_one_document_decode_the_logprobs_of_rows_that_read_their_own_pages(monkeypatch):
@@ -61,7 +52,7 @@ def test_users_of_one_document_decode_the_logprobs_of_rows_that_read_their_own_p
         planned.clear()
         grouped = [r.output_logprobs for r in e.forced(prompts, forced)]
         assert planned.count(True) >= 7, planned  # every step with the three decoding
-        monkeypatch.setattr(full, "shared_groups", lambda tables, counts, min_rows: [])
+        monkeypatch.setattr(full, "shared_groups", lambda tables, counts: [])
         apart = [r.output_logprobs for r in e.forced(prompts, forced)]
     assert [len(x) for x in grouped] == [8] * 3
     assert max(abs(a - b) for x, y in zip(grouped, apart) for a, b in zip(x, y)) < 1e-4

@@ -16,7 +16,6 @@ from ..kernels.attention import (
     causal_attention,
     grouped_attention,
 )
-from ..kernels.dispatch import sm_count
 from ..memory.host_memory import host_tensor
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
@@ -28,20 +27,8 @@ PAGE_SIZE = 16
 MIN_SHARED_PAGES = 32
 
 
-def cascade_min_rows(sms: int, kv_heads: int) -> int:
-    """The fewest rows a group of decode rows needs to read its shared pages as a group on a GPU of `sms` SMs (0:
-    off the GPU, 2). The paged decode kernel runs rows x KV heads CTAs a tile of pages; while they fit one wave it
-    keeps every SM busy, and vLLM, which decides its cascade attention from the same count, keeps such batches off
-    the cascade. Measured on the H100 (doc chat, 16 rows x 8 KV heads = 128 CTAs on 132 SMs): 40.5 ms a token with
-    the cascade, 31.1 ms at d199b18^ without it; why the cascade's pass over the shared pages costs more is not
-    isolated."""
-    return max(sms // kv_heads + 1, 2) if sms else 2
-
-
-def shared_groups(
-    tables: list[torch.Tensor], counts: list[int], min_rows: int = 2
-) -> list[tuple[list[int], int]]:
-    """Groups of at least `min_rows` decode rows (indices) whose page tables (CPU) begin with the same pages, with
+def shared_groups(tables: list[torch.Tensor], counts: list[int]) -> list[tuple[list[int], int]]:
+    """Groups of two or more decode rows (indices) whose page tables (CPU) begin with the same pages, with
     how many they share: at least MIN_SHARED_PAGES, each row keeping its last page (the one its new token is in) of
     its own. From the page ids alone: rows share pages only where the prefix cache gave them the same blocks."""
     by_first: dict[int, list[int]] = {}
@@ -50,7 +37,7 @@ def shared_groups(
             by_first.setdefault(int(t[0]), []).append(i)
     groups = []
     for rows in by_first.values():
-        if len(rows) < min_rows:
+        if len(rows) < 2:
             continue
         m = min(counts[i] for i in rows) - 1  # each row keeps its last page
         pt = torch.stack([tables[i][:m] for i in rows])
@@ -90,9 +77,7 @@ class FullPolicy(KVPolicy):
     )
 
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype, cascade: int = 1, **options):
-        """`cascade` 0: decode rows that share a document's pages read them each on their own (on the H100 full's
-        doc chat decoded at 40.5 ms a token with the cascade, 31.1 ms at d199b18^ before it; the cause not
-        isolated)."""
+        """`cascade` 0: decode rows that share a document's pages read them each on their own."""
         super().__init__(cfg, device, dtype, **options)
         self.use_cascade = bool(cascade)
 
@@ -145,9 +130,6 @@ class FullPolicy(KVPolicy):
         if self.reads_everything and self.tier == "gpu" and self.use_cascade:
             shared = flashinfer_decode.SharedPrefixDecode if fast else SharedPrefixDecode
             self.cascade = shared(*shape)
-            self.cascade_rows = cascade_min_rows(
-                sm_count(self.device) if fast else 0, c.num_kv_heads
-            )
         self.copy = host_copy.ops(self.device)
         self.prefill = None  # the gpu tier's prompt rows attend to their pages in place
         if self.tier == "gpu":
@@ -157,13 +139,18 @@ class FullPolicy(KVPolicy):
             self.prefill = paged(self.device, c.num_heads, c.num_kv_heads, c.head_dim)
 
     def warm_up(self, prefix_sharing: bool) -> None:
-        """FlashInfer's paged prefill JIT-compiles on first use: compile it now (one query over one page)."""
-        if self.prefill is not None and self.device.type == "cuda":
-            c, page = self.cfg, torch.zeros(1, dtype=torch.long, device=self.device)
-            self.prefill.plan([page], [1], [1], PAGE_SIZE, self.dtype)
-            kp, vp = (x[0].view(-1, PAGE_SIZE, *x.shape[2:]) for x in (self.k_cache, self.v_cache))
-            q = torch.zeros(1, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
-            self.prefill.run(q, kp, vp)
+        """FlashInfer's paged prefill and the cascade's pass over shared pages JIT-compile on first use: compile them
+        now (one query over one page; two rows sharing a page)."""
+        if self.prefill is None or self.device.type != "cuda":
+            return
+        c, page = self.cfg, torch.zeros(1, dtype=torch.long, device=self.device)
+        kp, vp = (x[0].view(-1, PAGE_SIZE, *x.shape[2:]) for x in (self.k_cache, self.v_cache))
+        q = torch.zeros(2, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
+        self.prefill.plan([page], [1], [1], PAGE_SIZE, self.dtype)
+        self.prefill.run(q[:1], kp, vp)
+        if self.cascade is not None:
+            self.cascade.plan([([0, 1], page)], [page, page], [1, 1])
+            self.cascade.run(q, kp, vp)
 
     def add_request(
         self,
@@ -301,7 +288,7 @@ class FullPolicy(KVPolicy):
         rids = [batch.rids[i] for i in decode]
         lengths = [batch.total_len(i) for i in decode]
         counts = [-(-n // PAGE_SIZE) for n in lengths]
-        groups = shared_groups([self.page_tables_cpu[r] for r in rids], counts, self.cascade_rows)
+        groups = shared_groups([self.page_tables_cpu[r] for r in rids], counts)
         if not groups:
             return False
         shared = [0] * len(rids)
