@@ -14,7 +14,7 @@
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
 # the radix select and with torch.topk, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
-# --gpu-memory-limit 24, CAP= skips it), b16 (batch 16 at 32k: the
+# --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), th32 (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
@@ -37,6 +37,25 @@ fi
 git log --oneline -1 2>/dev/null; date -u
 t() { echo "t=$(( $(date +%s) - T0 ))"; }
 R=${RDIR:-/tmp/r_$stage}; mkdir -p $R  # RDIR=$OUT: rows come back even if the call is cut off (8 files at most)
+cap24() {
+  # issue 19's cap: a 126k prompt alone under --gpu-memory-limit 24 prefills and decodes (TTFT, peak GPU memory), with
+  # the default GPU KV budget, and with KV25=1 (it did not fit on 2026-12-05) then with 2.5 GiB
+  # (each try's log its own: the engine's line on how its GPU KV budget came about, the pools a refusal names)
+  n=0
+  for kv in '' ', "kv_cache_gib": 2.5'; do
+    [ -n "${CAP-1}" ] || break
+    [ -n "$kv" ] && [ -z "${KV25:-}" ] && break
+    n=$((n + 1))
+    timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 0 --steps 2 --long-len 126000 --policy tailor \
+      --engine-args "{\"host_kv_gib\": 20, \"gpu_memory_limit_gib\": 24$kv}" --out $R/mixed_tailor_24gib.json \
+      > $R/mixed_24_$n.log 2>&1; echo "cap24 ($kv) rc=$?"; t
+    grep -h "GPU KV budget\|does not fit" $R/mixed_24_$n.log | cut -c1-400
+    [ -f $R/mixed_tailor_24gib.json ] && break
+  done
+  [ -f $R/mixed_tailor_24gib.json ] && python3 -c "
+import json; r=json.load(open('$R/mixed_tailor_24gib.json'))[0]
+print({k: v for k, v in r.items() if not isinstance(v, (list, dict))})"
+}
 case $stage in
 c19a)
   OUT=$R PARTS=docchat timeout ${TD:-540} bash benchmarks/gpu_chunked.sh; echo "rc=$?"; t
@@ -74,23 +93,10 @@ for k in ('prefill_steps', 'prefill_steps_alone'):
     for x in st[::max(1, len(st) // 12)]: print('  ', x)
 "
   done
-  # issue 19's cap: a 126k prompt alone under --gpu-memory-limit 24 prefills and decodes (TTFT, peak GPU memory), with
-  # the default GPU KV budget, and with KV25=1 (it did not fit on 2026-12-05) then with 2.5 GiB
-  # (each try's log its own: the engine's line on how its GPU KV budget came about, the pools a refusal names)
-  n=0
-  for kv in '' ', "kv_cache_gib": 2.5'; do
-    [ -n "${CAP-1}" ] || break
-    [ -n "$kv" ] && [ -z "${KV25:-}" ] && break
-    n=$((n + 1))
-    timeout ${TM:-300} python3 -m benchmarks.bench_mixed_steps --users 0 --steps 2 --long-len 126000 --policy tailor \
-      --engine-args "{\"host_kv_gib\": 20, \"gpu_memory_limit_gib\": 24$kv}" --out $R/mixed_tailor_24gib.json \
-      > $R/mixed_24_$n.log 2>&1; echo "cap24 ($kv) rc=$?"; t
-    grep -h "GPU KV budget\|does not fit" $R/mixed_24_$n.log | cut -c1-400
-    [ -f $R/mixed_tailor_24gib.json ] && break
-  done
-  [ -f $R/mixed_tailor_24gib.json ] && python3 -c "
-import json; r=json.load(open('$R/mixed_tailor_24gib.json'))[0]
-print({k: v for k, v in r.items() if not isinstance(v, (list, dict))})"
+  cap24
+  ;;
+cap24)
+  cap24
   ;;
 sk)
   # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
