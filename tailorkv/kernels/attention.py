@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from . import flashinfer_decode
 
@@ -31,9 +30,16 @@ def causal_attention(
         raise ValueError(
             f"causal_attention: {n} queries from position {q_start} need {q_start + n} keys, got {L}"
         )
-    # a chunk after earlier tokens: the causal mask aligned to the bottom right, which SDPA applies in its fused
-    # kernels without an [n, L] mask in memory (an explicit mask took 6 GiB at 8k x 128k)
-    mask = causal_lower_right(n, L) if q_start else None
+    # a chunk after earlier tokens: the causal mask aligned to the bottom right. On CUDA SDPA's fused kernels apply
+    # it without an [n, L] mask in memory (an explicit mask took 6 GiB at 8k x 128k); its module imports Dynamo (2 s
+    # a process), so only there. On CPU SDPA materializes that mask anyway: the same [n, L] mask, the same bits
+    mask = None
+    if q_start and q.is_cuda:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(n, L)
+    elif q_start:
+        mask = torch.ones(n, L, dtype=torch.bool).tril(q_start)
     if q.is_cuda and q.shape[1] != k.shape[1]:
         # SDPA's fused CUDA kernels refuse enable_gqa; expanded heads keep it off the O(n^2)-memory math path
         k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))

@@ -93,7 +93,10 @@ class LlamaModel(nn.Module):
         size = tp.size if tp else 1
         local = local_config(cfg, size)
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(cfg.vocab_size // size, cfg.hidden_size)
+        # built on the meta device, its weights assigned at load; with no _weight, Embedding draws a normal_, which
+        # on meta tensors imports Dynamo (2 s a process)
+        shape = (cfg.vocab_size // size, cfg.hidden_size)
+        self.model.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape))
         self.model.layers = nn.ModuleList(DecoderLayer(local) for _ in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size // size, bias=False)
