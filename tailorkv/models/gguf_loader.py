@@ -106,6 +106,33 @@ class PlainReader(gguf.GGUFReader):
     def data(self, value: np.ndarray) -> None:
         self._data = value.view(np.ndarray)  # still backed by the mapping: tensors stay lazy
 
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
+        """gguf's parse of a field, with an array of strings or scalars cut in one loop (a vocabulary is ~10^5
+        strings: 3.4 s a process through gguf's call per element) into the same parts, data and types."""
+        array = raw_type == gguf.GGUFValueType.ARRAY and self.byte_order == "I"
+        item = gguf.GGUFValueType(self._get(orig_offs, np.uint32)[0]) if array else None
+        if item is None or not (
+            item == gguf.GGUFValueType.STRING or item in self.gguf_scalar_to_np
+        ):
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_item, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        n, offs, data = int(count[0]), orig_offs + 12, self.data
+        parts = [raw_item, count]
+        if item == gguf.GGUFValueType.STRING:
+            for _ in range(n):
+                size = data[offs : offs + 8].view(np.uint64)
+                end = offs + 8 + int(size[0])
+                parts += (size, data[offs + 8 : end])
+                offs = end
+            index = list(range(3, 2 + 2 * n, 2))
+        else:
+            values = self._get(offs, self.gguf_scalar_to_np[item], n)
+            parts += [values[i : i + 1] for i in range(n)]
+            index = list(range(2, 2 + n))
+            offs += values.nbytes
+        types = [gguf.GGUFValueType.ARRAY] + ([item] if n else [])
+        return offs - orig_offs, parts, index, types
+
 
 @functools.lru_cache(maxsize=4)
 def _parse(path: str, size: int, mtime_ns: int) -> tuple:
