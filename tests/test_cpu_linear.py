@@ -1,6 +1,6 @@
 """Linear layers on CPU through oneDNN (models/cpu_linear.py): the product nn.Linear gives, to float32 rounding, at
 awkward widths and batches, with and without a bias; a row's output the same bits in any batch; packing twice
-changes nothing and other dtypes stay nn.Linear; the embedded model's layers are packed."""
+changes nothing and other dtypes stay nn.Linear; the embedded model's layers are packed, once a process."""
 
 import pytest
 import torch
@@ -22,8 +22,10 @@ def test_packed_linear_is_nn_linear(in_features, out_features, bias):
             plain.bias.copy_(torch.randn(out_features, generator=gen))
     model = nn.Sequential(nn.Linear(in_features, out_features, bias=bias))
     model[0].load_state_dict(plain.state_dict())
-    pack_linears(model)
-    pack_linears(model)  # again: nothing
+    packed = {}
+    pack_linears(model, packed)
+    pack_linears(model, packed)  # again: nothing
+    assert list(packed) == ["0"] and model[0].packed is packed["0"]
     assert type(model[0]) is PackedLinear
     x = torch.randn(300, in_features, generator=gen)
     with torch.inference_mode():
@@ -35,7 +37,7 @@ def test_packed_linear_is_nn_linear(in_features, out_features, bias):
 
 def test_other_dtypes_stay_nn_linear():
     model = nn.Sequential(nn.Linear(8, 4).to(torch.bfloat16), nn.Linear(4, 2))
-    pack_linears(model)
+    pack_linears(model, {})
     assert type(model[0]) is nn.Linear and type(model[1]) is PackedLinear
 
 
@@ -45,3 +47,10 @@ def test_the_embedded_models_linears_are_packed():
     model, _ = load_model(None, torch.device("cpu"), torch.float32, progress=False)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 4 * 30 + 1 and all(type(m) is PackedLinear for m in linears)
+    # loaded again: the same weights and packed copies, read once a process; in another dtype: its own
+    again, _ = load_model("embedded", torch.device("cpu"), torch.float32, progress=False)
+    assert again is not model and again.lm_head.packed is model.lm_head.packed
+    w = again.layers[3].mlp.down_proj.weight
+    assert w.data_ptr() == model.layers[3].mlp.down_proj.weight.data_ptr()
+    bf16, _ = load_model(None, torch.device("cpu"), torch.bfloat16, progress=False)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16 and type(bf16.lm_head) is nn.Linear

@@ -18,12 +18,15 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(model: nn.Module) -> None:
-    """Every nn.Linear of a float32 CPU model becomes a PackedLinear, where torch has oneDNN; again: nothing."""
+def pack_linears(model: nn.Module, packed: dict[str, torch.Tensor]) -> None:
+    """Every nn.Linear of a float32 CPU model becomes a PackedLinear, where torch has oneDNN; again: nothing.
+    `packed`: packed weights by module name, of this model's weights (taken from it, and what is packed added)."""
     if not torch.backends.mkldnn.is_available():
         return
-    for module in [m for m in model.modules() if type(m) is nn.Linear]:
+    for name, module in [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]:
         w = module.weight
         if w.device.type == "cpu" and w.dtype == torch.float32:
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            if name not in packed:
+                packed[name] = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+            module.packed = packed[name]
             module.__class__ = PackedLinear
