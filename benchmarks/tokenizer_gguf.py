@@ -11,10 +11,11 @@ import sys
 import gguf
 
 from tailorkv.models.embedded import embedded_model_path
+from tailorkv.models.gguf_loader import PlainReader
 
 
 def write_tokenizer_gguf(src: str, dst: str) -> None:
-    reader = gguf.GGUFReader(src)
+    reader = PlainReader(src)
     writer = gguf.GGUFWriter(dst, arch=reader.fields["general.architecture"].contents())
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":

@@ -1,5 +1,6 @@
 """PlainReader, the GGUF header parse every model load runs, against the gguf package's own: the same fields (parts,
-data indices, types) and tensors, for arrays of strings, scalars, bools and arrays, and plain values."""
+data indices, types) and tensors, for arrays of strings, scalars, bools and arrays, and plain values; and the
+tokenizer-only GGUF the GPU stages carry."""
 
 import gguf
 import numpy as np
@@ -35,3 +36,20 @@ def test_the_header_parses_as_gguf_parses_it(tmp_path):
     ours, theirs = PlainReader(path), gguf.GGUFReader(path)
     assert fields_and_tensors(ours) == fields_and_tensors(theirs)
     assert ours.fields["tokenizer.ggml.tokens"].contents() == ["<s>", "", "héllo", "a" * 300]
+
+
+def test_the_tokenizer_gguf_tokenizes_as_the_embedded_model(tmp_path):
+    """benchmarks/tokenizer_gguf.py: the embedded GGUF's metadata without its tensors, all a dummy model reads."""
+    from benchmarks.tokenizer_gguf import write_tokenizer_gguf
+    from tailorkv.engine.tokenizer import Tokenizer
+    from tailorkv.models.embedded import embedded_model_path
+    from tailorkv.models.gguf_loader import load_gguf
+
+    whole = embedded_model_path()
+    write_tokenizer_gguf(whole, str(tmp_path / "tok.gguf"))
+    small = load_gguf(str(tmp_path / "tok.gguf"))
+    assert small.num_tensors == 0 and (tmp_path / "tok.gguf").stat().st_size < 2_000_000
+    text = "The capital of France is Paris. <|im_start|>user\nnaïve café 1234"
+    assert Tokenizer(small.tokenizer).encode(text) == Tokenizer(load_gguf(whole).tokenizer).encode(
+        text
+    )
