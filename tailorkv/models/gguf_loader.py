@@ -109,13 +109,13 @@ class PlainReader(gguf.GGUFReader):
     def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
         """gguf's parse of a field, with an array of strings or scalars cut in one loop (a vocabulary is ~10^5
         strings: 3.4 s a process through gguf's call per element) into the same parts, data and types."""
-        array = raw_type == gguf.GGUFValueType.ARRAY and self.byte_order == "I"
-        item = gguf.GGUFValueType(self._get(orig_offs, np.uint32)[0]) if array else None
-        if item is None or not (
-            item == gguf.GGUFValueType.STRING or item in self.gguf_scalar_to_np
-        ):
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
             return super()._get_field_parts(orig_offs, raw_type)
-        raw_item, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        raw_item = self._get(orig_offs, np.uint32)
+        item = gguf.GGUFValueType(raw_item[0])
+        if item != gguf.GGUFValueType.STRING and item not in self.gguf_scalar_to_np:
+            return super()._get_field_parts(orig_offs, raw_type)
+        count = self._get(orig_offs + 4, np.uint64)
         n, offs, data = int(count[0]), orig_offs + 12, self.data
         parts = [raw_item, count]
         if item == gguf.GGUFValueType.STRING:

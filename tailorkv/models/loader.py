@@ -18,8 +18,12 @@ from .sharding import check_divisible, shard
 from .weights import LoadedWeights
 
 
+def _is_embedded(model: str | None) -> bool:
+    return model is None or model in ("default", "embedded")
+
+
 def resolve(model: str | None, device: torch.device) -> LoadedWeights:
-    if model is None or model in ("default", "embedded"):
+    if _is_embedded(model):
         loaded = load_gguf(embedded_model_path())
         loaded.config.name = EMBEDDED_NAME
         return loaded
@@ -43,7 +47,7 @@ _kept: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
 def _keep_key(model: str | None, device: torch.device, dtype: torch.dtype, rank: int, size: int):
     if device.type != "cpu":
         return None
-    path = embedded_model_path() if model in (None, "default", "embedded") else model
+    path = embedded_model_path() if _is_embedded(model) else model
     stamp = None if path.startswith("dummy:") else os.stat(path).st_mtime_ns
     return path, stamp, dtype, rank, size
 
