@@ -166,9 +166,9 @@ def test_bench_serving(live_server, tmp_path, capsys):
     mixed = main(
         ["--base-url", live_server.url, "--output-file", str(out), "--dataset", "mixed"]
         + ["--users", "2", "--random-input-len", "16", "--random-output-len", "24"]
-        + ["--long-prompts", "2", "--long-prompt-tokens", "300", "--long-prompt-spacing", "0.05"]
+        + ["--long-prompts", "2", "--long-prompt-tokens", "64", "--long-prompt-spacing", "0.05"]
     )
-    assert mixed["completed"] == 4 and mixed["context"] == 16 and mixed["long_prompt_tokens"] == 300
+    assert mixed["completed"] == 4 and mixed["context"] == 16 and mixed["long_prompt_tokens"] == 64
     assert mixed["itl_s_max_during_prefill"] > 0 and mixed["tpot_s_median"] > 0
     assert len(mixed["long_ttft_s"]) == 2 and all(t > 0 for t in mixed["long_ttft_s"])
     assert "Serving Benchmark Result" in capsys.readouterr().out
