@@ -5,17 +5,18 @@
 
 For each policy (one engine, reused across contexts) and context: --batch random prompts of that many tokens,
 prefilled a prompt a step (--chunked-prefill-size, no step-time budget), `--warmup` decode steps, then `--steps`
-timed decode steps (median). GPU/host KV bytes are what the requests hold in each tier. The floor is the time to
+timed decode steps (median). GPU/host KV bytes are what the requests hold in each tier, a page several requests share
+once (`--shared-prefix`: the prompts begin with the same document, as doc chat's users do). The floor is the time to
 move the bytes a step must move at bandwidths measured at the start of the same run on the same device
 (bandwidth.py): weights and GPU-resident KV at the device-copy rate, bulk PCIe reads (stage 1 channel runs, the
 offload baseline's whole KV) at the pinned host-to-device copy rate, and the top-k rows at the UVA gather rate (at
 the policy's host row layout, fp8 rows included), except the share of them on pages with a GPU copy (tailor's
 DeviceCopies, `copied_share`), counted at the device rate. Comparing `tailor:longbench` with
 `tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
-Writes rows {policy, preset, context, batch, gpu_memory_limit_gib, ms_per_token, prefill_s, peak_gpu_bytes,
-gpu_kv_bytes, host_kv_bytes, copied_share, chunked_prefill_size, floor_ms, floor_weights_ms, floor_gpu_kv_ms,
-floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s, row_gather_gb_per_s, machine, date,
-commit, command} to --output; with
+Writes rows {policy, preset, context, batch, shared_prefix, shared_cached_tokens, gpu_memory_limit_gib,
+ms_per_token, prefill_s, peak_gpu_bytes, gpu_kv_bytes, host_kv_bytes, copied_share, chunked_prefill_size, floor_ms,
+floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s,
+row_gather_gb_per_s, machine, date, commit, command} to --output; with
 --profile-steps on CUDA also step_ms_by_part, a profiled step's device time by part (GEMMs, the top-k fetch, the
 sparse attention, the key sketch, the Q layers, top-k, FlashInfer, copies, other).
 """
@@ -43,11 +44,16 @@ def sync(engine: Engine) -> None:
         torch.cuda.synchronize()
 
 
-def held_bytes(engine: Engine, rid: int) -> dict[str, int]:
+def held_bytes(engine: Engine, rids: list[int]) -> dict[str, int]:
+    """The bytes of the pages the requests hold in each tier, a page that several share (a cached document) once."""
+    pages: dict[str, set] = {}
+    for rid in rids:
+        for pool, held in engine.memory.held.get(rid, {}).items():
+            pages.setdefault(pool, set()).update(held)
     out = {"gpu": 0, "host": 0}
-    for pool, pages in engine.memory.held.get(rid, {}).items():
+    for pool, held in pages.items():
         spec = engine.memory.specs[pool]
-        out[spec.tier] += len(pages) * spec.bytes_per_page
+        out[spec.tier] += len(held) * spec.bytes_per_page
     return out
 
 
@@ -110,26 +116,35 @@ def measure(engine: Engine, context: int, args) -> dict:
     reqs = []
     # the first prompts decode while the later ones prefill: about a step for each later one, four to be safe
     new = args.warmup + args.steps + args.profile_steps + 2 + 4 * args.batch
-    for _ in range(
-        args.batch
-    ):  # prompt + generated tokens fill `context` (128k fits a 131072-token model)
-        ids = torch.randint(100, 40000, (context - new,), generator=gen).tolist()
-        sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
-        reqs.append(engine.add_request(ids, SamplingParams.from_any(sp)))
+    # prompt + generated tokens fill `context` (128k fits a 131072-token model); the first shared_prefix tokens the
+    # same in every prompt
+    doc = torch.randint(100, 40000, (min(args.shared_prefix, context - new),), generator=gen)
+    prompts = [
+        doc.tolist()
+        + torch.randint(100, 40000, (context - new - len(doc),), generator=gen).tolist()
+        for _ in range(args.batch)
+    ]
+    sp = SamplingParams.from_any({"max_new_tokens": new, "temperature": 0, "ignore_eos": True})
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(engine)
     t0 = time.perf_counter()
-    while any(r.seq.prefilling for r in reqs):
-        engine.step()
-        # a finished request while later ones wait to prefill: fewer than --batch fit together
-        if any(r.finished for r in reqs):
-            raise RuntimeError(
-                f"{args.batch} requests of {context} tokens do not fit this engine's KV memory together"
-            )
+    # a shared document is prefilled once: the first prompt alone, then the others find it in the prefix cache
+    waves = [prompts[:1], prompts[1:]] if len(doc) else [prompts]
+    for wave in waves:
+        reqs += [engine.add_request(ids, sp) for ids in wave]
+        while any(r.seq.prefilling for r in reqs):
+            engine.step()
+            # a finished request while later ones wait to prefill: fewer than --batch fit together
+            if any(r.finished for r in reqs):
+                raise RuntimeError(
+                    f"{args.batch} requests of {context} tokens do not fit this engine's KV memory together"
+                )
     sync(engine)
     prefill = time.perf_counter() - t0
-    held = [held_bytes(engine, r.rid) for r in reqs]
+    held = held_bytes(engine, [r.rid for r in reqs])
+    # the prompt tokens the later requests read from the prefix cache (the document, to its last whole page)
+    cached = min((r.seq.cached_tokens for r in reqs[1:]), default=0)
     copied = copied_share(engine, [r.rid for r in reqs])
     times = []
     for i in range(args.warmup + args.steps):
@@ -144,12 +159,14 @@ def measure(engine: Engine, context: int, args) -> dict:
         raise RuntimeError("a request finished its answer before the timed steps ended")
     for r in reqs:
         engine.abort(r.rid)
-    gpu_kv, host_kv = sum(h["gpu"] for h in held), sum(h["host"] for h in held)
+    gpu_kv, host_kv = held["gpu"], held["host"]
     parts = floor_parts(engine, context, args.batch, gpu_kv, args.bandwidths, copied)
     return {
         **identity(args.current),
         "context": context,
         "batch": args.batch,
+        "shared_prefix": args.shared_prefix,
+        "shared_cached_tokens": cached,
         "gpu_memory_limit_gib": args.gpu_memory_limit,
         # the engine's schedule and compile in force (their defaults differ by device)
         "overlap_schedule": engine.options.overlap_schedule,
@@ -235,6 +252,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--policies", default="full,tailor:longbench,tailor:ruler,offload,kivi")
     p.add_argument("--contexts", default="16384,32768,65536,131072")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="the batch's prompts begin with the same TOKENS tokens (doc chat's document): the later ones read "
+        "them from the prefix cache, full's decode through the cascade (full::cascade=0: a row at a time)",
+    )
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -304,9 +329,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 flush=True,
             )
             if "step_ms_by_part" in row:
+                parts = row["step_ms_by_part"]
                 print(
-                    "  a profiled step, ms: "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in row["step_ms_by_part"].items()),
+                    f"  a profiled step, ms (the device busy {sum(parts.values()):.2f} of it): "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()),
                     flush=True,
                 )
             write_rows(args.output, rows)

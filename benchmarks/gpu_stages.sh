@@ -18,7 +18,8 @@
 # the radix select and with torch.topk, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
-# same policies), th32 (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
+# same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
+# tailor; profiled), th32 (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
@@ -143,6 +144,14 @@ b16)
     --device cuda --policies tailor:longbench:host_kv_dtype=fp8 --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b16_fp8.json > $R/lat_b16_fp8.log 2>&1
   echo "lat b16 fp8 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16_fp8.log | tail -3
+  ;;
+dc)
+  # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without
+  # it, tailor; profiled: the device's busy time against the step's (is the step launch-bound?)
+  timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
+    --shared-prefix 64000 --device cuda --policies ${DCP:-full,full::cascade=0,tailor:longbench} --steps 32 \
+    --host-kv-gib 60 --profile-steps 2 --output $R/latency_docchat_b16.json > $R/lat_dc.log 2>&1
+  echo "lat dc rc=$?"; t; grep -v "oading\|it/s" $R/lat_dc.log | tail -8
   ;;
 th32)
   # from the server's estimate of each policy's largest batch (START=N: doubling from N); the rows are written after

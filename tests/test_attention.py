@@ -135,9 +135,13 @@ def test_paged_prefill_equals_causal_attention_over_each_rows_pages(device, hq, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
-def test_decode_rows_sharing_leading_pages_equal_attention_over_each_rows_pages(device, hq, hkv, d):
-    """Two groups (rows 0, 2, 3 share 5 pages; rows 1, 4 share 3) and a row sharing nothing; own parts of 1 token
-    to 40 (off the page), pages out of order: each row equals plain attention over all its tokens."""
+@pytest.mark.parametrize("one_group", [False, True])
+def test_decode_rows_sharing_leading_pages_equal_attention_over_each_rows_pages(
+    device, hq, hkv, d, one_group
+):
+    """Two groups (rows 0, 2, 3 share 5 pages; rows 1, 4 share 3) and a row sharing nothing, or every row sharing
+    the 5 pages (doc chat: no rows gathered); own parts of 1 token to 40 (off the page), pages out of order: each row
+    equals plain attention over all its tokens."""
     decode = SharedPrefixDecode
     if available(torch.device(device), torch.bfloat16, d):
         decode = flashinfer_decode.SharedPrefixDecode
@@ -147,11 +151,15 @@ def test_decode_rows_sharing_leading_pages_equal_attention_over_each_rows_pages(
     shared = [order[:5], order[5:8]]
     own, lengths = order[8:20].split([3, 2, 1, 2, 3, 1]), [40, 17, 1, 30, 33, 5]
     groups = [([0, 2, 3], shared[0]), ([1, 4], shared[1])]
+    if one_group:
+        groups = [(list(range(6)), shared[0])]
     q = rand(6, hq, d, device=device, seed=13)
     attn = decode(torch.device(device), hq, hkv, d, 16, q.dtype)
     attn.plan(groups, list(own), lengths)
     out = attn.run(q, k_pages, v_pages)
-    first = {0: shared[0], 2: shared[0], 3: shared[0], 1: shared[1], 4: shared[1]}
+    first = {
+        i: shared[0] if i in (0, 2, 3) or one_group else shared[1] for r, _ in groups for i in r
+    }
     for i, (p, n) in enumerate(zip(own, lengths)):
         before = first.get(i, p[:0])
         keys, values = (

@@ -125,3 +125,23 @@ def test_a_batch_whose_kv_does_not_fit_together_is_refused_not_measured_smaller(
     bench_latency.main([*args, "--batch=1"])  # one fits
     with pytest.raises(RuntimeError, match="3 requests of 300 tokens do not fit"):
         bench_latency.main([*args, "--batch=3"])
+
+
+def test_a_shared_document_is_prefilled_once_and_its_pages_counted_once(tmp_path):
+    """--shared-prefix: the later prompts read the document from the prefix cache (all of its 512 tokens: whole
+    pages), and the rows count its pages once, with the cascade and without it."""
+    out = tmp_path / "shared.json"
+    args = ["--model=dummy:tiny", "--contexts=700", "--batch=3", "--steps=1", "--warmup=0"]
+    args += ["--device=cpu", "--kv-cache-gib=0.02", "--host-kv-gib=0.02", f"--output={out}"]
+    bench_latency.main([*args, "--policies=full,full::cascade=0", "--shared-prefix=512"])
+    cascade, rows = json.loads(out.read_text())
+    bench_latency.main([*args, "--policies=full"])
+    (alone,) = json.loads(out.read_text())
+    assert (cascade["shared_cached_tokens"], rows["shared_cached_tokens"]) == (512, 512)
+    assert alone["shared_prefix"] == alone["shared_cached_tokens"] == 0
+    # two of the three prompts hold 512 tokens fewer of their own: K and V of 4 layers, 2 KV heads of 32, float32
+    page_bytes = alone["gpu_kv_bytes"] - cascade["gpu_kv_bytes"]
+    assert (
+        page_bytes == 2 * 512 * 2 * 4 * 2 * 32 * 4
+        and rows["gpu_kv_bytes"] == cascade["gpu_kv_bytes"]
+    )
