@@ -5,6 +5,8 @@ there and alone, peak GPU memory, and each step while it prefilled (`prefill_ste
 before them, its seconds and what the step-cost model predicted, the CUDA graphs it captured and whether its decode
 rows ran eagerly for want of one, to see what a gap over the budget was made of). With --profile-at, the profiler's
 start and its table (~1.3 s on the H100) are left out of the gaps and the TTFT (`profile_s` says how long they took).
+On a GPU the engine warms up first, as a server does (without it the first chunk of a lone prompt compiled kernels
+for ~5 s).
 
   python -m benchmarks.bench_mixed_steps --model dummy:llama-3.1-8b --policy tailor --users 8 --user-len 32768 \\
       --long-len 126000 --engine-args '{"tailor_preset": "longbench", "host_kv_gib": 60}' --out FILE
@@ -25,6 +27,7 @@ from benchmarks.bench_latency import profiled
 from benchmarks.policy_spec import add_tp_argument
 from tailorkv.engine.engine import Engine
 from tailorkv.engine.sampling import SamplingParams
+from tailorkv.engine.warm_up import warm_up
 
 from .rows import run_info, write_rows
 
@@ -36,6 +39,10 @@ def run(args) -> dict:
 
     options = {"tp_size": args.tp_size, **args.engine_args}
     with Engine(model=args.model, kv_policy=args.policy, progress=False, **options) as e:
+        if (
+            e.device.type == "cuda"
+        ):  # as `tailorkv serve` starts: the first prompt's kernels compiled already
+            warm_up(e)
         return measure(e, args, sync)
 
 
