@@ -39,9 +39,8 @@ def run(args) -> dict:
 
     options = {"tp_size": args.tp_size, **args.engine_args}
     with Engine(model=args.model, kv_policy=args.policy, progress=False, **options) as e:
-        if (
-            e.device.type == "cuda"
-        ):  # as `tailorkv serve` starts: the first prompt's kernels compiled already
+        # as `tailorkv serve` starts: the first prompt's kernels compiled already
+        if e.device.type == "cuda":
             warm_up(e)
         return measure(e, args, sync)
 
