@@ -157,9 +157,7 @@ def test_decode_rows_sharing_leading_pages_equal_attention_over_each_rows_pages(
     attn = decode(torch.device(device), hq, hkv, d, 16, q.dtype)
     attn.plan(groups, list(own), lengths)
     out = attn.run(q, k_pages, v_pages)
-    first = {
-        i: shared[0] if i in (0, 2, 3) or one_group else shared[1] for r, _ in groups for i in r
-    }
+    first = {i: pages for rows, pages in groups for i in rows}
     for i, (p, n) in enumerate(zip(own, lengths)):
         before = first.get(i, p[:0])
         keys, values = (
