@@ -76,12 +76,19 @@ def copied_share(engine: Engine, rids: list[int]) -> float:
 
 
 def floor_parts(
-    engine: Engine, context: int, batch: int, gpu_kv: int, bw: Bandwidths, copied: float = 0.0
+    engine: Engine,
+    context: int,
+    batch: int,
+    gpu_kv: int,
+    bw: Bandwidths,
+    copied: float = 0.0,
+    shared: int = 0,
 ) -> dict[str, float]:
     """Milliseconds to move what one decode step must move, by part: the weights once, the GPU-resident KV the
     batch reads (of tailor's key sketch only the d_s channels a row scores: its pages are channel-major), bulk
     PCIe reads (stage 1's channels, the offload baseline's whole KV), the top-k rows (the `copied` share of them
-    from GPU copies, in the GPU KV part)."""
+    from GPU copies, in the GPU KV part). `shared`: the leading prompt tokens every row shares (their pages, as
+    `gpu_kv` counts them, read once)."""
     c, item = engine.config, engine.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     kv_token = 2 * c.num_kv_heads * c.head_dim * item  # one layer, one token, K and V
@@ -97,11 +104,10 @@ def floor_parts(
             h * w * torch.empty(0, dtype=dtype).element_size()
         )  # one token's rows of every KV head
         rows = batch * ns * t.top_k * row
+        shared_pages = shared // HOST_PAGE
         sketch = (
-            batch
-            * -(-context // HOST_PAGE)
-            * OffloadStore.bytes_per_sketch_page(ns, c.num_kv_heads, c.head_dim, t.key_sketch)
-        )
+            batch * (-(-context // HOST_PAGE) - shared_pages) + shared_pages
+        ) * OffloadStore.bytes_per_sketch_page(ns, c.num_kv_heads, c.head_dim, t.key_sketch)
         unread = sketch * (1 - t.d_s / c.head_dim) if t.key_sketch else 0
         parts["gpu_kv"] = (gpu_kv - unread + copied * rows) / bw.device
         parts["pcie_bulk"] = batch * stage1 / bw.host_copy
@@ -160,7 +166,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = held["gpu"], held["host"]
-    parts = floor_parts(engine, context, args.batch, gpu_kv, args.bandwidths, copied)
+    parts = floor_parts(engine, context, args.batch, gpu_kv, args.bandwidths, copied, cached)
     return {
         **identity(args.current),
         "context": context,

@@ -36,6 +36,8 @@ def test_floor_parts_count_what_a_step_moves(policy):
             parts[dtype] = bench_latency.floor_parts(e, 4096, 2, 10**6, bw)
             if dtype == "auto":
                 copied = bench_latency.floor_parts(e, 4096, 2, 10**6, bw, copied=0.75)
+                # both rows share their 4,096 tokens: the sketch's pages are held and read once
+                shared = bench_latency.floor_parts(e, 4096, 2, 10**6, bw, shared=4096)
             weights = sum(p.numel() * p.element_size() for p in e.model.parameters())
     auto = parts["auto"]
     assert auto["weights"] == pytest.approx(1e3 * weights / bw.device)
@@ -46,6 +48,7 @@ def test_floor_parts_count_what_a_step_moves(policy):
         else 0
     )
     assert auto["gpu_kv"] == pytest.approx(1e3 * (10**6 - unread) / bw.device)
+    assert shared["gpu_kv"] == pytest.approx(1e3 * (10**6 - unread / 2) / bw.device)
     assert auto["pcie_bulk"] == 0  # the key sketch: no stage-1 reads over PCIe
     if policy == "full":
         assert auto["pcie_rows"] == 0
