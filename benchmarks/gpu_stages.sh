@@ -19,7 +19,8 @@
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
-# tailor; profiled), th32 (bench_throughput at 32k), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
+# tailor; profiled), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
+# 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
@@ -144,6 +145,14 @@ b16)
     --device cuda --policies tailor:longbench:host_kv_dtype=fp8 --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b16_fp8.json > $R/lat_b16_fp8.log 2>&1
   echo "lat b16 fp8 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16_fp8.log | tail -3
+  ;;
+b50)
+  # tailor with fp8 host rows at the batch bench_throughput found at 32k (H100, 2026-12-06: 50 requests, 63 ms a step,
+  # 794 tok/s against full's 522.9; 2x needs <= 47.8 ms), profiled: where the step goes once most rows lack a GPU copy
+  timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch ${BB:-50} \
+    --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8} --steps 16 --host-kv-gib 100 \
+    --gpu-memory-limit 80 --profile-steps 2 --output $R/latency_b50_fp8.json > $R/lat_b50.log 2>&1
+  echo "lat b50 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b50.log | tail -4
   ;;
 dc)
   # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without
