@@ -26,6 +26,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 
 if not torch.cuda.is_available():
+    # Inductor's C++ kernels compiled in this process, without a pool of compile workers to start on a machine of
+    # two cores (test_torch_compile, cold: 74 s against 67)
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     # before anything imports triton (torch.nn.attention.bias does): triton decorates its own tl.* helpers once,
     # in the mode the flag gives at that import, and the kernel tests run them in the interpreter
     os.environ["TRITON_INTERPRET"] = "1"
