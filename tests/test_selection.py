@@ -66,6 +66,22 @@ def test_batched_selection_equals_per_sequence():
         assert torch.equal(idx[b][valid[b]], one[ok]) and ok.all()
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 13])
+def test_selection_by_blocks_picks_what_one_top_k_picks(chunk):
+    """topk_chunk: rows whose ranges and own k differ, a length off every block, GQA 3 (3 KV heads), a range that
+    holds fewer positions than k (its -inf picks invalid), the last block short: the same valid tokens, rank by
+    rank, as torch.topk over the masked row."""
+    gen = torch.Generator().manual_seed(chunk)
+    scores = torch.randn(4, 3, 997, generator=gen)
+    begin, end = torch.tensor([4, 0, 300, 100]), torch.tensor([990, 997, 310, 996])
+    k_rows = torch.tensor([50, 7, 64, 64])
+    idx, valid = select_tokens(scores, begin, end, 64, k_rows)
+    got, ok = select_tokens(scores, begin, end, 64, k_rows, chunk=chunk)
+    assert torch.equal(ok, valid) and torch.equal(got[ok], idx[valid])
+    assert valid.sum(-1)[:, 0].tolist() == [50, 7, 10, 64]  # row 2's range holds 10 positions
+    assert got.min() >= 0 and got.max() < 997
+
+
 def test_grouped_attention_ignores_garbage_in_masked_slots():
     """Masked key/value slots (unused window or padding) may hold stale memory, NaN and inf included."""
     torch.manual_seed(0)

@@ -34,33 +34,43 @@ def score_tokens(q: torch.Tensor, k_channels: torch.Tensor, channels: torch.Tens
     return torch.einsum("...hc,...hcl->...hl", query_channels(q, channels), k_channels.float())
 
 
-def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores, k, -1)'s values (sorted, largest first) and indices by way of `chunk`-position blocks of
-    the last dim: the k blocks with the largest maxima, then the top k of their k * chunk positions (two short
-    passes instead of radix passes over a few long rows). The k-th largest score is at least the k-th largest block
-    maximum, so every element of the top k lies in one of those blocks. Ties may pick other indices; every index
-    lies inside the last dim. chunk 0, or k * chunk >= the dim: torch.topk itself."""
-    *lead, n = scores.shape
-    if not chunk or k * chunk >= n:
-        return scores.topk(k, dim=-1)
-    blocks = -(-n // chunk)
-    padded = (
-        scores
-        if n % chunk == 0
-        else torch.nn.functional.pad(scores, (0, blocks * chunk - n), value=float("-inf"))
-    )
-    best = padded.view(*lead, blocks, chunk).amax(-1).topk(k, dim=-1).indices
-    pos = (best[..., None] * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
-    values, pick = padded.gather(-1, pos).topk(k, dim=-1)
-    return values, pos.gather(-1, pick).clamp_(max=n - 1)  # padding, picked only at -inf
-
-
 def outside_masked(scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """scores [..., Hkv, L] with positions outside [begin, end) (0-d, or [...] per sequence) at -inf."""
-    pos = torch.arange(scores.shape[-1], device=scores.device)
+    return _masked(scores, torch.arange(scores.shape[-1], device=scores.device), begin, end)
+
+
+def _masked(
+    values: torch.Tensor, pos: torch.Tensor, begin: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
+    """values [..., Hkv, N] at positions pos (broadcast to it) with those outside [begin, end) at -inf."""
     if begin.dim():
         begin, end = begin[..., None, None], end[..., None, None]
-    return scores.masked_fill((pos < begin) | (pos >= end), float("-inf"))
+    return values.masked_fill((pos < begin) | (pos >= end), float("-inf"))
+
+
+def block_maxima(
+    scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """The maximum of each `chunk`-position block of scores [..., Hkv, L] (the last block may be short), positions
+    outside [begin, end) counted as -inf -> [..., Hkv, ceil(L / chunk)]. Compiled, one pass over the scores."""
+    n = scores.shape[-1]
+    blocks = -(-n // chunk)
+    padded = torch.nn.functional.pad(
+        outside_masked(scores, begin, end), (0, blocks * chunk - n), value=float("-inf")
+    )
+    return padded.view(*scores.shape[:-1], blocks, chunk).amax(-1)
+
+
+def block_candidates(
+    scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, blocks: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores of every position of the chosen blocks [..., Hkv, k] (outside [begin, end) or past the row: -inf)
+    and those positions [..., Hkv, k * chunk], clamped into the row."""
+    n = scores.shape[-1]
+    pos = (blocks[..., None] * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
+    inside = pos.clamp(max=n - 1)
+    values = _masked(scores.gather(-1, inside), pos, begin, end)
+    return values.masked_fill(pos >= n, float("-inf")), inside
 
 
 def valid_ranks(values: torch.Tensor, k_rows: torch.Tensor | None) -> torch.Tensor:
@@ -79,6 +89,7 @@ class Selection:
         wrap = torch.compile if compiled else (lambda f: f)
         self.channel_scores, self.query_channels = wrap(channel_scores), wrap(query_channels)
         self.outside_masked, self.valid_ranks = wrap(outside_masked), wrap(valid_ranks)
+        self.block_maxima, self.block_candidates = wrap(block_maxima), wrap(block_candidates)
 
     def select_channels(
         self, q_hat: torch.Tensor, max_abs_k: torch.Tensor, d_s: int
@@ -116,10 +127,32 @@ class Selection:
             )
             top = topk.top_positions(rows, b, e, k, kr)
             return tuple(x.view(*scores.shape[:-1], -1) for x in top)
-        masked = self.outside_masked(scores, begin, end)
-        values, indices = two_stage_topk(masked, min(k, scores.shape[-1]), chunk)
+        values, indices = self.two_stage_topk(scores, begin, end, min(k, scores.shape[-1]), chunk)
         return indices, self.valid_ranks(values, k_rows)
+
+    def two_stage_topk(
+        self, scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, k: int, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch.topk of the scores [..., Hkv, L] with positions outside [begin, end) at -inf: values (sorted,
+        largest first) and indices, by way of `chunk`-position blocks: the k blocks with the largest maxima, then
+        the top k of their k * chunk positions (two short top-ks instead of radix passes over long rows; the mask
+        and the blocks' maxima one compiled pass over the scores, the blocks' scores one gather). The k-th largest
+        score is at least the k-th largest block maximum, so every element of the top k lies in one of those
+        blocks. Ties may pick other indices; every index lies inside the row. chunk 0, or k * chunk >= L:
+        torch.topk itself."""
+        if not chunk or k * chunk >= scores.shape[-1]:
+            return self.outside_masked(scores, begin, end).topk(k, dim=-1)
+        best = self.block_maxima(scores, begin, end, chunk).topk(k, dim=-1).indices
+        values, pos = self.block_candidates(scores, begin, end, best, chunk)
+        values, pick = values.topk(k, dim=-1)
+        return values, pos.gather(-1, pick)
 
 
 EAGER = Selection()
 select_channels, select_tokens = EAGER.select_channels, EAGER.select_tokens
+
+
+def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection.two_stage_topk over the whole row (eager): torch.topk(scores, k, -1) by way of blocks."""
+    n = torch.tensor(scores.shape[-1], device=scores.device)
+    return EAGER.two_stage_topk(scores, torch.zeros_like(n), n, k, chunk)

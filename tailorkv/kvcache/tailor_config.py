@@ -21,9 +21,11 @@
   captured steps on the H100 it took tailor's 128k batch-1 step from 10.74 to 10.17 ms, and at batch 16 (32k) from
   21.81 to 23.67 ms (in CUDA graphs its calls take ~9x as long for 12x the rows, torch.topk's ~3x).
 - topk_chunk (beyond the paper): 0 = stage 2's top-k over each row's whole context; N = the k blocks
-  of N positions with the largest maxima first, then the top k of their positions (selection.two_stage_topk): the
-  same tokens (ties aside) from two short passes instead of radix passes over a long row, for whichever measures
-  faster (benchmarks/bench_topk.py). N = 64 leaves k * 64 candidates.
+  of N positions with the largest maxima first, then the top k of their positions (Selection.two_stage_topk; the
+  mask and the blocks' maxima one compiled pass over the scores): the same tokens (ties aside) from two short
+  top-ks instead of radix passes over a long row, for whichever measures faster (benchmarks/bench_topk.py, `dc`).
+  N = 64 leaves k * 64 candidates. On the H100 in doc chat's step (16 x 64k), before that pass was compiled, N = 32
+  took 16.51 ms against 16.91.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
