@@ -106,7 +106,7 @@ cap24)
 sk)
   # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
+    --policies ${SKP:-tailor:longbench,tailor:longbench:topk_chunk=32,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 tk)
@@ -158,7 +158,7 @@ dc)
   # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without
   # it, tailor; profiled: the device's busy time against the step's (is the step launch-bound?)
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
-    --shared-prefix 64000 --device cuda --policies ${DCP:-full,full::cascade=0,tailor:longbench} --steps 32 \
+    --shared-prefix 64000 --device cuda --policies ${DCP:-full,full::cascade=0,tailor:longbench,tailor:longbench:topk_chunk=32} --steps 32 \
     --host-kv-gib 60 --profile-steps 2 --output $R/latency_docchat_b16.json > $R/lat_dc.log 2>&1
   echo "lat dc rc=$?"; t; grep -v "oading\|it/s" $R/lat_dc.log | tail -8
   ;;
