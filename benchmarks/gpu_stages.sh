@@ -15,7 +15,7 @@
 #                                           # host's .git is a stale one)
 # Stages: tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
-# the radix select and with torch.topk, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
+# the radix select and by blocks of 32, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
@@ -104,7 +104,7 @@ cap24)
   cap24
   ;;
 sk)
-  # 128k batch 1, compiled by default (H100: tailor 11.04 ms, full 12.73), one profile each
+  # 128k batch 1, compiled by default (H100, 2026-12-06: tailor 9.98 ms with the radix select, full 12.07), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
     --policies ${SKP:-tailor:longbench,tailor:longbench:topk_chunk=32,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
