@@ -68,7 +68,7 @@ def test_batched_selection_equals_per_sequence():
 
 @pytest.mark.parametrize("chunk", [1, 7, 13])
 def test_selection_by_blocks_picks_what_one_top_k_picks(chunk):
-    """topk_chunk: rows whose ranges and own k differ, a length off every block, GQA 3 (3 KV heads), a range that
+    """topk_chunk: rows whose ranges and own k differ, a length off every block, 3 KV heads, a range that
     holds fewer positions than k (its -inf picks invalid), the last block short: the same valid tokens, rank by
     rank, as torch.topk over the masked row."""
     gen = torch.Generator().manual_seed(chunk)

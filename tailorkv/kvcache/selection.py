@@ -64,13 +64,11 @@ def block_maxima(
 def block_candidates(
     scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, blocks: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scores of every position of the chosen blocks [..., Hkv, k] (outside [begin, end) or past the row: -inf)
-    and those positions [..., Hkv, k * chunk], clamped into the row."""
-    n = scores.shape[-1]
+    """The scores of every position of the chosen blocks [..., Hkv, k] (outside [begin, end), end <= L, so past the
+    row too: -inf) and those positions [..., Hkv, k * chunk], clamped into the row."""
     pos = (blocks[..., None] * chunk + torch.arange(chunk, device=scores.device)).flatten(-2)
-    inside = pos.clamp(max=n - 1)
-    values = _masked(scores.gather(-1, inside), pos, begin, end)
-    return values.masked_fill(pos >= n, float("-inf")), inside
+    inside = pos.clamp(max=scores.shape[-1] - 1)
+    return _masked(scores.gather(-1, inside), pos, begin, end), inside
 
 
 def valid_ranks(values: torch.Tensor, k_rows: torch.Tensor | None) -> torch.Tensor:
