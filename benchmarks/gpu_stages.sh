@@ -150,7 +150,7 @@ b50)
   # tailor with fp8 host rows at the batch bench_throughput found at 32k (H100, 2026-12-06: 50 requests, 63 ms a step,
   # 794 tok/s against full's 522.9; 2x needs <= 47.8 ms), profiled: where the step goes once most rows lack a GPU copy
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch ${BB:-50} \
-    --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8} --steps 16 --host-kv-gib 100 \
+    --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=32} --steps 16 --host-kv-gib 100 \
     --gpu-memory-limit 80 --profile-steps 2 --output $R/latency_b50_fp8.json > $R/lat_b50.log 2>&1
   echo "lat b50 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b50.log | tail -4
   ;;
