@@ -19,7 +19,7 @@
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
-# tailor; profiled), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
+# tailor; profiled), bk (the block maxima's kernel alone, then b16 with fp8 rows with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
@@ -153,6 +153,18 @@ b50)
     --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=32} --steps 16 --host-kv-gib 100 \
     --gpu-memory-limit 80 --profile-steps 2 --output $R/latency_b50_fp8.json > $R/lat_b50.log 2>&1
   echo "lat b50 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b50.log | tail -4
+  ;;
+bk)
+  # the block maxima's Triton kernel (block_maxima_triton.py): the two-stage top-k alone, timed in CUDA graphs beside
+  # torch.topk; then batch 16 at 32k with fp8 rows, torch.topk against blocks of 32 (at 391f0bf: 15.62 against 16.72
+  # ms, the compiled maxima at 80 us a layer in the step, 11.5 us compiled alone). If blocks win, topk_chunk=32
+  # becomes the default above radix_topk's batch
+  timeout 120 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,65536 --batch 1,16,40 --k 128 --chunk 32 \
+    --output $R/topk_chunk32.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 8 $R/topk.log
+  timeout ${TL:-300} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
+    --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=32} --steps 32 \
+    --host-kv-gib 40 --profile-steps 2 --output $R/latency_b16_blocks.json > $R/lat_bk.log 2>&1
+  echo "lat bk rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk.log | tail -5
   ;;
 dc)
   # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tailorkv.kernels import token_topk
+from tailorkv.kernels import block_maxima, token_topk
 
 
 def group_mean(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -48,19 +48,6 @@ def _masked(
     return values.masked_fill((pos < begin) | (pos >= end), float("-inf"))
 
 
-def block_maxima(
-    scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """The maximum of each `chunk`-position block of scores [..., Hkv, L] (the last block may be short), positions
-    outside [begin, end) counted as -inf -> [..., Hkv, ceil(L / chunk)]. Compiled, one pass over the scores."""
-    n = scores.shape[-1]
-    blocks = -(-n // chunk)
-    padded = torch.nn.functional.pad(
-        outside_masked(scores, begin, end), (0, blocks * chunk - n), value=float("-inf")
-    )
-    return padded.view(*scores.shape[:-1], blocks, chunk).amax(-1)
-
-
 def block_candidates(
     scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, blocks: torch.Tensor, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +74,8 @@ class Selection:
         wrap = torch.compile if compiled else (lambda f: f)
         self.channel_scores, self.query_channels = wrap(channel_scores), wrap(query_channels)
         self.outside_masked, self.valid_ranks = wrap(outside_masked), wrap(valid_ranks)
-        self.block_maxima, self.block_candidates = wrap(block_maxima), wrap(block_candidates)
+        self.block_maxima = wrap(block_maxima.block_maxima)  # off CUDA
+        self.block_candidates = wrap(block_candidates)
 
     def select_channels(
         self, q_hat: torch.Tensor, max_abs_k: torch.Tensor, d_s: int
@@ -134,13 +122,18 @@ class Selection:
         """torch.topk of the scores [..., Hkv, L] with positions outside [begin, end) at -inf: values (sorted,
         largest first) and indices, by way of `chunk`-position blocks: the k blocks with the largest maxima, then
         the top k of their k * chunk positions (two short top-ks instead of radix passes over long rows; the mask
-        and the blocks' maxima one compiled pass over the scores, the blocks' scores one gather). The k-th largest
+        and the blocks' maxima one pass over the scores, block_maxima's kernel on CUDA, the blocks' scores one
+        gather). The k-th largest
         score is at least the k-th largest block maximum, so every element of the top k lies in one of those
         blocks. Ties may pick other indices; every index lies inside the row. chunk 0, or k * chunk >= L:
         torch.topk itself."""
         if not chunk or k * chunk >= scores.shape[-1]:
             return self.outside_masked(scores, begin, end).topk(k, dim=-1)
-        best = self.block_maxima(scores, begin, end, chunk).topk(k, dim=-1).indices
+        kernel = block_maxima.ops(scores.device)
+        maxima = (self.block_maxima if kernel is block_maxima else kernel.block_maxima)(
+            scores, begin, end, chunk
+        )
+        best = maxima.topk(k, dim=-1).indices
         values, pos = self.block_candidates(scores, begin, end, best, chunk)
         values, pick = values.topk(k, dim=-1)
         return values, pos.gather(-1, pick)
