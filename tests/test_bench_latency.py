@@ -115,9 +115,12 @@ def test_step_parts_sum_each_kernel_into_its_part_a_step():
     }
 
 
-def test_a_batch_whose_kv_does_not_fit_together_is_refused_not_measured_smaller(tmp_path):
+def test_a_batch_whose_kv_does_not_fit_together_is_refused_not_measured_smaller(
+    tmp_path, monkeypatch
+):
     """On an H100 full's 16 x 32k (64 GiB of KV) held 4 requests at a time: the first finished while the rest waited,
-    and the step was timed at the smaller batch. The script now stops at the prefill instead."""
+    and the step was timed at the smaller batch. The script now refuses before it prefills anything, and says how
+    many the pools hold."""
     args = ["--model=dummy:tiny", "--policies=full", "--contexts=300", "--steps=1", "--warmup=0"]
     args += [
         "--profile-steps=0",
@@ -126,7 +129,14 @@ def test_a_batch_whose_kv_does_not_fit_together_is_refused_not_measured_smaller(
         f"--output={tmp_path / 'l.json'}",
     ]
     bench_latency.main([*args, "--batch=1"])  # one fits
-    with pytest.raises(RuntimeError, match="3 requests of 300 tokens do not fit"):
+
+    def step(self):
+        raise AssertionError("a step ran")
+
+    monkeypatch.setattr(bench_latency.Engine, "step", step)
+    with pytest.raises(
+        RuntimeError, match="3 requests of 300 tokens do not fit .*: its pools hold [12]$"
+    ):
         bench_latency.main([*args, "--batch=3"])
 
 
