@@ -19,7 +19,7 @@
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
-# tailor; profiled), bk (the block maxima's kernel alone, then b16 with fp8 rows with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
+# tailor; profiled), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
@@ -165,6 +165,11 @@ bk)
     --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=32} --steps 32 \
     --host-kv-gib 40 --profile-steps 2 --output $R/latency_b16_blocks.json > $R/lat_bk.log 2>&1
   echo "lat bk rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk.log | tail -5
+  # and 128k batch 1: the radix select (9.98 ms on the H100 at b65820c) against blocks of 32
+  [ -n "${B1-1}" ] && timeout ${TL1:-200} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 \
+    --device cuda --policies tailor:longbench,tailor:longbench:topk_chunk=32 --steps 32 --host-kv-gib 40 --profile-steps 2 \
+    --output $R/latency_b1_blocks.json > $R/lat_bk1.log 2>&1
+  echo "lat bk b1 rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk1.log | tail -5
   ;;
 dc)
   # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without
