@@ -159,6 +159,7 @@ bk)
   # torch.topk; then batch 16 at 32k with fp8 rows, torch.topk against blocks of 32 (at 391f0bf: 15.62 against 16.72
   # ms, the compiled maxima at 80 us a layer in the step, 11.5 us compiled alone). If blocks win, topk_chunk=32
   # becomes the default above radix_topk's batch. Ten files: run it without RDIR=$OUT (they come back as res_bk.tgz)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_maxima.py tests/test_selection.py 2>&1 | tail -3; t
   timeout 120 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,65536 --batch 1,16,40 --k 128 --chunk 32 \
     --output $R/topk_chunk32.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 8 $R/topk.log
   timeout ${TL:-300} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
