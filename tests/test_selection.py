@@ -4,8 +4,10 @@ import itertools
 
 import pytest
 import torch
+from triton_kernels import triton_module
 
 from tailorkv.kernels.attention import grouped_attention
+from tailorkv.kvcache import selection
 from tailorkv.kvcache.selection import group_mean, score_tokens, select_channels, select_tokens
 
 
@@ -66,11 +68,16 @@ def test_batched_selection_equals_per_sequence():
         assert torch.equal(idx[b][valid[b]], one[ok]) and ok.all()
 
 
+@pytest.mark.parametrize("kernel", ["reference", "block_maxima_triton"])
 @pytest.mark.parametrize("chunk", [1, 7, 13])
-def test_selection_by_blocks_picks_what_one_top_k_picks(chunk):
+def test_selection_by_blocks_picks_what_one_top_k_picks(chunk, kernel, monkeypatch):
     """topk_chunk: rows whose ranges and own k differ, a length off every block, 3 KV heads, a range that
     holds fewer positions than k (its -inf picks invalid), the last block short: the same valid tokens, rank by
-    rank, as torch.topk over the masked row."""
+    rank, as torch.topk over the masked row; with the block maxima from the reference and from the Triton kernel
+    (what CUDA runs; in the interpreter here), called as the selection calls it."""
+    if kernel != "reference":
+        module = triton_module(kernel)
+        monkeypatch.setattr(selection.block_maxima, "ops", lambda device: module)
     gen = torch.Generator().manual_seed(chunk)
     scores = torch.randn(4, 3, 997, generator=gen)
     begin, end = torch.tensor([4, 0, 300, 100]), torch.tensor([990, 997, 310, 996])
