@@ -162,10 +162,12 @@ bk)
   timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_maxima.py tests/test_selection.py 2>&1 | tail -3; t
   timeout 120 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,65536 --batch 1,16,40 --k 128 --chunk 32 \
     --output $R/topk_chunk32.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 8 $R/topk.log
-  timeout ${TL:-300} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 --device cuda \
+  # TORCH_LOGS=recompiles: which functions the growing batch recompiled with symbolic sizes (the log, NOTES 2026-12-06)
+  TORCH_LOGS=recompiles timeout ${TL:-300} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 \
+    --batch 16 --device cuda \
     --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=32} --steps 32 \
     --host-kv-gib 40 --profile-steps 2 --output $R/latency_b16_blocks.json > $R/lat_bk.log 2>&1
-  echo "lat bk rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk.log | tail -5
+  echo "lat bk rc=$?"; t; grep -v "oading\|it/s\|recompiles" $R/lat_bk.log | tail -5; grep -c "Recompiling function" $R/lat_bk.log
   # and 128k batch 1: the radix select (9.98 ms on the H100 at b65820c) against blocks of 32
   [ -n "${B1-1}" ] && timeout ${TL1:-200} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 \
     --device cuda --policies tailor:longbench,tailor:longbench:topk_chunk=32 --steps 32 --host-kv-gib 40 --profile-steps 2 \
