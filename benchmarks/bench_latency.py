@@ -133,8 +133,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     sp = SamplingParams.from_any({"max_new_tokens": new, "temperature": 0, "ignore_eos": True})
     # before any prefill (a batch of 50 x 32k took 4.5 minutes of a GPU call to find that it did not fit): the pools
     # hold this many such requests whole; a shared document is held once, which this count does not see
-    holds = engine.scheduler.max_requests(context - new, new)
-    if not len(doc) and args.batch > holds:
+    if not len(doc) and args.batch > (holds := engine.scheduler.max_requests(context - new, new)):
         raise RuntimeError(
             f"{args.batch} requests of {context} tokens do not fit this engine's KV memory together: "
             f"its pools hold {holds}"

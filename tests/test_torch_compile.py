@@ -79,7 +79,7 @@ def test_compiled_selection_picks_what_the_eager_one_picks(device):
     for chunk in (
         0,
         13,
-    ):  # one top-k; by blocks of 13 (the last one short): maxima and candidates compiled
+    ):  # one top-k; by blocks of 13 (the last one short): candidates compiled, and the maxima off CUDA
         for got, want in zip(
             compiled.select_tokens(scores, begin, end, 64, k_rows, chunk),
             EAGER.select_tokens(scores, begin, end, 64, k_rows, chunk),

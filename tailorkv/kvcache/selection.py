@@ -123,10 +123,9 @@ class Selection:
         largest first) and indices, by way of `chunk`-position blocks: the k blocks with the largest maxima, then
         the top k of their k * chunk positions (two short top-ks instead of radix passes over long rows; the mask
         and the blocks' maxima one pass over the scores, block_maxima's kernel on CUDA, the blocks' scores one
-        gather). The k-th largest
-        score is at least the k-th largest block maximum, so every element of the top k lies in one of those
-        blocks. Ties may pick other indices; every index lies inside the row. chunk 0, or k * chunk >= L:
-        torch.topk itself."""
+        gather). The k-th largest score is at least the k-th largest block maximum, so every element of the top k
+        lies in one of those blocks. Ties may pick other indices; every index lies inside the row. chunk 0, or
+        k * chunk >= L: torch.topk itself."""
         if not chunk or k * chunk >= scores.shape[-1]:
             return self.outside_masked(scores, begin, end).topk(k, dim=-1)
         kernel = block_maxima.ops(scores.device)

@@ -22,10 +22,10 @@
   21.81 to 23.67 ms (in CUDA graphs its calls take ~9x as long for 12x the rows, torch.topk's ~3x).
 - topk_chunk (beyond the paper): 0 = stage 2's top-k over each row's whole context; N = the k blocks
   of N positions with the largest maxima first, then the top k of their positions (Selection.two_stage_topk; the
-  mask and the blocks' maxima one compiled pass over the scores): the same tokens (ties aside) from two short
-  top-ks instead of radix passes over a long row, for whichever measures faster (benchmarks/bench_topk.py, `dc`).
-  N = 64 leaves k * 64 candidates. On the H100 in doc chat's step (16 x 64k), before that pass was compiled, N = 32
-  took 16.51 ms against 16.91.
+  mask and the blocks' maxima one pass over the scores, kernels/block_maxima.py): the same tokens (ties aside) from
+  two short top-ks instead of radix passes over a long row, for whichever measures faster (benchmarks/bench_topk.py,
+  `dc`). N = 64 leaves k * 64 candidates. On the H100 in doc chat's step (16 x 64k) N = 32 took 13.76 ms against
+  16.99 with the maxima compiled by torch.compile; at batch 16 and 32k it lost (16.72 against 15.62).
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
