@@ -44,7 +44,8 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     ),
     (
         "--tailor-topk-chunk",
-        "stage 2's top-k over chunks of N positions first, then of those (0: one top-k)",
+        "stage 2's top-k over the blocks of N positions with the largest maxima first, then of their positions "
+        "(default 32; 0: one top-k over the whole context)",
     ),
     (
         "--tailor-fp8-row-align",

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from triton_kernels import triton_module
+from triton_kernels import DEVICE, triton_module
 
 from tailorkv.kernels.attention import grouped_attention
 from tailorkv.kvcache import selection
@@ -75,13 +75,16 @@ def test_selection_by_blocks_picks_what_one_top_k_picks(chunk, kernel, monkeypat
     holds fewer positions than k (its -inf picks invalid), the last block short: the same valid tokens, rank by
     rank, as torch.topk over the masked row; with the block maxima from the reference and from the Triton kernel
     (what CUDA runs; in the interpreter here), called as the selection calls it."""
-    if kernel != "reference":
-        module = triton_module(kernel)
+    device = "cpu"
+    if (
+        kernel != "reference"
+    ):  # on a GPU host the kernel runs on CUDA; the interpreter's runs on CPU tensors
+        module, device = triton_module(kernel), DEVICE
         monkeypatch.setattr(selection.block_maxima, "ops", lambda device: module)
     gen = torch.Generator().manual_seed(chunk)
-    scores = torch.randn(4, 3, 997, generator=gen)
+    scores = torch.randn(4, 3, 997, generator=gen).to(device)
     begin, end = torch.tensor([4, 0, 300, 100]), torch.tensor([990, 997, 310, 996])
-    k_rows = torch.tensor([50, 7, 64, 64])
+    begin, end, k_rows = (x.to(device) for x in (begin, end, torch.tensor([50, 7, 64, 64])))
     idx, valid = select_tokens(scores, begin, end, 64, k_rows)
     got, ok = select_tokens(scores, begin, end, 64, k_rows, chunk=chunk)
     assert torch.equal(ok, valid) and torch.equal(got[ok], idx[valid])

@@ -89,7 +89,7 @@ def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
     the k-th place may be broken either way."""
     assert_close_logprobs(
         tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=8, key_sketch=0),
-        tiny_tailor_logprobs(prompt, top_k=24, key_sketch=0),
+        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=0, key_sketch=0),
     )
 
 

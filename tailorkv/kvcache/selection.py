@@ -96,13 +96,13 @@ class Selection:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
         than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
-        sequence's top k_rows. `chunk`: by two_stage_topk over chunks of that many positions; else, where `radix`
-        and the device has token_topk's kernel (CUDA), by its radix select (slots in position order); else by
-        torch.topk (slots in rank order; on CPU ~2x faster than token_topk's reference, which tests hold the kernel
-        to)."""
+        sequence's top k_rows. Where `radix` and the device has token_topk's kernel (CUDA): by its radix select
+        (slots in position order); else, with `chunk`, by two_stage_topk over chunks of that many positions; else
+        by torch.topk (slots in rank order; on CPU ~2x faster than token_topk's reference, which tests hold the
+        kernel to)."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
         topk = token_topk.ops(scores.device)
-        if radix and not chunk and topk is not token_topk:  # its kernel (CUDA): in position order
+        if radix and topk is not token_topk:  # its kernel (CUDA): in position order
             rows = (
                 scores.reshape(-1, *scores.shape[-2:])
                 if scores.dim() > 1
@@ -144,5 +144,7 @@ select_channels, select_tokens = EAGER.select_channels, EAGER.select_tokens
 
 def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection.two_stage_topk over the whole row (eager): torch.topk(scores, k, -1) by way of blocks."""
-    n = torch.tensor(scores.shape[-1], device=scores.device)
+    n = torch.full(
+        (), scores.shape[-1], device=scores.device
+    )  # no host copy: CUDA graphs capture it
     return EAGER.two_stage_topk(scores, torch.zeros_like(n), n, k, chunk)

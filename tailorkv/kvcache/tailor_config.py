@@ -17,15 +17,16 @@
   l computes; attention still uses the real query over the rows so chosen. 0 (default): chosen with the real query.
 - radix_topk (beyond the paper): N = on CUDA, stage 2's top-k by radix select in decode steps of at most N
   sequences, the rows in position order (kernels/token_topk_triton.py: four histogram passes, a count and a
-  write); torch.topk in larger steps, with 0, or on CPU (rank order). The same tokens (ties aside). Default 1: in
-  captured steps on the H100 it took tailor's 128k batch-1 step from 10.74 to 10.17 ms, and at batch 16 (32k) from
-  21.81 to 23.67 ms (in CUDA graphs its calls take ~9x as long for 12x the rows, torch.topk's ~3x).
+  write); in larger steps, with 0, or on CPU: by topk_chunk's blocks or torch.topk (rank order). The same tokens
+  (ties aside). Default 1: on the H100 at 128k and batch 1 it took 9.94 ms a step against 10.39 by blocks of 32
+  (same run, 1f182bc); in CUDA graphs its calls take ~9x as long for 12x the rows, torch.topk's ~3x.
 - topk_chunk (beyond the paper): 0 = stage 2's top-k over each row's whole context; N = the k blocks
   of N positions with the largest maxima first, then the top k of their positions (Selection.two_stage_topk; the
-  mask and the blocks' maxima one pass over the scores, kernels/block_maxima.py): the same tokens (ties aside) from
-  two short top-ks instead of radix passes over a long row, for whichever measures faster (benchmarks/bench_topk.py,
-  `dc`). N = 64 leaves k * 64 candidates. On the H100 in doc chat's step (16 x 64k) N = 32 took 13.76 ms against
-  16.99 with the maxima compiled by torch.compile; at batch 16 and 32k it lost (16.72 against 15.62).
+  mask and the blocks' maxima one pass over the scores, kernels/block_maxima_triton.py on CUDA): the same tokens
+  (ties aside) from two short top-ks instead of one over a long row. N = 64 leaves k * 64 candidates. Default 32:
+  on the H100 (benchmarks/NOTES.md, 2026-12-06, third session) it beat torch.topk in every batched step measured:
+  doc chat's step (16 x 64k) 13.76 against 16.99 ms, the doc chat server's median TPOT 16.01 against 20.76, batch
+  16 at 32k with fp8 rows 14.42 against 15.69; blocks of 16 lost (18.44).
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
@@ -70,7 +71,7 @@ class TailorConfig:
     key_sketch: int = 2
     speculative_fetch: int = 0
     radix_topk: int = 1
-    topk_chunk: int = 0
+    topk_chunk: int = 32
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
 
