@@ -100,7 +100,7 @@ def _select_kernel(
         kth = kr * 0  # the digits settled so far, then the kr-th key itself
         need = kr  # keys to take among those equal to kth in its settled digits
         for lvl in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * lvl
+            shift = 24 - 8 * lvl
             h = tl.zeros((NB,), tl.int32)
             for off in range(0, N, TILE):
                 e = off + tl.arange(0, TILE)
