@@ -182,14 +182,14 @@ bt)
   # (res_bt.tgz), so a call cut off keeps what ran
   keep() { (cd $R && tar czf $OUT/res_bt.tgz . 2>/dev/null); t; }
   timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_topk.py tests/test_selection.py \
-    tests/test_block_maxima.py tests/test_token_topk.py tests/test_bench_topk.py > $R/tests.log 2>&1; tail -3 $R/tests.log; keep
+    tests/test_block_maxima.py tests/test_bench_topk.py > $R/tests.log 2>&1; tail -3 $R/tests.log; keep
   timeout 100 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16,40 --k 128 --chunk 32 \
     --output $R/topk_blocks.json > $R/topk.log 2>&1; echo "topk rc=$?"; tail -n 7 $R/topk.log; keep
   timeout ${TL1:-150} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies tailor:longbench,tailor:longbench:radix_topk=0,full --steps 32 --host-kv-gib 40 --profile-steps 2 \
+    --policies ${B1P:-tailor:longbench,tailor:longbench:radix_topk=0,full} --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b1.json > $R/lat_b1.log 2>&1
   echo "lat b1 rc=$?"; grep -v "oading\|it/s" $R/lat_b1.log | tail -6; keep
-  timeout ${TL:-270} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 \
+  [ -n "${B16-1}" ] && timeout ${TL:-270} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 \
     --device cuda --policies tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=0 \
     --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_b16.json > $R/lat_b16.log 2>&1
   echo "lat b16 rc=$?"; grep -v "oading\|it/s" $R/lat_b16.log | tail -4; keep
