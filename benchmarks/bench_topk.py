@@ -1,11 +1,9 @@
 """The top-k of a decode step's token scores ([rows, KV heads, context] float32, what select_tokens ranks per S
 layer) by torch.topk, against an exact two-stage top-k: the k chunks of the context with the largest maxima, then
 the top k of their positions; and against what select_tokens runs by default, token_topk's positions in position
-order (on CUDA its Triton radix select: four histogram passes, a count and a write); and against block_topk's
-positions (on CUDA the blocks' maxima, then one program a row selecting the k best blocks and one the top k of
-their positions: what topk_chunk runs on CUDA). torch.topk over a few long rows runs multi-pass radix selection and
-a sort (~2 ms of tailor's 128k batch-1 step on the H100, 31 calls); the two stages are short rows (tailor's
-`topk_chunk` option, kvcache/selection.py two_stage_topk).
+order (on CUDA its Triton radix select: four histogram passes, a count and a write). torch.topk over a few long
+rows runs multi-pass radix selection and a sort (~2 ms of tailor's 128k batch-1 step on the H100, 31 calls); the
+two stages are short rows (tailor's `topk_chunk` option, kvcache/selection.py two_stage_topk).
 
     python -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16 --k 128,896 --chunk 64
 
@@ -13,7 +11,7 @@ With --radix-programs N,M on CUDA the radix select is timed again aiming at N, M
 (token_topk_triton._TARGET_PROGRAMS, 512 by default: at batch 12 and 128k that is 6 programs a row, each reading
 22k scores in turn), in `positions_ms_by_programs`.
 
-Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, blocks_ms, positions_ms_by_programs,
+Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, positions_ms_by_programs,
 timing, machine, date, commit, command}: after --warmup calls, on CUDA each call captured in a CUDA graph as a
 decode step runs it and the graph replayed --repeats times between two events (`timing: graph`: the launches' host
 time is not counted; timed call by call, the H100 put the radix select's seven launches at 0.22-0.73 ms, mostly
@@ -29,7 +27,7 @@ import time
 import torch
 
 from benchmarks.rows import run_info, write_rows
-from tailorkv.kernels import block_topk, token_topk
+from tailorkv.kernels import token_topk
 from tailorkv.kvcache.selection import two_stage_topk
 
 
@@ -94,9 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info, device, rows = run_info(__spec__.name, argv), torch.device(args.device), []
     print(
         f"{'context':>8} {'batch':>5} {'k':>5} {'torch ms':>9} {'two-stage ms':>12} {'positions ms':>12}"
-        f" {'blocks ms':>9}"
     )
-    select, by_blocks = token_topk.ops(device).top_positions, block_topk.ops(device).top_positions
+    select = token_topk.ops(device).top_positions
     # programs a pass to time the radix select at too (CUDA only: the CPU reference has none)
     programs = (
         [int(n) for n in args.radix_programs.split(",") if n] if device.type == "cuda" else []
@@ -121,14 +118,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         lambda: two_stage_topk(scores, k, args.chunk),
                     )
                 ] + [radix()]
-                ms.append(
-                    timed(
-                        lambda: by_blocks(scores, lo, hi, k, None, args.chunk),
-                        device,
-                        args.warmup,
-                        args.repeats,
-                    )
-                )
                 by_programs = {n: round(with_programs(n, radix), 4) for n in programs}
                 rows.append(
                     {
@@ -141,15 +130,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "torch_ms": round(ms[0], 4),
                         "two_stage_ms": round(ms[1], 4),
                         "positions_ms": round(ms[2], 4),
-                        "blocks_ms": round(ms[3], 4),
                         "positions_ms_by_programs": by_programs,
                         "timing": "graph" if device.type == "cuda" else "calls",
                         **info,
                     }
                 )
                 print(
-                    f"{context:>8} {batch:>5} {k:>5} {ms[0]:>9.3f} {ms[1]:>12.3f} {ms[2]:>12.3f}"
-                    f" {ms[3]:>9.3f}",
+                    f"{context:>8} {batch:>5} {k:>5} {ms[0]:>9.3f} {ms[1]:>12.3f} {ms[2]:>12.3f}",
                     *(f"{n}: {t:.3f}" for n, t in by_programs.items()),
                     flush=True,
                 )

@@ -19,7 +19,7 @@
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
-# tailor; profiled), bt (block_topk's kernels: tests, bench_topk, 128k batch 1, batch 16 at 32k), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
+# tailor; profiled), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
@@ -173,26 +173,6 @@ bk)
     --device cuda --policies tailor:longbench,tailor:longbench:topk_chunk=32 --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b1_blocks.json > $R/lat_bk1.log 2>&1
   echo "lat bk b1 rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk1.log | tail -5
-  ;;
-bt)
-  # block_topk's kernels (topk_chunk on CUDA: one program a row selects the best blocks, one the top k of their
-  # positions): their tests, then bench_topk's blocks_ms beside the radix select and torch.topk, then 128k batch 1
-  # (the radix select, the default there, against blocks: radix_topk=0; full) and batch 16 at 32k with fp8 rows
-  # (blocks, the default, against torch.topk: topk_chunk=0). The results are tarred after each part
-  # (res_bt.tgz), so a call cut off keeps what ran
-  keep() { (cd $R && tar czf $OUT/res_bt.tgz . 2>/dev/null); t; }
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_topk.py tests/test_selection.py \
-    tests/test_block_maxima.py tests/test_bench_topk.py > $R/tests.log 2>&1; tail -3 $R/tests.log; keep
-  timeout 100 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,16,40 --k 128 --chunk 32 \
-    --output $R/topk_blocks.json > $R/topk.log 2>&1; echo "topk rc=$?"; tail -n 7 $R/topk.log; keep
-  timeout ${TL1:-150} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies ${B1P:-tailor:longbench,tailor:longbench:radix_topk=0,full} --steps 32 --host-kv-gib 40 --profile-steps 2 \
-    --output $R/latency_b1.json > $R/lat_b1.log 2>&1
-  echo "lat b1 rc=$?"; grep -v "oading\|it/s" $R/lat_b1.log | tail -6; keep
-  [ -n "${B16-1}" ] && timeout ${TL:-270} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch 16 \
-    --device cuda --policies tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=0 \
-    --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_b16.json > $R/lat_b16.log 2>&1
-  echo "lat b16 rc=$?"; grep -v "oading\|it/s" $R/lat_b16.log | tail -4; keep
   ;;
 dc)
   # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without

@@ -12,7 +12,7 @@ from tailorkv import Engine
 from tailorkv.engine.sampling import SamplingParams
 from tailorkv.errors import ConfigError
 from tailorkv.essays import load_essays
-from tailorkv.kernels import block_topk, kivi, token_topk
+from tailorkv.kernels import kivi, token_topk
 from tailorkv.kernels.attention import causal_attention
 from tailorkv.kvcache.offload_store import OffloadState, OffloadStore, SharedPrefix
 from tailorkv.kvcache.prompt_rows import PromptRows
@@ -83,25 +83,14 @@ def test_speculative_fetch_under_a_covering_budget_attends_what_the_real_query_a
     )
 
 
-@pytest.mark.parametrize("kernel", [False, True])
-def test_two_stage_top_k_selects_what_torch_topk_selects(prompt, monkeypatch, kernel):
+def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
     """topk_chunk=8 (24 blocks of 8 candidates, fewer than the ~330 prompt positions): the same tokens chosen, so
-    the same forced logprobs; by two_stage_topk (CPU, rank order), and by block_topk's position-order rows as CUDA
-    runs them (its reference in the kernel's place). Scored on exact keys (key_sketch=0): the sketch's quantized
-    scores tie, and a tie at the k-th place may be broken either way."""
-    want = tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=0, key_sketch=0)
-    calls = []
-    if kernel:
-
-        def positions(*args, chunk):
-            calls.append(chunk)
-            return block_topk.top_positions(*args, chunk=chunk)
-
-        monkeypatch.setattr(
-            block_topk, "ops", lambda device: SimpleNamespace(top_positions=positions)
-        )
-    assert_close_logprobs(tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=8, key_sketch=0), want)
-    assert set(calls) == ({8} if kernel else set())
+    the same forced logprobs. Scored on exact keys (key_sketch=0): the sketch's quantized scores tie, and a tie at
+    the k-th place may be broken either way."""
+    assert_close_logprobs(
+        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=8, key_sketch=0),
+        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=0, key_sketch=0),
+    )
 
 
 def test_rows_in_position_order_decode_what_rows_in_rank_order_decode(prompt, monkeypatch):

@@ -8,11 +8,9 @@ Every function takes optional leading batch dims (one per sequence).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from tailorkv.kernels import block_maxima, block_topk, token_topk
+from tailorkv.kernels import block_maxima, token_topk
 
 
 def group_mean(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -68,14 +66,6 @@ def valid_ranks(values: torch.Tensor, k_rows: torch.Tensor | None) -> torch.Tens
     return valid
 
 
-def _by_rows(select, scores, begin, end, k, k_rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """A kernel's top_positions over scores [..., Hkv, L] (its rows [B, Hkv, L]; begin, end, k_rows 0-d or
-    [...]), its result shaped [..., Hkv, k']."""
-    rows = scores.reshape(-1, *scores.shape[-2:]) if scores.dim() > 1 else scores.view(1, 1, -1)
-    b, e, kr = (x if x is None or not x.dim() else x.reshape(-1) for x in (begin, end, k_rows))
-    return tuple(x.view(*scores.shape[:-1], -1) for x in select(rows, b, e, k, kr))
-
-
 class Selection:
     """Stage 1 and 2 as the decode step runs them: the top-ks in torch.topk and the elementwise work around them,
     which `compiled` (--enable-torch-compile) runs through torch.compile, a kernel per function instead of 3-7."""
@@ -106,18 +96,23 @@ class Selection:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
         than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
-        sequence's top k_rows. Where `radix` and the device has token_topk's kernel (CUDA): by its radix select;
-        else, with `chunk` (and k * chunk < L), by blocks of that many positions: on CUDA block_topk's kernels,
-        else two_stage_topk; else by torch.topk (on CPU ~2x faster than token_topk's reference, which tests hold
-        the kernels to). The kernels' slots come in position order, the others' in rank order."""
+        sequence's top k_rows. Where `radix` and the device has token_topk's kernel (CUDA): by its radix select
+        (slots in position order); else, with `chunk`, by two_stage_topk over chunks of that many positions; else
+        by torch.topk (slots in rank order; on CPU ~2x faster than token_topk's reference, which tests hold the
+        kernel to)."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
-        radix_kernel, block_kernel = (m.ops(scores.device) for m in (token_topk, block_topk))
-        if radix and radix_kernel is not token_topk:
-            return _by_rows(radix_kernel.top_positions, scores, begin, end, k, k_rows)
-        blocks = chunk and min(k, scores.shape[-1]) * chunk < scores.shape[-1]
-        if blocks and block_kernel is not block_topk:
-            select = functools.partial(block_kernel.top_positions, chunk=chunk)
-            return _by_rows(select, scores, begin, end, k, k_rows)
+        topk = token_topk.ops(scores.device)
+        if radix and topk is not token_topk:  # its kernel (CUDA): in position order
+            rows = (
+                scores.reshape(-1, *scores.shape[-2:])
+                if scores.dim() > 1
+                else scores.view(1, 1, -1)
+            )
+            b, e, kr = (
+                x if x is None or not x.dim() else x.reshape(-1) for x in (begin, end, k_rows)
+            )
+            top = topk.top_positions(rows, b, e, k, kr)
+            return tuple(x.view(*scores.shape[:-1], -1) for x in top)
         values, indices = self.two_stage_topk(scores, begin, end, min(k, scores.shape[-1]), chunk)
         return indices, self.valid_ranks(values, k_rows)
 
