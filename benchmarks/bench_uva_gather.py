@@ -5,20 +5,24 @@ swept by other work.
 
 A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in pages of [256 tokens, 8 heads, 512-B rows]
 (Llama-3.1-8B's layout); `--batch` requests, each with its pages contiguous; 31 layers' worth of top-k indices
-(128 random rows per request and head). Each gather is timed alone with CUDA events, either right after the previous
+(128 random rows per request and head, in torch.topk's rank order or sorted into position order: `--order`, as the
+two-stage top-k and the radix select hand them over). Each gather is timed alone with CUDA events, either right after the previous
 gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is what the weights streaming
 through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
 pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): whether rows
 scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not, benchmarks/NOTES.md). `--rows
 bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows (`--host-kv-dtype fp8`: 260
 bytes, gathered as 32-bit words) and as fp8 rows padded to 272 bytes (`fp8_row_align` 16: gathered in 16-byte
-loads); `us` compares them at the same rows (`gb_per_s` counts the padding). Prints a table, writes rows
-{rows, row_bytes, huge_pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit, command}.
+loads); `us` compares them at the same rows (`gb_per_s` counts the padding). `--shapes 40x128` adds batch 40 at
+32k, where the step's fetch ran at ~10.6 GB/s on the H100 (benchmarks/NOTES.md, 2026-12-06). Prints a table,
+writes rows {rows, row_bytes, huge_pages, order, batch, context_pages, swept, us, gb_per_s, machine, date, commit,
+command}.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
@@ -30,7 +34,13 @@ H, T, D = 8, 256, 128
 
 
 def gather_us(
-    rows: torch.Tensor, batch: int, context_pages: int, k: int, swept: bool, layers: int = 31
+    rows: torch.Tensor,
+    batch: int,
+    context_pages: int,
+    k: int,
+    swept: bool,
+    layers: int = 31,
+    sort: bool = False,
 ) -> float:
     ops = host_copy.ops(torch.device("cuda"))
     first = torch.randperm(rows.shape[0] // context_pages)[:batch] * context_pages
@@ -39,6 +49,8 @@ def gather_us(
         torch.rand(batch, H, context_pages * T, device="cuda").topk(k, -1).indices
         for _ in range(layers)
     ]
+    if sort:
+        idx = [i.sort(-1).values for i in idx]
     sweep_src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     sweep_dst = torch.empty_like(sweep_src)
     times = []
@@ -68,10 +80,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--output", default="benchmarks/results/uva_gather.json")
     p.add_argument("--huge-pages", choices=("both", "on", "off"), default="both")
     p.add_argument("--rows", default="bf16", help="comma-separated: bf16, fp8, fp8a16")
+    p.add_argument(
+        "--shapes",
+        default="1x512,4x512,16x128",
+        help="requests x context pages (256 tokens a page)",
+    )
+    p.add_argument("--order", default="rank", help="comma-separated: rank, position")
     args = p.parse_args(argv)
     info = run_info(__spec__.name, argv)
     out = []
-    print(f"{'rows':>6} {'huge':>5} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}")
+    print(
+        f"{'rows':>6} {'huge':>5} {'order':>8} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}"
+    )
     kinds = {
         "bf16": (torch.bfloat16, 2 * D),
         "fp8": (torch.uint8, host_fp8.row_width(D)),
@@ -80,6 +100,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = set(args.rows.split(",")) - set(kinds)
     if unknown:
         p.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(kinds)}")
+    orders = args.order.split(",")
+    if set(orders) - {"rank", "position"}:
+        p.error(f"--order: rank or position, got {args.order!r}")
+    try:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+        p.error(f"--shapes: requests x context pages, e.g. 16x128, got {args.shapes!r}")
     for kind, huge in (
         (k, h)
         for k in args.rows.split(",")
@@ -93,28 +120,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
             True,
             huge_pages=huge,
         )
-        for batch, context_pages in ((1, 512), (4, 512), (16, 128)):
-            for swept in (False, True):
-                us = gather_us(rows, batch, context_pages, args.top_k, swept)
-                gbs = batch * H * args.top_k * row_bytes / us / 1e3
-                out.append(
-                    {
-                        "rows": kind,
-                        "row_bytes": row_bytes,
-                        "huge_pages": huge,
-                        "batch": batch,
-                        "context_pages": context_pages,
-                        "swept": swept,
-                        "us": round(us, 1),
-                        "gb_per_s": round(gbs, 1),
-                        **info,
-                    }
-                )
-                print(
-                    f"{kind:>6} {huge!s:>5} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
-                    f"{gbs:>6.1f}",
-                    flush=True,
-                )
+        for (batch, context_pages), order, swept in itertools.product(
+            shapes, orders, (False, True)
+        ):
+            us = gather_us(rows, batch, context_pages, args.top_k, swept, sort=order == "position")
+            gbs = batch * H * args.top_k * row_bytes / us / 1e3
+            out.append(
+                {
+                    "rows": kind,
+                    "row_bytes": row_bytes,
+                    "huge_pages": huge,
+                    "order": order,
+                    "batch": batch,
+                    "context_pages": context_pages,
+                    "swept": swept,
+                    "us": round(us, 1),
+                    "gb_per_s": round(gbs, 1),
+                    **info,
+                }
+            )
+            print(
+                f"{kind:>6} {huge!s:>5} {order:>8} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
+                f"{gbs:>6.1f}",
+                flush=True,
+            )
         del rows  # unregistered and freed before the next tier is locked
     write_rows(args.output, out)
     return out

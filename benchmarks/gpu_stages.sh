@@ -19,7 +19,7 @@
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
-# tailor; profiled), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
+# tailor; profiled), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
@@ -132,6 +132,14 @@ gk)
   # the Q layers' attention: split target x warps x stages at batch 1/12/16, 32k/128k, 1 and 2 bits (~2 min)
   timeout 200 python3 -m benchmarks.bench_q_attention --output $R/q_attention.json > $R/qa.log 2>&1; echo "qa rc=$?"; t
   grep -B1 best $R/qa.log | tail -n 24
+  ;;
+gt)
+  # the top-k fetch's rate against the order of its rows: torch.topk's rank order (what the two-stage top-k hands
+  # the fetch above batch 1) against position order (the radix select's), fp8 rows, batch 16 and 40 at 32k (in the
+  # b40 step it ran at ~10.6 GB/s against ~21 swept here at batch 16). If position order gathers faster, sort the
+  # positions before the fetch above batch 1
+  timeout 200 python3 -m benchmarks.bench_uva_gather --rows fp8 --huge-pages off --host-gib 16 --shapes 16x128,40x128 \
+    --order rank,position --output $R/uva_gather_order.json > $R/uva_order.log 2>&1; echo "uva rc=$?"; t; tail -n 9 $R/uva_order.log
   ;;
 b16)
   # issue 22's batch 16 at 32k (20 ms), compiled (H100, 2026-12-05 15:45: bf16 rows 21.81 ms with 37% of them from
