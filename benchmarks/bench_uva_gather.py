@@ -14,8 +14,9 @@ scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not,
 bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows (`--host-kv-dtype fp8`: 260
 bytes, gathered as 32-bit words) and as fp8 rows padded to 272 bytes (`fp8_row_align` 16: gathered in 16-byte
 loads); `us` compares them at the same rows (`gb_per_s` counts the padding). `--shapes 40x128` adds batch 40 at
-32k, where the step's fetch ran at ~10.6 GB/s on the H100 (benchmarks/NOTES.md, 2026-12-06). Prints a table,
-writes rows {rows, row_bytes, huge_pages, order, batch, context_pages, swept, us, gb_per_s, machine, date, commit,
+32k, where the step's fetch ran at ~10.6 GB/s on the H100 (benchmarks/NOTES.md, 2026-12-06); `--pages per-layer`
+gives each layer's gather its own requests' pages, as a step's layers each read their own tier. Prints a table,
+writes rows {rows, row_bytes, huge_pages, order, pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit,
 command}.
 """
 
@@ -41,10 +42,20 @@ def gather_us(
     swept: bool,
     layers: int = 31,
     sort: bool = False,
+    per_layer: bool = False,
 ) -> float:
     ops = host_copy.ops(torch.device("cuda"))
-    first = torch.randperm(rows.shape[0] // context_pages)[:batch] * context_pages
-    pages = (first[:, None] + torch.arange(context_pages)).cuda()
+    groups = rows.shape[0] // context_pages
+
+    def requests_pages() -> torch.Tensor:
+        first = torch.randperm(groups)[:batch] * context_pages
+        return (first[:, None] + torch.arange(context_pages)).cuda()
+
+    # per_layer: each layer's requests in other pages of the tier, as a step's 31 layers each read their own tier
+    # (at batch 40 and 32k, 84 GB of fp8 rows): the GPU's translations of host pages no longer repeat layer to layer
+    pages = (
+        [requests_pages()] * layers if not per_layer else [requests_pages() for _ in range(layers)]
+    )
     idx = [
         torch.rand(batch, H, context_pages * T, device="cuda").topk(k, -1).indices
         for _ in range(layers)
@@ -55,7 +66,7 @@ def gather_us(
     sweep_dst = torch.empty_like(sweep_src)
     times = []
     for rep in range(3):  # the first pass compiles and warms up
-        for i in idx:
+        for i, pg in zip(idx, pages):
             if swept:
                 sweep_dst.copy_(sweep_src)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,7 +74,7 @@ def gather_us(
                 200_000
             )  # the GPU is busy while the gather is launched: the events time the kernel only
             start.record()
-            ops.gather_rows(rows, pages, i)
+            ops.gather_rows(rows, pg, i)
             end.record()
             torch.cuda.synchronize()
             if rep:
@@ -86,11 +97,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="requests x context pages (256 tokens a page)",
     )
     p.add_argument("--order", default="rank", help="comma-separated: rank, position")
+    p.add_argument(
+        "--pages",
+        default="shared",
+        help="comma-separated: shared (every layer reads the same requests' pages), per-layer (each its own)",
+    )
     args = p.parse_args(argv)
     info = run_info(__spec__.name, argv)
     out = []
     print(
-        f"{'rows':>6} {'huge':>5} {'order':>8} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}"
+        f"{'rows':>6} {'huge':>5} {'order':>8} {'pages':>9} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}"
     )
     kinds = {
         "bf16": (torch.bfloat16, 2 * D),
@@ -100,9 +116,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = set(args.rows.split(",")) - set(kinds)
     if unknown:
         p.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(kinds)}")
-    orders = args.order.split(",")
+    orders, page_sets = args.order.split(","), args.pages.split(",")
     if set(orders) - {"rank", "position"}:
         p.error(f"--order: rank or position, got {args.order!r}")
+    if set(page_sets) - {"shared", "per-layer"}:
+        p.error(f"--pages: shared or per-layer, got {args.pages!r}")
     try:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     except ValueError:
@@ -120,10 +138,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             True,
             huge_pages=huge,
         )
-        for (batch, context_pages), order, swept in itertools.product(
-            shapes, orders, (False, True)
+        for (batch, context_pages), order, page_set, swept in itertools.product(
+            shapes, orders, page_sets, (False, True)
         ):
-            us = gather_us(rows, batch, context_pages, args.top_k, swept, sort=order == "position")
+            sort, per_layer = order == "position", page_set == "per-layer"
+            us = gather_us(
+                rows, batch, context_pages, args.top_k, swept, sort=sort, per_layer=per_layer
+            )
             gbs = batch * H * args.top_k * row_bytes / us / 1e3
             out.append(
                 {
@@ -131,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "row_bytes": row_bytes,
                     "huge_pages": huge,
                     "order": order,
+                    "pages": page_set,
                     "batch": batch,
                     "context_pages": context_pages,
                     "swept": swept,
@@ -140,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
             print(
-                f"{kind:>6} {huge!s:>5} {order:>8} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
+                f"{kind:>6} {huge!s:>5} {order:>8} {page_set:>9} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
                 f"{gbs:>6.1f}",
                 flush=True,
             )
