@@ -134,15 +134,16 @@ gk)
   grep -B1 best $R/qa.log | tail -n 24
   ;;
 gt)
-  # the top-k fetch's rate against the order of its rows: torch.topk's rank order (what the two-stage top-k hands
-  # the fetch above batch 1) against position order (the radix select's), fp8 rows, batch 16 and 40 at 32k (in the
-  # b40 step it ran at ~10.6 GB/s against ~21 swept here at batch 16). If position order gathers faster, sort the
-  # positions before the fetch above batch 1
-  # and each layer's gather in its own pages of an 80 GiB tier (a step at batch 40 reads 84 GB of fp8 rows over its
-  # 31 layers; the bench's layers had shared one set of pages): do the GPU's translations of host pages set the rate?
-  timeout 300 python3 -m benchmarks.bench_uva_gather --rows fp8 --huge-pages off --host-gib ${UG:-80} --shapes 16x128,40x128 \
+  # what sets the top-k fetch's rate in a step (at batch 40 and 32k it ran at ~10.6 GB/s, against ~21 swept here at
+  # batch 16), fp8 rows at batch 16 and 40: the rows' order (torch.topk's rank order, what the two-stage top-k hands
+  # the fetch, against the radix select's position order), and whether each layer reads its own pages of an 80 GiB
+  # tier (a step at batch 40 reads 84 GB of fp8 rows over its 31 layers; the bench's layers had shared one set), in
+  # 4 KiB and in 2 MiB pages (HP=both; on the H200 huge pages did not help while the layers shared their pages).
+  # Position order faster: sort the positions before the fetch. per-layer slower: the GPU's translations of host
+  # pages bound the fetch, and huge pages are the lever
+  timeout ${TU:-420} python3 -m benchmarks.bench_uva_gather --rows fp8 --huge-pages ${HP:-both} --host-gib ${UG:-80} --shapes 16x128,40x128 \
     --order rank,position --pages shared,per-layer --output $R/uva_gather_order.json > $R/uva_order.log 2>&1
-  echo "uva rc=$?"; t; tail -n 17 $R/uva_order.log
+  echo "uva rc=$?"; t; tail -n 33 $R/uva_order.log
   ;;
 b16)
   # issue 22's batch 16 at 32k (20 ms), compiled (H100, 2026-12-05 15:45: bf16 rows 21.81 ms with 37% of them from
