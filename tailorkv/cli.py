@@ -26,6 +26,7 @@ POLICY_ARGS = {
     "tailor_radix_topk": "radix_topk",
     "tailor_topk_chunk": "topk_chunk",
     "tailor_fp8_row_align": "fp8_row_align",
+    "tailor_share_q_pages": "share_q_pages",
     "cascade_attention": "cascade",
 }
 TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
@@ -46,6 +47,10 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
         "--tailor-topk-chunk",
         "stage 2's top-k over the blocks of N positions with the largest maxima first, then of their positions "
         "(default 32; 0: one top-k over the whole context)",
+    ),
+    (
+        "--tailor-share-q-pages",
+        "1: rows sharing a document's Q-layer pages attend over them once a group (default 0)",
     ),
     (
         "--tailor-fp8-row-align",

@@ -275,6 +275,47 @@ def test_triton_paged_decode_attention_one_split_or_many(kt, monkeypatch, progra
     )
 
 
+SHARED_ROWS = [
+    (300, 256, 250),
+    (260, 256, 200),
+    (197, 128, 69),
+    (400, 384, 300),
+]  # rows 0, 1, 3 share 3 pages
+
+
+@pytest.mark.parametrize("programs", [4096, 1])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)])
+def test_triton_attends_a_shared_prefix_once_for_its_group(kt, monkeypatch, programs, heads):
+    """Rows 0, 1 and 3 share their first three pages (192 tokens, packed K and V in each), led by row 0; row 2
+    shares nothing. With splits of one page the leader's programs attend the shared splits for all three (GQA 3:
+    five rows a 16-row tile; GQA 4: four): the members' own page tables for those pages are not read, so pointing
+    them elsewhere changes nothing, and the result is the reference's over the shared pages (the members' programs
+    run after the leader's in the interpreter: one that wrote its shared splits anyway would show). With one split
+    for the whole row no split lies inside the prefix: each row reads its own."""
+    monkeypatch.setattr(kt, "_TARGET_PROGRAMS", programs)
+    hq, hkv, d = heads
+    case = list(_paged_case(2, SHARED_ROWS, hq=hq, hkv=hkv, d=d))
+    pages = case[9]
+    pages[[1, 3], :3] = pages[0, :3]
+    want = K.paged_decode_attention(*case)
+    g = 16 // (hq // hkv)
+    members = torch.full((4, g), -1, dtype=torch.long, device=DEVICE)
+    members[0, :3] = torch.tensor([0, 1, 3])
+    members[[1, 3], 0] = 0
+    members[2, 0] = 2
+    shared = torch.tensor([192, 192, 0, 192], device=DEVICE)
+    if programs > 1:  # the members' tables no longer matter inside the prefix
+        case[9] = pages.clone()
+        case[9][[1, 3], :3] = pages[2, :3]
+    got = kt.paged_decode_attention(*case, members=members, shared=shared)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    alone = kt.paged_decode_attention(*case)
+    if programs > 1:  # without the group, rows 1 and 3 read the pages their tables now name
+        assert _rel_err(alone[1], want[1]) > 1e-2 and _rel_err(alone[3], want[3]) > 1e-2
+    else:
+        torch.testing.assert_close(alone, want, atol=1e-4, rtol=1e-4)
+
+
 def test_ops_dispatch():
     assert K.ops("cpu") is K
     if CUDA:

@@ -7,6 +7,7 @@ from conftest import assert_close_logprobs, forced_logprobs
 from tailorkv import Engine
 from tailorkv.engine.sampling import SamplingParams
 from tailorkv.essays import load_essays
+from tailorkv.kvcache import quant_store
 from tailorkv.memory.layout import KVLayout
 from tailorkv.memory.pages import MemoryManager, PoolSpec
 from tailorkv.memory.prefix_cache import page_hashes
@@ -467,16 +468,22 @@ def test_a_thousand_requests_through_the_scheduler_leave_every_page_free():
     )
 
 
-def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
+def test_tailor_rows_sharing_a_cached_document_in_one_step(chat, monkeypatch):
     """Once the document is cached, several questions about it prefill in one step and read the shared prefix
     once for all of them, its first pages from their GPU copies (room for some), the others from the host tier;
-    each equals its answer without caching."""
+    each equals its answer without caching. With share_q_pages their decode rows form one group over the
+    document's Q-layer pages."""
+    groups = []
+    find = quant_store.share_groups
+    monkeypatch.setattr(
+        quant_store, "share_groups", lambda *a: groups.append(find(*a)) or groups[-1]
+    )
     sp = {**GREEDY, "max_new_tokens": 6}
     questions = [chat[0], chat[1], chat[1] + " Be brief.", chat[0] + " In one word."]
     with Engine(**TINY_TAILOR, enable_prefix_caching=False) as e:
         want = [r["output_ids"] for r in e.generate(questions[1:], sampling_params=sp)]
     # room for 1 copy in float32, 3 in bfloat16: fewer than the document's pages
-    with Engine(**TINY_TAILOR, prefix_gpu_gib=1.5 * TINY_PAGE_GIB) as e:
+    with Engine(**TINY_TAILOR, prefix_gpu_gib=1.5 * TINY_PAGE_GIB, share_q_pages=1) as e:
         n = e.memory.specs["copies"].num_pages
         e.generate(questions[0], sampling_params=sp)
         reads = []
@@ -488,6 +495,10 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat):
         agree = None if e.device.type == "cpu" else 2
         assert [r["output_ids"][:agree] for r in got] == [w[:agree] for w in want]
         assert all(r["meta_info"]["cached_tokens"] >= 1024 for r in got)
+        members, shared = groups[-1]  # dummy:tiny's GQA 2: groups of up to 8 rows
+        # the document's pages (its cached blocks' and the part of its last block the rows continue), 64 tokens each
+        assert members[0].tolist()[:3] == [0, 1, 2] and members[1:, 0].tolist() == [0, 0]
+        assert shared.tolist() == [shared[0]] * 3 and shared[0] >= 1024 and shared[0] % 64 == 0
         assert len(reads) == e.config.num_layers  # one read per layer for the three rows
         assert (
             0 < n < reads[0].pages

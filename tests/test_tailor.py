@@ -355,6 +355,7 @@ def test_quant_store_append_twice_is_append_once():
         ({"key_sketch": 3}, "key_sketch"),
         ({"speculative_fetch": 2}, "speculative_fetch"),
         ({"topk_chunk": -1}, "topk_chunk"),
+        ({"share_q_pages": 2}, "share_q_pages"),
         ({"radix_topk": -1}, "radix_topk must be an integer >= 0"),
         ({"speculative_fetch": 1, "key_sketch": 0}, "needs a key sketch"),
         ({"d_s": 0}, "d_s"),

@@ -168,6 +168,9 @@ def paged_decode_attention(
     lengths: torch.Tensor,
     bits: int,
     sm_scale: float,
+    *,
+    members: torch.Tensor | None = None,
+    shared: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode query per sequence over its paged KIVI cache: q [B, Hq, D] -> out [B, Hq, D] float32.
 
@@ -177,7 +180,9 @@ def paged_decode_attention(
     v_win [S, R', H, D] (a ring: token t at t % R'). Row b has pages[b] (page table), slots[b] and lengths[b] =
     (n, kq, vq): n >= 1 tokens; token t takes K from its page if t < kq (a multiple of `page`), else
     k_tail[slot, t - kq]; V from its page if t < vq, else v_win[slot, t % R']. Query head h reads KV head
-    h // (Hq // H)."""
+    h // (Hq // H). members [B, G] (row ids, -1 padded; a group's rows list it, its first row leading) and shared
+    [B] (tokens): rows of a group whose first `shared` tokens are the same pages, packed (K and V), which the Triton
+    kernel attends once for the group; the result is the same, so here they are not read."""
     page = k_packed.shape[2] * codes_per_word(bits)
     h, d = k_packed.shape[1], k_packed.shape[3]
     vgroup = d // v_scale.shape[-1]

@@ -322,6 +322,8 @@ def _paged_decode_kernel(
     pages_ptr,
     slots_ptr,
     len_ptr,
+    members_ptr,
+    shared_ptr,
     out_ptr,
     lse_ptr,
     H,
@@ -350,13 +352,19 @@ def _paged_decode_kernel(
     sp_b,
     GQA: tl.constexpr,
     GQA_PAD: tl.constexpr,
+    G: tl.constexpr,
+    SHARE: tl.constexpr,
     BITS: tl.constexpr,
     PAGE: tl.constexpr,
     VGROUP: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # one program per (sequence, KV head, split of `chunk` tokens), its GQA query heads sharing each dequantized
-    # tile of one page; a split past the sequence's length writes an empty part (lse -inf)
+    # tile of one page; a split past the sequence's length writes an empty part (lse -inf). SHARE: a split that
+    # lies inside the prefix a group of up to G rows shares (members[b]: the group's rows, its first one leading;
+    # shared[b]: the prefix's tokens, every one of them in the same pages, packed) is attended once, by the leader's
+    # program, its query tile holding every member's heads (query row i: member i // GQA, head i % GQA); the other
+    # members' programs for it write nothing
     bh, split = tl.program_id(0), tl.program_id(1)
     b, kvh = bh // H, bh % H
     # int32 like the split bounds: a loop's bounds share one type
@@ -366,9 +374,38 @@ def _paged_decode_kernel(
     slot = tl.load(slots_ptr + b).to(tl.int64)
     i = tl.arange(0, GQA_PAD)
     d = tl.arange(0, BLOCK_D)
-    head_ok = (i < GQA)[:, None] & (d < D)[None, :]
+    j, head = i // GQA, i % GQA
+    member = tl.where(j == 0, b, -1).to(tl.int64)  # the row of each query row's member (-1: none)
+    active = True  # a constexpr: without SHARE the launch compiles as before, no branch
+    if SHARE:
+        shared = split * chunk + chunk <= tl.load(shared_ptr + b)
+        active = (shared == 0) | (tl.load(members_ptr + b * G) == b)
+        group = tl.load(members_ptr + b * G + j, mask=j < G, other=-1).to(tl.int64)
+        member = tl.where(shared, group, member)
+    if active:
+        _paged_decode_split(
+            q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, out_ptr, lse_ptr,
+            H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
+            svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
+            head, d, GQA, GQA_PAD, BITS, PAGE, VGROUP, BLOCK_D,
+        )  # fmt: skip
+
+
+@triton.jit
+def _paged_decode_split(
+    q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, out_ptr, lse_ptr,
+    H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
+    svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
+    head, d, GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
+    VGROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Row b's split `split` over its pages and tails, for the query rows of `member` (their rows) and `head`."""
+    q_ok = member >= 0
+    head_ok = q_ok[:, None] & (d < D)[None, :]
     q = tl.load(
-        q_ptr + b * sq_b + (kvh * GQA + i)[:, None] * sq_h + d[None, :], mask=head_ok, other=0.0
+        q_ptr + member[:, None] * sq_b + (kvh * GQA + head)[:, None] * sq_h + d[None, :],
+        mask=head_ok,
+        other=0.0,
     )
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
@@ -423,7 +460,7 @@ def _paged_decode_kernel(
         ).to(tl.float32)
         v = tl.where(packed[:, None], v, v_win)
         m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
-    row = (b * H * GQA + kvh * GQA + i) * num_splits + split
+    row = (member * H * GQA + kvh * GQA + head) * num_splits + split
     nonempty = l > 0
     tl.store(
         out_ptr + row[:, None] * D + d[None, :],
@@ -433,7 +470,7 @@ def _paged_decode_kernel(
     tl.store(
         lse_ptr + row,
         tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf")),
-        mask=i < GQA,
+        mask=q_ok,
     )
 
 
@@ -603,13 +640,17 @@ def paged_decode_attention(
     bits: int,
     sm_scale: float,
     *,
+    members: torch.Tensor | None = None,
+    shared: torch.Tensor | None = None,
     target_programs: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Same contract as kivi.paged_decode_attention. The grid depends on the shapes only (pages' width sets the
     splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table.
-    The keywords tune the launch (benchmarks/bench_q_attention.py sweeps them; default: the module's settings)."""
+    `members` [B, G] and `shared` [B]: the splits inside a shared prefix are attended once a group, by its leader's
+    program with every member's query heads (G * GQA query rows a tile, padded to 16 or the next power of 2). The
+    last keywords tune the launch (benchmarks/bench_q_attention.py sweeps them; default: the module's settings)."""
     bsz, hq, d = q.shape
     _, h, w, _ = k_packed.shape
     page = w * codes_per_word(bits)
@@ -625,6 +666,12 @@ def paged_decode_attention(
     part = torch.empty(bsz * hq, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz * hq, splits, dtype=torch.float32, device=q.device)
     pages, slots, lengths = pages.contiguous(), slots.contiguous(), lengths.contiguous()
+    share = members is not None
+    g = members.shape[1] if share else 1
+    if share:
+        members, shared = members.contiguous(), shared.contiguous()
+    else:  # not read
+        members = shared = lengths
     _paged_decode_kernel[(bsz * h, splits)](
         q,
         k_packed,
@@ -638,6 +685,8 @@ def paged_decode_attention(
         pages,
         slots,
         lengths,
+        members,
+        shared,
         part,
         part_lse,
         h,
@@ -665,7 +714,9 @@ def paged_decode_attention(
         v_win.stride(2),
         pages.stride(0),
         GQA=hq // h,
-        GQA_PAD=max(16, triton.next_power_of_2(hq // h)),
+        GQA_PAD=max(16, triton.next_power_of_2(g * (hq // h))),
+        G=g,
+        SHARE=share,
         BITS=bits,
         PAGE=page,
         VGROUP=vgroup,

@@ -56,18 +56,58 @@ class QuantState:
         self.n, self.kq = self.after(n, residual)
 
 
+def share_groups(
+    pages: list[torch.Tensor], packed: list[int], group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that begin with the same pages (a document the prefix cache shares), in groups of at most `group`, for
+    the paged kernel to attend their common pages once: (members [rows, group] int64: a group's first row lists its
+    rows and leads it, every other member names the leader first, a row alone names itself; shared [rows] int64: the
+    tokens of the pages a row's whole group shares, each packed in K and V for every member: `packed[i]` = row i's
+    min(kq, vq); 0 for a row alone). pages[i]: row i's page ids (CPU)."""
+    n = len(pages)
+    members = torch.full((n, group), -1, dtype=torch.long)
+    members[:, 0] = torch.arange(n)
+    shared = torch.zeros(n, dtype=torch.long)
+    by_first: dict[int, list[int]] = {}
+    for i, (pg, limit) in enumerate(zip(pages, packed)):
+        if limit >= PAGE:
+            by_first.setdefault(int(pg[0]), []).append(i)
+    for rows in by_first.values():
+        for at in range(0, len(rows) - 1, group):
+            grp = rows[at : at + group]
+            if len(grp) < 2:
+                continue
+            width = min(packed[i] for i in grp) // PAGE
+            lead = pages[grp[0]][:width]
+            for i in grp[1:]:
+                same = (pages[i][:width] == lead).tolist() + [False]
+                width = same.index(False)
+            members[grp[0], : len(grp)] = torch.tensor(grp)
+            members[grp[1:], 0] = grp[0]
+            shared[grp] = width * PAGE
+    return members, shared
+
+
 class QuantView:
     """The decode rows of one step in batch tensors, read by every Q layer: built once per step, or kept as the
     static inputs of a captured CUDA graph and refilled each step. Each row appends one token: its key at
     `k_write` in the K tail, its value at `v_write` in the V ring; a K tail that fills up is quantized into the
     pages `k_dest`, and the value leaving a full V window (ring slot `v_old`) into token slot `v_dest` (rows with
     nothing to quantize, and padding rows, point at the scratch page and slot, so every row runs the same ops).
-    Attention then reads `lengths` = (n, kq, vq) per row (paged_decode_attention)."""
+    Attention then reads `lengths` = (n, kq, vq) per row (paged_decode_attention), and with `share_rows` > 1 the
+    groups of rows that begin with the same pages (share_groups: `members`, `shared`)."""
 
-    def __init__(self, rows: int, pages: int, residual: int, device):
+    def __init__(self, rows: int, pages: int, residual: int, device, share_rows: int = 1):
         i64 = torch.long
+        self.share_rows = share_rows
+        shares = (
+            {"members": ((rows, share_rows), i64), "shared": ((rows,), i64)}
+            if share_rows > 1
+            else {}
+        )
         self.staged = StagedInputs(
             {
+                **shares,
                 "pages": ((rows, pages), i64),
                 "slots": ((rows,), i64),
                 "lengths": ((rows, 3), i64),
@@ -124,6 +164,16 @@ class QuantView:
                 cols[4],
                 cols[5],
             )
+        if self.share_rows > 1:  # padding rows: alone
+            h["members"].fill_(-1)
+            h["members"][:, 0] = torch.arange(len(h["members"]))
+            h["shared"].zero_()
+            if rows:
+                packed = [min(kq, vq) for _, _, kq, vq, _, _ in rows]
+                members, shared = share_groups(
+                    [st.pages_cpu for st in states], packed, self.share_rows
+                )
+                h["members"][:n], h["shared"][:n] = members, shared
         self.staged.send()
 
 
@@ -303,5 +353,6 @@ class QuantStore:
             view.lengths,
             self.bits,
             self.d**-0.5,
+            **({"members": view.members, "shared": view.shared} if view.share_rows > 1 else {}),
         )
         return out.to(q.dtype)

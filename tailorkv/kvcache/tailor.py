@@ -408,10 +408,16 @@ class TailorPolicy(KVPolicy):
             qview = self._view(
                 ("q", rows, width),
                 static,
-                lambda: QuantView(rows, width, self.tc.residual, self.device),
+                lambda: QuantView(rows, width, self.tc.residual, self.device, self._q_share_rows()),
             )
             qview.fill(q_states, self.tc.residual, self.quant.scratch_page, self.quant.scratch_slot)
         return view, qview, key
+
+    def _q_share_rows(self) -> int:
+        """Rows a group of the Q layers' shared pages holds: as many as fill the paged kernel's 16-row query tile
+        with their GQA heads (share_q_pages; 1: none)."""
+        gqa = self.cfg.num_heads // self.cfg.num_kv_heads
+        return max(1, 16 // gqa) if self.tc.share_q_pages else 1
 
     def _view(self, key: tuple, static: bool, make):
         if not static:

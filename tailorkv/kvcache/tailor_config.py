@@ -27,6 +27,10 @@
   on the H100 (benchmarks/NOTES.md, 2026-12-06, third session) it beat torch.topk in every batched step measured:
   doc chat's step (16 x 64k) 13.76 against 16.99 ms, the doc chat server's median TPOT 16.01 against 20.76, batch
   16 at 32k with fp8 rows 14.42 against 15.69; blocks of 16 lost (18.44).
+- share_q_pages (beyond the paper): 1 = in a decode step, rows whose leading Q-layer pages are the same pages (a
+  document the prefix cache shares) are attended over them once per group of up to 16 // GQA rows, the group's
+  query heads in one tile of the paged kernel (kernels/kivi_triton.py), where each row dequantized them for
+  itself (doc chat on the H100: 2.11 ms of 16 rows' 13.76 ms step); the same result. 0 (default) until measured.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
@@ -72,6 +76,7 @@ class TailorConfig:
     speculative_fetch: int = 0
     radix_topk: int = 1
     topk_chunk: int = 32
+    share_q_pages: int = 0
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
 
@@ -119,6 +124,8 @@ class TailorConfig:
             raise ConfigError(f"radix_topk must be an integer >= 0, got {self.radix_topk!r}")
         if not isinstance(self.topk_chunk, int) or self.topk_chunk < 0:
             raise ConfigError(f"topk_chunk must be an integer >= 0, got {self.topk_chunk!r}")
+        if self.share_q_pages not in (0, 1):
+            raise ConfigError(f"share_q_pages must be 0 or 1, got {self.share_q_pages!r}")
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ConfigError(
                 f"host_kv_dtype must be one of {', '.join(HOST_KV_DTYPES)}, got {self.host_kv_dtype!r}"
