@@ -19,7 +19,7 @@
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
-# tailor; profiled), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
+# tailor; profiled), sq (share_q_pages: its GPU tests, doc chat's step with and without it), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
@@ -132,6 +132,17 @@ gk)
   # the Q layers' attention: split target x warps x stages at batch 1/12/16, 32k/128k, 1 and 2 bits (~2 min)
   timeout 200 python3 -m benchmarks.bench_q_attention --output $R/q_attention.json > $R/qa.log 2>&1; echo "qa rc=$?"; t
   grep -B1 best $R/qa.log | tail -n 24
+  ;;
+sq)
+  # share_q_pages: the paged kernel's group pass on the GPU (its tests), then doc chat's step (16 rows sharing a 64k
+  # document) with and without it, profiled (Q layers 2.11 ms of 13.76 at 391f0bf). If it wins, it becomes the
+  # default; then `NEW2="--tailor-share-q-pages 1" c19a` for the server's TPOT
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_share_q_pages.py \
+    -k "paged or shared or share or groups" 2>&1 | tail -3; t
+  timeout ${TL:-400} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
+    --shared-prefix 64000 --device cuda --policies tailor:longbench,tailor:longbench:share_q_pages=1 --steps 32 \
+    --host-kv-gib 60 --profile-steps 2 --output $R/latency_docchat_share.json > $R/lat_sq.log 2>&1
+  echo "lat sq rc=$?"; t; grep -v "oading\|it/s" $R/lat_sq.log | tail -4
   ;;
 gt)
   # what sets the top-k fetch's rate in a step (at batch 40 and 32k it ran at ~10.6 GB/s, against ~21 swept here at
