@@ -35,6 +35,12 @@ def test_packed_tokens_bound_what_a_group_shares():
     assert members[0].tolist() == [0, 1, -1, -1] and shared.tolist() == [128, 128]
 
 
+def test_the_first_member_that_differs_bounds_the_rest():
+    """Row 1 parts from the leader after one page, row 2 after three: the group shares one page."""
+    _, shared = share_groups(_pages([1, 2, 3, 4], [1, 9, 3, 4], [1, 2, 3, 8]), [256] * 3, 4)
+    assert shared.tolist() == [64] * 3
+
+
 def test_rows_sharing_a_prefix_decode_as_alone_through_the_kernel(monkeypatch):
     """Three requests continue one 460-token prompt's first 384 / 256 tokens from its pages (the prefix cache's
     sharing), a fourth shares nothing; a QuantView with share_rows finds the three and the Triton kernel (in the

@@ -78,10 +78,10 @@ def share_groups(
             if len(grp) < 2:
                 continue
             width = min(packed[i] for i in grp) // PAGE
-            lead = pages[grp[0]][:width]
+            lead = pages[grp[0]]
             for i in grp[1:]:
-                same = (pages[i][:width] == lead).tolist() + [False]
-                width = same.index(False)
+                differ = (pages[i][:width] != lead[:width]).nonzero()
+                width = int(differ[0]) if len(differ) else width
             members[grp[0], : len(grp)] = torch.tensor(grp)
             members[grp[1:], 0] = grp[0]
             shared[grp] = width * PAGE
