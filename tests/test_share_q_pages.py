@@ -36,9 +36,9 @@ def test_packed_tokens_bound_what_a_group_shares():
 
 
 def test_the_first_member_that_differs_bounds_the_rest():
-    """Row 1 parts from the leader after one page, row 2 after three: the group shares one page."""
-    _, shared = share_groups(_pages([1, 2, 3, 4], [1, 9, 3, 4], [1, 2, 3, 8]), [256] * 3, 4)
-    assert shared.tolist() == [64] * 3
+    """Row 1 parts from the leader after two pages, row 2 after three: the group shares two pages."""
+    _, shared = share_groups(_pages([1, 2, 3, 4], [1, 2, 9, 4], [1, 2, 3, 8]), [256] * 3, 4)
+    assert shared.tolist() == [128] * 3
 
 
 def test_rows_sharing_a_prefix_decode_as_alone_through_the_kernel(monkeypatch):
