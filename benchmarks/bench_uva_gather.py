@@ -5,10 +5,10 @@ swept by other work.
 
 A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in pages of [256 tokens, 8 heads, 512-B rows]
 (Llama-3.1-8B's layout); `--batch` requests, each with its pages contiguous; 31 layers' worth of top-k indices
-(128 random rows per request and head, in torch.topk's rank order or sorted into position order: `--order`, as the
-two-stage top-k and the radix select hand them over). Each gather is timed alone with CUDA events, either right after the previous
-gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is what the weights streaming
-through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
+(128 random rows per request and head, in torch.topk's rank order or sorted into position order: `--order`, as
+the two-stage top-k and the radix select hand them over). Each gather is timed alone with CUDA events, either
+right after the previous gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is
+what the weights streaming through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
 pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): whether rows
 scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not, benchmarks/NOTES.md). `--rows
 bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows (`--host-kv-dtype fp8`: 260
@@ -16,8 +16,8 @@ bytes, gathered as 32-bit words) and as fp8 rows padded to 272 bytes (`fp8_row_a
 loads); `us` compares them at the same rows (`gb_per_s` counts the padding). `--shapes 40x128` adds batch 40 at
 32k, where the step's fetch ran at ~10.6 GB/s on the H100 (benchmarks/NOTES.md, 2026-12-06); `--pages per-layer`
 gives each layer's gather its own requests' pages, as a step's layers each read their own tier. Prints a table,
-writes rows {rows, row_bytes, huge_pages, order, pages, batch, context_pages, swept, us, gb_per_s, machine, date, commit,
-command}.
+writes rows {rows, row_bytes, huge_pages, order, pages, batch, context_pages, swept, us, gb_per_s, machine, date,
+commit, command}.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ cap24)
 sk)
   # 128k batch 1, compiled by default (H100, 2026-12-06: tailor 9.98 ms with the radix select, full 12.07), one profile each
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
-    --policies ${SKP:-tailor:longbench,tailor:longbench:topk_chunk=32,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
+    --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 tk)
@@ -173,27 +173,27 @@ b50)
   # tailor with fp8 host rows at the batch bench_throughput found at 32k (H100, 2026-12-06: 50 requests, 63 ms a step,
   # 794 tok/s against full's 522.9; 2x needs <= 47.8 ms), profiled: where the step goes once most rows lack a GPU copy
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 --batch ${BB:-50} \
-    --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=32} --steps 16 --host-kv-gib 100 \
+    --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=0} --steps 16 --host-kv-gib 100 \
     --gpu-memory-limit 80 --profile-steps 2 --output $R/latency_b50_fp8.json > $R/lat_b50.log 2>&1
   echo "lat b50 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b50.log | tail -4
   ;;
 bk)
   # the block maxima's Triton kernel (block_maxima_triton.py): the two-stage top-k alone, timed in CUDA graphs beside
-  # torch.topk; then batch 16 at 32k with fp8 rows, torch.topk against blocks of 32 (at 391f0bf: 15.62 against 16.72
-  # ms, the compiled maxima at 80 us a layer in the step, 11.5 us compiled alone). If blocks win, topk_chunk=32
-  # becomes the default above radix_topk's batch. Ten files: run it without RDIR=$OUT (they come back as res_bk.tgz)
+  # torch.topk; then batch 16 at 32k with fp8 rows, blocks of 32 (the default since 2026-12-06: 14.42 ms at 1f182bc)
+  # against torch.topk (topk_chunk=0: 15.69); then 128k batch 1, the radix select against blocks (radix_topk=0).
+  # Ten files: run it without RDIR=$OUT (they come back as res_bk.tgz)
   timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_maxima.py tests/test_selection.py 2>&1 | tail -3; t
   timeout 120 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,65536 --batch 1,16,40 --k 128 --chunk 32 \
     --output $R/topk_chunk32.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 8 $R/topk.log
   # TORCH_LOGS=recompiles: which functions the growing batch recompiled with symbolic sizes (the log, NOTES 2026-12-06)
   TORCH_LOGS=recompiles timeout ${TL:-300} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 32768 \
     --batch 16 --device cuda \
-    --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=32} --steps 32 \
+    --policies ${BP:-tailor:longbench:host_kv_dtype=fp8,tailor:longbench:host_kv_dtype=fp8:topk_chunk=0} --steps 32 \
     --host-kv-gib 40 --profile-steps 2 --output $R/latency_b16_blocks.json > $R/lat_bk.log 2>&1
   echo "lat bk rc=$?"; t; grep -v "oading\|it/s\|recompiles" $R/lat_bk.log | tail -5; grep -c "Recompiling function" $R/lat_bk.log
-  # and 128k batch 1: the radix select (9.98 ms on the H100 at b65820c) against blocks of 32
+  # and 128k batch 1: the radix select (9.94 ms on the H100 at 1f182bc) against blocks of 32 (10.39)
   [ -n "${B1-1}" ] && timeout ${TL1:-200} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 \
-    --device cuda --policies tailor:longbench,tailor:longbench:topk_chunk=32 --steps 32 --host-kv-gib 40 --profile-steps 2 \
+    --device cuda --policies tailor:longbench,tailor:longbench:radix_topk=0 --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b1_blocks.json > $R/lat_bk1.log 2>&1
   echo "lat bk b1 rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk1.log | tail -5
   ;;
@@ -201,7 +201,7 @@ dc)
   # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without
   # it, tailor; profiled: the device's busy time against the step's (is the step launch-bound?)
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
-    --shared-prefix 64000 --device cuda --policies ${DCP:-full,full::cascade=0,tailor:longbench,tailor:longbench:topk_chunk=32} --steps 32 \
+    --shared-prefix 64000 --device cuda --policies ${DCP:-full,full::cascade=0,tailor:longbench,tailor:longbench:topk_chunk=0} --steps 32 \
     --host-kv-gib 60 --profile-steps 2 --output $R/latency_docchat_b16.json > $R/lat_dc.log 2>&1
   echo "lat dc rc=$?"; t; grep -v "oading\|it/s" $R/lat_dc.log | tail -8
   ;;

@@ -76,9 +76,8 @@ def test_selection_by_blocks_picks_what_one_top_k_picks(chunk, kernel, monkeypat
     rank, as torch.topk over the masked row; with the block maxima from the reference and from the Triton kernel
     (what CUDA runs; in the interpreter here), called as the selection calls it."""
     device = "cpu"
-    if (
-        kernel != "reference"
-    ):  # on a GPU host the kernel runs on CUDA; the interpreter's runs on CPU tensors
+    # on a GPU host the kernel runs on CUDA; the interpreter's on CPU tensors
+    if kernel != "reference":
         module, device = triton_module(kernel), DEVICE
         monkeypatch.setattr(selection.block_maxima, "ops", lambda device: module)
     gen = torch.Generator().manual_seed(chunk)

@@ -57,14 +57,15 @@ class QuantState:
 
 
 def share_groups(
-    pages: list[torch.Tensor], packed: list[int], group: int
+    pages: list[torch.Tensor], packed: list[int], group: int, rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows that begin with the same pages (a document the prefix cache shares), in groups of at most `group`, for
     the paged kernel to attend their common pages once: (members [rows, group] int64: a group's first row lists its
     rows and leads it, every other member names the leader first, a row alone names itself; shared [rows] int64: the
     tokens of the pages a row's whole group shares, each packed in K and V for every member: `packed[i]` = row i's
-    min(kq, vq); 0 for a row alone). pages[i]: row i's page ids (CPU)."""
-    n = len(pages)
+    min(kq, vq); 0 for a row alone). pages[i]: row i's page ids (CPU); `rows` (default: one per page list) pads
+    the tables with rows alone, as a captured graph's padding rows are."""
+    n = len(pages) if rows is None else rows
     members = torch.full((n, group), -1, dtype=torch.long)
     members[:, 0] = torch.arange(n)
     shared = torch.zeros(n, dtype=torch.long)
@@ -164,16 +165,11 @@ class QuantView:
                 cols[4],
                 cols[5],
             )
-        if self.share_rows > 1:  # padding rows: alone
-            h["members"].fill_(-1)
-            h["members"][:, 0] = torch.arange(len(h["members"]))
-            h["shared"].zero_()
-            if rows:
-                packed = [min(kq, vq) for _, _, kq, vq, _, _ in rows]
-                members, shared = share_groups(
-                    [st.pages_cpu for st in states], packed, self.share_rows
-                )
-                h["members"][:n], h["shared"][:n] = members, shared
+        if self.share_rows > 1:
+            packed = [min(kq, vq) for _, _, kq, vq, _, _ in rows]
+            h["members"][:], h["shared"][:] = share_groups(
+                [st.pages_cpu for st in states], packed, self.share_rows, len(h["shared"])
+            )
         self.staged.send()
 
 

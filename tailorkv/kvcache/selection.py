@@ -144,7 +144,6 @@ select_channels, select_tokens = EAGER.select_channels, EAGER.select_tokens
 
 def two_stage_topk(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection.two_stage_topk over the whole row (eager): torch.topk(scores, k, -1) by way of blocks."""
-    n = torch.full(
-        (), scores.shape[-1], device=scores.device
-    )  # no host copy: CUDA graphs capture it
+    # made on the device, no host copy: CUDA graphs capture it
+    n = torch.full((), scores.shape[-1], device=scores.device)
     return EAGER.two_stage_topk(scores, torch.zeros_like(n), n, k, chunk)
