@@ -136,8 +136,8 @@ gk)
 sq)
   # share_q_pages: the paged kernel's group pass on the GPU (its tests), then doc chat's step (16 rows sharing a 64k
   # document) with and without it, profiled (Q layers 2.11 ms of 13.76 at 391f0bf). If it wins, it becomes the
-  # default; then `NEW2="--tailor-share-q-pages 1" c19a` for the server's TPOT
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_share_q_pages.py \
+  # default; then `NEW2="--tailor-share-q-pages 1" c19a` for the server's TPOT (SQT= skips the tests)
+  [ -n "${SQT-1}" ] && timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_share_q_pages.py \
     -k "paged or shared or share or groups" 2>&1 | tail -3; t
   timeout ${TL:-400} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
     --shared-prefix 64000 --device cuda --policies tailor:longbench,tailor:longbench:share_q_pages=1 --steps 32 \

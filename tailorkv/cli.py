@@ -25,6 +25,7 @@ POLICY_ARGS = {
     "speculative_fetch": "speculative_fetch",
     "tailor_radix_topk": "radix_topk",
     "tailor_topk_chunk": "topk_chunk",
+    "tailor_position_order": "position_order",
     "tailor_fp8_row_align": "fp8_row_align",
     "tailor_share_q_pages": "share_q_pages",
     "cascade_attention": "cascade",
@@ -47,6 +48,10 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
         "--tailor-topk-chunk",
         "stage 2's top-k over the blocks of N positions with the largest maxima first, then of their positions "
         "(default 32; 0: one top-k over the whole context)",
+    ),
+    (
+        "--tailor-position-order",
+        "1: the top-k positions sorted into position order before the fetch of host rows (default 0)",
     ),
     (
         "--tailor-share-q-pages",

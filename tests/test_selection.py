@@ -91,6 +91,26 @@ def test_selection_by_blocks_picks_what_one_top_k_picks(chunk, kernel, monkeypat
     assert got.min() >= 0 and got.max() < 997
 
 
+@pytest.mark.parametrize("chunk", [0, 13])
+def test_selection_in_position_order_keeps_each_slot_valid_with_its_position(chunk):
+    """in_order (position_order): the positions torch.topk or the blocks pick, ascending in each row and KV head,
+    each slot still valid exactly when its position was among the row's own top k_rows (the ranges and k as
+    above: a row with fewer positions than k, one whose own k is 7)."""
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(4, 3, 997, generator=gen)
+    begin, end, k_rows = (
+        torch.tensor([4, 0, 300, 100]),
+        torch.tensor([990, 997, 310, 996]),
+        torch.tensor([50, 7, 64, 64]),
+    )
+    idx, valid = select_tokens(scores, begin, end, 64, k_rows, chunk=chunk)
+    got, ok = select_tokens(scores, begin, end, 64, k_rows, chunk=chunk, in_order=True)
+    assert torch.equal(got, idx.sort(dim=-1).values)
+    for row in itertools.product(range(4), range(3)):
+        assert set(got[row][ok[row]].tolist()) == set(idx[row][valid[row]].tolist())
+    assert ok.sum(-1)[:, 0].tolist() == [50, 7, 10, 64]
+
+
 def test_grouped_attention_ignores_garbage_in_masked_slots():
     """Masked key/value slots (unused window or padding) may hold stale memory, NaN and inf included."""
     torch.manual_seed(0)

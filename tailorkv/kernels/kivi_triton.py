@@ -661,13 +661,15 @@ def paged_decode_attention(
         (k_packed, k_scale, k_zero)
     )  # scale and zero share strides in the kernel
     v_packed, v_scale, v_zero = _unpacked((v_packed, v_scale, v_zero))
-    per, splits = context_splits(pages.shape[1], bsz * h, target_programs)
+    share = members is not None
+    g = members.shape[1] if share else 1
+    # splits for the programs that do the work when every group is full: the leaders' shared splits (with splits
+    # for all rows, the leaders' programs ran as long as before and the members' idled: no time saved on the H100)
+    per, splits = context_splits(pages.shape[1], triton.cdiv(bsz, g) * h, target_programs)
     chunk = per * page
     part = torch.empty(bsz * hq, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz * hq, splits, dtype=torch.float32, device=q.device)
     pages, slots, lengths = pages.contiguous(), slots.contiguous(), lengths.contiguous()
-    share = members is not None
-    g = members.shape[1] if share else 1
     if share:
         members, shared = members.contiguous(), shared.contiguous()
     else:  # not read

@@ -92,14 +92,15 @@ class Selection:
         k_rows: torch.Tensor | None = None,
         chunk: int = 0,
         radix: bool = False,
+        in_order: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
         than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
         sequence's top k_rows. Where `radix` and the device has token_topk's kernel (CUDA): by its radix select
         (slots in position order); else, with `chunk`, by two_stage_topk over chunks of that many positions; else
-        by torch.topk (slots in rank order; on CPU ~2x faster than token_topk's reference, which tests hold the
-        kernel to)."""
+        by torch.topk (slots in rank order, or sorted into position order with `in_order`; on CPU ~2x faster than
+        token_topk's reference, which tests hold the kernel to)."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
         topk = token_topk.ops(scores.device)
         if radix and topk is not token_topk:  # its kernel (CUDA): in position order
@@ -114,7 +115,11 @@ class Selection:
             top = topk.top_positions(rows, b, e, k, kr)
             return tuple(x.view(*scores.shape[:-1], -1) for x in top)
         values, indices = self.two_stage_topk(scores, begin, end, min(k, scores.shape[-1]), chunk)
-        return indices, self.valid_ranks(values, k_rows)
+        valid = self.valid_ranks(values, k_rows)
+        if not in_order:
+            return indices, valid
+        indices, order = indices.sort(dim=-1)
+        return indices, valid.gather(-1, order)
 
     def two_stage_topk(
         self, scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, k: int, chunk: int

@@ -31,6 +31,11 @@
   document the prefix cache shares) are attended over them once per group of up to 16 // GQA rows, the group's
   query heads in one tile of the paged kernel (kernels/kivi_triton.py), where each row dequantized them for
   itself (doc chat on the H100: 2.11 ms of 16 rows' 13.76 ms step); the same result. 0 (default) until measured.
+- position_order (beyond the paper): 1 = the top-k positions of blocks or torch.topk (rank order) are sorted into
+  position order before the fetch, as the radix select gives them: on the H100 a fetch over PCIe of fp8 rows at
+  batch 40 and 32k, each layer on its own host pages, ran at 11.7 GB/s in position order against 9.6 in rank order
+  (benchmarks/bench_uva_gather.py --order, 2026-12-06). One sort a layer; the same rows. 0 (default) until measured
+  in a step.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
@@ -77,6 +82,7 @@ class TailorConfig:
     radix_topk: int = 1
     topk_chunk: int = 32
     share_q_pages: int = 0
+    position_order: int = 0
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
 
@@ -126,6 +132,8 @@ class TailorConfig:
             raise ConfigError(f"topk_chunk must be an integer >= 0, got {self.topk_chunk!r}")
         if self.share_q_pages not in (0, 1):
             raise ConfigError(f"share_q_pages must be 0 or 1, got {self.share_q_pages!r}")
+        if self.position_order not in (0, 1):
+            raise ConfigError(f"position_order must be 0 or 1, got {self.position_order!r}")
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ConfigError(
                 f"host_kv_dtype must be one of {', '.join(HOST_KV_DTYPES)}, got {self.host_kv_dtype!r}"
