@@ -55,7 +55,7 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     ),
     (
         "--tailor-share-q-pages",
-        "1: rows sharing a document's Q-layer pages attend over them once a group (default 0)",
+        "1 (default): rows sharing a document's Q-layer pages attend over them once a group; 0: each row alone",
     ),
     (
         "--tailor-fp8-row-align",

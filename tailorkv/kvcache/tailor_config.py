@@ -30,7 +30,9 @@
 - share_q_pages (beyond the paper): 1 = in a decode step, rows whose leading Q-layer pages are the same pages (a
   document the prefix cache shares) are attended over them once per group of up to 16 // GQA rows, the group's
   query heads in one tile of the paged kernel (kernels/kivi_triton.py), where each row dequantized them for
-  itself (doc chat on the H100: 2.11 ms of 16 rows' 13.76 ms step); the same result. 0 (default) until measured.
+  itself; the same result. Default 1: doc chat's step (16 rows, 64k document) on the H100 took 13.03 ms against
+  13.99, its Q layer 1.05 against 2.03 (same run, 232067c). The splits count one program a group (rows // (16 //
+  GQA)), so rows that share nothing get up to 16 // GQA times the splits.
 - position_order (beyond the paper): 1 = the top-k positions of blocks or torch.topk (rank order) are sorted into
   position order before the fetch, as the radix select gives them: on the H100 a fetch over PCIe of fp8 rows at
   batch 40 and 32k, each layer on its own host pages, ran at 11.7 GB/s in position order against 9.6 in rank order
@@ -81,7 +83,7 @@ class TailorConfig:
     speculative_fetch: int = 0
     radix_topk: int = 1
     topk_chunk: int = 32
-    share_q_pages: int = 0
+    share_q_pages: int = 1
     position_order: int = 0
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
