@@ -18,7 +18,8 @@ ms_per_token, prefill_s, peak_gpu_bytes, gpu_kv_bytes, host_kv_bytes, copied_sha
 floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s,
 row_gather_gb_per_s, machine, date, commit, command} to --output; with
 --profile-steps on CUDA also step_ms_by_part, a profiled step's device time by part (GEMMs, the top-k fetch, the
-sparse attention, the key sketch, the Q layers, top-k, FlashInfer, copies, other).
+sparse attention, the key sketch, the Q layers, top-k, FlashInfer, copies, other); with --turn-tokens also
+turn_tokens, turn_steps, turn_ms (doc chat's next turn prefilling beside the decoding rows) and turn_ms_by_part.
 """
 
 from __future__ import annotations
@@ -121,7 +122,14 @@ def measure(engine: Engine, context: int, args) -> dict:
     gen = torch.Generator().manual_seed(context)
     reqs = []
     # the first prompts decode while the later ones prefill: about a step for each later one, four to be safe
-    new = args.warmup + args.steps + args.profile_steps + 2 + 4 * args.batch
+    new = (
+        args.warmup
+        + args.steps
+        + args.profile_steps
+        + 2
+        + 4 * args.batch
+        + 2 * TURNS * bool(args.turn_tokens)
+    )
     # prompt + generated tokens fill `context` (128k fits a 131072-token model); the first shared_prefix tokens the
     # same in every prompt
     doc = torch.randint(100, 40000, (min(args.shared_prefix, context - new),), generator=gen)
@@ -170,6 +178,7 @@ def measure(engine: Engine, context: int, args) -> dict:
     step_ms = profile(engine, context, args) if args.profile_steps else {}
     if any(r.finished for r in reqs):  # then the timed steps decoded fewer rows than --batch
         raise RuntimeError("a request finished its answer before the timed steps ended")
+    turn = turn_steps(engine, doc, context, args, gen) if args.turn_tokens and len(doc) else {}
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = held["gpu"], held["host"]
@@ -198,7 +207,49 @@ def measure(engine: Engine, context: int, args) -> dict:
         **args.bandwidths.as_row(),
         # a profiled step's device time by part (with --profile-steps, on CUDA)
         **({"step_ms_by_part": step_ms} if step_ms else {}),
+        **turn,
     }
+
+
+TURNS = 3  # doc chat turns timed (--turn-tokens), then one profiled
+
+
+def turn_steps(engine: Engine, doc: torch.Tensor, context: int, args, gen: torch.Generator) -> dict:
+    """Doc chat's next turn beside the decoding rows: a request of the document and --turn-tokens more (the
+    document from the prefix cache) prefills in the steps it takes, each turn timed from its arrival to the end of
+    its prefill (synchronized), then aborted; TURNS of them, then one profiled (with --profile-steps)."""
+    sp = SamplingParams.from_any({"max_new_tokens": 2, "temperature": 0, "ignore_eos": True})
+
+    def turn() -> int:
+        req = engine.add_request(
+            doc.tolist() + torch.randint(100, 40000, (args.turn_tokens,), generator=gen).tolist(),
+            sp,
+        )
+        steps = 0
+        while req.seq.prefilling:
+            engine.step()
+            steps += 1
+        sync(engine)
+        engine.abort(req.rid)
+        return steps
+
+    times, steps = [], 0
+    for _ in range(TURNS):
+        sync(engine)
+        t = time.perf_counter()
+        steps = turn()
+        times.append(time.perf_counter() - t)
+    row = {
+        "turn_tokens": args.turn_tokens,
+        "turn_steps": steps,
+        "turn_ms": round(1e3 * statistics.median(times), 2),
+    }
+    if args.profile_steps:
+        name = args.current.replace(":", "-").replace("=", "")
+        path = f"{os.path.splitext(args.output)[0]}_{name}_{context}_turn.prof.txt"
+        kernels = profiled(turn, path, engine.device.type == "cuda", rows=25)
+        row["turn_ms_by_part"] = step_parts(kernels, 1)
+    return row
 
 
 # a profiled step's device time by part, the first that names a kernel (cuBLAS's GEMMs, our Triton kernels by name,
@@ -273,6 +324,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="the batch's prompts begin with the same TOKENS tokens (doc chat's document): the later ones read "
         "them from the prefix cache, full's decode through the cascade (full::cascade=0: a row at a time)",
     )
+    p.add_argument(
+        "--turn-tokens",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="with --shared-prefix: after the decode steps, time doc chat's next turn (the document and TOKENS "
+        "more) prefilling beside the decoding rows (turn_ms; profiled with --profile-steps)",
+    )
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -345,6 +404,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 parts = row["step_ms_by_part"]
                 print(
                     f"  a profiled step, ms (the device busy {sum(parts.values()):.2f} of it): "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()),
+                    flush=True,
+                )
+            if "turn_ms" in row:
+                parts = row.get("turn_ms_by_part", {})
+                print(
+                    f"  the next turn ({row['turn_tokens']} tokens after the document): {row['turn_ms']} ms in "
+                    f"{row['turn_steps']} step(s); profiled, device ms: "
                     + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()),
                     flush=True,
                 )

@@ -197,6 +197,14 @@ bk)
     --output $R/latency_b1_blocks.json > $R/lat_bk1.log 2>&1
   echo "lat bk b1 rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk1.log | tail -5
   ;;
+turn)
+  # doc chat's next turn (the document from the prefix cache and TT tokens more) prefilling beside the 16 decoding
+  # rows, profiled: on the H100 (64cf901) the server's turn-3 prefills took ~100-130 ms a step each, 8x a decode step
+  timeout ${TL:-400} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
+    --shared-prefix 64000 --turn-tokens ${TT:-80} --device cuda --policies ${DCP:-tailor:longbench,full} --steps 8 \
+    --host-kv-gib 60 --profile-steps 1 --output $R/latency_docchat_turn.json > $R/lat_turn.log 2>&1
+  echo "lat turn rc=$?"; t; grep -v "oading\|it/s" $R/lat_turn.log | tail -8
+  ;;
 dc)
   # doc chat's decode step alone: 16 rows sharing a 64k document (the prefix cache), full with the cascade and without
   # it, tailor; profiled: the device's busy time against the step's (is the step launch-bound?)

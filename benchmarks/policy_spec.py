@@ -1,13 +1,13 @@
 """A benchmark's policy spec: `name`, `name:preset` or `name:preset:option=value[:option=value]`
-(e.g. `tailor:longbench:key_sketch=1`, `tailor:longbench:host_kv_dtype=fp8`, `full::enable_torch_compile=true`);
-the preset is a tailor preset (streaming and quest take its budget)."""
+(e.g. `tailor:longbench:key_sketch=1`, `tailor::quant_layers=[0]`, `tailor:longbench:host_kv_dtype=fp8`,
+`full::enable_torch_compile=true`); the preset is a tailor preset (streaming and quest take its budget)."""
 
 from __future__ import annotations
 
 
 def parse_policy(spec: str) -> tuple[str, str | None, dict]:
-    """(policy name, preset or None, options: integers where they parse as one, true and false as booleans,
-    else strings)."""
+    """(policy name, preset or None, options: integers where they parse as one, true and false as booleans, a
+    bracketed list as a list of integers (`quant_layers=[0,2]`), else strings)."""
     name, *rest = spec.split(":")
     options = dict(o.partition("=")[::2] for o in rest[1:])
     return name, (rest[0] if rest else None) or None, {k: _value(v) for k, v in options.items()}
@@ -16,6 +16,8 @@ def parse_policy(spec: str) -> tuple[str, str | None, dict]:
 def _value(text: str):
     if text.lstrip("-").isdigit():
         return int(text)
+    if text.startswith("[") and text.endswith("]"):
+        return [_value(x.strip()) for x in text[1:-1].split(",") if x.strip()]
     return {"true": True, "false": False}.get(text.lower(), text)
 
 

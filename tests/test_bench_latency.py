@@ -158,3 +158,36 @@ def test_a_shared_document_is_prefilled_once_and_its_pages_counted_once(tmp_path
         page_bytes == 2 * 512 * 2 * 4 * 2 * 32 * 4
         and rows["gpu_kv_bytes"] == cascade["gpu_kv_bytes"]
     )
+
+
+def test_the_next_turn_prefills_its_own_tokens_beside_the_decoding_rows(tmp_path, monkeypatch):
+    """--turn-tokens: doc chat's next turn reads the document from the prefix cache and prefills only its own 40
+    tokens (each turn in one step, beside the 3 decoding rows), then leaves; the turn's profile is written."""
+    prefilled = []
+    add = Engine.add_request
+
+    def add_request(self, ids, sp):
+        req = add(self, ids, sp)
+        prefilled.append(req)
+        return req
+
+    monkeypatch.setattr(Engine, "add_request", add_request)
+    out = tmp_path / "turn.json"
+    args = [
+        "--model=dummy:tiny",
+        "--contexts=700",
+        "--batch=3",
+        "--steps=1",
+        "--warmup=0",
+        "--profile-steps=1",
+    ]
+    args += ["--device=cpu", "--kv-cache-gib=0.02", "--host-kv-gib=0.02", f"--output={out}"]
+    bench_latency.main(
+        [*args, "--policies=tailor::quant_layers=[0]", "--shared-prefix=512", "--turn-tokens=40"]
+    )
+    (row,) = json.loads(out.read_text())
+    turns = prefilled[3:]
+    assert len(turns) == bench_latency.TURNS + 1 and all(r.finished for r in turns)
+    assert [r.seq.cached_tokens for r in turns] == [512] * len(turns)
+    assert row["turn_tokens"] == 40 and row["turn_steps"] == 1 and row["turn_ms"] > 0
+    assert (tmp_path / "turn_tailor--quant_layers[0]_700_turn.prof.txt").exists()

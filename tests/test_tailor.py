@@ -374,6 +374,7 @@ def test_quant_store_append_twice_is_append_once():
         ({"sink": -8}, "sink"),
         ({"tailor_preset": "nope"}, "tailor_preset"),
         ({"quant_layers": [99]}, "quant_layers"),
+        ({"quant_layers": "[0]"}, "quant_layers must be a list of layer indices"),
         ({"bogus": 1}, "unknown tailor option"),
     ],
 )

@@ -152,6 +152,13 @@ class TailorConfig:
             raise ConfigError(f"d_s must be in [1, head_dim={head_dim}], got {self.d_s!r}")
         if self.group_size != 64 or self.residual % self.group_size:
             raise ConfigError("group_size must be 64 and residual a multiple of it")
+        if self.quant_layers is not None and (
+            not isinstance(self.quant_layers, (list, tuple))
+            or not all(isinstance(i, int) for i in self.quant_layers)
+        ):
+            raise ConfigError(
+                f"quant_layers must be a list of layer indices, got {self.quant_layers!r}"
+            )
         bad = [i for i in self.quant_layers or [] if i < 0]
         if bad:
             raise ConfigError(f"quant_layers must be layer indices (>= 0), got {bad}")
