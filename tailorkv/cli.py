@@ -51,7 +51,8 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     ),
     (
         "--tailor-position-order",
-        "1: the top-k positions sorted into position order before the fetch of host rows (default 0)",
+        "N: in decode steps of at least N sequences the top-k positions sorted into position order before the "
+        "fetch (default 40; 0: never)",
     ),
     (
         "--tailor-share-q-pages",

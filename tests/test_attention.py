@@ -93,6 +93,19 @@ def test_shared_prefix_attention_equals_each_row_over_the_whole_prompt(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_turn_over_a_long_prefix(device):
+    """A doc chat turn: 80 queries after an 8,192-token prefix, GQA 4, head_dim 128 (on the GPU FA2's plan splits
+    the prefix's keys across the SMs and merges the parts)."""
+    prefix, cu = 8192, [0, 80]
+    q = rand(80, 32, 128, device=device, seed=3)
+    k, v = rand(80, 8, 128, device=device, seed=4), rand(80, 8, 128, device=device, seed=5)
+    pk, pv = rand(prefix, 8, 256, device=device, seed=6).split(128, -1)
+    got = shared_prefix_attention(q, k, v, cu, pk, pv)
+    want = brute_force(q, torch.cat([pk, k]), torch.cat([pv, v]), prefix)
+    torch.testing.assert_close(got.float(), want, **tolerance(q))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prefix", [300, 0])
 def test_shared_prefix_attention_with_own_keys_before_the_queries(device, prefix):
     """Rows whose own keys begin before their queries (a cached partial block: 0, 200 and 37 such keys before 1, 70

@@ -95,11 +95,11 @@ def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
 
 @pytest.mark.parametrize("chunk", [0, 8])
 def test_rows_sorted_into_position_order_decode_what_rows_in_rank_order_decode(prompt, chunk):
-    """position_order=1: torch.topk's or the blocks' rows sorted by position before the fetch, the same forced
-    logprobs (exact keys, as above)."""
+    """position_order=1 (every step): torch.topk's or the blocks' rows sorted by position before the fetch, the
+    same forced logprobs (exact keys, as above; position_order=0: never)."""
     assert_close_logprobs(
         tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=chunk, key_sketch=0, position_order=1),
-        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=chunk, key_sketch=0),
+        tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=chunk, key_sketch=0, position_order=0),
     )
 
 
@@ -366,7 +366,7 @@ def test_quant_store_append_twice_is_append_once():
         ({"speculative_fetch": 2}, "speculative_fetch"),
         ({"topk_chunk": -1}, "topk_chunk"),
         ({"share_q_pages": 2}, "share_q_pages"),
-        ({"position_order": 2}, "position_order"),
+        ({"position_order": -1}, "position_order must be an integer >= 0"),
         ({"radix_topk": -1}, "radix_topk must be an integer >= 0"),
         ({"speculative_fetch": 1, "key_sketch": 0}, "needs a key sketch"),
         ({"d_s": 0}, "d_s"),

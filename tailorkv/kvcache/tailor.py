@@ -712,7 +712,7 @@ class TailorPolicy(KVPolicy):
             view.top_k[:, si],
             self.tc.topk_chunk,
             scores.shape[0] <= self.tc.radix_topk,  # a static shape per captured graph
-            bool(self.tc.position_order),
+            0 < self.tc.position_order <= scores.shape[0],
         )
         return self.offload.fetch_rows(si, view, idx), valid
 

@@ -33,11 +33,11 @@
   itself; the same result. Default 1: doc chat's step (16 rows, 64k document) on the H100 took 13.03 ms against
   13.99, its Q layer 1.05 against 2.03 (same run, 232067c). The splits count one program a group (rows // (16 //
   GQA)), so rows that share nothing get up to 16 // GQA times the splits.
-- position_order (beyond the paper): 1 = the top-k positions of blocks or torch.topk (rank order) are sorted into
-  position order before the fetch, as the radix select gives them: on the H100 a fetch over PCIe of fp8 rows at
-  batch 40 and 32k, each layer on its own host pages, ran at 11.7 GB/s in position order against 9.6 in rank order
-  (benchmarks/bench_uva_gather.py --order, 2026-12-06). One sort a layer; the same rows. 0 (default) until measured
-  in a step.
+- position_order (beyond the paper): N = in decode steps of at least N sequences, the top-k positions of blocks or
+  torch.topk (rank order) are sorted into position order before the fetch, as the radix select gives them; 0 =
+  never. The same rows; one sort a layer. Default 40: on the H100 with fp8 rows at 32k (232067c, same runs), batch
+  40 stepped in 38.97 ms against 41.48 (its fetch, 70% over PCIe, 18.68 against 21.98 ms), batch 16 (74% of its
+  rows from GPU copies) in 15.31 against 14.56; bench_uva_gather: 11.7 against 9.6 GB/s at batch 40.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
@@ -84,7 +84,7 @@ class TailorConfig:
     radix_topk: int = 1
     topk_chunk: int = 32
     share_q_pages: int = 1
-    position_order: int = 0
+    position_order: int = 40
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
 
@@ -134,8 +134,10 @@ class TailorConfig:
             raise ConfigError(f"topk_chunk must be an integer >= 0, got {self.topk_chunk!r}")
         if self.share_q_pages not in (0, 1):
             raise ConfigError(f"share_q_pages must be 0 or 1, got {self.share_q_pages!r}")
-        if self.position_order not in (0, 1):
-            raise ConfigError(f"position_order must be 0 or 1, got {self.position_order!r}")
+        if not isinstance(self.position_order, int) or self.position_order < 0:
+            raise ConfigError(
+                f"position_order must be an integer >= 0, got {self.position_order!r}"
+            )
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ConfigError(
                 f"host_kv_dtype must be one of {', '.join(HOST_KV_DTYPES)}, got {self.host_kv_dtype!r}"
