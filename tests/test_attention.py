@@ -124,19 +124,33 @@ def test_shared_prefix_attention_with_own_keys_before_the_queries(device, prefix
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
-def test_paged_prefill_equals_causal_attention_over_each_rows_pages(device, hq, hkv, d):
+@pytest.mark.parametrize("long", [False, True])
+def test_paged_prefill_equals_causal_attention_over_each_rows_pages(device, hq, hkv, d, long):
     """Prompt rows attending in place to their pages (full's chunked prefill): a first chunk, a chunk after 300
-    cached tokens and one token after 17; pages out of order, lengths off the page."""
+    cached tokens and one token after 17; pages out of order, lengths off the page. long (CUDA only: the float64
+    reference would take seconds on CPU): a first chunk of 2,200 tokens, which FlashInfer's default backend takes
+    (FA3 on Hopper), where the short rows go to FA2."""
+    if long and device == "cpu":
+        pytest.skip("the long case checks the backend FlashInfer runs on a GPU")
     paged = PagedPrefill
-    if available(torch.device(device), torch.bfloat16, d):
+    if fast := available(torch.device(device), torch.bfloat16, d):
         from tailorkv.kernels.flashinfer_prefill import PagedPrefill as paged
-    k_pages, v_pages = (rand(64, 16, hkv, d, device=device, seed=s) for s in (8, 9))
-    lengths, new = [70, 337, 18], [70, 37, 1]
+    k_pages, v_pages = (rand(256, 16, hkv, d, device=device, seed=s) for s in (8, 9))
+    lengths, new = [2200 if long else 70, 337, 18], [2200 if long else 70, 37, 1]
     torch.manual_seed(10)
-    pages = [torch.randperm(64, device=device)[: -(-n // 16)] for n in lengths]
+    pages = [torch.randperm(256, device=device)[: -(-n // 16)] for n in lengths]
     q = rand(sum(new), hq, d, device=device, seed=11)
     attn = paged(torch.device(device), hq, hkv, d)
     attn.plan(pages, lengths, new, 16, q.dtype)
+    if fast:
+        assert attn.wrapper is attn.wrappers["auto" if long and hq == 32 else "fa2"]
+        for n, backend in zip(
+            attn.warm_up_sizes(), ("fa2", "auto")
+        ):  # what the engine compiles at start
+            zero = torch.zeros(-(-n // 16), dtype=torch.long, device=device)
+            attn.plan([zero], [n], [n], 16, q.dtype)
+            assert attn.wrapper is attn.wrappers[backend]
+        attn.plan(pages, lengths, new, 16, q.dtype)
     out, a = attn.run(q, k_pages, v_pages), 0
     for p, n, m in zip(pages, lengths, new):
         keys, values = (x[p].flatten(0, 1)[:n] for x in (k_pages, v_pages))

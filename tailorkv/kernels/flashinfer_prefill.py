@@ -116,7 +116,17 @@ class PagedPrefill:
         import flashinfer
 
         self.shape, self.device = (num_qo_heads, num_kv_heads, head_dim), device
-        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(_workspace_of(device), "NHD")
+        # "auto" (FA3 on Hopper) for long chunks; FA2 for few queries over long keys (a chat turn after a document):
+        # FA3's plan gives each (query head, tile of 128 queries) one CTA over all the keys, so 80 queries were 32
+        # CTAs; FA2 packs a KV head's query heads into a tile and splits the keys across the SMs
+        self.wrappers = {
+            b: flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                _workspace_of(device), "NHD", backend=b
+            )
+            for b in ("auto", "fa2")
+        }
+        self.ctas = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        self.wrapper = self.wrappers["auto"]
 
     def plan(
         self,
@@ -128,6 +138,8 @@ class PagedPrefill:
     ) -> None:
         """Row i: `new[i]` queries, the last of its lengths[i] tokens, in its pages[i] (page ids on the device)."""
         hq, hkv, d = self.shape
+        fa3_items = hq * sum(-(-n // 128) for n in new)
+        self.wrapper = self.wrappers["fa2" if fa3_items < self.ctas else "auto"]
         counts = [-(-n // page_size) for n in lengths]
         i32 = dict(dtype=torch.int32)
         self.wrapper.plan(
@@ -143,6 +155,10 @@ class PagedPrefill:
             q_data_type=dtype,
             kv_data_type=dtype,
         )
+
+    def warm_up_sizes(self) -> list[int]:
+        """Chunk lengths (one row) that take each backend, for compiling both before serving."""
+        return [1, 128 * -(-self.ctas // self.shape[0])]
 
     def run(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
         return self.wrapper.run(q, (k_pages, v_pages))

@@ -140,14 +140,17 @@ class FullPolicy(KVPolicy):
 
     def warm_up(self, prefix_sharing: bool) -> None:
         """FlashInfer's paged prefill and the cascade's pass over shared pages JIT-compile on first use: compile them
-        now (one query over one page; two rows sharing a page)."""
+        now (a chunk of each size that takes its own backend, over page 0; two rows sharing a page)."""
         if self.prefill is None or self.device.type != "cuda":
             return
         c, page = self.cfg, torch.zeros(1, dtype=torch.long, device=self.device)
         kp, vp = (x[0].view(-1, PAGE_SIZE, *x.shape[2:]) for x in (self.k_cache, self.v_cache))
+        for n in self.prefill.warm_up_sizes():
+            pages = torch.zeros(-(-n // PAGE_SIZE), dtype=torch.long, device=self.device)
+            self.prefill.plan([pages], [n], [n], PAGE_SIZE, self.dtype)
+            q = torch.zeros(n, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
+            self.prefill.run(q, kp, vp)
         q = torch.zeros(2, c.num_heads, c.head_dim, device=self.device, dtype=self.dtype)
-        self.prefill.plan([page], [1], [1], PAGE_SIZE, self.dtype)
-        self.prefill.run(q[:1], kp, vp)
         if self.cascade is not None:
             self.cascade.plan([([0, 1], page)], [page, page], [1, 1])
             self.cascade.run(q, kp, vp)
