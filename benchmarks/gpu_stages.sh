@@ -21,7 +21,8 @@
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
 # tailor; profiled), sq (share_q_pages: its GPU tests, doc chat's step with and without it), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
-# cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER).
+# cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER), pf (the GPU tests of the prefill backends),
+# turn (doc chat's next turn beside 16 decoding rows, profiled).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
 stage=${1:-none}
@@ -196,6 +197,13 @@ bk)
     --device cuda --policies tailor:longbench,tailor:longbench:radix_topk=0 --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b1_blocks.json > $R/lat_bk1.log 2>&1
   echo "lat bk b1 rc=$?"; t; grep -v "oading\|it/s" $R/lat_bk1.log | tail -5
+  ;;
+pf)
+  # the GPU tests of 41e014b/f8baed2 (tailor's prefix on FA2's ragged prefill with split keys, full's paged prefill
+  # choosing FA2 for few queries), of share_q_pages' splits and position_order (run with FI=1: new FA2 modules)
+  timeout ${TG:-400} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_attention.py tests/test_shared_decode.py \
+    tests/test_prefix_cache.py tests/test_share_q_pages.py tests/test_selection.py tests/test_warm_up.py \
+    tests/test_kivi.py 2>&1 | tail -12; t
   ;;
 turn)
   # doc chat's next turn (the document from the prefix cache and TT tokens more) prefilling beside the 16 decoding
