@@ -255,13 +255,14 @@ def turn_steps(engine: Engine, doc: torch.Tensor, context: int, args, gen: torch
 # a profiled step's device time by part, the first that names a kernel (cuBLAS's GEMMs, our Triton kernels by name,
 # torch's radix top-k, FlashInfer's attention); the rest is "other" (elementwise work, norms, indexing)
 STEP_PARTS = (
+    # first: FlashInfer's prefill kernels name cutlass types in their template arguments
+    ("FlashInfer", ("flashinfer", "BatchDecode", "BatchPrefill", "SinglePrefill", "MergeState")),
     ("GEMMs", ("nvjet", "gemm", "splitKreduce", "cutlass")),
     ("top-k fetch", ("_gather_rows_kernel",)),
     ("sparse attention", ("_sparse_decode_kernel",)),
     ("key sketch", ("_sketch_scores_kernel",)),
     ("Q layers", ("_paged_decode_kernel", "_merge_splits_kernel")),
     ("top-k", ("topk",)),
-    ("FlashInfer", ("flashinfer", "BatchDecode", "BatchPrefill", "SinglePrefill", "MergeState")),
     ("copies", ("memcpy", "Memcpy", "_copy_pages_kernel")),
 )
 
