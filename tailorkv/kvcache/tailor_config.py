@@ -33,9 +33,9 @@
   itself; the same result. Default 1: doc chat's step (16 rows, 64k document) on the H100 took 13.03 ms against
   13.99, its Q layer 1.05 against 2.03 (same run, 232067c). The splits count one program a group (rows // (16 //
   GQA)), so rows that share nothing get up to 16 // GQA times the splits.
-- position_order (beyond the paper): N = in decode steps of at least N sequences, the top-k positions of blocks or
-  torch.topk (rank order) are sorted into position order before the fetch, as the radix select gives them; 0 =
-  never. The same rows; one sort a layer. Default 40: on the H100 with fp8 rows at 32k (232067c, same runs), batch
+- position_order (beyond the paper): N = in decode steps of at least N rows (a captured step's padded rows), the
+  top-k positions of blocks or torch.topk (rank order) are sorted into position order before the fetch, as the
+  radix select gives them; 0 = never. The same rows; one sort a layer. Default 40: on the H100 with fp8 rows at 32k (232067c, same runs), batch
   40 stepped in 38.97 ms against 41.48 (its fetch, 70% over PCIe, 18.68 against 21.98 ms), batch 16 (74% of its
   rows from GPU copies) in 15.31 against 14.56; bench_uva_gather: 11.7 against 9.6 GB/s at batch 40.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
