@@ -21,7 +21,7 @@ from tailorkv.engine.engine import Engine
 from tailorkv.models.dummy import dummy_config
 from tailorkv.models.sharding import check_divisible, kv_heads, shard
 
-GREEDY = {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True}
+GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
 DOC = [(7 * i) % 900 + 5 for i in range(300)]  # a shared document: two prompts continue it
 PROMPTS = [DOC + [11, 12, 13], DOC + [21, 22], [3, 4, 5] * 9]
 CASES = {  # (model, tp, policy options)
