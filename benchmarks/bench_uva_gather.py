@@ -8,10 +8,10 @@ A pinned host tier of `--host-gib` (host_tensor: cudaHostRegister) in pages of [
 (128 random rows per request and head, in torch.topk's rank order or sorted into position order: `--order`, as
 the two-stage top-k and the radix select hand them over). Each gather is timed alone with CUDA events, either
 right after the previous gather (`swept=False`) or after a 1 GiB device-to-device copy (`swept=True`), which is
-what the weights streaming through L2 do between two layers' fetches in a real step. The host tier is allocated once in transparent huge
-pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's `huge_pages`): whether rows
-scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not, benchmarks/NOTES.md). `--rows
-bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows (`--host-kv-dtype fp8`: 260
+what the weights streaming through L2 do between two layers' fetches in a real step. The host tier is allocated
+once in transparent huge pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's
+`huge_pages`): whether rows scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not,
+benchmarks/NOTES.md). `--rows bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows (`--host-kv-dtype fp8`: 260
 bytes, gathered as 32-bit words) and as fp8 rows padded to 272 bytes (`fp8_row_align` 16: gathered in 16-byte
 loads); `us` compares them at the same rows (`gb_per_s` counts the padding). `--shapes 40x128` adds batch 40 at
 32k, where the step's fetch ran at ~10.6 GB/s on the H100 (benchmarks/NOTES.md, 2026-12-06); `--pages per-layer`
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     info = run_info(__spec__.name, argv)
     out = []
     print(
-        f"{'rows':>6} {'huge':>5} {'order':>8} {'pages':>9} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} {'GB/s':>6}"
+        f"{'rows':>6} {'huge':>5} {'order':>8} {'pages':>9} {'batch':>5} {'context':>8} {'swept':>6} {'us':>8} "
+        f"{'GB/s':>6}"
     )
     kinds = {
         "bf16": (torch.bfloat16, 2 * D),
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
             print(
-                f"{kind:>6} {huge!s:>5} {order:>8} {page_set:>9} {batch:>5} {context_pages * T:>8} {swept!s:>6} {us:>8.1f} "
-                f"{gbs:>6.1f}",
+                f"{kind:>6} {huge!s:>5} {order:>8} {page_set:>9} {batch:>5} {context_pages * T:>8} "
+                f"{swept!s:>6} {us:>8.1f} {gbs:>6.1f}",
                 flush=True,
             )
         del rows  # unregistered and freed before the next tier is locked

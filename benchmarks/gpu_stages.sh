@@ -136,12 +136,12 @@ gk)
   ;;
 sq)
   # share_q_pages: the paged kernel's group pass on the GPU (its tests), then doc chat's step (16 rows sharing a 64k
-  # document) with and without it, profiled (Q layers 2.11 ms of 13.76 at 391f0bf). If it wins, it becomes the
-  # default; then `NEW2="--tailor-share-q-pages 1" c19a` for the server's TPOT (SQT= skips the tests)
+  # document) without it and with it (the default since 64cf901: 13.99 against 13.03 ms on the H100, Q layers 2.03
+  # against 1.05), profiled (SQT= skips the tests)
   [ -n "${SQT-1}" ] && timeout 200 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_share_q_pages.py \
     -k "paged or shared or share or groups" 2>&1 | tail -3; t
   timeout ${TL:-400} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
-    --shared-prefix 64000 --device cuda --policies tailor:longbench,tailor:longbench:share_q_pages=1 --steps 32 \
+    --shared-prefix 64000 --device cuda --policies tailor:longbench:share_q_pages=0,tailor:longbench --steps 32 \
     --host-kv-gib 60 --profile-steps 2 --output $R/latency_docchat_share.json > $R/lat_sq.log 2>&1
   echo "lat sq rc=$?"; t; grep -v "oading\|it/s" $R/lat_sq.log | tail -4
   ;;
@@ -209,7 +209,7 @@ turn)
   # doc chat's next turn (the document from the prefix cache and TT tokens more) prefilling beside the 16 decoding
   # rows, profiled: on the H100 (64cf901) the server's turn-3 prefills took ~100-130 ms a step each, 8x a decode step
   timeout ${TL:-400} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 65536 --batch 16 \
-    --shared-prefix 64000 --turn-tokens ${TT:-80} --device cuda --policies ${DCP:-tailor:longbench,full} --steps 8 \
+    --shared-prefix 64000 --turn-tokens ${TT:-80} --device cuda --policies ${TNP:-tailor:longbench,full} --steps 8 \
     --host-kv-gib 60 --profile-steps 1 --output $R/latency_docchat_turn.json > $R/lat_turn.log 2>&1
   echo "lat turn rc=$?"; t; grep -v "oading\|it/s" $R/lat_turn.log | tail -8
   ;;

@@ -51,7 +51,7 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     ),
     (
         "--tailor-position-order",
-        "N: in decode steps of at least N sequences the top-k positions sorted into position order before the "
+        "N: in decode steps of at least N rows the top-k positions sorted into position order before the "
         "fetch (default 40; 0: never)",
     ),
     (

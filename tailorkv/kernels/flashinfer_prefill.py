@@ -126,7 +126,6 @@ class PagedPrefill:
             for b in ("auto", "fa2")
         }
         self.ctas = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        self.wrapper = self.wrappers["auto"]
 
     def plan(
         self,

@@ -73,9 +73,9 @@ def share_groups(
     for i, (pg, limit) in enumerate(zip(pages, packed)):
         if limit >= PAGE:
             by_first.setdefault(int(pg[0]), []).append(i)
-    for rows in by_first.values():
-        for at in range(0, len(rows) - 1, group):
-            grp = rows[at : at + group]
+    for same in by_first.values():
+        for at in range(0, len(same) - 1, group):
+            grp = same[at : at + group]
             if len(grp) < 2:
                 continue
             width = min(packed[i] for i in grp) // PAGE
