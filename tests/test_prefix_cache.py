@@ -495,10 +495,12 @@ def test_tailor_rows_sharing_a_cached_document_in_one_step(chat, monkeypatch):
         agree = None if e.device.type == "cpu" else 2
         assert [r["output_ids"][:agree] for r in got] == [w[:agree] for w in want]
         assert all(r["meta_info"]["cached_tokens"] >= 1024 for r in got)
-        members, shared = groups[-1]  # dummy:tiny's GQA 2: groups of up to 8 rows
+        # dummy:tiny's GQA 2: groups of up to 8 rows; on the GPU a captured graph's padding row after the three
+        members, shared = groups[-1]
         # the document's pages (its cached blocks' and the part of its last block the rows continue), 64 tokens each
-        assert members[0].tolist()[:3] == [0, 1, 2] and members[1:, 0].tolist() == [0, 0]
-        assert shared.tolist() == [shared[0]] * 3 and shared[0] >= 1024 and shared[0] % 64 == 0
+        assert members[0].tolist()[:4] == [0, 1, 2, -1] and members[1:3, 0].tolist() == [0, 0]
+        assert members[3:, 0].tolist() == list(range(3, len(members))) and not shared[3:].any()
+        assert shared[:3].tolist() == [shared[0]] * 3 and shared[0] >= 1024 and shared[0] % 64 == 0
         assert len(reads) == e.config.num_layers  # one read per layer for the three rows
         assert (
             0 < n < reads[0].pages
