@@ -128,7 +128,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         + args.profile_steps
         + 2
         + 4 * args.batch
-        + 2 * TURNS * bool(args.turn_tokens)
+        + 2 * (TURNS + 1) * bool(args.turn_tokens)
     )
     # prompt + generated tokens fill `context` (128k fits a 131072-token model); the first shared_prefix tokens the
     # same in every prompt
@@ -179,6 +179,8 @@ def measure(engine: Engine, context: int, args) -> dict:
     if any(r.finished for r in reqs):  # then the timed steps decoded fewer rows than --batch
         raise RuntimeError("a request finished its answer before the timed steps ended")
     turn = turn_steps(engine, doc, context, args, gen) if args.turn_tokens and len(doc) else {}
+    if turn and any(r.finished for r in reqs):  # then the turns ran beside fewer rows than --batch
+        raise RuntimeError("a request finished its answer before the turns ended")
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = held["gpu"], held["host"]
@@ -368,7 +370,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             kv_policy=name,
             device=args.device,
             progress=False,
-            max_running_requests=max(args.batch, 1),
+            max_running_requests=max(args.batch, 1)
+            + bool(args.turn_tokens),  # the turn beside the batch
             # a prompt a step, unlimited by the step-time budget (what is timed is decode). The whole batch in one
             # chunk (as here until 2026-12-05) reserved ~32 GiB of activations at 16 x 32k, which left tailor no
             # room for GPU copies of host pages

@@ -166,7 +166,8 @@ def test_a_shared_document_is_prefilled_once_and_its_pages_counted_once(tmp_path
 
 def test_the_next_turn_prefills_its_own_tokens_beside_the_decoding_rows(tmp_path, monkeypatch):
     """--turn-tokens: doc chat's next turn reads the document from the prefix cache and prefills only its own 40
-    tokens (each turn in one step, beside the 3 decoding rows), then leaves; the turn's profile is written."""
+    tokens (each turn in one step, beside the 3 decoding rows: until 2026-12-06 it waited for a 4th running slot
+    until they finished), then leaves; the turn's profile is written."""
     prefilled = []
     add = Engine.add_request
 
