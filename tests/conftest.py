@@ -21,14 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # and in the processes the tests start
 
-# Inductor's CPU kernels (test_torch_compile) take the vector ISA that /proc/cpuinfo names, without first building a
-# test program per candidate ISA: ~6 s of a fresh machine's first compile
-os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
-
 if not torch.cuda.is_available():
-    # Inductor's C++ kernels compiled in this process, without a pool of compile workers to start on a machine of
-    # two cores (test_torch_compile, cold: 74 s against 67)
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     # before anything imports triton (torch.nn.attention.bias does): triton decorates its own tl.* helpers once,
     # in the mode the flag gives at that import, and the kernel tests run them in the interpreter
     os.environ["TRITON_INTERPRET"] = "1"

@@ -452,13 +452,14 @@ def _paged_decode_split(
             PAGE,
             BLOCK_D,
         )
-        win = (t % RW).to(tl.int64)  # the V window is a ring
-        v_win = tl.load(
-            vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
-            mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        v = tl.where(packed[:, None], v, v_win)
+        if t0 + PAGE > vq:  # the tile reaches the tokens not yet packed, in the V window (a ring): only the last
+            win = (t % RW).to(tl.int64)  # tiles do, so the others skip its addresses, loads and select
+            v_win = tl.load(
+                vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
+                mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            v = tl.where(packed[:, None], v, v_win)
         m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
     row = (member * H * GQA + kvh * GQA + head) * num_splits + split
     nonempty = l > 0
