@@ -452,8 +452,10 @@ def _paged_decode_split(
             PAGE,
             BLOCK_D,
         )
-        if t0 + PAGE > vq:  # the tile reaches the tokens not yet packed, in the V window (a ring): only the last
-            win = (t % RW).to(tl.int64)  # tiles do, so the others skip its addresses, loads and select
+        # only the last tiles reach the tokens not yet packed, in the V window (a ring): the others skip its
+        # addresses, loads and select
+        if t0 + PAGE > vq:
+            win = (t % RW).to(tl.int64)
             v_win = tl.load(
                 vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
                 mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
