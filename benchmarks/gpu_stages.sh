@@ -22,7 +22,7 @@
 # tailor; profiled), sq (share_q_pages: its GPU tests, doc chat's step with and without it), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER), pf (the GPU tests of the prefill backends),
-# turn (doc chat's next turn beside 16 decoding rows, profiled).
+# turn (doc chat's next turn beside 16 decoding rows, profiled), qa (the Q layers' attention against OLD_QA).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
 stage=${1:-none}
@@ -204,6 +204,16 @@ pf)
   timeout ${TG:-400} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_attention.py tests/test_shared_decode.py \
     tests/test_prefix_cache.py tests/test_share_q_pages.py tests/test_selection.py tests/test_warm_up.py \
     tests/test_kivi.py 2>&1 | tail -12; t
+  ;;
+qa)
+  # the Q layers' paged attention at 32k, 2 bits, batch 16/40/50 (b40's profile: 4.2 ms a step for the 2 Q layers,
+  # ~400 GB/s), default launch settings: this tree (b60fb7e: only the last tiles read the V window) against
+  # OLD_QA=.gpu/old_qa (`git archive 9b46b15 tailorkv`), one run
+  A="--contexts 32768 --batch 16,40,50 --bits 2 --programs 256 --warps 4 --stages 3"
+  timeout 200 python3 -m benchmarks.bench_q_attention $A --output $R/q_attention_new.json > $R/qa_new.log 2>&1; echo "qa new rc=$?"; t
+  [ -n "${OLD_QA:-}" ] && PYTHONPATH=$OLD_QA:$PYTHONPATH timeout 200 python3 -m benchmarks.bench_q_attention $A \
+    --output $R/q_attention_old.json > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t
+  tail -n 4 $R/qa_new.log $R/qa_old.log
   ;;
 turn)
   # doc chat's next turn (the document from the prefix cache and TT tokens more) prefilling beside the 16 decoding
