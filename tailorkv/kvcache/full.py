@@ -47,6 +47,11 @@ def shared_groups(tables: list[torch.Tensor], counts: list[int]) -> list[tuple[l
     return groups
 
 
+def as_pages(kc: torch.Tensor, vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's K and V token slots [N, Hkv, D] as pages [N / PAGE_SIZE, PAGE_SIZE, Hkv, D]."""
+    return kc.view(-1, PAGE_SIZE, *kc.shape[1:]), vc.view(-1, PAGE_SIZE, *vc.shape[1:])
+
+
 @dataclass
 class FullStep(StepState):
     """What `prepare` computes for the layers of one step:
@@ -54,7 +59,7 @@ class FullStep(StepState):
     - prompt_reads: per row computing prompt tokens, the slots it attends to causally (the host tier's);
     - decode_rows [B]: the decode rows' tokens in the batch (a slice when they are all of it; None: no decode row);
     - prompt_rows: in the gpu tier, where the prompt rows' tokens sit in the batch (they attend to their pages in
-      place: FlashInfer's paged prefill on CUDA, attention.PagedPrefill on CPU);
+      place: FlashInfer's paged prefill on CUDA, attention.PagedPrefill on CPU); a slice when they are all of it;
     - staged: the offload baseline's decode pages, in order, staged into GPU memory every layer;
     - decode_slots, decode_mask [B, R]: without FlashInfer, the slots each decode row reads, padded;
     - cascade: decode rows that share a document's pages read them once per group (SharedPrefixDecode)."""
@@ -62,7 +67,7 @@ class FullStep(StepState):
     write: torch.Tensor
     prompt_reads: dict[int, torch.Tensor]
     decode_rows: torch.Tensor | slice | None = None
-    prompt_rows: torch.Tensor | None = None
+    prompt_rows: torch.Tensor | slice | None = None
     staged: torch.Tensor | None = None
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
@@ -144,7 +149,7 @@ class FullPolicy(KVPolicy):
         if self.prefill is None or self.device.type != "cuda":
             return
         c, page = self.cfg, torch.zeros(1, dtype=torch.long, device=self.device)
-        kp, vp = (x[0].view(-1, PAGE_SIZE, *x.shape[2:]) for x in (self.k_cache, self.v_cache))
+        kp, vp = as_pages(self.k_cache[0], self.v_cache[0])
         for n in self.prefill.warm_up_sizes():
             pages = torch.zeros(-(-n // PAGE_SIZE), dtype=torch.long, device=self.device)
             self.prefill.plan([pages], [n], [n], PAGE_SIZE, self.dtype)
@@ -214,9 +219,15 @@ class FullPolicy(KVPolicy):
                 PAGE_SIZE,
                 self.dtype,
             )
-            step.prompt_rows = torch.cat(
-                [torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]
-            ).to(self.device)
+            # a pass of prompt rows alone (a mixed step's eager pass beside the decode rows' graphs) attends with q
+            # and out as they are: no gather and scatter of every token, two launches a layer fewer
+            step.prompt_rows = (
+                slice(None)
+                if not decode
+                else torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]).to(
+                    self.device
+                )
+            )
         if not decode:
             return step
         step.decode_rows = batch.token_rows(decode, self.device)
@@ -257,6 +268,8 @@ class FullPolicy(KVPolicy):
         rows = step.decode_rows
         if isinstance(rows, slice):  # a decode-only step: its rows are all of q
             return self._decode(q, kc, vc, step)
+        if isinstance(step.prompt_rows, slice):  # prompt rows alone, all attending in place
+            return self.prefill.run(q, *as_pages(kc, vc))
         out = torch.empty_like(q)
         batch = step.batch
         for i, slots in step.prompt_reads.items():
@@ -265,15 +278,14 @@ class FullPolicy(KVPolicy):
                 q[sl], kc[slots].to(q.device), vc[slots].to(q.device), batch.start[i]
             )
         if step.prompt_rows is not None:
-            kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
-            out[step.prompt_rows] = self.prefill.run(q[step.prompt_rows], kp, vp)
+            out[step.prompt_rows] = self.prefill.run(q[step.prompt_rows], *as_pages(kc, vc))
         if rows is not None:
             out[rows] = self._decode(q[rows], kc, vc, step)
         return out
 
     def _decode(self, q, kc, vc, step: FullStep) -> torch.Tensor:
         """Attention of the decode rows q [B, Hq, D] over this layer's cache kc, vc (their new tokens written)."""
-        kp, vp = (x.view(-1, PAGE_SIZE, *x.shape[1:]) for x in (kc, vc))
+        kp, vp = as_pages(kc, vc)
         if step.cascade:
             return self.cascade.run(q, kp, vp)
         if self.flash is not None:
