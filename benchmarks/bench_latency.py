@@ -365,13 +365,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for spec in args.policies.split(","):
         args.current = spec
         name, opts = engine_options(spec)
+        # --turn-tokens: a running slot for the turn beside the batch
+        running = max(args.batch, 1) + bool(args.turn_tokens)
         engine = Engine(
             model=args.model,
             kv_policy=name,
             device=args.device,
             progress=False,
-            max_running_requests=max(args.batch, 1)
-            + bool(args.turn_tokens),  # the turn beside the batch
+            max_running_requests=running,
             # a prompt a step, unlimited by the step-time budget (what is timed is decode). The whole batch in one
             # chunk (as here until 2026-12-05) reserved ~32 GiB of activations at 16 x 32k, which left tailor no
             # room for GPU copies of host pages
