@@ -2,13 +2,15 @@
 launch settings: the programs the context is split into, warps and pipeline stages. In the batch-16, 32k H200
 profile it took 1.14 ms a step where its bytes take ~60 us at the HBM rate (benchmarks/NOTES.md): latency-bound.
 Its settings were chosen at batch 1 and 128k on an H100; this finds the best at the batches a throughput run holds.
+`--share 0,4` also runs each setting as share_q_pages runs rows that share nothing: groups of up to 4 rows (16 query
+rows a tile at GQA 4), each row alone, whose splits count one program per group (4x those of `0`, no groups).
 
     python -m benchmarks.bench_q_attention --contexts 32768,131072 --batch 1,12,16 --bits 1,2
 
 Llama-3.1-8B's shape (32 query and 8 KV heads of 128), 64-token pages of random codes and scales, every row at the
 full context with its last 128 tokens in the full-precision tails. Each setting's output is held to the first
 setting's (float32 rounding of a different split only). Rows {device, context, batch, bits, target_programs,
-num_warps, num_stages, splits, us, gb_per_s, best, machine, date, commit, command}: median of --repeats timed calls
+num_warps, num_stages, share, splits, us, gb_per_s, best, machine, date, commit, command}: median of --repeats timed calls
 (CUDA events on the GPU); `best` marks the fastest setting of each context, batch and bits; gb_per_s counts the
 quantized pages' bytes.
 """
@@ -65,6 +67,14 @@ def case(context: int, batch: int, bits: int, hq: int, h: int, d: int, device, d
     )
 
 
+def alone(batch: int, group: int, device) -> dict:
+    """share_q_pages' arguments for rows that share nothing: each row leads a group of its own (quant_store's
+    share_groups)."""
+    members = torch.full((batch, group), -1, dtype=torch.long, device=device)
+    members[:, 0] = torch.arange(batch, device=device)
+    return {"members": members, "shared": torch.zeros(batch, dtype=torch.long, device=device)}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,6 +87,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--programs", default="128,256,512,1024", help="target_programs to try")
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="1,2,3")
+    p.add_argument(
+        "--share",
+        default="0",
+        help="group sizes of share_q_pages' launch, every row alone (0: none)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--output", default="benchmarks/results/q_attention.json")
@@ -85,9 +100,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     hq, h, d = map(int, args.heads.split(","))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    settings = list(itertools.product(ints(args.programs), ints(args.warps), ints(args.stages)))
+    settings = list(
+        itertools.product(
+            ints(args.programs), ints(args.warps), ints(args.stages), ints(args.share)
+        )
+    )
     print(
-        f"{'context':>8} {'batch':>5} {'bits':>4} {'programs':>8} {'warps':>5} {'stages':>6} {'us':>9} {'GB/s':>7}"
+        f"{'context':>8} {'batch':>5} {'bits':>4} {'programs':>8} {'warps':>5} {'stages':>6} {'share':>5} "
+        f"{'us':>9} {'GB/s':>7}"
     )
     for context, batch, bits in itertools.product(
         ints(args.contexts), ints(args.batch), ints(args.bits)
@@ -95,21 +115,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         inputs = case(context, batch, bits, hq, h, d, device, dtype)
         quant_bytes = sum(x.numel() * x.element_size() for x in inputs[1:7])
         first, done = None, []
-        for programs, warps, stages in settings:
+        for programs, warps, stages, share in settings:
             knobs = dict(target_programs=programs, num_warps=warps, num_stages=stages)
-            out = kivi_triton.paged_decode_attention(*inputs, **knobs)
+            groups = alone(batch, share, device) if share else {}
+            out = kivi_triton.paged_decode_attention(*inputs, **knobs, **groups)
             if first is None:
                 first = out
             err = (out - first).abs().max().item()
             if not err <= 1e-3 * max(1.0, first.abs().max().item()):
-                raise AssertionError(f"{knobs}: output differs from the first setting's by {err}")
+                raise AssertionError(
+                    f"{knobs}, share {share}: output differs from the first setting's by {err}"
+                )
             us = 1e3 * timed(
-                lambda: kivi_triton.paged_decode_attention(*inputs, **knobs),
+                lambda: kivi_triton.paged_decode_attention(*inputs, **knobs, **groups),
                 device,
                 args.warmup,
                 args.repeats,
             )
-            _, splits = kivi_triton.context_splits(inputs[9].shape[1], batch * h, programs)
+            pairs = (-(-batch // share) if share else batch) * h
+            _, splits = kivi_triton.context_splits(inputs[9].shape[1], pairs, programs)
             done.append(
                 {
                     "device": device.type,
@@ -117,6 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "batch": batch,
                     "bits": bits,
                     **knobs,
+                    "share": share,
                     "splits": splits,
                     "us": round(us, 1),
                     "gb_per_s": round(quant_bytes / us / 1e3, 1),
@@ -124,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
             print(
-                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {us:>9.1f} "
+                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {share:>5} {us:>9.1f} "
                 f"{quant_bytes / us / 1e3:>7.1f}",
                 flush=True,
             )
@@ -132,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in done:
             r["best"] = r is best
         print(
-            f"best: {best['target_programs']} programs, {best['num_warps']} warps, {best['num_stages']} stages"
+            f"best: {best['target_programs']} programs, {best['num_warps']} warps, {best['num_stages']} stages, "
+            f"share {best['share']}"
         )
         rows += done
     write_rows(args.output, rows)

@@ -207,11 +207,12 @@ pf)
   ;;
 qa)
   # the Q layers' paged attention at 32k, 2 bits, batch 16/40/50 (b40's profile: 4.2 ms a step for the 2 Q layers,
-  # ~400 GB/s), default launch settings: this tree (b60fb7e: only the last tiles read the V window) against
-  # OLD_QA=.gpu/old_qa (`git archive 9b46b15 tailorkv benchmarks`, run from there: `python -m` puts the working
-  # directory first on the path), one run
+  # ~400 GB/s), default launch settings: this tree (b60fb7e: only the last tiles read the V window), also as
+  # share_q_pages launches rows alone (--share 4: 4x the splits), against OLD_QA=.gpu/old_qa (`git archive 9b46b15
+  # tailorkv benchmarks`, run from there: `python -m` puts the working directory first on the path), one run
   A="--contexts 32768 --batch 16,40,50 --bits 2 --programs 256 --warps 4 --stages 3"
-  timeout 200 python3 -m benchmarks.bench_q_attention $A --output $R/q_attention_new.json > $R/qa_new.log 2>&1; echo "qa new rc=$?"; t
+  timeout 200 python3 -m benchmarks.bench_q_attention $A --share 0,4 --output $R/q_attention_new.json > $R/qa_new.log 2>&1
+  echo "qa new rc=$?"; t
   [ -n "${OLD_QA:-}" ] && (cd $OLD_QA && PYTHONPATH=$PWD:/tmp/site timeout 200 python3 -m benchmarks.bench_q_attention $A \
     --output $R/q_attention_old.json) > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t
   tail -n 4 $R/qa_new.log $R/qa_old.log

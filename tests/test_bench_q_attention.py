@@ -26,6 +26,16 @@ def test_script_sweeps_the_settings_and_marks_the_fastest(tmp_path):
         assert next(r for r in group if r["best"])["us"] == min(r["us"] for r in group)
 
 
+def test_share_q_pages_launch_for_rows_alone_splits_per_group(tmp_path):
+    """--share 4: every row alone in share_q_pages' launch; the splits count one program per group of up to 4 rows
+    (2 rows: one group, so 2 pairs and 8 // 2 programs a pair where no groups give 8 // 4), the output the same."""
+    args = [a for a in ARGS if not a.startswith(("--bits", "--programs"))]
+    rows = bench_q_attention.main(
+        args + ["--bits=2", "--programs=8", "--share=0,4", f"--output={tmp_path / 'q.json'}"]
+    )
+    assert [(r["share"], r["splits"]) for r in rows] == [(0, 2), (4, 3)]
+
+
 def test_a_setting_that_changes_the_output_is_an_error(tmp_path, monkeypatch):
     attend = kivi_triton.paged_decode_attention
 
