@@ -11,9 +11,9 @@ right after the previous gather (`swept=False`) or after a 1 GiB device-to-devic
 what the weights streaming through L2 do between two layers' fetches in a real step. The host tier is allocated
 once in transparent huge pages and once in 4 KiB pages (`--huge-pages both`, the default; host_tensor's
 `huge_pages`): whether rows scattered over gigabytes gather faster in 2 MiB pages (on the H200 they did not,
-benchmarks/NOTES.md). `--rows bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows (`--host-kv-dtype fp8`: 260
-bytes, gathered as 32-bit words) and as fp8 rows padded to 272 bytes (`fp8_row_align` 16: gathered in 16-byte
-loads); `us` compares them at the same rows (`gb_per_s` counts the padding). `--shapes 40x128` adds batch 40 at
+benchmarks/NOTES.md). `--rows bf16,fp8,fp8a16`: the host tier's rows as bf16 K|V (512 bytes), as packed fp8 rows
+(`--host-kv-dtype fp8`: 260 bytes, gathered as 32-bit words) and as fp8 rows padded to 272 bytes (`fp8_row_align`
+16: gathered in 16-byte loads); `us` compares them at the same rows (`gb_per_s` counts the padding). `--shapes 40x128` adds batch 40 at
 32k, where the step's fetch ran at ~10.6 GB/s on the H100 (benchmarks/NOTES.md, 2026-12-06); `--pages per-layer`
 gives each layer's gather its own requests' pages, as a step's layers each read their own tier. Prints a table,
 writes rows {rows, row_bytes, huge_pages, order, pages, batch, context_pages, swept, us, gb_per_s, machine, date,

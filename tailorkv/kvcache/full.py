@@ -219,15 +219,13 @@ class FullPolicy(KVPolicy):
                 PAGE_SIZE,
                 self.dtype,
             )
-            # a pass of prompt rows alone (a mixed step's eager pass beside the decode rows' graphs) attends with q
-            # and out as they are: no gather and scatter of every token, two launches a layer fewer
-            step.prompt_rows = (
-                slice(None)
-                if not decode
-                else torch.cat([torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]).to(
-                    self.device
-                )
-            )
+            if decode:
+                rows = [torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]
+                step.prompt_rows = torch.cat(rows).to(self.device)
+            else:
+                # prompt rows alone (a mixed step's eager pass beside the decode rows' graphs): q and out as they
+                # are, no gather and scatter of every token each layer
+                step.prompt_rows = slice(None)
         if not decode:
             return step
         step.decode_rows = batch.token_rows(decode, self.device)
