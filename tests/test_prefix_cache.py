@@ -10,7 +10,7 @@ from tailorkv.essays import load_essays
 from tailorkv.kvcache import quant_store
 from tailorkv.memory.layout import KVLayout
 from tailorkv.memory.pages import MemoryManager, PoolSpec
-from tailorkv.memory.prefix_cache import page_hashes
+from tailorkv.memory.prefix_cache import RecentKeys, common_prefix, page_hashes
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 PAGE = 16
@@ -28,6 +28,28 @@ def test_keys_chain_over_full_blocks():
     b = page_hashes([99] + list(range(1, 40)), PAGE)
     assert b[0] != a[0] and b[1] != a[1]  # a change in block 0 changes every later key
     assert page_hashes(list(range(16, 32)), PAGE) != a[1:]  # same tokens, other prefix: another key
+
+
+def test_recent_keys_equal_page_hashes_for_prompts_that_begin_alike():
+    rk = RecentKeys(PAGE, size=2)
+    doc = list(range(100, 180))  # 5 blocks
+    prompts = [
+        doc + [1, 2, 3],
+        doc + [1, 2, 3] + list(range(40)),  # a next turn: all of the last prompt, and more
+        doc[:37] + [7] * 30,  # leaves the document mid-block
+        doc[:10],  # shorter than a block
+        doc,
+        [5] + doc[1:],  # another first block
+        [6] + doc[1:],  # a third: the oldest remembered (doc's) is dropped
+        doc + [9] * 20,
+    ]
+    for p in prompts:
+        assert rk.keys(p) == page_hashes(p, PAGE), p
+    assert len(rk.recent) == 2
+    assert [
+        common_prefix(a, b)
+        for a, b in [([1, 2, 3], [1, 2, 4]), ([1], [1, 2]), ([], [1]), ([2], [1])]
+    ] == [2, 1, 0, 0]
 
 
 def test_match_stops_at_first_miss():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..errors import CapacityError, QueueFullError
 from ..memory.layout import KVLayout
 from ..memory.pages import MemoryManager
-from ..memory.prefix_cache import ROOT, page_hashes
+from ..memory.prefix_cache import ROOT, RecentKeys, page_hashes
 from .step_cost import MIN_CHUNK, StepCost
 
 RESERVE_OUTPUT = (
@@ -114,6 +114,7 @@ class Scheduler:
         `cost`: the step-time budget that prompt chunks keep to while requests decode (None: chunk_tokens only)."""
         self.memory, self.layout, self.prefix = memory, layout, memory.prefix
         self.partial_pool = layout.partial_block_pool if memory.prefix else None
+        self.recent_keys = RecentKeys(memory.prefix.block_tokens) if memory.prefix else None
         self.max_running, self.max_queued, self.chunk_tokens = max_running, max_queued, chunk_tokens
         self.reserve_output, self.max_passes, self.cost = reserve_output, max_passes, cost
         self.num_retracted = 0  # retractions so far (metrics)
@@ -146,7 +147,7 @@ class Scheduler:
     def _key(self, seq: Seq) -> None:
         """The prefix-cache keys of the prompt's full blocks (and the prompt, for its partial block)."""
         if self.prefix:
-            seq.page_keys = page_hashes(seq.tokens[: seq.prompt_len], self.prefix.block_tokens)
+            seq.page_keys = self.recent_keys.keys(seq.tokens[: seq.prompt_len])
             if self.partial_pool:
                 seq.prompt_ids = seq.tokens[: seq.prompt_len]
 
@@ -367,5 +368,6 @@ class Scheduler:
                 token_ids[len(keys) * size : seq.num_computed], size, keys[-1] if keys else ROOT
             )
             self.memory.cache(rid, keys + more, start=len(keys))
+            self.recent_keys.remember(token_ids[: seq.num_computed], keys + more)
         self.waiting = deque(s for s in self.waiting if s.rid != rid)
         self.memory.release(rid)
