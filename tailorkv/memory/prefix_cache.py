@@ -143,10 +143,13 @@ class PrefixCache:
 
     def share(self, keys: list[bytes]) -> dict[str, list[int]]:
         """Take a reference on cached blocks (from `match`), which stop being evictable; their pages per pool."""
+        refs, pages = self.refs, self.pages
         for k in keys:
-            self.refs[k] = self.refs.get(k, 0) + 1
-            self._set_evictable(k, False)
-        return {p: [x for k in keys for x in self.pages[k].get(p, ())] for p in self.per_block}
+            n = refs.get(k, 0)
+            refs[k] = n + 1
+            if not n:  # only an unreferenced block can be evictable
+                self._set_evictable(k, False)
+        return {p: [x for k in keys for x in pages[k].get(p, ())] for p in self.per_block}
 
     def alloc(self, pool: str, n: int) -> list[int]:
         """`n` pages of `pool`: free ones first, then those of the least recently used evictable blocks (an evicted
@@ -206,11 +209,13 @@ class PrefixCache:
     def release(self, keys: list[bytes]) -> None:
         """Drop one reference from each block; an unreferenced block becomes evictable. The tail of a prefix is
         released first, so it is evicted before the head that leads to it."""
+        refs = self.refs
         for k in reversed(keys):
-            self.refs[k] -= 1
-            if self.refs[k] == 0:
-                del self.refs[k]
+            if refs[k] == 1:
+                del refs[k]
                 self._set_evictable(k, True)
+            else:
+                refs[k] -= 1
 
     def owned(self, keys: list[bytes]) -> dict[str, set[int]]:
         """The pages of these cached blocks, per pool."""
