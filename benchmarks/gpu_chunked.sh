@@ -14,7 +14,11 @@ PORT=${PORT:-30123}
 mkdir -p "$OUT" && OUT=$(realpath "$OUT")
 
 docchat() { # tree name
-  (cd "$1" && PYTHONPATH=$PWD:${PYTHONPATH:-} exec "${PYTHON:-python3}" -m tailorkv serve --model dummy:llama-3.1-8b \
+  # SPY=<py-spy>: the server runs under `py-spy record` (every thread, 200 samples a second, not paused), its
+  # stacks written to $OUT/spy_NAME.txt when the run ends (SIGINT)
+  local wrap=()
+  [[ -n "${SPY:-}" ]] && wrap=("$SPY" record -r 200 -f raw -o "$OUT/spy_$2.txt" --threads --idle --nonblocking --)
+  (cd "$1" && PYTHONPATH=$PWD:${PYTHONPATH:-} exec "${wrap[@]}" "${PYTHON:-python3}" -m tailorkv serve --model dummy:llama-3.1-8b \
     --kv-policy "${POLICY:-tailor}" --port "$PORT" --host-kv-gib 16 ${3:-} > "$OUT/server_$2.log" 2>&1) &
   local pid=$!
   for _ in $(seq 1 150); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 2; done
@@ -25,7 +29,7 @@ docchat() { # tree name
     > "$OUT/docchat_$2.log" 2>&1
   curl -sf "http://127.0.0.1:$PORT/get_server_info" > "$OUT/server_info_$2.json"
   grep "TTFT of turn" "$OUT/docchat_$2.log"
-  kill "$pid"; wait "$pid" 2> /dev/null
+  kill ${SPY:+-INT} "$pid"; wait "$pid" 2> /dev/null
 }
 
 PARTS=${PARTS:-docchat mixed}
