@@ -61,6 +61,8 @@ class MemoryManager:
         self.blocks: dict[
             int, list[bytes]
         ] = {}  # cached blocks each request references (shared or registered)
+        # how many of them each request shared at reserve: their pages lead its shared pools' lists
+        self.num_shared: dict[int, int] = {}
 
     def _shared(self, pool: str) -> bool:
         return self.prefix is not None and pool in self.prefix.per_block
@@ -98,7 +100,7 @@ class MemoryManager:
             self.prefix.share([partial] if partial else [])
         for p, n in fresh.items():
             held[p] += self._alloc(p, n)
-        self.held[rid], self.blocks[rid] = held, referenced
+        self.held[rid], self.blocks[rid], self.num_shared[rid] = held, referenced, len(shared)
         return held
 
     def grow(self, rid: int, need: dict[str, int]) -> dict[str, list[int]] | None:
@@ -137,13 +139,15 @@ class MemoryManager:
                 self.blocks[rid].append(key)
 
     def release(self, rid: int) -> None:
-        keys = self.blocks.pop(rid, [])
-        owned = self.prefix.owned(keys) if keys else {}
+        keys, n = self.blocks.pop(rid, []), self.num_shared.pop(rid, 0)
+        # the shared blocks' pages lead each shared pool's list; of the rest, those registered since are cached
+        owned = self.prefix.owned(keys[n:]) if keys else {}
         if keys:
             self.prefix.release(keys)
         for p, pages in self.held.pop(rid, {}).items():
+            own = pages[n * self.prefix.per_block[p] :] if self._shared(p) else pages
             mine = owned.get(p)
-            self.pools[p].free([x for x in pages if x not in mine] if mine else pages)
+            self.pools[p].free([x for x in own if x not in mine] if mine else own)
 
     def usage(self) -> dict[str, dict]:
         """Per tier: free and total pages and bytes (what /get_server_info and /metrics report); cached pages that
