@@ -68,7 +68,8 @@ c19a)
   ;;
 f22)
   # full's doc chat: this tree with the cascade where a group overflows a wave, and with it off (NEW2), at USERS
-  # users (32: the cascade's side of the line on an H100), OLD_FULL=.gpu/old_full for d199b18^ too
+  # users (32: the cascade's side of the line on an H100), OLD_FULL=.gpu/old_full for d199b18^ too; SPY=<py-spy>
+  # (`pip install --target /tmp/spy .gpu/spy/py_spy-*.whl`) records each server's threads (gpu_chunked.sh)
   OUT=$R POLICY=full PARTS=docchat OLD=${OLD_FULL:-} NEW2=${NEW2---cascade-attention 0} USERS=${USERS:-32} \
     timeout ${TD:-540} bash benchmarks/gpu_chunked.sh; echo "rc=$?"; t
   ;;
