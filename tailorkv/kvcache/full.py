@@ -59,7 +59,7 @@ class FullStep(StepState):
     - prompt_reads: per row computing prompt tokens, the slots it attends to causally (the host tier's);
     - decode_rows [B]: the decode rows' tokens in the batch (a slice when they are all of it; None: no decode row);
     - prompt_rows: in the gpu tier, where the prompt rows' tokens sit in the batch (they attend to their pages in
-      place: FlashInfer's paged prefill on CUDA, attention.PagedPrefill on CPU); a slice when they are all of it;
+      place: FlashInfer's paged prefill on CUDA, attention.PagedPrefill on CPU);
     - staged: the offload baseline's decode pages, in order, staged into GPU memory every layer;
     - decode_slots, decode_mask [B, R]: without FlashInfer, the slots each decode row reads, padded;
     - cascade: decode rows that share a document's pages read them once per group (SharedPrefixDecode)."""
@@ -67,7 +67,7 @@ class FullStep(StepState):
     write: torch.Tensor
     prompt_reads: dict[int, torch.Tensor]
     decode_rows: torch.Tensor | slice | None = None
-    prompt_rows: torch.Tensor | slice | None = None
+    prompt_rows: torch.Tensor | None = None
     staged: torch.Tensor | None = None
     decode_slots: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
@@ -219,13 +219,10 @@ class FullPolicy(KVPolicy):
                 PAGE_SIZE,
                 self.dtype,
             )
-            if decode:
-                rows = [torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]
-                step.prompt_rows = torch.cat(rows).to(self.device)
-            else:
-                # prompt rows alone (a mixed step's eager pass beside the decode rows' graphs): q and out as they
-                # are, no gather and scatter of every token each layer
-                step.prompt_rows = slice(None)
+            # gathered even when they are all of q: handing FlashInfer q as it is (c6d78aa) failed on an H100
+            # (cudaErrorInvalidAddressSpace in its SM90 prefill, the third 8k chunk of a 64k prompt; NOTES)
+            rows = [torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]
+            step.prompt_rows = torch.cat(rows).to(self.device)
         if not decode:
             return step
         step.decode_rows = batch.token_rows(decode, self.device)
@@ -266,8 +263,6 @@ class FullPolicy(KVPolicy):
         rows = step.decode_rows
         if isinstance(rows, slice):  # a decode-only step: its rows are all of q
             return self._decode(q, kc, vc, step)
-        if isinstance(step.prompt_rows, slice):  # prompt rows alone, all attending in place
-            return self.prefill.run(q, *as_pages(kc, vc))
         out = torch.empty_like(q)
         batch = step.batch
         for i, slots in step.prompt_reads.items():
