@@ -175,9 +175,7 @@ class FullPolicy(KVPolicy):
     def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
         more = torch.tensor(pages.get("kv", []), dtype=torch.long)
         self.page_tables_cpu[rid] = torch.cat([self.page_tables_cpu[rid], more])
-        self.page_tables[rid] = torch.cat(
-            [self.page_tables[rid], to_device(more, self.k_cache.device)]
-        )
+        self.page_tables[rid] = torch.cat([self.page_tables[rid], to_device(more, self.k_cache.device)])
 
     def release(self, rid: int) -> None:
         self.page_tables.pop(rid, None)
