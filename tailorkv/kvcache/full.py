@@ -16,7 +16,7 @@ from ..kernels.attention import (
     causal_attention,
     grouped_attention,
 )
-from ..memory.host_memory import host_tensor, to_device
+from ..memory.host_memory import host_tensor
 from ..memory.layout import KVLayout
 from ..memory.pages import PoolSpec
 from .batch import ForwardBatch, StepState
@@ -168,14 +168,13 @@ class FullPolicy(KVPolicy):
         partial_page: int | None = None,
     ) -> None:
         self.page_tables_cpu[rid] = torch.tensor(pages["kv"], dtype=torch.long)
-        # through pinned memory: a plain .to() waits for the step in flight (the overlap schedule's)
-        self.page_tables[rid] = to_device(self.page_tables_cpu[rid], self.k_cache.device)
+        self.page_tables[rid] = self.page_tables_cpu[rid].to(self.k_cache.device)
         self.prompt_lens[rid] = prompt_len
 
     def grow(self, rid: int, pages: dict[str, list[int]]) -> None:
         more = torch.tensor(pages.get("kv", []), dtype=torch.long)
         self.page_tables_cpu[rid] = torch.cat([self.page_tables_cpu[rid], more])
-        self.page_tables[rid] = torch.cat([self.page_tables[rid], to_device(more, self.k_cache.device)])
+        self.page_tables[rid] = torch.cat([self.page_tables[rid], more.to(self.k_cache.device)])
 
     def release(self, rid: int) -> None:
         self.page_tables.pop(rid, None)
@@ -221,11 +220,9 @@ class FullPolicy(KVPolicy):
                 self.dtype,
             )
             # gathered even when they are all of q: handing FlashInfer q as it is (c6d78aa) failed on an H100
-            # (cudaErrorInvalidAddressSpace in its SM90 prefill, the third 8k chunk of a 64k prompt; NOTES); through
-            # pinned memory, so that a mixed step's eager pass launches while the decode rows' graph runs (a plain
-            # .to() waited for it: 21% of the engine thread in doc chat, py-spy)
+            # (cudaErrorInvalidAddressSpace in its SM90 prefill, the third 8k chunk of a 64k prompt; NOTES)
             rows = [torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]
-            step.prompt_rows = to_device(torch.cat(rows), self.device)
+            step.prompt_rows = torch.cat(rows).to(self.device)
         if not decode:
             return step
         step.decode_rows = batch.token_rows(decode, self.device)
