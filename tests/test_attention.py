@@ -160,6 +160,36 @@ def test_paged_prefill_equals_causal_attention_over_each_rows_pages(device, hq, 
         a += m
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="FlashInfer's page-locked plans are a GPU's"
+)
+def test_paged_prefill_plans_chunks_while_the_stream_lags():
+    """A long prompt's chunks, each planned and launched while the chunks before still wait in the stream (a busy
+    GPU, no synchronisation between them, as full's chunked prefill runs): each chunk reads its own plan's pages.
+    A plan writes the wrapper's page-locked buffer for a copy the stream runs later; without waiting for the last
+    plan's copy, the second chunk's plan overwrote the first's before it was copied (an H100 faulted)."""
+    from tailorkv.kernels.flashinfer_prefill import PagedPrefill as paged
+
+    hq, hkv, d, chunk = 32, 8, 128, 2048
+    k_pages, v_pages = (rand(512, 16, hkv, d, device="cuda", seed=s) for s in (8, 9))
+    torch.manual_seed(12)
+    pages = torch.randperm(512, device="cuda")
+    attn = paged(torch.device("cuda"), hq, hkv, d)
+    busy = torch.randn(8192, 8192, device="cuda")
+    for _ in range(20):  # ~0.5 s of work queued ahead of the chunks
+        busy = busy @ busy / 100
+    qs, outs = [], []
+    for c in range(1, 5):
+        qs.append(rand(chunk, hq, d, device="cuda", seed=20 + c))
+        attn.plan([pages[: c * chunk // 16]], [c * chunk], [chunk], 16, qs[-1].dtype)
+        outs.append(attn.run(qs[-1], k_pages, v_pages))
+    for c, (q, out) in enumerate(zip(qs, outs), 1):
+        keys, values = (x[pages[: c * chunk // 16]].flatten(0, 1) for x in (k_pages, v_pages))
+        torch.testing.assert_close(
+            out.float(), brute_force(q, keys, values, (c - 1) * chunk), **tolerance(q)
+        )
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (32, 8, 128)])
 @pytest.mark.parametrize("one_group", [False, True])

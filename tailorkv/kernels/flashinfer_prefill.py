@@ -11,6 +11,8 @@ from collections import OrderedDict
 
 import torch
 
+from .flashinfer_decode import PinnedPlan
+
 # FlashInfer's float workspace, one per device, shared by its ragged wrappers (run in order); FA2's split keys take
 # up to 2 CTAs an SM x GQA x 128 queries x head_dim floats: 138 MB at GQA 8, head_dim 128 on 132 SMs
 WORKSPACE = 256 << 20
@@ -59,15 +61,19 @@ def _ragged(
     plans = _wrappers.setdefault((q.device, causal), OrderedDict())
     if key in plans:
         plans.move_to_end(key)
-        return plans[key]
-    w = (
+        return plans[key][0]
+    w, pinned = (
         plans.popitem(last=False)[1]
         if len(plans) >= PLANS
-        else flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
-            _workspace_of(q.device), "NHD", backend="auto" if causal else "fa2"
+        else (
+            flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
+                _workspace_of(q.device), "NHD", backend="auto" if causal else "fa2"
+            ),
+            PinnedPlan(),
         )
     )
-    w.plan(
+    pinned(
+        w.plan,
         torch.tensor(cu, dtype=torch.int32),
         torch.tensor(cu_k, dtype=torch.int32),
         q.shape[1],
@@ -78,7 +84,7 @@ def _ragged(
         q_data_type=q.dtype,
         kv_data_type=k.dtype,
     )
-    plans[key] = w
+    plans[key] = (w, pinned)
     return w
 
 
@@ -125,6 +131,11 @@ class PagedPrefill:
             )
             for b in ("auto", "fa2")
         }
+        # a plan writes its wrapper's page-locked buffer for a copy the stream runs later: the next plan of the
+        # same wrapper waits for that copy (a 64k prompt's third 8k chunk, planned while the second's copy was
+        # still queued, read the wrong pages: cudaErrorInvalidAddressSpace on an H100 once a synchronous copy that
+        # had kept the host behind the stream was gone; NOTES)
+        self.pinned = {b: PinnedPlan() for b in self.wrappers}
         self.ctas = 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
     def plan(
@@ -138,10 +149,12 @@ class PagedPrefill:
         """Row i: `new[i]` queries, the last of its lengths[i] tokens, in its pages[i] (page ids on the device)."""
         hq, hkv, d = self.shape
         fa3_items = hq * sum(-(-n // 128) for n in new)
-        self.wrapper = self.wrappers["fa2" if fa3_items < self.ctas else "auto"]
+        backend = "fa2" if fa3_items < self.ctas else "auto"
+        self.wrapper = self.wrappers[backend]
         counts = [-(-n // page_size) for n in lengths]
         i32 = dict(dtype=torch.int32)
-        self.wrapper.plan(
+        self.pinned[backend](
+            self.wrapper.plan,
             torch.tensor([0, *new], **i32).cumsum(0, **i32),
             torch.tensor([0, *counts], **i32).cumsum(0, **i32),
             torch.cat([p[:c] for p, c in zip(pages, counts)]).to(self.device, **i32),
