@@ -88,6 +88,23 @@ def test_refcounts_and_lru_eviction():
     )  # evicting all of them
 
 
+def test_release_keeps_the_blocks_a_sharing_request_registered():
+    """A next turn shares a cached document's blocks, computes two blocks of its own and registers them: its release
+    frees only its page past them (the shared pages lead its list, the registered ones are the cache's)."""
+    mm = manager(8)
+    doc = list(range(48))
+    mm.reserve(0, {"kv": 3})
+    mm.cache(0, page_hashes(doc, PAGE))
+    mm.release(0)
+    turn = page_hashes(doc + [7] * 32, PAGE)  # the document's 3 blocks, then 2 of its own
+    assert len(mm.reserve(1, {"kv": 6}, mm.prefix.match(turn))["kv"]) == 6  # 3 shared + 3 its own
+    mm.cache(1, turn, start=3)
+    mm.release(1)
+    assert mm.pools["kv"].num_free == 8 - 5 and len(mm.prefix.evictable) == 5
+    assert mm.prefix.match(turn) == turn
+    assert mm.prefix.flush() == 5 and mm.pools["kv"].num_free == 8
+
+
 def test_flush_evicts_only_unreferenced_blocks():
     mm = manager(8)
     keys = page_hashes(list(range(64)), PAGE)
