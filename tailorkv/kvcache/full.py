@@ -219,8 +219,10 @@ class FullPolicy(KVPolicy):
                 PAGE_SIZE,
                 self.dtype,
             )
-            # gathered even when they are all of q: handing FlashInfer q as it is (c6d78aa) failed on an H100
-            # (cudaErrorInvalidAddressSpace in its SM90 prefill, the third 8k chunk of a 64k prompt; NOTES)
+            # gathered even when they are all of q, and copied synchronously: this copy kept the host behind the
+            # stream, which hid FlashInfer's prefill plans overwriting their page-locked buffer before its copy ran
+            # (an H100 faulted once c6d78aa skipped it; the plans now wait, PinnedPlan). Copying it through pinned
+            # memory is the next GPU check (NOTES)
             rows = [torch.arange(batch.cu[i], batch.cu[i + 1]) for i in prompt]
             step.prompt_rows = torch.cat(rows).to(self.device)
         if not decode:

@@ -367,7 +367,10 @@ class Scheduler:
             more = page_hashes(
                 token_ids[len(keys) * size : seq.num_computed], size, keys[-1] if keys else ROOT
             )
-            self.memory.cache(rid, keys + more, start=len(keys))
-            self.recent_keys.remember(token_ids[: seq.num_computed], keys + more)
+            turn = (
+                keys + more
+            )  # the whole conversation so far (a new list: seq.page_keys stays the prompt's)
+            self.memory.cache(rid, turn, start=len(keys))
+            self.recent_keys.remember(token_ids[: seq.num_computed], turn)
         self.waiting = deque(s for s in self.waiting if s.rid != rid)
         self.memory.release(rid)
