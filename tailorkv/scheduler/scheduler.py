@@ -367,9 +367,8 @@ class Scheduler:
             more = page_hashes(
                 token_ids[len(keys) * size : seq.num_computed], size, keys[-1] if keys else ROOT
             )
-            turn = (
-                keys + more
-            )  # the whole conversation so far (a new list: seq.page_keys stays the prompt's)
+            # the whole conversation so far, a new list: seq.page_keys stays the prompt's
+            turn = keys + more
             self.memory.cache(rid, turn, start=len(keys))
             self.recent_keys.remember(token_ids[: seq.num_computed], turn)
         self.waiting = deque(s for s in self.waiting if s.rid != rid)
