@@ -13,7 +13,7 @@
 #                                           # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu;
 #                                           # abc1234: this tree's hash, typed into the call (the rows' commit; the
 #                                           # host's .git is a stale one)
-# Stages: tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
+# Stages: s1 (128k batch 1 with stage 1 in one launch and the radix select in five, against OLD_B1), tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
 # the radix select and by blocks of 32, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
@@ -110,6 +110,24 @@ sk)
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --device cuda \
     --policies ${SKP:-tailor:longbench,tailor:longbench:radix_topk=0,full,tailor:longbench:host_kv_dtype=fp8} --steps 32 --host-kv-gib 40 --profile-steps 2 --output $R/latency_sketch_cm_b1.json > $R/lat_sk.log 2>&1
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
+  ;;
+s1)
+  # 128k batch 1's selection (issue 22 item 3): stage 1 in one launch (channel_select) and the radix select with its
+  # digits carried from pass to pass (five launches, no count pass). Their GPU tests and the prefill plans' wait
+  # (6e6b2a3), bench_topk at 128k, then 128k batch 1 for this tree (tailor, full) and OLD_B1=.gpu/old_b1 (`git
+  # archive 9403ef6 tailorkv $(git ls-files 'benchmarks/*.py')`, run from there) in the same call
+  timeout ${TG:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_token_topk.py \
+    tests/test_channel_select.py tests/test_attention.py -k "topk or select or channel or stream_lags" 2>&1 | tail -6; t
+  A="--device cuda --contexts 131072 --batch 1,16 --k 128"
+  timeout 100 python3 -m benchmarks.bench_topk $A --output $R/topk_b1.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
+  [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_topk $A \
+    --output $R/topk_b1_old.json) > $R/topk_old.log 2>&1; echo "topk old rc=$?"; t; tail -n 3 $R/topk.log $R/topk_old.log
+  L="--model dummy:llama-3.1-8b --contexts 131072 --device cuda --steps 32 --host-kv-gib 40"
+  timeout ${TL:-300} python3 -m benchmarks.bench_latency $L --policies ${S1P:-tailor:longbench,full} --profile-steps 2 \
+    --output $R/latency_b1_select.json > $R/lat_s1.log 2>&1; echo "lat new rc=$?"; t; grep -v "oading\|it/s" $R/lat_s1.log | tail -4
+  [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout ${TLO:-200} python3 -m benchmarks.bench_latency $L \
+    --policies tailor:longbench --output $R/latency_b1_select_old.json) > $R/lat_s1_old.log 2>&1; echo "lat old rc=$?"; t
+  grep -v "oading\|it/s" $R/lat_s1_old.log | tail -3
   ;;
 tk)
   # the radix select on the GPU: its tests, then its time in a CUDA graph against torch.topk's (positions_ms) at

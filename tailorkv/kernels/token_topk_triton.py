@@ -3,15 +3,16 @@ largest score, then the positions above it (and the lowest-placed ties) written 
 
 A score's key is its float32 bits mapped to an unsigned order (negative: all bits flipped; else the sign bit set),
 widened to int64. Four histogram passes (`_hist_kernel`, levels 0-3) count the keys' 8-bit digits, each among the
-keys whose higher digits match the ones chosen so far; every program of a pass first settles those digits from the
-earlier passes' histograms (`_settle`: 256 bins a level, cheap beside reading its part of the row), so no pass
-waits on a separate one. After level 3 the digits are the k_r-th key T itself. `_count_kernel` counts each
-program's keys above T and equal to it; `_write_kernel` places the selected positions by those counts. Each
-program covers one `CHUNK` of one row: seven launches (a memset and six kernels) against torch.topk's ~13 and its
-sort; k_rows are read in place and clamped there, and the write clears the slots past a row's own k, so no small
-torch op runs around them. 8-bit digits, not 11: tl.histogram counts by warp ballots, a lane per bins/32 bins, so
-2,048 bins cost ~8x the instructions of 256 a score (PTX for sm_90: ~2,500 against ~300 a thread per 1,024
-scores).
+keys whose higher digits match the ones chosen so far. Each pass settles one digit from the last pass's histogram
+(`_settle`: 256 bins) on top of the digits and the count still to take that the pass before it settled and left in
+`state`, so no pass waits on a separate one and none redoes the levels before. The last pass also leaves, per
+program and for every value of the last digit, its keys above and equal to the k_r-th key that digit would make
+(`part`); `_write_kernel` settles the last digit, so the k_r-th key T, reads the earlier programs' counts at it and
+places the selected positions. Each program covers one `CHUNK` of one row: six launches (a memset and five
+kernels) against torch.topk's ~13 and its sort; k_rows are read in place and clamped there, and the write clears
+the slots past a row's own k, so no small torch op runs around them. 8-bit digits, not 11: tl.histogram counts by
+warp ballots, a lane per bins/32 bins, so 2,048 bins cost ~8x the instructions of 256 a score (PTX for sm_90:
+~2,500 against ~300 a thread per 1,024 scores).
 """
 
 from __future__ import annotations
@@ -40,20 +41,23 @@ def _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _settle(hist_ptr, r, kr, LEVELS: tl.constexpr, NB: tl.constexpr, ALL: tl.constexpr):
-    """The first LEVELS digits of row r's kr-th largest key (as one integer) and how many keys equal to them in
-    those digits are still to take (kr less the keys above)."""
+def _settle(hist_ptr, state_ptr, r, kr, LEVEL: tl.constexpr, NB: tl.constexpr, ALL: tl.constexpr):
+    """The first LEVEL + 1 digits of row r's kr-th largest key (as one integer) and how many keys equal to them in
+    those digits are still to take (kr less the keys above): level LEVEL's digit from its histogram, on top of what
+    the pass before left in `state` for the levels before."""
+    if LEVEL == 0:
+        prefix = kr * 0
+        rem = kr
+    else:
+        prefix = tl.load(state_ptr + (r * ALL + LEVEL - 1) * 2)
+        rem = tl.load(state_ptr + (r * ALL + LEVEL - 1) * 2 + 1)
     bins = tl.arange(0, NB)
-    prefix = kr * 0
-    rem = kr
-    for lvl in tl.static_range(LEVELS):
-        h = tl.load(hist_ptr + (r * ALL + lvl) * NB + bins).to(tl.int64)
-        above = tl.sum(h, 0) - tl.cumsum(h, 0)  # keys in higher bins
-        hit = (above < rem) & (above + h >= rem)
-        digit = tl.max(tl.where(hit, bins, -1), 0).to(tl.int64)
-        rem -= tl.sum(tl.where(bins == digit, above, 0), 0)
-        prefix = prefix * NB + digit
-    return prefix, rem
+    h = tl.load(hist_ptr + (r * ALL + LEVEL) * NB + bins).to(tl.int64)
+    above = tl.sum(h, 0) - tl.cumsum(h, 0)  # keys in higher bins
+    hit = (above < rem) & (above + h >= rem)
+    digit = tl.max(tl.where(hit, bins, -1), 0).to(tl.int64)
+    rem -= tl.sum(tl.where(bins == digit, above, 0), 0)
+    return prefix * NB + digit, rem
 
 
 @triton.jit
@@ -64,7 +68,7 @@ def _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K):
     return tl.load(begin_ptr + b), tl.load(end_ptr + b), kr
 
 
-@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "stride_kr", "K"])
+@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S", "stride_kr", "K"])
 def _hist_kernel(
     s_ptr,
     begin_ptr,
@@ -73,46 +77,14 @@ def _hist_kernel(
     stride_kr,
     K,
     hist_ptr,
-    H,
-    L,
-    stride_r,
-    CHUNK,
-    LEVEL: tl.constexpr,
-    NB: tl.constexpr,
-    ALL: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    r = tl.program_id(0).to(tl.int64)
-    start = tl.program_id(1) * CHUNK
-    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
-    prefix = _settle(hist_ptr, r, kr, LEVEL, NB, ALL)[0]
-    bits: tl.constexpr = 32 // ALL
-    shift: tl.constexpr = 32 - bits * (LEVEL + 1)
-    acc = tl.zeros((NB,), tl.int32)
-    for off in range(start, start + CHUNK, BLOCK):
-        _, inb, key, _ = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
-        ok = inb & ((key >> (shift + bits)) == prefix)  # level 0: key >> 32 is 0, every key
-        acc += tl.histogram(((key >> shift) & (NB - 1)).to(tl.int32), NB, mask=ok)
-    tl.atomic_add(
-        hist_ptr + (r * ALL + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0, sem="relaxed"
-    )
-
-
-@triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S", "stride_kr", "K"])
-def _count_kernel(
-    s_ptr,
-    begin_ptr,
-    end_ptr,
-    kr_ptr,
-    stride_kr,
-    K,
-    hist_ptr,
-    count_ptr,
+    state_ptr,
+    part_ptr,
     H,
     L,
     stride_r,
     CHUNK,
     S,
+    LEVEL: tl.constexpr,
     NB: tl.constexpr,
     ALL: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -120,15 +92,30 @@ def _count_kernel(
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
-    kth = _settle(hist_ptr, r, kr, ALL, NB, ALL)[0]
-    above = tl.zeros((BLOCK,), tl.int32)
-    tied = tl.zeros((BLOCK,), tl.int32)
+    bits: tl.constexpr = 32 // ALL
+    shift: tl.constexpr = 32 - bits * (LEVEL + 1)
+    prefix = kr * 0
+    if LEVEL > 0:
+        prefix, rem = _settle(hist_ptr, state_ptr, r, kr, LEVEL - 1, NB, ALL)
+        if s == 0:  # for the next pass
+            tl.store(state_ptr + (r * ALL + LEVEL - 1) * 2, prefix)
+            tl.store(state_ptr + (r * ALL + LEVEL - 1) * 2 + 1, rem)
+    acc = tl.zeros((NB,), tl.int32)
+    higher = tl.zeros((BLOCK,), tl.int32)
     for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
         _, inb, key, _ = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
-        above += (inb & (key > kth)).to(tl.int32)
-        tied += (inb & (key == kth)).to(tl.int32)
-    tl.store(count_ptr + (r * S + s) * 2, tl.sum(above, 0))
-    tl.store(count_ptr + (r * S + s) * 2 + 1, tl.sum(tied, 0))
+        ok = inb & ((key >> (shift + bits)) == prefix)  # level 0: key >> 32 is 0, every key
+        acc += tl.histogram(((key >> shift) & (NB - 1)).to(tl.int32), NB, mask=ok)
+        if LEVEL == ALL - 1:
+            higher += (inb & ((key >> bits) > prefix)).to(tl.int32)
+    tl.atomic_add(
+        hist_ptr + (r * ALL + LEVEL) * NB + tl.arange(0, NB), acc, mask=acc > 0, sem="relaxed"
+    )
+    if LEVEL == ALL - 1:
+        # for each last digit d: this program's keys above (prefix, d) and equal to it
+        part = part_ptr + ((r * S + s) * 2) * NB + tl.arange(0, NB)
+        tl.store(part, tl.sum(higher, 0) + tl.sum(acc, 0) - tl.cumsum(acc, 0))
+        tl.store(part + NB, acc)
 
 
 @triton.jit(do_not_specialize=["L", "stride_r", "CHUNK", "S", "stride_kr", "K"])
@@ -140,7 +127,8 @@ def _write_kernel(
     stride_kr,
     K,
     hist_ptr,
-    count_ptr,
+    state_ptr,
+    part_ptr,
     pos_ptr,
     valid_ptr,
     H,
@@ -157,17 +145,17 @@ def _write_kernel(
     s = tl.program_id(1)
     lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
     if kr > 0:
-        kth, need = _settle(hist_ptr, r, kr, ALL, NB, ALL)
+        kth, need = _settle(hist_ptr, state_ptr, r, kr, ALL - 1, NB, ALL)
         # the programs before this one: their keys above the k-th, and their share of the ties (lowest first)
         sp = tl.arange(0, SP)
         before = sp < s
-        counts = count_ptr + (r * S + sp) * 2
-        above = tl.load(counts, mask=sp < S, other=0).to(tl.int64)
-        tied = tl.load(counts + 1, mask=sp < S, other=0).to(tl.int64)
+        counts = part_ptr + ((r * S + sp) * 2) * NB + (kth & (NB - 1))
+        above = tl.load(counts, mask=before, other=0).to(tl.int64)
+        tied = tl.load(counts + NB, mask=before, other=0).to(tl.int64)
         tied_before = tl.cumsum(tied, 0) - tied
         taken = tl.minimum(tl.maximum(need - tied_before, 0), tied)
-        slot0 = tl.sum(tl.where(before, above + taken, 0), 0)
-        tie0 = tl.sum(tl.where(before, tied, 0), 0)
+        slot0 = tl.sum(above + taken, 0)
+        tie0 = tl.sum(tied, 0)
         for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
             pos, inb, key, x = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
             is_tie = inb & (key == kth)
@@ -222,17 +210,16 @@ def top_positions(
     chunk = triton.cdiv(triton.cdiv(n, splits), _BLOCK) * _BLOCK
     splits = triton.cdiv(n, chunk)
     hist = torch.zeros(rows, _LEVELS, _NB, dtype=torch.int32, device=dev)
-    counts = torch.empty(rows, splits, 2, dtype=torch.int32, device=dev)
+    state = torch.empty(rows, _LEVELS, 2, dtype=torch.int64, device=dev)
+    part = torch.empty(rows, splits, 2, _NB, dtype=torch.int32, device=dev)
     positions = torch.empty(rows, kk, dtype=torch.int64, device=dev)
     valid = torch.empty(rows, kk, dtype=torch.int8, device=dev)
     grid = (rows, splits)
-    common = (x, begin, end, kr, stride_kr, kk, hist)
+    common = (x, begin, end, kr, stride_kr, kk, hist, state, part)
     for level in range(_LEVELS):  # the digits from the highest
-        _hist_kernel[grid](*common, h, n, x.stride(0), chunk, level, _NB, _LEVELS, _BLOCK)
-    _count_kernel[grid](*common, counts, h, n, x.stride(0), chunk, splits, _NB, _LEVELS, _BLOCK)
+        _hist_kernel[grid](*common, h, n, x.stride(0), chunk, splits, level, _NB, _LEVELS, _BLOCK)
     _write_kernel[grid](
         *common,
-        counts,
         positions,
         valid,
         h,

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import host_copy, host_fp8, kivi, sketch_scores, sparse_attention
+from ..kernels import channel_select, host_copy, host_fp8, kivi, sketch_scores, sparse_attention
 from ..memory.device_copies import DeviceCopies, PrefixReads
 from ..memory.host_memory import host_tensor
 from .prompt_rows import HOST_PAGE, PromptRows
@@ -239,6 +239,7 @@ class OffloadStore:
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
         if sketch_bits:
             self.kivi_ops, self.sketch_ops = kivi.ops(device), sketch_scores.ops(device)
+            self.channel_ops = channel_select.ops(device)
             words, groups = HOST_PAGE * sketch_bits // 32, HOST_PAGE // sketch_scores.GROUP
             # channel-major pages (sketch_scores.py): a row reads only the words of the channels it scores
             self.sk_packed = torch.zeros(
@@ -412,10 +413,12 @@ class OffloadStore:
         return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels, out)
 
     def sketch_token_scores(
-        self, layer: int, view: DecodeView, qc: torch.Tensor, channels: torch.Tensor
+        self, layer: int, view: DecodeView, q: torch.Tensor, d_s: int
     ) -> torch.Tensor:
-        """Stage 2 from the sketch: qc [B, H, d_s] on channels [B, H, d_s] against every prompt key's sketch
-        -> scores [B, H, pages*256] (positions past a row's prompt are padding; never selected)."""
+        """Both stages from the GPU tier for q [B, Hq, D]: d_s channels per KV head picked with q (Eq. 10, against
+        each row's max_abs), then every prompt key's sketch scored on them -> scores [B, H, pages*256] (positions
+        past a row's prompt are padding; never selected)."""
+        channels, qc = self.channel_ops.select_channels(q, self.max_abs[layer], view.slots, d_s)
         return self.sketch_ops.sketch_scores(
             qc,
             channels,

@@ -698,9 +698,9 @@ class TailorPolicy(KVPolicy):
         self, si: int, q: torch.Tensor, view: DecodeView, scores: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k rows [B, H, k, 2D] of S layer si for query q and which of them count: ranked by `scores`, or
-        by the key sketch's."""
+        by the key sketch's (both stages from the GPU tier, d_s channels picked with the real query)."""
         if scores is None:
-            scores = self._sketch_scores(si, q, view)
+            scores = self.offload.sketch_token_scores(si, view, q, self.tc.d_s)
         # one top-k at the largest k of any row (that of the longest context the view holds: a static shape per
         # captured graph), then each row keeps its own k's best (ranks >= its k are masked)
         k = self._k_bound(si, scores.shape[-1])
@@ -722,15 +722,6 @@ class TailorPolicy(KVPolicy):
         if key not in self._k_bounds:
             self._k_bounds[key] = max(1, self.layer_top_k(context)[si])  # topk of 0 has no rows
         return self._k_bounds[key]
-
-    def _sketch_scores(self, si: int, q: torch.Tensor, view: DecodeView) -> torch.Tensor:
-        """Both stages from the GPU tier: d_s channels picked with the real query (Eq. 10), tokens scored on them
-        from the key sketch."""
-        channels = self.selection.select_channels(
-            q, self.offload.max_abs[si, view.slots], self.tc.d_s
-        )
-        qc = self.selection.query_channels(q, channels)
-        return self.offload.sketch_token_scores(si, view, qc, channels)
 
     def finish(self, step: TailorStep) -> None:
         batch = step.batch
