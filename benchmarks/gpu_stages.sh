@@ -119,7 +119,7 @@ s1)
   timeout ${TG:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_token_topk.py \
     tests/test_channel_select.py tests/test_attention.py -k "topk or select or channel or stream_lags" 2>&1 | tail -6; t
   A="--device cuda --contexts 131072 --batch 1,16 --k 128"
-  timeout 100 python3 -m benchmarks.bench_topk $A --output $R/topk_b1.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
+  timeout 100 python3 -m benchmarks.bench_topk $A --radix-programs 256,1024,2048 --output $R/topk_b1.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
   [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_topk $A \
     --output $R/topk_b1_old.json) > $R/topk_old.log 2>&1; echo "topk old rc=$?"; t; tail -n 3 $R/topk.log $R/topk_old.log
   L="--model dummy:llama-3.1-8b --contexts 131072 --device cuda --steps 32 --host-kv-gib 40"

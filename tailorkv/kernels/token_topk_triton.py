@@ -158,14 +158,14 @@ def _write_kernel(
         tie0 = tl.sum(tied, 0)
         for off in range(s * CHUNK, s * CHUNK + CHUNK, BLOCK):
             pos, inb, key, x = _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK)
-            is_tie = inb & (key == kth)
-            rank = tie0 + tl.cumsum(is_tie.to(tl.int64), 0) - 1
-            chosen = (inb & (key > kth)) | (is_tie & (rank < need))
-            slot = slot0 + tl.cumsum(chosen.to(tl.int64), 0) - 1
+            is_tie = (inb & (key == kth)).to(tl.int32)  # counted in int32 scans within a block
+            rank = tie0 + tl.cumsum(is_tie, 0) - 1
+            chosen = (inb & (key > kth)) | ((is_tie > 0) & (rank < need))
+            slot = slot0 + tl.cumsum(chosen.to(tl.int32), 0) - 1
             tl.store(pos_ptr + r * K + slot, pos.to(tl.int64), mask=chosen)
             tl.store(valid_ptr + r * K + slot, (x > float("-inf")).to(tl.int8), mask=chosen)
-            tie0 += tl.sum(is_tie.to(tl.int64), 0)
-            slot0 += tl.sum(chosen.to(tl.int64), 0)
+            tie0 += tl.sum(is_tie, 0)
+            slot0 += tl.sum(chosen.to(tl.int32), 0)
     # the slots past the row's own k (the kr before them are all written above): position 0, not valid
     if s == 0:
         for off in range(0, K, BLOCK):
