@@ -23,7 +23,15 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import channel_select, host_copy, host_fp8, kivi, sketch_scores, sparse_attention
+from ..kernels import (
+    channel_select,
+    host_copy,
+    host_fp8,
+    kivi,
+    kv_append,
+    sketch_scores,
+    sparse_attention,
+)
 from ..memory.device_copies import DeviceCopies, PrefixReads
 from ..memory.host_memory import host_tensor
 from .prompt_rows import HOST_PAGE, PromptRows
@@ -237,6 +245,7 @@ class OffloadStore:
         # the channel-major copy of K that stage 1 reads, unless the sketch replaces it
         self.k_t = None if sketch_bits else [host(host_pages, H, D, HOST_PAGE) for _ in range(L)]
         self.ops, self.attn_ops = host_copy.ops(device), sparse_attention.ops(device)
+        self.append_ops = kv_append.ops(device)
         if sketch_bits:
             self.kivi_ops, self.sketch_ops = kivi.ops(device), sketch_scores.ops(device)
             self.channel_ops = channel_select.ops(device)
@@ -402,8 +411,7 @@ class OffloadStore:
 
     def append(self, layer: int, view: DecodeView, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store each decode row's new k, v [B, H, D] among its generated tokens."""
-        self.gen_k[layer, view.gen_write] = k
-        self.gen_v[layer, view.gen_write] = v
+        self.append_ops.append_kv(self.gen_k[layer], self.gen_v[layer], view.gen_write, k, v)
 
     def critical_keys(
         self, layer: int, view: DecodeView, channels: torch.Tensor, out: torch.Tensor | None = None
