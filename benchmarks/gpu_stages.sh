@@ -112,12 +112,12 @@ sk)
   echo "lat sk rc=$?"; t; grep -v "oading\|it/s" $R/lat_sk.log | tail -6; grep -H "_sketch_scores_kernel\|_gather_rows_kernel\|_sparse_decode_kernel" $R/*.prof.txt | cut -c1-250
   ;;
 s1)
-  # 128k batch 1's selection (issue 22 item 3): stage 1 in one launch (channel_select) and the radix select with its
-  # digits carried from pass to pass (five launches, no count pass). Their GPU tests and the prefill plans' wait
+  # 128k batch 1's selection (issue 22 item 3): stage 1 in one launch (channel_select), the radix select with its
+  # digits carried from pass to pass (five launches, no count pass), K and V appended in one (kv_append). Their GPU tests and the prefill plans' wait
   # (6e6b2a3), bench_topk at 128k, then 128k batch 1 for this tree (tailor, full) and OLD_B1=.gpu/old_b1 (`git
   # archive 9403ef6 tailorkv $(git ls-files 'benchmarks/*.py')`, run from there) in the same call
   timeout ${TG:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_token_topk.py \
-    tests/test_channel_select.py tests/test_attention.py -k "topk or select or channel or stream_lags" 2>&1 | tail -6; t
+    tests/test_channel_select.py tests/test_kv_append.py tests/test_attention.py -k "topk or select or channel or writes or stream_lags" 2>&1 | tail -6; t
   A="--device cuda --contexts 131072 --batch 1,16 --k 128"
   timeout 100 python3 -m benchmarks.bench_topk $A --radix-programs 256,1024,2048 --output $R/topk_b1.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
   [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_topk $A \
