@@ -261,7 +261,7 @@ STEP_PARTS = (
     ("FlashInfer", ("flashinfer", "BatchDecode", "BatchPrefill", "SinglePrefill", "MergeState")),
     ("GEMMs", ("nvjet", "gemm", "splitKreduce", "cutlass")),
     ("top-k fetch", ("_gather_rows_kernel",)),
-    ("sparse attention", ("_sparse_decode_kernel",)),
+    ("sparse attention", ("_sparse_decode_kernel", "_merge_sparse_splits_kernel")),
     ("key sketch", ("_sketch_scores_kernel",)),
     ("Q layers", ("_paged_decode_kernel", "_merge_splits_kernel")),
     ("top-k", ("topk",)),

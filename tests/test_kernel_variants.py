@@ -26,6 +26,7 @@ def test_one_variant_for_every_length():
         kivi._quantize_values_kernel,
         sketch._sketch_scores_kernel,
         sparse._sparse_decode_kernel,
+        sparse._merge_sparse_splits_kernel,
         kivi._paged_decode_kernel,
         kivi._merge_splits_kernel,
     )

@@ -80,9 +80,13 @@ def test_reference_is_attention_over_the_valid_tokens(b, hq, h, d, w, g, k):
     torch.testing.assert_close(out[i, head * g_ : (head + 1) * g_], expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "split_programs", [1, 128, 4096]
+)  # never split, the default, a split a fetched tile
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32] if CUDA else [torch.float32])
 @pytest.mark.parametrize("b,hq,h,d,w,g,k", CASES)
-def test_triton_matches_reference(kt, dtype, b, hq, h, d, w, g, k):
+def test_triton_matches_reference(kt, monkeypatch, split_programs, dtype, b, hq, h, d, w, g, k):
+    monkeypatch.setattr(kt, "_SPLIT_PROGRAMS", split_programs)
     case = _case(b, hq, h, d, w, g, k, dtype)
     got = kt.sparse_decode_attention(*case)
     expect = ref.sparse_decode_attention(
@@ -91,3 +95,30 @@ def test_triton_matches_reference(kt, dtype, b, hq, h, d, w, g, k):
     assert got.dtype == dtype and got.shape == expect.shape
     err = ((got.float() - expect).abs().max() / expect.abs().max()).item()
     assert err <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_short_steps_split_the_fetched_rows(kt):
+    """Batch 1 at 8 KV heads: the window and generated tokens in one split, each tile of 128 fetched rows in one
+    of its own; 16 rows x 8 heads are programs enough, unsplit; splits never overlap or leave a row out."""
+    assert kt._splits(1, 8, 128) == (5, 32)
+    assert kt._splits(4, 8, 128) == (3, 64)
+    assert kt._splits(16, 8, 128) == (1, 128)
+    assert kt._splits(1, 8, 0)[0] == 1
+    for b, h, k in [(1, 3, 45), (2, 8, 100), (1, 1, 1)]:
+        splits, chunk = kt._splits(b, h, k)
+        assert chunk % kt._BLOCK_T == 0 and (splits - 1) * chunk >= k > (splits - 2) * chunk
+
+
+@pytest.mark.parametrize("split_programs", [1, 4096])
+def test_a_row_with_nothing_to_attend_is_zero(kt, monkeypatch, split_programs):
+    """A padding row (no window, generated or fetched token valid) reads 0 in both paths, as the unsplit kernel
+    always gave: its splits are all empty, which the merge must weigh as nothing, not NaN."""
+    monkeypatch.setattr(kt, "_SPLIT_PROGRAMS", split_programs)
+    case = list(_case(2, 9, 3, 64, 37, 5, 45, torch.float32))
+    for m in (4, 8, 10):  # win_mask, gen_mask, valid
+        case[m] = case[m].clone()
+        case[m][1] = False
+    got = kt.sparse_decode_attention(*case)
+    assert torch.equal(got[1].cpu(), torch.zeros_like(got[1].cpu()))
+    want = ref.sparse_decode_attention(*case)
+    assert ((got[0].cpu() - want[0].cpu()).abs().max() / want[0].abs().max()).item() <= 1e-5

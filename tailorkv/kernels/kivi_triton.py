@@ -21,12 +21,12 @@ from tailorkv.kernels.kivi import (
     codes_per_word,
     value_group,
 )
+from tailorkv.kernels.splits_triton import MERGE_BLOCK, merged_row
 
 _BLOCK_D = 64  # channels per quantize-keys program
 _BLOCK_ROWS = 16  # token rows per quantize-values program
 _BLOCK_T = 64  # tokens per dequantize / attention tile (capped at one key group)
 _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
-_MERGE_BLOCK = 16  # splits merged at a time
 _ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
 
 
@@ -479,32 +479,10 @@ def _paged_decode_split(
 
 @triton.jit(do_not_specialize=["S"])
 def _merge_splits_kernel(
-    part_ptr, part_lse_ptr, out_ptr, lse_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+    part_ptr, part_lse_ptr, out_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    # one program per query head, BLOCK_S splits at a time (online softmax over the splits: one compiled variant
-    # for any number of them); an empty split (lse -inf, part 0) weighs nothing, and split 0 holds tokens, so the
-    # running max is finite from the first block on
-    h = tl.program_id(0)
-    d = tl.arange(0, BLOCK_D)
-    m = float("-inf")
-    total = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        lse = tl.load(part_lse_ptr + h * S + s, mask=s < S, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        part = tl.load(
-            part_ptr + (h * S + s[:, None]) * D + d[None, :],
-            mask=(s < S)[:, None] & (d < D)[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
-        total = total * alpha + tl.sum(w, axis=0)
-        m = m_new
-    tl.store(out_ptr + h * D + d, acc / total, mask=d < D)
-    tl.store(lse_ptr + h, (m + tl.log2(total)) * 0.6931471805599453)  # back to natural log
+    # one program per query head (splits_triton.merged_row); split 0 of a sequence holds tokens
+    merged_row(part_ptr, part_lse_ptr, out_ptr, tl.program_id(0), S, D, BLOCK_S, BLOCK_D)
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int = 64) -> QuantizedKeys:
@@ -730,8 +708,7 @@ def paged_decode_attention(
         num_stages=num_stages or _ATTN_STAGES,
     )
     out = torch.empty(bsz * hq, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(bsz * hq, dtype=torch.float32, device=q.device)
     _merge_splits_kernel[(bsz * hq,)](
-        part, part_lse, out, lse, splits, d, BLOCK_S=_MERGE_BLOCK, BLOCK_D=triton.next_power_of_2(d)
+        part, part_lse, out, splits, d, BLOCK_S=MERGE_BLOCK, BLOCK_D=triton.next_power_of_2(d)
     )
     return out.view(bsz, hq, d)

@@ -1,6 +1,7 @@
 """Triton version of sparse_attention.py (same function, signature and result): one program per (row, KV head)
 walks the window, the generated tokens and the fetched rows in tiles, its GQA query heads sharing each tile, with
-an online softmax; masked slots are never loaded. Fetched fp8 rows (host_fp8) are decoded from their bytes as they
+an online softmax; masked slots are never loaded. A step of few rows splits the fetched rows over programs of
+their own, merged after (splits_triton). Fetched fp8 rows (host_fp8) are decoded from their bytes as they
 load (integer ops: any GPU, and the interpreter)."""
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from tailorkv.kernels.splits_triton import MERGE_BLOCK, merged_row
+
 _BLOCK_T = 32  # tokens per tile
+# below this many (row, KV head) programs (batch 15 at 8 KV heads) the fetched rows get programs of their own, a few
+# tiles each, beside one for the window and the generated tokens, merged after: a short step's few programs each
+# walked every tile in turn
+_SPLIT_PROGRAMS = 128
 
 
 @triton.jit
@@ -45,7 +52,7 @@ def _bf16_at(ptr, off, ok):
     return ((lo | (hi << 8)) << 16).to(tl.float32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["G", "K", "swm_b", "sgr_b", "sgm_b"])
+@triton.jit(do_not_specialize=["G", "K", "swm_b", "sgr_b", "sgm_b", "S", "CHUNK"])
 def _sparse_decode_kernel(
     q_ptr,
     wk_ptr,
@@ -59,6 +66,10 @@ def _sparse_decode_kernel(
     f_ptr,
     valid_ptr,
     out_ptr,
+    part_ptr,
+    lse_ptr,
+    S,
+    CHUNK,
     W,
     G,
     K,
@@ -81,8 +92,17 @@ def _sparse_decode_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     FP8: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     b, h = tl.program_id(0), tl.program_id(1)
+    # SPLIT: split 0 takes the window and the generated tokens, split s > 0 the fetched rows [(s-1)*CHUNK, s*CHUNK)
+    w_end, g_end, f_lo, f_hi = W, G, 0, K
+    if SPLIT:
+        s = tl.program_id(2)
+        local = s == 0
+        w_end, g_end = tl.where(local, W, 0), tl.where(local, G, 0)
+        f_lo = tl.maximum(s - 1, 0) * CHUNK
+        f_hi = tl.where(local, 0, tl.minimum(f_lo + CHUNK, K))
     i = tl.arange(0, GQA_PAD)
     d = tl.arange(0, BLOCK_D)
     dm = (d < D)[None, :]
@@ -94,14 +114,14 @@ def _sparse_decode_kernel(
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
     win = tl.load(slots_ptr + b).to(tl.int64) * sw_s + h * D
-    for t0 in range(0, W, BLOCK_T):  # the sink + recent window
+    for t0 in range(0, w_end, BLOCK_T):  # the sink + recent window
         t = t0 + tl.arange(0, BLOCK_T)
         ok = tl.load(wmask_ptr + b * swm_b + t, mask=t < W, other=0) != 0
         off = win + t[:, None] * sw_t + d[None, :]
         k = tl.load(wk_ptr + off, mask=ok[:, None] & dm, other=0.0)
         v = tl.load(wv_ptr + off, mask=ok[:, None] & dm, other=0.0)
         m, l, acc = _tile(q, k, v, ok, m, l, acc, qk_scale)
-    for t0 in range(0, G, BLOCK_T):  # the generated tokens
+    for t0 in range(0, g_end, BLOCK_T):  # the generated tokens
         t = t0 + tl.arange(0, BLOCK_T)
         ok = tl.load(gmask_ptr + b * sgm_b + t, mask=t < G, other=0) != 0
         slot = tl.load(gread_ptr + b * sgr_b + t, mask=ok, other=0).to(tl.int64)
@@ -109,10 +129,12 @@ def _sparse_decode_kernel(
         k = tl.load(gk_ptr + off, mask=ok[:, None] & dm, other=0.0)
         v = tl.load(gv_ptr + off, mask=ok[:, None] & dm, other=0.0)
         m, l, acc = _tile(q, k, v, ok, m, l, acc, qk_scale)
-    for t0 in range(0, K, BLOCK_T):  # the fetched top-k rows: K then V of a token side by side
+    for t0 in range(
+        f_lo, f_hi, BLOCK_T
+    ):  # the fetched top-k rows: K then V of a token side by side
         t = t0 + tl.arange(0, BLOCK_T)
         row = (b * H + h).to(tl.int64) * K + t
-        ok = tl.load(valid_ptr + row, mask=t < K, other=0) != 0
+        ok = tl.load(valid_ptr + row, mask=t < f_hi, other=0) != 0
         off = row[:, None] * RW + d[None, :]
         k = tl.load(f_ptr + off, mask=ok[:, None] & dm, other=0)
         v = tl.load(f_ptr + off + D, mask=ok[:, None] & dm, other=0)
@@ -121,9 +143,25 @@ def _sparse_decode_kernel(
             v = _e4m3(v) * _bf16_at(f_ptr, row * RW + 2 * D + 2, ok)[:, None]
         m, l, acc = _tile(q, k, v, ok, m, l, acc, qk_scale)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(
-        out_ptr + b * so_b + hq[:, None] * so_h + d[None, :], out, mask=(i < GQA)[:, None] & dm
-    )
+    if (
+        SPLIT
+    ):  # this split's part of the row's query heads, and its log-sum-exp (base 2; -inf: no key)
+        row = ((b * H * GQA + hq) * S + s).to(tl.int64)
+        tl.store(part_ptr + row[:, None] * D + d[None, :], out, mask=(i < GQA)[:, None] & dm)
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        tl.store(lse_ptr + row, lse, mask=i < GQA)
+    else:
+        tl.store(
+            out_ptr + b * so_b + hq[:, None] * so_h + d[None, :], out, mask=(i < GQA)[:, None] & dm
+        )
+
+
+@triton.jit(do_not_specialize=["S"])
+def _merge_sparse_splits_kernel(
+    part_ptr, part_lse_ptr, out_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    # one program per (row, query head): splits_triton.merged_row
+    merged_row(part_ptr, part_lse_ptr, out_ptr, tl.program_id(0), S, D, BLOCK_S, BLOCK_D)
 
 
 def sparse_decode_attention(
@@ -158,7 +196,12 @@ def sparse_decode_attention(
     fetched, valid = _rows_apart(fetched), valid.contiguous()
     out = torch.empty_like(q)
     gqa = hq // h
-    _sparse_decode_kernel[(b, h)](
+    splits, chunk = _splits(b, h, fetched.shape[2])
+    part = lse = out  # not read without splits
+    if splits > 1:
+        part = torch.empty(b * hq, splits, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b * hq, splits, dtype=torch.float32, device=q.device)
+    _sparse_decode_kernel[(b, h, splits)](
         q,
         win_k,
         win_v,
@@ -171,6 +214,10 @@ def sparse_decode_attention(
         fetched,
         valid,
         out,
+        part,
+        lse,
+        splits,
+        chunk,
         w,
         gen_read.shape[1],
         fetched.shape[2],
@@ -193,8 +240,25 @@ def sparse_decode_attention(
         BLOCK_T=_BLOCK_T,
         BLOCK_D=triton.next_power_of_2(d),
         FP8=fetched.dtype == torch.uint8,
+        SPLIT=splits > 1,
     )
+    if splits > 1:
+        _merge_sparse_splits_kernel[(b * hq,)](
+            part, lse, out, splits, d, BLOCK_S=MERGE_BLOCK, BLOCK_D=triton.next_power_of_2(d)
+        )
     return out
+
+
+def _splits(b: int, h: int, k: int) -> tuple[int, int]:
+    """(splits, fetched rows a split past the first): one split while b x h programs reach _SPLIT_PROGRAMS; else
+    the window and generated tokens in split 0 and the k fetched rows in whole tiles over the others, enough of
+    them to near _SPLIT_PROGRAMS programs (the grid depends on the shapes only: one launch a captured graph)."""
+    tiles = triton.cdiv(k, _BLOCK_T)
+    if b * h >= _SPLIT_PROGRAMS or not tiles:
+        return 1, max(k, 1)
+    fetched = min(tiles, max(1, triton.cdiv(_SPLIT_PROGRAMS, b * h) - 1))
+    chunk = triton.cdiv(tiles, fetched) * _BLOCK_T
+    return 1 + triton.cdiv(k, chunk), chunk
 
 
 def _rows_apart(fetched: torch.Tensor) -> torch.Tensor:
