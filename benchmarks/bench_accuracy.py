@@ -80,6 +80,7 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
                     **identity(spec),
                     "task": task,
                     "length": length,
+                    "seed": args.seed,
                     "samples": len(samples),
                     "score": round(100 * value, 2),
                     "scores": scores,

@@ -219,7 +219,7 @@ SECTIONS = [
         lambda rows: markdown(PREFIX_PREFILL, rows),
     ),
     Section(
-        "Accuracy against full with paired bootstrap 95% CIs (`bench_accuracy`)",
+        "Accuracy against full (or the table's base) with paired bootstrap 95% CIs (`bench_accuracy`)",
         lambda r: "ci" in r,
         summary_table,
     ),
