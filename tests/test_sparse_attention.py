@@ -80,7 +80,8 @@ def test_reference_is_attention_over_the_valid_tokens(b, hq, h, d, w, g, k):
     torch.testing.assert_close(out[i, head * g_ : (head + 1) * g_], expect, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("split_programs", [1, 128])  # never split; the default, where every case splits
+# never split; the default, where every case splits
+@pytest.mark.parametrize("split_programs", [1, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32] if CUDA else [torch.float32])
 @pytest.mark.parametrize("b,hq,h,d,w,g,k", CASES)
 def test_triton_matches_reference(kt, monkeypatch, split_programs, dtype, b, hq, h, d, w, g, k):
