@@ -481,7 +481,7 @@ def _paged_decode_split(
 def _merge_splits_kernel(
     part_ptr, part_lse_ptr, out_ptr, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    # one program per query head (splits_triton.merged_row); split 0 of a sequence holds tokens
+    # one program per query head (splits_triton.merged_row)
     merged_row(part_ptr, part_lse_ptr, out_ptr, tl.program_id(0), S, D, BLOCK_S, BLOCK_D)
 
 
