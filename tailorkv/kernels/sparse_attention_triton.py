@@ -129,9 +129,8 @@ def _sparse_decode_kernel(
         k = tl.load(gk_ptr + off, mask=ok[:, None] & dm, other=0.0)
         v = tl.load(gv_ptr + off, mask=ok[:, None] & dm, other=0.0)
         m, l, acc = _tile(q, k, v, ok, m, l, acc, qk_scale)
-    for t0 in range(
-        f_lo, f_hi, BLOCK_T
-    ):  # the fetched top-k rows: K then V of a token side by side
+    # the fetched top-k rows: K then V of a token side by side
+    for t0 in range(f_lo, f_hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         row = (b * H + h).to(tl.int64) * K + t
         ok = tl.load(valid_ptr + row, mask=t < f_hi, other=0) != 0
@@ -143,9 +142,8 @@ def _sparse_decode_kernel(
             v = _e4m3(v) * _bf16_at(f_ptr, row * RW + 2 * D + 2, ok)[:, None]
         m, l, acc = _tile(q, k, v, ok, m, l, acc, qk_scale)
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    if (
-        SPLIT
-    ):  # this split's part of the row's query heads, and its log-sum-exp (base 2; -inf: no key)
+    if SPLIT:
+        # this split's part of the row's query heads, and its log-sum-exp (base 2; -inf: no key)
         row = ((b * H * GQA + hq) * S + s).to(tl.int64)
         tl.store(part_ptr + row[:, None] * D + d[None, :], out, mask=(i < GQA)[:, None] & dm)
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
@@ -255,7 +253,7 @@ def _splits(b: int, h: int, k: int) -> tuple[int, int]:
     them to near _SPLIT_PROGRAMS programs (the grid depends on the shapes only: one launch a captured graph)."""
     tiles = triton.cdiv(k, _BLOCK_T)
     if b * h >= _SPLIT_PROGRAMS or not tiles:
-        return 1, max(k, 1)
+        return 1, k
     fetched = min(tiles, max(1, triton.cdiv(_SPLIT_PROGRAMS, b * h) - 1))
     chunk = triton.cdiv(tiles, fetched) * _BLOCK_T
     return 1 + triton.cdiv(k, chunk), chunk
