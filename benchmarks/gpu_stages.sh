@@ -13,7 +13,7 @@
 #                                           # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu;
 #                                           # abc1234: this tree's hash, typed into the call (the rows' commit; the
 #                                           # host's .git is a stale one)
-# Stages: s1 (128k batch 1 with stage 1 in one launch and the radix select in five, against OLD_B1), tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
+# Stages: b128 (128k at BB requests, fp8 rows, profiled), s1 (128k batch 1 with stage 1 in one launch and the radix select in five, against OLD_B1), tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
 # the radix select and by blocks of 32, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
@@ -118,9 +118,12 @@ s1)
   # archive 9403ef6 tailorkv $(git ls-files 'benchmarks/*.py')`, run from there) in the same call
   timeout ${TG:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_token_topk.py \
     tests/test_channel_select.py tests/test_kv_append.py tests/test_attention.py -k "topk or select or channel or writes or stream_lags" 2>&1 | tail -6; t
+  # the sparse attention's splits and the merge it shares with the Q layers (aaf6406), first on a GPU
+  timeout ${TG:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_sparse_attention.py tests/test_kivi.py \
+    tests/test_host_fp8.py 2>&1 | tail -6; t
   A="--device cuda --contexts 131072 --batch 1,16 --k 128"
-  timeout 100 python3 -m benchmarks.bench_topk $A --radix-programs 256,1024,2048 --output $R/topk_b1.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
-  [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_topk $A \
+  [ -n "${S1T:-}" ] && timeout 100 python3 -m benchmarks.bench_topk $A --radix-programs 256,1024,2048 --output $R/topk_b1.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
+  [ -n "${S1T:-}" ] && [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_topk $A \
     --output $R/topk_b1_old.json) > $R/topk_old.log 2>&1; echo "topk old rc=$?"; t; tail -n 3 $R/topk.log $R/topk_old.log
   L="--model dummy:llama-3.1-8b --contexts 131072 --device cuda --steps 32 --host-kv-gib 40"
   timeout ${TL:-300} python3 -m benchmarks.bench_latency $L --policies ${S1P:-tailor:longbench,full} --profile-steps 2 \
@@ -188,6 +191,14 @@ b16)
     --device cuda --policies tailor:longbench:host_kv_dtype=fp8 --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b16_fp8.json > $R/lat_b16_fp8.log 2>&1
   echo "lat b16 fp8 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16_fp8.log | tail -3
+  ;;
+b128)
+  # 128k at a large batch (issue 22's 4x is bound there): tailor with fp8 host rows at BB requests, one step profiled,
+  # the table of where its time goes
+  timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --batch ${BB:-9} \
+    --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8} --steps 16 --host-kv-gib ${HG:-90} \
+    --gpu-memory-limit 80 --profile-steps 2 --output $R/latency_b128_fp8.json > $R/lat_b128.log 2>&1
+  echo "lat b128 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b128.log | tail -30
   ;;
 b50)
   # tailor with fp8 host rows at the batch bench_throughput found at 32k (H100, 2026-12-06: 50 requests, 63 ms a step,
