@@ -335,6 +335,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help="with --shared-prefix: after the decode steps, time doc chat's next turn (the document and TOKENS "
         "more) prefilling beside the decoding rows (turn_ms; profiled with --profile-steps)",
     )
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the engine's max running requests (default: the batch; a server's --max-running-requests pads a "
+        "captured step to the next of its graph buckets)",
+    )
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--device", default=None)
@@ -366,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.current = spec
         name, opts = engine_options(spec)
         # --turn-tokens: a running slot for the turn beside the batch
-        running = max(args.batch, 1) + bool(args.turn_tokens)
+        running = max(args.max_running, args.batch, 1) + bool(args.turn_tokens)
         engine = Engine(
             model=args.model,
             kv_policy=name,

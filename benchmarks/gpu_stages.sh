@@ -194,8 +194,10 @@ b16)
   ;;
 b128)
   # 128k at a large batch (issue 22's 4x is bound there): tailor with fp8 host rows at BB requests, one step profiled,
-  # the table of where its time goes
+  # the table of where its time goes (MR=16: the engine's max running requests as a server's, whose captured step pads
+  # BB rows to the next graph bucket)
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --batch ${BB:-9} \
+    ${MR:+--max-running $MR} \
     --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8} --steps 16 --host-kv-gib ${HG:-90} \
     --gpu-memory-limit 80 --profile-steps 2 --output $R/latency_b128_fp8.json > $R/lat_b128.log 2>&1
   echo "lat b128 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b128.log | tail -30
