@@ -51,13 +51,16 @@ def _sketch_scores_kernel(
     b, h = bh // H, bh % H
     page = tl.load(pages_ptr + b * NP + n)
     p = tl.maximum(page, 0)
+    # padding (a captured step's rows past its requests, pages past a row's) reads no channel
+    live = page >= 0
+    nc = tl.where(live, C, 0)
     w = tl.arange(0, NW)
     j = tl.arange(0, PER)
     s = tl.zeros([NW, PER], tl.float32)
     qz = tl.zeros([NW], tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        cm = c < C
+        cm = c < nc
         q = tl.load(q_ptr + bh * C + c, mask=cm, other=0.0)
         ch = tl.load(ch_ptr + bh * C + c, mask=cm, other=0)
         words = tl.load(
@@ -73,7 +76,7 @@ def _sketch_scores_kernel(
         s += tl.sum(codes.to(tl.float32) * (q[:, None] * scale)[:, :, None], axis=0)
         qz += tl.sum(q[:, None] * zero, axis=0)
     out = out_ptr + bh * NP * T + n * T + w[:, None] * PER + j[None, :]
-    tl.store(out, tl.where(page >= 0, s + qz[:, None], 0.0))
+    tl.store(out, tl.where(live, s + qz[:, None], 0.0))
 
 
 def sketch_scores(
