@@ -11,7 +11,10 @@ With --radix-programs N,M on CUDA the radix select is timed again aiming at N, M
 (token_topk_triton._TARGET_PROGRAMS, 512 by default: at batch 12 and 128k that is 6 programs a row, each reading
 22k scores in turn), in `positions_ms_by_programs`.
 
-Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, positions_ms_by_programs,
+blocks_ms: block_topk's positions (on CUDA its kernel: the block maxima, then one program a row over the blocks and
+their positions), where its tiles hold the shape (else None).
+
+Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, blocks_ms, positions_ms_by_programs,
 timing, machine, date, commit, command}: after --warmup calls, on CUDA each call captured in a CUDA graph as a
 decode step runs it and the graph replayed --repeats times between two events (`timing: graph`: the launches' host
 time is not counted; timed call by call, the H100 put the radix select's seven launches at 0.22-0.73 ms, mostly
@@ -27,7 +30,7 @@ import time
 import torch
 
 from benchmarks.rows import run_info, write_rows
-from tailorkv.kernels import token_topk
+from tailorkv.kernels import block_topk, token_topk
 from tailorkv.kvcache.selection import two_stage_topk
 
 
@@ -91,9 +94,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     info, device, rows = run_info(__spec__.name, argv), torch.device(args.device), []
     print(
-        f"{'context':>8} {'batch':>5} {'k':>5} {'torch ms':>9} {'two-stage ms':>12} {'positions ms':>12}"
+        f"{'context':>8} {'batch':>5} {'k':>5} {'torch ms':>9} {'two-stage ms':>12} {'positions ms':>12} {'blocks ms':>9}"
     )
-    select = token_topk.ops(device).top_positions
+    select, blocks = token_topk.ops(device).top_positions, block_topk.ops(device)
     # programs a pass to time the radix select at too (CUDA only: the CPU reference has none)
     programs = (
         [int(n) for n in args.radix_programs.split(",") if n] if device.type == "cuda" else []
@@ -118,6 +121,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         lambda: two_stage_topk(scores, k, args.chunk),
                     )
                 ] + [radix()]
+                fits = blocks.fits(context, min(k, context), args.chunk)
+                ms.append(
+                    timed(
+                        lambda: blocks.top_positions(scores, lo, hi, k, chunk=args.chunk),
+                        device,
+                        args.warmup,
+                        args.repeats,
+                    )
+                    if fits
+                    else None
+                )
                 by_programs = {n: round(with_programs(n, radix), 4) for n in programs}
                 rows.append(
                     {
@@ -130,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "torch_ms": round(ms[0], 4),
                         "two_stage_ms": round(ms[1], 4),
                         "positions_ms": round(ms[2], 4),
+                        "blocks_ms": None if ms[3] is None else round(ms[3], 4),
                         "positions_ms_by_programs": by_programs,
                         "timing": "graph" if device.type == "cuda" else "calls",
                         **info,
@@ -137,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
                 print(
                     f"{context:>8} {batch:>5} {k:>5} {ms[0]:>9.3f} {ms[1]:>12.3f} {ms[2]:>12.3f}",
+                    f"{ms[3]:>9.3f}" if fits else f"{'-':>9}",
                     *(f"{n}: {t:.3f}" for n, t in by_programs.items()),
                     flush=True,
                 )

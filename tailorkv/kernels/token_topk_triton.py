@@ -35,9 +35,15 @@ def _block_keys(s_ptr, r, stride_r, off, L, lo, hi, BLOCK: tl.constexpr):
     inb = pos < L
     x = tl.load(s_ptr + r * stride_r + pos, mask=inb, other=0.0)
     x = tl.where((pos >= lo) & (pos < hi), x, float("-inf"))
+    return pos, inb, order_keys(x), x
+
+
+@triton.jit
+def order_keys(x):
+    """float32 scores -> int64 keys in [0, 2^32) in the same order, -0.0 the key of 0.0."""
     x = tl.where(x == 0.0, 0.0, x)
     u = x.to(tl.uint32, bitcast=True).to(tl.int64)
-    return pos, inb, tl.where(u >= 2147483648, 4294967295 - u, u + 2147483648), x
+    return tl.where(u >= 2147483648, 4294967295 - u, u + 2147483648)
 
 
 @triton.jit
@@ -61,7 +67,7 @@ def _settle(hist_ptr, state_ptr, r, kr, LEVEL: tl.constexpr, NB: tl.constexpr, A
 
 
 @triton.jit
-def _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K):
+def row_bounds(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K):
     """Row r's range [lo, hi) and its own k, clamped to [0, K] (k_rows as the caller passed it: any strides)."""
     b = r // H
     kr = tl.minimum(tl.maximum(tl.load(kr_ptr + b * stride_kr).to(tl.int64), 0), K)
@@ -91,7 +97,7 @@ def _hist_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
+    lo, hi, kr = row_bounds(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
     bits: tl.constexpr = 32 // ALL
     shift: tl.constexpr = 32 - bits * (LEVEL + 1)
     prefix = kr * 0
@@ -143,7 +149,7 @@ def _write_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    lo, hi, kr = _row(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
+    lo, hi, kr = row_bounds(r, H, begin_ptr, end_ptr, kr_ptr, stride_kr, K)
     if kr > 0:
         kth, need = _settle(hist_ptr, state_ptr, r, kr, ALL - 1, NB, ALL)
         # the programs before this one: their keys above the k-th, and their share of the ties (lowest first)
@@ -175,14 +181,14 @@ def _write_kernel(
             tl.store(valid_ptr + r * K + slot, tl.zeros((BLOCK,), tl.int8), mask=rest)
 
 
-def _per_row(x: torch.Tensor | None, b: int, default: int, device) -> torch.Tensor:
+def per_row(x: torch.Tensor | None, b: int, default: int, device) -> torch.Tensor:
     """0-d, [B] (any strides) or None -> a contiguous [B] int64, as the kernels index it by row."""
     if x is None:
         return torch.full((b,), default, dtype=torch.int64, device=device)
     return x.to(device, torch.int64).expand(b).contiguous()
 
 
-def _row_k(k_rows: torch.Tensor | None, k: int, device) -> tuple[torch.Tensor, int]:
+def row_k(k_rows: torch.Tensor | None, k: int, device) -> tuple[torch.Tensor, int]:
     """Each row's own k as the kernels read it (clamping it to [0, k] themselves): (a tensor, its row stride). The
     engine's strided column of its views is read in place, no copy."""
     if k_rows is None:
@@ -200,8 +206,8 @@ def top_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n = scores.shape
     kk = min(k, n)
-    begin, end = (_per_row(x, b, 0, scores.device) for x in (begin, end))
-    kr, stride_kr = _row_k(k_rows, kk, scores.device)
+    begin, end = (per_row(x, b, 0, scores.device) for x in (begin, end))
+    kr, stride_kr = row_k(k_rows, kk, scores.device)
     x = scores.float().reshape(b * h, n)
     if x.stride(-1) != 1:
         x = x.contiguous()

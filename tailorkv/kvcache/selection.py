@@ -8,9 +8,11 @@ Every function takes optional leading batch dims (one per sequence).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from tailorkv.kernels import block_maxima, token_topk
+from tailorkv.kernels import block_maxima, block_topk, token_topk
 
 
 def group_mean(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -97,13 +99,13 @@ class Selection:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
         than k', or its rank is k_rows [...] (a sequence's own k <= k) or more: then the valid slots are that
-        sequence's top k_rows. Where `radix` and the device has token_topk's kernel (CUDA): by its radix select
-        (slots in position order); else, with `chunk`, by two_stage_topk over chunks of that many positions; else
-        by torch.topk (slots in rank order, or sorted into position order with `in_order`; on CPU ~2x faster than
-        token_topk's reference, which tests hold the kernel to)."""
+        sequence's top k_rows. On CUDA, in position order: where `radix`, by token_topk's radix select; else, with
+        `chunk`, by block_topk's kernel where its tiles hold the shape. Else, with `chunk`, by two_stage_topk over
+        chunks of that many positions, or by torch.topk (slots in rank order, or sorted into position order with
+        `in_order`; on CPU ~2x faster than token_topk's reference, which tests hold the kernels to)."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
-        topk = token_topk.ops(scores.device)
-        if radix and topk is not token_topk:  # its kernel (CUDA): in position order
+        kernel = self._position_kernel(scores, k, chunk, radix)
+        if kernel is not None:  # in position order
             rows = (
                 scores.reshape(-1, *scores.shape[-2:])
                 if scores.dim() > 1
@@ -112,7 +114,7 @@ class Selection:
             b, e, kr = (
                 x if x is None or not x.dim() else x.reshape(-1) for x in (begin, end, k_rows)
             )
-            top = topk.top_positions(rows, b, e, k, kr)
+            top = kernel(rows, b, e, k, kr)
             return tuple(x.view(*scores.shape[:-1], -1) for x in top)
         values, indices = self.two_stage_topk(scores, begin, end, min(k, scores.shape[-1]), chunk)
         valid = self.valid_ranks(values, k_rows)
@@ -120,6 +122,19 @@ class Selection:
             return indices, valid
         indices, order = indices.sort(dim=-1)
         return indices, valid.gather(-1, order)
+
+    @staticmethod
+    def _position_kernel(scores: torch.Tensor, k: int, chunk: int, radix: bool):
+        """A CUDA kernel that selects in position order: token_topk's radix select where `radix`, else
+        block_topk's where `chunk` and its tiles hold the shape; None off CUDA or where neither applies."""
+        topk = token_topk.ops(scores.device)
+        if radix and topk is not token_topk:
+            return topk.top_positions
+        blocks = block_topk.ops(scores.device) if chunk else block_topk
+        n = scores.shape[-1]
+        if blocks is not block_topk and blocks.fits(n, min(k, n), chunk):
+            return functools.partial(blocks.top_positions, chunk=chunk)
+        return None
 
     def two_stage_topk(
         self, scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, k: int, chunk: int

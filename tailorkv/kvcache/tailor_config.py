@@ -21,9 +21,12 @@
   (ties aside). Default 1: on the H100 at 128k and batch 1 it took 9.94 ms a step against 10.39 by blocks of 32
   (same run, 1f182bc); in CUDA graphs its calls take ~9x as long for 12x the rows, torch.topk's ~3x.
 - topk_chunk (beyond the paper): 0 = stage 2's top-k over each row's whole context; N = the k blocks
-  of N positions with the largest maxima first, then the top k of their positions (Selection.two_stage_topk; the
-  mask and the blocks' maxima one pass over the scores, kernels/block_maxima_triton.py on CUDA): the same tokens
-  (ties aside) from two short top-ks instead of one over a long row. N = 64 leaves k * 64 candidates. Default 32:
+  of N positions with the largest maxima first, then the top k of their positions: the same tokens (ties aside)
+  from two short top-ks instead of one over a long row. On CUDA, where the tiles hold the shape (k * N and the
+  blocks at most 8,192), one program a row does both after the block maxima (kernels/block_topk_triton.py: the
+  exact set, ties lowest position first, in position order); else Selection.two_stage_topk (the mask and the
+  blocks' maxima one pass over the scores, kernels/block_maxima_triton.py on CUDA, then torch.topk twice).
+  N = 64 leaves k * 64 candidates. Default 32 (measured before the one-program kernel):
   on the H100 (benchmarks/NOTES.md, 2026-12-06, third session) it beat torch.topk in every batched step measured:
   doc chat's step (16 x 64k) 13.76 against 16.99 ms, the doc chat server's median TPOT 16.01 against 20.76, batch
   16 at 32k with fp8 rows 14.42 against 15.69; blocks of 16 lost (18.44).
@@ -34,8 +37,8 @@
   13.99, its Q layer 1.05 against 2.03 (same run, 232067c). The splits count one program a group (rows // (16 //
   GQA)), so rows that share nothing get up to 16 // GQA times the splits.
 - position_order (beyond the paper): N = in decode steps of at least N rows (a captured step's padded rows), the
-  top-k positions of blocks or torch.topk (rank order) are sorted into position order before the fetch, as the
-  radix select gives them; 0 = never. The same rows; one sort a layer. Default 40: on the H100 with fp8 rows at
+  top-k positions of two_stage_topk or torch.topk (rank order) are sorted into position order before the fetch, as
+  the radix select and block_topk's kernel give them; 0 = never. The same rows; one sort a layer. Default 40: on the H100 with fp8 rows at
   32k (232067c, same runs), batch 40 stepped in 38.97 ms against 41.48 (its fetch, 70% over PCIe, 18.68 against
   21.98 ms), batch 16 (74% of its rows from GPU copies) in 15.31 against 14.56; bench_uva_gather: 11.7 against
   9.6 GB/s at batch 40.
