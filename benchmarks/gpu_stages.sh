@@ -13,7 +13,7 @@
 #                                           # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu;
 #                                           # abc1234: this tree's hash, typed into the call (the rows' commit; the
 #                                           # host's .git is a stale one)
-# Stages: b128 (128k at BB requests, fp8 rows, profiled), s1 (128k batch 1 with stage 1 in one launch and the radix select in five, against OLD_B1), tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
+# Stages: bt (block_topk's tests, bench_topk, b16 at 32k and 128k b1 against OLD_B1), b128 (128k at BB requests, fp8 rows, profiled), s1 (128k batch 1 with stage 1 in one launch and the radix select in five, against OLD_B1), tk (the radix select's GPU tests and bench_topk, timed in CUDA graphs), lay (the GPU tests of the CPU-only changes), gk
 # (bench_topk: the radix select against torch.topk; the gathers; the Q attention sweep), sk (128k batch 1: tailor with
 # the radix select and by blocks of 32, full, tailor fp8; profiled), m19 (chunked prefill beside 8 decoding users,
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
@@ -191,6 +191,24 @@ b16)
     --device cuda --policies tailor:longbench:host_kv_dtype=fp8 --steps 32 --host-kv-gib 40 --profile-steps 2 \
     --output $R/latency_b16_fp8.json > $R/lat_b16_fp8.log 2>&1
   echo "lat b16 fp8 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b16_fp8.log | tail -3
+  ;;
+bt)
+  # block_topk (stage 2's top-k by blocks in one program a row) and the sparse attention's splits, first on a GPU:
+  # their tests and the engines in CUDA graphs; bench_topk; then batch 16 at 32k with fp8 rows and 128k batch 1,
+  # this tree against OLD_B1=.gpu/old_s1 (abf5a3e) in the same call
+  timeout ${TG:-240} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_topk.py tests/test_token_topk.py \
+    tests/test_selection.py tests/test_sparse_attention.py tests/test_kivi.py tests/test_host_fp8.py 2>&1 | tail -4; t
+  timeout ${TG2:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py -k "graph or deferred or host_tier" 2>&1 | tail -4; t
+  timeout 100 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,9,16,40 --k 128 --chunk 32 \
+    --output $R/topk_blocks.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 9 $R/topk.log
+  for ctx in 32768:16 131072:1; do
+    L="--model dummy:llama-3.1-8b --contexts ${ctx%:*} --batch ${ctx#*:} --device cuda --steps 32 --host-kv-gib 40 --policies tailor:longbench:host_kv_dtype=fp8"
+    timeout ${TL:-150} python3 -m benchmarks.bench_latency $L --output $R/latency_bt_${ctx#*:}.json > $R/lat_bt_${ctx#*:}.log 2>&1
+    echo "lat ${ctx} rc=$?"; t; grep -v "oading\|it/s" $R/lat_bt_${ctx#*:}.log | tail -1
+    [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout ${TL:-150} python3 -m benchmarks.bench_latency $L \
+      --output $R/latency_bt_${ctx#*:}_old.json) > $R/lat_bt_${ctx#*:}_old.log 2>&1; echo "lat old rc=$?"; t
+    grep -v "oading\|it/s" $R/lat_bt_${ctx#*:}_old.log | tail -1
+  done
   ;;
 b128)
   # 128k at a large batch (issue 22's 4x is bound there): tailor with fp8 host rows at BB requests, one step profiled,
