@@ -243,12 +243,15 @@ def test_reference_paged_decode_attention_is_exact(bits):
         torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.bfloat16]
+)
 @pytest.mark.parametrize(
     "bits,heads", [(1, (9, 3, 64)), (2, (9, 3, 64)), (4, (9, 3, 64)), (2, (8, 2, 128))]
 )
 def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype):
-    """GQA 3 at head_dim 64, and Llama-3.1-8B's GQA 4 at head_dim 128."""
+    """GQA 3 at head_dim 64, and Llama-3.1-8B's GQA 4 at head_dim 128; 16-bit queries take the kernel's float16
+    tiles (codes to float16 by their bits), in the interpreter too."""
     hq, hkv, d = heads
     case = _paged_case(bits, dtype=dtype, hq=hq, hkv=hkv, d=d)
     got = kt.paged_decode_attention(*case)
@@ -256,8 +259,8 @@ def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype)
         *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
     )
     assert got.dtype == torch.float32 and got.shape == want.shape
-    if CUDA:
-        assert _rel_err(got, want) <= 1e-2
+    if CUDA or dtype != torch.float32:
+        assert _rel_err(got, want) <= (1e-2 if CUDA else 2e-3)
     else:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 

@@ -56,6 +56,21 @@ def _quantize(x, valid, lo, hi, BITS: tl.constexpr):
 
 
 @triton.jit
+def _codes_f16(codes):
+    """Codes (int32 in [0, 2^BITS)) as float16 without a conversion instruction (quarter rate on the H100, two an
+    element where the codes went to float32 and the dequantized values to the dot's 16 bits): the bits 0x6400 | code
+    are float16 1024 + code exactly, less 1024."""
+    return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def codes_f32(codes):
+    """Codes (int32 in [0, 2^23)) as float32, exactly, without a conversion instruction: the bits 0x4B000000 | code
+    are float32 2^23 + code, less 2^23."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _key_tile(
     packed_ptr,
     scale_ptr,
@@ -69,9 +84,12 @@ def _key_tile(
     GROUP: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    F16: tl.constexpr,
 ):
-    """Dequantized keys [BLOCK_T, BLOCK_D] float32 of tokens t0 ... of one head (pointers at the head). t0 is a
-    multiple of BLOCK_T, which divides GROUP: one scale/zero row. Entries past T or D are meaningless."""
+    """Dequantized keys [BLOCK_T, BLOCK_D] of tokens t0 ... of one head (pointers at the head), float32 or with F16
+    float16 (codes * scale + zero in float16: both are float16 already and the values lie between a group's
+    float16 extremes). t0 is a multiple of BLOCK_T, which divides GROUP: one scale/zero row. Entries past T or D are
+    meaningless."""
     PER: tl.constexpr = 32 // BITS
     w = t0 // PER + tl.arange(0, BLOCK_T // PER)
     d = tl.arange(0, BLOCK_D)
@@ -86,9 +104,11 @@ def _key_tile(
     )
     row = (t0 // GROUP) * ss_t + d
     ok = d < tl.where(t0 < T, D, 0)  # a tile past the quantized tokens has no scale row to read
-    scale = tl.load(scale_ptr + row, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + row, mask=ok, other=0.0).to(tl.float32)
-    return codes.to(tl.float32) * scale[None, :] + zero[None, :]
+    scale = tl.load(scale_ptr + row, mask=ok, other=0.0)
+    zero = tl.load(zero_ptr + row, mask=ok, other=0.0)
+    if F16:
+        return _codes_f16(codes) * scale[None, :] + zero[None, :]
+    return codes_f32(codes) * scale.to(tl.float32)[None, :] + zero.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -104,9 +124,10 @@ def _value_tile(
     GROUP: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    F16: tl.constexpr,
 ):
-    """Dequantized values [BLOCK_R, BLOCK_D] float32; p_row / s_row are each row's offset into packed / scale.
-    Entries of rows not `rows_ok` or past D are meaningless."""
+    """Dequantized values [BLOCK_R, BLOCK_D], float32 or with F16 float16 (as _key_tile); p_row / s_row are each
+    row's offset into packed / scale. Entries of rows not `rows_ok` or past D are meaningless."""
     PER: tl.constexpr = 32 // BITS
     w = tl.arange(0, BLOCK_D // PER)
     words = tl.load(
@@ -121,15 +142,19 @@ def _value_tile(
     g = tl.arange(0, BLOCK_D // GROUP)
     off = s_row[:, None] + g[None, :]
     ok = rows_ok[:, None] & (g * GROUP < D)[None, :]
-    scale = tl.load(scale_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + off, mask=ok, other=0.0)
+    zero = tl.load(zero_ptr + off, mask=ok, other=0.0)
+    if not F16:
+        scale, zero = scale.to(tl.float32), zero.to(tl.float32)
     scale = tl.reshape(
         tl.broadcast_to(scale[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
     )
     zero = tl.reshape(
         tl.broadcast_to(zero[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
     )
-    return codes.to(tl.float32) * scale + zero
+    if F16:
+        return _codes_f16(codes) * scale + zero
+    return codes_f32(codes) * scale + zero
 
 
 @triton.jit(do_not_specialize=["T", "W", "G"])
@@ -252,6 +277,7 @@ def _dequantize_keys_kernel(
         GROUP,
         BLOCK_T,
         BLOCK_D,
+        False,
     )
     tl.store(
         out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=(t < T)[:, None] & (d < D)[None, :]
@@ -291,6 +317,7 @@ def _dequantize_values_kernel(
         GROUP,
         BLOCK_R,
         BLOCK_D,
+        False,
     )
     tl.store(out_ptr + r[:, None] * D + d[None, :], x, mask=(r < rows)[:, None] & (d < D)[None, :])
 
@@ -358,6 +385,7 @@ def _paged_decode_kernel(
     PAGE: tl.constexpr,
     VGROUP: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    F16: tl.constexpr,
 ):
     # one program per (sequence, KV head, split of `chunk` tokens), its GQA query heads sharing each dequantized
     # tile of one page; a split past the sequence's length writes an empty part (lse -inf). SHARE: a split that
@@ -387,7 +415,7 @@ def _paged_decode_kernel(
             q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, out_ptr, lse_ptr,
             H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
             svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
-            head, d, GQA, GQA_PAD, BITS, PAGE, VGROUP, BLOCK_D,
+            head, d, GQA, GQA_PAD, BITS, PAGE, VGROUP, BLOCK_D, F16,
         )  # fmt: skip
 
 
@@ -397,16 +425,19 @@ def _paged_decode_split(
     H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
     svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
     head, d, GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
-    VGROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+    VGROUP: tl.constexpr, BLOCK_D: tl.constexpr, F16: tl.constexpr,
 ):  # fmt: skip
-    """Row b's split `split` over its pages and tails, for the query rows of `member` (their rows) and `head`."""
+    """Row b's split `split` over its pages and tails, for the query rows of `member` (their rows) and `head`.
+    F16 (16-bit queries): the tiles, the query and the dots in float16 (queries, keys and values of a model in
+    bfloat16 are assumed within float16's range); else float32 throughout."""
     q_ok = member >= 0
     head_ok = q_ok[:, None] & (d < D)[None, :]
+    acc_dtype: tl.constexpr = tl.float16 if F16 else tl.float32
     q = tl.load(
         q_ptr + member[:, None] * sq_b + (kvh * GQA + head)[:, None] * sq_h + d[None, :],
         mask=head_ok,
         other=0.0,
-    )
+    ).to(acc_dtype)
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
@@ -429,6 +460,7 @@ def _paged_decode_split(
                 PAGE,
                 PAGE,
                 BLOCK_D,
+                F16,
             )
         else:
             tail = (t - kq).to(tl.int64)
@@ -436,7 +468,7 @@ def _paged_decode_split(
                 kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
                 mask=valid[:, None] & (d < D)[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            ).to(acc_dtype)
         vslot = page * PAGE + (t % PAGE)
         packed = valid & (t < vq)
         v = _value_tile(
@@ -451,6 +483,7 @@ def _paged_decode_split(
             VGROUP,
             PAGE,
             BLOCK_D,
+            F16,
         )
         # only the last tiles reach the tokens not yet packed, in the V window (a ring): the others skip its
         # addresses, loads and select
@@ -460,7 +493,7 @@ def _paged_decode_split(
                 vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
                 mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            ).to(acc_dtype)
             v = tl.where(packed[:, None], v, v_win)
         m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
     row = (member * H * GQA + kvh * GQA + head) * num_splits + split
@@ -704,6 +737,7 @@ def paged_decode_attention(
         PAGE=page,
         VGROUP=vgroup,
         BLOCK_D=triton.next_power_of_2(d),
+        F16=q.dtype in (torch.float16, torch.bfloat16),
         num_warps=num_warps or _ATTN_WARPS,
         num_stages=num_stages or _ATTN_STAGES,
     )

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from tailorkv.kernels.kivi import QuantizedKeys, codes_per_word
-from tailorkv.kernels.kivi_triton import _unpacked
+from tailorkv.kernels.kivi_triton import _unpacked, codes_f32
 from tailorkv.kernels.sketch_scores import GROUP
 
 # channels a tile unpacks at once: at 2 bits, 4 take 74 registers a thread (8 would take 124: half the warps an SM
@@ -73,7 +73,7 @@ def _sketch_scores_kernel(
         scale = tl.load(scale_ptr + srow, mask=cm[:, None], other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + srow, mask=cm[:, None], other=0.0).to(tl.float32)
         codes = (words[:, :, None] >> (j * BITS)[None, None, :]) & (2**BITS - 1)
-        s += tl.sum(codes.to(tl.float32) * (q[:, None] * scale)[:, :, None], axis=0)
+        s += tl.sum(codes_f32(codes) * (q[:, None] * scale)[:, :, None], axis=0)
         qz += tl.sum(q[:, None] * zero, axis=0)
     out = out_ptr + bh * NP * T + n * T + w[:, None] * PER + j[None, :]
     tl.store(out, tl.where(live, s + qz[:, None], 0.0))
