@@ -201,6 +201,13 @@ bt)
   timeout ${TG2:-200} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py -k "graph or deferred or host_tier" 2>&1 | tail -4; t
   timeout 100 python3 -m benchmarks.bench_topk --device cuda --contexts 32768,131072 --batch 1,9,16,40 --k 128 --chunk 32 \
     --output $R/topk_blocks.json > $R/topk.log 2>&1; echo "topk rc=$?"; t; tail -n 9 $R/topk.log
+  # the Q layers' attention with float16 tiles (bd09059) against OLD_B1's float32 ones, and a few settings
+  Q="--device cuda --contexts 32768,131072 --batch 1,12 --bits 1"
+  timeout 120 python3 -m benchmarks.bench_q_attention $Q --programs 256,1024 --warps 4,8 --stages 1,3 \
+    --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; grep -i "best\|True" $R/qa.log | tail -4
+  [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m benchmarks.bench_q_attention $Q \
+    --programs 256 --warps 4 --stages 3 --output $R/q_attention_old.json) > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t
+  tail -n 5 $R/qa_old.log
   for ctx in 32768:16 131072:1; do
     L="--model dummy:llama-3.1-8b --contexts ${ctx%:*} --batch ${ctx#*:} --device cuda --steps 32 --host-kv-gib 40 --policies tailor:longbench:host_kv_dtype=fp8"
     timeout ${TL:-150} python3 -m benchmarks.bench_latency $L --output $R/latency_bt_${ctx#*:}.json > $R/lat_bt_${ctx#*:}.log 2>&1
