@@ -204,7 +204,7 @@ bt)
   # the Q layers' attention with float16 tiles (bd09059) against OLD_B1's float32 ones, and a few settings
   Q="--device cuda --contexts 32768,131072 --batch 1,12 --bits 1"
   timeout 120 python3 -m benchmarks.bench_q_attention $Q --programs 256,1024 --warps 4,8 --stages 1,3 \
-    --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; grep -i "best\|True" $R/qa.log | tail -4
+    --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; tail -n 40 $R/qa.log
   [ -n "${OLD_B1:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m benchmarks.bench_q_attention $Q \
     --programs 256 --warps 4 --stages 3 --output $R/q_attention_old.json) > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t
   tail -n 5 $R/qa_old.log
