@@ -106,9 +106,12 @@ def _key_tile(
     ok = d < tl.where(t0 < T, D, 0)  # a tile past the quantized tokens has no scale row to read
     scale = tl.load(scale_ptr + row, mask=ok, other=0.0)
     zero = tl.load(zero_ptr + row, mask=ok, other=0.0)
+    # one return: the compiler visits every return statement and needs their types to agree
     if F16:
-        return _codes_f16(codes) * scale[None, :] + zero[None, :]
-    return codes_f32(codes) * scale.to(tl.float32)[None, :] + zero.to(tl.float32)[None, :]
+        x = _codes_f16(codes) * scale[None, :] + zero[None, :]
+    else:
+        x = codes_f32(codes) * scale.to(tl.float32)[None, :] + zero.to(tl.float32)[None, :]
+    return x
 
 
 @triton.jit
@@ -153,8 +156,10 @@ def _value_tile(
         tl.broadcast_to(zero[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
     )
     if F16:
-        return _codes_f16(codes) * scale + zero
-    return codes_f32(codes) * scale + zero
+        x = _codes_f16(codes) * scale + zero
+    else:
+        x = codes_f32(codes) * scale + zero
+    return x
 
 
 @triton.jit(do_not_specialize=["T", "W", "G"])
@@ -432,12 +437,13 @@ def _paged_decode_split(
     bfloat16 are assumed within float16's range); else float32 throughout."""
     q_ok = member >= 0
     head_ok = q_ok[:, None] & (d < D)[None, :]
-    acc_dtype: tl.constexpr = tl.float16 if F16 else tl.float32
     q = tl.load(
         q_ptr + member[:, None] * sq_b + (kvh * GQA + head)[:, None] * sq_h + d[None, :],
         mask=head_ok,
         other=0.0,
-    ).to(acc_dtype)
+    )
+    if F16:
+        q = q.to(tl.float16)
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
@@ -468,7 +474,7 @@ def _paged_decode_split(
                 kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
                 mask=valid[:, None] & (d < D)[None, :],
                 other=0.0,
-            ).to(acc_dtype)
+            ).to(q.dtype)
         vslot = page * PAGE + (t % PAGE)
         packed = valid & (t < vq)
         v = _value_tile(
@@ -493,7 +499,7 @@ def _paged_decode_split(
                 vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
                 mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
                 other=0.0,
-            ).to(acc_dtype)
+            ).to(q.dtype)
             v = tl.where(packed[:, None], v, v_win)
         m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
     row = (member * H * GQA + kvh * GQA + head) * num_splits + split
