@@ -217,6 +217,26 @@ bt)
     grep -v "oading\|it/s" $R/lat_bt_${ctx#*:}_old.log | tail -1
   done
   ;;
+bt2)
+  # bt again, lean, after the float16 tiles' compile fix (03f164a): the GPU tests that failed, block_topk's, the Q
+  # attention against OLD_B1, then b16 at 32k and 128k b1 with fp8 rows, this tree against OLD_B1 (RDIR=$OUT)
+  timeout ${TG:-150} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_host_fp8.py \
+    tests/test_block_topk.py tests/test_sketch_scores.py -k "paged or fp8 or block or triton" 2>&1 | tail -4; t
+  Q="--device cuda --contexts 32768,131072 --batch 1,12 --bits 1"
+  timeout 60 python3 -m benchmarks.bench_q_attention $Q --programs 256 --warps 4 --stages 3 \
+    --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; tail -n 8 $R/qa.log
+  (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m benchmarks.bench_q_attention $Q \
+    --programs 256 --warps 4 --stages 3 --output $R/q_attention_old.json) > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t
+  tail -n 8 $R/qa_old.log
+  for ctx in 32768:16 131072:1; do
+    L="--model dummy:llama-3.1-8b --contexts ${ctx%:*} --batch ${ctx#*:} --device cuda --steps 24 --host-kv-gib 40 --policies tailor:longbench:host_kv_dtype=fp8"
+    timeout ${TL:-120} python3 -m benchmarks.bench_latency $L --output $R/latency_bt_${ctx#*:}.json > $R/lat_bt_${ctx#*:}.log 2>&1
+    echo "lat ${ctx} rc=$?"; t; grep -v "oading\|it/s" $R/lat_bt_${ctx#*:}.log | tail -1
+    (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout ${TL:-120} python3 -m benchmarks.bench_latency $L \
+      --output $R/latency_bt_${ctx#*:}_old.json) > $R/lat_bt_${ctx#*:}_old.log 2>&1; echo "lat old rc=$?"; t
+    grep -v "oading\|it/s" $R/lat_bt_${ctx#*:}_old.log | tail -1
+  done
+  ;;
 b128)
   # 128k at a large batch (issue 22's 4x is bound there): tailor with fp8 host rows at BB requests, one step profiled,
   # the table of where its time goes (MR=16: the engine's max running requests as a server's, whose captured step pads
