@@ -41,8 +41,13 @@ if ls .fi/fi.tgz.part* >/dev/null 2>&1 && [ ! -d ~/.cache/flashinfer ]; then
   mkdir -p ~/.cache && cat .fi/fi.tgz.part* | tar xz -C ~/.cache && find ~/.cache/flashinfer -exec touch {} +
 fi
 git log --oneline -1 2>/dev/null; date -u
-t() { echo "t=$(( $(date +%s) - T0 ))"; }
 R=${RDIR:-/tmp/r_$stage}; mkdir -p $R  # RDIR=$OUT: rows come back even if the call is cut off (8 files at most)
+# after every step: the time so far, and (without RDIR=$OUT) what the stage wrote so far tarred into $OUT, so a call
+# cut off at its limit still brings back the steps it finished
+t() {
+  echo "t=$(( $(date +%s) - T0 ))"
+  [ "$R" = "${OUT:-$R}" ] || (cd $R && tar czf $OUT/res_$stage.tgz . 2>/dev/null)
+}
 cap24() {
   # issue 19's cap: a 126k prompt alone under --gpu-memory-limit 24 prefills and decodes (TTFT, peak GPU memory), with
   # the default GPU KV budget, and with KV25=1 (it did not fit on 2026-12-05) then with 2.5 GiB
