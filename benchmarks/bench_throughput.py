@@ -10,7 +10,8 @@ side in one run (`full::overlap_schedule=false`: the server gets --disable-overl
 Per context, the server's estimate of the largest batch (/get_server_info's max_requests_at_context: the pages a
 request of that context holds) and the size after it are probed first; where the estimate is off, or with
 --start, batch sizes double until one does not fit, then bisect until the size after the largest that fits is one
-that did not: every probe is a row (`fits`), the largest fitting one marked `largest`. A probe
+that did not: every probe is a row (`fits`), the largest fitting one marked `largest`. --sizes probes given sizes
+only (a 128k probe of 11 requests takes ~4 minutes: one a device call). A probe
 sends B requests at once (prompt = context - output_len random tokens, answers of --output-len tokens, EOS
 ignored); it fits when the server ran all B at once (its running count, polled) and retracted none. Rows add
 bench_serving's (output_tok_per_s, ttft_s_median, itl_s_median, ...) and decode_tok_per_s = B / median ITL (a full
@@ -100,6 +101,16 @@ def search(fits: Callable[[int], bool], start: int, cap: int, estimate: int | No
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
 
 
+def largest(rows: list[dict], exact: bool) -> dict | None:
+    """The row of the largest batch that fit among one policy's probes at one context: after a search, the
+    largest fitting one; of probes of given sizes (`exact`), only one whose next size was probed and did not fit."""
+    ok = [r for r in rows if r["fits"]]
+    if exact:
+        failed = {r["batch"] for r in rows if not r["fits"]}
+        ok = [r for r in ok if r["batch"] + 1 in failed]
+    return max(ok, key=lambda r: r["batch"]) if ok else None
+
+
 class RunningPeak:
     """Polls the server's running count in a thread: the most requests it ran at once."""
 
@@ -178,20 +189,23 @@ def sweep(args, spec: str, info: dict, rows: list[dict]) -> None:
                 )
                 return row["fits"]
 
-            estimate = None
-            if args.start is None:  # from the pages a request of this context holds
-                estimate = httpx.get(
-                    f"{url}/get_server_info",
-                    params={"context": context, "output_len": args.output_len},
-                ).json()["max_requests_at_context"]
-            search(fits, args.start or 1, args.max_batch, estimate)
-            ok = [
-                r
-                for r in rows
-                if r["context"] == context and r["fits"] and label(r) == label(identity(spec))
+            if args.sizes:
+                for b in args.sizes:
+                    fits(b)
+            else:
+                estimate = None
+                if args.start is None:  # from the pages a request of this context holds
+                    estimate = httpx.get(
+                        f"{url}/get_server_info",
+                        params={"context": context, "output_len": args.output_len},
+                    ).json()["max_requests_at_context"]
+                search(fits, args.start or 1, args.max_batch, estimate)
+            mine = [
+                r for r in rows if r["context"] == context and label(r) == label(identity(spec))
             ]
-            if ok:
-                max(ok, key=lambda r: r["batch"])["largest"] = True
+            top = largest(mine, exact=bool(args.sizes))
+            if top is not None:
+                top["largest"] = True
                 write_rows(args.output, rows)
     finally:
         proc.terminate()
@@ -250,6 +264,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=None,
         help="the first batch size probed (default: the server's estimate of the largest, then the next size)",
     )
+    p.add_argument(
+        "--sizes",
+        default="",
+        help="probe these batch sizes only, no search (a long context's probes split over calls: the estimate "
+        "in one, the size after it in the next); `largest` marks a size only beside its next size failing",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="the server's max running requests")
     p.add_argument("--port", type=int, default=30123)
     p.add_argument("--server-args", default="", help='e.g. "--gpu-memory-limit 80"')
@@ -261,6 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     args = p.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.sizes = [int(x) for x in args.sizes.split(",") if x]
     info = run_info(__spec__.name, argv)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)  # server logs go beside it
     if args.plot_rows:
