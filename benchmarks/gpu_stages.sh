@@ -224,16 +224,21 @@ bt)
   ;;
 bt2)
   # bt again, lean, after the float16 tiles' compile fix (03f164a): the GPU tests that failed, block_topk's, the Q
-  # attention against OLD_B1, then b16 at 32k and 128k b1 with fp8 rows, this tree against OLD_B1 (RDIR=$OUT)
-  timeout ${TG:-150} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_host_fp8.py \
-    tests/test_block_topk.py tests/test_sketch_scores.py -k "paged or fp8 or block or triton" 2>&1 | tail -4; t
+  # attention against OLD_B1, then b16 at 32k and 128k b1 with fp8 rows, this tree against OLD_B1
+  # (CTXS: the latency runs' context:batch pairs, none with CTXS=" "; QA= skips the Q attention, TESTS= the kernel
+  # tests; GT=1 adds the engines in CUDA graphs, test_gpu.py, ~200 s)
+  [ -n "${TESTS-1}" ] && timeout ${TG:-150} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_topk.py \
+    tests/test_kivi.py tests/test_host_fp8.py tests/test_sketch_scores.py tests/test_selection.py tests/test_token_topk.py \
+    tests/test_sparse_attention.py 2>&1 | tail -15; t
+  [ -n "${GT:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py \
+    -k "graph or deferred or host_tier" 2>&1 | tail -15; t
   Q="--device cuda --contexts 32768,131072 --batch 1,12 --bits 1"
-  timeout 60 python3 -m benchmarks.bench_q_attention $Q --programs 256 --warps 4 --stages 3 \
+  [ -n "${QA-1}" ] && timeout 60 python3 -m benchmarks.bench_q_attention $Q --programs 256 --warps 4 --stages 3 \
     --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; tail -n 8 $R/qa.log
-  (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m benchmarks.bench_q_attention $Q \
+  [ -n "${QA-1}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m benchmarks.bench_q_attention $Q \
     --programs 256 --warps 4 --stages 3 --output $R/q_attention_old.json) > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t
   tail -n 8 $R/qa_old.log
-  for ctx in 32768:16 131072:1; do
+  for ctx in ${CTXS:-32768:16 131072:1}; do
     L="--model dummy:llama-3.1-8b --contexts ${ctx%:*} --batch ${ctx#*:} --device cuda --steps 24 --host-kv-gib 40 --policies tailor:longbench:host_kv_dtype=fp8"
     timeout ${TL:-120} python3 -m benchmarks.bench_latency $L --output $R/latency_bt_${ctx#*:}.json > $R/lat_bt_${ctx#*:}.log 2>&1
     echo "lat ${ctx} rc=$?"; t; grep -v "oading\|it/s" $R/lat_bt_${ctx#*:}.log | tail -1
