@@ -5,6 +5,7 @@ error, not a row."""
 import json
 
 import pytest
+import torch
 from triton_kernels import DEVICE
 
 from benchmarks import bench_q_attention
@@ -34,6 +35,20 @@ def test_share_q_pages_launch_for_rows_alone_splits_per_group(tmp_path):
         args + ["--bits=2", "--programs=8", "--share=0,4", f"--output={tmp_path / 'q.json'}"]
     )
     assert [(r["share"], r["splits"]) for r in rows] == [(0, 2), (4, 3)]
+
+
+def test_half_page_tiles_are_a_setting_with_the_same_output(tmp_path):
+    args = [a for a in ARGS if not a.startswith(("--bits", "--programs"))]
+    rows = bench_q_attention.main(
+        args + ["--bits=2", "--programs=8", "--tiles=64,32", f"--output={tmp_path / 'q.json'}"]
+    )
+    assert [r["tile"] for r in rows] == [64, 32]
+
+
+def test_a_tile_that_splits_a_word_is_refused():
+    inputs = bench_q_attention.case(300, 1, 1, 6, 2, 64, DEVICE, torch.float32)
+    with pytest.raises(ValueError, match="tile 16"):
+        kivi_triton.paged_decode_attention(*inputs, tile=16)  # 1-bit words hold 32 tokens
 
 
 def test_a_setting_that_changes_the_output_is_an_error(tmp_path, monkeypatch):

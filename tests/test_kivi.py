@@ -265,6 +265,15 @@ def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+def test_triton_half_page_tiles_match_the_reference(kt):
+    """Tiles of 32 tokens (two an iteration's page): 1-bit keys one word row a tile, 16-bit queries."""
+    case = _paged_case(1, dtype=torch.bfloat16, hq=8, hkv=2, d=128)
+    want = K.paged_decode_attention(
+        *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
+    )
+    assert _rel_err(kt.paged_decode_attention(*case, tile=32), want) <= (1e-2 if CUDA else 2e-3)
+
+
 @pytest.mark.parametrize("programs", [1, 4096])
 @pytest.mark.parametrize("rows", [PAGED_ROWS, [(2500, 2432, 2372), (70, 64, 6)]])
 def test_triton_paged_decode_attention_one_split_or_many(kt, monkeypatch, programs, rows):

@@ -28,6 +28,8 @@ _BLOCK_ROWS = 16  # token rows per quantize-values program
 _BLOCK_T = 64  # tokens per dequantize / attention tile (capped at one key group)
 _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
 _ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
+# tokens a paged-attention iteration dequantizes and attends (a page, or a part of one: fewer registers a thread)
+_ATTN_TILE = 64
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -388,6 +390,7 @@ def _paged_decode_kernel(
     SHARE: tl.constexpr,
     BITS: tl.constexpr,
     PAGE: tl.constexpr,
+    TILE: tl.constexpr,
     VGROUP: tl.constexpr,
     BLOCK_D: tl.constexpr,
     F16: tl.constexpr,
@@ -420,7 +423,7 @@ def _paged_decode_kernel(
             q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, out_ptr, lse_ptr,
             H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
             svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
-            head, d, GQA, GQA_PAD, BITS, PAGE, VGROUP, BLOCK_D, F16,
+            head, d, GQA, GQA_PAD, BITS, PAGE, TILE, VGROUP, BLOCK_D, F16,
         )  # fmt: skip
 
 
@@ -430,7 +433,7 @@ def _paged_decode_split(
     H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
     svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
     head, d, GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
-    VGROUP: tl.constexpr, BLOCK_D: tl.constexpr, F16: tl.constexpr,
+    TILE: tl.constexpr, VGROUP: tl.constexpr, BLOCK_D: tl.constexpr, F16: tl.constexpr,
 ):  # fmt: skip
     """Row b's split `split` over its pages and tails, for the query rows of `member` (their rows) and `head`.
     F16 (16-bit queries): the tiles, the query and the dots in float16 (queries, keys and values of a model in
@@ -448,8 +451,8 @@ def _paged_decode_split(
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
     end = tl.minimum(split * chunk + chunk, n)
-    for t0 in range(split * chunk, end, PAGE):
-        t = t0 + tl.arange(0, PAGE)
+    for t0 in range(split * chunk, end, TILE):  # TILE tokens of one page at a time
+        t = t0 + tl.arange(0, TILE)
         valid = t < end
         page = tl.load(pages_ptr + b * sp_b + t0 // PAGE).to(tl.int64)
         if t0 < kq:  # kq is a multiple of PAGE: the whole tile's keys are packed
@@ -459,12 +462,12 @@ def _paged_decode_split(
                 kz_ptr + page * sks_p + kvh * sks_h,
                 skp_w,
                 0,
-                0,
+                t0 % PAGE,
                 PAGE,
                 D,
                 BITS,
                 PAGE,
-                PAGE,
+                TILE,
                 BLOCK_D,
                 F16,
             )
@@ -487,13 +490,13 @@ def _paged_decode_split(
             D,
             BITS,
             VGROUP,
-            PAGE,
+            TILE,
             BLOCK_D,
             F16,
         )
         # only the last tiles reach the tokens not yet packed, in the V window (a ring): the others skip its
         # addresses, loads and select
-        if t0 + PAGE > vq:
+        if t0 + TILE > vq:
             win = (t % RW).to(tl.int64)
             v_win = tl.load(
                 vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
@@ -665,6 +668,7 @@ def paged_decode_attention(
     target_programs: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tile: int | None = None,
 ) -> torch.Tensor:
     """Same contract as kivi.paged_decode_attention. The grid depends on the shapes only (pages' width sets the
     splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table.
@@ -676,6 +680,11 @@ def paged_decode_attention(
     page = w * codes_per_word(bits)
     check_group(bits, page)
     vgroup = d // v_scale.shape[-1]
+    tile = min(page, tile or _ATTN_TILE)
+    if page % tile or tile % codes_per_word(bits) or tile < 16:
+        raise ValueError(
+            f"tile {tile}: must divide the {page}-token page, hold whole {bits}-bit words, be >= 16"
+        )
     q, k_tail, v_win = (_last_dim_contiguous(x) for x in (q, k_tail, v_win))
     k_packed, k_scale, k_zero = _unpacked(
         (k_packed, k_scale, k_zero)
@@ -741,6 +750,7 @@ def paged_decode_attention(
         SHARE=share,
         BITS=bits,
         PAGE=page,
+        TILE=tile,
         VGROUP=vgroup,
         BLOCK_D=triton.next_power_of_2(d),
         F16=q.dtype in (torch.float16, torch.bfloat16),
