@@ -10,7 +10,7 @@ rows a tile at GQA 4), each row alone, whose splits count one program per group 
 Llama-3.1-8B's shape (32 query and 8 KV heads of 128), 64-token pages of random codes and scales, every row at the
 full context with its last 128 tokens in the full-precision tails. Each setting's output is held to the first
 setting's (float32 rounding of a different split only). Rows {device, context, batch, bits, target_programs,
-num_warps, num_stages, tile, share, splits, us, gb_per_s, best, machine, date, commit, command}: median of --repeats timed calls
+num_warps, num_stages, tile, swap, share, splits, us, gb_per_s, best, machine, date, commit, command}: median of --repeats timed calls
 (CUDA events on the GPU); `best` marks the fastest setting of each context, batch and bits; gb_per_s counts the
 quantized pages' bytes.
 """
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="64",
         help="tokens an iteration attends (a page of 64, or half of one: 32)",
     )
+    p.add_argument("--swap", default="0", help="1: the dots transposed (tokens and channels as M)")
     p.add_argument(
         "--share",
         default="0",
@@ -111,11 +112,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ints(args.warps),
             ints(args.stages),
             ints(args.tiles),
+            ints(args.swap),
             ints(args.share),
         )
     )
     print(
-        f"{'context':>8} {'batch':>5} {'bits':>4} {'programs':>8} {'warps':>5} {'stages':>6} {'tile':>4} {'share':>5} "
+        f"{'context':>8} {'batch':>5} {'bits':>4} {'programs':>8} {'warps':>5} {'stages':>6} {'tile':>4} {'swap':>4} {'share':>5} "
         f"{'us':>9} {'GB/s':>7}"
     )
     for context, batch, bits in itertools.product(
@@ -124,8 +126,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         inputs = case(context, batch, bits, hq, h, d, device, dtype)
         quant_bytes = sum(x.numel() * x.element_size() for x in inputs[1:7])
         first, done = None, []
-        for programs, warps, stages, tile, share in settings:
-            knobs = dict(target_programs=programs, num_warps=warps, num_stages=stages, tile=tile)
+        for programs, warps, stages, tile, swap, share in settings:
+            knobs = dict(
+                target_programs=programs,
+                num_warps=warps,
+                num_stages=stages,
+                tile=tile,
+                swap=bool(swap),
+            )
             groups = alone(batch, share, device) if share else {}
             out = kivi_triton.paged_decode_attention(*inputs, **knobs, **groups)
             if first is None:
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
             print(
-                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {share:>5} {us:>9.1f} "
+                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {swap:>4} {share:>5} {us:>9.1f} "
                 f"{quant_bytes / us / 1e3:>7.1f}",
                 flush=True,
             )
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["best"] = r is best
         print(
             f"best: {best['target_programs']} programs, {best['num_warps']} warps, {best['num_stages']} stages, "
-            f"tile {best['tile']}, share {best['share']}"
+            f"tile {best['tile']}, swap {best['swap']}, share {best['share']}"
         )
         rows += done
     write_rows(args.output, rows)

@@ -37,12 +37,24 @@ def test_share_q_pages_launch_for_rows_alone_splits_per_group(tmp_path):
     assert [(r["share"], r["splits"]) for r in rows] == [(0, 2), (4, 3)]
 
 
-def test_half_page_tiles_are_a_setting_with_the_same_output(tmp_path):
+def test_half_page_tiles_and_swapped_dots_are_settings_with_the_same_output(tmp_path):
     args = [a for a in ARGS if not a.startswith(("--bits", "--programs"))]
     rows = bench_q_attention.main(
-        args + ["--bits=2", "--programs=8", "--tiles=64,32", f"--output={tmp_path / 'q.json'}"]
+        args
+        + [
+            "--bits=2",
+            "--programs=8",
+            "--tiles=64,32",
+            "--swap=0,1",
+            f"--output={tmp_path / 'q.json'}",
+        ]
     )
-    assert [r["tile"] for r in rows] == [64, 32]
+    assert [(r["tile"], r["swap"]) for r in rows] == [
+        (64, False),
+        (64, True),
+        (32, False),
+        (32, True),
+    ]
 
 
 def test_a_tile_that_splits_a_word_is_refused():

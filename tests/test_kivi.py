@@ -271,7 +271,9 @@ def test_triton_half_page_tiles_match_the_reference(kt):
     want = K.paged_decode_attention(
         *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
     )
-    assert _rel_err(kt.paged_decode_attention(*case, tile=32), want) <= (1e-2 if CUDA else 2e-3)
+    for swap in (False, True):  # and the dots transposed
+        got = kt.paged_decode_attention(*case, tile=32, swap=swap)
+        assert _rel_err(got, want) <= (1e-2 if CUDA else 2e-3)
 
 
 @pytest.mark.parametrize("programs", [1, 4096])
@@ -295,13 +297,16 @@ SHARED_ROWS = [
 ]  # rows 0, 1, 3 share 3 pages
 
 
-@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)])
-def test_triton_attends_a_shared_prefix_once_for_its_group(kt, monkeypatch, heads):
+@pytest.mark.parametrize(
+    "heads,swap", [((9, 3, 64), False), ((8, 2, 128), False), ((9, 3, 64), True)]
+)
+def test_triton_attends_a_shared_prefix_once_for_its_group(kt, monkeypatch, heads, swap):
     """Rows 0, 1 and 3 share their first three pages (192 tokens, packed K and V in each), led by row 0; row 2
     shares nothing. With splits of one page the leader's programs attend the shared splits for all three (GQA 3:
     five rows a 16-row tile; GQA 4: four): the members' own page tables for those pages are not read, so pointing
     them elsewhere changes nothing, and the result is the reference's over the shared pages (the members' programs
     run after the leader's in the interpreter: one that wrote its shared splits anyway would show)."""
+    monkeypatch.setattr(kt, "_ATTN_SWAP", swap)  # and with the dots transposed
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 4096)
     hq, hkv, d = heads
     case = list(_paged_case(2, SHARED_ROWS, hq=hq, hkv=hkv, d=d))
