@@ -5,11 +5,10 @@ k_r 0 and above k, ranges that hold fewer than k scores, many ties, -inf and -0.
 
 import pytest
 import torch
-from test_token_topk import CASES, _case, _k_rows
+from test_token_topk import CASES, awkward_call
 from triton_kernels import DEVICE, triton_module
 
 from tailorkv.kernels import block_topk
-from tailorkv.kernels import token_topk as ref
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +25,7 @@ def test_triton_selects_what_the_reference_selects(
 ):
     if not bt.fits(n, min(k, n), chunk):
         pytest.skip("the tiles do not hold this shape: the caller takes another path")
-    empty = torch.empty  # what the kernel leaves unwritten shows: new tensors start full of 85
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(85))
-    scores = _case(b, h, n, seed=n, ties=ties)
-    scores[0, 0, 10:20] = float("-inf")
-    scores[0, -1, 30:40] = -0.0
-    lo, hi = torch.tensor(begin), torch.tensor(end)
-    kr = _k_rows(k_rows)
-    want = ref.top_positions(scores, lo, hi, k, kr)
+    scores, lo, hi, kr, want = awkward_call(monkeypatch, b, h, n, k, begin, end, k_rows, ties)
     assert all(
         torch.equal(w, g) for w, g in zip(want, block_topk.top_positions(scores, lo, hi, k, kr))
     )

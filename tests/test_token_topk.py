@@ -32,6 +32,19 @@ def _k_rows(k_rows):
     return torch.tensor(k_rows)[:, 0] if isinstance(k_rows[0], list) else torch.tensor(k_rows)
 
 
+def awkward_call(monkeypatch, b, h, n, k, begin, end, k_rows, ties):
+    """A case's scores (-inf and -0.0 inside the range), range and k_rows, and the reference's answer; new tensors
+    start full of 85 from here on, so what a kernel leaves unwritten shows."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(85))
+    scores = _case(b, h, n, seed=n, ties=ties)
+    scores[0, 0, 10:20] = float("-inf")
+    scores[0, -1, 30:40] = -0.0
+    lo, hi = torch.tensor(begin), torch.tensor(end)
+    kr = _k_rows(k_rows)
+    return scores, lo, hi, kr, ref.top_positions(scores, lo, hi, k, kr)
+
+
 CASES = [  # b, h, n, k, begin, end, k_rows
     (1, 3, 1000, 64, 4, 993, None),
     (2, 3, 2100, 300, [0, 17], [2100, 1900], [300, 150]),  # 3 programs a row
@@ -49,14 +62,7 @@ CASES = [  # b, h, n, k, begin, end, k_rows
 def test_triton_selects_what_the_reference_selects(
     kt, b, h, n, k, begin, end, k_rows, ties, monkeypatch
 ):
-    empty = torch.empty  # what the kernels leave unwritten shows: new tensors start full of 85
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(85))
-    scores = _case(b, h, n, seed=n, ties=ties)
-    scores[0, 0, 10:20] = float("-inf")
-    scores[0, -1, 30:40] = -0.0
-    lo, hi = torch.tensor(begin), torch.tensor(end)
-    kr = _k_rows(k_rows)
-    want = ref.top_positions(scores, lo, hi, k, kr)
+    scores, lo, hi, kr, want = awkward_call(monkeypatch, b, h, n, k, begin, end, k_rows, ties)
     kr = kr if kr is None else kr.to(DEVICE)
     given = kr if kr is None else kr.clone()
     got = kt.top_positions(*(x if x is None else x.to(DEVICE) for x in (scores, lo, hi)), k, kr)
