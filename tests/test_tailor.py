@@ -12,7 +12,7 @@ from tailorkv import Engine
 from tailorkv.engine.sampling import SamplingParams
 from tailorkv.errors import ConfigError
 from tailorkv.essays import load_essays
-from tailorkv.kernels import kivi, token_topk
+from tailorkv.kernels import block_topk, kivi, token_topk
 from tailorkv.kernels.attention import causal_attention
 from tailorkv.kvcache.offload_store import OffloadState, OffloadStore, SharedPrefix
 from tailorkv.kvcache.prompt_rows import PromptRows
@@ -91,6 +91,29 @@ def test_two_stage_top_k_selects_what_torch_topk_selects(prompt):
         tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=8, key_sketch=0),
         tiny_tailor_logprobs(prompt, top_k=24, topk_chunk=0, key_sketch=0),
     )
+
+
+def test_rows_from_block_topks_kernel_decode_what_torch_topk_rows_decode(prompt, monkeypatch):
+    """On CUDA stage 2's blocks go through block_topk's kernel (one program a row, positions in order): the CPU
+    engine with that kernel in the interpreter in its place gives the forced logprobs of torch.topk's rows."""
+    module = pytest.importorskip("tailorkv.kernels.block_topk_triton")
+    with Engine(
+        **TINY_TAILOR, progress=False, top_k=24, topk_chunk=0, key_sketch=0, device="cpu"
+    ) as e:
+        want = forced_logprobs(e, prompt, n=6)
+    calls = []
+
+    def positions(*args, **kw):
+        calls.append(1)
+        return module.top_positions(*args, **kw)
+
+    blocks = SimpleNamespace(top_positions=positions, fits=module.fits)
+    monkeypatch.setattr(block_topk, "ops", lambda device: blocks)
+    opts = dict(progress=False, top_k=24, key_sketch=0, device="cpu")
+    with Engine(**TINY_TAILOR, topk_chunk=8, **opts) as e:  # 6 steps: the interpreter is slow
+        got = forced_logprobs(e, prompt, n=6)
+    assert_close_logprobs(got, want)
+    assert calls
 
 
 @pytest.mark.parametrize("chunk", [0, 8])
