@@ -97,9 +97,8 @@ def test_rows_from_block_topks_kernel_decode_what_torch_topk_rows_decode(prompt,
     """On CUDA stage 2's blocks go through block_topk's kernel (one program a row, positions in order): the CPU
     engine with that kernel in the interpreter in its place gives the forced logprobs of torch.topk's rows."""
     module = pytest.importorskip("tailorkv.kernels.block_topk_triton")
-    with Engine(
-        **TINY_TAILOR, progress=False, top_k=24, topk_chunk=0, key_sketch=0, device="cpu"
-    ) as e:
+    opts = dict(progress=False, top_k=24, key_sketch=0, device="cpu")
+    with Engine(**TINY_TAILOR, topk_chunk=0, **opts) as e:
         want = forced_logprobs(e, prompt, n=6)
     calls = []
 
@@ -109,7 +108,6 @@ def test_rows_from_block_topks_kernel_decode_what_torch_topk_rows_decode(prompt,
 
     blocks = SimpleNamespace(top_positions=positions, fits=module.fits)
     monkeypatch.setattr(block_topk, "ops", lambda device: blocks)
-    opts = dict(progress=False, top_k=24, key_sketch=0, device="cpu")
     with Engine(**TINY_TAILOR, topk_chunk=8, **opts) as e:  # 6 steps: the interpreter is slow
         got = forced_logprobs(e, prompt, n=6)
     assert_close_logprobs(got, want)
