@@ -5,8 +5,9 @@ then one program per (row, KV head) that keeps everything in registers:
   block order;
 - then the same over the taken blocks' positions (k_r * chunk scores, gathered), whose taken positions are written
   in position order, as the blocks were taken in order.
-Two launches a layer where torch.topk's two calls, the candidates' gather and the mask took ~20 (batch 40 at 32k on
-the H100: ~130 us a layer). A tile holds at most _MAX_TILE keys: `fits` says whether a shape's do (k 128 and chunk
+Two launches a layer where torch.topk's two calls, the candidates' gather and the mask took ~20: in CUDA graphs on
+the H100, 0.119 against 0.193 ms a call at 32k and batch 40, 0.084 against 0.120 at 128k and batch 9 (bench_topk,
+benchmarks/NOTES.md 2026-12-06). A tile holds at most _MAX_TILE keys: `fits` says whether a shape's do (k 128 and chunk
 32: up to 256k positions); the caller takes another path where not.
 """
 
