@@ -1,5 +1,5 @@
 """Triton version of block_topk.py (same function, signature and result): the block maxima (block_maxima_triton),
-then one program per (row, KV head) that keeps everything in registers:
+then one program per (row, KV head) that keeps its keys in registers (the taken blocks' ids pass through a scratch row):
 - the k_r blocks with the largest maxima: the k_r-th largest key found bit by bit (32 counts over the row's blocks,
   keys as token_topk_triton.order_keys), the blocks above it and the first tied ones taken, their ids written in
   block order;
