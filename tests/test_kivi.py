@@ -243,11 +243,15 @@ def test_reference_paged_decode_attention_is_exact(bits):
         torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
 
 
+PAGED_SHAPES = [(1, (9, 3, 64)), (2, (9, 3, 64)), (4, (9, 3, 64)), (2, (8, 2, 128))]
+
+
 @pytest.mark.parametrize(
-    "dtype", [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.bfloat16]
-)
-@pytest.mark.parametrize(
-    "bits,heads", [(1, (9, 3, 64)), (2, (9, 3, 64)), (4, (9, 3, 64)), (2, (8, 2, 128))]
+    "bits,heads,dtype",
+    [(*c, t) for c in PAGED_SHAPES for t in (torch.bfloat16, torch.float16)]
+    if CUDA  # on CPU float32 at every shape, bf16 at two (the interpreter is slow)
+    else [(*c, torch.float32) for c in PAGED_SHAPES]
+    + [(*PAGED_SHAPES[0], torch.bfloat16), (*PAGED_SHAPES[3], torch.bfloat16)],
 )
 def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype):
     """GQA 3 at head_dim 64, and Llama-3.1-8B's GQA 4 at head_dim 128; 16-bit queries take the kernel's float16
@@ -271,9 +275,7 @@ def test_triton_half_page_tiles_match_the_reference(kt):
     want = K.paged_decode_attention(
         *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
     )
-    for swap in (False, True):  # and the dots transposed
-        got = kt.paged_decode_attention(*case, tile=32, swap=swap)
-        assert _rel_err(got, want) <= (1e-2 if CUDA else 2e-3)
+    assert _rel_err(kt.paged_decode_attention(*case, tile=32), want) <= (1e-2 if CUDA else 2e-3)
 
 
 @pytest.mark.parametrize("programs", [1, 4096])
