@@ -329,7 +329,7 @@ th32)
     ${START:+--start $START} ${SIZES:+--sizes $SIZES} ${MAXB:+--max-batch $MAXB} --output-len 1024 --server-args "--gpu-memory-limit 80 --host-kv-gib ${HG:-100}" \
     --output $R/throughput.json > $R/th.log 2>&1; echo "th rc=$?"; t; tail -n 20 $R/th.log
   # each server's GPU KV budget: the room a larger --prefix-gpu-gib could take (TailorPolicy.layout, on CPU)
-  grep -h "GPU KV budget\|pools" $R/*.server.log 2>/dev/null | cut -c1-300 | head -8
+  grep -h "GPU KV budget" $R/*.server.log 2>/dev/null | cut -c1-300 | head -8
   ;;
 a22)
   timeout ${TPA:-240} python3 -m benchmarks.bench_paired --device cuda --samples 16 --prompt-tokens 6144 --forced-tokens 128 \
