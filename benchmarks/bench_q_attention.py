@@ -1,6 +1,7 @@
 """The Q layers' decode attention (kivi_triton.paged_decode_attention over 1- or 2-bit KIVI pages) swept over its
-launch settings: the programs the context is split into, warps, pipeline stages and tokens an iteration. In the batch-16, 32k H200
-profile it took 1.14 ms a step where its bytes take ~60 us at the HBM rate (benchmarks/NOTES.md): latency-bound.
+launch settings: the programs the context is split into, warps, pipeline stages, tokens an iteration (--tiles) and
+the dots transposed or not (--swap). In the batch-16, 32k H200 profile it took 1.14 ms a step where its bytes take
+~60 us at the HBM rate (benchmarks/NOTES.md): latency-bound.
 Its settings were chosen at batch 1 and 128k on an H100; this finds the best at the batches a throughput run holds.
 `--share 0,4` also runs each setting as share_q_pages runs rows that share nothing: groups of up to 4 rows (16 query
 rows a tile at GQA 4), each row alone, whose splits count one program per group (4x those of `0`, no groups).
@@ -10,9 +11,9 @@ rows a tile at GQA 4), each row alone, whose splits count one program per group 
 Llama-3.1-8B's shape (32 query and 8 KV heads of 128), 64-token pages of random codes and scales, every row at the
 full context with its last 128 tokens in the full-precision tails. Each setting's output is held to the first
 setting's (float32 rounding of a different split only). Rows {device, context, batch, bits, target_programs,
-num_warps, num_stages, tile, swap, share, splits, us, gb_per_s, best, machine, date, commit, command}: median of --repeats timed calls
-(CUDA events on the GPU); `best` marks the fastest setting of each context, batch and bits; gb_per_s counts the
-quantized pages' bytes.
+num_warps, num_stages, tile, swap, share, splits, us, gb_per_s, best, machine, date, commit, command}: median of
+--repeats timed calls (CUDA events on the GPU); `best` marks the fastest setting of each context, batch and bits;
+gb_per_s counts the quantized pages' bytes.
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ With --radix-programs N,M on CUDA the radix select is timed again aiming at N, M
 blocks_ms: block_topk's positions (on CUDA its kernel: the block maxima, then one program a row over the blocks and
 their positions), where its tiles hold the shape (else None).
 
-Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, blocks_ms, positions_ms_by_programs,
-timing, machine, date, commit, command}: after --warmup calls, on CUDA each call captured in a CUDA graph as a
-decode step runs it and the graph replayed --repeats times between two events (`timing: graph`: the launches' host
-time is not counted; timed call by call, the H100 put the radix select's seven launches at 0.22-0.73 ms, mostly
-that host time); on CPU the median of --repeats calls.
+Rows {device, context, batch, heads, k, chunk, torch_ms, two_stage_ms, positions_ms, blocks_ms,
+positions_ms_by_programs, timing, machine, date, commit, command}: after --warmup calls, on CUDA each call captured
+in a CUDA graph as a decode step runs it and the graph replayed --repeats times between two events (`timing:
+graph`: the launches' host time is not counted; timed call by call, the H100 put the radix select's seven launches
+at 0.22-0.73 ms, mostly that host time); on CPU the median of --repeats calls.
 """
 
 from __future__ import annotations

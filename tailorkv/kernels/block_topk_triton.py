@@ -1,5 +1,6 @@
 """Triton version of block_topk.py (same function, signature and result): the block maxima (block_maxima_triton),
-then one program per (row, KV head) that keeps its keys in registers (the taken blocks' ids pass through a scratch row):
+then one program per (row, KV head) that keeps its keys in registers (the taken blocks' ids pass through a scratch
+row):
 - the k_r blocks with the largest maxima: the k_r-th largest key found bit by bit (32 counts over the row's blocks,
   keys as token_topk_triton.order_keys), the blocks above it and the first tied ones taken, their ids written in
   block order;
@@ -7,8 +8,8 @@ then one program per (row, KV head) that keeps its keys in registers (the taken 
   in position order, as the blocks were taken in order.
 Two launches a layer where torch.topk's two calls, the candidates' gather and the mask took ~20: in CUDA graphs on
 the H100, 0.119 against 0.193 ms a call at 32k and batch 40, 0.084 against 0.120 at 128k and batch 9 (bench_topk,
-benchmarks/NOTES.md 2026-12-06). A tile holds at most _MAX_TILE keys: `fits` says whether a shape's do (k 128 and chunk
-32: up to 256k positions); the caller takes another path where not.
+benchmarks/NOTES.md 2026-12-06). A tile holds at most _MAX_TILE keys: `fits` says whether a shape's do (k 128 and
+chunk 32: up to 256k positions); the caller takes another path where not.
 """
 
 from __future__ import annotations

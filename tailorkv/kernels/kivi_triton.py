@@ -25,7 +25,7 @@ from tailorkv.kernels.splits_triton import MERGE_BLOCK, merged_row
 
 _BLOCK_D = 64  # channels per quantize-keys program
 _BLOCK_ROWS = 16  # token rows per quantize-values program
-_BLOCK_T = 64  # tokens per dequantize / attention tile (capped at one key group)
+_BLOCK_T = 64  # tokens per dequantize tile (capped at one key group)
 _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
 _ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
 # tokens a paged-attention iteration dequantizes and attends (a page, or a part of one: fewer registers a thread)

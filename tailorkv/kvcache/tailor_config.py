@@ -38,10 +38,10 @@
   GQA)), so rows that share nothing get up to 16 // GQA times the splits.
 - position_order (beyond the paper): N = in decode steps of at least N rows (a captured step's padded rows), the
   top-k positions of two_stage_topk or torch.topk (rank order) are sorted into position order before the fetch, as
-  the radix select and block_topk's kernel give them; 0 = never. The same rows; one sort a layer. Default 40: on the H100 with fp8 rows at
-  32k (232067c, same runs), batch 40 stepped in 38.97 ms against 41.48 (its fetch, 70% over PCIe, 18.68 against
-  21.98 ms), batch 16 (74% of its rows from GPU copies) in 15.31 against 14.56; bench_uva_gather: 11.7 against
-  9.6 GB/s at batch 40.
+  the radix select and block_topk's kernel give them; 0 = never. The same rows; one sort a layer. Default 40: on
+  the H100 with fp8 rows at 32k (232067c, same runs), batch 40 stepped in 38.97 ms against 41.48 (its fetch, 70%
+  over PCIe, 18.68 against 21.98 ms), batch 16 (74% of its rows from GPU copies) in 15.31 against 14.56;
+  bench_uva_gather: 11.7 against 9.6 GB/s at batch 40.
 - host_kv_dtype (beyond the paper): "auto" = the host tier's token rows in the compute dtype; "fp8" = float8 e4m3
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
