@@ -324,9 +324,10 @@ th32)
   # from the server's estimate of each policy's largest batch (START=N: doubling from N); the rows are written after
   # every probe, the plot drawn here if the host lacks matplotlib (bench_throughput --plot-rows); MAXB=N caps the
   # search (an estimate at the cap is probed alone: both policies' 32k probes in one call with MAXB=50); SIZES=11 then
-  # SIZES=12 in the next call: 128k's probes one a call (two of ~250 s each pass the call's 600 s with the server's start)
+  # SIZES=12 in the next call: 128k's probes one a call (two of ~250 s each pass the call's 600 s with the server's start);
+  # SA: more server flags for every policy (SA="--step-budget-ms 0": prompts prefill in whole chunks beside decoders)
   timeout ${TT:-580} python3 -m benchmarks.bench_throughput --contexts ${CTX:-32768} --policies ${TP:-full,tailor:longbench} \
-    ${START:+--start $START} ${SIZES:+--sizes $SIZES} ${MAXB:+--max-batch $MAXB} --output-len 1024 --server-args "--gpu-memory-limit 80 --host-kv-gib ${HG:-100}" \
+    ${START:+--start $START} ${SIZES:+--sizes $SIZES} ${MAXB:+--max-batch $MAXB} --output-len 1024 --server-args "--gpu-memory-limit 80 --host-kv-gib ${HG:-100} ${SA:-}" \
     --output $R/throughput.json > $R/th.log 2>&1; echo "th rc=$?"; t; tail -n 20 $R/th.log
   # each server's GPU KV budget: the room a larger --prefix-gpu-gib could take (TailorPolicy.layout, on CPU)
   grep -h "GPU KV budget" $R/*.server.log 2>/dev/null | cut -c1-300 | head -8
