@@ -1,6 +1,6 @@
 """The Q layers' decode attention (kivi_triton.paged_decode_attention over 1- or 2-bit KIVI pages) swept over its
-launch settings: the programs the context is split into, warps, pipeline stages, tokens an iteration (--tiles) and
-the dots transposed or not (--swap). In the batch-16, 32k H200 profile it took 1.14 ms a step where its bytes take
+launch settings: the programs the context is split into (0: the module's rule), warps, pipeline stages and tokens
+an iteration (--tiles). In the batch-16, 32k H200 profile it took 1.14 ms a step where its bytes take
 ~60 us at the HBM rate (benchmarks/NOTES.md): latency-bound.
 Its settings were chosen at batch 1 and 128k on an H100; this finds the best at the batches a throughput run holds.
 `--share 0,4` also runs each setting as share_q_pages runs rows that share nothing: groups of up to 4 rows (16 query
@@ -11,7 +11,7 @@ rows a tile at GQA 4), each row alone, whose splits count one program per group 
 Llama-3.1-8B's shape (32 query and 8 KV heads of 128), 64-token pages of random codes and scales, every row at the
 full context with its last 128 tokens in the full-precision tails. Each setting's output is held to the first
 setting's (float32 rounding of a different split only). Rows {device, context, batch, bits, target_programs,
-num_warps, num_stages, tile, swap, share, splits, us, gb_per_s, best, machine, date, commit, command}: median of
+num_warps, num_stages, tile, share, splits, us, gb_per_s, best, machine, date, commit, command}: median of
 --repeats timed calls (CUDA events on the GPU); `best` marks the fastest setting of each context, batch and bits;
 gb_per_s counts the quantized pages' bytes.
 """
@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", default="1,12,16")
     p.add_argument("--bits", default="1,2")
     p.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head_dim")
-    p.add_argument("--programs", default="128,256,512,1024", help="target_programs to try")
+    p.add_argument(
+        "--programs",
+        default="128,256,512,1024",
+        help="target_programs to try (0: the default rule)",
+    )
     p.add_argument("--warps", default="4,8")
     p.add_argument("--stages", default="1,2,3")
     p.add_argument(
@@ -93,7 +97,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="64",
         help="tokens an iteration attends (a page of 64, or half of one: 32)",
     )
-    p.add_argument("--swap", default="0", help="1: the dots transposed (tokens and channels as M)")
     p.add_argument(
         "--share",
         default="0",
@@ -113,12 +116,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ints(args.warps),
             ints(args.stages),
             ints(args.tiles),
-            ints(args.swap),
             ints(args.share),
         )
     )
     print(
-        f"{'context':>8} {'batch':>5} {'bits':>4} {'programs':>8} {'warps':>5} {'stages':>6} {'tile':>4} {'swap':>4} {'share':>5} "
+        f"{'context':>8} {'batch':>5} {'bits':>4} {'programs':>8} {'warps':>5} {'stages':>6} {'tile':>4} {'share':>5} "
         f"{'us':>9} {'GB/s':>7}"
     )
     for context, batch, bits in itertools.product(
@@ -127,13 +129,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         inputs = case(context, batch, bits, hq, h, d, device, dtype)
         quant_bytes = sum(x.numel() * x.element_size() for x in inputs[1:7])
         first, done = None, []
-        for programs, warps, stages, tile, swap, share in settings:
+        for programs, warps, stages, tile, share in settings:
             knobs = dict(
                 target_programs=programs,
                 num_warps=warps,
                 num_stages=stages,
                 tile=tile,
-                swap=bool(swap),
             )
             groups = alone(batch, share, device) if share else {}
             out = kivi_triton.paged_decode_attention(*inputs, **knobs, **groups)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
             print(
-                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {swap:>4} {share:>5} {us:>9.1f} "
+                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {share:>5} {us:>9.1f} "
                 f"{quant_bytes / us / 1e3:>7.1f}",
                 flush=True,
             )
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["best"] = r is best
         print(
             f"best: {best['target_programs']} programs, {best['num_warps']} warps, {best['num_stages']} stages, "
-            f"tile {best['tile']}, swap {best['swap']}, share {best['share']}"
+            f"tile {best['tile']}, share {best['share']}"
         )
         rows += done
     write_rows(args.output, rows)

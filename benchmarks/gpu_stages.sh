@@ -233,7 +233,7 @@ bt2)
   [ -n "${GT:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py \
     -k "graph or deferred or host_tier" 2>&1 | tail -15; t
   Q="--device cuda --contexts 32768,131072 --batch 1,12 --bits 1"
-  [ -n "${QA-1}" ] && timeout 90 python3 -m benchmarks.bench_q_attention $Q --programs 256,1024 --warps 4,8 --stages 3 --tiles 64,32 --swap 0,1 \
+  [ -n "${QA-1}" ] && timeout 90 python3 -m benchmarks.bench_q_attention $Q --programs 0,256,1024 --warps 4 --stages 3 \
     --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; grep best $R/qa.log
   [ -n "${QA-1}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m benchmarks.bench_q_attention $Q \
     --programs 256 --warps 4 --stages 3 --output $R/q_attention_old.json) > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t

@@ -37,19 +37,18 @@ def test_share_q_pages_launch_for_rows_alone_splits_per_group(tmp_path):
     assert [(r["share"], r["splits"]) for r in rows] == [(0, 2), (4, 3)]
 
 
-def test_half_page_tiles_and_swapped_dots_are_settings_with_the_same_output(tmp_path):
+def test_half_page_tiles_and_the_default_split_are_settings_with_the_same_output(tmp_path):
     args = [a for a in ARGS if not a.startswith(("--bits", "--programs"))]
     rows = bench_q_attention.main(
         args
         + [
             "--bits=2",
-            "--programs=8",
+            "--programs=8,0",
             "--tiles=32",
-            "--swap=0,1",
             f"--output={tmp_path / 'q.json'}",
         ]
     )
-    assert [(r["tile"], r["swap"]) for r in rows] == [(32, False), (32, True)]
+    assert [(r["tile"], r["target_programs"]) for r in rows] == [(32, 8), (32, 0)]
 
 
 def test_a_tile_that_splits_a_word_is_refused():

@@ -285,10 +285,21 @@ def test_triton_paged_decode_attention_one_split_or_many(kt, monkeypatch, progra
     sequence's splits empty, which the merge must weigh as nothing (40 splits: the merge's blocks of 16, the
     short row's last two blocks empty)."""
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(kt, "_MIN_SPLITS", 0)
     case = _paged_case(2, rows)
     torch.testing.assert_close(
         kt.paged_decode_attention(*case), K.paged_decode_attention(*case), atol=1e-4, rtol=1e-4
     )
+
+
+def test_context_splits_give_each_pair_at_least_min_splits(kt):
+    """128k tokens (2,048 pages): batch 1's 8 (row, KV head) pairs take the 256 programs' 32 splits; batch 12's 96
+    take 8 splits each, where 256 programs left 2 (192 programs, fewer than an H100's SMs); an explicit target is
+    kept as given."""
+    assert kt.context_splits(2048, 8) == (64, 32)
+    assert kt.context_splits(2048, 96) == (256, 8)
+    assert kt.context_splits(2048, 96, 256) == (1024, 2)
+    assert kt.context_splits(3, 96) == (1, 3)  # never more splits than pages
 
 
 SHARED_ROWS = [
@@ -299,16 +310,13 @@ SHARED_ROWS = [
 ]  # rows 0, 1, 3 share 3 pages
 
 
-@pytest.mark.parametrize(
-    "heads,swap", [((9, 3, 64), False), ((8, 2, 128), False), ((9, 3, 64), True)]
-)
-def test_triton_attends_a_shared_prefix_once_for_its_group(kt, monkeypatch, heads, swap):
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128)])
+def test_triton_attends_a_shared_prefix_once_for_its_group(kt, monkeypatch, heads):
     """Rows 0, 1 and 3 share their first three pages (192 tokens, packed K and V in each), led by row 0; row 2
     shares nothing. With splits of one page the leader's programs attend the shared splits for all three (GQA 3:
     five rows a 16-row tile; GQA 4: four): the members' own page tables for those pages are not read, so pointing
     them elsewhere changes nothing, and the result is the reference's over the shared pages (the members' programs
     run after the leader's in the interpreter: one that wrote its shared splits anyway would show)."""
-    monkeypatch.setattr(kt, "_ATTN_SWAP", swap)  # and with the dots transposed
     monkeypatch.setattr(kt, "_TARGET_PROGRAMS", 4096)
     hq, hkv, d = heads
     case = list(_paged_case(2, SHARED_ROWS, hq=hq, hkv=hkv, d=d))

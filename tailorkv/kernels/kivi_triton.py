@@ -27,11 +27,12 @@ _BLOCK_D = 64  # channels per quantize-keys program
 _BLOCK_ROWS = 16  # token rows per quantize-values program
 _BLOCK_T = 64  # tokens per dequantize tile (capped at one key group)
 _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when splitting the context
+# and at least this many splits a (row, KV head): at batch 12, 256 programs left 2 splits, 192 programs for 132
+# SMs (H100, 2026-12-06: 10 splits 21-25% faster at 32k and 128k, 1 bit; 8 splits at batch 16 up to 11%)
+_MIN_SPLITS = 8
 _ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
 # tokens a paged-attention iteration dequantizes and attends (a page, or a part of one: fewer registers a thread)
 _ATTN_TILE = 64
-# the dots transposed (tokens and channels as M, the query rows as N): a launch setting, off until timed
-_ATTN_SWAP = False
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -332,29 +333,16 @@ def _dequantize_values_kernel(
 
 
 @triton.jit
-def _attend_tile(q, k, v, valid, m, l, acc, qk_scale, SWAP: tl.constexpr):
-    """Online-softmax update of (running max m, sum l, output acc) with one tile; scores in base 2. SWAP: the dots
-    transposed, tokens and channels as their M (K q^T, then V^T p^T into acc [D, query rows]), where the query
-    rows (16) were the M of both."""
+def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
+    """Online-softmax update of (running max m, sum l, output acc) with one tile; scores in base 2."""
     # products in q's dtype: tensor cores for 16-bit queries, exact fp32 FMAs for fp32 ones
-    if SWAP:
-        st = tl.dot(k.to(q.dtype), tl.trans(q), input_precision="ieee") * qk_scale
-        st = tl.where(valid[:, None], st, float("-inf"))
-        m_new = tl.maximum(m, tl.max(st, axis=0))  # finite: every tile holds at least one token
-        alpha = tl.exp2(m - m_new)
-        pt = tl.exp2(st - m_new[None, :])
-        acc = acc * alpha[None, :] + tl.dot(
-            tl.trans(v.to(q.dtype)), pt.to(q.dtype), input_precision="ieee"
-        )
-        l = l * alpha + tl.sum(pt, axis=0)
-    else:
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-        l = l * alpha + tl.sum(p, axis=1)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+    l = l * alpha + tl.sum(p, axis=1)
     return m_new, l, acc
 
 
@@ -410,7 +398,6 @@ def _paged_decode_kernel(
     VGROUP: tl.constexpr,
     BLOCK_D: tl.constexpr,
     F16: tl.constexpr,
-    SWAP: tl.constexpr,
 ):
     # one program per (sequence, KV head, split of `chunk` tokens), its GQA query heads sharing each dequantized
     # tile of one page; a split past the sequence's length writes an empty part (lse -inf). SHARE: a split that
@@ -440,7 +427,7 @@ def _paged_decode_kernel(
             q_ptr, kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, kt_ptr, vw_ptr, pages_ptr, out_ptr, lse_ptr,
             H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
             svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
-            head, d, GQA, GQA_PAD, BITS, PAGE, TILE, VGROUP, BLOCK_D, F16, SWAP,
+            head, d, GQA, GQA_PAD, BITS, PAGE, TILE, VGROUP, BLOCK_D, F16,
         )  # fmt: skip
 
 
@@ -450,7 +437,7 @@ def _paged_decode_split(
     H, D, RW, chunk, num_splits, qk_scale, sq_b, sq_h, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h,
     svs_t, svs_h, skt_s, skt_r, skt_h, svw_s, svw_r, svw_h, sp_b, b, kvh, split, n, kq, vq, slot, member,
     head, d, GQA: tl.constexpr, GQA_PAD: tl.constexpr, BITS: tl.constexpr, PAGE: tl.constexpr,
-    TILE: tl.constexpr, VGROUP: tl.constexpr, BLOCK_D: tl.constexpr, F16: tl.constexpr, SWAP: tl.constexpr,
+    TILE: tl.constexpr, VGROUP: tl.constexpr, BLOCK_D: tl.constexpr, F16: tl.constexpr,
 ):  # fmt: skip
     """Row b's split `split` over its pages and tails, for the query rows of `member` (their rows) and `head`.
     F16 (16-bit queries): the tiles, the query and the dots in float16 (queries, keys and values of a model in
@@ -466,10 +453,7 @@ def _paged_decode_split(
         q = q.to(tl.float16)
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
-    if SWAP:
-        acc = tl.zeros([BLOCK_D, GQA_PAD], tl.float32)
-    else:
-        acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
+    acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
     end = tl.minimum(split * chunk + chunk, n)
     for t0 in range(split * chunk, end, TILE):  # TILE tokens of one page at a time
         t = t0 + tl.arange(0, TILE)
@@ -524,21 +508,14 @@ def _paged_decode_split(
                 other=0.0,
             ).to(q.dtype)
             v = tl.where(packed[:, None], v, v_win)
-        m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale, SWAP)
+        m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
     row = (member * H * GQA + kvh * GQA + head) * num_splits + split
     nonempty = l > 0
-    if SWAP:
-        tl.store(
-            out_ptr + row[None, :] * D + d[:, None],
-            acc / tl.where(nonempty, l, 1.0)[None, :],
-            mask=q_ok[None, :] & (d < D)[:, None],
-        )
-    else:
-        tl.store(
-            out_ptr + row[:, None] * D + d[None, :],
-            acc / tl.where(nonempty, l, 1.0)[:, None],
-            mask=head_ok,
-        )
+    tl.store(
+        out_ptr + row[:, None] * D + d[None, :],
+        acc / tl.where(nonempty, l, 1.0)[:, None],
+        mask=head_ok,
+    )
     tl.store(
         lse_ptr + row,
         tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf")),
@@ -669,8 +646,10 @@ def dequantize_values(
 
 def context_splits(tiles: int, pairs: int, target_programs: int | None = None) -> tuple[int, int]:
     """(pages per split, splits) of a page table `tiles` pages wide over `pairs` (row, KV head) programs: whole
-    pages per split, enough splits for about `target_programs` (default _TARGET_PROGRAMS) programs."""
-    per = max(1, triton.cdiv(tiles, max(1, (target_programs or _TARGET_PROGRAMS) // max(1, pairs))))
+    pages per split, enough splits for about `target_programs` programs (default: _TARGET_PROGRAMS, or
+    _MIN_SPLITS a pair where that is more)."""
+    target = target_programs or max(_TARGET_PROGRAMS, _MIN_SPLITS * pairs)
+    per = max(1, triton.cdiv(tiles, max(1, target // max(1, pairs))))
     return per, triton.cdiv(tiles, per)
 
 
@@ -696,7 +675,6 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     tile: int | None = None,
-    swap: bool | None = None,
 ) -> torch.Tensor:
     """Same contract as kivi.paged_decode_attention. The grid depends on the shapes only (pages' width sets the
     splits), never on the lengths: one launch replays in a CUDA graph for any lengths that fit the page table.
@@ -779,7 +757,6 @@ def paged_decode_attention(
         BITS=bits,
         PAGE=page,
         TILE=tile,
-        SWAP=_ATTN_SWAP if swap is None else swap,
         VGROUP=vgroup,
         BLOCK_D=triton.next_power_of_2(d),
         F16=q.dtype in (torch.float16, torch.bfloat16),
