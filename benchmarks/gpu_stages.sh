@@ -232,6 +232,11 @@ bt2)
     tests/test_sparse_attention.py 2>&1 | tail -15; t
   [ -n "${GT:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py \
     -k "graph or deferred or host_tier" 2>&1 | tail -15; t
+  # TK=1: bench_topk at 128k, this tree and OLD_B1 (block_topk two bits a reduction, d0fbd1b, against one)
+  T="--device cuda --contexts 131072 --batch 1,9,16 --k 128 --chunk 32"
+  [ -n "${TK:-}" ] && timeout 100 python3 -m benchmarks.bench_topk $T --output $R/topk.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
+  [ -n "${TK:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_topk $T \
+    --output $R/topk_old.json) > $R/topk_old.log 2>&1; echo "topk old rc=$?"; t; [ -n "${TK:-}" ] && tail -n 4 $R/topk.log $R/topk_old.log
   Q="--device cuda --contexts 32768,131072 --batch 1,12 --bits 1"
   [ -n "${QA-1}" ] && timeout 90 python3 -m benchmarks.bench_q_attention $Q --programs 0,256,1024 --warps 4 --stages 3 \
     --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; grep best $R/qa.log
