@@ -237,8 +237,10 @@ bt2)
   [ -n "${TK:-}" ] && timeout 100 python3 -m benchmarks.bench_topk $T --output $R/topk.json > $R/topk.log 2>&1; echo "topk rc=$?"; t
   [ -n "${TK:-}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_topk $T \
     --output $R/topk_old.json) > $R/topk_old.log 2>&1; echo "topk old rc=$?"; t; [ -n "${TK:-}" ] && tail -n 4 $R/topk.log $R/topk_old.log
-  Q="--device cuda --contexts 32768,131072 --batch 1,12 --bits 1"
-  [ -n "${QA-1}" ] && timeout 90 python3 -m benchmarks.bench_q_attention $Q --programs 0,256,1024 --warps 4 --stages 3 \
+  # QB: the Q attention's batches (40: 32k's largest batch, where the split rule of df53733 goes from 1 split a
+  # pair to 8)
+  Q="--device cuda --contexts 32768,131072 --batch ${QB:-1,12,40} --bits 1"
+  [ -n "${QA-1}" ] && timeout 120 python3 -m benchmarks.bench_q_attention $Q --programs 0,256,1024 --warps 4 --stages 3 \
     --output $R/q_attention_f16.json > $R/qa.log 2>&1; echo "qa rc=$?"; t; grep best $R/qa.log
   [ -n "${QA-1}" ] && (cd $OLD_B1 && PYTHONPATH=$PWD:/tmp/site timeout 60 python3 -m benchmarks.bench_q_attention $Q \
     --programs 256 --warps 4 --stages 3 --output $R/q_attention_old.json) > $R/qa_old.log 2>&1; echo "qa old rc=$?"; t
