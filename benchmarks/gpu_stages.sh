@@ -19,7 +19,7 @@
 # tailor and full; PROF=60000 profiles one tailor step, its time left out of the gaps; then a 126k prompt alone under
 # --gpu-memory-limit 24, CAP= skips it; cap24: only that), b16 (batch 16 at 32k: the
 # same policies), dc (doc chat's decode step: 16 rows sharing a 64k document, full with and without the cascade,
-# tailor; profiled), sq (share_q_pages: its GPU tests, doc chat's step with and without it), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th32 (bench_throughput at
+# tailor; profiled), sq (share_q_pages: its GPU tests, doc chat's step with and without it), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th128 (128k's 4x in one call: full 3, tailor fp8 11), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER), pf (the GPU tests of the prefill backends),
 # turn (doc chat's next turn beside 16 decoding rows, profiled), qa (the Q layers' attention against OLD_QA).
@@ -338,6 +338,17 @@ th32)
     --output $R/throughput.json > $R/th.log 2>&1; echo "th rc=$?"; t; tail -n 20 $R/th.log
   # each server's GPU KV budget: the room a larger --prefix-gpu-gib could take (TailorPolicy.layout, on CPU)
   grep -h "GPU KV budget" $R/*.server.log 2>/dev/null | cut -c1-300 | head -8
+  ;;
+th128)
+  # issue 22's 4x at 128k in one call (~480 s on the H100, 2026-12-06): full at its largest batch (3), then tailor with
+  # fp8 host rows at its own (11 under --host-kv-gib 90), both with --step-budget-ms 0 (prompts in whole chunks beside
+  # the decoding rows: under the default budget at most 6 of 11 ran at once)
+  for p in "full 3 4" "tailor:longbench:host_kv_dtype=fp8 ${TS:-11} 90"; do
+    set -- $p
+    timeout ${TT:-400} python3 -m benchmarks.bench_throughput --contexts 131072 --policies $1 --sizes $2 --output-len 1024 \
+      --server-args "--gpu-memory-limit 80 --host-kv-gib $3 --step-budget-ms 0" --output $R/throughput_${1%%:*}.json \
+      > $R/th_${1%%:*}.log 2>&1; echo "th $1 rc=$?"; t; tail -n 2 $R/th_${1%%:*}.log
+  done
   ;;
 a22)
   timeout ${TPA:-240} python3 -m benchmarks.bench_paired --device cuda --samples 16 --prompt-tokens 6144 --forced-tokens 128 \
