@@ -13,7 +13,6 @@ from tailorkv.models.embedded import embedded_model_path
 from tailorkv.models.gguf_loader import PlainReader
 from tailorkv.models.loader import resolve
 
-transformers = pytest.importorskip("transformers")
 PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She",
     "The three primary colors are",
@@ -33,6 +32,8 @@ def engine():
 def hf_model():
     import gguf
 
+    # here, not at collection: 1.2 s on every worker
+    transformers = pytest.importorskip("transformers")
     os.environ["HF_HUB_OFFLINE"] = "1"
     path = embedded_model_path()
     with pytest.MonkeyPatch.context() as mp:

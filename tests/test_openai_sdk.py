@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import openai
 import pytest
 from conftest import GENERATE_PROMPTS, GREEDY_TOKENS
 
 
 @pytest.fixture(scope="module")
 def sdk(live_server):
+    import openai  # here, not at collection: 0.8 s on every worker
+
     return openai.OpenAI(
         base_url=f"{live_server.url}/v1", api_key="unused", timeout=120, max_retries=0
     )
@@ -55,6 +56,8 @@ def test_completions(sdk, live_server):
 
 
 def test_sdk_errors(sdk):
+    import openai
+
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=2

@@ -13,7 +13,6 @@ import json
 import pytest
 import torch
 from test_golden import GOLDEN, NEW_TOKENS, POLICIES, prompts
-from torch._dynamo.utils import counters
 
 from tailorkv.kvcache.selection import EAGER, Selection
 from tailorkv.models import elementwise as ew
@@ -23,6 +22,14 @@ EPS = float(torch.tensor(1e-5))  # the embedded model's, as its GGUF stores it (
 # place or two of a bfloat16 apart; float32: assert_close's defaults
 CLOSE = {torch.float32: {}, torch.bfloat16: {"atol": 1e-2, "rtol": 1.6e-2}}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def counters():
+    """Dynamo's counters, imported here: torch._dynamo takes 2 s to import on every worker that collects this file."""
+    from torch._dynamo.utils import counters
+
+    return counters
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +43,7 @@ CASES = [("cpu", torch.float32)] + [("cuda", d) for d in CLOSE if "cuda" in DEVI
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_compiled_functions_equal_the_eager_ones(device, dtype):
+def test_compiled_functions_equal_the_eager_ones(device, dtype, counters):
     """At the embedded model's widths (hidden 576, SwiGLU 1536, 9 query and 3 KV heads of 64, 8,192 positions),
     weights and tables made outside inference mode and activations inside it, as the engine runs them: the compiled
     engine below finds these graphs compiled."""
@@ -107,7 +114,7 @@ ENGINES = [("tailor", "cpu")] + [(p, "cuda") for p in ("full", "tailor") if "cud
 
 
 @pytest.mark.parametrize("policy,device", ENGINES)
-def test_compiled_engines_decode_what_eager_decodes(policy, device):
+def test_compiled_engines_decode_what_eager_decodes(policy, device, counters):
     """float32: on CPU against the recorded greedy tokens (test_golden); on a GPU against an eager engine's, the
     compiled one replaying CUDA graphs that hold Inductor's kernels."""
     if device == "cpu":
