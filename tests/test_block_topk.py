@@ -8,7 +8,7 @@ import torch
 from test_token_topk import CASES, awkward_call
 from triton_kernels import DEVICE, triton_module
 
-from tailorkv.kernels import block_topk
+from tailorkv.kernels import block_maxima, block_topk
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,24 @@ def test_triton_selects_what_the_reference_selects(
     kr = kr if kr is None else kr.to(DEVICE)
     got = bt.top_positions(*(x.to(DEVICE) for x in (scores, lo, hi)), k, kr, chunk=chunk)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    # the caller's maxima (the sketch kernel's, in the engine) in place of the kernel's own
+    maxima = block_maxima.block_maxima(scores, lo, hi, chunk).to(DEVICE)
+    given = bt.top_positions(
+        *(x.to(DEVICE) for x in (scores, lo, hi)), k, kr, chunk=chunk, maxima=maxima
+    )
+    assert torch.equal(given[0], got[0]) and torch.equal(given[1], got[1])
+
+
+def test_the_callers_maxima_choose_the_blocks(bt):
+    """Given maxima all equal, the two blocks taken are the first two (ties: lowest first), though the largest
+    scores lie in the last block: the kernel ranks the blocks by the maxima it is given."""
+    scores = torch.arange(256.0).view(1, 1, 256).to(DEVICE)
+    lo, hi = torch.tensor(0, device=DEVICE), torch.tensor(256, device=DEVICE)
+    pos, valid = bt.top_positions(scores, lo, hi, 2, chunk=32)
+    assert pos.flatten().tolist() == [254, 255] and valid.all()
+    flat = torch.zeros(1, 1, 8, device=DEVICE)
+    pos, valid = bt.top_positions(scores, lo, hi, 2, chunk=32, maxima=flat)
+    assert pos.flatten().tolist() == [62, 63] and valid.all()
 
 
 def test_blocks_tied_at_the_kth_maximum_take_the_lowest_first(bt):

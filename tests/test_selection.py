@@ -6,6 +6,7 @@ import pytest
 import torch
 from triton_kernels import DEVICE, triton_module
 
+from tailorkv.kernels import block_maxima
 from tailorkv.kernels.attention import grouped_attention
 from tailorkv.kvcache import selection
 from tailorkv.kvcache.selection import group_mean, score_tokens, select_channels, select_tokens
@@ -120,6 +121,28 @@ def test_selection_through_block_topks_kernel(chunk, monkeypatch):
         assert (
             got[b, h, :kr].diff().gt(0).all() and not got[b, h, kr:].any()
         )  # ascending; past k_r: 0
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_selection_with_the_callers_maxima_selects_as_without(kernel, monkeypatch):
+    """select_tokens given the blocks' maxima (the sketch kernel's, in the engine) selects what it selects
+    computing them: by two_stage_topk, and by block_topk's kernel (in the interpreter here)."""
+    if kernel:
+        monkeypatch.setattr(
+            selection.block_topk, "ops", lambda device: triton_module("block_topk_triton")
+        )
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(4, 3, 997, generator=gen).to(DEVICE)
+    begin, end = (torch.tensor(x, device=DEVICE) for x in ([4, 0, 300, 100], [990, 997, 310, 996]))
+    k_rows = torch.tensor([50, 7, 64, 64], device=DEVICE)
+    maxima = block_maxima.block_maxima(scores, begin, end, 8)
+    dev = scores if kernel else scores.cpu()
+    args = [x.to(dev.device) for x in (begin, end)]
+    want = select_tokens(dev, *args, 64, k_rows.to(dev.device), chunk=8)
+    got = select_tokens(
+        dev, *args, 64, k_rows.to(dev.device), chunk=8, maxima=maxima.to(dev.device)
+    )
+    assert all(torch.equal(w, g) for w, g in zip(want, got))
 
 
 @pytest.mark.parametrize("chunk", [0, 13])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from triton_kernels import CUDA, DEVICE, triton_module  # noqa: F401
 
-from tailorkv.kernels import kivi  # noqa: E402
+from tailorkv.kernels import block_maxima, kivi  # noqa: E402
 from tailorkv.kernels import sketch_scores as ref  # noqa: E402
 
 
@@ -88,3 +88,25 @@ def test_triton_matches_reference(kt, b, h, d, t, num_pages, bits, c):
     expect = ref.sketch_scores(qc, channels, packed, scale, zero, pages, bits)
     assert got.shape == expect.shape
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [32, 16, 64, 24])
+@pytest.mark.parametrize("b,h,d,t,num_pages,bits,c", CASES[1:])
+def test_triton_maxima_are_block_maximas_of_its_scores(kt, b, h, d, t, num_pages, bits, c, chunk):
+    """The block maxima the kernel takes in its launch (chunk 32, 16, 64: dividing a page; 24: block_maxima's kernel
+    after it) are exactly block_maxima's of the scores it stored, each row's range cutting pages and blocks (one
+    range empty, one past the row's pages, one leaving out whole blocks), and the scores those of sketch_scores."""
+    _, qc, channels, packed, scale, zero, pages = _case(b, h, d, t, num_pages, bits, c)
+    n = pages.shape[1] * t
+    begin = torch.tensor([70, 0, 70, 3][:b], device=DEVICE).clamp(max=n)
+    end = torch.tensor([n - 9, n, 70, 2 * n][:b], device=DEVICE)
+    scores, maxima = kt.sketch_scores_and_maxima(
+        qc, channels, packed, scale, zero, pages, bits, begin, end, chunk
+    )
+    assert torch.equal(scores, kt.sketch_scores(qc, channels, packed, scale, zero, pages, bits))
+    assert torch.equal(maxima, block_maxima.block_maxima(scores, begin, end, chunk))
+    ref_scores, ref_maxima = ref.sketch_scores_and_maxima(
+        qc, channels, packed, scale, zero, pages, bits, begin, end, chunk
+    )
+    torch.testing.assert_close(maxima, ref_maxima, rtol=1e-5, atol=1e-4)
+    assert maxima.isinf().any() and maxima.isfinite().any()

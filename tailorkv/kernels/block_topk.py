@@ -32,8 +32,10 @@ def top_positions(
     k: int,
     k_rows: torch.Tensor | None = None,
     chunk: int = 32,
+    maxima: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_topk.top_positions (the blocks change which scores are read, not the set)."""
+    """token_topk.top_positions (the blocks change which scores are read, not the set). `maxima`: block_maxima's
+    of the scores over [begin, end), where the caller has them already."""
     return token_topk.top_positions(scores, begin, end, k, k_rows)
 
 

@@ -1,6 +1,6 @@
-"""Triton version of block_topk.py (same function, signature and result): the block maxima (block_maxima_triton),
-then one program per (row, KV head) that keeps its keys in registers (the taken blocks' ids pass through a scratch
-row):
+"""Triton version of block_topk.py (same function, signature and result): the block maxima (block_maxima_triton,
+unless the caller has them: the sketch kernel's, in the engine), then one program per (row, KV head) that keeps
+its keys in registers (the taken blocks' ids pass through a scratch row):
 - the k_r blocks with the largest maxima: the k_r-th largest key found two bits at a time (16 reductions over the
   row's blocks, each of three counts packed in one integer; keys as token_topk_triton.order_keys), the blocks above
   it and the first tied ones taken, their ids written in block order;
@@ -120,6 +120,7 @@ def top_positions(
     k: int,
     k_rows: torch.Tensor | None = None,
     chunk: int = 32,
+    maxima: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as block_topk.top_positions, for shapes that `fits`."""
     b, h, n = scores.shape
@@ -129,7 +130,9 @@ def top_positions(
     begin, end = (per_row(x, b, 0, scores.device) for x in (begin, end))
     kr, stride_kr = row_k(k_rows, kk, scores.device)
     x = scores.float()
-    maxima = block_maxima(x, begin, end, chunk)
+    if maxima is None:
+        maxima = block_maxima(x, begin, end, chunk)
+    maxima = maxima.reshape(b * h, -1).contiguous()
     x = x.reshape(b * h, n)
     if x.stride(-1) != 1:
         x = x.contiguous()

@@ -20,6 +20,7 @@ from types import ModuleType
 
 import torch
 
+from . import block_maxima
 from .dispatch import pick
 from .kivi import QuantizedKeys, codes_per_word, dequantize_keys
 
@@ -50,6 +51,24 @@ def sketch_scores(
     keys = dequantize_keys(qk, bits, GROUP, t).view(b, n, h, t, c)
     scores = torch.einsum("bhc,bnhtc->bhnt", qc.float(), keys) * (pages >= 0)[:, None, :, None]
     return scores.reshape(b, h, n * t)
+
+
+def sketch_scores_and_maxima(
+    qc: torch.Tensor,
+    channels: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    pages: torch.Tensor,
+    bits: int,
+    begin: torch.Tensor,
+    end: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sketch_scores and block_maxima's maxima of them (blocks of `chunk` positions, positions outside each row's
+    [begin, end) [B] left out): what stage 2's top-k by blocks reads."""
+    scores = sketch_scores(qc, channels, packed, scale, zero, pages, bits)
+    return scores, block_maxima.block_maxima(scores, begin, end, chunk)
 
 
 def ops(device: torch.device | str) -> ModuleType:

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tailorkv.kernels.block_maxima_triton import block_maxima
 from tailorkv.kernels.kivi import QuantizedKeys, codes_per_word
 from tailorkv.kernels.kivi_triton import _unpacked, codes_f32
 from tailorkv.kernels.sketch_scores import GROUP
@@ -27,6 +28,9 @@ def _sketch_scores_kernel(
     zero_ptr,
     pages_ptr,
     out_ptr,
+    begin_ptr,
+    end_ptr,
+    max_ptr,
     H,
     C,
     NP,
@@ -40,10 +44,13 @@ def _sketch_scores_kernel(
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """Bit j of word w (of a channel) is token w*PER + j. The page's words of BLOCK_C chosen channels at a time
     ([BLOCK_C, NW]: a channel's are contiguous, channel-major pages) give all its T scores as one [NW, PER] tile,
-    stored at once; codes are never unpacked into a [tokens, D] tile."""
+    stored at once; codes are never unpacked into a [tokens, D] tile. CHUNK > 0 (it divides T): also the maxima of
+    the page's CHUNK-token blocks, positions outside the row's [begin, end) left out, as block_maxima computes them
+    from the stored scores."""
     PER: tl.constexpr = 32 // BITS
     NW: tl.constexpr = T // PER  # words per channel and page
     W: tl.constexpr = GROUP // PER  # words per group
@@ -76,7 +83,14 @@ def _sketch_scores_kernel(
         s += tl.sum(codes_f32(codes) * (q[:, None] * scale)[:, :, None], axis=0)
         qz += tl.sum(q[:, None] * zero, axis=0)
     out = out_ptr + bh * NP * T + n * T + w[:, None] * PER + j[None, :]
-    tl.store(out, tl.where(live, s + qz[:, None], 0.0))
+    s = tl.where(live, s + qz[:, None], 0.0)
+    tl.store(out, s)
+    if CHUNK > 0:
+        pos = n * T + w[:, None] * PER + j[None, :]
+        inside = (pos >= tl.load(begin_ptr + b)) & (pos < tl.load(end_ptr + b))
+        x = tl.reshape(tl.where(inside, s, float("-inf")), [T // CHUNK, CHUNK])
+        blk = tl.arange(0, T // CHUNK)
+        tl.store(max_ptr + bh * NP * (T // CHUNK) + n * (T // CHUNK) + blk, tl.max(x, axis=1))
 
 
 def sketch_scores(
@@ -89,12 +103,46 @@ def sketch_scores(
     bits: int,
 ) -> torch.Tensor:
     """Same contract as sketch_scores.sketch_scores."""
+    return _launch(qc, channels, packed, scale, zero, pages, bits)[0]
+
+
+def sketch_scores_and_maxima(
+    qc: torch.Tensor,
+    channels: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    pages: torch.Tensor,
+    bits: int,
+    begin: torch.Tensor,
+    end: torch.Tensor,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as sketch_scores.sketch_scores_and_maxima: the maxima in the same launch where `chunk` is a
+    power of two dividing a page's tokens (the scores are not read back), else block_maxima's kernel after it."""
+    t = packed.shape[-1] * codes_per_word(bits)
+    if chunk & (chunk - 1) or t % chunk:
+        scores = sketch_scores(qc, channels, packed, scale, zero, pages, bits)
+        return scores, block_maxima(scores, begin, end, chunk)
+    return _launch(qc, channels, packed, scale, zero, pages, bits, begin, end, chunk)
+
+
+def _launch(qc, channels, packed, scale, zero, pages, bits, begin=None, end=None, chunk=0):
     b, n = pages.shape
     _, h, d, w = packed.shape
     t = w * codes_per_word(bits)
     packed, scale, zero = _unpacked(QuantizedKeys(packed, scale, zero))
     qc, channels, pages = qc.float().contiguous(), channels.contiguous(), pages.contiguous()
     out = torch.empty(b, h, n * t, dtype=torch.float32, device=qc.device)
+    maxima = torch.empty(
+        b, h, n * t // chunk if chunk else 0, dtype=torch.float32, device=qc.device
+    )
+    if chunk:  # one range per row: a 0-d range stands for every one
+        begin, end = (
+            torch.as_tensor(x, device=qc.device).expand(b).contiguous() for x in (begin, end)
+        )
+    else:  # not read
+        begin = end = pages
     if out.numel():
         _sketch_scores_kernel[(b * h, n)](
             qc,
@@ -104,6 +152,9 @@ def sketch_scores(
             zero,
             pages,
             out,
+            begin,
+            end,
+            maxima,
             h,
             channels.shape[-1],
             n,
@@ -117,6 +168,7 @@ def sketch_scores(
             BITS=bits,
             GROUP=GROUP,
             BLOCK_C=min(_CHANNELS_PER_TILE, triton.next_power_of_2(channels.shape[-1])),
+            CHUNK=chunk,
             num_warps=1,
         )
-    return out
+    return out, maxima

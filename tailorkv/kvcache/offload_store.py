@@ -421,13 +421,14 @@ class OffloadStore:
         return self.ops.gather_channels(self.k_t[layer], view.host_pages, channels, out)
 
     def sketch_token_scores(
-        self, layer: int, view: DecodeView, q: torch.Tensor, d_s: int
-    ) -> torch.Tensor:
+        self, layer: int, view: DecodeView, q: torch.Tensor, d_s: int, chunk: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Both stages from the GPU tier for q [B, Hq, D]: d_s channels per KV head picked with q (Eq. 10, against
         each row's max_abs), then every prompt key's sketch scored on them -> scores [B, H, pages*256] (positions
-        past a row's prompt are padding; never selected)."""
+        past a row's prompt are padding; never selected), and with `chunk` the maxima of its blocks of that many
+        positions inside the rows' middle ranges (stage 2's top-k by blocks), from the same launch on CUDA."""
         channels, qc = self.channel_ops.select_channels(q, self.max_abs[layer], view.slots, d_s)
-        return self.sketch_ops.sketch_scores(
+        sketch = (
             qc,
             channels,
             self.sk_packed[layer],
@@ -435,6 +436,11 @@ class OffloadStore:
             self.sk_zero[layer],
             view.sketch_pages,
             self.sketch_bits,
+        )
+        if not chunk:
+            return self.sketch_ops.sketch_scores(*sketch), None
+        return self.sketch_ops.sketch_scores_and_maxima(
+            *sketch, view.mid_begin, view.mid_end, chunk
         )
 
     @property

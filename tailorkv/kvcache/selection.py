@@ -95,6 +95,7 @@ class Selection:
         chunk: int = 0,
         radix: bool = False,
         in_order: bool = False,
+        maxima: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top min(k, L) scores per KV head among positions [begin, end) (ints, or tensors [...] per
         sequence): (positions [..., Hkv, k'], valid [..., Hkv, k']); a slot is invalid when the range holds fewer
@@ -102,9 +103,11 @@ class Selection:
         sequence's top k_rows. On CUDA, in position order: where `radix`, by token_topk's radix select; else, with
         `chunk`, by block_topk's kernel where its tiles hold the shape. Else, with `chunk`, by two_stage_topk over
         chunks of that many positions, or by torch.topk (slots in rank order, or sorted into position order with
-        `in_order`; on CPU ~2x faster than token_topk's reference, which tests hold the kernels to)."""
+        `in_order`; on CPU ~2x faster than token_topk's reference, which tests hold the kernels to). `maxima`: the
+        blocks' maxima where the caller has them (block_maxima's of the scores over the range, in blocks of
+        `chunk`), which the blocks' paths then do not compute."""
         begin, end = (torch.as_tensor(x, device=scores.device) for x in (begin, end))
-        kernel = self._position_kernel(scores, k, chunk, radix)
+        kernel = self._position_kernel(scores, k, chunk, radix, maxima)
         if kernel is not None:  # in position order
             rows = (
                 scores.reshape(-1, *scores.shape[-2:])
@@ -116,7 +119,9 @@ class Selection:
             )
             top = kernel(rows, b, e, k, kr)
             return tuple(x.view(*scores.shape[:-1], -1) for x in top)
-        values, indices = self.two_stage_topk(scores, begin, end, min(k, scores.shape[-1]), chunk)
+        values, indices = self.two_stage_topk(
+            scores, begin, end, min(k, scores.shape[-1]), chunk, maxima
+        )
         valid = self.valid_ranks(values, k_rows)
         if not in_order:
             return indices, valid
@@ -124,7 +129,9 @@ class Selection:
         return indices, valid.gather(-1, order)
 
     @staticmethod
-    def _position_kernel(scores: torch.Tensor, k: int, chunk: int, radix: bool):
+    def _position_kernel(
+        scores: torch.Tensor, k: int, chunk: int, radix: bool, maxima: torch.Tensor | None
+    ):
         """A CUDA kernel that selects in position order: token_topk's radix select where `radix`, else
         block_topk's where `chunk` and its tiles hold the shape; None off CUDA or where neither applies."""
         topk = token_topk.ops(scores.device)
@@ -133,11 +140,17 @@ class Selection:
         blocks = block_topk.ops(scores.device) if chunk else block_topk
         n = scores.shape[-1]
         if blocks is not block_topk and blocks.fits(n, min(k, n), chunk):
-            return functools.partial(blocks.top_positions, chunk=chunk)
+            return functools.partial(blocks.top_positions, chunk=chunk, maxima=maxima)
         return None
 
     def two_stage_topk(
-        self, scores: torch.Tensor, begin: torch.Tensor, end: torch.Tensor, k: int, chunk: int
+        self,
+        scores: torch.Tensor,
+        begin: torch.Tensor,
+        end: torch.Tensor,
+        k: int,
+        chunk: int,
+        maxima: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """torch.topk of the scores [..., Hkv, L] with positions outside [begin, end) at -inf: values (sorted,
         largest first) and indices, by way of `chunk`-position blocks: the k blocks with the largest maxima, then
@@ -148,10 +161,11 @@ class Selection:
         k * chunk >= L: torch.topk itself."""
         if not chunk or k * chunk >= scores.shape[-1]:
             return self.outside_masked(scores, begin, end).topk(k, dim=-1)
-        kernel = block_maxima.ops(scores.device)
-        maxima = (self.block_maxima if kernel is block_maxima else kernel.block_maxima)(
-            scores, begin, end, chunk
-        )
+        if maxima is None:
+            kernel = block_maxima.ops(scores.device)
+            maxima = (self.block_maxima if kernel is block_maxima else kernel.block_maxima)(
+                scores, begin, end, chunk
+            )
         best = maxima.topk(k, dim=-1).indices
         values, pos = self.block_candidates(scores, begin, end, best, chunk)
         values, pick = values.topk(k, dim=-1)

@@ -699,8 +699,11 @@ class TailorPolicy(KVPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k rows [B, H, k, 2D] of S layer si for query q and which of them count: ranked by `scores`, or
         by the key sketch's (both stages from the GPU tier, d_s channels picked with the real query)."""
-        if scores is None:
-            scores = self.offload.sketch_token_scores(si, view, q, self.tc.d_s)
+        radix = q.shape[0] <= self.tc.radix_topk  # a static shape per captured graph
+        maxima = None
+        if scores is None:  # the blocks' maxima from the sketch's launch, where the blocks rank
+            chunk = 0 if radix else self.tc.topk_chunk
+            scores, maxima = self.offload.sketch_token_scores(si, view, q, self.tc.d_s, chunk)
         # one top-k at the largest k of any row (that of the longest context the view holds: a static shape per
         # captured graph), then each row keeps its own k's best (ranks >= its k are masked)
         k = self._k_bound(si, scores.shape[-1])
@@ -711,8 +714,9 @@ class TailorPolicy(KVPolicy):
             k,
             view.top_k[:, si],
             self.tc.topk_chunk,
-            scores.shape[0] <= self.tc.radix_topk,  # a static shape per captured graph
+            radix,
             0 < self.tc.position_order <= scores.shape[0],
+            maxima,
         )
         return self.offload.fetch_rows(si, view, idx), valid
 
