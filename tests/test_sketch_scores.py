@@ -90,16 +90,20 @@ def test_triton_matches_reference(kt, b, h, d, t, num_pages, bits, c):
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [32, 16, 64, 24])
-@pytest.mark.parametrize("b,h,d,t,num_pages,bits,c", CASES[1:])
+@pytest.mark.parametrize(
+    "b,h,d,t,num_pages,bits,c,chunk",
+    [(*CASES[1], 32), (*CASES[1], 16), (*CASES[1], 24), (*CASES[3], 64), (*CASES[3], 32)],
+)
 def test_triton_maxima_are_block_maximas_of_its_scores(kt, b, h, d, t, num_pages, bits, c, chunk):
-    """The block maxima the kernel takes in its launch (chunk 32, 16, 64: dividing a page; 24: block_maxima's kernel
-    after it) are exactly block_maxima's of the scores it stored, each row's range cutting pages and blocks (one
-    range empty, one past the row's pages, one leaving out whole blocks), and the scores those of sketch_scores."""
+    """The block maxima the kernel takes in its launch (chunk 32, 16, 64: dividing a page, 64 a whole page of 64
+    tokens; 24: block_maxima's kernel after it) are exactly block_maxima's of the scores it stored, each row's range
+    cutting pages and blocks (one range empty, one past the row's pages, one whose first and last blocks hold one
+    position of it), and the scores those of sketch_scores."""
     _, qc, channels, packed, scale, zero, pages = _case(b, h, d, t, num_pages, bits, c)
     n = pages.shape[1] * t
-    begin = torch.tensor([70, 0, 70, 3][:b], device=DEVICE).clamp(max=n)
-    end = torch.tensor([n - 9, n, 70, 2 * n][:b], device=DEVICE)
+    # row 0: its first and last blocks hold one position of the range each
+    begin = torch.tensor([chunk - 1, 0, 70, 3][:b], device=DEVICE)
+    end = torch.tensor([n - chunk + 1 - n % chunk, n, 70, 2 * n][:b], device=DEVICE)
     scores, maxima = kt.sketch_scores_and_maxima(
         qc, channels, packed, scale, zero, pages, bits, begin, end, chunk
     )
