@@ -134,15 +134,13 @@ def _launch(qc, channels, packed, scale, zero, pages, bits, begin=None, end=None
     packed, scale, zero = _unpacked(QuantizedKeys(packed, scale, zero))
     qc, channels, pages = qc.float().contiguous(), channels.contiguous(), pages.contiguous()
     out = torch.empty(b, h, n * t, dtype=torch.float32, device=qc.device)
-    maxima = torch.empty(
-        b, h, n * t // chunk if chunk else 0, dtype=torch.float32, device=qc.device
-    )
     if chunk:  # one range per row: a 0-d range stands for every one
+        maxima = torch.empty(b, h, n * t // chunk, dtype=torch.float32, device=qc.device)
         begin, end = (
             torch.as_tensor(x, device=qc.device).expand(b).contiguous() for x in (begin, end)
         )
     else:  # not read
-        begin = end = pages
+        maxima, begin, end = out, pages, pages
     if out.numel():
         _sketch_scores_kernel[(b * h, n)](
             qc,
