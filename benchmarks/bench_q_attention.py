@@ -1,7 +1,7 @@
 """The Q layers' decode attention (kivi_triton.paged_decode_attention over 1- or 2-bit KIVI pages) swept over its
 launch settings: the programs the context is split into (0: the module's rule), warps, pipeline stages and tokens
-an iteration (--tiles). In the batch-16, 32k H200 profile it took 1.14 ms a step where its bytes take
-~60 us at the HBM rate (benchmarks/NOTES.md): latency-bound.
+an iteration (--tiles). In the batch-16, 32k H200 profile it took 1.14 ms a step where its bytes take ~60 us at the
+HBM rate (benchmarks/NOTES.md): latency-bound.
 Its settings were chosen at batch 1 and 128k on an H100; this finds the best at the batches a throughput run holds.
 `--share 0,4` also runs each setting as share_q_pages runs rows that share nothing: groups of up to 4 rows (16 query
 rows a tile at GQA 4), each row alone, whose splits count one program per group (4x those of `0`, no groups).

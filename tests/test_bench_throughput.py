@@ -92,8 +92,7 @@ def test_largest_after_a_search_or_only_beside_a_failed_next_size():
     rows = [{"batch": b, "fits": f} for b, f in [(4, True), (8, False), (6, True), (7, False)]]
     assert bench_throughput.largest(rows, exact=False)["batch"] == 6
     assert bench_throughput.largest(rows, exact=True)["batch"] == 6  # 7 did not fit
-    assert (
-        bench_throughput.largest(rows[:1], exact=True) is None
-    )  # 5 never probed: not known to be largest
+    # 5 never probed: not known to be largest
+    assert bench_throughput.largest(rows[:1], exact=True) is None
     assert bench_throughput.largest(rows[:1], exact=False)["batch"] == 4
     assert bench_throughput.largest([{"batch": 3, "fits": False}], exact=False) is None

@@ -87,9 +87,8 @@ def test_selection_by_blocks_picks_what_one_top_k_picks(chunk, kernel, monkeypat
     begin, end, k_rows = (x.to(device) for x in (begin, end, torch.tensor([50, 7, 64, 64])))
     idx, valid = select_tokens(scores, begin, end, 64, k_rows)
     got, ok = select_tokens(scores, begin, end, 64, k_rows, chunk=chunk)
-    if (
-        device == "cpu"
-    ):  # rank by rank (on CUDA block_topk's kernel gives the set in position order)
+    # rank by rank (on CUDA block_topk's kernel gives the set in position order)
+    if device == "cpu":
         assert torch.equal(ok, valid) and torch.equal(got[ok], idx[valid])
     _same_valid_sets(got, ok, idx, valid)
     assert valid.sum(-1)[:, 0].tolist() == [50, 7, 10, 64]  # row 2's range holds 10 positions
@@ -118,9 +117,8 @@ def test_selection_through_block_topks_kernel(chunk, monkeypatch):
     _same_valid_sets(got, ok, idx, valid)
     assert ok.sum(-1)[:, 0].tolist() == [50, 7, 10, 64]
     for (b, h), kr in zip(itertools.product(range(4), range(3)), [50] * 3 + [7] * 3 + [64] * 6):
-        assert (
-            got[b, h, :kr].diff().gt(0).all() and not got[b, h, kr:].any()
-        )  # ascending; past k_r: 0
+        # ascending; past k_r: 0
+        assert got[b, h, :kr].diff().gt(0).all() and not got[b, h, kr:].any()
 
 
 @pytest.mark.parametrize("kernel", [False, True])
@@ -143,6 +141,16 @@ def test_selection_with_the_callers_maxima_selects_as_without(kernel, monkeypatc
         dev, *args, 64, k_rows.to(dev.device), chunk=8, maxima=maxima.to(dev.device)
     )
     assert all(torch.equal(w, g) for w, g in zip(want, got))
+    # and they are the maxima it ranks by: all equal, other blocks are taken
+    flat = select_tokens(
+        dev,
+        *args,
+        64,
+        k_rows.to(dev.device),
+        chunk=8,
+        maxima=torch.zeros_like(maxima).to(dev.device),
+    )
+    assert not torch.equal(flat[0], want[0])
 
 
 @pytest.mark.parametrize("chunk", [0, 13])

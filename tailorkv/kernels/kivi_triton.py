@@ -338,12 +338,11 @@ def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
     # products in q's dtype: tensor cores for 16-bit queries, exact fp32 FMAs for fp32 ones
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * qk_scale
     s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every tile holds at least one token
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
-    l = l * alpha + tl.sum(p, axis=1)
-    return m_new, l, acc
+    return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
 @triton.jit(do_not_specialize=["chunk", "num_splits", "sp_b"])

@@ -13,6 +13,7 @@ from tailorkv.kernels.block_maxima_triton import block_maxima
 from tailorkv.kernels.kivi import QuantizedKeys, codes_per_word
 from tailorkv.kernels.kivi_triton import _unpacked, codes_f32
 from tailorkv.kernels.sketch_scores import GROUP
+from tailorkv.kernels.token_topk_triton import per_row
 
 # channels a tile unpacks at once: at 2 bits, 4 take 74 registers a thread (8 would take 124: half the warps an SM
 # holds; ptxas for sm_90), with 16-byte score stores and 8-byte word loads
@@ -136,9 +137,7 @@ def _launch(qc, channels, packed, scale, zero, pages, bits, begin=None, end=None
     out = torch.empty(b, h, n * t, dtype=torch.float32, device=qc.device)
     if chunk:  # one range per row: a 0-d range stands for every one
         maxima = torch.empty(b, h, n * t // chunk, dtype=torch.float32, device=qc.device)
-        begin, end = (
-            torch.as_tensor(x, device=qc.device).expand(b).contiguous() for x in (begin, end)
-        )
+        begin, end = (per_row(x, b, 0, qc.device) for x in (begin, end))
     else:  # not read
         maxima, begin, end = out, pages, pages
     if out.numel():
