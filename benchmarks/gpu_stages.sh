@@ -229,7 +229,8 @@ bt2)
   # tests; GT=1 adds the engines in CUDA graphs, test_gpu.py, ~200 s)
   [ -n "${TESTS-1}" ] && timeout ${TG:-150} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_topk.py \
     tests/test_kivi.py tests/test_host_fp8.py tests/test_sketch_scores.py tests/test_selection.py tests/test_token_topk.py \
-    tests/test_sparse_attention.py 2>&1 | tail -15; t
+    tests/test_sparse_attention.py tests/test_device_copies.py \
+    tests/test_tailor.py::test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_same 2>&1 | tail -15; t
   [ -n "${GT:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py \
     -k "graph or deferred or host_tier" 2>&1 | tail -15; t
   # TK=1: bench_topk at 128k, this tree and OLD_B1 (block_topk two bits a reduction, d0fbd1b, against one)
@@ -342,9 +343,12 @@ th32)
 th128)
   # issue 22's 4x at 128k in one call (~480 s on the H100, 2026-12-06): full at its largest batch (3), then tailor with
   # fp8 host rows at its own (11 under --host-kv-gib 90), both with --step-budget-ms 0 (prompts in whole chunks beside
-  # the decoding rows: under the default budget at most 6 of 11 ran at once)
-  for p in "full 3 4" "tailor:longbench:host_kv_dtype=fp8 ${TS:-11} 90"; do
+  # the decoding rows: under the default budget at most 6 of 11 ran at once). ONLY=full or ONLY=tailor: one of them
+  # (a call each where tailor's probe takes longer: TS=14 TSP=...:gpu_rows_gib=40, 3 of its requests on resident
+  # pages, ~420 s)
+  for p in "full 3 4" "${TSP:-tailor:longbench:host_kv_dtype=fp8} ${TS:-11} 90"; do
     set -- $p
+    [ -n "${ONLY:-}" ] && [ "${1%%:*}" != "$ONLY" ] && continue
     timeout ${TT:-400} python3 -m benchmarks.bench_throughput --contexts 131072 --policies $1 --sizes $2 --output-len 1024 \
       --server-args "--gpu-memory-limit 80 --host-kv-gib $3 --step-budget-ms 0" --output $R/throughput_${1%%:*}.json \
       > $R/th_${1%%:*}.log 2>&1; echo "th $1 rc=$?"; t; tail -n 2 $R/th_${1%%:*}.log

@@ -28,6 +28,7 @@ POLICY_ARGS = {
     "tailor_position_order": "position_order",
     "tailor_fp8_row_align": "fp8_row_align",
     "tailor_share_q_pages": "share_q_pages",
+    "tailor_gpu_rows_gib": "gpu_rows_gib",
     "cascade_attention": "cascade",
 }
 TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
@@ -149,6 +150,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tailor: the host tier's token rows in the compute dtype (auto) or float8 e4m3 with a per-token, "
         "per-KV-head scale (fp8: half the host bytes; prompt-time reads see the dequantized rows)",
+    )
+    p.add_argument(
+        "--tailor-gpu-rows-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="tailor: GiB of the GPU KV budget that hold the prompt rows of requests past what the host tier holds "
+        "(rows on the GPU alone; default 0; needs the key sketch)",
     )
     p.add_argument(
         "--logprobs-mode",

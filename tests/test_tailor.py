@@ -592,3 +592,39 @@ def test_chunked_prefill_stores_what_whole_prompt_prefill_stores(prompt, options
             else:
                 tol = {"rtol": 0, "atol": 1e-5} if a.dtype == torch.float32 else {}
                 torch.testing.assert_close(a, b, **tol, msg=name)
+
+
+def test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_same():
+    """gpu_rows_gib: with 4 pinned host pages and 8 resident ones (rows in the GPU tier alone), three prompts of 3
+    pages run at once, the later two on resident pages, prefilled in 100-token chunks (a partly computed page is read
+    back from its copy), then again from the prefix cache: 12 teacher-forced steps each give the logprobs of a host
+    tier that holds them all (the same rows, read from elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 1000, (662,), generator=g).tolist() for _ in range(3)]
+    prompts, forced = [x[:650] for x in ids], [x[650:] for x in ids]
+    base = {
+        **TINY_TAILOR,
+        "key_sketch": 2,
+        "chunked_prefill_size": 100,
+        "progress": False,
+        "kv_cache_gib": 0.05,
+    }
+    out = {}
+    for name, opts in (
+        ("host", {"host_kv_gib": 0.05}),
+        ("resident", {"host_kv_gib": 0.002, "gpu_rows_gib": 0.004}),
+    ):
+        with Engine(**base, **opts) as e:
+            held, add = [], e.policy.add_request
+            e.policy.add_request = lambda rid, pages, *a: (
+                held.append(pages["host"]) or add(rid, pages, *a)
+            )
+            out[name] = [[r.output_logprobs for r in e.forced(prompts, forced)] for _ in range(2)]
+            copies = e.policy.offload.copies
+            if name == "resident":
+                assert (copies.pinned, copies.resident) == (4, 8)
+                assert sorted(p for h in held[:3] for p in h) == list(range(9))
+            else:
+                assert copies.resident == 0
+    for got, want in zip(sum(out["resident"], []), sum(out["host"], [])):
+        assert_close_logprobs(got, want)

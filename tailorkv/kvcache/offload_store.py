@@ -169,8 +169,12 @@ class DecodeView:
                 [[st.window_len for st in states], [st.n + 1 - st.prompt_len for st in states]]
             )
         for i, st in enumerate(states):
-            h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
-            if copies is not None:
+            if copies is None:
+                h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
+            else:
+                h["host_pages"][i, : st.host_pages_cpu.numel()] = copies.host_index(
+                    st.host_pages_cpu
+                )
                 h["copy_slots"][i, : st.host_pages_cpu.numel()] = copies.readable(st.host_pages_cpu)
             h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
             h["top_k"][i, : st.top_k_cpu.numel()] = st.top_k_cpu
@@ -204,10 +208,13 @@ class OffloadStore:
         copy_slots: int = 0,
         fp8_rows: bool = False,
         fp8_align: int = 4,
+        resident_pages: int = 0,
     ):
         """`extra_row_layers`: more layers whose prompt rows only are kept (tailor's Q layers, for a later request
         that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ...
         `copy_slots`: host pages whose token rows (every row layer) also have a copy in the GPU tier (DeviceCopies).
+        `resident_pages`: more pages after the `host_pages` pinned ones, their rows in the GPU tier alone (with a key
+        sketch: stage 1 reads no host rows of them); the host tier gets a scratch page that their writes go to.
         `fp8_rows`: token rows stored as host_fp8 packed rows, padded to a multiple of `fp8_align` bytes."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.dtype, self.fp8_rows, self.fp8_align = dtype, fp8_rows, fp8_align
@@ -226,20 +233,21 @@ class OffloadStore:
                 else host_tensor(shape, dtype, pin)
             )
 
+        assert sketch_bits or not resident_pages, "resident pages need a key sketch"
         self.rows = [
-            host(host_pages, *self.row_shape, dtype=self.row_dtype)
+            host(host_pages + (resident_pages > 0), *self.row_shape, dtype=self.row_dtype)
             for _ in range(L + extra_row_layers)
         ]  # no huge block
-        self.copies = DeviceCopies(copy_slots)
+        self.copies = DeviceCopies(copy_slots, host_pages, resident_pages)
         self.copy_rows = (
             torch.empty(
                 L + extra_row_layers,
-                copy_slots + 1,
+                copy_slots + resident_pages + 1,
                 *self.row_shape,
                 dtype=self.row_dtype,
                 device=device,
             )
-            if copy_slots
+            if copy_slots or resident_pages
             else None
         )
         # the channel-major copy of K that stage 1 reads, unless the sketch replaces it

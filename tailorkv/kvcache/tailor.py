@@ -182,8 +182,10 @@ class TailorPolicy(KVPolicy):
         tier (every layer's exact prompt rows: the S layers' for decode, all of them for the prefill chunks and
         shared prefixes that read them back) and GPU copies of host pages (DeviceCopies), which those reads use
         where a page has one: by default (with prefix caching) the GPU memory that pools for as many such
-        requests as the host tier holds leave, at most half of it. A shared block is one host-tier page: its token rows (and the Q layers'
-        rows), its key-sketch page and the quantized pages of the same tokens; kivi (no S layers) shares nothing.
+        requests as the host tier holds leave, at most half of it. With gpu_rows_gib (and a key sketch), that much
+        of the GPU budget first holds the rows of resident pages: host-pool pages past the pinned ones, whose rows
+        live in the GPU tier alone (DeviceCopies), for requests the host tier has no room for. A shared block is one
+        host-tier page: its token rows (and the Q layers' rows), its key-sketch page and the quantized pages of the same tokens; kivi (no S layers) shares nothing.
         Generated tokens live in GPU-tier pages of their own, never in shared blocks; a cached partial block is its
         host page, the exact rows of every layer."""
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
@@ -222,20 +224,32 @@ class TailorPolicy(KVPolicy):
             fp8_align=t.fp8_row_align,
         )
         host_pages = max(host_bytes // hpage, 1)
-        host = [PoolSpec("host", "host", host_pages, HOST_PAGE, hpage, "prompt")]
         cpage = OffloadStore.bytes_per_copy(ns + nq, h, d, item, t.fp8_rows, t.fp8_row_align)
+        # resident pages (gpu_rows_gib): host-pool pages past the pinned ones, their rows in the GPU tier alone, as
+        # many as leave the GPU pools room for every request the host pool then holds
+        resident = 0
+        if ns and t.key_sketch and not self.host_on_device:
+            room = max(rest - host_pages * unit // 64, 0) * 64 // (64 * cpage + unit)
+            resident = min(int(t.gpu_rows_gib * 2**30) // cpage, room)
+            rest -= resident * cpage
+        held = (
+            host_pages + resident
+        )  # the host pool's pages: the GPU pools are sized for as many requests
+        host = [PoolSpec("host", "host", held, HOST_PAGE, hpage, "prompt")]
         if (
             copy_bytes is None
         ):  # without prefix caching only prefill chunks read them: none unless asked
             copy_bytes = (
                 0
                 if self.host_on_device or not prefix_caching
-                else min(rest - host_pages * unit // 64, rest // 2)
+                else min(rest - held * unit // 64, rest // 2)
             )
         copies = min(max(min(copy_bytes, rest), 0) // cpage, host_pages)
         if copies:
             host.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
             rest -= copies * cpage
+        if resident:
+            host.append(PoolSpec("resident", "gpu", resident, HOST_PAGE, cpage))
         pools = {
             name: PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b, holds)
             for name, (size, b, n, holds) in gpu.items()
@@ -272,7 +286,7 @@ class TailorPolicy(KVPolicy):
         )
         self.offload = OffloadStore(
             len(self.s_index),
-            n["host"],
+            n["host"] - n.get("resident", 0),
             n.get("gen", 0),
             n["slots"],
             h,
@@ -288,6 +302,7 @@ class TailorPolicy(KVPolicy):
             copy_slots=n.get("copies", 0),
             fp8_rows=t.fp8_rows,
             fp8_align=t.fp8_row_align,
+            resident_pages=n.get("resident", 0),
         )
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}

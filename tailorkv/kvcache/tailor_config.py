@@ -46,6 +46,10 @@
   with a per-token, per-KV-head scale (kernels/host_fp8.py): half the host bytes per token, so twice the requests
   per --host-kv-gib; decode's top-k rows cross PCIe in 8 bits. Prompt-time reads of host rows (shared prefix,
   chunked prefill, GPU copies) see the dequantized values: exactness against full attention holds for "auto" only.
+- gpu_rows_gib (beyond the paper): N = N GiB of the GPU budget hold the prompt rows of requests past what the host
+  tier holds: host-pool pages whose rows live in the GPU tier alone (memory/device_copies.py), read by the top-k
+  fetch from HBM. For throughput on a host whose page-locked memory bounds the batch (128k on an 80 GiB H100: 11
+  requests in 90 GiB of fp8 rows). Default 0; needs the key sketch.
 - fp8_row_align: an fp8 host row padded to a multiple of 4 bytes (2D + 4, the default) or 16 (2D + 16: every row
   16-byte aligned, so the top-k fetch reads it over PCIe in 16-byte loads where 2D + 4 takes 4-byte ones; 4.6% more
   host bytes at head_dim 128), for whichever measures faster (benchmarks/bench_uva_gather.py --rows).
@@ -91,6 +95,7 @@ class TailorConfig:
     position_order: int = 40
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
+    gpu_rows_gib: float = 0
 
     @property
     def fp8_rows(self) -> bool:
@@ -152,6 +157,14 @@ class TailorConfig:
             )
         if self.fp8_row_align != 4 and not self.fp8_rows:
             raise ConfigError("fp8_row_align applies to host_kv_dtype fp8 only")
+        if not isinstance(self.gpu_rows_gib, (int, float)) or not self.gpu_rows_gib >= 0:
+            raise ConfigError(
+                f"gpu_rows_gib must be a number of GiB >= 0, got {self.gpu_rows_gib!r}"
+            )
+        if self.gpu_rows_gib and not self.key_sketch:
+            raise ConfigError(
+                "gpu_rows_gib needs a key sketch (key_sketch 1 or 2): stage 1 reads host rows"
+            )
         if not isinstance(self.d_s, int) or self.d_s < 1:
             raise ConfigError(f"d_s must be a positive integer, got {self.d_s!r}")
         if head_dim is not None and self.d_s > head_dim:

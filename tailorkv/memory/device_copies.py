@@ -7,6 +7,10 @@ A fixed number of copy slots, kept by least recent use. A page gets a slot when 
 computes it writes the copy too, from the GPU) and keeps it while later prefills read it; when the slots run out, the
 least recently used page whose copy is not needed in the step loses its slot. Every write of a host page goes
 through its copy (or takes a slot anew), so a copy is never stale; a freed page's copy simply ages out.
+
+Resident pages (`resident`, the page ids past the host tier's pinned pages) have only their copy: a slot each of
+their own after the others, never lost, so the batch can hold requests whose prompts the host tier has no room for.
+Their writes to the host tier go to its scratch page (`host_index`), and nothing reads them from there.
 Bookkeeping only: OffloadStore holds the tensors, with one more slot, the scratch that pages without a copy write
 to."""
 
@@ -36,8 +40,11 @@ class PrefixReads(NamedTuple):
 
 
 class DeviceCopies:
-    def __init__(self, slots: int):
-        self.scratch = slots  # the slot of pages without a copy (written, never read)
+    def __init__(self, slots: int, pinned: int = 0, resident: int = 0):
+        """`slots` kept by least recent use; with `resident` pages, host pages [pinned, pinned + resident) have
+        slots [slots, slots + resident) for good (and the host tier a scratch page, `pinned`)."""
+        self.slots, self.pinned, self.resident = slots, pinned, resident
+        self.scratch = slots + resident  # the slot of pages without a copy (written, never read)
         self._slot: dict[int, int] = {}  # host page -> slot
         self._page: OrderedDict[int, int] = (
             OrderedDict()
@@ -48,23 +55,37 @@ class DeviceCopies:
         )  # pages given a slot this step that they are read before filling
         # host page -> the slot whose copy holds its rows (-1: none): what decode steps' fetches read, by index
         # (numpy: written inside and outside torch's inference mode alike)
-        self._readable = np.full(0, -1, dtype=np.int64)
+        self._readable = np.full(pinned + resident, -1, dtype=np.int64)
+        self._readable[pinned:] = np.arange(slots, slots + resident)
 
     @property
     def num_pages(self) -> int:
-        """Host pages with a copy."""
-        return len(self._slot)
+        """Host pages with a copy (resident pages included)."""
+        return len(self._slot) + self.resident
+
+    def _is_resident(self, page: int) -> bool:
+        return self.pinned <= page < self.pinned + self.resident
 
     def slot(self, page: int) -> int | None:
         """The slot of a page whose copy holds its rows (None: none yet)."""
+        if self._is_resident(page):
+            return self.slots + page - self.pinned
         return None if page in self._unwritten else self._slot.get(page)
+
+    def host_index(self, pages: torch.Tensor) -> torch.Tensor:
+        """Host pages (CPU, long; -1 for none) as indices of the host tier's tensors: resident pages at its scratch
+        page."""
+        return pages.clamp(max=self.pinned) if self.resident else pages
 
     def plan(self, read: list[int], written: list[int]) -> None:
         """One step's use: the pages it reads (their copies are recently used and kept through the step) and the
         pages it writes, which get a slot (their own, a free one, or the least recently used one neither read nor
         written in the step); those for which none is left get none. A page without a copy that the step also
         reads (a prompt's partly computed page, before its next chunk) is read from the host tier in this step,
-        its new slot being filled only as the step writes it."""
+        its new slot being filled only as the step writes it. Resident pages keep their slots."""
+        if self.resident:
+            read = [p for p in read if not self._is_resident(p)]
+            written = [p for p in written if not self._is_resident(p)]
         for p in read:
             if p in self._slot:
                 self._page.move_to_end(self._slot[p])
@@ -121,9 +142,8 @@ class DeviceCopies:
 
     def slots_of(self, pages: torch.Tensor) -> torch.Tensor:
         """The slot of each written page (the scratch where it has none)."""
-        return torch.tensor(
-            [self._slot.get(p, self.scratch) for p in pages.tolist()], dtype=torch.long
-        )
+        slots = [self.slot(p) for p in pages.tolist()]
+        return torch.tensor([self.scratch if s is None else s for s in slots], dtype=torch.long)
 
     def reads(self, runs: tuple, device) -> PrefixReads:
         """Split reads of host page runs (first page, index, length) into runs over PCIe and copies on the GPU."""
