@@ -227,10 +227,11 @@ bt2)
   # attention against OLD_B1, then b16 at 32k and 128k b1 with fp8 rows, this tree against OLD_B1
   # (CTXS: the latency runs' context:batch pairs, none with CTXS=" "; QA= skips the Q attention, TESTS= the kernel
   # tests; GT=1 adds the engines in CUDA graphs, test_gpu.py, ~200 s)
-  [ -n "${TESTS-1}" ] && timeout ${TG:-150} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_block_topk.py \
+  # (TF: other test files or node ids)
+  [ -n "${TESTS-1}" ] && timeout ${TG:-150} python3 -m pytest -q -p no:cacheprovider -p no:xdist ${TF:-tests/test_block_topk.py \
     tests/test_kivi.py tests/test_host_fp8.py tests/test_sketch_scores.py tests/test_selection.py tests/test_token_topk.py \
     tests/test_sparse_attention.py tests/test_device_copies.py \
-    tests/test_tailor.py::test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_same 2>&1 | tail -15; t
+    tests/test_tailor.py::test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_same} 2>&1 | tail -15; t
   [ -n "${GT:-}" ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_gpu.py \
     -k "graph or deferred or host_tier" 2>&1 | tail -15; t
   # TK=1: bench_topk at 128k, this tree and OLD_B1 (block_topk two bits a reduction, d0fbd1b, against one)
@@ -258,11 +259,11 @@ bt2)
 b128)
   # 128k at a large batch (issue 22's 4x is bound there): tailor with fp8 host rows at BB requests, one step profiled,
   # the table of where its time goes (MR=16: the engine's max running requests as a server's, whose captured step pads
-  # BB rows to the next graph bucket)
+  # BB rows to the next graph bucket; LA: more bench_latency flags, e.g. the server's --chunked-prefill-size 8192)
   timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 --batch ${BB:-9} \
     ${MR:+--max-running $MR} \
     --device cuda --policies ${BP:-tailor:longbench:host_kv_dtype=fp8} --steps 16 --host-kv-gib ${HG:-90} \
-    --gpu-memory-limit 80 --profile-steps 2 --output $R/latency_b128_fp8.json > $R/lat_b128.log 2>&1
+    --gpu-memory-limit 80 --profile-steps 2 ${LA:-} --output $R/latency_b128_fp8.json > $R/lat_b128.log 2>&1
   echo "lat b128 rc=$?"; t; grep -v "oading\|it/s" $R/lat_b128.log | tail -30
   ;;
 b50)

@@ -609,11 +609,12 @@ def test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_s
         "progress": False,
         "kv_cache_gib": 0.05,
     }
-    out = {}
-    for name, opts in (
-        ("host", {"host_kv_gib": 0.05}),
-        ("resident", {"host_kv_gib": 0.002, "gpu_rows_gib": 0.004}),
-    ):
+    out, item = (
+        {},
+        2 if torch.cuda.is_available() else 4,
+    )  # bfloat16 on the GPU: pages of half the bytes
+    resident = {"host_kv_gib": 0.0005 * item, "gpu_rows_gib": 0.001 * item}
+    for name, opts in (("host", {"host_kv_gib": 0.05}), ("resident", resident)):
         with Engine(**base, **opts) as e:
             held, add = [], e.policy.add_request
             e.policy.add_request = lambda rid, pages, *a: (
