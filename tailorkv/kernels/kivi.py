@@ -126,7 +126,15 @@ def dequantize_keys(
 ) -> torch.Tensor:
     """The first `num_tokens` keys of `qk` as [N, num_tokens, D] in `dtype` (extra stored tokens are ignored)."""
     check_group(bits, group)
-    codes = _unpack(qk.packed, bits, 1)[:, :num_tokens]
+    codes = _unpack(qk.packed, bits, 1)
+    g = num_tokens // group
+    if num_tokens == g * group and num_tokens <= codes.shape[1] and g <= qk.scale.shape[1]:
+        # whole groups: each group's scale and zero broadcast over its tokens, the same products and sums as
+        # repeat_interleave's copies below (element for element, and the same contiguous result) without them
+        c = codes[:, :num_tokens].unflatten(1, (g, group))
+        keys = c * qk.scale[:, :g, None].float() + qk.zero[:, :g, None].float()
+        return keys.flatten(1, 2).to(dtype)
+    codes = codes[:, :num_tokens]
     scale = qk.scale.float().repeat_interleave(group, 1)[:, :num_tokens]
     zero = qk.zero.float().repeat_interleave(group, 1)[:, :num_tokens]
     return (codes * scale + zero).to(dtype)
