@@ -56,8 +56,8 @@ def gather_rows(
     device; where copy_slots [B, NP] (beside `copies` [S, T, H, W] on pages' device) is >= 0, from that copy.
     Each output row is copied once from where it lives (index_select of whole rows into zeros: advanced
     indexing and a broadcast masked_fill took ~4x as long on CPU, for the same bytes)."""
-    if not rows.is_contiguous() or (copies is not None and not copies.is_contiguous()):
-        return _gather_rows_indexed(rows, pages, idx, copies, copy_slots)
+    rows = rows.contiguous()  # a view of whole rows (the tiers' tensors are contiguous: no copy)
+    copies = None if copies is None else copies.contiguous()
     (t, h, w), (b, _, k) = rows.shape[1:], idx.shape
     at = idx.to(rows.device)
     page_of = (at // t).view(b, -1)
@@ -78,31 +78,6 @@ def gather_rows(
         src = copies.view(-1, w).index_select(0, slot[sel] * (t * h) + row.to(copies.device)[sel])
         out.index_copy_(0, sel.to(out.device), src)
     return out.view(b, h, k, w)
-
-
-def _gather_rows_indexed(
-    rows: torch.Tensor,
-    pages: torch.Tensor,
-    idx: torch.Tensor,
-    copies: torch.Tensor | None = None,
-    copy_slots: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """gather_rows by advanced indexing, for rows or copies that are not contiguous."""
-    t = rows.shape[1]
-    b, h, k = idx.shape
-    page_of = (idx // t).view(b, -1).to(rows.device)
-    page = pages.to(rows.device).gather(1, page_of).view(b, h, k)
-    heads = torch.arange(h, device=rows.device)[None, :, None]
-    out = (
-        rows[page.clamp(min=0), idx.to(rows.device) % t, heads]
-        .masked_fill((page < 0)[..., None], 0)
-        .to(pages.device)
-    )
-    if copies is None:
-        return out
-    slot = copy_slots.gather(1, page_of.to(copy_slots.device)).view(b, h, k)
-    from_copy = copies[slot.clamp(min=0), idx % t, heads.to(copies.device)]
-    return torch.where((slot >= 0)[..., None], from_copy, out)
 
 
 def ops(device: torch.device | str) -> ModuleType:
