@@ -9,6 +9,7 @@ import torch
 from conftest import assert_close_logprobs, forced_logprobs
 
 from tailorkv import Engine
+from tailorkv.config import EngineConfig
 from tailorkv.engine.sampling import SamplingParams
 from tailorkv.errors import ConfigError
 from tailorkv.essays import load_essays
@@ -629,3 +630,16 @@ def test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_s
                 assert copies.resident == 0
     for got, want in zip(sum(out["resident"], []), sum(out["host"], [])):
         assert_close_logprobs(got, want)
+
+
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        ({"gpu_rows_gib": -1}, "gpu_rows_gib must be a number of GiB >= 0"),
+        ({"gpu_rows_gib": "8"}, "gpu_rows_gib must be a number of GiB >= 0"),
+        ({"gpu_rows_gib": 8, "key_sketch": 0}, "gpu_rows_gib needs a key sketch"),
+    ],
+)
+def test_bad_gpu_rows_are_config_errors(options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        EngineConfig.from_kwargs(kv_policy="tailor", **options)
