@@ -41,10 +41,12 @@ def test_a_page_read_and_written_without_a_copy_is_read_from_the_host_once_and_f
     c = DeviceCopies(3)
     c.plan([3], [3, 4])
     assert c.slot(3) is None and c.slot(4) is not None
+    s3 = int(c.slots_of(torch.tensor([3])))  # the step's write fills its new slot
+    assert s3 != c.scratch
     assert c.reads(((3, 0, 1),), "cpu").host_runs == ((3, 0, 1),)
     _readable_is_slot(c)
     c.plan([4], [4, 5])  # with a copy it keeps it; 3's copy was filled by the last step
-    assert c.slot(3) is not None and c.slot(4) is not None and c.slot(5) is not None
+    assert c.slot(3) == s3 and c.slot(4) is not None and c.slot(5) is not None
     assert c.reads(((3, 0, 2),), "cpu").host_runs == ()
     _readable_is_slot(c)
     c.forget([4, 9])

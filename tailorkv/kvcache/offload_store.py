@@ -169,13 +169,12 @@ class DecodeView:
                 [[st.window_len for st in states], [st.n + 1 - st.prompt_len for st in states]]
             )
         for i, st in enumerate(states):
-            if copies is None:
-                h["host_pages"][i, : st.host_pages_cpu.numel()] = st.host_pages_cpu
-            else:
-                h["host_pages"][i, : st.host_pages_cpu.numel()] = copies.host_index(
-                    st.host_pages_cpu
-                )
-                h["copy_slots"][i, : st.host_pages_cpu.numel()] = copies.readable(st.host_pages_cpu)
+            pages = st.host_pages_cpu
+            h["host_pages"][i, : pages.numel()] = (
+                pages if copies is None else copies.host_index(pages)
+            )
+            if copies is not None:
+                h["copy_slots"][i, : pages.numel()] = copies.readable(pages)
             h["sketch_pages"][i, : st.sketch_pages_cpu.numel()] = st.sketch_pages_cpu
             h["top_k"][i, : st.top_k_cpu.numel()] = st.top_k_cpu
             g = st.gen_slots()

@@ -185,7 +185,8 @@ class TailorPolicy(KVPolicy):
         requests as the host tier holds leave, at most half of it. With gpu_rows_gib (and a key sketch), that much
         of the GPU budget first holds the rows of resident pages: host-pool pages past the pinned ones, whose rows
         live in the GPU tier alone (DeviceCopies), for requests the host tier has no room for. A shared block is one
-        host-tier page: its token rows (and the Q layers' rows), its key-sketch page and the quantized pages of the same tokens; kivi (no S layers) shares nothing.
+        host-tier page: its token rows (and the Q layers' rows), its key-sketch page and the quantized pages of the
+        same tokens; kivi (no S layers) shares nothing.
         Generated tokens live in GPU-tier pages of their own, never in shared blocks; a cached partial block is its
         host page, the exact rows of every layer."""
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
@@ -232,9 +233,8 @@ class TailorPolicy(KVPolicy):
             room = max(rest - host_pages * unit // 64, 0) * 64 // (64 * cpage + unit)
             resident = min(int(t.gpu_rows_gib * 2**30) // cpage, room)
             rest -= resident * cpage
-        held = (
-            host_pages + resident
-        )  # the host pool's pages: the GPU pools are sized for as many requests
+        # the host pool's pages: the GPU pools are sized for as many requests
+        held = host_pages + resident
         host = [PoolSpec("host", "host", held, HOST_PAGE, hpage, "prompt")]
         if (
             copy_bytes is None

@@ -66,11 +66,15 @@ class DeviceCopies:
     def _is_resident(self, page: int) -> bool:
         return self.pinned <= page < self.pinned + self.resident
 
-    def slot(self, page: int) -> int | None:
-        """The slot of a page whose copy holds its rows (None: none yet)."""
+    def _held(self, page: int) -> int | None:
+        """The slot a page holds, filled or not (None: none)."""
         if self._is_resident(page):
             return self.slots + page - self.pinned
-        return None if page in self._unwritten else self._slot.get(page)
+        return self._slot.get(page)
+
+    def slot(self, page: int) -> int | None:
+        """The slot of a page whose copy holds its rows (None: none yet)."""
+        return None if page in self._unwritten else self._held(page)
 
     def host_index(self, pages: torch.Tensor) -> torch.Tensor:
         """Host pages (CPU, long; -1 for none) as indices of the host tier's tensors: resident pages at its scratch
@@ -142,7 +146,7 @@ class DeviceCopies:
 
     def slots_of(self, pages: torch.Tensor) -> torch.Tensor:
         """The slot of each written page (the scratch where it has none)."""
-        slots = [self.slot(p) for p in pages.tolist()]
+        slots = [self._held(p) for p in pages.tolist()]
         return torch.tensor([self.scratch if s is None else s for s in slots], dtype=torch.long)
 
     def reads(self, runs: tuple, device) -> PrefixReads:
