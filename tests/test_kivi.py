@@ -269,9 +269,15 @@ def test_triton_paged_decode_attention_matches_reference(kt, bits, heads, dtype)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_triton_half_page_tiles_match_the_reference(kt):
-    """Tiles of 32 tokens (two an iteration's page): 1-bit keys one word row a tile, 16-bit queries."""
-    case = _paged_case(1, dtype=torch.bfloat16, hq=8, hkv=2, d=128)
+@pytest.mark.parametrize("programs", [None, 1])
+def test_triton_half_page_tiles_match_the_reference(kt, monkeypatch, programs):
+    """Tiles of 32 tokens (two an iteration's page): 1-bit keys one word row a tile, 16-bit queries. In one split a
+    row's packed tiles cross pages (two tiles a page id) and end inside the split; the last row's values are packed
+    past its packed keys (vq > kq), so the keys' tail meets values from their pages."""
+    if programs:
+        monkeypatch.setattr(kt, "_TARGET_PROGRAMS", programs)
+        monkeypatch.setattr(kt, "_MIN_SPLITS", 0)
+    case = _paged_case(1, PAGED_ROWS + [(300, 256, 290)], dtype=torch.bfloat16, hq=8, hkv=2, d=128)
     want = K.paged_decode_attention(
         *(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in case)
     )

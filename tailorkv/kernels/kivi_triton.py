@@ -76,6 +76,62 @@ def codes_f32(codes):
 
 
 @triton.jit
+def _load_key_tile(
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    sp_t,
+    ss_t,
+    t0,
+    T,
+    D,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """_key_tile's loads, as stored: (words [BLOCK_T / (32 / BITS), BLOCK_D] int32, scale, zero [BLOCK_D] fp16).
+    T <= t0 loads nothing (a tile to prefetch past the end)."""
+    PER: tl.constexpr = 32 // BITS
+    w = t0 // PER + tl.arange(0, BLOCK_T // PER)
+    d = tl.arange(0, BLOCK_D)
+    words = tl.load(
+        packed_ptr + w[:, None] * sp_t + d[None, :],
+        mask=(w * PER < T)[:, None] & (d < D)[None, :],
+        other=0,
+    )
+    row = (t0 // GROUP) * ss_t + d
+    ok = d < tl.where(t0 < T, D, 0)  # a tile past the quantized tokens has no scale row to read
+    scale = tl.load(scale_ptr + row, mask=ok, other=0.0)
+    zero = tl.load(zero_ptr + row, mask=ok, other=0.0)
+    return words, scale, zero
+
+
+@triton.jit
+def _dequantize_key_tile(
+    words,
+    scale,
+    zero,
+    BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    F16: tl.constexpr,
+):
+    """Keys [BLOCK_T, BLOCK_D] from _load_key_tile's words, scale and zero (as _key_tile)."""
+    PER: tl.constexpr = 32 // BITS
+    codes = tl.reshape(
+        (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & (2**BITS - 1),
+        [BLOCK_T, BLOCK_D],
+    )
+    # one return: the compiler visits every return statement and needs their types to agree
+    if F16:
+        x = _codes_f16(codes) * scale[None, :] + zero[None, :]
+    else:
+        x = codes_f32(codes) * scale.to(tl.float32)[None, :] + zero.to(tl.float32)[None, :]
+    return x
+
+
+@triton.jit
 def _key_tile(
     packed_ptr,
     scale_ptr,
@@ -95,27 +151,72 @@ def _key_tile(
     float16 (codes * scale + zero in float16: both are float16 already and the values lie between a group's
     float16 extremes). t0 is a multiple of BLOCK_T, which divides GROUP: one scale/zero row. Entries past T or D are
     meaningless."""
+    words, scale, zero = _load_key_tile(
+        packed_ptr, scale_ptr, zero_ptr, sp_t, ss_t, t0, T, D, BITS, GROUP, BLOCK_T, BLOCK_D
+    )
+    return _dequantize_key_tile(words, scale, zero, BITS, BLOCK_T, BLOCK_D, F16)
+
+
+@triton.jit
+def _load_value_tile(
+    packed_ptr,
+    scale_ptr,
+    zero_ptr,
+    p_row,
+    s_row,
+    rows_ok,
+    D,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """_value_tile's loads, as stored: (words [BLOCK_R, BLOCK_D / (32 / BITS)] int32, scale, zero
+    [BLOCK_R, BLOCK_D / GROUP] fp16); rows not `rows_ok` load nothing."""
     PER: tl.constexpr = 32 // BITS
-    w = t0 // PER + tl.arange(0, BLOCK_T // PER)
-    d = tl.arange(0, BLOCK_D)
+    w = tl.arange(0, BLOCK_D // PER)
     words = tl.load(
-        packed_ptr + w[:, None] * sp_t + d[None, :],
-        mask=(w * PER < T)[:, None] & (d < D)[None, :],
+        packed_ptr + p_row[:, None] + w[None, :],
+        mask=rows_ok[:, None] & (w * PER < D)[None, :],
         other=0,
     )
+    g = tl.arange(0, BLOCK_D // GROUP)
+    off = s_row[:, None] + g[None, :]
+    ok = rows_ok[:, None] & (g * GROUP < D)[None, :]
+    scale = tl.load(scale_ptr + off, mask=ok, other=0.0)
+    zero = tl.load(zero_ptr + off, mask=ok, other=0.0)
+    return words, scale, zero
+
+
+@triton.jit
+def _dequantize_value_tile(
+    words,
+    scale,
+    zero,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    F16: tl.constexpr,
+):
+    """Values [BLOCK_R, BLOCK_D] from _load_value_tile's words, scale and zero (as _value_tile)."""
+    PER: tl.constexpr = 32 // BITS
     codes = tl.reshape(
-        (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & (2**BITS - 1),
-        [BLOCK_T, BLOCK_D],
+        (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & (2**BITS - 1),
+        [BLOCK_R, BLOCK_D],
     )
-    row = (t0 // GROUP) * ss_t + d
-    ok = d < tl.where(t0 < T, D, 0)  # a tile past the quantized tokens has no scale row to read
-    scale = tl.load(scale_ptr + row, mask=ok, other=0.0)
-    zero = tl.load(zero_ptr + row, mask=ok, other=0.0)
-    # one return: the compiler visits every return statement and needs their types to agree
+    if not F16:
+        scale, zero = scale.to(tl.float32), zero.to(tl.float32)
+    scale = tl.reshape(
+        tl.broadcast_to(scale[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
+    )
+    zero = tl.reshape(
+        tl.broadcast_to(zero[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
+    )
     if F16:
-        x = _codes_f16(codes) * scale[None, :] + zero[None, :]
+        x = _codes_f16(codes) * scale + zero
     else:
-        x = codes_f32(codes) * scale.to(tl.float32)[None, :] + zero.to(tl.float32)[None, :]
+        x = codes_f32(codes) * scale + zero
     return x
 
 
@@ -136,35 +237,10 @@ def _value_tile(
 ):
     """Dequantized values [BLOCK_R, BLOCK_D], float32 or with F16 float16 (as _key_tile); p_row / s_row are each
     row's offset into packed / scale. Entries of rows not `rows_ok` or past D are meaningless."""
-    PER: tl.constexpr = 32 // BITS
-    w = tl.arange(0, BLOCK_D // PER)
-    words = tl.load(
-        packed_ptr + p_row[:, None] + w[None, :],
-        mask=rows_ok[:, None] & (w * PER < D)[None, :],
-        other=0,
+    words, scale, zero = _load_value_tile(
+        packed_ptr, scale_ptr, zero_ptr, p_row, s_row, rows_ok, D, BITS, GROUP, BLOCK_R, BLOCK_D
     )
-    codes = tl.reshape(
-        (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & (2**BITS - 1),
-        [BLOCK_R, BLOCK_D],
-    )
-    g = tl.arange(0, BLOCK_D // GROUP)
-    off = s_row[:, None] + g[None, :]
-    ok = rows_ok[:, None] & (g * GROUP < D)[None, :]
-    scale = tl.load(scale_ptr + off, mask=ok, other=0.0)
-    zero = tl.load(zero_ptr + off, mask=ok, other=0.0)
-    if not F16:
-        scale, zero = scale.to(tl.float32), zero.to(tl.float32)
-    scale = tl.reshape(
-        tl.broadcast_to(scale[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
-    )
-    zero = tl.reshape(
-        tl.broadcast_to(zero[:, :, None], [BLOCK_R, BLOCK_D // GROUP, GROUP]), [BLOCK_R, BLOCK_D]
-    )
-    if F16:
-        x = _codes_f16(codes) * scale + zero
-    else:
-        x = codes_f32(codes) * scale + zero
-    return x
+    return _dequantize_value_tile(words, scale, zero, BITS, GROUP, BLOCK_R, BLOCK_D, F16)
 
 
 @triton.jit(do_not_specialize=["T", "W", "G"])
@@ -345,6 +421,63 @@ def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
     return m_new, l * alpha + tl.sum(p, axis=1), acc
 
 
+@triton.jit
+def _load_page_tile(
+    kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t, svs_h,
+    kvh, page, t0, kend, vq, D, BITS: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, VGROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The packed keys' and values' loads (_load_key_tile's, then _load_value_tile's) of the TILE tokens t0 ... in
+    page `page`, whose keys are packed below kend; a tile at or past kend loads nothing."""
+    kp, ks, kz = _load_key_tile(
+        kp_ptr + page * skp_p + kvh * skp_h,
+        ks_ptr + page * sks_p + kvh * sks_h,
+        kz_ptr + page * sks_p + kvh * sks_h,
+        skp_w,
+        0,
+        t0 % PAGE,
+        tl.where(t0 < kend, PAGE, 0),
+        D,
+        BITS,
+        PAGE,
+        TILE,
+        BLOCK_D,
+    )
+    t = t0 + tl.arange(0, TILE)
+    vslot = page * PAGE + (t % PAGE)
+    vp, vs, vz = _load_value_tile(
+        vp_ptr + kvh * svp_h,
+        vs_ptr + kvh * svs_h,
+        vz_ptr + kvh * svs_h,
+        vslot * svp_t,
+        vslot * svs_t,
+        (t < kend) & (t < vq),
+        D,
+        BITS,
+        VGROUP,
+        TILE,
+        BLOCK_D,
+    )
+    return kp, ks, kz, vp, vs, vz
+
+
+@triton.jit
+def _window_values(
+    v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE: tl.constexpr
+):
+    """The tile's values v, those of its tokens at or past vq (not yet packed) from the V window (a ring)."""
+    # only the last tiles reach them: the others skip the window's addresses, loads and select
+    if t0 + TILE > vq:
+        win = (t % RW).to(tl.int64)
+        v_win = tl.load(
+            vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
+            mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
+            other=0.0,
+        ).to(v.dtype)
+        v = tl.where((valid & (t < vq))[:, None], v, v_win)
+    return v
+
+
 @triton.jit(do_not_specialize=["chunk", "num_splits", "sp_b"])
 def _paged_decode_kernel(
     q_ptr,
@@ -453,43 +586,55 @@ def _paged_decode_split(
     m = tl.full([GQA_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GQA_PAD], tl.float32)
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
-    end = tl.minimum(split * chunk + chunk, n)
-    for t0 in range(split * chunk, end, TILE):  # TILE tokens of one page at a time
+    start = split * chunk
+    end = tl.minimum(start + chunk, n)
+    # TILE tokens of one page at a time. First the tiles whose keys are all packed (kq is a multiple of PAGE), below
+    # kend, by hand in a pipeline: a tile's page id is loaded two tiles ahead and its words, scales and zeros one
+    # tile ahead, in flight while the tile before it is dequantized and attended; the loads for the tile past kend
+    # read nothing, and its page-table column is clamped to the last tile's
+    kend = tl.minimum(end, kq)
+    last = tl.maximum(kend - 1, start) // PAGE
+    table = pages_ptr + b * sp_b  # row b's page ids
+    page = tl.load(table + start // PAGE).to(tl.int64)
+    kp, ks, kz, vp, vs, vz = _load_page_tile(
+        kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t,
+        svs_h, kvh, page, start, kend, vq, D, BITS, PAGE, TILE, VGROUP, BLOCK_D,
+    )  # fmt: skip
+    page = tl.load(table + tl.minimum((start + TILE) // PAGE, last)).to(tl.int64)
+    for t0 in range(start, kend, TILE):
+        kp_next, ks_next, kz_next, vp_next, vs_next, vz_next = _load_page_tile(
+            kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t,
+            svs_h, kvh, page, t0 + TILE, kend, vq, D, BITS, PAGE, TILE, VGROUP, BLOCK_D,
+        )  # fmt: skip
+        page = tl.load(table + tl.minimum((t0 + 2 * TILE) // PAGE, last)).to(tl.int64)
         t = t0 + tl.arange(0, TILE)
         valid = t < end
-        page = tl.load(pages_ptr + b * sp_b + t0 // PAGE).to(tl.int64)
-        if t0 < kq:  # kq is a multiple of PAGE: the whole tile's keys are packed
-            k = _key_tile(
-                kp_ptr + page * skp_p + kvh * skp_h,
-                ks_ptr + page * sks_p + kvh * sks_h,
-                kz_ptr + page * sks_p + kvh * sks_h,
-                skp_w,
-                0,
-                t0 % PAGE,
-                PAGE,
-                D,
-                BITS,
-                PAGE,
-                TILE,
-                BLOCK_D,
-                F16,
-            )
-        else:
-            tail = (t - kq).to(tl.int64)
-            k = tl.load(
-                kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
-                mask=valid[:, None] & (d < D)[None, :],
-                other=0.0,
-            ).to(q.dtype)
+        k = _dequantize_key_tile(kp, ks, kz, BITS, TILE, BLOCK_D, F16)
+        v = _dequantize_value_tile(vp, vs, vz, BITS, VGROUP, TILE, BLOCK_D, F16)
+        v = _window_values(
+            v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE
+        )
+        m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
+        kp, ks, kz, vp, vs, vz = kp_next, ks_next, kz_next, vp_next, vs_next, vz_next
+    # then the tiles whose keys are in the full-precision tail, at the sequence's end
+    for t0 in range(tl.maximum(start, kq), end, TILE):
+        t = t0 + tl.arange(0, TILE)
+        valid = t < end
+        page = tl.load(table + t0 // PAGE).to(tl.int64)
+        tail = (t - kq).to(tl.int64)
+        k = tl.load(
+            kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
+            mask=valid[:, None] & (d < D)[None, :],
+            other=0.0,
+        ).to(q.dtype)
         vslot = page * PAGE + (t % PAGE)
-        packed = valid & (t < vq)
         v = _value_tile(
             vp_ptr + kvh * svp_h,
             vs_ptr + kvh * svs_h,
             vz_ptr + kvh * svs_h,
             vslot * svp_t,
             vslot * svs_t,
-            packed,
+            valid & (t < vq),
             D,
             BITS,
             VGROUP,
@@ -497,16 +642,9 @@ def _paged_decode_split(
             BLOCK_D,
             F16,
         )
-        # only the last tiles reach the tokens not yet packed, in the V window (a ring): the others skip its
-        # addresses, loads and select
-        if t0 + TILE > vq:
-            win = (t % RW).to(tl.int64)
-            v_win = tl.load(
-                vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
-                mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
-                other=0.0,
-            ).to(q.dtype)
-            v = tl.where(packed[:, None], v, v_win)
+        v = _window_values(
+            v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE
+        )
         m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
     row = (member * H * GQA + kvh * GQA + head) * num_splits + split
     nonempty = l > 0
