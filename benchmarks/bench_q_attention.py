@@ -102,6 +102,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default="0",
         help="group sizes of share_q_pages' launch, every row alone (0: none)",
     )
+    p.add_argument(
+        "--registers",
+        default="0",
+        help="caps on registers a thread (0: the compiler's choice; 168: three 4-warp programs an SM)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--output", default="benchmarks/results/q_attention.json")
@@ -117,11 +122,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ints(args.stages),
             ints(args.tiles),
             ints(args.share),
+            ints(args.registers),
         )
     )
     print(
         f"{'context':>8} {'batch':>5} {'bits':>4} {'programs':>8} {'warps':>5} {'stages':>6} {'tile':>4} {'share':>5} "
-        f"{'us':>9} {'GB/s':>7}"
+        f"{'regs':>4} {'us':>9} {'GB/s':>7}"
     )
     for context, batch, bits in itertools.product(
         ints(args.contexts), ints(args.batch), ints(args.bits)
@@ -129,12 +135,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         inputs = case(context, batch, bits, hq, h, d, device, dtype)
         quant_bytes = sum(x.numel() * x.element_size() for x in inputs[1:7])
         first, done = None, []
-        for programs, warps, stages, tile, share in settings:
+        for programs, warps, stages, tile, share, registers in settings:
             knobs = dict(
                 target_programs=programs,
                 num_warps=warps,
                 num_stages=stages,
                 tile=tile,
+                max_registers=registers,
             )
             groups = alone(batch, share, device) if share else {}
             out = kivi_triton.paged_decode_attention(*inputs, **knobs, **groups)
@@ -168,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
             print(
-                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {share:>5} {us:>9.1f} "
+                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {share:>5} {registers:>4} {us:>9.1f} "
                 f"{quant_bytes / us / 1e3:>7.1f}",
                 flush=True,
             )
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["best"] = r is best
         print(
             f"best: {best['target_programs']} programs, {best['num_warps']} warps, {best['num_stages']} stages, "
-            f"tile {best['tile']}, share {best['share']}"
+            f"tile {best['tile']}, share {best['share']}, registers {best['max_registers']}"
         )
         rows += done
     write_rows(args.output, rows)

@@ -22,7 +22,7 @@
 # tailor; profiled), sq (share_q_pages: its GPU tests, doc chat's step with and without it), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th128 (128k's 4x in one call: full 3, tailor fp8 11), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER), pf (the GPU tests of the prefill backends),
-# turn (doc chat's next turn beside 16 decoding rows, profiled), qa (the Q layers' attention against OLD_QA).
+# qp (the Q layers' attention against OLD_P=.gpu/old_p, 47ef539's tree), turn (doc chat's next turn beside 16 decoding rows, profiled), qa (the Q layers' attention against OLD_QA).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
 stage=${1:-none}
@@ -328,6 +328,20 @@ dc)
     --shared-prefix 64000 --device cuda --policies ${DCP:-full,full::cascade=0,tailor:longbench,tailor:longbench:topk_chunk=0} --steps 32 \
     --host-kv-gib 60 --profile-steps 2 --output $R/latency_docchat_b16.json > $R/lat_dc.log 2>&1
   echo "lat dc rc=$?"; t; grep -v "oading\|it/s" $R/lat_dc.log | tail -8
+  ;;
+qp)
+  # the Q layers' attention: this tree (the packed tiles' loads by hand one tile ahead, in a loop of their own;
+  # --registers: caps for 3 or 4 programs an SM) against OLD_P (the tree before) and, if set, OLD_A (another
+  # variant), after the kernels' GPU tests
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_host_fp8.py 2>&1 | tail -3; t
+  Q="--device cuda --contexts 32768,131072 --batch ${QB:-1,14,16} --bits 1,2 --programs 0 --warps 4 --stages 3"
+  timeout 150 python3 -m benchmarks.bench_q_attention $Q --registers ${QR:-0,168,128} --output $R/q_attention.json \
+    > $R/qa.log 2>&1; echo "qa rc=$?"; t
+  for o in $OLD_P ${OLD_A:-}; do
+    (cd $o && PYTHONPATH=$PWD:/tmp/site timeout 100 python3 -m benchmarks.bench_q_attention $Q \
+      --output $R/q_attention_$(basename $o).json) > $R/qa_$(basename $o).log 2>&1; echo "qa $o rc=$?"; t
+  done
+  grep -h -v best $R/qa*.log
   ;;
 th32)
   # from the server's estimate of each policy's largest batch (START=N: doubling from N); the rows are written after
