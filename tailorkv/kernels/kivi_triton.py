@@ -424,11 +424,11 @@ def _attend_tile(q, k, v, valid, m, l, acc, qk_scale):
 @triton.jit
 def _load_page_tile(
     kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t, svs_h,
-    kvh, page, t0, end, D, BITS: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, VGROUP: tl.constexpr,
+    kvh, page, t0, kend, vq, D, BITS: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr, VGROUP: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The packed keys' and values' loads (_load_key_tile's, then _load_value_tile's) of the TILE tokens t0 ... in
-    page `page`, whose keys and values are packed below `end`; a tile at or past `end` loads nothing."""
+    page `page`, whose keys are packed below kend; a tile at or past kend loads nothing."""
     kp, ks, kz = _load_key_tile(
         kp_ptr + page * skp_p + kvh * skp_h,
         ks_ptr + page * sks_p + kvh * sks_h,
@@ -436,7 +436,7 @@ def _load_page_tile(
         skp_w,
         0,
         t0 % PAGE,
-        tl.where(t0 < end, PAGE, 0),
+        tl.where(t0 < kend, PAGE, 0),
         D,
         BITS,
         PAGE,
@@ -451,7 +451,7 @@ def _load_page_tile(
         vz_ptr + kvh * svs_h,
         vslot * svp_t,
         vslot * svs_t,
-        t < end,
+        (t < kend) & (t < vq),
         D,
         BITS,
         VGROUP,
@@ -459,6 +459,23 @@ def _load_page_tile(
         BLOCK_D,
     )
     return kp, ks, kz, vp, vs, vz
+
+
+@triton.jit
+def _window_values(
+    v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE: tl.constexpr
+):
+    """The tile's values v, those of its tokens at or past vq (not yet packed) from the V window (a ring)."""
+    # only the last tiles reach them: the others skip the window's addresses, loads and select
+    if t0 + TILE > vq:
+        win = (t % RW).to(tl.int64)
+        v_win = tl.load(
+            vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
+            mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
+            other=0.0,
+        ).to(v.dtype)
+        v = tl.where((valid & (t < vq))[:, None], v, v_win)
+    return v
 
 
 @triton.jit(do_not_specialize=["chunk", "num_splits", "sp_b"])
@@ -571,67 +588,53 @@ def _paged_decode_split(
     acc = tl.zeros([GQA_PAD, BLOCK_D], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, n)
-    # TILE tokens of one page at a time. First the tiles whose keys and values are all packed, below `fast` (kq is a
-    # multiple of PAGE), by hand in a pipeline: a tile's page id is loaded two tiles ahead and its words, scales and
-    # zeros one tile ahead, in flight while the tile before it is dequantized and attended; the loads for the tile
-    # past `fast` read nothing, and its page-table column is clamped to the last tile's
-    fast = tl.maximum(tl.minimum(tl.minimum(end, kq), vq // TILE * TILE), start)
-    last = tl.maximum(fast - 1, start) // PAGE
+    # TILE tokens of one page at a time. First the tiles whose keys are all packed (kq is a multiple of PAGE), below
+    # kend, by hand in a pipeline: a tile's page id is loaded two tiles ahead and its words, scales and zeros one
+    # tile ahead, in flight while the tile before it is dequantized and attended; the loads for the tile past kend
+    # read nothing, and its page-table column is clamped to the last tile's
+    kend = tl.minimum(end, kq)
+    last = tl.maximum(kend - 1, start) // PAGE
     table = pages_ptr + b * sp_b  # row b's page ids
     page = tl.load(table + start // PAGE).to(tl.int64)
     kp, ks, kz, vp, vs, vz = _load_page_tile(
         kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t,
-        svs_h, kvh, page, start, fast, D, BITS, PAGE, TILE, VGROUP, BLOCK_D,
+        svs_h, kvh, page, start, kend, vq, D, BITS, PAGE, TILE, VGROUP, BLOCK_D,
     )  # fmt: skip
     page = tl.load(table + tl.minimum((start + TILE) // PAGE, last)).to(tl.int64)
-    every = tl.full([TILE], True, tl.int1)
-    for t0 in range(start, fast, TILE):
+    for t0 in range(start, kend, TILE):
         kp_next, ks_next, kz_next, vp_next, vs_next, vz_next = _load_page_tile(
             kp_ptr, ks_ptr, kz_ptr, vp_ptr, vs_ptr, vz_ptr, skp_p, skp_h, skp_w, sks_p, sks_h, svp_t, svp_h, svs_t,
-            svs_h, kvh, page, t0 + TILE, fast, D, BITS, PAGE, TILE, VGROUP, BLOCK_D,
+            svs_h, kvh, page, t0 + TILE, kend, vq, D, BITS, PAGE, TILE, VGROUP, BLOCK_D,
         )  # fmt: skip
         page = tl.load(table + tl.minimum((t0 + 2 * TILE) // PAGE, last)).to(tl.int64)
+        t = t0 + tl.arange(0, TILE)
+        valid = t < end
         k = _dequantize_key_tile(kp, ks, kz, BITS, TILE, BLOCK_D, F16)
         v = _dequantize_value_tile(vp, vs, vz, BITS, VGROUP, TILE, BLOCK_D, F16)
-        m, l, acc = _attend_tile(q, k, v, every, m, l, acc, qk_scale)
+        v = _window_values(
+            v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE
+        )
+        m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
         kp, ks, kz, vp, vs, vz = kp_next, ks_next, kz_next, vp_next, vs_next, vz_next
-    # then the last tiles: keys in the full-precision tail, or values in the V window (a ring)
-    for t0 in range(fast, end, TILE):
+    # then the tiles whose keys are in the full-precision tail, at the sequence's end
+    for t0 in range(tl.maximum(start, kq), end, TILE):
         t = t0 + tl.arange(0, TILE)
         valid = t < end
         page = tl.load(table + t0 // PAGE).to(tl.int64)
-        if t0 < kq:  # the whole tile's keys are packed
-            k = _key_tile(
-                kp_ptr + page * skp_p + kvh * skp_h,
-                ks_ptr + page * sks_p + kvh * sks_h,
-                kz_ptr + page * sks_p + kvh * sks_h,
-                skp_w,
-                0,
-                t0 % PAGE,
-                PAGE,
-                D,
-                BITS,
-                PAGE,
-                TILE,
-                BLOCK_D,
-                F16,
-            )
-        else:
-            tail = (t - kq).to(tl.int64)
-            k = tl.load(
-                kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
-                mask=valid[:, None] & (d < D)[None, :],
-                other=0.0,
-            ).to(q.dtype)
+        tail = (t - kq).to(tl.int64)
+        k = tl.load(
+            kt_ptr + slot * skt_s + tail[:, None] * skt_r + kvh * skt_h + d[None, :],
+            mask=valid[:, None] & (d < D)[None, :],
+            other=0.0,
+        ).to(q.dtype)
         vslot = page * PAGE + (t % PAGE)
-        packed = valid & (t < vq)
         v = _value_tile(
             vp_ptr + kvh * svp_h,
             vs_ptr + kvh * svs_h,
             vz_ptr + kvh * svs_h,
             vslot * svp_t,
             vslot * svs_t,
-            packed,
+            valid & (t < vq),
             D,
             BITS,
             VGROUP,
@@ -639,13 +642,9 @@ def _paged_decode_split(
             BLOCK_D,
             F16,
         )
-        win = (t % RW).to(tl.int64)
-        v_win = tl.load(
-            vw_ptr + slot * svw_s + win[:, None] * svw_r + kvh * svw_h + d[None, :],
-            mask=(valid & (t >= vq))[:, None] & (d < D)[None, :],
-            other=0.0,
-        ).to(q.dtype)
-        v = tl.where(packed[:, None], v, v_win)
+        v = _window_values(
+            v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE
+        )
         m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, qk_scale)
     row = (member * H * GQA + kvh * GQA + head) * num_splits + split
     nonempty = l > 0
