@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument(
         "--registers",
-        default="0",
-        help="caps on registers a thread (0: the compiler's choice; 168: three 4-warp programs an SM)",
+        default="168",
+        help="caps on registers a thread (0: the compiler's choice; 168: three 4-warp programs an SM, the "
+        "kernel's default with 16-bit queries)",
     )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)

@@ -31,6 +31,9 @@ _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when spli
 # SMs (H100, 2026-12-06: 10 splits 21-25% faster at 32k and 128k, 1 bit; 8 splits at batch 16 up to 11%)
 _MIN_SPLITS = 8
 _ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
+# registers a thread with 16-bit queries: three 4-warp programs an SM where the compiler takes ~215 for two (H200,
+# 2026-12-06: 6-10% faster at 32k and 128k, 14 and 16 rows, 1 and 2 bits; 160 and 128 slower)
+_ATTN_REGISTERS = 168
 # tokens a paged-attention iteration dequantizes and attends (a page, or a part of one: fewer registers a thread)
 _ATTN_TILE = 64
 
@@ -819,7 +822,7 @@ def paged_decode_attention(
     `members` [B, G] and `shared` [B]: the splits inside a shared prefix are attended once a group, by its leader's
     program with every member's query heads (G * GQA query rows a tile, padded to 16 or the next power of 2). The
     last keywords tune the launch (benchmarks/bench_q_attention.py sweeps them; default: the module's settings;
-    max_registers: a cap on registers a thread, for more programs an SM)."""
+    max_registers: a cap on registers a thread, 0 none; default _ATTN_REGISTERS with 16-bit queries)."""
     bsz, hq, d = q.shape
     _, h, w, _ = k_packed.shape
     page = w * codes_per_word(bits)
@@ -848,6 +851,8 @@ def paged_decode_attention(
         members, shared = members.contiguous(), shared.contiguous()
     else:  # not read
         members = shared = lengths
+    f16 = q.dtype in (torch.float16, torch.bfloat16)
+    regs = (_ATTN_REGISTERS if f16 else 0) if max_registers is None else max_registers
     _paged_decode_kernel[(bsz * h, splits)](
         q,
         k_packed,
@@ -898,10 +903,10 @@ def paged_decode_attention(
         TILE=tile,
         VGROUP=vgroup,
         BLOCK_D=triton.next_power_of_2(d),
-        F16=q.dtype in (torch.float16, torch.bfloat16),
+        F16=f16,
         num_warps=num_warps or _ATTN_WARPS,
         num_stages=num_stages or _ATTN_STAGES,
-        **({"maxnreg": max_registers} if max_registers else {}),
+        **({"maxnreg": regs} if regs else {}),
     )
     out = torch.empty(bsz * hq, d, dtype=torch.float32, device=q.device)
     _merge_splits_kernel[(bsz * hq,)](
