@@ -156,10 +156,13 @@ def measure(engine: Engine, context: int, args) -> dict:
         reqs += [engine.add_request(ids, sp) for ids in wave]
         while any(r.seq.prefilling for r in reqs):
             engine.step()
-            # a finished request while later ones wait to prefill: fewer than --batch fit together
+            # a finished request while later ones wait to prefill: fewer than --batch fit together, or the prompts'
+            # chunks took more steps than the answers' tokens
             if any(r.finished for r in reqs):
                 raise RuntimeError(
-                    f"{args.batch} requests of {context} tokens do not fit this engine's KV memory together"
+                    f"a request finished its {new}-token answer before the last of {args.batch} prompts of {context} "
+                    f"tokens prefilled: fewer fit this engine's KV memory together, or their chunks "
+                    f"(--chunked-prefill-size {engine.options.chunked_prefill_size}) took more steps than that"
                 )
     sync(engine)
     prefill = time.perf_counter() - t0

@@ -147,6 +147,20 @@ UVA_GATHER = [
     col("us per layer", "us", num(".1f")),
     col("GB/s", "gb_per_s", num(".1f")),
 ]
+Q_ATTENTION = [
+    col("variant", "variant"),
+    col("context", "context", tokens),
+    col("requests", "batch"),
+    col("bits", "bits"),
+    col("programs", "target_programs"),
+    col("warps", "num_warps"),
+    col("stages", "num_stages"),
+    col("tile", "tile"),
+    col("share", "share"),
+    col("registers", "max_registers"),
+    col("us per layer", "us", num(".1f")),
+    col("GB/s", "gb_per_s", num(".1f")),
+]
 
 
 def grid(header: list[str], cells: list[list[str]]) -> list[str]:
@@ -228,6 +242,11 @@ SECTIONS = [
         lambda r: "task" in r and "score" in r,
         accuracy_table,
         one_table=True,
+    ),
+    Section(
+        "The Q layers' decode attention over 1- and 2-bit pages (`bench_q_attention`)",
+        lambda r: "target_programs" in r,
+        lambda rows: markdown(Q_ATTENTION, rows),
     ),
     Section(
         "The top-k fetch from pinned host memory (`bench_uva_gather`)",
