@@ -54,6 +54,23 @@ def test_copy_pages_both_ways(kt, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_pages_skips_pages_without_a_destination(kt, dtype):
+    """A destination page < 0 (a resident page's prompt rows, which live on the GPU alone) is neither read nor
+    written; the other pages are copied."""
+    host = _host(11, 3, 16, 64, dtype=dtype)
+    for ops in (kt, ref):
+        dev = torch.zeros(6, 3, 16, 64, dtype=dtype, device=DEVICE)
+        ops.copy_pages(
+            host,
+            torch.tensor([7, 2, 9], device=DEVICE),
+            dev,
+            torch.tensor([4, -1, 1], device=DEVICE),
+        )
+        torch.testing.assert_close(dev[[4, 1]].cpu(), host[[7, 9]], rtol=0, atol=0)
+        assert (dev[[0, 2, 3, 5]] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "b,np_,h,d,t,c", [(1, 1, 1, 64, 64, 1), (2, 9, 3, 64, 64, 5), (3, 13, 3, 128, 256, 12)]
 )

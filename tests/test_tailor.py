@@ -599,7 +599,8 @@ def test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_s
     """gpu_rows_gib: with 4 pinned host pages and 8 resident ones (rows in the GPU tier alone), three prompts of 3
     pages run at once, the later two on resident pages, prefilled in 100-token chunks (a partly computed page is read
     back from its copy), then again from the prefix cache: 12 teacher-forced steps each give the logprobs of a host
-    tier that holds them all (the same rows, read from elsewhere)."""
+    tier that holds them all (the same rows, read from elsewhere). Nothing is written to the host tier for resident
+    pages (its scratch page, which their reads index, keeps what it held)."""
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, 1000, (662,), generator=g).tolist() for _ in range(3)]
     prompts, forced = [x[:650] for x in ids], [x[650:] for x in ids]
@@ -621,11 +622,16 @@ def test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_s
             e.policy.add_request = lambda rid, pages, *a: (
                 held.append(pages["host"]) or add(rid, pages, *a)
             )
+            offload = e.policy.offload
+            scratch = [rows[-1] for rows in offload.rows] if name == "resident" else []
+            for page in scratch:  # the host tier's last page: its scratch page
+                page.fill_(7)
             out[name] = [[r.output_logprobs for r in e.forced(prompts, forced)] for _ in range(2)]
-            copies = e.policy.offload.copies
+            copies = offload.copies
             if name == "resident":
                 assert (copies.pinned, copies.resident) == (4, 8)
                 assert sorted(p for h in held[:3] for p in h) == list(range(9))
+                assert all((page == 7).all() for page in scratch)
             else:
                 assert copies.resident == 0
     for got, want in zip(sum(out["resident"], []), sum(out["host"], [])):

@@ -3,7 +3,8 @@ plain-torch reference. host_copy_triton.py has the same functions and signatures
 write pinned host memory directly (UVA zero-copy), so the indices never leave the GPU and no host sync happens.
 
 Every tensor indexed by `pages` has pages as its leading dim. Results land on the device of the index tensors.
-- copy_pages: dst[dst_pages] = src[src_pages] (offload a prompt's pages, or bring a request's pages back).
+- copy_pages: dst[dst_pages] = src[src_pages] (offload a prompt's pages, or bring a request's pages back; dst pages
+  < 0 skipped).
 - gather_channels: TailorKV stage 1, chosen channels of channel-major K [P, H, D, T] for every token of a row's
   pages -> [B, H, C, NP * T].
 - gather_rows: the top-k fetch, token-major token rows [P, T, H, W] (a token's K and V of one head side by side)
@@ -25,7 +26,10 @@ from .dispatch import pick
 def copy_pages(
     src: torch.Tensor, src_pages: torch.Tensor, dst: torch.Tensor, dst_pages: torch.Tensor
 ) -> None:
-    """dst[dst_pages] = src[src_pages]; src and dst have the same page shape and dtype, either on either tier."""
+    """dst[dst_pages] = src[src_pages]; src and dst have the same page shape and dtype, either on either tier. A
+    destination page < 0 is skipped (nothing read or written for it)."""
+    keep = dst_pages >= 0
+    src_pages, dst_pages = src_pages[keep.to(src_pages.device)], dst_pages[keep]
     dst[dst_pages.to(dst.device)] = src[src_pages.to(src.device)].to(dst.device)
 
 

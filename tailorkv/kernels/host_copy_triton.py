@@ -49,9 +49,9 @@ def _copy_pages_kernel(
 ):
     i = tl.program_id(0)
     off = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = off < E
     sp = tl.load(src_pages_ptr + i).to(tl.int64)
     dp = tl.load(dst_pages_ptr + i).to(tl.int64)
+    ok = off < tl.where(dp >= 0, E, 0)  # no destination: nothing read or written
     tl.store(dst_ptr + dp * s_dst + off, tl.load(src_ptr + sp * s_src + off, mask=ok), mask=ok)
 
 

@@ -213,7 +213,8 @@ class OffloadStore:
         that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ...
         `copy_slots`: host pages whose token rows (every row layer) also have a copy in the GPU tier (DeviceCopies).
         `resident_pages`: more pages after the `host_pages` pinned ones, their rows in the GPU tier alone (with a key
-        sketch: stage 1 reads no host rows of them); the host tier gets a scratch page that their writes go to.
+        sketch: stage 1 reads no host rows of them); the host tier gets a scratch page that their reads index and that
+        nothing writes.
         `fp8_rows`: token rows stored as host_fp8 packed rows, padded to a multiple of `fp8_align` bytes."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.dtype, self.fp8_rows, self.fp8_align = dtype, fp8_rows, fp8_align

@@ -36,9 +36,9 @@ class PromptRows(NamedTuple):
       holds; a slot past a row's chunk repeats the row's last token (a page's min/max per channel, which the key
       sketch quantizes with, stays that of its real tokens; nothing reads those slots before a later chunk or
       decode rewrites them);
-    - host_pages, sketch_pages [P]: those pages (no sketch pages without a key sketch), the host pages as indices of
-      the host tier (DeviceCopies.host_index); copy_slots [P]: their copies' slots in the GPU tier (DeviceCopies;
-      its scratch slot for a page without one);
+    - host_pages, sketch_pages [P]: those pages (no sketch pages without a key sketch), the host pages as their rows'
+      destinations in the host tier (DeviceCopies.host_writes: -1, none, for a resident page); copy_slots [P]:
+      their copies' slots in the GPU tier (DeviceCopies; its scratch slot for a page without one);
     - slots [R]: the rows' window slots; continues [R]: the row computed earlier chunks, its slot's max|K| is theirs;
     - win_slots [R]: the slot each row's sink + recent window goes to once its last chunk is computed (-1, the
       scratch slot, before); win_new, win_pre [R, W] and win_from_pre: that window (W slots, past its length
@@ -93,7 +93,7 @@ class PromptRows(NamedTuple):
         copies = NO_COPIES if copies is None else copies
         tensors = (
             torch.cat(page_src),
-            copies.host_index(pages[0]),
+            copies.host_writes(pages[0]),
             pages[1],
             copies.slots_of(pages[0]),
             slots,

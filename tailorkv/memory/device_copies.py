@@ -10,7 +10,8 @@ through its copy (or takes a slot anew), so a copy is never stale; a freed page'
 
 Resident pages (`resident`, the page ids past the host tier's pinned pages) have only their copy: a slot each of
 their own after the others, never lost, so the batch can hold requests whose prompts the host tier has no room for.
-Their writes to the host tier go to its scratch page (`host_index`), and nothing reads them from there.
+Their rows are never written to the host tier (`host_writes`: no destination); reads index its scratch page
+(`host_index`), where the copy replaces what they would read.
 Bookkeeping only: OffloadStore holds the tensors, with one more slot, the scratch that pages without a copy write
 to."""
 
@@ -42,7 +43,7 @@ class PrefixReads(NamedTuple):
 class DeviceCopies:
     def __init__(self, slots: int, pinned: int = 0, resident: int = 0):
         """`slots` kept by least recent use; with `resident` pages, host pages [pinned, pinned + resident) have
-        slots [slots, slots + resident) for good (and the host tier a scratch page, `pinned`)."""
+        slots [slots, slots + resident) for good (and the host tier a scratch page, `pinned`, that their reads index)."""
         self.slots, self.pinned, self.resident = slots, pinned, resident
         self.scratch = slots + resident  # the slot of pages without a copy (written, never read)
         self._slot: dict[int, int] = {}  # host page -> slot
@@ -75,6 +76,11 @@ class DeviceCopies:
     def slot(self, page: int) -> int | None:
         """The slot of a page whose copy holds its rows (None: none yet)."""
         return None if page in self._unwritten else self._held(page)
+
+    def host_writes(self, pages: torch.Tensor) -> torch.Tensor:
+        """Host pages (CPU, long) as destinations of a prompt's rows in the host tier: -1 (none) for resident
+        pages, whose rows go to their GPU copies alone."""
+        return torch.where(pages < self.pinned, pages, -1) if self.resident else pages
 
     def host_index(self, pages: torch.Tensor) -> torch.Tensor:
         """Host pages (CPU, long; -1 for none) as indices of the host tier's tensors: resident pages at its scratch
