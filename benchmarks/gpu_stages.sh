@@ -334,7 +334,7 @@ qp)
   # --registers: caps for 3 or 4 programs an SM) against OLD_P (the tree before) and, if set, OLD_A (another
   # variant), after the kernels' GPU tests
   timeout 150 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_kivi.py tests/test_host_fp8.py 2>&1 | tail -3; t
-  Q="--device cuda --contexts 32768,131072 --batch ${QB:-1,14,16} --bits 1,2 --programs 0 --warps 4 --stages 3"
+  Q="--device cuda --contexts 32768,131072 --batch ${QB:-1,14,16} --bits 1,2 --programs ${QP:-0} --warps 4 --stages 3"
   timeout 150 python3 -m benchmarks.bench_q_attention $Q --registers ${QR:-0,168,128} --output $R/q_attention.json \
     > $R/qa.log 2>&1; echo "qa rc=$?"; t
   for o in $OLD_P ${OLD_A:-}; do
