@@ -31,8 +31,9 @@ _TARGET_PROGRAMS = 256  # attention programs to aim for (a few per SM) when spli
 # SMs (H100, 2026-12-06: 10 splits 21-25% faster at 32k and 128k, 1 bit; 8 splits at batch 16 up to 11%)
 _MIN_SPLITS = 8
 _ATTN_WARPS, _ATTN_STAGES = 4, 3  # best of 4/8 warps x 1-3 stages at 128k tokens on an H100
-# registers a thread with 16-bit queries: three 4-warp programs an SM where the compiler takes ~215 for two (H200,
-# 2026-12-06: 6-10% faster at 32k and 128k, 14 and 16 rows, 1 and 2 bits; 160 and 128 slower)
+# registers a thread with 16-bit queries (a 16-row query tile, head_dim <= 128): three 4-warp programs an SM where the
+# compiler takes ~215 for two (H200, 2026-12-06: 6-10% faster at 32k and 128k, 14 and 16 rows, 1 and 2 bits; 160
+# and 128 slower)
 _ATTN_REGISTERS = 168
 # tokens a paged-attention iteration dequantizes and attends (a page, or a part of one: fewer registers a thread)
 _ATTN_TILE = 64
@@ -822,7 +823,7 @@ def paged_decode_attention(
     `members` [B, G] and `shared` [B]: the splits inside a shared prefix are attended once a group, by its leader's
     program with every member's query heads (G * GQA query rows a tile, padded to 16 or the next power of 2). The
     last keywords tune the launch (benchmarks/bench_q_attention.py sweeps them; default: the module's settings;
-    max_registers: a cap on registers a thread, 0 none; default _ATTN_REGISTERS with 16-bit queries)."""
+    max_registers: a cap on registers a thread, 0 none; default _ATTN_REGISTERS at the shape it was measured at)."""
     bsz, hq, d = q.shape
     _, h, w, _ = k_packed.shape
     page = w * codes_per_word(bits)
@@ -852,7 +853,10 @@ def paged_decode_attention(
     else:  # not read
         members = shared = lengths
     f16 = q.dtype in (torch.float16, torch.bfloat16)
-    regs = (_ATTN_REGISTERS if f16 else 0) if max_registers is None else max_registers
+    gqa_pad = max(16, triton.next_power_of_2(g * (hq // h)))
+    # the cap where it was measured: 16-bit queries, a 16-row query tile, head_dim up to 128
+    measured = f16 and gqa_pad == 16 and d <= 128
+    regs = (_ATTN_REGISTERS if measured else 0) if max_registers is None else max_registers
     _paged_decode_kernel[(bsz * h, splits)](
         q,
         k_packed,
@@ -895,7 +899,7 @@ def paged_decode_attention(
         v_win.stride(2),
         pages.stride(0),
         GQA=hq // h,
-        GQA_PAD=max(16, triton.next_power_of_2(g * (hq // h))),
+        GQA_PAD=gqa_pad,
         G=g,
         SHARE=share,
         BITS=bits,
