@@ -94,8 +94,9 @@ def _load_key_tile(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """_key_tile's loads, as stored: (words [BLOCK_T / (32 / BITS), BLOCK_D] int32, scale, zero [BLOCK_D] fp16).
-    T <= t0 loads nothing (a tile to prefetch past the end)."""
+    """The packed keys of tokens t0 ... of one head (pointers at the head), as stored: (words [BLOCK_T / (32 / BITS),
+    BLOCK_D] int32, scale, zero [BLOCK_D] fp16). t0 is a multiple of BLOCK_T, which divides GROUP: one scale/zero
+    row. T <= t0 loads nothing (a tile to prefetch past the end)."""
     PER: tl.constexpr = 32 // BITS
     w = t0 // PER + tl.arange(0, BLOCK_T // PER)
     d = tl.arange(0, BLOCK_D)
@@ -121,7 +122,9 @@ def _dequantize_key_tile(
     BLOCK_D: tl.constexpr,
     F16: tl.constexpr,
 ):
-    """Keys [BLOCK_T, BLOCK_D] from _load_key_tile's words, scale and zero (as _key_tile)."""
+    """Keys [BLOCK_T, BLOCK_D] from _load_key_tile's words, scale and zero, float32 or with F16 float16 (codes * scale
+    + zero in float16: both are float16 already and the values lie between a group's float16 extremes). Entries
+    past T or D are meaningless."""
     PER: tl.constexpr = 32 // BITS
     codes = tl.reshape(
         (words[:, None, :] >> (tl.arange(0, PER) * BITS)[None, :, None]) & (2**BITS - 1),
@@ -133,32 +136,6 @@ def _dequantize_key_tile(
     else:
         x = codes_f32(codes) * scale.to(tl.float32)[None, :] + zero.to(tl.float32)[None, :]
     return x
-
-
-@triton.jit
-def _key_tile(
-    packed_ptr,
-    scale_ptr,
-    zero_ptr,
-    sp_t,
-    ss_t,
-    t0,
-    T,
-    D,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    F16: tl.constexpr,
-):
-    """Dequantized keys [BLOCK_T, BLOCK_D] of tokens t0 ... of one head (pointers at the head), float32 or with F16
-    float16 (codes * scale + zero in float16: both are float16 already and the values lie between a group's
-    float16 extremes). t0 is a multiple of BLOCK_T, which divides GROUP: one scale/zero row. Entries past T or D are
-    meaningless."""
-    words, scale, zero = _load_key_tile(
-        packed_ptr, scale_ptr, zero_ptr, sp_t, ss_t, t0, T, D, BITS, GROUP, BLOCK_T, BLOCK_D
-    )
-    return _dequantize_key_tile(words, scale, zero, BITS, BLOCK_T, BLOCK_D, F16)
 
 
 @triton.jit
@@ -239,8 +216,8 @@ def _value_tile(
     BLOCK_D: tl.constexpr,
     F16: tl.constexpr,
 ):
-    """Dequantized values [BLOCK_R, BLOCK_D], float32 or with F16 float16 (as _key_tile); p_row / s_row are each
-    row's offset into packed / scale. Entries of rows not `rows_ok` or past D are meaningless."""
+    """Dequantized values [BLOCK_R, BLOCK_D], float32 or with F16 float16 (as _dequantize_key_tile); p_row / s_row
+    are each row's offset into packed / scale. Entries of rows not `rows_ok` or past D are meaningless."""
     words, scale, zero = _load_value_tile(
         packed_ptr, scale_ptr, zero_ptr, p_row, s_row, rows_ok, D, BITS, GROUP, BLOCK_R, BLOCK_D
     )
@@ -354,7 +331,7 @@ def _dequantize_keys_kernel(
     n, pid_t = tl.program_id(0), tl.program_id(1)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
-    x = _key_tile(
+    words, scale, zero = _load_key_tile(
         packed_ptr + n * sp_n,
         scale_ptr + n * ss_n,
         zero_ptr + n * ss_n,
@@ -367,8 +344,8 @@ def _dequantize_keys_kernel(
         GROUP,
         BLOCK_T,
         BLOCK_D,
-        False,
     )
+    x = _dequantize_key_tile(words, scale, zero, BITS, BLOCK_T, BLOCK_D, False)
     tl.store(
         out_ptr + (n * T + t[:, None]) * D + d[None, :], x, mask=(t < T)[:, None] & (d < D)[None, :]
     )
