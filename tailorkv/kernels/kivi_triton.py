@@ -152,8 +152,9 @@ def _load_value_tile(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """_value_tile's loads, as stored: (words [BLOCK_R, BLOCK_D / (32 / BITS)] int32, scale, zero
-    [BLOCK_R, BLOCK_D / GROUP] fp16); rows not `rows_ok` load nothing."""
+    """The packed values of BLOCK_R token rows (p_row / s_row: each row's offset into packed / scale), as stored:
+    (words [BLOCK_R, BLOCK_D / (32 / BITS)] int32, scale, zero [BLOCK_R, BLOCK_D / GROUP] fp16); rows not `rows_ok`
+    load nothing."""
     PER: tl.constexpr = 32 // BITS
     w = tl.arange(0, BLOCK_D // PER)
     words = tl.load(
@@ -180,7 +181,8 @@ def _dequantize_value_tile(
     BLOCK_D: tl.constexpr,
     F16: tl.constexpr,
 ):
-    """Values [BLOCK_R, BLOCK_D] from _load_value_tile's words, scale and zero (as _value_tile)."""
+    """Values [BLOCK_R, BLOCK_D] from _load_value_tile's words, scale and zero, float32 or with F16 float16 (as
+    _dequantize_key_tile). Entries of rows not loaded or past D are meaningless."""
     PER: tl.constexpr = 32 // BITS
     codes = tl.reshape(
         (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & (2**BITS - 1),
@@ -199,29 +201,6 @@ def _dequantize_value_tile(
     else:
         x = codes_f32(codes) * scale + zero
     return x
-
-
-@triton.jit
-def _value_tile(
-    packed_ptr,
-    scale_ptr,
-    zero_ptr,
-    p_row,
-    s_row,
-    rows_ok,
-    D,
-    BITS: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    F16: tl.constexpr,
-):
-    """Dequantized values [BLOCK_R, BLOCK_D], float32 or with F16 float16 (as _dequantize_key_tile); p_row / s_row
-    are each row's offset into packed / scale. Entries of rows not `rows_ok` or past D are meaningless."""
-    words, scale, zero = _load_value_tile(
-        packed_ptr, scale_ptr, zero_ptr, p_row, s_row, rows_ok, D, BITS, GROUP, BLOCK_R, BLOCK_D
-    )
-    return _dequantize_value_tile(words, scale, zero, BITS, GROUP, BLOCK_R, BLOCK_D, F16)
 
 
 @triton.jit(do_not_specialize=["T", "W", "G"])
@@ -372,7 +351,7 @@ def _dequantize_values_kernel(
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     n, t = r // T, r % T
-    x = _value_tile(
+    words, scale, zero = _load_value_tile(
         packed_ptr,
         scale_ptr,
         zero_ptr,
@@ -384,8 +363,8 @@ def _dequantize_values_kernel(
         GROUP,
         BLOCK_R,
         BLOCK_D,
-        False,
     )
+    x = _dequantize_value_tile(words, scale, zero, BITS, GROUP, BLOCK_R, BLOCK_D, False)
     tl.store(out_ptr + r[:, None] * D + d[None, :], x, mask=(r < rows)[:, None] & (d < D)[None, :])
 
 
@@ -609,7 +588,7 @@ def _paged_decode_split(
             other=0.0,
         ).to(q.dtype)
         vslot = page * PAGE + (t % PAGE)
-        v = _value_tile(
+        words, scale, zero = _load_value_tile(
             vp_ptr + kvh * svp_h,
             vs_ptr + kvh * svs_h,
             vz_ptr + kvh * svs_h,
@@ -621,8 +600,8 @@ def _paged_decode_split(
             VGROUP,
             TILE,
             BLOCK_D,
-            F16,
         )
+        v = _dequantize_value_tile(words, scale, zero, BITS, VGROUP, TILE, BLOCK_D, F16)
         v = _window_values(
             v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE
         )
