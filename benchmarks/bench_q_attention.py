@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
             print(
-                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {share:>5} {registers:>4} {us:>9.1f} "
-                f"{quant_bytes / us / 1e3:>7.1f}",
+                f"{context:>8} {batch:>5} {bits:>4} {programs:>8} {warps:>5} {stages:>6} {tile:>4} {share:>5} "
+                f"{registers:>4} {us:>9.1f} {quant_bytes / us / 1e3:>7.1f}",
                 flush=True,
             )
         best = min(done, key=lambda r: r["us"])

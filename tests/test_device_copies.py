@@ -140,9 +140,8 @@ def test_resident_pages_have_their_own_slots_for_good():
     c = DeviceCopies(2, pinned=4, resident=3)
     assert c.scratch == 5 and [c.slot(p) for p in (4, 5, 6)] == [2, 3, 4] and c.num_pages == 3
     _readable_is_slot(c)
-    c.plan(
-        [4], [5, 6, 0, 1, 2]
-    )  # pinned pages 0 and 1 take the 2 slots, 2 none; no resident page takes one
+    # pinned pages 0 and 1 take the 2 slots, 2 none; no resident page takes one
+    c.plan([4], [5, 6, 0, 1, 2])
     assert [c.slot(p) for p in (4, 5, 6)] == [2, 3, 4] and c.slot(2) is None
     assert {c.slot(0), c.slot(1)} == {0, 1}
     c.forget([4, 5, 1])
@@ -152,6 +151,5 @@ def test_resident_pages_have_their_own_slots_for_good():
     assert c.host_index(torch.tensor([-1, 0, 3, 4, 6])).tolist() == [-1, 0, 3, 4, 4]
     r = c.reads(((3, 0, 3),), "cpu")  # page 3 (pinned, no copy), then 4 and 5 (resident)
     assert r.host_runs == ((3, 0, 1),) and r.at.tolist() == [1, 2] and r.slots.tolist() == [2, 3]
-    assert DeviceCopies(2).host_index(torch.tensor([9])).tolist() == [
-        9
-    ]  # none resident: as they are
+    # none resident: as they are
+    assert DeviceCopies(2).host_index(torch.tensor([9])).tolist() == [9]

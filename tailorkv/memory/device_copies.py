@@ -43,7 +43,8 @@ class PrefixReads(NamedTuple):
 class DeviceCopies:
     def __init__(self, slots: int, pinned: int = 0, resident: int = 0):
         """`slots` kept by least recent use; with `resident` pages, host pages [pinned, pinned + resident) have
-        slots [slots, slots + resident) for good (and the host tier a scratch page, `pinned`, that their reads index)."""
+        slots [slots, slots + resident) for good (and the host tier a scratch page, `pinned`, that their reads
+        index)."""
         self.slots, self.pinned, self.resident = slots, pinned, resident
         self.scratch = slots + resident  # the slot of pages without a copy (written, never read)
         self._slot: dict[int, int] = {}  # host page -> slot
