@@ -21,6 +21,31 @@ def manager(pages: int = 8) -> MemoryManager:
     return MemoryManager([PoolSpec("kv", "gpu", pages, PAGE, 1)], prefix=(PAGE, {"kv": 1}))
 
 
+def test_usage_counts_a_pools_last_ids_in_the_tier_of_the_pool_they_are_part_of():
+    # 10 host pages of 100 bytes, the last 4 resident on the GPU at 300 bytes, beside 5 GPU pages of 7 bytes
+    mm = MemoryManager(
+        [
+            PoolSpec("kv", "gpu", 5, PAGE, 7),
+            PoolSpec("host", "host", 10, PAGE, 100),
+            PoolSpec("resident", "gpu", 4, PAGE, 300, part_of="host"),
+        ],
+        prefix=(PAGE, {"host": 1}),
+    )
+    keys = page_hashes(list(range(8 * PAGE)), PAGE)
+    # 6 pinned ids, then 2 resident
+    assert mm.reserve(0, {"host": 8, "kv": 1})["host"] == list(range(8))
+    mm.cache(0, keys[:7])
+    mm.release(0)  # blocks 0-6 cached and evictable (page 7 freed): every page counts as free again
+    assert mm.usage() == {
+        "gpu": {"free_pages": 9, "total_pages": 9, "free_bytes": 1235, "total_bytes": 1235},
+        "host": {"free_pages": 6, "total_pages": 6, "free_bytes": 600, "total_bytes": 600},
+    }
+    shared = mm.prefix.match(keys[:7])
+    # 7 shared pages, 2 new: of the resident ones, 9 is free
+    assert mm.reserve(1, {"host": 9}, shared)["host"] == list(range(9))
+    assert mm.usage()["gpu"]["free_bytes"] == 5 * 7 + 300 and mm.usage()["host"]["free_pages"] == 0
+
+
 def test_keys_chain_over_full_blocks():
     a = page_hashes(list(range(40)), PAGE)
     assert len(a) == 2  # the partial third block has no key

@@ -632,6 +632,9 @@ def test_requests_past_the_host_tier_keep_their_rows_on_the_gpu_and_decode_the_s
                 assert (copies.pinned, copies.resident) == (4, 8)
                 assert sorted(p for h in held[:3] for p in h) == list(range(9))
                 assert all((page == 7).all() for page in scratch)
+                # what /metrics reports as the host tier: the 4 pinned pages, not the 8 resident ones
+                host = e.memory.usage()["host"]
+                assert host["total_bytes"] == 4 * e.memory.specs["host"].bytes_per_page
             else:
                 assert copies.resident == 0
     for got, want in zip(sum(out["resident"], []), sum(out["host"], [])):

@@ -249,7 +249,7 @@ class TailorPolicy(KVPolicy):
             host.append(PoolSpec("copies", "gpu", copies, HOST_PAGE, cpage))
             rest -= copies * cpage
         if resident:
-            host.append(PoolSpec("resident", "gpu", resident, HOST_PAGE, cpage))
+            host.append(PoolSpec("resident", "gpu", resident, HOST_PAGE, cpage, part_of="host"))
         pools = {
             name: PoolSpec(name, "gpu", max(rest * b * n // unit // b, 1), size, b, holds)
             for name, (size, b, n, holds) in gpu.items()

@@ -23,6 +23,10 @@ class PagePool:
     def num_free(self) -> int:
         return len(self._free)
 
+    def num_free_from(self, first: int) -> int:
+        """Free ids >= first."""
+        return sum(1 for x in self._free if x >= first)
+
     def alloc(self, n: int) -> list[int]:
         assert n <= len(self._free), f"pool {self.name}: {n} pages asked, {len(self._free)} free"
         pages = self._free[len(self._free) - n :][::-1]
@@ -43,6 +47,8 @@ class PoolSpec:
     # what each request holds pages for: "prompt", "output" or "all" tokens, one page ("request"), or None (no
     # request holds pages of it: the policy uses it itself)
     holds: str | None = None
+    # the pool whose last num_pages ids these pages are (requests take them there), their bytes in this pool's tier
+    part_of: str | None = None
 
 
 class MemoryManager:
@@ -151,15 +157,30 @@ class MemoryManager:
 
     def usage(self) -> dict[str, dict]:
         """Per tier: free and total pages and bytes (what /get_server_info and /metrics report); cached pages that
-        no request holds count as free."""
+        no request holds count as free. A pool's last ids that another pool is part of count in that one's tier."""
         out: dict[str, dict] = {}
-        for name, pool in self.pools.items():
-            spec, free = self.specs[name], self.num_free(name)
+
+        def add(spec: PoolSpec, free: int, total: int) -> None:
             t = out.setdefault(
                 spec.tier, {"free_pages": 0, "total_pages": 0, "free_bytes": 0, "total_bytes": 0}
             )
             t["free_pages"] += free
-            t["total_pages"] += pool.num_pages
+            t["total_pages"] += total
             t["free_bytes"] += free * spec.bytes_per_page
-            t["total_bytes"] += pool.num_pages * spec.bytes_per_page
+            t["total_bytes"] += total * spec.bytes_per_page
+
+        parts = {s.part_of: s for s in self.specs.values() if s.part_of}
+        for name, pool in self.pools.items():
+            spec, free, total = self.specs[name], self.num_free(name), pool.num_pages
+            if spec.part_of:  # counted with the pool it is part of
+                continue
+            if name in parts:
+                part = parts[name]
+                first = total - part.num_pages
+                part_free = pool.num_free_from(first)
+                if self._shared(name):
+                    part_free += self.prefix.evictable_from(name, first)
+                add(part, part_free, part.num_pages)
+                free, total = free - part_free, first
+            add(spec, free, total)
         return out

@@ -138,6 +138,10 @@ class PrefixCache:
                 best = (key, n)
         return best
 
+    def evictable_from(self, pool: str, first: int) -> int:
+        """Pages of `pool` with ids >= first in evictable blocks."""
+        return sum(sum(x >= first for x in self.pages[k].get(pool, ())) for k in self.evictable)
+
     def evictable_pages(self, keys: list[bytes], pool: str) -> int:
         return sum(len(self.pages[k].get(pool, ())) for k in keys if k in self.evictable)
 
