@@ -29,6 +29,7 @@ POLICY_ARGS = {
     "tailor_fp8_row_align": "fp8_row_align",
     "tailor_share_q_pages": "share_q_pages",
     "tailor_gpu_rows_gib": "gpu_rows_gib",
+    "tailor_reuse_rows": "reuse_rows",
     "cascade_attention": "cascade",
 }
 TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
@@ -62,6 +63,11 @@ TAILOR_KNOBS = (  # (flag, help): integer TailorKV settings over the preset's
     (
         "--tailor-fp8-row-align",
         "--host-kv-dtype fp8: rows padded to a multiple of 4 bytes (default) or 16 (16-byte PCIe loads)",
+    ),
+    (
+        "--tailor-reuse-rows",
+        "N: each request keeps the first N rows per S layer and KV head its last decode step fetched on the GPU, "
+        "and reads those the next step selects again there, not over PCIe (default 0: off)",
     ),
 )
 

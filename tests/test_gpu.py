@@ -100,6 +100,11 @@ def test_real_model_answers_on_gpu(policy):
             dict(quant_layers=[0], top_k=64, speculative_fetch=1),
             "float32",
         ),  # both stages and the fetch of layer l+1 on the side stream during layer l
+        (
+            "tailor",
+            dict(quant_layers=[0], top_k=64, reuse_rows=40),
+            "float32",
+        ),  # rows kept from the last step, read in the graph; rows of padding in the scratch slot
         ("full", {}, "bfloat16"),  # FlashInfer decode eager between captured segments
         ("kivi", dict(quant_bits=4), "float32"),
     ],

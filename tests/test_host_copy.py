@@ -161,6 +161,44 @@ def test_gather_rows_reads_pages_with_a_gpu_copy_from_it(kt, dtype, b, np_, h, t
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])  # uint8: fp8 host rows
+@pytest.mark.parametrize("copied", [False, True])
+@pytest.mark.parametrize(
+    "b,np_,h,t,w,k,n", [(2, 7, 3, 64, 128, 45, 24), (3, 5, 3, 256, 260, 130, 40)]
+)
+def test_gather_rows_reads_rows_kept_from_the_last_step_there(
+    kt, dtype, copied, b, np_, h, t, w, k, n
+):
+    """Rows whose `at` is >= 0 come from the rows kept (other values here, so the source shows) at their slot, head
+    and index, before a page's GPU copy; the rest as without them. The kernel equals the reference bit for bit."""
+    rows = _host(12, t, h, w, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    kept = torch.randn(5, h, n, w, generator=g).to(dtype).to(DEVICE)
+    copies, slots = None, None
+    if copied:
+        copies = torch.randn(4, t, h, w, generator=g).to(dtype).to(DEVICE)
+        slots = (torch.arange(b * np_).view(b, np_) % 4).to(DEVICE)
+    pages = _pages(b, np_, 12)
+    kslots = torch.tensor([4, 0, 2][:b], device=DEVICE)
+    idx = (
+        torch.stack([torch.randperm(np_ * t, generator=g)[:k] for _ in range(b * h)])
+        .view(b, h, k)
+        .to(DEVICE)
+    )
+    at = torch.randint(-n, n, (b, h, k), generator=g).clamp(min=-1).to(DEVICE)
+    reuse = (kept, kslots, at)
+    got = kt.gather_rows(rows, pages, idx, copies, slots, reuse)
+    expect = ref.gather_rows(rows, pages, idx, copies, slots, reuse)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    plain = ref.gather_rows(rows, pages, idx, copies, slots)
+    hit = at >= 0
+    assert hit.any() and (~hit).any()
+    torch.testing.assert_close(expect[~hit], plain[~hit], rtol=0, atol=0)
+    heads = torch.arange(h, device=DEVICE)[None, :, None].expand(b, h, k)
+    rslot = kslots[:, None, None].expand(b, h, k)
+    torch.testing.assert_close(expect[hit], kept[rslot[hit], heads[hit], at[hit]], rtol=0, atol=0)
+
+
 def test_ops_dispatch():
     assert ref.ops("cpu") is ref
 

@@ -379,6 +379,34 @@ def test_quant_store_append_twice_is_append_once():
             st.advance(n + 1, r)
 
 
+def test_rows_kept_from_the_last_step_decode_what_rows_from_the_host_decode():
+    """reuse_rows: a step reads the rows its last step fetched and selects again from the GPU. Three prompts of one
+    length run one after another in the same slot, so an earlier request's rows kept at the same positions would
+    be read if prefill did not forget them: 12 teacher-forced logprobs each equal those without reuse (float32:
+    the same bytes), with some rows (not all) read from the rows kept."""
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, 1000, (662,), generator=g).tolist() for _ in range(3)]
+    prompts, forced = [x[:650] for x in ids], [x[650:] for x in ids]
+    opts = {**TINY_TAILOR, "progress": False, "top_k": 64, "max_running_requests": 1}
+    with Engine(**opts) as e:
+        want = [r.output_logprobs for r in e.forced(prompts, forced)]
+    with Engine(**opts, reuse_rows=24) as e:
+        hits, store = [], e.policy.offload
+        ops = store.ops
+
+        def gather_rows(*args):
+            hits.append(((args[-1][2] >= 0).sum().item(), args[-1][2].numel()))
+            return ops.gather_rows(*args)
+
+        store.ops = SimpleNamespace(
+            copy_pages=ops.copy_pages, gather_channels=ops.gather_channels, gather_rows=gather_rows
+        )
+        got = [r.output_logprobs for r in e.forced(prompts, forced)]
+    assert got == want
+    kept, fetched = map(sum, zip(*hits))
+    assert 0 < kept < fetched
+
+
 @pytest.mark.parametrize(
     "options,needle",
     [
@@ -390,6 +418,8 @@ def test_quant_store_append_twice_is_append_once():
         ({"share_q_pages": 2}, "share_q_pages"),
         ({"position_order": -1}, "position_order must be an integer >= 0"),
         ({"radix_topk": -1}, "radix_topk must be an integer >= 0"),
+        ({"reuse_rows": -1}, "reuse_rows must be an integer >= 0"),
+        ({"reuse_rows": 1.5}, "reuse_rows must be an integer >= 0"),
         ({"speculative_fetch": 1, "key_sketch": 0}, "needs a key sketch"),
         ({"d_s": 0}, "d_s"),
         ({"top_k": -1}, "top_k"),

@@ -9,7 +9,8 @@ Every tensor indexed by `pages` has pages as its leading dim. Results land on th
   pages -> [B, H, C, NP * T].
 - gather_rows: the top-k fetch, token-major token rows [P, T, H, W] (a token's K and V of one head side by side)
   at positions idx [B, H, K] -> [B, H, K, W]; a page with a GPU copy (copy_slots [B, NP] >= 0, the slot in copies
-  [S, T, H, W]) is read there instead of over PCIe.
+  [S, T, H, W]) is read there instead of over PCIe; so is a row the last step fetched too (`reuse`: the rows kept
+  [S, H, N, W] per slot and head, each output row's index among them or -1).
 Page tables [B, NP] are padded with -1 past a row's pages: nothing is read there and zeros are returned.
 """
 
@@ -55,9 +56,11 @@ def gather_rows(
     idx: torch.Tensor,
     copies: torch.Tensor | None = None,
     copy_slots: torch.Tensor | None = None,
+    reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """rows [P, T, H, W] (token-major pages), pages [B, NP], positions idx [B, H, K] -> [B, H, K, W] on pages'
-    device; where copy_slots [B, NP] (beside `copies` [S, T, H, W] on pages' device) is >= 0, from that copy.
+    device; where copy_slots [B, NP] (beside `copies` [S, T, H, W] on pages' device) is >= 0, from that copy; where
+    reuse = (kept [S, H, N, W], slots [B], at [B, H, K]) has at >= 0, from kept[slots[b], h, at] (before both).
     Each output row is copied once from where it lives (index_select of whole rows into zeros: advanced
     indexing and a broadcast masked_fill took ~4x as long on CPU, for the same bytes)."""
     rows = rows.contiguous()  # a view of whole rows (the tiers' tensors are contiguous: no copy)
@@ -69,9 +72,13 @@ def gather_rows(
     heads = torch.arange(h, device=rows.device)[None, :, None]
     row = ((at % t) * h + heads).view(-1)  # the row within its page
     take = page >= 0
+    kept = torch.zeros_like(take)
+    if reuse is not None:
+        kept = (reuse[2] >= 0).view(-1).to(rows.device)
+        take &= ~kept
     if copies is not None:
         slot = copy_slots.gather(1, page_of.to(copy_slots.device)).view(-1)
-        from_copy = slot >= 0
+        from_copy = (slot >= 0) & ~kept.to(slot.device)
         take &= ~from_copy.to(rows.device)
     out = torch.zeros(b * h * k, w, dtype=rows.dtype, device=pages.device)
     sel = take.nonzero().view(-1)
@@ -81,6 +88,12 @@ def gather_rows(
         sel = from_copy.nonzero().view(-1)
         src = copies.view(-1, w).index_select(0, slot[sel] * (t * h) + row.to(copies.device)[sel])
         out.index_copy_(0, sel.to(out.device), src)
+    if reuse is not None:
+        last, slots, j = reuse
+        n = last.shape[2]
+        flat = ((slots[:, None, None] * h + heads.to(slots.device)) * n + j).view(-1)
+        sel = (j >= 0).view(-1).nonzero().view(-1)
+        out.index_copy_(0, sel, last.reshape(-1, w).index_select(0, flat[sel]))
     return out.view(b, h, k, w)
 
 

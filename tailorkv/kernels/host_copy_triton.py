@@ -93,7 +93,7 @@ def _gather_channels_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["K", "sp_b", "sc_b"])
+@triton.jit(do_not_specialize=["K", "sp_b", "sc_b", "N"])
 def _gather_rows_kernel(
     rows_ptr,
     pages_ptr,
@@ -101,21 +101,27 @@ def _gather_rows_kernel(
     out_ptr,
     copies_ptr,
     cslots_ptr,
+    kept_ptr,
+    kslots_ptr,
+    at_ptr,
     H,
     K,
     sr_p,
     sp_b,
     sc_p,
     sc_b,
+    N,
     W: tl.constexpr,
     OW: tl.constexpr,
     T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_W: tl.constexpr,
     COPIES: tl.constexpr,
+    REUSE: tl.constexpr,
 ):
     # one program per (row, head) and block of BLOCK_K selected positions; a row whose page has a GPU copy is
-    # loaded from it (the host load is masked off: it never crosses PCIe)
+    # loaded from it, and one the last step fetched too from the rows kept (the host load is masked off: it never
+    # crosses PCIe)
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -125,8 +131,17 @@ def _gather_rows_kernel(
     ok = (k < K)[:, None] & (w < W)[None, :]
     in_page = ((pos % T) * H + h)[:, None] * W + w[None, :]
     on_host = page >= 0
+    if REUSE:
+        j = tl.load(at_ptr + bh * K + k, mask=k < K, other=-1).to(tl.int64)
+        on_host = on_host & (j < 0)
+        kept = (tl.load(kslots_ptr + b).to(tl.int64) * H + h) * N + j
+        z = tl.load(
+            kept_ptr + kept[:, None] * W + w[None, :], mask=ok & (j >= 0)[:, None], other=0.0
+        )
     if COPIES:
         slot = tl.load(cslots_ptr + b * sc_b + pos // T, mask=k < K, other=-1).to(tl.int64)
+        if REUSE:
+            slot = tl.where(j >= 0, -1, slot)
         on_host = on_host & (slot < 0)
         y = tl.load(
             copies_ptr + slot[:, None] * sc_p + in_page, mask=ok & (slot >= 0)[:, None], other=0.0
@@ -134,6 +149,8 @@ def _gather_rows_kernel(
     x = tl.load(rows_ptr + page[:, None] * sr_p + in_page, mask=ok & on_host[:, None], other=0.0)
     if COPIES:
         x = tl.where((slot >= 0)[:, None], y, x)
+    if REUSE:
+        x = tl.where((j >= 0)[:, None], z, x)
     tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * OW + w[None, :], x, mask=ok)
 
 
@@ -198,6 +215,7 @@ def gather_rows(
     idx: torch.Tensor,
     copies: torch.Tensor | None = None,
     copy_slots: torch.Tensor | None = None,
+    reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Same contract as host_copy.gather_rows (T must be a power of two). fp8 rows (uint8, a multiple of 4 bytes)
     are loaded as 32-bit words: bytes would take 256 single-byte loads a thread, 32 bytes a warp instruction over
@@ -207,9 +225,11 @@ def gather_rows(
     if rows.dtype == torch.uint8 and rows.shape[-1] % 4 == 0:
         w = rows.shape[-1]
         words = None if copies is None else copies.view(torch.int32)
-        out = _gather(rows.view(torch.int32), pages, idx, words, copy_slots, -(-w // 16) * 4)
+        if reuse is not None:
+            reuse = (reuse[0].view(torch.int32), *reuse[1:])
+        out = _gather(rows.view(torch.int32), pages, idx, words, copy_slots, -(-w // 16) * 4, reuse)
         return out.view(torch.uint8)[..., :w]
-    return _gather(rows, pages, idx, copies, copy_slots, rows.shape[-1])
+    return _gather(rows, pages, idx, copies, copy_slots, rows.shape[-1], reuse)
 
 
 def _gather(
@@ -219,6 +239,7 @@ def _gather(
     copies: torch.Tensor | None,
     copy_slots: torch.Tensor | None,
     out_width: int,
+    reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """gather_rows into rows of `out_width` elements (the first W of each written)."""
     _, t, h, w = rows.shape
@@ -227,8 +248,11 @@ def _gather(
     out = torch.empty(b, h, k, out_width, dtype=rows.dtype, device=pages.device)
     if copies is not None and (copies.dtype != rows.dtype or copies.shape[1:] != rows.shape[1:]):
         raise ValueError("gather_rows: copies must have the rows' page shape and dtype")
+    if reuse is not None and (reuse[0].dtype != rows.dtype or reuse[0].shape[-1] != w):
+        raise ValueError("gather_rows: the rows kept must have the rows' width and dtype")
     if copy_slots is not None:
         copy_slots = copy_slots.contiguous()
+    kept, kslots, at = (x.contiguous() for x in reuse) if reuse is not None else (out, pages, idx)
     if out.numel():
         _gather_rows_kernel[(b * h, triton.cdiv(k, _ROWS_PER_PROGRAM))](
             _arg(rows, pages.device),
@@ -237,17 +261,22 @@ def _gather(
             out,
             out if copies is None else copies,
             pages if copies is None else copy_slots,
+            kept,
+            kslots,
+            at,
             h,
             k,
             _page_stride(rows),
             pages.stride(0),
             0 if copies is None else _page_stride(copies),
             0 if copies is None else copy_slots.stride(0),
+            kept.shape[2] if reuse is not None else 1,
             W=w,
             OW=out_width,
             T=t,
             BLOCK_K=_ROWS_PER_PROGRAM,
             BLOCK_W=triton.next_power_of_2(w),
             COPIES=copies is not None,
+            REUSE=reuse is not None,
         )
     return out

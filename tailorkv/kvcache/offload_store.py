@@ -208,6 +208,7 @@ class OffloadStore:
         fp8_rows: bool = False,
         fp8_align: int = 4,
         resident_pages: int = 0,
+        reuse_rows: int = 0,
     ):
         """`extra_row_layers`: more layers whose prompt rows only are kept (tailor's Q layers, for a later request
         that shares the prompt's prefix and must attend to it exactly at prefill): row layers num_layers, ...
@@ -215,7 +216,9 @@ class OffloadStore:
         `resident_pages`: more pages after the `host_pages` pinned ones, their rows in the GPU tier alone (with a key
         sketch: stage 1 reads no host rows of them); the host tier gets a scratch page that their reads index and that
         nothing writes.
-        `fp8_rows`: token rows stored as host_fp8 packed rows, padded to a multiple of `fp8_align` bytes."""
+        `fp8_rows`: token rows stored as host_fp8 packed rows, padded to a multiple of `fp8_align` bytes.
+        `reuse_rows`: per slot, layer and KV head, the first that many rows its last decode step fetched, kept on the
+        GPU with their positions: the next step reads those it selects again there (the same bytes)."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.dtype, self.fp8_rows, self.fp8_align = dtype, fp8_rows, fp8_align
         # token-major pages [256 tokens, H, k|v]: a prefix read back is a view for the prefill kernels (no copy)
@@ -277,6 +280,20 @@ class OffloadStore:
         self.max_abs = torch.zeros(L, num_slots + 1, H, D, device=device, dtype=torch.float32)
         self.gen_k = torch.zeros(L, (gen_pages + 1) * PAGE, H, D, **dev)
         self.gen_v = torch.zeros(L, (gen_pages + 1) * PAGE, H, D, **dev)
+        self.kept_pos = self.kept_rows = None
+        if reuse_rows:  # positions -1: nothing kept
+            self.kept_pos = torch.full(
+                (L, num_slots + 1, H, reuse_rows), -1, device=device, dtype=torch.long
+            )
+            self.kept_rows = torch.zeros(
+                L,
+                num_slots + 1,
+                H,
+                reuse_rows,
+                self.row_shape[-1],
+                device=device,
+                dtype=self.row_dtype,
+            )
 
     @staticmethod
     def bytes_per_host_page(
@@ -318,8 +335,17 @@ class OffloadStore:
         return num_layers * PAGE * 2 * h * d * itemsize
 
     @staticmethod
-    def bytes_per_slot(num_layers: int, h: int, d: int, window: int, itemsize: int) -> int:
-        return num_layers * (2 * window * h * d * itemsize + h * d * 4)
+    def bytes_per_slot(
+        num_layers: int,
+        h: int,
+        d: int,
+        window: int,
+        itemsize: int,
+        reuse_rows: int = 0,
+        row: int = 0,
+    ) -> int:
+        """A slot's window, max|K| and (reuse_rows) the rows of `row` bytes its last fetch kept, with positions."""
+        return num_layers * (2 * window * h * d * itemsize + h * d * 4 + reuse_rows * h * (row + 8))
 
     def prefill(
         self,
@@ -334,6 +360,8 @@ class OffloadStore:
         sketch, max|K| per channel so far (a running max over a row's chunks) and, with a row's last chunk, its
         sink + recent window on the GPU."""
         kp = self.store_rows(layer, rows, k, v)
+        if self.kept_pos is not None:  # a slot's rows kept are an earlier request's
+            self.kept_pos[layer, rows.slots] = -1
         if self.sketch_bits:
             self._sketch(layer, rows, kp)
         else:
@@ -456,14 +484,32 @@ class OffloadStore:
         """The GPU copies a decode step's fetch reads where a page has one (None: no copy slots)."""
         return None if self.copy_rows is None else self.copies
 
-    def fetch_rows(self, layer: int, view: DecodeView, idx: torch.Tensor) -> torch.Tensor:
+    def fetch_rows(
+        self, layer: int, view: DecodeView, idx: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier,
-        or from a page's GPU copy where it has one."""
-        if self.copy_rows is None:
-            return self.ops.gather_rows(self.rows[layer], view.host_pages, idx)
-        return self.ops.gather_rows(
-            self.rows[layer], view.host_pages, idx, self.copy_rows[layer], view.copy_slots
+        or from a page's GPU copy where it has one, or from the rows the row's last step fetched (reuse_rows),
+        which then become the first of these that are `valid`."""
+        copies = () if self.copy_rows is None else (self.copy_rows[layer], view.copy_slots)
+        if self.kept_pos is None:
+            return self.ops.gather_rows(self.rows[layer], view.host_pages, idx, *copies)
+        kept = self.kept_pos[layer, view.slots]  # [B, H, N]
+        order, at = kept.sort(-1)
+        j = torch.searchsorted(order, idx).clamp(max=kept.shape[-1] - 1)
+        at = torch.where(order.gather(-1, j) == idx, at.gather(-1, j), -1)
+        if not copies:
+            copies = (None, None)
+        out = self.ops.gather_rows(
+            self.rows[layer], view.host_pages, idx, *copies, (self.kept_rows[layer], view.slots, at)
         )
+        n = min(kept.shape[-1], idx.shape[-1])
+        pos = torch.full_like(kept, -1)
+        pos[..., :n] = (
+            idx[..., :n] if valid is None else torch.where(valid[..., :n], idx[..., :n], -1)
+        )
+        self.kept_pos[layer, view.slots] = pos
+        self.kept_rows[layer, view.slots, :, :n] = out[:, :, :n]
+        return out
 
     def attend(
         self,

@@ -192,8 +192,9 @@ class TailorPolicy(KVPolicy):
         c, t, item = self.cfg, self.tc, self.dtype.itemsize
         nq, ns, h, d = len(self.q_index), len(self.s_index), c.num_kv_heads, c.head_dim
         vgroup = kivi.value_group(t.group_size, d, t.quant_bits)
+        row = OffloadStore.row_bytes(d, item, t.fp8_rows, t.fp8_row_align)
         slot = QuantStore.bytes_per_slot(nq, h, d, t.residual, item) + OffloadStore.bytes_per_slot(
-            ns, h, d, t.sink + t.recent, item
+            ns, h, d, t.sink + t.recent, item, t.reuse_rows, row
         )
         slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
@@ -303,6 +304,7 @@ class TailorPolicy(KVPolicy):
             fp8_rows=t.fp8_rows,
             fp8_align=t.fp8_row_align,
             resident_pages=n.get("resident", 0),
+            reuse_rows=t.reuse_rows,
         )
         self.prompt_len: dict[int, int] = {}
         self.q_state: dict[int, QuantState] = {}
@@ -733,7 +735,7 @@ class TailorPolicy(KVPolicy):
             0 < self.tc.position_order <= scores.shape[0],
             maxima,
         )
-        return self.offload.fetch_rows(si, view, idx), valid
+        return self.offload.fetch_rows(si, view, idx, valid), valid
 
     def _k_bound(self, si: int, context: int) -> int:
         """The top_k of S layer `si` at `context` tokens: at least every shorter request's (k never decreases)."""

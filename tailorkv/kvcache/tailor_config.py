@@ -50,6 +50,11 @@
   tier holds: host-pool pages whose rows live in the GPU tier alone (memory/device_copies.py), read by the top-k
   fetch from HBM. For throughput on a host whose page-locked memory bounds the batch (128k on an 80 GiB H100: 11
   requests in 90 GiB of fp8 rows). Default 0; needs the key sketch.
+- reuse_rows (beyond the paper): N = each running request keeps, per S layer and KV head, the first N rows its last
+  decode step fetched on the GPU (N x (row + 8) bytes each, in its slot's share of the budget); the next step's fetch
+  reads those it selects again there instead of over PCIe: the same bytes. On the embedded model at 6k tokens,
+  66-77% of a step's top-k rows were the step before's too (benchmarks/bench_topk_reuse.py; the fetch was 43% of
+  the 128k step at 13 requests, H100). Default 0 (off) until a GPU measures it.
 - fp8_row_align: an fp8 host row padded to a multiple of 4 bytes (2D + 4, the default) or 16 (2D + 16: every row
   16-byte aligned, so the top-k fetch reads it over PCIe in 16-byte loads where 2D + 4 takes 4-byte ones; 4.6% more
   host bytes at head_dim 128), for whichever measures faster (benchmarks/bench_uva_gather.py --rows).
@@ -96,6 +101,7 @@ class TailorConfig:
     host_kv_dtype: str = "auto"
     fp8_row_align: int = 4
     gpu_rows_gib: float = 0
+    reuse_rows: int = 0
 
     @property
     def fp8_rows(self) -> bool:
@@ -165,6 +171,8 @@ class TailorConfig:
             raise ConfigError(
                 "gpu_rows_gib needs a key sketch (key_sketch 1 or 2): stage 1 reads host rows"
             )
+        if not isinstance(self.reuse_rows, int) or self.reuse_rows < 0:
+            raise ConfigError(f"reuse_rows must be an integer >= 0, got {self.reuse_rows!r}")
         if not isinstance(self.d_s, int) or self.d_s < 1:
             raise ConfigError(f"d_s must be a positive integer, got {self.d_s!r}")
         if head_dim is not None and self.d_s > head_dim:
