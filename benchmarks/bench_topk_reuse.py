@@ -5,10 +5,11 @@ would keep off PCIe (the top-k fetch is 43% of tailor's 128k step at 13 requests
         --forced-tokens 32
 
 Essay windows as in bench_paired: the first part the prompt, the rest teacher-forced one decode step at a time. At
-every S layer of every step, per row and KV head: of the positions fetched (those in the row's middle range), the
-share the same row fetched at that layer in the step before. Measure a real model: what a dummy model's random
-weights reuse says nothing of one. Eager steps (no CUDA graphs, no compile): the fetch is recorded as it is called. Writes
-one row per policy {policy, preset, model, reuse, reuse_by_layer, fetched, ..., machine, date, commit, command}.
+every S layer of every step, per row and KV head: of the positions fetched (those the top-k marks valid), the share
+the same row fetched at that layer in the step before (what `--tailor-reuse-rows` reads from the GPU, with N at
+least k). Measure a real model: a dummy model's random weights say nothing of one. Eager steps (no CUDA graphs, no
+compile): the fetch is recorded as it is called. Writes one row per policy {policy, preset, model, reuse,
+reuse_by_layer, fetched, ..., machine, date, commit, command}.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class ReuseCounter:
         self.fetched, self.kept = defaultdict(int), defaultdict(int)
         store.fetch_rows = self
 
-    def __call__(self, layer, view, idx):
+    def __call__(self, layer, view, idx, valid=None):
         inside = (idx >= view.mid_begin[:, None, None]) & (idx < view.mid_end[:, None, None])
+        if valid is not None:
+            inside &= valid
         for row, slot in enumerate(view.slots.tolist()):
             now = [set(idx[row, h][inside[row, h]].tolist()) for h in range(idx.shape[1])]
             before = self.last.get((slot, layer))
@@ -42,7 +45,7 @@ class ReuseCounter:
                 self.fetched[layer] += sum(map(len, now))
                 self.kept[layer] += sum(len(a & b) for a, b in zip(now, before))
             self.last[slot, layer] = now
-        return self.fetch(layer, view, idx)
+        return self.fetch(layer, view, idx, valid)
 
     def reset(self) -> None:
         """A new request may take a slot: nothing of the last one's fetches counts."""

@@ -9,7 +9,7 @@ from benchmarks import bench_topk_reuse
 
 
 def test_the_counter_counts_positions_the_slots_last_fetch_at_that_layer_had():
-    store = SimpleNamespace(fetch_rows=lambda layer, view, idx: idx)
+    store = SimpleNamespace(fetch_rows=lambda layer, view, idx, valid=None: idx)
     counter = bench_topk_reuse.ReuseCounter(store)
     view = SimpleNamespace(  # two rows (slots 5 and 2), positions [8, 100) are the middle range
         slots=torch.tensor([5, 2]), mid_begin=torch.tensor([8, 8]), mid_end=torch.tensor([100, 100])

@@ -113,6 +113,24 @@ def test_tailors_batch_of_long_requests_is_bound_by_the_host_tier(context, host_
     assert min(batch, key=batch.get) == "host" and batch["host"] == held
 
 
+def test_tailor_keeps_a_slot_per_request_that_can_run_and_gives_the_rest_to_its_pools():
+    """Slots (a running request's windows and, with reuse_rows, the rows its last step fetched) number at most the
+    requests that run at once: what fewer of them leave goes to the pools that bound the batch."""
+    policy = policy_class("tailor")(
+        dummy_config("llama-3.1-8b"),
+        torch.device("cpu"),
+        torch.bfloat16,
+        quant_layers=[0],
+        reuse_rows=128,
+    )
+    policy.host_on_device = False
+    many, few = (policy.layout(61 << 30, 100 << 30, None, True, n) for n in (None, 32))
+    slots = {lay.pools[0].num_pages for lay in (many, few)}
+    assert [p.name for p in few.pools][0] == "slots" and slots == {256, 32}
+    gpu = lambda lay: {p.name: p.num_pages for p in lay.pools if p.tier == "gpu"}  # noqa: E731
+    assert all(gpu(few)[n] > gpu(many)[n] for n in ("qkv", "gen", "sketch"))
+
+
 def test_tailors_prefix_read_back_is_left_out_of_the_gpu_kv_budget(monkeypatch):
     """On CUDA the KV budget is what is free less the activations and the policy's prefill workspace: tailor's
     chunks read a layer's prefix back (three buffers of a full context's K and V), full reads in place."""

@@ -111,6 +111,7 @@ class EngineRank:
             int(o.host_kv_gib * GIB),
             None if copies is None else int(copies * GIB),
             o.enable_prefix_caching,
+            o.max_running_requests,
         )
         self.policy.allocate_storage(layout.pools)
         self.policy.warm_up(prefix_sharing=layout.prefix_blocks is not None)

@@ -98,7 +98,12 @@ class FullPolicy(KVPolicy):
         super().validate_options(**options)
 
     def layout(
-        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
+        self,
+        gpu_bytes: int,
+        host_bytes: int,
+        copy_bytes: int | None,
+        prefix_caching: bool,
+        max_requests: int | None = None,
     ) -> KVLayout:
         """One pool of PAGE_SIZE-token pages of every layer's K/V, in this policy's tier; a block is one page."""
         c = self.cfg

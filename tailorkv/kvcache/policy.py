@@ -45,12 +45,18 @@ class KVPolicy(ABC):
 
     @abstractmethod
     def layout(
-        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
+        self,
+        gpu_bytes: int,
+        host_bytes: int,
+        copy_bytes: int | None,
+        prefix_caching: bool,
+        max_requests: int | None = None,
     ) -> KVLayout:
         """The policy's pools sized to the byte budgets of each tier, and what a request costs in them.
         `copy_bytes`: with prefix caching, how much of the GPU budget may hold copies of host-tier pages that
         prefills read back (None: what the other GPU pools leave); a policy whose prefills read nothing back
-        ignores it. `prefix_caching`: requests with a common prompt prefix may share its pages."""
+        ignores it. `prefix_caching`: requests with a common prompt prefix may share its pages. `max_requests`: at
+        most that many run at once (None: no bound), for what a policy keeps per running request."""
 
     def prefill_workspace_bytes(self, context: int) -> int:
         """GPU memory a prefill step may take beyond the pools and the model's activations, for prompts of up to

@@ -176,9 +176,14 @@ class TailorPolicy(KVPolicy):
 
     # ---- memory ------------------------------------------------------------------------------------------------
     def layout(
-        self, gpu_bytes: int, host_bytes: int, copy_bytes: int | None, prefix_caching: bool
+        self,
+        gpu_bytes: int,
+        host_bytes: int,
+        copy_bytes: int | None,
+        prefix_caching: bool,
+        max_requests: int | None = None,
     ) -> KVLayout:
-        """Slots (each request's windows), the GPU pools in the proportions of long-context requests, the host
+        """Slots (each running request's windows, at most max_requests), the GPU pools in the proportions of long-context requests, the host
         tier (every layer's exact prompt rows: the S layers' for decode, all of them for the prefill chunks and
         shared prefixes that read them back) and GPU copies of host pages (DeviceCopies), which those reads use
         where a page has one: by default (with prefix caching) the GPU memory that pools for as many such
@@ -196,7 +201,7 @@ class TailorPolicy(KVPolicy):
         slot = QuantStore.bytes_per_slot(nq, h, d, t.residual, item) + OffloadStore.bytes_per_slot(
             ns, h, d, t.sink + t.recent, item, t.reuse_rows, row
         )
-        slots = int(min(MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
+        slots = int(min(MAX_SLOTS, max_requests or MAX_SLOTS, max(gpu_bytes // 10 // slot, 1)))
         rest = max(gpu_bytes - slots * slot, 0)
         # GPU pools: (page size, bytes per page, pages per 64 host pages of prompt (16k tokens) and their 512 answer
         # tokens (1,024-token answers to 32k prompts: then the host tier, not a GPU pool, bounds the batch), what a
