@@ -169,8 +169,9 @@ def test_gather_rows_reads_pages_with_a_gpu_copy_from_it(kt, dtype, b, np_, h, t
 def test_gather_rows_reads_rows_kept_from_the_last_step_there(
     kt, dtype, copied, b, np_, h, t, w, k, n
 ):
-    """Rows whose `at` is >= 0 come from the rows kept (other values here, so the source shows) at their slot, head
-    and index, before a page's GPU copy; the rest as without them. The kernel equals the reference bit for bit."""
+    """Rows whose position a row's slot keeps (for its head) come from the rows kept there (other values here, so
+    the source shows), before a page's GPU copy; the rest as without them. The kernel equals the reference bit for
+    bit."""
     rows = _host(12, t, h, w, dtype=dtype)
     g = torch.Generator().manual_seed(7)
     kept = torch.randn(5, h, n, w, generator=g).to(dtype).to(DEVICE)
@@ -185,14 +186,25 @@ def test_gather_rows_reads_rows_kept_from_the_last_step_there(
         .view(b, h, k)
         .to(DEVICE)
     )
-    at = torch.randint(-n, n, (b, h, k), generator=g).clamp(min=-1).to(DEVICE)
-    reuse = (kept, kslots, at)
+    # each slot and head keeps n positions: about half of them this step's, the rest others (-1 or past the
+    # context), in no order
+    kept_pos = torch.full((5, h, n), -1, dtype=torch.long)
+    for i, s in enumerate(kslots.tolist()):
+        for x in range(h):
+            mine = idx[i, x, torch.randperm(k, generator=g)[: n // 2]].cpu()
+            other = np_ * t + torch.arange(n - n // 2 - 1)
+            kept_pos[s, x] = torch.cat([mine, other, torch.tensor([-1])])[
+                torch.randperm(n, generator=g)
+            ]
+    kept_pos = kept_pos.to(DEVICE)
+    reuse = (kept, kept_pos, kslots)
     got = kt.gather_rows(rows, pages, idx, copies, slots, reuse)
     expect = ref.gather_rows(rows, pages, idx, copies, slots, reuse)
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
     plain = ref.gather_rows(rows, pages, idx, copies, slots)
-    hit = at >= 0
-    assert hit.any() and (~hit).any()
+    eq = idx[..., :, None] == kept_pos[kslots][:, :, None, :]
+    hit, at = eq.any(-1), eq.to(torch.uint8).argmax(-1)
+    assert hit.sum() == b * h * (n // 2)
     torch.testing.assert_close(expect[~hit], plain[~hit], rtol=0, atol=0)
     heads = torch.arange(h, device=DEVICE)[None, :, None].expand(b, h, k)
     rslot = kslots[:, None, None].expand(b, h, k)

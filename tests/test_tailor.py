@@ -394,9 +394,11 @@ def test_rows_kept_from_the_last_step_decode_what_rows_from_the_host_decode():
         hits, store = [], e.policy.offload
         ops = store.ops
 
-        def gather_rows(*args):
-            hits.append(((args[-1][2] >= 0).sum().item(), args[-1][2].numel()))
-            return ops.gather_rows(*args)
+        def gather_rows(rows, pages, idx, *args):
+            kept_pos, slots = args[-1][1:]
+            kept = (idx[..., None] == kept_pos[slots][:, :, None, :]).any(-1)
+            hits.append((kept.sum().item(), kept.numel()))
+            return ops.gather_rows(rows, pages, idx, *args)
 
         store.ops = SimpleNamespace(
             copy_pages=ops.copy_pages, gather_channels=ops.gather_channels, gather_rows=gather_rows

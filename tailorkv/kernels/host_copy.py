@@ -10,7 +10,7 @@ Every tensor indexed by `pages` has pages as its leading dim. Results land on th
 - gather_rows: the top-k fetch, token-major token rows [P, T, H, W] (a token's K and V of one head side by side)
   at positions idx [B, H, K] -> [B, H, K, W]; a page with a GPU copy (copy_slots [B, NP] >= 0, the slot in copies
   [S, T, H, W]) is read there instead of over PCIe; so is a row the last step fetched too (`reuse`: the rows kept
-  [S, H, N, W] per slot and head, each output row's index among them or -1).
+  [S, H, N, W] per slot and head, their positions [S, H, N] (-1: none), and each row's slot [B]).
 Page tables [B, NP] are padded with -1 past a row's pages: nothing is read there and zeros are returned.
 """
 
@@ -60,7 +60,8 @@ def gather_rows(
 ) -> torch.Tensor:
     """rows [P, T, H, W] (token-major pages), pages [B, NP], positions idx [B, H, K] -> [B, H, K, W] on pages'
     device; where copy_slots [B, NP] (beside `copies` [S, T, H, W] on pages' device) is >= 0, from that copy; where
-    reuse = (kept [S, H, N, W], slots [B], at [B, H, K]) has at >= 0, from kept[slots[b], h, at] (before both).
+    reuse = (kept [S, H, N, W], kept_pos [S, H, N], slots [B]) has idx[b, h, i] == kept_pos[slots[b], h, j], from
+    kept[slots[b], h, j] (before both; a position is kept at most once).
     Each output row is copied once from where it lives (index_select of whole rows into zeros: advanced
     indexing and a broadcast masked_fill took ~4x as long on CPU, for the same bytes)."""
     rows = rows.contiguous()  # a view of whole rows (the tiers' tensors are contiguous: no copy)
@@ -74,7 +75,10 @@ def gather_rows(
     take = page >= 0
     kept = torch.zeros_like(take)
     if reuse is not None:
-        kept = (reuse[2] >= 0).view(-1).to(rows.device)
+        last, kept_pos, slots = reuse
+        eq = idx[..., :, None] == kept_pos[slots][:, :, None, :]  # [B, H, K, N]
+        j = torch.where(eq.any(-1), eq.to(torch.uint8).argmax(-1), -1)
+        kept = (j >= 0).view(-1).to(rows.device)
         take &= ~kept
     if copies is not None:
         slot = copy_slots.gather(1, page_of.to(copy_slots.device)).view(-1)
@@ -89,7 +93,6 @@ def gather_rows(
         src = copies.view(-1, w).index_select(0, slot[sel] * (t * h) + row.to(copies.device)[sel])
         out.index_copy_(0, sel.to(out.device), src)
     if reuse is not None:
-        last, slots, j = reuse
         n = last.shape[2]
         flat = ((slots[:, None, None] * h + heads.to(slots.device)) * n + j).view(-1)
         sel = (j >= 0).view(-1).nonzero().view(-1)

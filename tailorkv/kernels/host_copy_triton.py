@@ -102,8 +102,8 @@ def _gather_rows_kernel(
     copies_ptr,
     cslots_ptr,
     kept_ptr,
+    kpos_ptr,
     kslots_ptr,
-    at_ptr,
     H,
     K,
     sr_p,
@@ -118,6 +118,7 @@ def _gather_rows_kernel(
     BLOCK_W: tl.constexpr,
     COPIES: tl.constexpr,
     REUSE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # one program per (row, head) and block of BLOCK_K selected positions; a row whose page has a GPU copy is
     # loaded from it, and one the last step fetched too from the rows kept (the host load is masked off: it never
@@ -131,12 +132,15 @@ def _gather_rows_kernel(
     ok = (k < K)[:, None] & (w < W)[None, :]
     in_page = ((pos % T) * H + h)[:, None] * W + w[None, :]
     on_host = page >= 0
-    if REUSE:
-        j = tl.load(at_ptr + bh * K + k, mask=k < K, other=-1).to(tl.int64)
+    if REUSE:  # the row's kept positions: a position's index among them, or -1
+        n = tl.arange(0, BLOCK_N)
+        first = (tl.load(kslots_ptr + b).to(tl.int64) * H + h) * N
+        kp = tl.load(kpos_ptr + first + n, mask=n < N, other=-1)
+        j = tl.max(tl.where(pos[:, None] == kp[None, :], n[None, :], -1), axis=1).to(tl.int64)
+        j = tl.where(k < K, j, -1)
         on_host = on_host & (j < 0)
-        kept = (tl.load(kslots_ptr + b).to(tl.int64) * H + h) * N + j
         z = tl.load(
-            kept_ptr + kept[:, None] * W + w[None, :], mask=ok & (j >= 0)[:, None], other=0.0
+            kept_ptr + (first + j)[:, None] * W + w[None, :], mask=ok & (j >= 0)[:, None], other=0.0
         )
     if COPIES:
         slot = tl.load(cslots_ptr + b * sc_b + pos // T, mask=k < K, other=-1).to(tl.int64)
@@ -252,7 +256,9 @@ def _gather(
         raise ValueError("gather_rows: the rows kept must have the rows' width and dtype")
     if copy_slots is not None:
         copy_slots = copy_slots.contiguous()
-    kept, kslots, at = (x.contiguous() for x in reuse) if reuse is not None else (out, pages, idx)
+    kept, kpos, kslots = (
+        (x.contiguous() for x in reuse) if reuse is not None else (out, pages, pages)
+    )
     if out.numel():
         _gather_rows_kernel[(b * h, triton.cdiv(k, _ROWS_PER_PROGRAM))](
             _arg(rows, pages.device),
@@ -262,8 +268,8 @@ def _gather(
             out if copies is None else copies,
             pages if copies is None else copy_slots,
             kept,
+            kpos,
             kslots,
-            at,
             h,
             k,
             _page_stride(rows),
@@ -278,5 +284,6 @@ def _gather(
             BLOCK_W=triton.next_power_of_2(w),
             COPIES=copies is not None,
             REUSE=reuse is not None,
+            BLOCK_N=triton.next_power_of_2(kept.shape[2]) if reuse is not None else 1,
         )
     return out

@@ -490,24 +490,18 @@ class OffloadStore:
         """The top-k fetch: rows [B, H, k, 2D] (K then V) of prompt positions idx [B, H, k] from the host tier,
         or from a page's GPU copy where it has one, or from the rows the row's last step fetched (reuse_rows),
         which then become the first of these that are `valid`."""
-        copies = () if self.copy_rows is None else (self.copy_rows[layer], view.copy_slots)
+        copies = (None, None)
+        if self.copy_rows is not None:
+            copies = (self.copy_rows[layer], view.copy_slots)
         if self.kept_pos is None:
             return self.ops.gather_rows(self.rows[layer], view.host_pages, idx, *copies)
-        kept = self.kept_pos[layer, view.slots]  # [B, H, N]
-        order, at = kept.sort(-1)
-        j = torch.searchsorted(order, idx).clamp(max=kept.shape[-1] - 1)
-        at = torch.where(order.gather(-1, j) == idx, at.gather(-1, j), -1)
-        if not copies:
-            copies = (None, None)
-        out = self.ops.gather_rows(
-            self.rows[layer], view.host_pages, idx, *copies, (self.kept_rows[layer], view.slots, at)
-        )
-        n = min(kept.shape[-1], idx.shape[-1])
-        pos = torch.full_like(kept, -1)
-        pos[..., :n] = (
-            idx[..., :n] if valid is None else torch.where(valid[..., :n], idx[..., :n], -1)
-        )
-        self.kept_pos[layer, view.slots] = pos
+        kept = (self.kept_rows[layer], self.kept_pos[layer], view.slots)
+        out = self.ops.gather_rows(self.rows[layer], view.host_pages, idx, *copies, kept)
+        n = min(self.kept_pos.shape[-1], idx.shape[-1])
+        pos = idx[..., :n] if valid is None else torch.where(valid[..., :n], idx[..., :n], -1)
+        self.kept_pos[layer, view.slots, :, :n] = pos
+        if n < self.kept_pos.shape[-1]:  # a static shape per captured graph
+            self.kept_pos[layer, view.slots, :, n:] = -1
         self.kept_rows[layer, view.slots, :, :n] = out[:, :, :n]
         return out
 
