@@ -63,6 +63,13 @@ def paired(base: list, other: list, top: int) -> dict:
     }
 
 
+def essay_windows(engine, prompt_tokens: int, forced_tokens: int, samples: int) -> list[list[int]]:
+    """Up to `samples` consecutive windows of prompt_tokens + forced_tokens essay tokens."""
+    w = prompt_tokens + forced_tokens
+    ids = engine.tokenizer.encode(load_essays()[: w * 6 * samples])
+    return [ids[i * w : (i + 1) * w] for i in range(samples) if len(ids) >= (i + 1) * w]
+
+
 def measure(spec: str, args) -> tuple[list, int]:
     """forced_top_logprobs of one policy spec on the essay windows, and how many windows there were."""
     with spec_engine(
@@ -73,9 +80,7 @@ def measure(spec: str, args) -> tuple[list, int]:
         kv_cache_gib=args.kv_cache_gib,
         max_running_requests=args.samples,
     ) as engine:
-        w = args.prompt_tokens + args.forced_tokens
-        ids = engine.tokenizer.encode(load_essays()[: w * 6 * args.samples])
-        windows = [ids[i * w : (i + 1) * w] for i in range(args.samples) if len(ids) >= (i + 1) * w]
+        windows = essay_windows(engine, args.prompt_tokens, args.forced_tokens, args.samples)
         prompts = [x[: args.prompt_tokens] for x in windows]
         forced = [x[args.prompt_tokens :] for x in windows]
         out = forced_top_logprobs(engine, prompts, forced, args.top)

@@ -20,9 +20,9 @@ from collections import defaultdict
 
 import torch
 
+from benchmarks.bench_paired import essay_windows
 from benchmarks.policy_spec import identity, spec_engine
 from benchmarks.rows import run_info, write_rows
-from tailorkv.essays import load_essays
 
 
 class ReuseCounter:
@@ -65,9 +65,7 @@ def measure(spec: str, args) -> dict:
         overlap_schedule=False,
     ) as engine:
         counter = ReuseCounter(engine.policy.offload)
-        w = args.prompt_tokens + args.forced_tokens
-        ids = engine.tokenizer.encode(load_essays()[: w * 6 * args.samples])
-        windows = [ids[i * w : (i + 1) * w] for i in range(args.samples) if len(ids) >= (i + 1) * w]
+        windows = essay_windows(engine, args.prompt_tokens, args.forced_tokens, args.samples)
         for x in windows:  # one at a time: a row's slot is its own for all its steps
             counter.reset()
             engine.forced([x[: args.prompt_tokens]], [x[args.prompt_tokens :]], 1)
