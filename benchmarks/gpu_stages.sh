@@ -22,7 +22,7 @@
 # tailor; profiled), sq (share_q_pages: its GPU tests, doc chat's step with and without it), gt (the top-k fetch's rate in rank and in position order), bk (the block maxima's kernel alone, then b16 with fp8 rows and 128k batch 1, each with and without blocks), b50 (tailor fp8 at 32k at the batch bench_throughput found, profiled), th128 (128k's 4x in one call: full 3, tailor fp8 11), th32 (bench_throughput at
 # 32k; CTX=131072 for 128k; one policy a call (TP=...) where two policies' probes would pass the 570 s a call), c19a (tailor doc chat at this tree and OLD), f22 (full doc chat,
 # cascade, against OLD_FULL), a22 (fp8 accuracy: paired logits and RULER), pf (the GPU tests of the prefill backends),
-# qp (the Q layers' attention against OLD_P=.gpu/old_p, 47ef539's tree), turn (doc chat's next turn beside 16 decoding rows, profiled), qa (the Q layers' attention against OLD_QA).
+# qp (the Q layers' attention against OLD_P=.gpu/old_p, 47ef539's tree), ru (reuse_rows: tests, the embedded model's reuse and step, RB=1 the dummy 8B at 128k), turn (doc chat's next turn beside 16 decoding rows, profiled), qa (the Q layers' attention against OLD_QA).
 # OLD=.gpu/old_19: `mkdir -p .gpu/old_19 && git archive de0a34f tailorkv | tar x -C .gpu/old_19`;
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
 stage=${1:-none}
@@ -368,6 +368,28 @@ th128)
       --server-args "--gpu-memory-limit 80 --host-kv-gib $3 --step-budget-ms 0" --output $R/throughput_${1%%:*}.json \
       > $R/th_${1%%:*}.log 2>&1; echo "th $1 rc=$?"; t; tail -n 2 $R/th_${1%%:*}.log
   done
+  ;;
+ru)
+  # reuse_rows (rows kept from the last step, 2026-12-07): its GPU tests; with the embedded GGUF (`setup`'s parts:
+  # .big1 and .big2, carried in two calls) its reuse at 8k on essays and its step with and without, no GPU copies
+  # (prefix_gpu_gib=0: rows from the host); then (RB=1) the dummy 8B at 128k with and without: the lookup's cost
+  timeout ${TG:-150} python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_host_copy.py \
+    "tests/test_gpu.py::test_cuda_graph_decode_equals_eager[tailor-opts4-float32]" \
+    tests/test_tailor.py::test_rows_kept_from_the_last_step_decode_what_rows_from_the_host_decode 2>&1 | tail -5; t
+  if [ -f /tmp/smol.gguf ]; then
+    timeout 150 python3 -m benchmarks.bench_topk_reuse --device cuda --prompt-tokens 7900 --forced-tokens 32 \
+      --samples 4 --policies tailor,tailor:longbench --output $R/topk_reuse_gpu.json > $R/reuse.log 2>&1
+    echo "reuse rc=$?"; t; tail -n 2 $R/reuse.log
+    P=tailor:longbench:prefix_gpu_gib=0
+    timeout ${TL:-240} python3 -m benchmarks.bench_latency --model embedded --contexts 8192 --batch 64 --device cuda \
+      --policies $P,$P:reuse_rows=128 --steps 32 --host-kv-gib 16 --output $R/latency_reuse_8k.json \
+      > $R/lat_reuse.log 2>&1; echo "lat reuse 8k rc=$?"; t; grep -v "oading\|it/s" $R/lat_reuse.log | tail -4
+  fi
+  P=tailor:longbench:host_kv_dtype=fp8:gpu_rows_gib=40
+  [ -n "${RB:-}" ] && timeout ${TL:-540} python3 -m benchmarks.bench_latency --model dummy:llama-3.1-8b --contexts 131072 \
+    --batch 13 --max-running 13 --device cuda --policies $P,$P:reuse_rows=128 --steps 16 --host-kv-gib 90 \
+    --gpu-memory-limit 80 --output $R/latency_reuse_128k.json > $R/lat_reuse128.log 2>&1
+  echo "lat reuse 128k rc=$?"; t; grep -v "oading\|it/s" $R/lat_reuse128.log 2>/dev/null | tail -4
   ;;
 a22)
   timeout ${TPA:-240} python3 -m benchmarks.bench_paired --device cuda --samples 16 --prompt-tokens 6144 --forced-tokens 128 \
