@@ -29,7 +29,8 @@ def test_script_writes_a_row_per_policy(tmp_path):
     out = tmp_path / "reuse.json"
     rows = bench_topk_reuse.main(
         "--model dummy:tiny --device cpu --samples 2 --prompt-tokens 700 --forced-tokens 6 --chunk 512 "
-        f"--host-kv-gib 0.05 --kv-cache-gib 0.05 --policies tailor::quant_layers=[0],tailor::quant_layers=[0]:top_k=400 --output {out}".split()
+        "--host-kv-gib 0.05 --kv-cache-gib 0.05 "
+        f"--policies tailor::quant_layers=[0],tailor::quant_layers=[0]:top_k=400 --output {out}".split()
     )
     assert json.loads(out.read_text()) == rows
     small, large = rows

@@ -183,11 +183,11 @@ class TailorPolicy(KVPolicy):
         prefix_caching: bool,
         max_requests: int | None = None,
     ) -> KVLayout:
-        """Slots (each running request's windows, at most max_requests), the GPU pools in the proportions of long-context requests, the host
-        tier (every layer's exact prompt rows: the S layers' for decode, all of them for the prefill chunks and
-        shared prefixes that read them back) and GPU copies of host pages (DeviceCopies), which those reads use
-        where a page has one: by default (with prefix caching) the GPU memory that pools for as many such
-        requests as the host tier holds leave, at most half of it. With gpu_rows_gib (and a key sketch), that much
+        """Slots (each running request's windows, at most max_requests), the GPU pools in the proportions of
+        long-context requests, the host tier (every layer's exact prompt rows: the S layers' for decode, all of them
+        for the prefill chunks and shared prefixes that read them back) and GPU copies of host pages (DeviceCopies),
+        which those reads use where a page has one: by default (with prefix caching) the GPU memory that pools for as
+        many such requests as the host tier holds leave, at most half of it. With gpu_rows_gib (and a key sketch), that much
         of the GPU budget first holds the rows of resident pages: host-pool pages past the pinned ones, whose rows
         live in the GPU tier alone (DeviceCopies), for requests the host tier has no room for. A shared block is one
         host-tier page: its token rows (and the Q layers' rows), its key-sketch page and the quantized pages of the
