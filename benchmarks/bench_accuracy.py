@@ -11,7 +11,8 @@ mean per-step budget. The summary averages the cells where full is above chance 
 interval), with a paired bootstrap 95% CI of each policy's difference to full on the same samples. Perplexity:
 windows of `--ppl-window` essay tokens; the first part is the prompt, the last `--ppl-tokens` tokens are
 teacher-forced one decode step at a time through the policy (so decode-time compression is what is measured).
-Writes a list of rows {policy, preset, task, length, samples, score, machine, date, commit, command} to --output.
+Writes a list of rows {policy, preset, task, length, samples, score, generate_s (the cell's generate call),
+engine_start_s (its engine's start), machine, date, commit, command} to --output: where an accuracy run's time goes.
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
         for task in args.tasks:
             # room for the answer: the prompt is sized so prompt + answer fits in `length`
             samples = generate(task, length - 128, args.samples, args.seed, count)
+            began = time.perf_counter()
             outs = engine.generate(
                 [s.prompt for s in samples],
                 sampling_params=[
                     {"max_new_tokens": s.max_new_tokens, "temperature": 0} for s in samples
                 ],
             )
+            generate_s = time.perf_counter() - began
             texts = [o["text"] for o in outs]
             scores = [100 * score(s, t) for s, t in zip(samples, texts)]
             value = sum(scores) / 100 / len(samples)
@@ -87,6 +90,7 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
                     "chance": round(chance_score(samples, texts, score), 2),
                     "context": sum(contexts) / len(contexts),
                     "budget": None if None in budgets else sum(budgets) / len(budgets),
+                    "generate_s": round(generate_s, 2),
                 }
             )
             bar.update(1)
@@ -160,10 +164,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for spec in specs:
         t0 = time.time()
         with engine_for(spec, args) as engine:
+            start_s = round(time.time() - t0, 2)
             new = run_tasks(engine, spec, args, bar)
             if args.ppl_windows:
                 new.append(run_perplexity(engine, spec, args))
-        rows += [{**r, **info} for r in new]
+        rows += [{**r, "engine_start_s": start_s, **info} for r in new]
         del engine  # free this policy's KV pools before the next engine allocates its own
         gc.collect()
         if torch.cuda.is_available():
