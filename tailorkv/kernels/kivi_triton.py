@@ -404,21 +404,33 @@ def _load_page_tile(
         BLOCK_D,
     )
     t = t0 + tl.arange(0, TILE)
+    vp, vs, vz = _load_page_values(
+        vp_ptr, vs_ptr, vz_ptr, svp_t, svp_h, svs_t, svs_h, kvh, page, t, (t < kend) & (t < vq), D, BITS, PAGE,
+        TILE, VGROUP, BLOCK_D,
+    )  # fmt: skip
+    return kp, ks, kz, vp, vs, vz
+
+
+@triton.jit
+def _load_page_values(
+    vp_ptr, vs_ptr, vz_ptr, svp_t, svp_h, svs_t, svs_h, kvh, page, t, rows_ok, D, BITS: tl.constexpr,
+    PAGE: tl.constexpr, TILE: tl.constexpr, VGROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """_load_value_tile's loads of tokens t (TILE of them, in page `page`) where rows_ok."""
     vslot = page * PAGE + (t % PAGE)
-    vp, vs, vz = _load_value_tile(
+    return _load_value_tile(
         vp_ptr + kvh * svp_h,
         vs_ptr + kvh * svs_h,
         vz_ptr + kvh * svs_h,
         vslot * svp_t,
         vslot * svs_t,
-        (t < kend) & (t < vq),
+        rows_ok,
         D,
         BITS,
         VGROUP,
         TILE,
         BLOCK_D,
     )
-    return kp, ks, kz, vp, vs, vz
 
 
 @triton.jit
@@ -587,20 +599,10 @@ def _paged_decode_split(
             mask=valid[:, None] & (d < D)[None, :],
             other=0.0,
         ).to(q.dtype)
-        vslot = page * PAGE + (t % PAGE)
-        words, scale, zero = _load_value_tile(
-            vp_ptr + kvh * svp_h,
-            vs_ptr + kvh * svs_h,
-            vz_ptr + kvh * svs_h,
-            vslot * svp_t,
-            vslot * svs_t,
-            valid & (t < vq),
-            D,
-            BITS,
-            VGROUP,
-            TILE,
-            BLOCK_D,
-        )
+        words, scale, zero = _load_page_values(
+            vp_ptr, vs_ptr, vz_ptr, svp_t, svp_h, svs_t, svs_h, kvh, page, t, valid & (t < vq), D, BITS, PAGE,
+            TILE, VGROUP, BLOCK_D,
+        )  # fmt: skip
         v = _dequantize_value_tile(words, scale, zero, BITS, VGROUP, TILE, BLOCK_D, F16)
         v = _window_values(
             v, vw_ptr, slot, kvh, t0, t, valid, vq, RW, svw_s, svw_r, svw_h, d, D, TILE
