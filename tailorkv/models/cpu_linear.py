@@ -15,6 +15,14 @@ class PackedLinear(nn.Linear):
     packed: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            # one row: oneDNN may take another kernel for it (a gemv on AMD's AVX-512 at 1536 inputs) whose sums
+            # round otherwise; as the first of two rows it gets the bits it gets in any batch
+            two = x.reshape(1, -1).expand(2, -1)
+            return self._product(two)[:1].reshape(*x.shape[:-1], -1)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
