@@ -21,6 +21,7 @@ import argparse
 import gc
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
@@ -58,8 +59,8 @@ def step_budget(engine: Engine, context: int) -> float | None:
     return min(budget, context) if isinstance(budget, int) else None
 
 
-def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
-    rows = []
+def run_tasks(engine: Engine, spec: str, args, bar) -> Iterator[dict]:
+    """A row per (length, task), as each cell finishes."""
     count = lambda text: len(engine.tokenizer.encode(text))  # noqa: E731
     for length in args.lengths:
         for task in args.tasks:
@@ -78,24 +79,21 @@ def run_tasks(engine: Engine, spec: str, args, bar) -> list[dict]:
             value = sum(scores) / 100 / len(samples)
             contexts = [count(s.prompt) for s in samples]
             budgets = [step_budget(engine, n) for n in contexts]
-            rows.append(
-                {
-                    **identity(spec),
-                    "task": task,
-                    "length": length,
-                    "seed": args.seed,
-                    "samples": len(samples),
-                    "score": round(100 * value, 2),
-                    "scores": scores,
-                    "chance": round(chance_score(samples, texts, score), 2),
-                    "context": sum(contexts) / len(contexts),
-                    "budget": None if None in budgets else sum(budgets) / len(budgets),
-                    "generate_s": round(generate_s, 2),
-                }
-            )
             bar.update(1)
             bar.set_postfix_str(f"{spec} {task}@{length}: {100 * value:.1f}")
-    return rows
+            yield {
+                **identity(spec),
+                "task": task,
+                "length": length,
+                "seed": args.seed,
+                "samples": len(samples),
+                "score": round(100 * value, 2),
+                "scores": scores,
+                "chance": round(chance_score(samples, texts, score), 2),
+                "context": sum(contexts) / len(contexts),
+                "budget": None if None in budgets else sum(budgets) / len(budgets),
+                "generate_s": round(generate_s, 2),
+            }
 
 
 def run_perplexity(engine: Engine, spec: str, args) -> dict:
@@ -165,16 +163,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0 = time.time()
         with engine_for(spec, args) as engine:
             start_s = round(time.time() - t0, 2)
-            new = run_tasks(engine, spec, args, bar)
+            # written as each cell finishes: a run cut off at a time limit keeps its finished cells
+            for r in run_tasks(engine, spec, args, bar):
+                rows.append({**r, "engine_start_s": start_s, **info})
+                write_rows(args.output, rows)
             if args.ppl_windows:
-                new.append(run_perplexity(engine, spec, args))
-        rows += [{**r, "engine_start_s": start_s, **info} for r in new]
+                rows.append(
+                    {**run_perplexity(engine, spec, args), "engine_start_s": start_s, **info}
+                )
+                write_rows(args.output, rows)
         del engine  # free this policy's KV pools before the next engine allocates its own
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         tqdm.write(f"{spec}: {time.time() - t0:.0f} s")
-        write_rows(args.output, rows)
     bar.close()
     print("\n".join(accuracy_table(rows)))
     summaries = summary(rows, label)
