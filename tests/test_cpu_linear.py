@@ -33,7 +33,8 @@ def test_packed_linear_is_nn_linear(in_features, out_features, bias):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * in_features**0.5)
         for rows in (1, 2, 3, 17):  # row 0 beside other rows: the same bits
             assert torch.equal(model(x[:rows])[0], got[0])
-        assert torch.equal(model(x[:1].reshape(1, 1, -1)), got[:1].reshape(1, 1, -1))  # one row, any shape
+        one = x[:1].reshape(1, 1, -1)  # one row, in any shape
+        assert torch.equal(model(one), got[:1].reshape(1, 1, -1))
 
 
 def test_other_dtypes_stay_nn_linear():

@@ -388,7 +388,13 @@ def test_rows_kept_from_the_last_step_decode_what_rows_from_the_host_decode():
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(3, 1000, (662,), generator=g).tolist() for _ in range(3)]
     prompts, forced = [x[:650] for x in ids], [x[650:] for x in ids]
-    opts = {**TINY_TAILOR, "progress": False, "top_k": 64, "max_running_requests": 1, "device": "cpu"}
+    opts = {
+        **TINY_TAILOR,
+        "progress": False,
+        "top_k": 64,
+        "max_running_requests": 1,
+        "device": "cpu",
+    }
     with Engine(**opts) as e:
         want = [r.output_logprobs for r in e.forced(prompts, forced)]
     with Engine(**opts, reuse_rows=24) as e:

@@ -13,11 +13,12 @@ class PackedLinear(nn.Linear):
     """nn.Linear (its weight kept: other code reads it) that multiplies by a oneDNN-packed copy of that weight."""
 
     packed: torch.Tensor
+    # oneDNN takes another kernel for one row at this weight's shape, whose sums round otherwise than a batch's (a
+    # gemv on AMD's AVX-512 at 1536 inputs): one row then runs as the first of two, ~10% slower, the batch's bits
+    one_row_as_two: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:
-            # one row: oneDNN may take another kernel for it (a gemv on AMD's AVX-512 at 1536 inputs) whose sums
-            # round otherwise; as the first of two rows it gets the bits it gets in any batch
+        if self.one_row_as_two and x.numel() == x.shape[-1]:
             two = x.reshape(1, -1).expand(2, -1)
             return self._product(two)[:1].reshape(*x.shape[:-1], -1)
         return self._product(x)
@@ -38,3 +39,7 @@ def pack_linears(model: nn.Module, packed: dict[str, torch.Tensor]) -> None:
                 packed[name] = torch.ops.mkldnn._reorder_linear_weight(w.detach())
             module.packed = packed[name]
             module.__class__ = PackedLinear
+            module.one_row_as_two = False
+            probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                module.one_row_as_two = not torch.equal(module(probe[:1]), module(probe)[:1])
