@@ -401,7 +401,7 @@ a22)
   timeout ${TPA:-240} python3 -m benchmarks.bench_paired --device cuda --samples 16 --prompt-tokens 6144 --forced-tokens 128 \
     --base tailor::top_k=64 --policies tailor::top_k=64:host_kv_dtype=fp8 --output $R/host_fp8_gpu.json > $R/host_fp8.log 2>&1; echo "host_fp8 rc=$?"; t; tail -n 3 $R/host_fp8.log
   # SEED=N: other samples, pooled with earlier seeds' rows (`python -m benchmarks.accuracy_stats FILES --base
-  # tailor:ruler`): 0.5 point of fp8 against bf16 needs ~7,000 paired samples, 600 a seed at SAMPLES=60
+  # tailor:ruler`); SAMPLES=280 brings 2,800 paired samples in ~360 s on an H100 (at 60 the start dominates)
   A="--device cuda --lengths 4096,8192 --samples ${SAMPLES:-100} --seed ${SEED:-0} --batch 160 --host-kv-gib 11 --kv-cache-gib 11 --host-on-device"
   A="$A --tasks niah_single_1,niah_multikey_2,niah_multivalue,niah_multiquery,niah_essay"
   # two at a time: four at once ran out of GPU memory on the H100 (2026-12-05)
