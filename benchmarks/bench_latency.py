@@ -11,10 +11,12 @@ move the bytes a step must move at bandwidths measured at the start of the same 
 (bandwidth.py): weights and GPU-resident KV at the device-copy rate, bulk PCIe reads (stage 1 channel runs, the
 offload baseline's whole KV) at the pinned host-to-device copy rate, and the top-k rows at the UVA gather rate (at
 the policy's host row layout, fp8 rows included), except the share of them on pages with a GPU copy (tailor's
-DeviceCopies, `copied_share`), counted at the device rate. Comparing `tailor:longbench` with
+DeviceCopies, `copied_share`) or kept from the step before (`reuse_rows`, `reused_share`: measured on one step
+after the timed ones), counted at the device rate. Comparing `tailor:longbench` with
 `tailor:longbench:prefix_gpu_gib=0` (no copies) shows what reading copies gains.
 Writes rows {policy, preset, context, batch, shared_prefix, shared_cached_tokens, gpu_memory_limit_gib,
-ms_per_token, prefill_s, peak_gpu_bytes, gpu_kv_bytes, host_kv_bytes, copied_share, chunked_prefill_size, floor_ms,
+ms_per_token, prefill_s, peak_gpu_bytes, gpu_kv_bytes, host_kv_bytes, copied_share, reused_share, chunked_prefill_size,
+floor_ms,
 floor_weights_ms, floor_gpu_kv_ms, floor_pcie_bulk_ms, floor_pcie_rows_ms, device_gb_per_s, host_copy_gb_per_s,
 row_gather_gb_per_s, machine, date, commit, command} to --output; with
 --profile-steps on CUDA also step_ms_by_part, a profiled step's device time by part (GEMMs, the top-k fetch, the
@@ -76,6 +78,23 @@ def copied_share(engine: Engine, rids: list[int]) -> float:
     return (store.copies.readable(pages) >= 0).float().mean().item() if pages.numel() else 0.0
 
 
+def reused_share(engine: Engine) -> float:
+    """Of the top-k rows one more decode step fetches (tailor with reuse_rows), the share the step before kept on
+    the GPU: the positions this step keeps against those it found kept. Exact where reuse_rows >= top_k; else the
+    share among each selection's first reuse_rows rows."""
+    store = getattr(engine.policy, "offload", None)
+    if store is None or store.kept_pos is None:
+        return 0.0
+    before = store.kept_pos.clone()
+    engine.step()
+    hits = kept = 0
+    for now, was in zip(store.kept_pos, before):  # a layer at a time: [slots, heads, reuse_rows]
+        valid = now >= 0
+        hits += ((now[..., :, None] == was[..., None, :]).any(-1) & valid).sum().item()
+        kept += valid.sum().item()
+    return hits / kept if kept else 0.0
+
+
 def floor_parts(
     engine: Engine,
     context: int,
@@ -84,11 +103,13 @@ def floor_parts(
     bw: Bandwidths,
     copied: float = 0.0,
     shared: int = 0,
+    reused: float = 0.0,
 ) -> dict[str, float]:
     """Milliseconds to move what one decode step must move, by part: the weights once, the GPU-resident KV the
     batch reads (of tailor's key sketch only the d_s channels a row scores: its pages are channel-major), bulk
     PCIe reads (stage 1's channels, the offload baseline's whole KV), the top-k rows (the `copied` share of them
-    from GPU copies, in the GPU KV part). `shared`: the leading prompt tokens every row shares (their pages, as
+    from GPU copies and the `reused` share of the others from the rows the step before kept, in the GPU KV part
+    with the rows kept for the next step). `shared`: the leading prompt tokens every row shares (their pages, as
     `gpu_kv` counts them, read once)."""
     c, item = engine.config, engine.dtype.itemsize
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
@@ -110,9 +131,13 @@ def floor_parts(
             batch * (-(-context // HOST_PAGE) - shared_pages) + shared_pages
         ) * OffloadStore.bytes_per_sketch_page(ns, c.num_kv_heads, c.head_dim, t.key_sketch)
         unread = sketch * (1 - t.d_s / c.head_dim) if t.key_sketch else 0
-        parts["gpu_kv"] = (gpu_kv - unread + copied * rows) / bw.device
+        from_host = (1 - copied) * (1 - reused)
+        keep = (
+            batch * ns * min(t.reuse_rows, t.top_k) * row
+        )  # the rows written back for the next step
+        parts["gpu_kv"] = (gpu_kv - unread + (1 - from_host) * rows + keep) / bw.device
         parts["pcie_bulk"] = batch * stage1 / bw.host_copy
-        parts["pcie_rows"] = (1 - copied) * rows / bw.row_gather
+        parts["pcie_rows"] = from_host * rows / bw.row_gather
     else:  # full, kivi: everything the request holds on the GPU is read
         parts["gpu_kv"] = gpu_kv / bw.device
     return {k: 1e3 * v for k, v in parts.items()}
@@ -126,7 +151,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         args.warmup
         + args.steps
         + args.profile_steps
-        + 2
+        + 3  # with reused_share's step
         + 4 * args.batch
         + 2 * (TURNS + 1) * bool(args.turn_tokens)
     )
@@ -178,6 +203,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         engine.step()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+    reused = reused_share(engine)
     step_ms = profile(engine, context, args) if args.profile_steps else {}
     if any(r.finished for r in reqs):  # then the timed steps decoded fewer rows than --batch
         raise RuntimeError("a request finished its answer before the timed steps ended")
@@ -187,7 +213,9 @@ def measure(engine: Engine, context: int, args) -> dict:
     for r in reqs:
         engine.abort(r.rid)
     gpu_kv, host_kv = held["gpu"], held["host"]
-    parts = floor_parts(engine, context, args.batch, gpu_kv, args.bandwidths, copied, cached)
+    parts = floor_parts(
+        engine, context, args.batch, gpu_kv, args.bandwidths, copied, cached, reused
+    )
     return {
         **identity(args.current),
         "context": context,
@@ -207,6 +235,7 @@ def measure(engine: Engine, context: int, args) -> dict:
         "gpu_kv_bytes": gpu_kv,
         "host_kv_bytes": host_kv,
         "copied_share": round(copied, 3),
+        "reused_share": round(reused, 3),
         "floor_ms": round(sum(parts.values()), 2),
         **{f"floor_{k}_ms": round(v, 3) for k, v in parts.items()},
         **args.bandwidths.as_row(),
@@ -371,7 +400,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = (
         f"{'policy':<30} {'context':>8} {'ms/token':>9} {'floor ms':>9} {'weights':>8} {'GPU KV':>7} "
         f"{'PCIe bulk':>9} {'PCIe rows':>9} {'prefill s':>9} {'peak GPU GiB':>12} {'GPU KV MiB':>10} "
-        f"{'host KV MiB':>11} {'copied':>6}"
+        f"{'host KV MiB':>11} {'copied':>6} {'reused':>6}"
     )
     for spec in args.policies.split(","):
         args.current = spec
@@ -413,7 +442,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{row['floor_weights_ms']:>8.2f} {row['floor_gpu_kv_ms']:>7.2f} "
                 f"{row['floor_pcie_bulk_ms']:>9.2f} {row['floor_pcie_rows_ms']:>9.2f} "
                 f"{row['prefill_s']:>9.2f} {peak:>12.1f} {row['gpu_kv_bytes'] / 2**20:>10.0f} "
-                f"{row['host_kv_bytes'] / 2**20:>11.0f} {row['copied_share']:>6.2f}",
+                f"{row['host_kv_bytes'] / 2**20:>11.0f} {row['copied_share']:>6.2f} {row['reused_share']:>6.2f}",
                 flush=True,
             )
             if "step_ms_by_part" in row:

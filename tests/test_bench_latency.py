@@ -23,6 +23,8 @@ def test_floor_parts_count_what_a_step_moves(policy):
     parts = {}
     for dtype in ("auto", "fp8"):
         options = {"quant_layers": [0], "host_kv_dtype": dtype} if policy == "tailor" else {}
+        if dtype == "fp8":  # 64 rows a layer, head and row kept for the next step
+            options["reuse_rows"] = 64
         if policy == "full" and dtype == "fp8":
             continue
         with Engine(
@@ -34,6 +36,8 @@ def test_floor_parts_count_what_a_step_moves(policy):
             **options,
         ) as e:
             parts[dtype] = bench_latency.floor_parts(e, 4096, 2, 10**6, bw)
+            if dtype == "fp8":
+                reused = bench_latency.floor_parts(e, 4096, 2, 10**6, bw, reused=0.5)
             if dtype == "auto":
                 copied = bench_latency.floor_parts(e, 4096, 2, 10**6, bw, copied=0.75)
                 # both rows share their 4,096 tokens: the sketch's pages are held and read once
@@ -60,6 +64,13 @@ def test_floor_parts_count_what_a_step_moves(policy):
     rows = 2 * 3 * 128 * 2 * 256
     assert copied["pcie_rows"] == pytest.approx(auto["pcie_rows"] / 4)
     assert copied["gpu_kv"] == pytest.approx(1e3 * (10**6 - unread + 0.75 * rows) / bw.device)
+    # fp8 rows kept for the next step are written at the device rate; those read from the step before's, read there
+    fp8_rows = 2 * 3 * 128 * 2 * 68
+    assert parts["fp8"]["gpu_kv"] == pytest.approx(auto["gpu_kv"] + 1e3 * fp8_rows / 2 / bw.device)
+    assert reused["pcie_rows"] == pytest.approx(parts["fp8"]["pcie_rows"] / 2)
+    assert reused["gpu_kv"] == pytest.approx(
+        parts["fp8"]["gpu_kv"] + 1e3 * fp8_rows / 2 / bw.device
+    )
 
 
 def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
@@ -67,7 +78,7 @@ def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
     bench_latency.main(
         [
             "--model=dummy:tiny",
-            "--policies=full,tailor:longbench,tailor:longbench:prefix_gpu_gib=0",
+            "--policies=full,tailor:longbench,tailor:longbench:prefix_gpu_gib=0:reuse_rows=32:quant_layers=[0]",
             "--contexts=300",
             "--steps=1",
             "--warmup=0",
@@ -84,6 +95,8 @@ def test_script_runs_on_cpu_and_prints_the_floor_parts(tmp_path, capsys):
     assert (row["overlap_schedule"], row["torch_compile"]) == (False, False)  # CPU's defaults
     # tailor's prompt pages got GPU copies as they were written (none where they are turned off)
     assert (row["copied_share"], copies["copied_share"], no_copies["copied_share"]) == (0, 1, 0)
+    # without copies, some rows (not all) come from the rows the step before kept
+    assert row["reused_share"] == copies["reused_share"] == 0 and 0 < no_copies["reused_share"] < 1
     assert "PCIe rows" in capsys.readouterr().out
 
 
