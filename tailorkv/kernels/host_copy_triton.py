@@ -14,6 +14,9 @@ _COPY_BLOCK = 4096  # elements per copy_pages program
 _PAGES_PER_PROGRAM = 8  # gather_channels: pages (runs of T tokens) per load
 _GATHER_PROGRAMS = 128  # gather_channels: programs to aim for (about one per SM)
 _ROWS_PER_PROGRAM = 32  # gather_rows: token rows per program
+# gather_rows with rows kept: kept positions compared a chunk at a time (a [32, N] tile at once took the fp8 kernel
+# from 122 registers to 255 and spills at N = 128, sm_90: half the programs in flight for a latency-bound gather)
+_KEPT_CHUNK = 32
 
 
 class _HostPointer:
@@ -118,7 +121,7 @@ def _gather_rows_kernel(
     BLOCK_W: tl.constexpr,
     COPIES: tl.constexpr,
     REUSE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     # one program per (row, head) and block of BLOCK_K selected positions; a row whose page has a GPU copy is
     # loaded from it, and one the last step fetched too from the rows kept (the host load is masked off: it never
@@ -130,31 +133,44 @@ def _gather_rows_kernel(
     page = tl.load(pages_ptr + b * sp_b + pos // T, mask=k < K, other=-1).to(tl.int64)
     w = tl.arange(0, BLOCK_W)
     ok = (k < K)[:, None] & (w < W)[None, :]
-    in_page = ((pos % T) * H + h)[:, None] * W + w[None, :]
-    on_host = page >= 0
-    if REUSE:  # the row's kept positions: a position's index among them, or -1
-        n = tl.arange(0, BLOCK_N)
-        first = (tl.load(kslots_ptr + b).to(tl.int64) * H + h) * N
-        kp = tl.load(kpos_ptr + first + n, mask=n < N, other=-1)
-        j = tl.max(tl.where(pos[:, None] == kp[None, :], n[None, :], -1), axis=1).to(tl.int64)
-        j = tl.where(k < K, j, -1)
-        on_host = on_host & (j < 0)
-        z = tl.load(
-            kept_ptr + (first + j)[:, None] * W + w[None, :], mask=ok & (j >= 0)[:, None], other=0.0
-        )
-    if COPIES:
-        slot = tl.load(cslots_ptr + b * sc_b + pos // T, mask=k < K, other=-1).to(tl.int64)
-        if REUSE:
-            slot = tl.where(j >= 0, -1, slot)
-        on_host = on_host & (slot < 0)
-        y = tl.load(
-            copies_ptr + slot[:, None] * sc_p + in_page, mask=ok & (slot >= 0)[:, None], other=0.0
-        )
-    x = tl.load(rows_ptr + page[:, None] * sr_p + in_page, mask=ok & on_host[:, None], other=0.0)
-    if COPIES:
-        x = tl.where((slot >= 0)[:, None], y, x)
     if REUSE:
-        x = tl.where((j >= 0)[:, None], z, x)
+        # one load a row from the address its source gives: sm_90's ptxas kept a tile a source (and the [32, N]
+        # comparison at once) in 255 registers with spills, this in 72 without (fp8 rows, N = 128)
+        row = ((pos % T) * H + h) * W
+        src = rows_ptr + page * sr_p + row
+        found = page >= 0
+        if COPIES:
+            slot = tl.load(cslots_ptr + b * sc_b + pos // T, mask=k < K, other=-1).to(tl.int64)
+            src = tl.where(slot >= 0, copies_ptr + slot * sc_p + row, src)
+            found = found | (slot >= 0)
+        first = (tl.load(kslots_ptr + b).to(tl.int64) * H + h) * N  # the row's kept positions
+        at = pos.to(tl.int32)
+        j = tl.full([BLOCK_K], -1, tl.int32)  # a position's index among them, or -1
+        for n0 in range(0, N, CHUNK):
+            n = n0 + tl.arange(0, CHUNK)
+            kp = tl.load(kpos_ptr + first + n, mask=n < N, other=-1).to(tl.int32)
+            j = tl.maximum(j, tl.max(tl.where(at[:, None] == kp[None, :], n[None, :], -1), axis=1))
+        j = tl.where(k < K, j, -1).to(tl.int64)
+        src = tl.where(j >= 0, kept_ptr + (first + j) * W, src)
+        x = tl.load(src[:, None] + w[None, :], mask=ok & (found | (j >= 0))[:, None], other=0.0)
+    else:
+        # a tile a source, the others masked off: here ptxas gave the copies' form 122 registers, no spills, where
+        # the form above spilled
+        in_page = ((pos % T) * H + h)[:, None] * W + w[None, :]
+        on_host = page >= 0
+        if COPIES:
+            slot = tl.load(cslots_ptr + b * sc_b + pos // T, mask=k < K, other=-1).to(tl.int64)
+            on_host = on_host & (slot < 0)
+            y = tl.load(
+                copies_ptr + slot[:, None] * sc_p + in_page,
+                mask=ok & (slot >= 0)[:, None],
+                other=0.0,
+            )
+        x = tl.load(
+            rows_ptr + page[:, None] * sr_p + in_page, mask=ok & on_host[:, None], other=0.0
+        )
+        if COPIES:
+            x = tl.where((slot >= 0)[:, None], y, x)
     tl.store(out_ptr + (bh.to(tl.int64) * K + k[:, None]) * OW + w[None, :], x, mask=ok)
 
 
@@ -284,6 +300,6 @@ def _gather(
             BLOCK_W=triton.next_power_of_2(w),
             COPIES=copies is not None,
             REUSE=reuse is not None,
-            BLOCK_N=triton.next_power_of_2(kept.shape[2]) if reuse is not None else 1,
+            CHUNK=_KEPT_CHUNK,
         )
     return out
