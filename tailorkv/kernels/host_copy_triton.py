@@ -14,8 +14,7 @@ _COPY_BLOCK = 4096  # elements per copy_pages program
 _PAGES_PER_PROGRAM = 8  # gather_channels: pages (runs of T tokens) per load
 _GATHER_PROGRAMS = 128  # gather_channels: programs to aim for (about one per SM)
 _ROWS_PER_PROGRAM = 32  # gather_rows: token rows per program
-# gather_rows with rows kept: kept positions compared a chunk at a time (a [32, N] tile at once took the fp8 kernel
-# from 122 registers to 255 and spills at N = 128, sm_90: half the programs in flight for a latency-bound gather)
+# gather_rows with rows kept: kept positions compared a chunk at a time, not as one [32, N] tile
 _KEPT_CHUNK = 32
 
 
@@ -122,6 +121,7 @@ def _gather_rows_kernel(
     COPIES: tl.constexpr,
     REUSE: tl.constexpr,
     CHUNK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # one program per (row, head) and block of BLOCK_K selected positions; a row whose page has a GPU copy is
     # loaded from it, and one the last step fetched too from the rows kept (the host load is masked off: it never
@@ -134,8 +134,8 @@ def _gather_rows_kernel(
     w = tl.arange(0, BLOCK_W)
     ok = (k < K)[:, None] & (w < W)[None, :]
     if REUSE:
-        # one load a row from the address its source gives: sm_90's ptxas kept a tile a source (and the [32, N]
-        # comparison at once) in 255 registers with spills, this in 72 without (fp8 rows, N = 128)
+        # one load a row from the address its source gives, not a masked load a source: compiled for sm_90 with
+        # fp8 rows and N = 128, 62 registers and 45 loads a thread where that took 138 and 154 (NOTES)
         row = ((pos % T) * H + h) * W
         src = rows_ptr + page * sr_p + row
         found = page >= 0
@@ -152,10 +152,13 @@ def _gather_rows_kernel(
             j = tl.maximum(j, tl.max(tl.where(at[:, None] == kp[None, :], n[None, :], -1), axis=1))
         j = tl.where(k < K, j, -1).to(tl.int64)
         src = tl.where(j >= 0, kept_ptr + (first + j) * W, src)
+        if (
+            ALIGNED
+        ):  # rows at multiples of 16 bytes in each source: 16-byte loads (the select hides that)
+            src = tl.multiple_of(src, 16)
         x = tl.load(src[:, None] + w[None, :], mask=ok & (found | (j >= 0))[:, None], other=0.0)
     else:
-        # a tile a source, the others masked off: here ptxas gave the copies' form 122 registers, no spills, where
-        # the form above spilled
+        # a tile a source, the others masked off: the form above spilled here without 16-byte alignment (NOTES)
         in_page = ((pos % T) * H + h)[:, None] * W + w[None, :]
         on_host = page >= 0
         if COPIES:
@@ -301,5 +304,6 @@ def _gather(
             COPIES=copies is not None,
             REUSE=reuse is not None,
             CHUNK=_KEPT_CHUNK,
+            ALIGNED=w * rows.element_size() % 16 == 0,
         )
     return out
