@@ -304,6 +304,10 @@ def _gather(
             COPIES=copies is not None,
             REUSE=reuse is not None,
             CHUNK=_KEPT_CHUNK,
-            ALIGNED=w * rows.element_size() % 16 == 0,
+            # every source's rows start at multiples of 16 bytes (the kernel's hint must hold)
+            ALIGNED=all(
+                x.data_ptr() % 16 == 0 for x in (rows, kept, out if copies is None else copies)
+            )
+            and w * rows.element_size() % 16 == 0,
         )
     return out
