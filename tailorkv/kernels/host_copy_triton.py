@@ -152,9 +152,8 @@ def _gather_rows_kernel(
             j = tl.maximum(j, tl.max(tl.where(at[:, None] == kp[None, :], n[None, :], -1), axis=1))
         j = tl.where(k < K, j, -1).to(tl.int64)
         src = tl.where(j >= 0, kept_ptr + (first + j) * W, src)
-        if (
-            ALIGNED
-        ):  # rows at multiples of 16 bytes in each source: 16-byte loads (the select hides that)
+        # rows at multiples of 16 bytes in each source: 16-byte loads (the select hides that)
+        if ALIGNED:
             src = tl.multiple_of(src, 16)
         x = tl.load(src[:, None] + w[None, :], mask=ok & (found | (j >= 0))[:, None], other=0.0)
     else:
