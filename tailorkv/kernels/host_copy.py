@@ -73,7 +73,6 @@ def gather_rows(
     heads = torch.arange(h, device=rows.device)[None, :, None]
     row = ((at % t) * h + heads).view(-1)  # the row within its page
     take = page >= 0
-    kept = torch.zeros_like(take)
     if reuse is not None:
         last, kept_pos, slots = reuse
         eq = idx[..., :, None] == kept_pos[slots][:, :, None, :]  # [B, H, K, N]
@@ -82,7 +81,9 @@ def gather_rows(
         take &= ~kept
     if copies is not None:
         slot = copy_slots.gather(1, page_of.to(copy_slots.device)).view(-1)
-        from_copy = (slot >= 0) & ~kept.to(slot.device)
+        from_copy = slot >= 0
+        if reuse is not None:
+            from_copy &= ~kept.to(slot.device)
         take &= ~from_copy.to(rows.device)
     out = torch.zeros(b * h * k, w, dtype=rows.dtype, device=pages.device)
     sel = take.nonzero().view(-1)

@@ -303,10 +303,11 @@ def _gather(
             COPIES=copies is not None,
             REUSE=reuse is not None,
             CHUNK=_KEPT_CHUNK,
-            # every source's rows start at multiples of 16 bytes (the kernel's hint must hold)
-            ALIGNED=all(
+            # with rows kept: every source's rows start at multiples of 16 bytes (the kernel's hint must hold)
+            ALIGNED=reuse is not None
+            and w * rows.element_size() % 16 == 0
+            and all(
                 x.data_ptr() % 16 == 0 for x in (rows, kept, out if copies is None else copies)
-            )
-            and w * rows.element_size() % 16 == 0,
+            ),
         )
     return out
